@@ -1,0 +1,1 @@
+"""memfit: make language models fit the memory you have, and measure it."""
