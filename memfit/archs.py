@@ -1,0 +1,111 @@
+"""Architecture facts as data: where the block list is, which linears form calibration groups,
+and how the KV cache is shaped. No copied model classes, no class-name checks: a family is one
+`Arch` row keyed by the config's `model_type`.
+
+`groups` lists the linears of one block in true-sequential order: the members of a group see the
+same input (q/k/v), and a later group's input depends on the earlier groups' compressed outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from memfit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Arch:
+    kind: str                        # "decoder" or "encoder"
+    layers: tuple[str, ...]          # candidate attribute paths of the block list, first match wins
+    groups: tuple[tuple[str, ...], ...]
+    conv1d: bool = False             # GPT-2 stores linears as Conv1D with a transposed weight
+
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA_GROUPS)
+_BERT = Arch(
+    "encoder",
+    ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
+    (
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        ("attention.output.dense",),
+        ("intermediate.dense",),
+        ("output.dense",),
+    ),
+)
+
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "phi": Arch("decoder", ("model.layers",), (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.dense",), ("mlp.fc1",), ("mlp.fc2",))),
+    "phi3": Arch("decoder", ("model.layers",), (
+        ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))),
+    "gpt2": Arch("decoder", ("transformer.h",), (
+        ("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), conv1d=True),
+    "gpt_neox": Arch("decoder", ("gpt_neox.layers",), (
+        ("attention.query_key_value",), ("attention.dense",),
+        ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    "camembert": _BERT,
+}
+
+
+def arch_for(config) -> Arch:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise UserError(
+            f"unknown architecture {model_type!r}; memfit supports {', '.join(sorted(ARCHS))}. "
+            "Add a row to memfit.archs.ARCHS for a new family")
+    return ARCHS[model_type]
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def block_list(model: nn.Module, arch: Arch) -> nn.ModuleList:
+    """The model's list of transformer blocks."""
+    for path in arch.layers:
+        blocks = _get_path(model, path)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise UserError(f"could not find the block list of {type(model).__name__} at {arch.layers}")
+
+
+def text_config(config):
+    """The language part of a config (multimodal configs nest it under text_config)."""
+    return getattr(config, "text_config", None) or config
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the KV cache, GQA-aware."""
+    c = text_config(config)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim

@@ -1,0 +1,170 @@
+"""The `memfit` command: a thin shell over the Python API.
+
+Exit codes: 0 success, 2 user error (one line naming the problem and the fix), 1 internal error.
+Every command takes a model spec (default: the embedded SmolLM2-135M-Instruct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from memfit.errors import UserError
+
+_MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
+               "(all-MiniLM-L6-v2, embedded), a local folder, a .gguf file or a hub id")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="default", help=_MODEL_HELP)
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), "
+                   "float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own Python code to run (off by default)")
+
+
+def _positive(name: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {n}")
+        return n
+    return parse
+
+
+def _load(args):
+    from memfit.models import load_model
+    return load_model(args.model, dtype=args.dtype, device=args.device,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def cmd_eval(args) -> None:
+    from memfit.eval.run import run_eval
+    from memfit.models import load_model
+
+    ref = None
+    if args.ref:
+        ref = load_model(args.ref, dtype=args.dtype, device=args.device,
+                         trust_remote_code=args.trust_remote_code)
+    res = run_eval(_load(args), ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
+                   max_tokens=args.max_tokens, batch_size=args.batch_size,
+                   progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return
+    if res["kind"] == "encoder":
+        print(f"embeddings   {res['sentences']} sentences, dim {res['embedding_dim']}  "
+              f"({res['protocol']})")
+        if "cosine_mean" in res:
+            print(f"cosine       mean {res['cosine_mean']:.6f}, min {res['cosine_min']:.6f} vs {args.ref}")
+    else:
+        print(f"perplexity   {res['perplexity']:.4f}  ({res['protocol']})")
+        if "kld" in res:
+            print(f"vs reference KLD {res['kld']:.6f}, top-1 agreement {100 * res['top1_agreement']:.2f}%, "
+                  f"reference perplexity {res['ref_perplexity']:.4f}  ({args.ref})")
+    print(f"speed        {res['tokens_per_second']:.0f} tokens/s    "
+          f"peak memory {_gb(res['peak_memory_bytes'])} ({res['peak_memory_kind']})")
+
+
+def cmd_inspect(args) -> None:
+    from memfit.eval.memory import inspect_model
+    from memfit.models import DTYPES
+
+    kv_dtype = DTYPES.get(args.kv_dtype) if args.kv_dtype else None
+    if args.kv_dtype and kv_dtype is None:
+        raise UserError(f"unknown --kv-dtype {args.kv_dtype!r}; use one of {', '.join(DTYPES)}")
+    info = inspect_model(_load(args).model, context=args.context, batch=args.batch, kv_dtype=kv_dtype)
+    if args.json:
+        print(json.dumps(info))
+        return
+    print(f"{'module kind':<28}{'dtype':<10}{'tensors':>8}{'elements':>14}{'bytes':>14}")
+    for r in info["rows"]:
+        print(f"{r['kind']:<28}{r['dtype']:<10}{r['tensors']:>8}{r['numel']:>14,}{r['bytes']:>14,}")
+    print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
+          f"({_gb(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
+    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token ({info['kv_dtype']}); "
+          f"{_gb(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}")
+    print(f"activations  ~{_gb(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
+    print(f"total        ~{_gb(info['total_bytes_estimate'])}")
+
+
+def cmd_generate(args) -> None:
+    from memfit.generate import generate
+
+    m = _load(args)
+    if m.kind != "decoder":
+        raise UserError(f"{args.model} is an encoder; generate needs a decoder model")
+    generate(m.model, m.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+             chat=False if args.no_chat else None)
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memfit", description="Make language models fit the memory "
+                                "you have, and measure it.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="perplexity (or embedding similarity), KLD vs a reference, "
+                       "speed and peak memory")
+    _add_model(e)
+    e.add_argument("--ref", help="reference model spec for KL divergence / top-1 agreement / cosine")
+    e.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl file")
+    e.add_argument("--split", choices=["calib", "eval", "all"], help="default: eval for named "
+                   "sets, all for a file")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--max-tokens", type=_positive("--max-tokens"), help="evaluate at most this many tokens")
+    e.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="where the memory goes: weights, KV cache, activations")
+    _add_model(i)
+    i.add_argument("--context", type=_positive("--context"), default=2048)
+    i.add_argument("--batch", type=_positive("--batch"), default=1)
+    i.add_argument("--kv-dtype", help="KV cache dtype (default: the model's)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text, streamed")
+    _add_model(g)
+    g.add_argument("--prompt", default="What is a Python list comprehension?")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        args.func(args)
+    except UserError as e:
+        print(f"memfit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memfit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

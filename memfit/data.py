@@ -1,0 +1,150 @@
+"""Text sources and token windows.
+
+Sources: `builtin` (CPython's pydoc_data.topics, always installed, ~460k characters of English
+prose about Python), a local `.txt` or `.jsonl` (field "text") file, and `wikitext2` / `c4`
+through the `datasets` library when online.
+
+Splits are disjoint by construction, so calibration never sees evaluation text:
+- builtin: each topic (a document) goes to "eval" when the first byte of sha1(topic key) is below
+  77 (30% of the 79 topics, 26% of the characters), otherwise to "calib";
+- a file: the first 90% of its characters (cut at a line break) is "calib", the rest "eval";
+  "all" is the whole file (the default when a user evaluates on their own file);
+- wikitext2: the dataset's train split for "calib" and test split for "eval" (GPTQ protocol);
+- c4: the en train shard 0 for "calib", validation shard 0 for "eval".
+
+Windows are non-overlapping slices of the concatenated tokens. Evaluation takes them in order;
+calibration draws a fixed-seed random subset of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from memfit.errors import UserError
+
+SPLITS = ("calib", "eval", "all")
+_HUB_SETS = ("wikitext2", "c4")
+
+
+def _builtin(split: str) -> str:
+    from pydoc_data.topics import topics
+
+    def in_eval(key: str) -> bool:
+        return hashlib.sha1(key.encode()).digest()[0] < 77
+
+    keys = sorted(topics)
+    if split != "all":
+        keys = [k for k in keys if in_eval(k) == (split == "eval")]
+    return "\n\n".join(topics[k].strip() for k in keys)
+
+
+def _file(path: Path, split: str) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{i} is not a JSON object with a 'text' field; "
+                                    "fix the line or pass a .txt file") from None
+        text = "\n\n".join(texts)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; convert it or pass another file") from None
+    if not text.strip():
+        raise UserError(f"{path} holds no text; pass a file with some text in it")
+    if split == "all":
+        return text
+    cut = text.rfind("\n", 0, int(len(text) * 0.9))
+    cut = cut if cut > 0 else int(len(text) * 0.9)
+    return text[:cut] if split == "calib" else text[cut:]
+
+
+def _hub(name: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"'{name}' needs the datasets library: pip install 'memfit[data]'") from None
+    try:
+        if name == "wikitext2":
+            part = {"calib": "train", "eval": "test", "all": "test"}[split]
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=part)
+            return "\n\n".join(ds["text"])
+        shard = ("en/c4-train.00000-of-01024.json.gz" if split == "calib"
+                 else "en/c4-validation.00000-of-00008.json.gz")
+        ds = datasets.load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+        return "\n\n".join(ds["text"][:3000])
+    except (ConnectionError, OSError, ValueError) as e:
+        raise UserError(f"could not load '{name}' ({str(e).splitlines()[0][:120]}); it needs "
+                        "network access: use 'builtin' or a local .txt/.jsonl file") from None
+
+
+def load_text(source: str = "builtin", split: str = "eval") -> str:
+    """The text of a source's split (see module docstring for the split rules)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {SPLITS}")
+    if source == "builtin":
+        return _builtin(split)
+    if source in _HUB_SETS:
+        return _hub(source, split)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"data {source!r} does not exist; pass 'builtin', 'wikitext2', 'c4', "
+                        "or a .txt/.jsonl file")
+    if path.is_dir():
+        raise UserError(f"data {source!r} is a folder; pass a .txt or .jsonl file")
+    return _file(path, split)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (no special tokens)."""
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    return torch.tensor(enc, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
+            seed: int | None = None, what: str = "text") -> torch.Tensor:
+    """Non-overlapping (n, seq_len) windows of a 1-D token tensor.
+
+    `seed=None` keeps document order (evaluation); a seed draws a fixed random subset
+    (calibration). Raises if the text is shorter than one window.
+    """
+    if seq_len < 2:
+        raise UserError(f"seq_len={seq_len} is too short; a window needs at least 2 tokens "
+                        "(typical: 512 or 2048)")
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise UserError(f"the {what} has {ids.numel()} tokens, fewer than one window of "
+                        f"{seq_len}; use more text or a smaller --seq-len")
+    w = ids[: n * seq_len].view(n, seq_len)  # (n, seq_len)
+    if seed is not None:
+        w = w[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return w[:max_windows] if max_windows else w
+
+
+def token_windows(tokenizer, source: str = "builtin", split: str = "eval", *, seq_len: int = 512,
+                  max_windows: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """load_text + tokenize + windows in one call."""
+    text = load_text(source, split)
+    return windows(tokenize(tokenizer, text), seq_len, max_windows=max_windows, seed=seed,
+                   what=f"{source} {split} text")
+
+
+def sentences(source: str = "builtin", split: str = "eval", *, limit: int = 256,
+              min_chars: int = 20) -> list[str]:
+    """Sentence-like lines for encoder evaluation, in document order."""
+    text = load_text(source, split)
+    out = [s.strip() for s in text.replace("\n\n", "\n").split("\n") if len(s.strip()) >= min_chars]
+    if not out:
+        raise UserError(f"{source} {split} text has no line of {min_chars}+ characters to embed")
+    return out[:limit]

@@ -1,0 +1,92 @@
+"""Perplexity, KL divergence and top-1 agreement of causal LMs, streamed.
+
+Vocabularies are 50k-150k tokens, so a (windows, seq_len, vocab) logits tensor would dwarf a small
+model. memfit runs the base model to get hidden states, then applies the output head to chunks of
+`chunk` positions at a time and reduces each chunk to sums (negative log-likelihood, KL, top-1
+hits) before the next. Peak extra memory is one (batch, chunk, vocab) float32 slab, independent of
+seq_len; the plain `model(ids, labels=ids)` loop holds the whole (batch, seq_len, vocab) logits.
+
+Protocol: every window is scored on its positions 1..seq_len-1 given the preceding tokens of the
+same window (no context carried between windows), the GPTQ/SparseGPT convention. KL is
+KL(reference || model) per token, averaged, as llama.cpp reports it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from memfit.eval.memory import PeakMemory
+
+
+def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model.base_model(input_ids=ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _logits(model, h: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunks(seq_len: int, chunk: int):
+    """Position ranges [s, e) whose logits predict tokens s+1..e (the last position predicts none)."""
+    for s in range(0, seq_len - 1, chunk):
+        yield s, min(s + chunk, seq_len - 1)
+
+
+@torch.inference_mode()
+def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, chunk: int = 512,
+                progress: bool = True) -> dict:
+    """Score `model` on (n, seq_len) token windows; with `ref`, also KLD and top-1 agreement.
+
+    Returns perplexity, nll, tokens, windows, seq_len, tokens_per_second (window tokens per second
+    of scoring; with `ref` the reference's forward passes are inside that time) and peak memory; with ref also kld, top1_agreement and ref_perplexity.
+    """
+    device = next(model.parameters()).device
+    n, seq_len = windows.shape
+    sums = {"nll": 0.0, "ref_nll": 0.0, "kld": 0.0, "top1": 0.0}
+    tokens, fwd_seconds = 0, 0.0
+    with PeakMemory(device) as peak:
+        bar = tqdm(total=n, desc="eval", unit="win", disable=not progress, leave=False)
+        for b in range(0, n, batch_size):
+            ids = windows[b:b + batch_size].to(device)
+            t0 = time.perf_counter()
+            h = _hidden(model, ids)
+            h_ref = _hidden(ref, ids) if ref is not None else None
+            for s, e in _chunks(seq_len, chunk):
+                target = ids[:, s + 1:e + 1].reshape(-1)
+                lp = F.log_softmax(_logits(model, h[:, s:e]), dim=-1).flatten(0, 1)  # (B*C, V)
+                sums["nll"] -= lp.gather(1, target[:, None]).sum().item()
+                if h_ref is not None:
+                    lq = F.log_softmax(_logits(ref, h_ref[:, s:e].to(h.device)), dim=-1).flatten(0, 1)
+                    sums["ref_nll"] -= lq.gather(1, target[:, None]).sum().item()
+                    sums["kld"] += (lq.exp() * (lq - lp)).sum().item()
+                    sums["top1"] += (lq.argmax(-1) == lp.argmax(-1)).sum().item()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            fwd_seconds += time.perf_counter() - t0
+            tokens += ids.shape[0] * (seq_len - 1)
+            bar.update(ids.shape[0])
+        bar.close()
+    result = {
+        "perplexity": math.exp(sums["nll"] / tokens),
+        "nll": sums["nll"] / tokens,
+        "tokens": tokens,
+        "windows": n,
+        "seq_len": seq_len,
+        "seconds": fwd_seconds,
+        "tokens_per_second": n * seq_len / fwd_seconds if fwd_seconds else float("nan"),
+        **peak.report(),
+    }
+    if ref is not None:
+        result.update(kld=sums["kld"] / tokens, top1_agreement=sums["top1"] / tokens,
+                      ref_perplexity=math.exp(sums["ref_nll"] / tokens))
+    return result

@@ -1,0 +1,122 @@
+"""Where a model's memory goes: exact weight bytes per module kind and dtype, the KV cache, an
+estimate of the inference activation peak, and a peak-memory meter.
+
+Weight bytes are the sum of the bytes of every distinct tensor in the state dict (tied tensors
+counted once), so the table's total equals what is resident. Packed formats (QuantLinear etc.)
+hold their codes, scales and zero points as buffers, so they are counted the same way and their
+bits per weight come from the module itself.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections import defaultdict
+
+import torch
+
+from memfit.archs import kv_shape, text_config
+
+
+def _leaf_owner(model: torch.nn.Module):
+    """(module name, module, tensor name, tensor) for every distinct state-dict tensor."""
+    seen = set()
+    for mod_name, mod in model.named_modules():
+        tensors = list(mod.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in mod.named_buffers(recurse=False)
+                    if n not in mod._non_persistent_buffers_set]
+        for name, t in tensors:
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) \
+                if t.device.type != "meta" else id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            yield mod_name, mod, name, t
+
+
+def weight_table(model: torch.nn.Module) -> dict:
+    """Rows (kind, dtype, parameters, bytes) and totals. `parameters` counts logical weights:
+    a packed module contributes its logical (out x in) count once, not its code bytes."""
+    rows = defaultdict(lambda: {"tensors": 0, "numel": 0, "bytes": 0})
+    total_bytes = 0
+    for _, mod, _, t in _leaf_owner(model):
+        key = (type(mod).__name__, str(t.dtype).replace("torch.", ""))
+        nbytes = t.numel() * t.element_size()
+        rows[key]["tensors"] += 1
+        rows[key]["numel"] += t.numel()
+        rows[key]["bytes"] += nbytes
+        total_bytes += nbytes
+    parameters = 0
+    for mod in model.modules():
+        logical = getattr(mod, "logical_parameters", None)
+        if callable(logical):
+            parameters += logical()
+        else:
+            parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+    table = [{"kind": k, "dtype": d, **v} for (k, d), v in sorted(rows.items(), key=lambda x: -x[1]["bytes"])]
+    return {"rows": table, "weight_bytes": total_bytes, "parameters": parameters,
+            "bits_per_weight": 8 * total_bytes / max(parameters, 1)}
+
+
+def kv_bytes_per_token(config, kv_dtype: torch.dtype) -> int:
+    """K and V for one token across all layers (GQA-aware: only the KV heads are cached)."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    return 2 * layers * kv_heads * head_dim * torch.finfo(kv_dtype).bits // 8
+
+
+def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Rough peak of transient activations for one prefill of `context` tokens, in bytes.
+
+    Counts, per token, the residual stream and a few hidden-size temporaries (4 x hidden), the
+    MLP's intermediate tensors (3 x intermediate: gate, up, their product) and q/k/v
+    (hidden + 2 x kv width); attention is assumed memory-efficient (SDPA/flash: no T x T matrix);
+    plus fp32 logits for the last position only, as generation computes them. It is an estimate
+    for planning, not a measurement: `memfit eval` measures the real peak.
+    """
+    c = text_config(config)
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
+    _, kv_heads, head_dim = kv_shape(config)
+    el = torch.finfo(dtype).bits // 8
+    per_token = (4 * hidden + 3 * inter + hidden + 2 * kv_heads * head_dim) * el
+    return batch * context * per_token + batch * getattr(c, "vocab_size", 0) * 4
+
+
+def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None) -> dict:
+    """Everything `memfit inspect` prints, as one dict."""
+    table = weight_table(model)
+    dtype = next(model.parameters()).dtype
+    kv_dtype = kv_dtype or (dtype if dtype.is_floating_point else torch.float16)
+    per_tok = kv_bytes_per_token(model.config, kv_dtype)
+    act = activation_peak_estimate(model.config, context, batch, kv_dtype)
+    kv = per_tok * context * batch
+    return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
+            "kv_bytes_per_token": per_tok, "kv_bytes": kv, "activation_bytes_estimate": act,
+            "total_bytes_estimate": table["weight_bytes"] + kv + act}
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Context manager: peak RSS (CPU, process lifetime) or peak CUDA allocation inside the block."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def report(self) -> dict:
+        if self.device.type == "cuda":
+            return {"peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "peak_memory_kind": "cuda_max_memory_allocated"}
+        return {"peak_memory_bytes": rss_peak_bytes(), "peak_memory_kind": "process_peak_rss"}

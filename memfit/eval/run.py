@@ -1,0 +1,48 @@
+"""`memfit eval` as a function: load, pick windows, score, and describe the protocol."""
+
+from __future__ import annotations
+
+from memfit.data import sentences, token_windows
+from memfit.errors import UserError
+from memfit.eval.encoder import evaluate_encoder
+from memfit.eval.lm import evaluate_lm
+from memfit.models import Loaded, load_model
+
+
+def _split_for(data: str, split: str | None) -> str:
+    if split:
+        return split
+    return "eval" if data in ("builtin", "wikitext2", "c4") else "all"
+
+
+def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None,
+             data: str = "builtin", split: str | None = None, seq_len: int = 512,
+             max_tokens: int | None = None, batch_size: int = 1, dtype=None, device: str = "cpu",
+             progress: bool = True) -> dict:
+    """Evaluate a model (spec or Loaded) and return a JSON-able dict with the protocol."""
+    m = model if isinstance(model, Loaded) else load_model(model, dtype=dtype, device=device)
+    r = ref if (ref is None or isinstance(ref, Loaded)) else load_model(ref, dtype=dtype, device=device)
+    split = _split_for(data, split)
+    if r is not None and r.kind != m.kind:
+        raise UserError(f"--ref is a {r.kind} but the model is a {m.kind}; compare like with like")
+    if m.kind == "encoder":
+        sents = sentences(data, split)
+        res = evaluate_encoder(m.model, m.tokenizer, sents,
+                               ref=(r.model, r.tokenizer) if r else None, progress=progress)
+        res["protocol"] = f"data {data}:{split}, {len(sents)} sentences, mean pooling"
+        return {"model": m.source, "kind": "encoder", "data": data, "split": split, **res}
+    if r is not None and len(r.tokenizer) != len(m.tokenizer):
+        raise UserError("--ref uses a different tokenizer (vocabulary sizes differ); "
+                        "KL divergence needs the same tokenizer")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise UserError(f"--max-tokens={max_tokens} is smaller than one window (--seq-len {seq_len})")
+    max_windows = max_tokens // seq_len if max_tokens else None
+    wins = token_windows(m.tokenizer, data, split, seq_len=seq_len, max_windows=max_windows)
+    res = evaluate_lm(m.model, wins, ref=r.model if r else None, batch_size=batch_size,
+                      progress=progress)
+    res["protocol"] = (f"data {data}:{split}, seq_len {seq_len}, {res['windows']} non-overlapping "
+                       f"windows, {res['tokens']} scored tokens")
+    out = {"model": m.source, "kind": "decoder", "data": data, "split": split, **res}
+    if r is not None:
+        out["ref"] = r.source
+    return out

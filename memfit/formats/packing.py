@@ -1,0 +1,117 @@
+"""Bit packing of unsigned integer codes into bytes, for 2, 3, 4 and 8 bits per code.
+
+Layout: each row is an independent little-endian bit stream. Code j of a row occupies bits
+[j * bits, (j + 1) * bits) of that row's stream, and stream bit b lives in byte b // 8 at bit
+position b % 8. So for 4 bits code 2j is the low nibble of byte j; for 2 bits code 4j+i sits at bits
+2i..2i+1 of byte j; for 3 bits every 8 codes fill exactly 3 bytes; 8 bits is the identity.
+
+A row of k codes takes ceil(k * bits / 8) bytes. The unused high bits of the last byte (when
+k * bits is not a multiple of 8) are zero padding: they are counted in the byte size (they are
+stored) and ignored by `unpack`. Rows are never padded to a common block, so nothing is stored
+twice and the byte count is the honest one.
+
+Why this layout: it is one rule for every width (no per-width tables), packing/unpacking is a few
+vectorized shifts on whole tensors (CPU and CUDA alike), and 3-bit codes cost exactly 3 bits.
+Fast kernels that want another layout convert from this one at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memfit.errors import UserError
+
+PACK_BITS = (2, 3, 4, 8)
+
+
+def packed_width(k: int, bits: int) -> int:
+    """Bytes per row for k codes of `bits` bits: ceil(k * bits / 8)."""
+    _check_bits(bits)
+    return -(-k * bits // 8)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, k) uint8 codes in [0, 2**bits - 1] -> (rows, ceil(k * bits / 8)) uint8 bytes."""
+    _check_bits(bits)
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise UserError(
+            f"pack expects a 2-D uint8 tensor of codes, got {codes.dtype} with shape "
+            f"{tuple(codes.shape)}; convert with .to(torch.uint8) and reshape to (rows, k)")
+    rows, k = codes.shape
+    if codes.numel() and int(codes.max()) > 2**bits - 1:
+        raise UserError(
+            f"a code of {int(codes.max())} does not fit in {bits} bits (max {2**bits - 1}); "
+            "clamp the codes to the grid before packing")
+    if bits == 8:
+        return codes.contiguous().clone()
+    width = packed_width(k, bits)
+    if bits == 3:
+        return _pack3(codes, width)
+    per = 8 // bits  # codes per byte
+    padded = _pad_cols(codes, per)  # (rows, width * per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
+    parts = padded.view(rows, width, per) << shifts  # (rows, width, per)
+    out = parts[..., 0].clone()
+    for i in range(1, per):
+        out |= parts[..., i]
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """(rows, ceil(k * bits / 8)) uint8 bytes -> (rows, k) uint8 codes (the inverse of `pack`)."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise UserError(
+            f"unpack expects a 2-D uint8 tensor, got {packed.dtype} with shape "
+            f"{tuple(packed.shape)}")
+    width = packed_width(k, bits)
+    if packed.shape[1] != width:
+        raise UserError(
+            f"{k} codes of {bits} bits take {width} bytes per row, but the packed tensor has "
+            f"{packed.shape[1]}; pass the k that was packed")
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed.contiguous().clone()
+    if bits == 3:
+        return _unpack3(packed, k)
+    per = 8 // bits
+    mask = 2**bits - 1
+    # scalar shifts, one field at a time: much faster on CPU than a broadcast shift tensor
+    codes = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1)  # (rows, width, per)
+    return codes.view(rows, width * per)[:, :k].contiguous()
+
+
+def _pack3(codes: torch.Tensor, width: int) -> torch.Tensor:
+    rows = codes.shape[0]
+    padded = _pad_cols(codes, 8).to(torch.int32)  # (rows, blocks * 8)
+    blocks = padded.shape[1] // 8
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)  # (8,)
+    word = (padded.view(rows, blocks, 8) << shifts).sum(dim=-1, dtype=torch.int32)  # (rows, blocks)
+    byte_shifts = torch.tensor([0, 8, 16], dtype=torch.int32, device=codes.device)
+    out = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8)  # (rows, blocks, 3)
+    # the bytes past `width` hold only padding codes (zeros), so cutting them loses nothing
+    return out.view(rows, blocks * 3)[:, :width].contiguous()
+
+
+def _unpack3(packed: torch.Tensor, k: int) -> torch.Tensor:
+    rows = packed.shape[0]
+    padded = _pad_cols(packed, 3).to(torch.int32)  # (rows, blocks * 3)
+    blocks = padded.shape[1] // 3
+    b = padded.view(rows, blocks, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (rows, blocks)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)  # (8,)
+    codes = ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8)  # (rows, blocks, 8)
+    return codes.view(rows, blocks * 8)[:, :k].contiguous()
+
+
+def _pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last dimension with zeros up to a multiple of `multiple`."""
+    pad = -t.shape[1] % multiple
+    if not pad:
+        return t.contiguous()
+    return torch.nn.functional.pad(t, (0, pad))
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACK_BITS:
+        raise UserError(f"cannot pack {bits}-bit codes; use one of {PACK_BITS}")

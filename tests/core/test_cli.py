@@ -1,0 +1,62 @@
+"""CLI contract: exit 0 on success, 2 with one line on user error."""
+
+import json
+
+import pytest
+
+from memfit.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_json(capsys, tiny_llama_dir):
+    code, out, _ = _run(capsys, "eval", str(tiny_llama_dir), "--seq-len", "32", "--max-tokens", "64",
+                        "--json", "--ref", str(tiny_llama_dir))
+    assert code == 0
+    res = json.loads(out)
+    for key in ("perplexity", "tokens", "seq_len", "windows", "kld", "top1_agreement"):
+        assert key in res
+    assert res["windows"] == 2 and res["tokens"] == 62 and res["kld"] == 0.0
+
+
+def test_inspect_json(capsys, tiny_llama_dir):
+    code, out, _ = _run(capsys, "inspect", str(tiny_llama_dir), "--context", "64", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["kv_bytes"] == 64 * res["kv_bytes_per_token"] > 0
+    assert res["weight_bytes"] > res["parameters"]  # float32: 4 bytes each
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "/does/not/exist"], "does not exist"),
+    (["eval", "{tiny}", "--seq-len", "1"], "seq_len=1 is too short"),
+    (["eval", "{tiny}", "--data", "{empty}"], "holds no text"),
+    (["eval", "{tiny}", "--data", "{short}", "--seq-len", "512"], "fewer than one window"),
+    (["eval", "{tiny}", "--dtype", "int3"], "unknown dtype"),
+    (["inspect", "{tiny}", "--kv-dtype", "int3"], "unknown --kv-dtype"),
+    (["generate", "{tiny}", "--prompt", ""], "prompt is empty"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_llama_dir, argv, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("just a few words")
+    subs = {"{tiny}": str(tiny_llama_dir), "{empty}": str(tmp_path / "empty.txt"),
+            "{short}": str(tmp_path / "short.txt")}
+    code, out, err = _run(capsys, *[subs.get(a, a) for a in argv])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("memfit: error:")
+
+
+def test_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--max-tokens", "0"])
+    assert e.value.code == 2
+
+
+def test_generate_streams_text(capsys, tiny_llama_dir):
+    code, out, _ = _run(capsys, "generate", str(tiny_llama_dir), "--prompt", "hello there",
+                        "--max-new-tokens", "5")
+    assert code == 0 and len(out.strip()) > 0

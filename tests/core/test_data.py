@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from memfit.data import load_text, sentences, tokenize, windows
+from memfit.errors import UserError
+
+
+def test_builtin_splits_are_disjoint_documents():
+    calib, ev, whole = (load_text("builtin", s) for s in ("calib", "eval", "all"))
+    assert len(calib) > 2.5 * len(ev) > 100_000
+    assert len(calib) + len(ev) == len(whole)
+    docs_eval = [d for d in ev.split("\n\n") if len(d) > 200]
+    assert docs_eval and not any(d in calib for d in docs_eval[:50])
+
+
+def test_windows_fixed_seed_and_order():
+    ids = torch.arange(1000)
+    w = windows(ids, 100)
+    assert w.shape == (10, 100) and torch.equal(w[0], torch.arange(100))
+    a, b = windows(ids, 100, seed=3, max_windows=4), windows(ids, 100, seed=3, max_windows=4)
+    assert torch.equal(a, b) and not torch.equal(a, w[:4])
+    assert len(set(a[:, 0].tolist())) == 4  # distinct, non-overlapping windows
+
+
+def test_window_errors():
+    with pytest.raises(UserError, match="seq_len=1 is too short"):
+        windows(torch.arange(10), 1)
+    with pytest.raises(UserError, match="fewer than one window"):
+        windows(torch.arange(10), 64)
+
+
+def test_files(tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match="holds no text"):
+        load_text(str(empty))
+    with pytest.raises(UserError, match="does not exist"):
+        load_text(str(tmp_path / "missing.txt"))
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n".join(f"line {i} of some text" for i in range(100)))
+    calib, ev = load_text(str(txt), "calib"), load_text(str(txt), "eval")
+    assert calib + ev == load_text(str(txt), "all") and 0.8 < len(calib) / (len(calib) + len(ev)) < 0.95
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"text": "alpha"}) + "\n\n" + json.dumps({"text": "beta"}) + "\n")
+    assert load_text(str(jl), "all") == "alpha\n\nbeta"
+    jl.write_text('{"txt": 1}\n')
+    with pytest.raises(UserError, match="d.jsonl:1"):
+        load_text(str(jl), "all")
+
+
+def test_tokenize_and_sentences(tiny_llama):
+    ids = tokenize(tiny_llama.tokenizer, "hello world " * 10)
+    assert ids.dtype == torch.long and ids.numel() >= 20
+    s = sentences(limit=10)
+    assert len(s) == 10 and all(len(x) >= 20 for x in s)

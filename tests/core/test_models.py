@@ -1,0 +1,89 @@
+import os
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from memfit.archs import ARCHS, arch_for, block_list, kv_shape
+from memfit.errors import UserError
+from memfit.models import load_model, resolve
+
+FAMILIES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16},
+    "phi": {}, "phi3": {}, "gpt_neox": {},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_decoder_families_expose_blocks_and_groups(model_type, tiny_config):
+    cfg = tiny_config(model_type, **FAMILIES[model_type])
+    model = AutoModelForCausalLM.from_config(cfg)
+    arch = arch_for(cfg)
+    blocks = block_list(model, arch)
+    assert len(blocks) == 2
+    for group in arch.groups:
+        for name in group:
+            mod = blocks[0].get_submodule(name)
+            assert hasattr(mod, "weight") and mod.weight.ndim == 2, (model_type, name)
+    layers, kv_heads, head_dim = kv_shape(cfg)
+    assert layers == 2 and kv_heads in (2, 4) and head_dim == 16
+
+
+def test_bert_family_groups(tiny_config):
+    cfg = tiny_config("bert", num_key_value_heads=None)
+    model = AutoModel.from_config(cfg)
+    arch = arch_for(cfg)
+    assert arch.kind == "encoder"
+    blocks = block_list(model, arch)
+    for group in arch.groups:
+        for name in group:
+            assert isinstance(blocks[1].get_submodule(name), torch.nn.Linear)
+
+
+def test_tiny_folder_loads_with_dtype(tiny_llama_dir):
+    m = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    assert m.kind == "decoder" and next(m.model.parameters()).dtype == torch.bfloat16
+    assert not m.model.training
+
+
+def test_bad_specs_name_the_problem(tmp_path, tiny_llama_dir):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no model"):
+        resolve(str(tmp_path / "empty"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(UserError, match="wrong magic"):
+        resolve(str(bad))
+    with pytest.raises(UserError, match="does not exist"):
+        resolve("./missing.gguf")
+
+
+def test_truncated_safetensors_is_refused(tmp_path, tiny_llama_dir):
+    import shutil
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_llama_dir, d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load_model(str(d))
+
+
+def test_unknown_architecture(tmp_path, tiny_config):
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model("t5", vocab_size=100, d_model=32, num_layers=1)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unknown architecture 't5'"):
+        load_model(str(tmp_path))
+    assert "t5" not in ARCHS
+
+
+def test_offline_hub_id_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        load_model("someorg/some-model-that-is-not-cached")
+    assert "\n" not in str(e.value) and "offline" in str(e.value)
