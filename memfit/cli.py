@@ -1,6 +1,7 @@
 """The `memfit` command: a thin shell over the Python API.
 
-Exit codes: 0 success, 2 user error (one line naming the problem and the fix), 1 internal error.
+Exit codes: 0 success, 2 user error (one line naming the problem and the fix), 3 a compressed
+model failed its smoke check (nothing written), 1 internal error.
 Every command takes a model spec (default: the embedded SmolLM2-135M-Instruct).
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 
+from memfit.compress_cli import add_compress
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -146,17 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
 
+    add_compress(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from memfit.compress import SmokeCheckFailed
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         args.func(args)
+    except SmokeCheckFailed as e:
+        print(f"memfit: error: {e}", file=sys.stderr)
+        return 3
     except UserError as e:
         print(f"memfit: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ through the `datasets` library when online.
 
 Splits are disjoint by construction, so calibration never sees evaluation text:
 - builtin: each topic (a document) goes to "eval" when the first byte of sha1(topic key) is below
-  77 (30% of the 79 topics, 26% of the characters), otherwise to "calib";
+  77 (30% of the 79 topics, 26% of the characters), otherwise to "calib"; topics quote each
+  other, so paragraphs of calibration documents that also occur in evaluation ones are dropped;
 - a file: the first 90% of its characters (cut at a line break) is "calib", the rest "eval";
   "all" is the whole file (the default when a user evaluates on their own file);
 - wikitext2: the dataset's train split for "calib" and test split for "eval" (GPTQ protocol);
@@ -37,9 +38,17 @@ def _builtin(split: str) -> str:
         return hashlib.sha1(key.encode()).digest()[0] < 77
 
     keys = sorted(topics)
-    if split != "all":
-        keys = [k for k in keys if in_eval(k) == (split == "eval")]
-    return "\n\n".join(topics[k].strip() for k in keys)
+    if split == "all":
+        return "\n\n".join(topics[k].strip() for k in keys)
+    eval_text = "\n\n".join(topics[k].strip() for k in keys if in_eval(k))
+    if split == "eval":
+        return eval_text
+    # Several topics quote the same paragraphs; drop from calibration every paragraph that also
+    # appears in the evaluation documents, so the two splits share no paragraph.
+    eval_paras = {p.strip() for p in eval_text.split("\n\n")}
+    calib = [p for k in keys if not in_eval(k) for p in topics[k].strip().split("\n\n")
+             if p.strip() not in eval_paras]
+    return "\n\n".join(calib)
 
 
 def _file(path: Path, split: str) -> str:

@@ -1,0 +1,135 @@
+"""The sequential, layer-by-layer calibration engine.
+
+1. Capture the inputs of the first block for every calibration window (the model runs up to the
+   first block, then stops), plus the keyword arguments the model passes to its blocks (attention
+   mask, rotary embeddings...), identical for equal-length windows without padding.
+2. For each block: hook the linears of one group at a time (true-sequential order from the arch
+   table), run the block over all windows to accumulate the statistics they need, let the caller
+   compress them, then move on to the next group, so later groups see the compressed outputs of
+   earlier ones. Finally run the block once more: its outputs are the next block's inputs.
+
+Peak memory is the model, one block's worth of calibration activations (N x T x hidden floats),
+and the statistics of one group. With offload="disk" the activations live in a temporary folder
+as safetensors and only one batch is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import torch
+from safetensors.torch import load_file, save_file
+
+from memfit.algos.stats import HessianStat, InputNormStat
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass at the first block."""
+
+
+class ActivationStore:
+    """Calibration activations (N, T, H), split in batches, in memory or on disk."""
+
+    def __init__(self, offload: str = "memory", batch: int = 8):
+        self.offload, self.batch = offload, batch
+        self._mem: list[torch.Tensor] = []
+        self._count = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="memfit-act-") if offload == "disk" else None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._dir is None:
+            return self._mem[i]
+        return load_file(f"{self._dir.name}/{i}.st")["x"]
+
+    def __setitem__(self, i: int, x: torch.Tensor) -> None:
+        assert i <= self._count, "batches are stored in order"
+        self._count = max(self._count, i + 1)
+        if self._dir is None:
+            if i == len(self._mem):
+                self._mem.append(x)
+            else:
+                self._mem[i] = x
+        else:
+            save_file({"x": x.detach().cpu().contiguous()}, f"{self._dir.name}/{i}.st")
+
+    def nbytes(self) -> int:
+        """Bytes held in memory (0 when offloaded to disk)."""
+        return 0 if self._dir is not None else sum(x.numel() * x.element_size() for x in self._mem)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    return next(module.buffers()).device
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def capture_inputs(model, blocks, windows: torch.Tensor, *, batch: int = 8,
+                   offload: str = "memory") -> tuple[ActivationStore, dict]:
+    """Run `model` on (N, T) token windows up to blocks[0]; return its inputs and kwargs."""
+    device = next(model.parameters()).device
+    store, captured = ActivationStore(offload, batch), {}
+
+    def hook(_module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b, start in enumerate(range(0, len(windows), batch)):
+            ids = windows[start:start + batch].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+            store[b] = captured["x"].detach()
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured["kwargs"].items()
+              if k not in ("past_key_values", "past_key_value", "use_cache", "output_attentions")}
+    return store, kwargs
+
+
+def _input_stat(kind: str, in_features: int, device):
+    return {"hessian": HessianStat, "norms": InputNormStat}[kind](in_features, device=device)
+
+
+@torch.inference_mode()
+def collect_stats(block, modules: dict[str, torch.nn.Module], needs: dict[str, str | None],
+                  store: ActivationStore, kwargs: dict) -> dict:
+    """Run `block` over all stored batches with hooks on `modules`; return {name: statistic}.
+
+    `needs[name]` is "hessian", "norms" or None (no statistic: the module is skipped).
+    """
+    stats, handles = {}, []
+    for name, mod in modules.items():
+        if needs.get(name) is None:
+            continue
+        in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0]
+        stat = _input_stat(needs[name], in_features, mod.weight.device)
+        stats[name] = stat
+        handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+    if not stats:
+        return stats
+    try:
+        for b in range(len(store)):
+            block(store[b].to(module_device(block)), **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.inference_mode()
+def propagate(block, store: ActivationStore, kwargs: dict) -> None:
+    """Replace every stored batch by the block's output on it (inputs of the next block)."""
+    device = module_device(block)
+    for b in range(len(store)):
+        store[b] = _block_output(block(store[b].to(device), **kwargs)).detach()

@@ -1,0 +1,70 @@
+"""`memfit compress`: options and printing only; the work is memfit.compress.compress_to."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def list_presets() -> None:
+    from memfit.recipe import PRESETS
+    print(f"{'preset':<14}{'algo':<6}{'bits':>5}{'group':>7}  zero/clip")
+    for name, r in PRESETS.items():
+        q = r.quant
+        f = q.format
+        zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
+        print(f"{name:<14}{q.algo:<6}{f.bits:>5}{str(f.group_size or 'chan'):>7}  {zero}, clip {q.clip}"
+              + (", needs calibration data" if q.needs_data else ""))
+
+
+def cmd_compress(args) -> None:
+    from memfit.compress import compress_to
+
+    if args.list_presets:
+        list_presets()
+        return
+    if not args.out:
+        from memfit.errors import UserError
+        raise UserError("--out is required: the folder to write the compressed model to")
+    rep = compress_to(args.model, args.recipe, args.out, data=args.data, samples=args.samples,
+                      seq_len=args.seq_len, offload=args.offload, overwrite=args.overwrite,
+                      max_kld=args.max_kld, dtype=args.dtype, device=args.device,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in rep.items() if k != "layers"}))
+        return
+    s = rep["smoke"]
+    print(f"wrote        {rep['out']}  ({_gb(rep['artifact_bytes'])} on disk)")
+    print(f"weights      {_gb(rep['bytes_before'])} -> {_gb(rep['bytes_after'])} "
+          f"({rep['bytes_after'] / rep['bytes_before']:.3f}x) in {rep['compress_seconds']:.1f} s, "
+          f"peak RSS {_gb(rep['peak_rss_bytes'])}"
+          + (f", resumed {rep['resumed_blocks']} blocks" if rep["resumed_blocks"] else ""))
+    print(f"smoke check  perplexity {s['perplexity']:.4f} vs {s['ref_perplexity']:.4f}, "
+          f"KLD {s['kld']:.5f} (limit {s['max_kld']}; {s['data']}, {s['windows']} x {s['seq_len']} tokens)")
+
+
+def add_compress(sub) -> None:
+    c = sub.add_parser("compress", help="quantize a model and write it as a folder every "
+                       "command accepts")
+    c.add_argument("model", nargs="?", default="default", help="model spec (default: the "
+                   "embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--recipe", default="w4g64-gptq", help="a preset (see --list-presets) or a "
+                   "YAML/JSON recipe file (default w4g64-gptq)")
+    c.add_argument("--out", help="output folder (written complete or not at all)")
+    c.add_argument("--data", help="calibration text: builtin, wikitext2, c4 or a .txt/.jsonl file")
+    c.add_argument("--samples", type=int, help="calibration windows (default: the recipe's, 64)")
+    c.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
+    c.add_argument("--offload", choices=["memory", "disk"], help="keep calibration activations "
+                   "in memory (default) or on disk")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
+                   "check's KL divergence exceeds this (default 1.0)")
+    c.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.set_defaults(func=cmd_compress)

@@ -1,0 +1,60 @@
+"""A quick collapse guard used before a compressed model is written.
+
+Before compressing, `Reference.capture` runs a few evaluation windows and keeps only the final
+hidden states (windows x T x hidden, small) and the output head module itself (compression
+replaces modules rather than mutating them, so the original head object stays intact). After
+compressing, `check` recomputes both distributions chunk by chunk and returns perplexities and
+KL(reference || compressed), without ever holding full logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memfit.eval.lm import _chunks, _hidden
+
+
+def _logits(head, h, config):
+    logits = head(h).float()
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@dataclass
+class Reference:
+    windows: torch.Tensor
+    hidden: list
+    head: torch.nn.Module
+
+    @classmethod
+    @torch.inference_mode()
+    def capture(cls, model, windows: torch.Tensor) -> "Reference":
+        device = next(model.parameters()).device
+        hidden = [_hidden(model, windows[i:i + 1].to(device)) for i in range(len(windows))]
+        return cls(windows=windows, hidden=hidden, head=model.get_output_embeddings())
+
+    @torch.inference_mode()
+    def check(self, model, chunk: int = 256) -> dict:
+        device = next(model.parameters()).device
+        nll = ref_nll = kld = 0.0
+        tokens = 0
+        for i in range(len(self.windows)):
+            ids = self.windows[i:i + 1].to(device)
+            h = _hidden(model, ids)
+            for s, e in _chunks(ids.shape[1], chunk):
+                target = ids[:, s + 1:e + 1].reshape(-1, 1)
+                lp = F.log_softmax(_logits(model.get_output_embeddings(), h[:, s:e], model.config), -1).flatten(0, 1)
+                lq = F.log_softmax(_logits(self.head, self.hidden[i][:, s:e], model.config), -1).flatten(0, 1)
+                nll -= lp.gather(1, target).sum().item()
+                ref_nll -= lq.gather(1, target).sum().item()
+                kld += (lq.exp() * (lq - lp)).sum().item()
+                tokens += target.numel()
+        finite = math.isfinite(nll) and math.isfinite(kld)
+        return {"perplexity": math.exp(nll / tokens) if finite else float("nan"),
+                "ref_perplexity": math.exp(ref_nll / tokens),
+                "kld": kld / tokens if finite else float("nan"), "tokens": tokens,
+                "windows": len(self.windows), "seq_len": int(self.windows.shape[1])}

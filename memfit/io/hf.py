@@ -1,0 +1,65 @@
+"""Let plain transformers load a memfit folder: `AutoModelForCausalLM.from_pretrained(folder)`.
+
+A memfit folder's config.json carries
+`quantization_config = {"quant_method": "memfit", "format": "memfit/1", "modules": {...}}`.
+`register_with_transformers()` (idempotent; `memfit/__init__.py` calls it) registers a
+`MemfitConfig` and a `MemfitHfQuantizer` under that quant_method with transformers' public
+`register_quantization_config` / `register_quantizer`. During `from_pretrained`, transformers builds
+the model on the meta device and calls the quantizer's `_process_model_before_weight_loading`,
+which swaps in the described modules (the same builders as `memfit.io.save.load`, on meta);
+transformers then fills their packed buffers from model.safetensors as they are stored.
+
+Trade-off: this path relies on transformers' quantizer interface (written against 5.24, which
+changes between releases); `memfit.io.save.load` is the path memfit itself uses and controls.
+Saving such a model back with `save_pretrained` is refused (`is_serializable` is False): write
+with `memfit.io.save.save`, which also writes memfit.json.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from memfit.errors import UserError
+from memfit.io.save import FORMAT, QUANT_METHOD, replace_modules
+
+
+class MemfitConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a memfit folder: its format version and module table."""
+
+    def __init__(self, modules: dict | None = None, format: str = FORMAT, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.modules = dict(modules or {})
+
+
+class MemfitHfQuantizer(HfQuantizer):
+    """Swaps memfit's packed modules into a meta-device model before transformers loads weights."""
+
+    requires_calibration = True  # only pre-compressed folders: memfit compresses, this loads
+
+    def validate_environment(self, *args, **kwargs):
+        got = self.quantization_config.format
+        if got != FORMAT:
+            raise UserError(f"this folder was written in format {got!r}, memfit reads {FORMAT}; "
+                            "upgrade memfit or re-save the model")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_modules(model, self.quantization_config.modules)
+        return model
+
+    def is_serializable(self):
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register_with_transformers() -> None:
+    """Register quant_method "memfit" with transformers; calling it again does nothing."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(MemfitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(MemfitHfQuantizer)

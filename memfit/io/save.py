@@ -1,0 +1,396 @@
+"""Save a compressed model as a folder, and load it back without a full-precision copy.
+
+On disk (everything written into `<out>.tmp-<pid>` and renamed to `<out>` once complete):
+
+    config.json                  the transformers config, plus `quantization_config`
+                                 {"quant_method": "memfit", "format": "memfit/1", "modules": {...}}
+    model.safetensors            the state dict as stored: packed buffers (qdata/scale/zero, ...)
+                                 as they are, every other weight dense; a tied tensor saved once
+    memfit_buffers.safetensors   non-persistent buffers (e.g. rotary `inv_freq`), so memfit's own
+                                 loader restores them exactly instead of recomputing them
+    memfit.json                  {"format", "memfit_version", "arch", "recipe", "modules",
+                                  "tied": {target: source}, **extra}
+    tokenizer files, generation_config.json
+
+`modules` maps each replaced module's name to a description (`describe_modules`); `MODULE_KINDS`
+is the one dispatch table from a kind to its class, its description and its meta-device builder.
+
+Two ways to load, both supported and tested to give bit-identical logits:
+
+- `memfit.io.save.load(folder)` (what `memfit.models.load_model` uses): build the transformers
+  model on the meta device from config.json, swap in the described modules (also on meta), assign
+  the safetensors tensors, set the non-persistent buffers from memfit_buffers.safetensors, re-tie.
+  No dense weight of a compressed layer ever exists. `dtype=None` keeps the stored dtypes; a
+  dtype casts the dense floating tensors but never a format's own fields (scale, zero).
+- `transformers.AutoModelForCausalLM.from_pretrained(folder)` after `import memfit` (which calls
+  `memfit.io.hf.register_with_transformers()`): transformers' quantizer hook swaps the modules in,
+  transformers loads the weights and recomputes non-persistent buffers itself. Caveat: it leans on
+  transformers' quantizer interface, which changes between releases (written against 5.24), and
+  it ignores `memfit.json`; `tied` covers only ties transformers declares itself.
+
+A tie whose target was replaced (e.g. a quantized lm_head under tied embeddings) is written as
+`tie_word_embeddings: false`, so neither loader ties the compressed module back to the embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from memfit.errors import UserError
+from memfit.formats.grid import IntFormat
+from memfit.formats.quant_linear import QuantLinear
+from memfit.formats.sparse import BitmaskWeight, LowRankLinear, Sparse24Weight, SparseLinear
+
+FORMAT = "memfit/1"
+WEIGHTS = "model.safetensors"
+BUFFERS = "memfit_buffers.safetensors"
+META = "memfit.json"
+QUANT_METHOD = "memfit"
+_RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied")
+
+
+# ----- module kinds: describe a replaced module as JSON, build it back on the meta device -----
+
+def _describe_int(m: QuantLinear) -> dict:
+    return {"fmt": m.fmt.to_dict(), "in_features": m.in_features,
+            "out_features": m.out_features, "bias": m.bias is not None}
+
+
+def _build_int(d: dict, dtype: torch.dtype) -> QuantLinear:
+    return QuantLinear(d["in_features"], d["out_features"], IntFormat.from_dict(d["fmt"]),
+                       d["bias"], device="meta", dtype=dtype)
+
+
+def _describe_sparse(m: SparseLinear) -> dict:
+    return {"layout": m.layout, "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "values_shape": list(m.values.shape)}
+
+
+def _build_sparse(d: dict, dtype: torch.dtype) -> SparseLinear:
+    # SparseLinear checks its weight at construction, which meta tensors cannot pass: build it
+    # around a tiny valid weight, then give it meta buffers of the described shapes.
+    out, k = d["out_features"], d["in_features"]
+    seeds = {"bitmask": (lambda: BitmaskWeight.from_dense(torch.zeros(1, 1)), "bitmask"),
+             "2:4": (lambda: Sparse24Weight.from_dense(torch.zeros(1, 4)), "indices")}
+    if d["layout"] not in seeds:
+        raise UserError(f"sparse layout {d['layout']!r} is unknown to this memfit; upgrade memfit")
+    seed, index_name = seeds[d["layout"]]
+    m = SparseLinear(seed())
+    m.out_features, m.in_features = out, k
+    shapes = {"values": (tuple(d["values_shape"]), dtype),
+              index_name: ((-(-out * k // 8),), torch.uint8), "shape": ((2,), torch.int64)}
+    if d["bias"]:
+        shapes["bias"] = ((out,), dtype)
+    for name, (shape, dt) in shapes.items():
+        m.register_buffer(name, torch.empty(shape, dtype=dt, device="meta"))
+    return m
+
+
+def _describe_lowrank(m: LowRankLinear) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+            "bias": m.up.bias is not None}
+
+
+def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
+    return LowRankLinear(d["in_features"], d["out_features"], d["rank"], bias=d["bias"],
+                         dtype=dtype, device="meta")
+
+
+class Kind(NamedTuple):
+    cls: type
+    describe: Callable[[nn.Module], dict]
+    build: Callable[[dict, torch.dtype], nn.Module]
+    fixed: tuple[str, ...]  # tensors whose dtype belongs to the format: never cast on load
+
+
+MODULE_KINDS: dict[str, Kind] = {
+    "int": Kind(QuantLinear, _describe_int, _build_int, ("scale", "zero")),
+    "sparse": Kind(SparseLinear, _describe_sparse, _build_sparse, ()),
+    "lowrank": Kind(LowRankLinear, _describe_lowrank, _build_lowrank, ()),
+}
+
+
+def describe_modules(model: nn.Module) -> dict[str, dict]:
+    """{module name: JSON-able description} for every module memfit replaced in `model`."""
+    by_class = {k.cls: (name, k) for name, k in MODULE_KINDS.items()}
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) in by_class:
+            kind, k = by_class[type(m)]
+            out[name] = {"kind": kind, **k.describe(m)}
+    return out
+
+
+def build_module(desc: dict, dtype: torch.dtype) -> nn.Module:
+    """A described module with empty meta tensors, ready for `load_state_dict(assign=True)`."""
+    kind = desc.get("kind") if isinstance(desc, dict) else None
+    if kind not in MODULE_KINDS:
+        raise UserError(f"unknown module kind {kind!r} (this memfit knows "
+                        f"{', '.join(MODULE_KINDS)}); upgrade memfit or re-save the model")
+    try:
+        return MODULE_KINDS[kind].build(desc, dtype)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"a {kind!r} module description is incomplete ({e!r}); "
+                        "re-save the model with this memfit") from None
+
+
+def replace_modules(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Swap each described module into `model` (on meta), in the dtype of the module it replaces."""
+    for name, desc in modules.items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+        except AttributeError:
+            raise UserError(f"module {name!r} of the saved description is not in the model built "
+                            "from config.json; the folder is inconsistent: re-save it") from None
+        ref = next(old.parameters(), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        setattr(parent, attr, build_module(desc, dtype))
+
+
+def fixed_dtype_keys(modules: dict[str, dict]) -> set[str]:
+    return {f"{name}.{field}" for name, d in modules.items()
+            for field in MODULE_KINDS[d["kind"]].fixed}
+
+
+# ----- save -----------------------------------------------------------------------------------
+
+def _memfit_version() -> str:
+    try:
+        return version("memfit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
+    """-> (persistent tensors to save, non-persistent buffers, tied {target: source}).
+
+    A tensor that aliases an earlier one (same storage, offset, shape, stride) is saved once and
+    recorded as tied; transformers' declared tie targets come last, so their sources are the
+    ones kept (what from_pretrained expects). A partial overlap is saved as its own copy."""
+    state = model.state_dict()
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    seen, storages, tensors, tied = {}, set(), {}, {}
+    for key in sorted(state, key=lambda k: k in declared):  # stable: declared targets last
+        t = state[key]
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape),
+               t.stride())
+        if sig in seen:
+            tied[key] = seen[sig]
+            continue
+        seen[sig] = key
+        shares = sig[0] in storages and t.numel() > 0
+        storages.add(sig[0])
+        tensors[key] = t.detach().clone() if shares else t.detach().contiguous()
+    persistent = set(state)
+    extra = {n: b.detach().contiguous() for n, b in model.named_buffers()
+             if n not in persistent and b is not None}
+    return tensors, extra, tied
+
+
+def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bool) -> None:
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    if dropped_tie:
+        config.tie_word_embeddings = False
+    config.save_pretrained(folder)
+    path = folder / "config.json"
+    d = json.loads(path.read_text())
+    d["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules}
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass overwrite=True (--overwrite) or choose "
+                        "another output folder")
+    looks_like_model = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
+    if not looks_like_model:
+        raise UserError(f"refusing to replace {out}: it is not an empty or model folder; "
+                        "choose another output folder")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Write `model` (with its memfit modules) and `tokenizer` to the folder `out_dir`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise UserError(f"extra keys {clash} are reserved in memfit.json; rename them")
+    modules = describe_modules(model)
+    tensors, buffers, tied = _split_state(model)
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    dropped_tie = any(t not in tensors and t not in tied for t in declared)
+    meta = {"format": FORMAT, "memfit_version": _memfit_version(),
+            "arch": getattr(model.config, "model_type", None), "recipe": recipe,
+            "modules": modules, "tied": tied, **extra}
+    try:
+        meta_text = json.dumps(meta, indent=2)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"recipe/extra cannot be written as JSON ({e}); pass plain dicts, "
+                        "lists, strings and numbers") from None
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
+        _write_config(model, tmp, modules, dropped_tie)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META).write_text(meta_text + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing {out}; free some space "
+                            "or choose another output folder") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, out)
+    return out
+
+
+# ----- load -----------------------------------------------------------------------------------
+
+def read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {META}; it is not a memfit output folder") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder / META} is unreadable ({e}); re-save the model") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{folder} was written in format {got!r}, this memfit reads {FORMAT}; "
+                        "upgrade memfit or re-save the model")
+    if not isinstance(meta.get("modules"), dict):
+        raise UserError(f"{folder / META} has no 'modules' table; re-save the model")
+    return meta
+
+
+def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise UserError(f"{path} is missing; re-save the model")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=owner._parameters[attr].requires_grad)
+        owner._parameters[attr] = value
+    else:
+        owner._buffers[attr] = value
+
+
+def _build_skeleton(folder: Path, modules: dict):
+    """The model of config.json on the meta device with the described modules swapped in."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from memfit.archs import arch_for
+    from memfit.models import _read_config
+
+    config = _read_config(folder, trust_remote_code=False)
+    quant = getattr(config, "quantization_config", None)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build the plain model; memfit swaps the modules itself
+    arch = arch_for(config)
+    cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    replace_modules(model, modules)
+    if quant is not None:
+        model.config.quantization_config = quant  # keep the truth in the loaded config
+    return model, arch
+
+
+def load(path, *, dtype=None, device: str = "cpu"):
+    """Load a memfit folder -> `memfit.models.Loaded`, never materialising dense weights."""
+    from transformers import AutoTokenizer
+
+    from memfit.models import Loaded, _check_safetensors, pick_dtype
+
+    folder = Path(path)
+    meta = read_meta(folder)
+    modules, tied = meta["modules"], meta.get("tied", {})
+    _check_safetensors(folder)
+    model, arch = _build_skeleton(folder, modules)
+    state = _read_tensors(folder / WEIGHTS, device)
+    buffers = _read_tensors(folder / BUFFERS, device)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - set(tied))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"missing tensors {missing[:3]}" if missing else f"unknown tensors {unexpected[:3]}"
+        raise UserError(f"{folder / WEIGHTS} does not match its config and {META}: {what}; "
+                        "the folder is damaged or mixed up: re-save the model")
+    if dtype not in (None, "auto"):
+        cast_to, fixed = pick_dtype(dtype, device), fixed_dtype_keys(modules)
+        state = {k: v.to(cast_to) if v.is_floating_point() and k not in fixed else v
+                 for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f"{folder / WEIGHTS} does not match its description "
+                        f"({str(e).splitlines()[-1].strip()}); re-save the model") from None
+    for name, buf in list(model.named_buffers()):
+        if name not in expected:
+            if name not in buffers:
+                raise UserError(f"{folder / BUFFERS} lacks the buffer {name!r}; re-save the model")
+            _set_tensor(model, name, buffers[name])
+    for target, source in tied.items():
+        params = dict(model.named_parameters())
+        _set_tensor(model, target, params[source] if source in params else model.get_buffer(source))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t is not None and t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+    model.to(device).eval()
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(folder))

@@ -1,0 +1,122 @@
+"""The compression loop on tiny models: quality ordering, bytes, resume, offload, families."""
+
+import pytest
+import torch
+
+import memfit.api as api
+from memfit.api import compress_
+from memfit.errors import UserError
+from memfit.eval.lm import evaluate_lm
+from memfit.formats.quant_linear import QuantLinear
+from memfit.models import load_model
+from memfit.recipe import Recipe
+
+G = torch.Generator().manual_seed
+
+
+def _calib(n=16, t=64, vocab=30522):
+    return torch.randint(0, vocab, (n, t), generator=G(1))
+
+
+def _eval(n=6, t=64, vocab=30522):
+    return torch.randint(0, vocab, (n, t), generator=G(2))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_gptq_beats_rtn_and_bytes_shrink(tiny_llama_dir):
+    ref = load_model(str(tiny_llama_dir)).model
+    kld = {}
+    for preset in ("w3g64", "w3g64-gptq"):
+        m = load_model(str(tiny_llama_dir)).model
+        rep = compress_(m, preset, _calib(), progress=False)
+        kld[preset] = evaluate_lm(m, _calib(), ref=ref, progress=False)["kld"]
+        assert rep["modules"] == 14 and rep["bytes_after"] < rep["bytes_before"]
+        qls = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+        assert len(qls) == 14 and all(q.fmt.bits == 3 for q in qls)
+        saved = sum(q.in_features * q.out_features * 4 - q.weight_nbytes() for q in qls)
+        assert rep["bytes_before"] - rep["bytes_after"] == saved
+    print(kld)
+    assert kld["w3g64-gptq"] < kld["w3g64"]
+
+
+def test_resume_after_interrupt_is_bit_identical(tiny_llama_dir, tmp_path, monkeypatch):
+    full = load_model(str(tiny_llama_dir)).model
+    compress_(full, "w4g64-gptq", _calib(), progress=False)
+    expected = _state(full)
+
+    calls = {"n": 0}
+    real = api._compress_block
+
+    def dies_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "_compress_block", dies_on_second_block)
+    m = load_model(str(tiny_llama_dir)).model
+    with pytest.raises(KeyboardInterrupt):
+        compress_(m, "w4g64-gptq", _calib(), checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(api, "_compress_block", real)
+    m = load_model(str(tiny_llama_dir)).model
+    rep = compress_(m, "w4g64-gptq", _calib(), checkpoint_dir=tmp_path, progress=False)
+    assert rep["resumed_blocks"] == 1
+    got = _state(m)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_disk_offload_matches_memory(tiny_llama_dir):
+    from memfit.recipe import Calib, PRESETS
+    from dataclasses import replace
+    a = load_model(str(tiny_llama_dir)).model
+    compress_(a, "w4g64-gptq", _calib(), progress=False)
+    b = load_model(str(tiny_llama_dir)).model
+    disk = replace(PRESETS["w4g64-gptq"], calib=Calib(offload="disk"))
+    compress_(b, disk, _calib(), progress=False)
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_nan_weight_is_refused_with_its_name(tiny_llama_dir):
+    m = load_model(str(tiny_llama_dir)).model
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has NaN"):
+        compress_(m, "w4g64", progress=False)
+
+
+def test_group_larger_than_width_is_refused(tiny_llama_dir):
+    m = load_model(str(tiny_llama_dir)).model
+    recipe = Recipe.from_dict({"quant": {"bits": 4, "group_size": 256}})  # widths are 64/128
+    with pytest.raises(UserError, match="divides nothing"):
+        compress_(m, recipe, progress=False)
+
+
+@pytest.mark.parametrize("model_type, kw", [("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+                                            ("qwen2", {}), ("phi3", {})])
+def test_other_families_compress(model_type, kw, save_tiny, tmp_path):
+    d = save_tiny(tmp_path / model_type, model_type=model_type, **kw)
+    ref = load_model(str(d)).model
+    m = load_model(str(d)).model
+    compress_(m, "w8-gptq", _calib(8), progress=False)
+    res = evaluate_lm(m, _eval(), ref=ref, progress=False)
+    assert res["kld"] < 1e-3 and res["top1_agreement"] > 0.95, res
+
+
+def test_bert_encoder_blocks_compress(tiny_config):
+    from transformers import AutoModel
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("bert", num_key_value_heads=None)).eval()
+    ids = torch.randint(0, 30522, (4, 32), generator=G(3))
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
+    compress_(model, "w8-gptq", ids, progress=False)
+    assert sum(isinstance(x, QuantLinear) for x in model.modules()) == 12
+    with torch.no_grad():
+        after = model(ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1)).min()
+    assert cos > 0.999, cos
