@@ -92,6 +92,9 @@ def cmd_inspect(args) -> None:
     print(f"{'module kind':<28}{'dtype':<10}{'tensors':>8}{'elements':>14}{'bytes':>14}")
     for r in info["rows"]:
         print(f"{r['kind']:<28}{r['dtype']:<10}{r['tensors']:>8}{r['numel']:>14,}{r['bytes']:>14,}")
+    for f in info["packed"]:
+        print(f"  packed: {f['format']:<44}{f['modules']:>4} modules {f['weights']:>12,} weights "
+              f"{f['bits_per_weight']:.3f} bits/weight")
     print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
           f"({_gb(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
     print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token ({info['kv_dtype']}); "

@@ -46,9 +46,10 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
                 smoke_seq_len: int = 256, dtype=None, device: str = "cpu",
                 progress: bool = True) -> dict:
     """Compress `model` with `recipe` into the folder `out`; return the report."""
+    from memfit.io.save import _check_target, save
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    _check_target(out, overwrite)  # refuse early, before any work
     recipe = load_recipe(recipe)
     calib = recipe.calib
     calib = replace(calib, **{k: v for k, v in dict(data=data, samples=samples, seq_len=seq_len,
@@ -78,7 +79,6 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
             f"smoke check failed: KLD {check['kld']:.4f} vs the original (limit {max_kld}), "
             f"perplexity {check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing "
             "written. Use a gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
-    from memfit.io.save import save
     save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=overwrite,
          extra={"source": loaded.source, "report": {k: v for k, v in report.items() if k != "layers"}})
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -150,12 +150,14 @@ def _preset(algo: str, bits: int, group: int | None, **kw) -> Recipe:
 PRESETS: dict[str, Recipe] = {
     "w8": _preset("rtn", 8, None),
     "w8-gptq": _preset("gptq", 8, None),
-    "w4g64": _preset("rtn", 4, 64, clip="mse"),
+    "w4g64": _preset("rtn", 4, 64),
+    "w4g64-mse": _preset("rtn", 4, 64, clip="mse"),
     "w4g64-hqq": _preset("hqq", 4, 64),
     "w4g64-gptq": _preset("gptq", 4, 64),
     "w4g128-gptq": _preset("gptq", 4, 128),
     "w4g32-gptq": _preset("gptq", 4, 32),
-    "w3g64": _preset("rtn", 3, 64, clip="mse"),
+    "w3g64": _preset("rtn", 3, 64),
+    "w3g64-mse": _preset("rtn", 3, 64, clip="mse"),
     "w3g64-gptq": _preset("gptq", 3, 64),
     "w2g32-gptq": _preset("gptq", 2, 32),
 }

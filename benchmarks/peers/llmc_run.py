@@ -114,6 +114,10 @@ def build_modifier(a):
             config_groups=groups, ignore=ignore, block_size=a.block_size,
             dampening_frac=a.dampening, actorder=("weight" if a.act_order else None),
         )
+    # Sparsity modifiers match ignore against "<layer>.<sub>" where the Linear itself is
+    # the "layer" (targets=["Linear"]), i.e. "lm_head." -- plain "lm_head" does NOT match
+    # and lm_head (= the tied embedding table!) would get pruned. Use a regex.
+    ignore = ["lm_head", "re:.*lm_head"]
     mask = a.nm if a.nm else "0:0"
     sparsity = a.sparsity
     if a.nm:
@@ -252,6 +256,16 @@ def main(argv=None):
     with open(os.path.join(dense_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
+    # guard: everything that is not a targeted Linear must be bit-identical to the source
+    # (catches e.g. lm_head -- tied to embed_tokens -- being compressed by mistake)
+    src_sd = load_file(src_st)
+    lin_suffix = ("_proj.weight", "fc1.weight", "fc2.weight", "dense.weight")
+    changed = sorted(k for k in keep_keys if not k.endswith(lin_suffix)
+                     and not torch.equal(src_sd[k].float(), dense_sd[k]))
+    del src_sd
+    if changed:
+        print(f"WARNING: non-Linear tensors changed by compression: {changed}", file=sys.stderr)
+
     # simple stats on the dense weights of the compressed layers
     zeros = numel = 0
     for k in fq_names or [k for k in keep_keys if k.endswith("proj.weight")]:
@@ -285,6 +299,7 @@ def main(argv=None):
         "artifact_weights_bytes": art_weights,
         "artifact_format": (qcfg or {}).get("format"),
         "compressed_zero_fraction": (zeros / numel) if numel else None,
+        "non_linear_changed": changed,
         "artifact_dir": os.path.abspath(art_dir),
         "dense_dir": os.path.abspath(dense_dir),
         "torch_threads": torch.get_num_threads(),

@@ -35,9 +35,18 @@ def _leaf_owner(model: torch.nn.Module):
             yield mod_name, mod, name, t
 
 
+def _packed_label(mod) -> str:
+    fmt = getattr(mod, "fmt", None)
+    if fmt is None:
+        return type(mod).__name__
+    zero = "sym" if fmt.symmetric else f"{fmt.zero_point} zero"
+    return f"int{fmt.bits} group {fmt.group_size or 'channel'} {zero}, {fmt.scale_dtype} scales"
+
+
 def weight_table(model: torch.nn.Module) -> dict:
-    """Rows (kind, dtype, parameters, bytes) and totals. `parameters` counts logical weights:
-    a packed module contributes its logical (out x in) count once, not its code bytes."""
+    """Rows (kind, dtype, tensors, elements, bytes), packed formats with their bits per weight,
+    and totals. `parameters` counts logical weights: a packed module contributes its (out x in)
+    weights (+ bias), not its code bytes, so bits_per_weight = 8 x bytes / parameters."""
     rows = defaultdict(lambda: {"tensors": 0, "numel": 0, "bytes": 0})
     total_bytes = 0
     for _, mod, _, t in _leaf_owner(model):
@@ -47,15 +56,21 @@ def weight_table(model: torch.nn.Module) -> dict:
         rows[key]["numel"] += t.numel()
         rows[key]["bytes"] += nbytes
         total_bytes += nbytes
-    parameters = 0
+    parameters, packed = 0, defaultdict(lambda: {"modules": 0, "weights": 0, "bytes": 0})
     for mod in model.modules():
-        logical = getattr(mod, "logical_parameters", None)
-        if callable(logical):
-            parameters += logical()
-        else:
-            parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+        parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+        if hasattr(mod, "bits_per_weight") and hasattr(mod, "weight_nbytes"):
+            # a packed module: its logical weights count as parameters, its bytes as stored
+            n = mod.in_features * mod.out_features
+            parameters += n + (mod.bias.numel() if getattr(mod, "bias", None) is not None else 0)
+            row = packed[_packed_label(mod)]
+            row["modules"] += 1
+            row["weights"] += n
+            row["bytes"] += mod.weight_nbytes()
     table = [{"kind": k, "dtype": d, **v} for (k, d), v in sorted(rows.items(), key=lambda x: -x[1]["bytes"])]
-    return {"rows": table, "weight_bytes": total_bytes, "parameters": parameters,
+    formats = [{"format": k, **v, "bits_per_weight": 8 * v["bytes"] / v["weights"]}
+               for k, v in packed.items()]
+    return {"rows": table, "packed": formats, "weight_bytes": total_bytes, "parameters": parameters,
             "bits_per_weight": 8 * total_bytes / max(parameters, 1)}
 
 

@@ -46,7 +46,25 @@ class MemfitHfQuantizer(HfQuantizer):
                             "upgrade memfit or re-save the model")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        replace_modules(model, self.quantization_config.modules)
+        modules = self.quantization_config.modules
+        replace_modules(model, modules)
+        # transformers runs `_init_weights` on every module not flagged as initialised, and some
+        # reach into a child's weight (GPT-2: `mlp.c_proj.weight`), which a packed module lacks.
+        # Every tensor here comes from the checkpoint (checked after loading), so flag the
+        # swapped modules and their parents as initialised.
+        for name in modules:
+            model.get_submodule(name)._is_hf_initialized = True
+            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers only warns about missing tensors and leaves them uninitialised; a packed
+        # module with garbage codes must not load silently.
+        for name in self.quantization_config.modules:
+            for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
+                if not getattr(t, "_is_hf_initialized", False):
+                    raise UserError(f"the checkpoint lacks {name}.{key}; the folder is damaged: "
+                                    "re-save the model")
         return model
 
     def is_serializable(self):

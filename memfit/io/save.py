@@ -22,14 +22,18 @@ Two ways to load, both supported and tested to give bit-identical logits:
   the safetensors tensors, set the non-persistent buffers from memfit_buffers.safetensors, re-tie.
   No dense weight of a compressed layer ever exists. `dtype=None` keeps the stored dtypes; a
   dtype casts the dense floating tensors but never a format's own fields (scale, zero).
-- `transformers.AutoModelForCausalLM.from_pretrained(folder)` after `import memfit` (which calls
-  `memfit.io.hf.register_with_transformers()`): transformers' quantizer hook swaps the modules in,
-  transformers loads the weights and recomputes non-persistent buffers itself. Caveat: it leans on
-  transformers' quantizer interface, which changes between releases (written against 5.24), and
-  it ignores `memfit.json`; `tied` covers only ties transformers declares itself.
+- `transformers.AutoModelForCausalLM.from_pretrained(folder)` (`AutoModel` for encoders) after
+  `import memfit` (which calls `memfit.io.hf.register_with_transformers()`): a registered
+  quantizer swaps the modules in on meta, transformers loads the weights, recomputes the
+  non-persistent buffers and re-ties from its own declarations (memfit.json is not read).
+  Caveats: it leans on transformers' quantizer interface (written against 5.24; it changes
+  between releases); a missing packed tensor is an error, but a missing dense one is only
+  transformers' warning; `save_pretrained` on such a model is refused (save with `save`).
 
-A tie whose target was replaced (e.g. a quantized lm_head under tied embeddings) is written as
-`tie_word_embeddings: false`, so neither loader ties the compressed module back to the embedding.
+config.json records `dtype` (that of the dense weights), else from_pretrained(dtype="auto")
+would guess it from the first floating tensor on disk, possibly a float16 `scale`. A tie whose
+target was replaced (a quantized lm_head under tied embeddings) is written as
+`tie_word_embeddings: false`, so no loader ties the packed module back to the embedding.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ BUFFERS = "memfit_buffers.safetensors"
 META = "memfit.json"
 QUANT_METHOD = "memfit"
 _RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied")
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
 
 # ----- module kinds: describe a replaced module as JSON, build it back on the meta device -----
@@ -85,7 +91,8 @@ def _build_sparse(d: dict, dtype: torch.dtype) -> SparseLinear:
     if d["layout"] not in seeds:
         raise UserError(f"sparse layout {d['layout']!r} is unknown to this memfit; upgrade memfit")
     seed, index_name = seeds[d["layout"]]
-    m = SparseLinear(seed())
+    with torch.device("cpu"):  # transformers may call this under a meta-device context
+        m = SparseLinear(seed())
     m.out_features, m.in_features = out, k
     shapes = {"values": (tuple(d["values_shape"]), dtype),
               index_name: ((-(-out * k // 8),), torch.uint8), "shape": ((2,), torch.int64)}
@@ -159,19 +166,7 @@ def replace_modules(model: nn.Module, modules: dict[str, dict]) -> None:
         setattr(parent, attr, build_module(desc, dtype))
 
 
-def fixed_dtype_keys(modules: dict[str, dict]) -> set[str]:
-    return {f"{name}.{field}" for name, d in modules.items()
-            for field in MODULE_KINDS[d["kind"]].fixed}
-
-
 # ----- save -----------------------------------------------------------------------------------
-
-def _memfit_version() -> str:
-    try:
-        return version("memfit")
-    except PackageNotFoundError:
-        return "unknown"
-
 
 def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     """-> (persistent tensors to save, non-persistent buffers, tied {target: source}).
@@ -186,7 +181,7 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
         t = state[key]
         sig = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape),
                t.stride())
-        if sig in seen:
+        if t.numel() and sig in seen:
             tied[key] = seen[sig]
             continue
         seen[sig] = key
@@ -206,6 +201,11 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
             delattr(config, attr)
     if dropped_tie:
         config.tie_word_embeddings = False
+    # from_pretrained(dtype="auto") otherwise guesses from the first floating tensor on disk,
+    # which may be a float16 `scale`: record the dtype of the dense weights.
+    dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if dense:
+        config.dtype = max(set(dense), key=dense.count)
     config.save_pretrained(folder)
     path = folder / "config.json"
     d = json.loads(path.read_text())
@@ -254,7 +254,11 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     tensors, buffers, tied = _split_state(model)
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     dropped_tie = any(t not in tensors and t not in tied for t in declared)
-    meta = {"format": FORMAT, "memfit_version": _memfit_version(),
+    try:
+        memfit_version = version("memfit")
+    except PackageNotFoundError:
+        memfit_version = "unknown"
+    meta = {"format": FORMAT, "memfit_version": memfit_version,
             "arch": getattr(model.config, "model_type", None), "recipe": recipe,
             "modules": modules, "tied": tied, **extra}
     try:
@@ -263,8 +267,8 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         raise UserError(f"recipe/extra cannot be written as JSON ({e}); pass plain dicts, "
                         "lists, strings and numbers") from None
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
@@ -276,9 +280,9 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         (tmp / META).write_text(meta_text + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing {out}; free some space "
-                            "or choose another output folder") from None
+        if e.errno in _WRITE_ERRORS:
+            raise UserError(f"cannot write {out}: {_WRITE_ERRORS[e.errno]}; free some space or "
+                            "choose another output folder") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,6 +319,12 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -364,13 +374,14 @@ def load(path, *, dtype=None, device: str = "cpu"):
     buffers = _read_tensors(folder / BUFFERS, device)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state) - set(tied))
-    unexpected = sorted(set(state) - expected)
+    unexpected = sorted((set(state) | set(tied) | set(tied.values())) - expected)
     if missing or unexpected:
         what = f"missing tensors {missing[:3]}" if missing else f"unknown tensors {unexpected[:3]}"
         raise UserError(f"{folder / WEIGHTS} does not match its config and {META}: {what}; "
                         "the folder is damaged or mixed up: re-save the model")
     if dtype not in (None, "auto"):
-        cast_to, fixed = pick_dtype(dtype, device), fixed_dtype_keys(modules)
+        cast_to = pick_dtype(dtype, device)
+        fixed = {f"{n}.{f}" for n, d in modules.items() for f in MODULE_KINDS[d["kind"]].fixed}
         state = {k: v.to(cast_to) if v.is_floating_point() and k not in fixed else v
                  for k, v in state.items()}
     try:
@@ -384,8 +395,7 @@ def load(path, *, dtype=None, device: str = "cpu"):
                 raise UserError(f"{folder / BUFFERS} lacks the buffer {name!r}; re-save the model")
             _set_tensor(model, name, buffers[name])
     for target, source in tied.items():
-        params = dict(model.named_parameters())
-        _set_tensor(model, target, params[source] if source in params else model.get_buffer(source))
+        _set_tensor(model, target, _get_tensor(model, source))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"

@@ -208,7 +208,7 @@ def test_full_disk_leaves_nothing(saved, tmp_path, tokenizer, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(UserError, match="no space left"):
+    with pytest.raises(UserError, match="no space left on the device"):
         io.save(model, tokenizer, tmp_path / "out", recipe={})
     assert list(tmp_path.iterdir()) == []
 
