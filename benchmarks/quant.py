@@ -61,26 +61,29 @@ def run_memfit(src, quant, args, work: Path) -> dict:
         "samples": args.calib_windows, "seq_len": args.seq_len, "seed": 0}}))
     out = work / "memfit"
     cmd = [sys.executable, "-m", "memfit.cli", "compress", src, "--recipe", str(recipe),
-           "--out", str(out), "--json", "--max-kld", "100", "--device", args.device]
+           "--out", str(out), "--json", "--max-kld", "100", "--device", args.device, "--dtype", "float32"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"memfit failed: {res.stderr[-2000:]}")
     rep = json.loads(res.stdout.strip().splitlines()[-1])
     return {"dir": out, "compress_seconds": rep["compress_seconds"],
-            "peak_rss_bytes": rep["peak_rss_bytes"], "artifact_bytes": _dir_bytes(out)}
+            "peak_rss_bytes": rep["peak_rss_bytes"], "peak_gpu_bytes": rep.get("peak_gpu_bytes"),
+            "artifact_bytes": _dir_bytes(out)}
 
 
 def run_peer(src, peer_args, args, calib_file: Path, work: Path) -> dict:
     out, report = work / "peer", work / "peer.json"
     cmd = [args.peer_python, str(HERE / "peers" / "llmc_run.py"), "--model", src, "--calib",
            str(calib_file), "--out", str(out), "--report", str(report), *peer_args]
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"llm-compressor failed: {res.stderr[-2000:]}")
     rep = json.loads(report.read_text())
     return {"dir": out / "dense", "compress_seconds": rep["compress_seconds"],
-            "peak_rss_bytes": rep["peak_rss_bytes"], "artifact_bytes": rep["artifact_bytes"],
-            "version": rep.get("llmcompressor_version")}
+            "peak_rss_bytes": rep["peak_rss_bytes"], "peak_gpu_bytes": rep.get("peak_gpu_bytes"),
+            "artifact_bytes": rep["artifact_bytes"], "version": rep.get("llmcompressor_version")}
 
 
 def score(path, ref, windows, device) -> dict:
@@ -141,12 +144,13 @@ def print_table(rows, args, base) -> None:
           f"calib split, {args.calib_windows} x {args.seq_len} tokens, seed 0. Evaluation: built-in "
           f"eval split, {args.eval_windows} non-overlapping windows x {args.seq_len}. Command: "
           f"`python benchmarks/quant.py {' '.join(sys.argv[1:])}`\n")
-    print("| setting | tool | perplexity | vs fp32 | KLD | top-1 | compress s | peak RSS GB | artifact MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | tool | perplexity | vs fp32 | KLD | top-1 | compress s | peak RSS GB | peak GPU GB | artifact MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['tool']} | {r['perplexity']:.4f} | "
               f"{r['perplexity'] / base:.4f}x | {r['kld']:.5f} | {100 * r['top1_agreement']:.2f}% | "
               f"{r.get('compress_seconds', 0):.1f} | {r.get('peak_rss_bytes', 0) / 1e9:.2f} | "
+              f"{(r.get('peak_gpu_bytes') or 0) / 1e9:.2f} | "
               f"{r['artifact_bytes'] / 1e6:.1f} |")
 
 

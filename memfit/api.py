@@ -48,16 +48,25 @@ def weight_2d(mod: torch.nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-def _quant_module(mod: torch.nn.Module, spec: Quant, stat) -> tuple[QuantLinear, float | None]:
-    w = weight_2d(mod)
-    res = ALGORITHMS[spec.algo][1](w, spec, stat)
-    fmt = spec.format
-    bias = mod.bias is not None
-    dtype = mod.weight.dtype
-    ql = QuantLinear(w.shape[1], w.shape[0], fmt, bias, device=mod.weight.device, dtype=dtype)
-    packed = PackedIntWeight.from_codes(res.codes, res.scale, None if fmt.symmetric else res.zero, fmt)
-    ql.load_packed(packed, bias=mod.bias.detach() if bias else None)
-    return ql, res.error
+def _quantize_group(mods: list[torch.nn.Module], spec: Quant, stat) -> tuple[list[QuantLinear], float | None]:
+    """Quantize linears that share one input (and so one statistic) with one algorithm call.
+
+    Every algorithm here treats output rows independently given the input statistic, so the
+    weights are stacked along rows, quantized once (one Cholesky, one sweep) and split again.
+    """
+    ws = [weight_2d(m) for m in mods]
+    res = ALGORITHMS[spec.algo][1](torch.cat(ws), spec, stat)
+    fmt, out = spec.format, []
+    rows = [w.shape[0] for w in ws]
+    parts = zip(res.codes.split(rows), res.scale.split(rows), res.zero.split(rows))
+    for mod, w, (codes, scale, zero) in zip(mods, ws, parts):
+        bias = mod.bias is not None
+        ql = QuantLinear(w.shape[1], w.shape[0], fmt, bias, device=mod.weight.device,
+                         dtype=mod.weight.dtype)
+        packed = PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt)
+        ql.load_packed(packed, bias=mod.bias.detach() if bias else None)
+        out.append(ql)
+    return out, res.error
 
 
 def _check_finite(name: str, mod: torch.nn.Module) -> None:
@@ -106,14 +115,23 @@ def _compress_block(block, arch: Arch, specs: dict[str, Quant], store, kwargs, l
         mods = {n: block.get_submodule(n) for n in names}
         needs = {n: ALGORITHMS[specs[n].algo][0] for n in names}
         stats = collect_stats(block, mods, needs, store, kwargs) if store is not None else {}
+        batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
         for n in names:
-            ql, err = _quant_module(mods[n], specs[n], stats.get(n))
-            block.set_submodule(n, ql)
-            done[n] = {"in": ql.in_features, "out": ql.out_features, "bias": ql.bias is not None,
-                       "fmt": specs[n].format.to_dict()}
-            log.append({"module": n, "algo": specs[n].algo, "error": err})
+            batches.setdefault((specs[n], id(stats.get(n))), []).append(n)
+        for (spec, _), members in batches.items():
+            qls, err = _quantize_group([mods[n] for n in members], spec, stats.get(members[0]))
+            for n, ql in zip(members, qls):
+                block.set_submodule(n, ql)
+                done[n] = {"in": ql.in_features, "out": ql.out_features,
+                           "bias": ql.bias is not None, "fmt": spec.format.to_dict()}
+            log.append({"modules": members, "algo": spec.algo, "error": err})
         stats.clear()
     return done
+
+
+def _peak_gpu(model) -> int | None:
+    device = next(model.parameters()).device
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor | None = None, *,
@@ -173,4 +191,5 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
             "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),
+            "peak_gpu_bytes": _peak_gpu(model),
             "mean_layer_error": sum(errors) / len(errors) if errors else None, "layers": log}

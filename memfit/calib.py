@@ -106,16 +106,21 @@ def collect_stats(block, modules: dict[str, torch.nn.Module], needs: dict[str, s
                   store: ActivationStore, kwargs: dict) -> dict:
     """Run `block` over all stored batches with hooks on `modules`; return {name: statistic}.
 
+    `modules` form one group, so they all see the same input: one statistic per kind is
+    accumulated (on the first module that needs it) and shared by every member.
     `needs[name]` is "hessian", "norms" or None (no statistic: the module is skipped).
     """
-    stats, handles = {}, []
+    stats, shared, handles = {}, {}, []
     for name, mod in modules.items():
-        if needs.get(name) is None:
+        kind = needs.get(name)
+        if kind is None:
             continue
-        in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0]
-        stat = _input_stat(needs[name], in_features, mod.weight.device)
-        stats[name] = stat
-        handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+        if kind not in shared:
+            in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) \
+                else mod.weight.shape[0]
+            stat = shared[kind] = _input_stat(kind, in_features, mod.weight.device)
+            handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+        stats[name] = shared[kind]
     if not stats:
         return stats
     try:

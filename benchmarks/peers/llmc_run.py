@@ -45,7 +45,12 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    # ru_maxrss is KiB on Linux; covers the whole process lifetime (model load included)
+    # VmHWM: this process's peak since exec (model load included). ru_maxrss would carry the
+    # parent's peak over into a subprocess (it survives execve).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -76,6 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--dampening", type=float, default=0.01)
     ap.add_argument("--n-windows", type=int, default=None, help="use only the first N windows")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model is loaded")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
     a = ap.parse_args(argv)
@@ -196,7 +202,7 @@ def main(argv=None):
 
     # ---- model ----
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(a.device)
     tok = AutoTokenizer.from_pretrained(a.model)
     load_s = time.perf_counter() - t0
     rss_after_load = rss_now()
@@ -293,6 +299,8 @@ def main(argv=None):
         "save_seconds": round(save_s, 3),
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "peak_rss_bytes": peak_after_compress,
+        "peak_gpu_bytes": (torch.cuda.max_memory_allocated() if a.device.startswith("cuda")
+                           else None),
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_total_bytes": peak_rss(),
         "artifact_bytes": art_total,

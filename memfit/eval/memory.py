@@ -57,8 +57,12 @@ def weight_table(model: torch.nn.Module) -> dict:
         rows[key]["bytes"] += nbytes
         total_bytes += nbytes
     parameters, packed = 0, defaultdict(lambda: {"modules": 0, "weights": 0, "bytes": 0})
+    seen = set()  # tied weights (embeddings = lm_head) are one tensor, counted once
     for mod in model.modules():
-        parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                parameters += p.numel()
         if hasattr(mod, "bits_per_weight") and hasattr(mod, "weight_nbytes"):
             # a packed module: its logical weights count as parameters, its bytes as stored
             n = mod.in_features * mod.out_features
@@ -112,8 +116,19 @@ def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None) 
 
 
 def rss_peak_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far.
+
+    Linux's VmHWM, which starts fresh at exec; ru_maxrss would carry over the parent's peak into
+    a child process (it survives execve), which is wrong for a benchmark's subprocesses.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class PeakMemory:

@@ -101,9 +101,6 @@ def test_inspect_weight_bytes_equal_distinct_tensor_bytes(default_lm):
     assert info["weight_bytes"] == expected == 538_060_032  # float32, tied head counted once
 
 
-@pytest.mark.xfail(strict=True, reason="weight_table counts the tied embed_tokens/lm_head weight "
-                   "twice in `parameters` (162,826,560 instead of 134,515,008), so bits_per_weight "
-                   "reads 26.4 for float32; fix in memfit/eval/memory.py, then drop this mark")
 def test_inspect_parameters_count_tied_weights_once(default_lm):
     from memfit.eval.memory import inspect_model
 
