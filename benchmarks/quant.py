@@ -41,6 +41,11 @@ SETTINGS = {
                   ["--method", "rtn", "--bits", "4", "--group", "64", "--asym"]),
     "gptq-w4g64": ({"algo": "gptq", "bits": 4, "group_size": 64},
                    ["--method", "gptq", "--bits", "4", "--group", "64", "--asym"]),
+    "gptq-w4g64-actorder": ({"algo": "gptq", "bits": 4, "group_size": 64, "act_order": True},
+                            ["--method", "gptq", "--bits", "4", "--group", "64", "--asym",
+                             "--act-order"]),
+    "gptq-w4g64-mse-actorder": ({"algo": "gptq", "bits": 4, "group_size": 64, "act_order": True,
+                                 "clip": "mse"}, None),
     "rtn-w3g64": ({"algo": "rtn", "bits": 3, "group_size": 64},
                   ["--method", "rtn", "--bits", "3", "--group", "64", "--asym"]),
     "gptq-w3g64": ({"algo": "gptq", "bits": 3, "group_size": 64},
@@ -120,7 +125,7 @@ def main() -> None:
         for name in args.settings.split(","):
             quant, peer_args = SETTINGS[name]
             tools = [("memfit", lambda w: run_memfit(src, quant, args, w))]
-            if args.peer_python:
+            if args.peer_python and peer_args is not None:
                 tools.append(("llm-compressor",
                               lambda w: run_peer(src, peer_args, args, calib_file, w)))
             for tool, fn in tools:

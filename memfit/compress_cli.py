@@ -18,6 +18,7 @@ def list_presets() -> None:
         f = q.format
         zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
         print(f"{name:<14}{q.algo:<6}{f.bits:>5}{str(f.group_size or 'chan'):>7}  {zero}, clip {q.clip}"
+              + (", act-order" if q.act_order else "")
               + (", needs calibration data" if q.needs_data else ""))
 
 

@@ -97,3 +97,28 @@ def test_bad_compress_inputs(capsys, tmp_path, tiny_llama_dir, argv, message):
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_killed_run_resumes_to_identical_files(tmp_path, tiny_llama_dir, monkeypatch):
+    import memfit.api as api
+    from memfit.compress import compress_to
+
+    kw = dict(samples=4, seq_len=64, progress=False)
+    compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "whole", **kw)
+    real, calls = api._compress_block, {"n": 0}
+
+    def killed_in_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "_compress_block", killed_in_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", **kw)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial").exists()
+    monkeypatch.setattr(api, "_compress_block", real)
+    rep = compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", **kw)
+    assert rep["resumed_blocks"] == 1
+    for name in ("model.safetensors", "memfit.json", "config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
