@@ -21,52 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from memfit.algos.gptq import gptq
-from memfit.algos.hqq import hqq
-from memfit.algos.rtn import rtn
 from memfit.archs import Arch, arch_for, block_list
 from memfit.calib import capture_inputs, collect_stats, propagate
 from memfit.errors import UserError
 from memfit.eval.memory import rss_peak_bytes, weight_table
-from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight
-from memfit.formats.quant_linear import QuantLinear
-from memfit.recipe import Quant, Recipe, load_recipe
-
-# algorithm name -> (statistic it needs, function(weight (out, in) fp32, spec, statistic))
-ALGORITHMS = {
-    "rtn": (None, lambda w, q, s: rtn(w, q.format, clip=q.clip)),
-    "hqq": (None, lambda w, q, s: hqq(w, q.format, iters=q.iters)),
-    "gptq": ("hessian", lambda w, q, s: gptq(w, s.hessian, q.format, block_size=q.block_size,
-                                            damp=q.damp, act_order=q.act_order, clip=q.clip)),
-}
-
-
-def weight_2d(mod: torch.nn.Module) -> torch.Tensor:
-    """A linear's weight as (out, in) float32 (GPT-2's Conv1D stores it transposed)."""
-    w = mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.t()
-    return w.detach().float()
-
-
-def _quantize_group(mods: list[torch.nn.Module], spec: Quant, stat) -> tuple[list[QuantLinear], float | None]:
-    """Quantize linears that share one input (and so one statistic) with one algorithm call.
-
-    Every algorithm here treats output rows independently given the input statistic, so the
-    weights are stacked along rows, quantized once (one Cholesky, one sweep) and split again.
-    """
-    ws = [weight_2d(m) for m in mods]
-    res = ALGORITHMS[spec.algo][1](torch.cat(ws), spec, stat)
-    fmt, out = spec.format, []
-    rows = [w.shape[0] for w in ws]
-    parts = zip(res.codes.split(rows), res.scale.split(rows), res.zero.split(rows))
-    for mod, w, (codes, scale, zero) in zip(mods, ws, parts):
-        bias = mod.bias is not None
-        ql = QuantLinear(w.shape[1], w.shape[0], fmt, bias, device=mod.weight.device,
-                         dtype=mod.weight.dtype)
-        packed = PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt)
-        ql.load_packed(packed, bias=mod.bias.detach() if bias else None)
-        out.append(ql)
-    return out, res.error
+from memfit.methods import replace_group, stat_needed
+from memfit.recipe import Recipe, load_recipe
 
 
 def _check_finite(name: str, mod: torch.nn.Module) -> None:
@@ -85,48 +45,52 @@ def _module_prefix(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> str:
 def _save_block(ckpt: Path, i: int, block: torch.nn.Module, done: dict[str, dict]) -> None:
     tensors = {f"{n}.{k}": v.contiguous() for n in done
                for k, v in block.get_submodule(n).state_dict().items()}
-    tmp = ckpt / f"block_{i}.tmp"
-    save_file(tensors, str(tmp) + ".st")
+    tmp = ckpt / f"block_{i}.tmp.st"
+    save_file(tensors, str(tmp))
     (ckpt / f"block_{i}.json").write_text(json.dumps(done))
-    Path(str(tmp) + ".st").rename(ckpt / f"block_{i}.safetensors")
+    tmp.rename(ckpt / f"block_{i}.safetensors")  # the block counts as done once this exists
 
 
 def _restore_block(ckpt: Path, i: int, block: torch.nn.Module) -> dict[str, dict] | None:
+    from memfit.io.save import build_module
+
     st, js = ckpt / f"block_{i}.safetensors", ckpt / f"block_{i}.json"
     if not (st.exists() and js.exists()):
         return None
     done = json.loads(js.read_text())
-    tensors = load_file(str(st), device=str(next(block.parameters()).device))
-    for n, d in done.items():
+    device = next(block.parameters()).device
+    tensors = load_file(str(st), device=str(device))
+    for n, desc in done.items():
         old = block.get_submodule(n)
-        ql = QuantLinear(d["in"], d["out"], IntFormat.from_dict(d["fmt"]), d["bias"],
-                         device=old.weight.device, dtype=old.weight.dtype)
-        ql.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")})
-        block.set_submodule(n, ql)
+        new = build_module(desc, old.weight.dtype)
+        new.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items()
+                             if k.startswith(n + ".")}, assign=True)
+        block.set_submodule(n, new.to(device))
     return done
 
 
-def _compress_block(block, arch: Arch, specs: dict[str, Quant], store, kwargs, log) -> dict:
+def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log) -> dict:
+    from memfit.io.save import describe_modules
+
     done = {}
     for group in arch.groups:
         names = [n for n in group if specs.get(n) is not None]
         if not names:
             continue
         mods = {n: block.get_submodule(n) for n in names}
-        needs = {n: ALGORITHMS[specs[n].algo][0] for n in names}
+        needs = {n: stat_needed(specs[n]) for n in names}
         stats = collect_stats(block, mods, needs, store, kwargs) if store is not None else {}
         batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
         for n in names:
             batches.setdefault((specs[n], id(stats.get(n))), []).append(n)
         for (spec, _), members in batches.items():
-            qls, err = _quantize_group([mods[n] for n in members], spec, stats.get(members[0]))
-            for n, ql in zip(members, qls):
-                block.set_submodule(n, ql)
-                done[n] = {"in": ql.in_features, "out": ql.out_features,
-                           "bias": ql.bias is not None, "fmt": spec.format.to_dict()}
-            log.append({"modules": members, "algo": spec.algo, "error": err})
+            new, err = replace_group([mods[n] for n in members], spec, stats.get(members[0]))
+            for n, mod in zip(members, new):
+                block.set_submodule(n, mod)
+            log.append({"modules": members, "spec": spec.to_dict(), "error": err})
         stats.clear()
-    return done
+    described = describe_modules(block)
+    return {n: described[n] for g in arch.groups for n in g if n in described}
 
 
 def _peak_gpu(model) -> int | None:

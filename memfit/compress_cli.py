@@ -12,14 +12,18 @@ def _gb(n: float) -> str:
 
 def list_presets() -> None:
     from memfit.recipe import PRESETS
-    print(f"{'preset':<14}{'algo':<6}{'bits':>5}{'group':>7}  zero/clip")
     for name, r in PRESETS.items():
-        q = r.quant
-        f = q.format
-        zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
-        print(f"{name:<14}{q.algo:<6}{f.bits:>5}{str(f.group_size or 'chan'):>7}  {zero}, clip {q.clip}"
-              + (", act-order" if q.act_order else "")
-              + (", needs calibration data" if q.needs_data else ""))
+        if r.quant:
+            q, f = r.quant, r.quant.format
+            zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
+            what = (f"{q.algo} {f.bits}-bit, group {f.group_size or 'channel'}, {zero}, "
+                    f"clip {q.clip}" + (", act-order" if q.act_order else ""))
+        elif r.prune:
+            p = r.prune
+            what = f"{p.method} pruning, " + (f"{p.nm} pattern" if p.nm else f"{p.sparsity:.0%} sparse")
+        else:
+            what = f"{r.lowrank.method} low-rank, {r.lowrank.keep:.0%} of parameters kept"
+        print(f"{name:<16}{what}" + ("; needs calibration data" if r.needs_data else ""))
 
 
 def cmd_compress(args) -> None:

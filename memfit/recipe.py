@@ -26,6 +26,8 @@ from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
 
 ALGOS = ("rtn", "hqq", "gptq")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+LOWRANK_METHODS = ("svd", "wsvd", "rsvd")
 _FORMAT_KEYS = tuple(f.name for f in fields(IntFormat))
 
 
@@ -74,6 +76,86 @@ class Quant:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Prune:
+    """Pruning: which weights to zero. Exactly one of `sparsity` (unstructured, per row) or `nm`
+    ("2:4": keep N of every M consecutive inputs). Stored as a bitmask, or in the 2:4 layout."""
+
+    method: str = "wanda"          # magnitude | wanda | sparsegpt
+    sparsity: float | None = 0.5
+    nm: str | None = None
+    block_size: int = 128          # sparsegpt
+    damp: float = 0.01             # sparsegpt
+
+    def __post_init__(self):
+        if self.method not in PRUNE_METHODS:
+            raise UserError(f"unknown prune method {self.method!r}; use one of {', '.join(PRUNE_METHODS)}")
+        if (self.sparsity is None) == (self.nm is None):
+            raise UserError("give exactly one of prune sparsity (e.g. 0.5) or nm (e.g. '2:4')")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise UserError(f"sparsity={self.sparsity} is outside [0, 1); e.g. 0.5 prunes half")
+        if self.nm is not None:
+            n, _, m = str(self.nm).partition(":")
+            if not (n.isdigit() and m.isdigit()) or int(n) >= int(m) or int(n) < 1:
+                raise UserError(f"nm={self.nm!r} is invalid; use 'N:M' with 1 <= N < M, e.g. '2:4'")
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        if self.nm is None:
+            return None
+        n, _, m = self.nm.partition(":")
+        return int(n), int(m)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "magnitude"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: "Prune | None" = None) -> "Prune":
+        _check_keys("prune", d, cls)
+        if "nm" in d and "sparsity" not in d:
+            d = {**d, "sparsity": None}
+        return replace(base, **d) if base else cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRank:
+    """Low-rank factorization W ≈ A·B keeping `keep` of each matrix's parameters."""
+
+    method: str = "wsvd"           # svd | wsvd (activation-whitened) | rsvd (randomized)
+    keep: float = 0.8
+    damp: float = 0.01             # wsvd: Cholesky damping of XᵀX
+
+    def __post_init__(self):
+        if self.method not in LOWRANK_METHODS:
+            raise UserError(f"unknown lowrank method {self.method!r}; use one of {', '.join(LOWRANK_METHODS)}")
+        if not 0 < self.keep < 1:
+            raise UserError(f"keep={self.keep} must be in (0, 1): the fraction of parameters kept")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method == "wsvd"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: "LowRank | None" = None) -> "LowRank":
+        _check_keys("lowrank", d, cls)
+        return replace(base, **d) if base else cls(**d)
+
+
+def _check_keys(what: str, d: dict, cls) -> None:
+    if not isinstance(d, dict):
+        raise UserError(f"{what} must be a mapping of its fields")
+    valid = {f.name for f in fields(cls)}
+    if set(d) - valid:
+        raise UserError(f"unknown {what} key(s) {sorted(set(d) - valid)}; valid: {sorted(valid)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Calib:
     """Calibration text: source, number of windows, window length, seed, where activations live."""
 
@@ -90,19 +172,36 @@ class Calib:
             raise UserError(f"unknown offload {self.offload!r}; use 'memory' or 'disk'")
 
 
+_SPECS = {"quant": Quant, "prune": Prune, "lowrank": LowRank}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
+    """One method for the selected linears: `quant`, `prune` or `lowrank` (composing them in one
+    recipe is not supported yet), module filters and per-module overrides."""
+
     quant: Quant | None = None
+    prune: Prune | None = None
+    lowrank: LowRank | None = None
     ignore: tuple[str, ...] = ("lm_head",)
-    overrides: tuple[tuple[str, Quant | None], ...] = ()   # (glob pattern, spec or None = skip)
+    overrides: tuple[tuple[str, object], ...] = ()   # (glob pattern, spec or None = skip)
     calib: Calib = field(default_factory=Calib)
 
-    def spec_for(self, name: str) -> Quant | None:
-        """The quantization spec of module `name` (last matching override wins), or None."""
+    def __post_init__(self):
+        if sum(x is not None for x in (self.quant, self.prune, self.lowrank)) > 1:
+            raise UserError("a recipe takes one of quant, prune or lowrank for now; composing them "
+                            "(e.g. pruning + 4-bit) is not supported yet")
+
+    @property
+    def main(self):
+        return self.quant or self.prune or self.lowrank
+
+    def spec_for(self, name: str):
+        """The spec of module `name` (last matching override wins), or None."""
         if any(fnmatch.fnmatchcase(name, p) or name.endswith("." + p) or name == p
                for p in self.ignore):
             return None
-        spec = self.quant
+        spec = self.main
         for pattern, override in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 spec = override
@@ -110,33 +209,33 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        specs = [self.quant] + [s for _, s in self.overrides]
+        specs = [self.main] + [s for _, s in self.overrides]
         return any(s is not None and s.needs_data for s in specs)
 
     def to_dict(self) -> dict:
-        return {
-            "quant": self.quant.to_dict() if self.quant else None,
-            "ignore": list(self.ignore),
-            "overrides": {p: (s.to_dict() if s else None) for p, s in self.overrides},
-            "calib": asdict(self.calib),
-        }
+        d = {k: getattr(self, k).to_dict() for k in _SPECS if getattr(self, k) is not None}
+        return {**d, "ignore": list(self.ignore),
+                "overrides": {p: (s.to_dict() if s else None) for p, s in self.overrides},
+                "calib": asdict(self.calib)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict):
-            raise UserError("a recipe must be a mapping with keys quant, ignore, overrides, calib")
-        valid = {"quant", "ignore", "overrides", "calib"}
+            raise UserError("a recipe must be a mapping with keys quant|prune|lowrank, ignore, "
+                            "overrides, calib")
+        valid = set(_SPECS) | {"ignore", "overrides", "calib"}
         if set(d) - valid:
             raise UserError(f"unknown recipe key(s) {sorted(set(d) - valid)}; valid: {sorted(valid)}")
-        quant = Quant.from_dict(d["quant"]) if d.get("quant") else None
-        overrides = tuple((p, None if o is None else Quant.from_dict(o, base=quant))
+        specs = {k: _SPECS[k].from_dict(d[k]) for k in _SPECS if d.get(k)}
+        if len(specs) > 1:
+            raise UserError("a recipe takes one of quant, prune or lowrank for now; composing them "
+                            "(e.g. pruning + 4-bit) is not supported yet")
+        kind, main = next(iter(specs.items()), ("quant", None))
+        overrides = tuple((p, None if o is None else _SPECS[kind].from_dict(o, base=main))
                           for p, o in (d.get("overrides") or {}).items())
         calib = d.get("calib") or {}
-        unknown = set(calib) - {f.name for f in fields(Calib)}
-        if unknown:
-            raise UserError(f"unknown calib key(s) {sorted(unknown)}; valid: "
-                            f"{sorted(f.name for f in fields(Calib))}")
-        return cls(quant=quant, ignore=tuple(d.get("ignore", ("lm_head",))), overrides=overrides,
+        _check_keys("calib", calib, Calib)
+        return cls(**specs, ignore=tuple(d.get("ignore", ("lm_head",))), overrides=overrides,
                    calib=Calib(**calib))
 
 
@@ -163,6 +262,13 @@ PRESETS: dict[str, Recipe] = {
     "w3g64-mse": _preset("rtn", 3, 64, clip="mse"),
     "w3g64-gptq": _preset("gptq", 3, 64, **_BEST),
     "w2g32-gptq": _preset("gptq", 2, 32, **_BEST),
+    "magnitude-50": Recipe(prune=Prune(method="magnitude", sparsity=0.5)),
+    "wanda-50": Recipe(prune=Prune(method="wanda", sparsity=0.5)),
+    "sparsegpt-50": Recipe(prune=Prune(method="sparsegpt", sparsity=0.5)),
+    "wanda-2of4": Recipe(prune=Prune(method="wanda", sparsity=None, nm="2:4")),
+    "sparsegpt-2of4": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4")),
+    "svd-80": Recipe(lowrank=LowRank(method="svd", keep=0.8)),
+    "wsvd-80": Recipe(lowrank=LowRank(method="wsvd", keep=0.8)),
 }
 
 

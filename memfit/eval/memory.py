@@ -35,10 +35,21 @@ def _leaf_owner(model: torch.nn.Module):
             yield mod_name, mod, name, t
 
 
+def _packed_bytes(mod) -> int | None:
+    """Stored weight bytes of a memfit module (packed, sparse or low-rank), None for others."""
+    if isinstance(mod, torch.nn.Linear) or not hasattr(mod, "in_features"):
+        return None
+    weight_nbytes = getattr(mod, "weight_nbytes", None)
+    if callable(weight_nbytes):
+        return weight_nbytes()
+    return mod.nbytes if isinstance(getattr(type(mod), "nbytes", None), property) else None
+
+
 def _packed_label(mod) -> str:
     fmt = getattr(mod, "fmt", None)
     if fmt is None:
-        return type(mod).__name__
+        layout = getattr(mod, "layout", None)
+        return f"sparse {layout}" if layout else f"{type(mod).__name__}"
     zero = "sym" if fmt.symmetric else f"{fmt.zero_point} zero"
     return f"int{fmt.bits} group {fmt.group_size or 'channel'} {zero}, {fmt.scale_dtype} scales"
 
@@ -63,14 +74,17 @@ def weight_table(model: torch.nn.Module) -> dict:
             if id(p) not in seen:
                 seen.add(id(p))
                 parameters += p.numel()
-        if hasattr(mod, "bits_per_weight") and hasattr(mod, "weight_nbytes"):
-            # a packed module: its logical weights count as parameters, its bytes as stored
+        nbytes = _packed_bytes(mod)
+        if nbytes is not None:
             n = mod.in_features * mod.out_features
-            parameters += n + (mod.bias.numel() if getattr(mod, "bias", None) is not None else 0)
+            if next(mod.parameters(), None) is None:
+                # a packed module holds buffers: its logical weights count as parameters
+                bias = getattr(mod, "bias", None)
+                parameters += n + (bias.numel() if bias is not None else 0)
             row = packed[_packed_label(mod)]
             row["modules"] += 1
             row["weights"] += n
-            row["bytes"] += mod.weight_nbytes()
+            row["bytes"] += nbytes
     table = [{"kind": k, "dtype": d, **v} for (k, d), v in sorted(rows.items(), key=lambda x: -x[1]["bytes"])]
     formats = [{"format": k, **v, "bits_per_weight": 8 * v["bytes"] / v["weights"]}
                for k, v in packed.items()]

@@ -120,3 +120,49 @@ def test_bert_encoder_blocks_compress(tiny_config):
         after = model(ids).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1)).min()
     assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("preset, kind, bpw_range", [
+    ("magnitude-50", "sparse bitmask", (16.9, 17.1)),   # fp32 values of half + 1 bit each
+    ("wanda-2of4", "sparse 2:4", (16.9, 17.1)),         # fp32 values of half + 2 bits per kept
+    ("sparsegpt-50", "sparse bitmask", (16.9, 17.1)),
+    ("wsvd-80", "LowRankLinear", (25.0, 25.7)),          # 80% of fp32 parameters
+])
+def test_prune_and_lowrank_save_bytes_and_reload(preset, kind, bpw_range, tiny_llama_dir, tmp_path):
+    from memfit.eval.memory import weight_table
+    from memfit.io.save import save
+    m = load_model(str(tiny_llama_dir))
+    rep = compress_(m.model, preset, _calib(8), progress=False)
+    packed = weight_table(m.model)["packed"]
+    assert [p["format"] for p in packed] == [kind] and packed[0]["modules"] == 14
+    assert bpw_range[0] < packed[0]["bits_per_weight"] < bpw_range[1], packed
+    assert rep["bytes_after"] < rep["bytes_before"]
+    ids = _eval(2, 32)
+    with torch.no_grad():
+        before = m.model(ids).logits
+    save(m.model, m.tokenizer, tmp_path / "o", recipe=rep["recipe"])
+    with torch.no_grad():
+        assert torch.equal(before, load_model(str(tmp_path / "o")).model(ids).logits)
+
+
+def test_sparsegpt_and_wanda_beat_magnitude_and_wsvd_beats_svd(tiny_llama_dir):
+    ref = load_model(str(tiny_llama_dir)).model
+    kld = {}
+    for preset in ("magnitude-50", "wanda-50", "sparsegpt-50", "svd-80", "wsvd-80"):
+        m = load_model(str(tiny_llama_dir)).model
+        compress_(m, preset, _calib(), progress=False)
+        kld[preset] = evaluate_lm(m, _calib(), ref=ref, progress=False)["kld"]
+    print(kld)
+    assert kld["sparsegpt-50"] < kld["magnitude-50"] and kld["wanda-50"] < kld["magnitude-50"]
+    assert kld["wsvd-80"] < kld["svd-80"]
+
+
+def test_two_of_four_pattern_holds_in_every_matrix(tiny_llama_dir):
+    from memfit.formats.sparse import SparseLinear
+    m = load_model(str(tiny_llama_dir)).model
+    compress_(m, "sparsegpt-2of4", _calib(8), progress=False)
+    sparse = [x for x in m.modules() if isinstance(x, SparseLinear)]
+    assert len(sparse) == 14
+    for s in sparse:
+        w = s.dense_weight()
+        assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()

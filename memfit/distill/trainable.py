@@ -1,0 +1,172 @@
+"""Make a compressed student trainable without breaking its format ("healing"), and pack it back.
+
+`make_trainable_(model)` freezes every parameter, then swaps each compressed module for a
+trainable stand-in (dispatch: the literal dict `TRAINABLE`, keyed by exact module type):
+
+- `QuantLinear` -> `FakeQuantLinear`: a float32 copy of the dequantized weight and a float32
+  `scale` (and the zero point when the format stores a float zero; integer and symmetric zeros
+  stay fixed) are parameters. Forward fake-quantizes on the module's exact grid: scale/zero are
+  rounded to their stored dtype, codes = clamp(round(w / s + z), 0, qmax) are recomputed every
+  step, and round/dtype-rounding pass gradients straight through (STE); w_hat = (q - z) * s.
+  At the start w_hat equals the packed weight, and `repack()` stores exactly the w_hat of the
+  last forward: same format, same bytes, codes chosen against the stored scale/zero.
+- `SparseLinear` -> `MaskedSparseLinear`: only the kept values are parameters (float32, the
+  stored order); the structural mask (a bool per weight) is fixed, so the 2:4 / bitmask pattern
+  holds by construction; `repack()` rebuilds the same layout from the dense result.
+- `LowRankLinear` and plain `nn.Linear`: their own parameters are unfrozen and trained as is.
+
+Everything else (embeddings, norms) stays frozen: healing recovers what compression lost in the
+compressed layers. `repack_(model)` swaps every stand-in back for its packed module and freezes
+the model again. The float copy costs 4 bytes per weight while training, the price of
+per-step code recomputation; the saved artifact is as small as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.formats import grid
+from memfit.formats.grid import IntFormat
+from memfit.formats.intq import PackedIntWeight
+from memfit.formats.quant_linear import QuantLinear
+from memfit.formats.sparse import LowRankLinear, SparseLinear
+
+
+def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Value of `y`, gradient of `x` (straight-through estimator)."""
+    return x + (y - x).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """Trainable stand-in for a `QuantLinear`: float weight + scale (+ float zero), STE forward."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        packed = q.packed()
+        self.fmt: IntFormat = q.fmt
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.weight = nn.Parameter(packed.dequantize(torch.float32))  # (out, in)
+        self.scale = nn.Parameter(packed.scale.float())  # (out, n_groups)
+        zero = packed.zeros()  # (out, n_groups) float32
+        if not self.fmt.symmetric and self.fmt.zero_point == "float":
+            self.zero = nn.Parameter(zero)
+        else:
+            self.register_buffer("zero", zero)
+        self.register_buffer("bias", None if q.bias is None else q.bias.detach().clone())
+        self.act_dtype = q.bias.dtype if q.bias is not None else torch.float32
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero as the packed format will store them, with straight-through gradients."""
+        dtype = self.fmt.torch_scale_dtype
+        scale = _ste(self.scale, self.scale.to(dtype).float())
+        zero = self.zero
+        if isinstance(zero, nn.Parameter):
+            zero = _ste(zero, zero.to(dtype).float())
+        return scale, zero
+
+    def fake_weight(self) -> torch.Tensor:
+        """(out, in) float32 weight on the grid: (clamp(round(w / s + z)) - z) * s."""
+        g, _ = self.fmt.groups(self.in_features)
+        scale, zero = self._grid()
+        s = grid.expand_groups(scale, self.in_features, g)  # (out, in)
+        z = grid.expand_groups(zero, self.in_features, g)
+        x = self.weight / s + z
+        q = _ste(x, x.round()).clamp(0, self.fmt.qmax)
+        return (q - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.fake_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def repack(self) -> QuantLinear:
+        """A `QuantLinear` of the same format holding exactly the current fake-quantized weight."""
+        scale, zero = self._grid()
+        codes = grid.quantize(self.weight, scale, zero, self.fmt)  # (out, in) uint8
+        stored_zero = None if self.fmt.symmetric else zero
+        packed = PackedIntWeight.from_codes(codes, scale, stored_zero, self.fmt)
+        q = QuantLinear(self.in_features, self.out_features, self.fmt, self.bias is not None,
+                        device=self.weight.device, dtype=self.act_dtype)
+        q.load_packed(packed, self.bias)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class MaskedSparseLinear(nn.Module):
+    """Trainable stand-in for a `SparseLinear`: the kept values train, the pattern is fixed."""
+
+    def __init__(self, m: SparseLinear):
+        super().__init__()
+        fmt = m.weight_format()
+        self.layout, self.fmt_cls = m.layout, type(fmt)
+        self.in_features, self.out_features = m.in_features, m.out_features
+        # every stored slot (a kept position, even one holding 0) marked True; row-major order
+        # of the mask is the stored order of `values` in both layouts
+        ones = replace(fmt, values=torch.ones_like(fmt.values))
+        self.register_buffer("mask", ones.to_dense() != 0)  # (out, in) bool
+        self.values = nn.Parameter(fmt.values.detach().float().flatten())  # (kept,)
+        self.register_buffer("bias", None if m.bias is None else m.bias.detach().clone())
+        self.value_dtype = fmt.values.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        zeros = torch.zeros(self.mask.shape, dtype=self.values.dtype, device=self.values.device)
+        return zeros.masked_scatter(self.mask, self.values)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def repack(self) -> SparseLinear:
+        dense = self.dense_weight().to(self.value_dtype)
+        return SparseLinear(self.fmt_cls.from_dense(dense), self.bias)
+
+
+def _unfreeze(m: nn.Module) -> nn.Module:
+    m.requires_grad_(True)
+    return m
+
+
+# exact module type -> function returning its trainable form (the module itself when it trains as is)
+TRAINABLE = {
+    QuantLinear: FakeQuantLinear,
+    SparseLinear: MaskedSparseLinear,
+    LowRankLinear: _unfreeze,
+    nn.Linear: _unfreeze,
+}
+_STAND_INS = (FakeQuantLinear, MaskedSparseLinear)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def make_trainable_(model: nn.Module) -> list[str]:
+    """Freeze `model`, then make each compressed/linear module trainable; return their names."""
+    model.requires_grad_(False)
+    names = []
+    for name, m in list(model.named_modules()):
+        make = TRAINABLE.get(type(m))
+        if make is None or any(name.startswith(n + ".") for n in names):
+            continue  # also skips the two nn.Linear inside an already handled LowRankLinear
+        new = make(m)
+        if new is not m:
+            _swap(model, name, new)
+        names.append(name)
+    return names
+
+
+def repack_(model: nn.Module) -> int:
+    """Swap every trainable stand-in back for its packed module; freeze the model. -> count."""
+    stand_ins = [(n, m) for n, m in model.named_modules() if isinstance(m, _STAND_INS)]
+    for name, m in stand_ins:
+        _swap(model, name, m.repack())
+    model.requires_grad_(False)
+    return len(stand_ins)
