@@ -93,6 +93,23 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log) -> dict:
     return {n: described[n] for g in arch.groups for n in g if n in described}
 
 
+def _structured_(model, arch: Arch, spec, data, offload: str) -> None:
+    """Drop blocks, then narrow MLPs and attention, each by activation importance."""
+    from memfit.algos.structured import choose_blocks_to_drop
+    from memfit.structured import (channel_importance, drop_blocks_, measure_block_influence,
+                                   prune_heads_, prune_mlp_width_)
+
+    if spec.drop_blocks:
+        scores = measure_block_influence(model, arch, data, offload=offload)
+        drop_blocks_(model, choose_blocks_to_drop(scores, spec.drop_blocks), arch=arch)
+    if spec.mlp_keep is not None or spec.heads_keep is not None:
+        imp = channel_importance(model, arch, data, offload=offload)
+        if spec.mlp_keep is not None:
+            prune_mlp_width_(model, spec.mlp_keep, scores=imp.mlp, arch=arch)
+        if spec.heads_keep is not None:
+            prune_heads_(model, num_heads=spec.heads_keep, scores=imp.kv_groups, arch=arch)
+
+
 def _peak_gpu(model) -> int | None:
     device = next(model.parameters()).device
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -108,9 +125,19 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     """
     recipe = load_recipe(recipe)
     arch = arch_for(model.config)
+    before = weight_table(model)["weight_bytes"]
+    t0 = time.perf_counter()
+    if recipe.needs_data and data is None:
+        if tokenizer is None:
+            raise UserError("this recipe needs calibration data: pass data= or tokenizer=")
+        from memfit.data import token_windows
+        c = recipe.calib
+        data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
+                             max_windows=c.samples, seed=c.seed)
+    if recipe.structured:
+        _structured_(model, arch, recipe.structured, data, recipe.calib.offload)
     blocks = block_list(model, arch)
     prefix = _module_prefix(model, blocks)
-    before = weight_table(model)["weight_bytes"]
     plan = []
     for i, block in enumerate(blocks):
         specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.groups for n in g}
@@ -118,19 +145,11 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
             if s is not None:
                 _check_finite(f"{prefix}.{i}.{n}", block.get_submodule(n))
         plan.append(specs)
-    if not any(s for specs in plan for s in specs.values()):
+    if not recipe.structured and not any(s for specs in plan for s in specs.values()):
         raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
 
-    t0 = time.perf_counter()
     store = kwargs = None
-    if recipe.needs_data:
-        if data is None:
-            if tokenizer is None:
-                raise UserError("this recipe needs calibration data: pass data= or tokenizer=")
-            from memfit.data import token_windows
-            c = recipe.calib
-            data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
-                                 max_windows=c.samples, seed=c.seed)
+    if any(s is not None and s.needs_data for p in plan for s in p.values()):
         store, kwargs = capture_inputs(model, blocks, data, offload=recipe.calib.offload)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt:
@@ -152,6 +171,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(len(p) for p in plan if p),
             "seconds": time.perf_counter() - t0, "bytes_before": before, "bytes_after": after,
+            "blocks": len(blocks),
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
             "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),

@@ -21,8 +21,10 @@ def list_presets() -> None:
         elif r.prune:
             p = r.prune
             what = f"{p.method} pruning, " + (f"{p.nm} pattern" if p.nm else f"{p.sparsity:.0%} sparse")
-        else:
+        elif r.lowrank:
             what = f"{r.lowrank.method} low-rank, {r.lowrank.keep:.0%} of parameters kept"
+        else:
+            what = f"structured: drop the {r.structured.drop_blocks} least influential blocks"
         print(f"{name:<16}{what}" + ("; needs calibration data" if r.needs_data else ""))
 
 

@@ -147,6 +147,34 @@ class LowRank:
         return replace(base, **d) if base else cls(**d)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Structured:
+    """Structured pruning that makes matrices smaller, applied before any other method: drop the
+    `drop_blocks` blocks whose output is closest to their input (angular distance), keep
+    `mlp_keep` of the MLP channels and `heads_keep` query heads (whole GQA groups), each chosen
+    by activation importance on the calibration windows."""
+
+    drop_blocks: int = 0
+    mlp_keep: float | None = None    # fraction (0, 1] or a channel count
+    heads_keep: int | None = None    # number of query heads kept
+
+    def __post_init__(self):
+        if self.drop_blocks < 0:
+            raise UserError(f"drop_blocks={self.drop_blocks} must be >= 0")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, base=None) -> "Structured":
+        _check_keys("structured", d, cls)
+        return cls(**d)
+
+
 def _check_keys(what: str, d: dict, cls) -> None:
     if not isinstance(d, dict):
         raise UserError(f"{what} must be a mapping of its fields")
@@ -183,6 +211,7 @@ class Recipe:
     quant: Quant | None = None
     prune: Prune | None = None
     lowrank: LowRank | None = None
+    structured: Structured | None = None
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[tuple[str, object], ...] = ()   # (glob pattern, spec or None = skip)
     calib: Calib = field(default_factory=Calib)
@@ -209,11 +238,13 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        specs = [self.main] + [s for _, s in self.overrides]
+        specs = [self.main, self.structured] + [s for _, s in self.overrides]
         return any(s is not None and s.needs_data for s in specs)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k).to_dict() for k in _SPECS if getattr(self, k) is not None}
+        if self.structured is not None:
+            d["structured"] = self.structured.to_dict()
         return {**d, "ignore": list(self.ignore),
                 "overrides": {p: (s.to_dict() if s else None) for p, s in self.overrides},
                 "calib": asdict(self.calib)}
@@ -223,7 +254,7 @@ class Recipe:
         if not isinstance(d, dict):
             raise UserError("a recipe must be a mapping with keys quant|prune|lowrank, ignore, "
                             "overrides, calib")
-        valid = set(_SPECS) | {"ignore", "overrides", "calib"}
+        valid = set(_SPECS) | {"structured", "ignore", "overrides", "calib"}
         if set(d) - valid:
             raise UserError(f"unknown recipe key(s) {sorted(set(d) - valid)}; valid: {sorted(valid)}")
         specs = {k: _SPECS[k].from_dict(d[k]) for k in _SPECS if d.get(k)}
@@ -235,8 +266,9 @@ class Recipe:
                           for p, o in (d.get("overrides") or {}).items())
         calib = d.get("calib") or {}
         _check_keys("calib", calib, Calib)
-        return cls(**specs, ignore=tuple(d.get("ignore", ("lm_head",))), overrides=overrides,
-                   calib=Calib(**calib))
+        structured = Structured.from_dict(d["structured"]) if d.get("structured") else None
+        return cls(**specs, structured=structured, ignore=tuple(d.get("ignore", ("lm_head",))),
+                   overrides=overrides, calib=Calib(**calib))
 
 
 def _preset(algo: str, bits: int, group: int | None, **kw) -> Recipe:
@@ -269,6 +301,7 @@ PRESETS: dict[str, Recipe] = {
     "sparsegpt-2of4": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4")),
     "svd-80": Recipe(lowrank=LowRank(method="svd", keep=0.8)),
     "wsvd-80": Recipe(lowrank=LowRank(method="wsvd", keep=0.8)),
+    "drop2": Recipe(structured=Structured(drop_blocks=2)),
 }
 
 

@@ -154,7 +154,8 @@ def distill_(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, s
              lr: float = 1e-5, temperature: float = 1.0, batch_size: int = 4, grad_accum: int = 1,
              hidden_mse_weight: float = 0.0, layer_map: dict[int, int] | None = None,
              checkpointing: bool = True, bf16="auto", optimizer: str = "adamw", seed: int = 0,
-             chunk: int = 256, progress: bool = False) -> dict:
+             freeze: tuple[str, ...] = (), chunk: int = 256,
+             progress: bool = False) -> dict:
     """Distill `teacher` into `student` in place on (n, seq_len) token `windows`; -> report.
 
     The student keeps its formats (it is packed back at the end); see the module docstring."""
@@ -163,7 +164,7 @@ def distill_(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, s
     torch.manual_seed(seed)
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
-    trained = make_trainable_(student)
+    trained = make_trainable_(student, skip=freeze)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise UserError("the student has no linear or compressed module to train")

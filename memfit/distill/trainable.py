@@ -50,8 +50,8 @@ class FakeQuantLinear(nn.Module):
         self.fmt: IntFormat = q.fmt
         self.in_features, self.out_features = q.in_features, q.out_features
         self.weight = nn.Parameter(packed.dequantize(torch.float32))  # (out, in)
-        self.scale = nn.Parameter(packed.scale.float())  # (out, n_groups)
-        zero = packed.zeros()  # (out, n_groups) float32
+        self.scale = nn.Parameter(packed.scale.float().clone())  # (out, n_groups), own storage
+        zero = packed.zeros().clone()  # (out, n_groups) float32
         if not self.fmt.symmetric and self.fmt.zero_point == "float":
             self.zero = nn.Parameter(zero)
         else:
@@ -110,7 +110,7 @@ class MaskedSparseLinear(nn.Module):
         # of the mask is the stored order of `values` in both layouts
         ones = replace(fmt, values=torch.ones_like(fmt.values))
         self.register_buffer("mask", ones.to_dense() != 0)  # (out, in) bool
-        self.values = nn.Parameter(fmt.values.detach().float().flatten())  # (kept,)
+        self.values = nn.Parameter(fmt.values.detach().float().flatten().clone())  # (kept,)
         self.register_buffer("bias", None if m.bias is None else m.bias.detach().clone())
         self.value_dtype = fmt.values.dtype
 
@@ -148,13 +148,16 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, new)
 
 
-def make_trainable_(model: nn.Module) -> list[str]:
-    """Freeze `model`, then make each compressed/linear module trainable; return their names."""
+def make_trainable_(model: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Freeze `model`, then make each compressed/linear module trainable; return their names.
+
+    `skip`: module names (or name suffixes, e.g. "lm_head") left frozen."""
     model.requires_grad_(False)
     names = []
     for name, m in list(model.named_modules()):
         make = TRAINABLE.get(type(m))
-        if make is None or any(name.startswith(n + ".") for n in names):
+        skipped = any(name == s or name.endswith("." + s) for s in skip)
+        if make is None or skipped or any(name.startswith(n + ".") for n in names):
             continue  # also skips the two nn.Linear inside an already handled LowRankLinear
         new = make(m)
         if new is not m:

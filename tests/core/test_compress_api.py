@@ -166,3 +166,23 @@ def test_two_of_four_pattern_holds_in_every_matrix(tiny_llama_dir):
     for s in sparse:
         w = s.dense_weight()
         assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_structured_then_quant_reloads_with_plain_transformers(tiny_llama_dir, save_tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    d = save_tiny(tmp_path / "four", num_hidden_layers=4)
+    m = load_model(str(d))
+    recipe = Recipe.from_dict({"structured": {"drop_blocks": 2, "mlp_keep": 0.5}})
+    rep = compress_(m.model, recipe, _calib(8), progress=False)
+    assert rep["blocks"] == 2 and m.model.config.num_hidden_layers == 2
+    assert m.model.config.intermediate_size == 64
+    m.model.save_pretrained(tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = _eval(2, 32)
+    with torch.no_grad():
+        assert torch.equal(m.model(ids).logits, again(ids).logits)
+    m2 = load_model(str(d))
+    both = Recipe.from_dict({"structured": {"drop_blocks": 1}, "quant": {"bits": 8, "group_size": None,
+                                                                         "symmetric": True}})
+    compress_(m2.model, both, _calib(8), progress=False)
+    assert sum(isinstance(x, QuantLinear) for x in m2.model.modules()) == 21

@@ -192,3 +192,21 @@ def test_unknown_layout_is_a_user_error(tiny_config):
     model = _model(tiny_config, "gpt2", layers=2, n_embd=64, n_head=4, n_layer=2)
     with pytest.raises(UserError, match="LAYOUTS"):
         prune_mlp_width_(model, 0.5)
+
+
+
+def test_all_three_combined_round_trip_through_memfit_save(tiny_config, tmp_path):
+    from memfit.io.save import load, save
+
+    model = _model(tiny_config, layers=4)
+    ids = _ids()
+    drop_blocks_(model, [1])
+    prune_mlp_width_(model, 0.5)
+    prune_heads_(model, num_heads=2)
+    out = _logits(model, ids)
+    save(model, None, tmp_path / "m", recipe={})
+    loaded = load(tmp_path / "m").model.eval()
+    cfg = loaded.config
+    assert (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads) == (3, 64, 2, 1)
+    assert torch.equal(_logits(loaded, ids), out)

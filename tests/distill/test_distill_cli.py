@@ -1,0 +1,74 @@
+"""`memfit distill` end to end on tiny models, and the refusal of mismatched tokenizers."""
+
+import json
+
+import pytest
+
+from memfit.api import compress_
+from memfit.cli import build_parser, main
+from memfit.distill_cli import add_distill
+from memfit.eval.memory import weight_table
+from memfit.formats.quant_linear import QuantLinear
+from memfit.io.save import save
+from memfit.models import load_model
+
+FAST = ["--steps", "3", "--seq-len", "32", "--samples", "4", "--batch-size", "2"]
+
+
+def _main(argv):
+    """cli.main with `distill` registered (until cli.py wires it in)."""
+    import memfit.cli as cli
+
+    parser = build_parser()
+    if "distill" not in parser._subparsers._group_actions[0].choices:
+        orig = cli.build_parser
+
+        def with_distill():
+            p = orig()
+            add_distill(p._subparsers._group_actions[0])
+            return p
+        cli.build_parser = with_distill
+        try:
+            return main([str(a) for a in argv])
+        finally:
+            cli.build_parser = orig
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_llama_dir, tmp_path_factory):
+    s = load_model(str(tiny_llama_dir))
+    rep = compress_(s.model, "w4g64", progress=False)
+    return save(s.model, s.tokenizer, tmp_path_factory.mktemp("student") / "w4",
+                recipe=rep["recipe"])
+
+
+def test_cli_distills_and_writes_a_loadable_folder(capsys, tiny_llama_dir, student_dir, tmp_path):
+    out = tmp_path / "healed"
+    code = _main(["distill", tiny_llama_dir, student_dir, "--out", out, "--json", *FAST])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    rep = json.loads(stdout)
+    print(f"\nCLI: KLD {rep['before']['kld']:.3e} -> {rep['after']['kld']:.3e}")
+    assert rep["bytes_after"] == rep["bytes_before"] and len(rep["loss"]) == 3
+    healed = load_model(str(out))
+    assert sum(isinstance(m, QuantLinear) for m in healed.model.modules()) == 14
+    assert weight_table(healed.model)["weight_bytes"] == rep["bytes_after"]
+    recipe = json.loads((out / "memfit.json").read_text())["recipe"]
+    assert recipe["quant"]["bits"] == 4 and recipe["distill"]["steps"] == 3
+    code = _main(["distill", tiny_llama_dir, student_dir, "--out", out, *FAST])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_different_tokenizers_are_refused(capsys, tiny_llama_dir, save_tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = save_tiny(tmp_path / "other", vocab_size=30523)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<memfit-extra>"])
+    tok.save_pretrained(other)
+    code = _main(["distill", tiny_llama_dir, other, "--out", tmp_path / "x", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "30522" in err and "30523" in err and "different tokenizers" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -1,0 +1,102 @@
+"""Trainable stand-ins: exact start, on-grid repack, fixed sparsity pattern, dispatch."""
+
+import pytest
+import torch
+from torch import nn
+
+from memfit.algos.prune import nm_mask
+from memfit.algos.rtn import rtn
+from memfit.distill.trainable import (FakeQuantLinear, MaskedSparseLinear, make_trainable_,
+                                      repack_)
+from memfit.formats.grid import IntFormat
+from memfit.formats.quant_linear import QuantLinear
+from memfit.formats.sparse import LowRankLinear, SparseLinear
+
+FORMATS = [IntFormat(bits=3, group_size=64), IntFormat(bits=4, group_size=32, zero_point="float"),
+           IntFormat(bits=8, group_size=None, symmetric=True),
+           IntFormat(bits=4, group_size=48, scale_dtype="bfloat16")]  # ragged last group
+
+
+def _quant_linear(fmt, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(160, 24)
+    r = rtn(lin.weight.detach(), fmt)
+    return QuantLinear.from_linear(lin, r.codes, r.scale, None if fmt.symmetric else r.zero, fmt)
+
+
+def _train(module, steps=20, lr=1e-2):
+    x = torch.randn(64, module.in_features)
+    target = torch.randn(64, module.out_features)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = (module(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_fake_quant_starts_exact_and_repacks_on_grid(fmt):
+    q = _quant_linear(fmt)
+    fq = FakeQuantLinear(q)
+    x = torch.randn(5, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(fq(x), q(x), rtol=1e-5, atol=1e-5)
+        same = fq.repack()
+    for name in ("qdata", "scale", "zero"):
+        if hasattr(q, name):
+            assert torch.equal(getattr(same, name), getattr(q, name)), name
+    x = _train(fq)
+    assert fq.scale.grad is not None and fq.weight.grad is not None
+    new = fq.repack()
+    assert new.fmt == q.fmt and new.weight_nbytes() == q.weight_nbytes()
+    codes = new.packed().codes()
+    assert int(codes.max()) <= fmt.qmax
+    assert not torch.equal(new.qdata, q.qdata) or not torch.equal(new.scale, q.scale)
+    with torch.no_grad():
+        err = (new(x) - fq(x)).abs()
+    print(f"{fmt}: repacked vs trained forward max {err.max():.3g} mean {err.mean():.3g}")
+    assert err.max() < 1e-5
+
+
+def test_integer_zeros_stay_fixed():
+    fq = FakeQuantLinear(_quant_linear(IntFormat(bits=3, group_size=64)))
+    assert not isinstance(fq.zero, nn.Parameter)
+    fq_float = FakeQuantLinear(_quant_linear(IntFormat(bits=3, group_size=64, zero_point="float")))
+    assert isinstance(fq_float.zero, nn.Parameter)
+
+
+@pytest.mark.parametrize("layout", ["2:4", "bitmask"])
+def test_sparse_pattern_holds_after_training(layout):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.mul_(nm_mask(lin.weight.abs(), 2, 4))
+    sparse = SparseLinear.from_linear(lin, layout)
+    before = sparse.dense_weight() != 0
+    ms = MaskedSparseLinear(sparse)
+    x = _train(ms)
+    new = ms.repack()
+    assert new.layout == layout
+    dense = new.dense_weight()
+    assert not torch.equal(dense, sparse.dense_weight())
+    assert ((dense != 0) & ~before).sum() == 0  # nothing outside the original pattern
+    assert (dense.view(16, 16, 4) != 0).sum(-1).max() <= 2
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), ms(x))
+
+
+def test_dispatch_swaps_and_repacks_every_kind():
+    q = _quant_linear(IntFormat(bits=4, group_size=32))
+    sparse = SparseLinear.from_linear(nn.Linear(32, 8), "bitmask")
+    low = LowRankLinear(32, 16, 4)
+    model = nn.Sequential(q, sparse, low, nn.Linear(16, 4), nn.LayerNorm(4))
+    names = make_trainable_(model, skip=("3",))
+    assert names == ["0", "1", "2"]
+    assert isinstance(model[0], FakeQuantLinear) and isinstance(model[1], MaskedSparseLinear)
+    assert model[2].up.weight.requires_grad and model[2].down.weight.requires_grad
+    assert not model[3].weight.requires_grad and not model[4].weight.requires_grad
+    assert repack_(model) == 2
+    assert type(model[0]) is QuantLinear and type(model[1]) is SparseLinear
+    assert not any(p.requires_grad for p in model.parameters())
