@@ -13,6 +13,7 @@ import os
 import sys
 
 from memfit.compress_cli import add_compress
+from memfit.distill_cli import add_distill
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     add_compress(sub)
+    add_distill(sub)
     return p
 
 

@@ -73,8 +73,9 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     after = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
     entry = {"teacher": teacher, "student": student, "data": data, "samples": int(calib.shape[0]),
              **rep["config"]}
-    recipe = {**_student_recipe(student), "distill": entry}
-    save(s.model, s.tokenizer, out, recipe=recipe, overwrite=overwrite)
+    # the recipe stays a valid Recipe; the distillation run is recorded beside it
+    save(s.model, s.tokenizer, out, recipe=_student_recipe(student), overwrite=overwrite,
+         extra={"distill": entry})
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},

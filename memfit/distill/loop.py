@@ -122,10 +122,17 @@ def _autocast(device: torch.device, bf16) -> contextlib.AbstractContextManager:
 def _set_checkpointing(model: nn.Module, on: bool) -> bool:
     if not getattr(model, "supports_gradient_checkpointing", False):
         return False
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed the switch (the old name warns); use whichever this version has
+    if hasattr(model, "activation_checkpointing_enable"):
+        enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
+        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
     else:
-        model.gradient_checkpointing_disable()
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if on:
+        enable(**kwargs)
+    else:
+        disable()
     return on
 
 

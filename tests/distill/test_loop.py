@@ -88,7 +88,7 @@ def _toy_regression(make_opt, steps=300):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 16))
     x = torch.randn(512, 64)
-    y = torch.sin(x[:, :16] * 2) + 0.1 * torch.randn(512, 16)  # noise floor ~0.01
+    y = torch.sin(x[:, :16] * 2) + 0.1 * torch.randn(512, 16)
     opt = make_opt(model.parameters())
     for _ in range(steps):
         loss = (model(x) - y).pow(2).mean()
