@@ -5,7 +5,8 @@ Walks the blocks in order. Within a block it visits the linear groups in true-se
 statistics with hooks over the calibration activations (memfit.calib), then replaces each linear
 by its packed module. After a block is done its outputs become the next block's inputs.
 
-Algorithms are pure functions (memfit.algos); the dispatch below is a literal dict. A checkpoint
+Algorithms are pure functions (memfit.algos); memfit.methods maps a spec to them with literal
+dicts and builds the replacement modules. Structured pruning, when asked, runs first. A checkpoint
 folder, when given, receives each finished block (safetensors + json) so an interrupted run
 resumes where it stopped and produces the same bytes.
 """
@@ -169,7 +170,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
             propagate(block, store, kwargs)
     after = weight_table(model)["weight_bytes"]
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
-    return {"recipe": recipe.to_dict(), "modules": sum(len(p) for p in plan if p),
+    return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),
             "seconds": time.perf_counter() - t0, "bytes_before": before, "bytes_after": after,
             "blocks": len(blocks),
             "calib_windows": 0 if data is None else int(data.shape[0]),
