@@ -7,6 +7,8 @@ Every command takes a model spec (default: the embedded SmolLM2-135M-Instruct).
 
 from __future__ import annotations
 
+from memfit.eval.memory import human_bytes
+
 import argparse
 import json
 import os
@@ -18,10 +20,6 @@ from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
                "(all-MiniLM-L6-v2, embedded), a local folder, a .gguf file or a hub id")
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -76,7 +74,7 @@ def cmd_eval(args) -> None:
             print(f"vs reference KLD {res['kld']:.6f}, top-1 agreement {100 * res['top1_agreement']:.2f}%, "
                   f"reference perplexity {res['ref_perplexity']:.4f}  ({args.ref})")
     print(f"speed        {res['tokens_per_second']:.0f} tokens/s    "
-          f"peak memory {_gb(res['peak_memory_bytes'])} ({res['peak_memory_kind']})")
+          f"peak memory {human_bytes(res['peak_memory_bytes'])} ({res['peak_memory_kind']})")
 
 
 def cmd_inspect(args) -> None:
@@ -97,11 +95,11 @@ def cmd_inspect(args) -> None:
         print(f"  packed: {f['format']:<44}{f['modules']:>4} modules {f['weights']:>12,} weights "
               f"{f['bits_per_weight']:.3f} bits/weight")
     print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
-          f"({_gb(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
+          f"({human_bytes(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
     print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token ({info['kv_dtype']}); "
-          f"{_gb(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}")
-    print(f"activations  ~{_gb(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
-    print(f"total        ~{_gb(info['total_bytes_estimate'])}")
+          f"{human_bytes(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}")
+    print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
+    print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")
 
 
 def cmd_generate(args) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from memfit.eval.memory import human_bytes
+
 import argparse
 import json
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def list_presets() -> None:
@@ -45,10 +43,10 @@ def cmd_compress(args) -> None:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}))
         return
     s = rep["smoke"]
-    print(f"wrote        {rep['out']}  ({_gb(rep['artifact_bytes'])} on disk)")
-    print(f"weights      {_gb(rep['bytes_before'])} -> {_gb(rep['bytes_after'])} "
+    print(f"wrote        {rep['out']}  ({human_bytes(rep['artifact_bytes'])} on disk)")
+    print(f"weights      {human_bytes(rep['bytes_before'])} -> {human_bytes(rep['bytes_after'])} "
           f"({rep['bytes_after'] / rep['bytes_before']:.3f}x) in {rep['compress_seconds']:.1f} s, "
-          f"peak RSS {_gb(rep['peak_rss_bytes'])}"
+          f"peak RSS {human_bytes(rep['peak_rss_bytes'])}"
           + (f", resumed {rep['resumed_blocks']} blocks" if rep["resumed_blocks"] else ""))
     print(f"smoke check  perplexity {s['perplexity']:.4f} vs {s['ref_perplexity']:.4f}, "
           f"KLD {s['kld']:.5f} (limit {s['max_kld']}; {s['data']}, {s['windows']} x {s['seq_len']} tokens)")

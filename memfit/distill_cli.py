@@ -11,14 +11,12 @@ draws from the `calib` split only, so the two never share text.
 
 from __future__ import annotations
 
+from memfit.eval.memory import human_bytes
+
 import json
 from pathlib import Path
 
 from memfit.errors import UserError
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def check_same_tokenizer(teacher, student, teacher_spec: str, student_spec: str) -> None:
@@ -94,11 +92,11 @@ def cmd_distill(args) -> None:
         print(json.dumps(rep))
         return
     b, a = rep["before"], rep["after"]
-    print(f"wrote        {rep['out']}  (weights {_gb(rep['bytes_after'])}, "
-          f"before {_gb(rep['bytes_before'])})")
+    print(f"wrote        {rep['out']}  (weights {human_bytes(rep['bytes_after'])}, "
+          f"before {human_bytes(rep['bytes_before'])})")
     print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
           f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
-          f"{_gb(rep['peak_memory_bytes'])} ({rep['peak_memory_kind']})")
+          f"{human_bytes(rep['peak_memory_bytes'])} ({rep['peak_memory_kind']})")
     print(f"perplexity   {b['perplexity']:.4f} -> {a['perplexity']:.4f} "
           f"(teacher {a['ref_perplexity']:.4f}; {rep['protocol']})")
     print(f"KLD          {b['kld']:.6f} -> {a['kld']:.6f}, top-1 agreement "

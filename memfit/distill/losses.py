@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import UserError
-from memfit.eval.lm import _logits as head_logits
+from memfit.eval.lm import output_logits as head_logits
 
 
 def hidden_states(model, ids: torch.Tensor, layers: tuple[int, ...] = ()) -> tuple:

@@ -23,17 +23,22 @@ from tqdm import tqdm
 from memfit.eval.memory import PeakMemory
 
 
-def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
+def head_logits(head, h: torch.Tensor, config) -> torch.Tensor:
+    """float32 logits of hidden states `h` through an output `head` (with Gemma-2's soft cap)."""
+    logits = head(h).float()
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def output_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits of `model`'s output head on hidden states `h`."""
+    return head_logits(model.get_output_embeddings(), h, model.config)
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The base model's final hidden states (after the final norm) for token ids."""
     out = model.base_model(input_ids=ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _logits(model, h: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def _chunks(seq_len: int, chunk: int):
@@ -59,14 +64,14 @@ def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, 
         for b in range(0, n, batch_size):
             ids = windows[b:b + batch_size].to(device)
             t0 = time.perf_counter()
-            h = _hidden(model, ids)
-            h_ref = _hidden(ref, ids) if ref is not None else None
+            h = final_hidden(model, ids)
+            h_ref = final_hidden(ref, ids) if ref is not None else None
             for s, e in _chunks(seq_len, chunk):
                 target = ids[:, s + 1:e + 1].reshape(-1)
-                lp = F.log_softmax(_logits(model, h[:, s:e]), dim=-1).flatten(0, 1)  # (B*C, V)
+                lp = F.log_softmax(output_logits(model, h[:, s:e]), dim=-1).flatten(0, 1)  # (B*C, V)
                 sums["nll"] -= lp.gather(1, target[:, None]).sum().item()
                 if h_ref is not None:
-                    lq = F.log_softmax(_logits(ref, h_ref[:, s:e].to(h.device)), dim=-1).flatten(0, 1)
+                    lq = F.log_softmax(output_logits(ref, h_ref[:, s:e].to(h.device)), dim=-1).flatten(0, 1)
                     sums["ref_nll"] -= lq.gather(1, target[:, None]).sum().item()
                     sums["kld"] += (lq.exp() * (lq - lp)).sum().item()
                     sums["top1"] += (lq.argmax(-1) == lp.argmax(-1)).sum().item()

@@ -35,6 +35,11 @@ def _leaf_owner(model: torch.nn.Module):
             yield mod_name, mod, name, t
 
 
+def human_bytes(n: float) -> str:
+    """'1.234 GB' from 0.1 GB up, else '12.34 MB'."""
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def _packed_bytes(mod) -> int | None:
     """Stored weight bytes of a memfit module (packed, sparse or low-rank), None for others."""
     if isinstance(mod, torch.nn.Linear) or not hasattr(mod, "in_features"):

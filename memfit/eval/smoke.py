@@ -15,13 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memfit.eval.lm import _chunks, _hidden
-
-
-def _logits(head, h, config):
-    logits = head(h).float()
-    cap = getattr(config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+from memfit.eval.lm import _chunks, final_hidden, head_logits
 
 
 @dataclass
@@ -34,7 +28,7 @@ class Reference:
     @torch.inference_mode()
     def capture(cls, model, windows: torch.Tensor) -> "Reference":
         device = next(model.parameters()).device
-        hidden = [_hidden(model, windows[i:i + 1].to(device)) for i in range(len(windows))]
+        hidden = [final_hidden(model, windows[i:i + 1].to(device)) for i in range(len(windows))]
         return cls(windows=windows, hidden=hidden, head=model.get_output_embeddings())
 
     @torch.inference_mode()
@@ -44,11 +38,11 @@ class Reference:
         tokens = 0
         for i in range(len(self.windows)):
             ids = self.windows[i:i + 1].to(device)
-            h = _hidden(model, ids)
+            h = final_hidden(model, ids)
             for s, e in _chunks(ids.shape[1], chunk):
                 target = ids[:, s + 1:e + 1].reshape(-1, 1)
-                lp = F.log_softmax(_logits(model.get_output_embeddings(), h[:, s:e], model.config), -1).flatten(0, 1)
-                lq = F.log_softmax(_logits(self.head, self.hidden[i][:, s:e], model.config), -1).flatten(0, 1)
+                lp = F.log_softmax(head_logits(model.get_output_embeddings(), h[:, s:e], model.config), -1).flatten(0, 1)
+                lq = F.log_softmax(head_logits(self.head, self.hidden[i][:, s:e], model.config), -1).flatten(0, 1)
                 nll -= lp.gather(1, target).sum().item()
                 ref_nll -= lq.gather(1, target).sum().item()
                 kld += (lq.exp() * (lq - lp)).sum().item()
