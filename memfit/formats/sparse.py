@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.formats.packing import pack, unpack
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
 
@@ -226,7 +227,7 @@ class LowRankLinear(nn.Module):
         return sum(_nbytes(p) for p in self.parameters())
 
 
-# ----- bit packing (local; memfit/formats/packing.py may take these over) -----
+# ----- bit packing: 1-bit masks here; 2-bit indices through memfit.formats.packing -----
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """1-D bool -> uint8, 8 per byte, element 8i+b in bit b of byte i; tail padded with 0."""
@@ -243,18 +244,14 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """1-D uint8 codes in [0, 3] -> uint8, 4 per byte, code 4i+b in bits 2b..2b+1 of byte i."""
-    n = codes.numel()
-    padded = torch.zeros(-(-n // 4) * 4, dtype=torch.uint8, device=codes.device)
-    padded[:n] = codes
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)
-    return (padded.view(-1, 4) << shifts).sum(1, dtype=torch.uint8)
+    """1-D uint8 codes in [0, 3] -> uint8, 4 per byte, code 4i+b in bits 2b..2b+1 of byte i
+    (memfit.formats.packing's layout for one row)."""
+    return pack(codes.reshape(1, -1).to(torch.uint8), 2)[0]
 
 
 def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_2bit: the first `n` codes as 1-D int64."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 3).flatten()[:n].to(torch.int64)
+    return unpack(packed.reshape(1, -1), 2, n)[0].to(torch.int64)
 
 
 def _bitmask_dense(values, bitmask, shape) -> torch.Tensor:
