@@ -103,9 +103,17 @@ def _convert_gguf(path: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     print(f"memfit: converting {path.name} once into {out} (later loads take seconds)", flush=True)
     kw = dict(gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # dequantizing takes tens of seconds: show its bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    finally:
+        if not bars:
+            hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
     # transformers marks GGUF-loaded models as quantized; the weights are already dequantized.
     model.hf_quantizer = None
