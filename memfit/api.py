@@ -111,6 +111,39 @@ def _structured_(model, arch: Arch, spec, data, offload: str) -> None:
             prune_heads_(model, num_heads=spec.heads_keep, scores=imp.kv_groups, arch=arch)
 
 
+@torch.inference_mode()
+def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) -> list[float]:
+    """OWL: measure each block's outlier ratio on the dense model (Wanda scores above m x the
+    block's mean, over all its linears), then give blocks with more outliers lower sparsity,
+    keeping the mean; rewrites the Prune specs of `plan` in place. Returns the sparsities."""
+    from dataclasses import replace
+
+    from memfit.algos.prune import owl_sparsities, wanda_scores
+    from memfit.methods import weight_2d
+    from memfit.recipe import Prune
+
+    store, kwargs = capture_inputs(model, blocks, data, offload=offload)
+    ratios = {}
+    spec = next(s for p in plan for s in p.values() if isinstance(s, Prune) and s.owl)
+    for i, block in enumerate(blocks):
+        outliers = total = 0
+        for group in arch.groups:
+            mods = {n: block.get_submodule(n) for n in group}
+            stats = collect_stats(block, mods, {n: "norms" for n in group}, store, kwargs)
+            for n, mod in mods.items():
+                scores = wanda_scores(weight_2d(mod), stats[n].norms)
+                outliers += int((scores > spec.owl_m * scores.mean()).sum())
+                total += scores.numel()
+        ratios[str(i)] = outliers / total
+        propagate(block, store, kwargs)
+    sparsity = owl_sparsities(ratios, spec.sparsity, spec.owl_lambda)
+    for i, specs in enumerate(plan):
+        for n, s in specs.items():
+            if isinstance(s, Prune) and s.owl:
+                specs[n] = replace(s, sparsity=sparsity[str(i)], owl=False)
+    return [sparsity[str(i)] for i in range(len(blocks))]
+
+
 def _peak_gpu(model) -> int | None:
     device = next(model.parameters()).device
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -149,6 +182,9 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     if not recipe.structured and not any(s for specs in plan for s in specs.values()):
         raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
 
+    owl = None
+    if any(getattr(s, "owl", False) for p in plan for s in p.values()):
+        owl = _owl_plan_(model, blocks, arch, plan, data, recipe.calib.offload)
     store = kwargs = None
     if any(s is not None and s.needs_data for p in plan for s in p.values()):
         store, kwargs = capture_inputs(model, blocks, data, offload=recipe.calib.offload)
@@ -172,7 +208,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),
             "seconds": time.perf_counter() - t0, "bytes_before": before, "bytes_after": after,
-            "blocks": len(blocks),
+            "blocks": len(blocks), "owl_sparsities": owl,
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
             "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),

@@ -19,6 +19,7 @@ def list_presets() -> None:
         elif r.prune:
             p = r.prune
             what = f"{p.method} pruning, " + (f"{p.nm} pattern" if p.nm else f"{p.sparsity:.0%} sparse")
+            what += ", OWL per-block sparsity" if p.owl else ""
         elif r.lowrank:
             what = f"{r.lowrank.method} low-rank, {r.lowrank.keep:.0%} of parameters kept"
         else:

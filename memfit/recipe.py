@@ -85,8 +85,14 @@ class Prune:
     nm: str | None = None
     block_size: int = 128          # sparsegpt
     damp: float = 0.01             # sparsegpt
+    owl: bool = False              # OWL: per-block sparsity from outlier ratios, mean = sparsity
+    owl_lambda: float = 0.08       # OWL: each block's sparsity stays within sparsity ± owl_lambda
+    owl_m: float = 5.0             # OWL: an outlier scores above owl_m x the block's mean
 
     def __post_init__(self):
+        if self.owl and self.sparsity is None:
+            raise UserError("owl sets per-block sparsities around `sparsity`; it does not apply "
+                            "to an N:M pattern")
         if self.method not in PRUNE_METHODS:
             raise UserError(f"unknown prune method {self.method!r}; use one of {', '.join(PRUNE_METHODS)}")
         if (self.sparsity is None) == (self.nm is None):
@@ -107,7 +113,7 @@ class Prune:
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "magnitude"
+        return self.method != "magnitude" or self.owl
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,6 +303,7 @@ PRESETS: dict[str, Recipe] = {
     "magnitude-50": Recipe(prune=Prune(method="magnitude", sparsity=0.5)),
     "wanda-50": Recipe(prune=Prune(method="wanda", sparsity=0.5)),
     "sparsegpt-50": Recipe(prune=Prune(method="sparsegpt", sparsity=0.5)),
+    "wanda-50-owl": Recipe(prune=Prune(method="wanda", sparsity=0.5, owl=True)),
     "wanda-2of4": Recipe(prune=Prune(method="wanda", sparsity=None, nm="2:4")),
     "sparsegpt-2of4": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4")),
     "svd-80": Recipe(lowrank=LowRank(method="svd", keep=0.8)),

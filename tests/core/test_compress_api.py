@@ -186,3 +186,20 @@ def test_structured_then_quant_reloads_with_plain_transformers(tiny_llama_dir, s
                                                                          "symmetric": True}})
     compress_(m2.model, both, _calib(8), progress=False)
     assert sum(isinstance(x, QuantLinear) for x in m2.model.modules()) == 21
+
+
+def test_owl_gives_outlier_blocks_lower_sparsity(save_tiny, tmp_path):
+    from memfit.formats.sparse import SparseLinear
+    d = save_tiny(tmp_path / "m", num_hidden_layers=3)
+    m = load_model(str(d)).model
+    with torch.no_grad():  # block 1 gets a few huge weights: many Wanda-score outliers
+        for lin in (m.model.layers[1].mlp.up_proj, m.model.layers[1].self_attn.q_proj):
+            lin.weight[:, :4] *= 40.0
+    rep = compress_(m, "wanda-50-owl", _calib(8), progress=False)
+    s = rep["owl_sparsities"]
+    assert len(s) == 3 and abs(sum(s) / 3 - 0.5) < 1e-9 and min(s) == s[1]
+    assert all(0.42 - 1e-9 <= x <= 0.58 + 1e-9 for x in s)
+    block1 = [x for x in m.model.layers[1].modules() if isinstance(x, SparseLinear)]
+    zeros = sum(int((x.dense_weight() == 0).sum()) for x in block1)
+    numel = sum(x.in_features * x.out_features for x in block1)
+    assert abs(zeros / numel - s[1]) < 0.01
