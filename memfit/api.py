@@ -120,11 +120,11 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
 
     from memfit.algos.prune import owl_sparsities, wanda_scores
     from memfit.methods import weight_2d
-    from memfit.recipe import Prune
+    from memfit.recipe import Compose
 
     store, kwargs = capture_inputs(model, blocks, data, offload=offload)
     ratios = {}
-    spec = next(s for p in plan for s in p.values() if isinstance(s, Prune) and s.owl)
+    spec = next(_owl_part(s) for p in plan for s in p.values() if _owl_part(s))
     for i, block in enumerate(blocks):
         outliers = total = 0
         for group in arch.groups:
@@ -139,9 +139,17 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     sparsity = owl_sparsities(ratios, spec.sparsity, spec.owl_lambda)
     for i, specs in enumerate(plan):
         for n, s in specs.items():
-            if isinstance(s, Prune) and s.owl:
-                specs[n] = replace(s, sparsity=sparsity[str(i)], owl=False)
+            part = _owl_part(s)
+            if part:
+                new = replace(part, sparsity=sparsity[str(i)], owl=False)
+                specs[n] = Compose(new, s.quant) if isinstance(s, Compose) else new
     return [sparsity[str(i)] for i in range(len(blocks))]
+
+
+def _owl_part(spec):
+    """The Prune spec asking for OWL inside `spec` (a Prune, or a Compose's first part), or None."""
+    part = getattr(spec, "first", spec)
+    return part if getattr(part, "owl", False) else None
 
 
 def _peak_gpu(model) -> int | None:
@@ -183,7 +191,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
 
     owl = None
-    if any(getattr(s, "owl", False) for p in plan for s in p.values()):
+    if any(_owl_part(s) for p in plan for s in p.values()):
         owl = _owl_plan_(model, blocks, arch, plan, data, recipe.calib.offload)
     store = kwargs = None
     if any(s is not None and s.needs_data for p in plan for s in p.values()):

@@ -8,23 +8,30 @@ import argparse
 import json
 
 
+def _describe_quant(q) -> str:
+    f = q.format
+    zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
+    return (f"{q.algo} {f.bits}-bit, group {f.group_size or 'channel'}, {zero}, clip {q.clip}"
+            + (", act-order" if q.act_order else ""))
+
+
 def list_presets() -> None:
     from memfit.recipe import PRESETS
     for name, r in PRESETS.items():
-        if r.quant:
-            q, f = r.quant, r.quant.format
-            zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
-            what = (f"{q.algo} {f.bits}-bit, group {f.group_size or 'channel'}, {zero}, "
-                    f"clip {q.clip}" + (", act-order" if q.act_order else ""))
-        elif r.prune:
+        parts = []
+        if r.prune:
             p = r.prune
-            what = f"{p.method} pruning, " + (f"{p.nm} pattern" if p.nm else f"{p.sparsity:.0%} sparse")
-            what += ", OWL per-block sparsity" if p.owl else ""
-        elif r.lowrank:
-            what = f"{r.lowrank.method} low-rank, {r.lowrank.keep:.0%} of parameters kept"
-        else:
-            what = f"structured: drop the {r.structured.drop_blocks} least influential blocks"
-        print(f"{name:<16}{what}" + ("; needs calibration data" if r.needs_data else ""))
+            parts.append(f"{p.method} pruning, "
+                         + (f"{p.nm} pattern" if p.nm else f"{p.sparsity:.0%} sparse")
+                         + (", OWL per-block sparsity" if p.owl else ""))
+        if r.lowrank:
+            parts.append(f"{r.lowrank.method} low-rank, {r.lowrank.keep:.0%} of parameters kept")
+        if r.quant:
+            parts.append(("kept values: " if r.prune else "factors: " if r.lowrank else "")
+                         + _describe_quant(r.quant))
+        if r.structured:
+            parts.append(f"structured: drop the {r.structured.drop_blocks} least influential blocks")
+        print(f"{name:<22}{'; '.join(parts)}" + ("; needs calibration data" if r.needs_data else ""))
 
 
 def cmd_compress(args) -> None:
@@ -54,7 +61,7 @@ def cmd_compress(args) -> None:
 
 
 def add_compress(sub) -> None:
-    c = sub.add_parser("compress", help="quantize a model and write it as a folder every "
+    c = sub.add_parser("compress", help="quantize, prune or factorize a model and write it as a folder every "
                        "command accepts")
     c.add_argument("model", nargs="?", default="default", help="model spec (default: the "
                    "embedded SmolLM2-135M-Instruct)")

@@ -4,6 +4,12 @@
 - `Prune` -> `SparseLinear` (magnitude, Wanda, SparseGPT; unstructured in a bitmask, 2:4 in the
   2:4 layout; other N:M patterns in a bitmask);
 - `LowRank` -> `LowRankLinear` (SVD, activation-whitened SVD, randomized SVD).
+- `Compose(Prune, Quant)` -> `SparseLinear` over a `SparseIntWeight`: the pruner fixes the mask,
+  then RTN quantizes the kept values or GPTQ quantizes them while compensating the pruned ones
+  (masked sweep); SparseGPT + GPTQ is SparseGPT's joint sweep.
+- `Compose(LowRank, Quant)` -> `LowRankLinear` whose two factors are `QuantLinear`s: B (r, in)
+  quantized against the layer's Hessian H, then A (out, r) against B̂ H B̂ᵀ, the Hessian of
+  its real input B̂x, so A's rounding compensates B's.
 
 Each family is a literal dict from method name to (statistic it needs, pure function). Quantizers
 treat output rows independently given the input statistic, so linears sharing one input are
@@ -22,10 +28,12 @@ from memfit.algos.lowrank import randomized_svd_factors, rank_for_params, svd_fa
 from memfit.algos.prune import magnitude_mask, wanda_mask
 from memfit.algos.rtn import rtn
 from memfit.algos.sparsegpt import sparsegpt
+from memfit.formats import grid
 from memfit.formats.intq import PackedIntWeight
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import BitmaskWeight, LowRankLinear, Sparse24Weight, SparseLinear
-from memfit.recipe import LowRank, Prune, Quant
+from memfit.formats.sparse import BitmaskWeight, LowRankLinear, Sparse24Weight, SparseIntWeight, \
+    SparseLinear
+from memfit.recipe import Compose, LowRank, Prune, Quant
 
 QUANTIZERS = {
     "rtn": (None, lambda w, q, s: rtn(w, q.format, clip=q.clip)),
@@ -50,6 +58,11 @@ FACTORIZERS = {
 
 
 def stat_needed(spec) -> str | None:
+    """"hessian", "norms" or None. A composed spec needing both gets the Hessian, whose
+    diagonal also gives the input norms (HessianStat.norms)."""
+    if isinstance(spec, Compose):
+        needs = {stat_needed(spec.first), stat_needed(spec.quant)} - {None}
+        return "hessian" if "hessian" in needs else next(iter(needs), None)
     table = {Quant: (QUANTIZERS, "algo"), Prune: (PRUNERS, "method"),
              LowRank: (FACTORIZERS, "method")}[type(spec)]
     return table[0][getattr(spec, table[1])][0]
@@ -94,9 +107,70 @@ def _factorize(mod, spec: LowRank, stat) -> LowRankLinear:
     return m.to(mod.weight.device)
 
 
+def _prune_quant(mod, spec: Compose, stat) -> SparseLinear:
+    p, q = spec.first, spec.quant
+    fmt, w = q.format, weight_2d(mod)
+    if p.method == "sparsegpt" and q.algo == "gptq":
+        r = sparsegpt(w, stat.hessian, sparsity=p.sparsity, nm=p.pattern, block_size=p.block_size,
+                      damp=p.damp, fmt=fmt)
+        w_hat, scale, zero = r.weight.float(), r.scale, r.zero
+    else:
+        pruned = PRUNERS[p.method][1](w, p, stat)
+        keep = pruned != 0
+        if q.algo == "gptq":  # from the unpruned weight: the sweep compensates the pruning too
+            res = gptq(w, stat.hessian, fmt, block_size=q.block_size, damp=q.damp,
+                       act_order=q.act_order, clip=q.clip, mask=keep)
+        else:
+            res = QUANTIZERS[q.algo][1](pruned, q, stat)
+        scale, zero = res.scale, res.zero
+        w_hat = grid.dequantize(res.codes, scale, zero, fmt) * keep
+    layout = "2:4" if p.pattern == (2, 4) else "bitmask"
+    weight = SparseIntWeight.from_dense(w_hat, scale, None if fmt.symmetric else zero, fmt, layout)
+    return SparseLinear(weight, _bias(mod))
+
+
+class _Hessian:
+    def __init__(self, h):
+        self.hessian = h
+
+
+def _linear(w: torch.Tensor, bias, like: torch.nn.Module) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None,
+                          dtype=like.weight.dtype, device=like.weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _factorize_quant(mod, spec: Compose, stat) -> LowRankLinear:
+    lr, q = spec.first, spec.quant
+    w = weight_2d(mod)
+    out, k = w.shape
+    rank = rank_for_params(out, k, lr.keep)
+    g = q.format.group_size
+    if g:  # the up factor's input width is the rank: make it whole groups
+        rank = min(max(g, round(rank / g) * g), min(out, k) // g * g or g)
+    a, b = FACTORIZERS[lr.method][1](w, rank, lr, stat)
+    (down,), _ = _quantize([_linear(b, None, mod)], q, stat)
+    up_stat = None
+    if q.needs_data:
+        b_hat = down.dequantize_weight()
+        up_stat = _Hessian(b_hat @ stat.hessian @ b_hat.T)
+    (up,), _ = _quantize([_linear(a, _bias(mod), mod)], q, up_stat)
+    m = LowRankLinear(k, out, rank, bias=mod.bias is not None, dtype=mod.weight.dtype,
+                      device=mod.weight.device)
+    m.down, m.up = down, up
+    return m
+
+
 def replace_group(mods: list, spec, stat) -> tuple[list, float | None]:
     """New modules for `mods` (linears sharing one input) under `spec`; (modules, error)."""
     if isinstance(spec, Quant):
         return _quantize(mods, spec, stat)
-    build = _prune if isinstance(spec, Prune) else _factorize
+    if isinstance(spec, Compose):
+        build = _prune_quant if isinstance(spec.first, Prune) else _factorize_quant
+    else:
+        build = _prune if isinstance(spec, Prune) else _factorize
     return [build(m, spec, stat) for m in mods], None

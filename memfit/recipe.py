@@ -13,6 +13,16 @@ A recipe file (YAML or JSON) has the same shape:
 
 Format fields (bits, group_size, symmetric, zero_point, scale_dtype) sit flat beside the
 algorithm's own fields in files; in Python they live in `Quant.format`.
+
+`quant` composes with `prune` (the kept values are quantized: Wanda 50% + GPTQ 4-bit, 2:4 +
+int4) or with `lowrank` (both factors quantized); each module then gets a `Compose` spec. In a
+composed recipe an override names the parts it changes, a part set to null is dropped:
+
+    prune: {method: wanda, sparsity: 0.5}
+    quant: {algo: gptq, bits: 4, group_size: 64}
+    overrides:
+      "*.down_proj": {quant: {bits: 8, group_size: null}}
+      "*.o_proj": {quant: null}          # pruned only
 """
 
 from __future__ import annotations
@@ -206,13 +216,53 @@ class Calib:
             raise UserError(f"unknown offload {self.offload!r}; use 'memory' or 'disk'")
 
 
+@dataclass(frozen=True)
+class Compose:
+    """Prune or factorize, then quantize what is left: the kept values (stored with the sparse
+    structure) or both low-rank factors. SparseGPT + GPTQ runs as one sweep (joint); other
+    pruners fix the mask and GPTQ compensates around it."""
+
+    first: Prune | LowRank
+    quant: Quant
+
+    def __post_init__(self):
+        fmt = self.quant.format
+        if isinstance(self.first, Prune) and not fmt.symmetric and fmt.zero_point == "float":
+            raise UserError("pruning + quantization needs an integer or symmetric zero point (a "
+                            "pruned weight must stay exactly 0); use algo rtn or gptq with "
+                            "zero_point: int")
+        if isinstance(self.first, Prune) and self.first.method == "sparsegpt" \
+                and self.quant.algo == "gptq" and (self.quant.act_order or self.quant.clip != "minmax"):
+            raise UserError("SparseGPT + GPTQ runs as one joint sweep with min-max groups; drop "
+                            "act_order/clip from quant, or prune with wanda for a masked GPTQ")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.first.needs_data or self.quant.needs_data
+
+    @property
+    def owl(self) -> bool:
+        return getattr(self.first, "owl", False)
+
+    def to_dict(self) -> dict:
+        kind = "prune" if isinstance(self.first, Prune) else "lowrank"
+        return {kind: self.first.to_dict(), "quant": self.quant.to_dict()}
+
+
 _SPECS = {"quant": Quant, "prune": Prune, "lowrank": LowRank}
+
+
+def _compose(first, quant):
+    """The spec of a module: one of the parts alone, or both as a Compose (None if neither)."""
+    if first is not None and quant is not None:
+        return Compose(first, quant)
+    return first if first is not None else quant
 
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """One method for the selected linears: `quant`, `prune` or `lowrank` (composing them in one
-    recipe is not supported yet), module filters and per-module overrides."""
+    """The methods for the selected linears: `quant`, `prune` or `lowrank`, or `quant` composed
+    with one of the other two; module filters and per-module overrides."""
 
     quant: Quant | None = None
     prune: Prune | None = None
@@ -223,13 +273,13 @@ class Recipe:
     calib: Calib = field(default_factory=Calib)
 
     def __post_init__(self):
-        if sum(x is not None for x in (self.quant, self.prune, self.lowrank)) > 1:
-            raise UserError("a recipe takes one of quant, prune or lowrank for now; composing them "
-                            "(e.g. pruning + 4-bit) is not supported yet")
+        if self.prune is not None and self.lowrank is not None:
+            raise UserError("a recipe takes prune or lowrank, not both (each composes with quant)")
+        self.main  # noqa: B018 -- builds the Compose, so a bad combination fails here
 
     @property
     def main(self):
-        return self.quant or self.prune or self.lowrank
+        return _compose(self.prune or self.lowrank, self.quant)
 
     def spec_for(self, name: str):
         """The spec of module `name` (last matching override wins), or None."""
@@ -252,8 +302,16 @@ class Recipe:
         if self.structured is not None:
             d["structured"] = self.structured.to_dict()
         return {**d, "ignore": list(self.ignore),
-                "overrides": {p: (s.to_dict() if s else None) for p, s in self.overrides},
+                "overrides": {p: self._override_dict(s) for p, s in self.overrides},
                 "calib": asdict(self.calib)}
+
+    def _override_dict(self, spec) -> dict | None:
+        if spec is None or not isinstance(self.main, Compose):
+            return None if spec is None else spec.to_dict()
+        if isinstance(spec, Compose):
+            return spec.to_dict()
+        parts = {k: None for k in ("quant", "prune", "lowrank") if getattr(self, k) is not None}
+        return {**parts, next(k for k, c in _SPECS.items() if isinstance(spec, c)): spec.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -264,17 +322,30 @@ class Recipe:
         if set(d) - valid:
             raise UserError(f"unknown recipe key(s) {sorted(set(d) - valid)}; valid: {sorted(valid)}")
         specs = {k: _SPECS[k].from_dict(d[k]) for k in _SPECS if d.get(k)}
-        if len(specs) > 1:
-            raise UserError("a recipe takes one of quant, prune or lowrank for now; composing them "
-                            "(e.g. pruning + 4-bit) is not supported yet")
-        kind, main = next(iter(specs.items()), ("quant", None))
-        overrides = tuple((p, None if o is None else _SPECS[kind].from_dict(o, base=main))
-                          for p, o in (d.get("overrides") or {}).items())
+        if "prune" in specs and "lowrank" in specs:
+            raise UserError("a recipe takes prune or lowrank, not both (each composes with quant)")
+        overrides = tuple((p, _override(specs, o)) for p, o in (d.get("overrides") or {}).items())
         calib = d.get("calib") or {}
         _check_keys("calib", calib, Calib)
         structured = Structured.from_dict(d["structured"]) if d.get("structured") else None
         return cls(**specs, structured=structured, ignore=tuple(d.get("ignore", ("lm_head",))),
                    overrides=overrides, calib=Calib(**calib))
+
+
+def _override(specs: dict, o):
+    """An override's spec: null skips the module; in a one-method recipe the dict holds that
+    method's fields; in a composed one it maps part names to field dicts (null drops a part)."""
+    if o is None:
+        return None
+    if len(specs) < 2:
+        kind, base = next(iter(specs.items()), ("quant", None))
+        return _SPECS[kind].from_dict(o, base=base)
+    if not isinstance(o, dict) or set(o) - set(specs):
+        raise UserError(f"an override of a {'+'.join(specs)} recipe maps parts "
+                        f"({', '.join(specs)}) to their fields or null, got {o!r}")
+    parts = {k: (None if o[k] is None else _SPECS[k].from_dict(o[k], base=specs[k]))
+             if k in o else specs[k] for k in specs}
+    return _compose(parts.get("prune") or parts.get("lowrank"), parts.get("quant"))
 
 
 def _preset(algo: str, bits: int, group: int | None, **kw) -> Recipe:
@@ -309,6 +380,14 @@ PRESETS: dict[str, Recipe] = {
     "svd-80": Recipe(lowrank=LowRank(method="svd", keep=0.8)),
     "wsvd-80": Recipe(lowrank=LowRank(method="wsvd", keep=0.8)),
     "drop2": Recipe(structured=Structured(drop_blocks=2)),
+    # composed: the kept values / both factors quantized
+    "wanda-50-w4g64": Recipe(prune=Prune(method="wanda", sparsity=0.5),
+                             quant=_preset("gptq", 4, 64, **_BEST).quant),
+    "sparsegpt-50-w4g64": Recipe(prune=Prune(method="sparsegpt", sparsity=0.5),
+                                 quant=_preset("gptq", 4, 64).quant),
+    "sparsegpt-2of4-w4g64": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4"),
+                                   quant=_preset("gptq", 4, 64).quant),
+    "wsvd-80-w8": Recipe(lowrank=LowRank(method="wsvd", keep=0.8), quant=_preset("gptq", 8, None).quant),
 }
 
 

@@ -84,9 +84,10 @@ def _current_group(W, W1, E1, U, i1, i2, i, end) -> torch.Tensor:
     return torch.cat([inside, pending], dim=1)
 
 
-def _sweep(W, U, fmt, scale, zero, col_group, dynamic, block_size, choose):
-    """Quantize W's columns in order, in place on W; fill scale/zero when `dynamic`.
-    Returns (uint8 codes (out, in) in sweep order, Σ err²)."""
+def _sweep(W, U, fmt, scale, zero, col_group, dynamic, block_size, choose, keep=None):
+    """Quantize W's columns in order, in place on W; fill scale/zero when `dynamic`. Where
+    `keep` (out, in) is False the code is the zero point (weight exactly 0) and the whole value
+    becomes error to compensate. Returns (uint8 codes (out, in) in sweep order, Σ err²)."""
     out, k = W.shape
     g, _ = fmt.groups(k)
     codes = torch.empty(out, k, dtype=torch.uint8, device=W.device)
@@ -100,11 +101,15 @@ def _sweep(W, U, fmt, scale, zero, col_group, dynamic, block_size, choose):
             col = i1 + i
             if dynamic and col % g == 0:
                 cols = _current_group(W, W1, E1, U, i1, i2, i, min(col + g, k))
+                if keep is not None:
+                    cols = cols * keep[:, col:col + cols.shape[1]]
                 scale[:, col // g : col // g + 1], zero[:, col // g : col // g + 1] = choose(
                     cols, col, col + cols.shape[1])
             s, z = scale[:, col_group[col]], zero[:, col_group[col]]
             w = W1[:, i]
             q = torch.round(w / s + z).clamp_(0, fmt.qmax)  # same rule as grid.quantize
+            if keep is not None:
+                q = torch.where(keep[:, col], q, z)
             Q1[:, i] = q
             err = (w - (q - z) * s) / U1[i, i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
@@ -117,13 +122,19 @@ def _sweep(W, U, fmt, scale, zero, col_group, dynamic, block_size, choose):
 
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: IntFormat, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-         clip: str = "minmax", max_damp_tries: int = 6) -> QuantResult:
+         clip: str = "minmax", max_damp_tries: int = 6,
+         mask: torch.Tensor | None = None) -> QuantResult:
     """GPTQ-quantize `w` (out, in) given the input Hessian `H` (in, in) = 2/n XᵀX.
 
     `clip` ("minmax" | "mse") picks each group's scale/zero; "mse" weighs columns by diag(H).
     `static_groups` matters only with act_order (it is required then: the format stores no
     per-column group index). `error` = ½ Σ err² = ½ tr(ΔHΔᵀ) with the damped H, i.e. the mean
     squared output error per calibration token (summed over outputs).
+
+    `mask` (out, in) bool, optional: a fixed sparsity pattern (e.g. Wanda's); pass the unpruned
+    `w`. Weights where it is False get the zero point's code, so they dequantize to exactly 0,
+    and their whole value is compensated on the later columns like any rounding error
+    (SparseGPT's update with a given mask). Needs an integer or symmetric zero point.
     """
     check_weight(w)
     out, k = w.shape
@@ -137,8 +148,16 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: IntFormat, *, block_size: int = 
     if act_order and not static_groups and n_groups > 1:
         raise UserError("act_order with static_groups=False would need a per-column group index, "
                         "which IntFormat does not store; keep static_groups=True")
+    if mask is not None:
+        if tuple(mask.shape) != (out, k) or mask.dtype != torch.bool:
+            raise UserError(f"mask must be a bool tensor of shape {(out, k)}, got "
+                            f"{mask.dtype} {tuple(mask.shape)}")
+        if not fmt.symmetric and fmt.zero_point == "float":
+            raise UserError("a sparsity mask needs an integer or symmetric zero point (a float "
+                            "zero cannot hold an exact 0); use zero_point: int")
     dev = w.device
     W = w.detach().to(torch.float32).clone()
+    keep = None if mask is None else mask.to(dev)
     H = H.detach().to(dev, torch.float32).clone()
     dead = H.diagonal() == 0
     live_mean = H.diagonal()[~dead].mean().item() if (~dead).any() else 1.0
@@ -152,8 +171,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: IntFormat, *, block_size: int = 
 
     if act_order:
         perm = torch.argsort(hdiag, descending=True, stable=True)
-        scale, zero = choose_params(W, fmt, clip, col_weight=hdiag)  # upfront, contiguous
+        kept = W if keep is None else W * keep
+        scale, zero = choose_params(kept, fmt, clip, col_weight=hdiag)  # upfront, contiguous
         W, H = W[:, perm], H[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
         col_group = (perm // g).tolist()
     else:
         perm = None
@@ -162,7 +183,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: IntFormat, *, block_size: int = 
         col_group = (torch.arange(k) // g).tolist()
     U = _inverse_cholesky(H, damp, max_damp_tries)
     del H
-    codes, loss = _sweep(W, U, fmt, scale, zero, col_group, not act_order, block_size, choose)
+    codes, loss = _sweep(W, U, fmt, scale, zero, col_group, not act_order, block_size, choose,
+                         keep)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantResult(codes=codes, scale=scale, zero=zero, error=0.5 * loss)

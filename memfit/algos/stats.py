@@ -64,6 +64,11 @@ class HessianStat:
             raise _empty_error("Hessian")
         return self._h
 
+    @property
+    def norms(self) -> torch.Tensor:
+        """(in,) float32 RMS per input column, sqrt(H_jj / 2): what InputNormStat.norms gives."""
+        return (self.hessian.diagonal() / 2).sqrt()
+
 
 class InputNormStat:
     """Running mean of x_j² per input column; `norms` is its square root (RMS per column)."""

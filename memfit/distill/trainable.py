@@ -13,7 +13,11 @@ trainable stand-in (dispatch: the literal dict `TRAINABLE`, keyed by exact modul
 - `SparseLinear` -> `MaskedSparseLinear`: only the kept values are parameters (float32, the
   stored order); the structural mask (a bool per weight) is fixed, so the 2:4 / bitmask pattern
   holds by construction; `repack()` rebuilds the same layout from the dense result.
-- `LowRankLinear` and plain `nn.Linear`: their own parameters are unfrozen and trained as is.
+- `SparseLinear` with int-quantized kept values -> `FakeQuantSparseLinear`: a FakeQuantLinear
+  whose weight is multiplied by the fixed mask; repacks to the same sparse layout and grid.
+- `LowRankLinear`: float factors are unfrozen and trained as is; quantized factors become
+  `FakeQuantLinear`s inside it.
+- plain `nn.Linear`: its own parameters are unfrozen and trained as is.
 
 Everything else (embeddings, norms) stays frozen: healing recovers what compression lost in the
 compressed layers. `repack_(model)` swaps every stand-in back for its packed module and freezes
@@ -31,9 +35,12 @@ from torch import nn
 
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight
+from memfit.formats.intq import PackedIntWeight, zeros_float
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseLinear
+from memfit.formats.sparse import LowRankLinear, SparseIntWeight, SparseLinear, keep_mask
+
+
+_MIN_SCALE = 2.0 ** -20  # exactly representable in float16 (subnormal), bfloat16 and float32
 
 
 def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,22 +54,29 @@ class FakeQuantLinear(nn.Module):
     def __init__(self, q: QuantLinear):
         super().__init__()
         packed = q.packed()
-        self.fmt: IntFormat = q.fmt
-        self.in_features, self.out_features = q.in_features, q.out_features
-        self.weight = nn.Parameter(packed.dequantize(torch.float32))  # (out, in)
-        self.scale = nn.Parameter(packed.scale.float().clone())  # (out, n_groups), own storage
-        zero = packed.zeros().clone()  # (out, n_groups) float32
-        if not self.fmt.symmetric and self.fmt.zero_point == "float":
+        self._setup(packed.dequantize(torch.float32), packed.scale, packed.zeros(), q.fmt, q.bias)
+
+    def _setup(self, weight, scale, zeros, fmt: IntFormat, bias) -> None:
+        """weight (out, in) float on the grid; scale as stored; zeros (out, n_groups) float32."""
+        self.fmt = fmt
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.float().clone())  # (out, in)
+        self.scale = nn.Parameter(scale.float().clone())  # (out, n_groups), own storage
+        zero = zeros.float().clone()
+        if not fmt.symmetric and fmt.zero_point == "float":
             self.zero = nn.Parameter(zero)
         else:
             self.register_buffer("zero", zero)
-        self.register_buffer("bias", None if q.bias is None else q.bias.detach().clone())
-        self.act_dtype = q.bias.dtype if q.bias is not None else torch.float32
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.act_dtype = bias.dtype if bias is not None else torch.float32
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero as the packed format will store them, with straight-through gradients."""
+        """Scale and zero as the packed format will store them, with straight-through gradients.
+        A scale that an optimizer step pushed to or below 0 is held at a small positive value
+        (a zero scale would make every code infinite)."""
         dtype = self.fmt.torch_scale_dtype
-        scale = _ste(self.scale, self.scale.to(dtype).float())
+        positive = self.scale.clamp_min(_MIN_SCALE)
+        scale = _ste(positive, positive.to(dtype).float())
         zero = self.zero
         if isinstance(zero, nn.Parameter):
             zero = _ste(zero, zero.to(dtype).float())
@@ -128,19 +142,54 @@ class MaskedSparseLinear(nn.Module):
         return SparseLinear(self.fmt_cls.from_dense(dense), self.bias)
 
 
+class FakeQuantSparseLinear(FakeQuantLinear):
+    """Trainable stand-in for a `SparseLinear` with int-quantized kept values: FakeQuantLinear's
+    STE grid times the fixed mask (pruned weights get no gradient and stay 0)."""
+
+    def __init__(self, m: SparseLinear):
+        nn.Module.__init__(self)
+        fmt = m.weight_format()
+        self.layout = m.layout
+        self.register_buffer("mask", keep_mask(m.layout, fmt.pattern, fmt.shape))
+        zeros = zeros_float(fmt.zero, fmt.fmt, *fmt.scale.shape, fmt.scale.device)
+        self._setup(fmt.to_dense(), fmt.scale, zeros, fmt.fmt, m.bias)
+
+    def fake_weight(self) -> torch.Tensor:
+        return super().fake_weight() * self.mask
+
+    @torch.no_grad()
+    def repack(self) -> SparseLinear:
+        scale, zero = self._grid()
+        w_hat = self.fake_weight()
+        stored_zero = None if self.fmt.symmetric else zero
+        return SparseLinear(SparseIntWeight.from_dense(w_hat, scale, stored_zero, self.fmt,
+                                                       self.layout), self.bias)
+
+
+def _sparse(m: SparseLinear) -> nn.Module:
+    return MaskedSparseLinear(m) if m.fmt is None else FakeQuantSparseLinear(m)
+
+
 def _unfreeze(m: nn.Module) -> nn.Module:
     m.requires_grad_(True)
+    return m
+
+
+def _lowrank(m: LowRankLinear) -> LowRankLinear:
+    for name in ("down", "up"):
+        child = getattr(m, name)
+        setattr(m, name, FakeQuantLinear(child) if isinstance(child, QuantLinear) else _unfreeze(child))
     return m
 
 
 # exact module type -> function returning its trainable form (the module itself when it trains as is)
 TRAINABLE = {
     QuantLinear: FakeQuantLinear,
-    SparseLinear: MaskedSparseLinear,
-    LowRankLinear: _unfreeze,
+    SparseLinear: _sparse,
+    LowRankLinear: _lowrank,
     nn.Linear: _unfreeze,
 }
-_STAND_INS = (FakeQuantLinear, MaskedSparseLinear)
+_STAND_INS = (FakeQuantLinear, MaskedSparseLinear)  # FakeQuantSparseLinear is a FakeQuantLinear
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

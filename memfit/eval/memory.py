@@ -51,12 +51,13 @@ def _packed_bytes(mod) -> int | None:
 
 
 def _packed_label(mod) -> str:
-    fmt = getattr(mod, "fmt", None)
+    fmt, layout = getattr(mod, "fmt", None), getattr(mod, "layout", None)
+    kind = f"sparse {layout}" if layout else ("low-rank" if hasattr(mod, "rank") else None)
     if fmt is None:
-        layout = getattr(mod, "layout", None)
-        return f"sparse {layout}" if layout else f"{type(mod).__name__}"
+        return kind or type(mod).__name__
     zero = "sym" if fmt.symmetric else f"{fmt.zero_point} zero"
-    return f"int{fmt.bits} group {fmt.group_size or 'channel'} {zero}, {fmt.scale_dtype} scales"
+    label = f"int{fmt.bits} group {fmt.group_size or 'channel'} {zero}, {fmt.scale_dtype} scales"
+    return f"{kind} + {label}" if kind else label
 
 
 def weight_table(model: torch.nn.Module) -> dict:
@@ -74,18 +75,23 @@ def weight_table(model: torch.nn.Module) -> dict:
         total_bytes += nbytes
     parameters, packed = 0, defaultdict(lambda: {"modules": 0, "weights": 0, "bytes": 0})
     seen = set()  # tied weights (embeddings = lm_head) are one tensor, counted once
-    for mod in model.modules():
+    outer = []  # packed modules seen so far: their own sub-modules are theirs, not counted again
+    for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 parameters += p.numel()
         nbytes = _packed_bytes(mod)
-        if nbytes is not None:
+        if nbytes is not None and not any(name.startswith(o + ".") for o in outer):
+            outer.append(name)
             n = mod.in_features * mod.out_features
             if next(mod.parameters(), None) is None:
-                # a packed module holds buffers: its logical weights count as parameters
+                # a packed module holds buffers: its logical weights count as parameters (a
+                # low-rank layer's are its factors' r x (in + out))
                 bias = getattr(mod, "bias", None)
-                parameters += n + (bias.numel() if bias is not None else 0)
+                logical = mod.rank * (mod.in_features + mod.out_features) \
+                    if hasattr(mod, "rank") else n
+                parameters += logical + (bias.numel() if bias is not None else 0)
             row = packed[_packed_label(mod)]
             row["modules"] += 1
             row["weights"] += n

@@ -10,10 +10,17 @@
   In a group the two positions are strictly increasing; a group with fewer than 2 non-zeros
   fills its free slots with the lowest unused positions and value 0, so the encoding of a
   matrix is unique. fp16: 0.5625× dense, like the bitmask at 50%, but with a fixed layout.
-- `SparseLinear` holds either format as buffers and, for now, rebuilds the dense weight in
+- `SparseIntWeight`: either layout whose kept values are integer codes on a group-wise grid
+  (pruning composed with quantization). `qdata` packs the kept codes, row-major, as one bit
+  stream at `fmt.bits` bits each (memfit.formats.packing's layout for a single row); `scale` and
+  `zero` are the grid of the *dense* columns, stored exactly as `PackedIntWeight` stores them
+  (so groups mean the same thing with and without sparsity). A weight is (q - z)·s at a kept
+  position and 0 elsewhere. 50% + int4 g64 with fp16 scales: 1 (mask) + 2 (codes) + 0.31
+  bits per weight, 0.77× dense int4 g64 (4.31); 2:4 + int4 costs the same.
+- `SparseLinear` holds any of these formats as buffers and, for now, rebuilds the dense weight in
   forward (a sparse matmul kernel is a later issue): it saves memory at rest, not compute.
 - `LowRankLinear`: y = A (B x) + bias with A (out, r), B (r, in) as two thin nn.Linear layers,
-  trainable for healing.
+  trainable for healing; either may be swapped for a `QuantLinear` (quantized factors).
 
 Round trips are exact in value: `to_dense(from_dense(w))` equals `w` elementwise (a −0.0 is a
 zero and comes back as +0.0). `nbytes` counts the stored tensors, not the shape metadata.
@@ -28,7 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import UserError
-from memfit.formats.packing import pack, unpack
+from memfit.formats import grid
+from memfit.formats.grid import IntFormat
+from memfit.formats.intq import PackedIntWeight, field_specs, zeros_float
+from memfit.formats.packing import pack, packed_width, unpack
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
 
@@ -136,18 +146,116 @@ class Sparse24Weight:
 
 
 _FORMATS = {"bitmask": BitmaskWeight, "2:4": Sparse24Weight}
+_PATTERN = {"bitmask": "bitmask", "2:4": "indices"}  # layout -> name of its structure tensor
+
+
+@dataclass(frozen=True)
+class SparseIntWeight:
+    layout: str                # "bitmask" | "2:4"
+    pattern: torch.Tensor      # the layout's bitmask or 2:4 indices (as in the float formats)
+    qdata: torch.Tensor        # (ceil(kept * bits / 8),) uint8: kept codes, row-major
+    scale: torch.Tensor        # (out, n_groups) over the dense columns, fmt.scale_dtype
+    zero: torch.Tensor | None  # as PackedIntWeight stores it; None when symmetric
+    shape: tuple[int, int]
+    fmt: IntFormat
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", _check_shape(self.shape))
+        if self.layout not in _FORMATS:
+            raise UserError(f"sparse layout {self.layout!r} is unknown; use one of {sorted(_FORMATS)}")
+        keep = keep_mask(self.layout, self.pattern, self.shape)  # checks the pattern tensor
+        want = packed_width(int(keep.sum()), self.fmt.bits)
+        if self.qdata.dtype != torch.uint8 or tuple(self.qdata.shape) != (want,):
+            raise UserError(f"SparseIntWeight.qdata must be uint8 of shape ({want},) for "
+                            f"{int(keep.sum())} kept {self.fmt.bits}-bit codes, got "
+                            f"{self.qdata.dtype} {tuple(self.qdata.shape)}")
+        specs = field_specs(self.fmt, *self.shape)
+        for name in ("scale", "zero"):
+            t, spec = getattr(self, name), specs.get(name)
+            if (t is None) != (spec is None) or (t is not None and (
+                    tuple(t.shape) != spec[0] or t.dtype != spec[1])):
+                got = None if t is None else (t.dtype, tuple(t.shape))
+                raise UserError(f"SparseIntWeight.{name} must be {spec} for a {self.shape} "
+                                f"weight in {self.fmt}, got {got}")
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   fmt: IntFormat, layout: str) -> "SparseIntWeight":
+        """Store `w` (out, in), whose non-zeros lie on the grid (scale, zero) (out, n_groups).
+
+        The structure is `w`'s non-zeros (for 2:4, completed to two slots per group as in
+        Sparse24Weight); codes are recomputed from `w` and must reproduce it exactly, so a
+        weight that is not on the grid is refused rather than silently moved."""
+        out, k = _check_shape(tuple(w.shape))
+        packed = PackedIntWeight.from_codes(torch.zeros(out, k, dtype=torch.uint8, device=w.device),
+                                            scale, zero, fmt)  # exact-dtype checks of scale/zero
+        if layout == "2:4":
+            pattern = Sparse24Weight.from_dense(w).indices
+        elif layout == "bitmask":
+            pattern = pack_bits((w != 0).flatten())
+        else:
+            raise UserError(f"sparse layout {layout!r} is unknown; use one of {sorted(_FORMATS)}")
+        keep = keep_mask(layout, pattern, (out, k))
+        s, z = packed.scale.float(), packed.zeros()
+        codes = grid.quantize(w.float(), s, z, fmt)
+        if not torch.equal(grid.dequantize(codes, s, z, fmt) * keep, w.float()):
+            raise UserError("the kept weights are not on the given grid (or a free 2:4 slot "
+                            "cannot hold 0 on it): quantize the pruned weight with these scales "
+                            "and an integer or symmetric zero point first")
+        qdata = pack(codes[keep].reshape(1, -1), fmt.bits)[0]
+        return cls(layout, pattern, qdata, packed.scale, packed.zero, (out, k), fmt)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return _int_dense(self.layout, self.pattern, self.qdata, self.scale, self.zero,
+                          self.shape, self.fmt).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for n, t in self.tensors().items() if n != "shape")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        d = {_PATTERN[self.layout]: self.pattern, "qdata": self.qdata, "scale": self.scale}
+        if self.zero is not None:
+            d["zero"] = self.zero
+        return {**d, "shape": torch.tensor(self.shape, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], layout: str, fmt: IntFormat) -> "SparseIntWeight":
+        return cls(layout, t[_PATTERN[layout]], t["qdata"], t["scale"], t.get("zero"),
+                   tuple(t["shape"].tolist()), fmt)
 
 
 class SparseLinear(nn.Module):
-    """A linear layer whose weight is stored in a sparse format (buffers named by its fields)."""
+    """A linear layer whose weight is stored in a sparse format (buffers named by its fields).
+    `layout` is "bitmask" or "2:4"; `fmt` is the IntFormat of the kept values, or None when they
+    are stored as floats."""
 
-    def __init__(self, weight: BitmaskWeight | Sparse24Weight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: BitmaskWeight | Sparse24Weight | SparseIntWeight,
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        self.layout = next(k for k, c in _FORMATS.items() if isinstance(weight, c))
+        if isinstance(weight, SparseIntWeight):
+            self.layout, self.fmt = weight.layout, weight.fmt
+        else:
+            self.layout = next(k for k, c in _FORMATS.items() if isinstance(weight, c))
+            self.fmt = None
         self.out_features, self.in_features = weight.shape
         for name, t in weight.tensors().items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, layout: str, fmt: IntFormat | None, out_features: int, in_features: int,
+              shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device="meta") -> "SparseLinear":
+        """A shell with empty buffers of the given {name: (shape, dtype)}, e.g. on the meta
+        device for loading; construction checks run when `weight_format()` is called."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.layout, m.fmt, m.out_features, m.in_features = layout, fmt, out_features, in_features
+        for name, (shape, dtype) in shapes.items():
+            m.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        if "bias" not in shapes:
+            m.register_buffer("bias", None)
+        return m
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layout: str = "bitmask") -> "SparseLinear":
@@ -155,16 +263,23 @@ class SparseLinear(nn.Module):
             raise UserError(f"sparse layout {layout!r} is unknown; use one of {sorted(_FORMATS)}")
         return cls(_FORMATS[layout].from_dense(linear.weight.detach()), linear.bias)
 
-    def weight_format(self) -> BitmaskWeight | Sparse24Weight:
+    def _stored(self) -> dict[str, torch.Tensor]:
+        return {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+
+    def weight_format(self) -> BitmaskWeight | Sparse24Weight | SparseIntWeight:
         """The stored format object (runs the construction checks)."""
-        cls = _FORMATS[self.layout]
-        names = ("values", "bitmask" if cls is BitmaskWeight else "indices", "shape")
-        return cls.from_tensors({n: getattr(self, n) for n in names})
+        if self.fmt is not None:
+            return SparseIntWeight.from_tensors(self._stored(), self.layout, self.fmt)
+        return _FORMATS[self.layout].from_tensors(self._stored())
 
     def dense_weight(self) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        if self.fmt is not None:
+            return _int_dense(self.layout, getattr(self, _PATTERN[self.layout]), self.qdata,
+                              self.scale, getattr(self, "zero", None), shape, self.fmt)
         if self.layout == "bitmask":
-            return _bitmask_dense(self.values, self.bitmask, (self.out_features, self.in_features))
-        return _sparse24_dense(self.values, self.indices, (self.out_features, self.in_features))
+            return _bitmask_dense(self.values, self.bitmask, shape)
+        return _sparse24_dense(self.values, self.indices, shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Reference path: rebuild the dense weight, then a dense matmul. A real sparse kernel
@@ -178,7 +293,9 @@ class SparseLinear(nn.Module):
         return self.weight_format().nbytes + b
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}"
+        q = "" if self.fmt is None else f", int{self.fmt.bits} group {self.fmt.group_size or 'channel'}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"layout={self.layout}{q}")
 
 
 class LowRankLinear(nn.Module):
@@ -212,19 +329,30 @@ class LowRankLinear(nn.Module):
         return m
 
     @property
+    def fmt(self) -> IntFormat | None:
+        """The IntFormat of quantized factors, None when they are floats."""
+        return getattr(self.up, "fmt", None)
+
+    @property
     def A(self) -> torch.Tensor:
-        return self.up.weight
+        return _factor(self.up)
 
     @property
     def B(self) -> torch.Tensor:
-        return self.down.weight
+        return _factor(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(p) for p in self.parameters())
+        """Stored bytes of both factors (packed when quantized) and the bias."""
+        return sum(_nbytes(t) for m in (self.down, self.up)
+                   for t in (*m.parameters(), *m.buffers()) if t is not None)
+
+
+def _factor(m: nn.Module) -> torch.Tensor:
+    return m.weight if isinstance(m, nn.Linear) else m.dequantize_weight()
 
 
 # ----- bit packing: 1-bit masks here; 2-bit indices through memfit.formats.packing -----
@@ -268,6 +396,40 @@ def _sparse24_dense(values, indices, shape) -> torch.Tensor:
     dense = torch.zeros(out, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, pos, values.view(out, k // 4, 2))
     return dense.view(out, k)
+
+
+def keep_mask(layout: str, pattern: torch.Tensor, shape) -> torch.Tensor:
+    """(out, in) bool: True at every stored slot of the layout's structure tensor (checked)."""
+    out, k = shape
+    if layout == "bitmask":
+        n = out * k
+        if pattern.dtype != torch.uint8 or tuple(pattern.shape) != (-(-n // 8),):
+            raise UserError(f"bitmask must be uint8 of shape ({-(-n // 8)},) for shape {shape}, "
+                            f"got {pattern.dtype} {tuple(pattern.shape)}")
+        bits = unpack_bits(pattern, pattern.numel() * 8)
+        if bits[n:].any():
+            raise UserError("bitmask has padding bits set past the last weight")
+        return bits[:n].view(out, k)
+    ones = Sparse24Weight(torch.ones(out, k // 2, device=pattern.device), pattern, shape)
+    return ones.to_dense() != 0
+
+
+def _int_dense(layout, pattern, qdata, scale, zero, shape, fmt) -> torch.Tensor:
+    """(out, in) float32 weight of a SparseIntWeight's tensors (no checks: the hot path)."""
+    out, k = shape
+    if layout == "bitmask":
+        keep = unpack_bits(pattern, out * k).view(out, k)
+    else:
+        pos = unpack_2bit(pattern, out * k // 2).view(out, k // 4, 2)
+        keep = torch.zeros(out, k // 4, 4, dtype=torch.bool, device=pattern.device)
+        keep.scatter_(-1, pos, True)
+        keep = keep.view(out, k)
+    kept = int(keep.sum()) if layout == "bitmask" else out * k // 2
+    codes = torch.zeros(out, k, dtype=torch.uint8, device=qdata.device)
+    codes[keep] = unpack(qdata.view(1, -1), fmt.bits, kept)[0]
+    g, n_groups = fmt.groups(k)
+    w = grid.dequantize(codes, scale.float(), zeros_float(zero, fmt, out, n_groups, scale.device), fmt)
+    return w * keep
 
 
 def _check_shape(shape) -> tuple[int, int]:

@@ -53,7 +53,8 @@ from torch import nn
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import BitmaskWeight, LowRankLinear, Sparse24Weight, SparseLinear
+from memfit.formats.intq import field_specs
+from memfit.formats.sparse import LowRankLinear, SparseLinear
 
 FORMAT = "memfit/1"
 WEIGHTS = "model.safetensors"
@@ -78,39 +79,43 @@ def _build_int(d: dict, dtype: torch.dtype) -> QuantLinear:
 
 
 def _describe_sparse(m: SparseLinear) -> dict:
+    shapes = {n: list(b.shape) for n, b in m._stored().items()}
     return {"layout": m.layout, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "values_shape": list(m.values.shape)}
+            "bias": m.bias is not None, "fmt": None if m.fmt is None else m.fmt.to_dict(),
+            "shapes": shapes}
 
 
 def _build_sparse(d: dict, dtype: torch.dtype) -> SparseLinear:
-    # SparseLinear checks its weight at construction, which meta tensors cannot pass: build it
-    # around a tiny valid weight, then give it meta buffers of the described shapes.
-    out, k = d["out_features"], d["in_features"]
-    seeds = {"bitmask": (lambda: BitmaskWeight.from_dense(torch.zeros(1, 1)), "bitmask"),
-             "2:4": (lambda: Sparse24Weight.from_dense(torch.zeros(1, 4)), "indices")}
-    if d["layout"] not in seeds:
+    if d["layout"] not in ("bitmask", "2:4"):
         raise UserError(f"sparse layout {d['layout']!r} is unknown to this memfit; upgrade memfit")
-    seed, index_name = seeds[d["layout"]]
-    with torch.device("cpu"):  # transformers may call this under a meta-device context
-        m = SparseLinear(seed())
-    m.out_features, m.in_features = out, k
-    shapes = {"values": (tuple(d["values_shape"]), dtype),
-              index_name: ((-(-out * k // 8),), torch.uint8), "shape": ((2,), torch.int64)}
+    fmt = None if d.get("fmt") is None else IntFormat.from_dict(d["fmt"])
+    dtypes = {"shape": torch.int64, "bitmask": torch.uint8, "indices": torch.uint8,
+              "qdata": torch.uint8, "values": dtype}
+    if fmt is not None:  # scale / zero as the int format stores them
+        dtypes |= {n: dt for n, (_, dt) in field_specs(fmt, d["out_features"],
+                                                        d["in_features"]).items() if n != "qdata"}
+    described = d["shapes"] if "shapes" in d else {  # folders written before int values existed
+        "values": d["values_shape"], {"bitmask": "bitmask", "2:4": "indices"}[d["layout"]]:
+        [-(-d["out_features"] * d["in_features"] // 8)], "shape": [2]}
+    shapes = {n: (tuple(s), dtypes[n]) for n, s in described.items()}
     if d["bias"]:
-        shapes["bias"] = ((out,), dtype)
-    for name, (shape, dt) in shapes.items():
-        m.register_buffer(name, torch.empty(shape, dtype=dt, device="meta"))
-    return m
+        shapes["bias"] = ((d["out_features"],), dtype)
+    return SparseLinear.empty(d["layout"], fmt, d["out_features"], d["in_features"], shapes)
 
 
 def _describe_lowrank(m: LowRankLinear) -> dict:
     return {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-            "bias": m.up.bias is not None}
+            "bias": m.up.bias is not None, "fmt": None if m.fmt is None else m.fmt.to_dict()}
 
 
 def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
-    return LowRankLinear(d["in_features"], d["out_features"], d["rank"], bias=d["bias"],
-                         dtype=dtype, device="meta")
+    m = LowRankLinear(d["in_features"], d["out_features"], d["rank"], bias=d["bias"],
+                      dtype=dtype, device="meta")
+    if d.get("fmt") is not None:
+        fmt = IntFormat.from_dict(d["fmt"])
+        m.down = QuantLinear(d["in_features"], d["rank"], fmt, False, device="meta", dtype=dtype)
+        m.up = QuantLinear(d["rank"], d["out_features"], fmt, d["bias"], device="meta", dtype=dtype)
+    return m
 
 
 class Kind(NamedTuple):
@@ -122,17 +127,19 @@ class Kind(NamedTuple):
 
 MODULE_KINDS: dict[str, Kind] = {
     "int": Kind(QuantLinear, _describe_int, _build_int, ("scale", "zero")),
-    "sparse": Kind(SparseLinear, _describe_sparse, _build_sparse, ()),
-    "lowrank": Kind(LowRankLinear, _describe_lowrank, _build_lowrank, ()),
+    "sparse": Kind(SparseLinear, _describe_sparse, _build_sparse, ("scale", "zero")),
+    "lowrank": Kind(LowRankLinear, _describe_lowrank, _build_lowrank,
+                    ("down.scale", "down.zero", "up.scale", "up.zero")),
 }
 
 
 def describe_modules(model: nn.Module) -> dict[str, dict]:
-    """{module name: JSON-able description} for every module memfit replaced in `model`."""
+    """{module name: JSON-able description} for every module memfit replaced in `model` (the
+    outermost one: a low-rank layer's quantized factors belong to its description)."""
     by_class = {k.cls: (name, k) for name, k in MODULE_KINDS.items()}
     out = {}
     for name, m in model.named_modules():
-        if type(m) in by_class:
+        if type(m) in by_class and not any(name.startswith(n + ".") for n in out):
             kind, k = by_class[type(m)]
             out[name] = {"kind": kind, **k.describe(m)}
     return out

@@ -126,7 +126,7 @@ def test_bert_encoder_blocks_compress(tiny_config):
     ("magnitude-50", "sparse bitmask", (16.9, 17.1)),   # fp32 values of half + 1 bit each
     ("wanda-2of4", "sparse 2:4", (16.9, 17.1)),         # fp32 values of half + 2 bits per kept
     ("sparsegpt-50", "sparse bitmask", (16.9, 17.1)),
-    ("wsvd-80", "LowRankLinear", (25.0, 25.7)),          # 80% of fp32 parameters
+    ("wsvd-80", "low-rank", (25.0, 25.7)),               # 80% of fp32 parameters
 ])
 def test_prune_and_lowrank_save_bytes_and_reload(preset, kind, bpw_range, tiny_llama_dir, tmp_path):
     from memfit.eval.memory import weight_table
