@@ -23,11 +23,12 @@ import torch
 
 from memfit.algos.gptq import gptq
 from memfit.algos.hqq import hqq
-from memfit.algos.lowrank import randomized_svd_factors, rank_for_params, svd_factors, \
-    whitened_svd_factors
+from memfit.algos.lowrank import randomized_svd_factors, rank_for_energy, rank_for_params, \
+    spectrum, svd_factors, whitened_svd_factors
 from memfit.algos.prune import magnitude_mask, wanda_mask
 from memfit.algos.rtn import rtn
 from memfit.algos.sparsegpt import sparsegpt
+from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.intq import PackedIntWeight
 from memfit.formats.quant_linear import QuantLinear
@@ -99,9 +100,22 @@ def _prune(mod, spec: Prune, stat) -> SparseLinear:
     return SparseLinear(layout.from_dense(w), _bias(mod))
 
 
+def _rank(w: torch.Tensor, spec: LowRank, stat) -> int:
+    out, k = w.shape
+    if spec.rank is not None:
+        if spec.rank > min(out, k):
+            raise UserError(f"lowrank rank={spec.rank} is larger than a {out}x{k} matrix allows "
+                            f"({min(out, k)}); lower it, or use keep/energy for a per-matrix rank")
+        return spec.rank
+    if spec.energy is not None:
+        H = stat.hessian if spec.method == "wsvd" else None
+        return rank_for_energy(spectrum(w, H, spec.damp), spec.energy)
+    return rank_for_params(out, k, spec.keep)
+
+
 def _factorize(mod, spec: LowRank, stat) -> LowRankLinear:
     w = weight_2d(mod)
-    rank = rank_for_params(w.shape[0], w.shape[1], spec.keep)
+    rank = _rank(w, spec, stat)
     a, b = FACTORIZERS[spec.method][1](w, rank, spec, stat)
     m = LowRankLinear.from_factors(a.to(mod.weight.dtype), b.to(mod.weight.dtype), _bias(mod))
     return m.to(mod.weight.device)
@@ -148,7 +162,7 @@ def _factorize_quant(mod, spec: Compose, stat) -> LowRankLinear:
     lr, q = spec.first, spec.quant
     w = weight_2d(mod)
     out, k = w.shape
-    rank = rank_for_params(out, k, lr.keep)
+    rank = _rank(w, lr, stat)
     g = q.format.group_size
     if g:  # the up factor's input width is the rank: make it whole groups
         rank = min(max(g, round(rank / g) * g), min(out, k) // g * g or g)

@@ -138,17 +138,28 @@ class Prune:
 
 @dataclass(frozen=True, kw_only=True)
 class LowRank:
-    """Low-rank factorization W ≈ A·B keeping `keep` of each matrix's parameters."""
+    """Low-rank factorization W ≈ A·B. The rank of each matrix comes from exactly one of `keep`
+    (the fraction of its parameters kept: a byte budget), `energy` (smallest rank holding that
+    share of Σσ², of the whitened spectrum for wsvd) or `rank` (the same for every matrix)."""
 
     method: str = "wsvd"           # svd | wsvd (activation-whitened) | rsvd (randomized)
-    keep: float = 0.8
+    keep: float | None = 0.8
+    energy: float | None = None
+    rank: int | None = None
     damp: float = 0.01             # wsvd: Cholesky damping of XᵀX
 
     def __post_init__(self):
         if self.method not in LOWRANK_METHODS:
             raise UserError(f"unknown lowrank method {self.method!r}; use one of {', '.join(LOWRANK_METHODS)}")
-        if not 0 < self.keep < 1:
+        if sum(x is not None for x in (self.keep, self.energy, self.rank)) != 1:
+            raise UserError("give exactly one of lowrank keep (e.g. 0.8), energy (e.g. 0.95) "
+                            "or rank (e.g. 256)")
+        if self.keep is not None and not 0 < self.keep < 1:
             raise UserError(f"keep={self.keep} must be in (0, 1): the fraction of parameters kept")
+        if self.energy is not None and not 0 < self.energy < 1:
+            raise UserError(f"energy={self.energy} must be in (0, 1): the share of Σσ² kept")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise UserError(f"rank={self.rank!r} must be a positive integer")
 
     @property
     def needs_data(self) -> bool:
@@ -160,6 +171,8 @@ class LowRank:
     @classmethod
     def from_dict(cls, d: dict, base: "LowRank | None" = None) -> "LowRank":
         _check_keys("lowrank", d, cls)
+        if {"energy", "rank"} & set(d) and "keep" not in d:
+            d = {"keep": None, "energy": None, "rank": None, **d}  # the given one replaces keep
         return replace(base, **d) if base else cls(**d)
 
 

@@ -74,6 +74,16 @@ def randomized_svd_factors(w: torch.Tensor, rank: int, oversample: int = 10,
     return _split((Q @ Ub)[:, :rank], S[:rank], Vh[:rank])
 
 
+def spectrum(w: torch.Tensor, H: torch.Tensor | None = None, damp: float = 0.01) -> torch.Tensor:
+    """Singular values (descending, float64) of W, or of the whitened W·S when H is given: the
+    spectrum that `svd_factors` / `whitened_svd_factors` truncate."""
+    W = w.detach().double()
+    if H is not None:
+        S, _ = damped_cholesky(H.detach().to(w.device), damp)
+        W = W @ S
+    return torch.linalg.svdvals(W)
+
+
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest r whose top-r singular values hold at least `energy` of Σσ² (energy in (0, 1])."""
     if not 0 < energy <= 1:

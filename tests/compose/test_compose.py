@@ -230,3 +230,18 @@ def test_healing_keeps_sparse_int_and_quantized_factors(tiny_llama_dir):
 def test_composed_presets_exist():
     for name in ("wanda-50-w4g64", "sparsegpt-50-w4g64", "sparsegpt-2of4-w4g64", "wsvd-80-w8"):
         assert isinstance(PRESETS[name].main, Compose)
+
+
+def test_lowrank_rank_from_energy_or_fixed_and_bad_ranks(tiny_llama_dir):
+    m = load_model(str(tiny_llama_dir)).model
+    compress_(m, Recipe.from_dict({"lowrank": {"method": "svd", "energy": 0.5}}), progress=False)
+    ranks = {lr.rank for lr in m.modules() if isinstance(lr, LowRankLinear)}
+    assert len(ranks) > 1  # per-matrix ranks from each spectrum
+    m = load_model(str(tiny_llama_dir)).model
+    compress_(m, Recipe.from_dict({"lowrank": {"method": "svd", "rank": 16}}), progress=False)
+    assert {lr.rank for lr in m.modules() if isinstance(lr, LowRankLinear)} == {16}
+    m = load_model(str(tiny_llama_dir)).model
+    with pytest.raises(UserError, match="rank=65 is larger than a 64x64 matrix"):
+        compress_(m, Recipe.from_dict({"lowrank": {"method": "svd", "rank": 65}}), progress=False)
+    with pytest.raises(UserError, match="exactly one of lowrank keep"):
+        Recipe.from_dict({"lowrank": {"keep": 0.5, "rank": 8}})
