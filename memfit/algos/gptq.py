@@ -30,16 +30,14 @@ Engineering (the paper's, re-derived):
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
 from memfit.algos.base import QuantResult, check_weight
+from memfit.algos.hessian import inverse_hessian_factor
 from memfit.algos.rtn import CLIP_MODES, choose_params
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
-
-log = logging.getLogger(__name__)
 
 
 def _check_hessian(H: torch.Tensor, in_features: int) -> None:
@@ -50,28 +48,6 @@ def _check_hessian(H: torch.Tensor, in_features: int) -> None:
         raise UserError("the GPTQ Hessian contains NaN or inf: calibration activations "
                         "overflowed. Run calibration in float32/bfloat16, not float16, or use "
                         "shorter/cleaner calibration text")
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹, raising λ ×10 on failure."""
-    mean_diag = H.diagonal().abs().mean().item()
-    lam = damp * mean_diag
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    for attempt in range(max_tries + 1):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
-        if info.item() == 0:
-            hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                if attempt:
-                    log.warning("GPTQ: Hessian was not positive definite at damp=%g; "
-                                "succeeded with λ=%.3g (%.3g × mean diagonal) after %d retries",
-                                damp, lam, lam / mean_diag, attempt)
-                return U
-        tried, lam = lam, (lam * 10 if lam > 0 else 1e-6 * mean_diag)
-    raise UserError(f"GPTQ could not factorise the {H.shape[0]}x{H.shape[0]} Hessian even with "
-                    f"damping λ={tried:.3g} after {max_tries} retries; the calibration "
-                    "statistics look broken. Use more calibration samples or raise damp")
 
 
 def _current_group(W, W1, E1, U, i1, i2, i, end) -> torch.Tensor:
@@ -181,7 +157,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: IntFormat, *, block_size: int = 
         scale = torch.zeros(out, n_groups, device=dev)
         zero = torch.zeros(out, n_groups, device=dev)
         col_group = (torch.arange(k) // g).tolist()
-    U = _inverse_cholesky(H, damp, max_damp_tries)
+    U = inverse_hessian_factor(H, damp, max_damp_tries, dtype=torch.float32)
     del H
     codes, loss = _sweep(W, U, fmt, scale, zero, col_group, not act_order, block_size, choose,
                          keep)

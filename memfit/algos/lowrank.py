@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.algos.sparsegpt import damped_cholesky
+from memfit.algos.hessian import damped_cholesky
 from memfit.errors import UserError
 
 

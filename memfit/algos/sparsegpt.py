@@ -21,9 +21,9 @@ right inverse Hessian of the remaining columns for free: column j uses row j of 
 - The damping λ = damp·mean(diag H) is multiplied by 10 and the factorisation retried when
   Cholesky fails (rank-deficient H from few samples).
 
-Later sharing with GPTQ (memfit/algos/gptq.py, written in parallel): `damped_cholesky`,
-`inverse_hessian_factor` and the block sweep with grid quantization are the same machinery;
-GPTQ is this sweep with sparsity 0. They should move to one shared module.
+The damped factorisations are shared with GPTQ and whitened SVD (memfit/algos/hessian.py).
+GPTQ's block sweep is this one with sparsity 0; they stay two functions because GPTQ's has
+act-order and searched clipping and this one the adaptive mask.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.algos.hessian import inverse_hessian_factor
 from memfit.algos.prune import prune_count, resolve_pattern
 from memfit.errors import UserError
 from memfit.formats import grid
@@ -53,41 +54,6 @@ class SparseQuantResult:
     scale: torch.Tensor
     zero: torch.Tensor
     fmt: IntFormat
-
-
-def damped_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of H + λI, λ = damp·mean(diag H); damp ×10 on each failure.
-
-    Returns (L, damp actually used). Raises UserError if H is not finite or never factorises.
-    """
-    H = H.double()
-    if not torch.isfinite(H).all():
-        raise UserError("the Hessian/Gram statistics contain NaN or inf; check the calibration "
-                        "inputs (overflow in fp16 activations?)")
-    mean_diag = float(torch.diagonal(H).mean())
-    mean_diag = mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    d = damp
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
-        if int(info) == 0:
-            return L, d
-        d = max(d * 10, 1e-6)
-    raise UserError(f"the Hessian is not positive definite even with damp={d / 10:g}; "
-                    "use more calibration samples or a larger damp")
-
-
-def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), float32; damping retried on failure."""
-    for _ in range(4):
-        L, used = damped_cholesky(H, damp)
-        Hinv = torch.cholesky_inverse(L)
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        if int(info) == 0:
-            return U.float()
-        damp = used * 10  # inverse too ill-conditioned: damp harder
-    raise UserError(f"the inverse Hessian could not be factorised even with damp={damp / 10:g}; "
-                    "use more calibration samples or a larger damp")
 
 
 def sparsegpt(w: torch.Tensor, H: torch.Tensor, *, sparsity: float | None = None,
