@@ -139,6 +139,24 @@ class PackedIntWeight:
         return f"PackedIntWeight(shape={self.shape}, fmt={self.fmt}, nbytes={self.nbytes})"
 
 
+def apply_keeping_dtypes(module, fn, names: tuple[str, ...], parent_apply) -> None:
+    """`nn.Module._apply` for a module whose buffers `names` have a dtype that belongs to its
+    format (scale, zero): `fn` may move them to another device but never cast them."""
+    order = list(module._buffers)
+    fixed = {n: module._buffers.pop(n) for n in names if module._buffers.get(n) is not None}
+    try:
+        parent_apply(fn)
+    finally:
+        for n, t in fixed.items():
+            moved = fn(t)
+            if moved.dtype != t.dtype:  # a dtype cast: move the device only
+                moved = t.to(device=moved.device)
+            module._buffers[n] = moved
+        buffers = {n: module._buffers[n] for n in order}  # keep the state-dict key order
+        module._buffers.clear()
+        module._buffers.update(buffers)
+
+
 def zeros_float(zero: torch.Tensor | None, fmt: IntFormat, out: int, n_groups: int,
                 device: torch.device) -> torch.Tensor:
     """Stored zero field -> (out, n_groups) float32 zero points."""

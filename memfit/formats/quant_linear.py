@@ -23,7 +23,7 @@ from torch import nn
 
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight, field_specs
+from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs
 from memfit.kernels import cpu
 from memfit.kernels.reference import linear_reference
 
@@ -124,19 +124,7 @@ class QuantLinear(nn.Module):
     # --- keep the format's dtypes through .to()/.half(); forget the cache on any move ------------
 
     def _apply(self, fn, recurse=True):
-        order = list(self._buffers)
-        fixed = {n: self._buffers.pop(n) for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in fixed.items():
-                moved = fn(t)
-                if moved.dtype != t.dtype:  # a dtype cast: move the device only
-                    moved = t.to(device=moved.device)
-                self._buffers[n] = moved
-            buffers = {n: self._buffers[n] for n in order}  # keep the state-dict key order
-            self._buffers.clear()
-            self._buffers.update(buffers)
+        apply_keeping_dtypes(self, fn, _FIXED_DTYPE, lambda f: super(QuantLinear, self)._apply(f, recurse))
         self._drop_cache()
         return self
 

@@ -37,7 +37,7 @@ from torch import nn
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight, field_specs, zeros_float
+from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs, zeros_float
 from memfit.formats.packing import pack, packed_width, unpack
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
@@ -291,6 +291,12 @@ class SparseLinear(nn.Module):
     def nbytes(self) -> int:
         b = 0 if self.bias is None else _nbytes(self.bias)
         return self.weight_format().nbytes + b
+
+    def _apply(self, fn, recurse=True):
+        # int-quantized values: scale/zero dtypes belong to the format; float values do follow
+        # model.to(dtype) (a float16 copy of a pruned model stores its values in float16)
+        apply_keeping_dtypes(self, fn, ("scale", "zero"), lambda f: super(SparseLinear, self)._apply(f, recurse))
+        return self
 
     def extra_repr(self) -> str:
         q = "" if self.fmt is None else f", int{self.fmt.bits} group {self.fmt.group_size or 'channel'}"

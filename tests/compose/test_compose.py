@@ -245,3 +245,40 @@ def test_lowrank_rank_from_energy_or_fixed_and_bad_ranks(tiny_llama_dir):
         compress_(m, Recipe.from_dict({"lowrank": {"method": "svd", "rank": 65}}), progress=False)
     with pytest.raises(UserError, match="exactly one of lowrank keep"):
         Recipe.from_dict({"lowrank": {"keep": 0.5, "rank": 8}})
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_four_of_eight_in_a_bitmask_with_and_without_int4(method, tiny_llama_dir):
+    for quant in (None, {"algo": "gptq" if method == "wanda" else "rtn", "bits": 4,
+                         "group_size": 32}):
+        m = load_model(str(tiny_llama_dir)).model
+        d = {"prune": {"method": method, "nm": "4:8"}, **({"quant": quant} if quant else {})}
+        compress_(m, Recipe.from_dict(d), _calib(), progress=False)
+        sparse = [x for x in m.modules() if isinstance(x, SparseLinear)]
+        assert len(sparse) == 14 and all(s.layout == "bitmask" for s in sparse)
+        for s in sparse:
+            w = s.dense_weight()
+            assert ((w.view(w.shape[0], -1, 8) != 0).sum(-1) <= 4).all()
+            assert (s.fmt is None) == (quant is None)
+
+
+def test_nm_that_does_not_divide_the_width_is_refused(save_tiny, tmp_path):
+    d = save_tiny(tmp_path / "odd", hidden_size=76, intermediate_size=152, num_attention_heads=2,
+                  num_key_value_heads=1)  # 76 inputs: whole groups of 4, not of 8
+    m = load_model(str(d)).model
+    with pytest.raises(UserError, match="76") as e:
+        compress_(m, Recipe.from_dict({"prune": {"method": "magnitude", "nm": "4:8"}}),
+                  progress=False)
+    print(e.value)
+
+
+def test_half_casts_float_values_but_never_an_int_grid():
+    w = torch.randn(8, 64, generator=G(0))
+    keep = w.abs() > 0.5
+    fmt = IntFormat(bits=4, group_size=32, scale_dtype="float32")
+    w_hat, s, z = _on_grid(w, keep, fmt)
+    q = SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, "bitmask")).half()
+    assert q.scale.dtype == torch.float32 and torch.equal(q.dense_weight(), w_hat)
+    from memfit.formats.sparse import BitmaskWeight
+    f = SparseLinear(BitmaskWeight.from_dense(w * keep)).half()
+    assert f.values.dtype == torch.float16 and f.nbytes == int(keep.sum()) * 2 + 64
