@@ -70,19 +70,25 @@ def _restore_block(ckpt: Path, i: int, block: torch.nn.Module) -> dict[str, dict
     return done
 
 
-def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log) -> dict:
+def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
+                    sequential: str = "group") -> dict:
+    """Replace the block's linears group by group. sequential="group": each group's statistics
+    are collected after the groups before it were replaced (true-sequential); "block": every
+    group's statistics come from the block as it was (the original Wanda/SparseGPT order)."""
     from memfit.io.save import describe_modules
 
-    done = {}
+    groups = []
     for group in arch.groups:
         names = [n for n in group if specs.get(n) is not None]
-        if not names:
-            continue
-        mods = {n: block.get_submodule(n) for n in names}
-        needs = {n: stat_needed(specs[n]) for n in names}
-        stats = collect_stats(block, mods, needs, store, kwargs) if store is not None else {}
+        if names:
+            groups.append({n: block.get_submodule(n) for n in names})
+    collect = lambda mods: (collect_stats(block, mods, {n: stat_needed(specs[n]) for n in mods},
+                                          store, kwargs) if store is not None else {})
+    early = [collect(mods) for mods in groups] if sequential == "block" else None
+    for i, mods in enumerate(groups):
+        stats = early[i] if early is not None else collect(mods)
         batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
-        for n in names:
+        for n in mods:
             batches.setdefault((specs[n], id(stats.get(n))), []).append(n)
         for (spec, _), members in batches.items():
             new, err = replace_group([mods[n] for n in members], spec, stats.get(members[0]))
@@ -206,7 +212,8 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         if done is not None:
             resumed += 1
         else:
-            done = _compress_block(block, arch, plan[i], store, kwargs, log)
+            done = _compress_block(block, arch, plan[i], store, kwargs, log,
+                                   recipe.calib.sequential)
             if ckpt:
                 _save_block(ckpt, i, block, done)
         if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]

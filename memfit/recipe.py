@@ -221,12 +221,16 @@ class Calib:
     seq_len: int = 512
     seed: int = 0
     offload: str = "memory"       # "memory" or "disk" (calibration activations in a temp folder)
+    sequential: str = "group"     # "group": each linear group sees the block with the groups
+                                  # before it compressed; "block": all see the block as it was
 
     def __post_init__(self):
         if self.samples < 1 or self.seq_len < 2:
             raise UserError("calib samples must be >= 1 and seq_len >= 2")
         if self.offload not in ("memory", "disk"):
             raise UserError(f"unknown offload {self.offload!r}; use 'memory' or 'disk'")
+        if self.sequential not in ("group", "block"):
+            raise UserError(f"unknown sequential {self.sequential!r}; use 'group' or 'block'")
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,21 @@ def test_owl_gives_outlier_blocks_lower_sparsity(save_tiny, tmp_path):
     zeros = sum(int((x.dense_weight() == 0).sum()) for x in block1)
     numel = sum(x.in_features * x.out_features for x in block1)
     assert abs(zeros / numel - s[1]) < 0.01
+
+
+def test_block_sequential_uses_the_uncompressed_block_for_every_group(tiny_llama_dir):
+    """sequential: block gives o_proj the statistics of the dense attention (so its mask equals
+    a one-shot Wanda on the block's dense inputs); group gives it the pruned q/k/v's outputs."""
+    masks = {}
+    for seq in ("group", "block"):
+        m = load_model(str(tiny_llama_dir)).model
+        r = Recipe.from_dict({"prune": {"method": "wanda", "sparsity": 0.5},
+                              "calib": {"sequential": seq}})
+        compress_(m, r, _calib(8), progress=False)
+        layer = m.model.layers[0]
+        masks[seq] = {n: layer.get_submodule(n).dense_weight() != 0
+                      for n in ("self_attn.q_proj", "self_attn.o_proj")}
+    assert torch.equal(masks["group"]["self_attn.q_proj"], masks["block"]["self_attn.q_proj"])
+    assert not torch.equal(masks["group"]["self_attn.o_proj"], masks["block"]["self_attn.o_proj"])
+    with pytest.raises(UserError, match="unknown sequential"):
+        Recipe.from_dict({"prune": {"sparsity": 0.5}, "calib": {"sequential": "layer"}})
