@@ -3,9 +3,11 @@
 `make_trainable_(model)` freezes every parameter, then swaps each compressed module for a
 trainable stand-in (dispatch: the literal dict `TRAINABLE`, keyed by exact module type):
 
-- `QuantLinear` -> `FakeQuantLinear`: a float32 copy of the dequantized weight and a float32
-  `scale` (and the zero point when the format stores a float zero; integer and symmetric zeros
-  stay fixed) are parameters. Forward fake-quantizes on the module's exact grid: scale/zero are
+- `QuantLinear` -> `FakeQuantLinear`: a float32 copy of the dequantized weight and the scale, in
+  log space around its packed value (`log_scale`: an Adam step is then a relative change of
+  about lr, whatever the scale's size; as an absolute parameter a 4-bit scale of ~1e-3 could
+  move by lr per step, a large relative change), are parameters, and the zero point when the
+  format stores a float zero (integer and symmetric zeros stay fixed). Forward fake-quantizes on the module's exact grid: scale/zero are
   rounded to their stored dtype, codes = clamp(round(w / s + z), 0, qmax) are recomputed every
   step, and round/dtype-rounding pass gradients straight through (STE); w_hat = (q - z) * s.
   At the start w_hat equals the packed weight, and `repack()` stores exactly the w_hat of the
@@ -61,7 +63,10 @@ class FakeQuantLinear(nn.Module):
         self.fmt = fmt
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.float().clone())  # (out, in)
-        self.scale = nn.Parameter(scale.float().clone())  # (out, n_groups), own storage
+        # the scale trains in log space around its packed value: Adam's step (~lr) is then a
+        # relative change, the same for a 1e-4 and a 1e-1 scale, and the scale stays positive
+        self.register_buffer("scale0", scale.float().clone())  # (out, n_groups)
+        self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         zero = zeros.float().clone()
         if not fmt.symmetric and fmt.zero_point == "float":
             self.zero = nn.Parameter(zero)
@@ -70,12 +75,15 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.act_dtype = bias.dtype if bias is not None else torch.float32
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """(out, n_groups) float32: the packed scale times exp(log_scale) (exactly it at start)."""
+        return self.scale0 * self.log_scale.exp()
+
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero as the packed format will store them, with straight-through gradients.
-        A scale that an optimizer step pushed to or below 0 is held at a small positive value
-        (a zero scale would make every code infinite)."""
+        """Scale and zero as the packed format will store them, with straight-through gradients."""
         dtype = self.fmt.torch_scale_dtype
-        positive = self.scale.clamp_min(_MIN_SCALE)
+        positive = self.scale.clamp_min(_MIN_SCALE)  # a scale that underflowed to 0
         scale = _ste(positive, positive.to(dtype).float())
         zero = self.zero
         if isinstance(zero, nn.Parameter):

@@ -48,7 +48,7 @@ def test_fake_quant_starts_exact_and_repacks_on_grid(fmt):
         if hasattr(q, name):
             assert torch.equal(getattr(same, name), getattr(q, name)), name
     x = _train(fq)
-    assert fq.scale.grad is not None and fq.weight.grad is not None
+    assert fq.log_scale.grad is not None and fq.weight.grad is not None
     new = fq.repack()
     assert new.fmt == q.fmt and new.weight_nbytes() == q.weight_nbytes()
     codes = new.packed().codes()
