@@ -126,6 +126,18 @@ def test_bad_compositions_are_refused(d, message):
         Recipe.from_dict(d)
 
 
+def _assert_reloads_exactly(m, rep, folder, transformers_too=False):
+    """Saved and loaded again (memfit's loader, and transformers' when asked): same logits."""
+    ids = torch.randint(0, 30522, (2, 32), generator=G(2))
+    with torch.no_grad():
+        before = m.model(ids).logits
+    save(m.model, m.tokenizer, folder, recipe=rep["recipe"])
+    with torch.no_grad():
+        assert torch.equal(before, load_model(str(folder)).model(ids).logits)
+        if transformers_too:
+            assert torch.equal(before, AutoModelForCausalLM.from_pretrained(folder)(ids).logits)
+
+
 # ----- the loop on a tiny model -------------------------------------------------------------------
 
 COMPOSED = {  # recipe -> expected packed label and bits per weight
@@ -162,13 +174,7 @@ def test_prune_plus_quant_end_to_end(name, tiny_llama_dir, tmp_path):
     assert row["format"].startswith(label), row
     if bpw is not None:  # 1 + 2 + (16 + 4) / 32 bits; 2:4: 2-bit index per kept = 1 per weight
         assert abs(row["bits_per_weight"] - bpw) < 0.02, row
-    ids = torch.randint(0, 30522, (2, 32), generator=G(2))
-    with torch.no_grad():
-        before = m.model(ids).logits
-    save(m.model, m.tokenizer, tmp_path / "o", recipe=rep["recipe"])
-    with torch.no_grad():
-        assert torch.equal(before, load_model(str(tmp_path / "o")).model(ids).logits)
-        assert torch.equal(before, AutoModelForCausalLM.from_pretrained(tmp_path / "o")(ids).logits)
+    _assert_reloads_exactly(m, rep, tmp_path / "o", transformers_too=True)
 
 
 def test_wanda_gptq_beats_wanda_rtn_on_a_tiny_model(tiny_llama_dir):
@@ -198,12 +204,7 @@ def test_lowrank_factors_quantized_end_to_end(tiny_llama_dir, tmp_path):
     assert row["format"].startswith("low-rank + int8 group 32") and row["modules"] == 14
     # int8 factors of ~60% of the parameters: about a fifth of the fp32 bytes
     assert 0.1 < row["bits_per_weight"] / 32 < 0.25, row
-    ids = torch.randint(0, 30522, (2, 32), generator=G(2))
-    with torch.no_grad():
-        before = m.model(ids).logits
-    save(m.model, m.tokenizer, tmp_path / "o", recipe=rep["recipe"])
-    with torch.no_grad():
-        assert torch.equal(before, load_model(str(tmp_path / "o")).model(ids).logits)
+    _assert_reloads_exactly(m, rep, tmp_path / "o")
 
 
 def test_healing_keeps_sparse_int_and_quantized_factors(tiny_llama_dir):
