@@ -18,7 +18,7 @@ dtype is the baseline every technique must beat at fewer bytes.
   OWL rows: llm-compressor 0.14.0.1's sparsity_profile="owl" stops with "Cannot invoke event
   before initializing".
 - --distill-steps N: each sparse / low-rank memfit row (or those of --distill-settings) is also
-  healed by distillation toward the float32 model for N steps and scored again ("+ heal N"); N:M
+  healed by distillation toward the float32 model for N steps and scored again ("+ heal N lr X"); N:M
   patterns are asserted after compression and after healing.
 
 Each finished row is appended to --jsonl, so a full run splits over several short calls, and
@@ -59,15 +59,17 @@ from memfit.eval.lm import evaluate_lm
 from memfit.eval.memory import weight_table
 from memfit.formats.sparse import SparseLinear
 from memfit.models import load_model
-from memfit.recipe import PRESETS, LowRank, Prune, Recipe, load_recipe
+from memfit.recipe import PRESETS, Calib, LowRank, Prune, Recipe, load_recipe
 
 HERE = Path(__file__).resolve().parent
 QUANT_PRESETS = ("w8", "w4g64-gptq", "w3g64-gptq", "w2g32-gptq")
 COMPOSED_PRESETS = ("wanda-50-w4g64", "sparsegpt-50-w4g64", "sparsegpt-2of4-w4g64", "wsvd-80-w8")
 
 
-def _prune(method: str, *, nm: str | None = None, owl: bool = False) -> Recipe:
-    return Recipe(prune=Prune(method=method, sparsity=None if nm else 0.5, nm=nm, owl=owl))
+def _prune(method: str, *, nm: str | None = None, owl: bool = False,
+           sequential: str = "auto") -> Recipe:
+    return Recipe(prune=Prune(method=method, sparsity=None if nm else 0.5, nm=nm, owl=owl),
+                  calib=Calib(sequential=sequential))
 
 
 SETTINGS: dict[str, Recipe] = {
@@ -76,6 +78,12 @@ SETTINGS: dict[str, Recipe] = {
     "wanda-2of4": _prune("wanda", nm="2:4"),
     "sparsegpt-2of4": _prune("sparsegpt", nm="2:4"),
     "sparsegpt-4of8": _prune("sparsegpt", nm="4:8"),
+    # the other calibration order than the default (calib.sequential auto: block for Wanda,
+    # group, i.e. true-sequential, for SparseGPT)
+    **{f"wanda-{s}-group": _prune("wanda", nm=nm, owl=s.endswith("owl"), sequential="group")
+       for s, nm in (("50", None), ("50-owl", None), ("2of4", "2:4"))},
+    **{f"sparsegpt-{s}-block": _prune("sparsegpt", nm=nm, sequential="block") for s, nm in
+       (("50", None), ("2of4", "2:4"))},
     **{f"{m}-{round(100 * keep)}": Recipe(lowrank=LowRank(method=m, keep=keep))
        for m in ("svd", "wsvd") for keep in (0.9, 0.8, 0.7)},
     **{name: PRESETS[name] for name in QUANT_PRESETS + COMPOSED_PRESETS if name in PRESETS},
@@ -320,7 +328,9 @@ def run(args) -> list[dict]:
 # ----- the tables ----------------------------------------------------------------------------
 
 def label(row: dict) -> str:
-    return row["setting"] + (f" + heal {row['heal_steps']}" if row["heal_steps"] else "")
+    if not row["heal_steps"]:
+        return row["setting"]
+    return f"{row['setting']} + heal {row['heal_steps']} lr {row['heal']['lr']:g}"
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -330,8 +340,12 @@ def load_rows(paths: list[str]) -> list[dict]:
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                rows[(r["tool"], r["setting"], r["heal_steps"])] = r
+                rows[(r["tool"], r["setting"], r["heal_steps"], heal_lr(r))] = r
     return list(rows.values())
+
+
+def heal_lr(row: dict) -> float:
+    return row["heal"]["lr"] if row["heal_steps"] else 0.0
 
 
 def ordered(rows: list[dict]) -> list[dict]:
@@ -341,7 +355,7 @@ def ordered(rows: list[dict]) -> list[dict]:
         first.setdefault(r["setting"], len(first))
     tools = {"fp32": 0, "memfit": 1, "llm-compressor": 2}
     return sorted(rows, key=lambda r: (r["tool"] != "fp32", first[r["setting"]], r["heal_steps"],
-                                       tools[r["tool"]]))
+                                       heal_lr(r), tools[r["tool"]]))
 
 
 def distinct(dicts) -> list[dict]:
@@ -452,7 +466,7 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=0)
     p.add_argument("--distill-settings", help="comma list of rows to heal (default: every "
                    "sparse / low-rank row)")
-    p.add_argument("--distill-lr", type=float, default=1e-5)
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--distill-batch", type=int, default=4)
     p.add_argument("--jsonl", help="append each finished row to this file")
     p.add_argument("--table", nargs="+", metavar="FILE", help="only render the tables of these "

@@ -212,8 +212,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         if done is not None:
             resumed += 1
         else:
-            done = _compress_block(block, arch, plan[i], store, kwargs, log,
-                                   recipe.calib.sequential)
+            done = _compress_block(block, arch, plan[i], store, kwargs, log, recipe.sequential)
             if ckpt:
                 _save_block(ckpt, i, block, done)
         if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]

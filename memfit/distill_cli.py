@@ -41,7 +41,7 @@ def _student_recipe(spec: str) -> dict:
 
 
 def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "builtin",
-               steps: int = 200, lr: float = 1e-5, seq_len: int = 256, samples: int = 128,
+               steps: int = 200, lr: float = 1e-4, seq_len: int = 256, samples: int = 128,
                temperature: float = 1.0, optimizer: str = "adamw", batch_size: int = 4,
                eval_windows: int = 8, overwrite: bool = False, device: str = "cpu",
                seed: int = 0, progress: bool = True) -> dict:
@@ -87,7 +87,7 @@ def cmd_distill(args) -> None:
                      lr=args.lr, seq_len=args.seq_len, samples=args.samples,
                      temperature=args.temperature, optimizer=args.optimizer,
                      batch_size=args.batch_size, overwrite=args.overwrite, device=args.device,
-                     progress=False)
+                     progress=True)
     if args.json:
         print(json.dumps(rep))
         return
@@ -112,7 +112,7 @@ def add_distill(sub) -> None:
     d.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl "
                    "file; trains on its calib split, measures on its eval split")
     d.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    d.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    d.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     d.add_argument("--samples", type=int, default=128, help="training windows (default 128)")
     d.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")

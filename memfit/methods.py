@@ -32,8 +32,8 @@ from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.intq import PackedIntWeight
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import BitmaskWeight, LowRankLinear, Sparse24Weight, SparseIntWeight, \
-    SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import BitmaskWeight, Sparse24Weight, SparseIntWeight, SparseLinear
 from memfit.recipe import Compose, LowRank, Prune, Quant
 
 QUANTIZERS = {

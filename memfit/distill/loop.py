@@ -23,6 +23,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from memfit.distill.losses import hidden_mse, hidden_states, logit_kl
 from memfit.distill.trainable import make_trainable_, repack_
@@ -158,7 +159,7 @@ def _check_args(windows, steps, lr, batch_size, grad_accum, hidden_mse_weight, l
 
 
 def distill_(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int = 200,
-             lr: float = 1e-5, temperature: float = 1.0, batch_size: int = 4, grad_accum: int = 1,
+             lr: float = 1e-4, temperature: float = 1.0, batch_size: int = 4, grad_accum: int = 1,
              hidden_mse_weight: float = 0.0, layer_map: dict[int, int] | None = None,
              checkpointing: bool = True, bf16="auto", optimizer: str = "adamw", seed: int = 0,
              freeze: tuple[str, ...] = (), chunk: int = 256,
@@ -183,7 +184,8 @@ def distill_(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, s
     losses, kls = [], []
     t0 = time.perf_counter()
     with PeakMemory(device) as peak:
-        for step in range(steps):
+        bar = tqdm(range(steps), desc="distill", unit="step", disable=not progress)
+        for step in bar:
             step_loss = step_kl = 0.0
             for _ in range(grad_accum):
                 ids = next(batches).to(device)
@@ -202,8 +204,7 @@ def distill_(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, s
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
             kls.append(step_kl)
-            if progress:
-                print(f"distill step {step + 1}/{steps}  loss {step_loss:.5f}", flush=True)
+            bar.set_postfix(loss=f"{step_loss:.5f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

@@ -39,7 +39,8 @@ from memfit.formats import grid
 from memfit.formats.grid import IntFormat
 from memfit.formats.intq import PackedIntWeight, zeros_float
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseIntWeight, SparseLinear, keep_mask
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseIntWeight, SparseLinear, keep_mask
 
 
 _MIN_SCALE = 2.0 ** -20  # exactly representable in float16 (subnormal), bfloat16 and float32

@@ -1,4 +1,4 @@
-"""Storage formats for pruned and factorised weights, and their nn.Module shells.
+"""Storage formats for pruned weights, and their nn.Module shell (low-rank: formats/lowrank.py).
 
 - `BitmaskWeight`: any sparsity pattern. `values` holds the non-zeros in row-major order, and
   `bitmask` one bit per weight (bit b of byte i is weight 8i+b of the flattened matrix, so
@@ -19,8 +19,6 @@
   bits per weight, 0.77× dense int4 g64 (4.31); 2:4 + int4 costs the same.
 - `SparseLinear` holds any of these formats as buffers and, for now, rebuilds the dense weight in
   forward (a sparse matmul kernel is a later issue): it saves memory at rest, not compute.
-- `LowRankLinear`: y = A (B x) + bias with A (out, r), B (r, in) as two thin nn.Linear layers,
-  trainable for healing; either may be swapped for a `QuantLinear` (quantized factors).
 
 Round trips are exact in value: `to_dense(from_dense(w))` equals `w` elementwise (a −0.0 is a
 zero and comes back as +0.0). `nbytes` counts the stored tensors, not the shape metadata.
@@ -302,63 +300,6 @@ class SparseLinear(nn.Module):
         q = "" if self.fmt is None else f", int{self.fmt.bits} group {self.fmt.group_size or 'channel'}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={self.layout}{q}")
-
-
-class LowRankLinear(nn.Module):
-    """y = A (B x) + bias: `down` holds B (r, in), `up` holds A (out, r) and the bias."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 dtype: torch.dtype | None = None, device=None):
-        super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise UserError(f"rank={rank} is invalid for a {out_features}x{in_features} layer; "
-                            f"use [1, {min(in_features, out_features)}]")
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> "LowRankLinear":
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[0]:
-            raise UserError(f"factors do not chain: A {tuple(A.shape)} must be (out, r) and "
-                            f"B {tuple(B.shape)} must be (r, in)")
-        if bias is not None and tuple(bias.shape) != (A.shape[0],):
-            raise UserError(f"bias has shape {tuple(bias.shape)}, expected ({A.shape[0]},)")
-        m = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, dtype=A.dtype,
-                device=A.device)
-        with torch.no_grad():
-            m.up.weight.copy_(A)
-            m.down.weight.copy_(B.to(A.dtype))
-            if bias is not None:
-                m.up.bias.copy_(bias.to(A.dtype))
-        return m
-
-    @property
-    def fmt(self) -> IntFormat | None:
-        """The IntFormat of quantized factors, None when they are floats."""
-        return getattr(self.up, "fmt", None)
-
-    @property
-    def A(self) -> torch.Tensor:
-        return _factor(self.up)
-
-    @property
-    def B(self) -> torch.Tensor:
-        return _factor(self.down)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes of both factors (packed when quantized) and the bias."""
-        return sum(_nbytes(t) for m in (self.down, self.up)
-                   for t in (*m.parameters(), *m.buffers()) if t is not None)
-
-
-def _factor(m: nn.Module) -> torch.Tensor:
-    return m.weight if isinstance(m, nn.Linear) else m.dequantize_weight()
 
 
 # ----- bit packing: 1-bit masks here; 2-bit indices through memfit.formats.packing -----

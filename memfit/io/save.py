@@ -54,7 +54,8 @@ from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.intq import field_specs
-from memfit.formats.sparse import LowRankLinear, SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseLinear
 
 FORMAT = "memfit/1"
 WEIGHTS = "model.safetensors"

@@ -16,7 +16,8 @@ from memfit.formats import grid
 from memfit.formats.grid import IntFormat, minmax_params, round_params
 from memfit.formats.intq import zeros_float
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseIntWeight, SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseIntWeight, SparseLinear
 from memfit.io.save import save
 from memfit.models import load_model
 from memfit.recipe import PRESETS, Compose, Recipe

@@ -221,3 +221,25 @@ def test_block_sequential_uses_the_uncompressed_block_for_every_group(tiny_llama
     assert not torch.equal(masks["group"]["self_attn.o_proj"], masks["block"]["self_attn.o_proj"])
     with pytest.raises(UserError, match="unknown sequential"):
         Recipe.from_dict({"prune": {"sparsity": 0.5}, "calib": {"sequential": "layer"}})
+
+
+@pytest.mark.parametrize("recipe, order", [
+    ({"prune": {"method": "wanda", "sparsity": 0.5}}, "block"),
+    ({"prune": {"method": "wanda", "nm": "2:4"}}, "block"),
+    ({"prune": {"method": "wanda", "sparsity": 0.5, "owl": True}}, "block"),
+    ({"prune": {"method": "wanda", "sparsity": 0.5}, "overrides": {"*.o_proj": None}}, "block"),
+    ({"prune": {"method": "sparsegpt", "sparsity": 0.5}}, "group"),
+    ({"prune": {"method": "magnitude", "sparsity": 0.5}}, "group"),
+    ({"prune": {"method": "wanda", "sparsity": 0.5}, "quant": {"algo": "gptq", "bits": 4,
+                                                               "group_size": 64}}, "group"),
+    ({"prune": {"method": "wanda", "sparsity": 0.5},
+      "overrides": {"*.o_proj": {"method": "sparsegpt", "sparsity": 0.5}}}, "group"),
+    ({"quant": {"algo": "gptq", "bits": 4, "group_size": 64}}, "group"),
+    ({"prune": {"method": "wanda", "sparsity": 0.5}, "calib": {"sequential": "group"}}, "group"),
+    ({"prune": {"method": "sparsegpt", "sparsity": 0.5}, "calib": {"sequential": "block"}},
+     "block"),
+])
+def test_auto_sequential_is_block_for_wanda_alone(recipe, order):
+    r = Recipe.from_dict(recipe)
+    assert r.sequential == order
+    assert Recipe.from_dict(r.to_dict()).sequential == order

@@ -10,7 +10,8 @@ from memfit.distill.trainable import (FakeQuantLinear, MaskedSparseLinear, make_
                                       repack_)
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseLinear
 
 FORMATS = [IntFormat(bits=3, group_size=64), IntFormat(bits=4, group_size=32, zero_point="float"),
            IntFormat(bits=8, group_size=None, symmetric=True),

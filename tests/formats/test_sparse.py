@@ -7,7 +7,8 @@ from safetensors.torch import load, save
 
 from memfit.algos.prune import magnitude_mask
 from memfit.errors import UserError
-from memfit.formats.sparse import (BitmaskWeight, LowRankLinear, Sparse24Weight, SparseLinear,
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import (BitmaskWeight, Sparse24Weight, SparseLinear,
                                    pack_2bit, pack_bits, unpack_2bit, unpack_bits)
 
 

@@ -9,7 +9,8 @@ from memfit.formats import grid
 from memfit.formats.grid import IntFormat
 from memfit.formats.intq import format_nbytes
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseLinear
 from memfit.io import save as io
 from memfit.io.hf import register_with_transformers
 

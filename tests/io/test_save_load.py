@@ -12,7 +12,8 @@ from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
-from memfit.formats.sparse import LowRankLinear, SparseLinear
+from memfit.formats.lowrank import LowRankLinear
+from memfit.formats.sparse import SparseLinear
 from memfit.io import save as io
 
 CONFIGS = {
