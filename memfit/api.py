@@ -100,21 +100,26 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
     return {n: described[n] for g in arch.groups for n in g if n in described}
 
 
-def _structured_(model, arch: Arch, spec, data, offload: str) -> None:
-    """Drop blocks, then narrow MLPs and attention, each by activation importance."""
+def _structured_(model, arch: Arch, spec, data, offload: str) -> list[int] | None:
+    """Drop blocks, then narrow MLPs and attention, each by activation importance; -> the
+    original indices of the blocks kept (None when none is dropped)."""
     from memfit.algos.structured import choose_blocks_to_drop
     from memfit.structured import (channel_importance, drop_blocks_, measure_block_influence,
                                    prune_heads_, prune_mlp_width_)
 
+    kept = None
     if spec.drop_blocks:
         scores = measure_block_influence(model, arch, data, offload=offload)
-        drop_blocks_(model, choose_blocks_to_drop(scores, spec.drop_blocks), arch=arch)
+        drop = choose_blocks_to_drop(scores, spec.drop_blocks)
+        drop_blocks_(model, drop, arch=arch)
+        kept = [i for i in range(len(scores)) if i not in drop]
     if spec.mlp_keep is not None or spec.heads_keep is not None:
         imp = channel_importance(model, arch, data, offload=offload)
         if spec.mlp_keep is not None:
             prune_mlp_width_(model, spec.mlp_keep, scores=imp.mlp, arch=arch)
         if spec.heads_keep is not None:
             prune_heads_(model, num_heads=spec.heads_keep, scores=imp.kv_groups, arch=arch)
+    return kept
 
 
 @torch.inference_mode()
@@ -182,8 +187,9 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         c = recipe.calib
         data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
                              max_windows=c.samples, seed=c.seed)
+    kept_blocks = None
     if recipe.structured:
-        _structured_(model, arch, recipe.structured, data, recipe.calib.offload)
+        kept_blocks = _structured_(model, arch, recipe.structured, data, recipe.calib.offload)
     blocks = block_list(model, arch)
     prefix = _module_prefix(model, blocks)
     plan = []
@@ -222,7 +228,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),
             "seconds": time.perf_counter() - t0, "bytes_before": before, "bytes_after": after,
-            "blocks": len(blocks), "owl_sparsities": owl,
+            "blocks": len(blocks), "kept_blocks": kept_blocks, "owl_sparsities": owl,
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
             "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),

@@ -80,7 +80,8 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
             f"perplexity {check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing "
             "written. Use a gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
     # only run-independent facts go into the folder, so a resumed run writes identical bytes
-    stable = ("bytes_before", "bytes_after", "modules", "calib_windows", "calib_seq_len", "smoke")
+    stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
+              "calib_seq_len", "smoke")
     save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=overwrite,
          extra={"source": loaded.source, "report": {k: report[k] for k in stable}})
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -30,22 +30,34 @@ def check_same_tokenizer(teacher, student, teacher_spec: str, student_spec: str)
                         "different tokenizers; distill between models of one tokenizer")
 
 
-def _student_recipe(spec: str) -> dict:
+def _student_meta(spec: str) -> dict:
     from memfit.io.save import META, read_meta
 
     folder = Path(spec).expanduser()
-    if (folder / META).exists():
-        recipe = read_meta(folder).get("recipe")
-        return dict(recipe) if isinstance(recipe, dict) else {}
-    return {}
+    return read_meta(folder) if (folder / META).exists() else {}
+
+
+def _layer_map(teacher, student, meta: dict) -> dict[int, int]:
+    """Teacher/student hidden states to match: through the blocks memfit compress kept when it
+    dropped some, else spread evenly (memfit.distill.losses.matched_layers)."""
+    from memfit.archs import arch_for, block_list
+    from memfit.distill.losses import matched_layers
+
+    n_t = len(block_list(teacher, arch_for(teacher.config)))
+    n_s = len(block_list(student, arch_for(student.config)))
+    kept = (meta.get("report") or {}).get("kept_blocks")
+    return matched_layers(n_t, n_s, kept if n_s < n_t else None)
 
 
 def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "builtin",
                steps: int = 200, lr: float = 1e-4, seq_len: int = 256, samples: int = 128,
                temperature: float = 1.0, optimizer: str = "adamw", batch_size: int = 4,
-               eval_windows: int = 8, overwrite: bool = False, device: str = "cpu",
+               hidden_mse: float = 0.0, eval_windows: int = 8, overwrite: bool = False, device: str = "cpu",
                seed: int = 0, progress: bool = True) -> dict:
-    """Distill `teacher` into `student` and save the result to `out`; -> report."""
+    """Distill `teacher` into `student` and save the result to `out`; -> report.
+
+    hidden_mse > 0 adds that weight times a scale-free MSE between matched blocks' outputs (a
+    student with blocks dropped by memfit compress is matched through the blocks it kept)."""
     from memfit.data import token_windows
     from memfit.distill.loop import distill_
     from memfit.eval.lm import evaluate_lm
@@ -54,12 +66,16 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     from memfit.models import load_model
 
     _check_target(Path(out), overwrite)  # fail before the slow part
+    if hidden_mse < 0:
+        raise UserError(f"hidden_mse_weight={hidden_mse} must be >= 0 (0 = logit KL only)")
     t = load_model(teacher, device=device)
     s = load_model(student, device=device)
     if t.kind != "decoder" or s.kind != "decoder":
         raise UserError("distill needs two decoder (causal LM) models; got "
                         f"{t.kind} teacher and {s.kind} student")
     check_same_tokenizer(t, s, teacher, student)
+    meta = _student_meta(student)
+    layer_map = _layer_map(t.model, s.model, meta) if hidden_mse > 0 else None
     calib = token_windows(t.tokenizer, data, "calib", seq_len=seq_len, max_windows=samples,
                           seed=seed)
     held_out = token_windows(t.tokenizer, data, "eval", seq_len=seq_len, max_windows=eval_windows)
@@ -67,13 +83,15 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     before = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
     rep = distill_(s.model, t.model, calib, steps=steps, lr=lr, temperature=temperature,
                    batch_size=min(batch_size, calib.shape[0]), optimizer=optimizer, seed=seed,
-                   progress=progress)
+                   hidden_mse_weight=hidden_mse, layer_map=layer_map, progress=progress)
     after = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
     entry = {"teacher": teacher, "student": student, "data": data, "samples": int(calib.shape[0]),
              **rep["config"]}
     # the recipe stays a valid Recipe; the distillation run is recorded beside it
-    save(s.model, s.tokenizer, out, recipe=_student_recipe(student), overwrite=overwrite,
-         extra={"distill": entry})
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    kept = (meta.get("report") or {}).get("kept_blocks")  # so a later distill matches it again
+    save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=overwrite,
+         extra={"distill": entry, **({"report": {"kept_blocks": kept}} if kept else {})})
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},
@@ -86,8 +104,8 @@ def cmd_distill(args) -> None:
     rep = distill_to(args.teacher, args.student, args.out, data=args.data, steps=args.steps,
                      lr=args.lr, seq_len=args.seq_len, samples=args.samples,
                      temperature=args.temperature, optimizer=args.optimizer,
-                     batch_size=args.batch_size, overwrite=args.overwrite, device=args.device,
-                     progress=True)
+                     batch_size=args.batch_size, hidden_mse=args.hidden_mse,
+                     overwrite=args.overwrite, device=args.device, progress=True)
     if args.json:
         print(json.dumps(rep))
         return
@@ -118,6 +136,10 @@ def add_distill(sub) -> None:
     d.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the "
                    "KL loss (default 1.0)")
+    d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x a hidden-state MSE between matched blocks (default 0: "
+                   "logit KL only); a student whose blocks memfit compress dropped is matched "
+                   "through the blocks it kept, others evenly by depth")
     d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory)")
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

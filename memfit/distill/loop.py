@@ -154,6 +154,8 @@ def _check_args(windows, steps, lr, batch_size, grad_accum, hidden_mse_weight, l
     if batch_size > windows.shape[0]:
         raise UserError(f"batch_size={batch_size} exceeds the {windows.shape[0]} windows; "
                         "use more --samples or a smaller batch")
+    if hidden_mse_weight < 0:
+        raise UserError(f"hidden_mse_weight={hidden_mse_weight} must be >= 0 (0 = logit KL only)")
     if hidden_mse_weight > 0 and not layer_map:
         raise UserError("hidden_mse_weight > 0 needs a layer_map {teacher layer: student layer}")
 

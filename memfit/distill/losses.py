@@ -84,3 +84,27 @@ def hidden_mse(student_hidden: dict, teacher_hidden: dict, layer_map: dict[int, 
         ht = ht.float()
         terms.append(F.mse_loss(hs.float(), ht) / ht.pow(2).mean().clamp_min(1e-12))
     return torch.stack(terms).mean()
+
+
+def matched_layers(n_teacher: int, n_student: int,
+                   kept: list[int] | None = None) -> dict[int, int]:
+    """{teacher hidden-state index: student's} for the hidden MSE, one pair per student block but
+    the last (its output is the final, normed hidden state, which the logit KL already matches).
+
+    `kept`: the teacher's block indices the student kept (memfit compress records them when it
+    drops blocks), so student block j is teacher block kept[j]; without it blocks are spread
+    evenly (student block j ~ teacher block round((j + 1) n_teacher / n_student) - 1), which is
+    the identity for equal depths."""
+    if n_student > n_teacher:
+        raise UserError(f"the student has {n_student} blocks, more than the teacher's "
+                        f"{n_teacher}; hidden-state matching needs a student no deeper")
+    if kept is not None:
+        if (len(kept) != n_student or sorted(set(kept)) != list(kept)
+                or not all(0 <= k < n_teacher for k in kept)):
+            raise UserError(f"kept blocks {kept} do not describe a {n_student}-block student of "
+                            f"a {n_teacher}-block teacher; pass a matching teacher")
+        pairs = {kept[j]: j for j in range(n_student)}
+    else:
+        pairs = {round((j + 1) * n_teacher / n_student) - 1: j for j in range(n_student)}
+    return {t + 1: s + 1 for t, s in pairs.items() if s < n_student - 1}
+

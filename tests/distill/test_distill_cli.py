@@ -57,3 +57,42 @@ def test_different_tokenizers_are_refused(capsys, tiny_llama_dir, save_tiny, tmp
     assert code == 2, err
     assert "30522" in err and "30523" in err and "different tokenizers" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_student_with_dropped_blocks_is_matched_through_the_blocks_it_kept(capsys, save_tiny,
+                                                                          tmp_path):
+    """memfit compress records which blocks it kept; --hidden-mse then pairs student block j with
+    teacher block kept[j] (not an even spread), and the hidden MSE is part of what is trained."""
+    teacher = save_tiny(tmp_path / "t", num_hidden_layers=4)
+    recipe = tmp_path / "drop.json"
+    recipe.write_text(json.dumps({"structured": {"drop_blocks": 1}}))
+    student = tmp_path / "s"
+    code = _main(["compress", teacher, "--recipe", recipe, "--out", student, "--samples", "4",
+                  "--seq-len", "32", "--max-kld", "100", "--json"])
+    assert code == 0, capsys.readouterr().err
+    kept = json.loads((student / "memfit.json").read_text())["report"]["kept_blocks"]
+    assert len(kept) == 3 and set(kept) < {0, 1, 2, 3}
+    capsys.readouterr()
+
+    out = tmp_path / "healed"
+    code = _main(["distill", teacher, student, "--out", out, "--hidden-mse", "1.0", "--json",
+                  *FAST])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    rep = json.loads(stdout)
+    # hidden-state index i = output of block i - 1; the student's last block is left to the KL
+    meta = json.loads((out / "memfit.json").read_text())
+    want = {str(kept[j] + 1): j + 1 for j in range(2)}
+    assert meta["distill"]["layer_map"] == want and meta["distill"]["hidden_mse_weight"] == 1.0
+    assert meta["report"]["kept_blocks"] == kept  # carried forward for a later distill
+    assert all(loss > kl for loss, kl in zip(rep["loss"], rep["kl"]))  # the MSE term is in the loss
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+
+
+def test_negative_hidden_mse_is_refused(capsys, tiny_llama_dir, student_dir, tmp_path):
+    code = _main(["distill", tiny_llama_dir, student_dir, "--out", tmp_path / "x",
+                  "--hidden-mse", "-1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "hidden_mse_weight=-1.0 must be >= 0" in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """Distillation losses: the chunked KL equals the full-logit KL (value and gradient)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -41,3 +42,18 @@ def test_kl_and_mse_vanish_for_identical_models(tiny_config):
         assert logit_kl(model, model, h, h, chunk=4).abs().item() < 1e-6
         assert hidden_mse(layers, layers, {1: 1, 2: 2}).item() == 0
         assert hidden_mse(layers, layers, {1: 2}).item() > 0
+
+
+def test_matched_layers_pairs_kept_blocks_or_spreads_evenly():
+    from memfit.distill.losses import matched_layers
+    from memfit.errors import UserError
+
+    # hidden-state indices (block i's output is i + 1); the student's last block is not paired
+    assert matched_layers(4, 4) == {1: 1, 2: 2, 3: 3}
+    assert matched_layers(6, 3) == {2: 1, 4: 2}
+    assert matched_layers(6, 3, kept=[0, 4, 5]) == {1: 1, 5: 2}
+    assert matched_layers(30, 28, kept=[0, 1, 2, *range(5, 30)])[6] == 4
+    with pytest.raises(UserError, match="do not describe"):
+        matched_layers(6, 3, kept=[0, 7, 8])
+    with pytest.raises(UserError, match="more than the teacher"):
+        matched_layers(2, 3)
