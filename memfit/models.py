@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def _convert_gguf(path: Path) -> Path:
 
     from transformers.utils import logging as hf_logging
 
-    print(f"memfit: converting {path.name} once into {out} (later loads take seconds)", flush=True)
+    print(f"memfit: converting {path.name} once into {out} (later loads take seconds)",
+          file=sys.stderr, flush=True)  # stdout stays clean for --json
     kw = dict(gguf_file=path.name)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()  # dequantizing takes tens of seconds: show its bar
