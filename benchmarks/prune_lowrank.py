@@ -43,7 +43,6 @@ import os
 import platform
 import shlex
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,8 +59,8 @@ from memfit.eval.memory import weight_table
 from memfit.formats.sparse import SparseLinear
 from memfit.models import load_model
 from memfit.recipe import PRESETS, Calib, LowRank, Prune, Recipe, load_recipe
+from peers.llmc import run_llmc
 
-HERE = Path(__file__).resolve().parent
 QUANT_PRESETS = ("w8", "w4g64-gptq", "w3g64-gptq", "w2g32-gptq")
 COMPOSED_PRESETS = ("wanda-50-w4g64", "sparsegpt-50-w4g64", "sparsegpt-2of4-w4g64", "wsvd-80-w8")
 
@@ -232,15 +231,8 @@ class Bench:
 
     def peer(self, setting: str, peer_args: list[str], calib_file: Path, work: Path) -> dict:
         a = self.args
-        out, report = work / "peer", work / "peer.json"
-        cmd = [a.peer_python, str(HERE / "peers" / "llmc_run.py"), "--model", self.ref.source,
-               "--calib", str(calib_file), "--out", str(out), "--report", str(report), *peer_args]
-        if a.device != "cpu":
-            cmd += ["--device", a.device]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise RuntimeError(f"llm-compressor failed on {setting}: {res.stderr[-3000:]}")
-        rep = json.loads(report.read_text())
+        out, rep = run_llmc(a.peer_python, self.ref.source, calib_file, work, peer_args,
+                            a.device, what=setting)
         dense = load_model(str(out / "dense"), device=a.device, dtype=a.store_dtype).model
         linear = artifact_linear_bytes(out / "artifact", self.names)
         zeros = 100 * rep["compressed_zero_fraction"]

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from memfit.data import token_windows
 from memfit.eval.lm import evaluate_lm
 from memfit.models import load_model
+from peers.llmc import run_llmc
 
-HERE = Path(__file__).resolve().parent
 # name -> (memfit quant dict, peer args)
 SETTINGS = {
     "rtn-w8": ({"algo": "rtn", "bits": 8, "group_size": None, "symmetric": True},
@@ -77,15 +77,7 @@ def run_memfit(src, quant, args, work: Path) -> dict:
 
 
 def run_peer(src, peer_args, args, calib_file: Path, work: Path) -> dict:
-    out, report = work / "peer", work / "peer.json"
-    cmd = [args.peer_python, str(HERE / "peers" / "llmc_run.py"), "--model", src, "--calib",
-           str(calib_file), "--out", str(out), "--report", str(report), *peer_args]
-    if args.device != "cpu":
-        cmd += ["--device", args.device]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"llm-compressor failed: {res.stderr[-2000:]}")
-    rep = json.loads(report.read_text())
+    out, rep = run_llmc(args.peer_python, src, calib_file, work, peer_args, args.device)
     return {"dir": out / "dense", "compress_seconds": rep["compress_seconds"],
             "peak_rss_bytes": rep["peak_rss_bytes"], "peak_gpu_bytes": rep.get("peak_gpu_bytes"),
             "artifact_bytes": rep["artifact_bytes"], "version": rep.get("llmcompressor_version")}
