@@ -67,7 +67,8 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
 
     _check_target(Path(out), overwrite)  # fail before the slow part
     if hidden_mse < 0:
-        raise UserError(f"hidden_mse_weight={hidden_mse} must be >= 0 (0 = logit KL only)")
+        raise UserError(f"--hidden-mse {hidden_mse} is negative; give a weight >= 0 (0 = logit KL "
+                        "only)")
     t = load_model(teacher, device=device)
     s = load_model(student, device=device)
     if t.kind != "decoder" or s.kind != "decoder":

@@ -94,5 +94,5 @@ def test_negative_hidden_mse_is_refused(capsys, tiny_llama_dir, student_dir, tmp
     code = _main(["distill", tiny_llama_dir, student_dir, "--out", tmp_path / "x",
                   "--hidden-mse", "-1", *FAST])
     err = capsys.readouterr().err
-    assert code == 2 and "hidden_mse_weight=-1.0 must be >= 0" in err
+    assert code == 2 and "--hidden-mse -1.0 is negative" in err
     assert len(err.strip().splitlines()) == 1
