@@ -228,7 +228,8 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),
             "seconds": time.perf_counter() - t0, "bytes_before": before, "bytes_after": after,
-            "blocks": len(blocks), "kept_blocks": kept_blocks, "owl_sparsities": owl,
+            "blocks": len(blocks), "kept_blocks": kept_blocks,
+            "owl_sparsities": owl,
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
             "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),

@@ -37,7 +37,7 @@ def _student_meta(spec: str) -> dict:
     return read_meta(folder) if (folder / META).exists() else {}
 
 
-def _layer_map(teacher, student, meta: dict) -> dict[int, int]:
+def _layer_map(teacher, student, kept: list[int] | None) -> dict[int, int]:
     """Teacher/student hidden states to match: through the blocks memfit compress kept when it
     dropped some, else spread evenly (memfit.distill.losses.matched_layers)."""
     from memfit.archs import arch_for, block_list
@@ -45,15 +45,14 @@ def _layer_map(teacher, student, meta: dict) -> dict[int, int]:
 
     n_t = len(block_list(teacher, arch_for(teacher.config)))
     n_s = len(block_list(student, arch_for(student.config)))
-    kept = (meta.get("report") or {}).get("kept_blocks")
     return matched_layers(n_t, n_s, kept if n_s < n_t else None)
 
 
 def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "builtin",
                steps: int = 200, lr: float = 1e-4, seq_len: int = 256, samples: int = 128,
                temperature: float = 1.0, optimizer: str = "adamw", batch_size: int = 4,
-               hidden_mse: float = 0.0, eval_windows: int = 8, overwrite: bool = False, device: str = "cpu",
-               seed: int = 0, progress: bool = True) -> dict:
+               hidden_mse: float = 0.0, eval_windows: int = 8, overwrite: bool = False,
+               device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
     """Distill `teacher` into `student` and save the result to `out`; -> report.
 
     hidden_mse > 0 adds that weight times a scale-free MSE between matched blocks' outputs (a
@@ -76,7 +75,8 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
                         f"{t.kind} teacher and {s.kind} student")
     check_same_tokenizer(t, s, teacher, student)
     meta = _student_meta(student)
-    layer_map = _layer_map(t.model, s.model, meta) if hidden_mse > 0 else None
+    kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
+    layer_map = _layer_map(t.model, s.model, kept) if hidden_mse > 0 else None
     calib = token_windows(t.tokenizer, data, "calib", seq_len=seq_len, max_windows=samples,
                           seed=seed)
     held_out = token_windows(t.tokenizer, data, "eval", seq_len=seq_len, max_windows=eval_windows)
@@ -90,9 +90,9 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
              **rep["config"]}
     # the recipe stays a valid Recipe; the distillation run is recorded beside it
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    kept = (meta.get("report") or {}).get("kept_blocks")  # so a later distill matches it again
     save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=overwrite,
          extra={"distill": entry, **({"report": {"kept_blocks": kept}} if kept else {})})
+    # (kept_blocks is carried forward so a later distill matches the blocks again)
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},
