@@ -82,9 +82,13 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
         names = [n for n in group if specs.get(n) is not None]
         if names:
             groups.append({n: block.get_submodule(n) for n in names})
-    collect = lambda mods: (collect_stats(block, mods, {n: stat_needed(specs[n]) for n in mods},
-                                          store, kwargs) if store is not None else {})
-    early = [collect(mods) for mods in groups] if sequential == "block" else None
+    needs = {n: stat_needed(specs[n]) for mods in groups for n in mods}
+    collect = lambda mods: (collect_stats(block, mods, needs, store, kwargs)
+                            if store is not None else {})
+    early = None
+    if sequential == "block":  # one pass over the block as it is, for every group
+        every = collect(groups)
+        early = [{n: every[n] for n in mods if n in every} for mods in groups]
     for i, mods in enumerate(groups):
         stats = early[i] if early is not None else collect(mods)
         batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
@@ -138,9 +142,10 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     spec = next(_owl_part(s) for p in plan for s in p.values() if _owl_part(s))
     for i, block in enumerate(blocks):
         outliers = total = 0
-        for group in arch.groups:
-            mods = {n: block.get_submodule(n) for n in group}
-            stats = collect_stats(block, mods, {n: "norms" for n in group}, store, kwargs)
+        groups = [{n: block.get_submodule(n) for n in group} for group in arch.groups]
+        stats = collect_stats(block, groups, {n: "norms" for g in arch.groups for n in g}, store,
+                              kwargs)  # the dense block: every group in the same passes
+        for mods in groups:
             for n, mod in mods.items():
                 scores = wanda_scores(weight_2d(mod), stats[n].norms)
                 outliers += int((scores > spec.owl_m * scores.mean()).sum())

@@ -102,25 +102,29 @@ def _input_stat(kind: str, in_features: int, device):
 
 
 @torch.inference_mode()
-def collect_stats(block, modules: dict[str, torch.nn.Module], needs: dict[str, str | None],
-                  store: ActivationStore, kwargs: dict) -> dict:
+def collect_stats(block, modules: dict[str, torch.nn.Module] | list[dict[str, torch.nn.Module]],
+                  needs: dict[str, str | None], store: ActivationStore, kwargs: dict) -> dict:
     """Run `block` over all stored batches with hooks on `modules`; return {name: statistic}.
 
-    `modules` form one group, so they all see the same input: one statistic per kind is
-    accumulated (on the first module that needs it) and shared by every member.
+    `modules` is one group, or a list of groups collected in the same passes (for statistics of
+    the block as it is, e.g. sequential "block"). The members of a group see the same input: one
+    statistic per kind is accumulated (on the first member that needs it) and shared by all.
     `needs[name]` is "hessian", "norms" or None (no statistic: the module is skipped).
     """
+    groups = [modules] if isinstance(modules, dict) else modules
     stats, shared, handles = {}, {}, []
-    for name, mod in modules.items():
-        kind = needs.get(name)
-        if kind is None:
-            continue
-        if kind not in shared:
-            in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) \
-                else mod.weight.shape[0]
-            stat = shared[kind] = _input_stat(kind, in_features, mod.weight.device)
-            handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
-        stats[name] = shared[kind]
+    for gi, group in enumerate(groups):
+        for name, mod in group.items():
+            kind = needs.get(name)
+            if kind is None:
+                continue
+            if (gi, kind) not in shared:
+                in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) \
+                    else mod.weight.shape[0]
+                stat = shared[gi, kind] = _input_stat(kind, in_features, mod.weight.device)
+                handles.append(mod.register_forward_hook(
+                    lambda _m, inp, _o, s=stat: s.update(inp[0])))
+            stats[name] = shared[gi, kind]
     if not stats:
         return stats
     try:

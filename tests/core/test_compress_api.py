@@ -205,6 +205,27 @@ def test_owl_gives_outlier_blocks_lower_sparsity(save_tiny, tmp_path):
     assert abs(zeros / numel - s[1]) < 0.01
 
 
+def test_groups_collected_in_one_pass_match_one_pass_each(tiny_llama_dir):
+    """collect_stats over several groups at once (sequential block, OWL) gives each group the
+    statistics a pass of its own gives: shared within a group, separate across groups."""
+    from memfit.archs import arch_for, block_list
+    from memfit.calib import capture_inputs, collect_stats
+
+    m = load_model(str(tiny_llama_dir)).model
+    arch = arch_for(m.config)
+    block = block_list(m, arch)[0]
+    store, kwargs = capture_inputs(m, block_list(m, arch), _calib(4), offload="memory")
+    groups = [{n: block.get_submodule(n) for n in g} for g in arch.groups]
+    needs = {n: "hessian" for g in arch.groups for n in g}
+    together = collect_stats(block, groups, needs, store, kwargs)
+    for g in groups:
+        alone = collect_stats(block, g, needs, store, kwargs)
+        for n in g:
+            torch.testing.assert_close(together[n].hessian, alone[n].hessian, rtol=0, atol=0)
+        assert len({id(together[n]) for n in g}) == 1
+    assert len({id(s) for s in together.values()}) == len(groups)
+
+
 def test_block_sequential_uses_the_uncompressed_block_for_every_group(tiny_llama_dir):
     """sequential: block gives o_proj the statistics of the dense attention (so its mask equals
     a one-shot Wanda on the block's dense inputs); group gives it the pruned q/k/v's outputs."""
