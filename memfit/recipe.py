@@ -321,8 +321,8 @@ class Recipe:
             return self.calib.sequential
         specs = [s for s in [self.main] + [s for _, s in self.overrides] if s is not None]
         wanda = lambda s: isinstance(s, Prune) and s.method == "wanda"
-        return "block" if specs and all(wanda(s) or not s.needs_data for s in specs) \
-            and any(wanda(s) for s in specs) else "group"
+        alone = any(map(wanda, specs)) and all(wanda(s) or not s.needs_data for s in specs)
+        return "block" if alone else "group"
 
     @property
     def needs_data(self) -> bool:
