@@ -114,9 +114,7 @@ def _structured_(model, arch: Arch, spec, data, offload: str) -> list[int] | Non
     kept = None
     if spec.drop_blocks:
         scores = measure_block_influence(model, arch, data, offload=offload)
-        drop = choose_blocks_to_drop(scores, spec.drop_blocks)
-        drop_blocks_(model, drop, arch=arch)
-        kept = [i for i in range(len(scores)) if i not in drop]
+        kept = drop_blocks_(model, choose_blocks_to_drop(scores, spec.drop_blocks), arch=arch)
     if spec.mlp_keep is not None or spec.heads_keep is not None:
         imp = channel_importance(model, arch, data, offload=offload)
         if spec.mlp_keep is not None:

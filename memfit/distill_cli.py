@@ -88,11 +88,11 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     after = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
     entry = {"teacher": teacher, "student": student, "data": data, "samples": int(calib.shape[0]),
              **rep["config"]}
-    # the recipe stays a valid Recipe; the distillation run is recorded beside it
+    # the recipe stays a valid Recipe, the run is recorded beside it, and kept_blocks is carried
+    # so a later distill matches the blocks again
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=overwrite,
          extra={"distill": entry, **({"report": {"kept_blocks": kept}} if kept else {})})
-    # (kept_blocks is carried forward so a later distill matches the blocks again)
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},

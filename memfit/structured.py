@@ -110,9 +110,11 @@ def _slice_(lin: nn.Linear, rows: torch.Tensor | None = None,
 
 # ---------------------------------------------------------------- depth: drop whole blocks
 
-def drop_blocks_(model: nn.Module, indices: Sequence[int], *, arch: Arch | None = None) -> None:
+def drop_blocks_(model: nn.Module, indices: Sequence[int], *,
+                 arch: Arch | None = None) -> list[int]:
     """Remove the blocks at `indices`; renumber `layer_idx`, fix num_hidden_layers and the
-    per-layer config lists so the saved model reloads with plain from_pretrained."""
+    per-layer config lists so the saved model reloads with plain from_pretrained; -> the
+    original indices of the blocks kept."""
     blocks = block_list(model, _arch(model, arch))
     n = len(blocks)
     drop = set()
@@ -135,6 +137,7 @@ def drop_blocks_(model: nn.Module, indices: Sequence[int], *, arch: Arch | None 
         if isinstance(values, (list, tuple)) and len(values) == n:
             setattr(cfg, key, type(values)(values[i] for i in kept))
     cfg.num_hidden_layers = len(blocks)
+    return kept
 
 
 # ---------------------------------------------------------------- width: MLP channels

@@ -7,9 +7,10 @@ trainable stand-in (dispatch: the literal dict `TRAINABLE`, keyed by exact modul
   log space around its packed value (`log_scale`: an Adam step is then a relative change of
   about lr, whatever the scale's size; as an absolute parameter a 4-bit scale of ~1e-3 could
   move by lr per step, a large relative change), are parameters, and the zero point when the
-  format stores a float zero (integer and symmetric zeros stay fixed). Forward fake-quantizes on the module's exact grid: scale/zero are
-  rounded to their stored dtype, codes = clamp(round(w / s + z), 0, qmax) are recomputed every
-  step, and round/dtype-rounding pass gradients straight through (STE); w_hat = (q - z) * s.
+  format stores a float zero (integer and symmetric zeros stay fixed). Forward fake-quantizes
+  on the module's exact grid: scale/zero are rounded to their stored dtype, codes =
+  clamp(round(w / s + z), 0, qmax) are recomputed every step, and round/dtype-rounding pass
+  gradients straight through (STE); w_hat = (q - z) * s.
   At the start w_hat equals the packed weight, and `repack()` stores exactly the w_hat of the
   last forward: same format, same bytes, codes chosen against the stored scale/zero.
 - `SparseLinear` -> `MaskedSparseLinear`: only the kept values are parameters (float32, the
@@ -64,8 +65,7 @@ class FakeQuantLinear(nn.Module):
         self.fmt = fmt
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.float().clone())  # (out, in)
-        # the scale trains in log space around its packed value: Adam's step (~lr) is then a
-        # relative change, the same for a 1e-4 and a 1e-1 scale, and the scale stays positive
+        # the scale trains in log space around its packed value (module docstring)
         self.register_buffer("scale0", scale.float().clone())  # (out, n_groups)
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         zero = zeros.float().clone()
