@@ -62,7 +62,7 @@ def child(method: str, model_spec: str, seq_len: int, n_windows: int) -> dict:
     """Load, build windows, warm up, score with one method; return numbers as a dict."""
     import torch
 
-    from memfit.data import token_windows
+    from memfit.calib.data import token_windows
     from memfit.eval.lm import evaluate_lm
     from memfit.eval.memory import weight_table
     from memfit.models import load_model

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 
 from memfit.api import compress_
 from memfit.archs import arch_for, block_list
-from memfit.data import token_windows
+from memfit.calib.data import token_windows
 from memfit.distill import distill_
 from memfit.eval.lm import evaluate_lm
 from memfit.eval.memory import weight_table

@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from memfit.data import token_windows
+from memfit.calib.data import token_windows
 from memfit.eval.lm import evaluate_lm
 from memfit.models import load_model
 from peers.llmc import run_llmc

@@ -186,7 +186,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     if recipe.needs_data and data is None:
         if tokenizer is None:
             raise UserError("this recipe needs calibration data: pass data= or tokenizer=")
-        from memfit.data import token_windows
+        from memfit.calib.data import token_windows
         c = recipe.calib
         data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
                              max_windows=c.samples, seed=c.seed)

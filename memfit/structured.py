@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from memfit.algos import structured as S
-from memfit.algos.stats import InputNormStat
+from memfit.calib.stats import InputNormStat
 from memfit.archs import Arch, arch_for, block_list, text_config
 from memfit.calib import capture_inputs, propagate
 from memfit.errors import UserError

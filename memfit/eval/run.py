@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memfit.data import sentences, token_windows
+from memfit.calib.data import sentences, token_windows
 from memfit.errors import UserError
 from memfit.eval.encoder import evaluate_encoder
 from memfit.eval.lm import evaluate_lm

@@ -351,9 +351,9 @@ def _build_skeleton(folder: Path, modules: dict):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from memfit.archs import arch_for
-    from memfit.models import _read_config
+    from memfit.io.checkpoint import read_config
 
-    config = _read_config(folder, trust_remote_code=False)
+    config = read_config(folder, trust_remote_code=False)
     quant = getattr(config, "quantization_config", None)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build the plain model; memfit swaps the modules itself
@@ -371,12 +371,12 @@ def load(path, *, dtype=None, device: str = "cpu"):
     """Load a memfit folder -> `memfit.models.Loaded`, never materialising dense weights."""
     from transformers import AutoTokenizer
 
-    from memfit.models import Loaded, _check_safetensors, pick_dtype
+    from memfit.io.checkpoint import Loaded, check_safetensors, pick_dtype
 
     folder = Path(path)
     meta = read_meta(folder)
     modules, tied = meta["modules"], meta.get("tied", {})
-    _check_safetensors(folder)
+    check_safetensors(folder)
     model, arch = _build_skeleton(folder, modules)
     state = _read_tensors(folder / WEIGHTS, device)
     buffers = _read_tensors(folder / BUFFERS, device)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from memfit.data import load_text, sentences, tokenize, windows
+from memfit.calib.data import load_text, sentences, tokenize, windows
 from memfit.errors import UserError
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from memfit.algos.prune import nm_mask
 from memfit.api import compress_
-from memfit.data import token_windows
+from memfit.calib.data import token_windows
 from memfit.distill.loop import (AdamW8bit, dequantize_blockwise, distill_, quantize_blockwise,
                                  state_nbytes)
 from memfit.eval.lm import evaluate_lm

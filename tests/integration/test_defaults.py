@@ -8,7 +8,7 @@ GGUF into the cache (~40-70 s); later loads take seconds.
 Perplexity band, measured on 2026-11-28 (AMD EPYC, 2 cores, torch 2.13.0+cpu, transformers 5.24.0,
 float32) with
 
-    python -c "from memfit.models import load_model; from memfit.data import token_windows; \
+    python -c "from memfit.models import load_model; from memfit.calib.data import token_windows; \
 from memfit.eval.lm import evaluate_lm; m = load_model('default'); \
 w = token_windows(m.tokenizer, 'builtin', 'eval', seq_len=256, max_windows=4); \
 print(evaluate_lm(m.model, w, progress=False)['perplexity'])"
@@ -50,7 +50,7 @@ def default_encoder():
 @pytest.fixture(scope="session")
 def self_eval(default_lm):
     """One streamed pass of `default` against itself: perplexity, KLD and top-1 in one run."""
-    from memfit.data import token_windows
+    from memfit.calib.data import token_windows
     from memfit.eval.lm import evaluate_lm
 
     wins = token_windows(default_lm.tokenizer, "builtin", "eval", seq_len=SEQ_LEN,
@@ -111,7 +111,7 @@ def test_inspect_parameters_count_tied_weights_once(default_lm):
 
 
 def test_default_encoder_cosine_against_itself(default_encoder):
-    from memfit.data import sentences
+    from memfit.calib.data import sentences
     from memfit.eval.encoder import evaluate_encoder
 
     assert default_encoder.kind == "encoder"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memfit.algos.stats import HessianStat, InputNormStat
+from memfit.calib.stats import HessianStat, InputNormStat
 from memfit.errors import UserError
 
 

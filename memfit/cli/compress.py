@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from memfit.eval.memory import human_bytes
 
-import argparse
 import json
 
 

@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-from memfit.compress_cli import add_compress
-from memfit.distill_cli import add_distill
+from memfit.cli.compress import add_compress
+from memfit.cli.distill import add_distill
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "

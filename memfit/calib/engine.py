@@ -19,7 +19,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from memfit.algos.stats import HessianStat, InputNormStat
+from memfit.calib.stats import HessianStat, InputNormStat
 
 
 class _Stop(Exception):

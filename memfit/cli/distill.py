@@ -1,0 +1,58 @@
+"""`memfit distill TEACHER STUDENT --out DIR`: options and printing; the work is
+memfit.distill.run.distill_to."""
+
+from __future__ import annotations
+
+import json
+
+from memfit.eval.memory import human_bytes
+
+
+def cmd_distill(args) -> None:
+    from memfit.distill.run import distill_to
+
+    rep = distill_to(args.teacher, args.student, args.out, data=args.data, steps=args.steps,
+                     lr=args.lr, seq_len=args.seq_len, samples=args.samples,
+                     temperature=args.temperature, optimizer=args.optimizer,
+                     batch_size=args.batch_size, hidden_mse=args.hidden_mse,
+                     overwrite=args.overwrite, device=args.device, progress=True)
+    if args.json:
+        print(json.dumps(rep))
+        return
+    b, a = rep["before"], rep["after"]
+    print(f"wrote        {rep['out']}  (weights {human_bytes(rep['bytes_after'])}, "
+          f"before {human_bytes(rep['bytes_before'])})")
+    print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
+          f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
+          f"{human_bytes(rep['peak_memory_bytes'])} ({rep['peak_memory_kind']})")
+    print(f"perplexity   {b['perplexity']:.4f} -> {a['perplexity']:.4f} "
+          f"(teacher {a['ref_perplexity']:.4f}; {rep['protocol']})")
+    print(f"KLD          {b['kld']:.6f} -> {a['kld']:.6f}, top-1 agreement "
+          f"{100 * b['top1_agreement']:.2f}% -> {100 * a['top1_agreement']:.2f}%")
+
+
+def add_distill(sub) -> None:
+    d = sub.add_parser("distill", help="heal a compressed model by distilling its teacher into "
+                       "it (the format and size stay)")
+    d.add_argument("teacher", help="the reference model spec (e.g. the uncompressed model)")
+    d.add_argument("student", help="the model to train (e.g. a memfit-compressed folder)")
+    d.add_argument("--out", required=True, help="output folder (written complete or not at all)")
+    d.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl "
+                   "file; trains on its calib split, measures on its eval split")
+    d.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    d.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    d.add_argument("--samples", type=int, default=128, help="training windows (default 128)")
+    d.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the "
+                   "KL loss (default 1.0)")
+    d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x a hidden-state MSE between matched blocks (default 0: "
+                   "logit KL only); a student whose blocks memfit compress dropped is matched "
+                   "through the blocks it kept, others evenly by depth")
+    d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    d.set_defaults(func=cmd_distill)
