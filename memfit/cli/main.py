@@ -79,7 +79,7 @@ def cmd_eval(args) -> None:
 
 def cmd_inspect(args) -> None:
     from memfit.eval.memory import inspect_model
-    from memfit.models import DTYPES
+    from memfit.io.checkpoint import DTYPES
 
     kv_dtype = DTYPES.get(args.kv_dtype) if args.kv_dtype else None
     if args.kv_dtype and kv_dtype is None:
