@@ -135,21 +135,21 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     from memfit.methods import weight_2d
     from memfit.recipe import Compose
 
-    store, kwargs = capture_inputs(model, blocks, data, offload=offload)
+    store, block_kwargs = capture_inputs(model, blocks, data, offload=offload)
     ratios = {}
     spec = next(_owl_part(s) for p in plan for s in p.values() if _owl_part(s))
     for i, block in enumerate(blocks):
         outliers = total = 0
         groups = [{n: block.get_submodule(n) for n in group} for group in arch.groups]
         stats = collect_stats(block, groups, {n: "norms" for g in arch.groups for n in g}, store,
-                              kwargs)  # the dense block: every group in the same passes
+                              block_kwargs[i])  # the dense block: every group in the same passes
         for mods in groups:
             for n, mod in mods.items():
                 scores = wanda_scores(weight_2d(mod), stats[n].norms)
                 outliers += int((scores > spec.owl_m * scores.mean()).sum())
                 total += scores.numel()
         ratios[str(i)] = outliers / total
-        propagate(block, store, kwargs)
+        propagate(block, store, block_kwargs[i])
     sparsity = owl_sparsities(ratios, spec.sparsity, spec.owl_lambda)
     for i, specs in enumerate(plan):
         for n, s in specs.items():
@@ -208,9 +208,9 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     owl = None
     if any(_owl_part(s) for p in plan for s in p.values()):
         owl = _owl_plan_(model, blocks, arch, plan, data, recipe.calib.offload)
-    store = kwargs = None
+    store, block_kwargs = None, [None] * len(blocks)
     if any(s is not None and s.needs_data for p in plan for s in p.values()):
-        store, kwargs = capture_inputs(model, blocks, data, offload=recipe.calib.offload)
+        store, block_kwargs = capture_inputs(model, blocks, data, offload=recipe.calib.offload)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -221,12 +221,13 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         if done is not None:
             resumed += 1
         else:
-            done = _compress_block(block, arch, plan[i], store, kwargs, log, recipe.sequential)
+            done = _compress_block(block, arch, plan[i], store, block_kwargs[i], log,
+                                   recipe.sequential)
             if ckpt:
                 _save_block(ckpt, i, block, done)
         if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]
                                      for s in p.values()):
-            propagate(block, store, kwargs)
+            propagate(block, store, block_kwargs[i])
     after = weight_table(model)["weight_bytes"]
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),

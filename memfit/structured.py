@@ -262,9 +262,9 @@ def measure_block_influence(model: nn.Module, arch: Arch, windows: torch.Tensor,
     """Mean angular distance in [0, 1] between each block's input and output over (N, T) token
     windows; low = the block changes little and is the first to drop."""
     blocks = block_list(model, arch)
-    store, kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
+    store, block_kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
     scores = []
-    for block in blocks:
+    for block, kwargs in zip(blocks, block_kwargs):
         acc = {"sum": 0.0, "n": 0}
 
         def hook(_mod, args, out, acc=acc):
@@ -291,9 +291,9 @@ def channel_importance(model: nn.Module, arch: Arch, windows: torch.Tensor, *,
     blocks = block_list(model, arch)
     lay = layout_for(model.config)
     heads, kv, head_dim = _head_counts(model)
-    store, kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
+    store, block_kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
     result = Importance([], [], [])
-    for block in blocks:
+    for block, kwargs in zip(blocks, block_kwargs):
         down, o = _linear(block, lay.mlp_out), _linear(block, lay.o)
         stats = {"mlp": InputNormStat(down.in_features), "attn": InputNormStat(o.in_features)}
         handles = [mod.register_forward_hook(lambda _m, i, _o, s=stat: s.update(i[0]))

@@ -1,8 +1,9 @@
 """The sequential, layer-by-layer calibration engine.
 
 1. Capture the inputs of the first block for every calibration window (the model runs up to the
-   first block, then stops), plus the keyword arguments the model passes to its blocks (attention
-   mask, rotary embeddings...), identical for equal-length windows without padding.
+   first block, then stops), plus the keyword arguments the model passes to each block (attention
+   mask, rotary embeddings...; they differ between sliding-window and global layers), identical
+   for equal-length windows without padding.
 2. For each block: hook the linears of one group at a time (true-sequential order from the arch
    table), run the block over all windows to accumulate the statistics they need, let the caller
    compress them, then move on to the next group, so later groups see the compressed outputs of
@@ -69,19 +70,27 @@ def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+_DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+
+
 @torch.inference_mode()
 def capture_inputs(model, blocks, windows: torch.Tensor, *, batch: int = 8,
-                   offload: str = "memory") -> tuple[ActivationStore, dict]:
-    """Run `model` on (N, T) token windows up to blocks[0]; return its inputs and kwargs."""
+                   offload: str = "memory") -> tuple[ActivationStore, list[dict]]:
+    """Run `model` on (N, T) token windows up to blocks[0]; return its inputs, and for every
+    block the keyword arguments the model really passes to it.
+
+    Blocks may differ (Gemma 2/3 alternate sliding-window and global attention, each with its
+    own mask and rotary embeddings), so one forward of a single window runs through every block
+    with pre-hooks recording their kwargs. Recorded at batch 1, masks and position embeddings
+    broadcast over any batch (the last batch may be smaller than the others)."""
     device = next(model.parameters()).device
     store, captured = ActivationStore(offload, batch), {}
 
-    def hook(_module, args, kwargs):
+    def first(_module, args, kwargs):
         captured["x"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Stop
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(first, with_kwargs=True)
     try:
         for b, start in enumerate(range(0, len(windows), batch)):
             ids = windows[start:start + batch].to(device)
@@ -92,9 +101,33 @@ def capture_inputs(model, blocks, windows: torch.Tensor, *, batch: int = 8,
             store[b] = captured["x"].detach()
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in captured["kwargs"].items()
-              if k not in ("past_key_values", "past_key_value", "use_cache", "output_attentions")}
-    return store, kwargs
+    return store, block_kwargs(model, blocks, windows[:1].to(device))
+
+
+@torch.inference_mode()
+def block_kwargs(model, blocks, ids: torch.Tensor) -> list[dict]:
+    """The keyword arguments (minus the hidden states and cache flags) each block receives when
+    `model` runs on `ids`; the forward stops at the last block's input."""
+    found: list[dict | None] = [None] * len(blocks)
+
+    def record(i):
+        def hook(_module, _args, kwargs):
+            found[i] = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP}
+            if i == len(blocks) - 1:
+                raise _Stop
+        return hook
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True)
+               for i, b in enumerate(blocks)]
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(k is not None for k in found), "a block was not called by the model's forward"
+    return found
 
 
 def _input_stat(kind: str, in_features: int, device):
