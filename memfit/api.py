@@ -189,7 +189,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         from memfit.calib.data import token_windows
         c = recipe.calib
         data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
-                             max_windows=c.samples, seed=c.seed)
+                             max_windows=c.samples, seed=c.seed, bos=c.bos)
     kept_blocks = None
     if recipe.structured:
         kept_blocks = _structured_(model, arch, recipe.structured, data, recipe.calib.offload)

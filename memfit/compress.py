@@ -42,6 +42,7 @@ def _partial_dir(out: Path, model_source: str, recipe: Recipe) -> Path:
 
 def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str | None = None,
                 samples: int | None = None, seq_len: int | None = None, offload: str | None = None,
+                bos: str | None = None,
                 overwrite: bool = False, max_kld: float = 1.0, smoke_windows: int = 4,
                 smoke_seq_len: int = 256, dtype=None, device: str = "cpu",
                 progress: bool = True) -> dict:
@@ -53,7 +54,8 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
     recipe = load_recipe(recipe)
     calib = recipe.calib
     calib = replace(calib, **{k: v for k, v in dict(data=data, samples=samples, seq_len=seq_len,
-                                                     offload=offload).items() if v is not None})
+                                                     offload=offload, bos=bos).items()
+                                    if v is not None})
     recipe = replace(recipe, calib=calib)
     loaded = load_model(model, dtype=dtype, device=device)
     if loaded.kind != "decoder":
@@ -62,10 +64,10 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
     windows = None
     if recipe.needs_data:
         windows = token_windows(loaded.tokenizer, calib.data, "calib", seq_len=calib.seq_len,
-                                max_windows=calib.samples, seed=calib.seed)
+                                max_windows=calib.samples, seed=calib.seed, bos=calib.bos)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     smoke = token_windows(loaded.tokenizer, smoke_src, "eval", seq_len=smoke_seq_len,
-                          max_windows=smoke_windows)
+                          max_windows=smoke_windows, bos=calib.bos)
     reference = Reference.capture(loaded.model, smoke)
     partial = _partial_dir(out, loaded.source, recipe)
     t0 = time.perf_counter()

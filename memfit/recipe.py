@@ -224,12 +224,15 @@ class Calib:
     sequential: str = "auto"      # "group": each linear group sees the block with the groups
                                   # before it compressed; "block": all see the block as it was;
                                   # "auto": block for Wanda alone, group otherwise
+    bos: str = "auto"             # windows start with BOS: auto (as the tokenizer does), always, never
 
     def __post_init__(self):
         if self.samples < 1 or self.seq_len < 2:
             raise UserError("calib samples must be >= 1 and seq_len >= 2")
         if self.offload not in ("memory", "disk"):
             raise UserError(f"unknown offload {self.offload!r}; use 'memory' or 'disk'")
+        if self.bos not in ("auto", "always", "never"):
+            raise UserError(f"unknown bos {self.bos!r}; use 'auto', 'always' or 'never'")
         if self.sequential not in ("auto", "group", "block"):
             raise UserError(f"unknown sequential {self.sequential!r}; use 'auto', 'group' or "
                             "'block'")

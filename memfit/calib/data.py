@@ -15,6 +15,12 @@ Splits are disjoint by construction, so calibration never sees evaluation text:
 
 Windows are non-overlapping slices of the concatenated tokens. Evaluation takes them in order;
 calibration draws a fixed-seed random subset of them.
+
+BOS: some models are trained with a beginning-of-sequence token at the start of every sequence
+and score far worse without one (Gemma: perplexity 154.9 without, 59.1 with). `bos` is "auto"
+(what the tokenizer itself adds for plain text), "always" or "never". With a BOS, each window is
+[BOS] + seq_len - 1 text tokens, so every text token of the window is scored; without, a window
+is seq_len text tokens and its first token is context only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from memfit.errors import UserError
 
 SPLITS = ("calib", "eval", "all")
+BOS_MODES = ("auto", "always", "never")
 _HUB_SETS = ("wikitext2", "c4")
 
 
@@ -121,9 +128,28 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(enc, dtype=torch.long)
 
 
+def bos_id(tokenizer, bos: str = "auto") -> int | None:
+    """The token id each window starts with, or None (see the module docstring)."""
+    if bos not in BOS_MODES:
+        raise UserError(f"unknown bos {bos!r}; use one of {', '.join(BOS_MODES)}")
+    bid = getattr(tokenizer, "bos_token_id", None)
+    if bos == "never":
+        return None
+    if bos == "always":
+        if bid is None:
+            raise UserError("the tokenizer has no beginning-of-sequence token; use --bos never "
+                            "(or auto)")
+        return bid
+    if bid is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bid if ids and ids[0] == bid else None
+
+
 def windows(ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
-            seed: int | None = None, what: str = "text") -> torch.Tensor:
-    """Non-overlapping (n, seq_len) windows of a 1-D token tensor.
+            seed: int | None = None, what: str = "text", bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping (n, seq_len) windows of a 1-D token tensor, each starting with the token
+    `bos` when given (then followed by seq_len - 1 text tokens).
 
     `seed=None` keeps document order (evaluation); a seed draws a fixed random subset
     (calibration). Raises if the text is shorter than one window.
@@ -131,22 +157,27 @@ def windows(ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
     if seq_len < 2:
         raise UserError(f"seq_len={seq_len} is too short; a window needs at least 2 tokens "
                         "(typical: 512 or 2048)")
-    n = ids.numel() // seq_len
+    text_len = seq_len - (bos is not None)
+    n = ids.numel() // text_len
     if n == 0:
         raise UserError(f"the {what} has {ids.numel()} tokens, fewer than one window of "
-                        f"{seq_len}; use more text or a smaller --seq-len")
-    w = ids[: n * seq_len].view(n, seq_len)  # (n, seq_len)
+                        f"{text_len}; use more text or a smaller --seq-len")
+    w = ids[: n * text_len].view(n, text_len)  # (n, text_len)
+    if bos is not None:
+        w = torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], dim=1)  # (n, seq_len)
     if seed is not None:
         w = w[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     return w[:max_windows] if max_windows else w
 
 
 def token_windows(tokenizer, source: str = "builtin", split: str = "eval", *, seq_len: int = 512,
-                  max_windows: int | None = None, seed: int | None = None) -> torch.Tensor:
-    """load_text + tokenize + windows in one call."""
+                  max_windows: int | None = None, seed: int | None = None,
+                  bos: str = "auto") -> torch.Tensor:
+    """load_text + tokenize + windows in one call; `bos` as in the module docstring."""
+    start = bos_id(tokenizer, bos)
     text = load_text(source, split)
     return windows(tokenize(tokenizer, text), seq_len, max_windows=max_windows, seed=seed,
-                   what=f"{source} {split} text")
+                   what=f"{source} {split} text", bos=start)
 
 
 def sentences(source: str = "builtin", split: str = "eval", *, limit: int = 256,

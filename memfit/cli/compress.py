@@ -6,6 +6,8 @@ from memfit.eval.memory import human_bytes
 
 import json
 
+from memfit.cli.common import add_bos
+
 
 def _describe_quant(q) -> str:
     f = q.format
@@ -43,7 +45,7 @@ def cmd_compress(args) -> None:
         from memfit.errors import UserError
         raise UserError("--out is required: the folder to write the compressed model to")
     rep = compress_to(args.model, args.recipe, args.out, data=args.data, samples=args.samples,
-                      seq_len=args.seq_len, offload=args.offload, overwrite=args.overwrite,
+                      seq_len=args.seq_len, offload=args.offload, bos=args.bos, overwrite=args.overwrite,
                       max_kld=args.max_kld, dtype=args.dtype, device=args.device,
                       progress=not args.json)
     if args.json:
@@ -72,6 +74,7 @@ def add_compress(sub) -> None:
     c.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
     c.add_argument("--offload", choices=["memory", "disk"], help="keep calibration activations "
                    "in memory (default) or on disk")
+    add_bos(c, default=None)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
                    "check's KL divergence exceeds this (default 1.0)")

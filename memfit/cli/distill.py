@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from memfit.cli.common import add_bos
+
 from memfit.eval.memory import human_bytes
 
 
@@ -15,7 +17,7 @@ def cmd_distill(args) -> None:
                      lr=args.lr, seq_len=args.seq_len, samples=args.samples,
                      temperature=args.temperature, optimizer=args.optimizer,
                      batch_size=args.batch_size, hidden_mse=args.hidden_mse,
-                     overwrite=args.overwrite, device=args.device, progress=True)
+                     overwrite=args.overwrite, device=args.device, bos=args.bos, progress=True)
     if args.json:
         print(json.dumps(rep))
         return
@@ -53,6 +55,7 @@ def add_distill(sub) -> None:
     d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory)")
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    add_bos(d)
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.set_defaults(func=cmd_distill)

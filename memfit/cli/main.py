@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from memfit.cli.common import add_bos
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.errors import UserError
@@ -58,7 +59,7 @@ def cmd_eval(args) -> None:
         ref = load_model(args.ref, dtype=args.dtype, device=args.device,
                          trust_remote_code=args.trust_remote_code)
     res = run_eval(_load(args), ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
-                   max_tokens=args.max_tokens, batch_size=args.batch_size,
+                   max_tokens=args.max_tokens, batch_size=args.batch_size, bos=args.bos,
                    progress=not args.json)
     if args.json:
         print(json.dumps(res))
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-tokens", type=_positive("--max-tokens"), help="evaluate at most this many tokens")
     e.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
+    add_bos(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 

@@ -47,12 +47,12 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
                steps: int = 200, lr: float = 1e-4, seq_len: int = 256, samples: int = 128,
                temperature: float = 1.0, optimizer: str = "adamw", batch_size: int = 4,
                hidden_mse: float = 0.0, eval_windows: int = 8, overwrite: bool = False,
-               device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+               device: str = "cpu", seed: int = 0, bos: str = "auto", progress: bool = True) -> dict:
     """Distill `teacher` into `student` and save the result to `out`; -> report.
 
     hidden_mse > 0 adds that weight times a scale-free MSE between matched blocks' outputs (a
     student with blocks dropped by memfit compress is matched through the blocks it kept)."""
-    from memfit.calib.data import token_windows
+    from memfit.calib.data import bos_id, token_windows
     from memfit.distill.loop import distill_
     from memfit.eval.lm import evaluate_lm
     from memfit.eval.memory import weight_table
@@ -73,8 +73,9 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
     layer_map = _layer_map(t.model, s.model, kept) if hidden_mse > 0 else None
     calib = token_windows(t.tokenizer, data, "calib", seq_len=seq_len, max_windows=samples,
-                          seed=seed)
-    held_out = token_windows(t.tokenizer, data, "eval", seq_len=seq_len, max_windows=eval_windows)
+                          seed=seed, bos=bos)
+    held_out = token_windows(t.tokenizer, data, "eval", seq_len=seq_len, max_windows=eval_windows,
+                             bos=bos)
     bytes_before = weight_table(s.model)["weight_bytes"]
     before = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
     rep = distill_(s.model, t.model, calib, steps=steps, lr=lr, temperature=temperature,
@@ -91,6 +92,7 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},
-            "protocol": f"{data} eval, {held_out.shape[0]} x {seq_len} tokens",
+            "protocol": f"{data} eval, {held_out.shape[0]} x {seq_len} tokens, "
+                        f"{'BOS first' if bos_id(t.tokenizer, bos) is not None else 'no BOS'}",
             "bytes_before": bytes_before, "bytes_after": weight_table(s.model)["weight_bytes"],
             **{k: v for k, v in rep.items() if k != "config"}}

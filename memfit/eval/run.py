@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memfit.calib.data import sentences, token_windows
+from memfit.calib.data import bos_id, sentences, token_windows
 from memfit.errors import UserError
 from memfit.eval.encoder import evaluate_encoder
 from memfit.eval.lm import evaluate_lm
@@ -17,7 +17,8 @@ def _split_for(data: str, split: str | None) -> str:
 
 def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None,
              data: str = "builtin", split: str | None = None, seq_len: int = 512,
-             max_tokens: int | None = None, batch_size: int = 1, dtype=None, device: str = "cpu",
+             max_tokens: int | None = None, batch_size: int = 1, bos: str = "auto", dtype=None,
+             device: str = "cpu",
              progress: bool = True) -> dict:
     """Evaluate a model (spec or Loaded) and return a JSON-able dict with the protocol."""
     m = model if isinstance(model, Loaded) else load_model(model, dtype=dtype, device=device)
@@ -37,12 +38,16 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens={max_tokens} is smaller than one window (--seq-len {seq_len})")
     max_windows = max_tokens // seq_len if max_tokens else None
-    wins = token_windows(m.tokenizer, data, split, seq_len=seq_len, max_windows=max_windows)
+    start = bos_id(m.tokenizer, bos)
+    wins = token_windows(m.tokenizer, data, split, seq_len=seq_len, max_windows=max_windows,
+                         bos=bos)
     res = evaluate_lm(m.model, wins, ref=r.model if r else None, batch_size=batch_size,
                       progress=progress)
     res["protocol"] = (f"data {data}:{split}, seq_len {seq_len}, {res['windows']} non-overlapping "
-                       f"windows, {res['tokens']} scored tokens")
-    out = {"model": m.source, "kind": "decoder", "data": data, "split": split, **res}
+                       f"windows, {res['tokens']} scored tokens, "
+                       + ("BOS + text" if start is not None else "no BOS"))
+    out = {"model": m.source, "kind": "decoder", "data": data, "split": split,
+           "bos": start is not None, **res}
     if r is not None:
         out["ref"] = r.source
     return out

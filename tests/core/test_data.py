@@ -55,3 +55,41 @@ def test_tokenize_and_sentences(tiny_llama):
     assert ids.dtype == torch.long and ids.numel() >= 20
     s = sentences(limit=10)
     assert len(s) == 10 and all(len(x) >= 20 for x in s)
+
+
+class _Tok:
+    """A tokenizer stand-in: one id per character, with or without a BOS it adds itself."""
+
+    def __init__(self, bos_token_id, adds_bos):
+        self.bos_token_id, self.adds_bos = bos_token_id, adds_bos
+
+    def __call__(self, text, add_special_tokens=True, **_):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.adds_bos else [])
+                + ids}
+
+
+def test_bos_auto_follows_the_tokenizer_and_windows_start_with_it():
+    from memfit.calib.data import bos_id
+
+    gemma_like, smol_like = _Tok(2, adds_bos=True), _Tok(1, adds_bos=False)
+    assert bos_id(gemma_like, "auto") == 2 and bos_id(smol_like, "auto") is None
+    assert bos_id(smol_like, "always") == 1 and bos_id(gemma_like, "never") is None
+    with pytest.raises(UserError, match="--bos never"):
+        bos_id(_Tok(None, adds_bos=False), "always")
+    with pytest.raises(UserError, match="unknown bos"):
+        bos_id(gemma_like, "sometimes")
+    ids = torch.arange(100, 120)
+    w = windows(ids, 5, bos=2)  # [BOS] + 4 text tokens each, text consecutive across windows
+    assert w.shape == (5, 5) and (w[:, 0] == 2).all()
+    assert torch.equal(w[:, 1:].reshape(-1), ids)
+    assert torch.equal(windows(ids, 5), ids.view(4, 5))  # no BOS: unchanged
+
+
+def test_eval_states_bos_in_its_protocol(tiny_llama):
+    from memfit.eval.run import run_eval
+
+    res = run_eval(tiny_llama, seq_len=64, max_tokens=128, progress=False)
+    assert res["bos"] is False and res["protocol"].endswith("no BOS")
+    with pytest.raises(UserError, match="no beginning-of-sequence"):
+        run_eval(tiny_llama, seq_len=64, max_tokens=128, bos="always", progress=False)
