@@ -20,7 +20,8 @@ Two ways to load, both supported and tested to give bit-identical logits:
 - `memfit.io.save.load(folder)` (what `memfit.models.load_model` uses): build the transformers
   model on the meta device from config.json, swap in the described modules (also on meta), assign
   the safetensors tensors, set the non-persistent buffers from memfit_buffers.safetensors, re-tie.
-  No dense weight of a compressed layer ever exists. `dtype=None` keeps the stored dtypes; a
+  No dense weight of a compressed layer ever exists. `dtype=None` keeps the stored dtypes of a
+  folder saved with `dense_dtype="keep"` and otherwise computes in `pick_dtype("auto")`; a
   dtype casts the dense floating tensors but never a format's own fields (scale, zero).
 - `transformers.AutoModelForCausalLM.from_pretrained(folder)` (`AutoModel` for encoders) after
   `import memfit` (which calls `memfit.io.hf.register_with_transformers()`): a registered
@@ -29,6 +30,15 @@ Two ways to load, both supported and tested to give bit-identical logits:
   Caveats: it leans on transformers' quantizer interface (written against 5.24; it changes
   between releases); a missing packed tensor is an error, but a missing dense one is only
   transformers' warning; `save_pretrained` on such a model is refused (save with `save`).
+
+Dense floating tensors memfit did not compress (embeddings, norms, an uncompressed head) are stored
+at 16 bits by default (`dense_dtype="auto"`): float16 where the tensor fits its range (3 more
+mantissa bits than bfloat16), bfloat16 where it would overflow. A float32 copy of the default
+model's tied embedding alone is 113 MB, two thirds of its 4-bit artifact. memfit.json records the
+choice and the dtype the model computed in; loading casts the dense tensors to the requested
+compute dtype (`auto`: float32 on CPU, bfloat16 on CUDA). `dense_dtype="float32"` (or "keep")
+stores them as they are, for bit-exact round trips. A format's own fields (scale, zero) and the
+non-persistent buffers are never cast.
 
 config.json records `dtype` (that of the dense weights), else from_pretrained(dtype="auto")
 would guess it from the first floating tensor on disk, possibly a float16 `scale`. A tie whose
@@ -62,7 +72,8 @@ WEIGHTS = "model.safetensors"
 BUFFERS = "memfit_buffers.safetensors"
 META = "memfit.json"
 QUANT_METHOD = "memfit"
-_RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied")
+_RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied", "dense_dtype",
+             "compute_dtype")
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
@@ -247,9 +258,36 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+DENSE_DTYPES = ("auto", "keep", "float32", "float16", "bfloat16")
+
+
+def _fixed_keys(modules: dict) -> set[str]:
+    """State-dict keys whose dtype belongs to a format (scale, zero): never cast."""
+    return {f"{n}.{f}" for n, d in modules.items() for f in MODULE_KINDS[d["kind"]].fixed}
+
+
+def _store_dense(tensors: dict, fixed: set[str], dense_dtype: str) -> dict:
+    """Cast the dense floating tensors (not the formats' own fields) to the storage dtype."""
+    if dense_dtype not in DENSE_DTYPES:
+        raise UserError(f"unknown dense_dtype {dense_dtype!r}; use one of {', '.join(DENSE_DTYPES)}")
+    if dense_dtype == "keep":
+        return tensors
+    out = {}
+    for k, t in tensors.items():
+        if not t.is_floating_point() or k in fixed or t.element_size() <= 2 and dense_dtype == "auto":
+            out[k] = t
+        elif dense_dtype != "auto":
+            out[k] = t.to(getattr(torch, dense_dtype))
+        else:
+            fits = t.numel() == 0 or float(t.abs().max()) < torch.finfo(torch.float16).max
+            out[k] = t.to(torch.float16 if fits else torch.bfloat16)
+    return out
+
+
 def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | None = None,
-         overwrite: bool = False) -> Path:
-    """Write `model` (with its memfit modules) and `tokenizer` to the folder `out_dir`."""
+         overwrite: bool = False, dense_dtype: str = "auto") -> Path:
+    """Write `model` (with its memfit modules) and `tokenizer` to the folder `out_dir`; dense
+    floating tensors are stored per `dense_dtype` (see the module docstring)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -260,6 +298,9 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         raise UserError(f"extra keys {clash} are reserved in memfit.json; rename them")
     modules = describe_modules(model)
     tensors, buffers, tied = _split_state(model)
+    dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    compute_dtype = str(max(set(dense), key=dense.count) if dense else torch.float32)
+    tensors = _store_dense(tensors, _fixed_keys(modules), dense_dtype)
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     dropped_tie = any(t not in tensors and t not in tied for t in declared)
     try:
@@ -268,7 +309,9 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         memfit_version = "unknown"
     meta = {"format": FORMAT, "memfit_version": memfit_version,
             "arch": getattr(model.config, "model_type", None), "recipe": recipe,
-            "modules": modules, "tied": tied, **extra}
+            "modules": modules, "tied": tied,
+            "dense_dtype": dense_dtype, "compute_dtype": compute_dtype.replace("torch.", ""),
+            **extra}
     try:
         meta_text = json.dumps(meta, indent=2)
     except (TypeError, ValueError) as e:
@@ -387,9 +430,10 @@ def load(path, *, dtype=None, device: str = "cpu"):
         what = f"missing tensors {missing[:3]}" if missing else f"unknown tensors {unexpected[:3]}"
         raise UserError(f"{folder / WEIGHTS} does not match its config and {META}: {what}; "
                         "the folder is damaged or mixed up: re-save the model")
-    if dtype not in (None, "auto"):
+    if dtype is not None or meta.get("dense_dtype", "keep") != "keep":
+        # stored 16-bit (or a requested dtype): compute in the requested / device's dtype
         cast_to = pick_dtype(dtype, device)
-        fixed = {f"{n}.{f}" for n, d in modules.items() for f in MODULE_KINDS[d["kind"]].fixed}
+        fixed = _fixed_keys(modules)
         state = {k: v.to(cast_to) if v.is_floating_point() and k not in fixed else v
                  for k, v in state.items()}
     try:

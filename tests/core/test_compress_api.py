@@ -140,7 +140,7 @@ def test_prune_and_lowrank_save_bytes_and_reload(preset, kind, bpw_range, tiny_l
     ids = _eval(2, 32)
     with torch.no_grad():
         before = m.model(ids).logits
-    save(m.model, m.tokenizer, tmp_path / "o", recipe=rep["recipe"])
+    save(m.model, m.tokenizer, tmp_path / "o", recipe=rep["recipe"], dense_dtype="keep")
     with torch.no_grad():
         assert torch.equal(before, load_model(str(tmp_path / "o")).model(ids).logits)
 

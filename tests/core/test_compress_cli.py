@@ -48,7 +48,7 @@ def test_reloaded_logits_equal_before_save(tmp_path, tiny_llama_dir):
     ids = torch.randint(0, 30522, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = m.model(ids).logits
-    save(m.model, m.tokenizer, tmp_path / "o", recipe={"quant": "w3g64"})
+    save(m.model, m.tokenizer, tmp_path / "o", recipe={"quant": "w3g64"}, dense_dtype="keep")
     with torch.no_grad():
         after = load_model(str(tmp_path / "o")).model(ids).logits
     assert torch.equal(before, after)

@@ -40,7 +40,8 @@ def test_distilling_a_3bit_student_lowers_kld_and_repacks_exactly(teacher, tiny_
     assert {n: m.weight_nbytes() for n, m in quant.items()} == nbytes
     assert all(int(m.packed().codes().max()) <= m.fmt.qmax for m in quant.values())
     assert not any(p.requires_grad for p in student.model.parameters())
-    out = save(student.model, student.tokenizer, tmp_path / "healed", recipe={"distill": {}})
+    out = save(student.model, student.tokenizer, tmp_path / "healed", recipe={"distill": {}},
+               dense_dtype="keep")
     again = load_model(str(out))
     ids = held_out[:2]
     with torch.no_grad():

@@ -71,7 +71,7 @@ def folder(request, tmp_path_factory):
         setattr(model.get_submodule(parent), attr, replacement(model.get_submodule(name), how))
     out = tmp_path_factory.mktemp(request.param) / "out"
     tokenizer = AutoTokenizer.from_pretrained(resolve("default-encoder")[1])
-    io.save(model, tokenizer, out, recipe={})
+    io.save(model, tokenizer, out, recipe={}, dense_dtype="keep")
     return request.param, out, logits(model)
 
 

@@ -115,7 +115,8 @@ def tokenizer():
 def saved(request, tmp_path_factory, tokenizer):
     model = compressed(request.param)
     out = tmp_path_factory.mktemp(request.param) / "out"
-    io.save(model, tokenizer, out, recipe={"algo": "rtn", "bits": 4}, extra={"note": "test"})
+    io.save(model, tokenizer, out, recipe={"algo": "rtn", "bits": 4}, extra={"note": "test"},
+            dense_dtype="keep")
     return request.param, model, out
 
 
@@ -261,3 +262,31 @@ def test_reserved_extra_keys_refused(tmp_path, tokenizer):
     with pytest.raises(UserError, match="reserved"):
         io.save(compressed("gpt2"), tokenizer, tmp_path / "out", recipe={},
                 extra={"modules": {}})
+
+
+def test_dense_tensors_are_stored_at_16_bits_by_default(tmp_path, tokenizer):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = compressed("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e6  # beyond float16's range: stored as bfloat16
+    io.save(model, tokenizer, tmp_path / "16", recipe={})
+    io.save(model, tokenizer, tmp_path / "32", recipe={}, dense_dtype="keep")
+    with safe_open(str(tmp_path / "16" / io.WEIGHTS), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "F16"
+    assert dtypes["model.norm.weight"] == "BF16"
+    assert all(dtypes[k] == "F16" for k in dtypes if k.endswith(".scale"))  # the format's own
+    assert all(dtypes[k] == "U8" for k in dtypes if k.endswith(".qdata"))
+    size = {d: (tmp_path / d / io.WEIGHTS).stat().st_size for d in ("16", "32")}
+    dense = sum(t.numel() for k, t in model.state_dict().items()
+                if t.is_floating_point() and t.dtype == torch.float32)
+    assert abs(size["32"] - size["16"] - 2 * dense) < 256  # every float32 dense tensor halved (header aside)
+    before = logits(model)
+    for loaded in (io.load(tmp_path / "16").model, AutoModelForCausalLM.from_pretrained(tmp_path / "16")):
+        assert loaded.model.embed_tokens.weight.dtype == torch.float32  # computes in float32
+        after = logits(loaded)
+        err = (after - before).abs().max().item()
+        print("max logit change from 16-bit dense storage:", err)
+        assert 0 < err < 1e-2 * before.abs().max().item()

@@ -204,7 +204,7 @@ def test_all_three_combined_round_trip_through_memfit_save(tiny_config, tmp_path
     prune_mlp_width_(model, 0.5)
     prune_heads_(model, num_heads=2)
     out = _logits(model, ids)
-    save(model, None, tmp_path / "m", recipe={})
+    save(model, None, tmp_path / "m", recipe={}, dense_dtype="keep")
     loaded = load(tmp_path / "m").model.eval()
     cfg = loaded.config
     assert (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads,
