@@ -18,6 +18,7 @@ from pathlib import Path
 from memfit.api import compress_
 from memfit.calib.data import token_windows
 from memfit.errors import UserError
+from memfit.eval.memory import rss_peak_bytes
 from memfit.eval.smoke import Reference
 from memfit.models import load_model
 from memfit.recipe import Recipe, load_recipe
@@ -87,6 +88,7 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str 
     save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=overwrite,
          extra={"source": loaded.source, "report": {k: report[k] for k in stable}})
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    report["peak_rss_bytes"] = rss_peak_bytes()  # the whole run: load, compress, smoke check, save
     report["out"] = str(out)
     shutil.rmtree(partial, ignore_errors=True)
     return report

@@ -97,8 +97,12 @@ def cmd_inspect(args) -> None:
               f"{f['bits_per_weight']:.3f} bits/weight")
     print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
           f"({human_bytes(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
-    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token ({info['kv_dtype']}); "
-          f"{human_bytes(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}")
+    windowed = (f"; {info['kv_layers_windowed']} sliding-window layers keep "
+                f"{min(t for t in info['kv_tokens_per_layer'] if t) if any(info['kv_tokens_per_layer']) else 0} tokens"
+                if info["kv_layers_windowed"] else "")
+    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers ({info['kv_dtype']}); "
+          f"{human_bytes(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}"
+          + windowed)
     print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
     print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")
 

@@ -3,8 +3,8 @@
 Vocabularies are 50k-150k tokens, so a (windows, seq_len, vocab) logits tensor would dwarf a small
 model. memfit runs the base model to get hidden states, then applies the output head to chunks of
 `chunk` positions at a time and reduces each chunk to sums (negative log-likelihood, KL, top-1
-hits) before the next. Peak extra memory is one (batch, chunk, vocab) float32 slab, independent of
-seq_len; the plain `model(ids, labels=ids)` loop holds the whole (batch, seq_len, vocab) logits.
+hits) before the next. Peak extra memory is one (batch, chunk, vocab) float32 slab per model
+(two with a reference), independent of seq_len (`chunk_sums` works in place); the plain `model(ids, labels=ids)` loop holds the whole (batch, seq_len, vocab) logits.
 
 Protocol: every window is scored on its positions 1..seq_len-1 given the preceding tokens of the
 same window (no context carried between windows), the GPTQ/SparseGPT convention. KL is
@@ -17,7 +17,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from memfit.eval.memory import PeakMemory
@@ -47,6 +46,37 @@ def _chunks(seq_len: int, chunk: int):
         yield s, min(s + chunk, seq_len - 1)
 
 
+def _log_probs_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the vocabulary, written over `logits` (same bits as F.log_softmax: the
+    kernel reads each row before writing it), so no second slab exists."""
+    return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+
+
+@torch.inference_mode()
+def chunk_sums(logits: torch.Tensor, target: torch.Tensor,
+               ref_logits: torch.Tensor | None = None) -> dict:
+    """Sums over one chunk of positions: nll of `target` (N,), and with reference logits also the
+    reference's nll, KL(reference || model) and top-1 agreement. `logits`/`ref_logits` are
+    fresh (N, V) float32 buffers this function overwrites: the peak is those two slabs (one
+    without a reference) and nothing vocabulary-sized beside them."""
+    lp = _log_probs_(logits)
+    out = {"nll": -lp.gather(1, target[:, None]).sum().item()}
+    if ref_logits is None:
+        return out
+    lq = _log_probs_(ref_logits)
+    out["ref_nll"] = -lq.gather(1, target[:, None]).sum().item()
+    out["top1"] = (lq.argmax(-1) == lp.argmax(-1)).sum().item()
+    lp.sub_(lq).neg_()  # lq - lp
+    out["kld"] = torch.dot(lq.exp_().view(-1), lp.view(-1)).item()  # Σ q (log q - log p)
+    return out
+
+
+def _fresh_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """(N, V) float32 logits of hidden states (B, C, H): a new buffer, safe to overwrite. A
+    16-bit head first makes a 16-bit slab, freed once converted (1.5 slabs for a moment)."""
+    return output_logits(model, h).flatten(0, 1)
+
+
 @torch.inference_mode()
 def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, chunk: int = 512,
                 progress: bool = True) -> dict:
@@ -68,13 +98,11 @@ def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, 
             h_ref = final_hidden(ref, ids) if ref is not None else None
             for s, e in _chunks(seq_len, chunk):
                 target = ids[:, s + 1:e + 1].reshape(-1)
-                lp = F.log_softmax(output_logits(model, h[:, s:e]), dim=-1).flatten(0, 1)  # (B*C, V)
-                sums["nll"] -= lp.gather(1, target[:, None]).sum().item()
-                if h_ref is not None:
-                    lq = F.log_softmax(output_logits(ref, h_ref[:, s:e].to(h.device)), dim=-1).flatten(0, 1)
-                    sums["ref_nll"] -= lq.gather(1, target[:, None]).sum().item()
-                    sums["kld"] += (lq.exp() * (lq - lp)).sum().item()
-                    sums["top1"] += (lq.argmax(-1) == lp.argmax(-1)).sum().item()
+                logits = _fresh_logits(model, h[:, s:e])  # (B*C, V)
+                ref_logits = None if h_ref is None else _fresh_logits(ref, h_ref[:, s:e].to(h.device))
+                for k, v in chunk_sums(logits, target, ref_logits).items():
+                    sums[k] += v
+                del logits, ref_logits
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             fwd_seconds += time.perf_counter() - t0

@@ -109,6 +109,39 @@ def kv_bytes_per_token(config, kv_dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * torch.finfo(kv_dtype).bits // 8
 
 
+def cached_tokens(config, context: int) -> list[int]:
+    """Tokens each layer's KV cache holds after `context` tokens, as transformers' DynamicCache
+    keeps them: sliding-window (and chunked) layers only their last window - 1 tokens, layers
+    that reuse another's cache none, every other layer all of them. The layer types come from
+    transformers' own reading of the config (`get_layer_types_and_kwargs`)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    n_layers = kv_shape(config)[0]
+    try:
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError):  # a config without per-layer facts: every layer is full
+        return [context] * n_layers
+    out = []
+    for t, kw in zip(types, kwargs):
+        if t == "dummy":
+            out.append(0)
+        elif kw.get("sliding_window"):
+            out.append(min(context, kw["sliding_window"] - 1))
+        else:
+            out.append(context)
+    return out
+
+
+def kv_cache_bytes(config, context: int, batch: int, kv_dtype: torch.dtype) -> dict:
+    """Exact KV-cache bytes at `context` x `batch`, per layer type (see `cached_tokens`)."""
+    per_layer_token = kv_bytes_per_token(config, kv_dtype) // kv_shape(config)[0]
+    tokens = cached_tokens(config, context)
+    full = sum(t == context for t in tokens)
+    return {"kv_bytes": per_layer_token * batch * sum(tokens),
+            "kv_layers_full": full, "kv_layers_windowed": len(tokens) - full,
+            "kv_tokens_per_layer": tokens}
+
+
 def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtype) -> int:
     """Rough peak of transient activations for one prefill of `context` tokens, in bytes.
 
@@ -134,9 +167,10 @@ def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None) 
     kv_dtype = kv_dtype or (dtype if dtype.is_floating_point else torch.float16)
     per_tok = kv_bytes_per_token(model.config, kv_dtype)
     act = activation_peak_estimate(model.config, context, batch, kv_dtype)
-    kv = per_tok * context * batch
+    cache = kv_cache_bytes(model.config, context, batch, kv_dtype)
+    kv = cache["kv_bytes"]
     return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
-            "kv_bytes_per_token": per_tok, "kv_bytes": kv, "activation_bytes_estimate": act,
+            "kv_bytes_per_token": per_tok, **cache, "activation_bytes_estimate": act,
             "total_bytes_estimate": table["weight_bytes"] + kv + act}
 
 

@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from memfit.eval.lm import _chunks, final_hidden, head_logits
+from memfit.eval.lm import _chunks, chunk_sums, final_hidden, head_logits
 
 
 @dataclass
@@ -40,12 +39,13 @@ class Reference:
             ids = self.windows[i:i + 1].to(device)
             h = final_hidden(model, ids)
             for s, e in _chunks(ids.shape[1], chunk):
-                target = ids[:, s + 1:e + 1].reshape(-1, 1)
-                lp = F.log_softmax(head_logits(model.get_output_embeddings(), h[:, s:e], model.config), -1).flatten(0, 1)
-                lq = F.log_softmax(head_logits(self.head, self.hidden[i][:, s:e], model.config), -1).flatten(0, 1)
-                nll -= lp.gather(1, target).sum().item()
-                ref_nll -= lq.gather(1, target).sum().item()
-                kld += (lq.exp() * (lq - lp)).sum().item()
+                target = ids[:, s + 1:e + 1].reshape(-1)
+                got = chunk_sums(
+                    head_logits(model.get_output_embeddings(), h[:, s:e], model.config).flatten(0, 1),
+                    target, head_logits(self.head, self.hidden[i][:, s:e], model.config).flatten(0, 1))
+                nll += got["nll"]
+                ref_nll += got["ref_nll"]
+                kld += got["kld"]
                 tokens += target.numel()
         finite = math.isfinite(nll) and math.isfinite(kld)
         return {"perplexity": math.exp(nll / tokens) if finite else float("nan"),

@@ -1,0 +1,37 @@
+"""inspect's KV-cache bytes equal the bytes of the cache transformers really builds."""
+
+import pytest
+import torch
+
+from memfit.eval.memory import inspect_model
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}),
+    ("gemma3_text", dict(num_hidden_layers=5, head_dim=16, sliding_window=16,
+                         layer_types=["sliding_attention"] * 2 + ["full_attention"]
+                         + ["sliding_attention", "full_attention"])),
+    ("mistral", dict(sliding_window=16)),
+])
+def test_inspect_kv_bytes_equal_the_real_cache(tiny_config, model_type, extra):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **extra)).eval()
+    ids = torch.randint(0, 30522, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    info = inspect_model(model, context=64, batch=2)
+    real = _cache_bytes(cache)
+    print(model_type, "inspect", info["kv_bytes"], "real", real)
+    assert info["kv_bytes"] == real
+    if model_type != "llama":  # windowed layers hold less than the whole context
+        assert info["kv_bytes"] < info["kv_bytes_per_token"] * 64 * 2
