@@ -170,7 +170,7 @@ def _factorize_quant(mod, spec: Compose, stat) -> LowRankLinear:
     (down,), _ = _quantize([_linear(b, None, mod)], q, stat)
     up_stat = None
     if q.needs_data:
-        b_hat = down.dequantize_weight()
+        b_hat = down.dequantize()
         up_stat = _Hessian(b_hat @ stat.hessian @ b_hat.T)
     (up,), _ = _quantize([_linear(a, _bias(mod), mod)], q, up_stat)
     m = LowRankLinear(k, out, rank, bias=mod.bias is not None, dtype=mod.weight.dtype,

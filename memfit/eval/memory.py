@@ -41,13 +41,10 @@ def human_bytes(n: float) -> str:
 
 
 def _packed_bytes(mod) -> int | None:
-    """Stored weight bytes of a memfit module (packed, sparse or low-rank), None for others."""
-    if isinstance(mod, torch.nn.Linear) or not hasattr(mod, "in_features"):
+    """Stored weight bytes of a memfit module (the packed-module protocol), None for others."""
+    if isinstance(mod, torch.nn.Linear) or not callable(getattr(mod, "describe", None)):
         return None
-    weight_nbytes = getattr(mod, "weight_nbytes", None)
-    if callable(weight_nbytes):
-        return weight_nbytes()
-    return mod.nbytes if isinstance(getattr(type(mod), "nbytes", None), property) else None
+    return mod.nbytes()
 
 
 def _packed_label(mod) -> str:

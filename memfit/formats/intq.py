@@ -21,7 +21,8 @@ import torch
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
-from memfit.formats.packing import pack, packed_width, unpack
+from memfit.kernels.packing import pack, packed_width, unpack
+from memfit.kernels.weights import IntWeight
 
 
 def field_specs(fmt: IntFormat, out_features: int, in_features: int) -> dict:
@@ -124,6 +125,10 @@ class PackedIntWeight:
         """(out, in) dense weight (q - z) * s, computed in float32 then cast to `dtype`."""
         return grid.dequantize(self.codes(), self.scale.float(), self.zeros(), self.fmt, dtype)
 
+    def kernel_weight(self) -> IntWeight:
+        """The plain-tensor view memfit.kernels reads (no checks: this object was checked)."""
+        return kernel_weight(self.qdata, self.scale, self.zero, self.shape, self.fmt)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name (no zero when symmetric)."""
         d = {"qdata": self.qdata, "scale": self.scale}
@@ -137,6 +142,12 @@ class PackedIntWeight:
 
     def __repr__(self) -> str:
         return f"PackedIntWeight(shape={self.shape}, fmt={self.fmt}, nbytes={self.nbytes})"
+
+
+def kernel_weight(qdata, scale, zero, shape: tuple[int, int], fmt: IntFormat) -> IntWeight:
+    """An `IntWeight` from stored fields of `fmt` (no validation: callers hold checked tensors)."""
+    zero_point = "sym" if fmt.symmetric else fmt.zero_point
+    return IntWeight(qdata, scale, zero, tuple(shape), fmt.bits, fmt.groups(shape[1])[0], zero_point)
 
 
 def apply_keeping_dtypes(module, fn, names: tuple[str, ...], parent_apply) -> None:

@@ -60,12 +60,20 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
-    @property
     def nbytes(self) -> int:
-        """Stored bytes of both factors (packed when quantized) and the bias."""
-        return sum(t.numel() * t.element_size() for m in (self.down, self.up)
-                   for t in (*m.parameters(), *m.buffers()) if t is not None)
+        """Stored weight bytes of both factors (packed when quantized); bias excluded."""
+        return sum(m.nbytes() if hasattr(m, "nbytes") else m.weight.numel() * m.weight.element_size()
+                   for m in (self.down, self.up))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) dense weight A @ B."""
+        return (self.A.float() @ self.B.float()).to(dtype)
+
+    def describe(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.up.bias is not None,
+                "fmt": None if self.fmt is None else self.fmt.to_dict()}
 
 
 def _factor(m: nn.Module) -> torch.Tensor:
-    return m.weight if isinstance(m, nn.Linear) else m.dequantize_weight()
+    return m.weight if isinstance(m, nn.Linear) else m.dequantize()

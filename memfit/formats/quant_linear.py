@@ -9,11 +9,14 @@ Choices:
   the meta device and filled by `load_state_dict(..., assign=True)` or `to_empty` + load.
 - `model.to(dtype)` never casts `scale`/`zero`: their dtype is part of the format and a cast
   would change the weights. Device moves apply to them as usual; `bias` follows the dtype.
-- forward: the differentiable reference when activations need gradients or the layer is not on
-  the CPU (GPU kernels live elsewhere); on the CPU, `kernels.cpu.cpu_linear`, whose policy is
-  described in that module. Its prepared kernel layout is cached on first use (plain attribute,
-  never saved, rebuilt after a move or a state-dict load) and reported by `cache_nbytes()`;
-  `weight_nbytes()` counts only the stored format.
+- The packed-module protocol (shared with SparseLinear, LowRankLinear, QuantEmbedding):
+  `nbytes()` stored weight bytes (format tensors, bias excluded), `dequantize(dtype)` the dense
+  (out, in) weight, `describe()` the JSON description memfit.io.save writes.
+- forward: one call to `memfit.kernels.linear`, which picks the path by device, dtype and
+  layout. The buffers were checked when they were loaded (`load_packed`, or a state dict that
+  `packed()` checks on demand); forward hands the kernels a plain view and checks nothing. The
+  kernels' prepared layout is cached on first use (plain attribute, never saved, rebuilt after a
+  move or a state-dict load) and reported by `cache_nbytes()`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from torch import nn
 
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs
-from memfit.kernels import cpu
-from memfit.kernels.reference import linear_reference
+from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs, kernel_weight
+from memfit import kernels
 
 _FIXED_DTYPE = ("qdata", "scale", "zero")
 
@@ -80,29 +82,31 @@ class QuantLinear(nn.Module):
         return PackedIntWeight(self.qdata, self.scale, getattr(self, "zero", None),
                                (self.out_features, self.in_features), self.fmt)
 
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) dense weight of `dtype`."""
         return self.packed().dequantize(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise UserError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        w = self.packed()
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if x.device.type != "cpu" or needs_grad:
-            return linear_reference(x, w, self.bias)
-        return cpu.cpu_linear(x, w, self.bias, self._cache(w))
+    def describe(self) -> dict:
+        return {"fmt": self.fmt.to_dict(), "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
 
-    def _cache(self, w: PackedIntWeight):
+    def kernel_weight(self):
+        """The plain view memfit.kernels reads (no checks)."""
+        return kernel_weight(self.qdata, self.scale, getattr(self, "zero", None),
+                             (self.out_features, self.in_features), self.fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.kernel_weight()
         if not self._cache_ready:
-            self._cpu_cache = cpu.prepare_cpu(w)
+            self._cpu_cache = kernels.prepare(w)
             self._cache_ready = True
-        return self._cpu_cache
+        return kernels.linear(x, w, self.bias, self._cpu_cache)
 
     def _drop_cache(self) -> None:
         self._cpu_cache = None
         self._cache_ready = False
 
-    def weight_nbytes(self) -> int:
+    def nbytes(self) -> int:
         """Bytes of the stored format (qdata + scale + zero), bias excluded."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size()
                    for n in field_specs(self.fmt, self.out_features, self.in_features))
@@ -112,7 +116,7 @@ class QuantLinear(nn.Module):
         return 0 if self._cpu_cache is None else self._cpu_cache.nbytes
 
     def bits_per_weight(self) -> float:
-        return 8 * self.weight_nbytes() / (self.out_features * self.in_features)
+        return 8 * self.nbytes() / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         g = "channel" if self.fmt.group_size is None else self.fmt.group_size

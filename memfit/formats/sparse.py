@@ -12,7 +12,7 @@
   matrix is unique. fp16: 0.5625× dense, like the bitmask at 50%, but with a fixed layout.
 - `SparseIntWeight`: either layout whose kept values are integer codes on a group-wise grid
   (pruning composed with quantization). `qdata` packs the kept codes, row-major, as one bit
-  stream at `fmt.bits` bits each (memfit.formats.packing's layout for a single row); `scale` and
+  stream at `fmt.bits` bits each (memfit.kernels.packing's layout for a single row); `scale` and
   `zero` are the grid of the *dense* columns, stored exactly as `PackedIntWeight` stores them
   (so groups mean the same thing with and without sparsity). A weight is (q - z)·s at a kept
   position and 0 elsewhere. 50% + int4 g64 with fp16 scales: 1 (mask) + 2 (codes) + 0.31
@@ -29,14 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from memfit import kernels
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
 from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs, zeros_float
-from memfit.formats.packing import pack, packed_width, unpack
+from memfit.kernels.packing import pack, packed_width, unpack
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
 
@@ -270,25 +270,32 @@ class SparseLinear(nn.Module):
             return SparseIntWeight.from_tensors(self._stored(), self.layout, self.fmt)
         return _FORMATS[self.layout].from_tensors(self._stored())
 
-    def dense_weight(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(out, in) dense weight; `dtype` None keeps the stored one (float32 for int values)."""
         shape = (self.out_features, self.in_features)
         if self.fmt is not None:
-            return _int_dense(self.layout, getattr(self, _PATTERN[self.layout]), self.qdata,
-                              self.scale, getattr(self, "zero", None), shape, self.fmt)
-        if self.layout == "bitmask":
-            return _bitmask_dense(self.values, self.bitmask, shape)
-        return _sparse24_dense(self.values, self.indices, shape)
+            w = _int_dense(self.layout, getattr(self, _PATTERN[self.layout]), self.qdata,
+                           self.scale, getattr(self, "zero", None), shape, self.fmt)
+        elif self.layout == "bitmask":
+            w = _bitmask_dense(self.values, self.bitmask, shape)
+        else:
+            w = _sparse24_dense(self.values, self.indices, shape)
+        return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reference path: rebuild the dense weight, then a dense matmul. A real sparse kernel
-        # (2:4 sparse tensor cores, or a bitmask SpMM) is a later issue.
-        w = self.dense_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # The dense weight is rebuilt and handed to the kernel dispatch: memory is saved at rest,
+        # not in compute. A sparse kernel (2:4 tensor cores, bitmask SpMM) plugs in there.
+        return kernels.linear(x, self.dequantize(), self.bias)
 
-    @property
     def nbytes(self) -> int:
-        b = 0 if self.bias is None else _nbytes(self.bias)
-        return self.weight_format().nbytes + b
+        """Stored weight bytes (the format's tensors; bias excluded)."""
+        return self.weight_format().nbytes
+
+    def describe(self) -> dict:
+        return {"layout": self.layout, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None,
+                "fmt": None if self.fmt is None else self.fmt.to_dict(),
+                "shapes": {n: list(b.shape) for n, b in self._stored().items()}}
 
     def _apply(self, fn, recurse=True):
         # int-quantized values: scale/zero dtypes belong to the format; float values do follow
@@ -302,7 +309,7 @@ class SparseLinear(nn.Module):
                 f"layout={self.layout}{q}")
 
 
-# ----- bit packing: 1-bit masks here; 2-bit indices through memfit.formats.packing -----
+# ----- bit packing: 1-bit masks here; 2-bit indices through memfit.kernels.packing -----
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """1-D bool -> uint8, 8 per byte, element 8i+b in bit b of byte i; tail padded with 0."""
@@ -320,7 +327,7 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """1-D uint8 codes in [0, 3] -> uint8, 4 per byte, code 4i+b in bits 2b..2b+1 of byte i
-    (memfit.formats.packing's layout for one row)."""
+    (memfit.kernels.packing's layout for one row)."""
     return pack(codes.reshape(1, -1).to(torch.uint8), 2)[0]
 
 

@@ -80,21 +80,9 @@ _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "dis
 
 # ----- module kinds: describe a replaced module as JSON, build it back on the meta device -----
 
-def _describe_int(m: QuantLinear) -> dict:
-    return {"fmt": m.fmt.to_dict(), "in_features": m.in_features,
-            "out_features": m.out_features, "bias": m.bias is not None}
-
-
 def _build_int(d: dict, dtype: torch.dtype) -> QuantLinear:
     return QuantLinear(d["in_features"], d["out_features"], IntFormat.from_dict(d["fmt"]),
                        d["bias"], device="meta", dtype=dtype)
-
-
-def _describe_sparse(m: SparseLinear) -> dict:
-    shapes = {n: list(b.shape) for n, b in m._stored().items()}
-    return {"layout": m.layout, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "fmt": None if m.fmt is None else m.fmt.to_dict(),
-            "shapes": shapes}
 
 
 def _build_sparse(d: dict, dtype: torch.dtype) -> SparseLinear:
@@ -115,11 +103,6 @@ def _build_sparse(d: dict, dtype: torch.dtype) -> SparseLinear:
     return SparseLinear.empty(d["layout"], fmt, d["out_features"], d["in_features"], shapes)
 
 
-def _describe_lowrank(m: LowRankLinear) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-            "bias": m.up.bias is not None, "fmt": None if m.fmt is None else m.fmt.to_dict()}
-
-
 def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
     m = LowRankLinear(d["in_features"], d["out_features"], d["rank"], bias=d["bias"],
                       dtype=dtype, device="meta")
@@ -131,16 +114,15 @@ def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
 
 
 class Kind(NamedTuple):
-    cls: type
-    describe: Callable[[nn.Module], dict]
+    cls: type  # describes itself: cls.describe(module) (the packed-module protocol)
     build: Callable[[dict, torch.dtype], nn.Module]
     fixed: tuple[str, ...]  # tensors whose dtype belongs to the format: never cast on load
 
 
 MODULE_KINDS: dict[str, Kind] = {
-    "int": Kind(QuantLinear, _describe_int, _build_int, ("scale", "zero")),
-    "sparse": Kind(SparseLinear, _describe_sparse, _build_sparse, ("scale", "zero")),
-    "lowrank": Kind(LowRankLinear, _describe_lowrank, _build_lowrank,
+    "int": Kind(QuantLinear, _build_int, ("scale", "zero")),
+    "sparse": Kind(SparseLinear, _build_sparse, ("scale", "zero")),
+    "lowrank": Kind(LowRankLinear, _build_lowrank,
                     ("down.scale", "down.zero", "up.scale", "up.zero")),
 }
 
@@ -153,7 +135,7 @@ def describe_modules(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         if type(m) in by_class and not any(name.startswith(n + ".") for n in out):
             kind, k = by_class[type(m)]
-            out[name] = {"kind": kind, **k.describe(m)}
+            out[name] = {"kind": kind, **m.describe()}
     return out
 
 

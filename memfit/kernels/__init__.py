@@ -1,0 +1,42 @@
+"""Kernels: matmuls over packed weights, chosen in one place.
+
+`linear(x, weight, bias, cache)` is the only entry the modules call (memfit.formats). It looks at
+the weight's kind, the device and the activation dtype and picks a path:
+
+- a dense tensor (what sparse layouts rebuild today): F.linear in the activation dtype;
+- an `IntWeight` on the CPU without autograd: memfit.kernels.cpu (torch's bfloat16 int4/int8
+  kernels where they are exact and fast, else tiled dequantize + float32 GEMM);
+- an `IntWeight` anywhere else (CUDA, or activations that need gradients): the float32
+  reference. GPU kernels plug in here, keyed the same way, without touching the modules.
+
+`prepare(weight)` builds a path's one-time layout (the CPU kernels' repacked weight); modules
+cache it and drop it on a move. Kernels take tensors and integers only: nothing here imports
+memfit.formats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memfit.kernels import cpu
+from memfit.kernels.reference import linear_reference
+from memfit.kernels.weights import IntWeight, dequantize
+
+__all__ = ["IntWeight", "dequantize", "linear", "prepare"]
+
+
+def prepare(weight: IntWeight):
+    """The prepared layout of `weight` for its device's fast path, or None."""
+    return cpu.prepare_cpu(weight) if weight.qdata.device.type == "cpu" else None
+
+
+def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor | None = None,
+           cache=None) -> torch.Tensor:
+    """(..., in) -> (..., out) for a packed or dense weight (see the module docstring)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type == "cpu" and not needs_grad:
+        return cpu.cpu_linear(x, weight, bias, cache)
+    return linear_reference(x, weight, bias)

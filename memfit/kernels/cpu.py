@@ -1,4 +1,4 @@
-"""Fast CPU matmul for packed integer weights (`PackedIntWeight`), equal to `reference.py`.
+"""Fast CPU matmul for packed integer weights (`IntWeight`), equal to `reference.py`.
 
 Two paths; `cpu_linear` picks one, and neither changes the stored weights:
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.formats.intq import PackedIntWeight
-from memfit.formats.packing import unpack
+from memfit.kernels.packing import unpack
+from memfit.kernels.weights import IntWeight, dequantize_rows_
 
 KERNEL_MAX_M = 64  # rows of activations up to which the bfloat16 kernels beat path 1
 TILE_ELEMENTS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
@@ -64,35 +64,35 @@ class CpuCache:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def kernel_ineligibility(w: PackedIntWeight) -> str | None:
-    """Why no bfloat16 kernel serves `w` (None when one does), judged from the format alone."""
-    fmt, (out, k) = w.fmt, w.shape
-    if fmt.bits == 8:
-        if fmt.group_size is not None or not fmt.symmetric:
+def kernel_ineligibility(w: IntWeight) -> str | None:
+    """Why no bfloat16 kernel serves `w` (None when one does), judged from the layout alone."""
+    out, k = w.shape
+    if w.bits == 8:
+        if w.group_size != k or w.zero_point != "sym":
             return "8-bit kernel needs symmetric per-channel weights"
         return None
-    if fmt.bits != 4:
-        return f"no torch CPU kernel for {fmt.bits}-bit weights"
-    if fmt.group_size not in INT4_GROUPS or k % fmt.group_size:
+    if w.bits != 4:
+        return f"no torch CPU kernel for {w.bits}-bit weights"
+    if w.group_size not in INT4_GROUPS or k % w.group_size:
         return f"int4 kernel needs a group size in {INT4_GROUPS} dividing in_features={k}"
     if out % 16:
         return f"int4 kernel needs out_features divisible by 16, got {out}"
-    if not fmt.symmetric and fmt.zero_point == "float":
+    if w.zero_point == "float":
         return "int4 kernel path does not take float zeros"
     return None
 
 
-def prepare_cpu(w: PackedIntWeight) -> CpuCache | None:
+def prepare_cpu(w: IntWeight) -> CpuCache | None:
     """Build the kernel layout for `w`, or None when no kernel represents it exactly."""
     if kernel_ineligibility(w) is not None:
         return None
-    if w.fmt.bits == 8:
+    if w.bits == 8:
         q8 = (w.qdata ^ 0x80).view(torch.int8)  # (out, in) q - 128
         return CpuCache("int8", q8.contiguous(), w.scale.float().reshape(-1).contiguous())
     return _prepare_int4(w)
 
 
-def _prepare_int4(w: PackedIntWeight) -> CpuCache | None:
+def _prepare_int4(w: IntWeight) -> CpuCache | None:
     s = w.scale.float()  # (out, G)
     t = (8.0 - w.zeros()) * s  # (out, G); exact: small integer times a 16-bit float
     s_hi, s_lo = _split_bf16(s)
@@ -119,7 +119,7 @@ def _split_bf16(v: torch.Tensor):
     return hi, lo
 
 
-def cpu_linear(x: torch.Tensor, w: PackedIntWeight, bias: torch.Tensor | None = None,
+def cpu_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None,
                cache: CpuCache | None = None) -> torch.Tensor:
     """(..., in) -> (..., out) on the CPU; the path follows the module docstring's policy."""
     lead = x.shape[:-1]
@@ -151,7 +151,7 @@ def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) 
     return y.to(torch.bfloat16)
 
 
-def tiled_linear(x2: torch.Tensor, w: PackedIntWeight,
+def tiled_linear(x2: torch.Tensor, w: IntWeight,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """(M, in) -> (M, out) float32; dequantizes TILE_ELEMENTS weights at a time (path 1)."""
     out, k = w.shape
@@ -164,22 +164,10 @@ def tiled_linear(x2: torch.Tensor, w: PackedIntWeight,
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
         tile = buf[: r1 - r0]
-        tile.copy_(unpack(w.qdata[r0:r1], w.fmt.bits, k))
-        _dequantize_tile_(tile, scale[r0:r1], zero[r0:r1], g)
+        tile.copy_(unpack(w.qdata[r0:r1], w.bits, k))
+        dequantize_rows_(tile, scale[r0:r1], zero[r0:r1], g)
         torch.mm(tile, xf.T, out=yt[r0:r1])
     y = yt.T
     if bias is not None:
         y = y + bias.float()
     return y.contiguous()
-
-
-def _dequantize_tile_(tile: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int) -> None:
-    """In place: float codes (r, in) -> (codes - z) * s, group-wise with a ragged last group."""
-    r, k = tile.shape
-    full = k // g
-    if full:
-        body = tile[:, : full * g].view(r, full, g)  # (r, full groups, g)
-        body.sub_(zero[:, :full, None]).mul_(scale[:, :full, None])
-    if full * g < k:
-        rest = tile[:, full * g:]  # (r, ragged tail)
-        rest.sub_(zero[:, full:]).mul_(scale[:, full:])

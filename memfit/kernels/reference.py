@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memfit.formats.intq import PackedIntWeight
+from memfit.kernels.weights import IntWeight, dequantize
 
 
-def linear_reference(x: torch.Tensor, w: PackedIntWeight,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_reference(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., in) activations -> (..., out): F.linear(x, dequantize(w), bias) in float32."""
-    weight = w.dequantize(torch.float32)  # (out, in)
+    weight = dequantize(w)  # (out, in)
     b = None if bias is None else bias.float()
     return F.linear(x.float(), weight, b).to(x.dtype)

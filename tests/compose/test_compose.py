@@ -59,7 +59,7 @@ def test_sparse_int_round_trip_and_bytes(layout):
     x = torch.randn(3, 256, generator=G(1))
     assert torch.allclose(lin(x), x @ w_hat.T, atol=1e-5)
     again = SparseLinear(lin.weight_format())  # through its buffers
-    assert torch.equal(again.dense_weight(), w_hat)
+    assert torch.equal(again.dequantize(), w_hat)
 
 
 def test_sparse_int_refuses_values_off_the_grid():
@@ -162,7 +162,7 @@ def test_prune_plus_quant_end_to_end(name, tiny_llama_dir, tmp_path):
     sparse = [x for x in m.model.modules() if isinstance(x, SparseLinear)]
     assert len(sparse) == 14 and rep["modules"] == 14
     for s in sparse:
-        w = s.dense_weight()
+        w = s.dequantize()
         assert (w == 0).float().mean() >= 0.5
         if "2of4" in name:
             assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
@@ -225,7 +225,7 @@ def test_healing_keeps_sparse_int_and_quantized_factors(tiny_llama_dir):
         print(d, kld0, kld1)
         assert kld1 < kld0
         for s in (x for x in m.modules() if isinstance(x, SparseLinear)):
-            w = s.dense_weight()
+            w = s.dequantize()
             assert s.fmt is not None and ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
 
 
@@ -259,7 +259,7 @@ def test_four_of_eight_in_a_bitmask_with_and_without_int4(method, tiny_llama_dir
         sparse = [x for x in m.modules() if isinstance(x, SparseLinear)]
         assert len(sparse) == 14 and all(s.layout == "bitmask" for s in sparse)
         for s in sparse:
-            w = s.dense_weight()
+            w = s.dequantize()
             assert ((w.view(w.shape[0], -1, 8) != 0).sum(-1) <= 4).all()
             assert (s.fmt is None) == (quant is None)
 
@@ -280,7 +280,7 @@ def test_half_casts_float_values_but_never_an_int_grid():
     fmt = IntFormat(bits=4, group_size=32, scale_dtype="float32")
     w_hat, s, z = _on_grid(w, keep, fmt)
     q = SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, "bitmask")).half()
-    assert q.scale.dtype == torch.float32 and torch.equal(q.dense_weight(), w_hat)
+    assert q.scale.dtype == torch.float32 and torch.equal(q.dequantize(), w_hat)
     from memfit.formats.sparse import BitmaskWeight
     f = SparseLinear(BitmaskWeight.from_dense(w * keep)).half()
-    assert f.values.dtype == torch.float16 and f.nbytes == int(keep.sum()) * 2 + 64
+    assert f.values.dtype == torch.float16 and f.nbytes() == int(keep.sum()) * 2 + 64

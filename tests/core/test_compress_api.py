@@ -36,7 +36,7 @@ def test_gptq_beats_rtn_and_bytes_shrink(tiny_llama_dir):
         assert rep["modules"] == 14 and rep["bytes_after"] < rep["bytes_before"]
         qls = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
         assert len(qls) == 14 and all(q.fmt.bits == 3 for q in qls)
-        saved = sum(q.in_features * q.out_features * 4 - q.weight_nbytes() for q in qls)
+        saved = sum(q.in_features * q.out_features * 4 - q.nbytes() for q in qls)
         assert rep["bytes_before"] - rep["bytes_after"] == saved
     print(kld)
     assert kld["w3g64-gptq"] < kld["w3g64"]
@@ -164,7 +164,7 @@ def test_two_of_four_pattern_holds_in_every_matrix(tiny_llama_dir):
     sparse = [x for x in m.modules() if isinstance(x, SparseLinear)]
     assert len(sparse) == 14
     for s in sparse:
-        w = s.dense_weight()
+        w = s.dequantize()
         assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
 
 
@@ -200,7 +200,7 @@ def test_owl_gives_outlier_blocks_lower_sparsity(save_tiny, tmp_path):
     assert len(s) == 3 and abs(sum(s) / 3 - 0.5) < 1e-9 and min(s) == s[1]
     assert all(0.42 - 1e-9 <= x <= 0.58 + 1e-9 for x in s)
     block1 = [x for x in m.model.layers[1].modules() if isinstance(x, SparseLinear)]
-    zeros = sum(int((x.dense_weight() == 0).sum()) for x in block1)
+    zeros = sum(int((x.dequantize() == 0).sum()) for x in block1)
     numel = sum(x.in_features * x.out_features for x in block1)
     assert abs(zeros / numel - s[1]) < 0.01
 
@@ -237,7 +237,7 @@ def test_block_sequential_uses_the_uncompressed_block_for_every_group(tiny_llama
                               "calib": {"sequential": seq}})
         compress_(m, r, _calib(8), progress=False)
         layer = m.model.layers[0]
-        masks[seq] = {n: layer.get_submodule(n).dense_weight() != 0
+        masks[seq] = {n: layer.get_submodule(n).dequantize() != 0
                       for n in ("self_attn.q_proj", "self_attn.o_proj")}
     assert torch.equal(masks["group"]["self_attn.q_proj"], masks["block"]["self_attn.q_proj"])
     assert not torch.equal(masks["group"]["self_attn.o_proj"], masks["block"]["self_attn.o_proj"])

@@ -24,7 +24,7 @@ def teacher(tiny_llama_dir):
 def test_distilling_a_3bit_student_lowers_kld_and_repacks_exactly(teacher, tiny_llama_dir, tmp_path):
     student = load_model(str(tiny_llama_dir))
     compress_(student.model, "w3g64", progress=False)
-    nbytes = {n: m.weight_nbytes() for n, m in student.model.named_modules()
+    nbytes = {n: m.nbytes() for n, m in student.model.named_modules()
               if isinstance(m, QuantLinear)}
     calib = token_windows(teacher.tokenizer, "builtin", "calib", seq_len=32, max_windows=64, seed=0)
     held_out = token_windows(teacher.tokenizer, "builtin", "eval", seq_len=32, max_windows=16)
@@ -37,7 +37,7 @@ def test_distilling_a_3bit_student_lowers_kld_and_repacks_exactly(teacher, tiny_
           f"{rep['seconds']:.1f} s")
     assert after["kld"] < 0.9 * before["kld"]
     quant = {n: m for n, m in student.model.named_modules() if isinstance(m, QuantLinear)}
-    assert {n: m.weight_nbytes() for n, m in quant.items()} == nbytes
+    assert {n: m.nbytes() for n, m in quant.items()} == nbytes
     assert all(int(m.packed().codes().max()) <= m.fmt.qmax for m in quant.values())
     assert not any(p.requires_grad for p in student.model.parameters())
     out = save(student.model, student.tokenizer, tmp_path / "healed", recipe={"distill": {}},
@@ -58,7 +58,7 @@ def test_two_four_pattern_holds_in_every_matrix_after_distilling(teacher, tiny_l
             setattr(student.model.model.layers.get_submodule(parent), attr,
                     SparseLinear.from_linear(m, "2:4"))
     calib = token_windows(teacher.tokenizer, "builtin", "calib", seq_len=16, max_windows=8, seed=0)
-    before = {n: m.dense_weight().clone() for n, m in student.model.named_modules()
+    before = {n: m.dequantize().clone() for n, m in student.model.named_modules()
               if isinstance(m, SparseLinear)}
     distill_(student.model, teacher.model, calib, steps=3, lr=1e-3, batch_size=2,
              freeze=("lm_head",))
@@ -66,7 +66,7 @@ def test_two_four_pattern_holds_in_every_matrix_after_distilling(teacher, tiny_l
     assert after.keys() == before.keys() and len(after) == 14
     changed = 0
     for n, m in after.items():
-        w = m.dense_weight()
+        w = m.dequantize()
         assert m.layout == "2:4"
         assert (w.view(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2, n
         assert not ((w != 0) & (before[n] == 0)).any(), n

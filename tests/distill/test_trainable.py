@@ -51,7 +51,7 @@ def test_fake_quant_starts_exact_and_repacks_on_grid(fmt):
     x = _train(fq)
     assert fq.log_scale.grad is not None and fq.weight.grad is not None
     new = fq.repack()
-    assert new.fmt == q.fmt and new.weight_nbytes() == q.weight_nbytes()
+    assert new.fmt == q.fmt and new.nbytes() == q.nbytes()
     codes = new.packed().codes()
     assert int(codes.max()) <= fmt.qmax
     assert not torch.equal(new.qdata, q.qdata) or not torch.equal(new.scale, q.scale)
@@ -75,13 +75,13 @@ def test_sparse_pattern_holds_after_training(layout):
     with torch.no_grad():
         lin.weight.mul_(nm_mask(lin.weight.abs(), 2, 4))
     sparse = SparseLinear.from_linear(lin, layout)
-    before = sparse.dense_weight() != 0
+    before = sparse.dequantize() != 0
     ms = MaskedSparseLinear(sparse)
     x = _train(ms)
     new = ms.repack()
     assert new.layout == layout
-    dense = new.dense_weight()
-    assert not torch.equal(dense, sparse.dense_weight())
+    dense = new.dequantize()
+    assert not torch.equal(dense, sparse.dequantize())
     assert ((dense != 0) & ~before).sum() == 0  # nothing outside the original pattern
     assert (dense.view(16, 16, 4) != 0).sum(-1).max() <= 2
     with torch.no_grad():

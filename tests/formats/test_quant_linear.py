@@ -94,9 +94,9 @@ def test_dtype_moves_keep_the_format_and_drop_the_cache():
     assert layer.scale.dtype == torch.float16 and layer.zero.dtype == torch.uint8
     assert layer.bias.dtype == torch.bfloat16 and layer.cache_nbytes() == 0
     assert list(layer.state_dict()) == ["qdata", "scale", "zero", "bias"]
-    assert torch.equal(layer.dequantize_weight(), dense)
+    assert torch.equal(layer.dequantize(), dense)
     model.half().float()
-    assert layer.scale.dtype == torch.float16 and torch.equal(layer.dequantize_weight(), dense)
+    assert layer.scale.dtype == torch.float16 and torch.equal(layer.dequantize(), dense)
 
 
 def test_gradients_flow_to_activations():
@@ -109,14 +109,14 @@ def test_gradients_flow_to_activations():
 def test_sizes_and_repr():
     fmt = IntFormat(bits=4, group_size=64)
     layer, _ = make_layer(fmt)
-    assert layer.weight_nbytes() == format_nbytes(fmt, 1536, 576) == 477696
+    assert layer.nbytes() == format_nbytes(fmt, 1536, 576) == 477696
     assert layer.bits_per_weight() == pytest.approx(477696 * 8 / (1536 * 576))
     assert "bits=4, group=64" in repr(layer) and "bpw=4.319" in repr(layer)
 
 
 def test_user_errors():
     layer, _ = make_layer(IntFormat(bits=4, group_size=64), out=32, k=128)
-    with pytest.raises(UserError, match="expects 128"):
+    with pytest.raises(RuntimeError):  # a caller's bug, not user input: torch's own shape error
         layer(torch.randn(2, 64))
     lin = torch.nn.Linear(64, 32)
     with pytest.raises(UserError, match="quantize this layer's own weight"):

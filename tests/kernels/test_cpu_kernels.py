@@ -11,11 +11,12 @@ from memfit.kernels import cpu
 from memfit.kernels.reference import linear_reference
 
 
-def packed_weight(fmt, out=1536, k=576, seed=0):
+def packed_weight(fmt, out=1536, k=576, seed=0, view=True):
     w = torch.randn(out, k, generator=torch.Generator().manual_seed(seed)) * 0.05
     scale, zero = grid.round_params(*grid.minmax_params(w, fmt), fmt)
     codes = grid.quantize(w, scale, zero, fmt)
-    return PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt)
+    p = PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt)
+    return p.kernel_weight() if view else p
 
 
 def errors(name, y, ref):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memfit.errors import UserError
-from memfit.formats.packing import pack, packed_width, unpack
+from memfit.kernels.packing import pack, packed_width, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
