@@ -26,7 +26,7 @@ from memfit.archs import Arch, arch_for, block_list
 from memfit.calib import capture_inputs, collect_stats, propagate
 from memfit.errors import UserError
 from memfit.eval.memory import rss_peak_bytes, weight_table
-from memfit.methods import replace_group, stat_needed
+from memfit.methods import quantize_embeddings_, replace_group, stat_needed
 from memfit.recipe import Recipe, load_recipe
 
 
@@ -202,7 +202,8 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
             if s is not None:
                 _check_finite(f"{prefix}.{i}.{n}", block.get_submodule(n))
         plan.append(specs)
-    if not recipe.structured and not any(s for specs in plan for s in specs.values()):
+    tables = recipe.embeddings is not None or recipe.head is not None
+    if not (recipe.structured or tables) and not any(s for specs in plan for s in specs.values()):
         raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
 
     owl = None
@@ -228,6 +229,7 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
         if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]
                                      for s in p.values()):
             propagate(block, store, block_kwargs[i])
+    embedding_bytes = quantize_embeddings_(model, recipe.embeddings, recipe.head) if tables else None
     after = weight_table(model)["weight_bytes"]
     errors = [e["error"] for e in log if e["error"] is not None and math.isfinite(e["error"])]
     return {"recipe": recipe.to_dict(), "modules": sum(s is not None for p in plan for s in p.values()),
@@ -236,6 +238,6 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
             "owl_sparsities": owl,
             "calib_windows": 0 if data is None else int(data.shape[0]),
             "calib_seq_len": 0 if data is None else int(data.shape[1]),
-            "resumed_blocks": resumed, "peak_rss_bytes": rss_peak_bytes(),
+            "resumed_blocks": resumed, "embedding_bytes": embedding_bytes, "peak_rss_bytes": rss_peak_bytes(),
             "peak_gpu_bytes": _peak_gpu(model),
             "mean_layer_error": sum(errors) / len(errors) if errors else None, "layers": log}

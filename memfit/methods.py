@@ -31,6 +31,8 @@ from memfit.algos.sparsegpt import sparsegpt
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.intq import PackedIntWeight
+from memfit.formats.embedding import QuantEmbedding
+from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.sparse import BitmaskWeight, Sparse24Weight, SparseIntWeight, SparseLinear
@@ -188,3 +190,34 @@ def replace_group(mods: list, spec, stat) -> tuple[list, float | None]:
     else:
         build = _prune if isinstance(spec, Prune) else _factorize
     return [build(m, spec, stat) for m in mods], None
+
+
+def quantize_embeddings_(model: torch.nn.Module, embeddings: IntFormat | None,
+                         head: IntFormat | None) -> dict:
+    """Store the input embeddings and/or the output head on the integer grid (RTN, min-max),
+    in place. When the model ties them and both get the same format, the head is a QuantLinear
+    over the embedding's own packed buffers: still one tensor. Otherwise a quantized side stops
+    being tied (save writes `tie_word_embeddings: false`). -> {"embeddings": bytes, "head": bytes}."""
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and getattr(out, "weight", None) is emb.weight
+    report = {}
+    if embeddings is not None:
+        w = emb.weight.detach()
+        res = rtn(w, embeddings)
+        packed = PackedIntWeight.from_codes(res.codes, res.scale,
+                                            None if embeddings.symmetric else res.zero, embeddings)
+        qe = QuantEmbedding.from_packed(packed, emb)
+        model.set_input_embeddings(qe)
+        report["embeddings"] = qe.nbytes()
+    if head is not None and out is not None:
+        if tied and embeddings == head:
+            ql = QuantLinear(qe.embedding_dim, qe.num_embeddings, head, bias=False,
+                             device=qe.qdata.device, dtype=qe.dtype)
+            for name in list(ql._buffers):
+                if name in qe._buffers:
+                    ql._buffers[name] = qe._buffers[name]  # the same tensors: tied
+        else:
+            (ql,), _ = _quantize([out], Quant(algo="rtn", format=head), None)
+        model.set_output_embeddings(ql)
+        report["head"] = ql.nbytes()
+    return report

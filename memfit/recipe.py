@@ -290,6 +290,8 @@ class Recipe:
     prune: Prune | None = None
     lowrank: LowRank | None = None
     structured: Structured | None = None
+    embeddings: IntFormat | None = None   # the input embedding table on the integer grid (RTN)
+    head: IntFormat | None = None         # the output head (tied to the embeddings: same buffers)
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[tuple[str, object], ...] = ()   # (glob pattern, spec or None = skip)
     calib: Calib = field(default_factory=Calib)
@@ -336,6 +338,9 @@ class Recipe:
         d = {k: getattr(self, k).to_dict() for k in _SPECS if getattr(self, k) is not None}
         if self.structured is not None:
             d["structured"] = self.structured.to_dict()
+        for k in ("embeddings", "head"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k).to_dict()
         return {**d, "ignore": list(self.ignore),
                 "overrides": {p: self._override_dict(s) for p, s in self.overrides},
                 "calib": asdict(self.calib)}
@@ -353,7 +358,7 @@ class Recipe:
         if not isinstance(d, dict):
             raise UserError("a recipe must be a mapping with keys quant|prune|lowrank, ignore, "
                             "overrides, calib")
-        valid = set(_SPECS) | {"structured", "ignore", "overrides", "calib"}
+        valid = set(_SPECS) | {"structured", "embeddings", "head", "ignore", "overrides", "calib"}
         if set(d) - valid:
             raise UserError(f"unknown recipe key(s) {sorted(set(d) - valid)}; valid: {sorted(valid)}")
         specs = {k: _SPECS[k].from_dict(d[k]) for k in _SPECS if d.get(k)}
@@ -363,8 +368,16 @@ class Recipe:
         calib = d.get("calib") or {}
         _check_keys("calib", calib, Calib)
         structured = Structured.from_dict(d["structured"]) if d.get("structured") else None
-        return cls(**specs, structured=structured, ignore=tuple(d.get("ignore", ("lm_head",))),
+        tables = {k: _int_format(k, d[k]) for k in ("embeddings", "head") if d.get(k)}
+        return cls(**specs, structured=structured, **tables, ignore=tuple(d.get("ignore", ("lm_head",))),
                    overrides=overrides, calib=Calib(**calib))
+
+
+def _int_format(what: str, d) -> IntFormat:
+    """An `embeddings:`/`head:` entry: IntFormat fields, e.g. {bits: 8, group_size: null,
+    symmetric: true} (int8 per row) or {bits: 4, group_size: 64}."""
+    _check_keys(what, d, IntFormat)
+    return IntFormat(**d)
 
 
 def _override(specs: dict, o):
@@ -422,6 +435,10 @@ PRESETS: dict[str, Recipe] = {
                                  quant=_preset("gptq", 4, 64).quant),
     "sparsegpt-2of4-w4g64": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4"),
                                    quant=_preset("gptq", 4, 64).quant),
+    # the embedding table and (tied) head in int8 per row as well
+    "w4g64-gptq-e8": replace(_preset("gptq", 4, 64, **_BEST),
+                             embeddings=IntFormat(bits=8, group_size=None, symmetric=True),
+                             head=IntFormat(bits=8, group_size=None, symmetric=True)),
     "wsvd-80-w8": Recipe(lowrank=LowRank(method="wsvd", keep=0.8), quant=_preset("gptq", 8, None).quant),
 }
 

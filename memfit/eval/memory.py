@@ -72,6 +72,7 @@ def weight_table(model: torch.nn.Module) -> dict:
         total_bytes += nbytes
     parameters, packed = 0, defaultdict(lambda: {"modules": 0, "weights": 0, "bytes": 0})
     seen = set()  # tied weights (embeddings = lm_head) are one tensor, counted once
+    seen_codes = set()  # packed tensors shared by two modules (tied) are counted once
     outer = []  # packed modules seen so far: their own sub-modules are theirs, not counted again
     for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):
@@ -79,7 +80,11 @@ def weight_table(model: torch.nn.Module) -> dict:
                 seen.add(id(p))
                 parameters += p.numel()
         nbytes = _packed_bytes(mod)
-        if nbytes is not None and not any(name.startswith(o + ".") for o in outer):
+        codes = getattr(mod, "qdata", None)
+        shared = codes is not None and id(codes) in seen_codes  # a head over the embedding's codes
+        if nbytes is not None and not shared and not any(name.startswith(o + ".") for o in outer):
+            if codes is not None:
+                seen_codes.add(id(codes))
             outer.append(name)
             n = mod.in_features * mod.out_features
             if next(mod.parameters(), None) is None:

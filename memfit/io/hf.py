@@ -22,16 +22,18 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from memfit.errors import UserError
-from memfit.io.save import FORMAT, QUANT_METHOD, replace_modules
+from memfit.io.save import FORMAT, QUANT_METHOD, _get_tensor, replace_modules, retie
 
 
 class MemfitConfig(QuantizationConfigMixin):
     """The `quantization_config` of a memfit folder: its format version and module table."""
 
-    def __init__(self, modules: dict | None = None, format: str = FORMAT, **kwargs):
+    def __init__(self, modules: dict | None = None, format: str = FORMAT,
+                 tied: dict | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.modules = dict(modules or {})
+        self.tied = dict(tied or {})  # packed tensors saved once for several keys
 
 
 class MemfitHfQuantizer(HfQuantizer):
@@ -58,6 +60,11 @@ class MemfitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # packed tensors shared by several modules (a quantized tied embedding and head) are
+        # stored once; point the other keys at them before checking
+        retie(model, self.quantization_config.tied)
+        for target in self.quantization_config.tied:
+            _get_tensor(model, target)._is_hf_initialized = True
         # transformers only warns about missing tensors and leaves them uninitialised; a packed
         # module with garbage codes must not load silently.
         for name in self.quantization_config.modules:

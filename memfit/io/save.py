@@ -62,6 +62,7 @@ from torch import nn
 
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
+from memfit.formats.embedding import QuantEmbedding
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.intq import field_specs
 from memfit.formats.lowrank import LowRankLinear
@@ -113,6 +114,12 @@ def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
     return m
 
 
+def _build_embedding(d: dict, dtype: torch.dtype) -> QuantEmbedding:
+    return QuantEmbedding(d["num_embeddings"], d["embedding_dim"], IntFormat.from_dict(d["fmt"]),
+                          padding_idx=d["padding_idx"], embed_scale=d["embed_scale"], dtype=dtype,
+                          device="meta")
+
+
 class Kind(NamedTuple):
     cls: type  # describes itself: cls.describe(module) (the packed-module protocol)
     build: Callable[[dict, torch.dtype], nn.Module]
@@ -122,6 +129,7 @@ class Kind(NamedTuple):
 MODULE_KINDS: dict[str, Kind] = {
     "int": Kind(QuantLinear, _build_int, ("scale", "zero")),
     "sparse": Kind(SparseLinear, _build_sparse, ("scale", "zero")),
+    "embedding": Kind(QuantEmbedding, _build_embedding, ("scale", "zero")),
     "lowrank": Kind(LowRankLinear, _build_lowrank,
                     ("down.scale", "down.zero", "up.scale", "up.zero")),
 }
@@ -195,7 +203,8 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     return tensors, extra, tied
 
 
-def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bool) -> None:
+def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bool,
+                  tied: dict) -> None:
     config = copy.deepcopy(model.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -210,7 +219,8 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
     config.save_pretrained(folder)
     path = folder / "config.json"
     d = json.loads(path.read_text())
-    d["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules}
+    d["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules,
+                                **({"tied": tied} if tied else {})}
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
@@ -305,7 +315,7 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, modules, dropped_tie)
+        _write_config(model, tmp, modules, dropped_tie, tied)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -352,6 +362,12 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
+
+
+def retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Point every tied target at its source tensor (a tensor saved once for several keys)."""
+    for target, source in tied.items():
+        _set_tensor(model, target, _get_tensor(model, source))
 
 
 def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
@@ -428,8 +444,7 @@ def load(path, *, dtype=None, device: str = "cpu"):
             if name not in buffers:
                 raise UserError(f"{folder / BUFFERS} lacks the buffer {name!r}; re-save the model")
             _set_tensor(model, name, buffers[name])
-    for target, source in tied.items():
-        _set_tensor(model, target, _get_tensor(model, source))
+    retie(model, tied)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"
