@@ -160,6 +160,43 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     return [sparsity[str(i)] for i in range(len(blocks))]
 
 
+def plan_specs(model, recipe: Recipe, arch: Arch) -> list[dict]:
+    """Per block {linear name: spec or None}, after checking what a user can get wrong: an ignore
+    or override pattern that matches no module (close names listed), a selection of nothing, an
+    N:M pattern that does not divide a selected linear's input width. Works on a meta-device
+    model, so `memfit compress` runs it before loading any weight."""
+    import difflib
+    import fnmatch
+
+    blocks = block_list(model, arch)
+    prefix = _module_prefix(model, blocks)
+    names = [n for n, _ in model.named_modules() if n]
+    default_ignore = Recipe.__dataclass_fields__["ignore"].default  # absent on encoders: fine
+    for p in recipe.ignore + tuple(p for p, _ in recipe.overrides):
+        if p not in default_ignore and not any(fnmatch.fnmatchcase(n, p) or n.endswith("." + p) or n == p for n in names):
+            close = difflib.get_close_matches(p, names, n=3, cutoff=0.5)
+            raise UserError(f"the recipe pattern {p!r} matches no module of this model"
+                            + (f"; close: {', '.join(close)}" if close else
+                               f"; module names look like {names[min(5, len(names) - 1)]!r}"))
+    plan = []
+    for i, block in enumerate(blocks):
+        specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.groups for n in g}
+        for n, spec in specs.items():
+            pattern = getattr(getattr(spec, "first", spec), "pattern", None)
+            if pattern is not None:
+                mod = block.get_submodule(n)
+                width = mod.in_features if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0]
+                if width % pattern[1]:
+                    raise UserError(f"{prefix}.{i}.{n} has {width} inputs, not a multiple of "
+                                    f"{pattern[1]}: the {pattern[0]}:{pattern[1]} pattern cannot "
+                                    "apply; use another N:M, or unstructured sparsity")
+        plan.append(specs)
+    tables = recipe.embeddings is not None or recipe.head is not None
+    if not (recipe.structured or tables) and not any(s for specs in plan for s in specs.values()):
+        raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
+    return plan
+
+
 def _owl_part(spec):
     """The Prune spec asking for OWL inside `spec` (a Prune, or a Compose's first part), or None."""
     part = getattr(spec, "first", spec)
@@ -186,25 +223,19 @@ def compress_(model: torch.nn.Module, recipe: Recipe | str, data: torch.Tensor |
     if recipe.needs_data and data is None:
         if tokenizer is None:
             raise UserError("this recipe needs calibration data: pass data= or tokenizer=")
-        from memfit.calib.data import token_windows
-        c = recipe.calib
-        data = token_windows(tokenizer, c.data, "calib", seq_len=c.seq_len,
-                             max_windows=c.samples, seed=c.seed, bos=c.bos)
+        from memfit.calib.data import calibration_windows
+        data = calibration_windows(tokenizer, recipe.calib)
     kept_blocks = None
     if recipe.structured:
         kept_blocks = _structured_(model, arch, recipe.structured, data, recipe.calib.offload)
     blocks = block_list(model, arch)
     prefix = _module_prefix(model, blocks)
-    plan = []
-    for i, block in enumerate(blocks):
-        specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.groups for n in g}
-        for n, s in specs.items():
-            if s is not None:
+    plan = plan_specs(model, recipe, arch)
+    for i, (block, specs) in enumerate(zip(blocks, plan)):
+        for n, spec in specs.items():
+            if spec is not None:
                 _check_finite(f"{prefix}.{i}.{n}", block.get_submodule(n))
-        plan.append(specs)
     tables = recipe.embeddings is not None or recipe.head is not None
-    if not (recipe.structured or tables) and not any(s for specs in plan for s in specs.values()):
-        raise UserError("the recipe selects no module to compress; check quant/ignore/overrides")
 
     owl = None
     if any(_owl_part(s) for p in plan for s in p.values()):

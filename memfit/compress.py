@@ -11,12 +11,13 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memfit.api import compress_
-from memfit.calib.data import token_windows
+from memfit.calib.data import calibration_windows, token_windows
 from memfit.errors import UserError
 from memfit.eval.memory import rss_peak_bytes
 from memfit.eval.smoke import Reference
@@ -41,51 +42,92 @@ def _partial_dir(out: Path, model_source: str, recipe: Recipe) -> Path:
     return partial
 
 
-def compress_to(model: str, recipe: str | Recipe, out: str | Path, *, data: str | None = None,
-                samples: int | None = None, seq_len: int | None = None, offload: str | None = None,
-                bos: str | None = None,
-                overwrite: bool = False, max_kld: float = 1.0, smoke_windows: int = 4,
-                smoke_seq_len: int = 256, dtype=None, device: str = "cpu",
-                progress: bool = True) -> dict:
-    """Compress `model` with `recipe` into the folder `out`; return the report."""
-    from memfit.io.save import _check_target, save
+@dataclass(frozen=True, kw_only=True)
+class CompressOptions:
+    """How `compress_to` runs. Calibration fields left None take the recipe's `calib` values."""
 
-    out = Path(out)
-    _check_target(out, overwrite)  # refuse early, before any work
-    recipe = load_recipe(recipe)
-    calib = recipe.calib
-    calib = replace(calib, **{k: v for k, v in dict(data=data, samples=samples, seq_len=seq_len,
-                                                     offload=offload, bos=bos).items()
-                                    if v is not None})
-    recipe = replace(recipe, calib=calib)
-    loaded = load_model(model, dtype=dtype, device=device)
-    if loaded.kind != "decoder":
+    data: str | None = None          # calibration text: builtin, wikitext2, c4 or a file
+    samples: int | None = None       # calibration windows
+    seq_len: int | None = None       # calibration window length
+    offload: str | None = None       # calibration activations in "memory" or on "disk"
+    bos: str | None = None           # windows start with BOS: auto, always, never
+    overwrite: bool = False          # replace an existing output folder (a model folder only)
+    max_kld: float = 1.0             # smoke check: refuse to write above this KL divergence
+    smoke_windows: int = 4
+    smoke_seq_len: int = 256
+    keep_partial: bool = False       # keep DIR.partial after a failed smoke check
+    dtype: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _say(options: CompressOptions, text: str) -> None:
+    """One progress line on stderr for a phase that shows no bar (stdout stays for --json)."""
+    if options.progress:
+        print(f"memfit: {text}", file=sys.stderr, flush=True)
+
+
+def _preflight(model: str, recipe: Recipe) -> None:
+    """What can be checked from the config alone, before the weights load."""
+    from memfit.api import plan_specs
+    from memfit.models import skeleton
+
+    meta_model, arch, meta = skeleton(model)
+    if meta is not None:
+        source = meta.get("source") or "its dense source"
+        raise UserError(f"{model} is already compressed by memfit (recipe in its memfit.json); "
+                        f"compress the dense model instead: {source}")
+    if arch.kind != "decoder":
         raise UserError(f"{model} is an encoder; memfit compress handles decoder LLMs for now "
                         "(encoder blocks are supported by the Python API compress_)")
+    plan_specs(meta_model, recipe, arch)
+
+
+def compress_to(model: str, recipe: str | Recipe, out: str | Path,
+                options: CompressOptions | None = None) -> dict:
+    """Compress `model` with `recipe` into the folder `out`; return the report."""
+    from memfit.io.checkpoint import check_device
+    from memfit.io.save import check_output, save
+
+    o = options or CompressOptions()
+    out = Path(out)
+    check_output(out, o.overwrite, (model,))  # refuse early, before any work
+    check_device(o.device)
+    recipe = load_recipe(recipe)
+    calib = replace(recipe.calib, **{k: getattr(o, k) for k in ("data", "samples", "seq_len",
+                                                              "offload", "bos")
+                                     if getattr(o, k) is not None})
+    recipe = replace(recipe, calib=calib)
+    _preflight(model, recipe)
+    loaded = load_model(model, dtype=o.dtype, device=o.device)
     windows = None
     if recipe.needs_data:
-        windows = token_windows(loaded.tokenizer, calib.data, "calib", seq_len=calib.seq_len,
-                                max_windows=calib.samples, seed=calib.seed, bos=calib.bos)
+        windows = calibration_windows(loaded.tokenizer, calib)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
-    smoke = token_windows(loaded.tokenizer, smoke_src, "eval", seq_len=smoke_seq_len,
-                          max_windows=smoke_windows, bos=calib.bos)
+    smoke = token_windows(loaded.tokenizer, smoke_src, "eval", seq_len=o.smoke_seq_len,
+                          max_windows=o.smoke_windows, bos=calib.bos)
     reference = Reference.capture(loaded.model, smoke)
     partial = _partial_dir(out, loaded.source, recipe)
     t0 = time.perf_counter()
     report = compress_(loaded.model, recipe, windows, checkpoint_dir=partial / "blocks",
-                       progress=progress)
+                       progress=o.progress)
     report["compress_seconds"] = time.perf_counter() - t0
+    _say(o, f"smoke check: {len(smoke)} windows x {o.smoke_seq_len} tokens against the original")
     check = reference.check(loaded.model)
-    report["smoke"] = {**check, "data": f"{smoke_src}:eval", "max_kld": max_kld}
-    if not (math.isfinite(check["kld"]) and check["kld"] <= max_kld):
+    report["smoke"] = {**check, "data": f"{smoke_src}:eval", "max_kld": o.max_kld}
+    if not (math.isfinite(check["kld"]) and check["kld"] <= o.max_kld):
+        if not o.keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
         raise SmokeCheckFailed(
-            f"smoke check failed: KLD {check['kld']:.4f} vs the original (limit {max_kld}), "
+            f"smoke check failed: KLD {check['kld']:.4f} vs the original (limit {o.max_kld}), "
             f"perplexity {check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing "
-            "written. Use a gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
+            "written. Use a gentler recipe (more bits, GPTQ) or raise --max-kld to accept it"
+            + (f" (finished blocks kept in {partial})" if o.keep_partial else ""))
     # only run-independent facts go into the folder, so a resumed run writes identical bytes
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
-    save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=overwrite,
+    _say(o, f"writing {out}")
+    save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
          extra={"source": loaded.source, "report": {k: report[k] for k in stable}})
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report["peak_rss_bytes"] = rss_peak_bytes()  # the whole run: load, compress, smoke check, save

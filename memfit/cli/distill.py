@@ -11,13 +11,13 @@ from memfit.eval.memory import human_bytes
 
 
 def cmd_distill(args) -> None:
-    from memfit.distill.run import distill_to
+    from memfit.distill.run import DistillOptions, distill_to
 
-    rep = distill_to(args.teacher, args.student, args.out, data=args.data, steps=args.steps,
-                     lr=args.lr, seq_len=args.seq_len, samples=args.samples,
-                     temperature=args.temperature, optimizer=args.optimizer,
-                     batch_size=args.batch_size, hidden_mse=args.hidden_mse,
-                     overwrite=args.overwrite, device=args.device, bos=args.bos, progress=True)
+    rep = distill_to(args.teacher, args.student, args.out, DistillOptions(
+        data=args.data, steps=args.steps, lr=args.lr, seq_len=args.seq_len, samples=args.samples,
+        temperature=args.temperature, optimizer=args.optimizer, batch_size=args.batch_size,
+        hidden_mse=args.hidden_mse, overwrite=args.overwrite, device=args.device, bos=args.bos,
+        progress=True))
     if args.json:
         print(json.dumps(rep))
         return

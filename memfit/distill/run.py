@@ -9,6 +9,8 @@ draws from the `calib` split only, so the two never share text.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from memfit.errors import UserError
@@ -43,11 +45,29 @@ def _layer_map(teacher, student, kept: list[int] | None) -> dict[int, int]:
     return matched_layers(n_t, n_s, kept if n_s < n_t else None)
 
 
-def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "builtin",
-               steps: int = 200, lr: float = 1e-4, seq_len: int = 256, samples: int = 128,
-               temperature: float = 1.0, optimizer: str = "adamw", batch_size: int = 4,
-               hidden_mse: float = 0.0, eval_windows: int = 8, overwrite: bool = False,
-               device: str = "cpu", seed: int = 0, bos: str = "auto", progress: bool = True) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class DistillOptions:
+    """How `distill_to` runs (defaults: 200 steps of 4 x 256 tokens at lr 1e-4)."""
+
+    data: str = "builtin"        # trains on its calib split, measures on its eval split
+    steps: int = 200
+    lr: float = 1e-4
+    seq_len: int = 256
+    samples: int = 128           # training windows
+    temperature: float = 1.0
+    optimizer: str = "adamw"     # adamw | adamw8bit
+    batch_size: int = 4
+    hidden_mse: float = 0.0      # weight of the matched hidden-state MSE (0: logit KL only)
+    eval_windows: int = 8
+    overwrite: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    bos: str = "auto"
+    progress: bool = True
+
+
+def distill_to(teacher: str, student: str, out: str | Path,
+               options: DistillOptions | None = None) -> dict:
     """Distill `teacher` into `student` and save the result to `out`; -> report.
 
     hidden_mse > 0 adds that weight times a scale-free MSE between matched blocks' outputs (a
@@ -56,43 +76,51 @@ def distill_to(teacher: str, student: str, out: str | Path, *, data: str = "buil
     from memfit.distill.loop import distill_
     from memfit.eval.lm import evaluate_lm
     from memfit.eval.memory import weight_table
-    from memfit.io.save import _check_target, save
+    from memfit.io.checkpoint import check_device
+    from memfit.io.save import check_output, save
     from memfit.models import load_model
 
-    _check_target(Path(out), overwrite)  # fail before the slow part
-    if hidden_mse < 0:
-        raise UserError(f"--hidden-mse {hidden_mse} is negative; give a weight >= 0 (0 = logit KL "
-                        "only)")
-    t = load_model(teacher, device=device)
-    s = load_model(student, device=device)
+    o = options or DistillOptions()
+    check_output(Path(out), o.overwrite, (teacher, student))  # fail before the slow part
+    check_device(o.device)
+    if o.hidden_mse < 0:
+        raise UserError(f"--hidden-mse {o.hidden_mse} is negative; give a weight >= 0 (0 = logit "
+                        "KL only)")
+    t = load_model(teacher, device=o.device)
+    s = load_model(student, device=o.device)
     if t.kind != "decoder" or s.kind != "decoder":
         raise UserError("distill needs two decoder (causal LM) models; got "
                         f"{t.kind} teacher and {s.kind} student")
     check_same_tokenizer(t, s, teacher, student)
     meta = _student_meta(student)
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
-    layer_map = _layer_map(t.model, s.model, kept) if hidden_mse > 0 else None
-    calib = token_windows(t.tokenizer, data, "calib", seq_len=seq_len, max_windows=samples,
-                          seed=seed, bos=bos)
-    held_out = token_windows(t.tokenizer, data, "eval", seq_len=seq_len, max_windows=eval_windows,
-                             bos=bos)
+    layer_map = _layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None
+    calib = token_windows(t.tokenizer, o.data, "calib", seq_len=o.seq_len, max_windows=o.samples,
+                          seed=o.seed, bos=o.bos)
+    held_out = token_windows(t.tokenizer, o.data, "eval", seq_len=o.seq_len,
+                             max_windows=o.eval_windows, bos=o.bos)
     bytes_before = weight_table(s.model)["weight_bytes"]
+    say = (lambda text: print(f"memfit: {text}", file=sys.stderr, flush=True)) if o.progress \
+        else (lambda text: None)
+    say(f"measuring the student before training ({len(held_out)} x {o.seq_len} tokens)")
     before = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
-    rep = distill_(s.model, t.model, calib, steps=steps, lr=lr, temperature=temperature,
-                   batch_size=min(batch_size, calib.shape[0]), optimizer=optimizer, seed=seed,
-                   hidden_mse_weight=hidden_mse, layer_map=layer_map, progress=progress)
+    rep = distill_(s.model, t.model, calib, steps=o.steps, lr=o.lr, temperature=o.temperature,
+                   batch_size=min(o.batch_size, calib.shape[0]), optimizer=o.optimizer,
+                   seed=o.seed, hidden_mse_weight=o.hidden_mse, layer_map=layer_map,
+                   progress=o.progress)
+    say("measuring the student after training, then packing and writing it")
     after = evaluate_lm(s.model, held_out, ref=t.model, progress=False)
-    entry = {"teacher": teacher, "student": student, "data": data, "samples": int(calib.shape[0]),
-             **rep["config"]}
+    entry = {"teacher": teacher, "student": student, "data": o.data,
+             "samples": int(calib.shape[0]), **rep["config"]}
     # the recipe stays a valid Recipe, the run is recorded beside it, and kept_blocks is carried
     # so a later distill matches the blocks again
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=overwrite,
+    save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=o.overwrite,
          extra={"distill": entry, **({"report": {"kept_blocks": kept}} if kept else {})})
     pick = ("perplexity", "kld", "top1_agreement", "ref_perplexity")
     return {"out": str(out), "before": {k: before[k] for k in pick},
             "after": {k: after[k] for k in pick},
-            "protocol": f"{data} eval, {held_out.shape[0]} x {seq_len} tokens, "
-                        f"{'BOS first' if bos_id(t.tokenizer, bos) is not None else 'no BOS'}",
+            "protocol": f"{o.data} eval, {held_out.shape[0]} x {o.seq_len} tokens, "
+                        f"{'BOS first' if bos_id(t.tokenizer, o.bos) is not None else 'no BOS'}",
             "bytes_before": bytes_before, "bytes_after": weight_table(s.model)["weight_bytes"],
             **{k: v for k, v in rep.items() if k != "config"}}

@@ -56,6 +56,24 @@ def check_safetensors(folder: Path) -> None:
                             f"{8 + header_len + end}); re-save or re-download it")
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by `device`, or a UserError naming what this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this torch has no usable CUDA "
+                            f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})"
+                            "; use --device cpu, or install a CUDA build of torch (README: GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

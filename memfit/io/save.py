@@ -224,16 +224,33 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise UserError(f"{out} already exists; pass overwrite=True (--overwrite) or choose "
-                        "another output folder")
-    looks_like_model = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
-    if not looks_like_model:
-        raise UserError(f"refusing to replace {out}: it is not an empty or model folder; "
-                        "choose another output folder")
+def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse, before any work, an output folder that cannot be written or would be lost: an
+    existing one without `overwrite` (or one that is not a model folder), one of the inputs,
+    a path under a file, an unwritable parent."""
+    out = Path(out).expanduser()
+    for src in inputs:
+        if src is not None and Path(src).expanduser().exists() and \
+                Path(src).expanduser().resolve() == out.resolve():
+            raise UserError(f"--out {out} is the input model's own folder; write to another "
+                            "folder (the input would be destroyed while it is read)")
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass overwrite=True (--overwrite) or choose "
+                            "another output folder")
+        looks_like_model = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
+        if not looks_like_model:
+            raise UserError(f"refusing to replace {out}: it is not an empty or model folder; "
+                            "choose another output folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: {parent} is a file, not a folder; choose another "
+                        "output folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: {parent} is not writable; choose another output "
+                        "folder")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -283,7 +300,7 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    _check_target(out, overwrite)
+    check_output(out, overwrite)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:

@@ -101,10 +101,10 @@ def test_bad_compress_inputs(capsys, tmp_path, tiny_llama_dir, argv, message):
 
 def test_killed_run_resumes_to_identical_files(tmp_path, tiny_llama_dir, monkeypatch):
     import memfit.api as api
-    from memfit.compress import compress_to
+    from memfit.compress import CompressOptions, compress_to
 
-    kw = dict(samples=4, seq_len=64, progress=False)
-    compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "whole", **kw)
+    kw = CompressOptions(samples=4, seq_len=64, progress=False)
+    compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "whole", kw)
     real, calls = api._compress_block, {"n": 0}
 
     def killed_in_second_block(*a, **k):
@@ -115,10 +115,10 @@ def test_killed_run_resumes_to_identical_files(tmp_path, tiny_llama_dir, monkeyp
 
     monkeypatch.setattr(api, "_compress_block", killed_in_second_block)
     with pytest.raises(KeyboardInterrupt):
-        compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", **kw)
+        compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", kw)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial").exists()
     monkeypatch.setattr(api, "_compress_block", real)
-    rep = compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", **kw)
+    rep = compress_to(str(tiny_llama_dir), "w4g64-gptq", tmp_path / "resumed", kw)
     assert rep["resumed_blocks"] == 1
     for name in ("model.safetensors", "memfit.json", "config.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
