@@ -174,10 +174,12 @@ def plan_specs(model, recipe: Recipe, arch: Arch) -> list[dict]:
     default_ignore = Recipe.__dataclass_fields__["ignore"].default  # absent on encoders: fine
     for p in recipe.ignore + tuple(p for p, _ in recipe.overrides):
         if p not in default_ignore and not any(fnmatch.fnmatchcase(n, p) or n.endswith("." + p) or n == p for n in names):
-            close = difflib.get_close_matches(p, names, n=3, cutoff=0.5)
+            leaves = sorted({n.rpartition(".")[2] for n in names})
+            close = difflib.get_close_matches(p.rpartition(".")[2].strip("*"), leaves, n=3,
+                                              cutoff=0.5)
             raise UserError(f"the recipe pattern {p!r} matches no module of this model"
-                            + (f"; close: {', '.join(close)}" if close else
-                               f"; module names look like {names[min(5, len(names) - 1)]!r}"))
+                            + (f"; did you mean {', '.join('*.' + c for c in close)}?" if close
+                               else f"; module names look like {names[min(5, len(names) - 1)]!r}"))
     plan = []
     for i, block in enumerate(blocks):
         specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.groups for n in g}

@@ -1,0 +1,112 @@
+"""Bad input, as a user meets it through the CLI: one `memfit: error:` line, exit code 2,
+nothing written, no `.partial` left behind (issue 9's list)."""
+
+import json
+
+import pytest
+
+from memfit.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("memfit: error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+
+
+def _nothing_written(tmp_path, *names):
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in names)
+    assert not left, left
+
+
+def test_out_under_a_file_fails_before_loading(capsys, tmp_path, monkeypatch):
+    import memfit.compress as c
+
+    monkeypatch.setattr(c, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "file.txt").write_text("x")
+    code, _, err = _run(capsys, "compress", "/does/not/matter", "--out", tmp_path / "file.txt" / "o")
+    assert code == 2
+    _one_error_line(err, "is a file, not a folder")
+
+
+def test_out_equal_to_the_input_is_refused_even_with_overwrite(capsys, tiny_llama_dir):
+    code, _, err = _run(capsys, "compress", tiny_llama_dir, "--out", tiny_llama_dir, "--overwrite")
+    assert code == 2
+    _one_error_line(err, "input model's own folder")
+    assert (tiny_llama_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("device,needle", [("tpu", "device"), ("cuda", "CUDA"), ("cuda:x", "device")])
+def test_bad_devices(capsys, tiny_llama_dir, tmp_path, device, needle):
+    import torch
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for argv in (["eval", tiny_llama_dir, "--device", device],
+                 ["compress", tiny_llama_dir, "--out", tmp_path / "o", "--device", device]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        _one_error_line(err, needle)
+    _nothing_written(tmp_path)
+
+
+def test_binary_jsonl(capsys, tiny_llama_dir, tmp_path):
+    bad = tmp_path / "data.jsonl"
+    bad.write_bytes(bytes(range(256)) * 4)
+    code, _, err = _run(capsys, "eval", tiny_llama_dir, "--data", bad)
+    assert code == 2
+    _one_error_line(err, "not UTF-8")
+
+
+def test_compressing_a_compressed_folder_says_so(capsys, tiny_llama_dir, tmp_path):
+    assert _run(capsys, "compress", tiny_llama_dir, "--recipe", "w8", "--out", tmp_path / "q",
+                "--samples", "2", "--seq-len", "32")[0] == 0
+    code, _, err = _run(capsys, "compress", tmp_path / "q", "--recipe", "w8", "--out", tmp_path / "qq")
+    assert code == 2
+    _one_error_line(err, "already compressed by memfit")
+    assert str(tiny_llama_dir) in err  # names the dense source
+    _nothing_written(tmp_path, "q")
+
+
+@pytest.mark.parametrize("recipe,needle", [
+    ({"quant": {"bits": 4}, "ignore": ["lm_head", "*.q_prj"]}, "q_proj"),
+    ({"quant": {"bits": 4}, "overrides": {"*.down_prj": {"bits": 8}}}, "down_proj"),
+    ({"quant": {"bits": 4}, "ignore": ["lm_head", "*_proj"]}, "selects no module"),
+    ({"prune": {"method": "magnitude", "nm": "2:5"}}, "not a multiple of 5"),
+])
+def test_recipe_problems_fail_before_the_weights_load(capsys, tiny_llama_dir, tmp_path,
+                                                      monkeypatch, recipe, needle):
+    import memfit.compress as c
+
+    monkeypatch.setattr(c, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(recipe))
+    code, _, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", f, "--out", tmp_path / "o")
+    assert code == 2
+    _one_error_line(err, needle)
+    _nothing_written(tmp_path, "r.json")
+
+
+def test_short_calibration_text_warns_with_the_number_used(capsys, tiny_llama_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(400)))
+    code, _, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", "w4g64-gptq", "--data",
+                        text, "--samples", "64", "--seq-len", "64", "--out", tmp_path / "o")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "fewer than the 64 asked" in warning[0]
+
+
+def test_failed_smoke_check_leaves_no_partial(capsys, tiny_llama_dir, tmp_path):
+    argv = ["compress", tiny_llama_dir, "--recipe", "w2g32-gptq", "--samples", "2", "--seq-len",
+            "32", "--max-kld", "0"]
+    code, _, err = _run(capsys, *argv, "--out", tmp_path / "o")
+    assert code == 3 and "smoke check failed" in err
+    _nothing_written(tmp_path)
+    code, _, err = _run(capsys, *argv, "--out", tmp_path / "k", "--keep-partial")
+    assert code == 3 and (tmp_path / "k.partial").exists() and not (tmp_path / "k").exists()
