@@ -17,6 +17,8 @@ with `memfit.io.save.save`, which also writes memfit.json.
 
 from __future__ import annotations
 
+import re
+
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -29,11 +31,12 @@ class MemfitConfig(QuantizationConfigMixin):
     """The `quantization_config` of a memfit folder: its format version and module table."""
 
     def __init__(self, modules: dict | None = None, format: str = FORMAT,
-                 tied: dict | None = None, **kwargs):
+                 tied: dict | None = None, guards: list | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.modules = dict(modules or {})
         self.tied = dict(tied or {})  # packed tensors saved once for several keys
+        self.guards = list(guards or [])  # empty `.weight` keys that stop memfit-less loading
 
 
 class MemfitHfQuantizer(HfQuantizer):
@@ -50,6 +53,9 @@ class MemfitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         modules = self.quantization_config.modules
         replace_modules(model, modules)
+        # the empty `<module>.weight` guards that stop memfit-less loading (memfit.io.save)
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignore | {re.escape(g) for g in self.quantization_config.guards}
         # transformers runs `_init_weights` on every module not flagged as initialised, and some
         # reach into a child's weight (GPT-2: `mlp.c_proj.weight`), which a packed module lacks.
         # Every tensor here comes from the checkpoint (checked after loading), so flag the

@@ -73,7 +73,7 @@ WEIGHTS = "model.safetensors"
 BUFFERS = "memfit_buffers.safetensors"
 META = "memfit.json"
 QUANT_METHOD = "memfit"
-_RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied", "dense_dtype",
+_RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied", "guards", "dense_dtype",
              "compute_dtype")
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
@@ -204,7 +204,7 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
 
 
 def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bool,
-                  tied: dict) -> None:
+                  tied: dict, guards: list[str]) -> None:
     config = copy.deepcopy(model.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -220,8 +220,19 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
     path = folder / "config.json"
     d = json.loads(path.read_text())
     d["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules,
-                                **({"tied": tied} if tied else {})}
+                                **({"tied": tied} if tied else {}),
+                                **({"guards": guards} if guards else {})}
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def _guards(model: nn.Module, modules: dict) -> list[str]:
+    """An empty `<module>.weight` for every packed linear inside the model (not the embeddings
+    or head, whose weight keys take part in tying): transformers without memfit's quantizer (no
+    `import memfit`) then stops with a size-mismatch error instead of silently building those
+    layers from random weights. Both loaders drop these keys (listed in memfit.json and in
+    config.json's quantization_config)."""
+    tables = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return [f"{n}.weight" for n in modules if id(model.get_submodule(n)) not in tables]
 
 
 def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
@@ -312,13 +323,15 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     tensors = _store_dense(tensors, _fixed_keys(modules), dense_dtype)
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     dropped_tie = any(t not in tensors and t not in tied for t in declared)
+    guards = _guards(model, modules)
+    tensors.update({g: torch.zeros(0) for g in guards})
     try:
         memfit_version = version("memfit")
     except PackageNotFoundError:
         memfit_version = "unknown"
     meta = {"format": FORMAT, "memfit_version": memfit_version,
             "arch": getattr(model.config, "model_type", None), "recipe": recipe,
-            "modules": modules, "tied": tied,
+            "modules": modules, "tied": tied, "guards": guards,
             "dense_dtype": dense_dtype, "compute_dtype": compute_dtype.replace("torch.", ""),
             **extra}
     try:
@@ -332,7 +345,7 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, modules, dropped_tie, tied)
+        _write_config(model, tmp, modules, dropped_tie, tied, guards)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -437,6 +450,8 @@ def load(path, *, dtype=None, device: str = "cpu"):
     check_safetensors(folder)
     model, arch = _build_skeleton(folder, modules)
     state = _read_tensors(folder / WEIGHTS, device)
+    for g in meta.get("guards", []):
+        state.pop(g, None)
     buffers = _read_tensors(folder / BUFFERS, device)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state) - set(tied))

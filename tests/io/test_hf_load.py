@@ -144,3 +144,17 @@ def test_missing_tensor_is_a_user_error(folder, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="lacks"):
         AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_plain_transformers_without_memfit_fails_loudly(folder):
+    """A process that never imports memfit must not build random layers in silence."""
+    import subprocess
+    import sys
+
+    _, out, _ = folder
+    code = ("import sys; from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            "assert 'memfit' not in sys.modules\nprint('LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "size mismatch" in r.stderr or "mismatch" in r.stderr.lower(), r.stderr[-2000:]

@@ -159,7 +159,8 @@ def test_folder_layout(saved):
     assert kinds == ({"int", "sparse", "lowrank"} if model_type == "llama" else {"int", "sparse"})
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant == {"quant_method": "memfit", "format": "memfit/1", "modules": meta["modules"],
-                     **({"tied": meta["tied"]} if meta["tied"] else {})}
+                     **({"tied": meta["tied"]} if meta["tied"] else {}),
+                     **({"guards": meta["guards"]} if meta["guards"] else {})}
     if model_type == "gpt2":
         from safetensors import safe_open
         with safe_open(out / "model.safetensors", "pt") as f:
