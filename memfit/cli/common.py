@@ -11,3 +11,9 @@ def add_bos(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
                    help="start every window with the beginning-of-sequence token: auto (as the "
                    "tokenizer does for plain text), always or never (default "
                    + ("auto" if default else "the recipe's calib.bos, auto") + ")")
+
+
+def add_dtype_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), "
+                   "float32, bfloat16 or float16 (default auto)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")

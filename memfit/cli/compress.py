@@ -6,7 +6,7 @@ from memfit.eval.memory import human_bytes
 
 import json
 
-from memfit.cli.common import add_bos
+from memfit.cli.common import add_bos, add_dtype_device
 
 
 def _describe_quant(q) -> str:
@@ -69,8 +69,9 @@ def add_compress(sub) -> None:
                    "embedded SmolLM2-135M-Instruct)")
     c.add_argument("--recipe", default="w4g64-gptq", help="a preset (see --list-presets) or a "
                    "YAML/JSON recipe file (default w4g64-gptq)")
-    c.add_argument("--out", help="output folder (written complete or not at all)")
-    c.add_argument("--data", help="calibration text: builtin, wikitext2, c4 or a .txt/.jsonl file")
+    c.add_argument("--out", help="output folder, written complete or not at all (required)")
+    c.add_argument("--data", help="calibration text: builtin, wikitext2, c4 or a .txt/.jsonl file "
+                   "(default: the recipe's, builtin)")
     c.add_argument("--samples", type=int, help="calibration windows (default: the recipe's, 64)")
     c.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
     c.add_argument("--offload", choices=["memory", "disk"], help="keep calibration activations "
@@ -82,7 +83,6 @@ def add_compress(sub) -> None:
     c.add_argument("--keep-partial", action="store_true", help="after a failed smoke check, keep "
                    "the finished blocks in OUT.partial (default: removed)")
     c.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")
-    c.add_argument("--dtype", default="auto")
-    c.add_argument("--device", default="cpu")
+    add_dtype_device(c)
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
     c.set_defaults(func=cmd_compress)

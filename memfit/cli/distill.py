@@ -36,11 +36,11 @@ def cmd_distill(args) -> None:
 def add_distill(sub) -> None:
     d = sub.add_parser("distill", help="heal a compressed model by distilling its teacher into "
                        "it (the format and size stay)")
-    d.add_argument("teacher", help="the reference model spec (e.g. the uncompressed model)")
-    d.add_argument("student", help="the model to train (e.g. a memfit-compressed folder)")
-    d.add_argument("--out", required=True, help="output folder (written complete or not at all)")
+    d.add_argument("teacher", help="the reference model spec (e.g. the uncompressed model; required)")
+    d.add_argument("student", help="the model to train (e.g. a memfit-compressed folder; required)")
+    d.add_argument("--out", required=True, help="output folder, written complete or not at all (required)")
     d.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl "
-                   "file; trains on its calib split, measures on its eval split")
+                   "file; trains on its calib split, measures on its eval split (default builtin)")
     d.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     d.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
@@ -53,8 +53,9 @@ def add_distill(sub) -> None:
                    "logit KL only); a student whose blocks memfit compress dropped is matched "
                    "through the blocks it kept, others evenly by depth")
     d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
-                   help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory)")
-    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+                   help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory; "
+                   "default adamw)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     add_bos(d)
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")

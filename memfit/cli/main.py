@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from memfit.cli.common import add_bos
+from memfit.cli.common import add_bos, add_dtype_device
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.errors import UserError
@@ -25,9 +25,7 @@ _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-enc
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default", help=_MODEL_HELP)
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), "
-                   "float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    add_dtype_device(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own Python code to run (off by default)")
 
@@ -119,40 +117,57 @@ def cmd_generate(args) -> None:
     print()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("memfit")
+    except PackageNotFoundError:
+        from memfit import __version__
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memfit", description="Make language models fit the memory "
                                 "you have, and measure it.")
+    p.add_argument("--version", action="version", version=f"memfit {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="perplexity (or embedding similarity), KLD vs a reference, "
                        "speed and peak memory")
     _add_model(e)
-    e.add_argument("--ref", help="reference model spec for KL divergence / top-1 agreement / cosine")
-    e.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl file")
+    e.add_argument("--ref", help="reference model spec for KL divergence / top-1 agreement / "
+                   "cosine (default: none)")
+    e.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl "
+                   "file (default builtin)")
     e.add_argument("--split", choices=["calib", "eval", "all"], help="default: eval for named "
                    "sets, all for a file")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--max-tokens", type=_positive("--max-tokens"), help="evaluate at most this many tokens")
-    e.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
+    e.add_argument("--max-tokens", type=_positive("--max-tokens"), help="evaluate at most this many tokens (default: every window)")
+    e.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
+                   help="windows per forward pass (default 1)")
     add_bos(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="where the memory goes: weights, KV cache, activations")
     _add_model(i)
-    i.add_argument("--context", type=_positive("--context"), default=2048)
-    i.add_argument("--batch", type=_positive("--batch"), default=1)
+    i.add_argument("--context", type=_positive("--context"), default=2048,
+                   help="tokens held in the KV cache (default 2048)")
+    i.add_argument("--batch", type=_positive("--batch"), default=1,
+                   help="sequences at once (default 1)")
     i.add_argument("--kv-dtype", help="KV cache dtype (default: the model's)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
     g = sub.add_parser("generate", help="generate text, streamed")
     _add_model(g)
-    g.add_argument("--prompt", default="What is a Python list comprehension?")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", default="What is a Python list comprehension?",
+                   help="the text to continue (default: a question about Python)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy, else sampling (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
 

@@ -9,6 +9,11 @@ from memfit.eval.lm import evaluate_lm
 from memfit.models import Loaded, load_model
 
 
+def _typed(spec, loaded: Loaded) -> str:
+    """What the user typed (e.g. "default"); the resolved path goes in `*_path`."""
+    return spec if isinstance(spec, str) else loaded.source
+
+
 def _split_for(data: str, split: str | None) -> str:
     if split:
         return split
@@ -31,7 +36,8 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
         res = evaluate_encoder(m.model, m.tokenizer, sents,
                                ref=(r.model, r.tokenizer) if r else None, progress=progress)
         res["protocol"] = f"data {data}:{split}, {len(sents)} sentences, mean pooling"
-        return {"model": m.source, "kind": "encoder", "data": data, "split": split, **res}
+        return {"model": _typed(model, m), "model_path": m.source, "kind": "encoder", "data": data,
+                "split": split, **res}
     if r is not None and len(r.tokenizer) != len(m.tokenizer):
         raise UserError("--ref uses a different tokenizer (vocabulary sizes differ); "
                         "KL divergence needs the same tokenizer")
@@ -46,8 +52,9 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     res["protocol"] = (f"data {data}:{split}, seq_len {seq_len}, {res['windows']} non-overlapping "
                        f"windows, {res['tokens']} scored tokens, "
                        + ("BOS + text" if start is not None else "no BOS"))
-    out = {"model": m.source, "kind": "decoder", "data": data, "split": split,
+    out = {"model": _typed(model, m), "model_path": m.source, "kind": "decoder", "data": data,
+           "split": split,
            "bos": start is not None, **res}
     if r is not None:
-        out["ref"] = r.source
+        out["ref"], out["ref_path"] = _typed(ref, r), r.source
     return out

@@ -60,3 +60,22 @@ def test_generate_streams_text(capsys, tiny_llama_dir):
     code, out, _ = _run(capsys, "generate", str(tiny_llama_dir), "--prompt", "hello there",
                         "--max-new-tokens", "5")
     assert code == 0 and len(out.strip()) > 0
+
+
+def test_every_flag_has_help_with_its_default_and_version(capsys):
+    import argparse
+
+    from memfit.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in sub.choices.items():
+        for act in sp._actions:
+            if isinstance(act, argparse._HelpAction):
+                continue
+            assert act.help, f"{name} {act.option_strings or act.dest} has no help"
+            if not isinstance(act, argparse._StoreTrueAction) and act.option_strings:
+                assert "default" in act.help or "required" in act.help, (name, act.option_strings)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("memfit ")
