@@ -26,7 +26,8 @@ from memfit.archs import Arch, arch_for, block_list
 from memfit.calib import capture_inputs, collect_stats, propagate
 from memfit.errors import UserError
 from memfit.eval.memory import rss_peak_bytes, weight_table
-from memfit.methods import quantize_embeddings_, replace_group, stat_needed
+from memfit.configs import Needs
+from memfit.methods import needs, quantize_embeddings_, replace_group
 from memfit.recipe import Recipe, load_recipe
 
 
@@ -82,8 +83,8 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
         names = [n for n in group if specs.get(n) is not None]
         if names:
             groups.append({n: block.get_submodule(n) for n in names})
-    needs = {n: stat_needed(specs[n]) for mods in groups for n in mods}
-    collect = lambda mods: (collect_stats(block, mods, needs, store, kwargs)
+    needed = {n: needs(specs[n]) for mods in groups for n in mods}
+    collect = lambda mods: (collect_stats(block, mods, needed, store, kwargs)
                             if store is not None else {})
     early = None
     if sequential == "block":  # one pass over the block as it is, for every group
@@ -141,7 +142,7 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     for i, block in enumerate(blocks):
         outliers = total = 0
         groups = [{n: block.get_submodule(n) for n in group} for group in arch.groups]
-        stats = collect_stats(block, groups, {n: "norms" for g in arch.groups for n in g}, store,
+        stats = collect_stats(block, groups, {n: Needs.NORMS for g in arch.groups for n in g}, store,
                               block_kwargs[i])  # the dense block: every group in the same passes
         for mods in groups:
             for n, mod in mods.items():

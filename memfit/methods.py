@@ -11,7 +11,8 @@
   quantized against the layer's Hessian H, then A (out, r) against B̂ H B̂ᵀ, the Hessian of
   its real input B̂x, so A's rounding compensates B's.
 
-Each family is a literal dict from method name to (statistic it needs, pure function). Quantizers
+`METHODS` is the one literal dict from config type to pure function (memfit.configs says what
+statistic each type needs). Quantizers
 treat output rows independently given the input statistic, so linears sharing one input are
 stacked and quantized in one call; pruning (SparseGPT picks masks across rows) and factorization
 run per module.
@@ -36,39 +37,38 @@ from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.sparse import BitmaskWeight, Sparse24Weight, SparseIntWeight, SparseLinear
-from memfit.recipe import Compose, LowRank, Prune, Quant
+from memfit.configs import (GPTQ, HQQ, RTN, SVD, LowRank, Magnitude, Needs, Prune, Quant,
+                            RandomizedSVD, SparseGPT, Wanda, WhitenedSVD)
+from memfit.recipe import Compose
 
-QUANTIZERS = {
-    "rtn": (None, lambda w, q, s: rtn(w, q.format, clip=q.clip)),
-    "hqq": (None, lambda w, q, s: hqq(w, q.format, iters=q.iters)),
-    "gptq": ("hessian", lambda w, q, s: gptq(w, s.hessian, q.format, block_size=q.block_size,
-                                            damp=q.damp, act_order=q.act_order, clip=q.clip)),
-}
-# -> pruned dense weight (out, in)
-PRUNERS = {
-    "magnitude": (None, lambda w, p, s: w * magnitude_mask(w, p.sparsity, p.pattern)),
-    "wanda": ("norms", lambda w, p, s: w * wanda_mask(w, s.norms, p.sparsity, p.pattern)),
-    "sparsegpt": ("hessian", lambda w, p, s: sparsegpt(w, s.hessian, sparsity=p.sparsity,
-                                                       nm=p.pattern, block_size=p.block_size,
-                                                       damp=p.damp)[0]),
-}
-# -> factors A (out, r), B (r, in)
-FACTORIZERS = {
-    "svd": (None, lambda w, r, lr, s: svd_factors(w, r)),
-    "wsvd": ("hessian", lambda w, r, lr, s: whitened_svd_factors(w, s.hessian, r, damp=lr.damp)),
-    "rsvd": (None, lambda w, r, lr, s: randomized_svd_factors(w, r, seed=0)),
-}
+def _gptq(w, q: GPTQ, s, mask=None):
+    return gptq(w, s.hessian, q.format, block_size=q.block_size, damp=q.damp,
+                act_order=q.act_order, clip=q.clip, mask=mask)
 
 
-def stat_needed(spec) -> str | None:
-    """"hessian", "norms" or None. A composed spec needing both gets the Hessian, whose
-    diagonal also gives the input norms (HessianStat.norms)."""
+# The one dispatch table, keyed by config type: quantizers -> QuantResult, pruners -> the pruned
+# dense weight (out, in), factorizers (with a rank) -> factors A (out, r), B (r, in).
+METHODS = {
+    RTN: lambda w, q, s: rtn(w, q.format, clip=q.clip),
+    HQQ: lambda w, q, s: hqq(w, q.format, iters=q.iters),
+    GPTQ: _gptq,
+    Magnitude: lambda w, p, s: w * magnitude_mask(w, p.sparsity, p.pattern),
+    Wanda: lambda w, p, s: w * wanda_mask(w, s.norms, p.sparsity, p.pattern),
+    SparseGPT: lambda w, p, s: sparsegpt(w, s.hessian, sparsity=p.sparsity, nm=p.pattern,
+                                         block_size=p.block_size, damp=p.damp)[0],
+    SVD: lambda w, lr, s, rank: svd_factors(w, rank),
+    WhitenedSVD: lambda w, lr, s, rank: whitened_svd_factors(w, s.hessian, rank, damp=lr.damp),
+    RandomizedSVD: lambda w, lr, s, rank: randomized_svd_factors(w, rank, seed=0),
+}
+_ORDER = (Needs.NOTHING, Needs.NORMS, Needs.HESSIAN)
+
+
+def needs(spec) -> Needs:
+    """The statistic a spec reads; a composed spec gets the stronger of its parts' (the
+    Hessian's diagonal also gives the input norms: HessianStat.norms)."""
     if isinstance(spec, Compose):
-        needs = {stat_needed(spec.first), stat_needed(spec.quant)} - {None}
-        return "hessian" if "hessian" in needs else next(iter(needs), None)
-    table = {Quant: (QUANTIZERS, "algo"), Prune: (PRUNERS, "method"),
-             LowRank: (FACTORIZERS, "method")}[type(spec)]
-    return table[0][getattr(spec, table[1])][0]
+        return max(needs(spec.first), needs(spec.quant), key=_ORDER.index)
+    return spec.needs
 
 
 def weight_2d(mod: torch.nn.Module) -> torch.Tensor:
@@ -83,7 +83,7 @@ def _bias(mod):
 
 def _quantize(mods: list, spec: Quant, stat) -> tuple[list, float | None]:
     ws = [weight_2d(m) for m in mods]
-    res = QUANTIZERS[spec.algo][1](torch.cat(ws), spec, stat)
+    res = METHODS[type(spec)](torch.cat(ws), spec, stat)
     fmt, out = spec.format, []
     rows = [w.shape[0] for w in ws]
     for mod, w, codes, scale, zero in zip(mods, ws, res.codes.split(rows), res.scale.split(rows),
@@ -97,7 +97,7 @@ def _quantize(mods: list, spec: Quant, stat) -> tuple[list, float | None]:
 
 
 def _prune(mod, spec: Prune, stat) -> SparseLinear:
-    w = PRUNERS[spec.method][1](weight_2d(mod), spec, stat).to(mod.weight.dtype)
+    w = METHODS[type(spec)](weight_2d(mod), spec, stat).to(mod.weight.dtype)
     layout = Sparse24Weight if spec.pattern == (2, 4) else BitmaskWeight
     return SparseLinear(layout.from_dense(w), _bias(mod))
 
@@ -110,15 +110,15 @@ def _rank(w: torch.Tensor, spec: LowRank, stat) -> int:
                             f"({min(out, k)}); lower it, or use keep/energy for a per-matrix rank")
         return spec.rank
     if spec.energy is not None:
-        H = stat.hessian if spec.method == "wsvd" else None
-        return rank_for_energy(spectrum(w, H, spec.damp), spec.energy)
+        H = stat.hessian if isinstance(spec, WhitenedSVD) else None
+        return rank_for_energy(spectrum(w, H, getattr(spec, "damp", 0.01)), spec.energy)
     return rank_for_params(out, k, spec.keep)
 
 
 def _factorize(mod, spec: LowRank, stat) -> LowRankLinear:
     w = weight_2d(mod)
     rank = _rank(w, spec, stat)
-    a, b = FACTORIZERS[spec.method][1](w, rank, spec, stat)
+    a, b = METHODS[type(spec)](w, spec, stat, rank)
     m = LowRankLinear.from_factors(a.to(mod.weight.dtype), b.to(mod.weight.dtype), _bias(mod))
     return m.to(mod.weight.device)
 
@@ -126,18 +126,17 @@ def _factorize(mod, spec: LowRank, stat) -> LowRankLinear:
 def _prune_quant(mod, spec: Compose, stat) -> SparseLinear:
     p, q = spec.first, spec.quant
     fmt, w = q.format, weight_2d(mod)
-    if p.method == "sparsegpt" and q.algo == "gptq":
+    if isinstance(p, SparseGPT) and isinstance(q, GPTQ):
         r = sparsegpt(w, stat.hessian, sparsity=p.sparsity, nm=p.pattern, block_size=p.block_size,
                       damp=p.damp, fmt=fmt)
         w_hat, scale, zero = r.weight.float(), r.scale, r.zero
     else:
-        pruned = PRUNERS[p.method][1](w, p, stat)
+        pruned = METHODS[type(p)](w, p, stat)
         keep = pruned != 0
-        if q.algo == "gptq":  # from the unpruned weight: the sweep compensates the pruning too
-            res = gptq(w, stat.hessian, fmt, block_size=q.block_size, damp=q.damp,
-                       act_order=q.act_order, clip=q.clip, mask=keep)
+        if isinstance(q, GPTQ):  # from the unpruned weight: the sweep compensates the pruning too
+            res = _gptq(w, q, stat, mask=keep)
         else:
-            res = QUANTIZERS[q.algo][1](pruned, q, stat)
+            res = METHODS[type(q)](pruned, q, stat)
         scale, zero = res.scale, res.zero
         w_hat = grid.dequantize(res.codes, scale, zero, fmt) * keep
     layout = "2:4" if p.pattern == (2, 4) else "bitmask"
@@ -168,7 +167,7 @@ def _factorize_quant(mod, spec: Compose, stat) -> LowRankLinear:
     g = q.format.group_size
     if g:  # the up factor's input width is the rank: make it whole groups
         rank = min(max(g, round(rank / g) * g), min(out, k) // g * g or g)
-    a, b = FACTORIZERS[lr.method][1](w, rank, lr, stat)
+    a, b = METHODS[type(lr)](w, lr, stat, rank)
     (down,), _ = _quantize([_linear(b, None, mod)], q, stat)
     up_stat = None
     if q.needs_data:
@@ -217,7 +216,7 @@ def quantize_embeddings_(model: torch.nn.Module, embeddings: IntFormat | None,
                 if name in qe._buffers:
                     ql._buffers[name] = qe._buffers[name]  # the same tensors: tied
         else:
-            (ql,), _ = _quantize([out], Quant(algo="rtn", format=head), None)
+            (ql,), _ = _quantize([out], RTN(format=head), None)
         model.set_output_embeddings(ql)
         report["head"] = ql.nbytes()
     return report

@@ -1,7 +1,7 @@
 """Recipes: what to do to which weights, as frozen typed configs that round-trip to dicts, YAML
 and JSON. The algorithm chooses values, the format chooses bytes:
 
-    Recipe(quant=Quant(algo="gptq", format=IntFormat(bits=4, group_size=64)))
+    Recipe(quant=GPTQ(format=IntFormat(bits=4, group_size=64)))
 
 A recipe file (YAML or JSON) has the same shape:
 
@@ -32,149 +32,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from memfit.configs import (GPTQ, SVD, LowRank, Magnitude, Prune, Quant, SparseGPT,
+                            Wanda, WhitenedSVD)
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
-
-ALGOS = ("rtn", "hqq", "gptq")
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-LOWRANK_METHODS = ("svd", "wsvd", "rsvd")
-_FORMAT_KEYS = tuple(f.name for f in fields(IntFormat))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Quant:
-    """Weight quantization: an algorithm and the packed format it targets."""
-
-    algo: str = "rtn"
-    format: IntFormat = field(default_factory=IntFormat)
-    clip: str = "minmax"          # rtn/gptq: "minmax" or "mse" (searched clipping)
-    block_size: int = 128         # gptq: columns per lazy-update block
-    damp: float = 0.01            # gptq: damping, a fraction of mean(diag H)
-    act_order: bool = False       # gptq: quantize columns by decreasing Hessian diagonal
-    iters: int = 20               # hqq: half-quadratic iterations
-
-    def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise UserError(f"unknown algo {self.algo!r}; use one of {', '.join(ALGOS)}")
-        if self.clip not in ("minmax", "mse"):
-            raise UserError(f"unknown clip {self.clip!r}; use 'minmax' or 'mse'")
-        if self.algo == "hqq" and self.format.symmetric:
-            raise UserError("hqq refines a zero point; use symmetric: false with algo hqq")
-        if self.damp <= 0 or self.block_size < 1 or self.iters < 1:
-            raise UserError("damp must be > 0, block_size and iters >= 1")
-
-    @property
-    def needs_data(self) -> bool:
-        return self.algo == "gptq"
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "format"}
-        return {**d, **self.format.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict, base: "Quant | None" = None) -> "Quant":
-        own = {f.name for f in fields(cls)} - {"format"}
-        unknown = set(d) - own - set(_FORMAT_KEYS)
-        if unknown:
-            raise UserError(f"unknown quant key(s) {sorted(unknown)}; valid: "
-                            f"{sorted(own | set(_FORMAT_KEYS))}")
-        base = base or cls(format=IntFormat())
-        fmt = IntFormat(**{**base.format.to_dict(), **{k: v for k, v in d.items() if k in _FORMAT_KEYS}})
-        if d.get("algo") == "hqq" and "zero_point" not in d and not fmt.symmetric:
-            fmt = replace(fmt, zero_point="float")  # HQQ's refinement needs a real-valued zero
-        return replace(base, format=fmt, **{k: v for k, v in d.items() if k in own})
-
-
-@dataclass(frozen=True, kw_only=True)
-class Prune:
-    """Pruning: which weights to zero. Exactly one of `sparsity` (unstructured, per row) or `nm`
-    ("2:4": keep N of every M consecutive inputs). Stored as a bitmask, or in the 2:4 layout."""
-
-    method: str = "wanda"          # magnitude | wanda | sparsegpt
-    sparsity: float | None = 0.5
-    nm: str | None = None
-    block_size: int = 128          # sparsegpt
-    damp: float = 0.01             # sparsegpt
-    owl: bool = False              # OWL: per-block sparsity from outlier ratios, mean = sparsity
-    owl_lambda: float = 0.08       # OWL: each block's sparsity stays within sparsity ± owl_lambda
-    owl_m: float = 5.0             # OWL: an outlier scores above owl_m x the block's mean
-
-    def __post_init__(self):
-        if self.owl and self.sparsity is None:
-            raise UserError("owl sets per-block sparsities around `sparsity`; it does not apply "
-                            "to an N:M pattern")
-        if self.method not in PRUNE_METHODS:
-            raise UserError(f"unknown prune method {self.method!r}; use one of {', '.join(PRUNE_METHODS)}")
-        if (self.sparsity is None) == (self.nm is None):
-            raise UserError("give exactly one of prune sparsity (e.g. 0.5) or nm (e.g. '2:4')")
-        if self.sparsity is not None and not 0 <= self.sparsity < 1:
-            raise UserError(f"sparsity={self.sparsity} is outside [0, 1); e.g. 0.5 prunes half")
-        if self.nm is not None:
-            n, _, m = str(self.nm).partition(":")
-            if not (n.isdigit() and m.isdigit()) or int(n) >= int(m) or int(n) < 1:
-                raise UserError(f"nm={self.nm!r} is invalid; use 'N:M' with 1 <= N < M, e.g. '2:4'")
-
-    @property
-    def pattern(self) -> tuple[int, int] | None:
-        if self.nm is None:
-            return None
-        n, _, m = self.nm.partition(":")
-        return int(n), int(m)
-
-    @property
-    def needs_data(self) -> bool:
-        return self.method != "magnitude" or self.owl
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, base: "Prune | None" = None) -> "Prune":
-        _check_keys("prune", d, cls)
-        if "nm" in d and "sparsity" not in d:
-            d = {**d, "sparsity": None}
-        return replace(base, **d) if base else cls(**d)
-
-
-@dataclass(frozen=True, kw_only=True)
-class LowRank:
-    """Low-rank factorization W ≈ A·B. The rank of each matrix comes from exactly one of `keep`
-    (the fraction of its parameters kept: a byte budget), `energy` (smallest rank holding that
-    share of Σσ², of the whitened spectrum for wsvd) or `rank` (the same for every matrix)."""
-
-    method: str = "wsvd"           # svd | wsvd (activation-whitened) | rsvd (randomized)
-    keep: float | None = 0.8
-    energy: float | None = None
-    rank: int | None = None
-    damp: float = 0.01             # wsvd: Cholesky damping of XᵀX
-
-    def __post_init__(self):
-        if self.method not in LOWRANK_METHODS:
-            raise UserError(f"unknown lowrank method {self.method!r}; use one of {', '.join(LOWRANK_METHODS)}")
-        if sum(x is not None for x in (self.keep, self.energy, self.rank)) != 1:
-            raise UserError("give exactly one of lowrank keep (e.g. 0.8), energy (e.g. 0.95) "
-                            "or rank (e.g. 256)")
-        if self.keep is not None and not 0 < self.keep < 1:
-            raise UserError(f"keep={self.keep} must be in (0, 1): the fraction of parameters kept")
-        if self.energy is not None and not 0 < self.energy < 1:
-            raise UserError(f"energy={self.energy} must be in (0, 1): the share of Σσ² kept")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise UserError(f"rank={self.rank!r} must be a positive integer")
-
-    @property
-    def needs_data(self) -> bool:
-        return self.method == "wsvd"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, base: "LowRank | None" = None) -> "LowRank":
-        _check_keys("lowrank", d, cls)
-        if {"energy", "rank"} & set(d) and "keep" not in d:
-            d = {"keep": None, "energy": None, "rank": None, **d}  # the given one replaces keep
-        return replace(base, **d) if base else cls(**d)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Structured:
@@ -253,8 +114,8 @@ class Compose:
             raise UserError("pruning + quantization needs an integer or symmetric zero point (a "
                             "pruned weight must stay exactly 0); use algo rtn or gptq with "
                             "zero_point: int")
-        if isinstance(self.first, Prune) and self.first.method == "sparsegpt" \
-                and self.quant.algo == "gptq" and (self.quant.act_order or self.quant.clip != "minmax"):
+        if isinstance(self.first, SparseGPT) and isinstance(self.quant, GPTQ) \
+                and (self.quant.act_order or self.quant.clip != "minmax"):
             raise UserError("SparseGPT + GPTQ runs as one joint sweep with min-max groups; drop "
                             "act_order/clip from quant, or prune with wanda for a masked GPTQ")
 
@@ -325,7 +186,7 @@ class Recipe:
         if self.calib.sequential != "auto":
             return self.calib.sequential
         specs = [s for s in [self.main] + [s for _, s in self.overrides] if s is not None]
-        wanda = lambda s: isinstance(s, Prune) and s.method == "wanda"
+        wanda = lambda s: isinstance(s, Wanda)
         alone = any(map(wanda, specs)) and all(wanda(s) or not s.needs_data for s in specs)
         return "block" if alone else "group"
 
@@ -399,8 +260,8 @@ def _override(specs: dict, o):
 def _preset(algo: str, bits: int, group: int | None, **kw) -> Recipe:
     sym = group is None and bits == 8
     zero = "float" if algo == "hqq" else "int"
-    return Recipe(quant=Quant(algo=algo, format=IntFormat(bits=bits, group_size=group,
-                                                          symmetric=sym, zero_point=zero), **kw))
+    fmt = IntFormat(bits=bits, group_size=group, symmetric=sym, zero_point=zero)
+    return Recipe(quant=Quant.methods()[algo](format=fmt, **kw))
 
 
 # GPTQ presets use act-order and MSE-searched clipping: on the default model at 4-bit g64 they
@@ -419,27 +280,27 @@ PRESETS: dict[str, Recipe] = {
     "w3g64-mse": _preset("rtn", 3, 64, clip="mse"),
     "w3g64-gptq": _preset("gptq", 3, 64, **_BEST),
     "w2g32-gptq": _preset("gptq", 2, 32, **_BEST),
-    "magnitude-50": Recipe(prune=Prune(method="magnitude", sparsity=0.5)),
-    "wanda-50": Recipe(prune=Prune(method="wanda", sparsity=0.5)),
-    "sparsegpt-50": Recipe(prune=Prune(method="sparsegpt", sparsity=0.5)),
-    "wanda-50-owl": Recipe(prune=Prune(method="wanda", sparsity=0.5, owl=True)),
-    "wanda-2of4": Recipe(prune=Prune(method="wanda", sparsity=None, nm="2:4")),
-    "sparsegpt-2of4": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4")),
-    "svd-80": Recipe(lowrank=LowRank(method="svd", keep=0.8)),
-    "wsvd-80": Recipe(lowrank=LowRank(method="wsvd", keep=0.8)),
+    "magnitude-50": Recipe(prune=Magnitude(sparsity=0.5)),
+    "wanda-50": Recipe(prune=Wanda(sparsity=0.5)),
+    "sparsegpt-50": Recipe(prune=SparseGPT(sparsity=0.5)),
+    "wanda-50-owl": Recipe(prune=Wanda(sparsity=0.5, owl=True)),
+    "wanda-2of4": Recipe(prune=Wanda(sparsity=None, nm="2:4")),
+    "sparsegpt-2of4": Recipe(prune=SparseGPT(sparsity=None, nm="2:4")),
+    "svd-80": Recipe(lowrank=SVD(keep=0.8)),
+    "wsvd-80": Recipe(lowrank=WhitenedSVD(keep=0.8)),
     "drop2": Recipe(structured=Structured(drop_blocks=2)),
     # composed: the kept values / both factors quantized
-    "wanda-50-w4g64": Recipe(prune=Prune(method="wanda", sparsity=0.5),
+    "wanda-50-w4g64": Recipe(prune=Wanda(sparsity=0.5),
                              quant=_preset("gptq", 4, 64, **_BEST).quant),
-    "sparsegpt-50-w4g64": Recipe(prune=Prune(method="sparsegpt", sparsity=0.5),
+    "sparsegpt-50-w4g64": Recipe(prune=SparseGPT(sparsity=0.5),
                                  quant=_preset("gptq", 4, 64).quant),
-    "sparsegpt-2of4-w4g64": Recipe(prune=Prune(method="sparsegpt", sparsity=None, nm="2:4"),
+    "sparsegpt-2of4-w4g64": Recipe(prune=SparseGPT(sparsity=None, nm="2:4"),
                                    quant=_preset("gptq", 4, 64).quant),
     # the embedding table and (tied) head in int8 per row as well
     "w4g64-gptq-e8": replace(_preset("gptq", 4, 64, **_BEST),
                              embeddings=IntFormat(bits=8, group_size=None, symmetric=True),
                              head=IntFormat(bits=8, group_size=None, symmetric=True)),
-    "wsvd-80-w8": Recipe(lowrank=LowRank(method="wsvd", keep=0.8), quant=_preset("gptq", 8, None).quant),
+    "wsvd-80-w8": Recipe(lowrank=WhitenedSVD(keep=0.8), quant=_preset("gptq", 8, None).quant),
 }
 
 

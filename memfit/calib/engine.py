@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memfit.calib.stats import HessianStat, InputNormStat
+from memfit.configs import Needs
 
 
 class _Stop(Exception):
@@ -130,26 +131,27 @@ def block_kwargs(model, blocks, ids: torch.Tensor) -> list[dict]:
     return found
 
 
-def _input_stat(kind: str, in_features: int, device):
-    return {"hessian": HessianStat, "norms": InputNormStat}[kind](in_features, device=device)
+def _input_stat(kind, in_features: int, device):
+    """The statistic object for a memfit.configs.Needs value."""
+    return {Needs.HESSIAN: HessianStat, Needs.NORMS: InputNormStat}[kind](in_features, device=device)
 
 
 @torch.inference_mode()
 def collect_stats(block, modules: dict[str, torch.nn.Module] | list[dict[str, torch.nn.Module]],
-                  needs: dict[str, str | None], store: ActivationStore, kwargs: dict) -> dict:
+                  needs: dict[str, Needs | None], store: ActivationStore, kwargs: dict) -> dict:
     """Run `block` over all stored batches with hooks on `modules`; return {name: statistic}.
 
     `modules` is one group, or a list of groups collected in the same passes (for statistics of
     the block as it is, e.g. sequential "block"). The members of a group see the same input: one
     statistic per kind is accumulated (on the first member that needs it) and shared by all.
-    `needs[name]` is "hessian", "norms" or None (no statistic: the module is skipped).
+    `needs[name]` is a memfit.configs.Needs (NOTHING or None: the module is skipped).
     """
     groups = [modules] if isinstance(modules, dict) else modules
     stats, shared, handles = {}, {}, []
     for gi, group in enumerate(groups):
         for name, mod in group.items():
             kind = needs.get(name)
-            if kind is None:
+            if kind is None or kind is Needs.NOTHING:
                 continue
             if (gi, kind) not in shared:
                 in_features = mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) \

@@ -217,7 +217,8 @@ def test_groups_collected_in_one_pass_match_one_pass_each(tiny_llama_dir):
     store, block_kwargs = capture_inputs(m, block_list(m, arch), _calib(4), offload="memory")
     kwargs = block_kwargs[0]
     groups = [{n: block.get_submodule(n) for n in g} for g in arch.groups]
-    needs = {n: "hessian" for g in arch.groups for n in g}
+    from memfit.configs import Needs
+    needs = {n: Needs.HESSIAN for g in arch.groups for n in g}
     together = collect_stats(block, groups, needs, store, kwargs)
     for g in groups:
         alone = collect_stats(block, g, needs, store, kwargs)
