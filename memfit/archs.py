@@ -4,6 +4,8 @@ and how the KV cache is shaped. No copied model classes, no class-name checks: a
 
 `groups` lists the linears of one block in true-sequential order: the members of a group see the
 same input (q/k/v), and a later group's input depends on the earlier groups' compressed outputs.
+`layout` names the linears structured pruning slices (memfit.structured); families without one
+support every method but structured pruning.
 """
 
 from __future__ import annotations
@@ -16,11 +18,25 @@ from memfit.errors import UserError
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Paths (inside one block) of the linears structured pruning slices."""
+
+    q: str | None
+    k: str | None
+    v: str | None
+    o: str | None
+    mlp_in: tuple[str, ...]   # output rows = intermediate channels (gate, up)
+    mlp_out: str              # input columns = intermediate channels (down)
+    mlp: str                  # the MLP module (its `intermediate_size` attribute, if any)
+
+
+@dataclass(frozen=True)
 class Arch:
     kind: str                        # "decoder" or "encoder"
     layers: tuple[str, ...]          # candidate attribute paths of the block list, first match wins
     groups: tuple[tuple[str, ...], ...]
     conv1d: bool = False             # GPT-2 stores linears as Conv1D with a transposed weight
+    layout: Layout | None = None     # for structured pruning; None: not supported
 
 
 _LLAMA_GROUPS = (
@@ -29,7 +45,10 @@ _LLAMA_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-_LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA_GROUPS)
+_LLAMA_LAYOUT = Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp")
+_LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA_GROUPS,
+              layout=_LLAMA_LAYOUT)
 _BERT = Arch(
     "encoder",
     ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),

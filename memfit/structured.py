@@ -12,11 +12,11 @@ blocks (`intermediate_size`, `num_attention_heads`, `num_key_value_heads`), so e
 same *number* of channels/groups, while each block chooses *which* ones from its own scores
 (per-block top-k with one k). Non-uniform widths would prune better but need custom loading code.
 
-Where the linears live is data (`LAYOUTS`, keyed by the config's `model_type`, beside
-memfit.archs.ARCHS); nothing here checks class names. Scores come from memfit.algos.structured;
-`measure_block_influence` and `channel_importance` gather them with the calibration engine
-(memfit.calib), one block at a time, on the unpruned model. Structured pruning must run before
-quantization or unstructured sparsity: it slices plain `nn.Linear` weights only.
+Where the linears live is data (the `layout` of the family's row in memfit.archs.ARCHS); nothing
+here checks class names. Scores come from memfit.algos.structured; `measure_block_influence` and
+`channel_importance` gather them with the calibration engine (memfit.calib), one block at a
+time, on the unpruned model. Structured pruning must run before quantization or unstructured
+sparsity: it slices plain `nn.Linear` weights only.
 """
 
 from __future__ import annotations
@@ -29,31 +29,10 @@ import torch.nn as nn
 
 from memfit.algos import structured as S
 from memfit.calib.stats import InputNormStat
-from memfit.archs import Arch, arch_for, block_list, text_config
+from memfit.archs import ARCHS, Arch, Layout, arch_for, block_list, text_config
 from memfit.calib import capture_inputs, propagate
 from memfit.errors import UserError
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Paths (inside one block) of the linears structured pruning slices."""
-
-    q: str | None
-    k: str | None
-    v: str | None
-    o: str | None
-    mlp_in: tuple[str, ...]   # output rows = intermediate channels (gate, up)
-    mlp_out: str              # input columns = intermediate channels (down)
-    mlp: str                  # the MLP module (its `intermediate_size` attribute, if any)
-
-
-_LLAMA = Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp")
-
-LAYOUTS: dict[str, Layout] = {
-    name: _LLAMA for name in
-    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")
-}
 
 # Config entries holding one value per block: dropping blocks filters them the same way.
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
@@ -70,13 +49,15 @@ class Importance:
     kv_groups: list[torch.Tensor]  # (num_key_value_heads,) each
 
 
-def layout_for(config) -> Layout:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
-        raise UserError(f"structured pruning does not know the layout of {model_type!r}; it "
-                        f"supports {', '.join(sorted(LAYOUTS))}. Add a row to "
-                        "memfit.structured.LAYOUTS")
-    return LAYOUTS[model_type]
+def layout_for(model: nn.Module, arch: Arch | None = None) -> Layout:
+    """The structured-pruning layout of the model's family (from its memfit.archs row)."""
+    layout = _arch(model, arch).layout
+    if layout is None:
+        known = sorted(name for name, arch in ARCHS.items() if arch.layout is not None)
+        raise UserError(f"structured pruning does not know the layout of {model.config.model_type!r}; "
+                        f"it supports {', '.join(known)}. Add a layout to its row in "
+                        "memfit.archs.ARCHS")
+    return layout
 
 
 def _arch(model, arch: Arch | None) -> Arch:
@@ -180,7 +161,7 @@ def prune_mlp_width_(model: nn.Module, keep, *, scores: Sequence[torch.Tensor] |
     the data-free ‖W_up[j]‖·‖W_down[:, j]‖ is used.
     """
     blocks = block_list(model, _arch(model, arch))
-    lay = layout_for(model.config)
+    lay = layout_for(model, arch)
     outs = [_linear(b, lay.mlp_out) for b in blocks]
     ins = [[_linear(b, p) for p in lay.mlp_in] for b in blocks]
     if scores is None:
@@ -222,7 +203,7 @@ def prune_heads_(model: nn.Module, kv_groups=None, *, num_heads: int | None = No
         raise UserError("give exactly one of kv_groups (KV groups to keep) or num_heads "
                         "(query heads to keep) to prune_heads_")
     blocks = block_list(model, _arch(model, arch))
-    lay = layout_for(model.config)
+    lay = layout_for(model, arch)
     if lay.q is None:
         raise UserError(f"{model.config.model_type!r} has no separate q/k/v projections; "
                         "head pruning supports Llama-family layouts only")
@@ -289,7 +270,7 @@ def channel_importance(model: nn.Module, arch: Arch, windows: torch.Tensor, *,
     """Per-block MLP channel, attention head and KV-group scores from (N, T) token windows,
     read from the inputs of down_proj and o_proj while the blocks run in order."""
     blocks = block_list(model, arch)
-    lay = layout_for(model.config)
+    lay = layout_for(model, arch)
     heads, kv, head_dim = _head_counts(model)
     store, block_kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
     result = Importance([], [], [])

@@ -188,9 +188,42 @@ def test_bad_input_is_a_user_error(tiny_config):
     assert model.model.layers[0].mlp.down_proj.in_features == INTER
 
 
+def test_layouts_live_in_the_arch_table():
+    from memfit.archs import ARCHS
+
+    with_layout = {name for name, arch in ARCHS.items() if arch.layout is not None}
+    assert with_layout == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+                           "gemma3_text"}
+    lay = ARCHS["gemma3_text"].layout
+    assert (lay.q, lay.o, lay.mlp_in, lay.mlp_out) == (
+        "self_attn.q_proj", "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+
+
+def test_block_influence_on_mixed_attention_layers_matches_the_real_forward(tiny_config):
+    """Gemma 3 alternates sliding and global layers: each block is scored on its real inputs."""
+    from memfit.algos.structured import angular_distances
+
+    model = _model(tiny_config, "gemma3_text", layers=4, head_dim=HEAD_DIM, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"] * 2)
+    ids = _ids(3, 32)
+    blocks = block_list(model, arch_for(model.config))
+    dists = [[] for _ in blocks]
+    handles = [b.register_forward_hook(
+        lambda _m, args, out, i=i: dists[i].append(angular_distances(args[0], out[0] if isinstance(
+            out, tuple) else out))) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for start in (0, 2):  # the batches measure_block_influence uses
+            model(input_ids=ids[start:start + 2], use_cache=False)
+    for h in handles:
+        h.remove()
+    real = [float(torch.cat(d).mean()) for d in dists]
+    scores = measure_block_influence(model, arch_for(model.config), ids, batch=2)
+    assert scores == pytest.approx(real, abs=1e-6)
+
+
 def test_unknown_layout_is_a_user_error(tiny_config):
     model = _model(tiny_config, "gpt2", layers=2, n_embd=64, n_head=4, n_layer=2)
-    with pytest.raises(UserError, match="LAYOUTS"):
+    with pytest.raises(UserError, match="layout of .gpt2.*memfit.archs.ARCHS"):
         prune_mlp_width_(model, 0.5)
 
 
