@@ -59,6 +59,9 @@ def cmd_eval(args) -> None:
     res = run_eval(_load(args), ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
                    max_tokens=args.max_tokens, batch_size=args.batch_size, bos=args.bos,
                    progress=not args.json)
+    res["model"] = args.model  # what the user typed; model_path holds what it resolved to
+    if args.ref:
+        res["ref"] = args.ref
     if args.json:
         print(json.dumps(res))
         return

@@ -21,6 +21,7 @@ def test_eval_json(capsys, tiny_llama_dir):
     for key in ("perplexity", "tokens", "seq_len", "windows", "kld", "top1_agreement"):
         assert key in res
     assert res["windows"] == 2 and res["tokens"] == 62 and res["kld"] == 0.0
+    assert res["model"] == str(tiny_llama_dir) and res["ref"] == str(tiny_llama_dir)
 
 
 def test_inspect_json(capsys, tiny_llama_dir):
