@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import UserError
-from memfit.eval.lm import output_logits as head_logits
+from memfit.eval.lm import kl_sum, output_logits as head_logits
 
 
 def hidden_states(model, ids: torch.Tensor, layers: tuple[int, ...] = ()) -> tuple:
@@ -48,7 +48,7 @@ def _chunk_kl(student, teacher, temperature: float, h_s: torch.Tensor,
     log_p_s = F.log_softmax(head_logits(student, h_s) / temperature, dim=-1)  # (B, C, V)
     with torch.no_grad():
         log_p_t = F.log_softmax(head_logits(teacher, h_t) / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl_sum(log_p_t, log_p_s)
 
 
 def logit_kl(student, teacher, h_s: torch.Tensor, h_t: torch.Tensor, *, temperature: float = 1.0,

@@ -52,6 +52,16 @@ def _log_probs_(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
 
 
+def kl_sum(log_q: torch.Tensor, log_p: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Σ q (log q - log p): KL(q || p) summed over every position of (..., V) log-probabilities,
+    the one KL of memfit (eval, the smoke check and distillation's loss). `inplace` overwrites both
+    inputs (no vocabulary-sized temporary: for inference); otherwise it is differentiable."""
+    if inplace:
+        log_p.sub_(log_q).neg_()  # log q - log p
+        return torch.dot(log_q.exp_().view(-1), log_p.view(-1))
+    return (log_q.exp() * (log_q - log_p)).sum()
+
+
 @torch.inference_mode()
 def chunk_sums(logits: torch.Tensor, target: torch.Tensor,
                ref_logits: torch.Tensor | None = None) -> dict:
@@ -66,8 +76,7 @@ def chunk_sums(logits: torch.Tensor, target: torch.Tensor,
     lq = _log_probs_(ref_logits)
     out["ref_nll"] = -lq.gather(1, target[:, None]).sum().item()
     out["top1"] = (lq.argmax(-1) == lp.argmax(-1)).sum().item()
-    lp.sub_(lq).neg_()  # lq - lp
-    out["kld"] = torch.dot(lq.exp_().view(-1), lp.view(-1)).item()  # Σ q (log q - log p)
+    out["kld"] = kl_sum(lq, lp, inplace=True).item()
     return out
 
 

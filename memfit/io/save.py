@@ -125,13 +125,12 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
 
 
 def _guards(model: nn.Module, modules: dict) -> list[str]:
-    """An empty `<module>.weight` for every packed linear inside the model (not the embeddings
-    or head, whose weight keys take part in tying): transformers without memfit's quantizer (no
+    """An empty `<module>.weight` for every packed module, the embedding table and head too:
+    transformers without memfit's quantizer (no
     `import memfit`) then stops with a size-mismatch error instead of silently building those
     layers from random weights. Both loaders drop these keys (listed in memfit.json and in
     config.json's quantization_config)."""
-    tables = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    return [f"{n}.weight" for n in modules if id(model.get_submodule(n)) not in tables]
+    return [f"{n}.weight" for n in modules]
 
 
 def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:

@@ -110,3 +110,24 @@ def test_recipe_embeddings_and_head(tiny_llama_dir):
     assert rep["bytes_after"] < base["bytes_after"] / 2  # the tables were most of the bytes
     with torch.no_grad():
         assert torch.isfinite(m(calib[:1]).logits).all()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_embedding_only_folder_refuses_plain_transformers(tiny_config, tmp_path, tied):
+    """Only the tables compressed: transformers without `import memfit` must not build a model
+    from a random embedding (the `<table>.weight` guards give a size mismatch)."""
+    import subprocess
+    import sys
+
+    m = _model(tiny_config, tie_word_embeddings=tied)
+    quantize_embeddings_(m, INT8, INT8 if tied else None)
+    io.save(m, None, tmp_path / "e", recipe={}, dense_dtype="keep")
+    code = ("import sys; from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'e')!r})\n"
+            "assert 'memfit' not in sys.modules\nprint('LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "mismatch" in r.stderr.lower(), r.stderr[-2000:]
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(io.load(tmp_path / "e").model(ids).logits, m(ids).logits)
