@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def encoder_tokenizer_dir():

@@ -6,8 +6,11 @@ the weight's kind, the device and the activation dtype and picks a path:
 - a dense tensor (what sparse layouts rebuild today): F.linear in the activation dtype;
 - an `IntWeight` on the CPU without autograd: memfit.kernels.cpu (torch's bfloat16 int4/int8
   kernels where they are exact and fast, else tiled dequantize + float32 GEMM);
-- an `IntWeight` anywhere else (CUDA, or activations that need gradients): the float32
-  reference. GPU kernels plug in here, keyed the same way, without touching the modules.
+- an `IntWeight` on CUDA without autograd: memfit.kernels.triton_int (fused dequantize-matmul
+  for 8/4/2-bit layouts; Triton is imported on the first CUDA call only), the reference for
+  layouts it cannot take (warned once);
+- an `IntWeight` anywhere else (activations that need gradients, other devices): the float32
+  reference.
 
 `prepare(weight)` builds a path's one-time layout (the CPU kernels' repacked weight); modules
 cache it and drop it on a move. Kernels take tensors and integers only: nothing here imports
@@ -39,4 +42,22 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if x.device.type == "cpu" and not needs_grad:
         return cpu.cpu_linear(x, weight, bias, cache)
+    if x.device.type == "cuda" and not needs_grad and _triton() is not None:
+        y = _triton().triton_linear(x, weight, bias)
+        if y is not None:
+            return y
     return linear_reference(x, weight, bias)
+
+
+_TRITON = []
+
+
+def _triton():
+    """memfit.kernels.triton_int, imported once on first use (None without Triton)."""
+    if not _TRITON:
+        try:
+            from memfit.kernels import triton_int
+        except ImportError:
+            triton_int = None
+        _TRITON.append(triton_int)
+    return _TRITON[0]

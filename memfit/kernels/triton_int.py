@@ -1,0 +1,268 @@
+"""Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/2 bits.
+
+It reads memfit's stored layout as it is (no repacking, no extra memory): each row of `qdata` is a
+little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER*j + PER-1
+(PER = 8 // bits). Instead of interleaving unpacked nibbles back into column order, the kernel
+splits the *activations* the same way: sub-column i of a K tile is x[:, k0 + PER*j + i], and
+y += x_i @ codes_i^T for i < PER. Same FLOPs, no shuffles, one byte load per PER weights.
+
+Scales are applied after the dot, per group, which is exact algebra:
+    sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)
+so the inner loop multiplies integers (exact in bfloat16/float16 up to 255) and a K tile never
+crosses a group (BLOCK_K divides the group size, or the row is one group). Zero points are read
+from their packed bits in the kernel; symmetric weights use z = 2**(bits-1).
+
+Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buffer) so that a
+4096-wide layer still fills 132 multiprocessors; large M uses big tiles without a split, or
+dequantizes once into a 16-bit weight and calls cuBLAS when that measures faster (`choose`).
+The choice is made per (M bucket, shape, format) by timing the candidates once on the device
+(`triton.testing.do_bench`) and cached for the process; under TRITON_INTERPRET=1 (CPU tests) the
+first candidate is used.
+
+Numerics: products are accumulated in float32 (tl.dot); float32 activations use IEEE float32
+dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 kernel does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels.weights import IntWeight
+
+BITS = (2, 4, 8)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
+            stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
+            ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+            IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            SPLIT_K: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T; ZMODE 0 symmetric, 1 packed int zeros, 2 float."""
+    PER: tl.constexpr = 8 // BITS
+    BKP: tl.constexpr = BK // PER  # packed bytes per tile row
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    jj = tl.arange(0, BKP)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
+        k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
+        jb = k0 // PER + jj  # byte columns of this tile
+        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
+                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        xsum = tl.zeros((BM,), dtype=tl.float32)
+        for i in tl.static_range(PER):
+            kk = k0 + jj * PER + i
+            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BKP)
+            ci = ((qb >> (i * BITS)) & MASK).to(xi.dtype)  # (BN, BKP) codes, exact
+            if IEEE:
+                part += tl.dot(xi, tl.trans(ci), input_precision="ieee")
+            else:
+                part += tl.dot(xi, tl.trans(ci))
+            xsum += tl.sum(xi.to(tl.float32), axis=1)
+        g = k0 // GROUP
+        g_ok = n_ok & ((rn * 0 + k0) < K)  # (BN,) bool: a block mask, not a scalar
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=g_ok, other=0.0).to(tl.float32)  # (BN,)
+        if ZMODE == 0:
+            z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+        elif ZMODE == 1:
+            zb = tl.load(z_ptr + rn * stride_zn + (g * BITS) // 8, mask=g_ok, other=0)
+            z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + rn * stride_zn + g, mask=g_ok, other=0.0).to(tl.float32)
+        acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
+             GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
+             BN: tl.constexpr, BKP: tl.constexpr):
+    """w[N, K] = (q - z) * s in w's dtype, one pass over the packed bytes."""
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    jb = tl.program_id(1) * BKP + tl.arange(0, BKP)
+    n_ok = rn < N
+    qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
+                 mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+    for i in tl.static_range(PER):
+        kk = jb * PER + i  # (BKP,) columns of sub-position i
+        g = kk // GROUP
+        ok = n_ok[:, None] & (kk[None, :] < K)
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ZMODE == 0:
+            z = 1 << (BITS - 1)
+        elif ZMODE == 1:
+            zb = tl.load(z_ptr + rn[:, None] * stride_zn + (g[None, :] * BITS) // 8, mask=ok, other=0)
+            z = ((zb >> ((g[None, :] * BITS) % 8)) & MASK).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        c = ((qb >> (i * BITS)) & MASK).to(tl.float32)
+        tl.store(w_ptr + rn[:, None] * K + kk[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch shape; BM = 0 means dequantize once, then cuBLAS."""
+
+    BM: int
+    BN: int
+    BK: int
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def ineligibility(w: IntWeight) -> str | None:
+    """Why the Triton path cannot take `w` (None when it can)."""
+    if w.bits not in BITS:
+        return f"{w.bits}-bit codes cross byte boundaries; the Triton kernel takes {BITS} bits"
+    if w.n_groups > 1 and _block_k(w) * w.bits < 16 * 8:
+        return (f"group size {w.group_size} is too small for a {w.bits}-bit tile "
+                f"(needs >= {16 * 8 // w.bits} columns per group)")
+    return None
+
+
+def _block_k(w: IntWeight, cap: int = 128) -> int:
+    """Largest power of two <= cap dividing the group size (any when the row is one group)."""
+    if w.n_groups == 1:
+        return cap
+    bk = cap
+    while bk > 1 and w.group_size % bk:
+        bk //= 2
+    return bk
+
+
+def _zmode(w: IntWeight) -> int:
+    return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
+
+
+def candidates(m: int, w: IntWeight) -> list[Config]:
+    """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
+    bk_max = _block_k(w)
+    min_bk = 16 * 8 // w.bits  # tl.dot needs >= 16 along K per sub-column
+    bks = [b for b in (bk_max, bk_max // 2) if b >= min_bk and (w.n_groups == 1 or b <= bk_max)]
+    out = []
+    if m <= 16:
+        for bn in (32, 64, 128):
+            for sk in (1, 2, 4, 8, 16):
+                for bk in bks:
+                    out.append(Config(16, bn, bk, sk, 4, 4))
+    elif m <= 128:
+        for bm in (32, 64):
+            for bn in (64, 128):
+                for sk in (1, 2, 4):
+                    out.append(Config(bm, bn, bks[0], sk, 4, 3))
+    else:
+        for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8)):
+            for st in (3, 4):
+                out.append(Config(bm, bn, bks[0], 1, warps, st))
+        out.append(Config(0, 0, 0))  # dequantize + cuBLAS
+    return out
+
+
+_CHOICE: dict = {}
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
+    """The fastest candidate for this (M bucket, shape, format), timed once on the device."""
+    key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
+    if key not in _CHOICE:
+        cands = candidates(x2.shape[0], w)
+        if INTERPRET or x2.device.type != "cuda":
+            _CHOICE[key] = cands[0]
+        else:
+            from triton.testing import do_bench
+            times = [(do_bench(lambda c=c: run(x2, w, bias, c), warmup=5, rep=20), i)
+                     for i, c in enumerate(cands)]
+            _CHOICE[key] = cands[min(times)[1]]
+    return _CHOICE[key]
+
+
+def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) dense weight of `dtype`, one kernel pass."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
+    bkp = 64
+    z = w.zero if w.zero is not None else w.scale
+    grid = (triton.cdiv(n, 64), triton.cdiv(w.qdata.shape[1], bkp))
+    _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
+                   w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
+                   ZMODE=_zmode(w), BN=64, BKP=bkp)
+    return out
+
+
+def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """(M, in) -> (M, out) in x2's dtype with launch shape `cfg`."""
+    m, k = x2.shape
+    n = w.shape[0]
+    if cfg.BM == 0:
+        wd = dequantize_triton(w, x2.dtype)
+        return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
+    x2 = x2.contiguous()
+    atomic = cfg.SPLIT_K > 1
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
+         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    z = w.zero if w.zero is not None else w.scale
+    b = bias if bias is not None else w.scale
+    grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
+    _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
+                  triton.cdiv(triton.cdiv(k, cfg.BK), cfg.SPLIT_K), x2.stride(0),
+                  w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
+                  GROUP=w.group_size, BITS=w.bits, ZMODE=_zmode(w), HAS_BIAS=bias is not None,
+                  ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
+                  BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if atomic:
+        if bias is not None:
+            y += bias.float()
+        y = y.to(x2.dtype)
+    return y
+
+
+_WARNED: set = set()
+
+
+def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):
+    """(..., in) -> (..., out), or None when the layout cannot take this kernel (warned once)."""
+    why = ineligibility(w)
+    if why is not None:
+        if why not in _WARNED:
+            _WARNED.add(why)
+            warnings.warn(f"memfit: {why}; using the reference kernel for such layers",
+                          stacklevel=3)
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, w.shape[0])
+    y = run(x2, w, bias, choose(x2, w, bias))
+    return y.reshape(*lead, w.shape[0])
