@@ -2,15 +2,16 @@
 
 It reads memfit's stored layout as it is (no repacking, no extra memory): each row of `qdata` is a
 little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER*j + PER-1
-(PER = 8 // bits). Instead of interleaving unpacked nibbles back into column order, the kernel
-splits the *activations* the same way: sub-column i of a K tile is x[:, k0 + PER*j + i], and
-y += x_i @ codes_i^T for i < PER. Same FLOPs, no shuffles, one byte load per PER weights.
+(PER = 8 // bits). A K tile never crosses a group (BLOCK_K divides the group size, or the row is
+one group), so a tile needs one scale and zero per row; zero points are read from their packed
+bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-Scales are applied after the dot, per group, which is exact algebra:
-    sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)
-so the inner loop multiplies integers (exact in bfloat16/float16 up to 255) and a K tile never
-crosses a group (BLOCK_K divides the group size, or the row is one group). Zero points are read
-from their packed bits in the kernel; symmetric weights use z = 2**(bits-1).
+Two kernels:
+- `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
+  (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile.
+- `_int_gemv` (decode, M <= 8): no tensor cores; the *activations* are split like the codes
+  (sub-column i of a tile is x[:, k0 + PER*j + i]), each code is dequantized and multiply-added
+  on the CUDA cores into a float32 accumulator reduced once at the end.
 
 Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buffer) so that a
 4096-wide layer still fills 132 multiprocessors; large M uses big tiles without a split, or
@@ -40,52 +41,69 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(BN, BK // PER) packed bytes -> (BN, BK) codes in column order (int32)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    q = qb.to(tl.int32)
+    if BITS == 8:
+        return q
+    elif BITS == 4:
+        return tl.reshape(tl.join(q & MASK, q >> 4), (BN, BK))
+    else:  # 2 bits: join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
+        c0, c1, c2, c3 = q & MASK, (q >> 2) & MASK, (q >> 4) & MASK, q >> 6
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BN, BK))
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.constexpr,
+                  ZMODE: tl.constexpr, BN: tl.constexpr):
+    """(BN,) float32 scale and zero point of group g of rows rn."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    s = tl.load(s_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+    if ZMODE == 0:
+        z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+    elif ZMODE == 1:
+        zb = tl.load(z_ptr + rn * stride_zn + (g * BITS) // 8, mask=ok, other=0)
+        z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
+    else:
+        z = tl.load(z_ptr + rn * stride_zn + g, mask=ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
             stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr):
-    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T; ZMODE 0 symmetric, 1 packed int zeros, 2 float."""
+    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
+    and dequantized in registers to the activation dtype, then one dot per tile."""
     PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER  # packed bytes per tile row
-    MASK: tl.constexpr = (1 << BITS) - 1
+    BKP: tl.constexpr = BK // PER
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    jj = tl.arange(0, BKP)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
-        jb = k0 // PER + jj  # byte columns of this tile
+        kk = k0 + tl.arange(0, BK)
+        jb = k0 // PER + tl.arange(0, BKP)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
         qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
                      mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
-        part = tl.zeros((BM, BN), dtype=tl.float32)
-        xsum = tl.zeros((BM,), dtype=tl.float32)
-        for i in tl.static_range(PER):
-            kk = k0 + jj * PER + i
-            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BKP)
-            ci = ((qb >> (i * BITS)) & MASK).to(xi.dtype)  # (BN, BKP) codes, exact
-            if IEEE:
-                part += tl.dot(xi, tl.trans(ci), input_precision="ieee")
-            else:
-                part += tl.dot(xi, tl.trans(ci))
-            xsum += tl.sum(xi.to(tl.float32), axis=1)
-        g = k0 // GROUP
-        g_ok = n_ok & ((rn * 0 + k0) < K)  # (BN,) bool: a block mask, not a scalar
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=g_ok, other=0.0).to(tl.float32)  # (BN,)
-        if ZMODE == 0:
-            z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-        elif ZMODE == 1:
-            zb = tl.load(z_ptr + rn * stride_zn + (g * BITS) // 8, mask=g_ok, other=0)
-            z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
+                             stride_sn, stride_zn, BITS, ZMODE, BN)
+        c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
+        w = ((c - z[:, None]) * s[:, None]).to(x.dtype)  # (BN, BK)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
-            z = tl.load(z_ptr + rn * stride_zn + g, mask=g_ok, other=0.0).to(tl.float32)
-        acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+            acc = tl.dot(x, tl.trans(w), acc)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -97,37 +115,74 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
 
 
 @triton.jit
+def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm,
+              stride_qn, stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr,
+              BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SPLIT_K: tl.constexpr):
+    """Few rows (decode): dequantize each weight tile in registers and multiply-add on the CUDA
+    cores into a (BM, BN, BK/PER) float32 accumulator, reduced once at the end; no tensor-core
+    padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows."""
+    PER: tl.constexpr = 8 // BITS
+    BKP: tl.constexpr = BK // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    jj = tl.arange(0, BKP)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN, BKP), dtype=tl.float32)
+    for it in range(0, ITERS):
+        k0 = (it * SPLIT_K + pid_k) * BK
+        jb = k0 // PER + jj
+        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
+                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
+                             stride_sn, stride_zn, BITS, ZMODE, BN)
+        for i in tl.static_range(PER):
+            kk = k0 + jj * PER + i
+            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
+            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
+    y = tl.sum(acc, axis=2)  # (BM, BN)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, y, mask=ok)
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
              GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
-             BN: tl.constexpr, BKP: tl.constexpr):
-    """w[N, K] = (q - z) * s in w's dtype, one pass over the packed bytes."""
+             BN: tl.constexpr, BK: tl.constexpr):
+    """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group."""
     PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    BKP: tl.constexpr = BK // PER
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    jb = tl.program_id(1) * BKP + tl.arange(0, BKP)
+    k0 = tl.program_id(1) * BK
+    kk = k0 + tl.arange(0, BK)
+    jb = k0 // PER + tl.arange(0, BKP)
     n_ok = rn < N
     qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
                  mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
-    for i in tl.static_range(PER):
-        kk = jb * PER + i  # (BKP,) columns of sub-position i
-        g = kk // GROUP
-        ok = n_ok[:, None] & (kk[None, :] < K)
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        if ZMODE == 0:
-            z = 1 << (BITS - 1)
-        elif ZMODE == 1:
-            zb = tl.load(z_ptr + rn[:, None] * stride_zn + (g[None, :] * BITS) // 8, mask=ok, other=0)
-            z = ((zb >> ((g[None, :] * BITS) % 8)) & MASK).to(tl.float32)
-        else:
-            z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        c = ((qb >> (i * BITS)) & MASK).to(tl.float32)
-        tl.store(w_ptr + rn[:, None] * K + kk[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty),
-                 mask=ok)
+    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE, BN)
+    c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
+    w = (c - z[:, None]) * s[:, None]
+    tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (kk[None, :] < K))
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch shape; BM = 0 means dequantize once, then cuBLAS."""
+    """One launch shape; BM = 0 means dequantize once, then cuBLAS; gemv picks `_int_gemv`."""
 
     BM: int
     BN: int
@@ -135,15 +190,15 @@ class Config:
     SPLIT_K: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False
 
 
 def ineligibility(w: IntWeight) -> str | None:
     """Why the Triton path cannot take `w` (None when it can)."""
     if w.bits not in BITS:
         return f"{w.bits}-bit codes cross byte boundaries; the Triton kernel takes {BITS} bits"
-    if w.n_groups > 1 and _block_k(w) * w.bits < 16 * 8:
-        return (f"group size {w.group_size} is too small for a {w.bits}-bit tile "
-                f"(needs >= {16 * 8 // w.bits} columns per group)")
+    if w.n_groups > 1 and _block_k(w) < 16:
+        return f"group size {w.group_size} is too small for a tile (needs a multiple of 16)"
     return None
 
 
@@ -164,19 +219,24 @@ def _zmode(w: IntWeight) -> int:
 def candidates(m: int, w: IntWeight) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
     bk_max = _block_k(w)
-    min_bk = 16 * 8 // w.bits  # tl.dot needs >= 16 along K per sub-column
-    bks = [b for b in (bk_max, bk_max // 2) if b >= min_bk and (w.n_groups == 1 or b <= bk_max)]
+    bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
+    if m <= 8:
+        bm = _bucket(m)
+        bk = _block_k(w)
+        for bn in ((32, 64) if bm <= 2 else (16, 32)):
+            for sk in (4, 8, 16, 32, 1):
+                out.append(Config(bm, bn, bk, sk, 4, 2, gemv=True))
     if m <= 16:
-        for bn in (32, 64, 128):
-            for sk in (1, 2, 4, 8, 16):
-                for bk in bks:
-                    out.append(Config(16, bn, bk, sk, 4, 4))
+        for bn in (64, 128):
+            for sk in (1, 4, 8, 16):
+                out.append(Config(16, bn, bks[0], sk, 4, 4))
     elif m <= 128:
         for bm in (32, 64):
             for bn in (64, 128):
                 for sk in (1, 2, 4):
                     out.append(Config(bm, bn, bks[0], sk, 4, 3))
+        out.append(Config(0, 0, 0))  # dequantize + cuBLAS
     else:
         for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8)):
             for st in (3, 4):
@@ -201,8 +261,12 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
             _CHOICE[key] = cands[0]
         else:
             from triton.testing import do_bench
-            times = [(do_bench(lambda c=c: run(x2, w, bias, c), warmup=5, rep=20), i)
-                     for i, c in enumerate(cands)]
+            times = []
+            for i, c in enumerate(cands):
+                try:
+                    times.append((do_bench(lambda c=c: run(x2, w, bias, c), warmup=3, rep=10), i))
+                except triton.runtime.errors.OutOfResources:
+                    continue  # too many registers/shared memory for this shape: not a candidate
             _CHOICE[key] = cands[min(times)[1]]
     return _CHOICE[key]
 
@@ -211,12 +275,12 @@ def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
     """(out, in) dense weight of `dtype`, one kernel pass."""
     n, k = w.shape
     out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
-    bkp = 64
+    bk = min(_block_k(w), 128)
     z = w.zero if w.zero is not None else w.scale
-    grid = (triton.cdiv(n, 64), triton.cdiv(w.qdata.shape[1], bkp))
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, bk))
     _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
                    w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
-                   ZMODE=_zmode(w), BN=64, BKP=bkp)
+                   ZMODE=_zmode(w), BN=32, BK=bk)
     return out
 
 
@@ -233,9 +297,18 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
+    iters = triton.cdiv(triton.cdiv(k, cfg.BK), cfg.SPLIT_K)
+    if cfg.gemv:
+        _int_gemv[(triton.cdiv(n, cfg.BN), cfg.SPLIT_K)](
+            x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
+            w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), GROUP=w.group_size,
+            BITS=w.bits, ZMODE=_zmode(w), HAS_BIAS=bias is not None, ATOMIC=atomic, BM=cfg.BM,
+            BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        return y.to(x2.dtype) if atomic else y
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
-                  triton.cdiv(triton.cdiv(k, cfg.BK), cfg.SPLIT_K), x2.stride(0),
+                  iters, x2.stride(0),
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   GROUP=w.group_size, BITS=w.bits, ZMODE=_zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,

@@ -39,6 +39,7 @@ CASES = [  # (n, k, bits, group, zero point)
     (48, 256, 4, 64, "int"), (40, 200, 4, 32, "sym"), (64, 576, 4, 128, "int"),  # ragged group
     (33, 128, 4, None, "float"), (32, 192, 8, None, "sym"), (24, 256, 8, 64, "int"),
     (32, 256, 2, 64, "int"), (16, 320, 2, None, "sym"), (80, 256, 4, 128, "float"),
+    (32, 96, 2, 32, "int"), (48, 80, 4, 16, "sym"),
 ]
 
 
@@ -59,13 +60,16 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
 
 
 @pytest.mark.parametrize("cfg", [triton_int.Config(16, 32, 64, 4), triton_int.Config(32, 64, 64, 1),
-                                 triton_int.Config(0, 0, 0)], ids=["split-k", "tile", "dequant"])
+                                 triton_int.Config(0, 0, 0), triton_int.Config(8, 16, 64, 1, gemv=True),
+                                 triton_int.Config(8, 32, 64, 4, gemv=True)],
+                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_launch_shape_and_16bit_activations(cfg, dtype):
     w = make_weight(72, 320, 4, 64, "int", seed=3)
     x = torch.randn(7, 320, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
-    want = linear_reference(x.float(), w, None)
-    got = triton_int.run(x, w, None, cfg)
+    bias = torch.randn(72).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    got = triton_int.run(x, w, bias, cfg)
     assert got.dtype == dtype and got.shape == (7, 72)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-3)
 
@@ -82,7 +86,7 @@ def test_dequantize_kernel_is_exact(bits, group, zp):
 def test_layouts_it_cannot_take_fall_back_with_one_warning():
     w3 = make_weight(16, 64, 3, 32, "int")
     assert triton_int.ineligibility(w3) is not None
-    w2 = make_weight(16, 64, 2, 32, "int")  # 32 two-bit columns: 8 bytes, a dot needs 16
+    w2 = make_weight(16, 64, 2, 24, "int")  # a 24-column group takes 8-column tiles only
     assert "too small" in triton_int.ineligibility(w2)
     x = torch.randn(2, 64).to(DEV)
     triton_int._WARNED.clear()

@@ -1,0 +1,169 @@
+"""GPU kernels side by side, one run: memfit's Triton int4/int8 linear vs bf16 cuBLAS vs torch's
+int4 kernel (`aten._weight_int4pack_mm`), and 2:4 sparse (cuSPARSELt) vs dense, on Llama-3-8B
+linear shapes, M in {1, 4, 16, 64, 256, 2048}.
+
+Timing: each cell is CUDA-graph replays of CALLS calls that cycle over enough weight copies to
+overflow the 60 MB L2 (so every call reads its weight from HBM, as in a real model), timed with
+CUDA events: the median of 5 replays after warm-up, divided by CALLS. Effective bandwidth counts
+the weight bytes (+ activations and output) once per call. memfit's launch shape per (M, shape)
+is the one its kernel chose by timing its candidates (memfit.kernels.triton_int.choose).
+
+    python benchmarks/kernels.py [--quick] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from memfit.kernels import triton_int
+from memfit.kernels.packing import pack
+from memfit.kernels.weights import IntWeight
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
+MS = [1, 4, 16, 64, 256, 2048]
+CALLS = 20
+L2_BYTES = 60 << 20
+
+
+def graph_time_us(fns) -> float:
+    """Median µs per call of `fns` (a list, called in turn), from CUDA-graph replays."""
+    for f in fns:  # warm-up outside the graph (kernel choice, compilation)
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(CALLS):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def copies(nbytes: int) -> int:
+    return max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+
+
+def int_weight(n, k, bits, group, gen) -> IntWeight:
+    ng = -(-k // group)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, ng, generator=gen) * 0.01 + 1e-3).half()
+    zero = pack(torch.randint(0, 2**bits, (n, ng), generator=gen, dtype=torch.uint8), bits)
+    return IntWeight(pack(codes, bits).cuda(), scale.cuda(), zero.cuda(), (n, k), bits, group, "int")
+
+
+def torch_int4(n, k, group, gen):
+    """(packed, scales_and_zeros) for aten._weight_int4pack_mm, or None if this torch lacks it."""
+    try:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).cuda()
+        packed_u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.rand(k // group, n, 2, generator=gen).to(torch.bfloat16).cuda()
+        return w, sz
+    except (RuntimeError, AttributeError) as e:
+        print(f"torch int4 kernel unavailable: {e}", file=sys.stderr)
+        return None
+
+
+def bench_shape(n, k, ms, gen) -> list[dict]:
+    rows = []
+    dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
+             for _ in range(copies(n * k * 2))]
+    q4 = {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))] for g in (128, 64)}
+    q8 = [int_weight(n, k, 8, k, gen) for _ in range(copies(n * k))]
+    t4 = [torch_int4(n, k, 128, gen) for _ in range(copies(n * k // 2))]
+    sparse = None
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool).repeat(n, k // 4).cuda()
+        sparse = [to_sparse_semi_structured(d * mask) for d in dense]
+    except (RuntimeError, ImportError) as e:
+        print(f"2:4 sparse unavailable: {e}", file=sys.stderr)
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+        cell = {"shape": f"{n}x{k}", "M": m}
+        cell["bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
+        for g, ws in q4.items():
+            cell[f"memfit_int4_g{g}"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
+                                                       for w in ws])
+            cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
+        cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w) for w in q8])
+        if t4[0] is not None:
+            cell["torch_int4_g128"] = graph_time_us(
+                [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4])
+        if sparse is not None and m >= 16:  # cuSPARSELt needs >= 16 rows (pads less poorly)
+            cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
+        wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
+        cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
+        rows.append(cell)
+        print(json.dumps(cell), flush=True)
+    return rows
+
+
+def ceilings() -> dict:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = graph_time_us([lambda: b.copy_(a)])
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = graph_time_us([lambda: x @ x])
+    return {"copy_TBps": 2 * a.numel() / t / 1e6, "bf16_TFLOPs": 2 * 8192**3 / tm / 1e6}
+
+
+def table(rows) -> str:
+    keys = ["memfit_int4_g128", "memfit_int4_g64", "memfit_int8", "torch_int4_g128", "sparse24_bf16"]
+    out = ["| shape (out x in) | M | bf16 µs | " + " | ".join(f"{k} µs (x bf16)" for k in keys)
+           + " | int4 g128 / torch int4 | int4 g128 TB/s |",
+           "|---|---:|---:|" + "---:|" * len(keys) + "---:|---:|"]
+    for r in rows:
+        cells = []
+        for k in keys:
+            cells.append(f"{r[k]:.1f} ({r['bf16'] / r[k]:.2f}x)" if k in r else "n/a")
+        vs = f"{r['torch_int4_g128'] / r['memfit_int4_g128']:.2f}x" if "torch_int4_g128" in r else "n/a"
+        out.append(f"| {r['shape']} | {r['M']} | {r['bf16']:.1f} | " + " | ".join(cells)
+                   + f" | {vs} | {r['int4_g128_TBps']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 2048}")
+    ap.add_argument("--json", default=None, help="write the raw cells here")
+    args = ap.parse_args()
+    import triton
+    gen = torch.Generator().manual_seed(0)
+    head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "command": "python " + " ".join(sys.argv), **ceilings()}
+    print(json.dumps(head), flush=True)
+    shapes, ms = (SHAPES[2:3], [1, 16, 2048]) if args.quick else (SHAPES, MS)
+    rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen)]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"head": head, "rows": rows}, f, indent=1)
+    print(json.dumps(head))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
