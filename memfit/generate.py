@@ -24,9 +24,12 @@ def build_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> str:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, chat: bool | None = None, stream=None) -> str:
+             top_p: float = 1.0, seed: int = 0, chat: bool | None = None, stream=None,
+             kv: str | None = None) -> str:
     """Generate a continuation; greedy when temperature == 0. `stream(text_piece)` gets each
-    decoded piece as it is produced. Returns the generated text."""
+    decoded piece as it is produced; `kv` ('int8', 'int4', 'int2') quantizes the KV cache
+    (memfit.kvcache). Returns the generated text."""
+    from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
     from transformers import TextIteratorStreamer
 
     if not prompt:
@@ -42,6 +45,9 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    fmt = kv_format(kv)
+    if fmt is not None:
+        kwargs[cache_kwarg(model)] = QuantizedKVCache(model.config, fmt)
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)

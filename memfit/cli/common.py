@@ -17,3 +17,10 @@ def add_dtype_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), "
                    "float32, bfloat16 or float16 (default auto)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
+def add_kv(p) -> None:
+    p.add_argument("--kv", choices=["none", "int8", "int4", "int2"], default="none",
+                   help="quantized KV cache (memfit.kvcache): keys per channel and values per "
+                        "token in groups of 32, the 128 most recent tokens kept dense "
+                        "(default none: the model's own cache)")

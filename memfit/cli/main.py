@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from memfit.cli.common import add_bos, add_dtype_device
+from memfit.cli.common import add_bos, add_dtype_device, add_kv
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.errors import UserError
@@ -58,7 +58,7 @@ def cmd_eval(args) -> None:
                          trust_remote_code=args.trust_remote_code)
     res = run_eval(_load(args), ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
                    max_tokens=args.max_tokens, batch_size=args.batch_size, bos=args.bos,
-                   progress=not args.json)
+                   kv=args.kv, progress=not args.json)
     res["model"] = args.model  # what the user typed; model_path holds what it resolved to
     if args.ref:
         res["ref"] = args.ref
@@ -86,7 +86,9 @@ def cmd_inspect(args) -> None:
     kv_dtype = DTYPES.get(args.kv_dtype) if args.kv_dtype else None
     if args.kv_dtype and kv_dtype is None:
         raise UserError(f"unknown --kv-dtype {args.kv_dtype!r}; use one of {', '.join(DTYPES)}")
-    info = inspect_model(_load(args).model, context=args.context, batch=args.batch, kv_dtype=kv_dtype)
+    from memfit.kvcache import kv_format
+    info = inspect_model(_load(args).model, context=args.context, batch=args.batch, kv_dtype=kv_dtype,
+                         kv_format=kv_format(args.kv))
     if args.json:
         print(json.dumps(info))
         return
@@ -101,9 +103,10 @@ def cmd_inspect(args) -> None:
     windowed = (f"; {info['kv_layers_windowed']} sliding-window layers keep "
                 f"{min(t for t in info['kv_tokens_per_layer'] if t) if any(info['kv_tokens_per_layer']) else 0} tokens"
                 if info["kv_layers_windowed"] else "")
-    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers ({info['kv_dtype']}); "
-          f"{human_bytes(info['kv_bytes'])} at context {info['context']} x batch {info['batch']}"
-          + windowed)
+    kind = info.get("kv_format", info["kv_dtype"])
+    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers at {info['kv_dtype']}; "
+          f"{info['kv_bytes']:,} bytes ({human_bytes(info['kv_bytes'])}, {kind}) at context "
+          f"{info['context']} x batch {info['batch']}" + windowed)
     print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
     print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")
 
@@ -116,7 +119,7 @@ def cmd_generate(args) -> None:
         raise UserError(f"{args.model} is an encoder; generate needs a decoder model")
     generate(m.model, m.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             chat=False if args.no_chat else None)
+             chat=False if args.no_chat else None, kv=args.kv)
     print()
 
 
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
                    help="windows per forward pass (default 1)")
     add_bos(e)
+    add_kv(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=_positive("--batch"), default=1,
                    help="sequences at once (default 1)")
     i.add_argument("--kv-dtype", help="KV cache dtype (default: the model's)")
+    add_kv(i)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_kv(g)
     g.set_defaults(func=cmd_generate)
 
     add_compress(sub)

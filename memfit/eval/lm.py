@@ -40,6 +40,20 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def final_hidden_cached(model, ids: torch.Tensor, kv_format, step: int) -> torch.Tensor:
+    """Final hidden states computed `step` tokens at a time through a quantized KV cache
+    (memfit.kvcache), so each step attends to the quantized past as decoding would."""
+    from memfit.kvcache import QuantizedKVCache, cache_kwarg
+
+    cache = QuantizedKVCache(model.config, kv_format)
+    kw = cache_kwarg(model.base_model)
+    outs = []
+    for s in range(0, ids.shape[1], step):
+        out = model.base_model(input_ids=ids[:, s:s + step], use_cache=True, **{kw: cache})
+        outs.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+    return torch.cat(outs, dim=1)
+
+
 def _chunks(seq_len: int, chunk: int):
     """Position ranges [s, e) whose logits predict tokens s+1..e (the last position predicts none)."""
     for s in range(0, seq_len - 1, chunk):
@@ -88,11 +102,13 @@ def _fresh_logits(model, h: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, chunk: int = 512,
-                progress: bool = True) -> dict:
+                progress: bool = True, kv_format=None, kv_step: int = 64) -> dict:
     """Score `model` on (n, seq_len) token windows; with `ref`, also KLD and top-1 agreement.
 
     Returns perplexity, nll, tokens, windows, seq_len, tokens_per_second (window tokens per second
     of scoring; with `ref` the reference's forward passes are inside that time) and peak memory; with ref also kld, top1_agreement and ref_perplexity.
+    `kv_format` (memfit.kvcache.KVFormat): the model (not the reference) runs `kv_step` tokens at a
+    time through a quantized KV cache; the reference keeps full-precision attention.
     """
     device = next(model.parameters()).device
     n, seq_len = windows.shape
@@ -103,7 +119,8 @@ def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, 
         for b in range(0, n, batch_size):
             ids = windows[b:b + batch_size].to(device)
             t0 = time.perf_counter()
-            h = final_hidden(model, ids)
+            h = (final_hidden(model, ids) if kv_format is None
+                 else final_hidden_cached(model, ids, kv_format, kv_step))
             h_ref = final_hidden(ref, ids) if ref is not None else None
             for s, e in _chunks(seq_len, chunk):
                 target = ids[:, s + 1:e + 1].reshape(-1)

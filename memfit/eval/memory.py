@@ -134,11 +134,22 @@ def cached_tokens(config, context: int) -> list[int]:
     return out
 
 
-def kv_cache_bytes(config, context: int, batch: int, kv_dtype: torch.dtype) -> dict:
-    """Exact KV-cache bytes at `context` x `batch`, per layer type (see `cached_tokens`)."""
-    per_layer_token = kv_bytes_per_token(config, kv_dtype) // kv_shape(config)[0]
+def kv_cache_bytes(config, context: int, batch: int, kv_dtype: torch.dtype, kv_format=None) -> dict:
+    """Exact KV-cache bytes at `context` x `batch`, per layer type (see `cached_tokens`); with a
+    memfit.kvcache.KVFormat, full-attention layers are quantized (sliding ones stay dense)."""
+    n_layers, kv_heads, head_dim = kv_shape(config)
+    per_layer_token = kv_bytes_per_token(config, kv_dtype) // n_layers
     tokens = cached_tokens(config, context)
     full = sum(t == context for t in tokens)
+    if kv_format is not None:
+        from memfit.kvcache import quantized_kv_bytes
+        q = quantized_kv_bytes(kv_format, tokens=context, batch=batch, kv_heads=kv_heads,
+                               head_dim=head_dim, dtype_bytes=kv_dtype.itemsize)
+        dense = sum(t for t in tokens if t != context)
+        return {"kv_bytes": q * full + per_layer_token * batch * dense, "kv_layers_full": full,
+                "kv_layers_windowed": len(tokens) - full, "kv_tokens_per_layer": tokens,
+                "kv_format": f"int{kv_format.bits} (group {kv_format.group}, "
+                             f"{kv_format.residual} recent tokens dense)"}
     return {"kv_bytes": per_layer_token * batch * sum(tokens),
             "kv_layers_full": full, "kv_layers_windowed": len(tokens) - full,
             "kv_tokens_per_layer": tokens}
@@ -162,14 +173,15 @@ def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtyp
     return batch * context * per_token + batch * getattr(c, "vocab_size", 0) * 4
 
 
-def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None) -> dict:
+def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None,
+                  kv_format=None) -> dict:
     """Everything `memfit inspect` prints, as one dict."""
     table = weight_table(model)
     dtype = next(model.parameters()).dtype
     kv_dtype = kv_dtype or (dtype if dtype.is_floating_point else torch.float16)
     per_tok = kv_bytes_per_token(model.config, kv_dtype)
     act = activation_peak_estimate(model.config, context, batch, kv_dtype)
-    cache = kv_cache_bytes(model.config, context, batch, kv_dtype)
+    cache = kv_cache_bytes(model.config, context, batch, kv_dtype, kv_format)
     kv = cache["kv_bytes"]
     return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
             "kv_bytes_per_token": per_tok, **cache, "activation_bytes_estimate": act,

@@ -6,7 +6,10 @@ from memfit.calib.data import bos_id, sentences, token_windows
 from memfit.errors import UserError
 from memfit.eval.encoder import evaluate_encoder
 from memfit.eval.lm import evaluate_lm
+from memfit.kvcache import kv_format
 from memfit.models import Loaded, load_model
+
+KV_STEP = 64  # tokens per forward when --kv is set: each step attends to the quantized past
 
 
 def _typed(spec, loaded: Loaded) -> str:
@@ -23,7 +26,7 @@ def _split_for(data: str, split: str | None) -> str:
 def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None,
              data: str = "builtin", split: str | None = None, seq_len: int = 512,
              max_tokens: int | None = None, batch_size: int = 1, bos: str = "auto", dtype=None,
-             device: str = "cpu",
+             device: str = "cpu", kv: str | None = None,
              progress: bool = True) -> dict:
     """Evaluate a model (spec or Loaded) and return a JSON-able dict with the protocol."""
     m = model if isinstance(model, Loaded) else load_model(model, dtype=dtype, device=device)
@@ -31,7 +34,10 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     split = _split_for(data, split)
     if r is not None and r.kind != m.kind:
         raise UserError(f"--ref is a {r.kind} but the model is a {m.kind}; compare like with like")
+    fmt = kv_format(kv)
     if m.kind == "encoder":
+        if fmt is not None:
+            raise UserError("--kv quantizes a decoder's KV cache; an encoder has none (drop --kv)")
         sents = sentences(data, split)
         res = evaluate_encoder(m.model, m.tokenizer, sents,
                                ref=(r.model, r.tokenizer) if r else None, progress=progress)
@@ -48,10 +54,13 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     wins = token_windows(m.tokenizer, data, split, seq_len=seq_len, max_windows=max_windows,
                          bos=bos)
     res = evaluate_lm(m.model, wins, ref=r.model if r else None, batch_size=batch_size,
-                      progress=progress)
+                      progress=progress, kv_format=fmt, kv_step=KV_STEP)
     res["protocol"] = (f"data {data}:{split}, seq_len {seq_len}, {res['windows']} non-overlapping "
                        f"windows, {res['tokens']} scored tokens, "
-                       + ("BOS + text" if start is not None else "no BOS"))
+                       + ("BOS + text" if start is not None else "no BOS")
+                       + ("" if fmt is None else
+                          f", KV cache int{fmt.bits} (group {fmt.group}, {fmt.residual} recent "
+                          f"tokens dense), {KV_STEP} tokens per forward"))
     out = {"model": _typed(model, m), "model_path": m.source, "kind": "decoder", "data": data,
            "split": split,
            "bos": start is not None, **res}

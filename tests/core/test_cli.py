@@ -80,3 +80,27 @@ def test_every_flag_has_help_with_its_default_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("memfit ")
+
+
+def test_kv_flag_on_eval_inspect_generate(capsys, tiny_llama_dir):
+    from transformers import AutoConfig
+
+    from memfit.kvcache import KV_FORMATS, quantized_kv_bytes
+    code, out, _ = _run(capsys, "eval", str(tiny_llama_dir), "--seq-len", "200", "--max-tokens",
+                        "400", "--kv", "int8", "--json")
+    res = json.loads(out)
+    assert code == 0 and "KV cache int8" in res["protocol"]
+    _, plain, _ = _run(capsys, "eval", str(tiny_llama_dir), "--seq-len", "200", "--max-tokens",
+                       "400", "--json")
+    assert abs(res["perplexity"] / json.loads(plain)["perplexity"] - 1) < 1e-3
+    code, out, _ = _run(capsys, "inspect", str(tiny_llama_dir), "--context", "4096", "--kv", "int4",
+                        "--json")
+    info = json.loads(out)
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    one = quantized_kv_bytes(KV_FORMATS["int4"], tokens=4096, batch=1, kv_heads=2, head_dim=16,
+                             dtype_bytes=4)
+    assert code == 0 and info["kv_bytes"] == cfg.num_hidden_layers * one
+    assert info["kv_bytes"] < 0.2 * 4096 * info["kv_bytes_per_token"]  # vs float32 states
+    code, out, _ = _run(capsys, "generate", str(tiny_llama_dir), "--prompt", "hello there",
+                        "--max-new-tokens", "5", "--kv", "int4")
+    assert code == 0 and len(out.strip()) > 0

@@ -1,0 +1,175 @@
+"""Quantized KV cache (KIVI-style) that plugs into transformers' `generate` and forward passes.
+
+Keys are quantized per channel (one scale/zero per channel for every `group` consecutive tokens:
+key outliers live in fixed channels), values per token (one scale/zero per `group` channels of a
+token), both asymmetric min-max on an int8/int4/int2 grid, codes packed with
+memfit.kernels.packing, scales and zero points in float16. The most recent tokens stay in full
+precision (`residual`, at least `group`): once more than `residual` tokens are unquantized, the
+oldest whole groups are quantized and appended to the packed store. Quantized tokens are never
+re-quantized (transformers' QuantizedCache re-quantizes the whole history at every flush, which
+compounds the error).
+
+Attention reads dense states: `update` returns the dequantized history + the residual, built
+for one layer at a time and freed after that layer's attention, so the memory held across
+layers is the packed store (`nbytes()`); the transient is one layer's dense K/V. A decode-attention
+kernel that reads the packed store directly is not written yet.
+
+Sliding-window layers (Gemma 2/3, Mistral) keep transformers' own windowed layer unquantized: they
+hold at most `sliding_window` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from memfit.errors import UserError
+from memfit.kernels.packing import pack, unpack
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    bits: int = 4
+    group: int = 32       # tokens per key group; channels per value group (capped at head_dim)
+    residual: int = 128   # most recent tokens kept in full precision (>= group)
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise UserError(f"KV cache bits={self.bits} is not supported; use 8, 4 or 2")
+        if self.group < 1 or self.residual < self.group:
+            raise UserError(f"KV cache group={self.group}, residual={self.residual}: need "
+                            "1 <= group <= residual (e.g. group 32, residual 128)")
+
+
+KV_FORMATS = {"int8": KVFormat(8), "int4": KVFormat(4), "int2": KVFormat(2)}
+
+
+def kv_format(name: str | None) -> KVFormat | None:
+    """'int8' | 'int4' | 'int2' -> KVFormat; None/'none'/'16' -> None (the model's own cache)."""
+    if name in (None, "none", "16", "fp16", "bf16"):
+        return None
+    if name not in KV_FORMATS:
+        raise UserError(f"unknown KV cache format {name!r}; use none, {', '.join(KV_FORMATS)}")
+    return KV_FORMATS[name]
+
+
+def _quantize(x: torch.Tensor, bits: int, dim: int):
+    """Asymmetric min-max over `dim` (size 1 afterwards in scale/zero) -> (packed, scale, zero)."""
+    lo, hi = x.amin(dim, keepdim=True).float(), x.amax(dim, keepdim=True).float()
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8).half()
+    zero = (-lo / scale.float()).round().clamp(0, qmax).half()
+    codes = (x.float() / scale.float() + zero.float()).round().clamp(0, qmax).to(torch.uint8)
+    shape = codes.shape
+    return pack(codes.reshape(-1, shape[-1]), bits).view(*shape[:-1], -1), scale, zero, shape
+
+
+def _dequantize(block, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """-> the (B, H, T, D) states of a block stored by `_flush`."""
+    (packed, scale, zero, shape), out_shape = block
+    codes = unpack(packed.reshape(-1, packed.shape[-1]), bits, shape[-1]).view(shape)
+    return ((codes.float() - zero.float()) * scale.float()).to(dtype).reshape(out_shape)
+
+
+def cache_kwarg(model) -> str:
+    """The forward keyword for a cache: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One full-attention layer's cache: packed blocks of old tokens + a dense residual."""
+
+    def __init__(self, fmt: KVFormat):
+        super().__init__()
+        self.fmt = fmt
+        self.kblocks: list = []  # each: ((packed, scale, zero, grouped shape), (B, H, T, D))
+        self.vblocks: list = []
+        self.quantized_tokens = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        history = [_dequantize(b, self.fmt.bits, self.keys.dtype) for b in self.kblocks]
+        vhistory = [_dequantize(b, self.fmt.bits, self.values.dtype) for b in self.vblocks]
+        keys = torch.cat([*history, self.keys], dim=-2)
+        values = torch.cat([*vhistory, self.values], dim=-2)
+        self._flush()
+        return keys, values
+
+    def _flush(self) -> None:
+        """Quantize the oldest whole groups while more than `residual` tokens are dense."""
+        g, t = self.fmt.group, self.keys.shape[-2]
+        n = (t - self.fmt.residual) // g * g if t > self.fmt.residual else 0
+        if n <= 0:
+            return
+        old_k, old_v = self.keys[..., :n, :], self.values[..., :n, :]
+        b, h, _, d = old_k.shape
+        kg = old_k.reshape(b, h, n // g, g, d)  # (B, H, groups, g, D): one scale per channel
+        self.kblocks.append((_quantize(kg, self.fmt.bits, dim=3), old_k.shape))
+        gv = min(g, d) if d % min(g, d) == 0 else d
+        vg = old_v.reshape(b, h, n, d // gv, gv)  # (B, H, T, D/gv, gv): one scale per group
+        self.vblocks.append((_quantize(vg, self.fmt.bits, dim=4), old_v.shape))
+        self.keys = self.keys[..., n:, :].clone()
+        self.values = self.values[..., n:, :].clone()
+        self.quantized_tokens += n
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.quantized_tokens + (self.keys.shape[-2] if self.keys.numel() else 0)
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, scales and zeros, and the dense residual."""
+        total = sum(t.numel() * t.element_size() for blk in (*self.kblocks, *self.vblocks)
+                    for t in blk[0][:3])
+        if self.is_initialized:
+            total += self.keys.numel() * self.keys.element_size()
+            total += self.values.numel() * self.values.element_size()
+        return total
+
+    def reorder_cache(self, beam_idx):
+        raise UserError("beam search with a quantized KV cache is not supported; use greedy or "
+                        "sampling (num_beams=1)")
+
+    def crop(self, max_length: int):
+        raise UserError("cropping a quantized KV cache (assisted decoding) is not supported")
+
+
+class QuantizedKVCache(Cache):
+    """A transformers Cache whose full-attention layers are `QuantizedKVLayer`s."""
+
+    def __init__(self, config, fmt: KVFormat):
+        # transformers' own per-layer choice (sliding, shared, full), full layers swapped
+        plain = DynamicCache(config=config).layers
+        super().__init__(layers=[QuantizedKVLayer(fmt) if type(layer) is DynamicLayer else layer
+                                 for layer in plain])
+        self.fmt = fmt
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, QuantizedKVLayer):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total
+
+
+def quantized_kv_bytes(fmt: KVFormat, *, tokens: int, batch: int, kv_heads: int, head_dim: int,
+                       dtype_bytes: int) -> int:
+    """Exact bytes of one full-attention layer holding `tokens` tokens (what `nbytes` reports
+    after those tokens went through the cache)."""
+    g = fmt.group
+    quantized = (tokens - fmt.residual) // g * g if tokens > fmt.residual else 0
+    dense = tokens - quantized
+    rows = batch * kv_heads
+    gv = min(g, head_dim) if head_dim % min(g, head_dim) == 0 else head_dim
+    codes = rows * quantized * -(-head_dim * fmt.bits // 8)  # packed rows of head_dim codes
+    k_params = rows * (quantized // g) * head_dim * 2 * 2    # float16 scale + zero per channel
+    v_params = rows * quantized * (head_dim // gv) * 2 * 2   # per token and channel group
+    return 2 * codes + k_params + v_params + 2 * rows * dense * head_dim * dtype_bytes
