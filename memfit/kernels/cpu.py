@@ -27,10 +27,14 @@ Two paths; `cpu_linear` picks one, and neither changes the stored weights:
    `QuantLinear.cache_nbytes()`, never in the stored-weight size.
 
 Activation dtype policy: compute is float32 (path 1) or bfloat16-in/float32-accumulate (path 2);
-the output has the activation's dtype. float32 activations always take path 1: torch's int4/int8
-kernels exist for float32 but run a scalar loop on AVX2 (measured 10-50x slower than float32
-F.linear), and a bfloat16 round trip of the activations would change results. float16 activations
-take path 1 too (the float16 kernels are slow here and float16 overflows on large activations).
+the output has the activation's dtype. float32 activations take path 1, except at decode size
+(M <= DECODE_MAX_M rows, one token per sequence): there the activations are rounded to bfloat16
+(relative error <= 2**-9) and path 2 runs, because at decode a whole model's packed weights are
+read from DRAM once per token and path 1's per-call dequantization made packed decode slower
+than dense float32 (benchmarks/decode_cpu.py). torch's float32 int4/int8 kernels are not used:
+they run a scalar loop on AVX2 (measured 10-50x slower than float32 F.linear). float16
+activations take path 1 (the float16 kernels are slow here and float16 overflows on large
+activations).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from memfit.kernels.packing import unpack
 from memfit.kernels.weights import IntWeight, dequantize_rows_
 
 KERNEL_MAX_M = 64  # rows of activations up to which the bfloat16 kernels beat path 1
+DECODE_MAX_M = 4  # float32 activations with at most this many rows use them too (decode)
 TILE_ELEMENTS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -124,15 +129,18 @@ def cpu_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None,
     """(..., in) -> (..., out) on the CPU; the path follows the module docstring's policy."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-    if cache is not None and x.dtype == torch.bfloat16 and x2.shape[0] <= KERNEL_MAX_M:
-        y = kernel_linear(x2, cache, bias)
+    m = x2.shape[0]
+    if cache is not None and ((x.dtype == torch.bfloat16 and m <= KERNEL_MAX_M)
+                              or (x.dtype == torch.float32 and m <= DECODE_MAX_M)):
+        y = kernel_linear(x2.to(torch.bfloat16), cache, bias)
     else:
-        y = tiled_linear(x2, w, bias).to(x.dtype)
-    return y.reshape(*lead, w.shape[0])
+        y = tiled_linear(x2, w, bias)
+    return y.to(x.dtype).reshape(*lead, w.shape[0])
 
 
 def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) -> torch.Tensor:
-    """(M, in) bfloat16 -> (M, out) bfloat16 through torch's weight-only kernels."""
+    """(M, in) bfloat16 -> (M, out) float32 through torch's weight-only kernels (their
+    bfloat16 partial results, the float32 tail terms and bias added in float32)."""
     x2 = x2.contiguous()
     if cache.kind == "int8":
         ones = torch.ones(cache.params.shape[0], dtype=torch.bfloat16)
@@ -148,7 +156,7 @@ def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) 
             y += xg @ cache.group_tail.T
     if bias is not None:
         y += bias.float()
-    return y.to(torch.bfloat16)
+    return y
 
 
 def tiled_linear(x2: torch.Tensor, w: IntWeight,

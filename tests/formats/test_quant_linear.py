@@ -42,14 +42,20 @@ def report(name, y, ref):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_output_equals_dequantize_then_linear(fmt):
+    from memfit.kernels import cpu
+
     layer, dense = make_layer(fmt)
+    kernel = cpu.prepare_cpu(layer.kernel_weight()) is not None
     for shape in [(1, 576), (2, 7, 576)]:  # 2-D and 3-D activations
         x = torch.randn(*shape)
         y = layer(x)
         ref = F.linear(x, dense, layer.bias)
         assert y.shape == (*shape[:-1], 1536) and y.dtype == torch.float32
         err = report(f"{fmt} {shape}", y, ref)
-        assert err.max() <= 1e-5 * ref.abs().max()
+        if kernel and x.numel() // 576 <= cpu.DECODE_MAX_M:  # decode: bfloat16 activations
+            assert 0 < err.max() <= 2**-7 * ref.abs().max()
+        else:
+            assert err.max() <= 1e-5 * ref.abs().max()
     xb = torch.randn(3, 5, 576).bfloat16()
     ref_b = F.linear(xb.float(), dense, layer.bias.float())
     err = report(f"{fmt} bf16", layer(xb), ref_b)

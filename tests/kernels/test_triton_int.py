@@ -61,17 +61,21 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
 
 @pytest.mark.parametrize("cfg", [triton_int.Config(16, 32, 64, 4), triton_int.Config(32, 64, 64, 1),
                                  triton_int.Config(0, 0, 0), triton_int.Config(8, 16, 64, 1, gemv=True),
-                                 triton_int.Config(8, 32, 64, 4, gemv=True)],
-                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+                                 triton_int.Config(8, 32, 64, 4, gemv=True),
+                                 triton_int.Config(16, 32, 64, 2, magic=True)],
+                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k", "magic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_launch_shape_and_16bit_activations(cfg, dtype):
+    if dtype == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("Triton's interpreter mis-converts float32 -> bfloat16 before tl.dot "
+                    "(checked on triton 3.9); bfloat16 runs on the GPU only")
     w = make_weight(72, 320, 4, 64, "int", seed=3)
     x = torch.randn(7, 320, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
     bias = torch.randn(72).to(DEV)
     want = linear_reference(x.float(), w, bias)
     got = triton_int.run(x, w, bias, cfg)
     assert got.dtype == dtype and got.shape == (7, 72)
-    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert rel_err(got, want) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 @pytest.mark.parametrize("bits,group,zp", [(4, 64, "int"), (2, 128, "sym"), (8, 32, "float"),

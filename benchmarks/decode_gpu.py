@@ -1,0 +1,118 @@
+"""Decode tokens/s of a random-weight Llama-3-8B-shaped model on one GPU, side by side in one run:
+bf16 (HF eager `generate`), int4 g128 through memfit's QuantLinear + Triton kernels (same
+`generate`), and int4 + memfit's int4 KV cache. Random weights: speed only, not text quality.
+
+Decode time = time(generate 1 + N new tokens) - time(generate 1 new token), so the prefill of the
+32-token prompt is excluded; greedy, no stopping; CUDA synchronised around each call; best of 2.
+
+    python benchmarks/decode_gpu.py [--layers 32] [--new 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from memfit.formats.grid import IntFormat
+from memfit.formats.quant_linear import QuantLinear
+from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
+
+
+DEV = "cuda"
+SHAPE = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "vocab_size": 128256}
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1000}  # --tiny: a CPU check of this script
+
+
+def build(layers: int, shape: dict) -> LlamaForCausalLM:
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192,
+                      rope_theta=500000.0, **shape)
+    with torch.device("meta"):
+        m = LlamaForCausalLM(cfg)
+    m = m.to_empty(device=DEV).to(torch.bfloat16).eval()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02, generator=g)
+        for n, b in m.named_buffers():
+            if "inv_freq" in n:  # recompute rotary frequencies lost by to_empty
+                hd = cfg.hidden_size // cfg.num_attention_heads
+                b.copy_(1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=DEV).float() / hd)))
+    return m
+
+
+def to_int4(m) -> None:
+    fmt = IntFormat(bits=4, group_size=128)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = QuantLinear(lin.in_features, lin.out_features, fmt, bias=False, device=DEV,
+                                dtype=torch.bfloat16)
+                q.qdata.copy_(torch.randint(0, 256, q.qdata.shape, device=DEV, generator=g))
+                q.zero.copy_(torch.randint(0, 256, q.zero.shape, device=DEV, generator=g))
+                q.scale.copy_(torch.rand(q.scale.shape, device=DEV, generator=g) * 0.002)
+                setattr(parent, name, q)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_tps(m, batch: int, new: int, kv: str | None) -> float:
+    ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV)
+
+    def gen(n):
+        kw = {cache_kwarg(m): QuantizedKVCache(m.config, kv_format(kv))} if kv else {}
+        sync()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+        sync()
+        return time.perf_counter() - t0
+
+    gen(4)  # warm-up: kernel choice and compilation
+    best = min(gen(1 + new) - gen(1) for _ in range(2))
+    return batch * new / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
+    args = ap.parse_args()
+    global DEV
+    if args.tiny:
+        DEV = "cpu"
+    m = build(args.layers, TINY if args.tiny else SHAPE)
+    rows = []
+    with torch.inference_mode():
+        for batch in (1, 16):
+            rows.append({"model": "bf16 HF eager", "batch": batch,
+                         "tok_s": decode_tps(m, batch, args.new, None)})
+        to_int4(m)
+        for batch in (1, 16):
+            rows.append({"model": "int4 g128 memfit (HF eager loop)", "batch": batch,
+                         "tok_s": decode_tps(m, batch, args.new, None)})
+            rows.append({"model": "int4 g128 memfit + KV int4", "batch": batch,
+                         "tok_s": decode_tps(m, batch, args.new, "int4")})
+    head = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+            "torch": torch.__version__, "layers": args.layers, "new_tokens": args.new,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}
+    print(json.dumps(head))
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
