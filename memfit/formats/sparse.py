@@ -283,9 +283,42 @@ class SparseLinear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The dense weight is rebuilt and handed to the kernel dispatch: memory is saved at rest,
-        # not in compute. A sparse kernel (2:4 tensor cores, bitmask SpMM) plugs in there.
+        # 2:4 with float values on CUDA in 16 bits, no autograd: cuSPARSELt's semi-structured
+        # matmul over a compressed copy built once (a cache the size of the stored format,
+        # `cache_nbytes`). Otherwise the dense weight is rebuilt per call and handed to the
+        # kernel dispatch: memory saved at rest, not in compute.
+        if (self.layout == "2:4" and self.fmt is None and x.is_cuda and not torch.is_grad_enabled()
+                and x.dtype in (torch.float16, torch.bfloat16)):
+            w24 = self._semi_structured(x.dtype)
+            if w24 is not None:
+                b = None if self.bias is None else self.bias.to(x.dtype)
+                return torch.nn.functional.linear(x, w24, b)
         return kernels.linear(x, self.dequantize(), self.bias)
+
+    def _semi_structured(self, dtype: torch.dtype):
+        """The cuSPARSELt copy of this 2:4 weight in `dtype`, built on first use (None when torch
+        cannot take the shape; then the dense path runs, warned once)."""
+        cache = self.__dict__.get("_w24")
+        if cache is None or cache[0] != dtype:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+                cache = (dtype, to_sparse_semi_structured(self.dequantize(dtype)))
+            except (RuntimeError, ValueError) as e:
+                import warnings
+                warnings.warn(f"memfit: no semi-structured 2:4 kernel for {self.out_features}x"
+                              f"{self.in_features} ({e}); using the dense path", stacklevel=3)
+                cache = (dtype, None)
+            self.__dict__["_w24"] = cache
+        return cache[1]
+
+    def cache_nbytes(self) -> int:
+        """Extra bytes of the cuSPARSELt copy (0 until the first 2:4 forward on CUDA)."""
+        cache = self.__dict__.get("_w24")
+        if not cache or cache[1] is None:
+            return 0
+        w = cache[1]
+        parts = (getattr(w, "packed", None), getattr(w, "meta", None))
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def nbytes(self) -> int:
         """Stored weight bytes (the format's tensors; bias excluded)."""
@@ -301,7 +334,12 @@ class SparseLinear(nn.Module):
         # int-quantized values: scale/zero dtypes belong to the format; float values do follow
         # model.to(dtype) (a float16 copy of a pruned model stores its values in float16)
         apply_keeping_dtypes(self, fn, ("scale", "zero"), lambda f: super(SparseLinear, self)._apply(f, recurse))
+        self.__dict__.pop("_w24", None)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.__dict__.pop("_w24", None)
 
     def extra_repr(self) -> str:
         q = "" if self.fmt is None else f", int{self.fmt.bits} group {self.fmt.group_size or 'channel'}"
