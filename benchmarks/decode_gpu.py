@@ -17,7 +17,6 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from memfit.decode import greedy_cuda_graph
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
@@ -86,27 +85,6 @@ def decode_tps(m, batch: int, new: int, kv: str | None) -> float:
     return batch * new / best
 
 
-def graph_tps(m, batch: int, new: int) -> dict:
-    """memfit's CUDA-graph greedy loop: tokens/s and agreement with HF eager greedy tokens."""
-    ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV,
-                        generator=torch.Generator(device=DEV).manual_seed(batch))
-    try:
-        def run(n):
-            sync()
-            t0 = time.perf_counter()
-            out = greedy_cuda_graph(m, ids, n)
-            sync()
-            return time.perf_counter() - t0, out
-        run(4)
-        best = min(run(1 + new)[0] - run(1)[0] for _ in range(2))
-        ours = run(16)[1]
-        ref = m.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                         pad_token_id=0)[:, 32:]
-        return {"tok_s": batch * new / best, "same_tokens": (ours == ref).float().mean().item()}
-    except Exception as e:  # report, keep the other rows
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -122,18 +100,12 @@ def main() -> None:
         for batch in (1, 16):
             rows.append({"model": "bf16 HF eager", "batch": batch,
                          "tok_s": decode_tps(m, batch, args.new, None)})
-            if DEV == "cuda":
-                rows.append({"model": "bf16 memfit CUDA-graph loop", "batch": batch,
-                             **graph_tps(m, batch, args.new)})
         to_int4(m)
         for batch in (1, 16):
             rows.append({"model": "int4 g128 memfit (HF eager loop)", "batch": batch,
                          "tok_s": decode_tps(m, batch, args.new, None)})
             rows.append({"model": "int4 g128 memfit + KV int4", "batch": batch,
                          "tok_s": decode_tps(m, batch, args.new, "int4")})
-            if DEV == "cuda":
-                rows.append({"model": "int4 g128 memfit CUDA-graph loop", "batch": batch,
-                             **graph_tps(m, batch, args.new)})
     head = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
             "torch": torch.__version__, "layers": args.layers, "new_tokens": args.new,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}

@@ -2,8 +2,8 @@
 
 Keys are quantized per channel (one scale/zero per channel for every `group` consecutive tokens:
 key outliers live in fixed channels), values per token (one scale/zero per `group` channels of a
-token), both asymmetric min-max on an int8/int4/int2 grid, codes packed with
-memfit.kernels.packing, scales and zero points in float16. The most recent tokens stay in full
+token), both asymmetric min-max on an int8/int4/int2 grid (x ~ q * scale + min), codes packed
+with memfit.kernels.packing, scales and minima in float16. The most recent tokens stay in full
 precision (`residual`, at least `group`): once more than `residual` tokens are unquantized, the
 oldest whole groups are quantized and appended to the packed store. Quantized tokens are never
 re-quantized (transformers' QuantizedCache re-quantizes the whole history at every flush, which
@@ -56,21 +56,24 @@ def kv_format(name: str | None) -> KVFormat | None:
 
 
 def _quantize(x: torch.Tensor, bits: int, dim: int):
-    """Asymmetric min-max over `dim` (size 1 afterwards in scale/zero) -> (packed, scale, zero)."""
+    """Min-max over `dim` (size 1 afterwards in scale/min) -> (packed, scale, min, shape), so that
+    x ~ q * scale + min. The minimum is stored as is (float16), not as an integer zero point:
+    a key channel is often all-positive or all-negative over a token group, and an integer zero
+    clamped to the grid would then cut off the range."""
     lo, hi = x.amin(dim, keepdim=True).float(), x.amax(dim, keepdim=True).float()
     qmax = 2**bits - 1
-    scale = ((hi - lo) / qmax).clamp_min(1e-8).half()
-    zero = (-lo / scale.float()).round().clamp(0, qmax).half()
-    codes = (x.float() / scale.float() + zero.float()).round().clamp(0, qmax).to(torch.uint8)
+    scale = ((hi - lo) / qmax).clamp_min(2.0**-14).half()  # smallest normal float16
+    low = lo.half()
+    codes = ((x.float() - low.float()) / scale.float()).round().clamp(0, qmax).to(torch.uint8)
     shape = codes.shape
-    return pack(codes.reshape(-1, shape[-1]), bits).view(*shape[:-1], -1), scale, zero, shape
+    return pack(codes.reshape(-1, shape[-1]), bits).view(*shape[:-1], -1), scale, low, shape
 
 
 def _dequantize(block, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """-> the (B, H, T, D) states of a block stored by `_flush`."""
-    (packed, scale, zero, shape), out_shape = block
+    (packed, scale, low, shape), out_shape = block
     codes = unpack(packed.reshape(-1, packed.shape[-1]), bits, shape[-1]).view(shape)
-    return ((codes.float() - zero.float()) * scale.float()).to(dtype).reshape(out_shape)
+    return (codes.float() * scale.float() + low.float()).to(dtype).reshape(out_shape)
 
 
 def cache_kwarg(model) -> str:
@@ -170,6 +173,6 @@ def quantized_kv_bytes(fmt: KVFormat, *, tokens: int, batch: int, kv_heads: int,
     rows = batch * kv_heads
     gv = min(g, head_dim) if head_dim % min(g, head_dim) == 0 else head_dim
     codes = rows * quantized * -(-head_dim * fmt.bits // 8)  # packed rows of head_dim codes
-    k_params = rows * (quantized // g) * head_dim * 2 * 2    # float16 scale + zero per channel
+    k_params = rows * (quantized // g) * head_dim * 2 * 2    # float16 scale + min per channel
     v_params = rows * quantized * (head_dim // gv) * 2 * 2   # per token and channel group
     return 2 * codes + k_params + v_params + 2 * rows * dense * head_dim * dtype_bytes
