@@ -9,6 +9,7 @@ cosine, and top-1 nearest-neighbour agreement (memfit.eval.encoder). Training dr
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch.nn.functional as F
 
@@ -40,11 +41,10 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     """Heal encoder `s` (Loaded) towards encoder `t`; save it to `out`; -> report."""
     from memfit.calib.data import sentences
     from memfit.distill.encoder import distill_encoder_
-    from memfit.distill.run import _student_meta
     from memfit.encoders import side_files, used_length
     from memfit.eval.encoder import embed
     from memfit.eval.memory import weight_table
-    from memfit.io.save import save
+    from memfit.io.save import META, read_meta, save
 
     _check_options(o)
     if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
@@ -67,7 +67,8 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
                            progress=o.progress)
     say("measuring the student after training, then writing it")
     after = _measure(s.model, teacher_emb, s.tokenizer, held_out, max_length)
-    meta = _student_meta(student)
+    folder = Path(student).expanduser()
+    meta = read_meta(folder) if (folder / META).exists() else {}  # as distill_to reads it
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     entry = {"teacher": teacher, "student": student, "data": o.data,
              "samples": len(train), **rep["config"]}

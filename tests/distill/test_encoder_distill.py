@@ -37,7 +37,7 @@ def test_healing_a_two_of_four_encoder(tiny_encoder, encoder_tokenizer):
     compress_(student, "wanda-2of4", calib, progress=False)
     held = sentences("builtin", "eval", limit=64)
     ref = embed(teacher, encoder_tokenizer, held)
-    cos = lambda: torch.nn.functional.cosine_similarity(  # noqa: E731
+    cos = lambda: torch.nn.functional.cosine_similarity(
         embed(student, encoder_tokenizer, held), ref).mean().item()
     before, bytes_before = cos(), weight_table(student)["weight_bytes"]
     rep = distill_encoder_(student, teacher, encoder_tokenizer,
