@@ -18,6 +18,7 @@ from pathlib import Path
 
 from memfit.api import compress_
 from memfit.calib.data import calibration_windows, token_windows
+from memfit.encoders import side_files
 from memfit.errors import UserError
 from memfit.eval.memory import rss_peak_bytes
 from memfit.eval.smoke import Reference
@@ -26,7 +27,8 @@ from memfit.recipe import Recipe, load_recipe
 
 
 class SmokeCheckFailed(UserError):
-    """The compressed model collapsed (NaN/Inf or KLD over the threshold); nothing was written."""
+    """The compressed model collapsed (NaN/Inf, KLD over the threshold, or for an encoder a mean
+    embedding cosine under it); nothing was written."""
 
 
 def _partial_dir(out: Path, model_source: str, recipe: Recipe) -> Path:
@@ -53,6 +55,8 @@ class CompressOptions:
     bos: str | None = None           # windows start with BOS: auto, always, never
     overwrite: bool = False          # replace an existing output folder (a model folder only)
     max_kld: float = 1.0             # smoke check: refuse to write above this KL divergence
+    min_cosine: float = 0.8          # encoders: refuse below this mean embedding cosine
+    smoke_sentences: int = 64        # encoders: held-apart sentences of the smoke check
     smoke_windows: int = 4
     smoke_seq_len: int = 256
     keep_partial: bool = False       # keep DIR.partial after a failed smoke check
@@ -77,10 +81,51 @@ def _preflight(model: str, recipe: Recipe) -> None:
         source = meta.get("source") or "its dense source"
         raise UserError(f"{model} is already compressed by memfit (recipe in its memfit.json); "
                         f"compress the dense model instead: {source}")
-    if arch.kind != "decoder":
-        raise UserError(f"{model} is an encoder; memfit compress handles decoder LLMs for now "
-                        "(encoder blocks are supported by the Python API compress_)")
+    if arch.kind == "encoder":
+        from memfit.encoders import check_recipe
+        check_recipe(recipe, model, arch)
     plan_specs(meta_model, recipe, arch)
+
+
+def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
+    if math.isfinite(check["kld"]) and check["kld"] <= o.max_kld:
+        return None
+    return (f"KLD {check['kld']:.4f} vs the original (limit {o.max_kld}), perplexity "
+            f"{check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing written. Use a "
+            "gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
+
+
+def _encoder_failure(check: dict, o: CompressOptions) -> str | None:
+    if math.isfinite(check["cosine_mean"]) and check["cosine_mean"] >= o.min_cosine:
+        return None
+    return (f"mean embedding cosine {check['cosine_mean']:.4f} vs the original (limit "
+            f"{o.min_cosine}, min {check['cosine_min']:.4f} over {check['sentences']} sentences); "
+            "nothing written. Use a gentler recipe (more bits, GPTQ) or lower --min-cosine to "
+            "accept it")
+
+
+def _encoder_inputs(loaded, recipe: Recipe, o: CompressOptions, smoke_src: str):
+    """-> (recipe with the window length used, calibration windows or None, the smoke
+    reference, its description) for an encoder (memfit.encoders)."""
+    from memfit.calib.data import sentence_windows, sentences
+    from memfit.encoders import EmbeddingReference, used_length
+
+    longest = used_length(loaded)
+    calib = recipe.calib
+    if o.seq_len is None and calib.seq_len > longest:
+        calib = replace(calib, seq_len=longest)
+        recipe = replace(recipe, calib=calib)
+    windows = None
+    if recipe.needs_data:
+        windows = sentence_windows(loaded.tokenizer, calib.data, "calib", seq_len=calib.seq_len,
+                                   max_windows=calib.samples, seed=calib.seed)
+        if len(windows) < calib.samples:
+            print(f"memfit: warning: the {calib.data} calibration sentences fill {len(windows)} "
+                  f"windows of {calib.seq_len} tokens, fewer than the {calib.samples} asked; "
+                  f"using {len(windows)}", file=sys.stderr, flush=True)
+    sents = sentences(smoke_src, "eval", limit=o.smoke_sentences)
+    reference = EmbeddingReference.capture(loaded.model, loaded.tokenizer, sents, longest)
+    return recipe, windows, reference, f"embeddings of {len(sents)} sentences"
 
 
 def compress_to(model: str, recipe: str | Recipe, out: str | Path,
@@ -100,35 +145,41 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     recipe = replace(recipe, calib=calib)
     _preflight(model, recipe)
     loaded = load_model(model, dtype=o.dtype, device=o.device)
-    windows = None
-    if recipe.needs_data:
-        windows = calibration_windows(loaded.tokenizer, calib)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
-    smoke = token_windows(loaded.tokenizer, smoke_src, "eval", seq_len=o.smoke_seq_len,
-                          max_windows=o.smoke_windows, bos=calib.bos)
-    reference = Reference.capture(loaded.model, smoke)
+    encoder = loaded.kind == "encoder"
+    if encoder:
+        recipe, windows, reference, smoke_text = _encoder_inputs(loaded, recipe, o, smoke_src)
+    else:
+        windows = None
+        if recipe.needs_data:
+            windows = calibration_windows(loaded.tokenizer, calib)
+        smoke = token_windows(loaded.tokenizer, smoke_src, "eval", seq_len=o.smoke_seq_len,
+                              max_windows=o.smoke_windows, bos=calib.bos)
+        reference = Reference.capture(loaded.model, smoke)
+        smoke_text = f"{len(smoke)} windows x {o.smoke_seq_len} tokens"
     partial = _partial_dir(out, loaded.source, recipe)
     t0 = time.perf_counter()
     report = compress_(loaded.model, recipe, windows, checkpoint_dir=partial / "blocks",
                        progress=o.progress)
     report["compress_seconds"] = time.perf_counter() - t0
-    _say(o, f"smoke check: {len(smoke)} windows x {o.smoke_seq_len} tokens against the original")
+    _say(o, f"smoke check: {smoke_text} against the original")
     check = reference.check(loaded.model)
-    report["smoke"] = {**check, "data": f"{smoke_src}:eval", "max_kld": o.max_kld}
-    if not (math.isfinite(check["kld"]) and check["kld"] <= o.max_kld):
+    limit = {"min_cosine": o.min_cosine} if encoder else {"max_kld": o.max_kld}
+    report["smoke"] = {**check, "data": f"{smoke_src}:eval", **limit}
+    failed = _encoder_failure(check, o) if encoder else _decoder_failure(check, o)
+    if failed:
         if not o.keep_partial:
             shutil.rmtree(partial, ignore_errors=True)
         raise SmokeCheckFailed(
-            f"smoke check failed: KLD {check['kld']:.4f} vs the original (limit {o.max_kld}), "
-            f"perplexity {check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing "
-            "written. Use a gentler recipe (more bits, GPTQ) or raise --max-kld to accept it"
+            f"smoke check failed: {failed}"
             + (f" (finished blocks kept in {partial})" if o.keep_partial else ""))
     # only run-independent facts go into the folder, so a resumed run writes identical bytes
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
     _say(o, f"writing {out}")
     save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
-         extra={"source": loaded.source, "report": {k: report[k] for k in stable}})
+         extra={"source": loaded.source, "report": {k: report[k] for k in stable}},
+         side_files=side_files(loaded.source) if encoder else None)
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report["peak_rss_bytes"] = rss_peak_bytes()  # the whole run: load, compress, smoke check, save
     report["out"] = str(out)

@@ -112,6 +112,18 @@ def _convert_gguf(path: Path) -> Path:
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
+
+
+def _no_tokenizer(spec: str) -> UserError:
+    """An encoder folder without tokenizer files: transformers would build an empty tokenizer
+    (every word [UNK]) and every embedding would be garbage, so refuse it."""
+    return UserError(f"{spec} is an encoder folder without a tokenizer (none of "
+                     f"{', '.join(_TOKENIZER_FILES)}); save its tokenizer into the folder "
+                     "(tokenizer.save_pretrained(folder))")
+
+
 def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                trust_remote_code: bool = False) -> Loaded:
     """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models."""
@@ -125,10 +137,16 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         memfit_meta = Path(location) / "memfit.json"
         if memfit_meta.exists():
             from memfit.io.save import load as load_compressed  # a memfit-compressed folder
-            return load_compressed(location, dtype=dtype, device=device)
+            loaded = load_compressed(location, dtype=dtype, device=device)
+            if loaded.kind == "encoder" and loaded.tokenizer is None:
+                raise _no_tokenizer(spec)
+            return loaded
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
     arch = arch_for(config)
+    if arch.kind == "encoder" and kind != "hub" \
+            and not any((Path(location) / f).exists() for f in _TOKENIZER_FILES):
+        raise _no_tokenizer(spec)
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:

@@ -55,3 +55,41 @@ def _tiny_config_fixture():
 @pytest.fixture(name="save_tiny")
 def _save_tiny_fixture():
     return save_tiny
+
+
+def tiny_encoder(model_type="bert", seed=0, **kw):
+    """A tiny random encoder (AutoModel). Initialised 5x wider than transformers' default (0.1):
+    at 0.02 its embeddings hardly depend on the blocks (int8 and 2:4 both give cosine 1.0000),
+    at 0.1 compression shows (int8 0.99996, 4-bit RTN 0.990, Wanda 2:4 0.905)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    kw = {"initializer_range": 0.1, **kw}
+    return AutoModel.from_config(tiny_config(model_type, num_key_value_heads=None, **kw)).eval()
+
+
+def save_tiny_encoder(path, model_type="bert", seed=0, tokenizer=True, **kw):
+    """A tiny random encoder folder with the embedded encoder's tokenizer (or none)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_encoder(model_type, seed, **kw)
+    model.save_pretrained(path)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(encoder_tokenizer_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(name="tiny_encoder")
+def _tiny_encoder_fixture():
+    return tiny_encoder
+
+
+@pytest.fixture(scope="session")
+def encoder_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(encoder_tokenizer_dir())

@@ -184,9 +184,10 @@ def token_windows(tokenizer, source: str = "builtin", split: str = "eval", *, se
                    what=f"{source} {split} text", bos=start)
 
 
-def sentences(source: str = "builtin", split: str = "eval", *, limit: int = 256,
+def sentences(source: str = "builtin", split: str = "eval", *, limit: int | None = 256,
               min_chars: int = 20) -> list[str]:
-    """Sentence-like lines for encoder evaluation, in document order."""
+    """Sentence-like lines (of `min_chars`+ characters) for encoders, in document order; the
+    first `limit` of them (None: all)."""
     text = load_text(source, split)
     out = [s.strip() for s in text.replace("\n\n", "\n").split("\n") if len(s.strip()) >= min_chars]
     if not out:
@@ -204,3 +205,25 @@ def calibration_windows(tokenizer, calib) -> torch.Tensor:
               f"{calib.seq_len} tokens, fewer than the {calib.samples} asked; using {len(w)}",
               file=sys.stderr, flush=True)
     return w
+
+
+def sentence_windows(tokenizer, source: str = "builtin", split: str = "calib", *,
+                     seq_len: int = 256, max_windows: int | None = None,
+                     seed: int | None = None) -> torch.Tensor:
+    """(n, seq_len) encoder windows of whole sentence-like lines, no padding: the lines of the
+    split (memfit.calib.data.sentences, in document order) each followed by the separator token,
+    concatenated, cut into pieces of seq_len - 1 tokens, each piece led by the classifier token:
+    [CLS] s1 [SEP] s2 [SEP] ... Every window is full, so every position is real text and the
+    attention mask is all ones (calibration statistics never see padding). `seed` draws a fixed
+    random subset, as `windows` does."""
+    cls_id = getattr(tokenizer, "cls_token_id", None)
+    sep_id = getattr(tokenizer, "sep_token_id", None)
+    if cls_id is None or sep_id is None:
+        raise UserError("the encoder's tokenizer has no classifier/separator token (cls_token, "
+                        "sep_token); memfit builds encoder windows as [CLS] text [SEP] ...")
+    lines = sentences(source, split, limit=None)
+    ids = tokenizer(lines, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    stream = torch.tensor([t for line in ids for t in (*line, sep_id)], dtype=torch.long)
+    return windows(stream, seq_len, max_windows=max_windows, seed=seed,
+                   what=f"{source} {split} sentences", bos=cls_id)

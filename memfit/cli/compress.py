@@ -46,7 +46,7 @@ def cmd_compress(args) -> None:
         raise UserError("--out is required: the folder to write the compressed model to")
     rep = compress_to(args.model, args.recipe, args.out, CompressOptions(
         data=args.data, samples=args.samples, seq_len=args.seq_len, offload=args.offload,
-        bos=args.bos, overwrite=args.overwrite, max_kld=args.max_kld,
+        bos=args.bos, overwrite=args.overwrite, max_kld=args.max_kld, min_cosine=args.min_cosine,
         keep_partial=args.keep_partial, dtype=args.dtype, device=args.device,
         progress=not args.json))
     if args.json:
@@ -58,6 +58,11 @@ def cmd_compress(args) -> None:
           f"({rep['bytes_after'] / rep['bytes_before']:.3f}x) in {rep['compress_seconds']:.1f} s, "
           f"peak RSS {human_bytes(rep['peak_rss_bytes'])}"
           + (f", resumed {rep['resumed_blocks']} blocks" if rep["resumed_blocks"] else ""))
+    if "cosine_mean" in s:  # an encoder
+        print(f"smoke check  embedding cosine mean {s['cosine_mean']:.6f}, min "
+              f"{s['cosine_min']:.6f} (limit {s['min_cosine']}; {s['data']}, {s['sentences']} "
+              "sentences, mean pooling)")
+        return
     print(f"smoke check  perplexity {s['perplexity']:.4f} vs {s['ref_perplexity']:.4f}, "
           f"KLD {s['kld']:.5f} (limit {s['max_kld']}; {s['data']}, {s['windows']} x {s['seq_len']} tokens)")
 
@@ -73,13 +78,16 @@ def add_compress(sub) -> None:
     c.add_argument("--data", help="calibration text: builtin, wikitext2, c4 or a .txt/.jsonl file "
                    "(default: the recipe's, builtin)")
     c.add_argument("--samples", type=int, help="calibration windows (default: the recipe's, 64)")
-    c.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
+    c.add_argument("--seq-len", type=int, help="calibration window length (default 512; for an "
+                   "encoder the recipe's, capped at the length the model is used at)")
     c.add_argument("--offload", choices=["memory", "disk"], help="keep calibration activations "
                    "in memory (default) or on disk")
     add_bos(c, default=None)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
                    "check's KL divergence exceeds this (default 1.0)")
+    c.add_argument("--min-cosine", type=float, default=0.8, help="encoders: refuse to write "
+                   "when the smoke check's mean embedding cosine is below this (default 0.8)")
     c.add_argument("--keep-partial", action="store_true", help="after a failed smoke check, keep "
                    "the finished blocks in OUT.partial (default: removed)")
     c.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")

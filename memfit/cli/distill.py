@@ -24,6 +24,15 @@ def cmd_distill(args) -> None:
     b, a = rep["before"], rep["after"]
     print(f"wrote        {rep['out']}  (weights {human_bytes(rep['bytes_after'])}, "
           f"before {human_bytes(rep['bytes_before'])})")
+    if rep.get("kind") == "encoder":
+        print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
+              f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
+              f"{human_bytes(rep['peak_memory_bytes'])} ({rep['peak_memory_kind']})")
+        print(f"cosine       mean {b['cosine_mean']:.6f} -> {a['cosine_mean']:.6f}, min "
+              f"{b['cosine_min']:.6f} -> {a['cosine_min']:.6f} ({rep['protocol']})")
+        print(f"neighbours   top-1 agreement {100 * b['neighbour_agreement']:.2f}% -> "
+              f"{100 * a['neighbour_agreement']:.2f}%")
+        return
     print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
           f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
           f"{human_bytes(rep['peak_memory_bytes'])} ({rep['peak_memory_kind']})")
@@ -44,8 +53,10 @@ def add_distill(sub) -> None:
     d.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     d.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    d.add_argument("--samples", type=int, default=128, help="training windows (default 128)")
-    d.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    d.add_argument("--samples", type=int, help="training windows (default 128); for encoders "
+                   "training sentences (default: every line of the calib split)")
+    d.add_argument("--batch-size", type=int, help="windows per step (default 4); for encoders "
+                   "sentences per step (default 16)")
     d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the "
                    "KL loss (default 1.0)")
     d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",

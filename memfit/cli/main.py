@@ -69,7 +69,8 @@ def cmd_eval(args) -> None:
         print(f"embeddings   {res['sentences']} sentences, dim {res['embedding_dim']}  "
               f"({res['protocol']})")
         if "cosine_mean" in res:
-            print(f"cosine       mean {res['cosine_mean']:.6f}, min {res['cosine_min']:.6f} vs {args.ref}")
+            print(f"cosine       mean {res['cosine_mean']:.6f}, min {res['cosine_min']:.6f} vs {args.ref}; "
+                  f"nearest-neighbour agreement {100 * res['neighbour_agreement']:.2f}%")
     else:
         print(f"perplexity   {res['perplexity']:.4f}  ({res['protocol']})")
         if "kld" in res:

@@ -10,7 +10,7 @@ draws from the `calib` split only, so the two never share text.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memfit.errors import UserError
@@ -47,16 +47,17 @@ def _layer_map(teacher, student, kept: list[int] | None) -> dict[int, int]:
 
 @dataclass(frozen=True, kw_only=True)
 class DistillOptions:
-    """How `distill_to` runs (defaults: 200 steps of 4 x 256 tokens at lr 1e-4)."""
+    """How `distill_to` runs (defaults: 200 steps of 4 x 256 tokens at lr 1e-4; for encoders
+    200 steps of 16 sentences, memfit.distill.encoder_run)."""
 
     data: str = "builtin"        # trains on its calib split, measures on its eval split
     steps: int = 200
     lr: float = 1e-4
     seq_len: int = 256
-    samples: int = 128           # training windows
+    samples: int | None = None   # training windows (None: 128); encoders: sentences (None: all)
     temperature: float = 1.0
     optimizer: str = "adamw"     # adamw | adamw8bit
-    batch_size: int = 4
+    batch_size: int | None = None  # windows per step (None: 4); encoders: sentences (None: 16)
     hidden_mse: float = 0.0      # weight of the matched hidden-state MSE (0: logit KL only)
     eval_windows: int = 8
     overwrite: bool = False
@@ -88,9 +89,14 @@ def distill_to(teacher: str, student: str, out: str | Path,
                         "KL only)")
     t = load_model(teacher, device=o.device)
     s = load_model(student, device=o.device)
+    if t.kind == "encoder" and s.kind == "encoder":
+        from memfit.distill.encoder_run import distill_encoder_to
+        return distill_encoder_to(t, s, teacher, student, out, o)
     if t.kind != "decoder" or s.kind != "decoder":
-        raise UserError("distill needs two decoder (causal LM) models; got "
-                        f"{t.kind} teacher and {s.kind} student")
+        raise UserError("distill needs two decoders (causal LMs) or two encoders; got a "
+                        f"{t.kind} teacher and a {s.kind} student")
+    o = replace(o, samples=128 if o.samples is None else o.samples,
+                batch_size=4 if o.batch_size is None else o.batch_size)
     check_same_tokenizer(t, s, teacher, student)
     meta = _student_meta(student)
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks

@@ -1,6 +1,8 @@
 """Encoder (BERT-style) evaluation: mean-pooled sentence embeddings, compared with a reference
 model's by cosine similarity per sentence. Mean pooling over non-padding tokens is what
 sentence-transformers models such as all-MiniLM-L6-v2 use; it is also a fair probe for any encoder.
+With a reference, a retrieval check too: how often each sentence's nearest neighbour among the
+others stays the same sentence (top-1 nearest-neighbour agreement).
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ def embed(model, tokenizer, sentences: list[str], *, batch_size: int = 32,
     return torch.cat(out).cpu()
 
 
+def neighbour_agreement(emb: torch.Tensor, ref_emb: torch.Tensor) -> float:
+    """Retrieval check: the fraction of sentences whose nearest neighbour (cosine, itself
+    excluded) among the same sentences is the same sentence under `emb` as under `ref_emb`."""
+    if len(emb) < 2:
+        raise ValueError("a nearest neighbour needs at least 2 sentences")
+
+    def nearest(e):
+        e = F.normalize(e.float(), dim=1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+
+    return (nearest(emb) == nearest(ref_emb)).float().mean().item()
+
+
 def evaluate_encoder(model, tokenizer, sentences: list[str], *, ref=None, batch_size: int = 32,
                      progress: bool = True) -> dict:
     """Throughput and peak memory; with `ref` (model, tokenizer) also cosine similarity."""
@@ -46,5 +63,6 @@ def evaluate_encoder(model, tokenizer, sentences: list[str], *, ref=None, batch_
     if ref_emb is not None:
         cos = F.cosine_similarity(emb, ref_emb, dim=1)
         result.update(cosine_mean=cos.mean().item(), cosine_min=cos.min().item(),
+                      neighbour_agreement=neighbour_agreement(emb, ref_emb),
                       cosine_per_sentence=[round(c, 6) for c in cos.tolist()])
     return result

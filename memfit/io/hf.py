@@ -59,10 +59,14 @@ class MemfitHfQuantizer(HfQuantizer):
         # transformers runs `_init_weights` on every module not flagged as initialised, and some
         # reach into a child's weight (GPT-2: `mlp.c_proj.weight`), which a packed module lacks.
         # Every tensor here comes from the checkpoint (checked after loading), so flag the
-        # swapped modules and their parents as initialised.
+        # swapped modules and their parents as initialised; except a parent that owns
+        # non-persistent buffers, which only its `_init_weights` computes (BertEmbeddings'
+        # position_ids over a packed word embedding) and which would stay uninitialised.
         for name in modules:
             model.get_submodule(name)._is_hf_initialized = True
-            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if not parent._non_persistent_buffers_set:
+                parent._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -203,9 +203,12 @@ def _store_dense(tensors: dict, fixed: set[str], dense_dtype: str) -> dict:
 
 
 def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | None = None,
-         overwrite: bool = False, dense_dtype: str = "auto") -> Path:
+         overwrite: bool = False, dense_dtype: str = "auto",
+         side_files: dict[str, Path] | None = None) -> Path:
     """Write `model` (with its memfit modules) and `tokenizer` to the folder `out_dir`; dense
-    floating tensors are stored per `dense_dtype` (see the module docstring)."""
+    floating tensors are stored per `dense_dtype` (see the module docstring). `side_files`
+    {name in the folder: file or folder} are copied in as they are (e.g. an encoder's
+    sentence-transformers description), before the folder appears."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -248,6 +251,8 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, src in (side_files or {}).items():
+            (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
         (tmp / META).write_text(meta_text + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -68,3 +68,35 @@ def test_compress_a_mixed_layer_model(tiny_config):
             ref = model(input_ids=calib[:1]).logits
             out = m(input_ids=calib[:1]).logits
         assert torch.isfinite(out).all() and (out - ref).abs().max() < 1.0
+
+
+def test_encoder_blocks_get_the_inputs_of_the_real_forward(tiny_encoder, encoder_tokenizer):
+    """Encoder calibration windows are full [CLS] ... [SEP] windows with no padding: each block
+    gets what BERT's own forward gives it with the all-ones attention mask `embed` passes."""
+    from memfit.calib.data import sentence_windows
+
+    model = tiny_encoder(num_hidden_layers=3)
+    tok = encoder_tokenizer
+    ids = sentence_windows(tok, "builtin", "calib", seq_len=48, max_windows=5, seed=0)
+    blocks = block_list(model, arch_for(model.config))
+    seen = []
+    hooks = [b.register_forward_pre_hook(
+        lambda _m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()),
+        with_kwargs=True) for b in blocks]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for h in hooks:
+        h.remove()
+    store, kwargs = capture_inputs(model, blocks, ids, batch=2)  # batches 2, 2, 1
+    errors = []
+    for i, block in enumerate(blocks):
+        errors.append((torch.cat([store[b] for b in range(len(store))]) - seen[i]).abs().max())
+        propagate(block, store, kwargs[i])
+    assert max(errors) < 1e-5, errors
+    # the block inputs do depend on the mask: masking the last half changes them (can fail)
+    half = torch.ones_like(ids)
+    half[:, 24:] = 0
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=half).last_hidden_state
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert (masked[:, :24] - full[:, :24]).abs().max() > 1e-3

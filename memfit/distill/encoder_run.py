@@ -1,0 +1,80 @@
+"""`memfit distill TEACHER STUDENT --out DIR` for two encoders: measure, heal, measure, save.
+
+Protocol of the before/after numbers: mean-pooled embeddings of the first `eval_sentences`
+sentence-like lines of the data's `eval` split, compared with the teacher's: mean and minimum
+cosine, and top-1 nearest-neighbour agreement (memfit.eval.encoder). Training draws from the
+`calib` split's lines only (memfit.distill.encoder), so the two never share text.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from memfit.errors import UserError
+
+EVAL_SENTENCES = 256
+
+
+def _check_options(o) -> None:
+    """Refuse the options that only mean something for decoders (logits, windows, BOS)."""
+    bad = [flag for flag, on in (("--temperature", o.temperature != 1.0),
+                                 ("--hidden-mse", o.hidden_mse != 0.0),
+                                 ("--bos", o.bos != "auto")) if on]
+    if bad:
+        raise UserError(f"{', '.join(bad)}: decoder-only option(s) (logit KL, windows); an "
+                        "encoder is distilled on its embeddings: drop them")
+
+
+def _measure(student, teacher_emb, tokenizer, sentences, max_length: int) -> dict:
+    from memfit.eval.encoder import embed, neighbour_agreement
+
+    emb = embed(student, tokenizer, sentences, max_length=max_length)
+    cos = F.cosine_similarity(emb, teacher_emb, dim=1)
+    return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+            "neighbour_agreement": neighbour_agreement(emb, teacher_emb)}
+
+
+def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
+    """Heal encoder `s` (Loaded) towards encoder `t`; save it to `out`; -> report."""
+    from memfit.calib.data import sentences
+    from memfit.distill.encoder import distill_encoder_
+    from memfit.encoders import side_files, used_length
+    from memfit.eval.encoder import embed
+    from memfit.eval.memory import weight_table
+    from memfit.io.save import META, read_meta, save
+
+    _check_options(o)
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise UserError(f"teacher {teacher} and student {student} use different tokenizers; "
+                        "distill between encoders of one tokenizer")
+    max_length = min(o.seq_len, used_length(s))
+    train = sentences(o.data, "calib", limit=None)
+    if o.samples is not None:
+        train = train[:o.samples]
+    held_out = sentences(o.data, "eval", limit=EVAL_SENTENCES)
+    say = (lambda text: print(f"memfit: {text}", file=sys.stderr, flush=True)) if o.progress \
+        else (lambda text: None)
+    bytes_before = weight_table(s.model)["weight_bytes"]
+    say(f"measuring the student before training ({len(held_out)} sentences)")
+    teacher_emb = embed(t.model, t.tokenizer, held_out, max_length=max_length)
+    before = _measure(s.model, teacher_emb, s.tokenizer, held_out, max_length)
+    rep = distill_encoder_(s.model, t.model, s.tokenizer, train, steps=o.steps, lr=o.lr,
+                           batch_size=16 if o.batch_size is None else o.batch_size,
+                           max_length=max_length, optimizer=o.optimizer, seed=o.seed,
+                           progress=o.progress)
+    say("measuring the student after training, then writing it")
+    after = _measure(s.model, teacher_emb, s.tokenizer, held_out, max_length)
+    folder = Path(student).expanduser()
+    meta = read_meta(folder) if (folder / META).exists() else {}  # as distill_to reads it
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    entry = {"teacher": teacher, "student": student, "data": o.data,
+             "samples": len(train), **rep["config"]}
+    save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=o.overwrite,
+         extra={"distill": entry}, side_files=side_files(s.source))
+    return {"out": str(out), "kind": "encoder", "before": before, "after": after,
+            "protocol": f"{o.data} eval, {len(held_out)} sentences, mean pooling",
+            "bytes_before": bytes_before, "bytes_after": weight_table(s.model)["weight_bytes"],
+            **{k: v for k, v in rep.items() if k != "config"}}
