@@ -108,6 +108,9 @@ def cmd_inspect(args) -> None:
     print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers at {info['kv_dtype']}; "
           f"{info['kv_bytes']:,} bytes ({human_bytes(info['kv_bytes'])}, {kind}) at context "
           f"{info['context']} x batch {info['batch']}" + windowed)
+    if info["kv_prefill_peak_bytes"] > info["kv_bytes"]:
+        print(f"KV at prefill {info['kv_prefill_peak_bytes']:,} bytes right after a one-shot prefill of "
+              f"{info['context']} tokens (every layer holds the whole prompt until the first decode step)")
     print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
     print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")
 

@@ -141,16 +141,21 @@ def kv_cache_bytes(config, context: int, batch: int, kv_dtype: torch.dtype, kv_f
     per_layer_token = kv_bytes_per_token(config, kv_dtype) // n_layers
     tokens = cached_tokens(config, context)
     full = sum(t == context for t in tokens)
+    # right after a one-shot prefill every caching layer holds the whole prompt: transformers'
+    # sliding-window layers keep views of the full prefill K/V until the first decode step, and
+    # a quantized cache quantizes only after the dense prefill states exist
+    prefill = per_layer_token * batch * context * sum(t > 0 for t in tokens)
     if kv_format is not None:
         from memfit.kvcache import quantized_kv_bytes
         q = quantized_kv_bytes(kv_format, tokens=context, batch=batch, kv_heads=kv_heads,
                                head_dim=head_dim, dtype_bytes=kv_dtype.itemsize)
         dense = sum(t for t in tokens if t != context)
         return {"kv_bytes": q * full + per_layer_token * batch * dense, "kv_layers_full": full,
+                "kv_prefill_peak_bytes": prefill,
                 "kv_layers_windowed": len(tokens) - full, "kv_tokens_per_layer": tokens,
                 "kv_format": f"int{kv_format.bits} (group {kv_format.group}, "
                              f"{kv_format.residual} recent tokens dense)"}
-    return {"kv_bytes": per_layer_token * batch * sum(tokens),
+    return {"kv_bytes": per_layer_token * batch * sum(tokens), "kv_prefill_peak_bytes": prefill,
             "kv_layers_full": full, "kv_layers_windowed": len(tokens) - full,
             "kv_tokens_per_layer": tokens}
 

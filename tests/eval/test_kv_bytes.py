@@ -6,6 +6,17 @@ import torch
 from memfit.eval.memory import inspect_model
 
 
+def _storage_bytes(cache) -> int:
+    """Bytes of the storages the cache's tensors keep alive (a view keeps its whole base)."""
+    seen, total = set(), 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total
+
+
 def _cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
@@ -35,3 +46,9 @@ def test_inspect_kv_bytes_equal_the_real_cache(tiny_config, model_type, extra):
     assert info["kv_bytes"] == real
     if model_type != "llama":  # windowed layers hold less than the whole context
         assert info["kv_bytes"] < info["kv_bytes_per_token"] * 64 * 2
+    # right after the prefill, the storages alive are the whole prompt's on every layer
+    assert info["kv_prefill_peak_bytes"] == _storage_bytes(cache) == info["kv_bytes_per_token"] * 64 * 2
+    with torch.no_grad():
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    if model_type != "llama":  # one decode step later the windowed layers let go of the prompt
+        assert _storage_bytes(cache) < info["kv_prefill_peak_bytes"]
