@@ -41,6 +41,8 @@ class Arch:
     # 1/s folds: a norm (its weight and bias divided by s) or a linear (its output rows divided);
     # None: this group's input has no foldable producer. Empty: AWQ is not supported.
     awq_fold: tuple[str | None, ...] = ()
+    awq_no_clip: tuple[str, ...] = ()  # linears AWQ's clip search leaves alone (query, key: their
+                                       # output error says little through the softmax)
 
 
 _LLAMA_GROUPS = (
@@ -54,7 +56,8 @@ _LLAMA_LAYOUT = Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj
 _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA_GROUPS,
               layout=_LLAMA_LAYOUT,
               awq_fold=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
-                        "mlp.up_proj"))
+                        "mlp.up_proj"),
+              awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"))
 # Gemma's RMSNorm scales by (1 + weight) and Gemma 2/3 put the MLP after pre_feedforward_layernorm:
 # no AWQ row yet (compress raises a UserError).
 _GEMMA = replace(_LLAMA, awq_fold=())

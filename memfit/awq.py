@@ -7,7 +7,10 @@ linear (output rows and bias divided by s: v_proj before o_proj, up_proj before 
 group's input columns are multiplied by s. A group is skipped, and the skip logged, when its
 producer is None or its shape does not match (o_proj after a grouped-query v_proj: the v rows
 are shared by several heads). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
-scaled weights as usual, so AWQ composes with all of them.
+scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
+scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
+group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
+this one step changes the float function, deliberately.
 
 Statistics come from one pass of the block as it is (float): every fold only rescales its own
 group's input, so the other groups' inputs do not change.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.algos.awq import alphas, search_scale
+from memfit.algos.awq import alphas, search_clip, search_scale
 from memfit.calib.engine import ActivationStore, module_device
 from memfit.calib.stats import HessianStat
 from memfit.errors import UserError
@@ -111,7 +114,27 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                            alphas(spec.awq_grid, spec.awq_max_alpha))
         if res.alpha > 0:
             fold_(block.get_submodule(fold), [block.get_submodule(n) for n in names], res.scale)
-        log.append({"modules": names, "error": None,
-                    "awq": {"alpha": res.alpha, "fold": fold, "output_error": res.error,
-                            "rtn_output_error": res.rtn_error}})
+        entry = {"alpha": res.alpha, "fold": fold, "output_error": res.error,
+                 "rtn_output_error": res.rtn_error}
+        if spec.awq_clip:
+            s = res.scale
+            entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],
+                                   specs, stat.h.hessian / (s[:, None] * s[None, :]))
+        log.append({"modules": names, "error": None, "awq": entry})
     return log
+
+
+@torch.no_grad()
+def _clip_(block, names: list[str], specs: dict, hessian: torch.Tensor) -> dict:
+    """Clamp each linear's (already scaled) weight to its searched per-group bound, in place;
+    -> {name: [output error after, before]} (names with ragged groups are left alone)."""
+    done = {}
+    for n in names:
+        lin, fmt = block.get_submodule(n), specs[n].format
+        g, _ = fmt.groups(lin.in_features)
+        if lin.in_features % g:
+            continue
+        w, after, before = search_clip(lin.weight.detach(), fmt, hessian)
+        lin.weight.copy_(w)
+        done[n] = [after, before]
+    return done

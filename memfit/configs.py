@@ -97,6 +97,7 @@ class Quant(_Family):
     awq: bool = False              # AWQ: search per-input-channel scales first (memfit.awq)
     awq_grid: int = 20             # AWQ: exponents α tried, evenly from 0 to awq_max_alpha
     awq_max_alpha: float = 1.0     # AWQ: the largest α, in (0, 1]
+    awq_clip: bool = True          # AWQ: then search a clipping bound per (row, group)
 
     def __post_init__(self):
         assert type(self) is not Quant, "Quant is a family: use RTN, HQQ or GPTQ"

@@ -83,3 +83,32 @@ def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.
         elif err < best.error:
             best.scale, best.alpha, best.error = s, a, err
     return best
+
+
+def search_clip(w: torch.Tensor, fmt: IntFormat, hessian: torch.Tensor, grid: int = 20,
+                max_shrink: float = 0.5) -> tuple[torch.Tensor, float, float]:
+    """AWQ's clip search: per (row, group), clamp W to ±(1 - i/grid)·max|W_group| for i below
+    max_shrink·grid, keep the bound whose RTN output error on that group's inputs is smallest
+    (H's diagonal block of the group: d H_gg dᵀ / 2). i = 0 (no clipping) wins ties.
+    -> (the clamped weight, output error after, output error before). Whole groups only."""
+    out, k = w.shape
+    g, ng = fmt.groups(k)
+    if k % g:
+        raise ValueError("clip search needs whole groups")
+    w = w.float()
+    hb = torch.stack([hessian[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(ng)])
+    amax = w.view(out, ng, g).abs().amax(-1, keepdim=True)
+    best_w = best_err = None
+    for i in range(max(1, int(max_shrink * grid))):
+        m = amax * (1 - i / grid)
+        cw = torch.maximum(torch.minimum(w.view(out, ng, g), m), -m).reshape(out, k)
+        res = rtn(cw, fmt)
+        d = (w - dequantize(res.codes, res.scale, res.zero, fmt)).view(out, ng, g)
+        err = torch.einsum("rjk,jkl,rjl->rj", d, hb, d) / 2  # (out, ng)
+        if best_err is None:
+            best_w, best_err, first = cw.view(out, ng, g), err, err.sum().item()
+            continue
+        better = err < best_err
+        best_w = torch.where(better[..., None], cw.view(out, ng, g), best_w)
+        best_err = torch.where(better, err, best_err)
+    return best_w.reshape(out, k), best_err.sum().item(), first

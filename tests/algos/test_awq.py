@@ -110,3 +110,18 @@ def test_recipe_round_trip_and_bad_input(tiny_config):
     gemma = AutoModelForCausalLM.from_config(tiny_config("gemma", head_dim=16)).eval()
     with pytest.raises(UserError, match="AWQ is not supported"):
         compress_(gemma, Recipe(quant=RTN(awq=True)), _calib(2, 16), progress=False)
+
+
+def test_clip_search_never_worse_and_clips_an_outlier_weight():
+    from memfit.algos.awq import search_clip
+    x = torch.randn(1024, 64, generator=G(6))
+    w = torch.randn(32, 64, generator=G(7)) * 0.05
+    w[0, 5] = 2.0  # one outlier weight stretches its group's grid
+    h = 2 * x.T @ x / x.shape[0]
+    clipped, after, before = search_clip(w, FMT, h)
+    assert after <= before and after < 0.9 * before
+    assert clipped[0, 5] < 2.0 and clipped.abs().le(w.abs()).all()
+    d = w - scaled_rtn(w, torch.ones(64), FMT)  # error of each group on its own inputs
+    per_group = sum(output_error(d[:, j:j + 32], torch.zeros(32, 32), h[j:j + 32, j:j + 32])
+                    for j in (0, 32))
+    assert before == pytest.approx(per_group, rel=1e-4)
