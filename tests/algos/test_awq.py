@@ -125,3 +125,26 @@ def test_clip_search_never_worse_and_clips_an_outlier_weight():
     per_group = sum(output_error(d[:, j:j + 32], torch.zeros(32, 32), h[j:j + 32, j:j + 32])
                     for j in (0, 32))
     assert before == pytest.approx(per_group, rel=1e-4)
+
+
+def test_resume_keeps_the_rescaled_norms(tiny_llama_dir, tmp_path, monkeypatch):
+    import memfit.api as api
+    recipe = Recipe(quant=RTN(format=FMT, awq=True))
+    full = _model(tiny_llama_dir)
+    compress_(full, recipe, _calib(), progress=False)
+    real, calls = api._compress_block, {"n": 0}
+
+    def dies_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "_compress_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress_(_model(tiny_llama_dir), recipe, _calib(), checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(api, "_compress_block", real)
+    m = _model(tiny_llama_dir)
+    assert compress_(m, recipe, _calib(), checkpoint_dir=tmp_path, progress=False)["resumed_blocks"] == 1
+    want = full.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
