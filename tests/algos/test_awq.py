@@ -148,3 +148,18 @@ def test_resume_keeps_the_rescaled_norms(tiny_llama_dir, tmp_path, monkeypatch):
     assert compress_(m, recipe, _calib(), checkpoint_dir=tmp_path, progress=False)["resumed_blocks"] == 1
     want = full.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", [
+    IntFormat(bits=4, group_size=None), IntFormat(bits=8, group_size=None, symmetric=True),
+    IntFormat(bits=2, group_size=32), IntFormat(bits=4, group_size=64, zero_point="float"),
+    IntFormat(bits=3, group_size=32, symmetric=True)])
+def test_every_int_format(fmt):
+    from memfit.algos.awq import search_clip
+    x = _outlier_inputs(n=512)
+    w = torch.randn(48, 128, generator=G(8)) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    res = search_scale([(w, fmt)], x.abs().mean(0), h, alphas(10))
+    assert res.error <= res.rtn_error and res.scale.shape == (128,)
+    _, after, before = search_clip(w * res.scale, fmt, h / (res.scale[:, None] * res.scale))
+    assert after <= before
