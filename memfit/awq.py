@@ -13,7 +13,9 @@ group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch
 this one step changes the float function, deliberately.
 
 Statistics come from one pass of the block as it is (float): every fold only rescales its own
-group's input, so the other groups' inputs do not change.
+group's input, so the other groups' inputs do not change. Mean |x| counts every calibration
+token; the Hessian of the output error is built from about HESSIAN_ROWS evenly strided tokens,
+so its cost does not grow with the calibration set.
 """
 
 from __future__ import annotations
@@ -26,20 +28,27 @@ from memfit.calib.stats import HessianStat
 from memfit.errors import UserError
 
 
-class _AWQStat:
-    """Mean |x| per input channel and the Hessian 2/n XᵀX of one group's input."""
+HESSIAN_ROWS = 8192  # token rows (about) the search's Hessian is built from: bounded cost
 
-    def __init__(self, in_features: int, device):
+
+class _AWQStat:
+    """Mean |x| per input channel over every token, and the Hessian 2/n XᵀX of one group's input
+    over every `stride`-th token (the output error of the search)."""
+
+    def __init__(self, in_features: int, device, stride: int):
         self.h = HessianStat(in_features, device)
         self.abs_sum = torch.zeros(in_features, device=device)
+        self.rows, self.stride = 0, stride
 
     def update(self, x: torch.Tensor) -> None:
-        self.h.update(x)
-        self.abs_sum += x.detach().reshape(-1, x.shape[-1]).float().abs().sum(0).to(self.abs_sum)
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.h.update(x[::self.stride])
+        self.abs_sum += x.float().abs().sum(0).to(self.abs_sum)
+        self.rows += x.shape[0]
 
     @property
     def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(1, self.h.nsamples)
+        return self.abs_sum / max(1, self.rows)
 
 
 def _awq_spec(spec):
@@ -72,9 +81,12 @@ def _plan(block, arch, specs: dict) -> tuple[list, list]:
 @torch.inference_mode()
 def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
     stats, handles = [], []
+    first = store[0]
+    rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
+    stride = max(1, -(-rows // HESSIAN_ROWS))
     for names, _ in todo:
         mod = block.get_submodule(names[0])
-        stat = _AWQStat(mod.in_features, mod.weight.device)
+        stat = _AWQStat(mod.in_features, mod.weight.device, stride)
         handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
         stats.append(stat)
     try:
