@@ -47,6 +47,8 @@ def _module_prefix(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> str:
 def _save_block(ckpt: Path, i: int, block: torch.nn.Module, done: dict[str, dict]) -> None:
     tensors = {f"{n}.{k}": v.contiguous() for n in done
                for k, v in block.get_submodule(n).state_dict().items()}
+    tensors.update({f"_dense.{k}": v.detach().contiguous() for k, v in block.named_parameters()
+                    if not any(k.startswith(n + ".") for n in done)})  # norms AWQ rescaled
     tmp = ckpt / f"block_{i}.tmp.st"
     save_file(tensors, str(tmp))
     (ckpt / f"block_{i}.json").write_text(json.dumps(done))
@@ -68,6 +70,11 @@ def _restore_block(ckpt: Path, i: int, block: torch.nn.Module) -> dict[str, dict
         new.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items()
                              if k.startswith(n + ".")}, assign=True)
         block.set_submodule(n, new.to(device))
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith("_dense."):
+                params[k[len("_dense."):]].copy_(v)
     return done
 
 
@@ -78,6 +85,9 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
     group's statistics come from the block as it was (the original Wanda/SparseGPT order)."""
     from memfit.io.save import describe_modules
 
+    if store is not None and any(getattr(s, "awq", False) for s in specs.values()):
+        from memfit.awq import awq_block_
+        log.extend(awq_block_(block, arch, specs, store, kwargs))
     groups = []
     for group in arch.groups:
         names = [n for n in group if specs.get(n) is not None]

@@ -10,7 +10,7 @@ support every method but structured pruning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -37,6 +37,12 @@ class Arch:
     groups: tuple[tuple[str, ...], ...]
     conv1d: bool = False             # GPT-2 stores linears as Conv1D with a transposed weight
     layout: Layout | None = None     # for structured pruning; None: not supported
+    # AWQ, per group (aligned with `groups`): the op that produces the group's input, into which
+    # 1/s folds: a norm (its weight and bias divided by s) or a linear (its output rows divided);
+    # None: this group's input has no foldable producer. Empty: AWQ is not supported.
+    awq_fold: tuple[str | None, ...] = ()
+    awq_no_clip: tuple[str, ...] = ()  # linears AWQ's clip search leaves alone (query, key: their
+                                       # output error says little through the softmax)
 
 
 _LLAMA_GROUPS = (
@@ -48,7 +54,13 @@ _LLAMA_GROUPS = (
 _LLAMA_LAYOUT = Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                        "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp")
 _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA_GROUPS,
-              layout=_LLAMA_LAYOUT)
+              layout=_LLAMA_LAYOUT,
+              awq_fold=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
+                        "mlp.up_proj"),
+              awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"))
+# Gemma's RMSNorm scales by (1 + weight) and Gemma 2/3 put the MLP after pre_feedforward_layernorm:
+# no AWQ row yet (compress raises a UserError).
+_GEMMA = replace(_LLAMA, awq_fold=())
 _BERT = Arch(
     "encoder",
     ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
@@ -65,10 +77,10 @@ ARCHS: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "gemma3": _LLAMA,
-    "gemma3_text": _LLAMA,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "gemma3_text": _GEMMA,
     "phi": Arch("decoder", ("model.layers",), (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.dense",), ("mlp.fc1",), ("mlp.fc2",))),

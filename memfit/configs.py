@@ -94,19 +94,33 @@ class Quant(_Family):
     default: ClassVar[str] = "rtn"
 
     format: IntFormat = field(default_factory=IntFormat)
+    awq: bool = False              # AWQ: search per-input-channel scales first (memfit.awq)
+    awq_grid: int = 20             # AWQ: exponents α tried, evenly from 0 to awq_max_alpha
+    awq_max_alpha: float = 1.0     # AWQ: the largest α, in (0, 1]
+    awq_clip: bool = True          # AWQ: then search a clipping bound per (row, group)
 
     def __post_init__(self):
         assert type(self) is not Quant, "Quant is a family: use RTN, HQQ or GPTQ"
         clip = getattr(self, "clip", "minmax")
         if clip not in ("minmax", "mse"):
             raise UserError(f"unknown clip {clip!r}; use 'minmax' or 'mse'")
+        if not isinstance(self.awq, bool):
+            raise UserError(f"awq={self.awq!r} must be true or false")
+        if self.awq:
+            from memfit.algos.awq import alphas
+            alphas(self.awq_grid, self.awq_max_alpha)  # UserError naming the bad option
+
+    @property
+    def needs_data(self) -> bool:  # AWQ measures the activations even for RTN
+        return self.needs is not Needs.NOTHING or self.awq
 
     @property
     def algo(self) -> str:
         return self.name
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in super().to_dict().items() if k != "format"}
+        d = {k: v for k, v in super().to_dict().items()
+             if k != "format" and (self.awq or not k.startswith("awq"))}
         return {**d, **self.format.to_dict()}
 
     @classmethod

@@ -110,6 +110,9 @@ class Compose:
 
     def __post_init__(self):
         fmt = self.quant.format
+        if self.quant.awq:
+            raise UserError("awq scales the dense weight before quantization; it does not "
+                            "compose with prune or lowrank yet: drop awq from quant")
         if isinstance(self.first, Prune) and not fmt.symmetric and fmt.zero_point == "float":
             raise UserError("pruning + quantization needs an integer or symmetric zero point (a "
                             "pruned weight must stay exactly 0); use algo rtn or gptq with "
@@ -279,6 +282,11 @@ PRESETS: dict[str, Recipe] = {
     "w3g64": _preset("rtn", 3, 64),
     "w3g64-mse": _preset("rtn", 3, 64, clip="mse"),
     "w3g64-gptq": _preset("gptq", 3, 64, **_BEST),
+    # AWQ: activation-aware input-channel scales folded into the norms, then RTN or GPTQ
+    "w4g64-awq": _preset("rtn", 4, 64, awq=True),
+    "w4g64-awq-gptq": _preset("gptq", 4, 64, awq=True, **_BEST),
+    "w3g64-awq": _preset("rtn", 3, 64, awq=True),
+    "w3g64-awq-gptq": _preset("gptq", 3, 64, awq=True, **_BEST),
     "w2g32-gptq": _preset("gptq", 2, 32, **_BEST),
     "magnitude-50": Recipe(prune=Magnitude(sparsity=0.5)),
     "wanda-50": Recipe(prune=Wanda(sparsity=0.5)),

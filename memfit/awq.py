@@ -1,0 +1,152 @@
+"""AWQ on one block, before its linears are quantized: search each group's input-channel scales
+(memfit.algos.awq) and fold them into the model so the float function is unchanged.
+
+For every group of linears sharing an input whose specs ask for `awq`, the op producing that
+input is named in `Arch.awq_fold` (data, per family): a norm (weight and bias divided by s) or a
+linear (output rows and bias divided by s: v_proj before o_proj, up_proj before down_proj); the
+group's input columns are multiplied by s. A group is skipped, and the skip logged, when its
+producer is None or its shape does not match (o_proj after a grouped-query v_proj: the v rows
+are shared by several heads). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
+scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
+scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
+group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
+this one step changes the float function, deliberately.
+
+Statistics come from one pass of the block as it is (float): every fold only rescales its own
+group's input, so the other groups' inputs do not change. Mean |x| counts every calibration
+token; the Hessian of the output error is built from about HESSIAN_ROWS evenly strided tokens,
+so its cost does not grow with the calibration set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memfit.algos.awq import alphas, search_clip, search_scale
+from memfit.calib.engine import ActivationStore, module_device
+from memfit.calib.stats import HessianStat
+from memfit.errors import UserError
+
+
+HESSIAN_ROWS = 8192  # token rows (about) the search's Hessian is built from: bounded cost
+
+
+class _AWQStat:
+    """Mean |x| per input channel over every token, and the Hessian 2/n XᵀX of one group's input
+    over every `stride`-th token (the output error of the search)."""
+
+    def __init__(self, in_features: int, device, stride: int):
+        self.h = HessianStat(in_features, device)
+        self.abs_sum = torch.zeros(in_features, device=device)
+        self.rows, self.stride = 0, stride
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.h.update(x[::self.stride])
+        self.abs_sum += x.float().abs().sum(0).to(self.abs_sum)
+        self.rows += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(1, self.rows)
+
+
+def _awq_spec(spec):
+    return spec if getattr(spec, "awq", False) else None
+
+
+def _plan(block, arch, specs: dict) -> tuple[list, list]:
+    """[(group names, fold path)] to scale, and [(group names, reason)] skipped."""
+    if not arch.awq_fold:
+        raise UserError("AWQ is not supported for this architecture yet (no foldable norm is "
+                        "listed in memfit.archs for it); use a recipe without awq")
+    todo, skipped = [], []
+    for group, fold in zip(arch.groups, arch.awq_fold):
+        if not any(_awq_spec(specs.get(n)) for n in group):
+            continue
+        first = block.get_submodule(group[0])
+        src = None if fold is None else block.get_submodule(fold)
+        width = src.out_features if isinstance(src, torch.nn.Linear) else \
+            getattr(src, "weight", torch.empty(0)).shape[0]
+        if src is None or not isinstance(first, torch.nn.Linear):
+            skipped.append((list(group), "no foldable op before this group"))
+        elif width != first.in_features:
+            skipped.append((list(group), f"{fold} gives {width} channels, the group reads "
+                                         f"{first.in_features} (grouped-query attention)"))
+        else:
+            todo.append((list(group), fold))
+    return todo, skipped
+
+
+@torch.inference_mode()
+def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
+    stats, handles = [], []
+    first = store[0]
+    rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
+    stride = max(1, -(-rows // HESSIAN_ROWS))
+    for names, _ in todo:
+        mod = block.get_submodule(names[0])
+        stat = _AWQStat(mod.in_features, mod.weight.device, stride)
+        handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+        stats.append(stat)
+    try:
+        for b in range(len(store)):
+            block(store[b].to(module_device(block)), **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Divide the producer's output channels by s, multiply the linears' input columns by s."""
+    if isinstance(src, torch.nn.Linear):
+        src.weight.copy_(src.weight.float() / s[:, None])
+    else:
+        src.weight.copy_(src.weight.float() / s)
+    if getattr(src, "bias", None) is not None:
+        src.bias.copy_(src.bias.float() / s)
+    for lin in linears:
+        lin.weight.copy_(lin.weight.float() * s)
+
+
+def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -> list[dict]:
+    """Search and fold the AWQ scales of every group of `block` whose specs ask for it, in
+    place; -> log entries (alpha, output errors, or why a group was skipped)."""
+    todo, skipped = _plan(block, arch, specs)
+    log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
+    stats = _collect(block, todo, store, kwargs) if todo else []
+    for (names, fold), stat in zip(todo, stats):
+        spec = next(_awq_spec(specs.get(n)) for n in names if _awq_spec(specs.get(n)))
+        quantized = [n for n in names if _awq_spec(specs.get(n))]
+        weights = [(block.get_submodule(n).weight.detach().float(), specs[n].format)
+                   for n in quantized]
+        res = search_scale(weights, stat.mean_abs, stat.h.hessian,
+                           alphas(spec.awq_grid, spec.awq_max_alpha))
+        if res.alpha > 0:
+            fold_(block.get_submodule(fold), [block.get_submodule(n) for n in names], res.scale)
+        entry = {"alpha": res.alpha, "fold": fold, "output_error": res.error,
+                 "rtn_output_error": res.rtn_error}
+        if spec.awq_clip:
+            s = res.scale
+            entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],
+                                   specs, stat.h.hessian / (s[:, None] * s[None, :]))
+        log.append({"modules": names, "error": None, "awq": entry})
+    return log
+
+
+@torch.no_grad()
+def _clip_(block, names: list[str], specs: dict, hessian: torch.Tensor) -> dict:
+    """Clamp each linear's (already scaled) weight to its searched per-group bound, in place;
+    -> {name: [output error after, before]} (names with ragged groups are left alone)."""
+    done = {}
+    for n in names:
+        lin, fmt = block.get_submodule(n), specs[n].format
+        g, _ = fmt.groups(lin.in_features)
+        if lin.in_features % g:
+            continue
+        w, after, before = search_clip(lin.weight.detach(), fmt, hessian)
+        lin.weight.copy_(w)
+        done[n] = [after, before]
+    return done

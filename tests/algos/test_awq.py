@@ -1,0 +1,165 @@
+"""AWQ: scale search (never worse than RTN on its calibration data, strictly better with outlier
+channels), folding (the float function is unchanged), composition with GPTQ, save/reload."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import memfit
+from memfit.algos.awq import alphas, channel_scales, output_error, scaled_rtn, search_scale
+from memfit.api import compress_
+from memfit.archs import arch_for, block_list
+from memfit.awq import fold_
+from memfit.configs import GPTQ, RTN
+from memfit.errors import UserError
+from memfit.formats.grid import IntFormat
+from memfit.recipe import Recipe
+
+G = torch.Generator().manual_seed
+FMT = IntFormat(bits=3, group_size=32)
+
+
+def _calib(n=8, t=32):
+    return torch.randint(0, 30522, (n, t), generator=G(1))
+
+
+def _outlier_inputs(n=2048, k=128, outliers=(3, 50, 97), gain=30.0):
+    x = torch.randn(n, k, generator=G(3))
+    x[:, list(outliers)] *= gain
+    return x
+
+
+def test_alpha_zero_is_rtn_and_outlier_channels_make_awq_strictly_better():
+    x = _outlier_inputs()
+    w = torch.randn(96, 128, generator=G(4)) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    mean_abs = x.abs().mean(0)
+    assert torch.equal(channel_scales(mean_abs, 0.0), torch.ones(128))
+    rtn_err = output_error(w, scaled_rtn(w, torch.ones(128), FMT), h)
+    direct = ((x @ (w - scaled_rtn(w, torch.ones(128), FMT)).T) ** 2).sum() / x.shape[0]
+    assert rtn_err == pytest.approx(float(direct), rel=1e-4)  # the Hessian form is the output error
+    res = search_scale([(w, FMT)], mean_abs, h, alphas(20))
+    assert res.rtn_error == pytest.approx(rtn_err)
+    assert res.alpha > 0 and res.error < 0.8 * res.rtn_error, res
+
+
+def test_fold_leaves_the_float_function_unchanged(tiny_config):
+    torch.manual_seed(0)  # no GQA: o_proj's input scale folds into v_proj too
+    model = AutoModelForCausalLM.from_config(tiny_config(num_key_value_heads=4)).eval()
+    ids = _calib(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    arch = arch_for(model.config)
+    down = model.model.layers[0].mlp.down_proj.weight.clone()
+    for block in block_list(model, arch):
+        for group, src in zip(arch.groups, arch.awq_fold):
+            lins = [block.get_submodule(n) for n in group]
+            s = torch.rand(lins[0].in_features, generator=G(5)) * 4 + 0.25
+            fold_(block.get_submodule(src), lins, s)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # it did scale
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+
+
+def _model(tiny_llama_dir):
+    return memfit.load_model(str(tiny_llama_dir)).model
+
+
+def test_awq_output_error_never_above_rtn_for_every_group(tiny_llama_dir):
+    m = _model(tiny_llama_dir)
+    rep = compress_(m, Recipe(quant=RTN(format=FMT, awq=True)), _calib(), progress=False)
+    entries = [e["awq"] for e in rep["layers"] if "awq" in e]
+    searched = [a for a in entries if "alpha" in a]
+    skipped = [a for a in entries if "skipped" in a]
+    assert len(searched) == 3 * 2 and len(skipped) == 2  # o_proj: the tiny model has GQA
+    assert "grouped-query" in skipped[0]["skipped"]
+    for a in searched:
+        assert a["output_error"] <= a["rtn_output_error"]
+    assert any(a["alpha"] > 0 for a in searched)
+
+
+def test_awq_gptq_composes_and_save_reload(tiny_llama_dir, tmp_path):
+    ref = _model(tiny_llama_dir)
+    m = _model(tiny_llama_dir)
+    recipe = Recipe(quant=GPTQ(format=FMT, awq=True))
+    rep = compress_(m, recipe, _calib(), progress=False)
+    assert rep["modules"] == 14
+    assert not torch.equal(m.model.layers[0].input_layernorm.weight,
+                           ref.model.layers[0].input_layernorm.weight)  # scales were folded
+    out = memfit.save(m, None, tmp_path / "out", recipe=rep["recipe"], dense_dtype="keep")
+    back = memfit.load(out).model
+    ids = _calib(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, m(ids).logits)
+
+
+def test_recipe_round_trip_and_bad_input(tiny_config):
+    r = Recipe.from_dict({"quant": {"algo": "gptq", "awq": True, "awq_grid": 10, "bits": 3}})
+    assert r.quant.awq and r.quant.awq_grid == 10 and Recipe.from_dict(r.to_dict()) == r
+    assert "awq" not in Recipe.from_dict({"quant": {"algo": "rtn"}}).to_dict()["quant"]
+    with pytest.raises(UserError, match="awq_max_alpha"):
+        RTN(awq=True, awq_max_alpha=1.5)
+    with pytest.raises(UserError, match="awq_max_alpha"):
+        RTN(awq=True, awq_max_alpha=0.0)
+    with pytest.raises(UserError, match="awq_grid"):
+        RTN(awq=True, awq_grid=1)
+    with pytest.raises(UserError, match="awq"):
+        Recipe.from_dict({"prune": {"method": "wanda"}, "quant": {"awq": True}})
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(tiny_config("gemma", head_dim=16)).eval()
+    with pytest.raises(UserError, match="AWQ is not supported"):
+        compress_(gemma, Recipe(quant=RTN(awq=True)), _calib(2, 16), progress=False)
+
+
+def test_clip_search_never_worse_and_clips_an_outlier_weight():
+    from memfit.algos.awq import search_clip
+    x = torch.randn(1024, 64, generator=G(6))
+    w = torch.randn(32, 64, generator=G(7)) * 0.05
+    w[0, 5] = 2.0  # one outlier weight stretches its group's grid
+    h = 2 * x.T @ x / x.shape[0]
+    clipped, after, before = search_clip(w, FMT, h)
+    assert after <= before and after < 0.9 * before
+    assert clipped[0, 5] < 2.0 and clipped.abs().le(w.abs()).all()
+    d = w - scaled_rtn(w, torch.ones(64), FMT)  # error of each group on its own inputs
+    per_group = sum(output_error(d[:, j:j + 32], torch.zeros(32, 32), h[j:j + 32, j:j + 32])
+                    for j in (0, 32))
+    assert before == pytest.approx(per_group, rel=1e-4)
+
+
+def test_resume_keeps_the_rescaled_norms(tiny_llama_dir, tmp_path, monkeypatch):
+    import memfit.api as api
+    recipe = Recipe(quant=RTN(format=FMT, awq=True))
+    full = _model(tiny_llama_dir)
+    compress_(full, recipe, _calib(), progress=False)
+    real, calls = api._compress_block, {"n": 0}
+
+    def dies_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "_compress_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress_(_model(tiny_llama_dir), recipe, _calib(), checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(api, "_compress_block", real)
+    m = _model(tiny_llama_dir)
+    assert compress_(m, recipe, _calib(), checkpoint_dir=tmp_path, progress=False)["resumed_blocks"] == 1
+    want = full.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", [
+    IntFormat(bits=4, group_size=None), IntFormat(bits=8, group_size=None, symmetric=True),
+    IntFormat(bits=2, group_size=32), IntFormat(bits=4, group_size=64, zero_point="float"),
+    IntFormat(bits=3, group_size=32, symmetric=True)])
+def test_every_int_format(fmt):
+    from memfit.algos.awq import search_clip
+    x = _outlier_inputs(n=512)
+    w = torch.randn(48, 128, generator=G(8)) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    res = search_scale([(w, fmt)], x.abs().mean(0), h, alphas(10))
+    assert res.error <= res.rtn_error and res.scale.shape == (128,)
+    _, after, before = search_clip(w * res.scale, fmt, h / (res.scale[:, None] * res.scale))
+    assert after <= before
