@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from memfit.algos.awq import alphas, search_clip, search_scale
-from memfit.calib.engine import ActivationStore, module_device
+from memfit.calib.engine import ActivationStore, replay
 from memfit.calib.stats import HessianStat
 from memfit.errors import UserError
 
@@ -89,12 +89,7 @@ def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_A
         stat = _AWQStat(mod.in_features, mod.weight.device, stride)
         handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
         stats.append(stat)
-    try:
-        for b in range(len(store)):
-            block(store[b].to(module_device(block)), **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    replay(block, store, kwargs, handles)
     return stats
 
 

@@ -162,13 +162,19 @@ def collect_stats(block, modules: dict[str, torch.nn.Module] | list[dict[str, to
             stats[name] = shared[gi, kind]
     if not stats:
         return stats
+    replay(block, store, kwargs, handles)
+    return stats
+
+
+def replay(block, store: ActivationStore, kwargs: dict, handles: list) -> None:
+    """Run every stored batch through `block` (its hooks collect statistics), then remove the
+    hook `handles`, also when the forward fails."""
     try:
         for b in range(len(store)):
             block(store[b].to(module_device(block)), **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 @torch.inference_mode()
