@@ -19,6 +19,8 @@ memfit.formats.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,22 +44,19 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if x.device.type == "cpu" and not needs_grad:
         return cpu.cpu_linear(x, weight, bias, cache)
-    if x.device.type == "cuda" and not needs_grad and _triton() is not None:
-        y = _triton().triton_linear(x, weight, bias)
+    fast = _triton() if x.device.type == "cuda" and not needs_grad else None
+    if fast is not None:
+        y = fast.triton_linear(x, weight, bias)
         if y is not None:
             return y
     return linear_reference(x, weight, bias)
 
 
-_TRITON = []
-
-
+@functools.cache
 def _triton():
     """memfit.kernels.triton_int, imported once on first use (None without Triton)."""
-    if not _TRITON:
-        try:
-            from memfit.kernels import triton_int
-        except ImportError:
-            triton_int = None
-        _TRITON.append(triton_int)
-    return _TRITON[0]
+    try:
+        from memfit.kernels import triton_int
+    except ImportError:
+        return None
+    return triton_int
