@@ -11,7 +11,7 @@ Bytes: the weights as held in memory (memfit's weight table) and the artifact fo
 
     python benchmarks/encoder.py                 # writes benchmarks/results/encoder.{md,png,json}
 
-The chart needs matplotlib (pip install -e '.[bench]').
+The chart needs matplotlib (a memfit dependency).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def main() -> None:
     try:
         chart(rows, out.with_name(out.name + ".png"), args.model)
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
+        print("matplotlib is not installed: no chart", file=sys.stderr)
     print(md)
 
 

@@ -17,6 +17,7 @@ import sys
 from memfit.cli.common import add_bos, add_dtype_device, add_kv
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
+from memfit.cli.fit import add_fit
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress(sub)
     add_distill(sub)
+    add_fit(sub)
     return p
 
 
@@ -193,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memfit.compress import SmokeCheckFailed
+    from memfit.plan import FitFailed
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         args.func(args)
-    except SmokeCheckFailed as e:
+    except (SmokeCheckFailed, FitFailed) as e:
         print(f"memfit: error: {e}", file=sys.stderr)
         return 3
     except UserError as e:

@@ -1,0 +1,401 @@
+"""`memfit.fit(model, budget=...)`: the plan that loses least within a memory budget.
+
+    plan = memfit.fit("default", budget="300MB", context=2048)   # measures, calibrates, solves
+    plan.build("out")        # writes only if a fresh process measures it within the budget
+    plan.report("out")       # JSON + HTML + PNG (Pareto curve, per-layer choices)
+
+Steps: (1) sensitivities from one forward/backward pass (memfit.plan.sensitivity) and every
+candidate of every linear built with the real algorithms (memfit.plan.menu); (2) one factor per
+family of choices fitted on measured probe plans, so predicted KL matches measured KL; (3) the
+Lagrangian solve (memfit.plan.solve), with the KV precision chosen alongside when the KV cache
+weighs; (4) re-check: the chosen plan's KL is measured (weights swapped in, memfit.plan.probe)
+and, when it departs from the prediction by more than 25%, the factors are refitted on every
+measured plan and the plan solved again (at most twice); (5) `build`: the artifact is written
+to a temporary folder, loaded again, its peak memory measured in a fresh process and its KL on
+the evaluation split measured; it replaces `out` only if both pass.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from memfit.archs import block_list, text_config
+from memfit.errors import UserError
+from memfit.plan.build import build_plan
+from memfit.plan.build import say as _say
+from memfit.plan.menu import (
+    TABLE_MENU,
+    Option,
+    Unit,
+    head_module,
+    linear_menu,
+    linear_options,
+    resident_bytes,
+    table_modules,
+)
+from memfit.plan.probe import ProbeReference, swapped
+from memfit.plan.sensitivity import sensitivity_pass
+from memfit.plan.solve import Solution, smallest, solve
+from memfit.plan.target import (
+    Target,
+    check_context,
+    estimate_activation,
+    kv_bytes,
+    kv_format,
+    parse_size,
+)
+
+DEFAULT_SHARE = 0.4  # no budget given: the model's memory cut to 40% of the unmodified model's
+TOLERANCE = 0.25  # predicted vs measured KL: re-solve beyond this relative departure
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitOptions:
+    data: str = "builtin"          # calibration/probe text (calib split) and evaluation text
+    samples: int = 16              # calibration windows for the sensitivity pass
+    seq_len: int = 512
+    probe_windows: int = 8         # held calibration windows the probe plans are measured on
+    probe_seq_len: int = 256
+    eval_windows: int = 16         # evaluation-split windows of the final check
+    eval_seq_len: int = 512
+    methods: str = "gptq"          # linear candidates: "gptq" (default) or "rtn" (fast)
+    max_kld: float | None = None   # refuse to write above this KL on the evaluation windows
+    max_drop: float = 0.1          # at most this share of the blocks may be dropped
+    dtype: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    loaded: object
+    target: Target
+    options: FitOptions
+    units: list[Unit]
+    drop_damage: list[float]
+    fixed: dict                    # bytes outside the units: stored, resident, overhead, ...
+    alpha: dict[str, float]
+    kv_damage: dict[str, float]
+    solution: Solution | None = None
+    kv: str = "none"
+    points: list[dict] = field(default_factory=list)   # every measured plan
+    timings: dict = field(default_factory=dict)
+    built: dict | None = None
+
+    # ----- bytes ---------------------------------------------------------------------------
+    def size(self, o: Option) -> int:
+        return o.resident if self.target.kind == "memory" else o.stored
+
+    def runtime_bytes(self, kv: str) -> int:
+        """Bytes outside the units at the target: fixed tensors, and for a memory budget the
+        runtime, the KV cache and the activation peak."""
+        if self.target.kind == "weights":
+            return self.fixed["stored"]
+        return (self.fixed["resident"] + self.fixed["overhead"] + self.fixed["activation"]
+                + self.fixed["kv"][kv])
+
+    def predicted_total(self, sol: Solution | None = None, kv: str | None = None) -> int:
+        sol = sol or self.solution
+        return sol.bytes + self.runtime_bytes(kv or self.kv)
+
+    def predicted_kld(self, sol: Solution | None = None, kv: str | None = None) -> float:
+        sol = sol or self.solution
+        return sol.damage + self.kv_damage.get(kv or self.kv, 0.0)
+
+    # ----- solving --------------------------------------------------------------------------
+    def solve_for(self, budget: int, kv: str) -> Solution | None:
+        n = len(self.drop_damage)
+        return solve(self.units, budget - self.runtime_bytes(kv), alpha=self.alpha,
+                     drop_damage=self.drop_damage, max_drop=int(self.options.max_drop * n),
+                     size=self.size)
+
+    def _best(self, budget: int) -> tuple[Solution, str]:
+        kvs = [self.target.kv] if self.target.kv != "auto" else list(self.kv_damage)
+        found = [(s, kv) for kv in kvs if (s := self.solve_for(budget, kv)) is not None]
+        if not found:
+            raise UserError(self.too_small_message(budget))
+        return min(found, key=lambda p: self.predicted_kld(*p))
+
+    def too_small_message(self, budget: int) -> str:
+        kv = "int4" if self.target.kv == "auto" else self.target.kv
+        n = len(self.drop_damage)
+        least = smallest(self.units, max_drop=int(self.options.max_drop * n), blocks=n,
+                         size=self.size) + self.runtime_bytes(kv)
+        parts = {"the weights at their smallest": least - self.runtime_bytes(kv)}
+        if self.target.kind == "memory":
+            parts.update({"the runtime (Python, torch, transformers)": self.fixed["overhead"],
+                          f"the KV cache at {self.target.context} x {self.target.batch} ({kv})":
+                          self.fixed["kv"][kv],
+                          "the activation peak": self.fixed["activation"],
+                          "norms, biases and other fixed tensors": self.fixed["resident"]})
+        else:
+            parts["norms, biases and other fixed tensors"] = self.fixed["stored"]
+        big = max(parts, key=parts.get)
+        return (f"the budget {budget / 1e6:.1f} MB is below the smallest possible plan, "
+                f"{least / 1e6:.1f} MB, dominated by {big} ({parts[big] / 1e6:.1f} MB); raise "
+                "the budget" + (", or shorten --context / --batch" if self.target.kind == "memory"
+                                else ""))
+
+    def measure(self, sol: Solution, probe: ProbeReference) -> float:
+        model = self.loaded.model
+        blocks = block_list(model, self.loaded.arch)
+        assignment, tables = {}, {}
+        for u in self.units:
+            o = u.options[sol.choice[u.key]]
+            if o.module is None or (u.block is not None and u.block in sol.dropped):
+                continue
+            if u.block is None:
+                tables[u.key] = o.module
+            else:
+                assignment[u.key] = o.module
+        with swapped(model, blocks, assignment, sol.dropped, tables,
+                     conv1d=self.loaded.arch.conv1d):
+            return probe.kld(model)["kld"]
+
+    def family_damage(self, sol: Solution) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for u in self.units:
+            if u.block is not None and u.block in sol.dropped:
+                continue
+            o = u.options[sol.choice[u.key]]
+            out[o.family] = out.get(o.family, 0.0) + o.damage
+        if sol.dropped:
+            out["drop"] = sum(self.drop_damage[b] for b in sol.dropped)
+        return out
+
+    # ----- results --------------------------------------------------------------------------
+    def choices(self) -> dict[str, str]:
+        sol = self.solution
+        return {u.key: ("dropped" if u.block is not None and u.block in sol.dropped
+                        else u.options[sol.choice[u.key]].name) for u in self.units}
+
+    def summary(self) -> dict:
+        sol = self.solution
+        return {"model": self.loaded.source, "target": vars(self.target).copy(),
+                "kv": self.kv, "dropped_blocks": sol.dropped,
+                "predicted_bytes": self.predicted_total(), "predicted_unit_bytes": sol.bytes,
+                "predicted_kld": self.predicted_kld(), "alpha": self.alpha,
+                "kv_damage": self.kv_damage, "fixed": self.fixed, "points": self.points,
+                "choices": self.choices(), "timings": self.timings, "built": self.built}
+
+    def build(self, out, *, overwrite: bool = False) -> dict:
+        self.built = build_plan(self, out, overwrite=overwrite)
+        return self.built
+
+    def report(self, folder, *, curve: bool = True) -> dict:
+        from memfit.plan.report import write_report
+        return write_report(self, folder, curve=curve)
+
+
+def _overhead(source: str, device: str) -> int:
+    """The runtime's own memory, measured in a fresh process (memfit.plan.measure)."""
+    import json
+    r = subprocess.run([sys.executable, "-m", "memfit.plan.measure", source, "--overhead",
+                        "--device", device], capture_output=True, text=True, timeout=600,
+                       check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring the runtime overhead failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["baseline_bytes"]
+
+
+def _table_units(model, sens_tables: dict, cands: dict, tied: bool, device, dtype) -> list[Unit]:
+    """The embedding table (with a tied head) and an untied head as units."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    units = []
+    kinds = ["embeddings"] + ([] if tied or head is None else ["head"])
+    for kind in kinds:
+        w = emb.weight if kind == "embeddings" else head.weight
+        opts = [Option("fp16", "keep", stored=w.numel() * 2, resident=w.numel() * dtype.itemsize)]
+        for name, fmt in TABLE_MENU[1:]:
+            mod = cands[kind][name]
+            damage = sens_tables.get(f"{kind}/{name}", 0.0)
+            resident = mod.nbytes()
+            if kind == "embeddings" and tied:
+                damage += sens_tables.get(f"head/{name}", 0.0)
+                resident = resident_bytes(cands["head"][name], device, dtype) \
+                    - cands["head"][name].nbytes() + mod.nbytes()
+            elif kind == "head":
+                resident = resident_bytes(mod, device, dtype)
+            opts.append(Option(name, "table", stored=mod.nbytes(), resident=resident,
+                               damage=damage, module=mod, fmt=fmt))
+        units.append(Unit(kind, None, opts, w.numel()))
+    return units
+
+
+def _fixed_bytes(model, units: list[Unit], dtype: torch.dtype) -> dict:
+    """Bytes of every tensor the plan does not choose for (norms, biases, ...)."""
+    from memfit.eval.memory import _leaf_owner
+
+    total = floats = 0
+    for _, _, _, t in _leaf_owner(model):
+        total += t.numel()
+        floats += t.numel() if t.is_floating_point() else 0
+    chosen = sum(u.weights for u in units)
+    return {"stored": (floats - chosen) * 2 + (total - floats) * 8,
+            "resident": (floats - chosen) * dtype.itemsize + (total - floats) * 8}
+
+
+def _family_probe(plan: Plan, family: str, probe: ProbeReference) -> None:
+    """Measure the plan that stores a share of the units in `family` (its least-damaging
+    option), everything else untouched; set that family's factor to measured / predicted."""
+    n = len(plan.drop_damage)
+    choice = {u.key: 0 for u in plan.units}  # option 0 is always "fp16"
+    dropped: list[int] = []
+    if family == "drop":
+        k = max(1, n // 15)
+        dropped = sorted(sorted(range(n), key=plan.drop_damage.__getitem__)[:k])
+        raw = sum(plan.drop_damage[b] for b in dropped)
+    else:
+        raw = 0.0
+        for u in plan.units:
+            if family != "table" and (u.block is None or (family != "int8" and u.block % 3)):
+                continue
+            js = [j for j, o in enumerate(u.options) if o.family == family]
+            if js:
+                choice[u.key] = min(js, key=lambda j: u.options[j].damage)
+                raw += u.options[choice[u.key]].damage
+    if raw <= 0:
+        return
+    sol = Solution(choice=choice, dropped=dropped, bytes=0, damage=raw)
+    measured = plan.measure(sol, probe)
+    plan.alpha[family] = measured / raw
+    plan.points.append({"probe": family, "families": plan.family_damage(sol),
+                        "measured_kld": measured, "raw_damage": raw})
+
+
+def _refit(plan: Plan) -> None:
+    """Refit the family factors on every measured plan: least squares on the relative error,
+    pulled toward the probe factors (ridge), factors kept positive."""
+    fams = sorted({f for p in plan.points for f in p["families"] if f != "keep"})
+    if not fams:
+        return
+    rows, rhs = [], []
+    for p in plan.points:
+        m = max(p["measured_kld"], 1e-9)
+        rows.append([p["families"].get(f, 0.0) / m for f in fams])
+        rhs.append(1.0)
+    prior = [plan.alpha.get(f, 1.0) for f in fams]
+    for k, a in enumerate(prior):  # ridge toward the probe factor, weight 0.3
+        rows.append([0.3 / a if j == k else 0.0 for j in range(len(fams))])
+        rhs.append(0.3)
+    sol = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                             torch.tensor(rhs, dtype=torch.float64)[:, None]).solution[:, 0]
+    for f, a, p in zip(fams, sol.tolist(), prior):
+        plan.alpha[f] = max(a, 0.1 * p)
+
+
+def _choose(plan: Plan, probe: ProbeReference) -> None:
+    """Solve, measure, and re-solve with refitted factors while the prediction is off."""
+    budget = plan.target.budget
+    for attempt in range(3):
+        sol, kv = plan._best(budget)
+        measured = plan.measure(sol, probe)
+        plan.points.append({"probe": f"plan-{attempt}", "families": plan.family_damage(sol),
+                            "measured_kld": measured, "predicted_kld": sol.damage,
+                            "bytes": sol.bytes})
+        plan.solution, plan.kv = sol, kv
+        if abs(measured / max(sol.damage, 1e-12) - 1) <= TOLERANCE or attempt == 2:
+            return
+        _refit(plan)
+
+
+def default_budget(units: list[Unit], fixed: dict, kind: str) -> int:
+    """With no budget given: the model's own share (all but the runtime's memory) cut to
+    DEFAULT_SHARE of what the unmodified model needs, for either kind of budget."""
+    if kind == "weights":
+        return int(DEFAULT_SHARE * (fixed["stored"] + sum(u.options[0].stored for u in units)))
+    model = (fixed["resident"] + sum(u.options[0].resident for u in units) + fixed["activation"]
+             + fixed["kv"]["none"])
+    return int(fixed["overhead"] + DEFAULT_SHARE * model)
+
+
+def fit(model="default", *, budget=None, kind: str = "memory", context: int | None = None, batch: int = 1,
+        kv: str = "auto", options: FitOptions | None = None) -> Plan:
+    """Plan `model` (a spec, or a memfit.models.Loaded) into `budget` (bytes or '300MB'; None:
+    `default_budget`) at `context` tokens (None: the model's limit, at most 2048) x `batch`."""
+    from memfit.calib.data import token_windows
+    from memfit.models import load_model
+
+    o = options or FitOptions()
+    t0 = time.perf_counter()
+    budget = parse_size(budget) if isinstance(budget, str) else budget
+    target = Target(budget=int(budget or 1), kind=kind, device=o.device, context=context or 1,
+                    batch=batch, kv=kv)
+    loaded = model if hasattr(model, "model") else load_model(model, dtype=o.dtype,
+                                                              device=o.device)
+    if loaded.kind != "decoder":
+        raise UserError("memfit fit plans decoder LLMs; for an encoder use memfit compress "
+                        "with a recipe (planning encoders is not built yet)")
+    m, arch = loaded.model, loaded.arch
+    if context is None:
+        context = min(2048, getattr(text_config(m.config), "max_position_embeddings", 2048))
+        target = replace(target, context=context)
+    check_context(m.config, context)
+    dtype = next(m.parameters()).dtype
+    tok = loaded.tokenizer
+    calib = token_windows(tok, o.data, "calib", seq_len=o.seq_len, max_windows=o.samples,
+                          seed=o.seed)
+    probe_ids = token_windows(tok, o.data, "calib", seq_len=o.probe_seq_len,
+                              max_windows=o.probe_windows, seed=o.seed + 1)
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    cands = {"embeddings": {}, "head": {}}
+    for name, fmt in TABLE_MENU[1:]:
+        qe, qh = table_modules(m, fmt, tied)
+        cands["embeddings"][name] = qe
+        cands["head"][name] = qh if tied else head_module(m, fmt)
+    _say(o, f"sensitivity: {len(calib)} windows x {o.seq_len} tokens, forward + backward")
+    sens = sensitivity_pass(m, arch, calib, tables=cands, seed=o.seed, progress=o.progress)
+    t1 = time.perf_counter()
+    blocks = block_list(m, arch)
+    prefix = next(n for n, mod in m.named_modules() if mod is blocks)
+    menu = linear_menu(o.methods)
+    units = []
+    from tqdm import tqdm
+    for i, block in enumerate(tqdm(blocks, desc="candidates", unit="block", disable=not o.progress)):
+        for group in arch.groups:
+            for n in group:
+                key = f"{prefix}.{i}.{n}"
+                mod = block.get_submodule(n)
+                opts = linear_options(mod, menu, sens.hessian[key], sens.fisher[key],
+                                      device=o.device, dtype=dtype)
+                units.append(Unit(key, i, opts, mod.weight.numel()))
+    linear_units = list(units)
+    units += _table_units(m, sens.tables, cands, tied, o.device, dtype)
+    t2 = time.perf_counter()
+    fixed = _fixed_bytes(m, units, dtype)
+    fixed["overhead"] = _overhead(loaded.source, o.device) if kind == "memory" else 0
+    fixed["activation"] = estimate_activation(m.config, context, batch, dtype)
+    fixed["kv"] = {k: kv_bytes(m.config, context, batch, dtype, k) for k in ("none", "int8", "int4")}
+    if budget is None:
+        budget = default_budget(units, fixed, kind)
+        target = replace(target, budget=budget)
+    plan = Plan(loaded=loaded, target=target, options=o, units=units, drop_damage=sens.drop,
+                fixed=fixed, alpha={"keep": 0.0}, kv_damage={"none": 0.0})
+    probe = ProbeReference(m, probe_ids)
+    _say(o, f"probes: {len(probe_ids)} windows x {o.probe_seq_len} tokens per measured plan")
+    families = sorted({op.family for u in linear_units for op in u.options} - {"keep"})
+    for fam in families + ["table", "drop"]:
+        _family_probe(plan, fam, probe)
+    if kind == "memory" and kv != "none" and fixed["kv"]["none"] > 0.05 * budget:
+        from memfit.plan.probe import ProbeReference as _Ref
+        kv_ids = token_windows(tok, o.data, "calib", seq_len=min(context, 1024), max_windows=4,
+                               seed=o.seed + 2)
+        kv_ref = _Ref(m, kv_ids)
+        for name in ("int8", "int4") if kv == "auto" else (kv,):
+            plan.kv_damage[name] = kv_ref.kld(m, kv_format(name))["kld"]
+        if kv != "auto":
+            plan.kv_damage.pop("none")
+    elif kv not in ("auto", "none"):
+        plan.kv_damage = {kv: 0.0}
+    t3 = time.perf_counter()
+    _choose(plan, probe)
+    plan.timings = {"sensitivity_s": t1 - t0, "candidates_s": t2 - t1, "probes_s": t3 - t2,
+                    "solve_s": time.perf_counter() - t3}
+    return plan

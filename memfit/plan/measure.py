@@ -1,0 +1,79 @@
+"""Measure a saved model's peak memory in a fresh process: `python -m memfit.plan.measure DIR
+--context C --batch B [--kv int4] [--device cpu]` prints one JSON line.
+
+The process imports memfit and builds the model's skeleton (so the runtime's own memory is in
+`baseline_bytes`), loads DIR with memfit's loader, runs one prefill of C random tokens per
+sequence (logits of the last position only, as generation does) and 8 decode steps through the
+(quantized) KV cache. CPU: peak resident set size (VmHWM); CUDA: torch's peak allocation.
+`--overhead` stops after the baseline: the memory model's runtime overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _rss(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m memfit.plan.measure")
+    p.add_argument("model")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--kv", default="none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overhead", action="store_true")
+    a = p.parse_args(argv)
+
+    import torch
+
+    import memfit  # noqa: F401 -- what a user's process imports
+    from memfit.models import skeleton
+    from memfit.plan.target import kv_format
+
+    torch.manual_seed(0)
+    skeleton(a.model)  # imports the model's transformers module, builds nothing real
+    cuda = a.device.startswith("cuda")
+    baseline = _rss()
+    if a.overhead:
+        return {"baseline_bytes": baseline}
+    from transformers import DynamicCache
+
+    from memfit.kvcache import QuantizedKVCache, cache_kwarg
+    from memfit.models import load_model
+
+    loaded = load_model(a.model, device=a.device)
+    model = loaded.model
+    after_load = _rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(a.device)
+        loaded_alloc = torch.cuda.memory_allocated(a.device)
+    fmt = kv_format(a.kv)
+    cache = QuantizedKVCache(model.config, fmt) if fmt else DynamicCache(config=model.config)
+    kw = cache_kwarg(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (a.batch, a.context), device=a.device)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        for _ in range(8):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
+    res = {"baseline_bytes": baseline, "after_load_bytes": after_load,
+           "peak_bytes": _rss("VmHWM"), "kind": "process_peak_rss"}
+    if cuda:
+        res.update(peak_bytes=torch.cuda.max_memory_allocated(a.device),
+                   after_load_bytes=loaded_alloc, baseline_bytes=0,
+                   kind="cuda_max_memory_allocated")
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])), flush=True)

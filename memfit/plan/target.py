@@ -1,0 +1,91 @@
+"""What the plan must fit, and the memory model that says whether it does.
+
+Two kinds of budget:
+- "memory": everything the model needs at run time on the target device, at the given context
+  and batch: resident weights (dense tensors in the compute dtype, packed modules with the
+  kernel layouts their forward prepares), the KV cache (memfit.eval.memory.kv_cache_bytes, exact),
+  the activation peak of one prefill (estimate_activation below), and the runtime's own memory
+  (Python, torch and transformers loaded: measured in a fresh process, memfit.plan.measure);
+- "weights": the weight bytes the artifact stores (16-bit dense tensors, packed modules), for
+  comparing with other tools' file sizes.
+The same functions give `memfit inspect` its numbers; `memfit fit` checks them against a
+measurement in a fresh process before it writes anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from memfit.errors import UserError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '800MB', '1.5GB', '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise UserError(f"cannot read the size {text!r}; write a number with a unit, e.g. 800MB, "
+                        "1.5GB or 24GiB (GB = 10^9 bytes, GiB = 2^30)")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise UserError(f"the size {text!r} must be positive")
+    return int(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """The budget and the conditions it is measured under."""
+
+    budget: int
+    kind: str = "memory"          # "memory" (run time, on `device`) or "weights" (stored bytes)
+    device: str = "cpu"
+    context: int = 2048
+    batch: int = 1
+    kv: str = "auto"              # none | int8 | int4 | auto (choose)
+
+    def __post_init__(self):
+        if self.kind not in ("memory", "weights"):
+            raise UserError(f"unknown budget kind {self.kind!r}; use 'memory' or 'weights'")
+        if self.kv not in ("none", "int8", "int4", "auto"):
+            raise UserError(f"unknown KV precision {self.kv!r}; use none, int8, int4 or auto")
+        if self.context < 1 or self.batch < 1:
+            raise UserError("context and batch must be at least 1")
+
+
+def check_context(config, context: int) -> None:
+    from memfit.archs import text_config
+
+    limit = getattr(text_config(config), "max_position_embeddings", None)
+    if limit and context > limit:
+        raise UserError(f"--context {context} is longer than the model supports "
+                        f"({limit} positions, max_position_embeddings); use --context {limit} "
+                        "or less")
+
+
+def kv_format(name: str):
+    if name in ("none", "auto"):
+        return None
+    from memfit.kvcache import KVFormat
+    return KVFormat(bits=int(name[3:]))
+
+
+def estimate_activation(config, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak transient bytes of one prefill of `context` tokens (memfit.eval.memory's estimate:
+    residual stream and temporaries, MLP intermediates, q/k/v; memory-efficient attention;
+    logits of the last position only)."""
+    from memfit.eval.memory import activation_peak_estimate
+    return activation_peak_estimate(config, context, batch, dtype)
+
+
+def kv_bytes(config, context: int, batch: int, dtype: torch.dtype, name: str) -> int:
+    """Exact KV-cache bytes, including the prefill peak (the larger of the two)."""
+    from memfit.eval.memory import kv_cache_bytes
+    kv = kv_cache_bytes(config, context, batch, dtype, kv_format(name))
+    return max(kv["kv_bytes"], kv["kv_prefill_peak_bytes"] if name in ("none", "auto") else 0)
