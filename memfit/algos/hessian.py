@@ -9,7 +9,9 @@ float64, GPTQ in float32 (its outputs are pinned by tests).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -47,10 +49,37 @@ def damped_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8,
                     "calibration samples or a larger damp")
 
 
+_FACTORS: dict | None = None  # see shared_factors
+
+
+@contextmanager
+def shared_factors():
+    """Inside the block, `inverse_hessian_factor` computes each factor once per distinct H (by
+    content) and hands the same read-only tensor to every later call: for building many
+    formats over one Hessian (memfit.plan builds every candidate of a layer)."""
+    global _FACTORS
+    previous, _FACTORS = _FACTORS, {}
+    try:
+        yield
+    finally:
+        _FACTORS = previous
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 8,
                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), computed in `dtype`,
     returned as float32. Damping is raised when either factorisation fails."""
+    if _FACTORS is None:
+        return _inverse_factor(H, damp, max_tries, dtype)
+    key = (hashlib.sha1(H.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest(),
+           damp, max_tries, dtype, str(H.device))
+    if key not in _FACTORS:
+        _FACTORS[key] = _inverse_factor(H, damp, max_tries, dtype)
+    return _FACTORS[key]
+
+
+def _inverse_factor(H: torch.Tensor, damp: float, max_tries: int,
+                    dtype: torch.dtype) -> torch.Tensor:
     H = H.to(dtype)
     mean_diag = _check(H)
     eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)

@@ -32,9 +32,9 @@ from memfit.plan.menu import (
     TABLE_MENU,
     Option,
     Unit,
+    group_options,
     head_module,
     linear_menu,
-    linear_options,
     resident_bytes,
     table_modules,
 )
@@ -116,7 +116,7 @@ class Plan:
                      size=self.size)
 
     def _best(self, budget: int) -> tuple[Solution, str]:
-        kvs = [self.target.kv] if self.target.kv != "auto" else list(self.kv_damage)
+        kvs = list(self.kv_damage)
         found = [(s, kv) for kv in kvs if (s := self.solve_for(budget, kv)) is not None]
         if not found:
             raise UserError(self.too_small_message(budget))
@@ -315,6 +315,16 @@ def default_budget(units: list[Unit], fixed: dict, kind: str) -> int:
     return int(fixed["overhead"] + DEFAULT_SHARE * model)
 
 
+def _kv_options(kind: str, kv: str, fixed: dict, budget: int) -> list[str]:
+    """KV precisions the solve may take: the one asked; with "auto", 16-bit, int8 and int4 when
+    the 16-bit cache is over 5% of a run-time budget (else quantizing it cannot pay)."""
+    if kv != "auto":
+        return [kv]
+    if kind == "memory" and fixed["kv"]["none"] > 0.05 * budget:
+        return ["none", "int8", "int4"]
+    return ["none"]
+
+
 def fit(model="default", *, budget=None, kind: str = "memory", context: int | None = None, batch: int = 1,
         kv: str = "auto", options: FitOptions | None = None) -> Plan:
     """Plan `model` (a spec, or a memfit.models.Loaded) into `budget` (bytes or '300MB'; None:
@@ -358,14 +368,17 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     menu = linear_menu(o.methods)
     units = []
     from tqdm import tqdm
+
+    from memfit.algos.hessian import shared_factors
     for i, block in enumerate(tqdm(blocks, desc="candidates", unit="block", disable=not o.progress)):
         for group in arch.groups:
-            for n in group:
-                key = f"{prefix}.{i}.{n}"
-                mod = block.get_submodule(n)
-                opts = linear_options(mod, menu, sens.hessian[key], sens.fisher[key],
-                                      device=o.device, dtype=dtype)
-                units.append(Unit(key, i, opts, mod.weight.numel()))
+            mods = {n: block.get_submodule(n) for n in group}
+            keys = {n: f"{prefix}.{i}.{n}" for n in group}
+            with shared_factors():  # one inverse-Hessian factor for every GPTQ format
+                opts = group_options(mods, menu, sens.hessian[keys[group[0]]],
+                                     {n: sens.fisher[keys[n]] for n in group}, device=o.device,
+                                     dtype=dtype)
+            units += [Unit(keys[n], i, opts[n], mods[n].weight.numel()) for n in group]
     linear_units = list(units)
     units += _table_units(m, sens.tables, cands, tied, o.device, dtype)
     t2 = time.perf_counter()
@@ -383,17 +396,16 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     families = sorted({op.family for u in linear_units for op in u.options} - {"keep"})
     for fam in families + ["table", "drop"]:
         _family_probe(plan, fam, probe)
-    if kind == "memory" and kv != "none" and fixed["kv"]["none"] > 0.05 * budget:
-        from memfit.plan.probe import ProbeReference as _Ref
+    plan.kv_damage = {k: 0.0 for k in _kv_options(kind, kv, fixed, budget)}
+    measured_kv = [k for k in plan.kv_damage if k != "none"]
+    if measured_kv:
+        _say(o, f"KV cache: measuring {', '.join(measured_kv)} on 4 windows x "
+                f"{min(context, 1024)} tokens")
         kv_ids = token_windows(tok, o.data, "calib", seq_len=min(context, 1024), max_windows=4,
                                seed=o.seed + 2)
-        kv_ref = _Ref(m, kv_ids)
-        for name in ("int8", "int4") if kv == "auto" else (kv,):
+        kv_ref = ProbeReference(m, kv_ids)
+        for name in measured_kv:
             plan.kv_damage[name] = kv_ref.kld(m, kv_format(name))["kld"]
-        if kv != "auto":
-            plan.kv_damage.pop("none")
-    elif kv not in ("auto", "none"):
-        plan.kv_damage = {kv: 0.0}
     t3 = time.perf_counter()
     _choose(plan, probe)
     plan.timings = {"sensitivity_s": t1 - t0, "candidates_s": t2 - t1, "probes_s": t3 - t2,

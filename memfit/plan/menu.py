@@ -46,7 +46,8 @@ def _gptq(bits: int, group: int | None) -> GPTQ:
 
 
 def linear_menu(methods: str = "gptq") -> tuple[Choice, ...]:
-    """The candidates for every linear. methods="gptq" (default): GPTQ for 4/3/2 bits, SparseGPT
+    """The candidates for every linear. methods="gptq" (default): int8 RTN per channel; GPTQ
+    (act-order) int4 at groups 128/64/32, int3 g64, int2 g32; SparseGPT
     2:4 with int4 values, whitened SVD (half the parameters) with int8 factors; "rtn": RTN only
     (fast, no Hessian-based algorithm)."""
     int8 = RTN(format=IntFormat(bits=8, group_size=None, symmetric=True))
@@ -63,7 +64,6 @@ def linear_menu(methods: str = "gptq") -> tuple[Choice, ...]:
         Choice("int4-g64", "int4", _gptq(4, 64)),
         Choice("int4-g32", "int4", _gptq(4, 32)),
         Choice("int3-g64", "int3", _gptq(3, 64)),
-        Choice("int3-g32", "int3", _gptq(3, 32)),
         Choice("int2-g32", "int2", _gptq(2, 32)),
         Choice("2:4+int4-g64", "sparse",
                Compose(SparseGPT(sparsity=None, nm="2:4"),
@@ -141,29 +141,38 @@ class _Stat:
         return (self.hessian.diagonal() / 2).sqrt()
 
 
-def linear_options(mod: torch.nn.Module, menu: tuple[Choice, ...], hessian: torch.Tensor,
-                   fisher: torch.Tensor, *, device: str, dtype: torch.dtype) -> list[Option]:
-    """Every choice of `menu` that fits `mod`, built, with its bytes and K-FAC damage."""
+def group_options(mods: dict[str, torch.nn.Module], menu: tuple[Choice, ...],
+                  hessian: torch.Tensor, fisher: dict[str, torch.Tensor], *, device: str,
+                  dtype: torch.dtype) -> dict[str, list[Option]]:
+    """Every choice of `menu` that fits, built for the linears `mods` that share one input (and
+    so one Hessian): quantizers run once on the stacked rows (rows are independent given the
+    Hessian), pruning and factorization per matrix. -> {name: options}, each with its bytes
+    and its K-FAC damage under that linear's own output Fisher."""
     from memfit.methods import replace_group, weight_2d
     from memfit.plan.sensitivity import kfac_damage
 
-    w = weight_2d(mod)
-    out_f, in_f = w.shape
-    opts = []
+    names = list(mods)
+    ws = {n: weight_2d(m) for n, m in mods.items()}
+    out = {n: [] for n in names}
+    stat = _Stat(hessian)
     for choice in menu:
-        if not choice.fits(out_f, in_f):
+        fit = [n for n in names if choice.fits(*ws[n].shape)]
+        if not fit:
             continue
         if choice.spec is None:
-            opts.append(Option(choice.name, choice.family, stored=w.numel() * 2,
-                               resident=w.numel() * dtype.itemsize))
+            for n in fit:
+                out[n].append(Option(choice.name, choice.family, stored=ws[n].numel() * 2,
+                                     resident=ws[n].numel() * dtype.itemsize))
             continue
-        (new,), _ = replace_group([mod], choice.spec, _Stat(hessian))
-        dw = new.dequantize(torch.float32).to(w.device) - w
-        resident = resident_bytes(new, device, dtype)
-        drop_caches(new)
-        opts.append(Option(choice.name, choice.family, stored=new.nbytes(), resident=resident,
-                           damage=kfac_damage(dw, hessian, fisher), module=new))
-    return opts
+        built, _ = replace_group([mods[n] for n in fit], choice.spec, stat)
+        for n, new in zip(fit, built):
+            dw = new.dequantize(torch.float32).to(ws[n].device) - ws[n]
+            resident = resident_bytes(new, device, dtype)
+            drop_caches(new)
+            out[n].append(Option(choice.name, choice.family, stored=new.nbytes(),
+                                 resident=resident, damage=kfac_damage(dw, hessian, fisher[n]),
+                                 module=new))
+    return out
 
 
 def table_modules(model, fmt: IntFormat, tied: bool):

@@ -137,3 +137,27 @@ def test_user_errors():
         gptq(W, torch.eye(32), fmt)
     with pytest.raises(UserError, match="static_groups"):
         gptq(W, H, fmt, act_order=True, static_groups=False)
+
+
+def test_shared_factors_give_the_same_codes():
+    """The planner's factor cache: identical results, one factorisation per distinct H."""
+    from memfit.algos import hessian
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    x = torch.randn(256, 64)
+    H = 2 * x.T @ x / 256
+    fmt = IntFormat(bits=4, group_size=32)
+    plain = gptq(w, H, fmt, act_order=True)
+    calls = []
+    real = hessian._inverse_factor
+    hessian._inverse_factor = lambda *a: calls.append(1) or real(*a)
+    try:
+        with hessian.shared_factors():
+            a = gptq(w, H, fmt, act_order=True)
+            b = gptq(w, H, IntFormat(bits=3, group_size=32), act_order=True)
+    finally:
+        hessian._inverse_factor = real
+    assert torch.equal(a.codes, plain.codes) and torch.equal(a.scale, plain.scale)
+    assert b.codes.max() <= 7 and len(calls) == 1
+    assert hessian._FACTORS is None
