@@ -88,8 +88,9 @@ def add_fit(sub) -> None:
                    help="KV-cache precision; auto lets the plan choose (default auto)")
     f.add_argument("--max-kld", type=float, help="refuse to write when the measured KL "
                    "divergence exceeds this (default: no limit)")
-    f.add_argument("--methods", choices=["gptq", "rtn"], default="gptq", help="candidates for "
-                   "the linears: gptq (GPTQ 4/3/2-bit, 2:4, low-rank, int8) or rtn (fast) "
+    f.add_argument("--methods", choices=["gptq", "all", "rtn"], default="gptq",
+                   help="candidates for the linears: gptq (int8, GPTQ int4/int3/int2), all (also "
+                   "SparseGPT 2:4 + int4 and whitened low-rank, slower) or rtn (fast) "
                    "(default gptq)")
     f.add_argument("--data", default="builtin", help="calibration and evaluation text "
                    "(default builtin)")

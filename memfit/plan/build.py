@@ -114,7 +114,8 @@ def _try(plan, sol, tmp: Path, eval_ref) -> dict:
         res["measured_bytes"] = res["stored_weight_bytes"]
         res["memory_error"] = res["predicted_bytes"] / res["stored_weight_bytes"] - 1
     reloaded = load(tmp, dtype=o.dtype, device=o.device)
-    q = eval_ref.kld(reloaded.model, plan.kv if plan.kv != "none" else None)
+    from memfit.plan.target import kv_format
+    q = eval_ref.kld(reloaded.model, kv_format(plan.kv))
     res.update(measured_kld=q["kld"], perplexity=q["perplexity"], eval_tokens=q["tokens"])
     res["kld_error"] = res["predicted_kld"] / max(q["kld"], 1e-12) - 1
     return res

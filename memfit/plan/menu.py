@@ -46,10 +46,15 @@ def _gptq(bits: int, group: int | None) -> GPTQ:
 
 
 def linear_menu(methods: str = "gptq") -> tuple[Choice, ...]:
-    """The candidates for every linear. methods="gptq" (default): int8 RTN per channel; GPTQ
-    (act-order) int4 at groups 128/64/32, int3 g64, int2 g32; SparseGPT
-    2:4 with int4 values, whitened SVD (half the parameters) with int8 factors; "rtn": RTN only
-    (fast, no Hessian-based algorithm)."""
+    """The candidates for every linear.
+
+    - "gptq" (default): 16-bit; int8 RTN per channel; GPTQ (act-order) int4 at groups
+      128/64/32, int3 g64, int2 g32;
+    - "all": those, plus SparseGPT 2:4 with int4 g64 values and a whitened SVD keeping half the
+      parameters with int8 factors (both per matrix, several times slower to build than the
+      quantizers, which share one inverse-Hessian factor per layer group);
+    - "rtn": 16-bit, int8, RTN int4 g128/64/32 and int3 g64/32 (no Hessian-based algorithm).
+    """
     int8 = RTN(format=IntFormat(bits=8, group_size=None, symmetric=True))
     menu = [Choice("fp16", "keep"), Choice("int8", "int8", int8)]
     if methods == "rtn":
@@ -59,19 +64,18 @@ def linear_menu(methods: str = "gptq") -> tuple[Choice, ...]:
                              Choice("int4-g32", "int4", rtn(4, 32)),
                              Choice("int3-g64", "int3", rtn(3, 64)),
                              Choice("int3-g32", "int3", rtn(3, 32))])
-    return tuple(menu + [
-        Choice("int4-g128", "int4", _gptq(4, 128)),
-        Choice("int4-g64", "int4", _gptq(4, 64)),
-        Choice("int4-g32", "int4", _gptq(4, 32)),
-        Choice("int3-g64", "int3", _gptq(3, 64)),
-        Choice("int2-g32", "int2", _gptq(2, 32)),
-        Choice("2:4+int4-g64", "sparse",
-               Compose(SparseGPT(sparsity=None, nm="2:4"),
-                       GPTQ(format=IntFormat(bits=4, group_size=64)))),
-        Choice("wsvd50+int8", "lowrank",
-               Compose(WhitenedSVD(keep=0.5), RTN(format=IntFormat(bits=8, group_size=None,
-                                                                      symmetric=True)))),
-    ])
+    menu += [Choice("int4-g128", "int4", _gptq(4, 128)),
+             Choice("int4-g64", "int4", _gptq(4, 64)),
+             Choice("int4-g32", "int4", _gptq(4, 32)),
+             Choice("int3-g64", "int3", _gptq(3, 64)),
+             Choice("int2-g32", "int2", _gptq(2, 32))]
+    if methods == "all":
+        menu += [Choice("2:4+int4-g64", "sparse",
+                        Compose(SparseGPT(sparsity=None, nm="2:4"),
+                                GPTQ(format=IntFormat(bits=4, group_size=64)))),
+                 Choice("wsvd50+int8", "lowrank",
+                        Compose(WhitenedSVD(keep=0.5), int8))]
+    return tuple(menu)
 
 
 # the embedding table and the output head: RTN on the integer grid (memfit.methods)
