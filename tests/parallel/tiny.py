@@ -11,9 +11,9 @@ from memfit.formats.quant_linear import QuantLinear
 # name -> config overrides. "gqa_uneven": 3 KV heads (3 query heads each) on 2 ranks -> 2 + 1.
 CONFIGS = {
     "llama": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                  "num_key_value_heads": 2},
+              "num_key_value_heads": 2},
     "gqa_uneven": {"hidden_size": 144, "intermediate_size": 192, "num_attention_heads": 9,
-                       "num_key_value_heads": 3, "head_dim": 16},
+                   "num_key_value_heads": 3, "head_dim": 16},
 }
 FORMATS = {
     "dense": None,
