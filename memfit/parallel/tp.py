@@ -20,6 +20,16 @@ Transformers 5 attention reshapes projections with -1 heads and reads `num_key_v
 (query heads per KV head, unchanged by this split); any head-count attribute the plan lists that
 a module does keep is set to the rank's count.
 
+Known issue, int4 on the CPU: at decode (one token) memfit's CPU int kernels round float32
+activations to bfloat16 and run torch's bfloat16 weight-only kernels (memfit.kernels.cpu). On
+the default model in w4g64 RTN, teacher-forced over the 128 greedy tokens of one device, TP=2
+logits differed from TP=1 by 3.3e-5 at the prefill (float32 path) but by up to 0.79 (median
+0.28) at decode; the argmax agreed on 128 of 129 steps and the greedy text diverges after ~50
+tokens (at a step whose top-2 logit gap is 0.10). With the kernels kept on their float32 path
+on both sides (memfit.kernels.cpu.DECODE_MAX_M = 0) the 128 tokens are identical, as they are
+for the dense model. Running row-parallel shards on the float32 path while TP=1 keeps the
+bfloat16 kernels did not help (same divergence), so it is not done.
+
 Memory: every rank loads the whole model and then drops what it does not own, so the peak while
 loading is one full copy per rank (fine for inference of a model that fits on one device; a
 meta-device loader that reads only the shard is not written yet).
