@@ -221,8 +221,8 @@ def tp_session(tp: int, device: str = "cpu", timeout_s: float = 300.0):
 
 def check_same_model(model: nn.Module) -> None:
     """Refuse (on every rank) when ranks loaded different weights: float64 sums, all-gathered."""
-    sums = torch.tensor([float(p.detach().double().sum()) for p in model.parameters()][:64],
-                        dtype=torch.float64)
+    tensors = list(model.parameters()) + list(model.buffers())  # packed codes are buffers
+    sums = torch.tensor([float(t.detach().double().sum()) for t in tensors], dtype=torch.float64)
     device = next(model.parameters()).device
     gathered = [torch.empty_like(sums, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums.to(device))
