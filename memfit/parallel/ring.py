@@ -178,9 +178,15 @@ def _merge(acc, part):
     return a_a * w_a[..., None] + a_b * w_b[..., None], m, l_a * w_a + l_b * w_b
 
 
-def _pairs(rank: int, src: int, world: int, causal: bool):
+def _n_chunks(causal: bool, world: int, length: int) -> int:
+    """Chunks per local slice: the 2 zigzag chunks when causal (also on one rank, where the
+    split skips the upper-right quarter), else 1; an odd length on one rank stays whole."""
+    return 2 if causal and (world > 1 or length % 2 == 0) else 1
+
+
+def _pairs(rank: int, src: int, world: int, causal: bool, n: int):
     """(query chunk, key chunk, causal-diagonal) products rank computes against src's block."""
-    if not causal or world == 1:
+    if n == 1:
         return [(0, 0, causal)]
     q_idx, k_idx = (rank, 2 * world - 1 - rank), (src, 2 * world - 1 - src)
     return [(qi, ki, a == b) for qi, a in enumerate(q_idx) for ki, b in enumerate(k_idx) if b <= a]
@@ -230,13 +236,13 @@ def _check_same_length(x: torch.Tensor, group, world: int) -> None:
 def _ring_forward(q5, kv, causal: bool, scale: float, group):
     """q5 (B, Hkv, G, L, D) in the compute dtype, kv (2, B, Hkv, L, D) -> (o like q5, m, l)."""
     rank, world = _rank_world(group)
-    n = 2 if causal and world > 1 else 1
+    n = _n_chunks(causal, world, q5.shape[3])
     acc = [None] * n
     for step in range(world):
         src = (rank - step) % world
         nxt, reqs = _exchange(kv, group, 0) if step < world - 1 else (None, [])
         k, v = kv[0].to(q5.dtype), kv[1].to(q5.dtype)  # overlapped with the exchange in flight
-        for qi, ki, diag in _pairs(rank, src, world, causal):
+        for qi, ki, diag in _pairs(rank, src, world, causal, n):
             part = _block_forward(_chunk(q5, qi, n, 3), _chunk(k, ki, n, 2), _chunk(v, ki, n, 2),
                                   scale, diag)
             acc[qi] = _merge(acc[qi], part)
@@ -249,7 +255,7 @@ def _ring_forward(q5, kv, causal: bool, scale: float, group):
 def _ring_backward(do5, q5, kv, o, m, denom, causal: bool, scale: float, group):
     """(dq like q5, dkv (2, B, Hkv, L, D)) in the compute dtype."""
     rank, world = _rank_world(group)
-    n = 2 if causal and world > 1 else 1
+    n = _n_chunks(causal, world, q5.shape[3])
     delta = (do5 * o).sum(-1)  # (B, Hkv, G, L)
     dq = torch.zeros_like(q5)
     dkv_in, dkv_reqs = None, []
@@ -258,7 +264,7 @@ def _ring_backward(do5, q5, kv, o, m, denom, causal: bool, scale: float, group):
         nxt, reqs = _exchange(kv, group, 0) if step < world - 1 else (None, [])
         k, v = kv[0].to(q5.dtype), kv[1].to(q5.dtype)
         dkv = torch.zeros((2, *k.shape), dtype=q5.dtype, device=q5.device)
-        for qi, ki, diag in _pairs(rank, src, world, causal):
+        for qi, ki, diag in _pairs(rank, src, world, causal, n):
             rows = slice(qi * (q5.shape[3] // n), (qi + 1) * (q5.shape[3] // n))
             dq_b, dk_b, dv_b = _block_backward(
                 _chunk(q5, qi, n, 3), _chunk(k, ki, n, 2), _chunk(v, ki, n, 2),

@@ -31,8 +31,9 @@ def test_tiled_attention_matches_float64(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_ring_on_one_rank_matches_float64_forward_and_backward(causal):
-    q, k, v = (t.requires_grad_() for t in _inputs(S=41))  # odd length is fine on one rank
+@pytest.mark.parametrize("length", [40, 41])  # even: 2 causal chunks; odd: one (fine on 1 rank)
+def test_ring_on_one_rank_matches_float64_forward_and_backward(causal, length):
+    q, k, v = (t.requires_grad_() for t in _inputs(S=length))
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = full_attention(*ref_in, causal)
     go = torch.randn_like(ref)
