@@ -23,7 +23,7 @@ Sizes: the local sequence length must be the same on every rank (checked, one sm
 all-gather per call); causal on N > 1 ranks needs it even (2 chunks), i.e. a global length
 divisible by 2N (`shard_sequence` refuses other lengths; non-causal needs a multiple of N).
 GQA: q has H heads, k/v Hkv with H % Hkv == 0; query head i reads KV head i // (H / Hkv), as in
-transformers. Scores are materialised per block in tiles of query rows (at most ~16M scores),
+transformers. Scores are materialised per block in tiles of query rows (1M scores on the CPU, 64M on GPUs),
 in plain torch: this is the readable reference, not a fused kernel.
 """
 
@@ -36,7 +36,10 @@ import torch.distributed as dist
 
 from memfit.errors import UserError
 
-_TILE_ELEMENTS = 1 << 24
+# Scores materialised at once: on the CPU small tiles stay in cache (2048 tokens, 8 heads, one
+# thread: 1.9 s fwd+bwd at 16M elements, 0.75 s at 1M); on a GPU large ones keep kernels busy.
+_TILE_ELEMENTS = {"cpu": 1 << 20}
+_TILE_ELEMENTS_GPU = 1 << 26
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -124,8 +127,9 @@ def unshard_sequence(parts: list[torch.Tensor], causal: bool, dim: int = 2) -> t
 
 # --- block math (B, Hkv, G, Lq, D) queries against (B, Hkv, Lk, D) keys ----------------------
 
-def _row_tiles(lq: int, per_row: int):
-    step = max(1, _TILE_ELEMENTS // max(1, per_row))
+def _row_tiles(lq: int, per_row: int, device: torch.device):
+    budget = _TILE_ELEMENTS.get(device.type, _TILE_ELEMENTS_GPU)
+    step = max(1, budget // max(1, per_row))
     return [slice(i, min(lq, i + step)) for i in range(0, lq, step)]
 
 
@@ -144,7 +148,7 @@ def _block_forward(q, k, v, scale: float, diag: bool):
     acc = torch.empty_like(q)
     m = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
     denom = torch.empty_like(m)
-    for rows in _row_tiles(q.shape[3], q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]):
+    for rows in _row_tiles(q.shape[3], q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2], q.device):
         s = _scores(q, k, scale, diag, rows)
         m[:, :, :, rows] = s.amax(-1)
         p = torch.exp(s - m[:, :, :, rows, None])
@@ -157,7 +161,7 @@ def _block_backward(q, k, v, do, m, denom, delta, scale: float, diag: bool):
     """(dq, dk, dv) of one block, given the final row max m and denominator (softmax =
     exp(s - m) / denom, i.e. exp(s - lse)) and delta = rowsum(dO * O)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for rows in _row_tiles(q.shape[3], q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]):
+    for rows in _row_tiles(q.shape[3], q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2], q.device):
         s = _scores(q, k, scale, diag, rows)  # (B, Hkv, G, t, Lk)
         p = torch.exp(s - m[:, :, :, rows, None]) / denom[:, :, :, rows, None]
         do_t = do[:, :, :, rows]
