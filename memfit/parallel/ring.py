@@ -23,8 +23,9 @@ Sizes: the local sequence length must be the same on every rank (checked, one sm
 all-gather per call); causal on N > 1 ranks needs it even (2 chunks), i.e. a global length
 divisible by 2N (`shard_sequence` refuses other lengths; non-causal needs a multiple of N).
 GQA: q has H heads, k/v Hkv with H % Hkv == 0; query head i reads KV head i // (H / Hkv), as in
-transformers. Scores are materialised per block in tiles of query rows (1M scores on the CPU, 64M on GPUs),
-in plain torch: this is the readable reference, not a fused kernel.
+transformers. Scores are materialised per block in tiles of query rows (1M scores on the CPU,
+64M on GPUs), in plain torch float32 einsums: the readable reference, not a fused kernel (on a
+GPU a flash kernel returning the log-sum-exp would replace `_block_forward`/`_block_backward`).
 """
 
 from __future__ import annotations
