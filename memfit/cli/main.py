@@ -118,14 +118,19 @@ def cmd_inspect(args) -> None:
 
 def cmd_generate(args) -> None:
     from memfit.generate import generate
+    from memfit.parallel.tp import tp_session
 
-    m = _load(args)
-    if m.kind != "decoder":
-        raise UserError(f"{args.model} is an encoder; generate needs a decoder model")
-    generate(m.model, m.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             chat=False if args.no_chat else None, kv=args.kv)
-    print()
+    with tp_session(args.tp, args.device) as tp:  # --tp N: one torchrun rank per shard
+        args.device = tp.device
+        m = _load(args)
+        if m.kind != "decoder":
+            raise UserError(f"{args.model} is an encoder; generate needs a decoder model")
+        tp.parallelize(m.model)
+        generate(m.model, m.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                 chat=False if args.no_chat else None, kv=args.kv, stream=tp.stream())
+        if tp.rank == 0:
+            print()
 
 
 def _version() -> str:
@@ -183,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_kv(g)
+    g.add_argument("--tp", type=_positive("--tp"), default=1,
+                   help="tensor-parallel ranks; run under `torchrun --nproc-per-node N` with "
+                   "--tp N (rank 0 prints; default 1)")
     g.set_defaults(func=cmd_generate)
 
     add_compress(sub)

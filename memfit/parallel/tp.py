@@ -1,0 +1,233 @@
+"""Tensor-parallel inference: `parallelize_(model, rank, world)` splits every block of a loaded
+model by its architecture's plan (memfit.parallel.plans) and `tp_session` runs it under torchrun.
+
+Layout. Attention is split by KV-head groups: rank r holds a contiguous run of whole KV heads and
+the query heads that read them, so q/k/v are column-parallel and o_proj row-parallel on the same
+head range. When the KV-head count does not divide by the world size the split is uneven (the
+default model, 3 KV heads on 2 ranks: 2 groups on rank 0, 1 on rank 1). The MLP is split by
+intermediate channels (gate/up column-parallel, down row-parallel) as evenly as the quantization
+groups of down_proj allow (a row-parallel cut must fall on a group boundary). The embedding, the
+norms and the LM head are replicated on every rank; each rank's KV cache holds only its heads.
+
+Why plain all-reduces and not DTensor's `parallelize_module`: DTensor shards a dimension evenly
+(or by its own uneven rule for the remainder), which cannot express "2 KV-head groups here, 1
+there" with the query heads following their KV head, and it does not know memfit's packed
+buffers (codes, scales, zero points live in one tensor per field with a group axis). Here each
+shard is an ordinary module of the same class on its slice, so the single-device kernels run it
+unchanged, and the only communication is one `torch.distributed.all_reduce` (sum) after each
+row-parallel layer: two per block.
+Transformers 5 attention reshapes projections with -1 heads and reads `num_key_value_groups`
+(query heads per KV head, unchanged by this split); any head-count attribute the plan lists that
+a module does keep is set to the rank's count.
+
+Known issue, int4 on the CPU: at decode (one token) memfit's CPU int kernels round float32
+activations to bfloat16 and run torch's bfloat16 weight-only kernels (memfit.kernels.cpu). On
+the default model in w4g64 RTN, teacher-forced over the 128 greedy tokens of one device, TP=2
+logits differed from TP=1 by 3.3e-5 at the prefill (float32 path) but by up to 0.79 (median
+0.28) at decode; the argmax agreed on 128 of 129 steps (it differs at step 49, where TP=1's
+top-2 logit gap is above 0.16) and the free-running greedy text diverges there. That is the
+size of the kernels' own rounding: on one device, bfloat16 vs float32 decode kernels differ by
+up to 0.52 (median 0.22) on the same steps (argmax equal on all 129). With the kernels kept on their float32 path
+on both sides (memfit.kernels.cpu.DECODE_MAX_M = 0) the 128 tokens are identical, as they are
+for the dense model. Running row-parallel shards on the float32 path while TP=1 keeps the
+bfloat16 kernels did not help (same divergence), so it is not done.
+
+Memory: every rank loads the whole model and then drops what it does not own, so the peak while
+loading is one full copy per rank (fine for inference of a model that fits on one device; a
+meta-device loader that reads only the shard is not written yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memfit.archs import arch_for, block_list, kv_shape, text_config
+from memfit.errors import UserError
+from memfit.parallel.plans import COLWISE, plan_for
+from memfit.parallel.shard import group_size, shard_colwise, shard_rowwise
+
+
+def split_even(n_units: int, world: int) -> list[tuple[int, int]]:
+    """[start, end) unit ranges, contiguous, the first `n_units % world` ranks one unit larger."""
+    base, extra = divmod(n_units, world)
+    out, start = [], 0
+    for r in range(world):
+        end = start + base + (1 if r < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def partition(config, world: int, mlp_align: int = 1) -> list[dict[str, tuple[int, int]]]:
+    """Per rank, {unit: (start, end) channel range} for units "q", "kv", "mlp"."""
+    c = text_config(config)
+    _, kv_heads, head_dim = kv_shape(config)
+    heads = c.num_attention_heads
+    per_kv = heads // kv_heads
+    if kv_heads < world:
+        raise UserError(
+            f"--tp {world} cannot split attention: the model has {kv_heads} KV heads and each "
+            f"rank needs at least one whole KV head (with its {per_kv} query heads); use --tp "
+            f"{kv_heads} or fewer")
+    inter = c.intermediate_size
+    n_mlp = -(-inter // mlp_align)
+    if n_mlp < world:
+        raise UserError(f"--tp {world} cannot split the MLP: {inter} intermediate channels make "
+                        f"only {n_mlp} groups of {mlp_align}; use --tp {n_mlp} or fewer")
+    parts = []
+    for (k0, k1), (m0, m1) in zip(split_even(kv_heads, world), split_even(n_mlp, world)):
+        parts.append({"kv": (k0 * head_dim, k1 * head_dim),
+                      "q": (k0 * per_kv * head_dim, k1 * per_kv * head_dim),
+                      "mlp": (m0 * mlp_align, min(m1 * mlp_align, inter))})
+    return parts
+
+
+class RowParallel(nn.Module):
+    """A row-parallel shard: y = all_reduce_sum(local(x)) + bias (the bias added once)."""
+
+    def __init__(self, local: nn.Module, bias: torch.Tensor | None, group=None):
+        super().__init__()
+        self.local, self.group = local, group
+        self.register_buffer("bias", bias)
+        self.in_features = getattr(local, "in_features", None)
+        self.out_features = getattr(local, "out_features", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce_sum(self.local(x), self.group)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def all_reduce_sum(y: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `y` over the group (identity outside torch.distributed). gloo reduces no 16-bit
+    floats on the CPU, so those are summed in float32 there."""
+    if not dist.is_initialized():
+        return y
+    if dist.get_backend(group) == "gloo" and y.dtype in (torch.float16, torch.bfloat16):
+        y32 = y.float()
+        dist.all_reduce(y32, group=group)
+        return y32.to(y.dtype)
+    y = y.contiguous()
+    dist.all_reduce(y, group=group)
+    return y
+
+
+def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
+    """Replace, in place, every linear named by the plan with this rank's shard. Returns what the
+    rank holds: heads, MLP channels, weight bytes and KV-cache bytes per token."""
+    plan = plan_for(text_config(model.config))
+    blocks = block_list(model, arch_for(model.config))
+    part = None
+    for block in blocks:
+        rows = [p for p, (style, unit) in plan.linears.items() if style != COLWISE and unit == "mlp"]
+        align = max([group_size(block.get_submodule(p)) for p in rows] or [1])
+        part = partition(model.config, world, align)[rank]
+        for path, (style, unit) in plan.linears.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            start, end = part[unit]
+            m = getattr(parent, name)
+            if style == COLWISE:
+                setattr(parent, name, shard_colwise(m, start, end))
+            else:
+                local, bias = shard_rowwise(m, start, end)
+                setattr(parent, name, RowParallel(local, bias, group))
+        _set_head_attrs(block.get_submodule(plan.attention), plan.head_attrs, part, model.config)
+    return rank_report(model, rank, world, part)
+
+
+def _set_head_attrs(attn: nn.Module, attrs: dict[str, str], part, config) -> None:
+    _, _, head_dim = kv_shape(config)
+    for attr, unit in attrs.items():
+        if isinstance(getattr(attn, attr, None), int):
+            start, end = part[unit]
+            setattr(attn, attr, (end - start) // head_dim)
+
+
+def rank_report(model: nn.Module, rank: int, world: int, part: dict | None) -> dict:
+    """Per-rank holdings: weight bytes (every distinct parameter and buffer) and the KV cache."""
+    seen, weight_bytes = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        weight_bytes += t.numel() * t.element_size()
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    local_kv = kv_heads if part is None else (part["kv"][1] - part["kv"][0]) // head_dim
+    elem = next(model.parameters()).element_size()
+    out = {"rank": rank, "world": world, "kv_heads": local_kv, "weight_bytes": weight_bytes,
+           "kv_bytes_per_token": 2 * layers * local_kv * head_dim * elem}
+    if part is not None:
+        out["q_heads"] = (part["q"][1] - part["q"][0]) // head_dim
+        out["mlp_channels"] = part["mlp"][1] - part["mlp"][0]
+    return out
+
+
+@dataclass
+class TPSession:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    def parallelize(self, model: nn.Module) -> None:
+        """Shard `model` (tp > 1), check every rank loaded the same weights, and print each
+        rank's holdings to stderr from rank 0."""
+        if self.world == 1:
+            return
+        check_same_model(model)
+        report = parallelize_(model, self.rank, self.world)
+        reports = [None] * self.world
+        dist.all_gather_object(reports, report)
+        if self.rank == 0:
+            for r in reports:
+                print(f"tp rank {r['rank']}/{r['world']}: {r['q_heads']} query heads, "
+                      f"{r['kv_heads']} KV heads, {r['mlp_channels']} MLP channels; weights "
+                      f"{r['weight_bytes'] / 2**20:.1f} MiB, KV cache {r['kv_bytes_per_token']:,} "
+                      "bytes/token", file=sys.stderr)
+
+    def stream(self):
+        """The generate() stream callback: the terminal on rank 0, nothing elsewhere."""
+        return None if self.rank == 0 else (lambda piece: None)
+
+
+@contextlib.contextmanager
+def tp_session(tp: int, device: str = "cpu", timeout_s: float = 300.0):
+    """Join the torchrun world for `--tp tp` (or stay single-process for tp 1 outside torchrun);
+    the process group is torn down on exit. CUDA ranks use cuda:LOCAL_RANK and NCCL."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp != world:
+        hint = (f"launch with `torchrun --nproc-per-node {tp} -m memfit generate ... --tp {tp}`"
+                if tp > 1 else "drop torchrun, or pass --tp equal to --nproc-per-node")
+        raise UserError(f"--tp {tp} does not match the world size {world}; {hint}")
+    if world == 1:
+        yield TPSession(device=device)
+        return
+    rank = int(os.environ["RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield TPSession(rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_same_model(model: nn.Module) -> None:
+    """Refuse (on every rank) when ranks loaded different weights: float64 sums, all-gathered."""
+    tensors = list(model.parameters()) + list(model.buffers())  # packed codes are buffers
+    sums = torch.tensor([float(t.detach().double().sum()) for t in tensors], dtype=torch.float64)
+    device = next(model.parameters()).device
+    gathered = [torch.empty_like(sums, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums.to(device))
+    if any(not torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered):
+        raise UserError("the ranks loaded different weights (checksums differ); give every rank "
+                        "the same MODEL")
