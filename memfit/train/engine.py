@@ -154,11 +154,14 @@ def shard_(objective: Objective, *, device: torch.device, param_dtype: torch.dty
 
 
 def replicate(objective: Objective, device: torch.device) -> nn.Module:
-    """DDP over the objective (the engine of `--grad-comm powersgd`)."""
+    """DDP over the objective (the engine of `--grad-comm powersgd`), in one gradient bucket:
+    with several, torch's PowerSGD hook (per-bucket state) went out of step across ranks under
+    activation checkpointing here (gloo: "collective mismatch"); one bucket gives up overlapping
+    the all-reduce with the backward pass."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(objective, device_ids=ids)
+    return DDP(objective, device_ids=ids, bucket_cap_mb=10_000)
 
 
 def full_state_dict(engine_model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
