@@ -134,7 +134,9 @@ def _save(model, engine: str, spec_model, tokenizer, out, o: TrainOptions, rank:
         return
     fresh = AutoModelForCausalLM.from_config(spec_model.config, dtype=torch.float32)
     fresh.load_state_dict(sd, strict=True)
-    save(fresh.eval(), tokenizer, out, recipe={}, overwrite=o.overwrite, extra={"train": entry})
+    # float32 as trained ("keep"): memfit's 16-bit default would round away updates of ~lr
+    save(fresh.eval(), tokenizer, out, recipe={}, overwrite=o.overwrite, extra={"train": entry},
+         dense_dtype="keep")
 
 
 def train_to(model: str, out: str | Path | None, options: TrainOptions | None = None,

@@ -1,7 +1,9 @@
-"""Run by the tests under torchrun (or plainly): train_to with options from JSON, every rank's
-report written to OUT.rank<r>.json. Not a test module itself.
+"""Run by the tests under torchrun (or plainly; not a test module): joins the process group once,
+runs train_to for each named option set, and writes each rank's reports to PREFIX.rank<r>.json
+as {name: report}.
 
-usage: worker.py MODEL OUT_PREFIX OPTIONS_JSON [SAVE_DIR]
+usage: worker.py MODEL PREFIX RUNS_JSON   with RUNS_JSON = [{"name": ..., "options": {...},
+                                                           "out": folder or null}, ...]
 """
 
 import json
@@ -13,13 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
-    from memfit.train import TrainOptions, train_to
+    import torch.distributed as dist
 
-    model, prefix, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    out = sys.argv[4] if len(sys.argv) > 4 else None
-    rep = train_to(model, out, TrainOptions(**opts))
-    with open(f"{prefix}.rank{rep['rank']}.json", "w") as f:
-        json.dump(rep, f)
+    from memfit.train import TrainOptions, train_to
+    from memfit.train.engine import init_distributed
+
+    model, prefix, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    rank, _, _, _ = init_distributed(runs[0]["options"].get("device", "cpu"))
+    reports = {r["name"]: train_to(model, r.get("out"), TrainOptions(**r["options"]))
+               for r in runs}
+    with open(f"{prefix}.rank{rank}.json", "w") as f:
+        json.dump(reports, f)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
