@@ -14,6 +14,7 @@ the prediction, which counts tensors only.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,4 +208,5 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
         return report
     finally:
         if created:
+            gc.collect()  # a DDP model (a cycle through its comm hook) goes before its group
             dist.destroy_process_group()

@@ -6,6 +6,7 @@ usage: worker.py MODEL PREFIX RUNS_JSON   with RUNS_JSON = [{"name": ..., "optio
                                                            "out": folder or null}, ...]
 """
 
+import gc
 import json
 import os
 import sys
@@ -26,6 +27,8 @@ def main() -> None:
                for r in runs}
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(reports, f)
+    gc.collect()  # a DDP model (a cycle through its comm hook) goes before the group
+    dist.barrier()
     dist.destroy_process_group()
 
 
