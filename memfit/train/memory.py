@@ -17,7 +17,8 @@ from the tensors autograd saves with SDPA attention, whose probabilities are not
 + 4 KV (k, v before and after RoPE) + 4 I (gate, up, silu(gate), down_proj input).
 AC none keeps that for every block; full keeps each block's input (H) and recomputes one block
 at a time; selective (every other block, memfit's choice: half the recompute of full) keeps
-full activations for the odd blocks and inputs for the even ones. The loss keeps the final
+full activations for the odd blocks and inputs for the even ones. The backward pass of a block
+holds the gradients of its activations besides them: one more block's worth. The loss keeps the final
 hidden states and recomputes (B, chunk, V) float32 logits per chunk (three slabs: logits,
 log-probabilities and their gradient).
 """
@@ -63,6 +64,7 @@ def activation_bytes(s: Shape, *, batch: int, seq_len: int, ac: str, compute_byt
     block_input = tokens * s.hidden * compute_bytes
     n_ck = len(checkpointed_blocks(s.layers, ac))
     blocks = n_ck * block_input + (s.layers - n_ck) * per_block + (per_block if n_ck else 0)
+    blocks += per_block if s.layers else 0  # gradients of one block's activations in backward
     head = 2 * tokens * s.hidden * compute_bytes + 3 * batch * min(chunk, seq_len) * s.vocab * 4
     return blocks + head
 
