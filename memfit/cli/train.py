@@ -24,16 +24,18 @@ def _print(rep: dict) -> None:
     comm = rep["grad_comm_per_step"][-1]
     print(f"grad comm    {comm['payload_bytes']:,} bytes handed to collectives per step per rank, "
           f"~{comm['wire_bytes']:,} sent to other ranks")
-    start = rep["rss_start_bytes"]
     measured = human_bytes(rep["peak_memory_bytes"])
     if rep["peak_memory_kind"] == "process_peak_rss":
-        measured += (f" (process peak RSS; {human_bytes(rep['peak_memory_bytes'] - start)} above "
-                     f"the {human_bytes(start)} at start)")
+        rise = rep["peak_memory_bytes"] - rep["rss_before_training_bytes"]
+        measured += (f" process peak RSS; it rose {human_bytes(rise)} during training, predicted "
+                     f"{human_bytes(p['total_bytes'] - p['weights_bytes'])} (all but the "
+                     f"resident weights)")
     else:
-        measured += " (cuda max_memory_allocated)"
+        measured += " cuda max_memory_allocated"
+    residual = f" + residual {human_bytes(p['residual_bytes'])}" if p["residual_bytes"] else ""
     print(f"memory/rank  predicted {human_bytes(p['total_bytes'])} = states "
           f"{human_bytes(p['states_bytes'])} + gathered {human_bytes(p['working_bytes'])} + "
-          f"activations {human_bytes(p['activation_bytes'])}; measured {measured}")
+          f"activations {human_bytes(p['activation_bytes'])}{residual}; measured {measured}")
     if rep["out"]:
         print(f"wrote        {rep['out']}")
 

@@ -59,11 +59,12 @@ def train_loop(model, optimizer, batches, *, steps: int, device: torch.device, c
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    losses, comm = [], []
+    losses, comm, step_seconds = [], [], []
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress)
     t0 = time.perf_counter()
     tokens = 0
     for step in bar:
+        t_step = time.perf_counter()
         ids = next(batches).to(device)
         tokens += ids.numel()
         with ac:
@@ -73,6 +74,9 @@ def train_loop(model, optimizer, batches, *, steps: int, device: torch.device, c
         optimizer.zero_grad(set_to_none=True)
         losses.append(_mean_over_ranks(loss))
         comm.append(counter.reset())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds.append(time.perf_counter() - t_step)
         bar.set_postfix(loss=f"{losses[-1]:.5f}", refresh=False)
         if on_step is not None:
             on_step(step)
@@ -84,4 +88,5 @@ def train_loop(model, optimizer, batches, *, steps: int, device: torch.device, c
         peak = {"peak_memory_bytes": rss_peak_bytes(), "peak_memory_kind": "process_peak_rss"}
     seconds = time.perf_counter() - t0
     return {"loss": losses, "grad_comm_per_step": comm, "seconds": seconds,
+            "step_seconds": step_seconds,
             "tokens_per_second_rank": tokens / seconds, **peak}

@@ -7,6 +7,8 @@
                   running and the one prefetched) in the compute dtype, + one block's unsharded
                   float32 gradients before its reduce-scatter
     activations = what autograd keeps, per AC mode (below) + the loss's logits chunk
+    residual    = int8 and PowerSGD error feedback: a float32 copy of the whole gradient (each
+                  rank keeps what it sent and lost, for every destination), 4 P bytes
 
 Optimizer bytes per parameter: AdamW float32 m and v = 8; 8-bit = 2 + 2 x 4 / 256 (two float32
 scales per block of 256) = 2.03125.
@@ -70,8 +72,10 @@ def activation_bytes(s: Shape, *, batch: int, seq_len: int, ac: str, compute_byt
 
 
 def predict(s: Shape, *, world: int, engine: str, optimizer: str, offload: bool,
-            compute_bytes: int, act_bytes: int, param_bytes: int = 4) -> dict:
-    """-> {'states', 'working', 'activations', 'total'} bytes per rank, and the split."""
+            compute_bytes: int, act_bytes: int, param_bytes: int = 4,
+            grad_comm: str = "fp32") -> dict:
+    """-> bytes per rank: states, working set, activations, error-feedback residual, total, and
+    `weights_bytes` (the resident weights, already allocated before the first step)."""
     shard = world if engine == "fsdp2" else 1
     per_param = param_bytes + 4 + OPTIM_BYTES[optimizer]  # weights, float32 grads, optimizer
     states = 0 if offload else round(s.params / shard * per_param)
@@ -79,9 +83,12 @@ def predict(s: Shape, *, world: int, engine: str, optimizer: str, offload: bool,
         working = (s.root_params + 2 * s.block_params) * compute_bytes + s.block_params * 4
     else:  # nothing is gathered: weights are whole already
         working = 0
-    total = states + working + act_bytes
+    # error feedback keeps what every sent gradient lost: float32, the whole (unsharded) gradient
+    residual = 4 * s.params if grad_comm in ("int8", "powersgd") and world > 1 else 0
+    total = states + working + act_bytes + residual
     return {"states_bytes": states, "working_bytes": working, "activation_bytes": act_bytes,
-            "total_bytes": total, "bytes_per_param": per_param, "shard": shard}
+            "residual_bytes": residual, "total_bytes": total, "bytes_per_param": per_param,
+            "shard": shard, "weights_bytes": 0 if offload else s.params * param_bytes // shard}
 
 
 def model_shape(model) -> Shape:

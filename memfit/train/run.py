@@ -8,8 +8,8 @@ Training reads the data's `calib` split by default (the split evaluation does no
 Measured memory: on CUDA torch.cuda.max_memory_allocated over the training steps (the states
 allocated before count, as they are live); on the CPU the process's peak RSS (VmHWM, the whole
 process lifetime: the Python runtime, the model load and gloo's buffers included), reported with
-the RSS at the start of `train_to` so the training's own share (peak - start) can be compared with
-the prediction, which counts tensors only.
+the RSS right before the first step: the rise (peak - that) compares with the prediction less the
+weights already resident (`total_bytes - weights_bytes`); the prediction counts tensors only.
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
         engine_model, opt, ac_blocks, engine = _build(o, s.model, t.model if t else None, device,
                                                       compute, reduce_dtype, counter)
         s.model.train()
+        rss_train = rss_now()
         rep = train_loop(engine_model, opt, global_batches(windows, o.batch_size, o.seed, rank, world),
                          steps=o.steps, device=device, counter=counter,
                          autocast_bf16=engine == "ddp" and compute == torch.bfloat16,
@@ -189,7 +190,7 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
                                compute_bytes=cbytes)
         pred = predict(shape, world=world, engine=engine, optimizer=o.optim,
                        offload=o.offload_optimizer and device.type == "cuda",
-                       compute_bytes=cbytes, act_bytes=act)
+                       compute_bytes=cbytes, act_bytes=act, grad_comm=o.grad_comm)
         entry = {"model": model, **{k: v for k, v in asdict(o).items() if k != "progress"},
                  "world_size": world}
         report = {"model": model, "out": str(out) if out is not None else None, "rank": rank,
@@ -198,7 +199,8 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
                   "reduce_dtype": "int8" if o.grad_comm == "int8" else str(reduce_dtype).replace("torch.", ""),
                   "ac_blocks": ac_blocks, "parameters": shape.params,
                   "optimizer_state_bytes": state_nbytes(opt), "predicted": pred,
-                  "rss_start_bytes": rss_start, "tokens": o.steps * o.batch_size * o.seq_len,
+                  "rss_start_bytes": rss_start, "rss_before_training_bytes": rss_train,
+                  "tokens": o.steps * o.batch_size * o.seq_len,
                   "tokens_per_second": o.steps * o.batch_size * o.seq_len / rep["seconds"],
                   **rep, "options": entry}
         if out is not None:

@@ -58,6 +58,12 @@ def test_states_by_hand():
     po = predict(S, world=4, engine="fsdp2", optimizer="adamw", offload=True, compute_bytes=4,
                  act_bytes=0)
     assert po["states_bytes"] == 0
+    # int8 / PowerSGD error feedback: a float32 copy of the whole gradient, on more than one rank
+    for gc in ("int8", "powersgd"):
+        pr = predict(S, world=2, engine="fsdp2", optimizer="adamw", offload=False,
+                     compute_bytes=4, act_bytes=0, grad_comm=gc)
+        assert pr["residual_bytes"] == 4000 and pr["total_bytes"] == 8000 + 3200 + 4000
+    assert p["residual_bytes"] == 0 and p["weights_bytes"] == 500 * 4
     # one rank gathers nothing
     assert predict(S, world=1, engine="fsdp2", optimizer="adamw", offload=False,
                    compute_bytes=4, act_bytes=0)["total_bytes"] == 16000
