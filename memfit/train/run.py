@@ -89,7 +89,7 @@ def _dtypes(o: TrainOptions, device: torch.device) -> tuple[torch.dtype, torch.d
     return compute, torch.bfloat16 if o.grad_comm == "bf16" else torch.float32
 
 
-def _load(spec: str, o: TrainOptions, device, dtype, rank: int):
+def _load(spec: str, o: TrainOptions, device, dtype):
     from memfit.models import load_model
 
     m = load_model(spec, dtype=dtype, device=str(device))
@@ -140,17 +140,50 @@ def _save(model, engine: str, spec_model, tokenizer, out, o: TrainOptions, rank:
          dense_dtype="keep")
 
 
+def _inputs(model: str, o: TrainOptions, device, compute, world: int):
+    """-> (student, teacher or None, (n, seq_len) training windows); checks them on every rank."""
+    from memfit.calib.data import token_windows
+    from memfit.train.engine import check_same_model
+
+    if o.batch_size % world:
+        raise UserError(f"--batch-size {o.batch_size} does not split over {world} ranks; "
+                        f"use a multiple of {world}")
+    s = _load(model, o, device, torch.float32)  # float32 master weights; FSDP2 casts to compute
+    t = _load(o.teacher, o, device, compute) if o.teacher else None
+    if t is not None:
+        from memfit.distill.run import check_same_tokenizer
+        check_same_tokenizer(t, s, o.teacher, model)
+        t.model.eval().requires_grad_(False)
+    check_same_model(s.model)
+    windows = token_windows(s.tokenizer, o.data, o.split, seq_len=o.seq_len,
+                            max_windows=o.samples, seed=o.seed, bos=o.bos)
+    if windows.shape[0] < o.batch_size:
+        raise UserError(f"{o.data} {o.split} holds {windows.shape[0]} windows of {o.seq_len} "
+                        f"tokens, fewer than --batch-size {o.batch_size}")
+    return s, t, windows
+
+
+def _predicted(shape, o: TrainOptions, world: int, engine: str, compute, device) -> dict:
+    from memfit.train.memory import activation_bytes, predict
+
+    cbytes = 2 if compute == torch.bfloat16 else 4
+    act = activation_bytes(shape, batch=o.batch_size // world, seq_len=o.seq_len, ac=o.ac,
+                           compute_bytes=cbytes)
+    return predict(shape, world=world, engine=engine, optimizer=o.optim,
+                   offload=o.offload_optimizer and device.type == "cuda", compute_bytes=cbytes,
+                   act_bytes=act, grad_comm=o.grad_comm)
+
+
 def train_to(model: str, out: str | Path | None, options: TrainOptions | None = None,
              on_step=None) -> dict:
     """Train `model` (fine-tune, or distill `options.teacher` into it) and save it to `out`
     (None: do not save); -> report (see the module docstring)."""
     import torch.distributed as dist
 
-    from memfit.calib.data import token_windows
     from memfit.train.comm import ByteCounter
-    from memfit.train.engine import check_same_model, init_distributed
+    from memfit.train.engine import init_distributed
     from memfit.train.loop import global_batches, rss_now, train_loop
-    from memfit.train.memory import activation_bytes, model_shape, predict
+    from memfit.train.memory import model_shape
     from memfit.train.optim import state_nbytes
 
     o = options or TrainOptions()
@@ -158,22 +191,8 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
     rss_start = rss_now()
     rank, world, device, created = init_distributed(o.device)
     try:
-        if o.batch_size % world:
-            raise UserError(f"--batch-size {o.batch_size} does not split over {world} ranks; "
-                            f"use a multiple of {world}")
         compute, reduce_dtype = _dtypes(o, device)
-        s = _load(model, o, device, torch.float32, rank)
-        t = _load(o.teacher, o, device, compute, rank) if o.teacher else None
-        if t is not None:
-            from memfit.distill.run import check_same_tokenizer
-            check_same_tokenizer(t, s, o.teacher, model)
-            t.model.eval().requires_grad_(False)
-        check_same_model(s.model)
-        windows = token_windows(s.tokenizer, o.data, o.split, seq_len=o.seq_len,
-                                max_windows=o.samples, seed=o.seed, bos=o.bos)
-        if windows.shape[0] < o.batch_size:
-            raise UserError(f"{o.data} {o.split} holds {windows.shape[0]} windows of {o.seq_len} "
-                            f"tokens, fewer than --batch-size {o.batch_size}")
+        s, t, windows = _inputs(model, o, device, compute, world)
         shape = model_shape(s.model)
         torch.manual_seed(o.seed)
         counter = ByteCounter()
@@ -185,24 +204,20 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
                          steps=o.steps, device=device, counter=counter,
                          autocast_bf16=engine == "ddp" and compute == torch.bfloat16,
                          progress=o.progress and rank == 0, on_step=on_step)
-        cbytes = 2 if compute == torch.bfloat16 else 4
-        act = activation_bytes(shape, batch=o.batch_size // world, seq_len=o.seq_len, ac=o.ac,
-                               compute_bytes=cbytes)
-        pred = predict(shape, world=world, engine=engine, optimizer=o.optim,
-                       offload=o.offload_optimizer and device.type == "cuda",
-                       compute_bytes=cbytes, act_bytes=act, grad_comm=o.grad_comm)
         entry = {"model": model, **{k: v for k, v in asdict(o).items() if k != "progress"},
                  "world_size": world}
+        tokens = o.steps * o.batch_size * o.seq_len
         report = {"model": model, "out": str(out) if out is not None else None, "rank": rank,
                   "world_size": world, "engine": engine, "device": str(device),
                   "compute_dtype": str(compute).replace("torch.", ""),
-                  "reduce_dtype": "int8" if o.grad_comm == "int8" else str(reduce_dtype).replace("torch.", ""),
+                  "reduce_dtype": {"int8": "int8", "powersgd": f"powersgd rank {o.powersgd_rank}"}.get(
+                      o.grad_comm, str(reduce_dtype).replace("torch.", "")),
                   "ac_blocks": ac_blocks, "parameters": shape.params,
-                  "optimizer_state_bytes": state_nbytes(opt), "predicted": pred,
+                  "optimizer_state_bytes": state_nbytes(opt),
+                  "predicted": _predicted(shape, o, world, engine, compute, device),
                   "rss_start_bytes": rss_start, "rss_before_training_bytes": rss_train,
-                  "tokens": o.steps * o.batch_size * o.seq_len,
-                  "tokens_per_second": o.steps * o.batch_size * o.seq_len / rep["seconds"],
-                  **rep, "options": entry}
+                  "tokens": tokens, "tokens_per_second": tokens / rep["seconds"], **rep,
+                  "options": entry}
         if out is not None:
             if rank == 0 and o.progress:
                 print(f"memfit: gathering the weights and writing {out}", file=sys.stderr, flush=True)

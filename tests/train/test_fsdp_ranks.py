@@ -1,5 +1,5 @@
-"""FSDP2 on 4 gloo ranks (one window each) reproduces one rank; a batch that does not split is
-refused on every rank."""
+"""FSDP2 on 4 gloo ranks (one window each) reproduces one rank; a batch that does not split and
+model copies that differ across ranks are refused on every rank."""
 
 import pytest
 
@@ -23,3 +23,11 @@ def test_batch_that_does_not_split_is_refused(train_llama_dir, tmp_path):
     with pytest.raises(AssertionError, match="does not split over 2 ranks"):
         run_workers(2, train_llama_dir, tmp_path / "bad", [{"name": "x", "options": {
             **OPTS, "batch_size": 3}}])
+
+
+def test_different_model_copies_are_refused(train_llama_dir, save_tiny, tmp_path):
+    other = save_tiny(tmp_path / "other", seed=7)
+    with pytest.raises(AssertionError, match="differs across ranks") as e:
+        run_workers(2, f"{train_llama_dir},{other}", tmp_path / "mm",
+                    [{"name": "x", "options": OPTS}])
+    assert str(e.value).count("differs across ranks") >= 2  # both ranks say so

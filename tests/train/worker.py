@@ -2,7 +2,8 @@
 runs train_to for each named option set, and writes each rank's reports to PREFIX.rank<r>.json
 as {name: report}.
 
-usage: worker.py MODEL PREFIX RUNS_JSON   with RUNS_JSON = [{"name": ..., "options": {...},
+usage: worker.py MODEL[,MODEL...] PREFIX RUNS_JSON   (rank r trains the r-th model of the list,
+cyclically: a way to give ranks different copies) with RUNS_JSON = [{"name": ..., "options": {...},
                                                            "out": folder or null}, ...]
 """
 
@@ -23,6 +24,8 @@ def main() -> None:
 
     model, prefix, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     rank, _, _, _ = init_distributed(runs[0]["options"].get("device", "cpu"))
+    models = model.split(",")
+    model = models[rank % len(models)]
     reports = {r["name"]: train_to(model, r.get("out"), TrainOptions(**r["options"]))
                for r in runs}
     with open(f"{prefix}.rank{rank}.json", "w") as f:
