@@ -7,7 +7,9 @@ per parameter against 8 for float32 AdamW). That class reads `p.grad` as one ten
 parameter is a DTensor sharded on dim 0, and the update is element-wise, so this one works on
 `p.to_local()` / `p.grad.to_local()`: every rank quantizes only its own shard, blocks never span
 ranks, and no communication is needed. Plain tensors (world size 1 without FSDP, DDP) take the same
-path.
+path. The update runs CHUNK_BLOCKS blocks at a time, so its float32 temporaries (m, v, the
+gradient, the update) stay ~1 MB each instead of the size of the largest tensor (an embedding
+table), which on a CPU would otherwise outweigh the state it saves.
 
 Why not torchao's AdamW8bit: torchao 0.18.0 installs from PyPI and did step a world-size-1 FSDP2
 model here (DTensor states), but it is not a memfit dependency, its update goes through
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from memfit.distill.loop import dequantize_blockwise, quantize_blockwise
+from memfit.distill.loop import BLOCK, dequantize_blockwise, quantize_blockwise
 from memfit.errors import UserError
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+CHUNK_BLOCKS = 1024  # blocks updated at a time: 256k elements, ~1 MB per float32 temporary
 
 __all__ = ["OPTIMIZERS", "ShardedAdamW8bit", "make_optimizer", "state_nbytes"]
 
@@ -49,29 +52,39 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        w, g = _local(p), _local(p.grad).float()
+        w, g = _local(p), _local(p.grad)
         st = self.state[p]
+        n = g.numel()
         if not st:
             st["step"] = 0
-            m, v = torch.zeros_like(g), torch.zeros_like(g)
-        else:
-            m = dequantize_blockwise(st["m"], st["m_absmax"], g)
-            v = dequantize_blockwise(st["sqrt_v"], st["v_absmax"], g).square()
+            nb = -(-n // BLOCK)
+            st["m"] = torch.zeros(nb, BLOCK, dtype=torch.int8, device=g.device)
+            st["m_absmax"] = torch.zeros(nb, device=g.device)
+            st["sqrt_v"] = torch.zeros(nb, BLOCK, dtype=torch.uint8, device=g.device)
+            st["v_absmax"] = torch.zeros(nb, device=g.device)
         st["step"] += 1
-        if g.numel() == 0:  # an empty shard (a tiny tensor on many ranks)
-            st["m"] = st["sqrt_v"] = torch.zeros(0, dtype=torch.int8, device=g.device)
-            st["m_absmax"] = st["v_absmax"] = torch.zeros(0, device=g.device)
-            return
+        w_flat, g_flat = w.view(-1), g.reshape(-1)
+        for b0 in range(0, st["m"].shape[0], CHUNK_BLOCKS):  # bounded float32 temporaries
+            b1 = min(b0 + CHUNK_BLOCKS, st["m"].shape[0])
+            e0, e1 = b0 * BLOCK, min(b1 * BLOCK, n)
+            self._update_chunk(w_flat[e0:e1], g_flat[e0:e1].float(), st, slice(b0, b1), group)
+
+    @staticmethod
+    def _update_chunk(w: torch.Tensor, g: torch.Tensor, st: dict, blocks: slice,
+                      group: dict) -> None:
+        """The exact AdamW update of one run of whole blocks, then their moments re-quantized."""
+        beta1, beta2 = group["betas"]
+        m = dequantize_blockwise(st["m"][blocks], st["m_absmax"][blocks], g)
+        v = dequantize_blockwise(st["sqrt_v"][blocks], st["v_absmax"][blocks], g).square_()
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = group["lr"] / (1 - beta1 ** st["step"])
-        denom = (v / (1 - beta2 ** st["step"])).sqrt_().add_(group["eps"])
+        denom = v.div(1 - beta2 ** st["step"]).sqrt_().add_(group["eps"])
         if group["weight_decay"]:
             w.mul_(1 - group["lr"] * group["weight_decay"])
-        w.add_((m / denom * -step_size).to(w.dtype))
-        st["m"], st["m_absmax"] = quantize_blockwise(m, signed=True)
-        st["sqrt_v"], st["v_absmax"] = quantize_blockwise(v.sqrt(), signed=False)
+        w.add_(m.div(denom).mul_(-step_size).to(w.dtype))
+        st["m"][blocks], st["m_absmax"][blocks] = quantize_blockwise(m, signed=True)
+        st["sqrt_v"][blocks], st["v_absmax"][blocks] = quantize_blockwise(v.sqrt_(), signed=False)
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
