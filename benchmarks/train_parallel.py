@@ -62,7 +62,11 @@ def worker(model: str, options: dict) -> None:
     keep = ("rank", "world_size", "engine", "loss", "grad_comm_per_step", "step_seconds",
             "peak_memory_bytes", "peak_memory_kind", "rss_before_training_bytes", "predicted",
             "optimizer_state_bytes", "parameters", "device", "compute_dtype", "reduce_dtype")
-    print("RESULT " + json.dumps({k: rep[k] for k in keep}), flush=True)
+    # one write() of under 4096 bytes: atomic on a pipe, so ranks' lines never interleave
+    line = ("RESULT " + json.dumps({k: rep[k] for k in keep}) + "\n").encode()
+    assert len(line) < 4096, len(line)
+    sys.stdout.flush()
+    os.write(1, line)
 
 
 def launch(world: int, model: str, options: dict, device: str) -> list[dict]:
