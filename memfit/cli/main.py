@@ -18,6 +18,7 @@ from memfit.cli.common import add_bos, add_dtype_device, add_kv
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.cli.fit import add_fit
+from memfit.cli.train import add_train
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress(sub)
     add_distill(sub)
     add_fit(sub)
+    add_train(sub)
     return p
 
 
