@@ -63,6 +63,7 @@ class CompressOptions:
     dtype: str | None = None
     device: str = "cpu"
     progress: bool = True
+    format: str = "memfit"           # the folder's format: memfit, compressed-tensors or auto
 
 
 def _say(options: CompressOptions, text: str) -> None:
@@ -77,6 +78,9 @@ def _preflight(model: str, recipe: Recipe) -> None:
     from memfit.models import skeleton
 
     meta_model, arch, meta = skeleton(model)
+    if meta is None and _quant_method(model):
+        raise UserError(f"{model} is already quantized ({_quant_method(model)} in its "
+                        "config.json); compress its dense source instead")
     if meta is not None:
         source = meta.get("source") or "its dense source"
         raise UserError(f"{model} is already compressed by memfit (recipe in its memfit.json); "
@@ -85,6 +89,18 @@ def _preflight(model: str, recipe: Recipe) -> None:
         from memfit.encoders import check_recipe
         check_recipe(recipe, model, arch)
     plan_specs(meta_model, recipe, arch)
+
+
+def _quant_method(model: str) -> str | None:
+    """quant_method of a local folder's config.json (e.g. a compressed-tensors export), or None."""
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        q = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    return q.get("quant_method", "quantized") if isinstance(q, dict) else None
 
 
 def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
@@ -128,13 +144,36 @@ def _encoder_inputs(loaded, recipe: Recipe, o: CompressOptions, smoke_src: str):
     return recipe, windows, reference, f"embeddings of {len(sents)} sentences"
 
 
+FORMATS = ("auto", "compressed-tensors", "memfit")
+
+
+def pick_format(model, fmt: str) -> tuple[str, str]:
+    """-> (the format to write, a one-line note why when `auto` fell back to memfit's).
+    `compressed-tensors` on a model it cannot represent is a UserError naming the module."""
+    from memfit.io.export_ct import check_representable, unrepresentable
+
+    if fmt == "compressed-tensors":
+        check_representable(model)
+    if fmt != "auto":
+        return fmt, ""
+    bad = unrepresentable(model)
+    if not bad:
+        return "compressed-tensors", ""
+    name, why = next(iter(bad.items()))
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return "memfit", f"memfit's format because compressed-tensors cannot hold {name}{more}: {why}"
+
+
 def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                 options: CompressOptions | None = None) -> dict:
     """Compress `model` with `recipe` into the folder `out`; return the report."""
     from memfit.io.checkpoint import check_device
+    from memfit.io.export_ct import save_ct
     from memfit.io.save import check_output, save
 
     o = options or CompressOptions()
+    if o.format not in FORMATS:
+        raise UserError(f"unknown format {o.format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
     check_output(out, o.overwrite, (model,))  # refuse early, before any work
     check_device(o.device)
@@ -176,10 +215,13 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     # only run-independent facts go into the folder, so a resumed run writes identical bytes
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
-    _say(o, f"writing {out}")
-    save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
-         extra={"source": loaded.source, "report": {k: report[k] for k in stable}},
-         side_files=side_files(loaded.source) if encoder else None)
+    fmt, note = pick_format(loaded.model, o.format)
+    _say(o, f"writing {out} ({fmt}{'; ' + note if note else ''})")
+    writer = save if fmt == "memfit" else save_ct
+    writer(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
+           extra={"source": loaded.source, "report": {k: report[k] for k in stable}},
+           side_files=side_files(loaded.source) if encoder else None)
+    report["format"], report["format_note"] = fmt, note
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report["peak_rss_bytes"] = rss_peak_bytes()  # the whole run: load, compress, smoke check, save
     report["out"] = str(out)

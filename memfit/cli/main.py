@@ -17,6 +17,7 @@ import sys
 from memfit.cli.common import add_bos, add_dtype_device, add_kv
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
+from memfit.cli.export import add_export
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress(sub)
     add_distill(sub)
+    add_export(sub)
     return p
 
 

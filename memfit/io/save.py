@@ -240,20 +240,37 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     except (TypeError, ValueError) as e:
         raise UserError(f"recipe/extra cannot be written as JSON ({e}); pass plain dicts, "
                         "lists, strings and numbers") from None
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
+        _write_config(model, tmp, modules, dropped_tie, tied, guards)
+        write_side_files(model, tokenizer, tmp, side_files)
+        (tmp / META).write_text(meta_text + "\n")
+
+    return write_folder(out, fill)
+
+
+def write_side_files(model: nn.Module, tokenizer, tmp: Path, side_files: dict | None) -> None:
+    """generation_config.json, the tokenizer and any `side_files` into the folder `tmp`."""
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, src in (side_files or {}).items():
+        (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
+
+
+def write_folder(out: Path, fill) -> Path:
+    """Run `fill(tmp)` on a fresh `<out>.tmp-<pid>` folder, then rename it to `out` (replacing
+    an existing one, which `check_output` allowed). Nothing appears at `out` unless `fill`
+    finished; a full disk or a permission problem is a UserError."""
+    out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, modules, dropped_tie, tied, guards)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, src in (side_files or {}).items():
-            (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
-        (tmp / META).write_text(meta_text + "\n")
+        fill(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _WRITE_ERRORS:
