@@ -59,6 +59,8 @@ from memfit.formats.quant_linear import QuantLinear
 from memfit.io.modules import describe_modules
 
 CT_FORMAT = "pack-quantized"
+CT_META = "memfit_recipe.json"  # how memfit made the folder: recipe, tied tensors, dense dtype
+BUFFERS = "memfit_buffers.safetensors"  # non-persistent buffers, as memfit's format keeps them
 CT_BITS = (2, 4, 8)
 _WHY_KIND = {
     "lowrank": "low-rank factors (two thin matrices) have no compressed-tensors layout",
@@ -199,12 +201,13 @@ def quantization_config(model: nn.Module) -> dict:
 
 # ----- the folder -----------------------------------------------------------------------------
 
-def _state(model: nn.Module, dense_dtype: str, scale_dtype) -> tuple[dict, bool]:
-    """-> (tensors to write, whether a declared tie was dropped): memfit's state with each
-    QuantLinear's fields replaced by compressed-tensors' names."""
+def _state(model: nn.Module, dense_dtype: str, scale_dtype) -> tuple[dict, dict, dict, bool]:
+    """-> (tensors to write, tied {target: source}, non-persistent buffers, whether a declared
+    tie was dropped): memfit's state with each QuantLinear's fields replaced by
+    compressed-tensors' names."""
     from memfit.io.save import _split_state, _store_dense
 
-    tensors, _, tied = _split_state(model)
+    tensors, buffers, tied = _split_state(model)
     tensors = _store_dense(tensors, set(), dense_dtype)  # QuantLinear fields are not in it below
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -213,7 +216,7 @@ def _state(model: nn.Module, dense_dtype: str, scale_dtype) -> tuple[dict, bool]
             tensors.update({f"{name}.{k}": v for k, v in ct_tensors(m, scale_dtype).items()})
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     dropped_tie = any(t not in tensors and t not in tied for t in declared)
-    return tensors, dropped_tie
+    return tensors, tied, buffers, dropped_tie
 
 
 def _write_config(model: nn.Module, folder: Path, dropped_tie: bool) -> None:
@@ -237,7 +240,8 @@ def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
             extra: dict | None = None, overwrite: bool = False, dense_dtype: str = "auto",
             side_files: dict | None = None, scale_dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a compressed-tensors folder (config.json, model.safetensors, tokenizer,
-    and `memfit_recipe.json` recording how it was made). Refuses, before writing anything, a
+    and for memfit's own loader `memfit_recipe.json` (recipe, tied tensors, dense dtype) and
+    `memfit_buffers.safetensors` (non-persistent buffers)). Refuses, before writing anything, a
     model with a module compressed-tensors cannot represent (`unrepresentable`).
     `scale_dtype=torch.float32` stores the scales widened (exactly): compressed-tensors then
     dequantizes in float32 to memfit's weights bit for bit, at 16 more bits per group."""
@@ -248,14 +252,83 @@ def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
     out = Path(out_dir)
     check_output(out, overwrite)
     check_representable(model)
-    tensors, dropped_tie = _state(model, dense_dtype, scale_dtype)
-    provenance = json.dumps({"format": "compressed-tensors", "recipe": recipe, **(extra or {})},
-                            indent=2)
+    tensors, tied, buffers, dropped_tie = _state(model, dense_dtype, scale_dtype)
+    provenance = json.dumps({"format": "compressed-tensors", "recipe": recipe, "tied": tied,
+                             "dense_dtype": dense_dtype, **(extra or {})}, indent=2)
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
         _write_config(model, tmp, dropped_tie)
         write_side_files(model, tokenizer, tmp, side_files)
-        (tmp / "memfit_recipe.json").write_text(provenance + "\n")
+        (tmp / CT_META).write_text(provenance + "\n")
 
     return write_folder(out, fill)
+
+
+# ----- memfit's loader for the folders written above ---------------------------------------------
+
+def is_memfit_ct(folder: Path) -> bool:
+    """A compressed-tensors folder written by `save_ct` (memfit's loader reads it natively)."""
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return (folder / CT_META).is_file() and q.get("quant_method") == "compressed-tensors" \
+        and q.get("format") == CT_FORMAT
+
+
+def _int32_to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """(rows, words) int32 -> (rows, 4 * words) uint8, the inverse of `_bytes_to_int32`."""
+    b = t.contiguous().view(torch.uint8).view(t.shape[0], -1, 4)  # (rows, words, 4)
+    if sys.byteorder == "big":
+        b = b.flip(-1)
+    return b.reshape(t.shape[0], -1)
+
+
+def _to_memfit(state: dict, name: str, weights: dict) -> dict:
+    """Replace `name`'s compressed-tensors tensors in `state` by memfit's QuantLinear fields;
+    -> its module description."""
+    from memfit.formats.grid import IntFormat
+    from memfit.kernels.packing import pack, packed_width, unpack
+
+    bits = weights["num_bits"]
+    out_f, in_f = (int(v) for v in state.pop(f"{name}.weight_shape").tolist())
+    scale = state.pop(f"{name}.weight_scale")
+    fmt = IntFormat(bits=bits, group_size=weights.get("group_size"),
+                    symmetric=weights["symmetric"], scale_dtype=str(scale.dtype).split(".")[-1])
+    packed = state.pop(f"{name}.weight_packed")
+    state[f"{name}.qdata"] = _int32_to_bytes(packed)[:, :packed_width(in_f, bits)].contiguous()
+    state[f"{name}.scale"] = scale
+    if not fmt.symmetric:
+        zp = _int32_to_bytes(state.pop(f"{name}.weight_zero_point").t())  # (n_groups, bytes)
+        zeros = unpack(zp[:, :packed_width(out_f, bits)].contiguous(), bits, out_f)  # (n, out)
+        state[f"{name}.zero"] = pack(zeros.t().contiguous(), bits)
+    return {"kind": "int", "fmt": fmt.to_dict(), "in_features": in_f, "out_features": out_f,
+            "bias": f"{name}.bias" in state}
+
+
+def load_ct(path, *, dtype=None, device: str = "cpu"):
+    """Load a folder `save_ct` wrote back into memfit's QuantLinears (the same packed bytes, no
+    dense copy) -> `memfit.models.Loaded`. Other compressed-tensors folders load through
+    transformers (memfit.models.load_model)."""
+    from memfit.io.checkpoint import check_safetensors
+    from memfit.io.save import _read_tensors, assemble
+
+    folder = Path(path)
+    check_safetensors(folder)
+    meta = json.loads((folder / CT_META).read_text())
+    q = json.loads((folder / "config.json").read_text())["quantization_config"]
+    state = _read_tensors(folder / "model.safetensors", device)
+    names = [k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed")]
+    modules = {}
+    for name in names:
+        group = [g for g in q["config_groups"].values()
+                 if name in g["targets"] or g["targets"] == ["Linear"]]
+        if len(group) != 1:
+            raise UserError(f"{folder}: module {name} is in {len(group)} config groups of "
+                            "config.json; re-export the model")
+        modules[name] = _to_memfit(state, name, group[0]["weights"])
+    return assemble(folder, modules, meta.get("tied", {}), state,
+                    _read_tensors(folder / BUFFERS, device), meta.get("dense_dtype", "auto"),
+                    dtype=dtype, device=device)
