@@ -79,6 +79,12 @@ def _preflight(model: str, recipe: Recipe) -> None:
 
     meta_model, arch, meta = skeleton(model)
     if meta is None and _quant_method(model):
+        made = Path(model).expanduser() / "memfit_recipe.json"  # memfit's compressed-tensors
+        source = json.loads(made.read_text()).get("source") if made.is_file() else None
+        if source:
+            raise UserError(f"{model} is already compressed by memfit (compressed-tensors; "
+                            f"recipe in its memfit_recipe.json); compress the dense model "
+                            f"instead: {source}")
         raise UserError(f"{model} is already quantized ({_quant_method(model)} in its "
                         "config.json); compress its dense source instead")
     if meta is not None:
@@ -150,6 +156,7 @@ FORMATS = ("auto", "compressed-tensors", "memfit")
 def pick_format(model, fmt: str) -> tuple[str, str]:
     """-> (the format to write, a one-line note why when `auto` fell back to memfit's).
     `compressed-tensors` on a model it cannot represent is a UserError naming the module."""
+    from memfit.formats.quant_linear import QuantLinear
     from memfit.io.export_ct import check_representable, unrepresentable
 
     if fmt == "compressed-tensors":
@@ -157,6 +164,9 @@ def pick_format(model, fmt: str) -> tuple[str, str]:
     if fmt != "auto":
         return fmt, ""
     bad = unrepresentable(model)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return "memfit", ("memfit's format because no layer is quantized (nothing for "
+                          "compressed-tensors to hold)")
     if not bad:
         return "compressed-tensors", ""
     name, why = next(iter(bad.items()))
