@@ -19,6 +19,8 @@ Protocol shared with the other packed modules: `nbytes()`, `dequantize(dtype)`, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -79,7 +81,7 @@ class W8A8Linear(nn.Module):
         if not self.static:
             raise UserError("this W8A8 layer quantizes activations per token; it has no static "
                             "input scale")
-        if not absmax > 0 or absmax != absmax:
+        if not (absmax > 0 and math.isfinite(absmax)):
             raise UserError(f"the calibrated activation max {absmax} is not positive; check "
                             "the calibration data")
         with torch.no_grad():
