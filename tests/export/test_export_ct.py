@@ -210,3 +210,31 @@ def test_gpt2_conv1d_is_refused(save_tiny, tmp_path):
     with pytest.raises(UserError, match="transformer.h.0.attn.c_attn"):
         save_ct(m.model, m.tokenizer, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_default_model_w4g64_same_greedy_text_in_plain_transformers(tmp_path):
+    """The default model (SmolLM2-135M) with w4g64 (RTN), exported with the defaults: plain
+    transformers (no memfit in the process) continues a chat prompt with the same 64 greedy
+    tokens as memfit's own artifact of the same model (both with a KV cache), and its logits
+    are within 0.05 of it (float16 scale rounding; the logits span tens)."""
+    m = load_model("default")
+    compress_(m.model, "w4g64", progress=False)
+    save(m.model, m.tokenizer, tmp_path / "mf", recipe={"preset": "w4g64"})
+    folder = save_ct(m.model, m.tokenizer, tmp_path / "ct", recipe={"preset": "w4g64"})
+    mine = load_model(str(tmp_path / "mf")).model
+    chat = [{"role": "user", "content": "What is a Python list comprehension?"}]
+    prompt = m.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    ids = m.tokenizer("Python is a programming language that lets you work quickly",
+                      return_tensors="pt")["input_ids"]
+    plain = run_plain([folder], {"ids": ids, "prompt": prompt}, tmp_path,
+                      weight="model.layers.0.mlp.down_proj", use_cache=True)
+    with torch.no_grad():
+        ref = mine(ids).logits
+    diff = (plain["logits0"] - ref).abs().max().item()
+    print(f"max |logit diff| {diff:.3e}, logits span {ref.min():.1f}..{ref.max():.1f}")
+    assert diff < 0.05
+    ours = greedy(mine, prompt)
+    print(m.tokenizer.decode(ours[0, prompt.shape[1]:]))
+    assert torch.equal(plain["greedy0"], ours)
