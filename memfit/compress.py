@@ -72,7 +72,24 @@ def _say(options: CompressOptions, text: str) -> None:
         print(f"memfit: {text}", file=sys.stderr, flush=True)
 
 
-def _preflight(model: str, recipe: Recipe) -> None:
+def _refuse_unexportable(meta_model, arch, plan: list[dict], recipe: Recipe) -> None:
+    """--format compressed-tensors: refuse, before any work, a recipe whose modules it could
+    not hold (memfit.io.export_ct), naming the first such module and why."""
+    from memfit.archs import block_list
+    from memfit.io.export_ct import check_representable, spec_why_not
+
+    if recipe.embeddings is not None:
+        raise UserError("compressed-tensors cannot represent the quantized embedding table "
+                        "(recipe `embeddings:`); use --format memfit; nothing written")
+    blocks = block_list(meta_model, arch)
+    prefix = next(n for n, m in meta_model.named_modules() if m is blocks)
+    bad = {f"{prefix}.{i}.{n}": why for i, specs in enumerate(plan) for n, spec in specs.items()
+           if (why := spec_why_not(spec, blocks[i].get_submodule(n)))}
+    if bad:
+        check_representable(None, bad)
+
+
+def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
     """What can be checked from the config alone, before the weights load."""
     from memfit.api import plan_specs
     from memfit.models import skeleton
@@ -94,7 +111,9 @@ def _preflight(model: str, recipe: Recipe) -> None:
     if arch.kind == "encoder":
         from memfit.encoders import check_recipe
         check_recipe(recipe, model, arch)
-    plan_specs(meta_model, recipe, arch)
+    plan = plan_specs(meta_model, recipe, arch)
+    if fmt == "compressed-tensors":
+        _refuse_unexportable(meta_model, arch, plan, recipe)
 
 
 def _quant_method(model: str) -> str | None:
@@ -192,7 +211,7 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                                                               "offload", "bos")
                                      if getattr(o, k) is not None})
     recipe = replace(recipe, calib=calib)
-    _preflight(model, recipe)
+    _preflight(model, recipe, o.format)
     loaded = load_model(model, dtype=o.dtype, device=o.device)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     encoder = loaded.kind == "encoder"

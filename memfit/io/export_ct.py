@@ -67,6 +67,7 @@ _WHY_KIND = {
     "sparse": "compressed-tensors >= 0.15 (what transformers 5 loads) has no sparse formats "
               "(sparse-24-bitmask and sparse-bitmask were removed)",
     "embedding": "quantized embedding tables are not exported to compressed-tensors",
+    "w8a8": "W8A8 layers (int8 activations) are not exported to compressed-tensors yet",
 }
 
 
@@ -82,16 +83,42 @@ def _plain_model(model: nn.Module) -> nn.Module:
 
 
 def _why_not_int(m: QuantLinear) -> str | None:
-    f = m.fmt
+    return why_not_format(m.fmt, m.in_features)
+
+
+def why_not_format(f, in_features: int) -> str | None:
+    """Why compressed-tensors cannot hold an (out, in_features) weight in the IntFormat `f`."""
     if f.bits not in CT_BITS:
         return (f"{f.bits}-bit codes: compressed-tensors' {f.bits}-bit packing differs between "
                 "its releases and vLLM has no kernel for it (2, 4 and 8 bits export)")
     if not f.symmetric and f.zero_point == "float":
         return "its zero points are floats (HQQ); compressed-tensors stores integer zero points"
-    g, n = f.groups(m.in_features)
-    if g * n != m.in_features:
-        return (f"group_size {g} does not divide its input width {m.in_features} (a ragged last "
+    g, n = f.groups(in_features)
+    if g * n != in_features:
+        return (f"group_size {g} does not divide its input width {in_features} (a ragged last "
                 "group); compressed-tensors needs whole groups")
+    return None
+
+
+def spec_why_not(spec, module: nn.Module) -> str | None:
+    """Why the module a recipe spec would build from `module` (the plain layer, e.g. on meta)
+    cannot be exported; None when it can. Checked before any work (memfit.compress)."""
+    from memfit.configs import LowRank, Prune, Quant
+
+    if spec is None:
+        return None
+    if type(module) is not nn.Linear:
+        return (f"it replaces a {type(module).__name__}; compressed-tensors quantizes nn.Linear "
+                "only")
+    part = getattr(spec, "first", spec)
+    if isinstance(part, Prune):
+        return _WHY_KIND["sparse"]
+    if isinstance(part, LowRank):
+        return _WHY_KIND["lowrank"]
+    if isinstance(spec, Quant):
+        if spec.act_bits:
+            return _WHY_KIND["w8a8"]
+        return why_not_format(spec.format, module.in_features)
     return None
 
 
@@ -120,9 +147,10 @@ def unrepresentable(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def check_representable(model: nn.Module) -> None:
-    """UserError naming the first modules compressed-tensors cannot hold, and why."""
-    bad = unrepresentable(model)
+def check_representable(model: nn.Module | None, bad: dict[str, str] | None = None) -> None:
+    """UserError naming the first modules compressed-tensors cannot hold, and why (those of
+    `model`, or the given {name: why})."""
+    bad = unrepresentable(model) if bad is None else bad
     if bad:
         shown = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
