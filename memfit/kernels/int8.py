@@ -23,14 +23,15 @@ QMAX = 127
 
 def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> ((M, K) int8 codes, (M, 1) float32 scales), one scale per row."""
-    x2 = x2.float()
-    scale = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / QMAX  # (M, 1)
-    return torch.round(x2 / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+    absmax = x2.float().abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)  # (M, 1)
+    t = x2.float() * (QMAX / absmax)  # one new tensor, rounded and clamped in place
+    return t.round_().clamp_(-QMAX, QMAX).to(torch.int8), absmax / QMAX
 
 
 def quantize_per_tensor(x2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(M, K) float and a () or (1,) float32 scale -> (M, K) int8 codes (saturating)."""
-    return torch.round(x2.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    t = x2.float() * (1.0 / scale)
+    return t.round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def int8_mm_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     else:
         sx = input_scale.float().reshape(1, 1)
         xq = quantize_per_tensor(x2, sx)
-    y = mm(xq, w_q).float() * sx * w_scale.float().reshape(1, -1)  # (M, N)
+    y = mm(xq, w_q).float().mul_(sx).mul_(w_scale.float().reshape(1, -1))  # (M, N)
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

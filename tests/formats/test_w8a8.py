@@ -102,7 +102,7 @@ def test_saved_and_loaded_bit_for_bit(tiny_llama_dir, tmp_path):
     compress_(m.model, r, _calib(), progress=False)
     layers = [x for x in m.model.modules() if isinstance(x, W8A8Linear)]
     assert len(layers) == 14 and all(x.static and float(x.input_scale) > 0 for x in layers)
-    assert "kind 'w8a8'" in next(iter(unrepresentable(m.model).values()))
+    assert "W8A8 layers" in next(iter(unrepresentable(m.model).values()))
     save(m.model, m.tokenizer, tmp_path / "q", recipe=r.to_dict(), dense_dtype="keep")
     back = load_model(str(tmp_path / "q")).model
     ids = torch.randint(0, 30522, (2, 32), generator=G(3))
