@@ -88,6 +88,11 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
     if store is not None and any(getattr(s, "awq", False) for s in specs.values()):
         from memfit.awq import awq_block_
         log.extend(awq_block_(block, arch, specs, store, kwargs))
+    static = {}  # W8A8: SmoothQuant folds and calibrated activation bounds (memfit.smoothquant)
+    if any(getattr(s, "smoothquant", None) is not None or getattr(s, "act_static", False)
+           for s in specs.values()):
+        from memfit.smoothquant import smooth_block_
+        static = smooth_block_(block, arch, specs, store, kwargs, log)
     groups = []
     for group in arch.groups:
         names = [n for n in group if specs.get(n) is not None]
@@ -111,6 +116,8 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
                 block.set_submodule(n, mod)
             log.append({"modules": members, "spec": spec.to_dict(), "error": err})
         stats.clear()
+    for n, absmax in static.items():
+        block.get_submodule(n).set_input_scale(absmax)
     described = describe_modules(block)
     return {n: described[n] for g in arch.groups for n in g if n in described}
 

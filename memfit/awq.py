@@ -55,14 +55,15 @@ def _awq_spec(spec):
     return spec if getattr(spec, "awq", False) else None
 
 
-def _plan(block, arch, specs: dict) -> tuple[list, list]:
-    """[(group names, fold path)] to scale, and [(group names, reason)] skipped."""
+def _plan(block, arch, specs: dict, wants=_awq_spec, what: str = "AWQ") -> tuple[list, list]:
+    """[(group names, fold path)] to scale, and [(group names, reason)] skipped, for the groups
+    with a spec that `wants` (AWQ's by default; SmoothQuant reuses this, memfit.smoothquant)."""
     if not arch.awq_fold:
-        raise UserError("AWQ is not supported for this architecture yet (no foldable norm is "
-                        "listed in memfit.archs for it); use a recipe without awq")
+        raise UserError(f"{what} is not supported for this architecture yet (no foldable norm "
+                        f"is listed in memfit.archs for it); use a recipe without {what}")
     todo, skipped = [], []
     for group, fold in zip(arch.groups, arch.awq_fold):
-        if not any(_awq_spec(specs.get(n)) for n in group):
+        if not any(wants(specs.get(n)) for n in group):
             continue
         first = block.get_submodule(group[0])
         src = None if fold is None else block.get_submodule(fold)

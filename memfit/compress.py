@@ -63,6 +63,7 @@ class CompressOptions:
     dtype: str | None = None
     device: str = "cpu"
     progress: bool = True
+    format: str = "memfit"           # the folder's format: memfit, compressed-tensors or auto
 
 
 def _say(options: CompressOptions, text: str) -> None:
@@ -71,12 +72,38 @@ def _say(options: CompressOptions, text: str) -> None:
         print(f"memfit: {text}", file=sys.stderr, flush=True)
 
 
-def _preflight(model: str, recipe: Recipe) -> None:
+def _refuse_unexportable(meta_model, arch, plan: list[dict], recipe: Recipe) -> None:
+    """--format compressed-tensors: refuse, before any work, a recipe whose modules it could
+    not hold (memfit.io.export_ct), naming the first such module and why."""
+    from memfit.archs import block_list
+    from memfit.io.export_ct import check_representable, spec_why_not
+
+    if recipe.embeddings is not None:
+        raise UserError("compressed-tensors cannot represent the quantized embedding table "
+                        "(recipe `embeddings:`); use --format memfit; nothing written")
+    blocks = block_list(meta_model, arch)
+    prefix = next(n for n, m in meta_model.named_modules() if m is blocks)
+    bad = {f"{prefix}.{i}.{n}": why for i, specs in enumerate(plan) for n, spec in specs.items()
+           if (why := spec_why_not(spec, blocks[i].get_submodule(n)))}
+    if bad:
+        check_representable(None, bad)
+
+
+def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
     """What can be checked from the config alone, before the weights load."""
     from memfit.api import plan_specs
     from memfit.models import skeleton
 
     meta_model, arch, meta = skeleton(model)
+    if meta is None and _quant_method(model):
+        made = Path(model).expanduser() / "memfit_recipe.json"  # memfit's compressed-tensors
+        source = json.loads(made.read_text()).get("source") if made.is_file() else None
+        if source:
+            raise UserError(f"{model} is already compressed by memfit (compressed-tensors; "
+                            f"recipe in its memfit_recipe.json); compress the dense model "
+                            f"instead: {source}")
+        raise UserError(f"{model} is already quantized ({_quant_method(model)} in its "
+                        "config.json); compress its dense source instead")
     if meta is not None:
         source = meta.get("source") or "its dense source"
         raise UserError(f"{model} is already compressed by memfit (recipe in its memfit.json); "
@@ -84,7 +111,21 @@ def _preflight(model: str, recipe: Recipe) -> None:
     if arch.kind == "encoder":
         from memfit.encoders import check_recipe
         check_recipe(recipe, model, arch)
-    plan_specs(meta_model, recipe, arch)
+    plan = plan_specs(meta_model, recipe, arch)
+    if fmt == "compressed-tensors":
+        _refuse_unexportable(meta_model, arch, plan, recipe)
+
+
+def _quant_method(model: str) -> str | None:
+    """quant_method of a local folder's config.json (e.g. a compressed-tensors export), or None."""
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        q = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    return q.get("quant_method", "quantized") if isinstance(q, dict) else None
 
 
 def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
@@ -128,13 +169,40 @@ def _encoder_inputs(loaded, recipe: Recipe, o: CompressOptions, smoke_src: str):
     return recipe, windows, reference, f"embeddings of {len(sents)} sentences"
 
 
+FORMATS = ("auto", "compressed-tensors", "memfit")
+
+
+def pick_format(model, fmt: str) -> tuple[str, str]:
+    """-> (the format to write, a one-line note why when `auto` fell back to memfit's).
+    `compressed-tensors` on a model it cannot represent is a UserError naming the module."""
+    from memfit.formats.quant_linear import QuantLinear
+    from memfit.io.export_ct import check_representable, unrepresentable
+
+    if fmt == "compressed-tensors":
+        check_representable(model)
+    if fmt != "auto":
+        return fmt, ""
+    bad = unrepresentable(model)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return "memfit", ("memfit's format because no layer is quantized (nothing for "
+                          "compressed-tensors to hold)")
+    if not bad:
+        return "compressed-tensors", ""
+    name, why = next(iter(bad.items()))
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return "memfit", f"memfit's format because compressed-tensors cannot hold {name}{more}: {why}"
+
+
 def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                 options: CompressOptions | None = None) -> dict:
     """Compress `model` with `recipe` into the folder `out`; return the report."""
     from memfit.io.checkpoint import check_device
+    from memfit.io.export_ct import save_ct
     from memfit.io.save import check_output, save
 
     o = options or CompressOptions()
+    if o.format not in FORMATS:
+        raise UserError(f"unknown format {o.format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
     check_output(out, o.overwrite, (model,))  # refuse early, before any work
     check_device(o.device)
@@ -143,7 +211,7 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                                                               "offload", "bos")
                                      if getattr(o, k) is not None})
     recipe = replace(recipe, calib=calib)
-    _preflight(model, recipe)
+    _preflight(model, recipe, o.format)
     loaded = load_model(model, dtype=o.dtype, device=o.device)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     encoder = loaded.kind == "encoder"
@@ -176,10 +244,13 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     # only run-independent facts go into the folder, so a resumed run writes identical bytes
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
-    _say(o, f"writing {out}")
-    save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
-         extra={"source": loaded.source, "report": {k: report[k] for k in stable}},
-         side_files=side_files(loaded.source) if encoder else None)
+    fmt, note = pick_format(loaded.model, o.format)
+    _say(o, f"writing {out} ({fmt}{'; ' + note if note else ''})")
+    writer = save if fmt == "memfit" else save_ct
+    writer(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
+           extra={"source": loaded.source, "report": {k: report[k] for k in stable}},
+           side_files=side_files(loaded.source) if encoder else None)
+    report["format"], report["format_note"] = fmt, note
     report["artifact_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report["peak_rss_bytes"] = rss_peak_bytes()  # the whole run: load, compress, smoke check, save
     report["out"] = str(out)

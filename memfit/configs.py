@@ -25,6 +25,7 @@ from memfit.errors import UserError
 from memfit.formats.grid import IntFormat
 
 _FORMAT_KEYS = tuple(f.name for f in fields(IntFormat))
+_ACT_KEYS = ("act_bits", "act_static", "smoothquant")  # written only for W8A8
 
 
 class Needs(enum.Enum):
@@ -98,9 +99,13 @@ class Quant(_Family):
     awq_grid: int = 20             # AWQ: exponents α tried, evenly from 0 to awq_max_alpha
     awq_max_alpha: float = 1.0     # AWQ: the largest α, in (0, 1]
     awq_clip: bool = True          # AWQ: then search a clipping bound per (row, group)
+    act_bits: int | None = None    # 8: W8A8, int8 activations too (memfit.formats.w8a8)
+    act_static: bool = False       # W8A8: one calibrated per-tensor activation scale, not per token
+    smoothquant: float | None = None  # W8A8: SmoothQuant's α in (0, 1] (memfit.smoothquant)
 
     def __post_init__(self):
         assert type(self) is not Quant, "Quant is a family: use RTN, HQQ or GPTQ"
+        self._check_activations()
         clip = getattr(self, "clip", "minmax")
         if clip not in ("minmax", "mse"):
             raise UserError(f"unknown clip {clip!r}; use 'minmax' or 'mse'")
@@ -110,9 +115,29 @@ class Quant(_Family):
             from memfit.algos.awq import alphas
             alphas(self.awq_grid, self.awq_max_alpha)  # UserError naming the bad option
 
+    def _check_activations(self) -> None:
+        if self.act_bits is None:
+            if self.act_static or self.smoothquant is not None:
+                raise UserError("act_static and smoothquant quantize activations: add act_bits: 8")
+            return
+        if self.act_bits != 8:
+            raise UserError(f"act_bits={self.act_bits!r} is not supported; use 8 (W8A8) or null")
+        from memfit.formats.w8a8 import check_w8_format
+        check_w8_format(self.format)
+        if not isinstance(self.act_static, bool):
+            raise UserError(f"act_static={self.act_static!r} must be true or false")
+        sq = self.smoothquant
+        if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float))
+                               or not 0 < sq <= 1):
+            raise UserError(f"smoothquant={sq!r} is outside (0, 1]: SmoothQuant's α, the share "
+                            "of activation outliers moved into the weights (e.g. 0.5)")
+        if self.awq and sq is not None:
+            raise UserError("awq and smoothquant both rescale input channels; choose one")
+
     @property
-    def needs_data(self) -> bool:  # AWQ measures the activations even for RTN
-        return self.needs is not Needs.NOTHING or self.awq
+    def needs_data(self) -> bool:  # AWQ/SmoothQuant/static scales measure the activations
+        return self.needs is not Needs.NOTHING or self.awq or self.act_static \
+            or self.smoothquant is not None
 
     @property
     def algo(self) -> str:
@@ -120,7 +145,8 @@ class Quant(_Family):
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in super().to_dict().items()
-             if k != "format" and (self.awq or not k.startswith("awq"))}
+             if k != "format" and (self.awq or not k.startswith("awq"))
+             and (self.act_bits is not None or k not in _ACT_KEYS)}
         return {**d, **self.format.to_dict()}
 
     @classmethod

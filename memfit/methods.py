@@ -1,6 +1,7 @@
 """What replaces a linear: the per-module step of `compress_`, for every kind of spec.
 
-- `Quant` -> `QuantLinear` (RTN, HQQ, GPTQ on the integer grid);
+- `Quant` -> `QuantLinear` (RTN, HQQ, GPTQ on the integer grid); with `act_bits: 8` ->
+  `W8A8Linear` (the same 8-bit per-channel grid, activations quantized to int8 at run time);
 - `Prune` -> `SparseLinear` (magnitude, Wanda, SparseGPT; unstructured in a bitmask, 2:4 in the
   2:4 layout; other N:M patterns in a bitmask);
 - `LowRank` -> `LowRankLinear` (SVD, activation-whitened SVD, randomized SVD).
@@ -37,6 +38,7 @@ from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.sparse import BitmaskWeight, Sparse24Weight, SparseIntWeight, SparseLinear
+from memfit.formats.w8a8 import W8A8Linear
 from memfit.configs import (GPTQ, HQQ, RTN, SVD, LowRank, Magnitude, Needs, Prune, Quant,
                             RandomizedSVD, SparseGPT, Wanda, WhitenedSVD)
 from memfit.recipe import Compose
@@ -88,10 +90,14 @@ def _quantize(mods: list, spec: Quant, stat) -> tuple[list, float | None]:
     rows = [w.shape[0] for w in ws]
     for mod, w, codes, scale, zero in zip(mods, ws, res.codes.split(rows), res.scale.split(rows),
                                           res.zero.split(rows)):
+        packed = PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt)
+        if spec.act_bits:  # W8A8: the same 8-bit grid, multiplied in int8
+            out.append(W8A8Linear.from_packed(packed, _bias(mod), static=spec.act_static,
+                                              dtype=mod.weight.dtype))
+            continue
         ql = QuantLinear(w.shape[1], w.shape[0], fmt, mod.bias is not None,
                          device=mod.weight.device, dtype=mod.weight.dtype)
-        ql.load_packed(PackedIntWeight.from_codes(codes, scale, None if fmt.symmetric else zero, fmt),
-                       bias=_bias(mod))
+        ql.load_packed(packed, bias=_bias(mod))
         out.append(ql)
     return out, res.error
 

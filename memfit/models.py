@@ -141,6 +141,9 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
             if loaded.kind == "encoder" and loaded.tokenizer is None:
                 raise _no_tokenizer(spec)
             return loaded
+        from memfit.io.export_ct import is_memfit_ct, load_ct
+        if is_memfit_ct(Path(location)):  # compressed-tensors as memfit wrote it: packed modules
+            return load_ct(location, dtype=dtype, device=device)
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
     arch = arch_for(config)

@@ -288,6 +288,9 @@ PRESETS: dict[str, Recipe] = {
     "w3g64-awq": _preset("rtn", 3, 64, awq=True),
     "w3g64-awq-gptq": _preset("gptq", 3, 64, awq=True, **_BEST),
     "w2g32-gptq": _preset("gptq", 2, 32, **_BEST),
+    # W8A8: int8 weights per channel x int8 activations per token, multiplied in int8
+    "w8a8": _preset("rtn", 8, None, act_bits=8),
+    "w8a8-sq": _preset("rtn", 8, None, act_bits=8, smoothquant=0.5),
     "magnitude-50": Recipe(prune=Magnitude(sparsity=0.5)),
     "wanda-50": Recipe(prune=Wanda(sparsity=0.5)),
     "sparsegpt-50": Recipe(prune=SparseGPT(sparsity=0.5)),

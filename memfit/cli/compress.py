@@ -48,12 +48,15 @@ def cmd_compress(args) -> None:
         data=args.data, samples=args.samples, seq_len=args.seq_len, offload=args.offload,
         bos=args.bos, overwrite=args.overwrite, max_kld=args.max_kld, min_cosine=args.min_cosine,
         keep_partial=args.keep_partial, dtype=args.dtype, device=args.device,
-        progress=not args.json))
+        progress=not args.json, format=args.format))
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}))
         return
     s = rep["smoke"]
-    print(f"wrote        {rep['out']}  ({human_bytes(rep['artifact_bytes'])} on disk)")
+    print(f"wrote        {rep['out']}  ({human_bytes(rep['artifact_bytes'])} on disk, "
+          f"{rep['format']} format)")
+    if rep["format_note"]:
+        print(f"format       {rep['format_note']}")
     print(f"weights      {human_bytes(rep['bytes_before'])} -> {human_bytes(rep['bytes_after'])} "
           f"({rep['bytes_after'] / rep['bytes_before']:.3f}x) in {rep['compress_seconds']:.1f} s, "
           f"peak RSS {human_bytes(rep['peak_rss_bytes'])}"
@@ -84,6 +87,10 @@ def add_compress(sub) -> None:
                    "in memory (default) or on disk")
     add_bos(c, default=None)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--format", choices=["auto", "compressed-tensors", "memfit"], default="auto",
+                   help="folder format: compressed-tensors (loads in plain transformers/vLLM), "
+                   "memfit's own, or auto (default: compressed-tensors when it can represent "
+                   "every compressed module, else memfit, saying why)")
     c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
                    "check's KL divergence exceeds this (default 1.0)")
     c.add_argument("--min-cosine", type=float, default=0.8, help="encoders: refuse to write "

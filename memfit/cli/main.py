@@ -19,6 +19,7 @@ from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.cli.fit import add_fit
 from memfit.cli.train import add_train
+from memfit.cli.export import add_export
 from memfit.errors import UserError
 
 _MODEL_HELP = ("model: 'default' (SmolLM2-135M-Instruct, embedded), 'default-encoder' "
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill(sub)
     add_fit(sub)
     add_train(sub)
+    add_export(sub)
     return p
 
 

@@ -18,6 +18,7 @@ from memfit.formats.intq import field_specs
 from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.sparse import SparseLinear
+from memfit.formats.w8a8 import W8A8Linear
 
 
 # ----- module kinds: describe a replaced module as JSON, build it back on the meta device -----
@@ -55,6 +56,11 @@ def _build_lowrank(d: dict, dtype: torch.dtype) -> LowRankLinear:
     return m
 
 
+def _build_w8a8(d: dict, dtype: torch.dtype) -> W8A8Linear:
+    return W8A8Linear(d["in_features"], d["out_features"], IntFormat.from_dict(d["fmt"]),
+                      bias=d["bias"], static=d["static"], device="meta", dtype=dtype)
+
+
 def _build_embedding(d: dict, dtype: torch.dtype) -> QuantEmbedding:
     return QuantEmbedding(d["num_embeddings"], d["embedding_dim"], IntFormat.from_dict(d["fmt"]),
                           padding_idx=d["padding_idx"], embed_scale=d["embed_scale"], dtype=dtype,
@@ -71,6 +77,7 @@ MODULE_KINDS: dict[str, Kind] = {
     "int": Kind(QuantLinear, _build_int, ("scale", "zero")),
     "sparse": Kind(SparseLinear, _build_sparse, ("scale", "zero")),
     "embedding": Kind(QuantEmbedding, _build_embedding, ("scale", "zero")),
+    "w8a8": Kind(W8A8Linear, _build_w8a8, ("scale", "input_scale")),
     "lowrank": Kind(LowRankLinear, _build_lowrank,
                     ("down.scale", "down.zero", "up.scale", "up.zero")),
 }

@@ -240,20 +240,37 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     except (TypeError, ValueError) as e:
         raise UserError(f"recipe/extra cannot be written as JSON ({e}); pass plain dicts, "
                         "lists, strings and numbers") from None
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
+        _write_config(model, tmp, modules, dropped_tie, tied, guards)
+        write_side_files(model, tokenizer, tmp, side_files)
+        (tmp / META).write_text(meta_text + "\n")
+
+    return write_folder(out, fill)
+
+
+def write_side_files(model: nn.Module, tokenizer, tmp: Path, side_files: dict | None) -> None:
+    """generation_config.json, the tokenizer and any `side_files` into the folder `tmp`."""
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, src in (side_files or {}).items():
+        (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
+
+
+def write_folder(out: Path, fill) -> Path:
+    """Run `fill(tmp)` on a fresh `<out>.tmp-<pid>` folder, then rename it to `out` (replacing
+    an existing one, which `check_output` allowed). Nothing appears at `out` unless `fill`
+    finished; a full disk or a permission problem is a UserError."""
+    out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, modules, dropped_tie, tied, guards)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, src in (side_files or {}).items():
-            (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
-        (tmp / META).write_text(meta_text + "\n")
+        fill(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _WRITE_ERRORS:
@@ -343,19 +360,30 @@ def _build_skeleton(folder: Path, modules: dict):
 
 def load(path, *, dtype=None, device: str = "cpu"):
     """Load a memfit folder -> `memfit.models.Loaded`, never materialising dense weights."""
-    from transformers import AutoTokenizer
-
-    from memfit.io.checkpoint import Loaded, check_safetensors, pick_dtype
+    from memfit.io.checkpoint import check_safetensors
 
     folder = Path(path)
     meta = read_meta(folder)
-    modules, tied = meta["modules"], meta.get("tied", {})
     check_safetensors(folder)
-    model, arch = _build_skeleton(folder, modules)
     state = _read_tensors(folder / WEIGHTS, device)
     for g in meta.get("guards", []):
         state.pop(g, None)
-    buffers = _read_tensors(folder / BUFFERS, device)
+    return assemble(folder, meta["modules"], meta.get("tied", {}), state,
+                    _read_tensors(folder / BUFFERS, device), meta.get("dense_dtype", "keep"),
+                    dtype=dtype, device=device)
+
+
+def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict,
+             dense_dtype: str, *, dtype=None, device: str = "cpu"):
+    """The model of `folder`'s config.json built on meta with the described `modules` swapped
+    in, given its stored tensors (`state`, in memfit's field names) and non-persistent
+    `buffers` -> `memfit.models.Loaded`. Shared by memfit's format and compressed-tensors
+    folders memfit wrote (memfit.io.export_ct.load_ct)."""
+    from transformers import AutoTokenizer
+
+    from memfit.io.checkpoint import Loaded, pick_dtype
+
+    model, arch = _build_skeleton(folder, modules)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state) - set(tied))
     unexpected = sorted((set(state) | set(tied) | set(tied.values())) - expected)
@@ -363,7 +391,7 @@ def load(path, *, dtype=None, device: str = "cpu"):
         what = f"missing tensors {missing[:3]}" if missing else f"unknown tensors {unexpected[:3]}"
         raise UserError(f"{folder / WEIGHTS} does not match its config and {META}: {what}; "
                         "the folder is damaged or mixed up: re-save the model")
-    if dtype is not None or meta.get("dense_dtype", "keep") != "keep":
+    if dtype is not None or dense_dtype != "keep":
         # stored 16-bit (or a requested dtype): compute in the requested / device's dtype
         cast_to = pick_dtype(dtype, device)
         fixed = _fixed_keys(modules)

@@ -67,7 +67,10 @@ def test_existing_out_is_refused_and_overwrite_replaces(capsys, tmp_path, tiny_l
     code, _, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", "w8", "--out", out,
                         "--overwrite")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "memfit.json").exists()
+    assert not (out / "keep.txt").exists()
+    # the CLI's default --format auto: compressed-tensors, which can hold int8 per channel
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
 def test_collapse_is_refused_and_nothing_written(capsys, tmp_path, tiny_llama_dir):

@@ -1,0 +1,72 @@
+"""`memfit export DIR --format compressed-tensors --out OUT` and `memfit export MODEL --format gguf
+--type Q8_0 --out OUT.gguf`: rewrite a model in a format other tools load (memfit.io.export_ct,
+memfit.io.export_gguf). Options and printing only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memfit.errors import UserError
+
+EXPORT_FORMATS = ("compressed-tensors", "gguf")
+
+
+def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = False) -> Path:
+    """Write the memfit folder `src` as `fmt` into `out`; nothing is written when a module
+    cannot be represented (the error names it and why)."""
+    from memfit.encoders import side_files
+    from memfit.io.export_ct import check_representable, save_ct
+    from memfit.io.save import META, check_output, load, read_meta
+
+    src = Path(src).expanduser()
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if not (src / META).exists():
+        raise UserError(f"{src} is not a memfit folder (no {META}); export reads what "
+                        "`memfit compress --format memfit` wrote")
+    check_output(Path(out).expanduser(), overwrite, (src,))
+    meta = read_meta(src)
+    loaded = load(src)
+    check_representable(loaded.model)
+    side = side_files(src)  # an encoder's sentence-transformers files, as compress copied them
+    return save_ct(loaded.model, loaded.tokenizer, Path(out).expanduser(),
+                   recipe=meta.get("recipe"), overwrite=overwrite, side_files=side,
+                   extra={"source": meta.get("source"), "exported_from": str(src)})
+
+
+def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False) -> Path:
+    """Any model memfit loads (a memfit folder: its packed weights dequantized) -> a GGUF file."""
+    from memfit.io.export_gguf import GGUF_TYPES, export_gguf
+    from memfit.models import load_model
+
+    if qtype not in GGUF_TYPES:  # before loading anything
+        raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)}")
+    if Path(out).expanduser().exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another file")
+    return export_gguf(load_model(spec, dtype="float32").model, out, qtype, overwrite=overwrite)
+
+
+def cmd_export(args) -> None:
+    if args.format == "gguf":
+        out = export_gguf_file(args.model, args.out, args.type, args.overwrite)
+        print(f"wrote        {out}  (GGUF {args.type}; no tokenizer inside: load the weights with "
+              "transformers' from_pretrained(folder, gguf_file=...))")
+        return
+    out = export_folder(args.model, args.out, args.format, args.overwrite)
+    print(f"wrote        {out}  ({args.format}; loads with transformers' "
+          "AutoModelForCausalLM.from_pretrained and the compressed-tensors package)")
+
+
+def add_export(sub) -> None:
+    e = sub.add_parser("export", help="rewrite a model in another format (compressed-tensors, "
+                       "gguf)")
+    e.add_argument("model", help="compressed-tensors: a folder written by memfit compress "
+                   "--format memfit; gguf: any model spec memfit loads")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default="compressed-tensors",
+                   help="the output format (default compressed-tensors)")
+    e.add_argument("--type", default="Q8_0", help="gguf: the llama.cpp type (Q8_0, Q4_0, Q4_1, "
+                   "Q5_0, Q5_1, F16, BF16, F32; default Q8_0)")
+    e.add_argument("--out", required=True, help="output folder (gguf: file), written complete "
+                   "or not at all")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=cmd_export)

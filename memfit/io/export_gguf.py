@@ -1,0 +1,148 @@
+"""Write a memfit model (any packed formats, dequantized) as a GGUF file of one llama.cpp type,
+with the `gguf` package: `memfit export DIR --format gguf --type Q8_0 --out model.gguf`.
+
+GGUF's quantized types have their own fixed grids (Q8_0: blocks of 32 weights with one float16
+scale; Q4_0/Q5_0: blocks of 32, symmetric; Q4_1/Q5_1: blocks of 32 with a minimum), which
+memfit's grids (per channel, groups of 64, GPTQ/AWQ-chosen codes) do not sit on. So every weight
+is dequantized to float32 (memfit's exact values) and quantized again by `gguf.quants.quantize`:
+Q8_0 of an int8 or int4 memfit weight adds a small second rounding, Q4_0 of a memfit int4 g64
+weight a large one; what that costs is measured, not assumed (tests/export/test_export_gguf.py).
+Norms and other 1-D tensors are stored as F32, as llama.cpp's converter does.
+
+Scope: Llama-family decoders (llama, mistral: no biases) with the names of
+`gguf.get_tensor_name_map`; q_proj/k_proj rows are permuted into llama.cpp's rotary layout
+(the inverse of what transformers' GGUF loader undoes). The types are those `gguf.quants` can
+quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and F16/BF16/F32; the K-quants (Q4_K, ...) are refused
+(gguf's Python package does not quantize them, and SmolLM2's 576-wide rows are not whole 256
+blocks). No tokenizer is embedded: transformers loads the weights with
+`from_pretrained(folder, gguf_file=...)` and the tokenizer from the memfit folder; llama.cpp,
+which needs one in the file, cannot run this file yet.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from memfit.errors import UserError
+from memfit.io.modules import describe_modules
+
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32")
+_ARCHS = ("llama", "mistral")
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as float32 tensors under transformers' names: every memfit module
+    dequantized to `<name>.weight` (its bias beside it), the other tensors as they are; a tensor
+    tied to another appears once, under the first name."""
+    packed = describe_modules(model)
+    out, seen = {}, set()
+    for name in packed:
+        m = model.get_submodule(name)
+        out[f"{name}.weight"] = m.dequantize(torch.float32)
+        if getattr(m, "bias", None) is not None:
+            out[f"{name}.bias"] = m.bias.detach().float()
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if any(owner == n or owner.startswith(n + ".") for n in packed) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[key] = t.detach().float()
+    return out
+
+
+def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows from transformers' rotary layout (two halves per head) to llama.cpp's
+    (interleaved pairs): (n_head * 2 * d, in) viewed (n_head, 2, d, in) -> (n_head, d, 2, in)."""
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, d, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _metadata(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    theta = getattr(config, "rope_theta", None) or \
+        (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _tensors(model: nn.Module, qtype) -> list[tuple[str, np.ndarray, object]]:
+    """[(GGUF name, array, raw type)] in GGUF names, q/k permuted, 2-D weights quantized."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    n_kv = config.num_key_value_heads or config.num_attention_heads
+    out = []
+    for key, t in dense_state(model).items():
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise UserError(f"GGUF has no name for {key}; this architecture is not exportable")
+        if key.endswith("q_proj.weight"):
+            t = _permute_rotary(t, config.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            t = _permute_rotary(t, n_kv)
+        arr = t.contiguous().numpy()
+        if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            out.append((gname, arr.astype(np.float32), gguf.GGMLQuantizationType.F32))
+            continue
+        try:
+            data = gguf.quants.quantize(arr, qtype)
+        except gguf.QuantError as e:
+            raise UserError(f"cannot store {key} {tuple(t.shape)} as {qtype.name} ({e}); choose "
+                            f"another --type ({', '.join(GGUF_TYPES)}); nothing written") from None
+        out.append((gname, data, qtype))
+    return out
+
+
+def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, overwrite: bool = False) -> Path:
+    """Write `model` (memfit modules dequantized, then quantized to `qtype`) as a GGUF file,
+    through a temporary name renamed when complete. -> the file."""
+    import gguf
+
+    if qtype not in GGUF_TYPES:
+        raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)} "
+                        "(the K-quants are not quantized by the gguf package)")
+    arch = getattr(model.config, "model_type", None)
+    if arch not in _ARCHS:
+        raise UserError(f"GGUF export supports {', '.join(_ARCHS)} models, not {arch!r}; "
+                        "nothing written")
+    if any(getattr(model.get_submodule(n.rpartition(".")[0]), "bias", None) is not None
+           for n, _ in model.named_parameters() if n.endswith("proj.weight")):
+        raise UserError("GGUF export of linears with biases is not supported; nothing written")
+    out = Path(out_file).expanduser()
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another file")
+    tensors = _tensors(model, gguf.GGMLQuantizationType[qtype])
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _metadata(writer, model.config)
+        writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8,
+                              "Q5_1": 9, "BF16": 32}[qtype])
+        for name, data, raw in tensors:
+            writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
