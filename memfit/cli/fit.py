@@ -78,9 +78,9 @@ def add_fit(sub) -> None:
     b.add_argument("--budget", help="run-time memory on --device: weights, KV cache, "
                    "activations and the runtime itself, e.g. 700MB or 8GiB (default: the "
                    "model's share cut to 40%% of the unmodified model's)")
-    b.add_argument("--gpu", help="run-time memory budget on a CUDA device, e.g. 24GiB")
-    b.add_argument("--cpu", help="run-time memory budget on the CPU, e.g. 8GiB")
-    b.add_argument("--weights-budget", help="budget for the stored weight bytes only, e.g. 90MB")
+    b.add_argument("--gpu", help="run-time memory budget on a CUDA device, e.g. 24GiB (default: --budget)")
+    b.add_argument("--cpu", help="run-time memory budget on the CPU, e.g. 8GiB (default: --budget)")
+    b.add_argument("--weights-budget", help="budget for the stored weight bytes only, e.g. 90MB (default: --budget)")
     f.add_argument("--context", type=int, help="tokens per sequence the budget must hold "
                    "(default: 2048, or the model's limit if smaller)")
     f.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")

@@ -79,7 +79,7 @@ def add_train(sub) -> None:
                    help="activation checkpointing: every block, every other block, or none "
                    "(default none)")
     t.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw",
-                   help="adamw8bit keeps m and v block-wise in 8 bits (~1/4 of the state)")
+                   help="adamw8bit keeps m and v block-wise in 8 bits (~1/4 of the state) (default adamw)")
     t.add_argument("--offload-optimizer", action="store_true", help="on CUDA: FSDP2 CPU "
                    "offload (weights, gradients and optimizer state on the host, the step on "
                    "the CPU); on the CPU it changes nothing")
@@ -89,7 +89,7 @@ def add_train(sub) -> None:
     t.add_argument("--powersgd-rank", type=int, default=4, help="rank of PowerSGD's "
                    "approximation (default 4)")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="compute dtype (FSDP2 param_dtype); auto: bf16 on CUDA, fp32 on CPU")
+                   help="compute dtype (FSDP2 param_dtype); auto: bf16 on CUDA, fp32 on CPU (default auto)")
     t.add_argument("--teacher", help="distill this model into MODEL (KL on logits) instead of "
                    "plain next-token loss")
     t.add_argument("--temperature", type=float, default=1.0, help="KL temperature with --teacher "
