@@ -91,7 +91,7 @@ def add_train(sub) -> None:
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute dtype (FSDP2 param_dtype); auto: bf16 on CUDA, fp32 on CPU (default auto)")
     t.add_argument("--teacher", help="distill this model into MODEL (KL on logits) instead of "
-                   "plain next-token loss")
+                   "plain next-token loss (default: none)")
     t.add_argument("--temperature", type=float, default=1.0, help="KL temperature with --teacher "
                    "(default 1.0)")
     t.add_argument("--device", default="cpu", help="cpu or cuda (each rank takes cuda:LOCAL_RANK; "
