@@ -11,13 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
-from memfit.eval.lm import (
-    _chunks,
-    chunk_sums,
-    final_hidden,
-    final_hidden_cached,
-    head_logits,
-)
+from memfit.eval.lm import final_hidden, final_hidden_cached
+from memfit.eval.smoke import window_sums
 
 
 class ProbeReference:
@@ -48,14 +43,10 @@ class ProbeReference:
             ids = self.windows[i:i + 1].to(device)
             h = final_hidden(model, ids) if kv_format is None else \
                 final_hidden_cached(model, ids, kv_format, 64)
-            for s, e in _chunks(ids.shape[1], chunk):
-                target = ids[:, s + 1:e + 1].reshape(-1)
-                got = chunk_sums(
-                    head_logits(model.get_output_embeddings(), h[:, s:e], model.config).flatten(0, 1),
-                    target, head_logits(self.head, self.hidden[i][:, s:e], model.config).flatten(0, 1))
-                nll += got["nll"]
-                kld += got["kld"]
-                tokens += target.numel()
+            got = window_sums(model, ids, h, self.head, self.hidden[i], chunk)
+            nll += got["nll"]
+            kld += got["kld"]
+            tokens += got["tokens"]
         return {"kld": kld / tokens if math.isfinite(kld) else float("inf"),
                 "perplexity": math.exp(nll / tokens) if math.isfinite(nll) else float("inf"),
                 "tokens": tokens}
