@@ -56,6 +56,40 @@ def check_safetensors(folder: Path) -> None:
                             f"{8 + header_len + end}); re-save or re-download it")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
+              "U32": torch.uint32, "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn,
+              "F8_E5M2": torch.float8_e5m2}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a safetensors file read into memory the process owns (CPU), one tensor at
+    a time with plain reads, or None for a dtype this reader does not know.
+
+    safetensors' `load_file` maps the file and hands out views of the mapping: a tensor the
+    loader then casts (a 16-bit table computed in float32) keeps its stored pages mapped, and
+    resident, next to the copy for as long as the model lives (57 MB for the default model's
+    embedding, measured with /proc/self/smaps). Reading into owned tensors makes the resident
+    bytes exactly the tensors' bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        if any(v["dtype"] not in _ST_DTYPES for v in header.values()):
+            return None
+        out = {}
+        for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = v["data_offsets"]
+            t = torch.empty(v["shape"], dtype=_ST_DTYPES[v["dtype"]])
+            f.seek(8 + n + begin)
+            if end > begin and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) \
+                    != end - begin:
+                raise ValueError(f"{name} is truncated")
+            out[name] = t
+    return out
+
+
 def check_device(device: str) -> torch.device:
     """The torch device named by `device`, or a UserError naming what this machine has."""
     try:

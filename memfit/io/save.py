@@ -308,9 +308,15 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 
     if not path.exists():
         raise UserError(f"{path} is missing; re-save the model")
+    from memfit.io.checkpoint import read_safetensors
+
     try:
+        if torch.device(device).type == "cpu":
+            owned = read_safetensors(path)
+            if owned is not None:
+                return owned
         return load_file(str(path), device=device)
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
 
 
@@ -395,8 +401,9 @@ def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict
         # stored 16-bit (or a requested dtype): compute in the requested / device's dtype
         cast_to = pick_dtype(dtype, device)
         fixed = _fixed_keys(modules)
-        state = {k: v.to(cast_to) if v.is_floating_point() and k not in fixed else v
-                 for k, v in state.items()}
+        for k, v in state.items():  # in place: one tensor's two copies at a time
+            if v.is_floating_point() and k not in fixed:
+                state[k] = v.to(cast_to)
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
