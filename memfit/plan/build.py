@@ -101,9 +101,10 @@ def _try(plan, sol, tmp: Path, eval_ref) -> dict:
     recipe = {"fit": {"choices": plan.choices(), "dropped_blocks": sol.dropped, "kv": plan.kv}}
     save(fresh.model, fresh.tokenizer, tmp, recipe=recipe,
          extra={"source": plan.loaded.source, "fit": {"target": vars(t).copy(),
-                                                     "predicted_kld": plan.predicted_kld(sol)}})
+                                                     "predicted_kld": plan.expected_kld(sol)}})
     del fresh
-    res = {"predicted_bytes": plan.predicted_total(sol), "predicted_kld": plan.predicted_kld(sol),
+    res = {"predicted_bytes": plan.predicted_total(sol), "predicted_kld": plan.expected_kld(sol),
+           "proxy_predicted_kld": plan.predicted_kld(sol),
            "stored_weight_bytes": _stored_weight_bytes(tmp)}
     if t.kind == "memory":
         mem = _measure_memory(tmp, plan)

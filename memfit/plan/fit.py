@@ -51,6 +51,7 @@ from memfit.plan.target import (
 )
 
 DEFAULT_SHARE = 0.4  # no budget given: the model's memory cut to 40% of the unmodified model's
+KV_WINDOWS = 2  # calibration windows (up to 1024 tokens) a quantized KV cache is measured on
 TOLERANCE = 0.25  # predicted vs measured KL: re-solve beyond this relative departure
 
 
@@ -59,8 +60,8 @@ class FitOptions:
     data: str = "builtin"          # calibration/probe text (calib split) and evaluation text
     samples: int = 16              # calibration windows for the sensitivity pass
     seq_len: int = 512
-    probe_windows: int = 8         # held calibration windows the probe plans are measured on
-    probe_seq_len: int = 256
+    probe_windows: int = 4         # held calibration windows the probe plans are measured on
+    probe_seq_len: int = 512       # (as long as the evaluation windows: KL depends on length)
     eval_windows: int = 16         # evaluation-split windows of the final check
     eval_seq_len: int = 512
     methods: str = "gptq"          # linear candidates: "gptq" (default) or "rtn" (fast)
@@ -105,8 +106,19 @@ class Plan:
         return sol.bytes + self.runtime_bytes(kv or self.kv)
 
     def predicted_kld(self, sol: Solution | None = None, kv: str | None = None) -> float:
+        """The proxy model's KL: calibrated per-unit damage, plus the KV cache's measured one."""
         sol = sol or self.solution
         return sol.damage + self.kv_damage.get(kv or self.kv, 0.0)
+
+    def expected_kld(self, sol: Solution | None = None) -> float:
+        """The KL this plan is expected to have on unseen text: for the plan the re-check
+        measured on the calibration probe windows, that measurement (+ the KV cache's measured
+        damage); for any other plan, the proxy model's prediction."""
+        sol = sol or self.solution
+        for p in reversed(self.points):
+            if p.get("solution") is sol:
+                return p["measured_kld"] + self.kv_damage.get(self.kv, 0.0)
+        return self.predicted_kld(sol)
 
     # ----- solving --------------------------------------------------------------------------
     def solve_for(self, budget: int, kv: str) -> Solution | None:
@@ -180,8 +192,9 @@ class Plan:
         return {"model": self.loaded.source, "target": vars(self.target).copy(),
                 "kv": self.kv, "dropped_blocks": sol.dropped,
                 "predicted_bytes": self.predicted_total(), "predicted_unit_bytes": sol.bytes,
-                "predicted_kld": self.predicted_kld(), "alpha": self.alpha,
-                "kv_damage": self.kv_damage, "fixed": self.fixed, "points": self.points,
+                "predicted_kld": self.expected_kld(), "proxy_predicted_kld": self.predicted_kld(),
+                "alpha": self.alpha, "kv_damage": self.kv_damage, "fixed": self.fixed,
+                "points": [{k: v for k, v in p.items() if k != "solution"} for p in self.points],
                 "choices": self.choices(), "timings": self.timings, "built": self.built}
 
     def build(self, out, *, overwrite: bool = False) -> dict:
@@ -298,7 +311,7 @@ def _choose(plan: Plan, probe: ProbeReference) -> None:
         measured = plan.measure(sol, probe)
         plan.points.append({"probe": f"plan-{attempt}", "families": plan.family_damage(sol),
                             "measured_kld": measured, "predicted_kld": sol.damage,
-                            "bytes": sol.bytes})
+                            "bytes": sol.bytes, "solution": sol})
         plan.solution, plan.kv = sol, kv
         if abs(measured / max(sol.damage, 1e-12) - 1) <= TOLERANCE or attempt == 2:
             return
@@ -399,9 +412,10 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     plan.kv_damage = {k: 0.0 for k in _kv_options(kind, kv, fixed, budget)}
     measured_kv = [k for k in plan.kv_damage if k != "none"]
     if measured_kv:
-        _say(o, f"KV cache: measuring {', '.join(measured_kv)} on 4 windows x "
+        _say(o, f"KV cache: measuring {', '.join(measured_kv)} on {KV_WINDOWS} windows x "
                 f"{min(context, 1024)} tokens")
-        kv_ids = token_windows(tok, o.data, "calib", seq_len=min(context, 1024), max_windows=4,
+        kv_ids = token_windows(tok, o.data, "calib", seq_len=min(context, 1024),
+                               max_windows=KV_WINDOWS,
                                seed=o.seed + 2)
         kv_ref = ProbeReference(m, kv_ids)
         for name in measured_kv:

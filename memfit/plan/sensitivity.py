@@ -46,6 +46,9 @@ def kfac_damage(dw: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor) -
     return 0.25 * float((left * right).sum())
 
 
+HEAD_POSITIONS = 128  # positions per window at which the head candidates' damage is computed
+
+
 class _Acc:
     """Running sums of x xᵀ (per group input) and g gᵀ (per linear output), in float32."""
 
@@ -131,14 +134,20 @@ def sensitivity_pass(model, arch: Arch, windows: torch.Tensor, *, tables: dict |
 
     def head_fwd(_m, args, out):
         with torch.no_grad():
-            h = args[0].detach()[0, :-1].float()  # (T - 1, hidden): the scored positions
-            p = torch.softmax(out.detach()[0, :-1].float(), dim=-1)  # (T - 1, V)
+            # the scored positions, at most HEAD_POSITIONS of them drawn at random: the estimate
+            # stays unbiased and its cost (a (V, hidden) product per candidate) bounded
+            n = args[0].shape[1] - 1
+            pos = torch.randperm(n, generator=gen)[:HEAD_POSITIONS] if n > HEAD_POSITIONS \
+                else torch.arange(n)
+            h = args[0].detach()[0, pos].float()  # (P, hidden)
+            p = torch.softmax(out.detach()[0, pos].float(), dim=-1)  # (P, V)
+            scale = n / len(pos)
             for name, dw in head_dw.items():
                 d = h @ dw.T  # (T - 1, V): the change of the logits
                 mean = (p * d).sum(-1)
                 var = (p * d * d).sum(-1) - mean * mean
                 key = f"head/{name}"
-                table_sums[key] = table_sums.get(key, 0.0) + 0.5 * float(var.sum())
+                table_sums[key] = table_sums.get(key, 0.0) + 0.5 * scale * float(var.sum())
     if head is not None and head_dw:
         handles.append(head.register_forward_hook(head_fwd))
 
