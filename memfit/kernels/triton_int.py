@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.triton_words import run_words, word_ineligibility
 from memfit.kernels.weights import IntWeight
 
 BITS = (2, 4, 8)
@@ -200,6 +201,8 @@ class Config:
     num_stages: int = 3
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
+    words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile)
+    shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -230,6 +233,15 @@ def candidates(m: int, w: IntWeight) -> list[Config]:
     bk_max = _block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
+    if m <= 16 and word_ineligibility(w) is None:
+        kinds = (["fma"] if m == 1 else []) + ["dot"]
+        for kind in kinds:
+            for bn in (64, 128):
+                for bk in (128, 256):
+                    for sk in (1, 2, 4, 8):
+                        out.append(Config(16, bn, bk, sk, 4, 3, words=kind, shift=False))
+        out.append(Config(16, 64, bks[0], 4, 4, 4, magic=True))  # the byte tile kernel
+        return out
     if m <= 8:
         bm = _bucket(m)
         bk = _block_k(w)
@@ -319,6 +331,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.BM == 0:
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
+    if cfg.words:
+        return run_words(x2, w, bias, cfg, cfg.words == "dot", _zmode(w))
     x2 = x2.contiguous()
     atomic = cfg.SPLIT_K > 1
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
