@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.triton_words import run_words, word_ineligibility
+from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight
 
 BITS = (2, 4, 8)
