@@ -18,7 +18,7 @@ Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buf
 dequantizes once into a 16-bit weight and calls cuBLAS when that measures faster (`choose`).
 The choice is made per (M bucket, shape, format) by timing the candidates once on the device
 (`triton.testing.do_bench`) and cached for the process; under TRITON_INTERPRET=1 (CPU tests) the
-first candidate is used.
+first candidate is used (also with MEMFIT_TRITON_CHOICE=first, e.g. for quick GPU test runs).
 
 Numerics: products are accumulated in float32 (tl.dot); float32 activations use IEEE float32
 dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 kernel does.
@@ -292,7 +292,7 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w)
-        if INTERPRET or x2.device.type != "cuda":
+        if INTERPRET or x2.device.type != "cuda" or os.environ.get("MEMFIT_TRITON_CHOICE") == "first":
             _CHOICE[key] = cands[0]
         else:
             from triton.testing import do_bench

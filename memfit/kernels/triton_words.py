@@ -23,8 +23,10 @@ Two kernels:
 - `_words_dot` (M <= 16): each field's (BN, T*WG) tile is dequantized in registers,
   (c - z) * s in the activation dtype, and fed to tl.dot against the matching activation columns
   (the dot sums over K, so the column order within a tile does not matter).
-Both split K over SPLIT_K programs that store float32 partials; `_splitk_sum` adds them, adds the
-bias and casts (no zero-fill, no atomics: deterministic).
+Both split K over SPLIT_K programs in one launch: each stores a float32 partial and counts itself
+in on its column tile's counter; the last to arrive adds the partials in a fixed order, adds the
+bias, casts, and resets the counter (one kernel per call, no zero-fill, deterministic sums). Each
+program loads its next tile before computing the current one (`_words_fma`).
 """
 
 from __future__ import annotations
@@ -68,11 +70,54 @@ def _zeros(z_ptr, rn, g, ok, stride_zn, BITS: tl.constexpr, ZMODE: tl.constexpr)
 
 
 @triton.jit
-def _words_fma(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, NW, NG, ITERS, stride_qn, stride_sn,
-               stride_zn, stride_ys, GROUP: tl.constexpr, BITS: tl.constexpr,
-               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
-               WG: tl.constexpr, SPLIT_K: tl.constexpr, SHIFT: tl.constexpr):
-    """y[pid_k, 0, rn] = partial (or, SPLIT_K == 1, the output) of x[0, :] @ dequant(q)^T."""
+def _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
+            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write acc (+ bias) to y[off]. With SPLIT_K > 1: store the float32 partial, count arrivals
+    on this column tile's counter; the last program to arrive sums the partials, writes y and
+    resets the counter to 0 (so the counters are always zero between calls)."""
+    if SPLIT_K > 1:
+        tl.store(p_ptr + pid_k * stride_ps + off, acc, mask=ok)
+        arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros(acc.shape, tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(p_ptr + s * stride_ps + off, mask=ok, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _load_tile(q_ptr, s_ptr, z_ptr, rn, n_ok, w0, wend, NG, stride_qn, stride_sn, stride_zn,
+               GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr, T: tl.constexpr,
+               WG: tl.constexpr):
+    """Words (BN, T, WG) from word w0 of rows rn, their scales and zero points (BN, T); words
+    at or past `wend` (the end of the row or of this program's chunk) are not read."""
+    PERW: tl.constexpr = 32 // BITS
+    rt = tl.arange(0, T)
+    wi = w0 + rt[:, None] * WG + tl.arange(0, WG)[None, :]
+    w_ok = wi < wend
+    wd = tl.load(q_ptr + rn[:, None, None] * stride_qn + wi[None, :, :],
+                 mask=n_ok[:, None, None] & w_ok[None, :, :], other=0)
+    g = ((w0 + rt * WG) * PERW) // GROUP
+    ok = n_ok[:, None] & ((w0 + rt * WG) < wend)[None, :]
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+    z = _zeros(z_ptr, rn[:, None], g[None, :], ok, stride_zn, BITS, ZMODE)
+    return wd, s, z
+
+
+@triton.jit
+def _words_fma(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, N, NW, NG, ITERS,
+               stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
+               BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+               T: tl.constexpr, WG: tl.constexpr, SPLIT_K: tl.constexpr, SHIFT: tl.constexpr):
+    """y[0, rn] = x[0, :] @ dequant(q)^T for BN rows; program pid_k takes K chunk pid_k. The next
+    tile's words are loaded before this tile is computed (one tile always in flight)."""
     PERW: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PERW // 2
     TW: tl.constexpr = T * WG
@@ -83,17 +128,16 @@ def _words_fma(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, NW, NG, ITERS, strid
     rt = tl.arange(0, T)
     rw = tl.arange(0, WG)
     acc = tl.zeros((BN, T, WG), dtype=tl.float32)
+    w0 = pid_k * ITERS * TW  # each program streams one contiguous chunk of every row
+    wend = tl.minimum(w0 + ITERS * TW, NW)
+    wd, s, z = _load_tile(q_ptr, s_ptr, z_ptr, rn, n_ok, w0, wend, NG, stride_qn,
+                          stride_sn, stride_zn, GROUP, BITS, ZMODE, T, WG)
     for it in range(0, ITERS):
-        w0 = (pid_k * ITERS + it) * TW  # each program streams one contiguous chunk
+        nwd, ns, nz = _load_tile(q_ptr, s_ptr, z_ptr, rn, n_ok, w0 + TW, wend, NG,
+                                 stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, T, WG)
         wi = w0 + rt[:, None] * WG + rw[None, :]  # (T, WG) word index along the row
         w_ok = wi < NW
-        wd = tl.load(q_ptr + rn[:, None, None] * stride_qn + wi[None, :, :],
-                     mask=n_ok[:, None, None] & w_ok[None, :, :], other=0)
         wh = wd >> 16
-        g = ((w0 + rt * WG) * PERW) // GROUP  # (T,) the group of each slice
-        ok = n_ok[:, None] & (g < NG)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = _zeros(z_ptr, rn[:, None], g[None, :], ok, stride_zn, BITS, ZMODE)
         part = tl.zeros((BN, T, WG), dtype=tl.float32)
         xsum = tl.zeros((T, WG), dtype=tl.float32)
         for i in tl.static_range(PERW):
@@ -103,18 +147,16 @@ def _words_fma(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, NW, NG, ITERS, strid
                 xi = xi * (1.0 / (1 << (BITS * (i % HALF))))
             part += _field(wd, wh, i, BITS, SHIFT) * xi[None, :, :]
         acc += (part - z[:, :, None] * xsum[None, :, :]) * s[:, :, None]
+        wd, s, z = nwd, ns, nz
+        w0 += TW
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.store(y_ptr + pid_k * stride_ys + rn, y, mask=n_ok)
+    _finish(y, rn, n_ok, rn, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps, HAS_BIAS,
+            SPLIT_K)
 
 
 @triton.jit
-def _words_dot(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NW, NG, ITERS, stride_xm,
-               stride_qn, stride_sn, stride_zn, stride_ym, stride_ys, GROUP: tl.constexpr,
+def _words_dot(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, NW, NG, ITERS,
+               stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ps, GROUP: tl.constexpr,
                BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
                WG: tl.constexpr, SPLIT_K: tl.constexpr, SHIFT: tl.constexpr):
@@ -159,27 +201,8 @@ def _words_dot(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, NW, NG, ITERS, st
             else:
                 acc = tl.dot(w2, tl.trans(x2), acc)
     ok = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=ok)
-    else:
-        tl.store(y_ptr + pid_k * stride_ys + rm[None, :] * stride_ym + rn[:, None], acc, mask=ok)
-
-
-@triton.jit
-def _splitk_sum(p_ptr, b_ptr, y_ptr, MN, N, stride_ps, HAS_BIAS: tl.constexpr,
-                SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum of SPLIT_K float32 partials (+ bias), cast to y's dtype."""
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = r < MN
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + s * stride_ps + r, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + r % N, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + r, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    _finish(acc, rm[None, :] * stride_ym + rn[:, None], ok, rn[:, None] + rm[None, :] * 0, y_ptr,
+            p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps, HAS_BIAS, SPLIT_K)
 
 
 def word_ineligibility(w: IntWeight) -> str | None:
@@ -225,26 +248,32 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
     b = bias if bias is not None else w.scale
     x2 = x2.contiguous()
     sk = cfg.SPLIT_K
-    y = (torch.empty(sk, m, n, dtype=torch.float32, device=x2.device) if sk > 1
-         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(n, cfg.BN), sk)
+    part = torch.empty(sk, m, n, dtype=torch.float32, device=x2.device) if sk > 1 else y
+    cnt = _counters(x2.device, grid[0]) if sk > 1 else q
     shift = cfg.shift or x2.dtype == torch.float16  # x * 2**-12 would leave float16's range
     common = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode, HAS_BIAS=bias is not None,
                   BN=cfg.BN, T=t, WG=wg, SPLIT_K=sk, SHIFT=shift, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    grid = (triton.cdiv(n, cfg.BN), sk)
     if not dot:
         assert m == 1
-        _words_fma[grid](x2, q, w.scale, z, b, y, n, nw, w.n_groups, iters, q.stride(0),
-                         w.scale.stride(0), z.stride(0), y.stride(0) if sk > 1 else 0, **common)
+        _words_fma[grid](x2, q, w.scale, z, b, y, part, cnt, n, nw, w.n_groups, iters, q.stride(0),
+                         w.scale.stride(0), z.stride(0), m * n, **common)
     else:
-        _words_dot[grid](x2, q, w.scale, z, b, y, m, n, nw, w.n_groups, iters, x2.stride(0),
-                         q.stride(0), w.scale.stride(0), z.stride(0), n,
-                         y.stride(0) if sk > 1 else 0, IEEE=x2.dtype == torch.float32,
-                         BM=cfg.BM, **common)
-    if sk == 1:
-        return y
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    block = 1024
-    _splitk_sum[(triton.cdiv(m * n, block),)](y, b, out, m * n, n, y.stride(0),
-                                             HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=block)
-    return out
+        _words_dot[grid](x2, q, w.scale, z, b, y, part, cnt, m, n, nw, w.n_groups, iters,
+                         x2.stride(0), q.stride(0), w.scale.stride(0), z.stride(0), n, m * n,
+                         IEEE=x2.dtype == torch.float32, BM=cfg.BM, **common)
+    return y
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Per-device int32 arrival counters for split-K, zero between calls (each call's last
+    program resets its own); grown, never shrunk (a new buffer is only made outside a capture)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
