@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels import copies, graph_time_us, int_weight, torch_int4
-from memfit.kernels import triton_int
+from memfit.kernels import triton_int, triton_words
 from memfit.kernels.triton_int import Config
 
 SHAPES = [(14336, 4096), (4096, 14336), (1024, 4096), (4096, 4096)]
@@ -72,7 +72,10 @@ def main() -> None:
                         res.append((float("inf"), str(c), f"WRONG {err:.2e}"))
                         continue
                     t = graph_time_us([lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws])
-                    res.append((t, str(c), f"{err:.1e}"))
+                    k = triton_words.LAST[0] if c.words else None
+                    regs = f" regs {k.n_regs} spills {k.n_spills}" if k is not None else ""
+                    triton_words.LAST[0] = None
+                    res.append((t, str(c), f"{err:.1e}{regs}"))
                 except Exception as e:  # noqa: BLE001 (report and go on: a tuning sweep)
                     res.append((float("inf"), str(c), f"FAILED {type(e).__name__}: {e}"[:200]))
             res.sort()

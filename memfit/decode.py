@@ -19,12 +19,20 @@ The previous attempt failed with `index_copy_(): index out of bounds` inside Sta
 its warm-up and capture runs advanced the cache's write cursor past `max_cache_len`; resetting
 the cursor (above) is the fix.
 
+`fuse=True` also compiles the small element-wise pieces of each layer with torch.compile (the
+RMSNorm and MLP modules' forward, and the family's `apply_rotary_pos_emb`), each compiled once
+and shared by every layer; packed linears stay memfit's kernels (the `memfit::int_linear` custom
+op). A graph step then launches about half as many kernels. It costs a compile on first use.
+
 Greedy only (argmax); sampling and quantized KV caches go through transformers' `generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import sys
 import time
 
 import torch
@@ -37,6 +45,37 @@ def _forward_kwargs(model):
     return cache_kwarg(model), "cache_position" in params, "logits_to_keep" in params
 
 
+@contextlib.contextmanager
+def fused(model):
+    """Within: RMSNorm/MLP forwards and `apply_rotary_pos_emb` of `model` run torch.compile'd
+    (one compiled function per class, shared by all its instances); restored on exit."""
+    patched = []  # (object, attribute, old value or _MISSING)
+    compiled: dict = {}
+    for mod in model.modules():
+        name = type(mod).__name__
+        if name.endswith("RMSNorm") or name.endswith("MLP"):
+            fn = compiled.setdefault(type(mod), torch.compile(type(mod).forward, dynamic=False))
+            patched.append((mod, "forward", mod.__dict__.get("forward", _MISSING)))
+            mod.forward = functools.partial(fn, mod)
+        if name.endswith("Attention"):
+            family = sys.modules[type(mod).__module__]
+            rope = getattr(family, "apply_rotary_pos_emb", None)
+            if rope is not None and not any(o is family for o, _, _ in patched):
+                patched.append((family, "apply_rotary_pos_emb", rope))
+                family.apply_rotary_pos_emb = torch.compile(rope, dynamic=False)
+    try:
+        yield
+    finally:
+        for obj, attr, old in reversed(patched):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+_MISSING = object()
+
+
 def _reset_cursor(cache, position: int) -> None:
     """Set the write cursor of every static layer that keeps one to `position`."""
     for layer in getattr(cache, "layers", []):
@@ -47,12 +86,20 @@ def _reset_cursor(cache, position: int) -> None:
 
 @torch.inference_mode()
 def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph: bool | None = None,
-                  on_token=None, eos_token_id=None, timings: dict | None = None) -> torch.Tensor:
+                  on_token=None, eos_token_id=None, timings: dict | None = None,
+                  fuse: bool = False) -> torch.Tensor:
     """(B, P) prompt ids -> (B, max_new_tokens) greedy continuation (fewer when `eos_token_id`
     ends every row). `graph` (default: on CUDA) replays one captured CUDA graph per step;
     `on_token(ids (B,))` is called after each step (it forces a device sync per step);
     `timings`, when given, gets `steps` and `decode_s`, the synchronized wall time of the steps
-    after the first token (capture and warm-up excluded)."""
+    after the first token (capture and warm-up excluded); `fuse` runs it inside
+    `fused(model)` (torch.compile'd element-wise pieces)."""
+    with fused(model) if fuse else contextlib.nullcontext():
+        return _greedy(model, input_ids, max_new_tokens, graph=graph, on_token=on_token,
+                       eos_token_id=eos_token_id, timings=timings)
+
+
+def _greedy(model, input_ids, max_new_tokens, *, graph, on_token, eos_token_id, timings):
     from transformers import StaticCache
 
     b, p = input_ids.shape

@@ -233,14 +233,18 @@ def candidates(m: int, w: IntWeight) -> list[Config]:
     bk_max = _block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
-    if m <= 16 and word_ineligibility(w) is None:
-        kinds = (["fma"] if m == 1 else []) + ["dot"]
-        for kind in kinds:
+    if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
+        if m == 1:
             for bn in (64, 128):
                 for bk in (128, 256):
-                    for sk in (1, 2, 4, 8):
-                        out.append(Config(16, bn, bk, sk, 4, 3, words=kind, shift=False))
+                    for sk in (4, 8, 16):
+                        out.append(Config(16, bn, bk, sk, 4, 2, words="fma", shift=False))
+            out.append(Config(16, 128, 128, 8, 8, 2, words="fma", shift=False))
+        for sk in (4, 8):
+            for st in (2, 3):
+                out.append(Config(16, 128, 128, sk, 4, st, words="dot", shift=False))
         out.append(Config(16, 64, bks[0], 4, 4, 4, magic=True))  # the byte tile kernel
+        out.append(Config(16, 128, bks[0], 4, 4, 4, magic=True))
         return out
     if m <= 8:
         bm = _bucket(m)
