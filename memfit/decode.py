@@ -36,6 +36,7 @@ import sys
 import time
 
 import torch
+import torch._dynamo
 
 
 def _forward_kwargs(model):
@@ -63,9 +64,16 @@ def fused(model):
             if rope is not None and not any(o is family for o, _, _ in patched):
                 patched.append((family, "apply_rotary_pos_emb", rope))
                 family.apply_rotary_pos_emb = torch.compile(rope, dynamic=False)
+    limits = {k: getattr(torch._dynamo.config, k) for k in
+              ("cache_size_limit", "accumulated_cache_size_limit")
+              if hasattr(torch._dynamo.config, k)}
+    for k, v in limits.items():  # in case a compiled function guards on each layer's identity
+        setattr(torch._dynamo.config, k, max(v, 4 * len(patched) + 64))
     try:
         yield
     finally:
+        for k, v in limits.items():
+            setattr(torch._dynamo.config, k, v)
         for obj, attr, old in reversed(patched):
             if old is _MISSING:
                 delattr(obj, attr)

@@ -77,7 +77,9 @@ def _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride
     resets the counter to 0 (so the counters are always zero between calls)."""
     if SPLIT_K > 1:
         tl.store(p_ptr + pid_k * stride_ps + off, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is stored before the (one-thread) release
         arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        tl.debug_barrier()
         if arrived == SPLIT_K - 1:
             acc = tl.zeros(acc.shape, tl.float32)
             for s in tl.static_range(SPLIT_K):
@@ -240,7 +242,9 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
     perw = 32 // w.bits
     wg = slice_words(w)
     t = max(1, cfg.BK // perw // wg)
-    wg = min(wg, cfg.BK // perw)
+    wg = min(wg, max(1, cfg.BK // perw))
+    while dot and t * wg < 16:  # tl.dot takes K >= 16 (words here) on the GPU
+        t *= 2
     nw = k // perw
     iters = triton.cdiv(triton.cdiv(nw, t * wg), cfg.SPLIT_K)
     q = w.qdata.view(torch.int32)
