@@ -6,7 +6,11 @@ little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER
 one group), so a tile needs one scale and zero per row; zero points are read from their packed
 bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-Two kernels:
+Decode (M <= 16) goes first to the word-wise kernels of memfit.kernels.triton_words (the same
+stored bytes read as 32-bit words, no int-to-float conversion) where the layout fills whole words;
+the byte kernels below remain candidates there and take everything else.
+
+Two byte kernels:
 - `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
   (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile.
 - `_int_gemv` (decode, M <= 8): no tensor cores; the *activations* are split like the codes
