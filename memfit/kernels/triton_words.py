@@ -277,7 +277,8 @@ _COUNTERS: dict = {}
 
 def _counters(device, n: int) -> torch.Tensor:
     """Per-device int32 arrival counters for split-K, zero between calls (each call's last
-    program resets its own); grown, never shrunk (a new buffer is only made outside a capture)."""
+    program resets its own); grown, never shrunk (a new buffer is only made outside a capture).
+    Shared by every layer of a device: split-K calls must not run concurrently on two streams."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
         c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)

@@ -48,3 +48,16 @@ def test_graph_loop_matches_generate_on_gpu(tiny_config, batch):
     got = greedy_static(model, ids, 20, graph=True, timings=timings)
     assert torch.equal(got, _reference(model, ids, 20))
     assert timings["steps"] == 19
+
+
+def test_generate_text_of_the_static_loop_equals_generates(tiny_llama):
+    """memfit generate's CUDA path (`_generate_static`, run here on the CPU without a graph)
+    streams the same text as the transformers `generate` path it replaces."""
+    from memfit.generate import _generate_static, build_prompt, generate
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    want = generate(model, tok, "hello there", max_new_tokens=12, stream=lambda s: None)
+    enc = tok(build_prompt(tok, "hello there"), return_tensors="pt", return_token_type_ids=False)
+    pieces = []
+    got = _generate_static(model, tok, enc["input_ids"], 12, pieces.append)
+    assert got == want and "".join(pieces) == got
