@@ -1,11 +1,17 @@
 """Decode tokens/s of a random-weight Llama-3-8B-shaped model on one GPU, side by side in one run:
-bf16 (HF eager `generate`), int4 g128 through memfit's QuantLinear + Triton kernels (same
-`generate`), and int4 + memfit's int4 KV cache. Random weights: speed only, not text quality.
+bf16 (HF eager `generate`), bf16 through memfit's static-cache CUDA-graph loop
+(memfit.decode.greedy_static), int4 g128 through memfit's QuantLinear + Triton kernels (HF eager
+loop and memfit's loop), and int4 + memfit's int4 KV cache (HF loop). Random weights: speed only,
+not text quality.
 
-Decode time = time(generate 1 + N new tokens) - time(generate 1 new token), so the prefill of the
-32-token prompt is excluded; greedy, no stopping; CUDA synchronised around each call; best of 2.
+HF `generate` rows: decode time = time(generate 1 + N new tokens) - time(generate 1 new token), so
+the prefill of the 32-token prompt is excluded; greedy, no stopping; CUDA synchronised around each
+call; best of 2. memfit loop rows: the synchronized wall time of the N graph replays after the
+first token (prefill, warm-up and capture excluded), best of 2; "+ fused" rows also run the
+RMSNorm/MLP/rotary pieces torch.compile'd (memfit.decode.fused). `match` is how many of the N
+greedy tokens of row 0 equal HF `generate`'s (the same function; bf16 ties may differ).
 
-    python benchmarks/decode_gpu.py [--layers 32] [--new 64]
+    python benchmarks/decode_gpu.py [--layers 32] [--new 64] [--skip-hf]
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from memfit.decode import greedy_static
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
 from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
@@ -85,11 +93,27 @@ def decode_tps(m, batch: int, new: int, kv: str | None) -> float:
     return batch * new / best
 
 
+def loop_tps(m, batch: int, new: int, fuse: bool = False) -> tuple[float, int]:
+    """(tokens/s of memfit's graph loop, tokens of row 0 equal to HF generate's)."""
+    ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV,
+                        generator=torch.Generator(device=DEV).manual_seed(batch))
+    best = None
+    for _ in range(2):
+        t: dict = {}
+        got = greedy_static(m, ids, 1 + new, timings=t, fuse=fuse)
+        best = t["decode_s"] if best is None else min(best, t["decode_s"])
+    ref = m.generate(ids[:1], max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False,
+                     pad_token_id=0)[0, 32:]
+    match = int((ref == got[0]).long().cumprod(0).sum())
+    return batch * new / best, match
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
+    ap.add_argument("--skip-hf", action="store_true", help="memfit loop rows only")
     args = ap.parse_args()
     global DEV
     if args.tiny:
@@ -97,15 +121,26 @@ def main() -> None:
     m = build(args.layers, TINY if args.tiny else SHAPE)
     rows = []
     with torch.inference_mode():
-        for batch in (1, 16):
-            rows.append({"model": "bf16 HF eager", "batch": batch,
-                         "tok_s": decode_tps(m, batch, args.new, None)})
-        to_int4(m)
-        for batch in (1, 16):
-            rows.append({"model": "int4 g128 memfit (HF eager loop)", "batch": batch,
-                         "tok_s": decode_tps(m, batch, args.new, None)})
-            rows.append({"model": "int4 g128 memfit + KV int4", "batch": batch,
-                         "tok_s": decode_tps(m, batch, args.new, "int4")})
+        for prec in ("bf16", "int4 g128"):
+            if prec != "bf16":
+                to_int4(m)
+            for batch in (1, 16):
+                if not args.skip_hf:
+                    rows.append({"model": f"{prec} HF eager generate", "batch": batch,
+                                 "tok_s": decode_tps(m, batch, args.new, None)})
+                for fuse in (False, True):
+                    try:
+                        tps, match = loop_tps(m, batch, args.new, fuse)
+                    except Exception:  # noqa: BLE001 (report, keep the other rows)
+                        traceback.print_exc()
+                        tps, match = float("nan"), None
+                    name = f"{prec} memfit graph loop" + (" + fused (torch.compile)" if fuse else "")
+                    rows.append({"model": name, "batch": batch, "tok_s": tps,
+                                 "match_of_%d" % (1 + args.new): match})
+                    print(json.dumps(rows[-1]), flush=True)
+                if prec != "bf16" and not args.skip_hf:
+                    rows.append({"model": "int4 g128 memfit + KV int4 (HF loop)", "batch": batch,
+                                 "tok_s": decode_tps(m, batch, args.new, "int4")})
     head = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
             "torch": torch.__version__, "layers": args.layers, "new_tokens": args.new,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}

@@ -9,6 +9,8 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` on CUDA without autograd: memfit.kernels.triton_int (fused dequantize-matmul
   for 8/4/2-bit layouts; Triton is imported on the first CUDA call only), the reference for
   layouts it cannot take (warned once);
+  Under torch.compile the same call goes through the custom op `memfit::int_linear`
+  (memfit.kernels.ops), which the compiler does not trace into;
 - an `IntWeight` anywhere else (activations that need gradients, other devices): the float32
   reference.
 
@@ -44,6 +46,9 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if x.device.type == "cpu" and not needs_grad:
         return cpu.cpu_linear(x, weight, bias, cache)
+    if x.device.type == "cuda" and not needs_grad and torch.compiler.is_compiling():
+        from memfit.kernels import ops  # one opaque custom op inside a compiled graph
+        return ops.call(x, weight, bias)
     fast = _triton() if x.device.type == "cuda" and not needs_grad else None
     if fast is not None:
         y = fast.triton_linear(x, weight, bias)

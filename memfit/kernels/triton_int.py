@@ -6,7 +6,11 @@ little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER
 one group), so a tile needs one scale and zero per row; zero points are read from their packed
 bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-Two kernels:
+Decode (M <= 16) goes first to the word-wise kernels of memfit.kernels.triton_words (the same
+stored bytes read as 32-bit words, no int-to-float conversion) where the layout fills whole words;
+the byte kernels below remain candidates there and take everything else.
+
+Two byte kernels:
 - `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
   (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile.
 - `_int_gemv` (decode, M <= 8): no tensor cores; the *activations* are split like the codes
@@ -18,7 +22,7 @@ Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buf
 dequantizes once into a 16-bit weight and calls cuBLAS when that measures faster (`choose`).
 The choice is made per (M bucket, shape, format) by timing the candidates once on the device
 (`triton.testing.do_bench`) and cached for the process; under TRITON_INTERPRET=1 (CPU tests) the
-first candidate is used.
+first candidate is used (also with MEMFIT_TRITON_CHOICE=first, e.g. for quick GPU test runs).
 
 Numerics: products are accumulated in float32 (tl.dot); float32 activations use IEEE float32
 dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 kernel does.
@@ -34,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight
 
 BITS = (2, 4, 8)
@@ -200,6 +205,8 @@ class Config:
     num_stages: int = 3
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
+    words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile)
+    shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -230,6 +237,19 @@ def candidates(m: int, w: IntWeight) -> list[Config]:
     bk_max = _block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
+    if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
+        if m == 1:
+            for bn in (64, 128):
+                for bk in (128, 256):
+                    for sk in (4, 8, 16):
+                        out.append(Config(16, bn, bk, sk, 4, 2, words="fma", shift=False))
+            out.append(Config(16, 128, 128, 8, 8, 2, words="fma", shift=False))
+        for sk in (4, 8):
+            for st in (2, 3):
+                out.append(Config(16, 128, 128, sk, 4, st, words="dot", shift=False))
+        out.append(Config(16, 64, bks[0], 4, 4, 4, magic=True))  # the byte tile kernel
+        out.append(Config(16, 128, bks[0], 4, 4, 4, magic=True))
+        return out
     if m <= 8:
         bm = _bucket(m)
         bk = _block_k(w)
@@ -280,7 +300,7 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w)
-        if INTERPRET or x2.device.type != "cuda":
+        if INTERPRET or x2.device.type != "cuda" or os.environ.get("MEMFIT_TRITON_CHOICE") == "first":
             _CHOICE[key] = cands[0]
         else:
             from triton.testing import do_bench
@@ -319,6 +339,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.BM == 0:
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
+    if cfg.words:
+        return run_words(x2, w, bias, cfg, cfg.words == "dot", _zmode(w))
     x2 = x2.contiguous()
     atomic = cfg.SPLIT_K > 1
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic

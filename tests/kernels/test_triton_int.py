@@ -62,8 +62,11 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
 @pytest.mark.parametrize("cfg", [triton_int.Config(16, 32, 64, 4), triton_int.Config(32, 64, 64, 1),
                                  triton_int.Config(0, 0, 0), triton_int.Config(8, 16, 64, 1, gemv=True),
                                  triton_int.Config(8, 32, 64, 4, gemv=True),
-                                 triton_int.Config(16, 32, 64, 2, magic=True)],
-                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k", "magic"])
+                                 triton_int.Config(16, 32, 64, 2, magic=True),
+                                 triton_int.Config(16, 16, 128, 1, words="dot"),
+                                 triton_int.Config(16, 16, 64, 3, words="dot", shift=False)],
+                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k", "magic",
+                              "words-dot", "words-dot-in-place-split-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_launch_shape_and_16bit_activations(cfg, dtype):
     if dtype == torch.bfloat16 and DEV == "cpu":
@@ -100,3 +103,38 @@ def test_layouts_it_cannot_take_fall_back_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert triton_int.triton_linear(x, w3) is None  # once per reason
+
+
+WORD_CASES = [  # (n, k, bits, group, zero point): every width, ragged groups, per-channel
+    (48, 256, 4, 64, "int"), (40, 200, 4, 40, "sym"), (33, 128, 4, None, "float"),
+    (24, 256, 8, 64, "int"), (20, 96, 8, None, "sym"), (32, 96, 2, 32, "int"),
+    (48, 80, 4, 16, "sym"), (17, 576, 4, 128, "int"),
+]
+
+
+@pytest.mark.parametrize("n,k,bits,group,zp", WORD_CASES)
+@pytest.mark.parametrize("kind,m", [("fma", 1), ("dot", 1), ("dot", 7)])
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_word_kernels_match_reference(n, k, bits, group, zp, kind, m, shift, split_k):
+    """The word-wise decode kernels (memfit.kernels.triton_words): fields shifted or masked in
+    place, split K with float32 partials, every element written."""
+    w = make_weight(n, k, bits, group, zp, seed=n + k + bits)
+    assert triton_int.word_ineligibility(w) is None
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(DEV)
+    bias = torch.randn(n).to(DEV)
+    want = linear_reference(x, w, bias)
+    got = triton_int.run(x, w, bias, triton_int.Config(16, 16, 64, split_k, words=kind,
+                                                        shift=shift))
+    assert got.shape == (m, n) and not got.isnan().any()
+    err = rel_err(got, want)
+    print(f"{kind} {n}x{k} {bits}b g{group} {zp} M={m}: rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_word_kernels_refuse_layouts_that_do_not_fill_words():
+    assert "whole 32-bit words" in triton_int.word_ineligibility(make_weight(8, 36, 4, None, "sym"))
+    assert "whole words" in triton_int.word_ineligibility(make_weight(8, 48, 4, 12, "sym"))
+    w = make_weight(8, 36, 4, None, "sym")  # still served, by the byte kernels
+    x = torch.randn(1, 36).to(DEV)
+    assert rel_err(triton_int.triton_linear(x, w), linear_reference(x, w)) < 1e-5

@@ -1,0 +1,181 @@
+"""Greedy decode with a static KV cache, one CUDA graph per step on CUDA.
+
+transformers' eager `generate` launches every kernel of every layer from Python at each step, so a
+batch-1 decode on a GPU is bound by launch overhead (29 tok/s for an 8B model whose weights stream
+in ~6 ms). Here the step is captured once as a CUDA graph and replayed:
+
+- the cache is transformers' `StaticCache`, sized to exactly prompt + new tokens
+  (`max_cache_len`), so its tensors never move;
+- positions are explicit: the prompt is run at positions 0..P-1, each step at its own position,
+  held in a device tensor that the graph itself advances (with `cache_position` too on
+  transformers versions whose forward takes it);
+- before capture, the step runs twice eagerly on a side stream (kernel choice, compilation, the
+  cache's lazy allocation); that writes states at positions P and P+1, so afterwards the position,
+  the cache's own write cursor (`cumulative_length`, where it has one) and the input token are
+  set back. Stale states past the current position are never read: the causal mask covers them,
+  and each step writes its own position before attending.
+
+The previous attempt failed with `index_copy_(): index out of bounds` inside StaticCache's update:
+its warm-up and capture runs advanced the cache's write cursor past `max_cache_len`; resetting
+the cursor (above) is the fix.
+
+`fuse=True` also compiles the small element-wise pieces of each layer with torch.compile (the
+RMSNorm and MLP modules' forward, and the family's `apply_rotary_pos_emb`), each compiled once
+and shared by every layer; packed linears stay memfit's kernels (the `memfit::int_linear` custom
+op). A graph step then launches about half as many kernels. It costs a compile on first use.
+
+Greedy only (argmax); sampling and quantized KV caches go through transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+import time
+
+import torch
+import torch._dynamo
+
+
+def _forward_kwargs(model):
+    """(cache keyword, whether forward takes cache_position, whether it takes logits_to_keep)."""
+    from memfit.kvcache import cache_kwarg
+    params = inspect.signature(model.forward).parameters
+    return cache_kwarg(model), "cache_position" in params, "logits_to_keep" in params
+
+
+@contextlib.contextmanager
+def fused(model):
+    """Within: RMSNorm/MLP forwards and `apply_rotary_pos_emb` of `model` run torch.compile'd
+    (one compiled function per class, shared by all its instances); restored on exit."""
+    patched = []  # (object, attribute, old value or _MISSING)
+    compiled: dict = {}
+    for mod in model.modules():
+        name = type(mod).__name__
+        if name.endswith("RMSNorm") or name.endswith("MLP"):
+            fn = compiled.setdefault(type(mod), torch.compile(type(mod).forward, dynamic=False))
+            patched.append((mod, "forward", mod.__dict__.get("forward", _MISSING)))
+            mod.forward = functools.partial(fn, mod)
+        if name.endswith("Attention"):
+            family = sys.modules[type(mod).__module__]
+            rope = getattr(family, "apply_rotary_pos_emb", None)
+            if rope is not None and not any(o is family for o, _, _ in patched):
+                patched.append((family, "apply_rotary_pos_emb", rope))
+                family.apply_rotary_pos_emb = torch.compile(rope, dynamic=False)
+    limits = {k: getattr(torch._dynamo.config, k) for k in
+              ("cache_size_limit", "accumulated_cache_size_limit")
+              if hasattr(torch._dynamo.config, k)}
+    for k, v in limits.items():  # in case a compiled function guards on each layer's identity
+        setattr(torch._dynamo.config, k, max(v, 4 * len(patched) + 64))
+    try:
+        yield
+    finally:
+        for k, v in limits.items():
+            setattr(torch._dynamo.config, k, v)
+        for obj, attr, old in reversed(patched):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+_MISSING = object()
+
+
+def _reset_cursor(cache, position: int) -> None:
+    """Set the write cursor of every static layer that keeps one to `position`."""
+    for layer in getattr(cache, "layers", []):
+        cur = getattr(layer, "cumulative_length", None)
+        if isinstance(cur, torch.Tensor):
+            cur.fill_(position)
+
+
+@torch.inference_mode()
+def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph: bool | None = None,
+                  on_token=None, eos_token_id=None, timings: dict | None = None,
+                  fuse: bool = False) -> torch.Tensor:
+    """(B, P) prompt ids -> (B, max_new_tokens) greedy continuation (fewer when `eos_token_id`
+    ends every row). `graph` (default: on CUDA) replays one captured CUDA graph per step;
+    `on_token(ids (B,))` is called after each step (it forces a device sync per step);
+    `timings`, when given, gets `steps` and `decode_s`, the synchronized wall time of the steps
+    after the first token (capture and warm-up excluded); `fuse` runs it inside
+    `fused(model)` (torch.compile'd element-wise pieces)."""
+    with fused(model) if fuse else contextlib.nullcontext():
+        return _greedy(model, input_ids, max_new_tokens, graph=graph, on_token=on_token,
+                       eos_token_id=eos_token_id, timings=timings)
+
+
+def _greedy(model, input_ids, max_new_tokens, *, graph, on_token, eos_token_id, timings):
+    from transformers import StaticCache
+
+    b, p = input_ids.shape
+    dev = input_ids.device
+    graph = dev.type == "cuda" if graph is None else graph
+    cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+    ckw, has_cp, has_keep = _forward_kwargs(model)
+
+    def forward(ids, pos):  # ids (B, q), pos (q,) -> (B,) next ids
+        kw = {ckw: cache, "position_ids": pos.unsqueeze(0).expand(b, -1), "use_cache": True}
+        if has_cp:
+            kw["cache_position"] = pos
+        if has_keep:
+            kw["logits_to_keep"] = 1
+        return model(input_ids=ids, **kw).logits[:, -1].argmax(-1)
+
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
+    tok = forward(input_ids, torch.arange(p, device=dev))
+    out[:, 0] = tok
+    pos = torch.full((1,), p, dtype=torch.long, device=dev)
+    done = _emit(on_token, tok, eos_token_id)
+
+    def step():
+        nxt = forward(tok[:, None], pos)
+        out.index_copy_(1, pos - (p - 1), nxt[:, None])
+        tok.copy_(nxt)
+        pos.add_(1)
+
+    replay = step
+    if graph and max_new_tokens > 1 and not done:
+        first = tok.clone()
+        s = torch.cuda.Stream(device=dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(min(2, max_new_tokens - 1)):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        tok.copy_(first)
+        pos.fill_(p)
+        _reset_cursor(cache, p)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        replay = g.replay
+    n = 1
+    if timings is not None:
+        _sync(dev)
+        t0 = time.perf_counter()
+    while n < max_new_tokens and not done:
+        replay()
+        n += 1
+        done = _emit(on_token, tok, eos_token_id)
+    if timings is not None:
+        _sync(dev)
+        timings.update(steps=n - 1, decode_s=time.perf_counter() - t0)
+    return out[:, :n]
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _emit(on_token, tok, eos_token_id) -> bool:
+    """Call on_token; True when every row just produced the end-of-sequence token."""
+    if on_token is not None:
+        on_token(tok)
+    if eos_token_id is None:
+        return False
+    eos = torch.as_tensor(eos_token_id, device=tok.device).view(-1)
+    return bool(torch.isin(tok, eos).all())
