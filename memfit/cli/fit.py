@@ -58,9 +58,15 @@ def cmd_fit(args) -> None:
     print(f"memory       predicted {human_bytes(built['predicted_bytes'])}, measured "
           f"{human_bytes(built['measured_bytes'])} ({built['memory_error']:+.1%})"
           + (f" [{built['memory']['kind']}, fresh process]" if "memory" in built else ""))
-    print(f"quality      KLD {built['measured_kld']:.5f} (predicted {built['predicted_kld']:.5f};"
-          f" proxy model {built['proxy_predicted_kld']:.5f}),"
-          f" perplexity {built['perplexity']:.3f} vs {built['ref_perplexity']:.3f} ({built['eval']})")
+    if plan.loaded.kind == "encoder":
+        print(f"quality      1 - cosine {built['measured_kld']:.5f} (predicted "
+              f"{built['predicted_kld']:.5f}; proxy model {built['proxy_predicted_kld']:.5f})"
+              f" ({built['eval']})")
+    else:
+        print(f"quality      KLD {built['measured_kld']:.5f} (predicted "
+              f"{built['predicted_kld']:.5f}; proxy model {built['proxy_predicted_kld']:.5f}),"
+              f" perplexity {built['perplexity']:.3f} vs {built['ref_perplexity']:.3f}"
+              f" ({built['eval']})")
     counts = Counter(s["choices"].values())
     print("choices      " + ", ".join(f"{k} x{v}" for k, v in counts.most_common())
           + (f"; dropped blocks {s['dropped_blocks']}" if s["dropped_blocks"] else ""))

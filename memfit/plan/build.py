@@ -99,7 +99,11 @@ def _try(plan, sol, tmp: Path, eval_ref) -> dict:
     fresh = _assemble(plan, sol)
     shutil.rmtree(tmp, ignore_errors=True)
     recipe = {"fit": {"choices": plan.choices(), "dropped_blocks": sol.dropped, "kv": plan.kv}}
-    save(fresh.model, fresh.tokenizer, tmp, recipe=recipe,
+    side = None
+    if plan.loaded.kind == "encoder":  # the sentence-transformers files, as compress carries them
+        from memfit.encoders import side_files
+        side = side_files(plan.loaded.source)
+    save(fresh.model, fresh.tokenizer, tmp, recipe=recipe, side_files=side,
          extra={"source": plan.loaded.source, "fit": {"target": vars(t).copy(),
                                                      "predicted_kld": plan.expected_kld(sol)}})
     del fresh
@@ -123,17 +127,14 @@ def _try(plan, sol, tmp: Path, eval_ref) -> dict:
 
 
 def build_plan(plan, out, *, overwrite: bool = False) -> dict:
-    from memfit.calib.data import token_windows
     from memfit.io.save import _swap_in, check_output
-    from memfit.plan.probe import ProbeReference
+    from memfit.plan.probe import probe_protocol, probe_reference
 
     out = Path(out)
     check_output(out, overwrite, (plan.loaded.source,))
     o, t = plan.options, plan.target
     t0 = time.perf_counter()
-    ids = token_windows(plan.loaded.tokenizer, o.data, "eval", seq_len=o.eval_seq_len,
-                        max_windows=o.eval_windows)
-    eval_ref = ProbeReference(plan.loaded.model, ids)
+    eval_ref = probe_reference(plan.loaded, o, "eval")
     ref_ppl = eval_ref.kld(plan.loaded.model)["perplexity"]
     tmp = out.with_name(f"{out.name}.fit-tmp")
     sol, tries = plan.solution, []
@@ -151,7 +152,7 @@ def build_plan(plan, out, *, overwrite: bool = False) -> dict:
                 f"{t.budget / 1e6:.1f} MB: re-planning with {over / 1e6:.1f} MB less")
         sol = smaller
     res = dict(tries[-1], ref_perplexity=ref_ppl, attempts=len(tries),
-               eval=f"{o.data}:eval, {len(ids)} windows x {o.eval_seq_len} tokens",
+               eval=probe_protocol(plan.loaded, o, "eval"),
                build_s=time.perf_counter() - t0)
     failed = []
     if res["measured_bytes"] > t.budget:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from memfit.archs import block_list, text_config
+from memfit.encoders import used_length
 from memfit.errors import UserError
 from memfit.plan.build import build_plan
 from memfit.plan.build import say as _say
@@ -38,7 +39,13 @@ from memfit.plan.menu import (
     resident_bytes,
     table_modules,
 )
-from memfit.plan.probe import ProbeReference, swapped
+from memfit.plan.probe import (
+    ProbeReference,
+    calib_windows,
+    probe_protocol,
+    probe_reference,
+    swapped,
+)
 from memfit.plan.sensitivity import sensitivity_pass
 from memfit.plan.solve import Solution, smallest, solve
 from memfit.plan.target import (
@@ -352,29 +359,28 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
                     batch=batch, kv=kv)
     loaded = model if hasattr(model, "model") else load_model(model, dtype=o.dtype,
                                                               device=o.device)
-    if loaded.kind != "decoder":
-        raise UserError("memfit fit plans decoder LLMs; for an encoder use memfit compress "
-                        "with a recipe (planning encoders is not built yet)")
     m, arch = loaded.model, loaded.arch
+    encoder = loaded.kind == "encoder"
     if context is None:
-        context = min(2048, getattr(text_config(m.config), "max_position_embeddings", 2048))
+        context = used_length(loaded) if encoder else \
+            min(2048, getattr(text_config(m.config), "max_position_embeddings", 2048))
         target = replace(target, context=context)
     check_context(m.config, context)
     dtype = next(m.parameters()).dtype
     tok = loaded.tokenizer
-    calib = token_windows(tok, o.data, "calib", seq_len=o.seq_len, max_windows=o.samples,
-                          seed=o.seed)
-    probe_ids = token_windows(tok, o.data, "calib", seq_len=o.probe_seq_len,
-                              max_windows=o.probe_windows, seed=o.seed + 1)
+    seq_len = min(o.seq_len, used_length(loaded)) if encoder else o.seq_len
+    calib = calib_windows(loaded, o.data, seq_len, o.samples, o.seed)
     emb, head = m.get_input_embeddings(), m.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     cands = {"embeddings": {}, "head": {}}
     for name, fmt in TABLE_MENU[1:]:
         qe, qh = table_modules(m, fmt, tied)
         cands["embeddings"][name] = qe
-        cands["head"][name] = qh if tied else head_module(m, fmt)
-    _say(o, f"sensitivity: {len(calib)} windows x {o.seq_len} tokens, forward + backward")
-    sens = sensitivity_pass(m, arch, calib, tables=cands, seed=o.seed, progress=o.progress)
+        if head is not None:
+            cands["head"][name] = qh if tied else head_module(m, fmt)
+    _say(o, f"sensitivity: {len(calib)} windows x {seq_len} tokens, forward + backward")
+    sens = sensitivity_pass(m, arch, calib, tables=cands, seed=o.seed, progress=o.progress,
+                            encoder=encoder)
     t1 = time.perf_counter()
     blocks = block_list(m, arch)
     prefix = next(n for n, mod in m.named_modules() if mod is blocks)
@@ -398,18 +404,20 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     fixed = _fixed_bytes(m, units, dtype)
     fixed["overhead"] = _overhead(loaded.source, o.device) if kind == "memory" else 0
     fixed["activation"] = estimate_activation(m.config, context, batch, dtype)
-    fixed["kv"] = {k: kv_bytes(m.config, context, batch, dtype, k) for k in ("none", "int8", "int4")}
+    fixed["kv"] = {"none": 0} if encoder else \
+        {k: kv_bytes(m.config, context, batch, dtype, k) for k in ("none", "int8", "int4")}
     if budget is None:
         budget = default_budget(units, fixed, kind)
         target = replace(target, budget=budget)
     plan = Plan(loaded=loaded, target=target, options=o, units=units, drop_damage=sens.drop,
                 fixed=fixed, alpha={"keep": 0.0}, kv_damage={"none": 0.0})
-    probe = ProbeReference(m, probe_ids)
-    _say(o, f"probes: {len(probe_ids)} windows x {o.probe_seq_len} tokens per measured plan")
+    probe = probe_reference(loaded, o, "calib")
+    _say(o, f"probes: {probe_protocol(loaded, o, 'calib')} per measured plan")
     families = sorted({op.family for u in linear_units for op in u.options} - {"keep"})
     for fam in families + ["table", "drop"]:
         _family_probe(plan, fam, probe)
-    plan.kv_damage = {k: 0.0 for k in _kv_options(kind, kv, fixed, budget)}
+    plan.kv_damage = {k: 0.0 for k in (["none"] if encoder else
+                                       _kv_options(kind, kv, fixed, budget))}
     measured_kv = [k for k in plan.kv_damage if k != "none"]
     if measured_kv:
         _say(o, f"KV cache: measuring {', '.join(measured_kv)} on {KV_WINDOWS} windows x "

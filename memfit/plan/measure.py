@@ -96,6 +96,12 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(a.device)
         loaded_alloc = torch.cuda.memory_allocated(a.device)
+    if loaded.kind == "encoder":  # one forward of the batch; no cache, no decoding
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (a.batch, a.context), device=a.device)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return _result(baseline, after_load, cuda, a.device, loaded_alloc if cuda else 0)
     fmt = kv_format(a.kv)
     cache = QuantizedKVCache(model.config, fmt) if fmt else DynamicCache(config=model.config)
     kw = cache_kwarg(model)
@@ -106,10 +112,15 @@ def main(argv=None) -> dict:
         for _ in range(8):
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
+    return _result(baseline, after_load, cuda, a.device, loaded_alloc if cuda else 0)
+
+
+def _result(baseline: int, after_load: int, cuda: bool, device: str, loaded_alloc: int) -> dict:
     res = {"baseline_bytes": baseline, "after_load_bytes": after_load,
            "peak_bytes": _rss("VmHWM"), "kind": "process_peak_rss"}
     if cuda:
-        res.update(peak_bytes=torch.cuda.max_memory_allocated(a.device),
+        import torch
+        res.update(peak_bytes=torch.cuda.max_memory_allocated(device),
                    after_load_bytes=loaded_alloc, baseline_bytes=0,
                    kind="cuda_max_memory_allocated")
     return res

@@ -88,3 +88,61 @@ def _bypass(_mod, args, kwargs, out):
     if isinstance(out, (tuple, list)):
         return (x, *out[1:])
     return x
+
+
+class EmbeddingProbe:
+    """The encoder's counterpart of ProbeReference: the original's mean-pooled embeddings of
+    held sentences; a plan's damage is the mean of 1 - cosine to them (what `memfit compress`
+    checks and benchmarks/encoder.py reports). Stored under the key "kld" so the planner's
+    plumbing is shared; it is labelled "1 - cos" wherever it is shown."""
+
+    def __init__(self, model, tokenizer, sentences: list[str], max_length: int):
+        from memfit.eval.encoder import embed
+
+        self.tokenizer, self.sentences, self.max_length = tokenizer, sentences, max_length
+        with torch.inference_mode():
+            self.ref = embed(model, tokenizer, sentences, max_length=max_length)
+
+    @torch.inference_mode()
+    def kld(self, model, kv_format=None) -> dict:
+        from memfit.eval.encoder import embed
+
+        emb = embed(model, self.tokenizer, self.sentences, max_length=self.max_length)
+        cos = torch.nn.functional.cosine_similarity(emb, self.ref, dim=1)
+        damage = float((1 - cos).mean()) if torch.isfinite(emb).all() else float("inf")
+        return {"kld": damage, "perplexity": float("nan"), "tokens": len(self.sentences),
+                "cosine_mean": 1 - damage}
+
+
+def calib_windows(loaded, data: str, seq_len: int, n: int, seed: int) -> torch.Tensor:
+    """Calibration windows: token windows for a decoder, sentence windows for an encoder."""
+    from memfit.calib.data import sentence_windows, token_windows
+    make = sentence_windows if loaded.kind == "encoder" else token_windows
+    return make(loaded.tokenizer, data, "calib", seq_len=seq_len, max_windows=n, seed=seed)
+
+
+def probe_reference(loaded, o, split: str):
+    """What plans are measured against on `split`: "calib" (the probes) or "eval" (the final
+    check). Decoders: KL on token windows (ProbeReference); encoders: 1 - cosine of mean-pooled
+    embeddings of the split's sentences (EmbeddingProbe, the probes on sentences the evaluation
+    does not use)."""
+    from memfit.calib.data import sentences, token_windows
+    from memfit.encoders import used_length
+    if loaded.kind == "encoder":
+        n = o.probe_windows * 16 if split == "calib" else o.eval_windows * 16
+        return EmbeddingProbe(loaded.model, loaded.tokenizer,
+                              sentences(o.data, split, limit=n), used_length(loaded))
+    seq, n, seed = (o.probe_seq_len, o.probe_windows, o.seed + 1) if split == "calib" \
+        else (o.eval_seq_len, o.eval_windows, None)
+    ids = token_windows(loaded.tokenizer, o.data, split, seq_len=seq, max_windows=n, seed=seed)
+    return ProbeReference(loaded.model, ids)
+
+
+def probe_protocol(loaded, o, split: str) -> str:
+    """How `probe_reference(loaded, o, split)` measures, in words."""
+    if loaded.kind == "encoder":
+        n = o.probe_windows * 16 if split == "calib" else o.eval_windows * 16
+        return f"{o.data}:{split}, 1 - cosine of the mean-pooled embeddings of {n} sentences"
+    seq, n = (o.probe_seq_len, o.probe_windows) if split == "calib" \
+        else (o.eval_seq_len, o.eval_windows)
+    return f"{o.data}:{split}, {n} windows x {seq} tokens"

@@ -54,7 +54,7 @@ def pareto(plan, probe) -> dict:
     return {"baselines": base, "plans": curve}
 
 
-def _plot_pareto(data: dict, chosen: dict, path: Path) -> None:
+def _plot_pareto(data: dict, chosen: dict, path: Path, metric: str = "KL divergence") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,7 +71,7 @@ def _plot_pareto(data: dict, chosen: dict, path: Path) -> None:
     ax.plot(chosen["bytes"] / 1e6, chosen["kld"], "*", color="red", markersize=14,
             label="chosen plan")
     ax.set_xlabel("bytes (MB, the budget's kind)")
-    ax.set_ylabel("KL divergence to the original (probe windows)")
+    ax.set_ylabel(f"{metric} to the original (probes, calibration text)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -110,29 +110,30 @@ def _plot_layers(plan, path: Path) -> None:
 
 def write_report(plan, folder, *, curve: bool = True) -> dict:
     """Write fit_report.json, fit_report.html and the PNGs into `folder`; -> their paths."""
-    from memfit.calib.data import token_windows
-    from memfit.plan.probe import ProbeReference
+    from memfit.plan.probe import probe_reference
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = plan.summary()
+    summary["metric"] = _metric(plan)
     chosen = plan.points[-1] if plan.points else {}
     paths = {"json": folder / "fit_report.json", "html": folder / "fit_report.html",
              "layers": folder / "fit_layers.png"}
     if curve:
-        o = plan.options
-        ids = token_windows(plan.loaded.tokenizer, o.data, "calib", seq_len=o.probe_seq_len,
-                            max_windows=o.probe_windows, seed=o.seed + 1)
-        data = pareto(plan, ProbeReference(plan.loaded.model, ids))
+        data = pareto(plan, probe_reference(plan.loaded, plan.options, "calib"))
         summary["pareto"] = data
         paths["pareto"] = folder / "fit_pareto.png"
         _plot_pareto(data, {"bytes": plan.predicted_total(),
                             "kld": chosen.get("measured_kld", plan.predicted_kld())},
-                     paths["pareto"])
+                     paths["pareto"], _metric(plan))
     _plot_layers(plan, paths["layers"])
     _atomic_write(paths["json"], json.dumps(summary, indent=1, default=str))
     _atomic_write(paths["html"], _html(summary, paths))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _metric(plan) -> str:
+    return "1 - cosine" if plan.loaded.kind == "encoder" else "KL divergence"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -152,8 +153,8 @@ def _html(s: dict, paths: dict) -> str:
              "budget kind": s["target"]["kind"], "context x batch":
              f"{s['target']['context']} x {s['target']['batch']}", "KV cache": s["kv"],
              "predicted bytes": s["predicted_bytes"], "measured bytes": built.get("measured_bytes"),
-             "predicted KLD": f"{s['predicted_kld']:.5f}",
-             "measured KLD (eval split)": built.get("measured_kld"),
+             f"predicted {s['metric']}": f"{s['predicted_kld']:.5f}",
+             f"measured {s['metric']} (eval split)": built.get("measured_kld"),
              "perplexity / original": f"{built.get('perplexity')} / {built.get('ref_perplexity')}",
              "dropped blocks": s["dropped_blocks"]}
     frows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"

@@ -71,9 +71,25 @@ def _sample_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _encoder_backward(model, ids: torch.Tensor, gen: torch.Generator) -> int:
+    """An encoder's stand-in for the sampled-label loss: the damage measured is 1 - cosine of
+    each token's final hidden state h, whose second-order form is ½‖P Δh‖² / ‖h‖² (P projects
+    out h's direction). Back-propagating rᵀh with r = P z / ‖h‖, z ~ N(0, I), gives gradients g
+    with E[g gᵀ] = Jᵀ P J / ‖h‖², so ½E[(gᵀδ)²] estimates it like the Fisher does the KL."""
+    h = model(input_ids=ids).last_hidden_state[0].float()  # (T, hidden)
+    with torch.no_grad():
+        n = h.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        u = h / n
+        z = torch.randn(h.shape, generator=gen).to(h.device)
+        r = (z - (z * u).sum(-1, keepdim=True) * u) / n
+    (h * r).sum().backward()
+    return int(h.shape[0])
+
+
 def sensitivity_pass(model, arch: Arch, windows: torch.Tensor, *, tables: dict | None = None,
-                     seed: int = 0, progress: bool = False) -> Sensitivity:
-    """One forward/backward per calibration window (batch 1) with labels sampled from the model.
+                     seed: int = 0, progress: bool = False, encoder: bool = False) -> Sensitivity:
+    """One forward/backward per calibration window (batch 1) with labels sampled from the model
+    (an encoder: random directions of its hidden states, `_encoder_backward`).
     `tables`: {"embeddings": {name: module}, "head": {name: module}} candidate replacements of
     the embedding table / output head whose damage is estimated in the same pass."""
     tables = tables or {}
@@ -161,6 +177,9 @@ def sensitivity_pass(model, arch: Arch, windows: torch.Tensor, *, tables: dict |
             for w in tqdm(range(len(windows)), desc="sensitivity", unit="window",
                           disable=not progress):
                 ids = windows[w:w + 1].to(emb.weight.device if hasattr(emb, "weight") else "cpu")
+                if encoder:
+                    tokens += _encoder_backward(model, ids, gen)
+                    continue
                 logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # (T - 1, V)
                 y = _sample_labels(logits, gen)
                 F.cross_entropy(logits.float(), y, reduction="sum").backward()
