@@ -210,7 +210,7 @@ class _Smoke:
         self.windows = windows
         with passthrough(blocks):
             self.ref, self.kwargs = capture_inputs(model, blocks, windows, batch=1,
-                                                   offload=offload)
+                                                   offload=offload, device="cpu")
         self.head = model.get_output_embeddings()  # the original head object (compression
         self.offload = offload                     # replaces modules, never mutates them)
         self.new = None
@@ -221,7 +221,7 @@ class _Smoke:
 
         with passthrough(blocks):
             self.new, _ = capture_inputs(model, blocks, self.windows, batch=1,
-                                         offload=self.offload)
+                                         offload=self.offload, device="cpu")
 
     @torch.inference_mode()
     def check(self, model, blocks) -> dict:
@@ -302,7 +302,8 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
     store, kwargs = None, [None] * len(blocks)
     if needs_data:
         with passthrough(blocks):
-            store, kwargs = capture_inputs(model, blocks, windows, offload=calib.offload)
+            store, kwargs = capture_inputs(model, blocks, windows, offload=calib.offload,
+                                           device="cpu")
     tables = recipe.embeddings is not None or recipe.head is not None
     embedding_bytes = quantize_embeddings_(model, recipe.embeddings, recipe.head) if tables \
         else None
