@@ -140,6 +140,20 @@ def passthrough(blocks):
             del b.forward
 
 
+def release_freed() -> None:
+    """Hand the heap memory freed by a block back to the OS (glibc's malloc_trim): without it
+    the freed blocks' holes stay resident under small live objects and RSS creeps up by a
+    quarter block per block (measured on a 26-block model; flat with it)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: nothing to trim
+
+
 def _build(folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -339,6 +353,7 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
                             for n, b in block.named_buffers() if n not in persistent})
             block.to("meta")  # free: the block keeps its structure, not its tensors
             del state
+            release_freed()
         seconds = time.perf_counter() - t0
         _say(o, f"smoke check: {len(smoke.windows)} windows x {o.smoke_seq_len} tokens against "
                 "the original")
@@ -357,9 +372,9 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
             raise SmokeCheckFailed(f"smoke check failed: {failed}")
         rest, rest_buffers, tied_out = _split_state(model, skip=prefix)
         all_modules = _ordered(model, {**modules, **outer})
-        rest = _store_dense(rest, _fixed_keys(all_modules), DENSE)
-        for k, t in rest.items():
-            writer.add(k, t)
+        fixed = _fixed_keys(all_modules)
+        for k in list(rest):  # one stored (cast) copy at a time
+            writer.add(k, _store_dense({k: rest.pop(k)}, fixed, DENSE)[k])
         guards = _guards(model, all_modules)
         for g in guards:
             writer.add(g, torch.zeros(0))

@@ -24,7 +24,7 @@ from memfit.errors import UserError
 from memfit.io.checkpoint import _ST_DTYPES
 
 _NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_COPY = 64 << 20  # bytes per copy step
+_COPY = 16 << 20  # bytes per copy step
 
 
 def _header(path: Path) -> tuple[int, dict]:
