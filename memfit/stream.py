@@ -51,31 +51,6 @@ def whole_model_reason(recipe, plan) -> str | None:
     return None
 
 
-def available_memory() -> int | None:
-    """Bytes this process may still use: the least of MemAvailable, the cgroup's limit minus
-    its usage, and RLIMIT_AS; None when none is readable."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            found.append(int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    import resource
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if soft != resource.RLIM_INFINITY:
-        found.append(soft)
-    return min(found) if found else None
-
-
 def local_folder(spec: str) -> Path | None:
     """The safetensors folder a model spec streams from (a GGUF's converted cache), or None
     for a hub id or a memfit/compressed folder."""
@@ -92,6 +67,7 @@ def local_folder(spec: str) -> Path | None:
 def should_stream(spec: str, dtype: torch.dtype) -> tuple[bool, str]:
     """The automatic choice: stream when the weights (in the compute dtype) exceed
     AUTO_FRACTION of the memory available -> (stream?, a one-line reason)."""
+    from memfit.eval.memory import available_memory
     from memfit.io.stream import CheckpointIndex
 
     folder = local_folder(spec)

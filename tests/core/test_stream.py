@@ -83,9 +83,9 @@ def test_compressed_tensors_is_refused(sharded, tmp_path):
 def test_auto_streams_when_the_weights_do_not_fit(sharded, monkeypatch):
     import memfit.stream as stream
 
-    monkeypatch.setattr(stream, "available_memory", lambda: 8 << 20)
+    monkeypatch.setattr("memfit.eval.memory.available_memory", lambda: 8 << 20)
     assert stream.should_stream(str(sharded), torch.float32)[0]
-    monkeypatch.setattr(stream, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr("memfit.eval.memory.available_memory", lambda: 64 << 30)
     assert not stream.should_stream(str(sharded), torch.float32)[0]
 
 
