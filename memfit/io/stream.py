@@ -144,3 +144,69 @@ class StreamWriter:
             self._data.close()
         if self.data_path.exists():
             os.unlink(self.data_path)
+
+
+def gguf_tensors(path: Path, model):
+    """(transformers name, tensor) of a GGUF file, one tensor at a time: dequantized by `gguf`
+    and renamed and processed (e.g. Llama's rotary permutation undone) by transformers' own GGUF
+    name map and tensor processors, as its whole-file loader does, so the values are the ones
+    `from_pretrained(gguf_file=...)` holds. `model`: the model of the file's config (meta is
+    fine; only its names are read). A processor that assembles tensors itself (mixtures of
+    experts stack theirs) leaves them for the end."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map,
+                                                          load_gguf_checkpoint, read_field)
+
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata only
+    parsed["tensors"] = {}
+    reader = GGUFReader(str(path))
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+    mapping = get_gguf_hf_weights_map(model, processor)
+    for tensor in reader.tensors:
+        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type),
+                                   name=tensor.name, tensor_key_mapping=mapping,
+                                   parsed_parameters=parsed)
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
+    yield from parsed["tensors"].items()
+
+
+def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A GGUF file -> a transformers folder `out` (config, generation config, tokenizer,
+    model.safetensors in `dtype`), one tensor in memory at a time; written to `out.tmp` and
+    renamed when complete."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    kw = dict(gguf_file=path.name)
+    config = AutoConfig.from_pretrained(path.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = StreamWriter(tmp / "weights.data")
+    try:
+        for name, t in gguf_tensors(path, model):
+            if name not in tied:
+                writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        writer.finish(tmp / "model.safetensors", {"format": "pt"})
+    finally:
+        writer.close()
+    model.config.dtype = dtype
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tmp)
+    (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    tmp.rename(out)
+    return out

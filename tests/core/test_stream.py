@@ -155,3 +155,24 @@ def test_streamed_peak_does_not_grow_with_the_blocks(tmp_path):
           f"{second / 1e6:.1f} MB")
     assert second - first < 2 * block + (8 << 20)
     assert second < outside + 3 * block + (128 << 20)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_tensors_are_transformers_own(sharded, tmp_path, qtype):
+    """memfit.io.stream.gguf_tensors (one tensor at a time, what the GGUF cache is converted
+    with) gives the tensors of transformers' whole-file GGUF loader, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from memfit.io.export_gguf import export_gguf
+    from memfit.io.stream import gguf_tensors
+    from memfit.models import load_model
+
+    path = export_gguf(load_model(str(sharded)).model, tmp_path / "m.gguf", qtype)
+    config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    ref = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    got = dict(gguf_tensors(path, model))
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
