@@ -112,8 +112,9 @@ def main() -> None:
     a = p.parse_args()
     src = Path(a.dir)
     make_model(src, a.layers, a.hidden, a.intermediate)
-    from memfit.io.stream import CheckpointIndex
     import torch
+
+    from memfit.io.stream import CheckpointIndex
 
     weights = CheckpointIndex(src).nbytes(torch.float32)
     limit = int(a.limit_gib * 2**30)

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -233,25 +233,31 @@ class _Smoke:
                 "windows": len(self.windows), "seq_len": int(self.windows.shape[1])}
 
 
-def stream_compress(spec: str, recipe, out: Path, o) -> dict:
-    """compress_to's work one block at a time (see the module docstring); `recipe` has the
-    options' calibration settings already, `o` is the CompressOptions. -> the report."""
-    from dataclasses import replace
+@dataclass
+class _Source:
+    """The streamed model: its checkpoint, the meta-device model with its non-block tensors
+    read, and the plan."""
 
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
+    folder: Path
+    index: object
+    dtype: torch.dtype
+    model: nn.Module
+    arch: object
+    blocks: nn.ModuleList
+    prefix: str
+    plan: list[dict]
+    tied: dict
+    bytes_before: int
 
-    from memfit.api import _check_finite, _compress_block, _module_prefix, plan_specs
+
+def _open(spec: str, recipe, o) -> _Source:
+    """Refuse what cannot stream, then build the model on meta and read its non-block tensors."""
+    from memfit.api import _module_prefix, plan_specs
     from memfit.archs import block_list
-    from memfit.calib import capture_inputs, propagate
-    from memfit.calib.data import calibration_windows, token_windows
-    from memfit.compress import _decoder_failure, _say, SmokeCheckFailed
-    from memfit.eval.memory import rss_peak_bytes, weight_table
+    from memfit.eval.memory import weight_table
     from memfit.io.checkpoint import check_safetensors, pick_dtype
-    from memfit.io.save import (_fixed_keys, _guards, _split_state, _store_dense,
-                                describe_modules, retie, write_model_folder)
-    from memfit.io.stream import CheckpointIndex, StreamWriter
-    from memfit.methods import quantize_embeddings_
+    from memfit.io.save import retie
+    from memfit.io.stream import CheckpointIndex
 
     if o.format == "compressed-tensors":
         raise UserError("--low-memory writes memfit's format only (compressed-tensors is written "
@@ -276,13 +282,74 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
                         "(the model must then fit in memory)")
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     tied = {t: s for t, s in tied.items() if t not in index}  # stored twice: read both
-    bytes_before = weight_table(model)["weight_bytes"]
+    src = _Source(folder, index, dtype, model, arch, blocks, prefix, plan, tied,
+                  weight_table(model)["weight_bytes"])
     _load(model, index, [k for k in model.state_dict() if not k.startswith(prefix)
                          and k not in tied], dtype, folder)
     retie(model, tied)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return src
+
+
+def _compress_blocks(src: _Source, recipe, store, kwargs, smoke: _Smoke, writer, o) -> dict:
+    """Read, compress, write and free every block -> {"modules", "buffers", "log", "bytes",
+    "seconds"}."""
+    from tqdm import tqdm
+
+    from memfit.api import _check_finite, _compress_block
+    from memfit.calib import propagate
+    from memfit.io.save import _fixed_keys, _store_dense
+
+    got = {"modules": {}, "buffers": {}, "log": [], "bytes": 0}
+    t0 = time.perf_counter()
+    plan = src.plan
+    for i, block in tqdm(list(enumerate(src.blocks)), desc="compress", unit="block",
+                         disable=not o.progress):
+        under = f"{src.prefix}{i}."
+        _load(src.model, src.index, _tensor_keys(src.model, under, src.tied), src.dtype,
+              src.folder)
+        for n, s in plan[i].items():
+            if s is not None:
+                _check_finite(f"{under}{n}", block.get_submodule(n))
+        propagate(block, smoke.ref, smoke.kwargs[i])
+        done = _compress_block(block, src.arch, plan[i], store, kwargs[i], got["log"],
+                               recipe.sequential)
+        propagate(block, smoke.new, smoke.kwargs[i])
+        if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]
+                                     for s in p.values()):
+            propagate(block, store, kwargs[i])
+        got["bytes"] += _tensor_bytes(block)
+        mine = {f"{under}{n}": d for n, d in done.items()}
+        got["modules"].update(mine)
+        state = {f"{under}{k}": v for k, v in block.state_dict().items()}
+        for k, t in _store_dense(state, _fixed_keys(mine), DENSE).items():
+            writer.add(k, t)
+        persistent = set(block.state_dict())
+        got["buffers"].update({f"{under}{n}": b.detach().contiguous()
+                               for n, b in block.named_buffers() if n not in persistent})
+        block.to("meta")  # free: the block keeps its structure, not its tensors
+        del state
+        release_freed()
+    got["seconds"] = time.perf_counter() - t0
+    return got
+
+
+def stream_compress(spec: str, recipe, out: Path, o) -> dict:
+    """compress_to's work one block at a time (see the module docstring); `recipe` has the
+    options' calibration settings already, `o` is the CompressOptions. -> the report."""
+    from transformers import AutoTokenizer
+
+    from memfit.calib import capture_inputs
+    from memfit.calib.data import calibration_windows, token_windows
+    from memfit.compress import SmokeCheckFailed, _decoder_failure, _say
+    from memfit.eval.memory import rss_peak_bytes
+    from memfit.io.save import describe_modules
+    from memfit.io.stream import StreamWriter
+    from memfit.methods import quantize_embeddings_
+
+    src = _open(spec, recipe, o)
+    model, blocks, plan = src.model, src.blocks, src.plan
+    tokenizer = AutoTokenizer.from_pretrained(src.folder)
     calib = recipe.calib
-    needs_data = any(s is not None and s.needs_data for p in plan for s in p.values())
     windows = calibration_windows(tokenizer, calib) if recipe.needs_data else None
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     smoke = _Smoke(model, blocks, token_windows(tokenizer, smoke_src, "eval",
@@ -290,7 +357,7 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
                                                 max_windows=o.smoke_windows, bos=calib.bos),
                    calib.offload)
     store, kwargs = None, [None] * len(blocks)
-    if needs_data:
+    if any(s is not None and s.needs_data for p in plan for s in p.values()):
         with passthrough(blocks):
             store, kwargs = capture_inputs(model, blocks, windows, offload=calib.offload,
                                            device="cpu")
@@ -299,73 +366,29 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
         else None
     smoke.start_compressed(model, blocks)
     outer = describe_modules(model)  # a quantized embedding or head; the blocks are on meta
-
-    data = out.with_name(f"{out.name}.stream-{os.getpid()}.data")
-    writer = StreamWriter(data)
+    writer = StreamWriter(out.with_name(f"{out.name}.stream-{os.getpid()}.data"))
     try:
-        modules, buffers, log, block_bytes = {}, {}, [], 0
-        t0 = time.perf_counter()
-        for i, block in tqdm(list(enumerate(blocks)), desc="compress", unit="block",
-                             disable=not o.progress):
-            under = f"{prefix}{i}."
-            _load(model, index, _tensor_keys(model, under, tied), dtype, folder)
-            for n, s in plan[i].items():
-                if s is not None:
-                    _check_finite(f"{under}{n}", block.get_submodule(n))
-            propagate(block, smoke.ref, smoke.kwargs[i])
-            done = _compress_block(block, arch, plan[i], store, kwargs[i], log, recipe.sequential)
-            propagate(block, smoke.new, smoke.kwargs[i])
-            if store is not None and any(s is not None and s.needs_data for p in plan[i + 1:]
-                                         for s in p.values()):
-                propagate(block, store, kwargs[i])
-            block_bytes += _tensor_bytes(block)
-            mine = {f"{under}{n}": d for n, d in done.items()}
-            modules.update(mine)
-            state = {f"{under}{k}": v for k, v in block.state_dict().items()}
-            for k, t in _store_dense(state, _fixed_keys(mine), DENSE).items():
-                writer.add(k, t)
-            persistent = set(block.state_dict())
-            buffers.update({f"{under}{n}": b.detach().contiguous()
-                            for n, b in block.named_buffers() if n not in persistent})
-            block.to("meta")  # free: the block keeps its structure, not its tensors
-            del state
-            release_freed()
-        seconds = time.perf_counter() - t0
+        got = _compress_blocks(src, recipe, store, kwargs, smoke, writer, o)
         _say(o, f"smoke check: {len(smoke.windows)} windows x {o.smoke_seq_len} tokens against "
                 "the original")
         check = smoke.check(model, blocks)
-        report = {"recipe": recipe.to_dict(), "bytes_before": bytes_before,
-                  "bytes_after": block_bytes + _tensor_bytes(model, skip=prefix),
+        report = {"recipe": recipe.to_dict(), "bytes_before": src.bytes_before,
+                  "bytes_after": got["bytes"] + _tensor_bytes(model, skip=src.prefix),
                   "modules": sum(s is not None for p in plan for s in p.values()),
                   "blocks": len(blocks), "kept_blocks": None, "owl_sparsities": None,
                   "calib_windows": 0 if windows is None else int(windows.shape[0]),
                   "calib_seq_len": 0 if windows is None else int(windows.shape[1]),
                   "resumed_blocks": 0, "embedding_bytes": embedding_bytes,
-                  "compress_seconds": seconds, "layers": log, "mean_layer_error": _mean_error(log), "low_memory": True,
+                  "compress_seconds": got["seconds"], "layers": got["log"],
+                  "mean_layer_error": _mean_error(got["log"]), "low_memory": True,
                   "smoke": {**check, "data": f"{smoke_src}:eval", "max_kld": o.max_kld}}
         failed = _decoder_failure(check, o)
         if failed:
             raise SmokeCheckFailed(f"smoke check failed: {failed}")
-        rest, rest_buffers, tied_out = _split_state(model, skip=prefix)
-        all_modules = _ordered(model, {**modules, **outer})
-        fixed = _fixed_keys(all_modules)
-        for k in list(rest):  # one stored (cast) copy at a time
-            writer.add(k, _store_dense({k: rest.pop(k)}, fixed, DENSE)[k])
-        guards = _guards(model, all_modules)
-        for g in guards:
-            writer.add(g, torch.zeros(0))
-        buffers.update(rest_buffers)
-        stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
-                  "calib_seq_len", "smoke")
         note = "" if o.format == "memfit" else "memfit's format because --low-memory writes it"
         _say(o, f"writing {out} (memfit{'; ' + note if note else ''})")
-        write_model_folder(model, tokenizer, out,
-                           lambda path: writer.finish(path, {"format": "pt"}),
-                           keys=writer.keys(), buffers=buffers, modules=all_modules,
-                           tied=tied_out, guards=guards, recipe=recipe.to_dict(),
-                           extra={"source": str(folder),
-                                  "report": {k: report[k] for k in stable}},
-                           overwrite=o.overwrite, dense_dtype=DENSE, side_files=None)
+        _write(src, tokenizer, out, writer, {**got["modules"], **outer}, got["buffers"],
+               recipe, report, o)
     finally:
         writer.close()
     report["format"], report["format_note"] = "memfit", note
@@ -373,6 +396,31 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
     report["peak_rss_bytes"] = rss_peak_bytes()
     report["out"] = str(out)
     return report
+
+
+def _write(src: _Source, tokenizer, out: Path, writer, modules: dict, buffers: dict, recipe,
+           report: dict, o) -> None:
+    """The non-block tensors after the blocks', then the folder around them (as `save`)."""
+    from memfit.io.save import (_fixed_keys, _guards, _split_state, _store_dense,
+                                write_model_folder)
+
+    model = src.model
+    rest, rest_buffers, tied = _split_state(model, skip=src.prefix)
+    modules = _ordered(model, modules)
+    fixed = _fixed_keys(modules)
+    for k in list(rest):  # one stored (cast) copy at a time
+        writer.add(k, _store_dense({k: rest.pop(k)}, fixed, DENSE)[k])
+    guards = _guards(model, modules)
+    for g in guards:
+        writer.add(g, torch.zeros(0))
+    stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
+              "calib_seq_len", "smoke")
+    write_model_folder(model, tokenizer, out, lambda path: writer.finish(path, {"format": "pt"}),
+                       keys=writer.keys(), buffers={**buffers, **rest_buffers}, modules=modules,
+                       tied=tied, guards=guards, recipe=recipe.to_dict(),
+                       extra={"source": str(src.folder),
+                              "report": {k: report[k] for k in stable}},
+                       overwrite=o.overwrite, dense_dtype=DENSE, side_files=None)
 
 
 def _ordered(model, modules: dict) -> dict:

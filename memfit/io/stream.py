@@ -155,9 +155,13 @@ def gguf_tensors(path: Path, model):
     experts stack theirs) leaves them for the end."""
     import numpy as np
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map,
-                                                          load_gguf_checkpoint, read_field)
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
 
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata only
     parsed["tensors"] = {}
@@ -183,7 +187,7 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    kw = dict(gguf_file=path.name)
+    kw = {"gguf_file": path.name}
     config = AutoConfig.from_pretrained(path.parent, **kw)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

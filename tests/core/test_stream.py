@@ -13,8 +13,8 @@ import torch
 from memfit.compress import CompressOptions, compress_to
 from memfit.errors import UserError
 
-FAST = dict(samples=4, seq_len=64, smoke_windows=2, smoke_seq_len=64, format="memfit",
-            progress=False)
+FAST = {"samples": 4, "seq_len": 64, "smoke_windows": 2, "smoke_seq_len": 64, "format": "memfit",
+            "progress": False}
 
 
 def save_sharded(path: Path, **kw) -> Path:
@@ -24,9 +24,9 @@ def save_sharded(path: Path, **kw) -> Path:
     from memfit.models import resolve
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-               hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512)
+    cfg = {"vocab_size": 30522, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102,
+               "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 512}
     cfg.update(kw)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).eval()
     model.save_pretrained(path, max_shard_size="2MB")
@@ -81,7 +81,7 @@ def test_compressed_tensors_is_refused(sharded, tmp_path):
 
 
 def test_auto_streams_when_the_weights_do_not_fit(sharded, monkeypatch):
-    import memfit.stream as stream
+    from memfit import stream
 
     monkeypatch.setattr("memfit.eval.memory.available_memory", lambda: 8 << 20)
     assert stream.should_stream(str(sharded), torch.float32)[0]
@@ -143,7 +143,7 @@ def test_streamed_peak_does_not_grow_with_the_blocks(tmp_path):
     here)."""
     from memfit.io.stream import CheckpointIndex
 
-    shape = dict(hidden_size=256, intermediate_size=1024)
+    shape = {"hidden_size": 256, "intermediate_size": 1024}
     shallow = save_sharded(tmp_path / "a", num_hidden_layers=2, **shape)
     deep = save_sharded(tmp_path / "b", num_hidden_layers=26, **shape)
     weights = CheckpointIndex(deep).nbytes(torch.float32)
