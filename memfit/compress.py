@@ -207,9 +207,20 @@ def _streams(model: str, recipe: Recipe, o: CompressOptions) -> bool:
             or recipe.structured:
         return False
     stream, why = should_stream(model, pick_dtype(o.dtype, o.device))
-    if stream:
-        _say(o, why)
-    return stream
+    if not stream:
+        return False
+    from memfit.api import plan_specs
+    from memfit.models import skeleton
+    from memfit.stream import whole_model_reason
+
+    meta_model, arch, _ = skeleton(model)
+    whole = whole_model_reason(recipe, plan_specs(meta_model, recipe, arch))
+    if whole or arch.kind != "decoder":
+        _say(o, f"{why.split(':')[0]}, but {whole or 'an encoder is not streamed'}; loading "
+                "the whole model")
+        return False
+    _say(o, why)
+    return True
 
 
 def compress_to(model: str, recipe: str | Recipe, out: str | Path,

@@ -176,3 +176,21 @@ def test_gguf_tensors_are_transformers_own(sharded, tmp_path, qtype):
     got = dict(gguf_tensors(path, model))
     assert sorted(got) == sorted(ref)
     assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+
+
+def test_cli_low_memory_on(sharded, tmp_path, capsys):
+    from memfit.cli import main
+
+    out = tmp_path / "cli"
+    main(["compress", str(sharded), "--recipe", "w4g64", "--out", str(out), "--low-memory", "on",
+          "--format", "memfit", "--samples", "4", "--seq-len", "64", "--json"])
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["low_memory"] and rep["format"] == "memfit" and (out / "memfit.json").exists()
+
+
+def test_auto_falls_back_for_whole_model_recipes(sharded, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("memfit.eval.memory.available_memory", lambda: 8 << 20)
+    rep = compress_to(str(sharded), "wanda-50-owl", tmp_path / "owl",
+                      CompressOptions(**{**FAST, "progress": True}))
+    assert "low_memory" not in rep
+    assert "OWL measures" in capsys.readouterr().err
