@@ -18,8 +18,8 @@ Not streamed: recipes that need the whole model at once (structured block droppi
 pruning rank every block first; OWL measures every block before choosing sparsities), encoders,
 the compressed-tensors format (written from a whole model), hub ids (download the folder
 first), and the resume folder (a killed run starts again). A GGUF source is converted once into
-memfit's safetensors cache as for any command, which loads it whole; the compression then
-streams from that cache.
+memfit's safetensors cache as for any command (one tensor at a time: memfit.io.stream); the
+compression then streams from that cache.
 """
 
 from __future__ import annotations
