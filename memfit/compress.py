@@ -139,6 +139,13 @@ def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
             "gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
 
 
+def _refuse_collapse(check: dict, o: CompressOptions) -> None:
+    """The streamed path's smoke check verdict (memfit.stream): nothing is written yet."""
+    failed = _decoder_failure(check, o)
+    if failed:
+        raise SmokeCheckFailed(f"smoke check failed: {failed}")
+
+
 def _encoder_failure(check: dict, o: CompressOptions) -> str | None:
     if math.isfinite(check["cosine_mean"]) and check["cosine_mean"] >= o.min_cosine:
         return None
@@ -244,7 +251,8 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     _preflight(model, recipe, o.format)
     if _streams(model, recipe, o):
         from memfit.stream import stream_compress
-        return stream_compress(model, recipe, out, o)
+        return stream_compress(model, recipe, out, o, say=lambda text: _say(o, text),
+                               refuse=lambda check: _refuse_collapse(check, o))
     loaded = load_model(model, dtype=o.dtype, device=o.device)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     encoder = loaded.kind == "encoder"

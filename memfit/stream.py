@@ -333,14 +333,15 @@ def _compress_blocks(src: _Source, recipe, store, kwargs, smoke: _Smoke, writer,
     return got
 
 
-def stream_compress(spec: str, recipe, out: Path, o) -> dict:
+def stream_compress(spec: str, recipe, out: Path, o, *, say, refuse) -> dict:
     """compress_to's work one block at a time (see the module docstring); `recipe` has the
-    options' calibration settings already, `o` is the CompressOptions. -> the report."""
+    options' calibration settings already, `o` is the CompressOptions; `say(text)` prints a
+    progress line, `refuse(check)` raises when the smoke check failed (memfit.compress owns
+    both). -> the report."""
     from transformers import AutoTokenizer
 
     from memfit.calib import capture_inputs
     from memfit.calib.data import calibration_windows, token_windows
-    from memfit.compress import SmokeCheckFailed, _decoder_failure, _say
     from memfit.eval.memory import rss_peak_bytes
     from memfit.io.save import describe_modules
     from memfit.io.stream import StreamWriter
@@ -369,7 +370,7 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
     writer = StreamWriter(out.with_name(f"{out.name}.stream-{os.getpid()}.data"))
     try:
         got = _compress_blocks(src, recipe, store, kwargs, smoke, writer, o)
-        _say(o, f"smoke check: {len(smoke.windows)} windows x {o.smoke_seq_len} tokens against "
+        say(f"smoke check: {len(smoke.windows)} windows x {o.smoke_seq_len} tokens against "
                 "the original")
         check = smoke.check(model, blocks)
         report = {"recipe": recipe.to_dict(), "bytes_before": src.bytes_before,
@@ -382,11 +383,9 @@ def stream_compress(spec: str, recipe, out: Path, o) -> dict:
                   "compress_seconds": got["seconds"], "layers": got["log"],
                   "mean_layer_error": _mean_error(got["log"]), "low_memory": True,
                   "smoke": {**check, "data": f"{smoke_src}:eval", "max_kld": o.max_kld}}
-        failed = _decoder_failure(check, o)
-        if failed:
-            raise SmokeCheckFailed(f"smoke check failed: {failed}")
+        refuse(check)
         note = "" if o.format == "memfit" else "memfit's format because --low-memory writes it"
-        _say(o, f"writing {out} (memfit{'; ' + note if note else ''})")
+        say(f"writing {out} (memfit{'; ' + note if note else ''})")
         _write(src, tokenizer, out, writer, {**got["modules"], **outer}, got["buffers"],
                recipe, report, o)
     finally:

@@ -194,3 +194,12 @@ def test_auto_falls_back_for_whole_model_recipes(sharded, tmp_path, monkeypatch,
                       CompressOptions(**{**FAST, "progress": True}))
     assert "low_memory" not in rep
     assert "OWL measures" in capsys.readouterr().err
+
+
+def test_failed_smoke_check_writes_nothing(sharded, tmp_path):
+    from memfit.compress import SmokeCheckFailed
+
+    with pytest.raises(SmokeCheckFailed, match="KLD"):
+        compress_to(str(sharded), "w4g64", tmp_path / "out",
+                    CompressOptions(low_memory=True, **{**FAST, "max_kld": 1e-9}))
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary data file
