@@ -56,6 +56,17 @@ def test_streamed_folder_is_the_normal_one(sharded, tmp_path, recipe):
         assert streamed[k] == normal[k], k
 
 
+def test_tied_head_streams_to_the_same_folder(tmp_path):
+    """A tied head is not in the checkpoint: it is tied back to the embedding, and the folder
+    records the tie as the normal path does."""
+    src = save_sharded(tmp_path / "tied", num_hidden_layers=2, tie_word_embeddings=True)
+    for low, out in ((False, "n"), (True, "s")):
+        compress_to(str(src), "w4g64", tmp_path / out, CompressOptions(low_memory=low, **FAST))
+    for name in ("model.safetensors", "memfit.json", "config.json"):
+        assert (tmp_path / "n" / name).read_bytes() == (tmp_path / "s" / name).read_bytes(), name
+    assert json.loads((tmp_path / "s" / "memfit.json").read_text())["tied"]
+
+
 def test_streamed_folder_loads(sharded, tmp_path):
     from memfit.models import load_model
 
