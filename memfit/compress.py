@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from memfit.api import compress_
 from memfit.calib.data import calibration_windows, token_windows
 from memfit.encoders import side_files
@@ -64,6 +66,7 @@ class CompressOptions:
     device: str = "cpu"
     progress: bool = True
     format: str = "memfit"           # the folder's format: memfit, compressed-tensors or auto
+    low_memory: bool | None = None   # one block at a time (memfit.stream); None: when needed
 
 
 def _say(options: CompressOptions, text: str) -> None:
@@ -136,6 +139,13 @@ def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
             "gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
 
 
+def _refuse_collapse(check: dict, o: CompressOptions) -> None:
+    """The streamed path's smoke check verdict (memfit.stream): nothing is written yet."""
+    failed = _decoder_failure(check, o)
+    if failed:
+        raise SmokeCheckFailed(f"smoke check failed: {failed}")
+
+
 def _encoder_failure(check: dict, o: CompressOptions) -> str | None:
     if math.isfinite(check["cosine_mean"]) and check["cosine_mean"] >= o.min_cosine:
         return None
@@ -193,6 +203,33 @@ def pick_format(model, fmt: str) -> tuple[str, str]:
     return "memfit", f"memfit's format because compressed-tensors cannot hold {name}{more}: {why}"
 
 
+def _streams(model: str, recipe: Recipe, o: CompressOptions) -> bool:
+    """--low-memory asked, or (not refused) the weights would not fit: memfit.stream."""
+    if o.low_memory is not None:
+        return o.low_memory
+    from memfit.io.checkpoint import pick_dtype
+    from memfit.stream import should_stream
+
+    if o.format == "compressed-tensors" or torch.device(o.device).type != "cpu" \
+            or recipe.structured:
+        return False
+    stream, why = should_stream(model, pick_dtype(o.dtype, o.device))
+    if not stream:
+        return False
+    from memfit.api import plan_specs
+    from memfit.models import skeleton
+    from memfit.stream import whole_model_reason
+
+    meta_model, arch, _ = skeleton(model)
+    whole = whole_model_reason(recipe, plan_specs(meta_model, recipe, arch))
+    if whole or arch.kind != "decoder":
+        _say(o, f"{why.split(':')[0]}, but {whole or 'an encoder is not streamed'}; loading "
+                "the whole model")
+        return False
+    _say(o, why)
+    return True
+
+
 def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                 options: CompressOptions | None = None) -> dict:
     """Compress `model` with `recipe` into the folder `out`; return the report."""
@@ -212,6 +249,10 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                                      if getattr(o, k) is not None})
     recipe = replace(recipe, calib=calib)
     _preflight(model, recipe, o.format)
+    if _streams(model, recipe, o):
+        from memfit.stream import stream_compress
+        return stream_compress(model, recipe, out, o, say=lambda text: _say(o, text),
+                               refuse=lambda check: _refuse_collapse(check, o))
     loaded = load_model(model, dtype=o.dtype, device=o.device)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     encoder = loaded.kind == "encoder"

@@ -6,8 +6,9 @@ file, a memfit-compressed folder, or one of the embedded defaults.
 
 Dequantizing a GGUF takes tens of seconds on a CPU, so the converted weights are cached once as a
 plain safetensors folder under $MEMFIT_CACHE (default ~/.cache/memfit) keyed by the file's path,
-size and mtime. transformers builds models on the meta device and fills them from the checkpoint,
-so loading never holds two full-precision copies. No remote code runs unless asked.
+size and mtime, one tensor at a time (memfit.io.stream.convert_gguf). transformers builds models
+on the meta device and fills them from the checkpoint, so loading never holds two full-precision
+copies. No remote code runs unless asked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -79,37 +79,17 @@ def _gguf_cache(path: Path) -> Path:
 
 
 def _convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF once into a cached safetensors folder; return the folder."""
+    """Dequantize a GGUF once into a cached safetensors folder; return the folder. One tensor is
+    dequantized at a time (memfit.io.stream.convert_gguf: transformers' own name map and tensor
+    processors, the values its whole-file loader gives), so a GGUF larger than RAM converts."""
     out = _gguf_cache(path)
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
+    from memfit.io.stream import convert_gguf
 
     print(f"memfit: converting {path.name} once into {out} (later loads take seconds)",
           file=sys.stderr, flush=True)  # stdout stays clean for --json
-    kw = dict(gguf_file=path.name)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # dequantizing takes tens of seconds: show its bar
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
-    finally:
-        if not bars:
-            hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    # transformers marks GGUF-loaded models as quantized; the weights are already dequantized.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
-    tmp.rename(out)
-    return out
+    return convert_gguf(path, out)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",

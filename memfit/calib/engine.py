@@ -76,15 +76,16 @@ _DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
 @torch.inference_mode()
 def capture_inputs(model, blocks, windows: torch.Tensor, *, batch: int = 8,
-                   offload: str = "memory") -> tuple[ActivationStore, list[dict]]:
+                   offload: str = "memory", device=None) -> tuple[ActivationStore, list[dict]]:
     """Run `model` on (N, T) token windows up to blocks[0]; return its inputs, and for every
     block the keyword arguments the model really passes to it.
 
     Blocks may differ (Gemma 2/3 alternate sliding-window and global attention, each with its
     own mask and rotary embeddings), so one forward of a single window runs through every block
     with pre-hooks recording their kwargs. Recorded at batch 1, masks and position embeddings
-    broadcast over any batch (the last batch may be smaller than the others)."""
-    device = next(model.parameters()).device
+    broadcast over any batch (the last batch may be smaller than the others). `device`: where
+    the tokens go (default: the first parameter's; memfit.stream's blocks sit on meta)."""
+    device = device or next(model.parameters()).device
     store, captured = ActivationStore(offload, batch), {}
 
     def first(_module, args, kwargs):

@@ -48,7 +48,8 @@ def cmd_compress(args) -> None:
         data=args.data, samples=args.samples, seq_len=args.seq_len, offload=args.offload,
         bos=args.bos, overwrite=args.overwrite, max_kld=args.max_kld, min_cosine=args.min_cosine,
         keep_partial=args.keep_partial, dtype=args.dtype, device=args.device,
-        progress=not args.json, format=args.format))
+        progress=not args.json, format=args.format,
+        low_memory={"auto": None, "on": True, "off": False}[args.low_memory]))
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}))
         return
@@ -97,6 +98,10 @@ def add_compress(sub) -> None:
                    "when the smoke check's mean embedding cosine is below this (default 0.8)")
     c.add_argument("--keep-partial", action="store_true", help="after a failed smoke check, keep "
                    "the finished blocks in OUT.partial (default: removed)")
+    c.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
+                   help="compress one block at a time, read from the safetensors files, for a "
+                   "model larger than RAM (memfit's format, CPU, no resume); default auto: on "
+                   "when the weights exceed 60%% of the memory available")
     c.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")
     add_dtype_device(c)
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -228,3 +229,55 @@ class PeakMemory:
             return {"peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
                     "peak_memory_kind": "cuda_max_memory_allocated"}
         return {"peak_memory_bytes": rss_peak_bytes(), "peak_memory_kind": "process_peak_rss"}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the least of MemAvailable, its memory cgroup's limit
+    minus its usage (v2 or v1), and RLIMIT_AS minus the address space already taken; None when
+    none is readable."""
+    import resource
+
+    found = []
+    status = _proc_kb("/proc/meminfo", "MemAvailable")
+    if status is not None:
+        found.append(status)
+    for limit, usage in _cgroup_files():
+        try:
+            text = limit.read_text().strip()
+            if text != "max" and int(text) < 1 << 60:
+                found.append(int(text) - int(usage.read_text()))
+        except (OSError, ValueError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        found.append(soft - (_proc_kb("/proc/self/status", "VmSize") or 0))
+    return min(found) if found else None
+
+
+def _proc_kb(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_files() -> list[tuple[Path, Path]]:
+    """(limit, usage) files of this process's memory cgroup, v2 and v1."""
+    root, out = Path("/sys/fs/cgroup"), []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            out.append((root / path.lstrip("/") / "memory.max",
+                        root / path.lstrip("/") / "memory.current"))
+        elif "memory" in controllers.split(","):
+            base = root / "memory" / path.lstrip("/")
+            out.append((base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"))
+    return out

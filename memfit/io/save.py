@@ -76,13 +76,14 @@ _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "dis
 
 # ----- save -----------------------------------------------------------------------------------
 
-def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
+def _split_state(model: nn.Module, skip: str | None = None) -> tuple[dict, dict, dict]:
     """-> (persistent tensors to save, non-persistent buffers, tied {target: source}).
 
     A tensor that aliases an earlier one (same storage, offset, shape, stride) is saved once and
     recorded as tied; transformers' declared tie targets come last, so their sources are the
-    ones kept (what from_pretrained expects). A partial overlap is saved as its own copy."""
-    state = model.state_dict()
+    ones kept (what from_pretrained expects). A partial overlap is saved as its own copy.
+    Keys starting with `skip` are left out (the streaming compress writes its blocks itself)."""
+    state = {k: v for k, v in model.state_dict().items() if not skip or not k.startswith(skip)}
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     seen, storages, tensors, tied = {}, set(), {}, {}
     for key in sorted(state, key=lambda k: k in declared):  # stable: declared targets last
@@ -98,7 +99,7 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
         tensors[key] = t.detach().clone() if shares else t.detach().contiguous()
     persistent = set(state)
     extra = {n: b.detach().contiguous() for n, b in model.named_buffers()
-             if n not in persistent and b is not None}
+             if n not in persistent and b is not None and not (skip and n.startswith(skip))}
     return tensors, extra, tied
 
 
@@ -211,21 +212,39 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     sentence-transformers description), before the folder appears."""
     from safetensors.torch import save_file
 
+    check_output(Path(out_dir), overwrite)
+    modules = describe_modules(model)
+    tensors, buffers, tied = _split_state(model)
+    tensors = _store_dense(tensors, _fixed_keys(modules), dense_dtype)
+    guards = _guards(model, modules)
+    tensors.update({g: torch.zeros(0) for g in guards})
+    return write_model_folder(
+        model, tokenizer, out_dir, lambda path: save_file(tensors, str(path),
+                                                          metadata={"format": "pt"}),
+        keys=set(tensors), buffers=buffers, modules=modules, tied=tied, guards=guards,
+        recipe=recipe, extra=extra, overwrite=overwrite, dense_dtype=dense_dtype,
+        side_files=side_files)
+
+
+def write_model_folder(model: nn.Module, tokenizer, out_dir, write_weights, *, keys: set[str],
+                       buffers: dict, modules: dict, tied: dict, guards: list[str], recipe: dict,
+                       extra: dict | None, overwrite: bool, dense_dtype: str,
+                       side_files: dict | None) -> Path:
+    """The folder of `save` around weights that `write_weights(path)` writes (`keys`: the
+    stored tensor names): shared by `save` and the streaming compress (memfit.stream), whose
+    model holds no weights by the time it is written (its tensors are on the meta device)."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     check_output(out, overwrite)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise UserError(f"extra keys {clash} are reserved in memfit.json; rename them")
-    modules = describe_modules(model)
-    tensors, buffers, tied = _split_state(model)
     dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
     compute_dtype = str(max(set(dense), key=dense.count) if dense else torch.float32)
-    tensors = _store_dense(tensors, _fixed_keys(modules), dense_dtype)
     declared = getattr(model, "all_tied_weights_keys", None) or {}
-    dropped_tie = any(t not in tensors and t not in tied for t in declared)
-    guards = _guards(model, modules)
-    tensors.update({g: torch.zeros(0) for g in guards})
+    dropped_tie = any(t not in keys and t not in tied for t in declared)
     try:
         memfit_version = version("memfit")
     except PackageNotFoundError:
@@ -242,7 +261,7 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
                         "lists, strings and numbers") from None
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(tmp / WEIGHTS)
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
         _write_config(model, tmp, modules, dropped_tie, tied, guards)
         write_side_files(model, tokenizer, tmp, side_files)
