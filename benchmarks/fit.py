@@ -33,16 +33,16 @@ BASELINES = ["w8", "w4g128-gptq", "w4g64-gptq", "w4g32-gptq", "w3g64-gptq", "w2g
              "@e4:w2g32-gptq"]
 
 
-def gemma_tiny() -> str:
+def gemma_tiny(steps: int = 300) -> str:
     """A Gemma-3-style decoder (alternating sliding-window and global layers) built from a config
-    with the default model's tokenizer, trained 300 steps on the built-in calibration split;
-    cached under $MEMFIT_CACHE/bench/gemma-tiny."""
+    with the default model's tokenizer, trained `steps` steps on the built-in calibration split;
+    cached under $MEMFIT_CACHE/bench/gemma-tiny-<steps>."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from memfit.calib.data import token_windows
     from memfit.models import cache_dir, load_model
 
-    out = cache_dir() / "bench" / "gemma-tiny"
+    out = cache_dir() / "bench" / f"gemma-tiny-{steps}"
     if (out / "config.json").exists():
         return str(out)
     tok = load_model("default").tokenizer
@@ -58,10 +58,10 @@ def gemma_tiny() -> str:
     model = AutoModelForCausalLM.from_config(cfg)
     data = token_windows(tok, "builtin", "calib", seq_len=256)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=300)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for step in range(300):
+    for step in range(steps):
         ids = data[torch.randint(0, len(data), (8,), generator=gen)]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -69,7 +69,7 @@ def gemma_tiny() -> str:
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % 50 == 0 or step == 299:
+        if step % 50 == 0 or step == steps - 1:
             print(f"gemma-tiny step {step} loss {loss.item():.3f}", file=sys.stderr, flush=True)
     model.eval()
     tmp = out.with_name(out.name + ".tmp")
@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--baselines", default=",".join(BASELINES))
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--methods", default="gptq")
+    p.add_argument("--train-steps", type=int, default=300, help="gemma-tiny's training steps")
     a = p.parse_args()
 
     from memfit.calib.data import token_windows
@@ -126,7 +127,7 @@ def main() -> None:
     from memfit.plan.fit import _choose
     from memfit.plan.probe import ProbeReference
 
-    model = gemma_tiny() if a.model == "gemma-tiny" else a.model
+    model = gemma_tiny(a.train_steps) if a.model == "gemma-tiny" else a.model
     dense = load_model(model)
     full = 2 * sum(p.numel() for p in dict.fromkeys(dense.model.parameters()))
     ids = token_windows(dense.tokenizer, "builtin", "eval", seq_len=512,
