@@ -87,6 +87,8 @@ def _baseline(spec: str, model: str, folder: Path, dense):
     from memfit.recipe import PRESETS
 
     out = folder / spec.replace(":", "_").replace("@", "")
+    if (out / "memfit.json").exists():  # built by an earlier run with the same --work
+        return out
     if not spec.startswith("@e"):
         compress_to(model, PRESETS[spec], out, CompressOptions(progress=False, max_kld=100.0))
         return out
@@ -116,6 +118,8 @@ def main() -> None:
     p.add_argument("--baselines", default=",".join(BASELINES))
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--methods", default="gptq")
+    p.add_argument("--work", help="folder for the built models; baselines already built "
+                   "there are reused (default: a new temporary folder)")
     p.add_argument("--train-steps", type=int, default=300, help="gemma-tiny's training steps")
     a = p.parse_args()
 
@@ -134,7 +138,8 @@ def main() -> None:
                         max_windows=a.eval_windows)
     ref = ProbeReference(dense.model, ids)
     rows, base = [], []
-    work = Path(tempfile.mkdtemp(prefix="memfit-fit-bench-"))
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="memfit-fit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     for spec in [s for s in a.baselines.split(",") if s]:
         t0 = time.perf_counter()
         folder = _baseline(spec, model, work, dense)
