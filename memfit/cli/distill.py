@@ -31,7 +31,9 @@ def cmd_distill(args) -> None:
         print(f"cosine       mean {b['cosine_mean']:.6f} -> {a['cosine_mean']:.6f}, min "
               f"{b['cosine_min']:.6f} -> {a['cosine_min']:.6f} ({rep['protocol']})")
         print(f"neighbours   top-1 agreement {100 * b['neighbour_agreement']:.2f}% -> "
-              f"{100 * a['neighbour_agreement']:.2f}%")
+              f"{100 * a['neighbour_agreement']:.2f}% (clear margin: "
+              f"{100 * b['neighbour_agreement_clear']:.2f}% -> "
+              f"{100 * a['neighbour_agreement_clear']:.2f}% of {a['clear_queries']})")
         return
     print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
           f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "

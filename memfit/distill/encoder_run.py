@@ -1,8 +1,9 @@
 """`memfit distill TEACHER STUDENT --out DIR` for two encoders: measure, heal, measure, save.
 
-Protocol of the before/after numbers: mean-pooled embeddings of the first `eval_sentences`
-sentence-like lines of the data's `eval` split, compared with the teacher's: mean and minimum
-cosine, and top-1 nearest-neighbour agreement (memfit.eval.encoder). Training draws from the
+Protocol of the before/after numbers: mean-pooled embeddings of EVAL_SENTENCES held-apart
+sentences of the data's `eval` split (memfit.eval.encoder.held_apart: distinct, spread over the
+split), compared with the teacher's: mean and minimum cosine, and top-1 nearest-neighbour
+agreement, over all queries and over those with a clear reference margin (memfit.eval.encoder). Training draws from the
 `calib` split's lines only (memfit.distill.encoder), so the two never share text.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-import torch.nn.functional as F
 
 from memfit.errors import UserError
 
@@ -29,12 +28,9 @@ def _check_options(o) -> None:
 
 
 def _measure(student, teacher_emb, tokenizer, sentences, max_length: int) -> dict:
-    from memfit.eval.encoder import embed, neighbour_agreement
+    from memfit.eval.encoder import compare, embed
 
-    emb = embed(student, tokenizer, sentences, max_length=max_length)
-    cos = F.cosine_similarity(emb, teacher_emb, dim=1)
-    return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-            "neighbour_agreement": neighbour_agreement(emb, teacher_emb)}
+    return compare(embed(student, tokenizer, sentences, max_length=max_length), teacher_emb)
 
 
 def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
@@ -42,7 +38,7 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     from memfit.calib.data import sentences
     from memfit.distill.encoder import distill_encoder_
     from memfit.encoders import side_files, used_length
-    from memfit.eval.encoder import embed
+    from memfit.eval.encoder import embed, held_apart
     from memfit.eval.memory import weight_table
     from memfit.io.save import META, read_meta, save
 
@@ -54,7 +50,7 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     train = sentences(o.data, "calib", limit=None)
     if o.samples is not None:
         train = train[:o.samples]
-    held_out = sentences(o.data, "eval", limit=EVAL_SENTENCES)
+    held_out = held_apart(o.data, "eval", EVAL_SENTENCES)
     say = (lambda text: print(f"memfit: {text}", file=sys.stderr, flush=True)) if o.progress \
         else (lambda text: None)
     bytes_before = weight_table(s.model)["weight_bytes"]
@@ -75,6 +71,6 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     save(s.model, s.tokenizer, out, recipe=dict(recipe), overwrite=o.overwrite,
          extra={"distill": entry}, side_files=side_files(s.source))
     return {"out": str(out), "kind": "encoder", "before": before, "after": after,
-            "protocol": f"{o.data} eval, {len(held_out)} sentences, mean pooling",
+            "protocol": f"{o.data} eval, {len(held_out)} distinct sentences, mean pooling",
             "bytes_before": bytes_before, "bytes_after": weight_table(s.model)["weight_bytes"],
             **{k: v for k, v in rep.items() if k != "config"}}
