@@ -64,7 +64,8 @@ def add_distill(sub) -> None:
     d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a hidden-state MSE between matched blocks (default 0: "
                    "logit KL only); a student whose blocks memfit compress dropped is matched "
-                   "through the blocks it kept, others evenly by depth")
+                   "through the blocks it kept, others evenly by depth; on encoders every inner "
+                   "block's output is matched (the final one always is)")
     d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory; "
                    "default adamw)")
