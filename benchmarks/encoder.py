@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+SPARSE_CALIB = ["--samples", "256"]  # 4x the default: a better start for healing (RESULTS.md)
 # name -> (compress arguments or None for the original, heal after compressing)
 SETTINGS = {
     "fp32": (None, False),
@@ -44,8 +45,9 @@ SETTINGS = {
     "W8A8 (int8 activations too)": (["--recipe", "w8a8", "--min-cosine", "0"], False),
     "GPTQ w4 g64": (["--recipe", "w4g64-gptq"], False),
     "GPTQ w4 g32": (["--recipe", "w4g32-gptq"], False),
-    "SparseGPT 2:4": (["--recipe", "sparsegpt-2of4", "--min-cosine", "0"], False),
-    "SparseGPT 2:4 + healing": (["--recipe", "sparsegpt-2of4", "--min-cosine", "0"], True),
+    "SparseGPT 2:4": (["--recipe", "sparsegpt-2of4", "--min-cosine", "0"] + SPARSE_CALIB, False),
+    "SparseGPT 2:4 + healing": (["--recipe", "sparsegpt-2of4", "--min-cosine", "0"]
+                                + SPARSE_CALIB, True),
     "whitened SVD 80%": (["--recipe", "wsvd-80", "--min-cosine", "0"], False),
 }
 W8E8 = ("quant: {algo: rtn, bits: 8, group_size: null, symmetric: true}\n"
@@ -109,18 +111,21 @@ def run(args) -> list[dict]:
 
     work = Path(tempfile.mkdtemp(prefix="memfit-encoder-bench-"))
     (work / "w8e8.yaml").write_text(W8E8)
-    rows, ref = [], None
+    rows, ref, made = [], None, {}  # made: compress arguments -> (folder, report), reused
     for name, (compress_args, heal) in SETTINGS.items():
         if args.only and name not in args.only:
             continue
         row = {"setting": name}
         spec = args.model
         if compress_args is not None:
-            folder = work / name.replace(" ", "_").replace(":", "").replace("%", "")
             cargs = [str(work / "w8e8.yaml") if a == "@w8e8" else a for a in compress_args]
-            rep = _memfit("compress", args.model, *cargs, "--out", str(folder))
+            if tuple(cargs) not in made:
+                folder = work / f"m{len(made)}"
+                made[tuple(cargs)] = folder, _memfit("compress", args.model, *cargs, "--out",
+                                                     str(folder))
+            folder, rep = made[tuple(cargs)]
             row["compress_seconds"] = rep["compress_seconds"]
-            row["recipe"] = cargs[1]
+            row["compress_args"] = cargs
             spec = str(folder)
             if heal:
                 rep = _memfit("distill", args.model, spec, "--out", str(folder) + "-healed",
