@@ -73,7 +73,7 @@ def distill_encoder_(student, teacher, tokenizer, sentences: list[str], *, steps
                      lr: float = 1e-4, batch_size: int = 16, max_length: int = 128,
                      optimizer: str = "adamw", seed: int = 0, hidden_mse: float = 0.0,
                      layer_map: dict[int, int] | None = None, schedule: str = "cosine",
-                     train_norms: bool = False, progress: bool = False) -> dict:
+                     progress: bool = False) -> dict:
     """Train `student` towards `teacher`'s embeddings on `sentences`, in place; -> report.
     `layer_map`: {teacher hidden-state index: student's} for the `hidden_mse` term."""
     if min(steps, batch_size) < 1 or lr <= 0:
@@ -89,10 +89,6 @@ def distill_encoder_(student, teacher, tokenizer, sentences: list[str], *, steps
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     trained = make_trainable_(student)
-    if train_norms:  # the LayerNorms' gains and biases too: stored dense, so no format changes
-        for m in student.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise UserError("the student has no linear or compressed module to train")
@@ -138,7 +134,7 @@ def distill_encoder_(student, teacher, tokenizer, sentences: list[str], *, steps
             "config": {"steps": steps, "lr": lr, "batch_size": batch_size,
                        "max_length": max_length, "optimizer": optimizer, "seed": seed,
                        "schedule": schedule, "warmup": WARMUP if schedule == "cosine" else 0,
-                       "hidden_mse": hidden_mse, "train_norms": train_norms,
+                       "hidden_mse": hidden_mse,
                        "loss": "1 - cos(mean-pooled) + scale-free token MSE"
                                + (" + hidden_mse x inner-block MSE" if hidden else "")},
             **report}
