@@ -3,7 +3,7 @@ command runs it, on 256 held-apart sentences (memfit.eval.encoder.held_apart): i
 >= 0.999, GPTQ w4 g64 cosine >= 0.98; the folder reloads to the same embeddings through memfit
 and through plain transformers. Top-1 nearest-neighbour agreement at int8: the issue's 99% over
 all queries is NOT met (measured 96.09% with RTN on this set; ties: even bfloat16 autocast of the
-fp32 weights moves 2 of 256 neighbours, benchmarks/RESULTS.md), so it is asserted at the measured
+fp32 weights moves 6 of 256 neighbours, benchmarks/RESULTS.md), so it is asserted at the measured
 level (95%); over the queries with a clear reference margin (>= 0.01) int8 keeps every one."""
 
 import pytest
