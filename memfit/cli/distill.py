@@ -31,7 +31,9 @@ def cmd_distill(args) -> None:
         print(f"cosine       mean {b['cosine_mean']:.6f} -> {a['cosine_mean']:.6f}, min "
               f"{b['cosine_min']:.6f} -> {a['cosine_min']:.6f} ({rep['protocol']})")
         print(f"neighbours   top-1 agreement {100 * b['neighbour_agreement']:.2f}% -> "
-              f"{100 * a['neighbour_agreement']:.2f}%")
+              f"{100 * a['neighbour_agreement']:.2f}% (clear margin: "
+              f"{100 * b['neighbour_agreement_clear']:.2f}% -> "
+              f"{100 * a['neighbour_agreement_clear']:.2f}% of {a['clear_queries']})")
         return
     print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
           f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
@@ -62,7 +64,8 @@ def add_distill(sub) -> None:
     d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a hidden-state MSE between matched blocks (default 0: "
                    "logit KL only); a student whose blocks memfit compress dropped is matched "
-                   "through the blocks it kept, others evenly by depth")
+                   "through the blocks it kept, others evenly by depth; on encoders every inner "
+                   "block's output is matched (the final one always is)")
     d.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit keeps the moments in 8 bits (~1/4 of the state memory; "
                    "default adamw)")

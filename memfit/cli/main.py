@@ -73,7 +73,9 @@ def cmd_eval(args) -> None:
               f"({res['protocol']})")
         if "cosine_mean" in res:
             print(f"cosine       mean {res['cosine_mean']:.6f}, min {res['cosine_min']:.6f} vs {args.ref}; "
-                  f"nearest-neighbour agreement {100 * res['neighbour_agreement']:.2f}%")
+                  f"nearest-neighbour agreement {100 * res['neighbour_agreement']:.2f}% "
+                  f"({100 * res['neighbour_agreement_clear']:.2f}% of the "
+                  f"{res['clear_queries']} with a reference margin >= {res['neighbour_margin']})")
     else:
         print(f"perplexity   {res['perplexity']:.4f}  ({res['protocol']})")
         if "kld" in res:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from memfit.calib.data import bos_id, sentences, token_windows
+from memfit.calib.data import bos_id, token_windows
 from memfit.errors import UserError
-from memfit.eval.encoder import evaluate_encoder
+from memfit.eval.encoder import MIN_WORDS, evaluate_encoder, held_apart
 from memfit.eval.lm import evaluate_lm
 from memfit.kvcache import kv_format
 from memfit.models import Loaded, load_model
@@ -38,10 +38,11 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     if m.kind == "encoder":
         if fmt is not None:
             raise UserError("--kv quantizes a decoder's KV cache; an encoder has none (drop --kv)")
-        sents = sentences(data, split)
+        sents = held_apart(data, split)
         res = evaluate_encoder(m.model, m.tokenizer, sents,
                                ref=(r.model, r.tokenizer) if r else None, progress=progress)
-        res["protocol"] = f"data {data}:{split}, {len(sents)} sentences, mean pooling"
+        res["protocol"] = (f"data {data}:{split}, {len(sents)} distinct lines of {MIN_WORDS}+ "
+                           "words spread over the split, mean pooling")
         return {"model": _typed(model, m), "model_path": m.source, "kind": "encoder", "data": data,
                 "split": split, **res}
     if r is not None and len(r.tokenizer) != len(m.tokenizer):
