@@ -286,6 +286,13 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
     fmt, note = pick_format(loaded.model, o.format)
+    if encoder and o.format == "auto" and fmt != "memfit" and "modules.json" in side_files(
+            loaded.source):
+        # sentence-transformers fails on a compressed-tensors encoder at its first forward
+        # (benchmarks/RESULTS.md, issue 14); memfit's format loads there with identical output
+        fmt, note = "memfit", ("memfit's format because sentence-transformers cannot run a "
+                               "compressed-tensors encoder (pass --format compressed-tensors "
+                               "to write one for plain transformers)")
     _say(o, f"writing {out} ({fmt}{'; ' + note if note else ''})")
     writer = save if fmt == "memfit" else save_ct
     writer(loaded.model, loaded.tokenizer, out, recipe=recipe.to_dict(), overwrite=o.overwrite,
