@@ -415,7 +415,8 @@ def _write(src: _Source, tokenizer, out: Path, writer, modules: dict, buffers: d
     stable = ("bytes_before", "bytes_after", "modules", "kept_blocks", "calib_windows",
               "calib_seq_len", "smoke")
     write_model_folder(model, tokenizer, out, lambda path: writer.finish(path, {"format": "pt"}),
-                       keys=writer.keys(), buffers={**buffers, **rest_buffers}, modules=modules,
+                       keys=writer.keys() - set(guards), buffers={**buffers, **rest_buffers},
+                       modules=modules,
                        tied=tied, guards=guards, recipe=recipe.to_dict(),
                        extra={"source": str(src.folder),
                               "report": {k: report[k] for k in stable}},

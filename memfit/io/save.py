@@ -216,12 +216,13 @@ def save(model: nn.Module, tokenizer, out_dir, *, recipe: dict, extra: dict | No
     modules = describe_modules(model)
     tensors, buffers, tied = _split_state(model)
     tensors = _store_dense(tensors, _fixed_keys(modules), dense_dtype)
+    keys = set(tensors)  # the model's own tensors: a tie target left out is a dropped tie
     guards = _guards(model, modules)
     tensors.update({g: torch.zeros(0) for g in guards})
     return write_model_folder(
         model, tokenizer, out_dir, lambda path: save_file(tensors, str(path),
                                                           metadata={"format": "pt"}),
-        keys=set(tensors), buffers=buffers, modules=modules, tied=tied, guards=guards,
+        keys=keys, buffers=buffers, modules=modules, tied=tied, guards=guards,
         recipe=recipe, extra=extra, overwrite=overwrite, dense_dtype=dense_dtype,
         side_files=side_files)
 
