@@ -63,7 +63,10 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "F8_E5M2": torch.float8_e5m2}
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
+CAST_CHUNK = 1 << 22  # bytes read at a time into the staging buffer of a cast tensor
+
+
+def read_safetensors(path: Path, cast=None) -> dict[str, torch.Tensor] | None:
     """Every tensor of a safetensors file read into memory the process owns (CPU), one tensor at
     a time with plain reads, or None for a dtype this reader does not know.
 
@@ -71,21 +74,41 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
     loader then casts (a 16-bit table computed in float32) keeps its stored pages mapped, and
     resident, next to the copy for as long as the model lives (57 MB for the default model's
     embedding, measured with /proc/self/smaps). Reading into owned tensors makes the resident
-    bytes exactly the tensors' bytes."""
+    bytes exactly the tensors' bytes.
+
+    `cast(name, dtype) -> dtype or None`: a tensor to be computed in another dtype is read
+    CAST_CHUNK bytes at a time through one staging buffer straight into its final dtype, so no
+    stored-dtype copy of a whole tensor is ever allocated (freed copies of the default model's
+    16-bit linears stayed in the heap as 3% of the peak resident set, measured)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         if any(v["dtype"] not in _ST_DTYPES for v in header.values()):
             return None
-        out = {}
+        out, staging = {}, None
         for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = v["data_offsets"]
-            t = torch.empty(v["shape"], dtype=_ST_DTYPES[v["dtype"]])
+            stored = _ST_DTYPES[v["dtype"]]
+            to = cast(name, stored) if cast is not None else None
             f.seek(8 + n + begin)
-            if end > begin and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) \
-                    != end - begin:
-                raise ValueError(f"{name} is truncated")
+            if to is None or to == stored or end == begin:
+                t = torch.empty(v["shape"], dtype=stored)
+                if end > begin and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) \
+                        != end - begin:
+                    raise ValueError(f"{name} is truncated")
+            else:
+                t = torch.empty(v["shape"], dtype=to)
+                flat, size = t.view(-1), stored.itemsize
+                step = max(1, CAST_CHUNK // size)
+                if staging is None:
+                    staging = torch.empty(CAST_CHUNK, dtype=torch.uint8)
+                for i in range(0, flat.numel(), step):
+                    k = min(step, flat.numel() - i)
+                    buf = staging[:k * size]
+                    if f.readinto(memoryview(buf.numpy())) != k * size:
+                        raise ValueError(f"{name} is truncated")
+                    flat[i:i + k] = buf.view(stored)
             out[name] = t
     return out
 

@@ -322,7 +322,7 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, device: str, cast=None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -332,7 +332,7 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 
     try:
         if torch.device(device).type == "cpu":
-            owned = read_safetensors(path)
+            owned = read_safetensors(path, cast)
             if owned is not None:
                 return owned
         return load_file(str(path), device=device)
@@ -391,12 +391,23 @@ def load(path, *, dtype=None, device: str = "cpu"):
     folder = Path(path)
     meta = read_meta(folder)
     check_safetensors(folder)
-    state = _read_tensors(folder / WEIGHTS, device)
+    state = _read_tensors(folder / WEIGHTS, device, _load_cast(meta, dtype, device))
     for g in meta.get("guards", []):
         state.pop(g, None)
     return assemble(folder, meta["modules"], meta.get("tied", {}), state,
                     _read_tensors(folder / BUFFERS, device), meta.get("dense_dtype", "keep"),
                     dtype=dtype, device=device)
+
+
+def _load_cast(meta: dict, dtype, device: str):
+    """The per-tensor cast `assemble` will apply, known from memfit.json before reading (so the
+    reader can cast while it reads): dense floating tensors, never a format's own fields."""
+    from memfit.io.checkpoint import pick_dtype
+
+    if dtype is None and meta.get("dense_dtype", "keep") == "keep":
+        return None
+    to, fixed = pick_dtype(dtype, device), _fixed_keys(meta["modules"])
+    return lambda name, stored: to if stored.is_floating_point and name not in fixed else None
 
 
 def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict,

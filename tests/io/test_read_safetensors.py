@@ -36,3 +36,17 @@ def test_truncated_file_is_an_error(tmp_path):
     path.write_bytes(data[:-100])
     with pytest.raises(ValueError, match="truncated"):
         read_safetensors(path)
+
+
+def test_cast_while_reading_equals_cast_after(tmp_path, monkeypatch):
+    import memfit.io.checkpoint as ck
+    monkeypatch.setattr(ck, "CAST_CHUNK", 64)  # many chunks, a ragged last one
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(37, 11, generator=g).half(), "b": torch.randn(301, generator=g).bfloat16(),
+               "codes": torch.randint(0, 255, (50,), generator=g, dtype=torch.uint8)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    ours = read_safetensors(path, lambda name, dt: torch.float32 if dt.is_floating_point else None)
+    assert ours["a"].dtype == ours["b"].dtype == torch.float32 and ours["codes"].dtype == torch.uint8
+    for k, v in tensors.items():
+        assert torch.equal(ours[k], v.float() if v.is_floating_point() else v), k
