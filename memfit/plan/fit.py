@@ -142,7 +142,7 @@ class Plan:
         return min(found, key=lambda p: self.predicted_kld(*p))
 
     def too_small_message(self, budget: int) -> str:
-        kv = "int4" if self.target.kv == "auto" else self.target.kv
+        kv = min(self.kv_damage, key=self.runtime_bytes)  # the smallest cache it may take
         n = len(self.drop_damage)
         least = smallest(self.units, max_drop=int(self.options.max_drop * n), blocks=n,
                          size=self.size) + self.runtime_bytes(kv)
@@ -335,12 +335,15 @@ def default_budget(units: list[Unit], fixed: dict, kind: str) -> int:
     return int(fixed["overhead"] + DEFAULT_SHARE * model)
 
 
-def _kv_options(kind: str, kv: str, fixed: dict, budget: int) -> list[str]:
+def _kv_options(kind: str, kv: str, fixed: dict, budget: int, least_weights: int) -> list[str]:
     """KV precisions the solve may take: the one asked; with "auto", 16-bit, int8 and int4 when
-    the 16-bit cache is over 5% of a run-time budget (else quantizing it cannot pay)."""
+    the 16-bit cache is over 5% of a run-time budget, or when the smallest weights do not fit
+    beside it (else quantizing it cannot pay)."""
     if kv != "auto":
         return [kv]
-    if kind == "memory" and fixed["kv"]["none"] > 0.05 * budget:
+    if kind == "memory" and (fixed["kv"]["none"] > 0.05 * budget or least_weights
+                             + fixed["resident"] + fixed["overhead"] + fixed["activation"]
+                             + fixed["kv"]["none"] > budget):
         return ["none", "int8", "int4"]
     return ["none"]
 
@@ -411,13 +414,17 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
         target = replace(target, budget=budget)
     plan = Plan(loaded=loaded, target=target, options=o, units=units, drop_damage=sens.drop,
                 fixed=fixed, alpha={"keep": 0.0}, kv_damage={"none": 0.0})
+    n = len(sens.drop)
+    least = smallest(units, max_drop=int(o.max_drop * n), blocks=n, size=plan.size)
+    plan.kv_damage = {k: 0.0 for k in (["none"] if encoder else
+                                       _kv_options(kind, kv, fixed, budget, least))}
+    if least + min(plan.runtime_bytes(k) for k in plan.kv_damage) > budget:
+        raise UserError(plan.too_small_message(budget))  # before the probes' minutes
     probe = probe_reference(loaded, o, "calib")
     _say(o, f"probes: {probe_protocol(loaded, o, 'calib')} per measured plan")
     families = sorted({op.family for u in linear_units for op in u.options} - {"keep"})
     for fam in families + ["table", "drop"]:
         _family_probe(plan, fam, probe)
-    plan.kv_damage = {k: 0.0 for k in (["none"] if encoder else
-                                       _kv_options(kind, kv, fixed, budget))}
     measured_kv = [k for k in plan.kv_damage if k != "none"]
     if measured_kv:
         _say(o, f"KV cache: measuring {', '.join(measured_kv)} on {KV_WINDOWS} windows x "
