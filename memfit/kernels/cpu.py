@@ -104,8 +104,7 @@ def _prepare_int4(w: IntWeight) -> CpuCache | None:
     t_hi, t_lo = _split_bf16(t)
     if s_hi is None or t_hi is None:
         return None  # e.g. float32 scales with more than 16 significant bits
-    codes = w.codes().to(torch.int32)  # (out, in), transient
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    packed = _int4pack_rows(w)
     heads = torch.stack([s_hi, t_hi], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
     cache = CpuCache("int4", packed, heads, group_size=w.group_size)
     if bool((s_lo != 0).any()):
@@ -113,6 +112,22 @@ def _prepare_int4(w: IntWeight) -> CpuCache | None:
     elif bool((t_lo != 0).any()):
         cache.group_tail = t_lo.float().contiguous()
     return cache
+
+
+PREPARE_ROWS = 1024  # output rows converted at a time (a multiple of 64)
+
+
+def _int4pack_rows(w: IntWeight) -> torch.Tensor:
+    """torch's CPU int4 layout of `w`, converted PREPARE_ROWS output rows at a time: the layout
+    is row-wise (tested equal to one whole conversion), and the int32 codes the conversion
+    takes are then a small transient instead of 4 bytes per weight (50 MB for the default
+    model's tied 49152 x 256 table, measured as a peak-RSS spike of the first forward)."""
+    out, k = w.shape
+    packed = torch.empty(out, k // 2, dtype=torch.uint8)
+    for i in range(0, out, PREPARE_ROWS):
+        codes = unpack(w.qdata[i:i + PREPARE_ROWS], w.bits, k).to(torch.int32)
+        packed[i:i + PREPARE_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return packed
 
 
 def _split_bf16(v: torch.Tensor):

@@ -213,15 +213,19 @@ class Plan:
         return write_report(self, folder, curve=curve)
 
 
-def _overhead(source: str, device: str) -> int:
-    """The runtime's own memory, measured in a fresh process (memfit.plan.measure)."""
+def _overhead(source: str, device: str, context: int, batch: int) -> tuple[int, int]:
+    """(the runtime's own memory, the peak growth of one prefill of `context` x `batch` and 8
+    decode steps through a 16-bit cache), measured in a fresh process with the unmodified
+    model (memfit.plan.measure --overhead --forward)."""
     import json
     r = subprocess.run([sys.executable, "-m", "memfit.plan.measure", source, "--overhead",
-                        "--device", device], capture_output=True, text=True, timeout=600,
+                        "--forward", "--context", str(context), "--batch", str(batch),
+                        "--device", device], capture_output=True, text=True, timeout=1800,
                        check=False)
     if r.returncode != 0:
         raise RuntimeError(f"measuring the runtime overhead failed: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["baseline_bytes"]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["baseline_bytes"], res["forward_bytes"]
 
 
 def _table_units(model, sens_tables: dict, cands: dict, tied: bool, device, dtype) -> list[Unit]:
@@ -405,10 +409,16 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     units += _table_units(m, sens.tables, cands, tied, o.device, dtype)
     t2 = time.perf_counter()
     fixed = _fixed_bytes(m, units, dtype)
-    fixed["overhead"] = _overhead(loaded.source, o.device) if kind == "memory" else 0
     fixed["activation"] = estimate_activation(m.config, context, batch, dtype)
     fixed["kv"] = {"none": 0} if encoder else \
         {k: kv_bytes(m.config, context, batch, dtype, k) for k in ("none", "int8", "int4")}
+    fixed["overhead"] = 0
+    if kind == "memory":
+        _say(o, "runtime and forward memory: measured in a fresh process")
+        fixed["overhead"], forward = _overhead(loaded.source, o.device, context, batch)
+        # the measured forward peak less the 16-bit cache it held is the activation peak
+        fixed["activation_estimate"] = fixed["activation"]
+        fixed["activation"] = max(0, forward - fixed["kv"]["none"])
     if budget is None:
         budget = default_budget(units, fixed, kind)
         target = replace(target, budget=budget)

@@ -5,7 +5,11 @@ The process imports memfit and builds the model's skeleton (so the runtime's own
 `baseline_bytes`), loads DIR with memfit's loader, runs one prefill of C random tokens per
 sequence (logits of the last position only, as generation does) and 8 decode steps through the
 (quantized) KV cache. CPU: peak resident set size (VmHWM); CUDA: torch's peak allocation.
-`--overhead` stops after the baseline: the memory model's runtime overhead.
+`--overhead` stops after the baseline: the memory model's runtime overhead; with
+`--forward` too, it then loads the model, reads every weight once (so the forward touches no
+new weight pages) and reports `forward_bytes`, the peak growth over that of the same prefill
+and decode: the activation and KV-cache peak the planner counts (measured, because attention
+paths that materialise T x T scores, e.g. sliding-window masks, escape any estimate).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--kv", default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overhead", action="store_true")
+    p.add_argument("--forward", action="store_true")
     a = p.parse_args(argv)
 
     import torch
@@ -83,7 +88,7 @@ def main(argv=None) -> dict:
     if not cuda:
         _warm_up()
     baseline = _rss()
-    if a.overhead:
+    if a.overhead and not a.forward:
         return {"baseline_bytes": baseline}
     from transformers import DynamicCache
 
@@ -92,6 +97,11 @@ def main(argv=None) -> dict:
 
     loaded = load_model(a.model, device=a.device)
     model = loaded.model
+    if a.overhead:  # --forward: every weight read once, so only the forward's growth is left
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.is_floating_point():
+                    float(t.float().sum())
     after_load = _rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats(a.device)
@@ -118,10 +128,12 @@ def main(argv=None) -> dict:
 def _result(baseline: int, after_load: int, cuda: bool, device: str, loaded_alloc: int) -> dict:
     res = {"baseline_bytes": baseline, "after_load_bytes": after_load,
            "peak_bytes": _rss("VmHWM"), "kind": "process_peak_rss"}
+    res["forward_bytes"] = max(0, res["peak_bytes"] - after_load)
     if cuda:
         import torch
         res.update(peak_bytes=torch.cuda.max_memory_allocated(device),
                    after_load_bytes=loaded_alloc, baseline_bytes=0,
+                   forward_bytes=torch.cuda.max_memory_allocated(device) - loaded_alloc,
                    kind="cuda_max_memory_allocated")
     return res
 

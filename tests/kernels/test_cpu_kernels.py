@@ -117,3 +117,13 @@ def test_ineligible_formats_take_the_tiled_path(fmt, out, k, reason):
 def test_float32_scales_that_do_not_split_take_the_tiled_path():
     w = packed_weight(IntFormat(bits=4, group_size=64, scale_dtype="float32"), out=32, k=128)
     assert cpu.kernel_ineligibility(w) is None and cpu.prepare_cpu(w) is None
+
+
+def test_int4_layout_converted_by_row_chunks_equals_one_conversion(monkeypatch):
+    """_prepare_int4 converts PREPARE_ROWS rows at a time (bounded transient); the layout must be
+    exactly the one a single whole-matrix conversion gives, a ragged last chunk included."""
+    w = packed_weight(IntFormat(bits=4, group_size=64), k=576)  # 1536 rows
+    monkeypatch.setattr(cpu, "PREPARE_ROWS", 448)  # 3 chunks of 448 + one of 192
+    chunked = cpu._int4pack_rows(w)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().to(torch.int32), 2)
+    assert torch.equal(chunked, whole)
