@@ -38,7 +38,7 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     """Heal encoder `s` (Loaded) towards encoder `t`; save it to `out`; -> report."""
     from memfit.calib.data import sentences
     from memfit.distill.encoder import distill_encoder_
-    from memfit.distill.run import _layer_map
+    from memfit.distill.losses import model_layer_map
     from memfit.encoders import side_files, used_length
     from memfit.eval.encoder import embed, held_apart
     from memfit.eval.memory import weight_table
@@ -62,7 +62,7 @@ def distill_encoder_to(t, s, teacher: str, student: str, out, o) -> dict:
     teacher_emb = embed(t.model, t.tokenizer, held_out, max_length=max_length)
     before = _measure(s.model, teacher_emb, s.tokenizer, held_out, max_length)
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
-    layer_map = _layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None
+    layer_map = model_layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None
     rep = distill_encoder_(s.model, t.model, s.tokenizer, train, steps=o.steps, lr=o.lr,
                            batch_size=16 if o.batch_size is None else o.batch_size,
                            max_length=max_length, optimizer=o.optimizer, seed=o.seed,

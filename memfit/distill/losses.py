@@ -108,3 +108,12 @@ def matched_layers(n_teacher: int, n_student: int,
         pairs = {round((j + 1) * n_teacher / n_student) - 1: j for j in range(n_student)}
     return {t + 1: s + 1 for t, s in pairs.items() if s < n_student - 1}
 
+
+def model_layer_map(teacher, student, kept: list[int] | None) -> dict[int, int]:
+    """Teacher/student hidden states to match: through the blocks memfit compress kept when it
+    dropped some, else spread evenly (memfit.distill.losses.matched_layers)."""
+    from memfit.archs import arch_for, block_list
+
+    n_t = len(block_list(teacher, arch_for(teacher.config)))
+    n_s = len(block_list(student, arch_for(student.config)))
+    return matched_layers(n_t, n_s, kept if n_s < n_t else None)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from memfit.distill.losses import model_layer_map
 from memfit.errors import UserError
 
 
@@ -32,17 +33,6 @@ def _student_meta(spec: str) -> dict:
 
     folder = Path(spec).expanduser()
     return read_meta(folder) if (folder / META).exists() else {}
-
-
-def _layer_map(teacher, student, kept: list[int] | None) -> dict[int, int]:
-    """Teacher/student hidden states to match: through the blocks memfit compress kept when it
-    dropped some, else spread evenly (memfit.distill.losses.matched_layers)."""
-    from memfit.archs import arch_for, block_list
-    from memfit.distill.losses import matched_layers
-
-    n_t = len(block_list(teacher, arch_for(teacher.config)))
-    n_s = len(block_list(student, arch_for(student.config)))
-    return matched_layers(n_t, n_s, kept if n_s < n_t else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +90,7 @@ def distill_to(teacher: str, student: str, out: str | Path,
     check_same_tokenizer(t, s, teacher, student)
     meta = _student_meta(student)
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
-    layer_map = _layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None
+    layer_map = model_layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None
     calib = token_windows(t.tokenizer, o.data, "calib", seq_len=o.seq_len, max_windows=o.samples,
                           seed=o.seed, bos=o.bos)
     held_out = token_windows(t.tokenizer, o.data, "eval", seq_len=o.seq_len,
