@@ -113,6 +113,24 @@ def read_safetensors(path: Path, cast=None) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def read_tensors(path: Path, device: str, cast=None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on `device` (CPU: owned memory, `read_safetensors`), or a
+    UserError naming the damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise UserError(f"{path} is missing; re-save the model")
+    try:
+        if torch.device(device).type == "cpu":
+            owned = read_safetensors(path, cast)
+            if owned is not None:
+                return owned
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
+
+
 def check_device(device: str) -> torch.device:
     """The torch device named by `device`, or a UserError naming what this machine has."""
     try:

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.io.checkpoint import read_tensors as _read_tensors  # noqa: F401 -- export_ct uses it
 from memfit.io.modules import (MODULE_KINDS, build_module, describe_modules,  # noqa: F401
                                replace_modules)
 
@@ -320,24 +321,6 @@ def read_meta(folder: Path) -> dict:
     if not isinstance(meta.get("modules"), dict):
         raise UserError(f"{folder / META} has no 'modules' table; re-save the model")
     return meta
-
-
-def _read_tensors(path: Path, device: str, cast=None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise UserError(f"{path} is missing; re-save the model")
-    from memfit.io.checkpoint import read_safetensors
-
-    try:
-        if torch.device(device).type == "cpu":
-            owned = read_safetensors(path, cast)
-            if owned is not None:
-                return owned
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}); re-save the model") from None
 
 
 def retie(model: nn.Module, tied: dict[str, str]) -> None:

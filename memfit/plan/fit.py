@@ -213,18 +213,15 @@ class Plan:
         return write_report(self, folder, curve=curve)
 
 
-def _overhead(source: str, device: str, context: int, batch: int) -> tuple[int, int]:
-    """(the runtime's own memory measured in a fresh process, 0): memfit.plan.measure
-    --overhead; its --forward figure (the unmodified model's forward growth) is not used."""
+def _overhead(source: str, device: str) -> int:
+    """The runtime's own memory, measured in a fresh process (memfit.plan.measure --overhead)."""
     import json
     r = subprocess.run([sys.executable, "-m", "memfit.plan.measure", source, "--overhead",
-                        "--context", str(context), "--batch", str(batch),
-                        "--device", device], capture_output=True, text=True, timeout=1800,
+                        "--device", device], capture_output=True, text=True, timeout=600,
                        check=False)
     if r.returncode != 0:
         raise RuntimeError(f"measuring the runtime overhead failed: {r.stderr.strip()[-500:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    return res["baseline_bytes"], res.get("forward_bytes", 0)
+    return json.loads(r.stdout.strip().splitlines()[-1])["baseline_bytes"]
 
 
 def _table_units(model, sens_tables: dict, cands: dict, tied: bool, device, dtype) -> list[Unit]:
@@ -417,7 +414,7 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
         # (`measure --forward`) counted the dense linears' own workspaces, 12.7% over the
         # packed model's measured peak on the default model at 2 threads.
         _say(o, "runtime memory: measured in a fresh process")
-        fixed["overhead"] = _overhead(loaded.source, o.device, context, batch)[0]
+        fixed["overhead"] = _overhead(loaded.source, o.device)
     if budget is None:
         budget = default_budget(units, fixed, kind)
         target = replace(target, budget=budget)
