@@ -110,6 +110,9 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     check_device(device)
+    if device == "cpu":
+        from memfit.eval.memory import steady_malloc
+        steady_malloc()
     kind, location = resolve(spec)
     if kind == "gguf":
         location = _convert_gguf(location)

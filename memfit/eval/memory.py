@@ -210,6 +210,61 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, held fixed by steady_malloc
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+_SYSTEM_MALLOC = False
+
+
+def keep_system_malloc() -> None:
+    """For this process, memfit's loaders leave glibc's allocator alone (`steady_malloc` does
+    nothing). The compute-heavy commands (compress, fit's planning, distill, train) call it:
+    holding the threshold costs page faults on every large tensor (the default model's
+    perplexity run, 1 thread: 15% fewer tokens/s), and they promise no memory figure; the
+    runtime they measure runs in its own process."""
+    global _SYSTEM_MALLOC
+    _SYSTEM_MALLOC = True
+
+
+def steady_malloc() -> bool:
+    """Make this process's peak memory repeatable, and return freed heap to the system.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so later
+    large tensors come from the heap, where freed ones stay resident: a packed model's measured
+    peak RSS then varied by up to 83 MB from run to run (default model, context 2048, same
+    input; benchmarks/RESULTS.md). Holding the threshold at 128 KiB keeps every tensor above it
+    in its own mapping, returned on free. memfit's loaders call this on the CPU; set
+    MEMFIT_MALLOC=system to leave the allocator alone. The price is a page fault per page of
+    every large tensor: the default model's perplexity run (1 thread) lost 15% of its tokens/s.
+    False where it does not apply (not glibc, or turned off).
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if _SYSTEM_MALLOC or os.environ.get("MEMFIT_MALLOC", "").lower() == "system":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not hasattr(libc, "mallopt") or not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+            return False
+        libc.malloc_trim(0)
+    except OSError:
+        return False
+    return True
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh at the current RSS (Linux's clear_refs 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Context manager: peak RSS (CPU, process lifetime) or peak CUDA allocation inside the block."""
 

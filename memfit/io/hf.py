@@ -51,6 +51,8 @@ class MemfitHfQuantizer(HfQuantizer):
                             "upgrade memfit or re-save the model")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from memfit.eval.memory import steady_malloc
+        steady_malloc()  # repeatable peaks, as memfit's own loader has (CPU or not: harmless)
         modules = self.quantization_config.modules
         replace_modules(model, modules)
         # the empty `<module>.weight` guards that stop memfit-less loading (memfit.io.save)

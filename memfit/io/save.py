@@ -371,6 +371,9 @@ def load(path, *, dtype=None, device: str = "cpu"):
     """Load a memfit folder -> `memfit.models.Loaded`, never materialising dense weights."""
     from memfit.io.checkpoint import check_safetensors
 
+    if device == "cpu":
+        from memfit.eval.memory import steady_malloc
+        steady_malloc()
     folder = Path(path)
     meta = read_meta(folder)
     check_safetensors(folder)

@@ -6,9 +6,10 @@ the result saved to a temporary folder next to `out`. A fresh process then loads
 measures its peak memory at the target context and batch (memfit.plan.measure); memfit's loader
 reads it again here and its KL divergence to the original is measured on the evaluation split.
 Only when the memory is within the budget (and the KL within --max-kld, if given) is the folder
-renamed to `out`. When the measured memory overshoots, the plan is solved once more with the
-overshoot taken off and built again; if that fails too, nothing is written and the error says
-what failed and what would pass.
+renamed to `out`. When the measured memory overshoots the budget, or departs from the
+prediction by more than RECALIBRATE_ABOVE, the memory model takes the measured difference as a
+correction and the plan is solved again and rebuilt (at most MAX_BUILDS builds); if the last
+build fails, nothing is written and the error says what failed and what would pass.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from pathlib import Path
 
 from memfit.archs import block_list
 from memfit.errors import UserError
+
+
+MAX_BUILDS = 3  # builds per `build`: the first, and re-solves after a measured miss
+RECALIBRATE_ABOVE = 0.04  # |predicted / measured - 1| above which the plan is solved again
 
 
 class FitFailed(UserError):
@@ -138,20 +143,29 @@ def build_plan(plan, out, *, overwrite: bool = False) -> dict:
     ref_ppl = eval_ref.kld(plan.loaded.model)["perplexity"]
     tmp = out.with_name(f"{out.name}.fit-tmp")
     sol, tries = plan.solution, []
-    for attempt in range(2):
+    for attempt in range(MAX_BUILDS):
         say(o, f"building and measuring the plan in a fresh process ({tmp})")
         res = _try(plan, sol, tmp, eval_ref)
         tries.append(res)
-        over = res["measured_bytes"] - t.budget
-        if over <= 0 or attempt == 1:
+        off = res["measured_bytes"] - res["predicted_bytes"]
+        holds = abs(res["memory_error"]) <= RECALIBRATE_ABOVE
+        if attempt == MAX_BUILDS - 1 or (res["measured_bytes"] <= t.budget and holds):
             break
-        smaller = plan.solve_for(t.budget - int(over * 1.05), plan.kv)
-        if smaller is None:
+        # the memory model's offset is re-taken from this measurement and the plan solved again
+        before = plan.fixed.get("calibration", 0)
+        plan.fixed["calibration"] = before + off
+        again = plan.solve_for(t.budget, plan.kv)
+        if again is None or (again.choice == sol.choice and again.dropped == sol.dropped
+                             and res["measured_bytes"] <= t.budget):
+            plan.fixed["calibration"] = before  # nothing rebuilt: the prediction stays as made
             break
-        say(o, f"measured {res['measured_bytes'] / 1e6:.1f} MB > budget "
-                f"{t.budget / 1e6:.1f} MB: re-planning with {over / 1e6:.1f} MB less")
-        sol = smaller
+        say(o, f"measured {res['measured_bytes'] / 1e6:.1f} MB, predicted "
+               f"{res['predicted_bytes'] / 1e6:.1f} MB (budget {t.budget / 1e6:.1f} MB): "
+               f"memory model corrected by {off / 1e6:+.1f} MB, plan solved again")
+        sol = again
     res = dict(tries[-1], ref_perplexity=ref_ppl, attempts=len(tries),
+               builds=[{k: r[k] for k in ("predicted_bytes", "measured_bytes", "memory_error",
+                                          "measured_kld")} for r in tries],
                eval=probe_protocol(plan.loaded, o, "eval"),
                build_s=time.perf_counter() - t0)
     failed = []

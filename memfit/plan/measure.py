@@ -5,10 +5,13 @@ The process imports memfit and builds the model's skeleton (so the runtime's own
 `baseline_bytes`), loads DIR with memfit's loader, runs one prefill of C random tokens per
 sequence (logits of the last position only, as generation does) and 8 decode steps through the
 (quantized) KV cache. CPU: peak resident set size (VmHWM); CUDA: torch's peak allocation.
-`--overhead` stops after the baseline: the memory model's runtime overhead; with
-`--forward` too, it then loads the model, reads every weight once (so the forward touches no
-new weight pages) and reports `forward_bytes`, the peak growth over that of the same prefill
-and decode: the activation and KV-cache peak the planner counts (measured, because attention
+Before the baseline it holds glibc's mmap threshold fixed, as memfit's loader does
+(memfit.eval.memory.steady_malloc): with glibc's moving threshold the same model's peak varied
+by up to 83 MB from run to run. `--overhead` stops after the baseline: the memory model's
+runtime overhead; with `--forward` too, it then loads the model, reads every weight once (so the
+forward touches no new weight pages) and reports `forward_bytes` for each precision in `--kv`
+(a comma list): the peak growth of the same prefill and decode over the memory held before it,
+the activation, workspace and KV-cache peak the planner counts (measured, because attention
 paths that materialise T x T scores, e.g. sliding-window masks, escape any estimate).
 """
 
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("model")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--kv", default="none")
+    p.add_argument("--kv", default="none", help="KV precision; with --forward, a comma list")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overhead", action="store_true")
     p.add_argument("--forward", action="store_true")
@@ -78,23 +81,22 @@ def main(argv=None) -> dict:
     import torch
 
     import memfit  # noqa: F401 -- what a user's process imports
+    from memfit.eval.memory import steady_malloc
     from memfit.models import skeleton
-    from memfit.plan.target import kv_format
 
     torch.manual_seed(0)
     skeleton(a.model)  # imports the model's transformers module, builds nothing real
-    _tokenizer(a.model)  # a loaded tokenizer is part of the runtime (47 MB for the default's)
+    tok = _tokenizer(a.model)  # a loaded tokenizer is part of the runtime (47 MB for the default's)
     cuda = a.device.startswith("cuda")
     if not cuda:
         _warm_up()
+        steady_malloc()  # what memfit's loader does first; it also trims the freed heap
     baseline = _rss()
     if a.overhead and not a.forward:
         return {"baseline_bytes": baseline}
-    from transformers import DynamicCache
-
-    from memfit.kvcache import QuantizedKVCache, cache_kwarg
     from memfit.models import load_model
 
+    del tok  # the loaded model brings its own (the loader first hands the freed memory back)
     loaded = load_model(a.model, device=a.device)
     model = loaded.model
     if a.overhead:  # --forward: every weight read once, so only the forward's growth is left
@@ -102,17 +104,35 @@ def main(argv=None) -> dict:
             for t in list(model.parameters()) + list(model.buffers()):
                 if t.is_floating_point():
                     float(t.float().sum())
+        return {"baseline_bytes": baseline,
+                "forward_bytes": {kv: _forward_growth(loaded, a, kv, cuda)
+                                  for kv in a.kv.split(",")}}
     after_load = _rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats(a.device)
         loaded_alloc = torch.cuda.memory_allocated(a.device)
-    if loaded.kind == "encoder":  # one forward of the batch; no cache, no decoding
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (a.batch, a.context), device=a.device)
+    _run(loaded, a, a.kv)
+    return _result(baseline, after_load, cuda, a.device, loaded_alloc if cuda else 0)
+
+
+def _run(loaded, a, kv: str) -> None:
+    """One prefill of a.context random tokens per sequence (last position's logits only, as
+    generation computes them) and 8 greedy decode steps through the (quantized) KV cache; an
+    encoder runs one forward of the batch."""
+    import torch
+    from transformers import DynamicCache
+
+    from memfit.kvcache import QuantizedKVCache, cache_kwarg
+    from memfit.plan.target import kv_format
+
+    model = loaded.model
+    torch.manual_seed(0)
+    if loaded.kind == "encoder":
+        ids = torch.randint(0, model.config.vocab_size, (a.batch, a.context), device=a.device)
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        return _result(baseline, after_load, cuda, a.device, loaded_alloc if cuda else 0)
-    fmt = kv_format(a.kv)
+        return
+    fmt = kv_format(kv)
     cache = QuantizedKVCache(model.config, fmt) if fmt else DynamicCache(config=model.config)
     kw = cache_kwarg(model)
     vocab = model.config.get_text_config().vocab_size
@@ -122,7 +142,30 @@ def main(argv=None) -> dict:
         for _ in range(8):
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
-    return _result(baseline, after_load, cuda, a.device, loaded_alloc if cuda else 0)
+
+
+def _forward_growth(loaded, a, kv: str, cuda: bool) -> int:
+    """Peak growth of `_run` with this KV precision over the memory held before it: the
+    activation, workspace and KV-cache peak that the planner adds to the weights."""
+    import gc
+
+    import torch
+
+    from memfit.eval.memory import reset_peak_rss, steady_malloc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(a.device)
+        start = torch.cuda.memory_allocated(a.device)
+        _run(loaded, a, kv)
+        return torch.cuda.max_memory_allocated(a.device) - start
+    steady_malloc()
+    if not reset_peak_rss():
+        raise RuntimeError("measuring several forwards needs /proc/self/clear_refs (Linux)")
+    start = _rss()
+    _run(loaded, a, kv)
+    return max(0, _rss("VmHWM") - start)
 
 
 def _result(baseline: int, after_load: int, cuda: bool, device: str, loaded_alloc: int) -> dict:

@@ -74,8 +74,8 @@ def test_failed_check_writes_nothing(model_dir, tmp_path):
 def test_memory_budget_is_never_exceeded_by_what_is_written(model_dir, tmp_path):
     """The run-time memory check is measured in a fresh process: either the folder is written
     and its measured peak is within the budget, or nothing is written and the error names the
-    budget that would hold it. (The prediction's error is reported, not asserted: on this tiny
-    model the measured peak was 5-6% above the prediction, beyond the issue's 5% target.)"""
+    budget that would hold it. Every build's predicted peak is within 5% of its measurement
+    (the issue's target; 0.4% and 0.03% here, 2 threads, with glibc's mmap threshold held)."""
     plan = fit(str(model_dir), budget=None, kind="memory", context=256, kv="none",
                options=FitOptions(**SMALL))
     try:
@@ -86,6 +86,8 @@ def test_memory_budget_is_never_exceeded_by_what_is_written(model_dir, tmp_path)
         return
     assert built["measured_bytes"] <= plan.target.budget
     assert (tmp_path / "out" / "memfit.json").exists()
+    for b in built["builds"]:
+        assert abs(b["memory_error"]) < 0.05, built["builds"]
 
 
 def _cli(*args, cwd):
