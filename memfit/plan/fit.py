@@ -361,9 +361,8 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     """Plan `model` (a spec, or a memfit.models.Loaded) into `budget` (bytes or '300MB'; None:
     `default_budget`) at `context` tokens (None: the model's limit, at most 2048) x `batch`."""
     from memfit.calib.data import token_windows
-    from memfit.models import load_model
-
     from memfit.eval.memory import keep_system_malloc
+    from memfit.models import load_model
 
     keep_system_malloc()  # the planner's own process computes; the runtime is measured apart
     o = options or FitOptions()
