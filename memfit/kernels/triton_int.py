@@ -207,7 +207,7 @@ class Config:
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
     words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
-    #                      "mma": memfit.kernels.triton_mma (BN rows, SPLIT_K, num_warps)
+    #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x chunks)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
 
 
@@ -240,11 +240,14 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     n, k = w.shape
     tiles = k // 128
     out = []
-    for bn, warps in ((128, 4), (64, 4), (256, 8), (256, 4)):
-        for sk in (s for s in range(1, min(tiles, 32) + 1) if tiles % s == 0):
+    nsub = 128 // w.group_size if m == 1 and w.group_size < 128 else 1
+    for bn, warps, ch in ((128, 4, 1), (64, 4, 1), (256, 8, 1), (256, 4, 1), (64, 4, 2)):
+        if ch > 1 and (nsub > 1 or tiles % ch):
+            continue
+        for sk in (s for s in range(1, min(tiles // ch, 32) + 1) if tiles // ch % s == 0):
             progs = -(-n // bn) * sk
             if 100 <= progs <= 2400 or (sk == 1 and progs < 100):
-                out.append(Config(16, bn, 128, sk, warps, 1, words="mma"))
+                out.append(Config(16, bn, 128 * ch, sk, warps, 1, words="mma"))
     return out
 
 
@@ -359,7 +362,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
     if cfg.words == "mma":
         try:
-            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps)
+            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128)
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))
