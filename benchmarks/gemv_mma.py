@@ -76,7 +76,7 @@ def main() -> None:
                     except Exception as e:  # noqa: BLE001 (report and go on: a tuning sweep)
                         t, note = float("inf"), f"FAILED {type(e).__name__}: {e}"[:160]
                     res.append((t, note, str(c) if c is old else f"mma BN={c.BN} SK={c.SPLIT_K} "
-                                f"warps={c.num_warps} chunks={c.BK // 128}", c is old))
+                                f"warps={c.num_warps} unroll={c.BK // 128}", c is old))
                 best = min(r for r in res if not r[3])
                 oldt = [r for r in res if r[3]][0]
                 wbytes = n * k // 2 + n * (k // g) * 2.5

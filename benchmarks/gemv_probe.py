@@ -51,7 +51,8 @@ def main() -> None:
     dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda() for _ in range(copies(n * k * 2))]
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
     print(f"bf16 cuBLAS {graph_time_us([lambda w=w: F.linear(x, w) for w in dense]):.1f} us")
-    for bn, sk, warps, ch in ((128, 4, 4, 1), (256, 4, 8, 1), (128, 4, 4, 2), (64, 4, 4, 2)):
+    for bn, sk, warps, ch in ((128, 4, 4, 1), (128, 4, 4, 2), (64, 4, 4, 4), (128, 2, 4, 4),
+                              (64, 8, 4, 2), (128, 1, 4, 1)):
         for name, gen_asm in (("full", FULL), ("no_mma", no_mma), ("no_alu", no_alu),
                               ("load_only", load_only)):
             triton_mma._mma_asm = gen_asm
@@ -59,10 +60,10 @@ def main() -> None:
                 t = graph_time_us([lambda w=w: triton_mma.run_mma(x, w, None, bn, sk, warps, ch)
                                    for w in ws])
                 kern = triton_mma.LAST[0]
-                print(f"BN={bn} SK={sk} warps={warps} chunks={ch} {name:10s} {t:6.1f} us "
+                print(f"BN={bn} SK={sk} warps={warps} unroll={ch} {name:10s} {t:6.1f} us "
                       f"regs {kern.n_regs} spills {kern.n_spills}", flush=True)
             except Exception as e:  # noqa: BLE001 (a probe: report and go on)
-                print(f"BN={bn} SK={sk} chunks={ch} {name}: FAILED {type(e).__name__}: {e}"[:200])
+                print(f"BN={bn} SK={sk} unroll={ch} {name}: FAILED {type(e).__name__}: {e}"[:200])
             triton_mma._mma_asm = FULL
 
 

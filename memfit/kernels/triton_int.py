@@ -207,7 +207,7 @@ class Config:
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
     words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
-    #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x chunks)
+    #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x unroll)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
 
 
@@ -240,9 +240,9 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     n, k = w.shape
     tiles = k // 128
     out = []
-    nsub = 128 // w.group_size if m == 1 and w.group_size < 128 else 1
-    for bn, warps, ch in ((128, 4, 1), (64, 4, 1), (256, 8, 1), (256, 4, 1), (64, 4, 2)):
-        if ch > 1 and (nsub > 1 or tiles % ch):
+    for bn, warps, ch in ((128, 4, 1), (64, 4, 1), (256, 8, 1), (256, 4, 1), (64, 4, 4),
+                          (128, 4, 2), (64, 4, 2)):
+        if tiles % ch:
             continue
         for sk in (s for s in range(1, min(tiles // ch, 32) + 1) if tiles // ch % s == 0):
             progs = -(-n // bn) * sk

@@ -114,16 +114,12 @@ def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
 
 @triton.jit
 def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.constexpr,
-              HALVES: tl.constexpr, CH: tl.constexpr):
-    """What the asm computes, in plain Triton: (BN, 16 CH) float32, element (r, w) = mma column
-    `_col(w % 16)` of row r over w's 16-word chunk: sum of (c - z) * x (the column's token or
-    group)."""
-    BN: tl.constexpr = wd.shape[0]
-    TW: tl.constexpr = 16 * CH
+              HALVES: tl.constexpr):
+    """What the asm computes, in plain Triton: (BN, 16) float32, element (r, w) = mma column
+    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token or group of the column)."""
     out = tl.zeros(wd.shape, tl.float32)
-    rw = tl.arange(0, TW)
-    col = _col(rw % 16, HALVES)  # (TW,)
-    lane = (rw % 16) // 4  # j of each word
+    col = _col(tl.arange(0, 16), HALVES)  # (16,)
+    lane = tl.arange(0, 16) // 4  # j of each word
     NT: tl.constexpr = 8 * HALVES if MT > 1 else NSUB
     for t in tl.static_range(NT):
         e = tl.zeros(wd.shape, tl.float32)
@@ -135,10 +131,9 @@ def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.co
                 xv = tl.load(x_ptr + wi * 8 + i)
                 xv = tl.where((lane * NSUB) // 4 == t, xv, 0.0)
             e += c * xv.to(tl.float32)[None, :]
-        tot = tl.sum(tl.reshape(e, (BN, CH, 16)), axis=2)  # (BN, CH): each chunk's sum
-        tot = tl.reshape(tl.broadcast_to(tot[:, :, None], (BN, CH, 16)), (BN, TW))
+        tot = tl.sum(e, axis=1)  # (BN,)
         hit = (col == t) if MT > 1 else ((col % NSUB) == t)
-        out = tl.where(hit[None, :], tot, out)
+        out = tl.where(hit[None, :], tot[:, None], out)
     return out
 
 
@@ -166,18 +161,12 @@ def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr):
 
 @triton.jit
 def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: tl.constexpr,
-            ZMODE: tl.constexpr, NSUB: tl.constexpr, CH: tl.constexpr):
-    """One tile's words (BN, 16 CH), scales and zero points (float32) per mma column (zc) and per
+            ZMODE: tl.constexpr, NSUB: tl.constexpr):
+    """One tile's words (BN, 16), scales and zero points (float32) per mma column (zc) and per
     word (zw, the plain path's); w0 is the tile's first word."""
     wd = tl.load(qp, mask=ok[:, None], other=0)
     g0 = (w0 * 8) // GROUP
-    if CH > 1:  # one group per 16-word chunk (NSUB = 1): per word, constant along a chunk
-        gw = ((w0 + rw) * 8 // GROUP)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + gw, mask=ok[:, None], other=0.0)
-        s = s.to(tl.float32)
-        zc = _zero(z_ptr, rn[:, None], gw, ok[:, None], stride_zn, ZMODE).to(tl.float32)
-        zw = zc
-    elif NSUB == 1:
+    if NSUB == 1:
         s = tl.load(s_ptr + rn * stride_sn + g0, mask=ok, other=0.0).to(tl.float32)[:, None]
         zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE).to(tl.float32)[:, None]
         zw = zc
@@ -193,80 +182,105 @@ def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: 
 
 
 @triton.jit
+def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.constexpr,
+          MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr,
+          ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr):
+    """acc + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x)."""
+    BASE: tl.constexpr = 1024.0 if F16 else 128.0
+    if ASM:
+        if MT == 1:
+            q = x32 + wi * 4  # (16,) the word's 4 activation pairs
+            X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2),
+                                     tl.load(q + 3), ASM)
+            if NSUB > 1:  # B column n keeps only the lanes of group n % NSUB
+                keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
+                X0 = tl.where(keep, X0[None, :], 0)
+                X1 = tl.where(keep, X1[None, :], 0)
+                X2 = tl.where(keep, X2[None, :], 0)
+                X3 = tl.where(keep, X3[None, :], 0)
+            else:
+                X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
+            d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
+                                              dtype=(tl.float32, tl.float32), is_pure=True,
+                                              pack=4)
+        else:  # lane g supplies token g (set A) and token g + 8 (set B), loaded in the asm
+            ta = tl.minimum(rg, M - 1)[:, None]
+            pa = x32 + ta * (stride_xm // 2) + (wi * 4)[None, :]  # (BN, 16) pointers
+            fa = (rg[:, None] < M).to(tl.int32) + wi[None, :] * 0
+            if HALVES == 2:
+                tb = tl.minimum(rg + 8, M - 1)[:, None]
+                pb = x32 + tb * (stride_xm // 2) + (wi * 4)[None, :]
+                fb = (rg[:, None] + 8 < M).to(tl.int32) + wi[None, :] * 0
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa, pb, fb],
+                                                  dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+            else:
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa],
+                                                  dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+        acc += s * (d - (zc + BASE) * xs)
+    else:
+        acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
+    return acc
+
+
+@triton.jit
 def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITERS,
               stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-              CH: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
+              U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr):
-    """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams tiles pid_k*ITERS..;
-    each tile (CH chunks of 16 words of each row; a warp holds 8 / CH rows, CH lane quads per
-    row) adds s * (D - (BASE + z) * XS) per (row, chunk, mma column) into a (BN, 16 CH) float32
-    accumulator (D = sum of (BASE + c) * x, XS = sum of x; plain path: D = sum (c - z) x)."""
-    TW: tl.constexpr = 16 * CH
+    """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
+    words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
+    column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
+    U = 1: the next tile's loads are issued before this one computes; U = 2 or 4: U adjacent
+    tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
-    rw = tl.arange(0, TW)
-    n_ok = rn < N
-    rg = (rn % (8 // CH))[:, None] * CH + (rw // 16)[None, :]  # (BN, TW): the element's lane quad
-    col = _col(rw % 16, HALVES)
-    acc = tl.zeros((BN, TW), dtype=tl.float32)
-    x32 = x_ptr.to(tl.pointer_type(tl.int32))
-    BASE: tl.constexpr = 1024.0 if F16 else 128.0
-    w0 = pid_k * ITERS * TW
-    qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, TW) word pointers
-    wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn, GROUP,
-                            ZMODE, NSUB, CH)
-    for it in range(0, ITERS):
-        wi = w0 + rw  # (TW,) word index along the row
-        # the next tile's words, scales and zero points are in flight while this one computes
-        nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
-        nwd, ns, nzc, nzw = _params(qp + TW, s_ptr, z_ptr, rn, nxt, w0 + TW, rw, col, stride_sn,
-                                    stride_zn, GROUP, ZMODE, NSUB, CH)
-        if ASM:
-            if MT == 1:
-                q = x32 + wi * 4  # (16,) the word's 4 activation pairs
-                X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2),
-                                         tl.load(q + 3), ASM)
-                if NSUB > 1:  # B column n keeps only the lanes of group n % NSUB
-                    keep = (rg % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
-                    X0 = tl.where(keep, X0[None, :], 0)
-                    X1 = tl.where(keep, X1[None, :], 0)
-                    X2 = tl.where(keep, X2[None, :], 0)
-                    X3 = tl.where(keep, X3[None, :], 0)
-                else:
-                    X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
-            else:  # lane g supplies token g (set A) and token g + 8 (set B), loaded in the asm
-                ta = tl.minimum(rg, M - 1)
-                pa = x32 + ta * (stride_xm // 2) + (wi * 4)[None, :]  # (BN, TW) pointers
-                fa = (rg < M).to(tl.int32)
-                if HALVES == 2:
-                    tb = tl.minimum(rg + 8, M - 1)
-                    pb = x32 + tb * (stride_xm // 2) + (wi * 4)[None, :]
-                    fb = (rg + 8 < M).to(tl.int32)
-                    d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS,
-                                                      [wd, pa, fa, pb, fb],
-                                                      dtype=(tl.float32, tl.float32),
-                                                      is_pure=True, pack=4)
-                else:
-                    d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa],
-                                                      dtype=(tl.float32, tl.float32),
-                                                      is_pure=True, pack=4)
-            if MT == 1:
-                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
-                                                  dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=4)
-            acc += s * (d - (zc + BASE) * xs)
-        else:
-            acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, CH)
-        wd, s, zc, zw = nwd, ns, nzc, nzw
-        qp += TW
-        w0 += TW
-    if CH > 1:  # the chunks' quads hold partial sums of the same (row, column): add them
-        acc = tl.sum(tl.reshape(acc, (BN, CH, 16)), axis=1)
     rw = tl.arange(0, 16)
+    n_ok = rn < N
+    rg = rn % 8  # the row's lane quad g within its warp (8 rows per warp)
     col = _col(rw, HALVES)
+    acc = tl.zeros((BN, 16), dtype=tl.float32)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    w0 = pid_k * ITERS * U * 16
+    qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
+    if U == 1:
+        wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
+                                GROUP, ZMODE, NSUB)
+        for it in range(0, ITERS):
+            nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
+            nwd, ns, nzc, nzw = _params(qp + 16, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
+                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            wd, s, zc, zw = nwd, ns, nzc, nzw
+            qp += 16
+            w0 += 16
+    else:
+        for it in range(0, ITERS):
+            wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
+                                        stride_zn, GROUP, ZMODE, NSUB)
+            wd1, s1, zc1, zw1 = _params(qp + 16, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            if U == 4:
+                wd2, s2, zc2, zw2 = _params(qp + 32, s_ptr, z_ptr, rn, n_ok, w0 + 32, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+                wd3, s3, zc3, zw3 = _params(qp + 48, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            acc = _tile(acc, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm,
+                        F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            acc = _tile(acc, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr, rn, rg, rw, M,
+                        stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            if U == 4:
+                acc = _tile(acc, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr, rn, rg, rw, M,
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                acc = _tile(acc, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr, rn, rg, rw, M,
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            qp += 16 * U
+            w0 += 16 * U
     if MT > 1:
         ok = n_ok[:, None] & (col < M)[None, :]
         off = col[None, :] * N + rn[:, None]
@@ -299,7 +313,7 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            chunks: int = 1, num_stages: int = 1) -> torch.Tensor:
+            unroll: int = 1, num_stages: int = 1) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes)."""
     m, k = x2.shape
     n = w.shape[0]
@@ -311,10 +325,10 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         raise ValueError(f"memfit.kernels.triton_mma: {why}")
     f16 = x2.dtype == torch.float16
     x2 = x2.contiguous()
-    iters = k // 128 // chunks // split_k
-    if iters * split_k * chunks != k // 128 or (chunks > 1 and nsub > 1):
-        raise ValueError(f"split_k {split_k} x chunks {chunks} does not divide the {k // 128} "
-                         f"128-code tiles of a row (or chunks > 1 with groups under 128)")
+    iters = k // 128 // unroll // split_k
+    if iters * split_k * unroll != k // 128 or unroll not in (1, 2, 4):
+        raise ValueError(f"split_k {split_k} x unroll {unroll} (1, 2 or 4) does not divide the "
+                         f"{k // 128} 128-code tiles of a row")
     q = w.qdata.view(torch.int32)
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
@@ -325,13 +339,13 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     kernel = _mma_gemv[grid](x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
                     w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
                     ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16,
-                    MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, CH=chunks,
+                    MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll,
                     ASM=not INTERPRET,
                     ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
                     num_warps=num_warps, num_stages=num_stages)
     LAST[0] = kernel
     if not INTERPRET:
-        _check_layout(kernel, chunks)
+        _check_layout(kernel)
     return y
 
 
@@ -343,13 +357,12 @@ class MmaLayoutError(RuntimeError):
 
 
 _LAYOUT_OK: dict = {}
-def _check_layout(kernel, chunks: int) -> None:
+def _check_layout(kernel) -> None:
     """Raise MmaLayoutError unless every asm block of this compiled kernel has the layout the
     mma fragments assume (4 lanes x 16-byte vectors along a row, 8 rows per warp). Read once per
     compiled kernel from its TTGIR; a layout Triton chose otherwise would compute wrong sums."""
     key = id(kernel)
-    want = ("sizePerThread = [1, 4]", f"threadsPerWarp = [{8 // chunks}, {4 * chunks}]",
-            "order = [1, 0]")
+    want = ("sizePerThread = [1, 4]", "threadsPerWarp = [8, 4]", "order = [1, 0]")
     if key not in _LAYOUT_OK:
         ttgir = kernel.asm.get("ttgir", "")
         lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))

@@ -1,6 +1,6 @@
 """The tensor-core decode kernel (memfit.kernels.triton_mma) against the float32 reference: every
 group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8 and 9..16
-(one or two token sets), split K, bias, bfloat16 and float16 activations, odd row counts. On the
+(one or two token sets), split K, 2 tiles per step, bias, bfloat16 and float16 activations, odd row counts. On the
 CPU (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton; on a GPU
 the mma.sync path runs."""
 
@@ -21,20 +21,20 @@ CASES = [  # (n, k, group, zero point, M)
 
 
 @pytest.mark.parametrize("n,k,group,zp,m", CASES)
-@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("split_k,unroll", [(1, 1), (2, 1), (1, 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, dtype):
-    if (k // 128) % split_k:
-        pytest.skip("split_k must divide the row's tiles")
+def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype):
+    if (k // 128) % (split_k * unroll):
+        pytest.skip("split_k x unroll must divide the row's tiles")
     w = make_weight(n, k, 4, group, zp, seed=n + k + m)
     assert triton_mma.mma_ineligibility(w, m, dtype) is None
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype).to(DEV)
     bias = torch.randn(n).to(DEV)
     want = linear_reference(x.float(), w, bias)
-    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4)
+    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll)
     assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
     err = rel_err(got.float(), want)
-    print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} {dtype}: rel err {err:.2e}")
+    print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} u={unroll} {dtype}: rel err {err:.2e}")
     assert err < 1e-2  # 16-bit output rounding (the interpreter truncates bfloat16)
 
 
