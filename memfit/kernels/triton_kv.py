@@ -1,0 +1,167 @@
+"""Decode attention over the packed KV cache of memfit.kvcache (KIVI-style), without dequantizing
+it whole: each program dequantizes one tile of tokens in registers and folds it into an online
+softmax (flash-decoding: the tokens are split over programs, a small combine merges the splits).
+
+Layout read (as QuantizedKVLayer stores it, contiguous along the token axis):
+- keys:   codes (B, Hkv, T, D*bits/8) packed per token along D; scale and minimum (B, Hkv, T/g, D)
+          float16, one per (group of g tokens, channel): k = code * scale + min;
+- values: codes (B, Hkv, T, D*bits/8); scale and minimum (B, Hkv, T, D/gv) float16, one per
+          (token, group of gv channels).
+One program takes one kv head of one sequence, its G = Hq/Hkv query heads (GQA, padded to 16 rows
+for the tensor cores) and TPS tokens; per tile of BT tokens (a multiple of g, so a tile starts a
+key group) it unpacks the codes, dequantizes to bfloat16, and runs two tl.dot (q k^T, p v). The
+scores use base-2 exponentials (q pre-scaled by log2 e). Output: per split, the normalized partial
+(B, Hq, S, D) float32 and its log2-sum-exp (B, Hq, S); `combine` merges splits and other parts
+(e.g. the dense recent window) exactly.
+
+Takes 8/4/2-bit codes, head_dim a power of two >= 16, g a divisor of BT; `kv_ineligibility` says why
+not otherwise, and memfit.kvcache falls back to dequantize + SDPA (warned once).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels.triton_int import _unpack_tile
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bfloat16 is raw bits
+
+
+@triton.jit
+def _kv_split(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
+              NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
+              s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr):
+    """Split pid_s of kv head pid_bh: normalized partial output and base-2 log-sum-exp."""
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    rg = tl.arange(0, GP)
+    rd = tl.arange(0, D)
+    rp = tl.arange(0, DP)
+    g_ok = rg < G
+    q = tl.load(q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rd[None, :], mask=g_ok[:, None],
+                other=0.0).to(tl.float32)
+    q = (q * qk_scale).to(DT)  # (GP, D), scaled by softmax scale * log2 e
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    t0 = pid_s * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    kbase = kq_ptr + b * s_kb + h * s_kh
+    vbase = vq_ptr + b * s_vb + h * s_vh
+    for tb in range(t0, t1, BT):
+        rt = tb + tl.arange(0, BT)
+        t_ok = rt < t1
+        kp = tl.load(kbase + rt[:, None] * s_kt + rp[None, :], mask=t_ok[:, None], other=0)
+        kc = _unpack_tile(kp, BITS, BT, D).to(tl.float32)  # (BT, D) codes
+        sg = b * s_sb + h * s_sh + (rt // GROUP)[:, None] * s_sg + rd[None, :]
+        ks = tl.load(ks_ptr + sg, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        km = tl.load(km_ptr + sg, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        k = (kc * ks + km).to(DT)
+        s = tl.dot(q, tl.trans(k))  # (GP, BT) base-2 logits
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vp = tl.load(vbase + rt[:, None] * s_vt + rp[None, :], mask=t_ok[:, None], other=0)
+        vc = _unpack_tile(vp, BITS, BT, D).to(tl.float32)
+        vo = b * s_wb + h * s_wh + rt[:, None] * s_wt + (rd // GV)[None, :]  # (token, channel group)
+        vs = tl.load(vs_ptr + vo, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        vm = tl.load(vm_ptr + vo, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        v = (vc * vs + vm).to(DT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (b * HKV * G + h * G + rg) * NSPLIT + pid_s  # (B, Hq, S) flattened
+    tl.store(o_ptr + row[:, None] * D + rd[None, :], out, mask=g_ok[:, None])
+    tl.store(l_ptr + row, lse, mask=g_ok)
+
+
+def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
+    if bits not in (2, 4, 8):
+        return f"{bits}-bit KV codes"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if 64 % group or group > 64:
+        return f"key group {group} does not divide a 64-token tile"
+    if head_dim % gv:
+        return f"value group {gv} does not divide head_dim {head_dim}"
+    return None
+
+
+def kv_attention_parts(q: torch.Tensor, kq, ks, km, vq, vs, vm, bits: int, group: int,
+                       scaling: float, splits: int | None = None):
+    """Attention of q (B, Hq, D) over the packed tokens: (out (B, Hq, S, D) float32 per split,
+    lse (B, Hq, S) base-2), S splits of the T tokens (kq: (B, Hkv, T, D*bits/8))."""
+    b, hq, d = q.shape
+    _, hkv, t, _ = kq.shape
+    gv = d // vs.shape[-1]
+    bt = 64
+    if splits is None:  # ~4 programs per multiprocessor, whole tiles per split
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(4 * sms, b * hkv)))
+    tps = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    splits = triton.cdiv(t, tps)
+    q = q.contiguous()
+    kq, ks, km, vq = kq.contiguous(), ks.contiguous(), km.contiguous(), vq.contiguous()
+    vs, vm = vs.contiguous(), vm.contiguous()
+    out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    g = hq // hkv
+    _kv_split[(b * hkv, splits)](
+        q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, splits, scaling * LOG2E,
+        q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
+        ks.stride(1), ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0),
+        vs.stride(1), vs.stride(2), G=g,
+        GP=max(16, triton.next_power_of_2(g)), D=d, BITS=bits, GROUP=group, GV=gv, BT=bt,
+        DT=tl.float32 if INTERPRET else tl.bfloat16, num_warps=4)
+    return out, lse
+
+
+def combine(parts) -> torch.Tensor:
+    """Exact merge of softmax parts [(out (..., S, D) normalized, lse (..., S) base 2)]:
+    (..., D) float32."""
+    outs = torch.cat([o for o, _ in parts], dim=-2)  # (..., S_total, D)
+    lses = torch.cat([lse for _, lse in parts], dim=-1)  # (..., S_total)
+    top = lses.amax(dim=-1, keepdim=True)
+    w = torch.exp2(lses - top)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return (outs * w.unsqueeze(-1)).sum(dim=-2)
+
+
+def dense_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    """Softmax part of q (B, Hq, D) over dense k, v (B, Hkv, t, D): (out (B, Hq, 1, D), lse (B, Hq, 1))
+    in float32, base-2 lse (for `combine`)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.float().view(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
+    s = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * (scaling * LOG2E)
+    top = s.amax(dim=-1, keepdim=True)
+    p = torch.exp2(s - top)
+    tot = p.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhgt,bhtd->bhgd", p / tot, v.float())
+    lse = (top + torch.log2(tot)).squeeze(-1)
+    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def reference(q, k, v, scaling: float) -> torch.Tensor:
+    """float64 attention of q (B, Hq, D) over dense k, v (B, Hkv, T, D): (B, Hq, D)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.double().view(b, hkv, hq // hkv, d)
+    p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", qg, k.double()) * scaling, dim=-1)
+    return torch.einsum("bhgt,bhtd->bhgd", p, v.double()).reshape(b, hq, d)
+
