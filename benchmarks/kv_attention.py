@@ -4,8 +4,9 @@ and 32k context: µs per layer call (CUDA-graph replays over enough cache copies
 median of 5), bytes held, and the error of each against float64 attention over the same states
 (the dequantized states for memfit; the bf16 states for SDPA).
 
-memfit's call is the whole decode-time path of a fused layer: the split kernel over the packed
-tokens, the dense 128-token residual window, and the exact merge.
+memfit's call is the whole decode-time path of a fused layer (triton_kv.kv_attention: the split
+kernel over the packed tokens, the dense 128-token residual window, the exact merge); "kernel
+alone" is the packed splits only.
 
     python benchmarks/kv_attention.py [--json OUT]
 """
@@ -38,8 +39,7 @@ def store(k, v, bits, g, gv=32):
 
 
 def attend(q, st, kr, vr, bits, g, sc):
-    parts = triton_kv.kv_attention_parts(q, *st, bits, g, sc)
-    return triton_kv.combine([parts, triton_kv.dense_part(q, kr, vr, sc)])
+    return triton_kv.kv_attention(q, st, bits, g, sc, kr, vr)
 
 
 def main() -> None:

@@ -135,10 +135,8 @@ class QuantizedKVLayer(DynamicLayer):
                scaling: float) -> torch.Tensor:
         """Decode attention (B, Hq, 1, D) of query over the packed store + the dense residual."""
         from memfit.kernels import triton_kv
-        q = query[:, :, 0]  # (B, Hq, D)
-        parts = triton_kv.kv_attention_parts(q, *self.store, self.fmt.bits, self.fmt.group,
-                                             scaling)
-        out = triton_kv.combine([parts, triton_kv.dense_part(q, keys, values, scaling)])
+        out = triton_kv.kv_attention(query[:, :, 0], self.store, self.fmt.bits, self.fmt.group,
+                                     scaling, keys, values)  # (B, Hq, D)
         return out.unsqueeze(2)
 
     def _flush(self) -> None:

@@ -56,3 +56,18 @@ def test_chooser_offers_mma_first_for_16bit_decode_and_serves_the_rest():
     x = torch.randn(2, 256).to(torch.bfloat16).to(DEV)
     got = triton_int.triton_linear(x, w)
     assert rel_err(got.float(), linear_reference(x.float(), w)) < 1e-2
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("m,split_k", [(1, 4), (1, 1), (5, 2)])
+def test_mma_kernel_is_deterministic_and_graph_safe(m, split_k):
+    w = make_weight(512, 1024, 4, 128, "int", seed=3)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEV)
+    runs = [triton_mma.run_mma(x, w, None, 128, split_k, 4) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = triton_mma.run_mma(x, w, None, 128, split_k, 4)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, runs[0])
