@@ -16,7 +16,8 @@ dense recent window as one more split of the same kernel (DENSE), and a merge ke
 launches per layer. Scales are loaded once per (key group, channel) and (token, value group) and
 broadcast in registers.
 
-Takes 8/4/2-bit codes, head_dim a power of two >= 16, g a divisor of BT; `kv_ineligibility` says why
+Takes 8/4/2-bit codes, head_dim a power of two >= 16 (>= 32 below 8 bits: 4- and 2-bit codes with
+head_dim 16 gave wrong sums on an H200 under Triton 3.6, cause not established), g a divisor of BT; `kv_ineligibility` says why
 not otherwise, and memfit.kvcache falls back to dequantize + SDPA (warned once).
 """
 
@@ -129,6 +130,8 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
         return f"{bits}-bit KV codes"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
+    if bits < 8 and head_dim < 32:  # measured wrong on an H200 (Triton 3.6): 4/2-bit, head_dim 16
+        return f"{bits}-bit codes with head_dim {head_dim} < 32"
     if 64 % group or group > 64:
         return f"key group {group} does not divide a 64-token tile"
     if head_dim % gv or (head_dim // gv) & (head_dim // gv - 1):

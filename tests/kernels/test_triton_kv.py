@@ -28,7 +28,7 @@ def _store(k, v, bits, g, gv):
 
 
 @pytest.mark.parametrize("b,hq,hkv,t,d,bits,g", [
-    (1, 4, 2, 160, 32, 4, 32), (2, 8, 2, 96, 64, 8, 16), (1, 2, 1, 64, 16, 2, 32),
+    (1, 4, 2, 160, 32, 4, 32), (2, 8, 2, 96, 64, 8, 16), (1, 2, 1, 64, 32, 2, 32),
     (1, 8, 8, 192, 32, 4, 32), (1, 4, 1, 32, 128, 4, 32)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kv_attention_matches_reference(b, hq, hkv, t, d, bits, g, splits):
@@ -55,6 +55,8 @@ def test_kv_attention_matches_reference(b, hq, hkv, t, d, bits, g, splits):
 def test_kv_kernel_refuses_what_it_cannot_take():
     assert "3-bit" in triton_kv.kv_ineligibility(3, 64, 32, 32)
     assert "power of two" in triton_kv.kv_ineligibility(4, 80, 32, 16)
+    assert "< 32" in triton_kv.kv_ineligibility(4, 16, 32, 16)  # wrong on an H200: refused
+    assert triton_kv.kv_ineligibility(8, 16, 32, 16) is None
     assert "64-token tile" in triton_kv.kv_ineligibility(4, 64, 48, 32)
 
 
