@@ -57,7 +57,8 @@ def main() -> None:
                  for _ in range(copies(n * k * 2))]
         t4 = [torch_int4(n, k, 128, gen) for _ in range(copies(n * k // 2))]
         groups = (128, 64) if si == 0 else (128,)
-        wsets = {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))] for g in groups}
+        wsets = {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))]
+                 for g in groups}
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
             bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])

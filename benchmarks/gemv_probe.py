@@ -48,7 +48,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     n, k = 14336, 4096
     ws = [int_weight(n, k, 4, 128, gen) for _ in range(copies(n * k // 2))]
-    dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda() for _ in range(copies(n * k * 2))]
+    dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
+             for _ in range(copies(n * k * 2))]
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
     print(f"bf16 cuBLAS {graph_time_us([lambda w=w: F.linear(x, w) for w in dense]):.1f} us")
     for bn, sk, warps, ch in ((128, 4, 4, 1), (128, 4, 4, 2), (64, 4, 4, 4), (128, 2, 4, 4),

@@ -56,7 +56,8 @@ def main() -> None:
     for ctx in (8192, 32768):
         t = ctx - RES  # quantized tokens; the last RES stay dense
         q = torch.randn(1, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen) + torch.linspace(-3, 3, D, device="cuda")
+        k = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
+        k = k + torch.linspace(-3, 3, D, device="cuda")  # offset key channels, as real keys
         v = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
         kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
         n = copies(2 * kb.numel() * 2)
@@ -89,7 +90,8 @@ def main() -> None:
                    "sdpa_rel_err_vs_f64": err_sdpa}
             rows.append(row)
             print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit {us:.1f} us "
-                  f"(kernel alone {kern:.1f}) = {sdpa / us:.2f}x; KV bytes {bf16_bytes / 2**20:.1f} "
+                  f"(kernel alone {kern:.1f}) = {sdpa / us:.2f}x; "
+                  f"KV bytes {bf16_bytes / 2**20:.1f} "
                   f"-> {held / 2**20:.1f} MiB ({bf16_bytes / held:.2f}x less); rel err {err:.1e} "
                   f"(SDPA {err_sdpa:.1e})", flush=True)
     if args.json:

@@ -6,9 +6,11 @@ little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER
 one group), so a tile needs one scale and zero per row; zero points are read from their packed
 bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-Decode (M <= 16) goes first to the word-wise kernels of memfit.kernels.triton_words (the same
-stored bytes read as 32-bit words, no int-to-float conversion) where the layout fills whole words;
-the byte kernels below remain candidates there and take everything else.
+Decode (M <= 16) with 16-bit activations and 4-bit codes goes first to the tensor-core kernel of
+memfit.kernels.triton_mma (MEMFIT_TRITON_MMA=0 leaves it out); then the word-wise kernels of
+memfit.kernels.triton_words (the same stored bytes read as 32-bit words, no int-to-float
+conversion) where the layout fills whole words; the byte kernels below remain candidates there
+and take everything else. Every candidate is checked against dequantize + cuBLAS before timing.
 
 Two byte kernels:
 - `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
@@ -44,6 +46,7 @@ from memfit.kernels.weights import IntWeight
 
 BITS = (2, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
 
 
 @triton.jit
@@ -256,7 +259,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     bk_max = _block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
-    if m <= 16 and mma_ineligibility(w, m, dtype) is None:
+    if m <= 16 and MMA and mma_ineligibility(w, m, dtype) is None:
         out += mma_candidates(m, w)
     if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
         if m == 1:
@@ -321,7 +324,8 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w, x2.dtype)
-        if INTERPRET or x2.device.type != "cuda" or os.environ.get("MEMFIT_TRITON_CHOICE") == "first":
+        first = os.environ.get("MEMFIT_TRITON_CHOICE") == "first"
+        if INTERPRET or x2.device.type != "cuda" or first:
             _CHOICE[key] = cands[0]
         else:
             from triton.testing import do_bench

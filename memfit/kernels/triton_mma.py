@@ -1,33 +1,40 @@
-"""Tensor-core decode kernel for 4-bit codes (M <= 16): mma.sync on codes turned into bf16 by bit tricks.
+"""Tensor-core decode kernel for 4-bit codes (M <= 16): mma.sync on codes made bf16 by bit tricks.
 
-Why: the word kernels (memfit.kernels.triton_words) compile to about 5.5-8 SASS instructions per
-4-bit code in their inner loop (mask, magic subtraction, FMA, and the activations' loads,
-conversions and pre-scaling; counted in the compiled loop for sm_90), so at M = 1 they are bound by
-instruction issue (~25 µs on 14336x4096, where the bytes need ~8 µs). Here:
-- one LOP3 turns two codes of a word into a pair of 16-bit floats, `(w >> 4i) & 0x000F000F |
+Why: the word kernels (memfit.kernels.triton_words) compile to 5.5-8 SASS instructions per 4-bit
+code in their inner loop (mask, magic subtraction, FMA, and the activations' loads, conversions
+and pre-scaling; counted in the compiled loop for sm_90), so at M = 1 they were bound by
+instruction issue (~25 µs on 14336x4096, where the bytes need ~8 µs). Here, per 32-bit word:
+- one SHF + one LOP3 per pair turn two codes into 16-bit floats, `(w >> 4i) & 0x000F000F |
   0x43004300` = (128 + c_i, 128 + c_{i+4}) in bfloat16 (0x6400: 1024 + c in float16), exact;
-- one SUB.BF16X2 subtracts 128 + z (small integers: exact), so the operand is c - z exactly;
-- a warp-wide `mma.sync.m16n8k16` multiplies them by the activations and accumulates in float32;
-the group scale multiplies the float32 sum once per (row, group). About 1.5 instructions per code.
+- two warp-wide `mma.sync.m16n8k16` multiply them by the activations, float32 accumulation. The
+  mma's rows g + 8 hold ones, so the same instructions return XS = the sum of the activations;
+  the tile adds s * (D - (128 + z) * XS) = s * sum (c - z) x per (row, group) in float32.
+About 2.7 SASS instructions per code in the compiled loop (BN 128), against 5.5-8.
 
-Layout: none new, nothing repacked (memfit's stored rows read as 32-bit words, as triton_words).
+Layout: none new, nothing repacked, no extra bytes (memfit's stored rows read as 32-bit words).
 A tile is (BN rows, 16 words) = 128 codes of each row. Triton lays such an int32 tile out in
 16-byte vectors with 4 lanes along a row and 8 rows per warp: lane 4g + j holds words 4j..4j+3 of
 its row. That is the mma's A-fragment pattern: the 4 lanes of a quad hold one row (mma row g), and
-lanes with equal j hold equal columns (the same k labels), so the activations for the B fragment
-are each lane's own columns. The pairs (c_i, c_{i+4}) meet activation pairs (x_i, x_{i+4}) made by
-one PRMT from two loaded bf16 pairs. Row g + 8 of the mma is unused (zeros).
-- M = 1 (MT = 1): every B column holds x; the quad's lanes j = 0.. carry the sums of mma columns
-  2j, 2j + 1. With groups of 32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the
-  lanes of group n % NSUB, so column n is group n's sum (a lane reads column n's lanes from lane
-  g = n: `(r % 8) % NSUB == group` selects them).
-- M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8);
-  M <= 16 (MT = 16): a second mma chain for tokens 8..15.
-Each lane returns its two (or four) mma columns in its first words' slots; `_col` says which
-column each element of the tile holds; the rest are masked out at the store.
+lanes with equal j hold equal columns (the same k labels), so the B fragment is each lane's own
+activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs. `_check_layout`
+reads the compiled TTGIR once per kernel and refuses any other layout (MmaLayoutError; the caller
+dequantizes instead), so a compiler that lays it out otherwise cannot give wrong sums.
+- M = 1 (MT = 1): every B column holds x; lane j carries mma columns 2j, 2j + 1. With groups of
+  32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
+- M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
+  inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
+  layout); M <= 16 (MT = 16): a second mma chain for tokens 8..15.
+`_col` says which mma column each element of the tile holds; the rest are masked at the store.
+The next tile's words, scales and zero points are loaded before the current one computes (U = 1),
+or U = 2/4 adjacent tiles are loaded together. Split-K and its one-launch reduction are
+triton_words'.
 
-Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 or a multiple of 128,
-rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not otherwise.
+Measured (benchmarks/gemv_probe.py, 14336x4096, M = 1): 18.1 µs; with the asm returning the
+loaded words (no arithmetic) 13.2 µs, i.e. the load structure alone reaches ~2.4 TB/s; the rest is
+arithmetic not hidden behind the loads.
+
+Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
+of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
 On the CPU (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton
 (`ASM=False`), so tests cover the tiling, the groups, split-K and the store mapping; the GPU
 tests check the asm path against the same reference.
@@ -250,7 +257,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     if U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB)
-        for it in range(0, ITERS):
+        for it in range(ITERS):
             nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
             nwd, ns, nzc, nzw = _params(qp + 16, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB)
@@ -260,7 +267,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             qp += 16
             w0 += 16
     else:
-        for it in range(0, ITERS):
+        for it in range(ITERS):
             wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
                                         stride_zn, GROUP, ZMODE, NSUB)
             wd1, s1, zc1, zw1 = _params(qp + 16, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
@@ -296,7 +303,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
 
 def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
     """Why `_mma_gemv` cannot take `w` with M rows of `dtype` activations (None when it can)."""
-    n, k = w.shape
+    k = w.shape[1]
     if w.bits != 4 or w.zero_point == "float":
         return "the mma decode kernel takes 4-bit codes with integer or symmetric zero points"
     if k % 128:
@@ -336,13 +343,13 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     grid = (triton.cdiv(n, bn), split_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
-    kernel = _mma_gemv[grid](x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
-                    w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
-                    ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16,
-                    MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll,
-                    ASM=not INTERPRET,
-                    ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
-                    num_warps=num_warps, num_stages=num_stages)
+    kernel = _mma_gemv[grid](
+        x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
+        w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
+        ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
+        NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
+        ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
+        num_warps=num_warps, num_stages=num_stages)
     LAST[0] = kernel
     if not INTERPRET:
         _check_layout(kernel)
@@ -365,7 +372,7 @@ def _check_layout(kernel) -> None:
     want = ("sizePerThread = [1, 4]", "threadsPerWarp = [8, 4]", "order = [1, 0]")
     if key not in _LAYOUT_OK:
         ttgir = kernel.asm.get("ttgir", "")
-        lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))
+        lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
         used = re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ttgir)
         _LAYOUT_OK[key] = bool(used) and all(all(w in lays.get(u, "") for w in want)
                                              for u in used)

@@ -9,9 +9,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from memfit.kernels import triton_kv  # noqa: E402
-from memfit.kvcache import (KVFormat, QuantizedKVCache, _dequantize, _quantize,  # noqa: E402
-                            cache_kwarg, enable_fused_kv_attention)
+from memfit.kernels import triton_kv
+from memfit.kvcache import (
+    KVFormat,
+    QuantizedKVCache,
+    _dequantize,
+    _quantize,
+    cache_kwarg,
+    enable_fused_kv_attention,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

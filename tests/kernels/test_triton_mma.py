@@ -1,17 +1,18 @@
-"""The tensor-core decode kernel (memfit.kernels.triton_mma) against the float32 reference: every
-group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8 and 9..16
-(one or two token sets), split K, 2 tiles per step, bias, bfloat16 and float16 activations, odd row counts. On the
-CPU (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton; on a GPU
-the mma.sync path runs."""
+"""The tensor-core decode kernel (memfit.kernels.triton_mma) against the float32 reference:
+every group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8
+and 9..16 (one or two token sets), split K, 2 tiles per step, bias, bfloat16 and float16
+activations, odd row counts; on the GPU also determinism and CUDA-graph replay. On the CPU
+(TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton; on a GPU the
+mma.sync path runs."""
 
 import pytest
 import torch
 
 triton_int = pytest.importorskip("memfit.kernels.triton_int")
 
-from memfit.kernels import triton_mma  # noqa: E402
-from memfit.kernels.reference import linear_reference  # noqa: E402
-from tests.kernels.test_triton_int import DEV, make_weight, rel_err  # noqa: E402
+from memfit.kernels import triton_mma
+from memfit.kernels.reference import linear_reference
+from tests.kernels.test_triton_int import DEV, make_weight, rel_err
 
 CASES = [  # (n, k, group, zero point, M)
     (64, 256, 128, "int", 1), (40, 384, 64, "sym", 1), (72, 256, 32, "int", 1),
@@ -42,7 +43,8 @@ def test_mma_kernel_refuses_what_it_cannot_take():
     bf = torch.bfloat16
     assert "4-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 8, 128, "int"), 1, bf)
     assert "4-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "float"), 1, bf)
-    assert "multiple of 128" in triton_mma.mma_ineligibility(make_weight(8, 192, 4, 64, "int"), 1, bf)
+    w = make_weight(8, 192, 4, 64, "int")
+    assert "multiple of 128" in triton_mma.mma_ineligibility(w, 1, bf)
     assert "group size" in triton_mma.mma_ineligibility(make_weight(8, 384, 4, 96, "int"), 1, bf)
     assert "16-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "int"), 1,
                                                     torch.float32)
