@@ -1,8 +1,9 @@
 """Decode tokens/s of a random-weight Llama-3-8B-shaped model on one GPU, side by side in one run:
 bf16 (HF eager `generate`), bf16 through memfit's static-cache CUDA-graph loop
 (memfit.decode.greedy_static), int4 g128 through memfit's QuantLinear + Triton kernels (HF eager
-loop and memfit's loop), and int4 + memfit's int4 KV cache (HF loop). Random weights: speed only,
-not text quality.
+loop and memfit's loop), and int4 + memfit's int4 KV cache (HF loop; with --kv-prompt P also at a
+P-token prompt, batch 1: bf16 cache vs the int4 cache dequantized vs read by the decode-attention
+kernel, "fused"). Random weights: speed only, not text quality.
 
 HF `generate` rows: decode time = time(generate 1 + N new tokens) - time(generate 1 new token), so
 the prefill of the 32-token prompt is excluded; greedy, no stopping; CUDA synchronised around each
@@ -11,7 +12,7 @@ first token (prefill, warm-up and capture excluded), best of 2; "+ fused" rows a
 RMSNorm/MLP/rotary pieces torch.compile'd (memfit.decode.fused). `match` is how many of the N
 greedy tokens of row 0 equal HF `generate`'s (the same function; bf16 ties may differ).
 
-    python benchmarks/decode_gpu.py [--layers 32] [--new 64] [--skip-hf]
+    python benchmarks/decode_gpu.py [--layers 32] [--new 64] [--skip-hf] [--kv-prompt 4096]
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from memfit.decode import greedy_static
 from memfit.formats.grid import IntFormat
 from memfit.formats.quant_linear import QuantLinear
-from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
+from memfit.kvcache import (QuantizedKVCache, cache_kwarg, enable_fused_kv_attention,
+                            kv_format)
 
 
 DEV = "cuda"
@@ -77,11 +79,12 @@ def sync():
         torch.cuda.synchronize()
 
 
-def decode_tps(m, batch: int, new: int, kv: str | None) -> float:
-    ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV)
+def decode_tps(m, batch: int, new: int, kv: str | None, prompt: int = 32,
+               fused: bool = False) -> float:
+    ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device=DEV)
 
     def gen(n):
-        kw = {cache_kwarg(m): QuantizedKVCache(m.config, kv_format(kv))} if kv else {}
+        kw = {cache_kwarg(m): QuantizedKVCache(m.config, kv_format(kv), fused)} if kv else {}
         sync()
         t0 = time.perf_counter()
         m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--skip-hf", action="store_true", help="memfit loop rows only")
+    ap.add_argument("--kv-prompt", type=int, default=0, help="also int4 KV rows at this prompt")
     args = ap.parse_args()
     global DEV
     if args.tiny:
@@ -141,6 +145,16 @@ def main() -> None:
                 if prec != "bf16" and not args.skip_hf:
                     rows.append({"model": "int4 g128 memfit + KV int4 (HF loop)", "batch": batch,
                                  "tok_s": decode_tps(m, batch, args.new, "int4")})
+                    print(json.dumps(rows[-1]), flush=True)
+        if args.kv_prompt:
+            p = args.kv_prompt
+            for name, kv, fused in (("bf16 cache", None, False), ("KV int4", "int4", False),
+                                    ("KV int4 fused kernel", "int4", True)):
+                if fused:
+                    enable_fused_kv_attention(m)
+                rows.append({"model": f"int4 g128 memfit + {name} (HF loop), {p}-token prompt",
+                             "batch": 1, "tok_s": decode_tps(m, 1, args.new, kv, p, fused)})
+                print(json.dumps(rows[-1]), flush=True)
     head = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
             "torch": torch.__version__, "layers": args.layers, "new_tokens": args.new,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}

@@ -3,7 +3,9 @@ tokenizer's chat template applied when it has one.
 
 Greedy decoding on CUDA with the model's own KV cache runs memfit's static-cache CUDA-graph loop
 (memfit.decode.greedy_static; the same tokens as transformers' `generate`, several times faster at
-batch 1); sampling, quantized KV caches and the CPU go through transformers' `generate`."""
+batch 1); sampling, quantized KV caches and the CPU go through transformers' `generate`. A quantized
+KV cache on CUDA is read by memfit's decode-attention kernel at each decode step (attention
+"memfit_kv", memfit.kvcache.enable_fused_kv_attention)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     """Generate a continuation; greedy when temperature == 0. `stream(text_piece)` gets each
     decoded piece as it is produced; `kv` ('int8', 'int4', 'int2') quantizes the KV cache
     (memfit.kvcache). Returns the generated text."""
-    from memfit.kvcache import QuantizedKVCache, cache_kwarg, kv_format
+    from memfit.kvcache import (QuantizedKVCache, cache_kwarg, enable_fused_kv_attention,
+                                kv_format)
     from transformers import TextIteratorStreamer
 
     if not prompt:
@@ -51,7 +54,10 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     fmt = kv_format(kv)
     if fmt is not None:
-        kwargs[cache_kwarg(model)] = QuantizedKVCache(model.config, fmt)
+        fused = device.type == "cuda"
+        if fused:
+            enable_fused_kv_attention(model)
+        kwargs[cache_kwarg(model)] = QuantizedKVCache(model.config, fmt, fused=fused)
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)

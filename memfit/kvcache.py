@@ -9,10 +9,15 @@ oldest whole groups are quantized and appended to the packed store. Quantized to
 re-quantized (transformers' QuantizedCache re-quantizes the whole history at every flush, which
 compounds the error).
 
-Attention reads dense states: `update` returns the dequantized history + the residual, built
-for one layer at a time and freed after that layer's attention, so the memory held across
-layers is the packed store (`nbytes()`); the transient is one layer's dense K/V. A decode-attention
-kernel that reads the packed store directly is not written yet.
+The packed store of a layer is six contiguous tensors along the token axis (codes, scales and
+minima of keys and values; a flush appends by concatenation, so nothing is over-allocated).
+Attention reads dense states by default: `update` returns the dequantized history + the residual,
+built for one layer at a time and freed after that layer's attention, so the memory held across
+layers is the packed store (`nbytes()`); the transient is one layer's dense K/V. With
+`fused=True` (CUDA decode steps, `enable_fused_kv_attention(model)`), `update` returns only the
+residual and the attention function "memfit_kv" reads the packed store through the Triton
+decode-attention kernel (memfit.kernels.triton_kv), merging it exactly with the residual; other
+steps (prefill, masks with padding) dequantize as before.
 
 Sliding-window layers (Gemma 2/3, Mistral) keep transformers' own windowed layer unquantized: they
 hold at most `sliding_window` tokens.
@@ -20,6 +25,7 @@ hold at most `sliding_window` tokens.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +89,15 @@ def cache_kwarg(model) -> str:
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One full-attention layer's cache: packed blocks of old tokens + a dense residual."""
+    """One full-attention layer's cache: packed old tokens + a dense residual."""
 
-    def __init__(self, fmt: KVFormat):
+    def __init__(self, fmt: KVFormat, fused: bool = False):
         super().__init__()
         self.fmt = fmt
-        self.kblocks: list = []  # each: ((packed, scale, zero, grouped shape), (B, H, T, D))
-        self.vblocks: list = []
+        self.fused = fused
+        # (B, H, Tq, D*bits/8) codes, (B, H, Tq/g, D) key scale/min, (B, H, Tq, D/gv) value
+        # scale/min; None until the first flush
+        self.store: list | None = None
         self.quantized_tokens = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -97,12 +105,39 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        history = [_dequantize(b, self.fmt.bits, self.keys.dtype) for b in self.kblocks]
-        vhistory = [_dequantize(b, self.fmt.bits, self.values.dtype) for b in self.vblocks]
-        keys = torch.cat([*history, self.keys], dim=-2)
-        values = torch.cat([*vhistory, self.values], dim=-2)
+        if self.fused and key_states.shape[-2] == 1 and (key_states.is_cuda or _INTERPRET):
+            self._flush()  # the kernel reads the packed store, the residual comes back dense
+            if self.store is not None and _fused_ineligibility(self) is None:
+                _PENDING[id(self.keys)] = self
+                return self.keys, self.values
+            _warn_fused(self)
+        keys, values = self.dense(self.keys, self.values)
         self._flush()
         return keys, values
+
+    def dense(self, keys: torch.Tensor, values: torch.Tensor):
+        """The dequantized history followed by `keys`/`values` (the residual)."""
+        if self.store is None:
+            return keys, values
+        kq, ks, km, vq, vs, vm = self.store
+        b, h, t, _ = kq.shape
+        d, g = keys.shape[-1], self.fmt.group
+        kc = unpack(kq.reshape(-1, kq.shape[-1]), self.fmt.bits, d).view(b, h, t // g, g, d)
+        k = (kc.float() * ks.float()[:, :, :, None] + km.float()[:, :, :, None]).view(b, h, t, d)
+        gv = d // vs.shape[-1]
+        vc = unpack(vq.reshape(-1, vq.shape[-1] // (d // gv)), self.fmt.bits, gv)
+        vc = vc.view(b, h, t, d // gv, gv)
+        v = (vc.float() * vs.float()[..., None] + vm.float()[..., None]).view(b, h, t, d)
+        return (torch.cat([k.to(keys.dtype), keys], dim=-2),
+                torch.cat([v.to(values.dtype), values], dim=-2))
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Decode attention (B, Hq, 1, D) of query over the packed store + the dense residual."""
+        from memfit.kernels import triton_kv
+        out = triton_kv.kv_attention(query[:, :, 0], self.store, self.fmt.bits, self.fmt.group,
+                                     scaling, keys, values)  # (B, Hq, D)
+        return out.unsqueeze(2)
 
     def _flush(self) -> None:
         """Quantize the oldest whole groups while more than `residual` tokens are dense."""
@@ -113,10 +148,14 @@ class QuantizedKVLayer(DynamicLayer):
         old_k, old_v = self.keys[..., :n, :], self.values[..., :n, :]
         b, h, _, d = old_k.shape
         kg = old_k.reshape(b, h, n // g, g, d)  # (B, H, groups, g, D): one scale per channel
-        self.kblocks.append((_quantize(kg, self.fmt.bits, dim=3), old_k.shape))
+        kq, ks, km, _ = _quantize(kg, self.fmt.bits, dim=3)
         gv = min(g, d) if d % min(g, d) == 0 else d
         vg = old_v.reshape(b, h, n, d // gv, gv)  # (B, H, T, D/gv, gv): one scale per group
-        self.vblocks.append((_quantize(vg, self.fmt.bits, dim=4), old_v.shape))
+        vq, vs, vm, _ = _quantize(vg, self.fmt.bits, dim=4)
+        new = [kq.reshape(b, h, n, -1), ks.reshape(b, h, n // g, d), km.reshape(b, h, n // g, d),
+               vq.reshape(b, h, n, -1), vs.reshape(b, h, n, d // gv), vm.reshape(b, h, n, d // gv)]
+        self.store = new if self.store is None else [torch.cat([a, c], dim=2)
+                                                     for a, c in zip(self.store, new)]
         self.keys = self.keys[..., n:, :].clone()
         self.values = self.values[..., n:, :].clone()
         self.quantized_tokens += n
@@ -128,8 +167,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, scales and zeros, and the dense residual."""
-        total = sum(t.numel() * t.element_size() for blk in (*self.kblocks, *self.vblocks)
-                    for t in blk[0][:3])
+        total = sum(t.numel() * t.element_size() for t in (self.store or []))
         if self.is_initialized:
             total += self.keys.numel() * self.keys.element_size()
             total += self.values.numel() * self.values.element_size()
@@ -144,13 +182,17 @@ class QuantizedKVLayer(DynamicLayer):
 
 
 class QuantizedKVCache(Cache):
-    """A transformers Cache whose full-attention layers are `QuantizedKVLayer`s."""
+    """A transformers Cache whose full-attention layers are `QuantizedKVLayer`s; `fused=True`
+    needs the model's attention set to "memfit_kv" (`enable_fused_kv_attention`)."""
 
-    def __init__(self, config, fmt: KVFormat):
+    def __init__(self, config, fmt: KVFormat, fused: bool = False):
+        if fused and getattr(config, "_attn_implementation", None) != FUSED:
+            raise UserError("a fused quantized KV cache needs the model's attention set to "
+                            f"{FUSED!r}: call memfit.kvcache.enable_fused_kv_attention(model)")
         # transformers' own per-layer choice (sliding, shared, full), full layers swapped
         plain = DynamicCache(config=config).layers
-        super().__init__(layers=[QuantizedKVLayer(fmt) if type(layer) is DynamicLayer else layer
-                                 for layer in plain])
+        super().__init__(layers=[QuantizedKVLayer(fmt, fused) if type(layer) is DynamicLayer
+                                 else layer for layer in plain])
         self.fmt = fmt
 
     def nbytes(self) -> int:
@@ -176,3 +218,57 @@ def quantized_kv_bytes(fmt: KVFormat, *, tokens: int, batch: int, kv_heads: int,
     k_params = rows * (quantized // g) * head_dim * 2 * 2    # float16 scale + min per channel
     v_params = rows * quantized * (head_dim // gv) * 2 * 2   # per token and channel group
     return 2 * codes + k_params + v_params + 2 * rows * dense * head_dim * dtype_bytes
+
+
+FUSED = "memfit_kv"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests run the kernel interpreted
+_PENDING: dict = {}  # id(residual keys returned by update) -> the layer whose store to read
+_WARNED: set = set()
+
+
+def _fused_ineligibility(layer: QuantizedKVLayer) -> str | None:
+    from memfit.kernels.triton_kv import kv_ineligibility
+    kq, _, _, _, vs, _ = layer.store
+    d = layer.keys.shape[-1]
+    why = kv_ineligibility(layer.fmt.bits, d, layer.fmt.group, d // vs.shape[-1])
+    if why is None and kq.shape[-1] * 8 != d * layer.fmt.bits:
+        why = "packed rows are padded"
+    return why
+
+
+def _warn_fused(layer) -> None:
+    why = _fused_ineligibility(layer) if layer.store is not None else None
+    if why is not None and why not in _WARNED:
+        import warnings
+        _WARNED.add(why)
+        warnings.warn(f"memfit: the KV decode-attention kernel cannot take this cache ({why}); "
+                      "dequantizing it instead", stacklevel=3)
+
+
+def fused_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):
+    """transformers attention function "memfit_kv": a decode step of a fused quantized layer goes
+    through the kernel (no mask: no padding); anything else is SDPA on dense states."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    layer = _PENDING.pop(id(key), None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if layer is not None and attention_mask is None and query.shape[2] == 1:
+        out = layer.attend(query, key, value, scaling)  # (B, Hq, 1, D)
+        return out.transpose(1, 2).to(query.dtype), None
+    if layer is not None:  # a mask after all: attend over the dense states
+        key, value = layer.dense(key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  dropout=dropout, **kwargs)
+
+
+def enable_fused_kv_attention(model) -> None:
+    """Route the model's attention through "memfit_kv" (SDPA except fused decode steps)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(FUSED, fused_kv_attention)
+    AttentionMaskInterface.register(FUSED, sdpa_mask)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(FUSED)
+    else:
+        model.config._attn_implementation = FUSED

@@ -6,9 +6,11 @@ little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER
 one group), so a tile needs one scale and zero per row; zero points are read from their packed
 bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-Decode (M <= 16) goes first to the word-wise kernels of memfit.kernels.triton_words (the same
-stored bytes read as 32-bit words, no int-to-float conversion) where the layout fills whole words;
-the byte kernels below remain candidates there and take everything else.
+Decode (M <= 16) with 16-bit activations and 4-bit codes goes first to the tensor-core kernel of
+memfit.kernels.triton_mma (MEMFIT_TRITON_MMA=0 leaves it out); then the word-wise kernels of
+memfit.kernels.triton_words (the same stored bytes read as 32-bit words, no int-to-float
+conversion) where the layout fills whole words; the byte kernels below remain candidates there
+and take everything else. Every candidate is checked against dequantize + cuBLAS before timing.
 
 Two byte kernels:
 - `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
@@ -38,11 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.triton_mma import MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight
 
 BITS = (2, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
 
 
 @triton.jit
@@ -205,7 +209,8 @@ class Config:
     num_stages: int = 3
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
-    words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile)
+    words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
+    #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x unroll)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
 
 
@@ -232,11 +237,30 @@ def _zmode(w: IntWeight) -> int:
     return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
 
 
-def candidates(m: int, w: IntWeight) -> list[Config]:
+def mma_candidates(m: int, w: IntWeight) -> list[Config]:
+    """Launch shapes of the mma decode kernel: BN rows x SPLIT_K programs along K (a divisor of
+    the row's 128-code tiles) for 1 to ~16 waves of 132 programs."""
+    n, k = w.shape
+    tiles = k // 128
+    out = []
+    for bn, warps, ch in ((128, 4, 1), (64, 4, 1), (256, 8, 1), (256, 4, 1), (64, 4, 4),
+                          (128, 4, 2), (64, 4, 2)):
+        if tiles % ch:
+            continue
+        for sk in (s for s in range(1, min(tiles // ch, 32) + 1) if tiles // ch % s == 0):
+            progs = -(-n // bn) * sk
+            if 100 <= progs <= 2400 or (sk == 1 and progs < 100):
+                out.append(Config(16, bn, 128 * ch, sk, warps, 1, words="mma"))
+    return out
+
+
+def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
     bk_max = _block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
+    if m <= 16 and MMA and mma_ineligibility(w, m, dtype) is None:
+        out += mma_candidates(m, w)
     if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
         if m == 1:
             for bn in (64, 128):
@@ -299,8 +323,9 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     """The fastest candidate for this (M bucket, shape, format), timed once on the device."""
     key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
     if key not in _CHOICE:
-        cands = candidates(x2.shape[0], w)
-        if INTERPRET or x2.device.type != "cuda" or os.environ.get("MEMFIT_TRITON_CHOICE") == "first":
+        cands = candidates(x2.shape[0], w, x2.dtype)
+        first = os.environ.get("MEMFIT_TRITON_CHOICE") == "first"
+        if INTERPRET or x2.device.type != "cuda" or first:
             _CHOICE[key] = cands[0]
         else:
             from triton.testing import do_bench
@@ -313,7 +338,7 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
                     if (got - want).norm() > tol * want.norm():
                         continue  # a launch shape that computes something else is never chosen
                     times.append((do_bench(lambda c=c: run(x2, w, bias, c), warmup=3, rep=10), i))
-                except triton.runtime.errors.OutOfResources:
+                except (triton.runtime.errors.OutOfResources, MmaLayoutError):
                     continue  # too many registers/shared memory for this shape: not a candidate
             _CHOICE[key] = cands[min(times)[1]]
     return _CHOICE[key]
@@ -339,6 +364,12 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.BM == 0:
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
+    if cfg.words == "mma":
+        try:
+            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128)
+        except MmaLayoutError as e:
+            _warn_once(f"{e}; dequantizing instead")
+            return run(x2, w, bias, Config(0, 0, 0))
     if cfg.words:
         return run_words(x2, w, bias, cfg, cfg.words == "dot", _zmode(w))
     x2 = x2.contiguous()
@@ -373,6 +404,12 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
 
 
 _WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(f"memfit: {msg}", stacklevel=3)
 
 
 def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):

@@ -1,0 +1,381 @@
+"""Tensor-core decode kernel for 4-bit codes (M <= 16): mma.sync on codes made bf16 by bit tricks.
+
+Why: the word kernels (memfit.kernels.triton_words) compile to 5.5-8 SASS instructions per 4-bit
+code in their inner loop (mask, magic subtraction, FMA, and the activations' loads, conversions
+and pre-scaling; counted in the compiled loop for sm_90), so at M = 1 they were bound by
+instruction issue (~25 µs on 14336x4096, where the bytes need ~8 µs). Here, per 32-bit word:
+- one SHF + one LOP3 per pair turn two codes into 16-bit floats, `(w >> 4i) & 0x000F000F |
+  0x43004300` = (128 + c_i, 128 + c_{i+4}) in bfloat16 (0x6400: 1024 + c in float16), exact;
+- two warp-wide `mma.sync.m16n8k16` multiply them by the activations, float32 accumulation. The
+  mma's rows g + 8 hold ones, so the same instructions return XS = the sum of the activations;
+  the tile adds s * (D - (128 + z) * XS) = s * sum (c - z) x per (row, group) in float32.
+About 2.7 SASS instructions per code in the compiled loop (BN 128), against 5.5-8.
+
+Layout: none new, nothing repacked, no extra bytes (memfit's stored rows read as 32-bit words).
+A tile is (BN rows, 16 words) = 128 codes of each row. Triton lays such an int32 tile out in
+16-byte vectors with 4 lanes along a row and 8 rows per warp: lane 4g + j holds words 4j..4j+3 of
+its row. That is the mma's A-fragment pattern: the 4 lanes of a quad hold one row (mma row g), and
+lanes with equal j hold equal columns (the same k labels), so the B fragment is each lane's own
+activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs. `_check_layout`
+reads the compiled TTGIR once per kernel and refuses any other layout (MmaLayoutError; the caller
+dequantizes instead), so a compiler that lays it out otherwise cannot give wrong sums.
+- M = 1 (MT = 1): every B column holds x; lane j carries mma columns 2j, 2j + 1. With groups of
+  32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
+- M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
+  inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
+  layout); M <= 16 (MT = 16): a second mma chain for tokens 8..15.
+`_col` says which mma column each element of the tile holds; the rest are masked at the store.
+The next tile's words, scales and zero points are loaded before the current one computes (U = 1),
+or U = 2/4 adjacent tiles are loaded together. Split-K and its one-launch reduction are
+triton_words'.
+
+Measured (benchmarks/gemv_probe.py, 14336x4096, M = 1): 18.1 µs; with the asm returning the
+loaded words (no arithmetic) 13.2 µs, i.e. the load structure alone reaches ~2.4 TB/s; the rest is
+arithmetic not hidden behind the loads.
+
+Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
+of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
+On the CPU (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton
+(`ASM=False`), so tests cover the tiling, the groups, split-K and the store mapping; the GPU
+tests check the asm path against the same reference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels.triton_words import _counters, _finish
+from memfit.kernels.weights import IntWeight
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mma_asm(halves: int, f16: bool, xload: bool) -> str:
+    """PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j+1 of the
+    (BASE + c) products; with two halves also the second token set's), XS $4-$7 (the same columns
+    of the activation sums, from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, then
+    either the activation pairs X0..X3 $12-$27 (M = 1), or (xload) per token set a pointer to each
+    word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
+    xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
+    like the weight load (a (rows, 16) activation load would pull it into another layout)."""
+    ty = "f16" if f16 else "bf16"
+    magic = "0x64006400" if f16 else "0x43004300"
+    ones = "0x3C003C00" if f16 else "0x3F803F80"
+    out = ["{", ".reg .b32 p<4>, t, one, q<4>, xp<4>;", ".reg .f32 a<4>, b<4>;", ".reg .pred ok;",
+           f"mov.b32 one, {ones};"]
+    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
+    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
+    for e in range(4):  # word e of this lane
+        w = f"${8 + e}"
+        for i in range(4):
+            src = w
+            if i:
+                out.append(f"shr.u32 t, {w}, {4 * i};")
+                src = "t"
+            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        for h in range(halves):
+            acc = "a" if h == 0 else "b"
+            if xload:
+                ptr, flag = f"${12 + 8 * h + e}", f"${16 + 8 * h + e}"
+                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
+                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
+                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
+                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
+                xs = ["xp0", "xp1", "xp2", "xp3"]
+            else:
+                xs = [f"${12 + 4 * i + e}" for i in range(4)]
+            for half in range(2):  # pairs (0, 1) then (2, 3)
+                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
+                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
+                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
+    second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
+    for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
+        out.append(f"mov.b32 ${i}, {v};")
+    out.append("}")
+    return "\n".join(out)
+
+
+def _constraints(halves: int, xload: bool) -> str:
+    ins = ["r"] * 4 + (["l"] * 4 + ["r"] * 4) * halves if xload else ["r"] * 20
+    return ",".join(["=r"] * 8 + ins)
+
+
+@triton.jit
+def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
+    """Activation pairs (x_i, x_{i+4}) of a word from its loaded pairs q_k = (x_2k, x_2k+1)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, $6, 0x5410;\nprmt.b32 $1, $4, $6, 0x7632;\n"
+            "prmt.b32 $2, $5, $7, 0x5410;\nprmt.b32 $3, $5, $7, 0x7632;",
+            "=r,=r,=r,=r,r,r,r,r", [q0, q1, q2, q3], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        return q0, q1, q2, q3  # unused by the plain path
+
+
+@triton.jit
+def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.constexpr,
+              HALVES: tl.constexpr):
+    """What the asm computes, in plain Triton: (BN, 16) float32, element (r, w) = mma column
+    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token or group of the column)."""
+    out = tl.zeros(wd.shape, tl.float32)
+    col = _col(tl.arange(0, 16), HALVES)  # (16,)
+    lane = tl.arange(0, 16) // 4  # j of each word
+    NT: tl.constexpr = 8 * HALVES if MT > 1 else NSUB
+    for t in tl.static_range(NT):
+        e = tl.zeros(wd.shape, tl.float32)
+        for i in tl.static_range(8):
+            c = ((wd >> (4 * i)) & 15).to(tl.float32) - zi
+            if MT > 1:
+                xv = tl.load(x_ptr + t * stride_xm + wi * 8 + i, mask=(wi * 0 + t) < M, other=0.0)
+            else:  # group t of the tile: only its lanes
+                xv = tl.load(x_ptr + wi * 8 + i)
+                xv = tl.where((lane * NSUB) // 4 == t, xv, 0.0)
+            e += c * xv.to(tl.float32)[None, :]
+        tot = tl.sum(e, axis=1)  # (BN,)
+        hit = (col == t) if MT > 1 else ((col % NSUB) == t)
+        out = tl.where(hit[None, :], tot[:, None], out)
+    return out
+
+
+@triton.jit
+def _col(w, HALVES: tl.constexpr):
+    """mma column held by word slot w of a 16-word tile (lane j = w // 4, slot e = w % 4):
+    2j + e for e < 2, 8 + 2j + e - 2 for e >= 2 with two halves, else 99 (nothing)."""
+    j = w // 4
+    e = w % 4
+    if HALVES == 2:
+        return tl.where(e < 2, 2 * j + e, 8 + 2 * j + e - 2)
+    else:
+        return tl.where(e < 2, 2 * j + e, 99)
+
+
+@triton.jit
+def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr):
+    """Integer zero points of rows rn and groups g (broadcast together); symmetric: 8."""
+    if ZMODE == 0:
+        return rn * 0 + g * 0 + 8
+    else:
+        zb = tl.load(z_ptr + rn * stride_zn + g // 2, mask=ok, other=0).to(tl.int32)
+        return (zb >> ((g % 2) * 4)) & 15
+
+
+@triton.jit
+def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: tl.constexpr,
+            ZMODE: tl.constexpr, NSUB: tl.constexpr):
+    """One tile's words (BN, 16), scales and zero points (float32) per mma column (zc) and per
+    word (zw, the plain path's); w0 is the tile's first word."""
+    wd = tl.load(qp, mask=ok[:, None], other=0)
+    g0 = (w0 * 8) // GROUP
+    if NSUB == 1:
+        s = tl.load(s_ptr + rn * stride_sn + g0, mask=ok, other=0.0).to(tl.float32)[:, None]
+        zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE).to(tl.float32)[:, None]
+        zw = zc
+    else:  # column n is group g0 + n % NSUB; word w is group g0 + w // (GROUP / 8)
+        cg = col % NSUB
+        okc = ok[:, None] & (col < NSUB)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g0 + cg[None, :], mask=okc,
+                    other=0.0).to(tl.float32)
+        zc = _zero(z_ptr, rn[:, None], g0 + cg[None, :], okc, stride_zn, ZMODE).to(tl.float32)
+        zw = _zero(z_ptr, rn[:, None], g0 + (rw * 8 // GROUP)[None, :], ok[:, None], stride_zn,
+                   ZMODE).to(tl.float32)
+    return wd, s, zc, zw
+
+
+@triton.jit
+def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.constexpr,
+          MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr,
+          ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr):
+    """acc + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x)."""
+    BASE: tl.constexpr = 1024.0 if F16 else 128.0
+    if ASM:
+        if MT == 1:
+            q = x32 + wi * 4  # (16,) the word's 4 activation pairs
+            X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2),
+                                     tl.load(q + 3), ASM)
+            if NSUB > 1:  # B column n keeps only the lanes of group n % NSUB
+                keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
+                X0 = tl.where(keep, X0[None, :], 0)
+                X1 = tl.where(keep, X1[None, :], 0)
+                X2 = tl.where(keep, X2[None, :], 0)
+                X3 = tl.where(keep, X3[None, :], 0)
+            else:
+                X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
+            d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
+                                              dtype=(tl.float32, tl.float32), is_pure=True,
+                                              pack=4)
+        else:  # lane g supplies token g (set A) and token g + 8 (set B), loaded in the asm
+            ta = tl.minimum(rg, M - 1)[:, None]
+            pa = x32 + ta * (stride_xm // 2) + (wi * 4)[None, :]  # (BN, 16) pointers
+            fa = (rg[:, None] < M).to(tl.int32) + wi[None, :] * 0
+            if HALVES == 2:
+                tb = tl.minimum(rg + 8, M - 1)[:, None]
+                pb = x32 + tb * (stride_xm // 2) + (wi * 4)[None, :]
+                fb = (rg[:, None] + 8 < M).to(tl.int32) + wi[None, :] * 0
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa, pb, fb],
+                                                  dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+            else:
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa],
+                                                  dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+        acc += s * (d - (zc + BASE) * xs)
+    else:
+        acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
+    return acc
+
+
+@triton.jit
+def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITERS,
+              stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
+              ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
+              NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+              U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
+              CONSTRAINTS: tl.constexpr):
+    """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
+    words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
+    column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
+    U = 1: the next tile's loads are issued before this one computes; U = 2 or 4: U adjacent
+    tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rw = tl.arange(0, 16)
+    n_ok = rn < N
+    rg = rn % 8  # the row's lane quad g within its warp (8 rows per warp)
+    col = _col(rw, HALVES)
+    acc = tl.zeros((BN, 16), dtype=tl.float32)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    w0 = pid_k * ITERS * U * 16
+    qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
+    if U == 1:
+        wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
+                                GROUP, ZMODE, NSUB)
+        for it in range(ITERS):
+            nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
+            nwd, ns, nzc, nzw = _params(qp + 16, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
+                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            wd, s, zc, zw = nwd, ns, nzc, nzw
+            qp += 16
+            w0 += 16
+    else:
+        for it in range(ITERS):
+            wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
+                                        stride_zn, GROUP, ZMODE, NSUB)
+            wd1, s1, zc1, zw1 = _params(qp + 16, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            if U == 4:
+                wd2, s2, zc2, zw2 = _params(qp + 32, s_ptr, z_ptr, rn, n_ok, w0 + 32, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+                wd3, s3, zc3, zw3 = _params(qp + 48, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            acc = _tile(acc, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm,
+                        F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            acc = _tile(acc, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr, rn, rg, rw, M,
+                        stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            if U == 4:
+                acc = _tile(acc, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr, rn, rg, rw, M,
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                acc = _tile(acc, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr, rn, rg, rw, M,
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            qp += 16 * U
+            w0 += 16 * U
+    if MT > 1:
+        ok = n_ok[:, None] & (col < M)[None, :]
+        off = col[None, :] * N + rn[:, None]
+    else:
+        off = rn[:, None] + col[None, :] * 0
+        ok = n_ok[:, None] & (rw == 0)[None, :]
+        if NSUB > 1:  # the NSUB group sums of a row sit in lanes j = 0, 1: add them into slot 0
+            acc = tl.where(ok, tl.sum(tl.where((col < NSUB)[None, :], acc, 0.0), axis=1)[:, None],
+                           0.0)
+    _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k,
+            stride_ps, HAS_BIAS, SPLIT_K)
+
+
+def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
+    """Why `_mma_gemv` cannot take `w` with M rows of `dtype` activations (None when it can)."""
+    k = w.shape[1]
+    if w.bits != 4 or w.zero_point == "float":
+        return "the mma decode kernel takes 4-bit codes with integer or symmetric zero points"
+    if k % 128:
+        return f"rows of {k} codes are not a multiple of 128"
+    if w.group_size not in (32, 64) and w.group_size % 128:
+        return f"group size {w.group_size} is not 32, 64 or a multiple of 128"
+    if dtype not in (torch.bfloat16, torch.float16) or m > 16:
+        return "the mma decode kernel takes 16-bit activations and M <= 16"
+    if m > 1 and w.group_size < 128:
+        return "the mma decode kernel takes groups of 32 or 64 codes at M = 1 only"
+    if not w.qdata.is_contiguous() or w.qdata.data_ptr() % 16:
+        return "the packed codes are not a contiguous, 16-byte aligned tensor"
+    return None
+
+
+def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
+            unroll: int = 1, num_stages: int = 1) -> torch.Tensor:
+    """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes)."""
+    m, k = x2.shape
+    n = w.shape[0]
+    mt = 1 if m == 1 else (8 if m <= 8 else 16)
+    halves = 2 if mt == 16 else 1
+    nsub = max(1, 128 // w.group_size) if mt == 1 else 1
+    why = mma_ineligibility(w, m, x2.dtype)
+    if why is not None:
+        raise ValueError(f"memfit.kernels.triton_mma: {why}")
+    f16 = x2.dtype == torch.float16
+    x2 = x2.contiguous()
+    iters = k // 128 // unroll // split_k
+    if iters * split_k * unroll != k // 128 or unroll not in (1, 2, 4):
+        raise ValueError(f"split_k {split_k} x unroll {unroll} (1, 2 or 4) does not divide the "
+                         f"{k // 128} 128-code tiles of a row")
+    q = w.qdata.view(torch.int32)
+    z = w.zero if w.zero is not None else w.scale
+    b = bias if bias is not None else w.scale
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(n, bn), split_k)
+    part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
+    cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
+    kernel = _mma_gemv[grid](
+        x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
+        w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
+        ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
+        NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
+        ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
+        num_warps=num_warps, num_stages=num_stages)
+    LAST[0] = kernel
+    if not INTERPRET:
+        _check_layout(kernel)
+    return y
+
+
+LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
+
+
+class MmaLayoutError(RuntimeError):
+    """The compiler laid the asm block out otherwise than the mma fragments need."""
+
+
+_LAYOUT_OK: dict = {}
+def _check_layout(kernel) -> None:
+    """Raise MmaLayoutError unless every asm block of this compiled kernel has the layout the
+    mma fragments assume (4 lanes x 16-byte vectors along a row, 8 rows per warp). Read once per
+    compiled kernel from its TTGIR; a layout Triton chose otherwise would compute wrong sums."""
+    key = id(kernel)
+    want = ("sizePerThread = [1, 4]", "threadsPerWarp = [8, 4]", "order = [1, 0]")
+    if key not in _LAYOUT_OK:
+        ttgir = kernel.asm.get("ttgir", "")
+        lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
+        used = re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ttgir)
+        _LAYOUT_OK[key] = bool(used) and all(all(w in lays.get(u, "") for w in want)
+                                             for u in used)
+    if not _LAYOUT_OK[key]:
+        raise MmaLayoutError("the compiled mma decode kernel's asm layout is not the one its "
+                             "fragments assume; this launch shape cannot be used")

@@ -1,0 +1,98 @@
+"""The decode-attention kernel over the packed KV cache (memfit.kernels.triton_kv) against float64
+attention over the dequantized states: 8/4/2 bits, GQA and MHA, key groups 16/32, odd token
+counts, one and several splits, merged with a dense window; and the fused cache path of
+memfit.kvcache inside a model's decode steps (same output as the dequantizing path). On the CPU
+it runs in Triton's interpreter (float32 dots); on a GPU, bfloat16 tensor-core dots."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from memfit.kernels import triton_kv
+from memfit.kvcache import (
+    KVFormat,
+    QuantizedKVCache,
+    _dequantize,
+    _quantize,
+    cache_kwarg,
+    enable_fused_kv_attention,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _store(k, v, bits, g, gv):
+    b, h, t, d = k.shape
+    kq, ks, km, ksh = _quantize(k.reshape(b, h, t // g, g, d), bits, 3)
+    vq, vs, vm, vsh = _quantize(v.reshape(b, h, t, d // gv, gv), bits, 4)
+    kd = _dequantize(((kq, ks, km, ksh), k.shape), bits, torch.float32)
+    vd = _dequantize(((vq, vs, vm, vsh), v.shape), bits, torch.float32)
+    store = [kq.reshape(b, h, t, -1), ks.reshape(b, h, t // g, d), km.reshape(b, h, t // g, d),
+             vq.reshape(b, h, t, -1), vs.reshape(b, h, t, d // gv), vm.reshape(b, h, t, d // gv)]
+    return [s.to(DEV) for s in store], kd, vd
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,d,bits,g", [
+    (1, 4, 2, 160, 32, 4, 32), (2, 8, 2, 96, 64, 8, 16), (1, 2, 1, 64, 32, 2, 32),
+    (1, 8, 8, 192, 32, 4, 32), (1, 4, 1, 32, 128, 4, 32)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kv_attention_matches_reference(b, hq, hkv, t, d, bits, g, splits):
+    gen = torch.Generator().manual_seed(t + d)
+    k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    kr, vr = torch.randn(b, hkv, 7, d, generator=gen), torch.randn(b, hkv, 7, d, generator=gen)
+    q = torch.randn(b, hq, d, generator=gen).to(torch.bfloat16).to(DEV)
+    store, kd, vd = _store(k, v, bits, g, min(32, d))
+    assert triton_kv.kv_ineligibility(bits, d, g, min(32, d)) is None
+    sc = d ** -0.5
+    parts = triton_kv.kv_attention_parts(q, *store, bits, g, sc, splits=splits)
+    got = triton_kv.combine([parts, triton_kv.dense_part(q, kr.to(DEV), vr.to(DEV), sc)])
+    fused = triton_kv.kv_attention(q, store, bits, g, sc, kr.to(DEV), vr.to(DEV), splits=splits)
+    want = triton_kv.reference(q.float().cpu(), torch.cat([kd, kr], 2), torch.cat([vd, vr], 2), sc)
+    assert not got.isnan().any() and not fused.isnan().any()
+    err = ((got.double().cpu() - want).norm() / want.norm()).item()
+    err2 = ((fused.double().cpu() - want).norm() / want.norm()).item()
+    print(f"{b}x{hq}/{hkv} T={t} D={d} int{bits} g{g} splits={splits}: rel err {err:.2e} "
+          f"(one call: {err2:.2e})")
+    tol = 1e-5 if DEV == "cpu" else 1e-2  # GPU: bfloat16 operands, as bf16 SDPA
+    assert err < tol and err2 < tol
+
+
+def test_kv_kernel_refuses_what_it_cannot_take():
+    assert "3-bit" in triton_kv.kv_ineligibility(3, 64, 32, 32)
+    assert "power of two" in triton_kv.kv_ineligibility(4, 80, 32, 16)
+    assert "< 32" in triton_kv.kv_ineligibility(4, 16, 32, 16)  # wrong on an H200: refused
+    assert triton_kv.kv_ineligibility(8, 16, 32, 16) is None
+    assert "64-token tile" in triton_kv.kv_ineligibility(4, 64, 48, 32)
+
+
+def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from memfit.kvcache import QuantizedKVLayer
+    calls = []
+    attend = QuantizedKVLayer.attend
+    monkeypatch.setattr(QuantizedKVLayer, "attend",
+                        lambda self, *a: calls.append(1) or attend(self, *a))
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config("llama", head_dim=32)).eval().to(DEV)
+    ids = torch.randint(0, 30522, (1, 80), generator=torch.Generator().manual_seed(1)).to(DEV)
+    fmt = KVFormat(4, 32, 32)
+    outs = {}
+    for fused in (False, True):
+        if fused:
+            enable_fused_kv_attention(m)
+        cache = QuantizedKVCache(m.config, fmt, fused=fused)
+        kw = {cache_kwarg(m): cache}
+        with torch.no_grad():
+            m(ids[:, :72], use_cache=True, **kw)
+            steps = [m(ids[:, i:i + 1], use_cache=True, **kw).logits for i in range(72, 80)]
+        outs[fused] = torch.cat(steps, 1).float()
+        assert cache.layers[0].quantized_tokens == 32
+    assert len(calls) == 2 * 8  # every decode step of both layers went through the kernel
+    err = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
+    print(f"fused vs dequantizing cache: rel err {err:.2e}")
+    assert err < (1e-4 if DEV == "cpu" else 2e-2)
+    with pytest.raises(ValueError, match="memfit_kv"):
+        m.config._attn_implementation = "sdpa"
+        QuantizedKVCache(m.config, fmt, fused=True)

@@ -1,0 +1,75 @@
+"""The tensor-core decode kernel (memfit.kernels.triton_mma) against the float32 reference:
+every group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8
+and 9..16 (one or two token sets), split K, 2 tiles per step, bias, bfloat16 and float16
+activations, odd row counts; on the GPU also determinism and CUDA-graph replay. On the CPU
+(TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton; on a GPU the
+mma.sync path runs."""
+
+import pytest
+import torch
+
+triton_int = pytest.importorskip("memfit.kernels.triton_int")
+
+from memfit.kernels import triton_mma
+from memfit.kernels.reference import linear_reference
+from tests.kernels.test_triton_int import DEV, make_weight, rel_err
+
+CASES = [  # (n, k, group, zero point, M)
+    (64, 256, 128, "int", 1), (40, 384, 64, "sym", 1), (72, 256, 32, "int", 1),
+    (33, 512, 256, "int", 1), (48, 256, None, "sym", 1), (64, 256, 128, "int", 3),
+    (57, 384, 128, "sym", 8), (64, 256, 256, "int", 11), (40, 128, 128, "int", 16),
+]
+
+
+@pytest.mark.parametrize("n,k,group,zp,m", CASES)
+@pytest.mark.parametrize("split_k,unroll", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype):
+    if (k // 128) % (split_k * unroll):
+        pytest.skip("split_k x unroll must divide the row's tiles")
+    w = make_weight(n, k, 4, group, zp, seed=n + k + m)
+    assert triton_mma.mma_ineligibility(w, m, dtype) is None
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype).to(DEV)
+    bias = torch.randn(n).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll)
+    assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
+    err = rel_err(got.float(), want)
+    print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} u={unroll} {dtype}: rel err {err:.2e}")
+    assert err < 1e-2  # 16-bit output rounding (the interpreter truncates bfloat16)
+
+
+def test_mma_kernel_refuses_what_it_cannot_take():
+    bf = torch.bfloat16
+    assert "4-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 8, 128, "int"), 1, bf)
+    assert "4-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "float"), 1, bf)
+    w = make_weight(8, 192, 4, 64, "int")
+    assert "multiple of 128" in triton_mma.mma_ineligibility(w, 1, bf)
+    assert "group size" in triton_mma.mma_ineligibility(make_weight(8, 384, 4, 96, "int"), 1, bf)
+    assert "16-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "int"), 1,
+                                                    torch.float32)
+    assert "M = 1 only" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 64, "int"), 2, bf)
+
+
+def test_chooser_offers_mma_first_for_16bit_decode_and_serves_the_rest():
+    w = make_weight(48, 256, 4, 128, "int")
+    assert triton_int.candidates(1, w, torch.bfloat16)[0].words == "mma"
+    assert all(c.words != "mma" for c in triton_int.candidates(1, w, torch.float32))
+    x = torch.randn(2, 256).to(torch.bfloat16).to(DEV)
+    got = triton_int.triton_linear(x, w)
+    assert rel_err(got.float(), linear_reference(x.float(), w)) < 1e-2
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("m,split_k", [(1, 4), (1, 1), (5, 2)])
+def test_mma_kernel_is_deterministic_and_graph_safe(m, split_k):
+    w = make_weight(512, 1024, 4, 128, "int", seed=3)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEV)
+    runs = [triton_mma.run_mma(x, w, None, 128, split_k, 4) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = triton_mma.run_mma(x, w, None, 128, split_k, 4)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, runs[0])
