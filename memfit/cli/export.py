@@ -65,7 +65,8 @@ def add_export(sub) -> None:
     e.add_argument("--format", choices=EXPORT_FORMATS, default="compressed-tensors",
                    help="the output format (default compressed-tensors)")
     e.add_argument("--type", default="Q8_0", help="gguf: the llama.cpp type (Q8_0, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1, F16, BF16, F32; default Q8_0)")
+                   "Q5_0, Q5_1, Q4_K, F16, BF16, F32; default Q8_0; Q4_K stores rows that are not "
+                   "a multiple of 256 as Q5_0)")
     e.add_argument("--out", required=True, help="output folder (gguf: file), written complete "
                    "or not at all (required)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
