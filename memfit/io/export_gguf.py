@@ -17,9 +17,13 @@ quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and F16/BF16/F32, plus Q4_K, which memfi
 not a whole number of them (every 576-wide row of SmolLM2-135M: all but down_proj) is stored as
 the fallback type of K_FALLBACK instead (Q4_K -> Q5_0, the choice llama.cpp's own quantizer makes
 for such rows), and the export says how many tensors fell back and why. Other K-quants are
-refused. No tokenizer is embedded: transformers loads the weights with
-`from_pretrained(folder, gguf_file=...)` and the tokenizer from the memfit folder; llama.cpp,
-which needs one in the file, cannot run this file yet.
+refused.
+
+The tokenizer is embedded when it is a byte-level BPE (the `gpt2` tokenizer model of GGUF:
+tokens, their types, merges, special ids, chat template), so transformers' GGUF loader and
+llama.cpp get it from the file; no `tokenizer.ggml.pre` is written (llama.cpp then warns and
+pre-tokenizes with its default rules; token ids given directly are unaffected). Other
+tokenizers are left out and the export says so.
 """
 
 from __future__ import annotations
@@ -134,9 +138,44 @@ def fallbacks(tensors: list, qtype: str) -> list[str]:
     return [name for name, data, raw in tensors if data.ndim == 2 and raw.name != qtype]
 
 
-def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, overwrite: bool = False) -> Path:
-    """Write `model` (memfit modules dequantized, then quantized to `qtype`) as a GGUF file,
-    through a temporary name renamed when complete. -> the file."""
+def _tokenizer_metadata(writer, tokenizer) -> bool:
+    """Embed a byte-level BPE tokenizer (GGUF's `gpt2` model); -> False for any other kind."""
+    import json
+
+    back = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(back.to_str()) if back is not None else {}
+    if spec.get("model", {}).get("type") != "BPE" or \
+            (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return False
+    vocab = tokenizer.get_vocab()
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)], []
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    ids = set(vocab.values())
+    for i in range(len(tokens)):  # 1 normal, 3 control, 4 user-defined, 5 unused
+        a = added.get(i)
+        types.append(5 if i not in ids else 1 if a is None else 3 if a.get("special") else 4)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for what, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{what}_token_id")(tid)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return True
+
+
+def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=None,
+                overwrite: bool = False) -> Path:
+    """Write `model` (memfit modules dequantized, then quantized to `qtype`) and `tokenizer`
+    (when given and byte-level BPE) as a GGUF file, through a temporary name renamed when
+    complete. -> the file."""
     import gguf
 
     if qtype not in GGUF_TYPES:
@@ -163,6 +202,9 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, overwrite: b
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _metadata(writer, model.config)
+        if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
+            print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
+                  file=sys.stderr, flush=True)
         writer.add_file_type(_FILE_TYPE[qtype])
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)

@@ -110,3 +110,20 @@ def test_q4_k_export_falls_back_per_tensor(tmp_path, save_tiny, capsys):
     kld = evaluate_lm(_load_gguf(path), ids, ref=m.model, progress=False)["kld"]
     print(f"Q4_K of the float model: KLD {kld:.2e}")
     assert 0 < kld < 0.05
+
+
+def test_bpe_tokenizer_is_embedded_and_others_are_said_left_out(tiny_llama_dir, tmp_path,
+                                                                capsys):
+    from transformers import AutoTokenizer
+
+    from memfit.models import resolve
+    m = load_model(str(tiny_llama_dir))  # its tokenizer is WordPiece: left out, and said so
+    export_gguf(m.model, tmp_path / "w.gguf", "Q8_0", tokenizer=m.tokenizer)
+    assert "holds no tokenizer" in capsys.readouterr().err
+    _, default = resolve("default")  # the embedded model's byte-level BPE tokenizer
+    bpe = AutoTokenizer.from_pretrained(str(default.parent), gguf_file=default.name)
+    path = export_gguf(m.model, tmp_path / "t.gguf", "Q8_0", tokenizer=bpe)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = "Hello world, 12 apples! <|im_start|>user"
+    assert back(text)["input_ids"] == bpe(text)["input_ids"]
+    assert back.eos_token_id == bpe.eos_token_id and len(back) == len(bpe)
