@@ -110,8 +110,9 @@ class Quant(_Family):
         clip = getattr(self, "clip", "minmax")
         if clip not in ("minmax", "mse"):
             raise UserError(f"unknown clip {clip!r}; use 'minmax' or 'mse'")
-        if not isinstance(self.awq, bool):
-            raise UserError(f"awq={self.awq!r} must be true or false")
+        for key in ("awq", "awq_clip", "awq_duo"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"{key}={getattr(self, key)!r} must be true or false")
         if self.awq:
             from memfit.algos.awq import alphas
             alphas(self.awq_grid, self.awq_max_alpha)  # UserError naming the bad option

@@ -171,6 +171,9 @@ def test_recipe_round_trip_and_bad_input(tiny_config):
         RTN(awq=True, awq_max_alpha=0.0)
     with pytest.raises(UserError, match="awq_grid"):
         RTN(awq=True, awq_grid=1)
+    with pytest.raises(UserError, match="awq_duo='yes' must be true or false"):
+        RTN(awq=True, awq_duo="yes")
+    assert Recipe.from_dict({"quant": {"algo": "rtn", "awq": True, "awq_duo": True}}).quant.awq_duo
     with pytest.raises(UserError, match="awq"):
         Recipe.from_dict({"prune": {"method": "wanda"}, "quant": {"awq": True}})
     torch.manual_seed(0)
