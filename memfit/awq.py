@@ -8,7 +8,15 @@ group's input columns are multiplied by s. With grouped-query attention o_proj r
 channels than v_proj writes: query head h's slot of o_proj's input is value head h // rep, so
 those slots share one scale (`tie`, searched on their averaged statistics) and v_proj's row is
 divided by it. A group is skipped, and the skip logged, when its producer is None or its shape
-does not match in any other way. The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
+does not match in any other way.
+
+Each candidate scale is scored with the recipe's own quantizer (`_quantizer`: min-max RTN, or
+GPTQ on the scaled Hessian; a costly one walks α upwards and stops WALK_PATIENCE steps past
+its best), by the output error of what the group feeds: its linears' outputs (exact from the
+Hessian), or the module named in `Arch.awq_inspect` (the MLP for gate/up, run on about
+INSPECT_ROWS kept input rows). Measured on the default model (benchmarks/RESULTS.md): scoring
+GPTQ by the linears' own errors picked gate/up scales that made AWQ+GPTQ worse than GPTQ; the
+MLP's output fixes that. The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
 scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
 scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
 group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
