@@ -43,6 +43,10 @@ class Arch:
     awq_fold: tuple[str | None, ...] = ()
     awq_no_clip: tuple[str, ...] = ()  # linears AWQ's clip search leaves alone (query, key: their
                                        # output error says little through the softmax)
+    # AWQ, per group: a module fed by the group's input whose output the scale search measures
+    # (the MLP for gate/up: the product of their outputs is what matters); None: the linears'
+    # own outputs (exact from the input Hessian). Empty: None for every group.
+    awq_inspect: tuple[str | None, ...] = ()
 
 
 _LLAMA_GROUPS = (
@@ -57,7 +61,8 @@ _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA
               layout=_LLAMA_LAYOUT,
               awq_fold=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
                         "mlp.up_proj"),
-              awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"))
+              awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+              awq_inspect=(None, None, "mlp", None))
 # Gemma's RMSNorm scales by (1 + weight) and Gemma 2/3 put the MLP after pre_feedforward_layernorm:
 # no AWQ row yet (compress raises a UserError).
 _GEMMA = replace(_LLAMA, awq_fold=())

@@ -4,9 +4,19 @@
 For every group of linears sharing an input whose specs ask for `awq`, the op producing that
 input is named in `Arch.awq_fold` (data, per family): a norm (weight and bias divided by s) or a
 linear (output rows and bias divided by s: v_proj before o_proj, up_proj before down_proj); the
-group's input columns are multiplied by s. A group is skipped, and the skip logged, when its
-producer is None or its shape does not match (o_proj after a grouped-query v_proj: the v rows
-are shared by several heads). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
+group's input columns are multiplied by s. With grouped-query attention o_proj reads more
+channels than v_proj writes: query head h's slot of o_proj's input is value head h // rep, so
+those slots share one scale (`tie`, searched on their averaged statistics) and v_proj's row is
+divided by it. A group is skipped, and the skip logged, when its producer is None or its shape
+does not match in any other way.
+
+Each candidate scale is scored with the recipe's own quantizer (`_quantizer`: min-max RTN, or
+GPTQ on the scaled Hessian; a costly one walks α upwards and stops WALK_PATIENCE steps past
+its best), by the output error of what the group feeds: its linears' outputs (exact from the
+Hessian), or the module named in `Arch.awq_inspect` (the MLP for gate/up, run on about
+INSPECT_ROWS kept input rows). Measured on the default model (benchmarks/RESULTS.md): scoring
+GPTQ by the linears' own errors picked gate/up scales that made AWQ+GPTQ worse than GPTQ; the
+MLP's output fixes that. The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
 scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
 scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
 group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
@@ -25,26 +35,53 @@ import torch
 from memfit.algos.awq import alphas, search_clip, search_scale
 from memfit.calib.engine import ActivationStore, replay
 from memfit.calib.stats import HessianStat
+from memfit.configs import RTN
 from memfit.errors import UserError
+from memfit.formats.grid import dequantize
 
 
 HESSIAN_ROWS = 8192  # token rows (about) the search's Hessian is built from: bounded cost
+INSPECT_ROWS = 4096  # token rows (about) a measured module (the MLP) is run on per candidate
+WALK_PATIENCE = 2    # costly quantizers (GPTQ, HQQ): stop the α walk 2 steps past the best
+
+
+class _Hessian:  # the statistic object memfit.methods' quantizers read (.hessian)
+    def __init__(self, h: torch.Tensor):
+        self.hessian = h
+
+
+def _quantizer(spec):
+    """The recipe's own quantizer as the search's `quantize`: (W s, format, H / (s sᵀ)) ->
+    the dequantized W s it would store."""
+    from memfit.methods import METHODS
+
+    def quantize(w, fmt, h):
+        res = METHODS[type(spec)](w, spec, _Hessian(h))
+        return dequantize(res.codes, res.scale, res.zero, fmt)
+    return quantize
+
+
+def _cheap(spec) -> bool:
+    return isinstance(spec, RTN) and spec.clip == "minmax"
 
 
 class _AWQStat:
-    """Mean |x| per input channel over every token, and the Hessian 2/n XᵀX of one group's input
-    over every `stride`-th token (the output error of the search)."""
+    """Mean |x| per input channel over every token, the Hessian 2/n XᵀX of one group's input
+    over every `stride`-th token (the output error of the search) and, when `keep` (a module's
+    output is measured), every `keep`-th token's input itself."""
 
-    def __init__(self, in_features: int, device, stride: int):
+    def __init__(self, in_features: int, device, stride: int, keep: int | None = None):
         self.h = HessianStat(in_features, device)
         self.abs_sum = torch.zeros(in_features, device=device)
-        self.rows, self.stride = 0, stride
+        self.rows, self.stride, self.keep, self.kept = 0, stride, keep, []
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         self.h.update(x[::self.stride])
         self.abs_sum += x.float().abs().sum(0).to(self.abs_sum)
         self.rows += x.shape[0]
+        if self.keep:
+            self.kept.append(x[::self.keep].clone())
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -55,28 +92,47 @@ def _awq_spec(spec):
     return spec if getattr(spec, "awq", False) else None
 
 
-def _plan(block, arch, specs: dict, wants=_awq_spec, what: str = "AWQ") -> tuple[list, list]:
-    """[(group names, fold path)] to scale, and [(group names, reason)] skipped, for the groups
-    with a spec that `wants` (AWQ's by default; SmoothQuant reuses this, memfit.smoothquant)."""
+def _plan(block, arch, specs: dict, wants=_awq_spec, what: str = "AWQ",
+          tied: bool = False) -> tuple[list, list]:
+    """[(group names, fold path, tie or None, inspect or None)] to scale, and [(group names, reason)] skipped, for
+    the groups with a spec that `wants` (AWQ's by default; SmoothQuant reuses this,
+    memfit.smoothquant). `tied`: a grouped-query o_proj is scaled with a tie map (_gqa_tie)."""
     if not arch.awq_fold:
         raise UserError(f"{what} is not supported for this architecture yet (no foldable norm "
                         f"is listed in memfit.archs for it); use a recipe without {what}")
     todo, skipped = [], []
-    for group, fold in zip(arch.groups, arch.awq_fold):
+    inspects = arch.awq_inspect or (None,) * len(arch.groups)
+    for group, fold, inspect in zip(arch.groups, arch.awq_fold, inspects):
         if not any(wants(specs.get(n)) for n in group):
             continue
         first = block.get_submodule(group[0])
         src = None if fold is None else block.get_submodule(fold)
         width = src.out_features if isinstance(src, torch.nn.Linear) else \
             getattr(src, "weight", torch.empty(0)).shape[0]
+        tie = _gqa_tie(block, fold, width, first.in_features) if tied and src is not None \
+            and isinstance(src, torch.nn.Linear) and width != first.in_features else None
         if src is None or not isinstance(first, torch.nn.Linear):
             skipped.append((list(group), "no foldable op before this group"))
-        elif width != first.in_features:
+        elif width != first.in_features and tie is None:
             skipped.append((list(group), f"{fold} gives {width} channels, the group reads "
                                          f"{first.in_features} (grouped-query attention)"))
         else:
-            todo.append((list(group), fold))
+            todo.append((list(group), fold, tie, inspect))
     return todo, skipped
+
+
+def _gqa_tie(block, fold: str, width: int, in_features: int) -> torch.Tensor | None:
+    """(in_features,) the producer channel (v_proj row) behind each input channel of o_proj under
+    grouped-query attention: channel h·d + i reads value head h // rep, row (h // rep)·d + i,
+    with d the attention module's head_dim and rep = in_features / width. None if the shapes
+    do not fit that pattern."""
+    attn = block.get_submodule(fold.rpartition(".")[0]) if "." in fold else block
+    d = getattr(attn, "head_dim", None)
+    if not d or in_features % width or width % d or in_features % d:
+        return None
+    rep = in_features // width
+    c = torch.arange(in_features)
+    return (c // d // rep) * d + c % d
 
 
 @torch.inference_mode()
@@ -85,24 +141,47 @@ def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_A
     first = store[0]
     rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
     stride = max(1, -(-rows // HESSIAN_ROWS))
-    for names, _ in todo:
+    keep = max(1, -(-rows // INSPECT_ROWS))
+    for names, _, _, inspect in todo:
         mod = block.get_submodule(names[0])
-        stat = _AWQStat(mod.in_features, mod.weight.device, stride)
+        stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None)
         handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
         stats.append(stat)
     replay(block, store, kwargs, handles)
     return stats
 
 
+def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat):
+    """The search's loss: mean squared error of module `inspect`'s output on the kept input
+    rows when linears `names` (inside it) hold the candidate weights, vs its float output."""
+    from torch.func import functional_call
+
+    mod = block.get_submodule(inspect)
+    x = torch.cat(stat.kept)  # (rows, in)
+    keys = [n[len(inspect) + 1:] + ".weight" for n in names]
+    dtype = block.get_submodule(names[0]).weight.dtype
+    with torch.no_grad():
+        ref = mod(x).float()
+
+    @torch.no_grad()
+    def loss(w_hat: list[torch.Tensor]) -> float:
+        out = functional_call(mod, {k: w.to(dtype) for k, w in zip(keys, w_hat)}, (x,))
+        return float(((out.float() - ref) ** 2).sum() / x.shape[0])
+    return loss
+
+
 @torch.no_grad()
-def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divide the producer's output channels by s, multiply the linears' input columns by s."""
+def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
+          src_s: torch.Tensor | None = None) -> None:
+    """Divide the producer's output channels by `src_s` (default s), multiply the linears' input
+    columns by s (s = src_s[tie] when channels are tied)."""
+    src_s = s if src_s is None else src_s
     if isinstance(src, torch.nn.Linear):
-        src.weight.copy_(src.weight.float() / s[:, None])
+        src.weight.copy_(src.weight.float() / src_s[:, None])
     else:
-        src.weight.copy_(src.weight.float() / s)
+        src.weight.copy_(src.weight.float() / src_s)
     if getattr(src, "bias", None) is not None:
-        src.bias.copy_(src.bias.float() / s)
+        src.bias.copy_(src.bias.float() / src_s)
     for lin in linears:
         lin.weight.copy_(lin.weight.float() * s)
 
@@ -110,20 +189,27 @@ def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor)
 def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -> list[dict]:
     """Search and fold the AWQ scales of every group of `block` whose specs ask for it, in
     place; -> log entries (alpha, output errors, or why a group was skipped)."""
-    todo, skipped = _plan(block, arch, specs)
+    todo, skipped = _plan(block, arch, specs, tied=True)
     log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
     stats = _collect(block, todo, store, kwargs) if todo else []
-    for (names, fold), stat in zip(todo, stats):
+    for (names, fold, tie, inspect), stat in zip(todo, stats):
         spec = next(_awq_spec(specs.get(n)) for n in names if _awq_spec(specs.get(n)))
         quantized = [n for n in names if _awq_spec(specs.get(n))]
         weights = [(block.get_submodule(n).weight.detach().float(), specs[n].format)
                    for n in quantized]
+        src = block.get_submodule(fold)
         res = search_scale(weights, stat.mean_abs, stat.h.hessian,
-                           alphas(spec.awq_grid, spec.awq_max_alpha))
-        if res.alpha > 0:
-            fold_(block.get_submodule(fold), [block.get_submodule(n) for n in names], res.scale)
-        entry = {"alpha": res.alpha, "fold": fold, "output_error": res.error,
-                 "rtn_output_error": res.rtn_error}
+                           alphas(spec.awq_grid, spec.awq_max_alpha), duo=spec.awq_duo,
+                           tie=tie, width=None if tie is None else src.out_features,
+                           quantize=_quantizer(spec),
+                           patience=None if _cheap(spec) else WALK_PATIENCE,
+                           loss=_module_loss(block, inspect, quantized, stat) if inspect else None)
+        stat.kept.clear()
+        if res.alpha > 0 or res.duo:
+            fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)
+        entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
+                 "measured": inspect or "linear outputs",
+                 "output_error": res.error, "rtn_output_error": res.rtn_error}
         if spec.awq_clip:
             s = res.scale
             entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],

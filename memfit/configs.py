@@ -99,6 +99,7 @@ class Quant(_Family):
     awq_grid: int = 20             # AWQ: exponents α tried, evenly from 0 to awq_max_alpha
     awq_max_alpha: float = 1.0     # AWQ: the largest α, in (0, 1]
     awq_clip: bool = True          # AWQ: then search a clipping bound per (row, group)
+    awq_duo: bool = False          # AWQ: also try mean|x|^α / mean|w|^(1-α) scales
     act_bits: int | None = None    # 8: W8A8, int8 activations too (memfit.formats.w8a8)
     act_static: bool = False       # W8A8: one calibrated per-tensor activation scale, not per token
     smoothquant: float | None = None  # W8A8: SmoothQuant's α in (0, 1] (memfit.smoothquant)
@@ -109,8 +110,9 @@ class Quant(_Family):
         clip = getattr(self, "clip", "minmax")
         if clip not in ("minmax", "mse"):
             raise UserError(f"unknown clip {clip!r}; use 'minmax' or 'mse'")
-        if not isinstance(self.awq, bool):
-            raise UserError(f"awq={self.awq!r} must be true or false")
+        for key in ("awq", "awq_clip", "awq_duo"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"{key}={getattr(self, key)!r} must be true or false")
         if self.awq:
             from memfit.algos.awq import alphas
             alphas(self.awq_grid, self.awq_max_alpha)  # UserError naming the bad option

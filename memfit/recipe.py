@@ -284,9 +284,9 @@ PRESETS: dict[str, Recipe] = {
     "w3g64-gptq": _preset("gptq", 3, 64, **_BEST),
     # AWQ: activation-aware input-channel scales folded into the norms, then RTN or GPTQ
     "w4g64-awq": _preset("rtn", 4, 64, awq=True),
-    "w4g64-awq-gptq": _preset("gptq", 4, 64, awq=True, **_BEST),
+    "w4g64-awq-gptq": _preset("gptq", 4, 64, awq=True, awq_clip=False, **_BEST),
     "w3g64-awq": _preset("rtn", 3, 64, awq=True),
-    "w3g64-awq-gptq": _preset("gptq", 3, 64, awq=True, **_BEST),
+    "w3g64-awq-gptq": _preset("gptq", 3, 64, awq=True, awq_clip=False, **_BEST),
     "w2g32-gptq": _preset("gptq", 2, 32, **_BEST),
     # W8A8: int8 weights per channel x int8 activations per token, multiplied in int8
     "w8a8": _preset("rtn", 8, None, act_bits=8),

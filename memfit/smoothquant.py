@@ -77,7 +77,7 @@ def smooth_block_(block, arch, specs: dict, store: ActivationStore | None, kwarg
         todo, skipped = _plan(block, arch, specs, wants=_sq_spec, what="SmoothQuant")
         log.extend({"modules": names, "smoothquant": {"skipped": why}, "error": None}
                    for names, why in skipped)
-        for names, fold in todo:
+        for names, fold, *_ in todo:
             spec = next(_sq_spec(specs.get(n)) for n in names if _sq_spec(specs.get(n)))
             mods = [block.get_submodule(n) for n in names]
             w_absmax = torch.cat([m.weight.detach().float() for m in mods]).abs().amax(0)

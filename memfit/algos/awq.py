@@ -15,6 +15,16 @@ the calibration inputs
 is computed from the input Hessian H (memfit.calib.stats.HessianStat), so every calibration
 token counts and memory stays (in, in). The α with the smallest error wins; α = 0 gives s = 1,
 plain RTN, and wins ties, so AWQ's error on the calibration data is never above RTN's.
+
+Two families of scales are tried at each α (`duo`): activation-only, s = mean|x|^α, and
+activation over weight, s = mean|x|^α / mean|ŵ|^(1-α), where mean|ŵ| is each input channel's mean
+of |W| relative to its (row, group)'s max|W|: a channel whose weights are already large in their
+group gains less from stretching. The output error picks among all of them.
+
+When several input channels must share one scale (`tie`: o_proj after a grouped-query v_proj,
+where each value head feeds several query heads' slots of o_proj's input), the statistics are
+averaged over the tied channels, the search runs on the producer's channels and each scale is
+copied to the channels that read it.
 """
 
 from __future__ import annotations
@@ -41,10 +51,37 @@ def alphas(grid: int, max_alpha: float = 1.0) -> list[float]:
     return torch.linspace(0.0, max_alpha, grid).tolist()
 
 
-def channel_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = mean|x|^α / sqrt(max · min): (in,) float32, geometric middle at 1."""
+def channel_scales(mean_abs: torch.Tensor, alpha: float,
+                   w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = mean|x|^α (/ w_mean^(1-α) when given) / sqrt(max · min): (in,) float32, geometric
+    middle at 1."""
     s = mean_abs.float().clamp(min=_MIN_ACT).pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.float().clamp(min=_MIN_ACT).pow(1 - alpha)
     return s / (s.max() * s.min()).sqrt()
+
+
+def weight_magnitude(weights: list[tuple[torch.Tensor, IntFormat]]) -> torch.Tensor:
+    """(in,) mean over every output row of the linears of |W| / max|W| of its (row, group)."""
+    rel = []
+    for w, fmt in weights:
+        out, k = w.shape
+        g, ng = fmt.groups(k)
+        a = w.float().abs()
+        if k % g:  # ragged last group: per-row max instead
+            rel.append(a / a.amax(1, keepdim=True).clamp(min=1e-12))
+            continue
+        a = a.view(out, ng, g)  # (out, groups, g)
+        rel.append((a / a.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(out, k))
+    return torch.cat(rel).mean(0)
+
+
+def _tied_mean(v: torch.Tensor, tie: torch.Tensor, width: int) -> torch.Tensor:
+    """(width,) mean of `v` (in,) over the channels that `tie` (in,) maps to each index."""
+    total = torch.zeros(width, dtype=torch.float32, device=v.device).index_add_(0, tie, v.float())
+    count = torch.zeros(width, dtype=torch.float32, device=v.device).index_add_(
+        0, tie, torch.ones_like(v, dtype=torch.float32))
+    return total / count.clamp(min=1)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -66,22 +103,52 @@ class AWQResult:
     alpha: float
     error: float                   # output error at the chosen α
     rtn_error: float               # output error at α = 0 (plain RTN)
+    duo: bool = False              # the scale divides by the weights' magnitude too
+    source_scale: torch.Tensor | None = None  # (width,) per producer channel when tied
 
 
 def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.Tensor,
-                 hessian: torch.Tensor, grid: list[float]) -> AWQResult:
-    """The α of `grid` minimising the summed output error of linears `weights` [(W (out, in),
-    its format)] that read one input with per-channel mean |x| `mean_abs` and Hessian `hessian`."""
+                 hessian: torch.Tensor, grid: list[float], *, duo: bool = False,
+                 tie: torch.Tensor | None = None, width: int | None = None,
+                 quantize=None, patience: int | None = None, loss=None) -> AWQResult:
+    """The scale minimising the summed output error of linears `weights` [(W (out, in), its
+    format)] that read one input with per-channel mean |x| `mean_abs` and Hessian `hessian`:
+    over the α of `grid`, activation-only and (`duo`) activation-over-weight scales.
+
+    `quantize(W s, format, H / (s sᵀ)) -> dequantized W s`: the quantizer the error is measured
+    with (default min-max RTN; pass the recipe's own, e.g. GPTQ, which sees the scaled
+    Hessian). `loss([Ŵ per linear]) -> float`: the error to minimise instead of the linears'
+    summed output error (e.g. the output of the module they feed). `patience`: walk each family's α upwards and stop once the error has not improved
+    for that many steps (for costly quantizers); None tries every α.
+    `tie` (in,) int64 with `width`: input channel j takes the scale of producer channel tie[j]."""
     if not grid or grid[0] != 0.0:
         raise ValueError("the α grid must start at 0 (plain RTN)")
+    quantize = quantize or (lambda w, fmt, h: scaled_rtn(w, torch.ones(()), fmt))
+    w_mean = weight_magnitude(weights) if duo else None
+    if tie is not None:
+        tie = tie.to(mean_abs.device)
+        mean_abs = _tied_mean(mean_abs, tie, width)
+        w_mean = None if w_mean is None else _tied_mean(w_mean.to(mean_abs.device), tie, width)
     best = None
-    for a in grid:
-        s = channel_scales(mean_abs, a).to(hessian.device)
-        err = sum(output_error(w, scaled_rtn(w, s, fmt), hessian) for w, fmt in weights)
-        if best is None:
-            best = AWQResult(s, a, err, err)
-        elif err < best.error:
-            best.scale, best.alpha, best.error = s, a, err
+    for use_w in ([False, True] if duo else [False]):
+        since = 0
+        for a in (grid if not use_w else [a for a in grid if a < 1]):
+            src = channel_scales(mean_abs, a, w_mean if use_w else None).to(hessian.device)
+            s = src if tie is None else src[tie.to(hessian.device)]
+            h = hessian / (s[:, None] * s[None, :])
+            w_hat = [quantize(w * s, fmt, h) / s for w, fmt in weights]
+            err = loss(w_hat) if loss is not None else \
+                sum(output_error(w, q, hessian) for (w, _), q in zip(weights, w_hat))
+            if best is None:
+                best = AWQResult(s, a, err, err, use_w, src)
+            elif err < best.error:
+                best.scale, best.alpha, best.error, best.duo, best.source_scale = \
+                    s, a, err, use_w, src
+                since = 0
+                continue
+            since += 1
+            if patience is not None and since > patience:
+                break
     return best
 
 

@@ -43,14 +43,15 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False) -> Pat
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)}")
     if Path(out).expanduser().exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
-    return export_gguf(load_model(spec, dtype="float32").model, out, qtype, overwrite=overwrite)
+    loaded = load_model(spec, dtype="float32")
+    return export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite)
 
 
 def cmd_export(args) -> None:
     if args.format == "gguf":
         out = export_gguf_file(args.model, args.out, args.type, args.overwrite)
-        print(f"wrote        {out}  (GGUF {args.type}; no tokenizer inside: load the weights with "
-              "transformers' from_pretrained(folder, gguf_file=...))")
+        print(f"wrote        {out}  (GGUF {args.type}; loads with transformers' "
+              "from_pretrained(folder, gguf_file=...) and llama.cpp)")
         return
     out = export_folder(args.model, args.out, args.format, args.overwrite)
     print(f"wrote        {out}  ({args.format}; loads with transformers' "
@@ -65,7 +66,8 @@ def add_export(sub) -> None:
     e.add_argument("--format", choices=EXPORT_FORMATS, default="compressed-tensors",
                    help="the output format (default compressed-tensors)")
     e.add_argument("--type", default="Q8_0", help="gguf: the llama.cpp type (Q8_0, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1, F16, BF16, F32; default Q8_0)")
+                   "Q5_0, Q5_1, Q4_K, F16, BF16, F32; default Q8_0; Q4_K stores rows that are not "
+                   "a multiple of 256 as Q5_0)")
     e.add_argument("--out", required=True, help="output folder (gguf: file), written complete "
                    "or not at all (required)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

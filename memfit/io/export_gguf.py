@@ -12,16 +12,24 @@ Norms and other 1-D tensors are stored as F32, as llama.cpp's converter does.
 Scope: Llama-family decoders (llama, mistral: no biases) with the names of
 `gguf.get_tensor_name_map`; q_proj/k_proj rows are permuted into llama.cpp's rotary layout
 (the inverse of what transformers' GGUF loader undoes). The types are those `gguf.quants` can
-quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and F16/BF16/F32; the K-quants (Q4_K, ...) are refused
-(gguf's Python package does not quantize them, and SmolLM2's 576-wide rows are not whole 256
-blocks). No tokenizer is embedded: transformers loads the weights with
-`from_pretrained(folder, gguf_file=...)` and the tokenizer from the memfit folder; llama.cpp,
-which needs one in the file, cannot run this file yet.
+quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and F16/BF16/F32, plus Q4_K, which memfit quantizes itself
+(memfit.io.gguf_kquants). A K-quant stores rows in 256-wide super-blocks; a tensor whose rows are
+not a whole number of them (every 576-wide row of SmolLM2-135M: all but down_proj) is stored as
+the fallback type of K_FALLBACK instead (Q4_K -> Q5_0, the choice llama.cpp's own quantizer makes
+for such rows), and the export says how many tensors fell back and why. Other K-quants are
+refused.
+
+The tokenizer is embedded when it is a byte-level BPE (the `gpt2` tokenizer model of GGUF:
+tokens, their types, merges, special ids, chat template), so transformers' GGUF loader and
+llama.cpp get it from the file; no `tokenizer.ggml.pre` is written (llama.cpp then warns and
+pre-tokenizes with its default rules; token ids given directly are unaffected). Other
+tokenizers are left out and the export says so.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,10 @@ from torch import nn
 from memfit.errors import UserError
 from memfit.io.modules import describe_modules
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32")
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "F16", "BF16", "F32")
+K_FALLBACK = {"Q4_K": "Q5_0"}  # rows that are not whole 256-wide super-blocks
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+              "Q4_K": 14, "BF16": 32}  # llama.cpp's LlamaFileType (Q4_K: MOSTLY_Q4_K_S)
 _ARCHS = ("llama", "mistral")
 
 
@@ -100,23 +111,76 @@ def _tensors(model: nn.Module, qtype) -> list[tuple[str, np.ndarray, object]]:
         if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             out.append((gname, arr.astype(np.float32), gguf.GGMLQuantizationType.F32))
             continue
-        try:
-            data = gguf.quants.quantize(arr, qtype)
-        except gguf.QuantError as e:
-            raise UserError(f"cannot store {key} {tuple(t.shape)} as {qtype.name} ({e}); choose "
-                            f"another --type ({', '.join(GGUF_TYPES)}); nothing written") from None
-        out.append((gname, data, qtype))
+        out.append((gname, *_quantize(key, arr, qtype)))
     return out
 
 
-def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, overwrite: bool = False) -> Path:
-    """Write `model` (memfit modules dequantized, then quantized to `qtype`) as a GGUF file,
-    through a temporary name renamed when complete. -> the file."""
+def _quantize(key: str, arr: np.ndarray, qtype) -> tuple[np.ndarray, object]:
+    """One 2-D tensor -> (bytes or array, the type it is stored as): `qtype`, or for a K-quant
+    with rows that are not whole super-blocks its K_FALLBACK type."""
+    import gguf
+
+    from memfit.io.gguf_kquants import QK_K, quantize_q4_k
+
+    if qtype.name in K_FALLBACK:
+        if arr.shape[-1] % QK_K == 0:
+            return quantize_q4_k(arr), qtype
+        qtype = gguf.GGMLQuantizationType[K_FALLBACK[qtype.name]]
+    try:
+        return gguf.quants.quantize(arr, qtype), qtype
+    except gguf.QuantError as e:
+        raise UserError(f"cannot store {key} {tuple(arr.shape)} as {qtype.name} ({e}); choose "
+                        f"another --type ({', '.join(GGUF_TYPES)}); nothing written") from None
+
+
+def fallbacks(tensors: list, qtype: str) -> list[str]:
+    """The GGUF names of the matrices stored as another type than `qtype` (K-quant fallback)."""
+    return [name for name, data, raw in tensors if data.ndim == 2 and raw.name != qtype]
+
+
+def _tokenizer_metadata(writer, tokenizer) -> bool:
+    """Embed a byte-level BPE tokenizer (GGUF's `gpt2` model); -> False for any other kind."""
+    import json
+
+    back = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(back.to_str()) if back is not None else {}
+    if spec.get("model", {}).get("type") != "BPE" or \
+            (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return False
+    vocab = tokenizer.get_vocab()
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)], []
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    ids = set(vocab.values())
+    for i in range(len(tokens)):  # 1 normal, 3 control, 4 user-defined, 5 unused
+        a = added.get(i)
+        types.append(5 if i not in ids else 1 if a is None else 3 if a.get("special") else 4)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for what, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{what}_token_id")(tid)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return True
+
+
+def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=None,
+                overwrite: bool = False) -> Path:
+    """Write `model` (memfit modules dequantized, then quantized to `qtype`) and `tokenizer`
+    (when given and byte-level BPE) as a GGUF file, through a temporary name renamed when
+    complete. -> the file."""
     import gguf
 
     if qtype not in GGUF_TYPES:
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)} "
-                        "(the K-quants are not quantized by the gguf package)")
+                        "(of the K-quants memfit writes Q4_K only)")
     arch = getattr(model.config, "model_type", None)
     if arch not in _ARCHS:
         raise UserError(f"GGUF export supports {', '.join(_ARCHS)} models, not {arch!r}; "
@@ -128,13 +192,20 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, overwrite: b
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
     tensors = _tensors(model, gguf.GGMLQuantizationType[qtype])
+    fell = fallbacks(tensors, qtype)
+    if fell:
+        print(f"memfit: GGUF {qtype}: {len(fell)} of {sum(d.ndim == 2 for _, d, _ in tensors)} "
+              f"matrices stored as {K_FALLBACK[qtype]} (rows not a multiple of 256), e.g. "
+              f"{fell[0]}", file=sys.stderr, flush=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _metadata(writer, model.config)
-        writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8,
-                              "Q5_1": 9, "BF16": 32}[qtype])
+        if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
+            print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
+                  file=sys.stderr, flush=True)
+        writer.add_file_type(_FILE_TYPE[qtype])
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()

@@ -71,12 +71,74 @@ def test_awq_output_error_never_above_rtn_for_every_group(tiny_llama_dir):
     rep = compress_(m, Recipe(quant=RTN(format=FMT, awq=True)), _calib(), progress=False)
     entries = [e["awq"] for e in rep["layers"] if "awq" in e]
     searched = [a for a in entries if "alpha" in a]
-    skipped = [a for a in entries if "skipped" in a]
-    assert len(searched) == 3 * 2 and len(skipped) == 2  # o_proj: the tiny model has GQA
-    assert "grouped-query" in skipped[0]["skipped"]
+    assert len(searched) == 4 * 2 and len(entries) == 8  # o_proj too: tied over the GQA heads
+    assert [a["tied"] for a in searched[:4]] == [False, True, False, False]
+    assert [a["measured"] for a in searched[:4]] == ["linear outputs"] * 2 + ["mlp"] + \
+        ["linear outputs"]
     for a in searched:
         assert a["output_error"] <= a["rtn_output_error"]
     assert any(a["alpha"] > 0 for a in searched)
+
+
+def test_gqa_tied_fold_leaves_the_float_function_unchanged(tiny_config):
+    from memfit.awq import _gqa_tie
+    torch.manual_seed(0)  # 4 query heads of 16 read 2 value heads: o_proj 64 in, v_proj 32 out
+    model = AutoModelForCausalLM.from_config(tiny_config()).eval()
+    ids = _calib(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    block = model.model.layers[0]
+    tie = _gqa_tie(block, "self_attn.v_proj", 32, 64)
+    assert tie[:16].tolist() == list(range(16)) and tie[16:32].tolist() == list(range(16))
+    assert tie[32:48].tolist() == list(range(16, 32))  # query heads 2, 3 read value head 1
+    src = torch.rand(32, generator=G(9)) * 4 + 0.25
+    fold_(block.self_attn.v_proj, [block.self_attn.o_proj], src[tie], src)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+    assert _gqa_tie(block, "self_attn.v_proj", 24, 64) is None  # not a whole number of heads
+
+
+def test_search_with_gptq_and_patience_never_above_plain_gptq():
+    from memfit.algos.gptq import gptq
+    from memfit.formats.grid import dequantize
+    x = _outlier_inputs()
+    w = torch.randn(96, 128, generator=G(4)) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    calls = []
+
+    def quantize(ws, fmt, hs):
+        calls.append(1)
+        r = gptq(ws, hs, fmt, act_order=True)
+        return dequantize(r.codes, r.scale, r.zero, fmt)
+    res = search_scale([(w, FMT)], x.abs().mean(0), h, alphas(20), quantize=quantize, patience=2)
+    plain = quantize(w, FMT, h)
+    assert res.rtn_error == pytest.approx(output_error(w, plain, h), rel=1e-5)  # α = 0: GPTQ
+    assert res.error <= res.rtn_error
+    assert len(calls) - 1 < 20 and len(calls) - 1 <= round(res.alpha * 19) + 4  # it stopped
+    duo = search_scale([(w, FMT)], x.abs().mean(0), h, alphas(20), duo=True)
+    assert duo.error <= search_scale([(w, FMT)], x.abs().mean(0), h, alphas(20)).error
+
+
+def test_module_loss_is_the_mlp_output_error(tiny_config):
+    from memfit.awq import _AWQStat, _module_loss
+    torch.manual_seed(0)
+    mlp = AutoModelForCausalLM.from_config(tiny_config()).model.layers[0].mlp
+    block = torch.nn.Module()
+    block.mlp = mlp
+    stat = _AWQStat(64, "cpu", 1, keep=2)
+    x = torch.randn(2, 10, 64, generator=G(2))
+    stat.update(x)
+    loss = _module_loss(block, "mlp", ["mlp.gate_proj", "mlp.up_proj"], stat)
+    w = [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
+    assert loss(w) == 0.0
+    w2 = [w[0] * 0.9, w[1]]
+    kept = x.reshape(-1, 64)[::2]
+    with torch.no_grad():
+        ref = mlp(kept)
+        mlp.gate_proj.weight.mul_(0.9)
+        want = float(((mlp(kept) - ref) ** 2).sum() / kept.shape[0])
+    assert loss(w2) == pytest.approx(want, rel=1e-5)
 
 
 def test_awq_gptq_composes_and_save_reload(tiny_llama_dir, tmp_path):
@@ -85,8 +147,13 @@ def test_awq_gptq_composes_and_save_reload(tiny_llama_dir, tmp_path):
     recipe = Recipe(quant=GPTQ(format=FMT, awq=True))
     rep = compress_(m, recipe, _calib(), progress=False)
     assert rep["modules"] == 14
-    assert not torch.equal(m.model.layers[0].input_layernorm.weight,
-                           ref.model.layers[0].input_layernorm.weight)  # scales were folded
+    searched = [e["awq"] for e in rep["layers"] if "awq" in e]
+    assert len(searched) == 8 and all(a["output_error"] <= a["rtn_output_error"] for a in searched)
+    assert all("clip" not in a for a in searched) == (not recipe.quant.awq_clip)
+    norms = [(lay.input_layernorm.weight, r.input_layernorm.weight) for lay, r in
+             zip(m.model.layers, ref.model.layers)]
+    assert any(not torch.equal(a, b) for a, b in norms) == any(
+        a["alpha"] > 0 for a, e in zip(searched, range(8)) if e % 4 == 0)  # folded iff α > 0
     out = memfit.save(m, None, tmp_path / "out", recipe=rep["recipe"], dense_dtype="keep")
     back = memfit.load(out).model
     ids = _calib(2, 16)
@@ -104,6 +171,9 @@ def test_recipe_round_trip_and_bad_input(tiny_config):
         RTN(awq=True, awq_max_alpha=0.0)
     with pytest.raises(UserError, match="awq_grid"):
         RTN(awq=True, awq_grid=1)
+    with pytest.raises(UserError, match="awq_duo='yes' must be true or false"):
+        RTN(awq=True, awq_duo="yes")
+    assert Recipe.from_dict({"quant": {"algo": "rtn", "awq": True, "awq_duo": True}}).quant.awq_duo
     with pytest.raises(UserError, match="awq"):
         Recipe.from_dict({"prune": {"method": "wanda"}, "quant": {"awq": True}})
     torch.manual_seed(0)

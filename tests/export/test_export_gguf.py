@@ -1,7 +1,8 @@
 """GGUF export (memfit.io.export_gguf) of a tiny Llama compressed to int8 per channel: the file
 reads back with `gguf` (names, types, metadata), loads with transformers' GGUF loader, F32 gives
 memfit's logits exactly (names and the rotary permutation are right), Q8_0 within 1e-2, Q4_0's
-extra loss is measured (KLD printed, bounded); unsupported types/architectures are refused with
+extra loss is measured (KLD printed, bounded); Q4_K (memfit's own quantizer) reads back through
+gguf's dequantizer, and rows that are not whole 256-wide super-blocks fall back to Q5_0; unsupported types/architectures are refused with
 nothing written."""
 
 import pytest
@@ -53,8 +54,8 @@ def test_gguf_reads_back_and_matches_memfit(w8, tmp_path):
 
 
 def test_refusals_write_nothing(w8, tmp_path, save_tiny):
-    with pytest.raises(UserError, match="Q4_K"):
-        export_gguf(w8.model, tmp_path / "a.gguf", "Q4_K")
+    with pytest.raises(UserError, match="Q6_K"):
+        export_gguf(w8.model, tmp_path / "a.gguf", "Q6_K")
     g = load_model(str(save_tiny(tmp_path / "gpt2", "gpt2", n_embd=64, n_layer=2, n_head=4,
                                  n_positions=128)))
     with pytest.raises(UserError, match="supports llama, mistral models, not 'gpt2'"):
@@ -69,3 +70,60 @@ def test_cli_export_gguf(tmp_path, tiny_llama_dir, capsys):
     assert "GGUF Q8_0" in capsys.readouterr().out and out.stat().st_size > 0
     assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_q4_k_bytes_decode_with_gguf_and_beat_q4_0():
+    import gguf
+    import numpy as np
+
+    from memfit.io.gguf_kquants import quantize_q4_k
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 512)) * 0.05).astype(np.float32)
+    w[3, 7], w[5] = 1.0, 0.0  # an outlier; an all-zero row
+    data = quantize_q4_k(w)
+    assert data.shape == (48, 2 * 144) and data.dtype == np.uint8
+    back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_K)
+    assert np.array_equal(back[5], np.zeros(512, np.float32))
+    errs = {"Q4_K": float(((back - w) ** 2).mean())}
+    for t in ("Q4_0", "Q4_1"):
+        qt = gguf.GGMLQuantizationType[t]
+        errs[t] = float(((gguf.quants.dequantize(gguf.quants.quantize(w, qt), qt) - w) ** 2).mean())
+    print(errs)  # Q4_K: 4.5 bits a weight, Q4_0 4.5, Q4_1 5
+    assert errs["Q4_K"] < errs["Q4_0"] and errs["Q4_K"] < 1.1 * errs["Q4_1"]
+    with pytest.raises(ValueError, match="256"):
+        quantize_q4_k(w[:, :320])
+
+
+def test_q4_k_export_falls_back_per_tensor(tmp_path, save_tiny, capsys):
+    import gguf
+
+    src = save_tiny(tmp_path / "wide", hidden_size=256, intermediate_size=320,
+                    num_attention_heads=4, num_key_value_heads=2)
+    m = load_model(str(src))
+    ids = torch.randint(0, 30522, (2, 32), generator=torch.Generator().manual_seed(0))
+    path = export_gguf(m.model, tmp_path / "m.gguf", "Q4_K")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.ffn_gate.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down.weight"] == "Q5_0"  # 320-wide rows: not whole super-blocks
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert "2 of" in capsys.readouterr().err  # the two ffn_down matrices fell back
+    kld = evaluate_lm(_load_gguf(path), ids, ref=m.model, progress=False)["kld"]
+    print(f"Q4_K of the float model: KLD {kld:.2e}")
+    assert 0 < kld < 0.05
+
+
+def test_bpe_tokenizer_is_embedded_and_others_are_said_left_out(tiny_llama_dir, tmp_path,
+                                                                capsys):
+    from transformers import AutoTokenizer
+
+    from memfit.models import resolve
+    m = load_model(str(tiny_llama_dir))  # its tokenizer is WordPiece: left out, and said so
+    export_gguf(m.model, tmp_path / "w.gguf", "Q8_0", tokenizer=m.tokenizer)
+    assert "holds no tokenizer" in capsys.readouterr().err
+    _, default = resolve("default")  # the embedded model's byte-level BPE tokenizer
+    bpe = AutoTokenizer.from_pretrained(str(default.parent), gguf_file=default.name)
+    path = export_gguf(m.model, tmp_path / "t.gguf", "Q8_0", tokenizer=bpe)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = "Hello world, 12 apples! <|im_start|>user"
+    assert back(text)["input_ids"] == bpe(text)["input_ids"]
+    assert back.eos_token_id == bpe.eos_token_id and len(back) == len(bpe)
