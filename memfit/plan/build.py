@@ -14,9 +14,7 @@ build fails, nothing is written and the error says what failed and what would pa
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,13 +66,11 @@ def _assemble(plan, sol):
 
 
 def _measure_memory(folder: Path, plan) -> dict:
+    from memfit.plan.measure import in_fresh_process
+
     t = plan.target
-    cmd = [sys.executable, "-m", "memfit.plan.measure", str(folder), "--context", str(t.context),
-           "--batch", str(t.batch), "--kv", plan.kv, "--device", t.device]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"measuring {folder} failed: {r.stderr.strip()[-800:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return in_fresh_process(str(folder), "--context", str(t.context), "--batch", str(t.batch),
+                            "--kv", plan.kv, "--device", t.device)
 
 
 def _stored_weight_bytes(folder: Path) -> int:

@@ -17,8 +17,6 @@ the evaluation split measured; it replaces `out` only if both pass.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +37,7 @@ from memfit.plan.menu import (
     resident_bytes,
     table_modules,
 )
+from memfit.plan.measure import in_fresh_process
 from memfit.plan.probe import (
     ProbeReference,
     calib_windows,
@@ -216,20 +215,6 @@ class Plan:
     def report(self, folder, *, curve: bool = True) -> dict:
         from memfit.plan.report import write_report
         return write_report(self, folder, curve=curve)
-
-
-def _overhead(source: str, target: Target, kvs: list[str]) -> dict:
-    """The runtime's own memory and, for each KV precision, the forward's peak growth at the
-    target's context and batch, measured on the unmodified model in a fresh process
-    (memfit.plan.measure --overhead --forward)."""
-    import json
-    r = subprocess.run([sys.executable, "-m", "memfit.plan.measure", source, "--overhead",
-                        "--forward", "--kv", ",".join(kvs), "--context", str(target.context),
-                        "--batch", str(target.batch), "--device", target.device],
-                       capture_output=True, text=True, timeout=3600, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"measuring the runtime memory failed: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _table_units(model, sens_tables: dict, cands: dict, tied: bool, device, dtype) -> list[Unit]:
@@ -425,7 +410,9 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
         # peak within 2% on the default model (benchmarks/RESULTS.md).
         kvs = ["none"] if encoder else (["none", "int8", "int4"] if kv == "auto" else [kv])
         _say(o, f"runtime memory: measured in a fresh process ({', '.join(kvs)} KV cache)")
-        measured = _overhead(loaded.source, target, kvs)
+        measured = in_fresh_process(loaded.source, "--overhead", "--forward", "--kv",
+                                    ",".join(kvs), "--context", str(target.context),
+                                    "--batch", str(target.batch), "--device", target.device)
         fixed["overhead"], fixed["forward"] = measured["baseline_bytes"], measured["forward_bytes"]
     if budget is None:
         budget = default_budget(units, fixed, kind)

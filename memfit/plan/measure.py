@@ -22,6 +22,17 @@ import json
 import sys
 
 
+def in_fresh_process(model: str, *args: str) -> dict:
+    """This module's JSON result for `model` with `args`, measured in a fresh Python process."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "memfit.plan.measure", model, *args],
+                       capture_output=True, text=True, timeout=3600, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring {model} failed: {r.stderr.strip()[-800:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _rss(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
