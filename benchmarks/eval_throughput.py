@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from memfit.eval.memory import reset_peak_rss
+
 PPL_RTOL = 1e-4
 RSS_HEADROOM = 1.5e9
 THROUGHPUT_TARGET = 0.9
@@ -38,16 +40,6 @@ THROUGHPUT_TARGET = 0.9
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) so the scoring phase can be read alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _vm_hwm() -> int:
@@ -76,13 +68,13 @@ def child(method: str, model_spec: str, seq_len: int, n_windows: int) -> dict:
     warm = wins[:1, :128]
     if method == "memfit":
         evaluate_lm(model, warm, progress=False)
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         res = evaluate_lm(model, wins, progress=False)
         nll, seconds = res["nll"], res["seconds"]
     else:
         with torch.inference_mode():
             model(warm, labels=warm)
-            reset = _reset_peak_rss()
+            reset = reset_peak_rss()
             losses, t0 = [], time.perf_counter()
             for i in range(wins.shape[0]):
                 ids = wins[i:i + 1]  # (1, seq_len)

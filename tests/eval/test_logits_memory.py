@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memfit.eval.lm import evaluate_lm
+from memfit.eval.memory import reset_peak_rss
 
 VOCAB, CHUNK = 250_000, 256
 SLAB = CHUNK * VOCAB * 4
@@ -15,15 +16,6 @@ SLAB = CHUNK * VOCAB * 4
 def _rss(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("with_ref,slabs", [(False, 1), (True, 2)])
@@ -36,7 +28,7 @@ def test_eval_holds_one_slab_per_model(tiny_config, with_ref, slabs):
         num_attention_heads=2, num_key_value_heads=1)).eval()
     ids = torch.randint(0, VOCAB, (1, CHUNK + 1), generator=torch.Generator().manual_seed(1))
     evaluate_lm(model, ids, ref=model if with_ref else None, chunk=CHUNK, progress=False)  # warm up
-    if not _reset_peak():
+    if not reset_peak_rss():
         pytest.skip("this kernel does not let a process reset its peak RSS")
     base = _rss("VmRSS")
     evaluate_lm(model, ids, ref=model if with_ref else None, chunk=CHUNK, progress=False)
