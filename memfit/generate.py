@@ -15,6 +15,7 @@ import threading
 import torch
 
 from memfit.errors import UserError
+from memfit.models import input_device
 
 
 def build_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> str:
@@ -46,7 +47,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError("use --temperature >= 0 and 0 < --top-p <= 1")
     text = build_prompt(tokenizer, prompt, chat=chat)
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False,
                     add_special_tokens=not text.startswith(tokenizer.bos_token or "\0")).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -54,7 +55,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     fmt = kv_format(kv)
     if fmt is not None:
-        fused = device.type == "cuda"
+        fused = device.type == "cuda" and getattr(model, "memfit_placement", None) is None
         if fused:
             enable_fused_kv_attention(model)
         kwargs[cache_kwarg(model)] = QuantizedKVCache(model.config, fmt, fused=fused)
@@ -63,7 +64,8 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if device.type == "cuda" and temperature == 0 and fmt is None:
+    placed = getattr(model, "memfit_placement", None) is not None  # accelerate's hooks: eager
+    if device.type == "cuda" and temperature == 0 and fmt is None and not placed:
         return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream)
     errors = []
 

@@ -144,6 +144,16 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(location))
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: for a model split by memfit.parallel.place, the device that
+    computes its first part; else the device of its first tensor."""
+    placement = getattr(model, "memfit_placement", None)
+    if placement is None:
+        return next(model.parameters()).device
+    first = next(iter(placement.device_map.values()))
+    return torch.device(first if first.startswith("cuda") else placement.main)
+
+
 def skeleton(spec: str, *, trust_remote_code: bool = False):
     """The model of `spec` built from its config on the meta device (no weights read): for
     checks that must fail before a long load. -> (model, arch, memfit metadata or None)."""

@@ -24,3 +24,16 @@ def add_kv(p) -> None:
                    help="quantized KV cache (memfit.kvcache): keys per channel and values per "
                         "token in groups of 32, the 128 most recent tokens kept dense "
                         "(default none: the model's own cache)")
+
+
+def add_place(p, context: bool = True) -> None:
+    """--place (memfit.parallel.place); with `context`, also the --context/--batch it plans for."""
+    p.add_argument("--place", help="split the model over devices, in order, e.g. "
+                   "cuda:0=20GB,cuda:1=20GB,cpu or cpu=2GB,disk: blocks go to the first device "
+                   "with room (weights + KV cache + activations); those on cpu (beside a GPU) or "
+                   "disk are offloaded and computed on the first GPU, or the CPU")
+    if context:
+        p.add_argument("--context", type=int, default=2048,
+                       help="with --place: the tokens the KV cache is planned for (default 2048)")
+        p.add_argument("--batch", type=int, default=1,
+                       help="with --place: sequences at once the plan makes room for (default 1)")

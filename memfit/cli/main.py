@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from memfit.cli.common import add_bos, add_dtype_device, add_kv
+from memfit.cli.common import add_bos, add_dtype_device, add_kv, add_place
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.cli.fit import add_fit
@@ -47,8 +47,27 @@ def _positive(name: str):
 
 def _load(args):
     from memfit.models import load_model
+    if getattr(args, "place", None):
+        return _load_placed(args)
     return load_model(args.model, dtype=args.dtype, device=args.device,
                       trust_remote_code=args.trust_remote_code)
+
+
+def _load_placed(args, dispatch: bool = True):
+    """--place: plan the split, print what each device will hold, and (unless only
+    inspecting) load the model that way (memfit.parallel.place)."""
+    from memfit.eval.memory import reset_peak_rss
+    from memfit.kvcache import kv_format
+    from memfit.parallel.place import load_placed, parse_devices
+
+    if args.device != "cpu":
+        raise UserError("--place chooses the devices itself; drop --device")
+    m, placement = load_placed(args.model, parse_devices(args.place), dtype=args.dtype,
+                               context=args.context, batch=args.batch, kv_format=kv_format(args.kv),
+                               trust_remote_code=args.trust_remote_code, dispatch=dispatch)
+    print(placement.table(), file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    reset_peak_rss()  # the run's peak from here: what stays resident, not the load's
+    return m
 
 
 def cmd_eval(args) -> None:
@@ -59,10 +78,17 @@ def cmd_eval(args) -> None:
     if args.ref:
         ref = load_model(args.ref, dtype=args.dtype, device=args.device,
                          trust_remote_code=args.trust_remote_code)
-    res = run_eval(_load(args), ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
+    m = _load(args)
+    res = run_eval(m, ref=ref, data=args.data, split=args.split, seq_len=args.seq_len,
                    max_tokens=args.max_tokens, batch_size=args.batch_size, bos=args.bos,
                    kv=args.kv, progress=not args.json)
     res["model"] = args.model  # what the user typed; model_path holds what it resolved to
+    placement = getattr(m.model, "memfit_placement", None) if args.place else None
+    if placement is not None:
+        from memfit.parallel.place import measured_peaks
+        res["placement"], res["placement_peaks"] = placement.to_dict(), measured_peaks(placement)
+        if res["peak_memory_kind"] == "process_peak_rss":
+            res["peak_memory_kind"] = "process_peak_rss after loading"
     if args.ref:
         res["ref"] = args.ref
     if args.json:
@@ -83,6 +109,8 @@ def cmd_eval(args) -> None:
                   f"reference perplexity {res['ref_perplexity']:.4f}  ({args.ref})")
     print(f"speed        {res['tokens_per_second']:.0f} tokens/s    "
           f"peak memory {human_bytes(res['peak_memory_bytes'])} ({res['peak_memory_kind']})")
+    for dev, peak in res.get("placement_peaks", {}).items():
+        print(f"measured     {dev}: peak {human_bytes(peak)}")
 
 
 def cmd_inspect(args) -> None:
@@ -93,6 +121,9 @@ def cmd_inspect(args) -> None:
     if args.kv_dtype and kv_dtype is None:
         raise UserError(f"unknown --kv-dtype {args.kv_dtype!r}; use one of {', '.join(DTYPES)}")
     from memfit.kvcache import kv_format
+    if args.place:
+        _load_placed(args, dispatch=False)  # prints what each device will hold
+        return
     info = inspect_model(_load(args).model, context=args.context, batch=args.batch, kv_dtype=kv_dtype,
                          kv_format=kv_format(args.kv))
     if args.json:
@@ -124,6 +155,9 @@ def cmd_generate(args) -> None:
     from memfit.generate import generate
     from memfit.parallel.tp import tp_session
 
+    if args.place and args.tp > 1:
+        raise UserError("--place splits the model by blocks in one process; --tp splits every "
+                        "layer across ranks: use one of them")
     with tp_session(args.tp, args.device) as tp:  # --tp N: one torchrun rank per shard
         args.device = tp.device
         m = _load(args)
@@ -167,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per forward pass (default 1)")
     add_bos(e)
     add_kv(e)
+    add_place(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
@@ -178,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences at once (default 1)")
     i.add_argument("--kv-dtype", help="KV cache dtype (default: the model's)")
     add_kv(i)
+    add_place(i, context=False)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
@@ -192,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_kv(g)
+    add_place(g)
     g.add_argument("--tp", type=_positive("--tp"), default=1,
                    help="tensor-parallel ranks; run under `torchrun --nproc-per-node N` with "
                    "--tp N (rank 0 prints; default 1)")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from memfit.errors import UserError
 from memfit.eval.memory import PeakMemory
+from memfit.models import input_device
 
 MARGIN = 0.01  # cosine gap between a query's reference top-1 and top-2 that counts as "clear"
 MIN_WORDS = 5  # a held-apart sentence has at least this many words (not a heading or signature)
@@ -54,7 +55,7 @@ def held_apart(source: str = "builtin", split: str = "eval", n: int = 256) -> li
 def embed(model, tokenizer, sentences: list[str], *, batch_size: int = 32,
           max_length: int = 256, progress: bool = False) -> torch.Tensor:
     """(n, hidden) float32 mean-pooled embeddings."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for b in tqdm(range(0, len(sentences), batch_size), disable=not progress, leave=False,
                   desc="embed"):
@@ -106,7 +107,7 @@ def compare(emb: torch.Tensor, ref_emb: torch.Tensor) -> dict:
 def evaluate_encoder(model, tokenizer, sentences: list[str], *, ref=None, batch_size: int = 32,
                      progress: bool = True) -> dict:
     """Throughput and peak memory; with `ref` (model, tokenizer) also cosine similarity."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     with PeakMemory(device) as peak:
         t0 = time.perf_counter()
         emb = embed(model, tokenizer, sentences, batch_size=batch_size, progress=progress)

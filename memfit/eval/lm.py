@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from memfit.eval.memory import PeakMemory
+from memfit.models import input_device
 
 
 def head_logits(head, h: torch.Tensor, config) -> torch.Tensor:
@@ -110,7 +111,7 @@ def evaluate_lm(model, windows: torch.Tensor, *, ref=None, batch_size: int = 1, 
     `kv_format` (memfit.kvcache.KVFormat): the model (not the reference) runs `kv_step` tokens at a
     time through a quantized KV cache; the reference keeps full-precision attention.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     n, seq_len = windows.shape
     sums = {"nll": 0.0, "ref_nll": 0.0, "kld": 0.0, "top1": 0.0}
     tokens, fwd_seconds = 0, 0.0
