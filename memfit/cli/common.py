@@ -31,7 +31,7 @@ def add_place(p, context: bool = True) -> None:
     p.add_argument("--place", help="split the model over devices, in order, e.g. "
                    "cuda:0=20GB,cuda:1=20GB,cpu or cpu=2GB,disk: blocks go to the first device "
                    "with room (weights + KV cache + activations); those on cpu (beside a GPU) or "
-                   "disk are offloaded and computed on the first GPU, or the CPU")
+                   "disk are offloaded and computed on the first GPU, or the CPU (default: one device, --device)")
     if context:
         p.add_argument("--context", type=int, default=2048,
                        help="with --place: the tokens the KV cache is planned for (default 2048)")

@@ -56,7 +56,7 @@ def _load(args):
 def _load_placed(args, dispatch: bool = True):
     """--place: plan the split, print what each device will hold, and (unless only
     inspecting) load the model that way (memfit.parallel.place)."""
-    from memfit.eval.memory import reset_peak_rss
+    from memfit.eval.memory import reset_peak_rss, rss_peak_bytes
     from memfit.kvcache import kv_format
     from memfit.parallel.place import load_placed, parse_devices
 
@@ -66,6 +66,8 @@ def _load_placed(args, dispatch: bool = True):
                                context=args.context, batch=args.batch, kv_format=kv_format(args.kv),
                                trust_remote_code=args.trust_remote_code, dispatch=dispatch)
     print(placement.table(), file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    if m is not None:
+        m.model.memfit_load_peak = rss_peak_bytes()
     reset_peak_rss()  # the run's peak from here: what stays resident, not the load's
     return m
 
@@ -87,6 +89,7 @@ def cmd_eval(args) -> None:
     if placement is not None:
         from memfit.parallel.place import measured_peaks
         res["placement"], res["placement_peaks"] = placement.to_dict(), measured_peaks(placement)
+        res["load_peak_rss"] = m.model.memfit_load_peak
         if res["peak_memory_kind"] == "process_peak_rss":
             res["peak_memory_kind"] = "process_peak_rss after loading"
     if args.ref:
@@ -111,6 +114,8 @@ def cmd_eval(args) -> None:
           f"peak memory {human_bytes(res['peak_memory_bytes'])} ({res['peak_memory_kind']})")
     for dev, peak in res.get("placement_peaks", {}).items():
         print(f"measured     {dev}: peak {human_bytes(peak)}")
+    if "load_peak_rss" in res:
+        print(f"loading      process peak RSS {human_bytes(res['load_peak_rss'])} (before the run)")
 
 
 def cmd_inspect(args) -> None:

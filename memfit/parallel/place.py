@@ -286,9 +286,12 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
     if found is None:
         if assign(len(parts) + 1) is None and "disk" not in [d.name for d in devices]:
             raise UserError(_no_room(size, devices, sum(kv_layer), act))
-        raise UserError(f"--place: {main} computes the offloaded blocks and has no room for "
-                        "their KV cache, activations and staging beside the rest: give it more "
-                        "memory or use a shorter --context")
+        least = sum(kv_layer) + act + max(size[p] + (prepared[p] if main == "cpu" else 0)
+                                          for p in parts)
+        raise UserError(f"--place: {main} computes the offloaded parts and needs at least "
+                        f"{human_bytes(least)} for the KV cache, activations and the largest "
+                        f"part staged at --context {context}: give {main} more memory or use a "
+                        "shorter --context")
     shares, where = found
     return Placement(shares=shares, device_map={p: shares[where[p]].device.name for p in parts},
                      main=main, context=context, batch=batch)
