@@ -368,8 +368,11 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     from memfit.io.export_ct import is_memfit_ct
     from memfit.models import _convert_gguf, load_model, resolve
 
+    from memfit.eval.memory import steady_malloc
+
     main = next((d.name for d in devices if d.computes), "cpu")
     torch_dtype = pick_dtype(dtype, main)
+    steady_malloc()  # offloaded weights come and go every forward: give their pages back
     kind, location = resolve(spec)
     if kind == "gguf":
         location = _convert_gguf(location)
