@@ -49,7 +49,8 @@ def cmd_train(args) -> None:
         steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
         samples=args.samples, data=args.data, split=args.split, ac=args.ac, optim=args.optim,
         offload_optimizer=args.offload_optimizer, grad_comm=args.grad_comm,
-        powersgd_rank=args.powersgd_rank, precision=args.precision, teacher=args.teacher,
+        powersgd_rank=args.powersgd_rank, precision=args.precision, weights=args.weights,
+        step_in_backward=args.step_in_backward, teacher=args.teacher,
         temperature=args.temperature, device=args.device, seed=args.seed, bos=args.bos,
         overwrite=args.overwrite, progress=not args.json))
     if rep["rank"] != 0:
@@ -92,6 +93,13 @@ def add_train(sub) -> None:
                    "approximation (default 4)")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute dtype (FSDP2 param_dtype); auto: bf16 on CUDA, fp32 on CPU (default auto)")
+    t.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                   help="trained weights kept in float32 (master copy), or in bfloat16 with "
+                   "stochastically rounded updates (2 bytes per weight; needs --optim adamw8bit; "
+                   "default fp32)")
+    t.add_argument("--step-in-backward", action="store_true",
+                   help="one rank: step each parameter as soon as its gradient is complete and "
+                   "free the gradient, so no full set of gradients is ever held (default off)")
     t.add_argument("--teacher", help="distill this model into MODEL (KL on logits) instead of "
                    "plain next-token loss (default: none)")
     t.add_argument("--temperature", type=float, default=1.0, help="KL temperature with --teacher "

@@ -177,5 +177,6 @@ def full_state_dict(engine_model: nn.Module, fsdp: bool) -> dict[str, torch.Tens
         sd = get_model_state_dict(engine_model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
     else:
-        sd = {k: v.detach().cpu() for k, v in engine_model.module.state_dict().items()}
+        plain = getattr(engine_model, "module", engine_model)  # DDP's module, or the objective
+        sd = {k: v.detach().float().cpu() for k, v in plain.state_dict().items()}
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

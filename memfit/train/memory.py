@@ -7,6 +7,8 @@
                   running and the one prefetched) in the compute dtype, + one block's unsharded
                   float32 gradients before its reduce-scatter
     activations = what autograd keeps, per AC mode (below) + the loss's logits chunk
+                  (--step-in-backward: no gradient term; the working set is the largest
+                  parameter's gradient and the 8-bit update's float32 chunk temporaries)
     residual    = int8 and PowerSGD error feedback: a float32 copy of the whole gradient (each
                   rank keeps what it sent and lost, for every destination), 4 P bytes
 
@@ -45,6 +47,7 @@ class Shape:
     intermediate: int
     kv_dim: int          # key/value heads x head dim
     vocab: int
+    largest_param: int = 0  # elements of the largest single parameter (an embedding table)
 
 
 def checkpointed_blocks(layers: int, ac: str) -> list[int]:
@@ -77,9 +80,13 @@ def predict(s: Shape, *, world: int, engine: str, optimizer: str, offload: bool,
     """-> bytes per rank: states, working set, activations, error-feedback residual, total, and
     `weights_bytes` (the resident weights, already allocated before the first step)."""
     shard = world if engine == "fsdp2" else 1
-    per_param = param_bytes + 4 + OPTIM_BYTES[optimizer]  # weights, float32 grads, optimizer
+    # weights, gradients (float32 under FSDP2's reduce; in the weights' dtype otherwise), optimizer
+    grad_bytes = 4 if engine != "single" else 0  # stepped in the backward: never all at once
+    per_param = param_bytes + grad_bytes + OPTIM_BYTES[optimizer]
     states = 0 if offload else round(s.params / shard * per_param)
-    if engine == "fsdp2" and world > 1:
+    if engine == "single":  # the largest parameter's gradient, then its optimizer temporaries
+        working = s.largest_param * param_bytes + 4 * 4 * 1024 * 256  # 4 float32 chunk temps
+    elif engine == "fsdp2" and world > 1:
         working = (s.root_params + 2 * s.block_params) * compute_bytes + s.block_params * 4
     else:  # nothing is gathered: weights are whole already
         working = 0
@@ -112,7 +119,9 @@ def model_shape(model) -> Shape:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    largest = max(p.numel() for p in model.parameters())
     return Shape(params=root + sum(block_sizes), root_params=root, block_params=max(block_sizes),
+                 largest_param=largest,
                  layers=len(blocks), hidden=cfg.hidden_size,
                  intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
                  kv_dim=kv_heads * head_dim, vocab=cfg.vocab_size)

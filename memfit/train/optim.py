@@ -11,6 +11,19 @@ path. The update runs CHUNK_BLOCKS blocks at a time, so its float32 temporaries 
 gradient, the update) stay ~1 MB each instead of the size of the largest tensor (an embedding
 table), which on a CPU would otherwise outweigh the state it saves.
 
+bfloat16 weights (`memfit train --weights bf16`): an AdamW update of ~lr x weight is far below
+bfloat16's resolution (8 significant bits), so rounding the updated weight to nearest would drop
+most updates; the update is computed in float32 and rounded to bfloat16 stochastically (up with
+probability equal to the distance from the lower neighbour), so in expectation every update
+lands. No float32 master copy is kept: 2 bytes per weight instead of 4.
+
+Stepping in the backward pass (`StepInBackward`, `--step-in-backward`): each parameter is
+updated by its own optimizer as soon as its gradient is complete (a post-accumulate-grad hook),
+and the gradient is freed at once, so the whole model's gradients never exist together. AdamW's
+update is per element, so this gives the same weights as stepping after the backward pass; what
+it rules out is anything that needs every gradient first (global-norm clipping, gradient
+accumulation over micro-batches).
+
 Why not torchao's AdamW8bit: torchao 0.18.0 installs from PyPI and did step a world-size-1 FSDP2
 model here (DTensor states), but it is not a memfit dependency, its update goes through
 torch.compile (a C++ build per shape on a CPU), and memfit already carries a tested block-wise
@@ -27,7 +40,8 @@ from memfit.errors import UserError
 OPTIMIZERS = ("adamw", "adamw8bit")
 CHUNK_BLOCKS = 1024  # blocks updated at a time: 256k elements, ~1 MB per float32 temporary
 
-__all__ = ["OPTIMIZERS", "ShardedAdamW8bit", "make_optimizer", "state_nbytes"]
+__all__ = ["OPTIMIZERS", "ShardedAdamW8bit", "StepInBackward", "make_optimizer", "state_nbytes",
+           "stochastic_round_bf16"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -82,9 +96,53 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         denom = v.div(1 - beta2 ** st["step"]).sqrt_().add_(group["eps"])
         if group["weight_decay"]:
             w.mul_(1 - group["lr"] * group["weight_decay"])
-        w.add_(m.div(denom).mul_(-step_size).to(w.dtype))
+        update = m.div(denom).mul_(-step_size)
+        if w.dtype == torch.bfloat16:  # no float32 master copy: round stochastically
+            w.copy_(stochastic_round_bf16(update.add_(w.float())))
+        else:
+            w.add_(update.to(w.dtype))
         st["m"][blocks], st["m_absmax"][blocks] = quantize_blockwise(m, signed=True)
         st["sqrt_v"][blocks], st["v_absmax"][blocks] = quantize_blockwise(v.sqrt_(), signed=False)
+
+
+def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 rounded up with probability (x - lower) / (upper - lower): a random
+    16-bit integer added to the low half of the float32 bits, which are then cut off (exact,
+    unbiased; non-finite values pass through)."""
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    out = ((bits + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+
+
+class StepInBackward:
+    """One optimizer per parameter, stepped from a post-accumulate-grad hook, the gradient freed
+    right after; `step` and `zero_grad` are no-ops for the training loop. `state` merges the
+    per-parameter optimizers' states (for state_nbytes)."""
+
+    def __init__(self, name: str, params, lr: float, weight_decay: float = 0.0):
+        self.optimizers = {}
+        self._hooks = []
+        for p in params:
+            if not p.requires_grad:
+                continue
+            opt = make_optimizer(name, [p], lr, weight_decay)
+            self.optimizers[p] = opt
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._step_one))
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        self.optimizers[p].step()
+        p.grad = None
+
+    @property
+    def state(self) -> dict:
+        return {p: st for opt in self.optimizers.values() for p, st in opt.state.items()}
+
+    def step(self, closure=None):
+        return None if closure is None else closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:

@@ -27,6 +27,7 @@ from memfit.train.memory import AC_MODES
 from memfit.train.optim import OPTIMIZERS
 
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,8 @@ class TrainOptions:
     grad_comm: str = "fp32"      # fp32 | bf16 | int8 | powersgd
     powersgd_rank: int = 4
     precision: str = "auto"      # auto: bf16 on CUDA, fp32 on CPU
+    weights: str = "fp32"        # fp32 master weights, or bf16 (stochastically rounded updates)
+    step_in_backward: bool = False  # one rank: step each parameter as its gradient completes
     teacher: str | None = None
     temperature: float = 1.0
     device: str = "cpu"
@@ -62,7 +65,8 @@ def check_options(o: TrainOptions, out: Path | None, model: str) -> None:
 
     for name, value, allowed in (("--ac", o.ac, AC_MODES), ("--optim", o.optim, OPTIMIZERS),
                                  ("--grad-comm", o.grad_comm, GRAD_COMM),
-                                 ("--precision", o.precision, PRECISIONS)):
+                                 ("--precision", o.precision, PRECISIONS),
+                                 ("--weights", o.weights, WEIGHTS)):
         if value not in allowed:
             raise UserError(f"{name} {value!r} is unknown; use one of {', '.join(allowed)}")
     if o.steps < 1:
@@ -77,6 +81,14 @@ def check_options(o: TrainOptions, out: Path | None, model: str) -> None:
     if o.precision == "bf16" and o.grad_comm == "powersgd" and o.device == "cpu":
         raise UserError("--precision bf16 with --grad-comm powersgd autocasts on CUDA only; "
                         "use --precision fp32 on the CPU")
+    if o.weights == "bf16" and o.optim != "adamw8bit":
+        raise UserError("--weights bf16 needs --optim adamw8bit: its update rounds stochastically "
+                        "into bfloat16 weights (torch's AdamW would round most updates away)")
+    if o.weights == "bf16" and o.precision == "fp32":
+        raise UserError("--weights bf16 computes in bfloat16; drop --precision fp32")
+    if o.step_in_backward and (o.grad_comm != "fp32" or o.offload_optimizer):
+        raise UserError("--step-in-backward steps each parameter on one rank as its gradient "
+                        "completes: drop --grad-comm and --offload-optimizer")
     check_device(o.device)
     if out is not None:
         check_output(Path(out), o.overwrite, (model, o.teacher))
@@ -84,7 +96,8 @@ def check_options(o: TrainOptions, out: Path | None, model: str) -> None:
 
 def _dtypes(o: TrainOptions, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """-> (compute dtype, gradient reduce dtype)."""
-    bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    bf16 = o.precision == "bf16" or o.weights == "bf16" or \
+        (o.precision == "auto" and device.type == "cuda")
     compute = torch.bfloat16 if bf16 else torch.float32
     return compute, torch.bfloat16 if o.grad_comm == "bf16" else torch.float32
 
@@ -105,11 +118,13 @@ def _build(o: TrainOptions, student, teacher, device, compute, reduce_dtype, cou
     """-> (engine model, optimizer, AC block indices, engine name)."""
     from memfit.train import comm
     from memfit.train.engine import Objective, apply_checkpointing_, replicate, shard_
-    from memfit.train.optim import make_optimizer
+    from memfit.train.optim import StepInBackward, make_optimizer
 
     ac_blocks = apply_checkpointing_(student, o.ac)
     objective = Objective(student, teacher, temperature=o.temperature)
-    engine = ENGINE[o.grad_comm]
+    engine = "single" if o.step_in_backward else ENGINE[o.grad_comm]
+    if engine == "single":  # no wrapper: the hooks step every parameter in the backward pass
+        return objective, StepInBackward(o.optim, objective.parameters(), o.lr), ac_blocks, engine
     if engine == "ddp":
         model = replicate(objective, device)
         if o.grad_comm == "powersgd":
@@ -148,7 +163,11 @@ def _inputs(model: str, o: TrainOptions, device, compute, world: int):
     if o.batch_size % world:
         raise UserError(f"--batch-size {o.batch_size} does not split over {world} ranks; "
                         f"use a multiple of {world}")
-    s = _load(model, o, device, torch.float32)  # float32 master weights; FSDP2 casts to compute
+    if o.step_in_backward and world > 1:
+        raise UserError(f"--step-in-backward runs on one rank (FSDP2 steps whole shards after "
+                        f"its reduce-scatter); run it without torchrun, not on {world} ranks")
+    # float32 master weights (FSDP2 casts to the compute dtype), or bfloat16 ones (--weights bf16)
+    s = _load(model, o, device, torch.bfloat16 if o.weights == "bf16" else torch.float32)
     t = _load(o.teacher, o, device, compute) if o.teacher else None
     if t is not None:
         from memfit.distill.run import check_same_tokenizer
@@ -171,7 +190,8 @@ def _predicted(shape, o: TrainOptions, world: int, engine: str, compute, device)
                            compute_bytes=cbytes)
     return predict(shape, world=world, engine=engine, optimizer=o.optim,
                    offload=o.offload_optimizer and device.type == "cuda", compute_bytes=cbytes,
-                   act_bytes=act, grad_comm=o.grad_comm)
+                   act_bytes=act, grad_comm=o.grad_comm,
+                   param_bytes=2 if o.weights == "bf16" else 4)
 
 
 def train_to(model: str, out: str | Path | None, options: TrainOptions | None = None,
@@ -202,7 +222,8 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
         rss_train = rss_now()
         rep = train_loop(engine_model, opt, global_batches(windows, o.batch_size, o.seed, rank, world),
                          steps=o.steps, device=device, counter=counter,
-                         autocast_bf16=engine == "ddp" and compute == torch.bfloat16,
+                         autocast_bf16=engine in ("ddp", "single") and compute == torch.bfloat16
+                         and o.weights == "fp32",
                          progress=o.progress and rank == 0, on_step=on_step)
         entry = {"model": model, **{k: v for k, v in asdict(o).items() if k != "progress"},
                  "world_size": world}
