@@ -2,7 +2,8 @@
 decode speed, and memory, each setting in a fresh process.
 
     OMP_NUM_THREADS=1 python benchmarks/place.py default --place none cpu=400MB,disk
-    python benchmarks/place.py default --place none cuda:0=120MB,cpu --new 64   # on a GPU
+    python benchmarks/place.py /tmp/rl --make-random --tokenizer TOKDIR \
+        --place none cuda:0=2GB,cpu --new 32        # on a GPU: a random 1.3B-shaped Llama
 
 Per setting, one JSON line: the plan (per device), the load's peak RSS, the run's peak RSS
 (reset after loading), peak CUDA allocation per device, decode tokens/s (greedy, `--new` tokens
@@ -61,6 +62,24 @@ def run_one(model: str, place: str, prompt_tokens: int, new: int, context: int) 
     return res
 
 
+def make_random(out: str, tokenizer: str, hidden: int = 2048, layers: int = 16) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 128 or 1,
+                      num_key_value_heads=max(hidden // 512, 1), max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="default")
@@ -69,8 +88,15 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--context", type=int, default=2048, help="the context the plan makes room for")
+    p.add_argument("--make-random", action="store_true", help="first write a random-weight "
+                   "Llama folder (hidden 2048, 16 blocks, bf16) at MODEL, with --tokenizer's files")
+    p.add_argument("--tokenizer", help="a folder with tokenizer files (for --make-random)")
+    p.add_argument("--hidden", type=int, default=2048, help="--make-random's width")
+    p.add_argument("--layers", type=int, default=16, help="--make-random's depth")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.make_random:
+        make_random(a.model, a.tokenizer, a.hidden, a.layers)
     if a.one is not None:
         print(json.dumps(run_one(a.model, a.one, a.prompt_tokens, a.new, a.context)), flush=True)
         return
