@@ -106,7 +106,8 @@ def main() -> None:
                str(a.prompt_tokens), "--new", str(a.new), "--context", str(a.context)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            print(json.dumps({"place": place, "error": r.stderr.strip().splitlines()[-1]}))
+            tb = [ln for ln in r.stderr.strip().splitlines() if "Loading" not in ln]
+            print(json.dumps({"place": place, "error": tb[-1], "traceback": tb[-14:]}))
             continue
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ids"}), flush=True)

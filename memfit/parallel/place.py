@@ -333,10 +333,15 @@ def place_model(model: nn.Module, placement: Placement) -> nn.Module:
 
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its meta-device note
     disk = "disk" in placement.device_map.values()
-    dispatch_model(model, device_map=dict(placement.device_map), main_device=placement.main,
+    dispatch_model(model, device_map=_hf_map(placement), main_device=placement.main,
                    offload_dir=_offload_dir() if disk else None,
                    offload_buffers=True)  # packed codes are buffers: offload them too
     return _finish(model, placement)
+
+
+def _hf_map(placement: Placement) -> dict:
+    """The device map as transformers and accelerate spell it: a GPU by its index."""
+    return {p: int(d[5:]) if d.startswith("cuda:") else d for p, d in placement.device_map.items()}
 
 
 def _finish(model: nn.Module, placement: Placement) -> nn.Module:
@@ -401,7 +406,7 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     disk = "disk" in placement.device_map.values()
     try:
         model = cls.from_pretrained(location, dtype=torch_dtype,
-                                    device_map=dict(placement.device_map),
+                                    device_map=_hf_map(placement),
                                     offload_folder=_offload_dir() if disk else None,
                                     offload_buffers=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
