@@ -154,7 +154,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device(first if first.startswith("cuda") else placement.main)
 
 
-def skeleton(spec: str, *, trust_remote_code: bool = False):
+def skeleton(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
     """The model of `spec` built from its config on the meta device (no weights read): for
     checks that must fail before a long load. -> (model, arch, memfit metadata or None)."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -169,6 +169,7 @@ def skeleton(spec: str, *, trust_remote_code: bool = False):
         del config.quantization_config
     arch = arch_for(config)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
+    kw = {} if dtype is None else {"dtype": dtype}
     with torch.device("meta"):
-        model = cls.from_config(config, trust_remote_code=trust_remote_code)
+        model = cls.from_config(config, trust_remote_code=trust_remote_code, **kw)
     return model, arch, meta

@@ -369,11 +369,10 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     needs and the first item is None."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from memfit.io.checkpoint import Loaded, pick_dtype, read_config
-    from memfit.io.export_ct import is_memfit_ct
-    from memfit.models import _convert_gguf, load_model, resolve
-
     from memfit.eval.memory import steady_malloc
+    from memfit.io.checkpoint import Loaded, pick_dtype
+    from memfit.io.export_ct import is_memfit_ct
+    from memfit.models import _convert_gguf, load_model, resolve, skeleton
 
     main = next((d.name for d in devices if d.computes), "cpu")
     torch_dtype = pick_dtype(dtype, main)
@@ -391,13 +390,9 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
             return None, placement
         place_model(m.model, placement)  # in place: m.model is now dispatched
         return m, placement
-    config = read_config(location, trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    arch = arch_for(config)
+    skel, arch, _ = skeleton(str(location) if kind != "hub" else spec,
+                             trust_remote_code=trust_remote_code, dtype=torch_dtype)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
-    with torch.device("meta"):
-        skel = cls.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     placement = plan_placement(skel, devices, **plan)
     if not dispatch:
         return None, placement
