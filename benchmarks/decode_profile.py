@@ -78,6 +78,22 @@ def kernel_table(prof, steps: int, top: int = 14) -> dict:
     return {"kernel_ms": total / 1e3, "launches_per_step": launches, "top": rows[:top]}
 
 
+def chooser_table() -> list:
+    """Per (M bucket, shape) the chooser timed: the best time of each kernel family."""
+    from memfit.kernels import triton_int
+    out = []
+    for key, times in triton_int.TIMES.items():
+        best: dict = {}
+        for us, c in times:
+            fam = ("cuBLAS" if c.BM == 0 else c.words or ("gemv" if c.gemv else "byte-mm"))
+            if fam not in best:
+                best[fam] = {"us": us, "cfg": f"BN{c.BN} BK{c.BK} SK{c.SPLIT_K} w{c.num_warps}"}
+        r = {"m": key[0], "shape": list(key[1]), "best": best}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -90,7 +106,7 @@ def main() -> None:
     if args.tiny:
         decode_gpu.DEV = "cpu"
     m = build(args.layers, TINY if args.tiny else SHAPE)
-    rows, refs = [], {}
+    rows, refs, choices = [], {}, []
 
     def row(name, batch, native, prof_steps=args.prof_steps, fuse=False):
         tps, step_s, got, prof = run_row(m, batch, args.new, native, prof_steps, fuse)
@@ -118,11 +134,13 @@ def main() -> None:
                 if prec == "bf16":
                     row(f"bf16 {loop}", 1, native)
                 else:
-                    for mma in (True, False):
+                    for mma in ((True, False) if native else (True,)):
                         _mma(mma)
                         row(f"int4 {loop} mma={'on' if mma else 'off'}", 1, native)
                     _mma(True)
             row(f"{prec} native", 16, True, prof_steps=0)
+            if prec == "int4":
+                choices = chooser_table()
         # the lm_head in int4 g128 too
         from memfit.formats.grid import IntFormat  # noqa: F401
         head = m.lm_head
@@ -147,7 +165,7 @@ def main() -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode_profile.json"), "w") as f:
-            json.dump({"head": head_info, "rows": rows}, f, indent=1)
+            json.dump({"head": head_info, "rows": rows, "chooser": choices}, f, indent=1)
     print("\nrow | batch | tok/s | step ms | kernel ms | launches/step | match")
     for r in rows:
         p = r.get("profile", {})

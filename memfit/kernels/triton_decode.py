@@ -128,7 +128,7 @@ def rope_cache_ref(qkv, pos, cos, sin, kc, vc, heads: int):
 @triton.jit
 def _decode_attn(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, KVH, L, PER_SPLIT,
                  scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                 SPLIT: tl.constexpr):
+                 SPLIT: tl.constexpr, IEEE: tl.constexpr):
     bk = tl.program_id(0)  # b * KVH + kv head
     sp = tl.program_id(1)
     b = bk // KVH
@@ -148,14 +148,20 @@ def _decode_attn(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, KVH, L,
         j = j0 + tl.arange(0, BL)
         ok = j < hi
         k = tl.load(kc_ptr + base + j[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale                     # (GP, BL) float32
+        if IEEE:  # float32 caches: no TF32 (the same greedy tokens as transformers')
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale                 # (GP, BL) float32
         s = tl.where(ok[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + base + j[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SPLIT == 1:
         out = acc / l_i[:, None]
@@ -192,16 +198,18 @@ def decode_attention(q, kc, vc, pos, scale: float, split: int = 1) -> torch.Tens
     bl = 64 if d <= 128 else 32
     per = triton.cdiv(triton.cdiv(length, split), bl) * bl
     gp = max(16, triton.next_power_of_2(g))
+    ieee = q.dtype == torch.float32
     if split == 1:
         _decode_attn[(bsz * kvh, 1)](q, kc, vc, pos, out, out, out, heads, kvh, length, per,
-                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=1, num_warps=4)
+                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=1, IEEE=ieee, num_warps=4)
         return out
     rows = bsz * heads
     acc = torch.empty(split, rows, d, dtype=torch.float32, device=q.device)
     m = torch.empty(split, rows, dtype=torch.float32, device=q.device)
     lsum = torch.empty(split, rows, dtype=torch.float32, device=q.device)
     _decode_attn[(bsz * kvh, split)](q, kc, vc, pos, acc, m, lsum, heads, kvh, length, per,
-                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=split, num_warps=4)
+                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=split, IEEE=ieee,
+                                     num_warps=4)
     _merge[(rows,)](acc, m, lsum, out, rows, D=d, SPLIT=split, num_warps=4)
     return out
 
@@ -241,6 +249,40 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
     n = gu.shape[-1] // 2
     return torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+
+
+@triton.jit
+def _argmax_part(x_ptr, v_ptr, i_ptr, N, CHUNKS, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    j = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * N + j, mask=j < N, other=-float("inf")).to(tl.float32)
+    v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(v_ptr + row * CHUNKS + c, v)
+    tl.store(i_ptr + row * CHUNKS + c, c * BLOCK + i)
+
+
+@triton.jit
+def _argmax_final(v_ptr, i_ptr, o_ptr, CHUNKS, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    v = tl.load(v_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=-float("inf"))
+    _, k = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(o_ptr + row, tl.load(i_ptr + row * CHUNKS + k).to(tl.int64))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """(R, N) -> (R,) int64 index of each row's maximum, the first among ties (torch.argmax's
+    answer; NaN-free rows assumed), in two launches that fill the chip."""
+    rows, n = x.shape
+    block = 2048
+    chunks = triton.cdiv(n, block)
+    v = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+    i = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, dtype=torch.long, device=x.device)
+    _argmax_part[(rows, chunks)](x, v, i, n, chunks, BLOCK=block, num_warps=4)
+    _argmax_final[(rows,)](v, i, out, chunks, BLOCK=triton.next_power_of_2(chunks), num_warps=4)
+    return out
 
 
 def attn_split(length: int, rows: int) -> int:

@@ -96,3 +96,15 @@ def test_attn_split():
     assert td.attn_split(4096, 8) == 8
     assert td.attn_split(32768, 8) == 32
     assert td.attn_split(4096, 256) == 1
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("rows,n", [(1, 7), (2, 5000), (3, 128256)])
+def test_argmax_rows_takes_the_first_of_ties(dev, rows, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-50, 50, (rows, n), generator=g).float()
+    x[:, n // 3] = 60.0
+    x[:, n - 1] = 60.0  # a tie in a later chunk
+    for dt in _dtypes(dev):
+        xd = x.to(dev, dt)
+        assert torch.equal(td.argmax_rows(xd).cpu(), xd.argmax(-1).cpu())
