@@ -3,7 +3,8 @@ Llama-3-8B-shaped model of decode_gpu.py, bf16 and int4 g128, through memfit.dec
 with transformers' forward in the graph (`hf-graph`, the previous loop) and with memfit's own
 step (`native`, memfit.fastdecode); for int4 also with the tensor-core decode kernel left out of
 the per-shape choice (MEMFIT_TRITON_MMA=0 as an in-process switch: triton_int.MMA = False and the
-choice cache cleared), and with the lm_head quantized to int4 g128 too.
+choice cache cleared), and with the lm_head quantized to int4 g128 too; memfit's step with and
+without programmatic dependent launch (memfit.kernels.pdl, MEMFIT_PDL=0 as an in-process switch).
 
 tok/s: as decode_gpu.py's loop rows (synchronized wall time of N graph replays after the first
 token, best of 2). Profile: torch.profiler over `--prof-steps` graph replays (started and stopped
@@ -28,6 +29,11 @@ from decode_gpu import build, to_int4, SHAPE, TINY  # noqa: E402
 import decode_gpu  # noqa: E402
 
 from memfit.decode import greedy_static  # noqa: E402
+
+
+def _pdl(on: bool) -> None:
+    from memfit.kernels import pdl
+    pdl.ENABLED = None if on else False  # None: probe again (on where it works)
 
 
 def _mma(on: bool) -> None:
@@ -129,18 +135,20 @@ def main() -> None:
         for prec in ("bf16", "int4"):
             if prec == "int4":
                 to_int4(m)
-            for native in ((True,) if args.skip_hf_graph else (False, True)):
-                loop = "native" if native else "hf-graph"
-                if prec == "bf16":
-                    row(f"bf16 {loop}", 1, native)
-                else:
-                    for mma in ((True, False) if native else (True,)):
-                        _mma(mma)
-                        row(f"int4 {loop} mma={'on' if mma else 'off'}", 1, native)
-                    _mma(True)
-            row(f"{prec} native", 16, True, prof_steps=0)
+            if not args.skip_hf_graph:
+                row(f"{prec} hf-graph", 1, False)
+            _pdl(True)
+            row(f"{prec} native pdl=on", 1, True)
             if prec == "int4":
                 choices = chooser_table()
+            _pdl(False)
+            row(f"{prec} native pdl=off", 1, True)
+            _pdl(True)
+            if prec == "int4":
+                _mma(False)
+                row("int4 native mma=off", 1, True)
+                _mma(True)
+            row(f"{prec} native", 16, True, prof_steps=0)
         # the lm_head in int4 g128 too
         from memfit.formats.grid import IntFormat  # noqa: F401
         head = m.lm_head

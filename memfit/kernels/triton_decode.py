@@ -28,9 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels import pdl
+
 
 @triton.jit
-def _add_rmsnorm(h_ptr, r_ptr, w_ptr, y_ptr, N, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm(h_ptr, r_ptr, w_ptr, y_ptr, N, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -51,7 +55,7 @@ def add_rmsnorm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     rows, n = h.shape
     y = torch.empty_like(h)
     _add_rmsnorm[(rows,)](h, h if r is None else r, w, y, n, eps, HAS_R=r is not None,
-                          BLOCK=triton.next_power_of_2(n), num_warps=8)
+                          BLOCK=triton.next_power_of_2(n), num_warps=8, **pdl.launch_kw())
     return y
 
 
@@ -65,7 +69,8 @@ def add_rmsnorm_ref(h, r, w, eps):
 
 @triton.jit
 def _rope_cache(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H, KVH, L,
-                D: tl.constexpr):
+                D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     r = tl.program_id(0)        # token row b * T + t
     hd = tl.program_id(1)       # head among H query, KVH key, KVH value heads
     b = r // T
@@ -106,7 +111,7 @@ def rope_cache(qkv, pos, cos, sin, kc, vc, heads: int) -> torch.Tensor:
     t = pos.shape[0]
     q = torch.empty(bsz, heads, t, d, dtype=qkv.dtype, device=qkv.device)
     _rope_cache[(bsz * t, heads + 2 * kvh)](qkv, pos, cos, sin, q, kc, vc, t, heads, kvh, length,
-                                             D=d, num_warps=1)
+                                             D=d, num_warps=1, **pdl.launch_kw())
     return q
 
 
@@ -128,7 +133,8 @@ def rope_cache_ref(qkv, pos, cos, sin, kc, vc, heads: int):
 @triton.jit
 def _decode_attn(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, KVH, L, PER_SPLIT,
                  scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                 SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                 SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     bk = tl.program_id(0)  # b * KVH + kv head
     sp = tl.program_id(1)
     b = bk // KVH
@@ -175,7 +181,9 @@ def _decode_attn(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, KVH, L,
 
 
 @triton.jit
-def _merge(acc_ptr, m_ptr, l_ptr, o_ptr, ROWS, D: tl.constexpr, SPLIT: tl.constexpr):
+def _merge(acc_ptr, m_ptr, l_ptr, o_ptr, ROWS, D: tl.constexpr, SPLIT: tl.constexpr,
+           PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, SPLIT)
     dd = tl.arange(0, D)
@@ -201,7 +209,8 @@ def decode_attention(q, kc, vc, pos, scale: float, split: int = 1) -> torch.Tens
     ieee = q.dtype == torch.float32
     if split == 1:
         _decode_attn[(bsz * kvh, 1)](q, kc, vc, pos, out, out, out, heads, kvh, length, per,
-                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=1, IEEE=ieee, num_warps=4)
+                                     scale, G=g, GP=gp, D=d, BL=bl, SPLIT=1, IEEE=ieee,
+                                     num_warps=4, **pdl.launch_kw())
         return out
     rows = bsz * heads
     acc = torch.empty(split, rows, d, dtype=torch.float32, device=q.device)
@@ -209,8 +218,8 @@ def decode_attention(q, kc, vc, pos, scale: float, split: int = 1) -> torch.Tens
     lsum = torch.empty(split, rows, dtype=torch.float32, device=q.device)
     _decode_attn[(bsz * kvh, split)](q, kc, vc, pos, acc, m, lsum, heads, kvh, length, per,
                                      scale, G=g, GP=gp, D=d, BL=bl, SPLIT=split, IEEE=ieee,
-                                     num_warps=4)
-    _merge[(rows,)](acc, m, lsum, out, rows, D=d, SPLIT=split, num_warps=4)
+                                     num_warps=4, **pdl.launch_kw())
+    _merge[(rows,)](acc, m, lsum, out, rows, D=d, SPLIT=split, num_warps=4, **pdl.launch_kw())
     return out
 
 
@@ -226,7 +235,8 @@ def attention_ref(q, kc, vc, pos, scale: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul(gu_ptr, o_ptr, N, BLOCK: tl.constexpr):
+def _silu_mul(gu_ptr, o_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < N
@@ -242,7 +252,8 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     rows, n2 = gu.shape
     n = n2 // 2
     out = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
-    _silu_mul[(rows, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, num_warps=4)
+    _silu_mul[(rows, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, num_warps=4,
+                                            **pdl.launch_kw())
     return out
 
 
@@ -252,7 +263,8 @@ def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _argmax_part(x_ptr, v_ptr, i_ptr, N, CHUNKS, BLOCK: tl.constexpr):
+def _argmax_part(x_ptr, v_ptr, i_ptr, N, CHUNKS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1)
     j = c * BLOCK + tl.arange(0, BLOCK)
@@ -263,7 +275,8 @@ def _argmax_part(x_ptr, v_ptr, i_ptr, N, CHUNKS, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _argmax_final(v_ptr, i_ptr, o_ptr, CHUNKS, BLOCK: tl.constexpr):
+def _argmax_final(v_ptr, i_ptr, o_ptr, CHUNKS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     v = tl.load(v_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=-float("inf"))
@@ -280,8 +293,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     v = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
     i = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.long, device=x.device)
-    _argmax_part[(rows, chunks)](x, v, i, n, chunks, BLOCK=block, num_warps=4)
-    _argmax_final[(rows,)](v, i, out, chunks, BLOCK=triton.next_power_of_2(chunks), num_warps=4)
+    _argmax_part[(rows, chunks)](x, v, i, n, chunks, BLOCK=block, num_warps=4,
+                                 **pdl.launch_kw())
+    _argmax_final[(rows,)](v, i, out, chunks, BLOCK=triton.next_power_of_2(chunks), num_warps=4,
+                           **pdl.launch_kw())
     return out
 
 
