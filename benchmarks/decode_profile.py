@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the JSON rows")
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--skip-hf-graph", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="bf16 and int4 native rows, batch 1, only")
     args = ap.parse_args()
     if args.tiny:
         decode_gpu.DEV = "cpu"
@@ -132,7 +133,12 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     with torch.inference_mode():
-        for prec in ("bf16", "int4"):
+        if args.quick:  # the target rows only
+            row("bf16 native pdl=on", 1, True)
+            to_int4(m)
+            row("int4 native pdl=on", 1, True)
+            choices = chooser_table()
+        for prec in () if args.quick else ("bf16", "int4"):
             if prec == "int4":
                 to_int4(m)
             if not args.skip_hf_graph:

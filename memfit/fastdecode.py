@@ -5,7 +5,7 @@ eager modules (RMSNorm alone is ~8 kernels, rotary ~10, the static cache's updat
 SDPA, SiLU, residual adds); at batch 1 those launches and gaps cost more than reading the
 weights (benchmarks/RESULTS.md, issue 10 profile). This step computes the same function with:
 
-    add_rmsnorm -> qkv linear -> rope_cache -> decode attention -> o linear
+    add_rmsnorm -> qkv linear -> rope + cache write + decode attention -> o linear
     -> add_rmsnorm -> gate_up linear -> silu_mul -> down linear        (next layer's norm fused)
     ... final norm -> lm_head -> argmax (two launches; torch's one-block reduction took 35 µs)
 
@@ -191,14 +191,19 @@ class NativeStep:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv = self.qkv[i](x)                                       # (B*T, (H + 2 KVH) D)
-            rope = td.rope_cache if self.fast else td.rope_cache_ref
-            q = rope(qkv, pos, self.cos, self.sin, self.kc[i], self.vc[i], self.heads)
             scale = getattr(attn, "scaling", self.head_dim ** -0.5)
-            if t == 1 and self.fast:
-                split = td.attn_split(self.kc[i].shape[2], b * self.kv_heads)
-                a = td.decode_attention(q, self.kc[i], self.vc[i], pos, scale, split)
+            kc, vc = self.kc[i], self.vc[i]
+            split = td.attn_split(kc.shape[2], b * self.kv_heads)
+            if t == 1 and self.fast and self.head_dim >= 32:  # one launch (tl.dot: K >= 16)
+                a = td.rope_attention(qkv, pos, self.cos, self.sin, kc, vc, self.heads, scale,
+                                      split)
+            elif t == 1 and self.fast:
+                q = td.rope_cache(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+                a = td.decode_attention(q, kc, vc, pos, scale, split)
             else:
-                a = td.attention_ref(q, self.kc[i], self.vc[i], pos, scale)
+                rope = td.rope_cache if self.fast else td.rope_cache_ref
+                q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+                a = td.attention_ref(q, kc, vc, pos, scale)
             o = attn.o_proj(a.reshape(b * t, -1))
             x = self._norm(h, o, layer.post_attention_layernorm)
             gu = self.gate_up[i](x)                                    # (B*T, 2 I)

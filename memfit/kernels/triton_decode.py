@@ -223,6 +223,126 @@ def decode_attention(q, kc, vc, pos, scale: float, split: int = 1) -> torch.Tens
     return out
 
 
+@triton.jit
+def _rot(x1, x2, c1, s1, c2, s2):
+    """rotate_half rotary of halves x1, x2 with transformers' 16-bit rounding of each product."""
+    dt = x1.dtype
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    o1 = ((a1 * c1).to(dt).to(tl.float32) - (a2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+    return o1, o2
+
+
+@triton.jit
+def _rope_attn(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, H, KVH,
+               L, PER_SPLIT, scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               BL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """rope_cache + decode_attention for one token per row (T = 1) in one launch: program
+    (row, KV head, split) rotates its G query heads itself; split 0 also rotates the new key,
+    writes key and value at `pos` and adds the new token from registers, so no program reads a
+    cache slot this launch writes (keys 0..pos-1 come from the cache)."""
+    pdl.wait(PDL)
+    bk = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bk // KVH
+    kh = bk % KVH
+    p = tl.load(pos_ptr)
+    HALF: tl.constexpr = D // 2
+    g = tl.arange(0, GP)
+    i = tl.arange(0, HALF)
+    dd = tl.arange(0, D)
+    gok = (g < G)[:, None]
+    row = qkv_ptr + b * (H + 2 * KVH) * D
+    c1 = tl.load(cos_ptr + p * D + i).to(tl.float32)
+    c2 = tl.load(cos_ptr + p * D + HALF + i).to(tl.float32)
+    s1 = tl.load(sin_ptr + p * D + i).to(tl.float32)
+    s2 = tl.load(sin_ptr + p * D + HALF + i).to(tl.float32)
+    qh = (kh * G + g)[:, None] * D
+    q1, q2 = _rot(tl.load(row + qh + i[None, :], mask=gok, other=0.0),
+                  tl.load(row + qh + HALF + i[None, :], mask=gok, other=0.0),
+                  c1[None, :], s1[None, :], c2[None, :], s2[None, :])   # (GP, HALF) each
+    m_i = tl.full((GP,), -float("inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    lo = sp * PER_SPLIT
+    hi = tl.minimum(lo + PER_SPLIT, p)  # keys before the new one
+    base = bk * L * D
+    for j0 in range(lo, hi, BL):
+        j = j0 + tl.arange(0, BL)
+        ok = j < hi
+        kp = kc_ptr + base + j[:, None] * D
+        k1 = tl.load(kp + i[None, :], mask=ok[:, None], other=0.0)
+        k2 = tl.load(kp + HALF + i[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            sc = (tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                  + tl.dot(q2, tl.trans(k2), input_precision="ieee")) * scale
+        else:
+            sc = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * scale   # (GP, BL)
+        sc = tl.where(ok[None, :], sc, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        v = tl.load(vc_ptr + base + j[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    if sp == 0:  # the new token: rotate its key, store key and value, attend from registers
+        kr = row + (H + kh) * D
+        k1n, k2n = _rot(tl.load(kr + i), tl.load(kr + HALF + i), c1, s1, c2, s2)
+        vn = tl.load(row + (H + KVH + kh) * D + dd)
+        dst = (bk * L + p) * D
+        tl.store(kc_ptr + dst + i, k1n)
+        tl.store(kc_ptr + dst + HALF + i, k2n)
+        tl.store(vc_ptr + dst + dd, vn)
+        sn = (tl.sum(q1.to(tl.float32) * k1n.to(tl.float32)[None, :], axis=1)
+              + tl.sum(q2.to(tl.float32) * k2n.to(tl.float32)[None, :], axis=1)) * scale
+        m_new = tl.maximum(m_i, sn)
+        alpha = tl.exp(m_i - m_new)
+        pn = tl.exp(sn - m_new)
+        l_i = l_i * alpha + pn
+        pv = pn.to(vn.dtype).to(tl.float32)
+        acc = acc * alpha[:, None] + pv[:, None] * vn.to(tl.float32)[None, :]
+        m_i = m_new
+    qrow = b * H + kh * G + g
+    if SPLIT == 1:
+        tl.store(o_ptr + qrow[:, None] * D + dd[None, :], (acc / l_i[:, None]).to(
+            o_ptr.dtype.element_ty), mask=gok)
+    else:
+        prow = sp * (tl.num_programs(0) // KVH * H) + qrow
+        tl.store(o_ptr + prow[:, None] * D + dd[None, :], acc, mask=gok)
+        tl.store(m_ptr + prow, m_i, mask=g < G)
+        tl.store(l_ptr + prow, l_i, mask=g < G)
+
+
+def rope_attention(qkv, pos, cos, sin, kc, vc, heads: int, scale: float,
+                   split: int = 1) -> torch.Tensor:
+    """One token per row: rope_cache + decode_attention in one launch (a merge launch too when
+    split > 1). qkv (B, (H + 2 KVH) * D), pos (1,) -> (B, 1, H * D); k, v written at pos."""
+    bsz, kvh, length, d = kc.shape
+    g = heads // kvh
+    out = torch.empty(bsz, 1, heads * d, dtype=qkv.dtype, device=qkv.device)
+    bl = 64 if d <= 128 else 32
+    per = triton.cdiv(triton.cdiv(length, split), bl) * bl
+    kw = dict(G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BL=bl, SPLIT=split,
+              IEEE=qkv.dtype == torch.float32, num_warps=4, **pdl.launch_kw())
+    if split == 1:
+        _rope_attn[(bsz * kvh, 1)](qkv, pos, cos, sin, kc, vc, out, out, out, heads, kvh, length,
+                                   per, scale, **kw)
+        return out
+    rows = bsz * heads
+    acc = torch.empty(split, rows, d, dtype=torch.float32, device=qkv.device)
+    m = torch.empty(split, rows, dtype=torch.float32, device=qkv.device)
+    lsum = torch.empty(split, rows, dtype=torch.float32, device=qkv.device)
+    _rope_attn[(bsz * kvh, split)](qkv, pos, cos, sin, kc, vc, acc, m, lsum, heads, kvh, length,
+                                   per, scale, **kw)
+    _merge[(rows,)](acc, m, lsum, out, rows, D=d, SPLIT=split, num_warps=4, **pdl.launch_kw())
+    return out
+
+
 def attention_ref(q, kc, vc, pos, scale: float) -> torch.Tensor:
     """Any T: q (B, H, T, D) at positions pos (T,) over the cache -> (B, T, H * D)."""
     bsz, heads, t, d = q.shape

@@ -108,3 +108,27 @@ def test_argmax_rows_takes_the_first_of_ties(dev, rows, n):
     for dt in _dtypes(dev):
         xd = x.to(dev, dt)
         assert torch.equal(td.argmax_rows(xd).cpu(), xd.argmax(-1).cpu())
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("b,heads,kvh,d,length,p", [(1, 4, 2, 32, 9, 0), (2, 8, 2, 32, 70, 66),
+                                                    (1, 32, 8, 128, 200, 130),
+                                                    (3, 6, 6, 64, 40, 39)])
+@pytest.mark.parametrize("split", [1, 4])
+def test_rope_attention_equals_rope_cache_then_attention(dev, b, heads, kvh, d, length, p, split):
+    for dt in _dtypes(dev):
+        g = torch.Generator().manual_seed(length * 7 + p)
+        qkv = torch.randn(b, (heads + 2 * kvh) * d, generator=g).to(dev, dt)
+        ang = torch.randn(length, d, generator=g)
+        cos, sin = ang.cos().to(dev, dt), ang.sin().to(dev, dt)
+        caches = [torch.randn(b, kvh, length, d, generator=g).to(dev, dt) for _ in range(2)]
+        k1, v1 = (c.clone() for c in caches)
+        k2, v2 = (c.clone() for c in caches)
+        pos = torch.tensor([p], device=dev)
+        got = td.rope_attention(qkv, pos, cos, sin, k1, v1, heads, d ** -0.5, split)
+        q = td.rope_cache_ref(qkv, pos, cos, sin, k2, v2, heads)
+        want = td.attention_ref(q.float(), k2.float(), v2.float(), pos, d ** -0.5)
+        assert got.shape == (b, 1, heads * d)
+        tol = 1e-3 if dt == torch.float32 and dev == "cpu" else 2e-2
+        assert _rel(got, want) < tol, (dt, _rel(got, want))
+        assert _rel(k1, k2) < _tol(dt) / 4 and _rel(v1, v2) < _tol(dt) / 4
