@@ -25,10 +25,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_gpu import build, to_int4, SHAPE, TINY  # noqa: E402
-import decode_gpu  # noqa: E402
+import decode_gpu
+from decode_gpu import SHAPE, TINY, build, to_int4
 
-from memfit.decode import greedy_static  # noqa: E402
+from memfit.decode import greedy_static
 
 
 def _pdl(on: bool) -> None:
@@ -126,7 +126,7 @@ def main() -> None:
                                    pad_token_id=0)[0, 32:]
         match = int((refs[key] == got[0]).long().cumprod(0).sum())
         r = {"row": name, "batch": batch, "tok_s": round(tps, 1), "step_ms": round(step_s * 1e3, 3),
-             "match_hf_generate_of_%d" % (1 + args.new): match}
+             f"match_hf_generate_of_{1 + args.new}": match}
         if prof is not None:
             r["profile"] = kernel_table(prof, prof_steps)
         rows.append(r)
@@ -156,12 +156,10 @@ def main() -> None:
                 _mma(True)
             row(f"{prec} native", 16, True, prof_steps=0)
         # the lm_head in int4 g128 too
-        from memfit.formats.grid import IntFormat  # noqa: F401
-        head = m.lm_head
-        wrapper = torch.nn.Module()
-        wrapper.head = head
-        dev = decode_gpu.DEV
+        from memfit.formats.grid import IntFormat
         from memfit.formats.quant_linear import QuantLinear
+        head = m.lm_head
+        dev = decode_gpu.DEV
         q = QuantLinear(head.in_features, head.out_features, IntFormat(bits=4, group_size=128),
                         bias=False, device=dev, dtype=torch.bfloat16)
         g = torch.Generator(device=dev).manual_seed(2)
@@ -185,7 +183,7 @@ def main() -> None:
         p = r.get("profile", {})
         print(f"{r['row']} | {r['batch']} | {r['tok_s']} | {r['step_ms']} | "
               f"{p.get('kernel_ms', float('nan')):.3f} | {p.get('launches_per_step', 0):.0f} | "
-              f"{r['match_hf_generate_of_%d' % (1 + args.new)]}")
+              f"{r[f'match_hf_generate_of_{1 + args.new}']}")
 
 
 if __name__ == "__main__":
