@@ -63,6 +63,8 @@ def enabled() -> bool:
     global ENABLED
     if ENABLED is None:
         import torch
+        if torch.cuda.is_current_stream_capturing():
+            return False  # no probe inside a capture (decided at the next eager launch)
         try:
             x = torch.zeros(1, dtype=torch.int32, device="cuda")
             _probe[(1,)](x, PDL=True, launch_pdl=True)
