@@ -8,8 +8,10 @@ kernel, "fused"). Random weights: speed only, not text quality.
 HF `generate` rows: decode time = time(generate 1 + N new tokens) - time(generate 1 new token), so
 the prefill of the 32-token prompt is excluded; greedy, no stopping; CUDA synchronised around each
 call; best of 2. memfit loop rows: the synchronized wall time of the N graph replays after the
-first token (prefill, warm-up and capture excluded), best of 2; "+ fused" rows also run the
-RMSNorm/MLP/rotary pieces torch.compile'd (memfit.decode.fused). `match` is how many of the N
+first token (prefill, warm-up and capture excluded), best of 2; "graph loop" rows replay
+transformers' forward (greedy_static(native=False)), "+ fused" rows also run its
+RMSNorm/MLP/rotary pieces torch.compile'd (memfit.decode.fused); "native step" rows replay
+memfit's own step (memfit.fastdecode, greedy_static's default for Llama-family models). `match` is how many of the N
 greedy tokens of row 0 equal HF `generate`'s (the same function; bf16 ties may differ).
 
     python benchmarks/decode_gpu.py [--layers 32] [--new 64] [--skip-hf] [--kv-prompt 4096]
@@ -96,14 +98,15 @@ def decode_tps(m, batch: int, new: int, kv: str | None, prompt: int = 32,
     return batch * new / best
 
 
-def loop_tps(m, batch: int, new: int, fuse: bool = False) -> tuple[float, int]:
+def loop_tps(m, batch: int, new: int, fuse: bool = False,
+             native: bool = False) -> tuple[float, int]:
     """(tokens/s of memfit's graph loop, tokens of row 0 equal to HF generate's)."""
     ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV,
                         generator=torch.Generator(device=DEV).manual_seed(batch))
     best = None
     for _ in range(2):
         t: dict = {}
-        got = greedy_static(m, ids, 1 + new, timings=t, fuse=fuse)
+        got = greedy_static(m, ids, 1 + new, timings=t, fuse=fuse, native=native)
         best = t["decode_s"] if best is None else min(best, t["decode_s"])
     ref = m.generate(ids[:1], max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False,
                      pad_token_id=0)[0, 32:]
@@ -132,13 +135,14 @@ def main() -> None:
                 if not args.skip_hf:
                     rows.append({"model": f"{prec} HF eager generate", "batch": batch,
                                  "tok_s": decode_tps(m, batch, args.new, None)})
-                for fuse in (False, True):
+                for fuse, native in ((False, False), (True, False), (False, True)):
                     try:
-                        tps, match = loop_tps(m, batch, args.new, fuse)
+                        tps, match = loop_tps(m, batch, args.new, fuse, native)
                     except Exception:  # noqa: BLE001 (report, keep the other rows)
                         traceback.print_exc()
                         tps, match = float("nan"), None
-                    name = f"{prec} memfit graph loop" + (" + fused (torch.compile)" if fuse else "")
+                    name = (f"{prec} memfit native step (memfit.fastdecode)" if native else
+                            f"{prec} memfit graph loop" + (" + fused (torch.compile)" if fuse else ""))
                     rows.append({"model": name, "batch": batch, "tok_s": tps,
                                  "match_of_%d" % (1 + args.new): match})
                     print(json.dumps(rows[-1]), flush=True)

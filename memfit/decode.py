@@ -1,5 +1,11 @@
 """Greedy decode with a static KV cache, one CUDA graph per step on CUDA.
 
+Two steps can be captured: memfit's own (memfit.fastdecode, the default for Llama-family models:
+~8 launches a layer, fused q/k/v and gate/up matmuls; on one H200 the 8B-shaped model decodes at
+233 tok/s in bf16 against 135 through transformers' forward, benchmarks/RESULTS.md), or
+transformers' forward with a StaticCache (every other model, and `native=False`), described
+below.
+
 transformers' eager `generate` launches every kernel of every layer from Python at each step, so a
 batch-1 decode on a GPU is bound by launch overhead (29 tok/s for an 8B model whose weights stream
 in ~6 ms). Here the step is captured once as a CUDA graph and replayed:
@@ -95,34 +101,55 @@ def _reset_cursor(cache, position: int) -> None:
 @torch.inference_mode()
 def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph: bool | None = None,
                   on_token=None, eos_token_id=None, timings: dict | None = None,
-                  fuse: bool = False) -> torch.Tensor:
+                  fuse: bool = False, native: bool | None = None) -> torch.Tensor:
     """(B, P) prompt ids -> (B, max_new_tokens) greedy continuation (fewer when `eos_token_id`
     ends every row). `graph` (default: on CUDA) replays one captured CUDA graph per step;
     `on_token(ids (B,))` is called after each step (it forces a device sync per step);
     `timings`, when given, gets `steps` and `decode_s`, the synchronized wall time of the steps
-    after the first token (capture and warm-up excluded); `fuse` runs it inside
-    `fused(model)` (torch.compile'd element-wise pieces)."""
-    with fused(model) if fuse else contextlib.nullcontext():
-        return _greedy(model, input_ids, max_new_tokens, graph=graph, on_token=on_token,
-                       eos_token_id=eos_token_id, timings=timings)
-
-
-def _greedy(model, input_ids, max_new_tokens, *, graph, on_token, eos_token_id, timings):
-    from transformers import StaticCache
+    after the first token (capture and warm-up excluded). `native` (default: where the model
+    is eligible) runs memfit.fastdecode's own step instead of transformers' forward; otherwise
+    `fuse` runs transformers' forward inside `fused(model)` (torch.compile'd element-wise
+    pieces)."""
+    from memfit import fastdecode
 
     b, p = input_ids.shape
-    dev = input_ids.device
-    graph = dev.type == "cuda" if graph is None else graph
-    cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+    if native is None:
+        native = fastdecode.ineligibility(model) is None
+    if native:
+        step = fastdecode.NativeStep(model, b, p + max_new_tokens)
+        with step.packed_groups():
+            return _greedy(step, lambda position: None, input_ids, max_new_tokens, graph=graph,
+                           on_token=on_token, eos_token_id=eos_token_id, timings=timings)
+    with fused(model) if fuse else contextlib.nullcontext():
+        forward, reset = _hf_forward(model, b, p + max_new_tokens)
+        return _greedy(forward, reset, input_ids, max_new_tokens, graph=graph,
+                       on_token=on_token, eos_token_id=eos_token_id, timings=timings)
+
+
+def _hf_forward(model, b: int, max_len: int):
+    """(forward(ids (B, q), pos (q,)) -> (B,) next ids, reset(position)) through transformers'
+    forward and a StaticCache of `max_len` positions."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
     ckw, has_cp, has_keep = _forward_kwargs(model)
 
-    def forward(ids, pos):  # ids (B, q), pos (q,) -> (B,) next ids
+    def forward(ids, pos):
         kw = {ckw: cache, "position_ids": pos.unsqueeze(0).expand(b, -1), "use_cache": True}
         if has_cp:
             kw["cache_position"] = pos
         if has_keep:
             kw["logits_to_keep"] = 1
         return model(input_ids=ids, **kw).logits[:, -1].argmax(-1)
+
+    return forward, lambda position: _reset_cursor(cache, position)
+
+
+def _greedy(forward, reset, input_ids, max_new_tokens, *, graph, on_token, eos_token_id,
+            timings):
+    b, p = input_ids.shape
+    dev = input_ids.device
+    graph = dev.type == "cuda" if graph is None else graph
 
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     tok = forward(input_ids, torch.arange(p, device=dev))
@@ -147,7 +174,7 @@ def _greedy(model, input_ids, max_new_tokens, *, graph, on_token, eos_token_id, 
         torch.cuda.current_stream(dev).wait_stream(s)
         tok.copy_(first)
         pos.fill_(p)
-        _reset_cursor(cache, p)
+        reset(p)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             step()

@@ -22,8 +22,11 @@ Two byte kernels:
 Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buffer) so that a
 4096-wide layer still fills 132 multiprocessors; large M uses big tiles without a split, or
 dequantizes once into a 16-bit weight and calls cuBLAS when that measures faster (`choose`).
-The choice is made per (M bucket, shape, format) by timing the candidates once on the device
-(`triton.testing.do_bench`) and cached for the process; under TRITON_INTERPRET=1 (CPU tests) the
+The choice is made per (M bucket, shape, format) by timing the candidates once on the device and
+cached for the process: each candidate runs in a CUDA graph over copies of the weight that
+together overflow the L2, as in a decode step (timing single calls after an L2 flush, as
+`triton.testing.do_bench` does, picked the word kernel for every Llama-3-8B layer shape at M = 1
+in the decode loop, with or without the mma kernel; benchmarks/RESULTS.md, issue 10 session 6); under TRITON_INTERPRET=1 (CPU tests) the
 first candidate is used (also with MEMFIT_TRITON_CHOICE=first, e.g. for quick GPU test runs).
 
 Numerics: products are accumulated in float32 (tl.dot); float32 activations use IEEE float32
@@ -325,23 +328,70 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w, x2.dtype)
         first = os.environ.get("MEMFIT_TRITON_CHOICE") == "first"
+        if x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return cands[0]  # no timing inside a capture (nor a cached untimed choice)
         if INTERPRET or x2.device.type != "cuda" or first:
             _CHOICE[key] = cands[0]
         else:
-            from triton.testing import do_bench
             want = run(x2, w, bias, Config(0, 0, 0)).float()  # dequantize + cuBLAS
             tol = 1e-4 if x2.dtype == torch.float32 else 2e-2
+            ws = _copies(w)
             times = []
             for i, c in enumerate(cands):
                 try:
                     got = run(x2, w, bias, c).float()
                     if (got - want).norm() > tol * want.norm():
                         continue  # a launch shape that computes something else is never chosen
-                    times.append((do_bench(lambda c=c: run(x2, w, bias, c), warmup=3, rep=10), i))
+                    times.append((_graph_us([lambda c=c, v=v: run(x2, v, bias, c) for v in ws]), i))
                 except (triton.runtime.errors.OutOfResources, MmaLayoutError):
                     continue  # too many registers/shared memory for this shape: not a candidate
-            _CHOICE[key] = cands[min(times)[1]]
+            del ws
+            times.sort()
+            TIMES[key] = [(round(t, 2), cands[i]) for t, i in times]
+            _CHOICE[key] = cands[times[0][1]]
     return _CHOICE[key]
+
+
+TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest first (benchmarks)
+_L2_BYTES = 64 << 20
+
+
+def _copies(w: IntWeight) -> list[IntWeight]:
+    """`w` and copies of it, together several times the L2, so that a timing reads the weight
+    from device memory as a decode step does (each layer's weight is read once per token)."""
+    nbytes = sum(t.numel() * t.element_size() for t in (w.qdata, w.scale, w.zero)
+                 if t is not None)
+    n = max(1, min(32, -(-4 * _L2_BYTES // max(nbytes, 1))))
+    return [w] + [w._replace(qdata=w.qdata.clone(), scale=w.scale.clone(),
+                             zero=None if w.zero is None else w.zero.clone())
+                  for _ in range(n - 1)]
+
+
+def _graph_us(fns, rounds: int = 2) -> float:
+    """µs per call of `fns` called in turn, from the best of 3 replays of a CUDA graph of them
+    (no launch overhead, as in a captured decode step). Warmed up outside the graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(rounds):
+            for f in fns:
+                f()
+    g.replay()
+    best = float("inf")
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e3 / (rounds * len(fns)))
+    del g
+    return best
 
 
 def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels import pdl
 from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
@@ -237,7 +238,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
-              CONSTRAINTS: tl.constexpr):
+              CONSTRAINTS: tl.constexpr, PDL: tl.constexpr = False):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -257,6 +258,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     if U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB)
+        pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
         for it in range(ITERS):
             nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
             nwd, ns, nzc, nzw = _params(qp + 16, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
@@ -267,6 +269,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             qp += 16
             w0 += 16
     else:
+        pdl.wait(PDL)
         for it in range(ITERS):
             wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
                                         stride_zn, GROUP, ZMODE, NSUB)
@@ -349,7 +352,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
         ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
         _check_layout(kernel)

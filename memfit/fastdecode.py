@@ -1,0 +1,222 @@
+"""memfit's own decode step for Llama-family models: ~9 launches per layer, one CUDA graph a step.
+
+Why: replaying transformers' forward as a CUDA graph still launches every small kernel of its
+eager modules (RMSNorm alone is ~8 kernels, rotary ~10, the static cache's updates, the mask,
+SDPA, SiLU, residual adds); at batch 1 those launches and gaps cost more than reading the
+weights (benchmarks/RESULTS.md, issue 10 profile). This step computes the same function with:
+
+    add_rmsnorm -> qkv linear -> rope + cache write + decode attention -> o linear
+    -> add_rmsnorm -> gate_up linear -> silu_mul -> down linear        (next layer's norm fused)
+    ... final norm -> lm_head -> argmax (two launches; torch's one-block reduction took 35 µs)
+
+- Linears of one group (q/k/v, gate/up) run as one matmul over their rows concatenated, when
+  they are the same kind: dense `nn.Linear`s of one dtype, or `QuantLinear`s of one format
+  (memfit.kernels picks the kernel for the fused shape). `packed_groups` makes the concatenated
+  tensor once and points the modules' own weights at row slices of it (no extra memory), and
+  gives each module back a tensor of its own on exit, so the model is left as it was. Groups of
+  mixed kinds (a planner's per-layer mix) run module by module and concatenate their outputs.
+- The KV cache is a pair of static (B, KVH, max_len, D) tensors per layer; positions come from a
+  device tensor, so the step holds no host value and is captured once (memfit.decode).
+- The small pieces are memfit.kernels.triton_decode (Triton on CUDA and under TRITON_INTERPRET=1,
+  their torch references elsewhere); the prompt (T > 1) attends through SDPA over the cache.
+  Triton kernels (these and the int4 mma GEMV) launch with programmatic dependent launch
+  (memfit.kernels.pdl), so each starts while the previous one finishes.
+
+Measured on one H200 (random-weight Llama-3-8B shape, batch 1, benchmarks/decode_profile.py):
+bf16 233 tok/s (transformers' forward in the same graph loop: 135), int4 g128 372 (with the
+lm_head in int4 too: 391-394); 266-330 launches a step against 1569-1729.
+
+Takes (`ineligibility` says why not): model_type llama (also mistral/qwen2 without sliding
+windows or with q/k/v biases absent), SiLU MLP, no attention bias. Anything else goes through
+transformers' forward (memfit.decode's generic path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from memfit.kernels import linear as kernel_linear
+from memfit.kernels import triton_decode as td
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TYPES = ("llama", "mistral", "qwen2")
+
+
+def ineligibility(model) -> str | None:
+    """Why the native step cannot run `model` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {_TYPES}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (the step fuses SiLU)"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "biased attention/MLP projections"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no model.layers / model.rotary_emb"
+    for layer in inner.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if getattr(getattr(attn, name), "bias", None) is not None:
+                return f"{name} has a bias"
+    return None
+
+
+def _fusable(mods) -> str | None:
+    """'dense' or 'int' when the modules can run as one matmul over their rows, else None."""
+    from memfit.formats.quant_linear import QuantLinear
+    if any(getattr(m, "bias", None) is not None for m in mods):
+        return None
+    if all(type(m) is nn.Linear for m in mods):
+        same = len({(m.weight.dtype, m.in_features) for m in mods}) == 1
+        return "dense" if same else None
+    if all(type(m) is QuantLinear for m in mods):
+        same = len({(m.fmt, m.in_features, m.scale.dtype) for m in mods}) == 1
+        return "int" if same else None
+    return None
+
+
+class _Group:
+    """One matmul over several modules' rows, or the modules one by one (then concatenated)."""
+
+    def __init__(self, mods):
+        self.mods, self.kind = list(mods), _fusable(mods)
+        self.weight = None
+        self.fields: list[str] = []
+        if self.kind == "dense":
+            self.fields = ["weight"]
+        elif self.kind == "int":
+            self.fields = [f for f in ("qdata", "scale", "zero") if getattr(mods[0], f, None) is not None]
+
+    def pack(self) -> None:
+        """Concatenate the rows once; point each module's tensors at its slice."""
+        if self.kind is None:
+            return
+        cat = {f: torch.cat([self._get(m, f) for m in self.mods]) for f in self.fields}
+        row = 0
+        for m in self.mods:
+            n = self._get(m, self.fields[0]).shape[0]
+            for f in self.fields:
+                self._set(m, f, cat[f][row: row + n])
+            row += n
+        if self.kind == "dense":
+            self.weight = cat["weight"]
+        else:
+            from memfit.formats.intq import kernel_weight
+            m0 = self.mods[0]
+            self.weight = kernel_weight(cat["qdata"], cat["scale"], cat.get("zero"),
+                                        (row, m0.in_features), m0.fmt)
+
+    def unpack(self) -> None:
+        """Give each module a tensor of its own again (the model is left as it was)."""
+        if self.kind is None:
+            return
+        for m in self.mods:
+            for f in self.fields:
+                self._set(m, f, self._get(m, f).clone())
+        self.weight = None
+
+    @staticmethod
+    def _get(m, f):
+        return m.weight.data if f == "weight" else getattr(m, f)
+
+    @staticmethod
+    def _set(m, f, t):
+        if f == "weight":
+            m.weight.data = t
+        else:
+            setattr(m, f, t)  # a registered buffer: replaced in place in _buffers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dense":
+            return torch.nn.functional.linear(x, self.weight)
+        if self.kind == "int":
+            return kernel_linear(x, self.weight)
+        return torch.cat([m(x) for m in self.mods], dim=-1)
+
+
+class NativeStep:
+    """The decode step of one Llama-family model for `batch` rows and `max_len` positions."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.model = model
+        cfg = model.config
+        inner = model.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.layers = inner.layers
+        self.qkv = [_Group([ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj])
+                    for ly in self.layers]
+        self.gate_up = [_Group([ly.mlp.gate_proj, ly.mlp.up_proj]) for ly in self.layers]
+        dev = inner.embed_tokens.weight.device
+        dt = next(p.dtype for p in inner.norm.parameters())
+        if getattr(model, "dtype", None) is not None:
+            dt = model.dtype
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.kc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.vc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        pos = torch.arange(max_len, device=dev)[None]
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dt, device=dev), pos)  # (1, L, D)
+        self.cos, self.sin = cos[0].to(dt).contiguous(), sin[0].to(dt).contiguous()
+        self.fast = dev.type == "cuda" or INTERPRET
+
+    @contextlib.contextmanager
+    def packed_groups(self):
+        """Within: q/k/v and gate/up are one tensor each (see the module docstring)."""
+        done = []
+        try:
+            with torch.inference_mode(False), torch.no_grad():  # the model's tensors stay normal
+                for g in self.qkv + self.gate_up:
+                    g.pack()
+                    done.append(g)
+            yield self
+        finally:
+            with torch.inference_mode(False), torch.no_grad():
+                for g in done:
+                    g.unpack()
+
+    def _norm(self, h, r, norm):
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        if self.fast:
+            return td.add_rmsnorm(h, r, norm.weight, eps)
+        return td.add_rmsnorm_ref(h, r, norm.weight, eps)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) at positions pos (T,) -> (B,) greedy next ids (last position)."""
+        b, t = ids.shape
+        inner = self.model.model
+        h = inner.embed_tokens(ids).reshape(b * t, -1).contiguous()  # (B*T, d) residual stream
+        x = self._norm(h, None, self.layers[0].input_layernorm)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = self.qkv[i](x)                                       # (B*T, (H + 2 KVH) D)
+            scale = getattr(attn, "scaling", self.head_dim ** -0.5)
+            kc, vc = self.kc[i], self.vc[i]
+            split = td.attn_split(kc.shape[2], b * self.kv_heads)
+            if t == 1 and self.fast and self.head_dim >= 32:  # one launch (tl.dot: K >= 16)
+                a = td.rope_attention(qkv, pos, self.cos, self.sin, kc, vc, self.heads, scale,
+                                      split)
+            elif t == 1 and self.fast:
+                q = td.rope_cache(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+                a = td.decode_attention(q, kc, vc, pos, scale, split)
+            else:
+                rope = td.rope_cache if self.fast else td.rope_cache_ref
+                q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+                a = td.attention_ref(q, kc, vc, pos, scale)
+            o = attn.o_proj(a.reshape(b * t, -1))
+            x = self._norm(h, o, layer.post_attention_layernorm)
+            gu = self.gate_up[i](x)                                    # (B*T, 2 I)
+            m = td.silu_mul(gu) if self.fast else td.silu_mul_ref(gu)
+            d = layer.mlp.down_proj(m)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else inner.norm
+            x = self._norm(h, d, nxt)
+        last = x.view(b, t, -1)[:, -1]                                 # (B, d)
+        logits = self.model.lm_head(last)                              # (B, V)
+        return td.argmax_rows(logits.contiguous()) if self.fast else logits.argmax(-1)
