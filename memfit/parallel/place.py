@@ -375,6 +375,10 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     from memfit.models import _convert_gguf, load_model, resolve, skeleton
 
     main = next((d.name for d in devices if d.computes), "cpu")
+    if dispatch and main != "cpu":
+        raise UserError("--place runs models on the CPU and disk only in this version: the first "
+                        "run on a GPU failed and has not been fixed; `memfit inspect --place` "
+                        "prints the plan for GPUs, or use --place cpu=SIZE,disk")
     torch_dtype = pick_dtype(dtype, main)
     steady_malloc()  # offloaded weights come and go every forward: give their pages back
     kind, location = resolve(spec)

@@ -153,3 +153,12 @@ def test_cli_generate_with_place_matches_plain(tiny_llama_dir, capsys):
     assert main(["generate", *args, "--place", "cpu=1MB"]) == 2
     assert "does not fit on the devices" in capsys.readouterr().err
     assert main(["generate", *args, "--place", "cpu=12MB,disk", "--device", "cuda"]) == 2
+
+
+def test_running_on_a_gpu_is_refused_until_verified(tiny_llama_dir, monkeypatch):
+    """The GPU plan is printed by inspect, but a run with a GPU device is refused (see README)."""
+    with pytest.raises(UserError, match="CPU and disk only"):
+        load_placed(str(tiny_llama_dir), [Device("cuda:0", 10**9)], context=64)
+    _, plan = load_placed(str(tiny_llama_dir), [Device("cuda:0", 10**9)], context=64,
+                          dispatch=False)
+    assert set(plan.device_map.values()) == {"cuda:0"}
