@@ -12,11 +12,11 @@ import torch
 
 from memfit.api import compress_
 from memfit.cli import main
+from memfit.configs import RTN
 from memfit.errors import UserError
 from memfit.formats.grid import IntFormat, minmax_params, round_params
 from memfit.io.export_gguf import _permute_rotary, export_gguf
 from memfit.models import load_model
-from memfit.configs import RTN
 from memfit.recipe import Recipe
 
 LAYOUTS = {  # GGUF type -> the memfit format that is its grid
@@ -28,7 +28,7 @@ LAYOUTS = {  # GGUF type -> the memfit format that is its grid
 
 def _compressed(tiny_llama_dir, fmt: IntFormat, tables: bool = True):
     m = load_model(str(tiny_llama_dir))
-    extra = dict(embeddings=fmt, head=fmt) if tables else {}
+    extra = {"embeddings": fmt, "head": fmt} if tables else {}
     compress_(m.model, Recipe(quant=RTN(format=fmt), **extra), None, progress=False)
     return m
 
