@@ -81,12 +81,6 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor | PackedIntWeight]:
     return out
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`weights` with every packed weight dequantized to float32."""
-    return {k: v.dequantize(torch.float32) if isinstance(v, PackedIntWeight) else v
-            for k, v in weights(model).items()}
-
-
 def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """q/k rows from transformers' rotary layout (two halves per head) to llama.cpp's
     (interleaved pairs): (n_head * 2 * d, in) viewed (n_head, 2, d, in) -> (n_head, d, 2, in)."""
@@ -125,17 +119,22 @@ class Notes:
         out = []
         if self.again:
             name, why = self.again[0]
-            out.append(f"{len(self.again)} memfit-quantized matrices are not on a GGUF block grid "
-                       f"and are quantized again, e.g. {name} ({why})")
+            what = _n(self.again, "memfit-quantized matrix is", "memfit-quantized matrices are")
+            out.append(f"{what} not on a GGUF block grid and quantized again, e.g. {name} ({why})")
         if self.min_rounded:
             name, err = max(self.min_rounded, key=lambda x: x[1])
-            out.append(f"{len(self.min_rounded)} Q4_1 matrices keep memfit's codes but their "
-                       f"float16 minimum -zero*scale is rounded (max weight change {err:.2g} in "
-                       f"{name}); compress with gguf_exact: true (e.g. --recipe w4g32-gguf)")
+            what = _n(self.min_rounded, "Q4_1 matrix keeps", "Q4_1 matrices keep")
+            out.append(f"{what} memfit's codes but their float16 minimum -zero*scale is rounded "
+                       f"(max weight change {err:.2g} in {name}); compress with gguf_exact: true "
+                       "(e.g. --recipe w4g32-gguf)")
         if self.floats:
-            out.append(f"{len(self.floats)} float matrices are rounded to the requested type, "
-                       f"e.g. {self.floats[0]}")
+            out.append(f"{_n(self.floats, 'float matrix is', 'float matrices are')} rounded to "
+                       f"the requested type, e.g. {self.floats[0]}")
         return out
+
+
+def _n(items: list, one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
 
 
 def _tensors(model: nn.Module, qtype, notes: Notes) -> list[tuple[str, np.ndarray, object]]:
