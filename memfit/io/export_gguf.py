@@ -280,7 +280,7 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
             print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
                   file=sys.stderr, flush=True)
-        writer.add_file_type(_FILE_TYPE[qtype])
+        writer.add_file_type(_FILE_TYPE[_main_type(tensors, qtype)])
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -292,6 +292,15 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _main_type(tensors: list, qtype: str) -> str:
+    """The type most matrices are stored as (llama.cpp's "file type"; `qtype` on a tie)."""
+    counts = {qtype: 0}
+    for _, data, raw in tensors:
+        if data.ndim == 2 and raw.name in _FILE_TYPE:
+            counts[raw.name] = counts.get(raw.name, 0) + 1
+    return max(counts, key=lambda t: (counts[t], t == qtype))
 
 
 def _say(notes: Notes, qtype: str, n_matrices: int) -> None:

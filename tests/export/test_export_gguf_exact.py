@@ -131,3 +131,14 @@ def test_layouts_gguf_cannot_hold_are_named_and_exact_refuses(tiny_llama_dir, tm
     assert "(int4 asymmetric group 64 is no GGUF block type)" in capsys.readouterr().err
     assert main(["export", str(src), "--format", "gguf", "--type", "F32", "--out",
                  str(tmp_path / "f.gguf"), "--exact"]) == 0  # float32 holds every weight
+
+
+def test_file_type_is_what_most_matrices_are(tiny_llama_dir, tmp_path, capsys):
+    import gguf
+
+    m = _compressed(tiny_llama_dir, LAYOUTS["Q4_1"], tables=False)
+    path = export_gguf(m.model, tmp_path / "m.gguf", "Q8_0")  # asked Q8_0, 14 of 16 stay Q4_1
+    field = gguf.GGUFReader(str(path)).fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == 3  # llama.cpp's MOSTLY_Q4_1
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
