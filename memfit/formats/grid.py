@@ -21,8 +21,9 @@ Algorithms choose values (scales, zeros, codes) on this grid; formats choose byt
 memfit.io.gguf_blocks): symmetric formats need nothing more than float16 scales (Q8_0, Q4_0:
 w = d * (q - z)); an asymmetric one is stored by GGUF as w = d * q + m with m in float16 too, so
 the scale keeps only 11 - bits significant bits, which makes m = -z * s exact in float16 for every
-integer zero z < 2**bits (a change of at most 2**-(12 - bits) of the scale, chosen before the codes
-like every other rounding here).
+integer zero z < 2**bits (a change of at most 2**-(11 - bits) of the scale, chosen before the codes
+like every other rounding here; scales under 2**-(14 + bits), groups of near-zero weights, are
+raised to that floor so m stays on float16's grid).
 """
 
 from __future__ import annotations
