@@ -110,6 +110,7 @@ class Notes:
 
     kept: dict[str, int] = field(default_factory=dict)  # type -> matrices keeping memfit's codes
     min_rounded: list[tuple[str, float]] = field(default_factory=list)  # Q4_1, float16 m rounded
+    scale_rounded: list[tuple[str, float]] = field(default_factory=list)  # bfloat16 scales
     again: list[tuple[str, str]] = field(default_factory=list)  # memfit-quantized, re-quantized
     floats: list[str] = field(default_factory=list)  # float matrices whose values were rounded
     fell: list[str] = field(default_factory=list)  # K-quant rows stored as the fallback type
@@ -127,6 +128,12 @@ class Notes:
             out.append(f"{what} memfit's codes but their float16 minimum -zero*scale is rounded "
                        f"(max weight change {err:.2g} in {name}); compress with gguf_exact: true "
                        "(e.g. --recipe w4g32-gguf)")
+        if self.scale_rounded:
+            name, err = max(self.scale_rounded, key=lambda x: x[1])
+            what = _n(self.scale_rounded, "matrix keeps", "matrices keep")
+            out.append(f"{what} memfit's codes but their bfloat16 scales are rounded to GGUF's "
+                       f"float16 (max weight change {err:.2g} in {name}); compress with "
+                       "scale_dtype: float16")
         if self.floats:
             out.append(f"{_n(self.floats, 'float matrix is', 'float matrices are')} rounded to "
                        f"the requested type, e.g. {self.floats[0]}")
@@ -164,7 +171,8 @@ def _tensors(model: nn.Module, qtype, notes: Notes) -> list[tuple[str, np.ndarra
                 data, change = to_blocks(t, kind, rows)
                 notes.kept[kind] = notes.kept.get(kind, 0) + 1
                 if change:
-                    notes.min_rounded.append((gname, change))
+                    bf16 = t.fmt.scale_dtype != "float16"
+                    (notes.scale_rounded if bf16 else notes.min_rounded).append((gname, change))
                 out.append((gname, data, gguf.GGMLQuantizationType[kind]))
                 continue
             again = not floats

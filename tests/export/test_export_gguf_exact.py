@@ -145,3 +145,17 @@ def test_file_type_is_what_most_matrices_are(tiny_llama_dir, tmp_path, capsys):
     assert int(field.parts[field.data[0]][0]) == 3  # llama.cpp's MOSTLY_Q4_1
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
+
+
+def test_bfloat16_scales_keep_codes_and_say_what_rounds(tiny_llama_dir, tmp_path, capsys):
+    fmt = IntFormat(bits=8, group_size=32, symmetric=True, scale_dtype="bfloat16")
+    m = _compressed(tiny_llama_dir, fmt, tables=False)
+    q = m.model.model.layers[0].self_attn.q_proj
+    q.scale[0, 0] = 2.0**-20 + 2.0**-27  # a bfloat16 value float16 cannot hold (its subnormals)
+    export_gguf(m.model, tmp_path / "a.gguf", "Q8_0")
+    err = capsys.readouterr().err
+    assert "14 of 16 matrices keep memfit's codes" in err
+    assert "1 matrix keeps memfit's codes but their bfloat16 scales are rounded to GGUF's " \
+           "float16 (max weight change" in err and "in blk.0.attn_q.weight" in err
+    with pytest.raises(UserError, match="bfloat16 scales are rounded"):
+        export_gguf(m.model, tmp_path / "b.gguf", "Q8_0", exact=True)
