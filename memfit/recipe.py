@@ -260,16 +260,19 @@ def _override(specs: dict, o):
     return _compose(parts.get("prune") or parts.get("lowrank"), parts.get("quant"))
 
 
-def _preset(algo: str, bits: int, group: int | None, **kw) -> Recipe:
-    sym = group is None and bits == 8
+def _preset(algo: str, bits: int, group: int | None, *, symmetric: bool | None = None,
+            gguf_exact: bool = False, **kw) -> Recipe:
+    sym = group is None and bits == 8 if symmetric is None else symmetric
     zero = "float" if algo == "hqq" else "int"
-    fmt = IntFormat(bits=bits, group_size=group, symmetric=sym, zero_point=zero)
+    fmt = IntFormat(bits=bits, group_size=group, symmetric=sym, zero_point=zero,
+                    gguf_exact=gguf_exact)
     return Recipe(quant=Quant.methods()[algo](format=fmt, **kw))
 
 
 # GPTQ presets use act-order and MSE-searched clipping: on the default model at 4-bit g64 they
 # cut plain GPTQ's perplexity gap to fp32 by ~3.5x for ~1.5x the time (benchmarks/RESULTS.md).
 _BEST = dict(act_order=True, clip="mse")
+_GGUF8 = IntFormat(bits=8, group_size=32, symmetric=True, gguf_exact=True)  # GGUF Q8_0
 PRESETS: dict[str, Recipe] = {
     "w8": _preset("rtn", 8, None),
     "w8-gptq": _preset("gptq", 8, None, **_BEST),
@@ -311,6 +314,12 @@ PRESETS: dict[str, Recipe] = {
     "w4g64-gptq-e8": replace(_preset("gptq", 4, 64, **_BEST),
                              embeddings=IntFormat(bits=8, group_size=None, symmetric=True),
                              head=IntFormat(bits=8, group_size=None, symmetric=True)),
+    # GGUF-exact: every matrix and the embedding table (the tied head) on a grid that GGUF
+    # blocks hold bit for bit, so `memfit export --format gguf` rounds nothing again
+    "w8g32-gguf": replace(_preset("rtn", 8, 32, symmetric=True, gguf_exact=True),
+                          embeddings=_GGUF8, head=_GGUF8),
+    "w4g32-gguf": replace(_preset("gptq", 4, 32, gguf_exact=True, **_BEST),
+                          embeddings=_GGUF8, head=_GGUF8),
     "wsvd-80-w8": Recipe(lowrank=WhitenedSVD(keep=0.8), quant=_preset("gptq", 8, None).quant),
 }
 

@@ -12,8 +12,14 @@ from memfit.cli.common import add_bos, add_dtype_device
 def _describe_quant(q) -> str:
     f = q.format
     zero = "symmetric" if f.symmetric else f"{f.zero_point} zero"
-    return (f"{q.algo} {f.bits}-bit, group {f.group_size or 'channel'}, {zero}, clip {q.clip}"
-            + (", act-order" if q.act_order else ""))
+    clip = getattr(q, "clip", None)  # RTN and GPTQ
+    return (f"{q.algo} {f.bits}-bit, group {f.group_size or 'channel'}, {zero}"
+            + (f", clip {clip}" if clip else "")
+            + (", act-order" if getattr(q, "act_order", False) else "")  # GPTQ only
+            + (", AWQ scales" if getattr(q, "awq", False) else "")
+            + (f", int{q.act_bits} activations" if getattr(q, "act_bits", None) else "")
+            + (f", SmoothQuant {q.smoothquant}" if getattr(q, "smoothquant", None) else "")
+            + (", GGUF-exact scales" if f.gguf_exact else ""))
 
 
 def list_presets() -> None:
@@ -30,6 +36,10 @@ def list_presets() -> None:
         if r.quant:
             parts.append(("kept values: " if r.prune else "factors: " if r.lowrank else "")
                          + _describe_quant(r.quant))
+        for table in ("embeddings", "head"):
+            f = getattr(r, table)
+            if f is not None:
+                parts.append(f"{table} int{f.bits}, group {f.group_size or 'channel'}")
         if r.structured:
             parts.append(f"structured: drop the {r.structured.drop_blocks} least influential blocks")
         print(f"{name:<22}{'; '.join(parts)}" + ("; needs calibration data" if r.needs_data else ""))

@@ -34,8 +34,10 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
                    extra={"source": meta.get("source"), "exported_from": str(src)})
 
 
-def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False) -> Path:
-    """Any model memfit loads (a memfit folder: its packed weights dequantized) -> a GGUF file."""
+def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
+                     exact: bool = False) -> Path:
+    """Any model memfit loads -> a GGUF file (packed weights on a GGUF block grid keep their
+    codes, the rest is quantized to `qtype`; `exact`: refuse unless nothing is rounded)."""
     from memfit.io.export_gguf import GGUF_TYPES, export_gguf
     from memfit.models import load_model
 
@@ -44,12 +46,13 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False) -> Pat
     if Path(out).expanduser().exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
     loaded = load_model(spec, dtype="float32")
-    return export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite)
+    return export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite,
+                       exact=exact)
 
 
 def cmd_export(args) -> None:
     if args.format == "gguf":
-        out = export_gguf_file(args.model, args.out, args.type, args.overwrite)
+        out = export_gguf_file(args.model, args.out, args.type, args.overwrite, args.exact)
         print(f"wrote        {out}  (GGUF {args.type}; loads with transformers' "
               "from_pretrained(folder, gguf_file=...) and llama.cpp)")
         return
@@ -67,8 +70,12 @@ def add_export(sub) -> None:
                    help="the output format (default compressed-tensors)")
     e.add_argument("--type", default="Q8_0", help="gguf: the llama.cpp type (Q8_0, Q4_0, Q4_1, "
                    "Q5_0, Q5_1, Q4_K, F16, BF16, F32; default Q8_0; Q4_K stores rows that are not "
-                   "a multiple of 256 as Q5_0)")
+                   "a multiple of 256 as Q5_0). Weights memfit quantized to int8 symmetric, int4 "
+                   "symmetric or int4 integer-zero groups of 32 keep their codes as Q8_0, Q4_0 or "
+                   "Q4_1 blocks whatever --type says")
     e.add_argument("--out", required=True, help="output folder (gguf: file), written complete "
                    "or not at all (required)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--exact", action="store_true", help="gguf: write nothing unless every weight "
+                   "of the file is exactly memfit's (no matrix quantized again)")
     e.set_defaults(func=cmd_export)

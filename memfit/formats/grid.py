@@ -16,6 +16,14 @@ short group is computed over its real columns only. A group size larger than `in
 (it divides nothing), never a silent switch to per-channel.
 
 Algorithms choose values (scales, zeros, codes) on this grid; formats choose bytes.
+
+`gguf_exact=True` keeps the grid on one that GGUF's block types store exactly (see
+memfit.io.gguf_blocks): symmetric formats need nothing more than float16 scales (Q8_0, Q4_0:
+w = d * (q - z)); an asymmetric one is stored by GGUF as w = d * q + m with m in float16 too, so
+the scale keeps only 11 - bits significant bits, which makes m = -z * s exact in float16 for every
+integer zero z < 2**bits (a change of at most 2**-(11 - bits) of the scale, chosen before the codes
+like every other rounding here; scales under 2**-(14 + bits), groups of near-zero weights, are
+raised to that floor so m stays on float16's grid).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class IntFormat:
     symmetric: bool = False
     zero_point: str = "int"  # "int" (packed integer) or "float" (HQQ-style real zero)
     scale_dtype: str = "float16"
+    gguf_exact: bool = False  # scales GGUF stores exactly (Q8_0/Q4_0/Q4_1), see the module doc
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -54,6 +63,11 @@ class IntFormat:
         if self.scale_dtype not in _SCALE_DTYPES:
             raise UserError(
                 f"scale_dtype={self.scale_dtype!r} is invalid; use one of {sorted(_SCALE_DTYPES)}")
+        if not isinstance(self.gguf_exact, bool):
+            raise UserError(f"gguf_exact={self.gguf_exact!r} must be true or false")
+        if self.gguf_exact and (self.scale_dtype != "float16" or self.zero_point != "int"):
+            raise UserError("gguf_exact needs scale_dtype float16 and integer zero points (GGUF "
+                            "stores float16 scales and a float16 minimum)")
 
     @property
     def qmax(self) -> int:
@@ -143,10 +157,19 @@ def minmax_params(w: torch.Tensor, fmt: IntFormat, shrink: float | torch.Tensor 
 def round_params(scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat):
     """Round scale (and a float zero) to their stored dtypes, so codes are chosen against the
     exact values the artifact will hold. Returns float32 tensors."""
+    if fmt.gguf_exact and not fmt.symmetric:
+        scale = _short_scale(scale.float(), 11 - fmt.bits)
     scale = scale.to(fmt.torch_scale_dtype).float()
     if not fmt.symmetric and fmt.zero_point == "float":
         zero = zero.to(fmt.torch_scale_dtype).float()
     return scale, zero
+
+
+def _short_scale(scale: torch.Tensor, keep: int) -> torch.Tensor:
+    """Each scale rounded to `keep` significant bits, at least 2**(keep - 25) so its last bit is
+    no finer than float16's 2**-24: then z * scale (z < 2**(11 - keep)) is a float16 value."""
+    m, e = torch.frexp(scale.clamp(min=2.0 ** (keep - 25)))  # scale = m * 2**e, m in [0.5, 1)
+    return torch.ldexp(torch.round(m * 2.0**keep), e - keep)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:

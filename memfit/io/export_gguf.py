@@ -1,12 +1,15 @@
-"""Write a memfit model (any packed formats, dequantized) as a GGUF file of one llama.cpp type,
-with the `gguf` package: `memfit export DIR --format gguf --type Q8_0 --out model.gguf`.
+"""Write a memfit model as a GGUF file with the `gguf` package:
+`memfit export DIR --format gguf --type Q8_0 --out model.gguf [--exact]`.
 
-GGUF's quantized types have their own fixed grids (Q8_0: blocks of 32 weights with one float16
-scale; Q4_0/Q5_0: blocks of 32, symmetric; Q4_1/Q5_1: blocks of 32 with a minimum), which
-memfit's grids (per channel, groups of 64, GPTQ/AWQ-chosen codes) do not sit on. So every weight
-is dequantized to float32 (memfit's exact values) and quantized again by `gguf.quants.quantize`:
-Q8_0 of an int8 or int4 memfit weight adds a small second rounding, Q4_0 of a memfit int4 g64
-weight a large one; what that costs is measured, not assumed (tests/export/test_export_gguf.py).
+Three GGUF block types are memfit grids in another byte order (memfit.io.gguf_blocks): int8
+symmetric groups of 32 are Q8_0, int4 symmetric groups of 32 are Q4_0, int4 with integer zeros
+and groups of 32 are Q4_1. A packed weight in one of these layouts keeps memfit's codes and
+float16 scales bit for bit, in its own type whatever `--type` says (a lossless file is worth more
+than a uniform one; the export prints how many matrices kept their codes, by type). Every other
+matrix -- float ones, and memfit grids GGUF has no block for (groups of 64, per channel, 2/3 bits,
+float zeros) -- is dequantized to float32 and quantized to `--type` by `gguf.quants.quantize`,
+a second rounding the export names (what it costs is measured: benchmarks/RESULTS.md, GGUF);
+`--exact` refuses, writing nothing, unless every weight of the file is exactly memfit's.
 Norms and other 1-D tensors are stored as F32, as llama.cpp's converter does.
 
 Scope: Llama-family decoders (llama, mistral: no biases) with the names of
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,10 @@ import torch
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.formats.embedding import QuantEmbedding
+from memfit.formats.intq import PackedIntWeight
+from memfit.formats.quant_linear import QuantLinear
+from memfit.io.gguf_blocks import EXACT_TYPES, block_type, layout, to_blocks, why_not
 from memfit.io.modules import describe_modules
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "F16", "BF16", "F32")
@@ -46,15 +54,22 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
 _ARCHS = ("llama", "mistral")
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as float32 tensors under transformers' names: every memfit module
-    dequantized to `<name>.weight` (its bias beside it), the other tensors as they are; a tensor
-    tied to another appears once, under the first name."""
+def weights(model: nn.Module) -> dict[str, torch.Tensor | PackedIntWeight]:
+    """The model's weights under transformers' names: an integer-grid memfit module (QuantLinear,
+    QuantEmbedding) as its `PackedIntWeight`, every other memfit module dequantized to float32
+    (its bias beside it), the other tensors as float32; a tensor tied to another (a tied head's
+    shared buffers included) appears once, under the first name."""
     packed = describe_modules(model)
     out, seen = {}, set()
     for name in packed:
         m = model.get_submodule(name)
-        out[f"{name}.weight"] = m.dequantize(torch.float32)
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            if id(m.qdata) in seen:
+                continue
+            seen.add(id(m.qdata))
+            out[f"{name}.weight"] = m.packed()
+        else:
+            out[f"{name}.weight"] = m.dequantize(torch.float32)
         if getattr(m, "bias", None) is not None:
             out[f"{name}.bias"] = m.bias.detach().float()
     for key, t in model.state_dict(keep_vars=True).items():
@@ -89,30 +104,101 @@ def _metadata(writer, config) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def _tensors(model: nn.Module, qtype) -> list[tuple[str, np.ndarray, object]]:
-    """[(GGUF name, array, raw type)] in GGUF names, q/k permuted, 2-D weights quantized."""
+@dataclass
+class Notes:
+    """What the export did to each matrix (GGUF names)."""
+
+    kept: dict[str, int] = field(default_factory=dict)  # type -> matrices keeping memfit's codes
+    min_rounded: list[tuple[str, float]] = field(default_factory=list)  # Q4_1, float16 m rounded
+    scale_rounded: list[tuple[str, float]] = field(default_factory=list)  # bfloat16 scales
+    again: list[tuple[str, str]] = field(default_factory=list)  # memfit-quantized, re-quantized
+    floats: list[str] = field(default_factory=list)  # float matrices whose values were rounded
+    fell: list[str] = field(default_factory=list)  # K-quant rows stored as the fallback type
+
+    def rounded(self) -> list[str]:
+        """Why the file's weights are not exactly memfit's (empty: they are)."""
+        out = []
+        if self.again:
+            name, why = self.again[0]
+            what = _n(self.again, "memfit-quantized matrix is", "memfit-quantized matrices are")
+            out.append(f"{what} not on a GGUF block grid and quantized again, e.g. {name} ({why})")
+        if self.min_rounded:
+            name, err = max(self.min_rounded, key=lambda x: x[1])
+            what = _n(self.min_rounded, "Q4_1 matrix keeps", "Q4_1 matrices keep")
+            out.append(f"{what} memfit's codes but their float16 minimum -zero*scale is rounded "
+                       f"(max weight change {err:.2g} in {name}); compress with gguf_exact: true "
+                       "(e.g. --recipe w4g32-gguf)")
+        if self.scale_rounded:
+            name, err = max(self.scale_rounded, key=lambda x: x[1])
+            what = _n(self.scale_rounded, "matrix keeps", "matrices keep")
+            out.append(f"{what} memfit's codes but their bfloat16 scales are rounded to GGUF's "
+                       f"float16 (max weight change {err:.2g} in {name}); compress with "
+                       "scale_dtype: float16")
+        if self.floats:
+            out.append(f"{_n(self.floats, 'float matrix is', 'float matrices are')} rounded to "
+                       f"the requested type, e.g. {self.floats[0]}")
+        return out
+
+
+def _n(items: list, one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
+
+
+def _tensors(model: nn.Module, qtype, notes: Notes) -> list[tuple[str, np.ndarray, object]]:
+    """[(GGUF name, array, raw type)] in GGUF names, q/k permuted, 2-D weights quantized: a
+    packed weight on a GGUF block grid keeps its codes (memfit.io.gguf_blocks), any other
+    matrix is quantized to `qtype`; `notes` records which was which."""
     import gguf
 
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    n_kv = config.num_key_value_heads or config.num_attention_heads
+    heads = {"q_proj.weight": config.num_attention_heads,
+             "k_proj.weight": config.num_key_value_heads or config.num_attention_heads}
+    floats = qtype.name in ("F32", "F16", "BF16")
     out = []
-    for key, t in dense_state(model).items():
+    for key, t in weights(model).items():
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
             if key.endswith("rotary_emb.inv_freq"):
                 continue
             raise UserError(f"GGUF has no name for {key}; this architecture is not exportable")
-        if key.endswith("q_proj.weight"):
-            t = _permute_rotary(t, config.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
-            t = _permute_rotary(t, n_kv)
+        n_head = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
+        again = False
+        if isinstance(t, PackedIntWeight):
+            kind = None if floats else block_type(t)
+            if kind is not None:
+                rows = None if n_head is None else _permute_rotary(torch.arange(t.shape[0]), n_head)
+                data, change = to_blocks(t, kind, rows)
+                notes.kept[kind] = notes.kept.get(kind, 0) + 1
+                if change:
+                    bf16 = t.fmt.scale_dtype != "float16"
+                    (notes.scale_rounded if bf16 else notes.min_rounded).append((gname, change))
+                out.append((gname, data, gguf.GGMLQuantizationType[kind]))
+                continue
+            again = not floats
+            if again:
+                notes.again.append((gname, why_not(t, qtype.name) if qtype.name in EXACT_TYPES
+                                    else f"{layout(t.fmt)} is no GGUF block type"))
+            t = t.dequantize(torch.float32)
+        if t.ndim == 2 and not again and _rounds(t, qtype.name):
+            notes.floats.append(gname)
+        if n_head is not None:
+            t = _permute_rotary(t, n_head)
         arr = t.contiguous().numpy()
         if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             out.append((gname, arr.astype(np.float32), gguf.GGMLQuantizationType.F32))
             continue
-        out.append((gname, *_quantize(key, arr, qtype)))
+        data, raw = _quantize(key, arr, qtype)
+        if raw != qtype:
+            notes.fell.append(gname)
+        out.append((gname, data, raw))
     return out
+
+
+def _rounds(t: torch.Tensor, qtype: str) -> bool:
+    """Whether storing the float32 matrix `t` as `qtype` changes any of its values."""
+    cast = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(qtype)
+    return cast is None or not torch.equal(t.to(cast).float(), t)
 
 
 def _quantize(key: str, arr: np.ndarray, qtype) -> tuple[np.ndarray, object]:
@@ -131,11 +217,6 @@ def _quantize(key: str, arr: np.ndarray, qtype) -> tuple[np.ndarray, object]:
     except gguf.QuantError as e:
         raise UserError(f"cannot store {key} {tuple(arr.shape)} as {qtype.name} ({e}); choose "
                         f"another --type ({', '.join(GGUF_TYPES)}); nothing written") from None
-
-
-def fallbacks(tensors: list, qtype: str) -> list[str]:
-    """The GGUF names of the matrices stored as another type than `qtype` (K-quant fallback)."""
-    return [name for name, data, raw in tensors if data.ndim == 2 and raw.name != qtype]
 
 
 def _tokenizer_metadata(writer, tokenizer) -> bool:
@@ -172,10 +253,12 @@ def _tokenizer_metadata(writer, tokenizer) -> bool:
 
 
 def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=None,
-                overwrite: bool = False) -> Path:
-    """Write `model` (memfit modules dequantized, then quantized to `qtype`) and `tokenizer`
-    (when given and byte-level BPE) as a GGUF file, through a temporary name renamed when
-    complete. -> the file."""
+                overwrite: bool = False, exact: bool = False) -> Path:
+    """Write `model` and `tokenizer` (when given and byte-level BPE) as a GGUF file, through a
+    temporary name renamed when complete. Packed weights whose layout is a GGUF block type keep
+    memfit's codes (and scales) in that type; every other matrix is quantized to `qtype`.
+    `exact`: refuse (nothing written) unless the file's weights are exactly memfit's. What was
+    kept and what was rounded is printed to stderr. -> the file."""
     import gguf
 
     if qtype not in GGUF_TYPES:
@@ -191,12 +274,12 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
     out = Path(out_file).expanduser()
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
-    tensors = _tensors(model, gguf.GGMLQuantizationType[qtype])
-    fell = fallbacks(tensors, qtype)
-    if fell:
-        print(f"memfit: GGUF {qtype}: {len(fell)} of {sum(d.ndim == 2 for _, d, _ in tensors)} "
-              f"matrices stored as {K_FALLBACK[qtype]} (rows not a multiple of 256), e.g. "
-              f"{fell[0]}", file=sys.stderr, flush=True)
+    notes = Notes()
+    tensors = _tensors(model, gguf.GGMLQuantizationType[qtype], notes)
+    if exact and notes.rounded():
+        raise UserError(f"--exact: the GGUF would not hold memfit's weights exactly: "
+                        f"{'; '.join(notes.rounded())}; nothing written")
+    _say(notes, qtype, sum(d.ndim == 2 for _, d, _ in tensors))
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +288,7 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
             print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
                   file=sys.stderr, flush=True)
-        writer.add_file_type(_FILE_TYPE[qtype])
+        writer.add_file_type(_FILE_TYPE[_main_type(tensors, qtype)])
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -217,3 +300,27 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _main_type(tensors: list, qtype: str) -> str:
+    """The type most matrices are stored as (llama.cpp's "file type"; `qtype` on a tie)."""
+    counts = {qtype: 0}
+    for _, data, raw in tensors:
+        if data.ndim == 2 and raw.name in _FILE_TYPE:
+            counts[raw.name] = counts.get(raw.name, 0) + 1
+    return max(counts, key=lambda t: (counts[t], t == qtype))
+
+
+def _say(notes: Notes, qtype: str, n_matrices: int) -> None:
+    """One stderr line per thing the user should know about the file's matrices."""
+    lines = []
+    if notes.kept:
+        kinds = ", ".join(f"{n} {t}" for t, n in notes.kept.items())
+        lines.append(f"{sum(notes.kept.values())} of {n_matrices} matrices keep memfit's codes "
+                     f"and scales as GGUF blocks ({kinds})")
+    lines += notes.rounded()
+    if notes.fell:
+        lines.append(f"GGUF {qtype}: {len(notes.fell)} of {n_matrices} matrices stored as "
+                     f"{K_FALLBACK[qtype]} (rows not a multiple of 256), e.g. {notes.fell[0]}")
+    for line in lines:
+        print(f"memfit: {line}", file=sys.stderr, flush=True)

@@ -125,3 +125,12 @@ def test_killed_run_resumes_to_identical_files(tmp_path, tiny_llama_dir, monkeyp
     assert rep["resumed_blocks"] == 1
     for name in ("model.safetensors", "memfit.json", "config.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_list_presets_describes_every_preset(capsys):
+    from memfit.recipe import PRESETS
+    code, out, _ = _run(capsys, "compress", "--list-presets")
+    assert code == 0 and len(out.splitlines()) == len(PRESETS)
+    line = next(x for x in out.splitlines() if x.startswith("w4g32-gguf "))
+    assert "GGUF-exact scales" in line and "embeddings int8, group 32" in line
+    assert "hqq 4-bit, group 64, float zero" in out and "int8 activations" in out
