@@ -367,9 +367,10 @@ def _copies(w: IntWeight) -> list[IntWeight]:
                   for _ in range(n - 1)]
 
 
-def _graph_us(fns, rounds: int = 2) -> float:
-    """µs per call of `fns` called in turn, from the best of 3 replays of a CUDA graph of them
-    (no launch overhead, as in a captured decode step). Warmed up outside the graph."""
+def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
+    """µs per call of `fns` called in turn `calls` times inside one CUDA graph (no launch
+    overhead, as in a captured decode step), `stat` (min, a median...) over `replays` replays.
+    Warmed up on a side stream before the capture."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -378,20 +379,24 @@ def _graph_us(fns, rounds: int = 2) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(rounds):
-            for f in fns:
-                f()
+        for i in range(calls):
+            fns[i % len(fns)]()
     g.replay()
-    best = float("inf")
-    for _ in range(3):
+    times = []
+    for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
         b.record()
         b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / (rounds * len(fns)))
+        times.append(a.elapsed_time(b) * 1e3 / calls)
     del g
-    return best
+    return stat(times)
+
+
+def _graph_us(fns, rounds: int = 2) -> float:
+    """µs per call of `fns` called in turn, best of 3 replays of a graph of `rounds` rounds."""
+    return graph_us(fns, rounds * len(fns), 3, min)
 
 
 def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
