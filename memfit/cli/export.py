@@ -53,7 +53,7 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
 def cmd_export(args) -> None:
     if args.format == "gguf":
         out = export_gguf_file(args.model, args.out, args.type, args.overwrite, args.exact)
-        print(f"wrote        {out}  (GGUF; {args.type} for every matrix that did not keep "
+        print(f"wrote        {out}  (GGUF {args.type} for every matrix that did not keep "
               "memfit's own block codes, as noted above; loads with transformers' "
               "from_pretrained(folder, gguf_file=...) and llama.cpp)")
         return
