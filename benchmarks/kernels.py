@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from memfit.kernels import triton_int
+from memfit.kernels import gpu_timing, triton_int
 from memfit.kernels.packing import pack
 from memfit.kernels.weights import IntWeight
 
@@ -38,7 +38,7 @@ def graph_time_us(fns) -> float:
     for f in fns:  # warm-up outside the graph (kernel choice, compilation)
         f()
     torch.cuda.synchronize()
-    return triton_int.graph_us(fns, CALLS, 5, statistics.median)
+    return gpu_timing.graph_us(fns, CALLS, 5, statistics.median)
 
 
 def copies(nbytes: int) -> int:

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_mma import MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight
@@ -335,7 +336,7 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
         else:
             want = run(x2, w, bias, Config(0, 0, 0)).float()  # dequantize + cuBLAS
             tol = 1e-4 if x2.dtype == torch.float32 else 2e-2
-            ws = _copies(w)
+            ws = weight_copies(w)
             times = []
             for i, c in enumerate(cands):
                 try:
@@ -353,45 +354,6 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
 
 
 TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest first (benchmarks)
-_L2_BYTES = 64 << 20
-
-
-def _copies(w: IntWeight) -> list[IntWeight]:
-    """`w` and copies of it, together several times the L2, so that a timing reads the weight
-    from device memory as a decode step does (each layer's weight is read once per token)."""
-    nbytes = sum(t.numel() * t.element_size() for t in (w.qdata, w.scale, w.zero)
-                 if t is not None)
-    n = max(1, min(32, -(-4 * _L2_BYTES // max(nbytes, 1))))
-    return [w] + [w._replace(qdata=w.qdata.clone(), scale=w.scale.clone(),
-                             zero=None if w.zero is None else w.zero.clone())
-                  for _ in range(n - 1)]
-
-
-def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
-    """µs per call of `fns` called in turn `calls` times inside one CUDA graph (no launch
-    overhead, as in a captured decode step), `stat` (min, a median...) over `replays` replays.
-    Warmed up on a side stream before the capture."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    del g
-    return stat(times)
 
 
 def _graph_us(fns, rounds: int = 2) -> float:
