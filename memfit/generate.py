@@ -54,8 +54,9 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     fmt = kv_format(kv)
+    placed = getattr(model, "memfit_placement", None) is not None  # accelerate's hooks: eager
     if fmt is not None:
-        fused = device.type == "cuda" and getattr(model, "memfit_placement", None) is None
+        fused = device.type == "cuda" and not placed
         if fused:
             enable_fused_kv_attention(model)
         kwargs[cache_kwarg(model)] = QuantizedKVCache(model.config, fmt, fused=fused)
@@ -64,7 +65,6 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    placed = getattr(model, "memfit_placement", None) is not None  # accelerate's hooks: eager
     if device.type == "cuda" and temperature == 0 and fmt is None and not placed:
         return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream)
     errors = []

@@ -3,8 +3,11 @@ names, in that order, the rest offloaded to CPU RAM or to disk, sized by memfit'
 and run by accelerate's hooks (`accelerate.dispatch_model`, no home-made engine).
 
     memfit inspect  MODEL --place cuda:0=20GB,cuda:1=20GB,cpu   # what each device will hold
-    memfit generate MODEL --place cuda:0=20GB,cpu               # run it that way
     memfit eval     MODEL --place cpu=300MB,disk                # CPU only, blocks read from disk
+    memfit generate MODEL --place cpu=300MB,disk
+
+Running with a GPU in the description is refused for now (`load_placed`): the first H200 run
+failed inside the split load and was not run again; the GPU plan is printed by inspect.
 
 The description is a comma-separated list, filled in order: `cuda:N=SIZE` (or `cuda=SIZE` for
 cuda:0), `cpu=SIZE` or `cpu` (what this process may still use), `disk` (last; an offload
@@ -318,7 +321,14 @@ def _no_room(size: dict, devices: list[Device], kv: int, act: int) -> str:
             "memory, add 'disk' at the end, or compress the model")
 
 
-def _offload_dir() -> str:
+def _offload_dir(placement: Placement) -> str | None:
+    """A temporary offload folder (removed at exit) when `placement` puts parts on disk, else
+    None; also quiets accelerate's note that offloaded parameters sit on the meta device."""
+    import logging
+
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
+    if "disk" not in placement.device_map.values():
+        return None
     d = tempfile.mkdtemp(prefix="memfit-offload-")
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
@@ -327,14 +337,10 @@ def _offload_dir() -> str:
 def place_model(model: nn.Module, placement: Placement) -> nn.Module:
     """Dispatch `model` (loaded on the CPU) by `placement` with accelerate's hooks. Parts on
     `disk` are written to a temporary offload folder, removed when the process exits."""
-    import logging
-
     from accelerate import dispatch_model
 
-    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its meta-device note
-    disk = "disk" in placement.device_map.values()
     dispatch_model(model, device_map=_hf_map(placement), main_device=placement.main,
-                   offload_dir=_offload_dir() if disk else None,
+                   offload_dir=_offload_dir(placement),
                    offload_buffers=True)  # packed codes are buffers: offload them too
     return _finish(model, placement)
 
@@ -400,13 +406,10 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     placement = plan_placement(skel, devices, **plan)
     if not dispatch:
         return None, placement
-    import logging
-    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
-    disk = "disk" in placement.device_map.values()
     try:
         model = cls.from_pretrained(location, dtype=torch_dtype,
                                     device_map=_hf_map(placement),
-                                    offload_folder=_offload_dir() if disk else None,
+                                    offload_folder=_offload_dir(placement),
                                     offload_buffers=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as e:
