@@ -8,14 +8,18 @@ folder to write and read), on random token windows.
 Settings: `bf16-sib` = bfloat16 weights, 8-bit AdamW rounded stochastically, stepped in the
 backward pass (`memfit train --weights bf16 --optim adamw8bit --step-in-backward --ac full`);
 `fp32-fsdp` = float32 master weights on FSDP2 (world of one), bf16 compute, 8-bit AdamW, full AC
-(`memfit train --optim adamw8bit --ac full`). Prints one JSON line per setting: predicted bytes
-(memfit.train.memory), torch.cuda.max_memory_allocated over the steps, step seconds, losses.
+(`memfit train --optim adamw8bit --ac full`). Each setting runs in its own process (run in one,
+the first setting's model and states stayed under the second's peak). Prints one JSON line per
+setting: predicted bytes (memfit.train.memory), torch.cuda.max_memory_allocated over the steps,
+step seconds, losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -93,7 +97,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-block toy config (smoke test)")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if len(a.setting) > 1 and not a.one:  # each setting in a fresh process: nothing carries over
+        for s in a.setting:
+            cmd = [sys.executable, __file__, "--one", "--setting", s, "--steps", str(a.steps),
+                   "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--device", a.device]
+            subprocess.run(cmd + (["--tiny"] if a.tiny else []), check=False)
+        return
     device = torch.device(a.device)
     cfg = TINY if a.tiny else LLAMA3_8B
     for s in a.setting:
@@ -101,10 +112,6 @@ def main() -> None:
             print(json.dumps(run(s, cfg, device, a.steps, a.seq_len, a.batch)), flush=True)
         except torch.OutOfMemoryError as e:
             print(json.dumps({"setting": s, "error": f"out of memory: {str(e)[:200]}"}), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-
 
 if __name__ == "__main__":
     main()

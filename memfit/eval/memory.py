@@ -112,6 +112,9 @@ def kv_bytes_per_token(config, kv_dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * torch.finfo(kv_dtype).bits // 8
 
 
+_WINDOWED = ("sliding_attention", "hybrid_sliding", "chunked_attention")
+
+
 def cached_tokens(config, context: int) -> list[int]:
     """Tokens each layer's KV cache holds after `context` tokens, as transformers' DynamicCache
     keeps them: sliding-window (and chunked) layers only their last window - 1 tokens, layers
@@ -124,15 +127,18 @@ def cached_tokens(config, context: int) -> list[int]:
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     except (AttributeError, TypeError):  # a config without per-layer facts: every layer is full
         return [context] * n_layers
+    if isinstance(kwargs, dict):  # transformers 5.17: one dict for all windowed layers
+        kwargs = [kwargs if t in _WINDOWED else {} for t in types]
     out = []
-    for t, kw in zip(types, kwargs):
+    for t, kw in zip(types, kwargs, strict=True):
         if t == "dummy":
             out.append(0)
         elif kw.get("sliding_window"):
             out.append(min(context, kw["sliding_window"] - 1))
         else:
             out.append(context)
-    return out
+    # older transformers list only the layers that own a cache (KV shared by the last ones)
+    return out + [0] * (n_layers - len(out))
 
 
 def kv_cache_bytes(config, context: int, batch: int, kv_dtype: torch.dtype, kv_format=None) -> dict:

@@ -52,3 +52,39 @@ def test_inspect_kv_bytes_equal_the_real_cache(tiny_config, model_type, extra):
         model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
     if model_type != "llama":  # one decode step later the windowed layers let go of the prompt
         assert _storage_bytes(cache) < info["kv_prefill_peak_bytes"]
+
+
+def _layer_types_5_17(config):
+    """transformers 5.17's reading of a config: layer types, one kwargs dict for every windowed
+    layer, and the layers that reuse another's KV cache left off the end."""
+    types = list(getattr(config, "layer_types", None) or
+                 ["sliding_attention" if getattr(config, "sliding_window", None) else
+                  "full_attention"] * config.num_hidden_layers)
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    types = types[:-shared] if shared else types
+    kwargs = {"sliding_window": config.sliding_window} if "sliding_attention" in types else {}
+    return types, kwargs
+
+
+@pytest.mark.parametrize("model_type,extra,expect", [
+    ("llama", {}, [64] * 2),
+    ("gemma3_text", dict(num_hidden_layers=5, head_dim=16, sliding_window=16,
+                         layer_types=["sliding_attention"] * 2 + ["full_attention"]
+                         + ["sliding_attention", "full_attention"]), [15, 15, 64, 15, 64]),
+    ("mistral", dict(sliding_window=16), [15] * 2),
+])
+def test_cached_tokens_reads_older_transformers_alike(tiny_config, monkeypatch, model_type, extra,
+                                                      expect):
+    """The first H200 run of `--place` failed on transformers 5.17 (IndexError): its
+    get_layer_types_and_kwargs returns one dict, not one per layer. Both shapes give the same
+    tokens per layer; layers 5.17 leaves off (KV shared) hold none."""
+    import transformers.cache_utils as cu
+
+    from memfit.eval.memory import cached_tokens
+
+    cfg = tiny_config(model_type, **extra)
+    assert cached_tokens(cfg, 64) == expect  # this transformers
+    monkeypatch.setattr(cu, "get_layer_types_and_kwargs", _layer_types_5_17)
+    assert cached_tokens(cfg, 64) == expect
+    cfg.num_kv_shared_layers = 1  # the last layer reads another's cache
+    assert cached_tokens(cfg, 64) == expect[:-1] + [0]
