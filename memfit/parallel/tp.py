@@ -20,17 +20,16 @@ Transformers 5 attention reshapes projections with -1 heads and reads `num_key_v
 (query heads per KV head, unchanged by this split); any head-count attribute the plan lists that
 a module does keep is set to the rank's count.
 
-Known issue, int4 on the CPU: at decode (one token) memfit's CPU int kernels round float32
-activations to bfloat16 and run torch's bfloat16 weight-only kernels (memfit.kernels.cpu). On
-the default model in w4g64 RTN, teacher-forced over the 128 greedy tokens of one device, TP=2
-logits differed from TP=1 by 3.3e-5 at the prefill (float32 path) but by up to 0.79 (median
-0.28) at decode; the argmax agreed on 128 of 129 steps (it differs at step 49, where TP=1's
-top-2 logit gap is above 0.16) and the free-running greedy text diverges there. That is the
-size of the kernels' own rounding: on one device, bfloat16 vs float32 decode kernels differ by
-up to 0.52 (median 0.22) on the same steps (argmax equal on all 129). With the kernels kept on their float32 path
-on both sides (memfit.kernels.cpu.DECODE_MAX_M = 0) the 128 tokens are identical, as they are
-for the dense model. Running row-parallel shards on the float32 path while TP=1 keeps the
-bfloat16 kernels did not help (same divergence), so it is not done.
+Packed int layers (QuantLinear) in a row-parallel place are split by output rows instead
+(GatherParallel): the input slices are all-gathered and each rank computes its rows over the
+whole input. At decode memfit's CPU int kernels round activations to bfloat16 and run torch's
+weight-only kernels, which return bfloat16 sums (memfit.kernels.cpu); split by input columns, each
+rank's partial sum was rounded on its own, and on the default model in w4g64 RTN the TP=2 greedy
+text left TP=1's at token 49 (logits up to 0.79 apart, the size of those kernels' own rounding).
+Split by output rows, every output is the same kernel call's sum as on one device: the decode
+step's logits are bit-identical (tests/parallel). The price is two all-gathers in place of one
+all-reduce for those layers (input and output rows, a few KB per token at decode). Float
+layers keep the row split: their float32 partial sums differ from one device's by ~1e-6.
 
 Memory: every rank loads the whole model and then drops what it does not own, so the peak while
 loading is one full copy per rank (fine for inference of a model that fits on one device; a
@@ -51,8 +50,11 @@ from torch import nn
 
 from memfit.archs import arch_for, block_list, kv_shape, text_config
 from memfit.errors import UserError
+from memfit.formats.quant_linear import QuantLinear
 from memfit.parallel.plans import COLWISE, plan_for
 from memfit.parallel.shard import group_size, shard_colwise, shard_rowwise
+
+ROW_UNIT = 16  # a gathered layer's output rows per rank: multiples of 16 (torch's int4 CPU kernel)
 
 
 def split_even(n_units: int, world: int) -> list[tuple[int, int]]:
@@ -105,6 +107,37 @@ class RowParallel(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+class GatherParallel(nn.Module):
+    """A row-parallel layer split by output rows instead: the rank's input slices are gathered,
+    its rows [start, end) computed over the whole input, and the rows gathered again. Each output
+    is then one kernel call's sum over all inputs, as on one device: bit-identical where the
+    kernel rounds partial sums to 16 bits (packed int layers), at the cost of two all-gathers
+    instead of one all-reduce. Same weight bytes per rank as the row split."""
+
+    def __init__(self, local: nn.Module, in_sizes: list[int], out_sizes: list[int], group=None):
+        super().__init__()
+        self.local, self.group = local, group
+        self.in_sizes, self.out_sizes = in_sizes, out_sizes
+        self.in_features, self.out_features = sum(in_sizes), sum(out_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(self.local(all_gather_last(x, self.in_sizes, self.group)),
+                               self.out_sizes, self.group)
+
+
+def all_gather_last(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension (rank r holds sizes[r] columns);
+    padded to the widest, moved as raw bits (gloo gathers no 16-bit floats)."""
+    if not dist.is_initialized():
+        return x
+    width = max(sizes)
+    pad = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+    bits = pad.view(torch.int16) if pad.element_size() == 2 else pad
+    parts = [torch.empty_like(bits) for _ in sizes]
+    dist.all_gather(parts, bits, group=group)
+    return torch.cat([t.view(x.dtype)[..., :n] for t, n in zip(parts, sizes)], dim=-1)
+
+
 def all_reduce_sum(y: torch.Tensor, group=None) -> torch.Tensor:
     """Sum `y` over the group (identity outside torch.distributed). gloo reduces no 16-bit
     floats on the CPU, so those are summed in float32 there."""
@@ -128,7 +161,8 @@ def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
     for block in blocks:
         rows = [p for p, (style, unit) in plan.linears.items() if style != COLWISE and unit == "mlp"]
         align = max([group_size(block.get_submodule(p)) for p in rows] or [1])
-        part = partition(model.config, world, align)[rank]
+        parts = partition(model.config, world, align)
+        part = parts[rank]
         for path, (style, unit) in plan.linears.items():
             parent_path, _, name = path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
@@ -136,6 +170,15 @@ def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
             m = getattr(parent, name)
             if style == COLWISE:
                 setattr(parent, name, shard_colwise(m, start, end))
+            elif isinstance(m, QuantLinear):  # its kernels round partial sums: split by rows
+                unit_rows = ROW_UNIT if m.out_features >= ROW_UNIT * world else 1
+                rows = [(b - a) * unit_rows
+                        for a, b in split_even(m.out_features // unit_rows, world)]
+                rows[-1] += m.out_features % unit_rows
+                o0 = sum(rows[:rank])
+                ins = [p[unit][1] - p[unit][0] for p in parts]
+                setattr(parent, name, GatherParallel(shard_colwise(m, o0, o0 + rows[rank]), ins,
+                                                     rows, group))
             else:
                 local, bias = shard_rowwise(m, start, end)
                 setattr(parent, name, RowParallel(local, bias, group))

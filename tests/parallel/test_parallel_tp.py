@@ -25,6 +25,12 @@ def test_tp2_logits_match_one_device(tp2, config, fmt):
           f"(logits up to {r['logit_scale']:.3g})")
     assert r["max_abs_logit_diff"] < 2e-5
     assert r["tokens_equal"]  # 16 greedy tokens
+    # one decode row: packed layers run torch's bfloat16 kernels, whose partial sums a row split
+    # would round twice; split by output rows and gathered they give one device's bits
+    if fmt == "dense":
+        assert r["decode_step_diff"] < 2e-5
+    else:
+        assert r["decode_step_diff"] == 0.0
 
 
 def test_tp2_uneven_gqa_holdings(tp2):
@@ -79,16 +85,14 @@ def test_cli_tp_that_cannot_split_heads(tmp_path, save_tiny, torchrun):
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["dense", "int4"])
 def test_default_model_tp2_greedy_text_equals_tp1(weights, tmp_path, torchrun):
-    """TARGET: TP=2 on the default model gives the same 128 greedy tokens as one device.
-    int4 (w4g64 RTN) is compared with memfit's CPU int kernels on their float32 path at decode
-    (tests/parallel/generate_f32_kernels.py); see test_default_int4_bf16_decode_kernels."""
+    """TARGET: TP=2 on the default model gives the same 128 greedy tokens as one device, dense
+    and int4 (w4g64 RTN, memfit's default CPU kernels: bfloat16 at decode)."""
     model = "default"
     script = "-m", "memfit", "generate"
     if weights == "int4":
         model = str(tmp_path / "w4g64")
         subprocess.run([sys.executable, "-m", "memfit", "compress", "default", "--recipe", "w4g64",
                         "--out", model], check=True, capture_output=True)
-        script = ("tests/parallel/generate_f32_kernels.py",)
     args = [model, "--max-new-tokens", "128"]
     one = subprocess.run([sys.executable, *script, *args], capture_output=True, text=True,
                          check=True).stdout

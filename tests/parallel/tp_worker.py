@@ -20,14 +20,17 @@ def run_case(config, fmt, rank, world):
     model = quantize_blocks_(tiny_llama(config), FORMATS[fmt])
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
     ref = model(ids).logits
+    ref_step = model(ids[:1, :1]).logits  # one row: the CPU int kernels' bfloat16 decode path
     ref_tokens = model.generate(ids[:1], max_new_tokens=16, do_sample=False, pad_token_id=0)
     report = parallelize_(model, rank, world)
     out = model(ids).logits
+    step = model(ids[:1, :1]).logits
     tokens = model.generate(ids[:1], max_new_tokens=16, do_sample=False, pad_token_id=0)
     reports = [None] * world
     dist.all_gather_object(reports, report)
     return {"max_abs_logit_diff": (out - ref).abs().max().item(),
             "logit_scale": ref.abs().max().item(),
+            "decode_step_diff": (step - ref_step).abs().max().item(),
             "tokens_equal": bool(torch.equal(tokens, ref_tokens)), "ranks": reports}
 
 
