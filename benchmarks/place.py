@@ -37,6 +37,7 @@ def run_one(model: str, place: str, prompt_tokens: int, new: int, context: int) 
     load_s, load_peak = time.perf_counter() - t0, rss_peak_bytes()
     reset_peak_rss()
     if torch.cuda.is_available():
+        torch.cuda.init()  # a plan that keeps every part offloaded has not touched CUDA yet
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
     ids = token_windows(m.tokenizer, "builtin", "eval", seq_len=prompt_tokens,

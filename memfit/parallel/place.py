@@ -6,8 +6,10 @@ and run by accelerate's hooks (`accelerate.dispatch_model`, no home-made engine)
     memfit eval     MODEL --place cpu=300MB,disk                # CPU only, blocks read from disk
     memfit generate MODEL --place cpu=300MB,disk
 
-Running with a GPU in the description is refused for now (`load_placed`): the first H200 run
-failed inside the split load and was not run again; the GPU plan is printed by inspect.
+A GPU in the description keeps at least one part (the first): with every part offloaded,
+accelerate would leave the model where its weights are and the CPU would compute it. Verified on
+one H200 (benchmarks/RESULTS.md, issue 13 part 2): a 1.2B bf16 Llama split cuda:0/cpu and
+cuda:0/cpu/disk generated the whole model's tokens.
 
 The description is a comma-separated list, filled in order: `cuda:N=SIZE` (or `cuda=SIZE` for
 cuda:0), `cpu=SIZE` or `cpu` (what this process may still use), `disk` (last; an offload
@@ -282,7 +284,9 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
     if not any(d.name == main for d in devices):
         raise UserError("--place lists no device that computes; add cpu or a cuda device")
     found = None
-    for cap in range(len(parts), -1, -1):
+    # an accelerator keeps at least one part: with none, accelerate would run the model where
+    # its weights are (the CPU), not on the accelerator the plan counted on
+    for cap in range(len(parts), -1 if main == "cpu" else 0, -1):
         found = assign(cap)
         if found is not None:
             break
@@ -291,10 +295,12 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
             raise UserError(_no_room(size, devices, sum(kv_layer), act))
         least = sum(kv_layer) + act + max(size[p] + (prepared[p] if main == "cpu" else 0)
                                           for p in parts)
+        own = "" if main == "cpu" else " and its first part"
+        least += 0 if main == "cpu" else size[parts[0]]
         raise UserError(f"--place: {main} computes the offloaded parts and needs at least "
-                        f"{human_bytes(least)} for the KV cache, activations and the largest "
-                        f"part staged at --context {context}: give {main} more memory or use a "
-                        "shorter --context")
+                        f"{human_bytes(least)} for the KV cache, activations, the largest "
+                        f"part staged{own} at --context {context}: give {main} more memory or "
+                        "use a shorter --context")
     shares, where = found
     return Placement(shares=shares, device_map={p: shares[where[p]].device.name for p in parts},
                      main=main, context=context, batch=batch)
@@ -381,10 +387,6 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     from memfit.models import _convert_gguf, load_model, resolve, skeleton
 
     main = next((d.name for d in devices if d.computes), "cpu")
-    if dispatch and main != "cpu":
-        raise UserError("--place runs models on the CPU and disk only in this version: the first "
-                        "run on a GPU failed and has not been fixed; `memfit inspect --place` "
-                        "prints the plan for GPUs, or use --place cpu=SIZE,disk")
     torch_dtype = pick_dtype(dtype, main)
     steady_malloc()  # offloaded weights come and go every forward: give their pages back
     kind, location = resolve(spec)

@@ -155,10 +155,42 @@ def test_cli_generate_with_place_matches_plain(tiny_llama_dir, capsys):
     assert main(["generate", *args, "--place", "cpu=12MB,disk", "--device", "cuda"]) == 2
 
 
-def test_running_on_a_gpu_is_refused_until_verified(tiny_llama_dir, monkeypatch):
-    """The GPU plan is printed by inspect, but a run with a GPU device is refused (see README)."""
-    with pytest.raises(UserError, match="CPU and disk only"):
-        load_placed(str(tiny_llama_dir), [Device("cuda:0", 10**9)], context=64)
+def test_a_gpu_plan_is_made_without_a_gpu(tiny_llama_dir):
+    """inspect's path: the plan for a GPU is made (nothing loaded) on a machine without one."""
     _, plan = load_placed(str(tiny_llama_dir), [Device("cuda:0", 10**9)], context=64,
                           dispatch=False)
     assert set(plan.device_map.values()) == {"cuda:0"}
+
+
+def test_a_gpu_keeps_at_least_one_part(tmp_path):
+    """With room on cuda:0 only for the KV cache, activations and staging, the plan would offload
+    every part and accelerate would then run the model on the CPU: refused, with what it needs;
+    a little more room and cuda:0 holds the embeddings (the first part) and computes."""
+    from tests.conftest import save_tiny
+
+    path = save_tiny(tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    devices = [Device("cuda:0", 30 * 10**6), Device("cpu", 4 * 10**6), Device("disk", None)]
+    with pytest.raises(UserError, match="largest part staged and its first part"):
+        load_placed(str(path), devices, context=64, dispatch=False)
+    devices[0] = Device("cuda:0", 34 * 10**6)
+    _, plan = load_placed(str(path), devices, context=64, dispatch=False)
+    assert plan.device_map["model.embed_tokens"] == "cuda:0"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_split_over_a_gpu_cpu_and_disk_generates_the_whole_models_text(tmp_path):
+    """Embeddings on cuda:0, two blocks offloaded to the CPU and the rest to disk (all computed
+    on the GPU): the same greedy tokens as the whole model on the GPU."""
+    from tests.conftest import save_tiny
+
+    from memfit.models import input_device, load_model
+
+    path = save_tiny(tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    whole = load_model(str(path), device="cuda").model
+    ref = whole.generate(ids.cuda(), max_new_tokens=12, do_sample=False)
+    del whole
+    m, plan = load_placed(str(path), parse_devices("cuda:0=34MB,cpu=4MB,disk"), context=64)
+    assert list(plan.device_map.values())[:4] == ["cuda:0", "cpu", "cpu", "disk"]
+    out = m.model.generate(ids.to(input_device(m.model)), max_new_tokens=12, do_sample=False)
+    assert out.tolist() == ref.tolist()
