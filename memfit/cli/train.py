@@ -27,7 +27,7 @@ def _print(rep: dict) -> None:
     measured = human_bytes(rep["peak_memory_bytes"])
     if rep["peak_memory_kind"] == "process_peak_rss":
         rise = rep["peak_memory_bytes"] - rep["rss_before_training_bytes"]
-        measured += (f" process peak RSS; it rose {human_bytes(rise)} during training, predicted "
+        measured += (f" process peak RSS over the steps; it rose {human_bytes(rise)}, predicted "
                      f"{human_bytes(p['total_bytes'] - p['weights_bytes'])} (all but the "
                      f"resident weights)")
     else:

@@ -261,6 +261,20 @@ def steady_malloc() -> bool:
     return True
 
 
+def trim_heap() -> bool:
+    """Hand the freed pages of glibc's heap back to the system now (malloc_trim), leaving its
+    thresholds alone; False where it does not apply. A baseline read after it counts only what
+    is live, so a later rise is what the next steps really add."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(hasattr(libc, "malloc_trim") and libc.malloc_trim(0) is not None)
+    except OSError:
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Start VmHWM afresh at the current RSS (Linux's clear_refs 5); False where unsupported."""
     try:

@@ -6,10 +6,11 @@ UserError for bad input before any collective: no rank waits on a peer that alre
 Training reads the data's `calib` split by default (the split evaluation does not use).
 
 Measured memory: on CUDA torch.cuda.max_memory_allocated over the training steps (the states
-allocated before count, as they are live); on the CPU the process's peak RSS (VmHWM, the whole
-process lifetime: the Python runtime, the model load and gloo's buffers included), reported with
-the RSS right before the first step: the rise (peak - that) compares with the prediction less the
-weights already resident (`total_bytes - weights_bytes`); the prediction counts tensors only.
+allocated before count, as they are live); on the CPU the process's peak RSS over the training
+steps (VmHWM reset right before the first step, after the freed heap of loading and sharding is
+handed back; the Python runtime and gloo's buffers included), reported with the RSS at that
+point: the rise (peak - that) compares with the prediction less the weights already resident
+(`total_bytes - weights_bytes`); the prediction counts tensors only.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
     from memfit.train.engine import init_distributed
     from memfit.train.loop import global_batches, rss_now, train_loop
     from memfit.train.memory import model_shape
+    from memfit.eval.memory import reset_peak_rss, trim_heap
     from memfit.train.optim import state_nbytes
 
     o = options or TrainOptions()
@@ -219,6 +221,9 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
         engine_model, opt, ac_blocks, engine = _build(o, s.model, t.model if t else None, device,
                                                       compute, reduce_dtype, counter)
         s.model.train()
+        gc.collect()  # the load's and the sharding's freed memory: back to the system, so the
+        trim_heap()   # RSS rise over the steps is what training adds, and the peak is its own
+        reset_peak_rss()
         rss_train = rss_now()
         rep = train_loop(engine_model, opt, global_batches(windows, o.batch_size, o.seed, rank, world),
                          steps=o.steps, device=device, counter=counter,

@@ -23,6 +23,7 @@ def test_plain_run_trains_and_saves(train_llama_dir, tmp_path, capsys):
     assert rep["world_size"] == 1 and rep["ac_blocks"] == [0] and len(rep["loss"]) == 3
     assert rep["loss"][-1] < rep["loss"][0]
     assert rep["predicted"]["total_bytes"] > 0 and rep["peak_memory_kind"] == "process_peak_rss"
+    assert rep["peak_memory_bytes"] > rep["rss_before_training_bytes"]  # the steps' own peak
     meta = json.loads((out / "memfit.json").read_text())
     assert meta["train"]["optim"] == "adamw8bit" and meta["train"]["steps"] == 3
     from memfit.models import load_model
