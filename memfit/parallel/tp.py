@@ -252,12 +252,13 @@ def tp_session(tp: int, device: str = "cpu", timeout_s: float = 300.0):
     if world == 1:
         yield TPSession(device=device)
         return
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            timeout=timedelta(seconds=timeout_s))
+    from memfit.parallel.world import join_world
+
+    join_world("nccl" if device.startswith("cuda") else "gloo", timedelta(seconds=timeout_s))
     try:
         yield TPSession(rank, world, device)
     finally:

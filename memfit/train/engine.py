@@ -43,8 +43,9 @@ def init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
         torch.cuda.set_device(dev)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), dev, False
-    if "WORLD_SIZE" in os.environ:  # torchrun
-        dist.init_process_group(backend, timeout=TIMEOUT)
+    if "WORLD_SIZE" in os.environ:  # torchrun: peers met within memfit's rendezvous wait
+        from memfit.parallel.world import join_world
+        join_world(backend, TIMEOUT)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=TIMEOUT)

@@ -133,11 +133,21 @@ def test_uneven_split_follows_kv_head_groups():
         partition(cfg, 4)
 
 
-def test_parallelize_refuses_o_proj_groups_that_straddle_a_head_group():
-    """gqa_uneven: rank 0's query heads end at column 96, inside a group of 64."""
+def test_packed_o_proj_whose_groups_straddle_a_head_group_is_split_by_rows():
+    """gqa_uneven: rank 0's query heads end at column 96, inside a group of 64, which a split by
+    input columns cannot take (it was refused); packed row-parallel layers are split by output
+    rows (GatherParallel), 144 rows as 80 + 64 (multiples of 16), every input column kept."""
+    from memfit.parallel.tp import GatherParallel
+
     model = quantize_blocks_(tiny_llama("gqa_uneven"), IntFormat(bits=4, group_size=64))
+    info = parallelize_(model, 0, 2)
+    o = model.model.layers[0].self_attn.o_proj
+    assert isinstance(o, GatherParallel) and o.in_sizes == [96, 48] and o.out_sizes == [80, 64]
+    assert (o.local.in_features, o.local.out_features) == (144, 80)
+    assert info["q_heads"] == 6
+    whole = quantize_blocks_(tiny_llama("gqa_uneven"), IntFormat(bits=4, group_size=64))
     with pytest.raises(UserError, match=r"cannot be split at columns \[0, 96\)"):
-        parallelize_(model, 0, 2)
+        shard_rowwise(whole.model.layers[0].self_attn.o_proj, 0, 96)
 
 
 def test_architecture_without_a_plan_is_refused():
