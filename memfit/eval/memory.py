@@ -245,34 +245,38 @@ def steady_malloc() -> bool:
     every large tensor: the default model's perplexity run (1 thread) lost 15% of its tokens/s.
     False where it does not apply (not glibc, or turned off).
     """
-    import ctypes
-    import ctypes.util
     import os
 
     if _SYSTEM_MALLOC or os.environ.get("MEMFIT_MALLOC", "").lower() == "system":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not hasattr(libc, "mallopt") or not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-            return False
-        libc.malloc_trim(0)
-    except OSError:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or \
+            not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return False
+    libc.malloc_trim(0)
     return True
+
+
+def _libc():
+    """The C library through ctypes, or None where it cannot be opened."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def trim_heap() -> bool:
     """Hand the freed pages of glibc's heap back to the system now (malloc_trim), leaving its
     thresholds alone; False where it does not apply. A baseline read after it counts only what
     is live, so a later rise is what the next steps really add."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(hasattr(libc, "malloc_trim") and libc.malloc_trim(0) is not None)
-    except OSError:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
+    libc.malloc_trim(0)
+    return True
 
 
 def reset_peak_rss() -> bool:

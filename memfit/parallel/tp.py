@@ -172,13 +172,13 @@ def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
                 setattr(parent, name, shard_colwise(m, start, end))
             elif isinstance(m, QuantLinear):  # its kernels round partial sums: split by rows
                 unit_rows = ROW_UNIT if m.out_features >= ROW_UNIT * world else 1
-                rows = [(b - a) * unit_rows
+                outs = [(b - a) * unit_rows
                         for a, b in split_even(m.out_features // unit_rows, world)]
-                rows[-1] += m.out_features % unit_rows
-                o0 = sum(rows[:rank])
+                outs[-1] += m.out_features % unit_rows
+                o0 = sum(outs[:rank])
                 ins = [p[unit][1] - p[unit][0] for p in parts]
-                setattr(parent, name, GatherParallel(shard_colwise(m, o0, o0 + rows[rank]), ins,
-                                                     rows, group))
+                setattr(parent, name, GatherParallel(shard_colwise(m, o0, o0 + outs[rank]), ins,
+                                                     outs, group))
             else:
                 local, bias = shard_rowwise(m, start, end)
                 setattr(parent, name, RowParallel(local, bias, group))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from memfit.errors import UserError
 
+
 def rendezvous_timeout() -> float:
     return float(os.environ.get("MEMFIT_RENDEZVOUS_TIMEOUT", "30"))
 
@@ -30,7 +31,8 @@ def join_world(backend: str, collective_timeout: timedelta) -> tuple[int, int]:
     world size)."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch every rank "
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} {verb} not: launch every rank "
                         "with torchrun --nproc-per-node N (it sets them), or unset WORLD_SIZE")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"

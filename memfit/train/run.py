@@ -201,11 +201,11 @@ def train_to(model: str, out: str | Path | None, options: TrainOptions | None = 
     (None: do not save); -> report (see the module docstring)."""
     import torch.distributed as dist
 
+    from memfit.eval.memory import reset_peak_rss, trim_heap
     from memfit.train.comm import ByteCounter
     from memfit.train.engine import init_distributed
     from memfit.train.loop import global_batches, rss_now, train_loop
     from memfit.train.memory import model_shape
-    from memfit.eval.memory import reset_peak_rss, trim_heap
     from memfit.train.optim import state_nbytes
 
     o = options or TrainOptions()

@@ -181,9 +181,8 @@ def test_a_gpu_keeps_at_least_one_part(tmp_path):
 def test_a_model_split_over_a_gpu_cpu_and_disk_generates_the_whole_models_text(tmp_path):
     """Embeddings on cuda:0, two blocks offloaded to the CPU and the rest to disk (all computed
     on the GPU): the same greedy tokens as the whole model on the GPU."""
-    from tests.conftest import save_tiny
-
     from memfit.models import input_device, load_model
+    from tests.conftest import save_tiny
 
     path = save_tiny(tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))

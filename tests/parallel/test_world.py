@@ -21,6 +21,7 @@ def _run(args, **env):
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True,
+                       check=False,
                        env={**base, "MEMFIT_RENDEZVOUS_TIMEOUT": "3", **env}, timeout=120)
     return p, time.monotonic() - t0
 
@@ -56,4 +57,4 @@ def test_a_rank_that_cannot_reach_the_master_stops(tiny):
 def test_world_size_without_the_rest_of_torchruns_variables(tiny):
     p, _ = _run(["generate", tiny, "--max-new-tokens", "2", "--tp", "2"], WORLD_SIZE="2")
     assert p.returncode == 2
-    assert "RANK, MASTER_ADDR, MASTER_PORT is not" in p.stderr
+    assert "RANK, MASTER_ADDR, MASTER_PORT are not" in p.stderr
