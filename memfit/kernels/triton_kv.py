@@ -1,6 +1,7 @@
 """Decode attention over the packed KV cache of memfit.kvcache (KIVI-style), without dequantizing
 it whole: each program dequantizes one tile of tokens in registers and folds it into an online
-softmax (flash-decoding: the tokens are split over programs, a small combine merges the splits).
+softmax (flash-decoding: the tokens are split over programs, a small kernel merges the splits
+exactly through their log-sum-exp).
 
 Layout read (as QuantizedKVLayer stores it, contiguous along the token axis):
 - keys:   codes (B, Hkv, T, D*bits/8) packed per token along D; scale and minimum (B, Hkv, T/g, D)
@@ -8,22 +9,21 @@ Layout read (as QuantizedKVLayer stores it, contiguous along the token axis):
 - values: codes (B, Hkv, T, D*bits/8); scale and minimum (B, Hkv, T, D/gv) float16, one per
           (token, group of gv channels).
 One program takes one kv head of one sequence, its G = Hq/Hkv query heads (GQA, padded to 16 rows
-for the tensor cores) and TPS tokens; per tile of BT tokens (a multiple of g, so a tile starts a
-key group) it unpacks the codes, dequantizes to bfloat16, and runs two tl.dot (q k^T, p v). The
-scores use base-2 exponentials (q pre-scaled by log2 e). Output: per split, the normalized partial
-(B, Hq, S, D) float32 and its log2-sum-exp (B, Hq, S). `kv_attention` runs the packed splits, the
-dense recent window as one more split of the same kernel (DENSE), and a merge kernel: three
-launches per layer. Scales are loaded once per (key group, channel) and (token, value group) and
-broadcast in registers.
+for the tensor cores) and a run of whole BT-token tiles. The codes of a tile are read as planes
+(4 bits: low nibbles = even channels, high nibbles = odd channels; 2 bits: four planes; 8 bits:
+one), so no unpack shuffle is needed: the query is loaded per plane (strided), the scores are
+the sum of one tensor-core dot per plane, and the output of each plane is its own accumulator,
+stored strided at the end. On the GPU a code becomes float16 without an int-to-float conversion
+(the bits 0x6400 | c are 1024 + c) and is dequantized with one float16 multiply-add against the
+float16 scales and minima as stored (no extra rounding of them); the dots run in float16 with
+float32 sums. (The previous kernel converted every code int -> float32 -> bfloat16: conversion
+instructions at a quarter of the arithmetic rate made it slower than bf16 SDPA.)
 
-Takes 8/4/2-bit codes, head_dim a power of two >= 16 (>= 32 below 8 bits: 4- and 2-bit codes
-with head_dim 16 gave wrong sums on an H200 under Triton 3.6, cause not established), g a divisor
-of the 64-token tile; `kv_ineligibility` says why not otherwise, and memfit.kvcache then
-dequantizes + SDPA (warned once).
-
-Measured (benchmarks/kv_attention.py, H200, 32 query / 8 KV heads, head_dim 128): the packed
-splits alone match bf16 SDPA at 8k (14.6 vs 15.7 µs) and are slower at 32k (45.2 vs 37.9 µs);
-with the dense window and the merge, 0.58-0.64x SDPA: not yet the faster path.
+`kv_attention` = the packed splits (one launch), the dense recent window (one more split, same
+output table, one launch), the merge (one launch). Takes 8/4/2-bit codes, head_dim a power of
+two with D/(8/bits) >= 16 (the plane width is a dot's inner size), power-of-two key groups,
+value groups that split head_dim into a power of two; `kv_ineligibility` says why not otherwise,
+and memfit.kvcache then dequantizes + SDPA (warned once).
 """
 
 from __future__ import annotations
@@ -34,87 +34,190 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.triton_int import _unpack_tile
-
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bfloat16 is raw bits
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
 
 
 @triton.jit
-def _kv_split(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
-              NSPLIT, S0, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh,
-              s_vt, s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-              BITS: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr,
-              DT: tl.constexpr, DENSE: tl.constexpr):
-    """Split pid_s of kv head pid_bh: normalized partial output and base-2 log-sum-exp, stored as
-    split S0 + pid_s of NSPLIT. DENSE: kq/vq are plain (B, Hkv, T, D) states (the recent window)."""
-    PER: tl.constexpr = 8 // BITS
-    DP: tl.constexpr = D // PER
-    NGT: tl.constexpr = BT // GROUP  # key groups per tile
-    DG: tl.constexpr = D // GV  # value channel groups
+def _codes(b, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Plane i of the packed bytes b (the codes at bits i*BITS.. of each byte) as exact DT values.
+    MAGIC: float16 without an int-to-float conversion: the bits 0x6400 | c read as float16 are
+    1024 + c (exact for c < 1024), so one OR and one subtraction per code."""
+    c = b.to(tl.int16)
+    if BITS < 8:
+        c = (c >> (i * BITS)) & ((1 << BITS) - 1)
+    if MAGIC:
+        return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return c.to(DT)
+
+
+@triton.jit
+def _rows(p_ptr, off, r, stride, cols, ok, NR: tl.constexpr, REP: tl.constexpr,
+          NC: tl.constexpr, MAGIC: tl.constexpr):
+    """(NR * REP, NC): rows r (NR of them) of a float16 parameter table, each repeated REP
+    times (one key group's scales for its REP tokens), broadcast in registers."""
+    x = tl.load(p_ptr + off + r[:, None] * stride + cols[None, :], mask=ok[:, None], other=0.0)
+    if not MAGIC:
+        x = x.to(tl.float32)
+    if REP > 1:
+        x = tl.reshape(tl.broadcast_to(x[:, None, :], (NR, REP, NC)), (NR * REP, NC))
+    return x
+
+
+@triton.jit
+def _qplane(qrow, rj, i: tl.constexpr, NP: tl.constexpr, ok, qk_scale, DT: tl.constexpr):
+    q = tl.load(qrow + (NP * rj + i)[None, :], mask=ok[:, None], other=0.0)
+    return (q.to(tl.float32) * qk_scale).to(DT)
+
+
+@triton.jit
+def _kdot(s, q, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, i: tl.constexpr, NP: tl.constexpr,
+          NGT: tl.constexpr, RK: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+          MAGIC: tl.constexpr, DT: tl.constexpr):
+    """s + q_i k_i^T for plane i of the key tile kp, dequantized with its key group's rows."""
+    ks = _rows(ks_ptr, sb, rk, s_sg, NP * rj + i, kok, NGT, RK, W, MAGIC)
+    km = _rows(km_ptr, sb, rk, s_sg, NP * rj + i, kok, NGT, RK, W, MAGIC)
+    k = tl.fma(_codes(kp, i, BITS, MAGIC, DT), ks, km).to(DT)
+    return tl.dot(q, tl.trans(k), s)
+
+
+@triton.jit
+def _vdot(a, alpha, p, vp, vs, vm, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+          DT: tl.constexpr):
+    v = tl.fma(_codes(vp, i, BITS, MAGIC, DT), vs, vm).to(DT)
+    return a * alpha[:, None] + tl.dot(p, v)
+
+
+@triton.jit
+def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
+               NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
+               s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               BITS: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr,
+               MASKED: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Split pid_s (TPS tokens) of kv head pid_bh over the packed store: normalized partial output
+    and base-2 log-sum-exp, stored as split pid_s of NSPLIT. MASKED: T is not a multiple of BT."""
+    NP: tl.constexpr = 8 // BITS if BITS < 8 else 1  # planes
+    W: tl.constexpr = D // NP  # plane width = bytes per token row
+    NGT: tl.constexpr = BT // GROUP if BT > GROUP else 1  # key groups per tile
+    RK: tl.constexpr = BT // NGT  # tokens of one key group inside a tile
+    DG: tl.constexpr = D // GV  # value groups per token
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    rg = tl.arange(0, GP)
+    rj = tl.arange(0, W)
+    g_ok = rg < G
+    qrow = q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh
+    q0 = _qplane(qrow, rj, 0, NP, g_ok, qk_scale, DT)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if NP > 1:
+        q1 = _qplane(qrow, rj, 1, NP, g_ok, qk_scale, DT)
+    if NP > 2:
+        q2 = _qplane(qrow, rj, 2, NP, g_ok, qk_scale, DT)
+        q3 = _qplane(qrow, rj, 3, NP, g_ok, qk_scale, DT)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    a0 = tl.zeros((GP, W), tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    t0 = pid_s * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    kbase = kq_ptr + b * s_kb + h * s_kh
+    vbase = vq_ptr + b * s_vb + h * s_vh
+    sb = b * s_sb + h * s_sh
+    wb = b * s_wb + h * s_wh
+    rdg = tl.arange(0, DG)
+    for tb in range(t0, t1, BT):
+        rt = tb + tl.arange(0, BT)
+        rk = tb // GROUP + tl.arange(0, NGT)
+        if MASKED:
+            t_ok = rt < t1
+            kok = rk * GROUP < t1
+        else:
+            t_ok = rt >= 0
+            kok = rk >= 0
+        kp = tl.load(kbase + rt[:, None] * s_kt + rj[None, :], mask=t_ok[:, None], other=0)
+        vp = tl.load(vbase + rt[:, None] * s_vt + rj[None, :], mask=t_ok[:, None], other=0)
+        vs = _rows(vs_ptr, wb, rt, s_wt, rdg, t_ok, BT, 1, DG, MAGIC)  # (BT, DG) per token
+        vm = _rows(vm_ptr, wb, rt, s_wt, rdg, t_ok, BT, 1, DG, MAGIC)
+        vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BT, DG, W // DG)), (BT, W))
+        vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BT, DG, W // DG)), (BT, W))
+        s = tl.zeros((GP, BT), tl.float32)
+        s = _kdot(s, q0, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 0, NP, NGT, RK, W, BITS,
+                  MAGIC, DT)
+        if NP > 1:
+            s = _kdot(s, q1, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 1, NP, NGT, RK, W, BITS,
+                      MAGIC, DT)
+        if NP > 2:
+            s = _kdot(s, q2, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 2, NP, NGT, RK, W, BITS,
+                      MAGIC, DT)
+            s = _kdot(s, q3, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 3, NP, NGT, RK, W, BITS,
+                      MAGIC, DT)
+        if MASKED:
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pd = p.to(DT)
+        a0 = _vdot(a0, alpha, pd, vp, vs, vm, 0, BITS, MAGIC, DT)
+        if NP > 1:
+            a1 = _vdot(a1, alpha, pd, vp, vs, vm, 1, BITS, MAGIC, DT)
+        if NP > 2:
+            a2 = _vdot(a2, alpha, pd, vp, vs, vm, 2, BITS, MAGIC, DT)
+            a3 = _vdot(a3, alpha, pd, vp, vs, vm, 3, BITS, MAGIC, DT)
+        m_i = m_new
+    inv = 1.0 / l_i  # every split holds >= 1 token; padded query rows score 0 everywhere
+    row = (b * HKV * G + h * G + rg) * NSPLIT + pid_s  # (B, Hq, S) flattened
+    optr = o_ptr + row[:, None] * D + (NP * rj)[None, :]
+    tl.store(optr, a0 * inv[:, None], mask=g_ok[:, None])
+    if NP > 1:
+        tl.store(optr + 1, a1 * inv[:, None], mask=g_ok[:, None])
+    if NP > 2:
+        tl.store(optr + 2, a2 * inv[:, None], mask=g_ok[:, None])
+        tl.store(optr + 3, a3 * inv[:, None], mask=g_ok[:, None])
+    tl.store(l_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
+
+
+@triton.jit
+def _kv_dense(q_ptr, k_ptr, v_ptr, o_ptr, l_ptr, T, HKV, NSPLIT, S0, qk_scale, s_qb, s_qh, s_kb,
+              s_kh, s_kt, s_vb, s_vh, s_vt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+              BT: tl.constexpr, DT: tl.constexpr):
+    """The dense recent window (B, Hkv, T, D) of kv head pid_bh as split S0 of NSPLIT."""
+    pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     h = pid_bh % HKV
     rg = tl.arange(0, GP)
     rd = tl.arange(0, D)
     g_ok = rg < G
     q = tl.load(q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rd[None, :], mask=g_ok[:, None],
-                other=0.0).to(tl.float32)
-    q = (q * qk_scale).to(DT)  # (GP, D), scaled by softmax scale * log2 e
+                other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(DT)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
-    t0 = pid_s * TPS
-    t1 = tl.minimum(t0 + TPS, T)
-    kbase = kq_ptr + b * s_kb + h * s_kh
-    vbase = vq_ptr + b * s_vb + h * s_vh
-    for tb in range(t0, t1, BT):
+    kbase = k_ptr + b * s_kb + h * s_kh
+    vbase = v_ptr + b * s_vb + h * s_vh
+    for tb in range(0, T, BT):
         rt = tb + tl.arange(0, BT)
-        t_ok = rt < t1
-        if DENSE:
-            k = tl.load(kbase + rt[:, None] * s_kt + rd[None, :], mask=t_ok[:, None],
-                        other=0.0).to(DT)
-        else:
-            rp = tl.arange(0, DP)
-            kp = tl.load(kbase + rt[:, None] * s_kt + rp[None, :], mask=t_ok[:, None], other=0)
-            kc = _unpack_tile(kp, BITS, BT, D).to(tl.float32)  # (BT, D) codes
-            rk = tb // GROUP + tl.arange(0, NGT)  # the tile's key groups: one row of scales each
-            sg = b * s_sb + h * s_sh + rk[:, None] * s_sg + rd[None, :]
-            sok = (rk * GROUP < t1)[:, None]
-            ks = tl.load(ks_ptr + sg, mask=sok, other=0.0).to(tl.float32)  # (NGT, D)
-            km = tl.load(km_ptr + sg, mask=sok, other=0.0).to(tl.float32)
-            ks = tl.reshape(tl.broadcast_to(ks[:, None, :], (NGT, GROUP, D)), (BT, D))
-            km = tl.reshape(tl.broadcast_to(km[:, None, :], (NGT, GROUP, D)), (BT, D))
-            k = (kc * ks + km).to(DT)
-        s = tl.dot(q, tl.trans(k))  # (GP, BT) base-2 logits
+        t_ok = rt < T
+        k = tl.load(kbase + rt[:, None] * s_kt + rd[None, :], mask=t_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(DT)))
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DENSE:
-            v = tl.load(vbase + rt[:, None] * s_vt + rd[None, :], mask=t_ok[:, None],
-                        other=0.0).to(DT)
-        else:
-            vp = tl.load(vbase + rt[:, None] * s_vt + rp[None, :], mask=t_ok[:, None], other=0)
-            vc = _unpack_tile(vp, BITS, BT, D).to(tl.float32)
-            rj = tl.arange(0, DG)
-            vo = b * s_wb + h * s_wh + rt[:, None] * s_wt + rj[None, :]  # (BT, DG)
-            vs = tl.load(vs_ptr + vo, mask=t_ok[:, None], other=0.0).to(tl.float32)
-            vm = tl.load(vm_ptr + vo, mask=t_ok[:, None], other=0.0).to(tl.float32)
-            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BT, DG, GV)), (BT, D))
-            vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BT, DG, GV)), (BT, D))
-            v = (vc * vs + vm).to(DT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+        v = tl.load(vbase + rt[:, None] * s_vt + rd[None, :], mask=t_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
         m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = (b * HKV * G + h * G + rg) * NSPLIT + S0 + pid_s  # (B, Hq, S) flattened
-    tl.store(o_ptr + row[:, None] * D + rd[None, :], out, mask=g_ok[:, None])
-    tl.store(l_ptr + row, lse, mask=g_ok)
+    row = (b * HKV * G + h * G + rg) * NSPLIT + S0
+    tl.store(o_ptr + row[:, None] * D + rd[None, :], acc / l_i[:, None], mask=g_ok[:, None])
+    tl.store(l_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
 
 
 @triton.jit
@@ -135,81 +238,93 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
         return f"{bits}-bit KV codes"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
-    if bits < 8 and head_dim < 32:  # measured wrong on an H200 (Triton 3.6): 4/2-bit, head_dim 16
-        return f"{bits}-bit codes with head_dim {head_dim} < 32"
-    if 64 % group or group > 64:
-        return f"key group {group} does not divide a 64-token tile"
-    if head_dim % gv or (head_dim // gv) & (head_dim // gv - 1):
+    if bits < 8 and head_dim * bits < 128:  # a plane is D * bits / 8 wide: a dot needs >= 16
+        return f"{bits}-bit codes with head_dim {head_dim} < {128 // bits}"
+    if group < 1 or group & (group - 1):
+        return f"key group {group} is not a power of two"
+    if head_dim % gv or (head_dim // gv) & (head_dim // gv - 1) or gv * bits < 8:
         return f"value group {gv} does not divide head_dim {head_dim} into a power of two"
     return None
 
 
-def _launch(q, ks, km, vs, vm, kq, vq, out, lse, t, tps, splits, s0, total, bits, group, gv,
-            scaling, dense):
+# launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
+TUNE = {"tile": 64, "warps": 4, "stages": 2, "per_sm": 4}
+
+
+def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
+    """(tile, tokens per split, splits, masked) for t packed tokens."""
+    bt = max(16, min(tile, t & -t if t else tile))  # the largest power of two dividing t
+    if splits is None:  # ~per_sm programs per multiprocessor
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = triton.cdiv(TUNE["per_sm"] * sms, b * hkv)
+    splits = max(1, min(triton.cdiv(t, bt), splits))
+    tps = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    return bt, tps, triton.cdiv(t, tps), t % bt != 0
+
+
+def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None, tile=None,
+                   warps=None, stages=None):
+    kq, ks, km, vq, vs, vm = store
     b, hq, d = q.shape
-    hkv = kq.shape[1]
-    g = hq // hkv
-    _kv_split[(b * hkv, splits)](
-        q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, total, s0, scaling * LOG2E,
-        q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
-        ks.stride(1), ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0),
-        vs.stride(1), vs.stride(2), G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=bits,
-        GROUP=group, GV=gv, BT=64, DT=tl.float32 if INTERPRET else tl.bfloat16, DENSE=dense,
-        num_warps=4)
+    _, hkv, t, _ = kq.shape
+    bt, tps, n, masked = _plan(t, b, hkv, group, q, splits, tile or TUNE["tile"])
+    _kv_packed[(b * hkv, n)](
+        q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, total, scaling * LOG2E, q.stride(0),
+        q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0), ks.stride(1),
+        ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0), vs.stride(1),
+        vs.stride(2), G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=bits,
+        GROUP=group, GV=d // vs.shape[-1], BT=bt, MASKED=masked, MAGIC=not INTERPRET,
+        DT=tl.float32 if INTERPRET else tl.float16, num_warps=warps or TUNE["warps"],
+        num_stages=stages or TUNE["stages"])
+
+
+def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) -> int:
+    return _plan(t, b, hkv, group, q, splits, tile or TUNE["tile"])[2]
 
 
 def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
                  keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 splits: int | None = None) -> torch.Tensor:
+                 splits: int | None = None, **tune) -> torch.Tensor:
     """Attention (B, Hq, D) float32 of q (B, Hq, D) over the packed tokens of `store`
     ([codes, scale, min] of keys then values, as QuantizedKVLayer holds them) followed by the
     dense `keys`/`values` (B, Hkv, t, D), if given: three launches (the packed splits, the dense
-    window as one more split, the merge)."""
-    kq, ks, km, vq, vs, vm = (x.contiguous() for x in store)
-    b, hq, d = q.shape
-    _, hkv, t, _ = kq.shape
-    gv = d // vs.shape[-1]
-    if splits is None:  # ~4 programs per multiprocessor, whole 64-token tiles per split
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(4 * sms, b * hkv)))
-    tps = triton.cdiv(triton.cdiv(t, splits), 64) * 64
-    splits = triton.cdiv(t, tps)
-    extra = 1 if keys is not None else 0
-    total = splits + extra
+    window as one more split, the merge). `tune`: tile/warps/stages overrides (benchmarks)."""
+    store = [x.contiguous() for x in store]
     q = q.contiguous()
+    b, hq, d = q.shape
+    hkv, t = store[0].shape[1], store[0].shape[2]
+    n = n_splits(t, b, hkv, group, q, splits, tune.get("tile")) if t else 0
+    dense = keys is not None and keys.shape[2] > 0
+    total = n + int(dense)
     out = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
-    _launch(q, ks, km, vs, vm, kq, vq, out, lse, t, tps, splits, 0, total, bits, group, gv,
-            scaling, False)
-    if extra:
+    if n:
+        _launch_packed(q, store, out, lse, bits, group, scaling, total, splits, **tune)
+    if dense:
         keys, values = keys.contiguous(), values.contiguous()
-        tr = keys.shape[2]
-        _launch(q, ks, km, vs, vm, keys, values, out, lse, tr, triton.cdiv(tr, 64) * 64, 1,
-                splits, total, bits, group, gv, scaling, True)
+        _kv_dense[(b * hkv,)](
+            q, keys, values, out, lse, keys.shape[2], hkv, total, n, scaling * LOG2E,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), G=hq // hkv,
+            GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BT=64,
+            DT=tl.float32 if INTERPRET else tl.bfloat16, num_warps=4)
     y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
-    _kv_combine[(b * hq,)](out, lse, y, total, SP=triton.next_power_of_2(total), D=d,
+    _kv_combine[(b * hq,)](out, lse, y, total, SP=triton.next_power_of_2(max(total, 1)), D=d,
                            num_warps=4)
     return y
 
 
 def kv_attention_parts(q: torch.Tensor, kq, ks, km, vq, vs, vm, bits: int, group: int,
-                       scaling: float, splits: int | None = None):
+                       scaling: float, splits: int | None = None, **tune):
     """The packed tokens' parts alone: (out (B, Hq, S, D) float32 normalized per split, lse
     (B, Hq, S) base 2), for `combine` (tests, and merging other parts)."""
-    b, hq, d = q.shape
-    _, hkv, t, _ = kq.shape
-    gv = d // vs.shape[-1]
-    if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(4 * sms, b * hkv)))
-    tps = triton.cdiv(triton.cdiv(t, splits), 64) * 64
-    splits = triton.cdiv(t, tps)
+    store = [x.contiguous() for x in (kq, ks, km, vq, vs, vm)]
     q = q.contiguous()
-    kq, ks, km, vq, vs, vm = (x.contiguous() for x in (kq, ks, km, vq, vs, vm))
-    out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    _launch(q, ks, km, vs, vm, kq, vq, out, lse, t, tps, splits, 0, splits, bits, group, gv,
-            scaling, False)
+    b, hq, d = q.shape
+    n = n_splits(kq.shape[2], b, kq.shape[1], group, q, splits, tune.get("tile"))
+    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+    _launch_packed(q, store, out, lse, bits, group, scaling, n, splits, **tune)
     return out, lse
 
 
