@@ -8,7 +8,7 @@ memfit's call is the whole decode-time path of a fused layer (triton_kv.kv_atten
 kernel over the packed tokens, the dense 128-token residual window, the exact merge); "kernel
 alone" is the packed splits only. Value groups are as memfit.kvcache makes them (gv = min(g, 128)).
 --sweep first times launch settings (tile, warps, stages, programs per SM) on 32k int4 g64 and
-runs the rows with the fastest.
+g128 and runs the rows with the fastest of their group (g32 rows: g64's).
 
     python benchmarks/kv_attention.py [--sweep] [--json OUT]
 """
@@ -52,29 +52,37 @@ def states(ctx, gen):
 
 
 def sweep(gen, sc) -> dict:
-    """Fastest (tile, warps, stages, per_sm) for the whole call at 32k, int4 g64."""
+    """Fastest (tile, warps, stages, per_sm) for the whole call at 32k, int4, key groups 64 and
+    128: {group: settings}."""
     ctx = 32768
     q, k, v = states(ctx, gen)
     t = ctx - RES
-    st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, 64)
     kr, vr = k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
-    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
-    best = None
-    for tile, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (1, 2, 3), (2, 4, 8)):
-        triton_kv.TUNE.update(tile=tile, warps=warps, stages=stages, per_sm=per_sm)
-        try:
-            us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, 64, sc, kr, vr)
-                                for s in sts])
-        except Exception as e:  # a setting that does not compile (shared memory)
-            print(f"sweep tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
-                  f"{type(e).__name__}", flush=True)
-            continue
-        print(f"sweep tile {tile} warps {warps} stages {stages} per_sm {per_sm}: {us:.1f} us",
-              flush=True)
-        if best is None or us < best[0]:
-            best = (us, dict(tile=tile, warps=warps, stages=stages, per_sm=per_sm))
-    print(f"sweep best: {best}", flush=True)
-    return best[1]
+    found = {}
+    for g in (64, 128):
+        st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
+        sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
+        best = None
+        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4, 8), (1, 2, 3),
+                                                             (1, 2, 4)):
+            if tile > g:
+                continue
+            triton_kv.TUNE.update(tile=tile, warps=warps, stages=stages, per_sm=per_sm)
+            try:
+                us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, g, sc, kr, vr)
+                                    for s in sts])
+            except Exception as e:  # a setting that does not compile (shared memory)
+                print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
+                      f"{type(e).__name__}", flush=True)
+                continue
+            print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
+                  f"{us:.1f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, dict(tile=tile, warps=warps, stages=stages, per_sm=per_sm))
+        print(f"sweep g{g} best: {best}", flush=True)
+        found[g] = best[1]
+        del sts
+    return found
 
 
 def main() -> None:
@@ -88,10 +96,12 @@ def main() -> None:
     print(json.dumps(head), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     sc = D ** -0.5
+    tune = {}
     if args.sweep:
-        head["tune"] = sweep(gen, sc)
-        triton_kv.TUNE.update(head["tune"])
-    print(f"launch settings: {triton_kv.TUNE}", flush=True)
+        tune = sweep(gen, sc)
+        head["tune"] = {str(g): t for g, t in tune.items()}
+    default = dict(triton_kv.TUNE)
+    print(f"launch settings: default {default}, swept {tune}", flush=True)
     rows = []
     for ctx in (8192, 32768):
         t = ctx - RES  # quantized tokens; the last RES stay dense
@@ -111,6 +121,7 @@ def main() -> None:
             kr, vr = kb[:, :, t:], vb[:, :, t:]
             held = sum(x.numel() * x.element_size() for x in st) + 2 * kr.numel() * 2
             sts = [[x.clone() for x in st] for _ in range(copies(held))]
+            triton_kv.TUNE.update(tune.get(g, tune.get(64, default)))
             us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, bits, g, sc, kr, vr)
                                 for s in sts])
             kern = graph_time_us([lambda s=s: triton_kv.kv_attention_parts(q, *s, bits, g, sc)
@@ -120,7 +131,8 @@ def main() -> None:
                                        torch.cat([vd, vr.float()], 2).cpu(), sc)
             err = ((out.double().cpu() - want).norm() / want.norm()).item()
             gbs = sum(x.nbytes for x in st) / kern / 1e3
-            row = {"context": ctx, "bits": bits, "group": g, "sdpa_bf16_us": sdpa,
+            row = {"context": ctx, "bits": bits, "group": g, "tune": dict(triton_kv.TUNE),
+                   "sdpa_bf16_us": sdpa,
                    "memfit_us": us, "memfit_kernel_only_us": kern, "x_sdpa": sdpa / us,
                    "kernel_GBps": gbs, "bf16_bytes": bf16_bytes, "memfit_bytes": held,
                    "memory_x_less": bf16_bytes / held, "rel_err_vs_f64": err,

@@ -38,54 +38,69 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
 
 
+def _asm(bits: int) -> str:
+    """PTX: one 32-bit register of 4 packed bytes -> each plane's 4 codes as float16 (2
+    registers a plane): mask the plane's bits, one byte permute per 2 codes puts each code under
+    the exponent byte 0x64 (1024 + c), one packed subtraction of 1024 (exact)."""
+    src = f"${2 * max(1, 8 // bits) if bits < 8 else 2}"  # read first: it may share a register
+    lines = ["{", ".reg .b32 t, o, w;", f"mov.b32 w, {src};", "mov.b32 o, 0x64006400;"]
+    for i in range(8 // bits if bits < 8 else 1):
+        if bits < 8:
+            lines.append(f"shr.b32 t, w, {i * bits};")
+            lines.append(f"and.b32 t, t, {hex((2**bits - 1) * 0x01010101)};")
+        else:
+            lines.append("mov.b32 t, w;")
+        for j, sel in enumerate(("0x5140", "0x5342")):
+            lines.append(f"prmt.b32 ${2 * i + j}, t, 0x64646464, {sel};")
+            lines.append(f"sub.f16x2 ${2 * i + j}, ${2 * i + j}, o;")
+    return "\n".join(lines + ["}"])
+
+
+ASM = {b: _asm(b) for b in (2, 4, 8)}
+CONSTRAINTS = {b: ",".join(["=r"] * 2 * (8 // b if b < 8 else 1) + ["r"]) for b in (2, 4, 8)}
+
+
 @triton.jit
-def _codes(b, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
-    """Plane i of the packed bytes b (the codes at bits i*BITS.. of each byte) as exact DT values.
-    MAGIC: float16 without an int-to-float conversion: the bits 0x6400 | c read as float16 are
-    1024 + c (exact for c < 1024), so one OR and one subtraction per code."""
-    c = b.to(tl.int16)
-    if BITS < 8:
-        c = (c >> (i * BITS)) & ((1 << BITS) - 1)
+def _planes(x, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM_S: tl.constexpr,
+            CONS: tl.constexpr):
+    """Packed bytes x -> its NP planes (plane i: the codes at bits i*BITS of each byte): float16
+    (MAGIC: inline PTX, ~1.25 instructions per code, no int-to-float conversion) or float32."""
     if MAGIC:
-        return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    return c.to(DT)
+        if BITS == 8:
+            r = tl.inline_asm_elementwise(ASM_S, CONS, [x], dtype=tl.float16, is_pure=True,
+                                          pack=4)
+        elif BITS == 4:
+            r = tl.inline_asm_elementwise(ASM_S, CONS, [x], dtype=(tl.float16, tl.float16),
+                                          is_pure=True, pack=4)
+        else:
+            r = tl.inline_asm_elementwise(ASM_S, CONS, [x], dtype=(tl.float16,) * 4,
+                                          is_pure=True, pack=4)
+    else:
+        c = x.to(tl.int32)
+        if BITS == 8:
+            r = c.to(tl.float32)
+        elif BITS == 4:
+            r = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
+        else:
+            r = ((c & 3).to(tl.float32), ((c >> 2) & 3).to(tl.float32),
+                 ((c >> 4) & 3).to(tl.float32), (c >> 6).to(tl.float32))
+    return r
 
 
 @triton.jit
-def _rows(p_ptr, off, r, stride, cols, ok, NR: tl.constexpr, REP: tl.constexpr,
-          NC: tl.constexpr, MAGIC: tl.constexpr):
-    """(NR * REP, NC): rows r (NR of them) of a float16 parameter table, each repeated REP
-    times (one key group's scales for its REP tokens), broadcast in registers."""
-    x = tl.load(p_ptr + off + r[:, None] * stride + cols[None, :], mask=ok[:, None], other=0.0)
-    if not MAGIC:
-        x = x.to(tl.float32)
-    if REP > 1:
-        x = tl.reshape(tl.broadcast_to(x[:, None, :], (NR, REP, NC)), (NR * REP, NC))
-    return x
-
-
-@triton.jit
-def _qplane(qrow, rj, i: tl.constexpr, NP: tl.constexpr, ok, qk_scale, DT: tl.constexpr):
-    q = tl.load(qrow + (NP * rj + i)[None, :], mask=ok[:, None], other=0.0)
-    return (q.to(tl.float32) * qk_scale).to(DT)
-
-
-@triton.jit
-def _kdot(s, q, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, i: tl.constexpr, NP: tl.constexpr,
-          NGT: tl.constexpr, RK: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-          MAGIC: tl.constexpr, DT: tl.constexpr):
-    """s + q_i k_i^T for plane i of the key tile kp, dequantized with its key group's rows."""
-    ks = _rows(ks_ptr, sb, rk, s_sg, NP * rj + i, kok, NGT, RK, W, MAGIC)
-    km = _rows(km_ptr, sb, rk, s_sg, NP * rj + i, kok, NGT, RK, W, MAGIC)
-    k = tl.fma(_codes(kp, i, BITS, MAGIC, DT), ks, km).to(DT)
-    return tl.dot(q, tl.trans(k), s)
-
-
-@triton.jit
-def _vdot(a, alpha, p, vp, vs, vm, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+def _kdot(s, qm, q, kc, ks_ptr, km_ptr, soff, rj, i: tl.constexpr, NP: tl.constexpr,
           DT: tl.constexpr):
-    v = tl.fma(_codes(vp, i, BITS, MAGIC, DT), vs, vm).to(DT)
-    return a * alpha[:, None] + tl.dot(p, v)
+    """Plane i of a key tile (one key group): s += (q * scale) codes^T on tensor cores,
+    qm += q * min (the caller adds its row sums through one more dot: no reduction)."""
+    ks = tl.load(ks_ptr + soff + NP * rj + i).to(tl.float32)
+    km = tl.load(km_ptr + soff + NP * rj + i).to(tl.float32)
+    return tl.dot((q * ks[None, :]).to(DT), tl.trans(kc.to(DT)), s), qm + q * km[None, :]
+
+
+@triton.jit
+def _vdot(a, alpha, p3, vc, DT: tl.constexpr):
+    """Plane of a value tile, per value group (the batch): a * alpha + (p * scale) codes."""
+    return a * alpha[None, :, None] + tl.dot(p3, vc.to(DT))
 
 
 @triton.jit
@@ -93,34 +108,46 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
                NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
                s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr,
-               MASKED: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
-    """Split pid_s (TPS tokens) of kv head pid_bh over the packed store: normalized partial output
-    and base-2 log-sum-exp, stored as split pid_s of NSPLIT. MASKED: T is not a multiple of BT."""
-    NP: tl.constexpr = 8 // BITS if BITS < 8 else 1  # planes
+               MAGIC: tl.constexpr, DT: tl.constexpr, ASM_S: tl.constexpr, CONS: tl.constexpr):
+    """Split pid_s (TPS tokens, whole BT-token tiles, BT | GROUP) of kv head pid_bh over the
+    packed store: normalized partial output (B, Hq, NSPLIT, D) and base-2 log-sum-exp.
+
+    Planes: NP = 8/BITS (8 bits: one); plane i holds channels NP*j + i. Keys: the tile lies in
+    one key group, so s = sum_i (q_i * scale_i) codes_i^T + q . min. Values: one scale and min
+    per (token, group of GV channels), so per value group g (the batch of a 3-D dot):
+    acc_g += (p * scale_g) codes_g + p . min_g. No tile is ever multiplied by a scale."""
+    NP: tl.constexpr = 8 // BITS if BITS < 8 else 1
     W: tl.constexpr = D // NP  # plane width = bytes per token row
-    NGT: tl.constexpr = BT // GROUP if BT > GROUP else 1  # key groups per tile
-    RK: tl.constexpr = BT // NGT  # tokens of one key group inside a tile
     DG: tl.constexpr = D // GV  # value groups per token
+    GB: tl.constexpr = W // DG  # bytes (= plane columns) per value group
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
     rg = tl.arange(0, GP)
     rj = tl.arange(0, W)
+    rt0 = tl.arange(0, BT)
+    rdg = tl.arange(0, DG)
+    rb = tl.arange(0, GB)
     g_ok = rg < G
     qrow = q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh
-    q0 = _qplane(qrow, rj, 0, NP, g_ok, qk_scale, DT)
+    q0 = tl.load(qrow + (NP * rj)[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q0 = q0 * qk_scale
     q1 = q0
     q2 = q0
     q3 = q0
     if NP > 1:
-        q1 = _qplane(qrow, rj, 1, NP, g_ok, qk_scale, DT)
+        q1 = tl.load(qrow + (NP * rj + 1)[None, :], mask=g_ok[:, None], other=0.0)
+        q1 = q1.to(tl.float32) * qk_scale
     if NP > 2:
-        q2 = _qplane(qrow, rj, 2, NP, g_ok, qk_scale, DT)
-        q3 = _qplane(qrow, rj, 3, NP, g_ok, qk_scale, DT)
+        q2 = tl.load(qrow + (NP * rj + 2)[None, :], mask=g_ok[:, None], other=0.0)
+        q3 = tl.load(qrow + (NP * rj + 3)[None, :], mask=g_ok[:, None], other=0.0)
+        q2 = q2.to(tl.float32) * qk_scale
+        q3 = q3.to(tl.float32) * qk_scale
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
-    a0 = tl.zeros((GP, W), tl.float32)
+    mv = tl.zeros((DG, GP, GB), tl.float32)  # sum p . min of each value group, per column
+    a0 = tl.zeros((DG, GP, GB), tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
@@ -130,56 +157,62 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     vbase = vq_ptr + b * s_vb + h * s_vh
     sb = b * s_sb + h * s_sh
     wb = b * s_wb + h * s_wh
-    rdg = tl.arange(0, DG)
     for tb in range(t0, t1, BT):
-        rt = tb + tl.arange(0, BT)
-        rk = tb // GROUP + tl.arange(0, NGT)
-        if MASKED:
-            t_ok = rt < t1
-            kok = rk * GROUP < t1
-        else:
-            t_ok = rt >= 0
-            kok = rk >= 0
-        kp = tl.load(kbase + rt[:, None] * s_kt + rj[None, :], mask=t_ok[:, None], other=0)
-        vp = tl.load(vbase + rt[:, None] * s_vt + rj[None, :], mask=t_ok[:, None], other=0)
-        vs = _rows(vs_ptr, wb, rt, s_wt, rdg, t_ok, BT, 1, DG, MAGIC)  # (BT, DG) per token
-        vm = _rows(vm_ptr, wb, rt, s_wt, rdg, t_ok, BT, 1, DG, MAGIC)
-        vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BT, DG, W // DG)), (BT, W))
-        vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BT, DG, W // DG)), (BT, W))
+        rt = tb + rt0
+        soff = sb + (tb // GROUP) * s_sg
+        kp = tl.load(kbase + rt[:, None] * s_kt + rj[None, :])  # (BT, W) bytes
+        vp = tl.load(vbase + rt[None, :, None] * s_vt + (rdg * GB)[:, None, None]
+                     + rb[None, None, :])  # (DG, BT, GB) bytes: value group g's columns
+        woff = wb + rt[None, :] * s_wt + rdg[:, None]
+        vs = tl.load(vs_ptr + woff).to(tl.float32)  # (DG, BT)
+        vm = tl.load(vm_ptr + woff).to(tl.float32)
         s = tl.zeros((GP, BT), tl.float32)
-        s = _kdot(s, q0, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 0, NP, NGT, RK, W, BITS,
-                  MAGIC, DT)
-        if NP > 1:
-            s = _kdot(s, q1, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 1, NP, NGT, RK, W, BITS,
-                      MAGIC, DT)
-        if NP > 2:
-            s = _kdot(s, q2, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 2, NP, NGT, RK, W, BITS,
-                      MAGIC, DT)
-            s = _kdot(s, q3, kp, ks_ptr, km_ptr, sb, rk, s_sg, rj, kok, 3, NP, NGT, RK, W, BITS,
-                      MAGIC, DT)
-        if MASKED:
-            s = tl.where(t_ok[None, :], s, float("-inf"))
+        qm = tl.zeros((GP, W), tl.float32)
+        if NP == 1:
+            s, qm = _kdot(s, qm, q0, _planes(kp, BITS, MAGIC, ASM_S, CONS), ks_ptr, km_ptr, soff,
+                          rj, 0, NP, DT)
+        elif NP == 2:
+            k0, k1 = _planes(kp, BITS, MAGIC, ASM_S, CONS)
+            s, qm = _kdot(s, qm, q0, k0, ks_ptr, km_ptr, soff, rj, 0, NP, DT)
+            s, qm = _kdot(s, qm, q1, k1, ks_ptr, km_ptr, soff, rj, 1, NP, DT)
+        else:
+            k0, k1, k2, k3 = _planes(kp, BITS, MAGIC, ASM_S, CONS)
+            s, qm = _kdot(s, qm, q0, k0, ks_ptr, km_ptr, soff, rj, 0, NP, DT)
+            s, qm = _kdot(s, qm, q1, k1, ks_ptr, km_ptr, soff, rj, 1, NP, DT)
+            s, qm = _kdot(s, qm, q2, k2, ks_ptr, km_ptr, soff, rj, 2, NP, DT)
+            s, qm = _kdot(s, qm, q3, k3, ks_ptr, km_ptr, soff, rj, 3, NP, DT)
+        s = tl.dot(qm.to(DT), tl.full((W, BT), 1.0, DT), s)  # + q . min on every column
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pd = p.to(DT)
-        a0 = _vdot(a0, alpha, pd, vp, vs, vm, 0, BITS, MAGIC, DT)
-        if NP > 1:
-            a1 = _vdot(a1, alpha, pd, vp, vs, vm, 1, BITS, MAGIC, DT)
-        if NP > 2:
-            a2 = _vdot(a2, alpha, pd, vp, vs, vm, 2, BITS, MAGIC, DT)
-            a3 = _vdot(a3, alpha, pd, vp, vs, vm, 3, BITS, MAGIC, DT)
+        p3 = (p[None, :, :] * vs[:, None, :]).to(DT)  # (DG, GP, BT)
+        p4 = (p[None, :, :] * vm[:, None, :]).to(DT)  # sum_t p min_g on every column:
+        mv = _vdot(mv, alpha, p4, tl.full((DG, BT, GB), 1.0, DT), DT)  # a dot, no reduction
+        if NP == 1:
+            a0 = _vdot(a0, alpha, p3, _planes(vp, BITS, MAGIC, ASM_S, CONS), DT)
+        elif NP == 2:
+            v0, v1 = _planes(vp, BITS, MAGIC, ASM_S, CONS)
+            a0 = _vdot(a0, alpha, p3, v0, DT)
+            a1 = _vdot(a1, alpha, p3, v1, DT)
+        else:
+            v0, v1, v2, v3 = _planes(vp, BITS, MAGIC, ASM_S, CONS)
+            a0 = _vdot(a0, alpha, p3, v0, DT)
+            a1 = _vdot(a1, alpha, p3, v1, DT)
+            a2 = _vdot(a2, alpha, p3, v2, DT)
+            a3 = _vdot(a3, alpha, p3, v3, DT)
         m_i = m_new
-    inv = 1.0 / l_i  # every split holds >= 1 token; padded query rows score 0 everywhere
+    inv = (1.0 / l_i)[None, :, None]  # every split holds >= 1 tile; padded rows score 0
+    mvb = mv
     row = (b * HKV * G + h * G + rg) * NSPLIT + pid_s  # (B, Hq, S) flattened
-    optr = o_ptr + row[:, None] * D + (NP * rj)[None, :]
-    tl.store(optr, a0 * inv[:, None], mask=g_ok[:, None])
+    optr = o_ptr + row[None, :, None] * D + (NP * (rdg[:, None, None] * GB + rb[None, None, :]))
+    ok = g_ok[None, :, None]
+    tl.store(optr, (a0 + mvb) * inv, mask=ok)
     if NP > 1:
-        tl.store(optr + 1, a1 * inv[:, None], mask=g_ok[:, None])
+        tl.store(optr + 1, (a1 + mvb) * inv, mask=ok)
     if NP > 2:
-        tl.store(optr + 2, a2 * inv[:, None], mask=g_ok[:, None])
-        tl.store(optr + 3, a3 * inv[:, None], mask=g_ok[:, None])
+        tl.store(optr + 2, (a2 + mvb) * inv, mask=ok)
+        tl.store(optr + 3, (a3 + mvb) * inv, mask=ok)
     tl.store(l_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
 
 
@@ -240,26 +273,30 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
         return f"head_dim {head_dim} is not a power of two >= 16"
     if bits < 8 and head_dim * bits < 128:  # a plane is D * bits / 8 wide: a dot needs >= 16
         return f"{bits}-bit codes with head_dim {head_dim} < {128 // bits}"
-    if group < 1 or group & (group - 1):
-        return f"key group {group} is not a power of two"
-    if head_dim % gv or (head_dim // gv) & (head_dim // gv - 1) or gv * bits < 8:
-        return f"value group {gv} does not divide head_dim {head_dim} into a power of two"
+    if group < 16 or group & (group - 1):  # a tile lies in one key group: >= 16 tokens
+        return f"key group {group} is not a power of two >= 16"
+    gb = gv * bits // 8 if bits < 8 else gv  # a value group's columns in a plane: a dot's N
+    if head_dim % gv or (head_dim // gv) & (head_dim // gv - 1) or gb < 16 or gb & (gb - 1):
+        return (f"value group {gv} does not split head_dim {head_dim} into a power of two of "
+                f"groups of >= {128 // bits if bits < 8 else 16} channels")
     return None
 
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
-TUNE = {"tile": 64, "warps": 4, "stages": 2, "per_sm": 4}
+TUNE = {"tile": 128, "warps": 4, "stages": 2, "per_sm": 2}
 
 
 def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
-    """(tile, tokens per split, splits, masked) for t packed tokens."""
-    bt = max(16, min(tile, t & -t if t else tile))  # the largest power of two dividing t
+    """(tile, tokens per split, splits) for t packed tokens (whole key groups)."""
+    if t % group:
+        raise ValueError(f"{t} packed tokens are not whole key groups of {group}")
+    bt = min(tile, group)  # a tile lies in one key group
     if splits is None:  # ~per_sm programs per multiprocessor
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         splits = triton.cdiv(TUNE["per_sm"] * sms, b * hkv)
-    splits = max(1, min(triton.cdiv(t, bt), splits))
+    splits = max(1, min(t // bt, splits))
     tps = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    return bt, tps, triton.cdiv(t, tps), t % bt != 0
+    return bt, tps, triton.cdiv(t, tps)
 
 
 def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None, tile=None,
@@ -267,15 +304,15 @@ def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None,
     kq, ks, km, vq, vs, vm = store
     b, hq, d = q.shape
     _, hkv, t, _ = kq.shape
-    bt, tps, n, masked = _plan(t, b, hkv, group, q, splits, tile or TUNE["tile"])
+    bt, tps, n = _plan(t, b, hkv, group, q, splits, tile or TUNE["tile"])
     _kv_packed[(b * hkv, n)](
         q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, total, scaling * LOG2E, q.stride(0),
         q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0), ks.stride(1),
         ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0), vs.stride(1),
         vs.stride(2), G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=bits,
-        GROUP=group, GV=d // vs.shape[-1], BT=bt, MASKED=masked, MAGIC=not INTERPRET,
-        DT=tl.float32 if INTERPRET else tl.float16, num_warps=warps or TUNE["warps"],
-        num_stages=stages or TUNE["stages"])
+        GROUP=group, GV=d // vs.shape[-1], BT=bt, MAGIC=not INTERPRET,
+        DT=tl.float32 if INTERPRET else tl.float16, ASM_S=ASM[bits], CONS=CONSTRAINTS[bits],
+        num_warps=warps or TUNE["warps"], num_stages=stages or TUNE["stages"])
 
 
 def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) -> int:

@@ -34,18 +34,18 @@ def _store(k, v, bits, g, gv):
 
 
 @pytest.mark.parametrize("b,hq,hkv,t,d,bits,g", [
-    (1, 4, 2, 160, 32, 4, 32), (2, 8, 2, 96, 64, 8, 16), (1, 2, 1, 64, 64, 2, 32),
+    (1, 4, 2, 160, 32, 4, 32), (2, 8, 2, 96, 64, 8, 16), (1, 2, 1, 64, 64, 2, 64),
     (1, 8, 8, 192, 32, 4, 32), (1, 4, 1, 32, 128, 4, 32), (1, 4, 1, 256, 128, 4, 64),
-    (1, 6, 2, 256, 128, 4, 128), (1, 4, 2, 40, 32, 4, 8), (1, 3, 1, 24, 16, 8, 8)])
+    (1, 6, 2, 256, 128, 4, 128), (1, 3, 1, 48, 16, 8, 16), (1, 4, 2, 128, 128, 2, 64)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_kv_attention_matches_reference(b, hq, hkv, t, d, bits, g, splits):
-    """Odd cases: g 8 with t = 40 / 24 leaves a partial last tile (the masked variant); 6 query
-    heads over 2 kv heads pad G = 3 to 16 rows; g 128 spans two 64-token tiles."""
+    """Odd cases: 6 query heads over 2 kv heads (G = 3, padded to 16 rows); g 128 (one value
+    group per token); head_dim 16 at 8 bits; 2-bit with value groups of 64 channels."""
     gen = torch.Generator().manual_seed(t + d)
     k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
     kr, vr = torch.randn(b, hkv, 7, d, generator=gen), torch.randn(b, hkv, 7, d, generator=gen)
     q = torch.randn(b, hq, d, generator=gen).to(torch.bfloat16).to(DEV)
-    gv = min(g, d, 32)
+    gv = min(g, d)
     store, kd, vd = _store(k, v, bits, g, gv)
     assert triton_kv.kv_ineligibility(bits, d, g, gv) is None
     sc = d ** -0.5
@@ -69,7 +69,10 @@ def test_kv_kernel_refuses_what_it_cannot_take():
     assert "< 64" in triton_kv.kv_ineligibility(2, 32, 32, 16)
     assert triton_kv.kv_ineligibility(8, 16, 32, 16) is None
     assert "power of two" in triton_kv.kv_ineligibility(4, 64, 48, 32)
-    assert "value group" in triton_kv.kv_ineligibility(2, 64, 32, 2)
+    assert "power of two >= 16" in triton_kv.kv_ineligibility(4, 64, 8, 32)
+    assert "value group" in triton_kv.kv_ineligibility(2, 64, 32, 32)  # 8 columns a plane
+    with pytest.raises(ValueError, match="whole key groups"):
+        triton_kv.n_splits(40, 1, 1, 32, torch.zeros(1))
 
 
 def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypatch):
