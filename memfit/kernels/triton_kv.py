@@ -19,8 +19,8 @@ float16 scales and minima as stored (no extra rounding of them); the dots run in
 float32 sums. (The previous kernel converted every code int -> float32 -> bfloat16: conversion
 instructions at a quarter of the arithmetic rate made it slower than bf16 SDPA.)
 
-`kv_attention` = the packed splits (one launch), the dense recent window (one more split, same
-output table, one launch), the merge (one launch). Takes 8/4/2-bit codes, head_dim a power of
+`kv_attention` = the packed splits (one launch) and the merge (one launch), whose programs also
+attend over the dense recent window (float32, a few hundred tokens at most). Takes 8/4/2-bit codes, head_dim a power of
 two with D/(8/bits) >= 16 (the plane width is a dot's inner size), power-of-two key groups,
 value groups that split head_dim into a power of two; `kv_ineligibility` says why not otherwise,
 and memfit.kvcache then dequantizes + SDPA (warned once).
@@ -217,53 +217,43 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
 
 
 @triton.jit
-def _kv_dense(q_ptr, k_ptr, v_ptr, o_ptr, l_ptr, T, HKV, NSPLIT, S0, qk_scale, s_qb, s_qh, s_kb,
-              s_kh, s_kt, s_vb, s_vh, s_vt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-              BT: tl.constexpr, DT: tl.constexpr):
-    """The dense recent window (B, Hkv, T, D) of kv head pid_bh as split S0 of NSPLIT."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    rg = tl.arange(0, GP)
-    rd = tl.arange(0, D)
-    g_ok = rg < G
-    q = tl.load(q_ptr + b * s_qb + (h * G + rg)[:, None] * s_qh + rd[None, :], mask=g_ok[:, None],
-                other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(DT)
-    m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
-    kbase = k_ptr + b * s_kb + h * s_kh
-    vbase = v_ptr + b * s_vb + h * s_vh
-    for tb in range(0, T, BT):
-        rt = tb + tl.arange(0, BT)
-        t_ok = rt < T
-        k = tl.load(kbase + rt[:, None] * s_kt + rd[None, :], mask=t_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DT)))
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vbase + rt[:, None] * s_vt + rd[None, :], mask=t_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
-        m_i = m_new
-    row = (b * HKV * G + h * G + rg) * NSPLIT + S0
-    tl.store(o_ptr + row[:, None] * D + rd[None, :], acc / l_i[:, None], mask=g_ok[:, None])
-    tl.store(l_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
-
-
-@triton.jit
-def _kv_combine(o_ptr, l_ptr, y_ptr, S, SP: tl.constexpr, D: tl.constexpr):
-    """y[r] = the exact merge of the S normalized parts of row r (one (batch, query head))."""
+def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
+                s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
+                BR: tl.constexpr):
+    """y[r] = the exact merge of the S normalized packed parts of row r (one (batch, query
+    head)) and of its attention over the TR dense recent tokens (B, Hkv, TR, D), which this
+    program computes itself (float32, BR tokens at a time): no launch of its own."""
     r = tl.program_id(0)
+    bb = r // HQ
+    h = (r % HQ) // (HQ // HKV)
     rs = tl.arange(0, SP)
     rd = tl.arange(0, D)
+    q = tl.load(q_ptr + bb * s_qb + (r % HQ) * s_qh + rd).to(tl.float32) * qk_scale
+    m_d = tl.full((), float("-inf"), tl.float32)
+    l_d = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for tb in range(0, TR, BR):
+        rt = tb + tl.arange(0, BR)
+        ok = (rt < TR)[:, None]
+        k = tl.load(k_ptr + bb * s_kb + h * s_kh + rt[:, None] * s_kt + rd[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        sc = tl.where(rt < TR, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_d, tl.max(sc, axis=0))
+        p = tl.exp2(sc - m_new)
+        alpha = tl.exp2(m_d - m_new)
+        v = tl.load(v_ptr + bb * s_vb + h * s_vh + rt[:, None] * s_vt + rd[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_d = l_d * alpha + tl.sum(p, axis=0)
+        m_d = m_new
     lse = tl.load(l_ptr + r * S + rs, mask=rs < S, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))
-    w = w / tl.sum(w, axis=0)
+    lse_d = m_d + tl.log2(l_d)  # -inf when TR == 0
+    top = tl.maximum(tl.max(lse, axis=0), lse_d)
+    w = tl.exp2(lse - top)
+    w_d = tl.exp2(lse_d - top)
     o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rd[None, :], mask=(rs < S)[:, None], other=0.0)
-    tl.store(y_ptr + r * D + rd, tl.sum(o * w[:, None], axis=0))
+    y = tl.sum(o * w[:, None], axis=0) + acc * (w_d / tl.where(l_d > 0, l_d, 1.0))
+    tl.store(y_ptr + r * D + rd, y / (tl.sum(w, axis=0) + w_d))
 
 
 def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
@@ -324,30 +314,27 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
                  splits: int | None = None, **tune) -> torch.Tensor:
     """Attention (B, Hq, D) float32 of q (B, Hq, D) over the packed tokens of `store`
     ([codes, scale, min] of keys then values, as QuantizedKVLayer holds them) followed by the
-    dense `keys`/`values` (B, Hkv, t, D), if given: three launches (the packed splits, the dense
-    window as one more split, the merge). `tune`: tile/warps/stages overrides (benchmarks)."""
+    dense `keys`/`values` (B, Hkv, t, D), if given: two launches (the packed splits; the merge,
+    which also attends over the dense window). `tune`: tile/warps/stages overrides."""
     store = [x.contiguous() for x in store]
     q = q.contiguous()
     b, hq, d = q.shape
     hkv, t = store[0].shape[1], store[0].shape[2]
     n = n_splits(t, b, hkv, group, q, splits, tune.get("tile")) if t else 0
-    dense = keys is not None and keys.shape[2] > 0
-    total = n + int(dense)
-    out = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
     if n:
-        _launch_packed(q, store, out, lse, bits, group, scaling, total, splits, **tune)
-    if dense:
+        _launch_packed(q, store, out, lse, bits, group, scaling, n, splits, **tune)
+    if keys is None:
+        keys = values = q.new_zeros(b, hkv, 0, d)
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
-        _kv_dense[(b * hkv,)](
-            q, keys, values, out, lse, keys.shape[2], hkv, total, n, scaling * LOG2E,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), G=hq // hkv,
-            GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BT=64,
-            DT=tl.float32 if INTERPRET else tl.bfloat16, num_warps=4)
     y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
-    _kv_combine[(b * hq,)](out, lse, y, total, SP=triton.next_power_of_2(max(total, 1)), D=d,
-                           num_warps=4)
+    _kv_combine[(b * hq,)](
+        out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
+        q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d, BR=32,
+        num_warps=4)
     return y
 
 
