@@ -63,7 +63,7 @@ def sweep(gen, sc) -> dict:
         st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
         sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
         best = None
-        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4, 8), (1, 2, 3),
+        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4, 8), (2, 3),
                                                              (1, 2, 4)):
             if tile > g:
                 continue
