@@ -63,8 +63,8 @@ def sweep(gen, sc) -> dict:
         st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
         sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
         best = None
-        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4, 8), (2, 3),
-                                                             (1, 2, 4)):
+        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4), (3,),
+                                                             (4, 8, 16)):
             if tile > g:
                 continue
             triton_kv.TUNE.update(tile=tile, warps=warps, stages=stages, per_sm=per_sm)
@@ -97,10 +97,10 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     sc = D ** -0.5
     tune = {}
+    default = dict(triton_kv.TUNE)
     if args.sweep:
         tune = sweep(gen, sc)
         head["tune"] = {str(g): t for g, t in tune.items()}
-    default = dict(triton_kv.TUNE)
     print(f"launch settings: default {default}, swept {tune}", flush=True)
     rows = []
     for ctx in (8192, 32768):

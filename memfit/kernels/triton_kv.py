@@ -88,12 +88,28 @@ def _planes(x, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM_S: tl.constexpr,
 
 
 @triton.jit
-def _kdot(s, qm, q, kc, ks_ptr, km_ptr, soff, rj, i: tl.constexpr, NP: tl.constexpr,
-          DT: tl.constexpr):
-    """Plane i of a key tile (one key group): s += (q * scale) codes^T on tensor cores,
+def _kpar(ks_ptr, km_ptr, soff, rj, NP: tl.constexpr):
+    """A key group's scales and minima, per plane (unused planes repeat plane 0)."""
+    a0 = tl.load(ks_ptr + soff + NP * rj)
+    b0 = tl.load(km_ptr + soff + NP * rj)
+    a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
+    if NP > 1:
+        a1 = tl.load(ks_ptr + soff + NP * rj + 1)
+        b1 = tl.load(km_ptr + soff + NP * rj + 1)
+    if NP > 2:
+        a2 = tl.load(ks_ptr + soff + NP * rj + 2)
+        b2 = tl.load(km_ptr + soff + NP * rj + 2)
+        a3 = tl.load(ks_ptr + soff + NP * rj + 3)
+        b3 = tl.load(km_ptr + soff + NP * rj + 3)
+    return a0, b0, a1, b1, a2, b2, a3, b3
+
+
+@triton.jit
+def _kdot(s, qm, q, kc, ks, km, DT: tl.constexpr):
+    """Plane of a key tile (one key group): s += (q * scale) codes^T on tensor cores,
     qm += q * min (the caller adds its row sums through one more dot: no reduction)."""
-    ks = tl.load(ks_ptr + soff + NP * rj + i).to(tl.float32)
-    km = tl.load(km_ptr + soff + NP * rj + i).to(tl.float32)
+    ks = ks.to(tl.float32)
+    km = km.to(tl.float32)
     return tl.dot((q * ks[None, :]).to(DT), tl.trans(kc.to(DT)), s), qm + q * km[None, :]
 
 
@@ -157,37 +173,41 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     vbase = vq_ptr + b * s_vb + h * s_vh
     sb = b * s_sb + h * s_sh
     wb = b * s_wb + h * s_wh
+    # the scales of the next tile are loaded one iteration ahead (the code tiles are pipelined
+    # by the compiler; these small loads are not, and their latency serialized every tile)
+    c0, d0, c1, d1, c2, d2, c3, d3 = _kpar(ks_ptr, km_ptr, sb + (t0 // GROUP) * s_sg, rj, NP)
+    vs = tl.load(vs_ptr + wb + (t0 + rt0)[None, :] * s_wt + rdg[:, None])  # (DG, BT)
+    vm = tl.load(vm_ptr + wb + (t0 + rt0)[None, :] * s_wt + rdg[:, None])
     for tb in range(t0, t1, BT):
         rt = tb + rt0
-        soff = sb + (tb // GROUP) * s_sg
+        tn = tl.minimum(tb + BT, t1 - BT)  # the next tile (the last one reloads itself)
+        n0, e0, n1, e1, n2, e2, n3, e3 = _kpar(ks_ptr, km_ptr, sb + (tn // GROUP) * s_sg, rj, NP)
+        vsn = tl.load(vs_ptr + wb + (tn + rt0)[None, :] * s_wt + rdg[:, None])
+        vmn = tl.load(vm_ptr + wb + (tn + rt0)[None, :] * s_wt + rdg[:, None])
         kp = tl.load(kbase + rt[:, None] * s_kt + rj[None, :])  # (BT, W) bytes
         vp = tl.load(vbase + rt[None, :, None] * s_vt + (rdg * GB)[:, None, None]
                      + rb[None, None, :])  # (DG, BT, GB) bytes: value group g's columns
-        woff = wb + rt[None, :] * s_wt + rdg[:, None]
-        vs = tl.load(vs_ptr + woff).to(tl.float32)  # (DG, BT)
-        vm = tl.load(vm_ptr + woff).to(tl.float32)
         s = tl.zeros((GP, BT), tl.float32)
         qm = tl.zeros((GP, W), tl.float32)
         if NP == 1:
-            s, qm = _kdot(s, qm, q0, _planes(kp, BITS, MAGIC, ASM_S, CONS), ks_ptr, km_ptr, soff,
-                          rj, 0, NP, DT)
+            s, qm = _kdot(s, qm, q0, _planes(kp, BITS, MAGIC, ASM_S, CONS), c0, d0, DT)
         elif NP == 2:
             k0, k1 = _planes(kp, BITS, MAGIC, ASM_S, CONS)
-            s, qm = _kdot(s, qm, q0, k0, ks_ptr, km_ptr, soff, rj, 0, NP, DT)
-            s, qm = _kdot(s, qm, q1, k1, ks_ptr, km_ptr, soff, rj, 1, NP, DT)
+            s, qm = _kdot(s, qm, q0, k0, c0, d0, DT)
+            s, qm = _kdot(s, qm, q1, k1, c1, d1, DT)
         else:
             k0, k1, k2, k3 = _planes(kp, BITS, MAGIC, ASM_S, CONS)
-            s, qm = _kdot(s, qm, q0, k0, ks_ptr, km_ptr, soff, rj, 0, NP, DT)
-            s, qm = _kdot(s, qm, q1, k1, ks_ptr, km_ptr, soff, rj, 1, NP, DT)
-            s, qm = _kdot(s, qm, q2, k2, ks_ptr, km_ptr, soff, rj, 2, NP, DT)
-            s, qm = _kdot(s, qm, q3, k3, ks_ptr, km_ptr, soff, rj, 3, NP, DT)
+            s, qm = _kdot(s, qm, q0, k0, c0, d0, DT)
+            s, qm = _kdot(s, qm, q1, k1, c1, d1, DT)
+            s, qm = _kdot(s, qm, q2, k2, c2, d2, DT)
+            s, qm = _kdot(s, qm, q3, k3, c3, d3, DT)
         s = tl.dot(qm.to(DT), tl.full((W, BT), 1.0, DT), s)  # + q . min on every column
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p3 = (p[None, :, :] * vs[:, None, :]).to(DT)  # (DG, GP, BT)
-        p4 = (p[None, :, :] * vm[:, None, :]).to(DT)  # sum_t p min_g on every column:
+        p3 = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(DT)  # (DG, GP, BT)
+        p4 = (p[None, :, :] * vm.to(tl.float32)[:, None, :]).to(DT)  # sum_t p min_g, a column:
         mv = _vdot(mv, alpha, p4, tl.full((DG, BT, GB), 1.0, DT), DT)  # a dot, no reduction
         if NP == 1:
             a0 = _vdot(a0, alpha, p3, _planes(vp, BITS, MAGIC, ASM_S, CONS), DT)
@@ -202,6 +222,9 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
             a2 = _vdot(a2, alpha, p3, v2, DT)
             a3 = _vdot(a3, alpha, p3, v3, DT)
         m_i = m_new
+        c0, d0, c1, d1, c2, d2, c3, d3 = n0, e0, n1, e1, n2, e2, n3, e3
+        vs = vsn
+        vm = vmn
     inv = (1.0 / l_i)[None, :, None]  # every split holds >= 1 tile; padded rows score 0
     mvb = mv
     row = (b * HKV * G + h * G + rg) * NSPLIT + pid_s  # (B, Hq, S) flattened
@@ -273,7 +296,7 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
 
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
-TUNE = {"tile": 128, "warps": 4, "stages": 2, "per_sm": 2}
+TUNE = {"tile": 64, "warps": 2, "stages": 3, "per_sm": 8}
 
 
 def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
