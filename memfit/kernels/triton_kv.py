@@ -296,7 +296,7 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
 
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
-TUNE = {"tile": 64, "warps": 2, "stages": 3, "per_sm": 8}
+TUNE = {"tile": 64, "warps": 2, "stages": 3, "per_sm": 4}
 
 
 def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
@@ -356,8 +356,8 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     _kv_combine[(b * hq,)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d, BR=32,
-        num_warps=4)
+        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d, BR=64,
+        num_warps=8)
     return y
 
 
