@@ -105,3 +105,31 @@ def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypa
     with pytest.raises(ValueError, match="memfit_kv"):
         m.config._attn_implementation = "sdpa"
         QuantizedKVCache(m.config, fmt, fused=True)
+
+
+def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_config):
+    """2-bit codes with value groups of 32 channels leave a plane 8 columns per group (a dot needs
+    16): the fused cache warns once and dequantizes; the logits equal the dequantizing cache's."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from memfit import kvcache
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config("llama", head_dim=32)).eval().to(DEV)
+    ids = torch.randint(0, 30522, (1, 72), generator=torch.Generator().manual_seed(2)).to(DEV)
+    fmt = KVFormat(2, 32, 32)
+    kvcache._WARNED.clear()
+    outs = {}
+    for fused in (False, True):
+        if fused:
+            enable_fused_kv_attention(m)
+        cache = QuantizedKVCache(m.config, fmt, fused=fused)
+        with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+            warnings.simplefilter("always")
+            m(ids[:, :64], use_cache=True, **{cache_kwarg(m): cache})
+            outs[fused] = torch.cat([m(ids[:, i:i + 1], use_cache=True,
+                                       **{cache_kwarg(m): cache}).logits for i in range(64, 72)], 1)
+        hits = [w for w in seen if "cannot take this cache" in str(w.message)]
+        assert len(hits) == (1 if fused else 0)
+    assert torch.equal(outs[True], outs[False])
