@@ -9,21 +9,25 @@ Layout read (as QuantizedKVLayer stores it, contiguous along the token axis):
 - values: codes (B, Hkv, T, D*bits/8); scale and minimum (B, Hkv, T, D/gv) float16, one per
           (token, group of gv channels).
 One program takes one kv head of one sequence, its G = Hq/Hkv query heads (GQA, padded to 16 rows
-for the tensor cores) and a run of whole BT-token tiles. The codes of a tile are read as planes
-(4 bits: low nibbles = even channels, high nibbles = odd channels; 2 bits: four planes; 8 bits:
-one), so no unpack shuffle is needed: the query is loaded per plane (strided), the scores are
-the sum of one tensor-core dot per plane, and the output of each plane is its own accumulator,
-stored strided at the end. On the GPU a code becomes float16 without an int-to-float conversion
-(the bits 0x6400 | c are 1024 + c) and is dequantized with one float16 multiply-add against the
-float16 scales and minima as stored (no extra rounding of them); the dots run in float16 with
-float32 sums. (The previous kernel converted every code int -> float32 -> bfloat16: conversion
-instructions at a quarter of the arithmetic rate made it slower than bf16 SDPA.)
+for the tensor cores) and a run of whole BT-token tiles, each inside one key group. The codes are
+read as bit planes (4 bits: low nibbles = even channels, high = odd; 2 bits: four planes; 8 bits:
+one): one tensor-core dot per plane, each plane's output its own accumulator, stored strided: no
+unpack shuffle. On the GPU a code becomes float16 through inline PTX (1024 + c under the
+exponent byte, minus 1024: exact, no int-to-float conversion). No tile is multiplied by a scale:
+the key scales multiply the query, the value scales multiply p per value group (a 3-D dot with
+the group as its batch), and the minima enter through dots with ones; float16 operands (the
+scales are stored in float16), float32 sums; the next tile's scales are loaded a tile ahead.
 
 `kv_attention` = the packed splits (one launch) and the merge (one launch), whose programs also
-attend over the dense recent window (float32, a few hundred tokens at most). Takes 8/4/2-bit codes, head_dim a power of
-two with D/(8/bits) >= 16 (the plane width is a dot's inner size), power-of-two key groups,
-value groups that split head_dim into a power of two; `kv_ineligibility` says why not otherwise,
-and memfit.kvcache then dequantizes + SDPA (warned once).
+attend over the dense recent window (float32, a few hundred tokens at most). Takes 8/4/2-bit
+codes, head_dim a power of two with D*bits/8 >= 16, power-of-two key groups >= 16, value groups
+of >= 16 columns per plane that split head_dim into a power of two; `kv_ineligibility` says why
+not otherwise, and memfit.kvcache then dequantizes + SDPA (warned once).
+
+Measured (benchmarks/kv_attention.py, one H200, Triton 3.6, 2026-12-01; 32 query / 8 KV heads,
+head_dim 128, 32k context, whole call): int4 g128 40.2 µs, g64 41.2 µs vs bf16 SDPA 38.0 µs
+(0.94x / 0.92x; 3.72x / 3.52x less KV memory); the default g32 87.0 µs (a g32 tile is 32 tokens:
+per-tile costs dominate). The previous kernel (int -> float32 -> bf16 per code): 59.4 µs at g32.
 """
 
 from __future__ import annotations
