@@ -1,8 +1,10 @@
 """The decode-attention kernel over the packed KV cache (memfit.kernels.triton_kv) against float64
-attention over the dequantized states: 8/4/2 bits, GQA and MHA, key groups 16/32, odd token
-counts, one and several splits, merged with a dense window; and the fused cache path of
-memfit.kvcache inside a model's decode steps (same output as the dequantizing path). On the CPU
-it runs in Triton's interpreter (float32 dots); on a GPU, bfloat16 tensor-core dots."""
+attention over the dequantized states: 8/4/2 bits, GQA and MHA, key groups 16-128, head_dim
+16-128, one and several splits, merged with a dense window; the fused cache path of
+memfit.kvcache inside a model's decode steps (same output as the dequantizing path), and its
+one-warning fallback where the kernel cannot take the cache. On the CPU it runs in Triton's
+interpreter (float32 dots, codes unpacked in Triton); on a GPU, float16 tensor-core dots with the
+inline-PTX code conversion (GPU runs: benchmarks/RESULTS.md, gpu10d)."""
 
 import pytest
 import torch
