@@ -26,8 +26,9 @@ not otherwise, and memfit.kvcache then dequantizes + SDPA (warned once).
 
 Measured (benchmarks/kv_attention.py, one H200, Triton 3.6, 2026-12-01; 32 query / 8 KV heads,
 head_dim 128, 32k context, whole call): int4 g128 40.2 µs, g64 41.2 µs vs bf16 SDPA 38.0 µs
-(0.94x / 0.92x; 3.72x / 3.52x less KV memory); the default g32 87.0 µs (a g32 tile is 32 tokens:
-per-tile costs dominate). The previous kernel (int -> float32 -> bf16 per code): 59.4 µs at g32.
+(0.94x / 0.92x; 3.72x / 3.52x less KV memory); g32 87.0 µs (a g32 tile is 32 tokens: per-tile
+costs dominate), so 4/2-bit caches with key groups < 64 use memfit.kernels.triton_kv_legacy
+(59.4 µs at g32 in an earlier run).
 """
 
 from __future__ import annotations
@@ -287,7 +288,8 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
     tl.store(y_ptr + r * D + rd, y / (tl.sum(w, axis=0) + w_d))
 
 
-def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
+def _new_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
+    """Why this module's kernel cannot take the cache (None when it can)."""
     if bits not in (2, 4, 8):
         return f"{bits}-bit KV codes"
     if head_dim < 16 or head_dim & (head_dim - 1):
@@ -301,6 +303,23 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
         return (f"value group {gv} does not split head_dim {head_dim} into a power of two of "
                 f"groups of >= {128 // bits if bits < 8 else 16} channels")
     return None
+
+
+def uses_new_kernel(bits: int, head_dim: int, group: int, gv: int) -> bool:
+    """This module's kernel, or memfit.kernels.triton_kv_legacy's (4/2-bit codes with key groups
+    < 64, where a tile of one key group is short: measured slower, see that module)?"""
+    from memfit.kernels import triton_kv_legacy as legacy
+    if _new_ineligibility(bits, head_dim, group, gv) is not None:
+        return False
+    return bits == 8 or group >= 64 or legacy.kv_ineligibility(bits, head_dim, group, gv) is not None
+
+
+def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
+    """Why neither decode-attention kernel can take the cache (None when one can)."""
+    from memfit.kernels import triton_kv_legacy as legacy
+    new = _new_ineligibility(bits, head_dim, group, gv)
+    old = legacy.kv_ineligibility(bits, head_dim, group, gv)
+    return None if new is None or old is None else f"{new}; previous kernel: {old}"
 
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
@@ -346,10 +365,14 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     """Attention (B, Hq, D) float32 of q (B, Hq, D) over the packed tokens of `store`
     ([codes, scale, min] of keys then values, as QuantizedKVLayer holds them) followed by the
     dense `keys`/`values` (B, Hkv, t, D), if given: two launches (the packed splits; the merge,
-    which also attends over the dense window). `tune`: tile/warps/stages overrides."""
+    which also attends over the dense window). `tune`: tile/warps/stages overrides. 4/2-bit caches
+    with key groups < 64 go to memfit.kernels.triton_kv_legacy (`uses_new_kernel`)."""
+    b, hq, d = q.shape
+    if not uses_new_kernel(bits, d, group, d // store[4].shape[-1]):
+        from memfit.kernels import triton_kv_legacy as legacy
+        return legacy.kv_attention(q, store, bits, group, scaling, keys, values, splits)
     store = [x.contiguous() for x in store]
     q = q.contiguous()
-    b, hq, d = q.shape
     hkv, t = store[0].shape[1], store[0].shape[2]
     n = n_splits(t, b, hkv, group, q, splits, tune.get("tile")) if t else 0
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)

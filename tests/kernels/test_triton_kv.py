@@ -65,19 +65,29 @@ def test_kv_attention_matches_reference(b, hq, hkv, t, d, bits, g, splits):
 
 
 def test_kv_kernel_refuses_what_it_cannot_take():
+    new = triton_kv._new_ineligibility
     assert "3-bit" in triton_kv.kv_ineligibility(3, 64, 32, 32)
     assert "power of two" in triton_kv.kv_ineligibility(4, 80, 32, 16)
     assert "< 32" in triton_kv.kv_ineligibility(4, 16, 32, 16)  # a plane narrower than a dot
-    assert "< 64" in triton_kv.kv_ineligibility(2, 32, 32, 16)
+    assert "< 64" in new(2, 32, 32, 16)
     assert triton_kv.kv_ineligibility(8, 16, 32, 16) is None
     assert "power of two" in triton_kv.kv_ineligibility(4, 64, 48, 32)
-    assert "power of two >= 16" in triton_kv.kv_ineligibility(4, 64, 8, 32)
-    assert "value group" in triton_kv.kv_ineligibility(2, 64, 32, 32)  # 8 columns a plane
+    assert "power of two >= 16" in new(4, 64, 8, 32)
+    assert "value group" in new(2, 64, 32, 32)  # 8 columns a plane
+    # what the new kernel refuses, the previous one takes where it can (groups dividing 64)
+    for args in ((2, 32, 32, 16), (4, 64, 8, 32), (2, 64, 32, 32)):
+        assert triton_kv.kv_ineligibility(*args) is None
+        assert not triton_kv.uses_new_kernel(*args)
+    # int4 with key groups < 64: the previous kernel (measured faster there); int8, g >= 64: new
+    assert not triton_kv.uses_new_kernel(4, 128, 32, 32)
+    assert triton_kv.uses_new_kernel(8, 128, 32, 32)
+    assert triton_kv.uses_new_kernel(4, 128, 64, 64) and triton_kv.uses_new_kernel(4, 64, 128, 64)
     with pytest.raises(ValueError, match="whole key groups"):
         triton_kv.n_splits(40, 1, 1, 32, torch.zeros(1))
 
 
-def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypatch):
+@pytest.mark.parametrize("bits", [4, 8])  # int4 g32: the previous kernel; int8: the new one
+def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypatch, bits):
     from transformers import AutoModelForCausalLM
 
     from memfit.kvcache import QuantizedKVLayer
@@ -88,7 +98,7 @@ def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypa
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(tiny_config("llama", head_dim=32)).eval().to(DEV)
     ids = torch.randint(0, 30522, (1, 80), generator=torch.Generator().manual_seed(1)).to(DEV)
-    fmt = KVFormat(4, 32, 32)
+    fmt = KVFormat(bits, 32, 32)
     outs = {}
     for fused in (False, True):
         if fused:
@@ -110,8 +120,9 @@ def test_fused_cache_matches_dequantizing_cache_in_a_model(tiny_config, monkeypa
 
 
 def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_config):
-    """2-bit codes with value groups of 32 channels leave a plane 8 columns per group (a dot needs
-    16): the fused cache warns once and dequantizes; the logits equal the dequantizing cache's."""
+    """Key groups of 48 tokens (neither kernel: not a power of two, and 48 does not divide the
+    previous kernel's 64-token tile): the fused cache warns once and dequantizes; the logits
+    equal the dequantizing cache's."""
     import warnings
 
     from transformers import AutoModelForCausalLM
@@ -119,8 +130,8 @@ def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_co
     from memfit import kvcache
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(tiny_config("llama", head_dim=32)).eval().to(DEV)
-    ids = torch.randint(0, 30522, (1, 72), generator=torch.Generator().manual_seed(2)).to(DEV)
-    fmt = KVFormat(2, 32, 32)
+    ids = torch.randint(0, 30522, (1, 128), generator=torch.Generator().manual_seed(2)).to(DEV)
+    fmt = KVFormat(4, 48, 48)
     kvcache._WARNED.clear()
     outs = {}
     for fused in (False, True):
@@ -129,9 +140,10 @@ def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_co
         cache = QuantizedKVCache(m.config, fmt, fused=fused)
         with warnings.catch_warnings(record=True) as seen, torch.no_grad():
             warnings.simplefilter("always")
-            m(ids[:, :64], use_cache=True, **{cache_kwarg(m): cache})
+            m(ids[:, :120], use_cache=True, **{cache_kwarg(m): cache})
             outs[fused] = torch.cat([m(ids[:, i:i + 1], use_cache=True,
-                                       **{cache_kwarg(m): cache}).logits for i in range(64, 72)], 1)
+                                       **{cache_kwarg(m): cache}).logits for i in range(120, 128)], 1)
+        assert cache.layers[0].quantized_tokens == 48
         hits = [w for w in seen if "cannot take this cache" in str(w.message)]
         assert len(hits) == (1 if fused else 0)
     assert torch.equal(outs[True], outs[False])
