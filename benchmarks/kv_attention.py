@@ -5,8 +5,9 @@ median of 5), bytes held, and the error of each against float64 attention over t
 (the dequantized states for memfit; the bf16 states for SDPA).
 
 memfit's call is the whole decode-time path of a fused layer (triton_kv.kv_attention: the split
-kernel over the packed tokens, the dense 128-token residual window, the exact merge); "kernel
-alone" is the packed splits only. Value groups are as memfit.kvcache makes them (gv = min(g, 128)).
+kernel over the packed tokens, the dense 128-token residual window, the exact merge; for int4
+with key groups < 64 that is the previous kernel, triton_kv_legacy); "kernel alone" is the new
+kernel's packed splits only (row field "whole_call_kernel" says which kernel the call used). Value groups are as memfit.kvcache makes them (gv = min(g, 128)).
 --sweep first times launch settings (tile, warps, stages, programs per SM) on 32k int4 g64 and
 g128 and runs the rows with the fastest of their group (g32 rows: g64's).
 
@@ -131,14 +132,17 @@ def main() -> None:
                                        torch.cat([vd, vr.float()], 2).cpu(), sc)
             err = ((out.double().cpu() - want).norm() / want.norm()).item()
             gbs = sum(x.nbytes for x in st) / kern / 1e3
+            new = triton_kv.uses_new_kernel(bits, D, g, min(g, D))
             row = {"context": ctx, "bits": bits, "group": g, "tune": dict(triton_kv.TUNE),
+                   "whole_call_kernel": "new" if new else "legacy",
                    "sdpa_bf16_us": sdpa,
                    "memfit_us": us, "memfit_kernel_only_us": kern, "x_sdpa": sdpa / us,
                    "kernel_GBps": gbs, "bf16_bytes": bf16_bytes, "memfit_bytes": held,
                    "memory_x_less": bf16_bytes / held, "rel_err_vs_f64": err,
                    "sdpa_rel_err_vs_f64": err_sdpa}
             rows.append(row)
-            print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit {us:.1f} us "
+            print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit "
+                  f"({'new' if new else 'legacy'}) {us:.1f} us "
                   f"(kernel alone {kern:.1f}, {gbs:.0f} GB/s) = {sdpa / us:.2f}x; "
                   f"KV bytes {bf16_bytes / 2**20:.1f} "
                   f"-> {held / 2**20:.1f} MiB ({bf16_bytes / held:.2f}x less); rel err {err:.1e} "
