@@ -5,15 +5,19 @@ median of 5), bytes held, and the error of each against float64 attention over t
 (the dequantized states for memfit; the bf16 states for SDPA).
 
 memfit's call is the whole decode-time path of a fused layer (triton_kv.kv_attention: the split
-kernel over the packed tokens, the dense 128-token residual window, the exact merge); "kernel
-alone" is the packed splits only.
+kernel over the packed tokens, the dense 128-token residual window, the exact merge; for int4
+with key groups < 64 that is the previous kernel, triton_kv_legacy); "kernel alone" is the new
+kernel's packed splits only (row field "whole_call_kernel" says which kernel the call used). Value groups are as memfit.kvcache makes them (gv = min(g, 128)).
+--sweep first times launch settings (tile, warps, stages, programs per SM) on 32k int4 g64 and
+g128 and runs the rows with the fastest of their group (g32 rows: g64's).
 
-    python benchmarks/kv_attention.py [--json OUT]
+    python benchmarks/kv_attention.py [--sweep] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -25,10 +29,12 @@ from memfit.kernels import triton_kv
 from memfit.kvcache import _dequantize, _quantize
 
 HQ, HKV, D, RES = 32, 8, 128, 128
+ROWS = ((4, 32), (4, 64), (4, 128), (8, 32), (8, 64))  # (bits, key group)
 
 
-def store(k, v, bits, g, gv=32):
+def store(k, v, bits, g):
     b, h, t, d = k.shape
+    gv = min(g, d)
     kq, ks, km, ksh = _quantize(k.reshape(b, h, t // g, g, d), bits, 3)
     vq, vs, vm, vsh = _quantize(v.reshape(b, h, t, d // gv, gv), bits, 4)
     st = [kq.reshape(b, h, t, -1), ks.reshape(b, h, t // g, d), km.reshape(b, h, t // g, d),
@@ -38,13 +44,52 @@ def store(k, v, bits, g, gv=32):
     return st, kd, vd
 
 
-def attend(q, st, kr, vr, bits, g, sc):
-    return triton_kv.kv_attention(q, st, bits, g, sc, kr, vr)
+def states(ctx, gen):
+    q = torch.randn(1, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
+    k = k + torch.linspace(-3, 3, D, device="cuda")  # offset key channels, as real keys
+    v = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
+    return q, k, v
+
+
+def sweep(gen, sc) -> dict:
+    """Fastest (tile, warps, stages, per_sm) for the whole call at 32k, int4, key groups 64 and
+    128: {group: settings}."""
+    ctx = 32768
+    q, k, v = states(ctx, gen)
+    t = ctx - RES
+    kr, vr = k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
+    found = {}
+    for g in (64, 128):
+        st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
+        sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
+        best = None
+        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4), (3,),
+                                                             (4, 8, 16)):
+            if tile > g:
+                continue
+            triton_kv.TUNE.update(tile=tile, warps=warps, stages=stages, per_sm=per_sm)
+            try:
+                us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, g, sc, kr, vr)
+                                    for s in sts])
+            except Exception as e:  # a setting that does not compile (shared memory)
+                print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
+                      f"{type(e).__name__}", flush=True)
+                continue
+            print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
+                  f"{us:.1f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, dict(tile=tile, warps=warps, stages=stages, per_sm=per_sm))
+        print(f"sweep g{g} best: {best}", flush=True)
+        found[g] = best[1]
+        del sts
+    return found
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     import triton
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -52,16 +97,18 @@ def main() -> None:
     print(json.dumps(head), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     sc = D ** -0.5
+    tune = {}
+    default = dict(triton_kv.TUNE)
+    if args.sweep:
+        tune = sweep(gen, sc)
+        head["tune"] = {str(g): t for g, t in tune.items()}
+    print(f"launch settings: default {default}, swept {tune}", flush=True)
     rows = []
     for ctx in (8192, 32768):
         t = ctx - RES  # quantized tokens; the last RES stay dense
-        q = torch.randn(1, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
-        k = k + torch.linspace(-3, 3, D, device="cuda")  # offset key channels, as real keys
-        v = torch.randn(1, HKV, ctx, D, device="cuda", generator=gen)
+        q, k, v = states(ctx, gen)
         kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
-        n = copies(2 * kb.numel() * 2)
-        dense = [(kb.clone(), vb.clone()) for _ in range(n)]
+        dense = [(kb.clone(), vb.clone()) for _ in range(copies(2 * kb.numel() * 2))]
         q4 = q[:, :, None]  # (1, HQ, 1, D)
         sdpa = graph_time_us([lambda kv=kv: F.scaled_dot_product_attention(
             q4, kv[0], kv[1], scale=sc, enable_gqa=True) for kv in dense])
@@ -69,31 +116,38 @@ def main() -> None:
         got = F.scaled_dot_product_attention(q4, kb, vb, scale=sc, enable_gqa=True)[:, :, 0]
         err_sdpa = ((got.double().cpu() - want_bf16).norm() / want_bf16.norm()).item()
         bf16_bytes = 2 * kb.numel() * 2
-        for bits in (4, 8):
-            g = 32
+        del dense
+        for bits, g in ROWS:
             st, kd, vd = store(k[:, :, :t], v[:, :, :t], bits, g)
             kr, vr = kb[:, :, t:], vb[:, :, t:]
             held = sum(x.numel() * x.element_size() for x in st) + 2 * kr.numel() * 2
-            m = copies(held)
-            sts = [[x.clone() for x in st] for _ in range(m)]
-            us = graph_time_us([lambda s=s: attend(q, s, kr, vr, bits, g, sc) for s in sts])
+            sts = [[x.clone() for x in st] for _ in range(copies(held))]
+            triton_kv.TUNE.update(tune.get(g, tune.get(64, default)))
+            us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, bits, g, sc, kr, vr)
+                                for s in sts])
             kern = graph_time_us([lambda s=s: triton_kv.kv_attention_parts(q, *s, bits, g, sc)
                                   for s in sts])
-            out = attend(q, st, kr, vr, bits, g, sc)
+            out = triton_kv.kv_attention(q, st, bits, g, sc, kr, vr)
             want = triton_kv.reference(q.float().cpu(), torch.cat([kd, kr.float()], 2).cpu(),
                                        torch.cat([vd, vr.float()], 2).cpu(), sc)
             err = ((out.double().cpu() - want).norm() / want.norm()).item()
-            row = {"context": ctx, "bits": bits, "group": g, "sdpa_bf16_us": sdpa,
+            gbs = sum(x.nbytes for x in st) / kern / 1e3
+            new = triton_kv.uses_new_kernel(bits, D, g, min(g, D))
+            row = {"context": ctx, "bits": bits, "group": g, "tune": dict(triton_kv.TUNE),
+                   "whole_call_kernel": "new" if new else "legacy",
+                   "sdpa_bf16_us": sdpa,
                    "memfit_us": us, "memfit_kernel_only_us": kern, "x_sdpa": sdpa / us,
-                   "bf16_bytes": bf16_bytes, "memfit_bytes": held,
+                   "kernel_GBps": gbs, "bf16_bytes": bf16_bytes, "memfit_bytes": held,
                    "memory_x_less": bf16_bytes / held, "rel_err_vs_f64": err,
                    "sdpa_rel_err_vs_f64": err_sdpa}
             rows.append(row)
-            print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit {us:.1f} us "
-                  f"(kernel alone {kern:.1f}) = {sdpa / us:.2f}x; "
+            print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit "
+                  f"({'new' if new else 'legacy'}) {us:.1f} us "
+                  f"(kernel alone {kern:.1f}, {gbs:.0f} GB/s) = {sdpa / us:.2f}x; "
                   f"KV bytes {bf16_bytes / 2**20:.1f} "
                   f"-> {held / 2**20:.1f} MiB ({bf16_bytes / held:.2f}x less); rel err {err:.1e} "
                   f"(SDPA {err_sdpa:.1e})", flush=True)
+            del sts
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"head": head, "rows": rows}, f, indent=1)
