@@ -20,10 +20,12 @@ def add_dtype_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_kv(p) -> None:
-    p.add_argument("--kv", choices=["none", "int8", "int4", "int2"], default="none",
+    from memfit.kvcache import KV_FORMATS
+
+    p.add_argument("--kv", choices=["none", *KV_FORMATS], default="none",
                    help="quantized KV cache (memfit.kvcache): keys per channel and values per "
-                        "token in groups of 32, the 128 most recent tokens kept dense "
-                        "(default none: the model's own cache)")
+                        "token in groups of 32 (int4-g64/-g128: 64/128), the 128 most recent "
+                        "tokens kept dense (default none: the model's own cache)")
 
 
 def add_place(p, context: bool = True) -> None:
