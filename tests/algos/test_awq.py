@@ -233,3 +233,18 @@ def test_every_int_format(fmt):
     assert res.error <= res.rtn_error and res.scale.shape == (128,)
     _, after, before = search_clip(w * res.scale, fmt, h / (res.scale[:, None] * res.scale))
     assert after <= before
+
+
+def test_two_sided_clip_shrinks_each_end_on_its_own():
+    from memfit.algos.awq import search_clip
+    x = torch.randn(1024, 64, generator=G(6))
+    w = torch.randn(32, 64, generator=G(7)) * 0.05
+    w[0, 5], w[1, 40] = 0.6, -0.6  # one outlier per row, on either side
+    h = 2 * x.T @ x / x.shape[0]
+    fmt = IntFormat(bits=4, group_size=32)
+    one, after1, before = search_clip(w, fmt, h)
+    two, after2, before2 = search_clip(w, fmt, h, two_sided=True)
+    assert before2 == pytest.approx(before) and after2 <= after1 < before
+    assert two.le(w.amax(1, keepdim=True)).all() and two.ge(w.amin(1, keepdim=True)).all()
+    sym = IntFormat(bits=4, group_size=32, symmetric=True)  # a symmetric grid: one bound
+    assert torch.equal(search_clip(w, sym, h, two_sided=True)[0], search_clip(w, sym, h)[0])
