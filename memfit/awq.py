@@ -207,8 +207,8 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                    for n in quantized]
         src = block.get_submodule(fold)
         clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
-        quantize = _quantizer(spec)
-        if JOINT and spec.awq_clip and _cheap(spec):
+        quantize, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
+        if joint:  # output errors below are after the clip search, α = 0 included
             quantize = [clipped_rtn(TWO_SIDED) if c else quantize for c in clipped]
         res = search_scale(weights, stat.mean_abs, stat.h.hessian,
                            alphas(spec.awq_grid, spec.awq_max_alpha), duo=spec.awq_duo,
@@ -220,7 +220,7 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
         if res.alpha > 0 or res.duo:
             fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)
         entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
-                 "measured": inspect or "linear outputs",
+                 "measured": inspect or "linear outputs", "clip_in_search": joint,
                  "output_error": res.error, "rtn_output_error": res.rtn_error}
         if spec.awq_clip:
             s = res.scale
