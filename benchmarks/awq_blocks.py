@@ -15,6 +15,7 @@ summed over the chosen blocks, on the 16 calibration windows and on 8 held-out w
     only=NAME (AWQ on the group whose first linear contains NAME only)
     two=0|1 (clip min and max separately)  joint=0|1 (score each α after its clip search; 1)
     noclip=A/B (no clip search on the linears whose names contain A or B)
+    attn=0|1 (q/k/v's scale scored on the attention module's output, not their own outputs)
 
     OMP_NUM_THREADS=1 python benchmarks/awq_blocks.py w4g64-awq-gptq "awq=0,clip=0,clip=1" 0,14,28
 """
@@ -56,6 +57,8 @@ def _variant(preset: str, arch, text: str):
         return [t for t in todo if only is None or only in t[0][0]], skipped
     awq._plan = plan
     arch = arch if opts.get("insp", "1") == "1" else replace(arch, awq_inspect=())
+    if opts.get("attn", "0") == "1":  # q/k/v scored on the attention's output
+        arch = replace(arch, awq_inspect=("self_attn",) + (arch.awq_inspect or (None,) * 4)[1:])
     arch = replace(arch, awq_no_clip=arch.awq_no_clip + noclip)
     return replace(rec, quant=q), arch
 

@@ -78,17 +78,21 @@ class _AWQStat:
     over every `stride`-th token (the output error of the search) and, when `keep` (a module's
     output is measured), every `keep`-th token's input itself."""
 
-    def __init__(self, in_features: int, device, stride: int, keep: int | None = None):
+    def __init__(self, in_features: int, device, stride: int, keep: int | None = None,
+                 whole: bool = False):
         self.h = HessianStat(in_features, device)
         self.abs_sum = torch.zeros(in_features, device=device)
         self.rows, self.stride, self.keep, self.kept = 0, stride, keep, []
+        self.whole = whole  # keep the first whole windows instead (a module mixing tokens)
 
     def update(self, x: torch.Tensor) -> None:
+        if self.whole and self.keep and sum(k[..., 0].numel() for k in self.kept) < INSPECT_ROWS:
+            self.kept.append(x.detach().clone())
         x = x.detach().reshape(-1, x.shape[-1])
         self.h.update(x[::self.stride])
         self.abs_sum += x.float().abs().sum(0).to(self.abs_sum)
         self.rows += x.shape[0]
-        if self.keep:
+        if self.keep and not self.whole:
             self.kept.append(x[::self.keep].clone())
 
     @property
@@ -144,7 +148,7 @@ def _gqa_tie(block, fold: str, width: int, in_features: int) -> torch.Tensor | N
 
 
 @torch.inference_mode()
-def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
+def _collect(block, arch, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
     stats, handles = [], []
     first = store[0]
     rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
@@ -152,29 +156,35 @@ def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_A
     keep = max(1, -(-rows // INSPECT_ROWS))
     for names, _, _, inspect in todo:
         mod = block.get_submodule(names[0])
-        stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None)
+        stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None,
+                        inspect in arch.awq_mixing)
         handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
         stats.append(stat)
     replay(block, store, kwargs, handles)
     return stats
 
 
-def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat):
-    """The search's loss: mean squared error of module `inspect`'s output on the kept input
-    rows when linears `names` (inside it) hold the candidate weights, vs its float output."""
+def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: dict):
+    """The search's loss: mean squared error of module `inspect`'s output on the kept inputs
+    when linears `names` (inside it) hold the candidate weights, vs its float output. Whole
+    kept windows (attention) are run with the block's keyword arguments (mask, positions)."""
     from torch.func import functional_call
 
     mod = block.get_submodule(inspect)
-    x = torch.cat(stat.kept)  # (rows, in)
+    xs = stat.kept if stat.whole else [torch.cat(stat.kept)]  # [(rows, in)] or [(b, t, in)]
+    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"} if stat.whole else {}
     keys = [n[len(inspect) + 1:] + ".weight" for n in names]
     dtype = block.get_submodule(names[0]).weight.dtype
+    rows = sum(x[..., 0].numel() for x in xs)
+    run = lambda out: (out[0] if isinstance(out, tuple) else out).float()  # noqa: E731
     with torch.no_grad():
-        ref = mod(x).float()
+        refs = [run(mod(x, **kw)) for x in xs]
 
     @torch.no_grad()
     def loss(w_hat: list[torch.Tensor]) -> float:
-        out = functional_call(mod, {k: w.to(dtype) for k, w in zip(keys, w_hat)}, (x,))
-        return float(((out.float() - ref) ** 2).sum() / x.shape[0])
+        params = {k: w.to(dtype) for k, w in zip(keys, w_hat)}
+        return sum(float(((run(functional_call(mod, params, (x,), kw)) - ref) ** 2).sum())
+                   for x, ref in zip(xs, refs)) / rows
     return loss
 
 
@@ -199,7 +209,7 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
     place; -> log entries (alpha, output errors, or why a group was skipped)."""
     todo, skipped = _plan(block, arch, specs, tied=True)
     log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
-    stats = _collect(block, todo, store, kwargs) if todo else []
+    stats = _collect(block, arch, todo, store, kwargs) if todo else []
     for (names, fold, tie, inspect), stat in zip(todo, stats):
         spec = next(_awq_spec(specs.get(n)) for n in names if _awq_spec(specs.get(n)))
         quantized = [n for n in names if _awq_spec(specs.get(n))]
@@ -215,7 +225,8 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                            tie=tie, width=None if tie is None else src.out_features,
                            quantize=quantize,
                            patience=None if _cheap(spec) else WALK_PATIENCE,
-                           loss=_module_loss(block, inspect, quantized, stat) if inspect else None)
+                           loss=_module_loss(block, inspect, quantized, stat, kwargs)
+                           if inspect else None)
         stat.kept.clear()
         if res.alpha > 0 or res.duo:
             fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)

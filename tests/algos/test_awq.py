@@ -130,7 +130,7 @@ def test_module_loss_is_the_mlp_output_error(tiny_config):
     stat = _AWQStat(64, "cpu", 1, keep=2)
     x = torch.randn(2, 10, 64, generator=G(2))
     stat.update(x)
-    loss = _module_loss(block, "mlp", ["mlp.gate_proj", "mlp.up_proj"], stat)
+    loss = _module_loss(block, "mlp", ["mlp.gate_proj", "mlp.up_proj"], stat, {})
     w = [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
     assert loss(w) == 0.0
     w2 = [w[0] * 0.9, w[1]]
@@ -270,3 +270,25 @@ def test_clip_inside_the_alpha_search_never_worse_than_clip_after():
                                                      h), rel=1e-4)  # the error it reports
     # here 0.765 at α 0.32 vs 0.880 (α 0.53 chosen for unclipped RTN, then clipped)
     assert joint.error < 0.95 * clip_after and joint.alpha < after.alpha
+
+
+def test_module_loss_on_attention_runs_whole_windows_with_the_block_kwargs(tiny_config):
+    from memfit.awq import _AWQStat, _module_loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config()).eval()
+    block = model.model.layers[0]
+    x = torch.randn(2, 10, 64, generator=G(2))
+    kw = {"position_embeddings": model.model.rotary_emb(x, torch.arange(10)[None]),
+          "attention_mask": None}
+    stat = _AWQStat(64, "cpu", 1, keep=2, whole=True)
+    stat.update(x)
+    assert len(stat.kept) == 1 and stat.kept[0].shape == (2, 10, 64)  # whole windows kept
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    loss = _module_loss(block, "self_attn", names, stat, kw)
+    w = [block.get_submodule(n).weight.detach().clone() for n in names]
+    assert loss(w) == 0.0
+    with torch.no_grad():
+        ref = block.self_attn(x, **kw)[0]
+        block.self_attn.q_proj.weight.mul_(1.5)  # q's error reaches the output through softmax
+        want = float(((block.self_attn(x, **kw)[0] - ref) ** 2).sum() / 20)
+    assert want > 0 and loss([w[0] * 1.5, w[1], w[2]]) == pytest.approx(want, rel=1e-5)
