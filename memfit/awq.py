@@ -217,23 +217,28 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                    for n in quantized]
         src = block.get_submodule(fold)
         clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
-        quantize, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
-        if joint:  # output errors below are after the clip search, α = 0 included
-            quantize = [clipped_rtn(TWO_SIDED) if c else quantize for c in clipped]
-        res = search_scale(weights, stat.mean_abs, stat.h.hessian,
-                           alphas(spec.awq_grid, spec.awq_max_alpha), duo=spec.awq_duo,
-                           tie=tie, width=None if tie is None else src.out_features,
-                           quantize=quantize,
-                           patience=None if _cheap(spec) else WALK_PATIENCE,
-                           loss=_module_loss(block, inspect, quantized, stat, kwargs)
-                           if inspect else None)
+        plain, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
+        search = lambda quantize: search_scale(  # noqa: E731
+            weights, stat.mean_abs, stat.h.hessian, alphas(spec.awq_grid, spec.awq_max_alpha),
+            duo=spec.awq_duo, tie=tie, width=None if tie is None else src.out_features,
+            quantize=quantize, patience=None if _cheap(spec) else WALK_PATIENCE,
+            loss=_module_loss(block, inspect, quantized, stat, kwargs) if inspect else None)
+        # joint: output errors are after the clip search, α = 0 included. The clip search
+        # lowers each linear's own output error; a group scored on a module's output (gate/up
+        # on the MLP's) keeps it only where that output is lower with it than without.
+        res = search([clipped_rtn(TWO_SIDED) if c else plain for c in clipped] if joint else plain)
+        clip = spec.awq_clip
+        if joint and inspect and any(clipped):
+            unclipped = search(plain)
+            if unclipped.error < res.error:
+                res, clip = unclipped, False
         stat.kept.clear()
         if res.alpha > 0 or res.duo:
             fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)
         entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
-                 "measured": inspect or "linear outputs", "clip_in_search": joint,
+                 "measured": inspect or "linear outputs", "clip_in_search": joint and clip,
                  "output_error": res.error, "rtn_output_error": res.rtn_error}
-        if spec.awq_clip:
+        if clip:
             s = res.scale
             entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],
                                    specs, stat.h.hessian / (s[:, None] * s[None, :]))

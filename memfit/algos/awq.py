@@ -195,6 +195,8 @@ def clipped_rtn(two_sided: bool = False):
     """A `quantize` for search_scale: AWQ's clip search on W s (output error under the scaled
     Hessian), then min-max RTN of the clamped weight."""
     def quantize(ws: torch.Tensor, fmt: IntFormat, h: torch.Tensor) -> torch.Tensor:
+        if ws.shape[1] % fmt.groups(ws.shape[1])[0]:  # ragged groups: not clipped
+            return scaled_rtn(ws, torch.ones(()), fmt)
         cw = search_clip(ws, fmt, h, two_sided=two_sided)[0]
         return scaled_rtn(cw, torch.ones(()), fmt)
     return quantize
