@@ -176,7 +176,7 @@ def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: 
     keys = [n[len(inspect) + 1:] + ".weight" for n in names]
     dtype = block.get_submodule(names[0]).weight.dtype
     rows = sum(x[..., 0].numel() for x in xs)
-    run = lambda out: (out[0] if isinstance(out, tuple) else out).float()  # noqa: E731
+    run = lambda out: (out[0] if isinstance(out, tuple) else out).float()
     with torch.no_grad():
         refs = [run(mod(x, **kw)) for x in xs]
 
@@ -218,11 +218,13 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
         src = block.get_submodule(fold)
         clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
         plain, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
-        search = lambda quantize: search_scale(  # noqa: E731
-            weights, stat.mean_abs, stat.h.hessian, alphas(spec.awq_grid, spec.awq_max_alpha),
-            duo=spec.awq_duo, tie=tie, width=None if tie is None else src.out_features,
-            quantize=quantize, patience=None if _cheap(spec) else WALK_PATIENCE,
-            loss=_module_loss(block, inspect, quantized, stat, kwargs) if inspect else None)
+        loss = _module_loss(block, inspect, quantized, stat, kwargs) if inspect else None
+
+        def search(quantize, spec=spec, weights=weights, stat=stat, tie=tie, src=src, loss=loss):
+            return search_scale(
+                weights, stat.mean_abs, stat.h.hessian, alphas(spec.awq_grid, spec.awq_max_alpha),
+                duo=spec.awq_duo, tie=tie, width=None if tie is None else src.out_features,
+                quantize=quantize, patience=None if _cheap(spec) else WALK_PATIENCE, loss=loss)
         # joint: output errors are after the clip search, α = 0 included. The clip search
         # lowers each linear's own output error; a group scored on a module's output (gate/up
         # on the MLP's) keeps it only where that output is lower with it than without.

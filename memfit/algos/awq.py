@@ -123,7 +123,7 @@ def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.
     `tie` (in,) int64 with `width`: input channel j takes the scale of producer channel tie[j]."""
     if not grid or grid[0] != 0.0:
         raise ValueError("the α grid must start at 0 (plain RTN)")
-    plain = lambda w, fmt, h: scaled_rtn(w, torch.ones(()), fmt)  # noqa: E731
+    plain = lambda w, fmt, h: scaled_rtn(w, torch.ones(()), fmt)
     quantize = quantize or plain
     quants = list(quantize) if isinstance(quantize, (list, tuple)) else [quantize] * len(weights)
     w_mean = weight_magnitude(weights) if duo else None

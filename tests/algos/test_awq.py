@@ -244,7 +244,7 @@ def test_two_sided_clip_shrinks_each_end_on_its_own():
     w[0, 5], w[1, 40] = 0.6, -0.6  # one outlier per row, on either side
     h = 2 * x.T @ x / x.shape[0]
     fmt = IntFormat(bits=4, group_size=32)
-    one, after1, before = search_clip(w, fmt, h)
+    _, after1, before = search_clip(w, fmt, h)
     two, after2, before2 = search_clip(w, fmt, h, two_sided=True)
     assert before2 == pytest.approx(before) and after2 <= after1 < before
     assert two.le(w.amax(1, keepdim=True)).all() and two.ge(w.amin(1, keepdim=True)).all()
