@@ -20,7 +20,12 @@ MLP's output fixes that. The quantizer of the recipe (RTN, HQQ, GPTQ) then runs 
 scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
 scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
 group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
-this one step changes the float function, deliberately.
+this one step changes the float function, deliberately. With a min-max RTN quantizer the clip
+search runs inside the α search (`JOINT`): each candidate scale is scored after its own clip
+search, so α is chosen for the weights that will really be rounded. Measured on the default
+model (benchmarks/RESULTS.md, AWQ round 3): clipping after an α chosen for unclipped RTN made
+the block output worse than no clip at all (gate/up's clip, scored on their own outputs, costs
+the MLP's output); scoring each α after its clip cut the block error by 27%.
 
 Statistics come from one pass of the block as it is (float): every fold only rescales its own
 group's input, so the other groups' inputs do not change. Mean |x| counts every calibration
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.algos.awq import alphas, search_clip, search_scale
+from memfit.algos.awq import alphas, clipped_rtn, search_clip, search_scale
 from memfit.calib.engine import ActivationStore, replay
 from memfit.calib.stats import HessianStat
 from memfit.configs import RTN
@@ -43,6 +48,9 @@ from memfit.formats.grid import dequantize
 HESSIAN_ROWS = 8192  # token rows (about) the search's Hessian is built from: bounded cost
 INSPECT_ROWS = 4096  # token rows (about) a measured module (the MLP) is run on per candidate
 WALK_PATIENCE = 2    # costly quantizers (GPTQ, HQQ): stop the α walk 2 steps past the best
+JOINT = True         # awq_clip with RTN: score every α after its clip search (False: clip after)
+TWO_SIDED = False    # the clip search shrinks min and max separately (measured worse; for
+                     # benchmarks/awq_blocks.py, not a recipe option)
 
 
 class _Hessian:  # the statistic object memfit.methods' quantizers read (.hessian)
@@ -70,17 +78,21 @@ class _AWQStat:
     over every `stride`-th token (the output error of the search) and, when `keep` (a module's
     output is measured), every `keep`-th token's input itself."""
 
-    def __init__(self, in_features: int, device, stride: int, keep: int | None = None):
+    def __init__(self, in_features: int, device, stride: int, keep: int | None = None,
+                 whole: bool = False):
         self.h = HessianStat(in_features, device)
         self.abs_sum = torch.zeros(in_features, device=device)
         self.rows, self.stride, self.keep, self.kept = 0, stride, keep, []
+        self.whole = whole  # keep the first whole windows instead (a module mixing tokens)
 
     def update(self, x: torch.Tensor) -> None:
+        if self.whole and self.keep and sum(k[..., 0].numel() for k in self.kept) < INSPECT_ROWS:
+            self.kept.append(x.detach().clone())
         x = x.detach().reshape(-1, x.shape[-1])
         self.h.update(x[::self.stride])
         self.abs_sum += x.float().abs().sum(0).to(self.abs_sum)
         self.rows += x.shape[0]
-        if self.keep:
+        if self.keep and not self.whole:
             self.kept.append(x[::self.keep].clone())
 
     @property
@@ -136,7 +148,7 @@ def _gqa_tie(block, fold: str, width: int, in_features: int) -> torch.Tensor | N
 
 
 @torch.inference_mode()
-def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
+def _collect(block, arch, todo: list, store: ActivationStore, kwargs: dict) -> list[_AWQStat]:
     stats, handles = [], []
     first = store[0]
     rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
@@ -144,29 +156,35 @@ def _collect(block, todo: list, store: ActivationStore, kwargs: dict) -> list[_A
     keep = max(1, -(-rows // INSPECT_ROWS))
     for names, _, _, inspect in todo:
         mod = block.get_submodule(names[0])
-        stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None)
+        stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None,
+                        inspect in arch.awq_mixing)
         handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
         stats.append(stat)
     replay(block, store, kwargs, handles)
     return stats
 
 
-def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat):
-    """The search's loss: mean squared error of module `inspect`'s output on the kept input
-    rows when linears `names` (inside it) hold the candidate weights, vs its float output."""
+def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: dict):
+    """The search's loss: mean squared error of module `inspect`'s output on the kept inputs
+    when linears `names` (inside it) hold the candidate weights, vs its float output. Whole
+    kept windows (attention) are run with the block's keyword arguments (mask, positions)."""
     from torch.func import functional_call
 
     mod = block.get_submodule(inspect)
-    x = torch.cat(stat.kept)  # (rows, in)
+    xs = stat.kept if stat.whole else [torch.cat(stat.kept)]  # [(rows, in)] or [(b, t, in)]
+    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"} if stat.whole else {}
     keys = [n[len(inspect) + 1:] + ".weight" for n in names]
     dtype = block.get_submodule(names[0]).weight.dtype
+    rows = sum(x[..., 0].numel() for x in xs)
+    run = lambda out: (out[0] if isinstance(out, tuple) else out).float()
     with torch.no_grad():
-        ref = mod(x).float()
+        refs = [run(mod(x, **kw)) for x in xs]
 
     @torch.no_grad()
     def loss(w_hat: list[torch.Tensor]) -> float:
-        out = functional_call(mod, {k: w.to(dtype) for k, w in zip(keys, w_hat)}, (x,))
-        return float(((out.float() - ref) ** 2).sum() / x.shape[0])
+        params = {k: w.to(dtype) for k, w in zip(keys, w_hat)}
+        return sum(float(((run(functional_call(mod, params, (x,), kw)) - ref) ** 2).sum())
+                   for x, ref in zip(xs, refs)) / rows
     return loss
 
 
@@ -191,26 +209,38 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
     place; -> log entries (alpha, output errors, or why a group was skipped)."""
     todo, skipped = _plan(block, arch, specs, tied=True)
     log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
-    stats = _collect(block, todo, store, kwargs) if todo else []
+    stats = _collect(block, arch, todo, store, kwargs) if todo else []
     for (names, fold, tie, inspect), stat in zip(todo, stats):
         spec = next(_awq_spec(specs.get(n)) for n in names if _awq_spec(specs.get(n)))
         quantized = [n for n in names if _awq_spec(specs.get(n))]
         weights = [(block.get_submodule(n).weight.detach().float(), specs[n].format)
                    for n in quantized]
         src = block.get_submodule(fold)
-        res = search_scale(weights, stat.mean_abs, stat.h.hessian,
-                           alphas(spec.awq_grid, spec.awq_max_alpha), duo=spec.awq_duo,
-                           tie=tie, width=None if tie is None else src.out_features,
-                           quantize=_quantizer(spec),
-                           patience=None if _cheap(spec) else WALK_PATIENCE,
-                           loss=_module_loss(block, inspect, quantized, stat) if inspect else None)
+        clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
+        plain, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
+        loss = _module_loss(block, inspect, quantized, stat, kwargs) if inspect else None
+
+        def search(quantize, spec=spec, weights=weights, stat=stat, tie=tie, src=src, loss=loss):
+            return search_scale(
+                weights, stat.mean_abs, stat.h.hessian, alphas(spec.awq_grid, spec.awq_max_alpha),
+                duo=spec.awq_duo, tie=tie, width=None if tie is None else src.out_features,
+                quantize=quantize, patience=None if _cheap(spec) else WALK_PATIENCE, loss=loss)
+        # joint: output errors are after the clip search, α = 0 included. The clip search
+        # lowers each linear's own output error; a group scored on a module's output (gate/up
+        # on the MLP's) keeps it only where that output is lower with it than without.
+        res = search([clipped_rtn(TWO_SIDED) if c else plain for c in clipped] if joint else plain)
+        clip = spec.awq_clip
+        if joint and inspect and any(clipped):
+            unclipped = search(plain)
+            if unclipped.error < res.error:
+                res, clip = unclipped, False
         stat.kept.clear()
         if res.alpha > 0 or res.duo:
             fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)
         entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
-                 "measured": inspect or "linear outputs",
+                 "measured": inspect or "linear outputs", "clip_in_search": joint and clip,
                  "output_error": res.error, "rtn_output_error": res.rtn_error}
-        if spec.awq_clip:
+        if clip:
             s = res.scale
             entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],
                                    specs, stat.h.hessian / (s[:, None] * s[None, :]))
@@ -228,7 +258,7 @@ def _clip_(block, names: list[str], specs: dict, hessian: torch.Tensor) -> dict:
         g, _ = fmt.groups(lin.in_features)
         if lin.in_features % g:
             continue
-        w, after, before = search_clip(lin.weight.detach(), fmt, hessian)
+        w, after, before = search_clip(lin.weight.detach(), fmt, hessian, two_sided=TWO_SIDED)
         lin.weight.copy_(w)
         done[n] = [after, before]
     return done

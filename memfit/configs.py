@@ -98,7 +98,8 @@ class Quant(_Family):
     awq: bool = False              # AWQ: search per-input-channel scales first (memfit.awq)
     awq_grid: int = 20             # AWQ: exponents α tried, evenly from 0 to awq_max_alpha
     awq_max_alpha: float = 1.0     # AWQ: the largest α, in (0, 1]
-    awq_clip: bool = True          # AWQ: then search a clipping bound per (row, group)
+    awq_clip: bool = True          # AWQ: search a clipping bound per (row, group) (with RTN:
+                                   # inside the α search, memfit.awq)
     awq_duo: bool = False          # AWQ: also try mean|x|^α / mean|w|^(1-α) scales
     act_bits: int | None = None    # 8: W8A8, int8 activations too (memfit.formats.w8a8)
     act_static: bool = False       # W8A8: one calibrated per-tensor activation scale, not per token

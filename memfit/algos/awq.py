@@ -35,7 +35,7 @@ import torch
 
 from memfit.algos.rtn import rtn
 from memfit.errors import UserError
-from memfit.formats.grid import IntFormat, dequantize
+from memfit.formats.grid import IntFormat, dequantize, fake_quantize
 
 _MIN_ACT = 1e-4  # dead input channels: keep their scale finite
 
@@ -117,13 +117,15 @@ def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.
 
     `quantize(W s, format, H / (s sᵀ)) -> dequantized W s`: the quantizer the error is measured
     with (default min-max RTN; pass the recipe's own, e.g. GPTQ, which sees the scaled
-    Hessian). `loss([Ŵ per linear]) -> float`: the error to minimise instead of the linears'
+    Hessian; a list gives one per linear). `loss([Ŵ per linear]) -> float`: the error to minimise instead of the linears'
     summed output error (e.g. the output of the module they feed). `patience`: walk each family's α upwards and stop once the error has not improved
     for that many steps (for costly quantizers); None tries every α.
     `tie` (in,) int64 with `width`: input channel j takes the scale of producer channel tie[j]."""
     if not grid or grid[0] != 0.0:
         raise ValueError("the α grid must start at 0 (plain RTN)")
-    quantize = quantize or (lambda w, fmt, h: scaled_rtn(w, torch.ones(()), fmt))
+    plain = lambda w, fmt, h: scaled_rtn(w, torch.ones(()), fmt)
+    quantize = quantize or plain
+    quants = list(quantize) if isinstance(quantize, (list, tuple)) else [quantize] * len(weights)
     w_mean = weight_magnitude(weights) if duo else None
     if tie is not None:
         tie = tie.to(mean_abs.device)
@@ -136,7 +138,7 @@ def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.
             src = channel_scales(mean_abs, a, w_mean if use_w else None).to(hessian.device)
             s = src if tie is None else src[tie.to(hessian.device)]
             h = hessian / (s[:, None] * s[None, :])
-            w_hat = [quantize(w * s, fmt, h) / s for w, fmt in weights]
+            w_hat = [q(w * s, fmt, h) / s for (w, fmt), q in zip(weights, quants)]
             err = loss(w_hat) if loss is not None else \
                 sum(output_error(w, q, hessian) for (w, _), q in zip(weights, w_hat))
             if best is None:
@@ -153,25 +155,33 @@ def search_scale(weights: list[tuple[torch.Tensor, IntFormat]], mean_abs: torch.
 
 
 def search_clip(w: torch.Tensor, fmt: IntFormat, hessian: torch.Tensor, grid: int = 20,
-                max_shrink: float = 0.5) -> tuple[torch.Tensor, float, float]:
+                max_shrink: float = 0.5, two_sided: bool = False
+                ) -> tuple[torch.Tensor, float, float]:
     """AWQ's clip search: per (row, group), clamp W to ±(1 - i/grid)·max|W_group| for i below
     max_shrink·grid, keep the bound whose RTN output error on that group's inputs is smallest
     (H's diagonal block of the group: d H_gg dᵀ / 2). i = 0 (no clipping) wins ties.
+    `two_sided` (asymmetric formats, whose grid spans the group's min..max): the lower and upper
+    ends shrink separately, [(1 - i/grid)·min, (1 - j/grid)·max] for every pair (i, j).
     -> (the clamped weight, output error after, output error before). Whole groups only."""
     out, k = w.shape
     g, ng = fmt.groups(k)
     if k % g:
         raise ValueError("clip search needs whole groups")
     w = w.float()
+    wg = w.view(out, ng, g)
     hb = torch.stack([hessian[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(ng)])
-    amax = w.view(out, ng, g).abs().amax(-1, keepdim=True)
+    steps = range(max(1, int(max_shrink * grid)))
+    if two_sided and not fmt.symmetric:
+        lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
+        bounds = ((lo * (1 - i / grid), hi * (1 - j / grid)) for i in steps for j in steps)
+    else:
+        amax = wg.abs().amax(-1, keepdim=True)
+        bounds = ((-amax * (1 - i / grid), amax * (1 - i / grid)) for i in steps)
     best_w = best_err = None
-    for i in range(max(1, int(max_shrink * grid))):
-        m = amax * (1 - i / grid)
-        cw = torch.maximum(torch.minimum(w.view(out, ng, g), m), -m).reshape(out, k)
-        res = rtn(cw, fmt)
-        d = (w - dequantize(res.codes, res.scale, res.zero, fmt)).view(out, ng, g)
-        err = torch.einsum("rjk,jkl,rjl->rj", d, hb, d) / 2  # (out, ng)
+    for lo_c, hi_c in bounds:
+        cw = torch.maximum(torch.minimum(wg, hi_c), lo_c).reshape(out, k)
+        d = (w - fake_quantize(cw, fmt)).view(out, ng, g).transpose(0, 1)  # (ng, out, g)
+        err = (torch.bmm(d, hb) * d).sum(-1).T / 2  # (out, ng): d_g H_gg d_gᵀ / 2 per group
         if best_err is None:
             best_w, best_err, first = cw.view(out, ng, g), err, err.sum().item()
             continue
@@ -179,3 +189,14 @@ def search_clip(w: torch.Tensor, fmt: IntFormat, hessian: torch.Tensor, grid: in
         best_w = torch.where(better[..., None], cw.view(out, ng, g), best_w)
         best_err = torch.where(better, err, best_err)
     return best_w.reshape(out, k), best_err.sum().item(), first
+
+
+def clipped_rtn(two_sided: bool = False):
+    """A `quantize` for search_scale: AWQ's clip search on W s (output error under the scaled
+    Hessian), then min-max RTN of the clamped weight."""
+    def quantize(ws: torch.Tensor, fmt: IntFormat, h: torch.Tensor) -> torch.Tensor:
+        if ws.shape[1] % fmt.groups(ws.shape[1])[0]:  # ragged groups: not clipped
+            return scaled_rtn(ws, torch.ones(()), fmt)
+        cw = search_clip(ws, fmt, h, two_sided=two_sided)[0]
+        return scaled_rtn(cw, torch.ones(()), fmt)
+    return quantize

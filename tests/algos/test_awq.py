@@ -78,6 +78,7 @@ def test_awq_output_error_never_above_rtn_for_every_group(tiny_llama_dir):
     for a in searched:
         assert a["output_error"] <= a["rtn_output_error"]
     assert any(a["alpha"] > 0 for a in searched)
+    assert all(a["clip_in_search"] for a in searched)  # RTN + awq_clip: α scored after clipping
 
 
 def test_gqa_tied_fold_leaves_the_float_function_unchanged(tiny_config):
@@ -129,7 +130,7 @@ def test_module_loss_is_the_mlp_output_error(tiny_config):
     stat = _AWQStat(64, "cpu", 1, keep=2)
     x = torch.randn(2, 10, 64, generator=G(2))
     stat.update(x)
-    loss = _module_loss(block, "mlp", ["mlp.gate_proj", "mlp.up_proj"], stat)
+    loss = _module_loss(block, "mlp", ["mlp.gate_proj", "mlp.up_proj"], stat, {})
     w = [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
     assert loss(w) == 0.0
     w2 = [w[0] * 0.9, w[1]]
@@ -150,6 +151,7 @@ def test_awq_gptq_composes_and_save_reload(tiny_llama_dir, tmp_path):
     searched = [e["awq"] for e in rep["layers"] if "awq" in e]
     assert len(searched) == 8 and all(a["output_error"] <= a["rtn_output_error"] for a in searched)
     assert all("clip" not in a for a in searched) == (not recipe.quant.awq_clip)
+    assert not any(a["clip_in_search"] for a in searched)  # GPTQ: clipped after, if at all
     norms = [(lay.input_layernorm.weight, r.input_layernorm.weight) for lay, r in
              zip(m.model.layers, ref.model.layers)]
     assert any(not torch.equal(a, b) for a, b in norms) == any(
@@ -233,3 +235,60 @@ def test_every_int_format(fmt):
     assert res.error <= res.rtn_error and res.scale.shape == (128,)
     _, after, before = search_clip(w * res.scale, fmt, h / (res.scale[:, None] * res.scale))
     assert after <= before
+
+
+def test_two_sided_clip_shrinks_each_end_on_its_own():
+    from memfit.algos.awq import search_clip
+    x = torch.randn(1024, 64, generator=G(6))
+    w = torch.randn(32, 64, generator=G(7)) * 0.05
+    w[0, 5], w[1, 40] = 0.6, -0.6  # one outlier per row, on either side
+    h = 2 * x.T @ x / x.shape[0]
+    fmt = IntFormat(bits=4, group_size=32)
+    _, after1, before = search_clip(w, fmt, h)
+    two, after2, before2 = search_clip(w, fmt, h, two_sided=True)
+    assert before2 == pytest.approx(before) and after2 <= after1 < before
+    assert two.le(w.amax(1, keepdim=True)).all() and two.ge(w.amin(1, keepdim=True)).all()
+    sym = IntFormat(bits=4, group_size=32, symmetric=True)  # a symmetric grid: one bound
+    assert torch.equal(search_clip(w, sym, h, two_sided=True)[0], search_clip(w, sym, h)[0])
+
+
+def test_clip_inside_the_alpha_search_never_worse_than_clip_after():
+    from memfit.algos.awq import clipped_rtn, search_clip
+    x = _outlier_inputs()
+    w = torch.randn(96, 128, generator=G(4)) * 0.05
+    w[::7, 11] = 0.5  # outlier weights: the clip search has something to clip
+    h = 2 * x.T @ x / x.shape[0]
+    fmt = IntFormat(bits=4, group_size=32)
+    after = search_scale([(w, fmt)], x.abs().mean(0), h, alphas(20))  # α for plain RTN ...
+    s = after.scale
+    cw = search_clip(w * s, fmt, h / (s[:, None] * s))[0]  # ... then clipped
+    clip_after = output_error(w, scaled_rtn(cw, torch.ones(()), fmt) / s, h)
+    joint = search_scale([(w, fmt)], x.abs().mean(0), h, alphas(20), quantize=[clipped_rtn()])
+    s2 = joint.scale
+    cw2 = search_clip(w * s2, fmt, h / (s2[:, None] * s2))[0]
+    assert joint.error == pytest.approx(output_error(w, scaled_rtn(cw2, torch.ones(()), fmt) / s2,
+                                                     h), rel=1e-4)  # the error it reports
+    # here 0.765 at α 0.32 vs 0.880 (α 0.53 chosen for unclipped RTN, then clipped)
+    assert joint.error < 0.95 * clip_after and joint.alpha < after.alpha
+
+
+def test_module_loss_on_attention_runs_whole_windows_with_the_block_kwargs(tiny_config):
+    from memfit.awq import _AWQStat, _module_loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config()).eval()
+    block = model.model.layers[0]
+    x = torch.randn(2, 10, 64, generator=G(2))
+    kw = {"position_embeddings": model.model.rotary_emb(x, torch.arange(10)[None]),
+          "attention_mask": None}
+    stat = _AWQStat(64, "cpu", 1, keep=2, whole=True)
+    stat.update(x)
+    assert len(stat.kept) == 1 and stat.kept[0].shape == (2, 10, 64)  # whole windows kept
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    loss = _module_loss(block, "self_attn", names, stat, kw)
+    w = [block.get_submodule(n).weight.detach().clone() for n in names]
+    assert loss(w) == 0.0
+    with torch.no_grad():
+        ref = block.self_attn(x, **kw)[0]
+        block.self_attn.q_proj.weight.mul_(1.5)  # q's error reaches the output through softmax
+        want = float(((block.self_attn(x, **kw)[0] - ref) ** 2).sum() / 20)
+    assert want > 0 and loss([w[0] * 1.5, w[1], w[2]]) == pytest.approx(want, rel=1e-5)
