@@ -5,8 +5,9 @@ Layout. Attention is split by KV-head groups: rank r holds a contiguous run of w
 the query heads that read them, so q/k/v are column-parallel and o_proj row-parallel on the same
 head range. When the KV-head count does not divide by the world size the split is uneven (the
 default model, 3 KV heads on 2 ranks: 2 groups on rank 0, 1 on rank 1). The MLP is split by
-intermediate channels (gate/up column-parallel, down row-parallel) as evenly as the quantization
-groups of down_proj allow (a row-parallel cut must fall on a group boundary). The embedding, the
+intermediate channels (gate/up column-parallel, down row-parallel) as evenly as a row-parallel
+down_proj allows (a cut by input columns must fall on its group boundary: 2:4, low-rank with a
+quantized factor; a packed down_proj is split by output rows, below). The embedding, the
 norms and the LM head are replicated on every rank; each rank's KV cache holds only its heads.
 
 Why plain all-reduces and not DTensor's `parallelize_module`: DTensor shards a dimension evenly
@@ -159,8 +160,11 @@ def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
     blocks = block_list(model, arch_for(model.config))
     part = None
     for block in blocks:
-        rows = [p for p, (style, unit) in plan.linears.items() if style != COLWISE and unit == "mlp"]
-        align = max([group_size(block.get_submodule(p)) for p in rows] or [1])
+        # only a split by input columns must fall on group boundaries (packed layers are split by
+        # output rows, GatherParallel)
+        rows = [block.get_submodule(p) for p, (style, unit) in plan.linears.items()
+                if style != COLWISE and unit == "mlp"]
+        align = max([group_size(m) for m in rows if not isinstance(m, QuantLinear)] or [1])
         parts = partition(model.config, world, align)
         part = parts[rank]
         for path, (style, unit) in plan.linears.items():
