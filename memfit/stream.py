@@ -116,20 +116,6 @@ def passthrough(blocks):
             del b.forward
 
 
-def release_freed() -> None:
-    """Hand the heap memory freed by a block back to the OS (glibc's malloc_trim): without it
-    the freed blocks' holes stay resident under small live objects and RSS creeps up by a
-    quarter block per block (measured on a 26-block model; flat with it)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc: nothing to trim
-
-
 def _build(folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -297,6 +283,7 @@ def _compress_blocks(src: _Source, recipe, store, kwargs, smoke: _Smoke, writer,
 
     from memfit.api import _check_finite, _compress_block
     from memfit.calib import propagate
+    from memfit.eval.memory import trim_heap
     from memfit.io.save import _fixed_keys, _store_dense
 
     got = {"modules": {}, "buffers": {}, "log": [], "bytes": 0}
@@ -328,7 +315,7 @@ def _compress_blocks(src: _Source, recipe, store, kwargs, smoke: _Smoke, writer,
                                for n, b in block.named_buffers() if n not in persistent})
         block.to("meta")  # free: the block keeps its structure, not its tensors
         del state
-        release_freed()
+        trim_heap()  # the freed block's holes would stay resident under small live objects
     got["seconds"] = time.perf_counter() - t0
     return got
 
@@ -342,11 +329,12 @@ def stream_compress(spec: str, recipe, out: Path, o, *, say, refuse) -> dict:
 
     from memfit.calib import capture_inputs
     from memfit.calib.data import calibration_windows, token_windows
-    from memfit.eval.memory import rss_peak_bytes
+    from memfit.eval.memory import rss_peak_bytes, steady_malloc
     from memfit.io.save import describe_modules
     from memfit.io.stream import StreamWriter
     from memfit.methods import quantize_embeddings_
 
+    steady_malloc()  # as memfit's loaders do: each large tensor its own mapping, given back
     src = _open(spec, recipe, o)
     model, blocks, plan = src.model, src.blocks, src.plan
     tokenizer = AutoTokenizer.from_pretrained(src.folder)

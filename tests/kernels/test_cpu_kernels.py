@@ -55,23 +55,43 @@ KERNEL = [
 ]
 
 
+def rounded_terms(x: torch.Tensor, cache) -> torch.Tensor:
+    """|each bfloat16 result the kernel path adds up|, summed per output: the int8 call's
+    (times its float32 scales), or the int4 call's plus its tail call's. Split calls cancel:
+    with fp16 scales the head and tail can each be much larger than their sum."""
+    if cache.kind == "int8":
+        ones = torch.ones(cache.params.shape[0], dtype=torch.bfloat16)
+        raw = torch.ops.aten._weight_int8pack_mm(x, cache.qweight, ones).float()
+        return raw.abs() * cache.params.abs()
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    terms = mm(x, cache.qweight, cache.group_size, cache.params).float().abs()
+    if cache.tail is not None:
+        terms += mm(x, cache.qweight, cache.group_size, cache.tail).float().abs()
+    return terms
+
+
 @pytest.mark.parametrize("fmt", KERNEL, ids=str)
 def test_bf16_kernels_match_reference_within_bf16_rounding(fmt):
     w = packed_weight(fmt, k=576 if 576 % (fmt.group_size or 1) == 0 else 512)
     cache = cpu.prepare_cpu(w)
     assert cache is not None, cpu.kernel_ineligibility(w)
-    bias = torch.randn(1536).bfloat16()
-    for m in (1, 16, cpu.KERNEL_MAX_M):
-        x = torch.randn(m, w.shape[1]).bfloat16()
-        ref = linear_reference(x.float(), w, bias)  # float32 result before the final rounding
-        y = cpu.cpu_linear(x, w, bias, cache)
-        assert y.dtype == torch.bfloat16
-        err = errors(f"kernel {fmt} M={m}", y, ref)
-        # The kernels round x @ W.T to bfloat16 (8 significant bits) before the bias and the
-        # float32 tail terms are added: at most ~one bfloat16 ulp of |x @ W.T| + |bias|.
-        size = linear_reference(x.float(), w).abs() + bias.float().abs()
-        assert (err <= 2**-7 * size).all()
-        assert err.mean() <= 2**-9 * size.mean()
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(1536, generator=gen).bfloat16()
+    for trial in range(8):
+        for m in (1, 16, cpu.KERNEL_MAX_M):
+            x = torch.randn(m, w.shape[1], generator=gen).bfloat16()
+            ref = linear_reference(x.float(), w, bias)  # float32 result before the last rounding
+            y = cpu.cpu_linear(x, w, bias, cache)
+            assert y.dtype == torch.bfloat16
+            err = errors(f"kernel {fmt} M={m}", y, ref) if trial == 0 else (y.float() - ref).abs()
+            # Each bfloat16 result is off by at most half an ulp (2**-8 relative): the kernels'
+            # partial sums and the final output. Twice that is allowed (worst seen over 150
+            # seeds x 3 sizes: 0.51 of this bound; the bound on |x @ W.T| + |bias| used before
+            # failed ~1 run in 100 where fp16 scales' head and tail calls cancel).
+            bound = 2**-7 * (rounded_terms(x, cache) + ref.abs())
+            assert (err <= bound).all(), float((err / bound).max())
+            size = linear_reference(x.float(), w).abs() + bias.float().abs()
+            assert err.mean() <= 2**-9 * size.mean()
 
 
 def test_int4_layout_holds_the_codes_exactly():
