@@ -165,10 +165,9 @@ def cmd_generate(args) -> None:
                         "layer across ranks: use one of them")
     with tp_session(args.tp, args.device) as tp:  # --tp N: one torchrun rank per shard
         args.device = tp.device
-        m = _load(args)
+        m = tp.load(args.model, args.dtype, lambda: _load(args))
         if m.kind != "decoder":
             raise UserError(f"{args.model} is an encoder; generate needs a decoder model")
-        tp.parallelize(m.model)
         generate(m.model, m.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                  chat=False if args.no_chat else None, kv=args.kv, stream=tp.stream())

@@ -32,9 +32,10 @@ step's logits are bit-identical (tests/parallel). The price is two all-gathers i
 all-reduce for those layers (input and output rows, a few KB per token at decode). Float
 layers keep the row split: their float32 partial sums differ from one device's by ~1e-6.
 
-Memory: every rank loads the whole model and then drops what it does not own, so the peak while
-loading is one full copy per rank (fine for inference of a model that fits on one device; a
-meta-device loader that reads only the shard is not written yet).
+Memory: a float safetensors folder is read block by block and each block split as it is read
+(memfit.parallel.tp_load), so a rank's peak while loading is its shard, the replicated tensors
+and one whole block. memfit's packed folders still load whole on every rank and are then split
+(one full copy of the packed model per rank while loading).
 """
 
 from __future__ import annotations
@@ -157,37 +158,43 @@ def parallelize_(model: nn.Module, rank: int, world: int, group=None) -> dict:
     """Replace, in place, every linear named by the plan with this rank's shard. Returns what the
     rank holds: heads, MLP channels, weight bytes and KV-cache bytes per token."""
     plan = plan_for(text_config(model.config))
-    blocks = block_list(model, arch_for(model.config))
     part = None
-    for block in blocks:
-        # only a split by input columns must fall on group boundaries (packed layers are split by
-        # output rows, GatherParallel)
-        rows = [block.get_submodule(p) for p, (style, unit) in plan.linears.items()
-                if style != COLWISE and unit == "mlp"]
-        align = max([group_size(m) for m in rows if not isinstance(m, QuantLinear)] or [1])
-        parts = partition(model.config, world, align)
-        part = parts[rank]
-        for path, (style, unit) in plan.linears.items():
-            parent_path, _, name = path.rpartition(".")
-            parent = block.get_submodule(parent_path) if parent_path else block
-            start, end = part[unit]
-            m = getattr(parent, name)
-            if style == COLWISE:
-                setattr(parent, name, shard_colwise(m, start, end))
-            elif isinstance(m, QuantLinear):  # its kernels round partial sums: split by rows
-                unit_rows = ROW_UNIT if m.out_features >= ROW_UNIT * world else 1
-                outs = [(b - a) * unit_rows
-                        for a, b in split_even(m.out_features // unit_rows, world)]
-                outs[-1] += m.out_features % unit_rows
-                o0 = sum(outs[:rank])
-                ins = [p[unit][1] - p[unit][0] for p in parts]
-                setattr(parent, name, GatherParallel(shard_colwise(m, o0, o0 + outs[rank]), ins,
-                                                     outs, group))
-            else:
-                local, bias = shard_rowwise(m, start, end)
-                setattr(parent, name, RowParallel(local, bias, group))
-        _set_head_attrs(block.get_submodule(plan.attention), plan.head_attrs, part, model.config)
+    for block in block_list(model, arch_for(model.config)):
+        part = shard_block_(block, plan, model.config, rank, world, group)
     return rank_report(model, rank, world, part)
+
+
+def shard_block_(block: nn.Module, plan, config, rank: int, world: int, group=None) -> dict:
+    """Replace one block's planned linears with this rank's shards -> the rank's part
+    ({unit: (start, end)})."""
+    # only a split by input columns must fall on group boundaries (packed layers are split by
+    # output rows, GatherParallel)
+    rows = [block.get_submodule(p) for p, (style, unit) in plan.linears.items()
+            if style != COLWISE and unit == "mlp"]
+    align = max([group_size(m) for m in rows if not isinstance(m, QuantLinear)] or [1])
+    parts = partition(config, world, align)
+    part = parts[rank]
+    for path, (style, unit) in plan.linears.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = block.get_submodule(parent_path) if parent_path else block
+        start, end = part[unit]
+        m = getattr(parent, name)
+        if style == COLWISE:
+            setattr(parent, name, shard_colwise(m, start, end))
+        elif isinstance(m, QuantLinear):  # its kernels round partial sums: split by rows
+            unit_rows = ROW_UNIT if m.out_features >= ROW_UNIT * world else 1
+            outs = [(b - a) * unit_rows
+                    for a, b in split_even(m.out_features // unit_rows, world)]
+            outs[-1] += m.out_features % unit_rows
+            o0 = sum(outs[:rank])
+            ins = [p[unit][1] - p[unit][0] for p in parts]
+            setattr(parent, name, GatherParallel(shard_colwise(m, o0, o0 + outs[rank]), ins,
+                                                 outs, group))
+        else:
+            local, bias = shard_rowwise(m, start, end)
+            setattr(parent, name, RowParallel(local, bias, group))
+    _set_head_attrs(block.get_submodule(plan.attention), plan.head_attrs, part, config)
+    return part
 
 
 def _set_head_attrs(attn: nn.Module, attrs: dict[str, str], part, config) -> None:
@@ -223,13 +230,25 @@ class TPSession:
     world: int = 1
     device: str = "cpu"
 
-    def parallelize(self, model: nn.Module) -> None:
-        """Shard `model` (tp > 1), check every rank loaded the same weights, and print each
-        rank's holdings to stderr from rank 0."""
+    def load(self, spec: str, dtype, load_whole):
+        """This rank's model: on one rank `load_whole()`; on several, a float safetensors folder
+        read and split block by block (memfit.parallel.tp_load: one whole block in memory at a
+        time), anything else `load_whole()` and then split. Every rank checks that all loaded
+        the same weights, and rank 0 prints each rank's holdings to stderr."""
         if self.world == 1:
-            return
-        check_same_model(model)
-        report = parallelize_(model, self.rank, self.world)
+            return load_whole()
+        from memfit.parallel.tp_load import checksums, load_rank
+
+        got = load_rank(spec, self.rank, self.world, dtype=dtype, device=self.device)
+        if got is None:
+            m = load_whole()
+            sums = checksums(list(m.model.parameters()) + list(m.model.buffers()))  # packed
+            check_same_model(sums, m.model)                            # codes are buffers
+            report = parallelize_(m.model, self.rank, self.world)
+        else:
+            m, part, sums = got
+            check_same_model(sums, m.model)
+            report = rank_report(m.model, self.rank, self.world, part)
         reports = [None] * self.world
         dist.all_gather_object(reports, report)
         if self.rank == 0:
@@ -238,6 +257,7 @@ class TPSession:
                       f"{r['kv_heads']} KV heads, {r['mlp_channels']} MLP channels; weights "
                       f"{r['weight_bytes'] / 2**20:.1f} MiB, KV cache {r['kv_bytes_per_token']:,} "
                       "bytes/token", file=sys.stderr)
+        return m
 
     def stream(self):
         """The generate() stream callback: the terminal on rank 0, nothing elsewhere."""
@@ -269,10 +289,9 @@ def tp_session(tp: int, device: str = "cpu", timeout_s: float = 300.0):
         dist.destroy_process_group()
 
 
-def check_same_model(model: nn.Module) -> None:
-    """Refuse (on every rank) when ranks loaded different weights: float64 sums, all-gathered."""
-    tensors = list(model.parameters()) + list(model.buffers())  # packed codes are buffers
-    sums = torch.tensor([float(t.detach().double().sum()) for t in tensors], dtype=torch.float64)
+def check_same_model(sums: torch.Tensor, model: nn.Module) -> None:
+    """Refuse (on every rank) when ranks loaded different weights: their checksums (float64
+    sums of every tensor read, memfit.parallel.tp_load.checksums), all-gathered."""
     device = next(model.parameters()).device
     gathered = [torch.empty_like(sums, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums.to(device))
