@@ -291,10 +291,9 @@ def tp_session(tp: int, device: str = "cpu", timeout_s: float = 300.0):
 
 def check_same_model(sums: torch.Tensor, model: nn.Module) -> None:
     """Refuse (on every rank) when ranks loaded different weights: their checksums (float64
-    sums of every tensor read, memfit.parallel.tp_load.checksums), all-gathered."""
-    device = next(model.parameters()).device
-    gathered = [torch.empty_like(sums, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, sums.to(device))
-    if any(not torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered):
+    sums of every tensor read, memfit.parallel.tp_load.checksums)."""
+    from memfit.parallel.world import same_on_every_rank
+
+    if not same_on_every_rank(sums, next(model.parameters()).device):
         raise UserError("the ranks loaded different weights (checksums differ); give every rank "
                         "the same MODEL")

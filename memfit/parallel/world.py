@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from memfit.errors import UserError
@@ -47,3 +48,11 @@ def join_world(backend: str, collective_timeout: timedelta) -> tuple[int, int]:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=collective_timeout)
     return rank, world
+
+
+def same_on_every_rank(values: torch.Tensor, device) -> bool:
+    """True when every rank passed equal `values` (checksums: float64), all-gathered on
+    `device`; every rank gets the same answer."""
+    gathered = [torch.empty_like(values, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values.to(device))
+    return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)

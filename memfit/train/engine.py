@@ -57,15 +57,13 @@ def check_same_model(model: nn.Module, what: str = "model") -> None:
     w = dist.get_world_size()
     if w == 1:
         return
+    from memfit.parallel.world import same_on_every_rank
+
     with torch.no_grad():
         mine = torch.tensor([sum(p.double().sum().item() for p in model.parameters()),
                              sum(p.numel() for p in model.parameters())], dtype=torch.float64)
-    dev = next(model.parameters()).device
-    everyone = [torch.zeros_like(mine, device=dev) for _ in range(w)]
-    dist.all_gather(everyone, mine.to(dev))
-    sums = [tuple(t.tolist()) for t in everyone]
-    if len(set(sums)) != 1:
-        raise UserError(f"the {what} differs across ranks (parameter checksums {sums}); give "
+    if not same_on_every_rank(mine, next(model.parameters()).device):
+        raise UserError(f"the {what} differs across ranks (parameter checksums differ); give "
                         "every rank the same model folder")
 
 
