@@ -46,7 +46,6 @@ in `ignore` when every packed layer shares one format, else the layers' exact na
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -74,10 +73,9 @@ _WHY_KIND = {
 def _plain_model(model: nn.Module) -> nn.Module:
     """The same transformers class built from the config on meta: which module each packed
     layer replaced (nn.Linear or not)."""
-    config = copy.deepcopy(model.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    from memfit.io.save import plain_config
+
+    config = plain_config(model.config)
     with torch.device("meta"):
         return type(model)(config)
 
@@ -247,23 +245,6 @@ def _state(model: nn.Module, dense_dtype: str, scale_dtype) -> tuple[dict, dict,
     return tensors, tied, buffers, dropped_tie
 
 
-def _write_config(model: nn.Module, folder: Path, dropped_tie: bool) -> None:
-    config = copy.deepcopy(model.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    if dropped_tie:
-        config.tie_word_embeddings = False
-    dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    if dense:
-        config.dtype = max(set(dense), key=dense.count)
-    config.save_pretrained(folder)
-    path = folder / "config.json"
-    d = json.loads(path.read_text())
-    d["quantization_config"] = quantization_config(model)
-    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-
-
 def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
             extra: dict | None = None, overwrite: bool = False, dense_dtype: str = "auto",
             side_files: dict | None = None, scale_dtype: torch.dtype | None = None) -> Path:
@@ -275,7 +256,7 @@ def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
     dequantizes in float32 to memfit's weights bit for bit, at 16 more bits per group."""
     from safetensors.torch import save_file
 
-    from memfit.io.save import check_output, write_folder, write_side_files
+    from memfit.io.save import check_output, write_config, write_folder, write_side_files
 
     out = Path(out_dir)
     check_output(out, overwrite)
@@ -287,7 +268,7 @@ def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, dropped_tie)
+        write_config(model, tmp, dropped_tie, quantization_config(model))
         write_side_files(model, tokenizer, tmp, side_files)
         (tmp / CT_META).write_text(provenance + "\n")
 

@@ -104,12 +104,19 @@ def _split_state(model: nn.Module, skip: str | None = None) -> tuple[dict, dict,
     return tensors, extra, tied
 
 
-def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bool,
-                  tied: dict, guards: list[str]) -> None:
-    config = copy.deepcopy(model.config)
+def plain_config(config):
+    """A copy of a transformers config without its quantization markers."""
+    config = copy.deepcopy(config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
+    return config
+
+
+def write_config(model: nn.Module, folder: Path, dropped_tie: bool, quantization: dict) -> None:
+    """config.json: the model's config without transformers' quantization markers, the
+    dtype of the dense weights, and `quantization` as its quantization_config."""
+    config = plain_config(model.config)
     if dropped_tie:
         config.tie_word_embeddings = False
     # from_pretrained(dtype="auto") otherwise guesses from the first floating tensor on disk,
@@ -120,9 +127,7 @@ def _write_config(model: nn.Module, folder: Path, modules: dict, dropped_tie: bo
     config.save_pretrained(folder)
     path = folder / "config.json"
     d = json.loads(path.read_text())
-    d["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules,
-                                **({"tied": tied} if tied else {}),
-                                **({"guards": guards} if guards else {})}
+    d["quantization_config"] = quantization
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
@@ -265,7 +270,9 @@ def write_model_folder(model: nn.Module, tokenizer, out_dir, write_weights, *, k
     def fill(tmp: Path) -> None:
         write_weights(tmp / WEIGHTS)
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        _write_config(model, tmp, modules, dropped_tie, tied, guards)
+        write_config(model, tmp, dropped_tie,
+                     {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": modules,
+                      **({"tied": tied} if tied else {}), **({"guards": guards} if guards else {})})
         write_side_files(model, tokenizer, tmp, side_files)
         (tmp / META).write_text(meta_text + "\n")
 
