@@ -45,7 +45,8 @@ def checksums(tensors) -> torch.Tensor:
 def load_rank(spec: str, rank: int, world: int, *, dtype=None, device: str = "cpu",
               group=None) -> tuple[Loaded, dict, torch.Tensor] | None:
     """This rank's sharded model read block by block -> (Loaded, the rank's part, checksums of
-    every tensor read), or None when `spec` is not a folder this loader takes (`streamable`)."""
+    every tensor read), or None when `spec` is not a folder this loader takes (`streamable`) or
+    its tensor names are not the model's own (transformers' loader renames them)."""
     from transformers import AutoTokenizer
 
     from memfit.api import _module_prefix
@@ -71,6 +72,8 @@ def load_rank(spec: str, rank: int, world: int, *, dtype=None, device: str = "cp
     prefix = _module_prefix(model, blocks) + "."
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     tied = {t: s for t, s in tied.items() if t not in index}  # stored twice: read both
+    if any(k not in index for k in model.state_dict() if k not in tied):
+        return None  # names transformers' loader would rename: let it load the whole model
     outer = [k for k in model.state_dict() if not k.startswith(prefix) and k not in tied]
     _load(model, index, outer, torch_dtype, folder)
     retie(model, tied)

@@ -96,3 +96,15 @@ def test_rank_peak_is_its_shard_plus_one_block(tmp_path, save_tiny):
     assert kept == kept_whole and kept < total - 10 * block
     assert whole >= total
     assert streamed < kept + 3 * block + (24 << 20)
+
+
+def test_checkpoint_with_other_tensor_names_falls_back(tmp_path, save_tiny):
+    """Names transformers' loader would rename (here: a missing `model.` prefix) are not read
+    block by block: load_rank declines and the whole-model load takes it."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny(tmp_path / "m", **GQA)
+    state = load_file(str(path / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in state.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert streamable(str(path)) and load_rank(str(path), 0, 2) is None
