@@ -3,7 +3,7 @@
 
 Run with the peer environment, never with memfit's:
     /work/venv-peer/bin/python benchmarks/peers/llmc_run.py \
-        --model DIR --calib FILE.safetensors --method {rtn,gptq,wanda,sparsegpt} \
+        --model DIR --calib FILE.safetensors --method {rtn,gptq,awq,wanda,sparsegpt} \
         [--bits 4|8|3] [--group 64|none] [--sym|--asym] [--sparsity 0.5] [--nm 2:4] \
         [--act-order] [--block-size 128] [--dampening 0.01] \
         --out DIR --report FILE.json
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local HF model folder (float weights)")
     ap.add_argument("--calib", required=True, help="safetensors file with int64 'input_ids' (n, seq_len)")
-    ap.add_argument("--method", required=True, choices=["rtn", "gptq", "wanda", "sparsegpt"])
+    ap.add_argument("--method", required=True, choices=["rtn", "gptq", "awq", "wanda", "sparsegpt"])
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 7, 8])
     ap.add_argument("--group", default="64", help="group size (int) or 'none' for per-output-channel")
     g = ap.add_mutually_exclusive_group()
@@ -99,7 +99,7 @@ def build_modifier(a):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     ignore = ["lm_head"]  # tied with embed_tokens on SmolLM2; never touched
-    if a.method in ("rtn", "gptq"):
+    if a.method in ("rtn", "gptq", "awq"):
         wargs = dict(num_bits=a.bits, type="int", symmetric=a.sym)
         if a.group_size is None:
             wargs.update(strategy="channel")
@@ -114,6 +114,10 @@ def build_modifier(a):
             from llmcompressor.modifiers.quantization import QuantizationModifier
 
             return QuantizationModifier(config_groups=groups, ignore=ignore)
+        if a.method == "awq":  # its own defaults (grid 20, duo scaling, Llama mappings)
+            from llmcompressor.modifiers.awq import AWQModifier
+
+            return AWQModifier(config_groups=groups, ignore=ignore)
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         return GPTQModifier(
@@ -180,6 +184,10 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import llmcompressor
+    if a.device == "cpu" and not torch.cuda.is_available():
+        # llm-compressor 0.14's sequential pipeline pins its cached activations, which torch
+        # refuses without an accelerator: on a CPU-only machine they stay in pageable memory
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     from llmcompressor import oneshot
 
     os.makedirs(a.out, exist_ok=True)
