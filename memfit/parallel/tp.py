@@ -242,6 +242,8 @@ class TPSession:
         got = load_rank(spec, self.rank, self.world, dtype=dtype, device=self.device)
         if got is None:
             m = load_whole()
+            if m.kind != "decoder":
+                return m  # the caller refuses it
             sums = checksums(list(m.model.parameters()) + list(m.model.buffers()))  # packed
             check_same_model(sums, m.model)                            # codes are buffers
             report = parallelize_(m.model, self.rank, self.world)

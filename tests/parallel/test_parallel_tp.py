@@ -101,3 +101,11 @@ def test_default_model_tp2_greedy_text_equals_tp1(weights, tmp_path, torchrun):
     print(two.stderr[-400:])
     assert two.stdout == one
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_cli_tp_on_an_encoder(tiny_bert_dir, torchrun):
+    """An encoder is refused before any split, on every rank, in generate's own words."""
+    proc = torchrun(2, "-m", "memfit", "generate", tiny_bert_dir, *GEN, "--tp", "2")
+    assert proc.returncode != 0
+    assert proc.stderr.count("is an encoder; generate needs a decoder model") == 2, \
+        proc.stderr[-3000:]
