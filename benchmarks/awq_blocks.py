@@ -15,7 +15,8 @@ summed over the chosen blocks, on the 16 calibration windows and on 8 held-out w
     only=NAME (AWQ on the group whose first linear contains NAME only)
     two=0|1 (clip min and max separately)  joint=0|1 (score each α after its clip search; 1)
     noclip=A/B (no clip search on the linears whose names contain A or B)
-    attn=0|1 (q/k/v's scale scored on the attention module's output, not their own outputs)
+    attn=0|1 (q/k/v's scale scored on their own outputs, or on the attention module's output:
+             the llama row's default since AWQ round 4)
 
     OMP_NUM_THREADS=1 python benchmarks/awq_blocks.py w4g64-awq-gptq "awq=0,clip=0,clip=1" 0,14,28
 """
@@ -57,8 +58,9 @@ def _variant(preset: str, arch, text: str):
         return [t for t in todo if only is None or only in t[0][0]], skipped
     awq._plan = plan
     arch = arch if opts.get("insp", "1") == "1" else replace(arch, awq_inspect=())
-    if opts.get("attn", "0") == "1":  # q/k/v scored on the attention's output
-        arch = replace(arch, awq_inspect=("self_attn",) + (arch.awq_inspect or (None,) * 4)[1:])
+    if "attn" in opts:  # q/k/v scored on the attention's output (1, the default) or their own
+        first = "self_attn" if opts["attn"] == "1" else None
+        arch = replace(arch, awq_inspect=(first,) + (arch.awq_inspect or (None,) * 4)[1:])
     arch = replace(arch, awq_no_clip=arch.awq_no_clip + noclip)
     return replace(rec, quant=q), arch
 

@@ -44,8 +44,9 @@ class Arch:
     awq_no_clip: tuple[str, ...] = ()  # linears AWQ's clip search leaves alone (query, key: their
                                        # output error says little through the softmax)
     # AWQ, per group: a module fed by the group's input whose output the scale search measures
-    # (the MLP for gate/up: the product of their outputs is what matters); None: the linears'
-    # own outputs (exact from the input Hessian). Empty: None for every group.
+    # (the MLP for gate/up: the product of their outputs is what matters; the attention for
+    # q/k/v: q and k act through the softmax); None: the linears' own outputs (exact from the
+    # input Hessian). Empty: None for every group.
     awq_inspect: tuple[str | None, ...] = ()
     awq_mixing: tuple[str, ...] = ()  # inspected modules that mix tokens (attention): measured
                                       # on whole kept windows, with the block's keyword arguments
@@ -64,7 +65,7 @@ _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA
               awq_fold=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
                         "mlp.up_proj"),
               awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-              awq_inspect=(None, None, "mlp", None), awq_mixing=("self_attn",))
+              awq_inspect=("self_attn", None, "mlp", None), awq_mixing=("self_attn",))
 # Gemma's RMSNorm scales by (1 + weight) and Gemma 2/3 put the MLP after pre_feedforward_layernorm:
 # no AWQ row yet (compress raises a UserError).
 _GEMMA = replace(_LLAMA, awq_fold=())

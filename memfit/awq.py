@@ -14,9 +14,11 @@ Each candidate scale is scored with the recipe's own quantizer (`_quantizer`: mi
 GPTQ on the scaled Hessian; a costly one walks α upwards and stops WALK_PATIENCE steps past
 its best), by the output error of what the group feeds: its linears' outputs (exact from the
 Hessian), or the module named in `Arch.awq_inspect` (the MLP for gate/up, run on about
-INSPECT_ROWS kept input rows). Measured on the default model (benchmarks/RESULTS.md): scoring
-GPTQ by the linears' own errors picked gate/up scales that made AWQ+GPTQ worse than GPTQ; the
-MLP's output fixes that. The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
+INSPECT_ROWS kept input rows; the attention module for q/k/v, run on whole kept windows with
+the block's mask and positions, so q and k are judged through the softmax). Measured on the
+default model (benchmarks/RESULTS.md): scoring GPTQ by the linears' own errors picked gate/up
+scales that made AWQ+GPTQ worse than GPTQ; the MLP's output fixes that. Scoring q/k/v on the
+attention output lowered perplexity at 3 and 4 bits, RTN and GPTQ (AWQ round 4). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
 scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
 scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
 group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):

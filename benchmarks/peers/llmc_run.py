@@ -290,9 +290,9 @@ def main(argv=None):
     report = {
         "tool": "llm-compressor",
         "method": a.method,
-        "bits": a.bits if a.method in ("rtn", "gptq") else None,
-        "group": a.group_size if a.method in ("rtn", "gptq") else None,
-        "sym": a.sym if a.method in ("rtn", "gptq") else None,
+        "bits": a.bits if a.method in ("rtn", "gptq", "awq") else None,
+        "group": a.group_size if a.method in ("rtn", "gptq", "awq") else None,
+        "sym": a.sym if a.method in ("rtn", "gptq", "awq") else None,
         "sparsity": (1.0 - a.nm_n / a.nm_m if a.nm else a.sparsity) if a.method in ("wanda", "sparsegpt") else None,
         "nm": a.nm if a.method in ("wanda", "sparsegpt") else None,
         "act_order": bool(a.act_order) if a.method == "gptq" else None,

@@ -73,8 +73,8 @@ def test_awq_output_error_never_above_rtn_for_every_group(tiny_llama_dir):
     searched = [a for a in entries if "alpha" in a]
     assert len(searched) == 4 * 2 and len(entries) == 8  # o_proj too: tied over the GQA heads
     assert [a["tied"] for a in searched[:4]] == [False, True, False, False]
-    assert [a["measured"] for a in searched[:4]] == ["linear outputs"] * 2 + ["mlp"] + \
-        ["linear outputs"]
+    assert [a["measured"] for a in searched[:4]] == ["self_attn", "linear outputs", "mlp",
+                                                     "linear outputs"]
     for a in searched:
         assert a["output_error"] <= a["rtn_output_error"]
     assert any(a["alpha"] > 0 for a in searched)
