@@ -239,7 +239,10 @@ class TPSession:
             return load_whole()
         from memfit.parallel.tp_load import checksums, load_rank
 
-        got = load_rank(spec, self.rank, self.world, dtype=dtype, device=self.device)
+        def split(block, config):
+            return shard_block_(block, plan_for(text_config(config)), config, self.rank,
+                                self.world)
+        got = load_rank(spec, split, dtype=dtype, device=self.device)
         if got is None:
             m = load_whole()
             if m.kind != "decoder":

@@ -42,21 +42,21 @@ def checksums(tensors) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_rank(spec: str, rank: int, world: int, *, dtype=None, device: str = "cpu",
-              group=None) -> tuple[Loaded, dict, torch.Tensor] | None:
-    """This rank's sharded model read block by block -> (Loaded, the rank's part, checksums of
-    every tensor read), or None when `spec` is not a folder this loader takes (`streamable`) or
-    its tensor names are not the model's own (transformers' loader renames them)."""
+def load_rank(spec: str, split_block, *, dtype=None,
+              device: str = "cpu") -> tuple[Loaded, dict, torch.Tensor] | None:
+    """This rank's model read block by block, each block passed to `split_block(block, config)`
+    (which replaces its linears with this rank's shards and returns the rank's part:
+    memfit.parallel.tp) as soon as it is read -> (Loaded, the part, checksums of every tensor
+    read), or None when `spec` is not a folder this loader takes (`streamable`) or its tensor
+    names are not the model's own (transformers' loader renames them)."""
     from transformers import AutoTokenizer
 
     from memfit.api import _module_prefix
-    from memfit.archs import block_list, text_config
+    from memfit.archs import block_list
     from memfit.eval.memory import steady_malloc, trim_heap
     from memfit.io.checkpoint import check_safetensors, pick_dtype
     from memfit.io.save import retie
     from memfit.io.stream import CheckpointIndex
-    from memfit.parallel.plans import plan_for
-    from memfit.parallel.tp import shard_block_
     from memfit.stream import _build, _load, _tensor_keys, local_folder
 
     if not streamable(spec):
@@ -79,12 +79,12 @@ def load_rank(spec: str, rank: int, world: int, *, dtype=None, device: str = "cp
     retie(model, tied)
     state = model.state_dict()
     sums = [checksums(state[k] for k in outer)]
-    plan, part = plan_for(text_config(model.config)), None
+    part = None
     for i, block in enumerate(blocks):
         keys = _tensor_keys(model, f"{prefix}{i}.", tied)
         _load(model, index, keys, torch_dtype, folder)
         sums.append(checksums(block.state_dict().values()))
-        part = shard_block_(block, plan, model.config, rank, world, group)
+        part = split_block(block, model.config)
         block.to(device)
         trim_heap()  # the whole block's freed tensors
     model.to(device)

@@ -11,6 +11,16 @@ import torch
 
 from memfit.parallel.tp_load import load_rank, streamable
 
+
+def splitter(rank: int, world: int = 2):
+    """memfit.parallel.tp's split of one block for `rank`, as TPSession.load passes it."""
+    from memfit.archs import text_config
+    from memfit.parallel.plans import plan_for
+    from memfit.parallel.tp import shard_block_
+
+    return lambda block, config: shard_block_(block, plan_for(text_config(config)), config,
+                                              rank, world)
+
 GQA = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 144, "head_dim": 16,
        "intermediate_size": 192, "initializer_range": 0.1}
 
@@ -23,7 +33,7 @@ def test_streamed_shard_equals_load_then_split(tmp_path, save_tiny, tied):
     path = save_tiny(tmp_path / "m", tie_word_embeddings=tied, **GQA)
     assert streamable(str(path))
     for rank in range(2):
-        got, part, sums = load_rank(str(path), rank, 2)
+        got, part, sums = load_rank(str(path), splitter(rank))
         whole = load_model(str(path)).model
         report = parallelize_(whole, rank, 2)
         mine, ref = got.model.state_dict(), whole.state_dict()
@@ -42,7 +52,7 @@ def test_packed_and_encoder_folders_are_not_streamed(tmp_path, save_tiny, tiny_b
     compress_to(str(path), "w8", tmp_path / "q", CompressOptions(samples=2, seq_len=32,
                                                                     smoke_windows=1, format="memfit"))
     assert not streamable(str(tmp_path / "q"))
-    assert load_rank(str(tmp_path / "q"), 0, 2) is None
+    assert load_rank(str(tmp_path / "q"), splitter(0)) is None
     assert not streamable(str(tiny_bert_dir))
 
 
@@ -50,7 +60,9 @@ _MEASURE = """
 import json, sys
 from memfit.eval.memory import steady_malloc
 from memfit.models import load_model
-from memfit.parallel.tp import parallelize_
+from memfit.archs import text_config
+from memfit.parallel.plans import plan_for
+from memfit.parallel.tp import parallelize_, shard_block_
 from memfit.parallel.tp_load import load_rank
 import transformers.models.llama.modeling_llama  # imports first
 def hwm():
@@ -58,7 +70,8 @@ def hwm():
 steady_malloc()
 base = hwm()
 if sys.argv[2] == "streamed":
-    m = load_rank(sys.argv[1], 0, 2)[0].model
+    split = lambda block, c: shard_block_(block, plan_for(text_config(c)), c, 0, 2)
+    m = load_rank(sys.argv[1], split)[0].model
 else:
     m = load_model(sys.argv[1]).model
     parallelize_(m, 0, 2)
@@ -107,4 +120,4 @@ def test_checkpoint_with_other_tensor_names_falls_back(tmp_path, save_tiny):
     state = load_file(str(path / "model.safetensors"))
     save_file({k.removeprefix("model."): v for k, v in state.items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})
-    assert streamable(str(path)) and load_rank(str(path), 0, 2) is None
+    assert streamable(str(path)) and load_rank(str(path), splitter(0)) is None
