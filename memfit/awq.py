@@ -18,7 +18,8 @@ INSPECT_ROWS kept input rows; the attention module for q/k/v, run on whole kept 
 the block's mask and positions, so q and k are judged through the softmax). Measured on the
 default model (benchmarks/RESULTS.md): scoring GPTQ by the linears' own errors picked gate/up
 scales that made AWQ+GPTQ worse than GPTQ; the MLP's output fixes that. Scoring q/k/v on the
-attention output lowered perplexity at 3 and 4 bits, RTN and GPTQ (AWQ round 4). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
+attention output lowered the KLD to the float model in every AWQ preset, 3 and 4 bits, RTN
+and GPTQ (AWQ round 4). The quantizer of the recipe (RTN, HQQ, GPTQ) then runs on the
 scaled weights as usual, so AWQ composes with all of them. With `awq_clip` (default) each
 scaled weight is then clamped per (row, group) to the bound whose RTN output error on that
 group's inputs is smallest (AWQ's auto_clip; query and key are left alone, `Arch.awq_no_clip`):
