@@ -50,6 +50,7 @@ class Arch:
     awq_inspect: tuple[str | None, ...] = ()
     awq_mixing: tuple[str, ...] = ()  # inspected modules that mix tokens (attention): measured
                                       # on whole kept windows, with the block's keyword arguments
+    norm_offset: float = 0.0  # the norms scale by (norm_offset + weight): Gemma's 1 + w
 
 
 _LLAMA_GROUPS = (
@@ -66,9 +67,11 @@ _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA
                         "mlp.up_proj"),
               awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
               awq_inspect=("self_attn", None, "mlp", None), awq_mixing=("self_attn",))
-# Gemma's RMSNorm scales by (1 + weight) and Gemma 2/3 put the MLP after pre_feedforward_layernorm:
-# no AWQ row yet (compress raises a UserError).
-_GEMMA = replace(_LLAMA, awq_fold=())
+# Gemma's RMSNorm scales by (1 + weight): a fold divides (1 + w) by s. Gemma 2/3 normalise the
+# attention's output (post_attention_layernorm) and feed the MLP from pre_feedforward_layernorm.
+_GEMMA = replace(_LLAMA, norm_offset=1.0)
+_GEMMA2 = replace(_GEMMA, awq_fold=("input_layernorm", "self_attn.v_proj",
+                                    "pre_feedforward_layernorm", "mlp.up_proj"))
 _BERT = Arch(
     "encoder",
     ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
@@ -86,9 +89,9 @@ ARCHS: dict[str, Arch] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA2,
+    "gemma3": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "phi": Arch("decoder", ("model.layers",), (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.dense",), ("mlp.fc1",), ("mlp.fc2",))),

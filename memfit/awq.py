@@ -2,7 +2,8 @@
 (memfit.algos.awq) and fold them into the model so the float function is unchanged.
 
 For every group of linears sharing an input whose specs ask for `awq`, the op producing that
-input is named in `Arch.awq_fold` (data, per family): a norm (weight and bias divided by s) or a
+input is named in `Arch.awq_fold` (data, per family): a norm (weight and bias divided by s;
+Gemma's (1 + weight) divided as a whole, `Arch.norm_offset`) or a
 linear (output rows and bias divided by s: v_proj before o_proj, up_proj before down_proj); the
 group's input columns are multiplied by s. With grouped-query attention o_proj reads more
 channels than v_proj writes: query head h's slot of o_proj's input is value head h // rep, so
@@ -193,14 +194,15 @@ def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: 
 
 @torch.no_grad()
 def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
-          src_s: torch.Tensor | None = None) -> None:
+          src_s: torch.Tensor | None = None, norm_offset: float = 0.0) -> None:
     """Divide the producer's output channels by `src_s` (default s), multiply the linears' input
-    columns by s (s = src_s[tie] when channels are tied)."""
+    columns by s (s = src_s[tie] when channels are tied). A norm that scales by
+    (norm_offset + weight) (Gemma: 1 + w) gets (norm_offset + w) / s - norm_offset."""
     src_s = s if src_s is None else src_s
     if isinstance(src, torch.nn.Linear):
         src.weight.copy_(src.weight.float() / src_s[:, None])
     else:
-        src.weight.copy_(src.weight.float() / src_s)
+        src.weight.copy_((src.weight.float() + norm_offset) / src_s - norm_offset)
     if getattr(src, "bias", None) is not None:
         src.bias.copy_(src.bias.float() / src_s)
     for lin in linears:
@@ -239,7 +241,8 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                 res, clip = unclipped, False
         stat.kept.clear()
         if res.alpha > 0 or res.duo:
-            fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale)
+            fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale,
+                  arch.norm_offset)
         entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
                  "measured": inspect or "linear outputs", "clip_in_search": joint and clip,
                  "output_error": res.error, "rtn_output_error": res.rtn_error}

@@ -83,7 +83,7 @@ def smooth_block_(block, arch, specs: dict, store: ActivationStore | None, kwarg
             w_absmax = torch.cat([m.weight.detach().float() for m in mods]).abs().amax(0)
             x = absmax[tuple(names)]
             s = smooth_scales(x, w_absmax, spec.smoothquant)
-            fold_(block.get_submodule(fold), mods, s)
+            fold_(block.get_submodule(fold), mods, s, norm_offset=arch.norm_offset)
             absmax[tuple(names)] = x / s
             log.append({"modules": names, "error": None, "smoothquant": {
                 "alpha": spec.smoothquant, "fold": fold,

@@ -43,9 +43,18 @@ def test_alpha_zero_is_rtn_and_outlier_channels_make_awq_strictly_better():
     assert res.alpha > 0 and res.error < 0.8 * res.rtn_error, res
 
 
-def test_fold_leaves_the_float_function_unchanged(tiny_config):
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text"])
+def test_fold_leaves_the_float_function_unchanged(tiny_config, family):
+    """Every fold row of the family (Gemma's norms scale by 1 + w; Gemma 2/3 feed the MLP from
+    pre_feedforward_layernorm), random scales: the logits do not move."""
     torch.manual_seed(0)  # no GQA: o_proj's input scale folds into v_proj too
-    model = AutoModelForCausalLM.from_config(tiny_config(num_key_value_heads=4)).eval()
+    kw = {} if family == "llama" else {"head_dim": 16}
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_key_value_heads=4,
+                                                         **kw)).eval()
+    for name, p in model.named_parameters():  # Gemma's norms start at w = 0: make them matter
+        if "norm" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=G(8)) * 0.5)
     ids = _calib(2, 16)
     with torch.no_grad():
         before = model(ids).logits
@@ -55,7 +64,7 @@ def test_fold_leaves_the_float_function_unchanged(tiny_config):
         for group, src in zip(arch.groups, arch.awq_fold):
             lins = [block.get_submodule(n) for n in group]
             s = torch.rand(lins[0].in_features, generator=G(5)) * 4 + 0.25
-            fold_(block.get_submodule(src), lins, s)
+            fold_(block.get_submodule(src), lins, s, norm_offset=arch.norm_offset)
     with torch.no_grad():
         after = model(ids).logits
     assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # it did scale
@@ -179,9 +188,22 @@ def test_recipe_round_trip_and_bad_input(tiny_config):
     with pytest.raises(UserError, match="awq"):
         Recipe.from_dict({"prune": {"method": "wanda"}, "quant": {"awq": True}})
     torch.manual_seed(0)
-    gemma = AutoModelForCausalLM.from_config(tiny_config("gemma", head_dim=16)).eval()
+    phi = AutoModelForCausalLM.from_config(tiny_config("phi")).eval()
     with pytest.raises(UserError, match="AWQ is not supported"):
-        compress_(gemma, Recipe(quant=RTN(awq=True)), _calib(2, 16), progress=False)
+        compress_(phi, Recipe(quant=RTN(awq=True)), _calib(2, 16), progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3_text"])
+def test_awq_on_gemma_never_above_rtn_and_keeps_the_function(tiny_config, family):
+    """AWQ on Gemma-family blocks: every group searched (norms fold through 1 + w), each output
+    error at or below RTN's (the fold itself: test_fold_leaves_the_float_function_unchanged)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, head_dim=16)).eval()
+    rep = compress_(model, Recipe(quant=RTN(format=FMT, awq=True)), _calib(), progress=False)
+    searched = [e["awq"] for e in rep["layers"] if "alpha" in e.get("awq", {})]
+    assert len(searched) == 4 * 2, rep["layers"][:2]
+    assert all(a["output_error"] <= a["rtn_output_error"] for a in searched)
+    assert any(a["alpha"] > 0 for a in searched)
 
 
 def test_clip_search_never_worse_and_clips_an_outlier_weight():

@@ -152,3 +152,33 @@ def test_smoothquant_keeps_the_function_and_helps_with_outliers(tiny_llama_dir):
         kld[name] = evaluate_lm(q, ev, ref=ref, progress=False)["kld"]
     print(kld)
     assert kld["w8a8-sq"] < kld["w8a8"]
+
+
+def test_smoothquant_fold_keeps_a_gemma_model(tiny_config):
+    """Gemma's norms scale by (1 + w): SmoothQuant's fold through them leaves the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from memfit.archs import arch_for, block_list
+    from memfit.calib import capture_inputs, propagate
+    from memfit.smoothquant import smooth_block_
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config("gemma3_text", head_dim=16)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=G(3)) * 0.5)
+    ev = torch.randint(0, 30522, (2, 32), generator=G(2))
+    with torch.no_grad():
+        before = m(ev).logits
+    arch = arch_for(m.config)
+    blocks = block_list(m, arch)
+    store, kwargs = capture_inputs(m, blocks, _calib())
+    spec, log = PRESETS["w8a8-sq"].quant, []
+    for i, block in enumerate(blocks):
+        smooth_block_(block, arch, {n: spec for g in arch.groups for n in g}, store, kwargs[i], log)
+        propagate(block, store, kwargs[i])
+    with torch.no_grad():
+        diff = (m(ev).logits - before).abs().max().item()
+    assert sum("alpha" in e["smoothquant"] for e in log) >= 2 * 2
+    assert diff < 1e-4 * before.abs().max().item()
