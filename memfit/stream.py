@@ -236,14 +236,39 @@ class _Source:
     bytes_before: int
 
 
+def meta_model(folder: Path, dtype: torch.dtype):
+    """The checkpoint's index and its model built on meta -> (index, model, arch, blocks,
+    prefix of the block keys, tied {target: source} not stored apart). Nothing read yet."""
+    from memfit.api import _module_prefix
+    from memfit.archs import block_list
+    from memfit.io.checkpoint import check_safetensors
+    from memfit.io.stream import CheckpointIndex
+
+    check_safetensors(folder)
+    index = CheckpointIndex(folder)
+    model, arch = _build(folder, dtype)
+    blocks = block_list(model, arch)
+    prefix = _module_prefix(model, blocks) + "."
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = {t: s for t, s in tied.items() if t not in index}  # stored twice: read both
+    return index, model, arch, blocks, prefix, tied
+
+
+def read_outer(model, index, prefix: str, tied: dict, dtype, folder: Path) -> list[str]:
+    """Read the tensors outside the blocks (embeddings, norm, head), retie -> their keys."""
+    from memfit.io.save import retie
+
+    outer = [k for k in model.state_dict() if not k.startswith(prefix) and k not in tied]
+    _load(model, index, outer, dtype, folder)
+    retie(model, tied)
+    return outer
+
+
 def _open(spec: str, recipe, o) -> _Source:
     """Refuse what cannot stream, then build the model on meta and read its non-block tensors."""
-    from memfit.api import _module_prefix, plan_specs
-    from memfit.archs import block_list
+    from memfit.api import plan_specs
     from memfit.eval.memory import weight_table
-    from memfit.io.checkpoint import check_safetensors, pick_dtype
-    from memfit.io.save import retie
-    from memfit.io.stream import CheckpointIndex
+    from memfit.io.checkpoint import pick_dtype
 
     if o.format == "compressed-tensors":
         raise UserError("--low-memory writes memfit's format only (compressed-tensors is written "
@@ -255,24 +280,16 @@ def _open(spec: str, recipe, o) -> _Source:
     if folder is None:
         raise UserError(f"--low-memory reads a local folder; download {spec} first "
                         "(huggingface-cli download) and pass its folder")
-    check_safetensors(folder)
-    index = CheckpointIndex(folder)
     dtype = pick_dtype(o.dtype, o.device)
-    model, arch = _build(folder, dtype)
-    blocks = block_list(model, arch)
-    prefix = _module_prefix(model, blocks) + "."
+    index, model, arch, blocks, prefix, tied = meta_model(folder, dtype)
     plan = plan_specs(model, recipe, arch)
     why = whole_model_reason(recipe, plan)
     if why:
         raise UserError(f"--low-memory cannot run this recipe: {why}; drop --low-memory "
                         "(the model must then fit in memory)")
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    tied = {t: s for t, s in tied.items() if t not in index}  # stored twice: read both
     src = _Source(folder, index, dtype, model, arch, blocks, prefix, plan, tied,
                   weight_table(model)["weight_bytes"])
-    _load(model, index, [k for k in model.state_dict() if not k.startswith(prefix)
-                         and k not in tied], dtype, folder)
-    retie(model, tied)
+    read_outer(model, index, prefix, tied, dtype, folder)
     return src
 
 

@@ -51,32 +51,20 @@ def load_rank(spec: str, split_block, *, dtype=None,
     names are not the model's own (transformers' loader renames them)."""
     from transformers import AutoTokenizer
 
-    from memfit.api import _module_prefix
-    from memfit.archs import block_list
     from memfit.eval.memory import steady_malloc, trim_heap
-    from memfit.io.checkpoint import check_safetensors, pick_dtype
-    from memfit.io.save import retie
-    from memfit.io.stream import CheckpointIndex
-    from memfit.stream import _build, _load, _tensor_keys, local_folder
+    from memfit.io.checkpoint import pick_dtype
+    from memfit.stream import _load, _tensor_keys, local_folder, meta_model, read_outer
 
     if not streamable(spec):
         return None
     if device == "cpu":
         steady_malloc()  # each whole tensor its own mapping, handed back when dropped
     folder = local_folder(spec)
-    check_safetensors(folder)
-    index = CheckpointIndex(folder)
     torch_dtype = pick_dtype(dtype, device)
-    model, arch = _build(folder, torch_dtype)
-    blocks = block_list(model, arch)
-    prefix = _module_prefix(model, blocks) + "."
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    tied = {t: s for t, s in tied.items() if t not in index}  # stored twice: read both
+    index, model, arch, blocks, prefix, tied = meta_model(folder, torch_dtype)
     if any(k not in index for k in model.state_dict() if k not in tied):
         return None  # names transformers' loader would rename: let it load the whole model
-    outer = [k for k in model.state_dict() if not k.startswith(prefix) and k not in tied]
-    _load(model, index, outer, torch_dtype, folder)
-    retie(model, tied)
+    outer = read_outer(model, index, prefix, tied, torch_dtype, folder)
     state = model.state_dict()
     sums = [checksums(state[k] for k in outer)]
     part = None
