@@ -1,7 +1,8 @@
 """Where a batch-1 decode step's time goes, and tokens/s side by side in one run: the random-weight
 Llama-3-8B-shaped model of decode_gpu.py, bf16 and int4 g128, through memfit.decode.greedy_static
 with transformers' forward in the graph (`hf-graph`, the previous loop) and with memfit's own
-step (`native`, memfit.fastdecode); for int4 also with the tensor-core decode kernel left out of
+step (`native`, memfit.fastdecode; int4 rows with and without the tiled weight layout,
+MEMFIT_TILE_ROWS=64 / 0, in --quick and for the int4 lm_head); for int4 also with the tensor-core decode kernel left out of
 the per-shape choice (MEMFIT_TRITON_MMA=0 as an in-process switch: triton_int.MMA = False and the
 choice cache cleared), and with the lm_head quantized to int4 g128 too; memfit's step with and
 without programmatic dependent launch (memfit.kernels.pdl, MEMFIT_PDL=0 as an in-process switch).
@@ -133,10 +134,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     with torch.inference_mode():
-        if args.quick:  # the target rows only
+        if args.quick:  # the target rows only, int4 with and without the tiled layout
             row("bf16 native pdl=on", 1, True)
             to_int4(m)
-            row("int4 native pdl=on", 1, True)
+            for rb in (64, 0):
+                os.environ["MEMFIT_TILE_ROWS"] = str(rb)
+                row(f"int4 native tile={rb}", 1, True)
+            os.environ["MEMFIT_TILE_ROWS"] = "64"
             choices = chooser_table()
         for prec in () if args.quick else ("bf16", "int4"):
             if prec == "int4":
@@ -167,7 +171,10 @@ def main() -> None:
         q.zero.copy_(torch.randint(0, 256, q.zero.shape, device=dev, generator=g))
         q.scale.copy_(torch.rand(q.scale.shape, device=dev, generator=g) * 0.002)
         m.lm_head = q
-        row("int4+head native", 1, True)
+        for rb in (64, 0):
+            os.environ["MEMFIT_TILE_ROWS"] = str(rb)
+            row(f"int4+head native tile={rb}", 1, True)
+        os.environ.pop("MEMFIT_TILE_ROWS")
     head_info = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
                  "torch": torch.__version__, "triton": __import__("triton").__version__,
                  "transformers": __import__("transformers").__version__,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from memfit.kernels import gpu_timing, triton_int
 from memfit.kernels.packing import pack
-from memfit.kernels.weights import IntWeight
+from memfit.kernels.weights import IntWeight, tile
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 4, 16, 64, 256, 2048]
@@ -88,6 +88,13 @@ def bench_shape(n, k, ms, gen) -> list[dict]:
             cell[f"memfit_int4_g{g}"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
                                                        for w in ws])
             cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
+        for g, ws in q4.items():  # the decode loop's tiled layout (batch 1: the mma kernel)
+            if m == 1 or (m <= 16 and g % 128 == 0):
+                tw = [tile(w, 64) for w in ws]
+                cell[f"memfit_int4_g{g}_tiled"] = graph_time_us(
+                    [lambda w=w: triton_int.triton_linear(x, w) for w in tw])
+                cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tw[0], None))
+                del tw
         cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w) for w in q8])
         if t4[0] is not None:
             cell["torch_int4_g128"] = graph_time_us(
@@ -111,7 +118,8 @@ def ceilings() -> dict:
 
 
 def table(rows) -> str:
-    keys = ["memfit_int4_g128", "memfit_int4_g64", "memfit_int8", "torch_int4_g128", "sparse24_bf16"]
+    keys = ["memfit_int4_g128", "memfit_int4_g128_tiled", "memfit_int4_g64", "memfit_int4_g64_tiled",
+            "memfit_int8", "torch_int4_g128", "sparse24_bf16"]
     out = ["| shape (out x in) | M | bf16 µs | " + " | ".join(f"{k} µs (x bf16)" for k in keys)
            + " | int4 g128 / torch int4 | int4 g128 TB/s |",
            "|---|---:|---:|" + "---:|" * len(keys) + "---:|---:|"]

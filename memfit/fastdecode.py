@@ -41,6 +41,7 @@ from torch import nn
 
 from memfit.kernels import linear as kernel_linear
 from memfit.kernels import triton_decode as td
+from memfit.kernels.weights import tile, tileable, untile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TYPES = ("llama", "mistral", "qwen2")
@@ -113,11 +114,26 @@ class _Group:
             self.weight = kernel_weight(cat["qdata"], cat["scale"], cat.get("zero"),
                                         (row, m0.in_features), m0.fmt)
 
+    def tile(self, rb: int) -> None:
+        """Reorder the fused tensor into the decode kernel's tiled layout (memfit.kernels.weights
+        .tile); each module's rows stay a whole number of blocks, so its slice stays valid."""
+        t = tile(self.weight, rb)
+        row = 0
+        for m in self.mods:
+            _set_int(m, t._replace(qdata=t.qdata[row: row + m.out_features],
+                                   scale=t.scale[row: row + m.out_features],
+                                   zero=None if t.zero is None else t.zero[row: row + m.out_features]))
+            row += m.out_features
+        self.weight = t
+
     def unpack(self) -> None:
         """Give each module a tensor of its own again (the model is left as it was)."""
         if self.kind is None:
             return
         for m in self.mods:
+            if getattr(m, "tile_rows", 0):
+                _set_int(m, untile(m.kernel_weight()))  # fresh tensors of its own
+                continue
             for f in self.fields:
                 self._set(m, f, self._get(m, f).clone())
         self.weight = None
@@ -141,11 +157,34 @@ class _Group:
         return torch.cat([m(x) for m in self.mods], dim=-1)
 
 
-class NativeStep:
-    """The decode step of one Llama-family model for `batch` rows and `max_len` positions."""
+def _set_int(m, w) -> None:
+    """Point a QuantLinear's buffers at an IntWeight's tensors (and say whether they are tiled)."""
+    m.qdata, m.scale = w.qdata, w.scale
+    if w.zero is not None:
+        m.zero = w.zero
+    m.tile_rows = w.tile_rows
 
-    def __init__(self, model, batch: int, max_len: int):
+
+class NativeStep:
+    """The decode step of one Llama-family model for `batch` rows and `max_len` positions.
+
+    tile_rows: at batch 1, the int4 weights that the tensor-core decode kernel takes are
+    reordered in place into its tiled layout while the loop runs (memfit.kernels.weights.tile:
+    one warp load = 512 contiguous bytes, scales and zero points adjacent too; measured in
+    benchmarks/RESULTS.md: 374 -> 412 tok/s on one H200) and put back on exit. Not at larger
+    batches: there the stored layout's other kernels win at some shapes (M = 16 on 14336x4096:
+    37 µs against the tiled mma kernel's 43). None: MEMFIT_TILE_ROWS (default 64) on CUDA,
+    0 (off) elsewhere; a number given here tiles every tileable 4-bit weight on any device
+    (tests: off CUDA the reference kernel reads it through `untile`)."""
+
+    def __init__(self, model, batch: int, max_len: int, tile_rows: int | None = None):
         self.model = model
+        self.batch = batch
+        self.forced = tile_rows is not None
+        dev0 = model.model.embed_tokens.weight.device
+        self.tile_rows = (tile_rows if tile_rows is not None
+                          else int(os.environ.get("MEMFIT_TILE_ROWS", "64"))
+                          if dev0.type == "cuda" else 0)
         cfg = model.config
         inner = model.model
         self.heads = cfg.num_attention_heads
@@ -176,11 +215,36 @@ class NativeStep:
                 for g in self.qkv + self.gate_up:
                     g.pack()
                     done.append(g)
+                    if g.kind == "int" and self._tiles(g.weight) and all(
+                            m.out_features % self.tile_rows == 0 for m in g.mods):
+                        g.tile(self.tile_rows)
+                for m in self._singles():
+                    if self._tiles(m.kernel_weight()):
+                        _set_int(m, tile(m.kernel_weight(), self.tile_rows))
             yield self
         finally:
             with torch.inference_mode(False), torch.no_grad():
                 for g in done:
                     g.unpack()
+                for m in self._singles():
+                    if m.tile_rows:
+                        _set_int(m, untile(m.kernel_weight()))
+
+    def _singles(self):
+        """The QuantLinears outside the fused groups (o, down, a packed lm_head)."""
+        from memfit.formats.quant_linear import QuantLinear
+        mods = [ly.self_attn.o_proj for ly in self.layers] + [ly.mlp.down_proj for ly in self.layers]
+        return [m for m in mods + [self.model.lm_head] if type(m) is QuantLinear]
+
+    def _tiles(self, w) -> bool:
+        """Whether weight `w` is tiled for this loop (see the class docstring)."""
+        if not self.tile_rows or not tileable(w, self.tile_rows):
+            return False
+        if self.forced:
+            return True
+        from memfit.kernels.triton_mma import mma_ineligibility
+        return (w.qdata.is_cuda and self.batch == 1
+                and mma_ineligibility(w, 1, self.kc[0].dtype) is None)
 
     def _norm(self, h, r, norm):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))

@@ -144,10 +144,13 @@ class PackedIntWeight:
         return f"PackedIntWeight(shape={self.shape}, fmt={self.fmt}, nbytes={self.nbytes})"
 
 
-def kernel_weight(qdata, scale, zero, shape: tuple[int, int], fmt: IntFormat) -> IntWeight:
-    """An `IntWeight` from stored fields of `fmt` (no validation: callers hold checked tensors)."""
+def kernel_weight(qdata, scale, zero, shape: tuple[int, int], fmt: IntFormat,
+                  tile_rows: int = 0) -> IntWeight:
+    """An `IntWeight` from stored fields of `fmt` (no validation: callers hold checked tensors);
+    tile_rows > 0: the fields hold memfit.kernels.weights.tile's layout (the decode loop's)."""
     zero_point = "sym" if fmt.symmetric else fmt.zero_point
-    return IntWeight(qdata, scale, zero, tuple(shape), fmt.bits, fmt.groups(shape[1])[0], zero_point)
+    return IntWeight(qdata, scale, zero, tuple(shape), fmt.bits, fmt.groups(shape[1])[0], zero_point,
+                     tile_rows)
 
 
 def apply_keeping_dtypes(module, fn, names: tuple[str, ...], parent_apply) -> None:

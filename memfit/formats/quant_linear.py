@@ -35,6 +35,8 @@ _FIXED_DTYPE = ("qdata", "scale", "zero")
 class QuantLinear(nn.Module):
     """y = x @ dequantize(W).T + b with W stored packed in an `IntFormat`."""
 
+    tile_rows = 0  # > 0 only inside memfit.fastdecode's decode loop (buffers tiled in place)
+
     def __init__(self, in_features: int, out_features: int, fmt: IntFormat, bias: bool,
                  device=None, dtype: torch.dtype = torch.float16):
         super().__init__()
@@ -93,7 +95,7 @@ class QuantLinear(nn.Module):
     def kernel_weight(self):
         """The plain view memfit.kernels reads (no checks)."""
         return kernel_weight(self.qdata, self.scale, getattr(self, "zero", None),
-                             (self.out_features, self.in_features), self.fmt)
+                             (self.out_features, self.in_features), self.fmt, self.tile_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kernel_weight()

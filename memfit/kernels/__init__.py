@@ -45,6 +45,8 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if weight.tile_rows and x.device.type != "cuda":
+        return linear_reference(x, weight, bias)  # the decode loop's GPU layout (untiled there)
     if x.device.type == "cpu" and not needs_grad:
         return cpu.cpu_linear(x, weight, bias, cache)
     if x.device.type == "cuda" and not needs_grad and torch.compiler.is_compiling():

@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 
 from memfit.kernels.gpu_timing import graph_us, weight_copies
+from memfit.kernels.triton_dequant import (_group_params, _unpack_tile, block_k,
+                                           dequantize_triton, zmode)
 from memfit.kernels.triton_mma import MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight
@@ -51,36 +53,6 @@ from memfit.kernels.weights import IntWeight
 BITS = (2, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
-
-
-@triton.jit
-def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(BN, BK // PER) packed bytes -> (BN, BK) codes in column order (int32)."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    q = qb.to(tl.int32)
-    if BITS == 8:
-        return q
-    elif BITS == 4:
-        return tl.reshape(tl.join(q & MASK, q >> 4), (BN, BK))
-    else:  # 2 bits: join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
-        c0, c1, c2, c3 = q & MASK, (q >> 2) & MASK, (q >> 4) & MASK, q >> 6
-        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BN, BK))
-
-
-@triton.jit
-def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.constexpr,
-                  ZMODE: tl.constexpr, BN: tl.constexpr):
-    """(BN,) float32 scale and zero point of group g of rows rn."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    s = tl.load(s_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
-    if ZMODE == 0:
-        z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
-    elif ZMODE == 1:
-        zb = tl.load(z_ptr + rn * stride_zn + (g * BITS) // 8, mask=ok, other=0)
-        z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
-    else:
-        z = tl.load(z_ptr + rn * stride_zn + g, mask=ok, other=0.0).to(tl.float32)
-    return s, z
 
 
 @triton.jit
@@ -180,27 +152,6 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
-             GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr):
-    """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group."""
-    PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    k0 = tl.program_id(1) * BK
-    kk = k0 + tl.arange(0, BK)
-    jb = k0 // PER + tl.arange(0, BKP)
-    n_ok = rn < N
-    qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
-                 mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
-    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE, BN)
-    c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
-    w = (c - z[:, None]) * s[:, None]
-    tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & (kk[None, :] < K))
-
-
 @dataclass(frozen=True)
 class Config:
     """One launch shape; BM = 0 means dequantize once, then cuBLAS; gemv picks `_int_gemv`."""
@@ -222,23 +173,9 @@ def ineligibility(w: IntWeight) -> str | None:
     """Why the Triton path cannot take `w` (None when it can)."""
     if w.bits not in BITS:
         return f"{w.bits}-bit codes cross byte boundaries; the Triton kernel takes {BITS} bits"
-    if w.n_groups > 1 and _block_k(w) < 16:
+    if w.n_groups > 1 and block_k(w) < 16:
         return f"group size {w.group_size} is too small for a tile (needs a multiple of 16)"
     return None
-
-
-def _block_k(w: IntWeight, cap: int = 128) -> int:
-    """Largest power of two <= cap dividing the group size (any when the row is one group)."""
-    if w.n_groups == 1:
-        return cap
-    bk = cap
-    while bk > 1 and w.group_size % bk:
-        bk //= 2
-    return bk
-
-
-def _zmode(w: IntWeight) -> int:
-    return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
@@ -260,7 +197,10 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
-    bk_max = _block_k(w)
+    if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, else dequantize + cuBLAS
+        ok = m <= 16 and mma_ineligibility(w, m, dtype) is None
+        return (mma_candidates(m, w) if ok else []) + [Config(0, 0, 0)]
+    bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
     if m <= 16 and MMA and mma_ineligibility(w, m, dtype) is None:
@@ -280,7 +220,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         return out
     if m <= 8:
         bm = _bucket(m)
-        bk = _block_k(w)
+        bk = block_k(w)
         for bn in ((32, 64) if bm <= 2 else (16, 32)):
             for sk in (4, 8, 16, 32, 1):
                 out.append(Config(bm, bn, bk, sk, 4, 2, gemv=True))
@@ -325,7 +265,8 @@ def _bucket(m: int) -> int:
 
 def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     """The fastest candidate for this (M bucket, shape, format), timed once on the device."""
-    key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype)
+    key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype,
+           w.tile_rows)
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w, x2.dtype)
         first = os.environ.get("MEMFIT_TRITON_CHOICE") == "first"
@@ -361,19 +302,6 @@ def _graph_us(fns, rounds: int = 2) -> float:
     return graph_us(fns, rounds * len(fns), 3, min)
 
 
-def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
-    """(out, in) dense weight of `dtype`, one kernel pass."""
-    n, k = w.shape
-    out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
-    bk = min(_block_k(w), 128)
-    z = w.zero if w.zero is not None else w.scale
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, bk))
-    _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
-                   w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
-                   ZMODE=_zmode(w), BN=32, BK=bk)
-    return out
-
-
 def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
     """(M, in) -> (M, out) in x2's dtype with launch shape `cfg`."""
     m, k = x2.shape
@@ -387,8 +315,11 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))
+    if w.tile_rows:
+        raise ValueError("memfit.kernels.triton_int: a tiled weight runs on the mma kernel or "
+                         "dequantize + cuBLAS only")
     if cfg.words:
-        return run_words(x2, w, bias, cfg, cfg.words == "dot", _zmode(w))
+        return run_words(x2, w, bias, cfg, cfg.words == "dot", zmode(w))
     x2 = x2.contiguous()
     atomic = cfg.SPLIT_K > 1
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
@@ -400,7 +331,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         _int_gemv[(triton.cdiv(n, cfg.BN), cfg.SPLIT_K)](
             x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
             w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), GROUP=w.group_size,
-            BITS=w.bits, ZMODE=_zmode(w), HAS_BIAS=bias is not None, ATOMIC=atomic, BM=cfg.BM,
+            BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None, ATOMIC=atomic, BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
@@ -408,7 +339,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
-                  GROUP=w.group_size, BITS=w.bits, ZMODE=_zmode(w), HAS_BIAS=bias is not None,
+                  GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.triton_int import _unpack_tile
+from memfit.kernels.triton_dequant import _unpack_tile
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bfloat16 is raw bits

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
+from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
@@ -158,34 +159,41 @@ def _col(w, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr):
+def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr, RB: tl.constexpr):
     """Integer zero points of rows rn and groups g (broadcast together); symmetric: 8."""
     if ZMODE == 0:
         return rn * 0 + g * 0 + 8
     else:
-        zb = tl.load(z_ptr + rn * stride_zn + g // 2, mask=ok, other=0).to(tl.int32)
+        zb = tl.load(z_ptr + _at(rn, g // 2, stride_zn, RB), mask=ok, other=0).to(tl.int32)
         return (zb >> ((g % 2) * 4)) & 15
 
 
 @triton.jit
 def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: tl.constexpr,
-            ZMODE: tl.constexpr, NSUB: tl.constexpr):
+            ZMODE: tl.constexpr, NSUB: tl.constexpr, RB: tl.constexpr):
     """One tile's words (BN, 16), scales and zero points (float32) per mma column (zc) and per
     word (zw, the plain path's); w0 is the tile's first word."""
     wd = tl.load(qp, mask=ok[:, None], other=0)
     g0 = (w0 * 8) // GROUP
     if NSUB == 1:
-        s = tl.load(s_ptr + rn * stride_sn + g0, mask=ok, other=0.0).to(tl.float32)[:, None]
-        zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE).to(tl.float32)[:, None]
+        s = tl.load(s_ptr + _at(rn, g0, stride_sn, RB), mask=ok, other=0.0).to(tl.float32)[:, None]
+        zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE, RB).to(tl.float32)[:, None]
         zw = zc
     else:  # column n is group g0 + n % NSUB; word w is group g0 + w // (GROUP / 8)
+        # one (BN,) load per group, spread over its columns (a (BN, 16) gather was 4 loads a
+        # thread for each of scale and zero point)
         cg = col % NSUB
-        okc = ok[:, None] & (col < NSUB)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g0 + cg[None, :], mask=okc,
-                    other=0.0).to(tl.float32)
-        zc = _zero(z_ptr, rn[:, None], g0 + cg[None, :], okc, stride_zn, ZMODE).to(tl.float32)
-        zw = _zero(z_ptr, rn[:, None], g0 + (rw * 8 // GROUP)[None, :], ok[:, None], stride_zn,
-                   ZMODE).to(tl.float32)
+        wg = rw * 8 // GROUP
+        s = tl.zeros(wd.shape, tl.float32)
+        zc = s
+        zw = s
+        for t in tl.static_range(NSUB):
+            st = tl.load(s_ptr + _at(rn, g0 + t, stride_sn, RB), mask=ok, other=0.0)
+            zt = _zero(z_ptr, rn, g0 + t, ok, stride_zn, ZMODE, RB).to(tl.float32)
+            hit = ((cg == t) & (col < NSUB))[None, :]
+            s = tl.where(hit, st.to(tl.float32)[:, None], s)
+            zc = tl.where(hit, zt[:, None], zc)
+            zw = tl.where((wg == t)[None, :], zt[:, None], zw)
     return wd, s, zc, zw
 
 
@@ -238,12 +246,14 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
-              CONSTRAINTS: tl.constexpr, PDL: tl.constexpr = False):
+              CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
     U = 1: the next tile's loads are issued before this one computes; U = 2 or 4: U adjacent
-    tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed."""
+    tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed.
+    RB > 0: the weight is tiled (memfit.kernels.tiling): a tile's BN x 64 bytes, its scales and
+    zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -254,32 +264,37 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     w0 = pid_k * ITERS * U * 16
-    qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
+    QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
+    if RB == 0:
+        qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
+    else:
+        qp = q_ptr + (((rn // RB) * (stride_qn // 16) + w0 // 16) * QS + (rn % RB) * 16)[:, None] \
+            + rw[None, :]
     if U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
-                                GROUP, ZMODE, NSUB)
+                                GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
         for it in range(ITERS):
             nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
-            nwd, ns, nzc, nzw = _params(qp + 16, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
-                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+            nwd, ns, nzc, nzw = _params(qp + QS, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
                         MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
             wd, s, zc, zw = nwd, ns, nzc, nzw
-            qp += 16
+            qp += QS
             w0 += 16
     else:
         pdl.wait(PDL)
         for it in range(ITERS):
             wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
-                                        stride_zn, GROUP, ZMODE, NSUB)
-            wd1, s1, zc1, zw1 = _params(qp + 16, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
-                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+                                        stride_zn, GROUP, ZMODE, NSUB, RB)
+            wd1, s1, zc1, zw1 = _params(qp + QS, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             if U == 4:
-                wd2, s2, zc2, zw2 = _params(qp + 32, s_ptr, z_ptr, rn, n_ok, w0 + 32, rw, col,
-                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
-                wd3, s3, zc3, zw3 = _params(qp + 48, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
-                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB)
+                wd2, s2, zc2, zw2 = _params(qp + 2 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 32, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
+                wd3, s3, zc3, zw3 = _params(qp + 3 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
+                                            stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc = _tile(acc, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm,
                         F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
             acc = _tile(acc, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr, rn, rg, rw, M,
@@ -289,7 +304,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                             stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
                 acc = _tile(acc, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr, rn, rg, rw, M,
                             stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
-            qp += 16 * U
+            qp += QS * U
             w0 += 16 * U
     if MT > 1:
         ok = n_ok[:, None] & (col < M)[None, :]
@@ -352,7 +367,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
         ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        RB=w.tile_rows, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
         _check_layout(kernel)

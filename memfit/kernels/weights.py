@@ -24,6 +24,7 @@ class IntWeight(NamedTuple):
     bits: int
     group_size: int                # columns per group; the last group of a row may be shorter
     zero_point: str                # "int", "float" or "sym"
+    tile_rows: int = 0             # 0: stored row by row; RB: tiled in blocks of RB rows (`tile`)
 
     @property
     def n_groups(self) -> int:
@@ -31,6 +32,8 @@ class IntWeight(NamedTuple):
 
     def zeros(self) -> torch.Tensor:
         """(out, n_groups) float32 zero points."""
+        if self.tile_rows:
+            return untile(self).zeros()
         out, g = self.shape[0], self.n_groups
         if self.zero_point == "sym":
             return torch.full((out, g), float(2 ** (self.bits - 1)), device=self.scale.device)
@@ -40,6 +43,8 @@ class IntWeight(NamedTuple):
 
     def codes(self) -> torch.Tensor:
         """(out, in) uint8 codes."""
+        if self.tile_rows:
+            return untile(self).codes()
         return unpack(self.qdata, self.bits, self.shape[1])
 
 
@@ -55,8 +60,47 @@ def dequantize_rows_(tile: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         rest.sub_(zero[:, full:]).mul_(scale[:, full:])
 
 
+def _blocks(t: torch.Tensor, rb: int, cols: int, forward: bool) -> torch.Tensor:
+    """(rows, C) -> the same bytes with each block of rb rows stored column-chunk by
+    column-chunk (chunks of `cols` columns: forward), or back (not forward)."""
+    n, c = t.shape
+    if forward:
+        return t.reshape(n // rb, rb, c // cols, cols).transpose(1, 2).reshape(n, c)
+    return t.reshape(n // rb, c // cols, rb, cols).transpose(1, 2).reshape(n, c)
+
+
+def tileable(w: IntWeight, rb: int) -> bool:
+    """Whether `tile(w, rb)` applies: 4-bit codes, rows of whole 128-code tiles, rb | rows."""
+    return (w.tile_rows == 0 and w.bits == 4 and w.zero_point != "float"
+            and w.shape[1] % 128 == 0 and w.shape[0] % rb == 0 and w.qdata.is_contiguous())
+
+
+def tile(w: IntWeight, rb: int) -> IntWeight:
+    """The decode kernel's layout (memfit.kernels.triton_mma, RB = rb): the same tensors' bytes
+    reordered, no extra memory once the caller drops the old ones. Within each block of rb
+    rows, the rows' 64-byte runs of one 128-code tile are adjacent (a warp's load of 8 rows is
+    one 512-byte run), then the next tile; scales and zero-point bytes likewise (one group's
+    rb values adjacent). Row blocks stay whole, so rows [a, b) with rb | a, b are a valid tiled
+    weight of their own (a module's slice of a fused tensor)."""
+    if not tileable(w, rb):
+        raise ValueError("memfit.kernels.weights.tile: this weight cannot be tiled")
+    q = _blocks(w.qdata.view(torch.int32), rb, 16, True).view(torch.uint8)
+    z = None if w.zero is None else _blocks(w.zero, rb, 1, True)
+    return w._replace(qdata=q, scale=_blocks(w.scale, rb, 1, True), zero=z, tile_rows=rb)
+
+
+def untile(w: IntWeight) -> IntWeight:
+    """The stored row-by-row layout of a tiled weight (inverse of `tile`)."""
+    rb = w.tile_rows
+    q = _blocks(w.qdata.view(torch.int32), rb, 16, False).view(torch.uint8)
+    z = None if w.zero is None else _blocks(w.zero, rb, 1, False)
+    return w._replace(qdata=q, scale=_blocks(w.scale, rb, 1, False), zero=z, tile_rows=0)
+
+
 def dequantize(w: IntWeight) -> torch.Tensor:
     """(out, in) float32 weight (q - z) * s, computed in float32."""
+    if w.tile_rows:
+        w = untile(w)
     tile = w.codes().float()
     dequantize_rows_(tile, w.scale.float(), w.zeros(), w.group_size)
     return tile

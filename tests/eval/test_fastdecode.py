@@ -84,3 +84,27 @@ def test_ineligible_models_say_why(tiny_config):
     assert "model_type" in fastdecode.ineligibility(gpt2)
     biased = _tiny(tiny_config, attention_bias=True)
     assert "bias" in fastdecode.ineligibility(biased)
+
+
+def test_tiled_loop_gives_the_same_tokens_and_puts_the_model_back(tiny_config):
+    """tile_rows: the int4 weights are reordered in place for the GPU decode kernel while the
+    loop runs (here forced on the CPU, where the reference kernel reads them through `untile`:
+    so every module's slice of a fused tiled tensor must be a valid tiled weight of its own)."""
+    model = _to_int4(_tiny(tiny_config, hidden_size=128, intermediate_size=256))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 30000, (2, 6), generator=torch.Generator().manual_seed(5))
+    want = greedy_static(model, ids, 6, graph=False, native=True)
+    step = fastdecode.NativeStep(model, 2, 12, tile_rows=16)
+    with step.packed_groups():
+        attn = model.model.layers[0].self_attn
+        assert step.qkv[0].weight.tile_rows == 16 and attn.k_proj.tile_rows == 16
+        assert attn.o_proj.tile_rows == 16 and model.model.layers[1].mlp.down_proj.tile_rows == 16
+        down = model.model.layers[0].mlp.down_proj  # 256 codes a row: 2 tiles, reordered
+        assert not torch.equal(down.qdata, before["model.layers.0.mlp.down_proj.qdata"])
+        from memfit.decode import _greedy
+        got = _greedy(step, lambda position: None, ids, 6, graph=False, on_token=None,
+                      eos_token_id=None, timings=None)
+    assert torch.equal(got, want)
+    assert attn.o_proj.tile_rows == 0 and attn.k_proj.tile_rows == 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -12,6 +12,7 @@ triton_int = pytest.importorskip("memfit.kernels.triton_int")
 
 from memfit.kernels import triton_mma
 from memfit.kernels.reference import linear_reference
+from memfit.kernels.weights import dequantize, tile, untile
 from tests.kernels.test_triton_int import DEV, make_weight, rel_err
 
 CASES = [  # (n, k, group, zero point, M)
@@ -37,6 +38,42 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype
     err = rel_err(got.float(), want)
     print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} u={unroll} {dtype}: rel err {err:.2e}")
     assert err < 1e-2  # 16-bit output rounding (the interpreter truncates bfloat16)
+
+
+@pytest.mark.parametrize("n,k,group,zp,m,rb", [
+    (128, 256, 128, "int", 1, 64), (96, 384, 64, "sym", 1, 32), (64, 256, 32, "int", 1, 16),
+    (128, 512, 256, "int", 5, 64), (64, 256, 128, "sym", 16, 16)])
+@pytest.mark.parametrize("split_k,unroll", [(1, 1), (2, 1), (1, 2)])
+def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unroll):
+    """weights.tile reorders the bytes; the kernel's sums stay the reference's (and equal the
+    stored layout's bit for bit: the same codes meet the same activations in the same order)."""
+    if (k // 128) % (split_k * unroll):
+        pytest.skip("split_k x unroll must divide the row's tiles")
+    w = make_weight(n, k, 4, group, zp, seed=n + k + m + rb)
+    t = tile(w, rb)
+    assert t.tile_rows == rb and not torch.equal(t.qdata, w.qdata)
+    assert torch.equal(untile(t).qdata, w.qdata) and torch.equal(dequantize(t), dequantize(w))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16).to(DEV)
+    bias = torch.randn(n).to(DEV)
+    bn = 32 if DEV == "cpu" else 64
+    got = triton_mma.run_mma(x, t, bias, bn, split_k, 4, unroll)
+    assert torch.equal(got, triton_mma.run_mma(x, w, bias, bn, split_k, 4, unroll))
+    assert rel_err(got.float(), linear_reference(x.float(), w, bias)) < 1e-2
+
+
+def test_tiled_weights_take_the_mma_kernel_or_dequantize_and_nothing_else():
+    w = make_weight(128, 256, 4, 64, "int", seed=7)
+    t = tile(w, 64)
+    assert torch.equal(triton_int.dequantize_triton(t, torch.float32).cpu(),
+                       dequantize(w).cpu())
+    one = triton_int.candidates(1, t, torch.bfloat16)
+    assert one[0].words == "mma" and all(c.words == "mma" or c.BM == 0 for c in one)
+    assert triton_int.candidates(2, t, torch.bfloat16) == [triton_int.Config(0, 0, 0)]  # g64
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(1)).to(DEV)
+    got = triton_int.triton_linear(x, t)
+    assert rel_err(got, linear_reference(x, w)) < 1e-5
+    with pytest.raises(ValueError, match="tiled"):
+        triton_int.run(x, t, None, triton_int.Config(16, 64, 64, 1))
 
 
 def test_mma_kernel_refuses_what_it_cannot_take():

@@ -1,0 +1,108 @@
+"""Unpacking helpers shared by the Triton kernels, and the one-pass dequantize of a group-wise
+integer weight (`IntWeight`) into a dense 16/32-bit tensor: the dequantize + cuBLAS path of
+memfit.kernels.triton_int (large M), for the stored row-by-row layout and for the tiled one of
+memfit.kernels.weights.tile (the decode loop's, 4-bit: a block of RB rows holds, for each
+128-code tile, the RB rows' 64-byte runs one after the other; scales and zero-point bytes the
+same way, one column's RB values adjacent)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels.weights import IntWeight
+
+
+@triton.jit
+def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(BN, BK // PER) packed bytes -> (BN, BK) codes in column order (int32)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    q = qb.to(tl.int32)
+    if BITS == 8:
+        return q
+    elif BITS == 4:
+        return tl.reshape(tl.join(q & MASK, q >> 4), (BN, BK))
+    else:  # 2 bits: join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3
+        c0, c1, c2, c3 = q & MASK, (q >> 2) & MASK, (q >> 4) & MASK, q >> 6
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BN, BK))
+
+
+@triton.jit
+def _at(rn, c, stride, RB: tl.constexpr):
+    """Element (row rn, column c) of a (rows, stride) tensor: stored row by row (RB = 0), or
+    tiled in blocks of RB rows, each block column by column."""
+    if RB == 0:
+        return rn * stride + c
+    else:
+        return ((rn // RB) * stride + c) * RB + rn % RB
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.constexpr,
+                  ZMODE: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr = 0):
+    """(BN,) float32 scale and zero point of group g of rows rn."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    s = tl.load(s_ptr + _at(rn, g, stride_sn, RB), mask=ok, other=0.0).to(tl.float32)
+    if ZMODE == 0:
+        z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
+    elif ZMODE == 1:
+        zb = tl.load(z_ptr + _at(rn, (g * BITS) // 8, stride_zn, RB), mask=ok, other=0)
+        z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
+    else:
+        z = tl.load(z_ptr + rn * stride_zn + g, mask=ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
+             GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
+             BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0):
+    """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group (nor, tiled,
+    a 64-byte run: BK <= 128 codes of 4 bits from a multiple of 128)."""
+    PER: tl.constexpr = 8 // BITS
+    BKP: tl.constexpr = BK // PER
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    kk = k0 + tl.arange(0, BK)
+    jb = k0 // PER + tl.arange(0, BKP)
+    n_ok = rn < N
+    if RB == 0:
+        qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
+    else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
+        run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
+        qp = q_ptr + run[:, None] + (jb % 64)[None, :]
+    qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
+                         BN, RB)
+    c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
+    w = (c - z[:, None]) * s[:, None]
+    tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (kk[None, :] < K))
+
+
+def block_k(w: IntWeight, cap: int = 128) -> int:
+    """Largest power of two <= cap dividing the group size (any when the row is one group)."""
+    if w.n_groups == 1:
+        return cap
+    bk = cap
+    while bk > 1 and w.group_size % bk:
+        bk //= 2
+    return bk
+
+
+def zmode(w: IntWeight) -> int:
+    return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
+
+
+def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) dense weight of `dtype`, one kernel pass (stored or tiled layout)."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
+    bk = min(block_k(w), 128)
+    z = w.zero if w.zero is not None else w.scale
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, bk))
+    _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
+                   w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
+                   ZMODE=zmode(w), BN=32, BK=bk, RB=w.tile_rows)
+    return out
