@@ -25,6 +25,10 @@ import sys
 
 import torch
 
+# time the kernel candidates in this process (the cells and chooser tables report them), never
+# take a choice kept on disk by an earlier run (memfit.kernels.choices)
+os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
+
 sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4

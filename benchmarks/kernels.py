@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 
@@ -27,6 +28,9 @@ from memfit.kernels import gpu_timing, triton_int
 from memfit.kernels.packing import pack
 from memfit.kernels.weights import IntWeight, tile
 
+# time the kernel candidates in this process (the cells report them), never take a choice kept
+# on disk by an earlier run (memfit.kernels.choices)
+os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 4, 16, 64, 256, 2048]
 CALLS = 20

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels import choices
 from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_dequant import (_group_params, _unpack_tile, block_k,
                                            dequantize_triton, zmode)
@@ -276,22 +277,45 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
             _CHOICE[key] = cands[0]
         else:
             want = run(x2, w, bias, Config(0, 0, 0)).float()  # dequantize + cuBLAS
-            tol = 1e-4 if x2.dtype == torch.float32 else 2e-2
-            ws = weight_copies(w)
-            times = []
-            for i, c in enumerate(cands):
-                try:
-                    got = run(x2, w, bias, c).float()
-                    if (got - want).norm() > tol * want.norm():
-                        continue  # a launch shape that computes something else is never chosen
-                    times.append((_graph_us([lambda c=c, v=v: run(x2, v, bias, c) for v in ws]), i))
-                except (triton.runtime.errors.OutOfResources, MmaLayoutError):
-                    continue  # too many registers/shared memory for this shape: not a candidate
-            del ws
-            times.sort()
-            TIMES[key] = [(round(t, 2), cands[i]) for t, i in times]
-            _CHOICE[key] = cands[times[0][1]]
+            hit = stored_choice(x2, w, bias, key, cands, want)
+            _CHOICE[key] = hit if hit is not None else _timed_choice(x2, w, bias, key, cands,
+                                                                      want)
     return _CHOICE[key]
+
+
+def _agrees(x2, w, bias, c: Config, want: torch.Tensor) -> bool:
+    """Whether launch shape `c` computes what dequantize + cuBLAS does (and launches at all)."""
+    tol = 1e-4 if x2.dtype == torch.float32 else 2e-2
+    try:
+        got = run(x2, w, bias, c).float()
+    except (triton.runtime.errors.OutOfResources, MmaLayoutError):
+        return False  # too many registers/shared memory for this shape: not a candidate
+    return bool((got - want).norm() <= tol * want.norm())
+
+
+def stored_choice(x2, w, bias, key, cands, want) -> Config | None:
+    """The on-disk choice (memfit.kernels.choices) if it is a candidate and agrees, else None."""
+    fields = choices.load(x2.device, key)
+    try:
+        c = Config(**fields) if fields else None
+    except TypeError:  # written by another version of Config
+        return None
+    return c if c in cands and _agrees(x2, w, bias, c, want) else None
+
+
+def _timed_choice(x2, w, bias, key, cands, want) -> Config:
+    """Time every candidate that agrees with `want`; keep the fastest (also on disk)."""
+    ws = weight_copies(w)
+    times = []
+    for i, c in enumerate(cands):
+        if _agrees(x2, w, bias, c, want):  # a shape that computes something else never runs
+            times.append((_graph_us([lambda c=c, v=v: run(x2, v, bias, c) for v in ws]), i))
+    del ws
+    times.sort()
+    TIMES[key] = [(round(t, 2), cands[i]) for t, i in times]
+    best = cands[times[0][1]]
+    choices.store(x2.device, key, asdict(best))
+    return best
 
 
 TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest first (benchmarks)

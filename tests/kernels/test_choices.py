@@ -1,0 +1,65 @@
+"""memfit.kernels.choices: the chooser's winners kept on disk between processes, taken back only
+when still a candidate and still agreeing with dequantize + cuBLAS."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+triton_int = pytest.importorskip("memfit.kernels.triton_int")
+
+from memfit.kernels import choices
+from tests.kernels.test_triton_int import DEV, make_weight
+
+KEY = (1, (64, 256), 4, 128, "int", torch.bfloat16, 0)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("MEMFIT_KERNEL_CHOICES", raising=False)
+    return tmp_path
+
+
+def test_a_choice_round_trips_per_device_and_key(cache):
+    dev = torch.device("cpu")
+    assert choices.load(dev, KEY) is None
+    choices.store(dev, KEY, {"BM": 16, "BN": 64})
+    choices.store(dev, KEY[:-1] + (64,), {"BM": 0})
+    assert choices.load(dev, KEY) == {"BM": 16, "BN": 64}
+    assert choices.load(dev, KEY[:-1] + (64,)) == {"BM": 0}
+    data = json.loads((cache / "kernel_choices.json").read_text())
+    (name,) = data
+    assert name == choices.device_key(dev) and "torch " + torch.__version__ in name
+    assert "1|64x256|4|128|int|torch.bfloat16|0" in data[name]
+    assert not list(cache.glob("*.tmp-*"))  # written under a temporary name, then renamed
+
+
+def test_a_broken_file_is_ignored_then_replaced(cache):
+    (cache / "kernel_choices.json").write_text("{not json")
+    dev = torch.device("cpu")
+    assert choices.load(dev, KEY) is None
+    choices.store(dev, KEY, {"BM": 0})
+    assert choices.load(dev, KEY) == {"BM": 0}
+
+
+def test_switched_off_it_neither_reads_nor_writes(cache, monkeypatch):
+    monkeypatch.setenv("MEMFIT_KERNEL_CHOICES", "0")
+    choices.store(torch.device("cpu"), KEY, {"BM": 0})
+    assert not (cache / "kernel_choices.json").exists()
+    assert choices.load(torch.device("cpu"), KEY) is None
+
+
+def test_a_stored_choice_is_taken_only_if_a_candidate_that_agrees():
+    w = make_weight(64, 256, 4, 128, "int", seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(DEV)
+    cands = triton_int.candidates(1, w, torch.bfloat16)
+    want = triton_int.run(x, w, None, triton_int.Config(0, 0, 0)).float()
+    pick = cands[3]  # not the default: taken because it was stored
+    choices.store(x.device, KEY, asdict(pick))
+    assert triton_int.stored_choice(x, w, None, KEY, cands, want) == pick
+    assert triton_int.stored_choice(x, w, None, KEY, cands, 2 * want) is None  # disagrees
+    assert triton_int.stored_choice(x, w, None, KEY, cands[:3], want) is None  # not offered
+    choices.store(x.device, KEY, {**asdict(pick), "retired_field": 1})
+    assert triton_int.stored_choice(x, w, None, KEY, cands, want) is None
