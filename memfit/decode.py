@@ -120,7 +120,8 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
         with step.packed_groups():
             return _greedy(step, lambda position: None, input_ids, max_new_tokens, graph=graph,
                            on_token=on_token, eos_token_id=eos_token_id, timings=timings)
-    with fused(model) if fuse else contextlib.nullcontext():
+    with fused(model) if fuse else contextlib.nullcontext(), \
+            fastdecode.tiled_linears(model, fastdecode.Tiling(model, b)):
         forward, reset = _hf_forward(model, b, p + max_new_tokens)
         return _greedy(forward, reset, input_ids, max_new_tokens, graph=graph,
                        on_token=on_token, eos_token_id=eos_token_id, timings=timings)

@@ -23,8 +23,9 @@ weights (benchmarks/RESULTS.md, issue 10 profile). This step computes the same f
   (memfit.kernels.pdl), so each starts while the previous one finishes.
 
 Measured on one H200 (random-weight Llama-3-8B shape, batch 1, benchmarks/decode_profile.py):
-bf16 233 tok/s (transformers' forward in the same graph loop: 135), int4 g128 372 (with the
-lm_head in int4 too: 391-394); 266-330 launches a step against 1569-1729.
+bf16 229-233 tok/s (transformers' forward in the same graph loop: 135), int4 g128 412 with the
+weights tiled (`Tiling`; 374 in the stored layout), 440 with the lm_head in int4 too; 266-330
+launches a step against 1569-1729.
 
 Takes (`ineligibility` says why not): model_type llama (also mistral/qwen2 without sliding
 windows or with q/k/v biases absent), SiLU MLP, no attention bias. Anything else goes through
@@ -165,26 +166,61 @@ def _set_int(m, w) -> None:
     m.tile_rows = w.tile_rows
 
 
+class Tiling:
+    """Which 4-bit weights a decode loop holds in the tiled layout of memfit.kernels.weights.tile
+    (one warp load = 512 contiguous bytes, scales and zero points adjacent; H200: 374 -> 412
+    tok/s, benchmarks/RESULTS.md session 9): at batch 1, on CUDA, those the tensor-core decode
+    kernel takes. Not at larger batches: there the stored layout's other kernels win at some
+    shapes (M = 16 on 14336x4096: 37 µs against the tiled mma kernel's 43). rows None:
+    MEMFIT_TILE_ROWS (default 64; 0 = off) on CUDA, off elsewhere; a number given tiles every
+    tileable 4-bit weight on any device (tests: off CUDA the reference kernel reads it through
+    `untile`)."""
+
+    def __init__(self, model, batch: int, rows: int | None = None):
+        dev = next(model.parameters()).device
+        self.batch, self.forced, self.dtype = batch, rows is not None, model.dtype
+        self.rows = (rows if rows is not None else int(os.environ.get("MEMFIT_TILE_ROWS", "64"))
+                     if dev.type == "cuda" else 0)
+
+    def wants(self, w) -> bool:
+        if not self.rows or not tileable(w, self.rows):
+            return False
+        if self.forced:
+            return True
+        from memfit.kernels.triton_mma import mma_ineligibility
+        return (w.qdata.is_cuda and self.batch == 1
+                and mma_ineligibility(w, 1, self.dtype) is None)
+
+
+@contextlib.contextmanager
+def tiled_linears(model, tiling: Tiling, skip: frozenset = frozenset()):
+    """Within: the model's QuantLinears that `tiling` wants (ids in `skip` left alone) hold the
+    tiled layout, in place (no extra memory once each old tensor is dropped); on exit the stored
+    layout again. Inside, their state dict is the tiled bytes: for the decode loop only."""
+    from memfit.formats.quant_linear import QuantLinear
+    done = []
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for m in model.modules():
+                if type(m) is QuantLinear and id(m) not in skip and tiling.wants(m.kernel_weight()):
+                    _set_int(m, tile(m.kernel_weight(), tiling.rows))
+                    done.append(m)
+        yield
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for m in done:
+                _set_int(m, untile(m.kernel_weight()))
+
+
 class NativeStep:
     """The decode step of one Llama-family model for `batch` rows and `max_len` positions.
-
-    tile_rows: at batch 1, the int4 weights that the tensor-core decode kernel takes are
-    reordered in place into its tiled layout while the loop runs (memfit.kernels.weights.tile:
-    one warp load = 512 contiguous bytes, scales and zero points adjacent too; measured in
-    benchmarks/RESULTS.md: 374 -> 412 tok/s on one H200) and put back on exit. Not at larger
-    batches: there the stored layout's other kernels win at some shapes (M = 16 on 14336x4096:
-    37 µs against the tiled mma kernel's 43). None: MEMFIT_TILE_ROWS (default 64) on CUDA,
-    0 (off) elsewhere; a number given here tiles every tileable 4-bit weight on any device
-    (tests: off CUDA the reference kernel reads it through `untile`)."""
+    Within `packed_groups`, 4-bit weights are in the tiled layout where `Tiling(model, batch,
+    tile_rows)` wants them (fused q/k/v and gate/up too: row blocks stay whole, so each
+    module's slice of a fused tiled tensor is a tiled weight of its own)."""
 
     def __init__(self, model, batch: int, max_len: int, tile_rows: int | None = None):
         self.model = model
-        self.batch = batch
-        self.forced = tile_rows is not None
-        dev0 = model.model.embed_tokens.weight.device
-        self.tile_rows = (tile_rows if tile_rows is not None
-                          else int(os.environ.get("MEMFIT_TILE_ROWS", "64"))
-                          if dev0.type == "cuda" else 0)
+        self.tiling = Tiling(model, batch, tile_rows)
         cfg = model.config
         inner = model.model
         self.heads = cfg.num_attention_heads
@@ -210,41 +246,22 @@ class NativeStep:
     def packed_groups(self):
         """Within: q/k/v and gate/up are one tensor each (see the module docstring)."""
         done = []
+        rows = self.tiling.rows
         try:
             with torch.inference_mode(False), torch.no_grad():  # the model's tensors stay normal
                 for g in self.qkv + self.gate_up:
                     g.pack()
                     done.append(g)
-                    if g.kind == "int" and self._tiles(g.weight) and all(
-                            m.out_features % self.tile_rows == 0 for m in g.mods):
-                        g.tile(self.tile_rows)
-                for m in self._singles():
-                    if self._tiles(m.kernel_weight()):
-                        _set_int(m, tile(m.kernel_weight(), self.tile_rows))
-            yield self
+                    if g.kind == "int" and self.tiling.wants(g.weight) and all(
+                            m.out_features % rows == 0 for m in g.mods):
+                        g.tile(rows)
+            grouped = frozenset(id(m) for g in done if g.kind == "int" for m in g.mods)
+            with tiled_linears(self.model, self.tiling, grouped):  # o, down, a packed lm_head
+                yield self
         finally:
             with torch.inference_mode(False), torch.no_grad():
                 for g in done:
                     g.unpack()
-                for m in self._singles():
-                    if m.tile_rows:
-                        _set_int(m, untile(m.kernel_weight()))
-
-    def _singles(self):
-        """The QuantLinears outside the fused groups (o, down, a packed lm_head)."""
-        from memfit.formats.quant_linear import QuantLinear
-        mods = [ly.self_attn.o_proj for ly in self.layers] + [ly.mlp.down_proj for ly in self.layers]
-        return [m for m in mods + [self.model.lm_head] if type(m) is QuantLinear]
-
-    def _tiles(self, w) -> bool:
-        """Whether weight `w` is tiled for this loop (see the class docstring)."""
-        if not self.tile_rows or not tileable(w, self.tile_rows):
-            return False
-        if self.forced:
-            return True
-        from memfit.kernels.triton_mma import mma_ineligibility
-        return (w.qdata.is_cuda and self.batch == 1
-                and mma_ineligibility(w, 1, self.kc[0].dtype) is None)
 
     def _norm(self, h, r, norm):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))

@@ -97,7 +97,7 @@ def test_tiled_loop_gives_the_same_tokens_and_puts_the_model_back(tiny_config):
     step = fastdecode.NativeStep(model, 2, 12, tile_rows=16)
     with step.packed_groups():
         attn = model.model.layers[0].self_attn
-        assert step.qkv[0].weight.tile_rows == 16 and attn.k_proj.tile_rows == 16
+        assert step.tiling.rows == 16 and step.qkv[0].weight.tile_rows == 16 and attn.k_proj.tile_rows == 16
         assert attn.o_proj.tile_rows == 16 and model.model.layers[1].mlp.down_proj.tile_rows == 16
         down = model.model.layers[0].mlp.down_proj  # 256 codes a row: 2 tiles, reordered
         assert not torch.equal(down.qdata, before["model.layers.0.mlp.down_proj.qdata"])
@@ -108,3 +108,19 @@ def test_tiled_loop_gives_the_same_tokens_and_puts_the_model_back(tiny_config):
     assert attn.o_proj.tile_rows == 0 and attn.k_proj.tile_rows == 0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tiled_linears_serve_transformers_forward_too(tiny_config):
+    """The generic loop (any architecture, transformers' forward) with its 4-bit linears tiled:
+    same tokens, the model put back bit for bit."""
+    model = _to_int4(_tiny(tiny_config, hidden_size=128, intermediate_size=256))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 30000, (1, 5), generator=torch.Generator().manual_seed(2))
+    want = greedy_static(model, ids, 5, graph=False, native=False)
+    tiling = fastdecode.Tiling(model, 1, 16)
+    with fastdecode.tiled_linears(model, tiling):
+        assert all(m.tile_rows == 16 for m in model.modules() if hasattr(m, "qdata"))
+        got = greedy_static(model, ids, 5, graph=False, native=False)
+    assert torch.equal(got, want)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert fastdecode.Tiling(model, 1).rows == 0  # on the CPU: off unless asked
