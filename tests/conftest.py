@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # on a GPU: the first launch shape per layer shape (timing every candidate of every
+    # parametrized shape took the kernels' tests past 10 minutes on an H200); the chooser's own
+    # test times (tests/kernels/test_choices.py). Never read or write the user's choice cache.
+    os.environ.setdefault("MEMFIT_TRITON_CHOICE", "first")
+os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
 
 
 def encoder_tokenizer_dir():

@@ -63,3 +63,19 @@ def test_a_stored_choice_is_taken_only_if_a_candidate_that_agrees():
     assert triton_int.stored_choice(x, w, None, KEY, cands[:3], want) is None  # not offered
     choices.store(x.device, KEY, {**asdict(pick), "retired_field": 1})
     assert triton_int.stored_choice(x, w, None, KEY, cands, want) is None
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the chooser times candidates on a GPU only")
+def test_the_chooser_times_once_then_a_new_process_takes_the_kept_choice(monkeypatch):
+    monkeypatch.delenv("MEMFIT_TRITON_CHOICE", raising=False)
+    w = make_weight(256, 512, 4, 128, "int", seed=5)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(DEV)
+    key = (1, w.shape, 4, 128, "int", torch.bfloat16, 0)
+    triton_int._CHOICE.pop(key, None)
+    triton_int.TIMES.pop(key, None)
+    best = triton_int.choose(x, w, None)
+    assert triton_int.TIMES[key][0][1] == best  # timed: the fastest that agreed
+    assert choices.load(x.device, key) == asdict(best)
+    triton_int._CHOICE.pop(key)  # as a new process
+    triton_int.TIMES.pop(key)
+    assert triton_int.choose(x, w, None) == best and key not in triton_int.TIMES  # not timed
