@@ -13,19 +13,22 @@ from memfit.kernels.weights import IntWeight
 @torch.library.custom_op("memfit::int_linear", mutates_args=())
 def int_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
-               in_features: int, bits: int, group_size: int, zero_point: str) -> torch.Tensor:
+               in_features: int, bits: int, group_size: int, zero_point: str,
+               tile_rows: int = 0) -> torch.Tensor:
     """memfit.kernels.triton_int.triton_linear (the reference where it cannot take the layout)."""
     from memfit.kernels import triton_int
-    w = IntWeight(qdata, scale, zero, (out_features, in_features), bits, group_size, zero_point)
+    w = IntWeight(qdata, scale, zero, (out_features, in_features), bits, group_size, zero_point,
+                  tile_rows)
     y = triton_int.triton_linear(x, w, bias)
     return linear_reference(x, w, bias) if y is None else y
 
 
 @int_linear.register_fake
-def _(x, qdata, scale, zero, bias, out_features, in_features, bits, group_size, zero_point):
+def _(x, qdata, scale, zero, bias, out_features, in_features, bits, group_size, zero_point,
+      tile_rows=0):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def call(x: torch.Tensor, w: IntWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return int_linear(x, w.qdata, w.scale, w.zero, bias, w.shape[0], w.shape[1], w.bits,
-                      w.group_size, w.zero_point)
+                      w.group_size, w.zero_point, w.tile_rows)

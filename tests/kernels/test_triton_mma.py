@@ -74,6 +74,8 @@ def test_tiled_weights_take_the_mma_kernel_or_dequantize_and_nothing_else():
     assert rel_err(got, linear_reference(x, w)) < 1e-5
     with pytest.raises(ValueError, match="tiled"):
         triton_int.run(x, t, None, triton_int.Config(16, 64, 64, 1))
+    from memfit.kernels import ops  # the custom op torch.compile calls carries the layout too
+    assert rel_err(ops.call(x, t, None), linear_reference(x, w)) < 1e-5
 
 
 def test_mma_kernel_refuses_what_it_cannot_take():
