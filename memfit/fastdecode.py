@@ -164,6 +164,7 @@ def _set_int(m, w) -> None:
     if w.zero is not None:
         m.zero = w.zero
     m.tile_rows = w.tile_rows
+    m._drop_cache()  # a kernel layout prepared from the other layout is stale
 
 
 class Tiling:

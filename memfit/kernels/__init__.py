@@ -36,7 +36,9 @@ __all__ = ["IntWeight", "dequantize", "linear", "prepare"]
 
 def prepare(weight: IntWeight):
     """The prepared layout of `weight` for its device's fast path, or None."""
-    return cpu.prepare_cpu(weight) if weight.qdata.device.type == "cpu" else None
+    if weight.tile_rows or weight.qdata.device.type != "cpu":
+        return None
+    return cpu.prepare_cpu(weight)
 
 
 def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor | None = None,
