@@ -35,10 +35,13 @@ from memfit import kernels
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs, zeros_float
-from memfit.kernels.packing import pack, packed_width, unpack
+from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs
+from memfit.formats.sparse_rows import (dense_rows, pack_2bit, pack_bits, row_offsets,
+                                        unpack_2bit, unpack_bits)
+from memfit.kernels.packing import pack, packed_width
 
-_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+TILE_WEIGHTS = 1 << 20  # weights rebuilt dense per tile in SparseLinear's forward (whole rows)
+
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class BitmaskWeight:
         return cls(values=w.flatten()[keep].clone(), bitmask=pack_bits(keep), shape=tuple(w.shape))
 
     def to_dense(self) -> torch.Tensor:
-        return _bitmask_dense(self.values, self.bitmask, self.shape)
+        return dense_rows("bitmask", None, self.shape, self.tensors(), 0, self.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -128,7 +131,7 @@ class Sparse24Weight:
                    shape=(out, k))
 
     def to_dense(self) -> torch.Tensor:
-        return _sparse24_dense(self.values, self.indices, self.shape)
+        return dense_rows("2:4", None, self.shape, self.tensors(), 0, self.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -204,8 +207,8 @@ class SparseIntWeight:
         return cls(layout, pattern, qdata, packed.scale, packed.zero, (out, k), fmt)
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return _int_dense(self.layout, self.pattern, self.qdata, self.scale, self.zero,
-                          self.shape, self.fmt).to(dtype)
+        return dense_rows(self.layout, self.fmt, self.shape, self.tensors(), 0,
+                          self.shape[0]).to(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -272,28 +275,47 @@ class SparseLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out, in) dense weight; `dtype` None keeps the stored one (float32 for int values)."""
-        shape = (self.out_features, self.in_features)
-        if self.fmt is not None:
-            w = _int_dense(self.layout, getattr(self, _PATTERN[self.layout]), self.qdata,
-                           self.scale, getattr(self, "zero", None), shape, self.fmt)
-        elif self.layout == "bitmask":
-            w = _bitmask_dense(self.values, self.bitmask, shape)
-        else:
-            w = _sparse24_dense(self.values, self.indices, shape)
+        w = self._rows(0, self.out_features)
         return w if dtype is None else w.to(dtype)
+
+    def _rows(self, r0: int, r1: int) -> torch.Tensor:
+        offsets = self.row_offsets() if self.layout == "bitmask" and r0 else None
+        return dense_rows(self.layout, self.fmt, (self.out_features, self.in_features),
+                          self._stored(), r0, r1, offsets)
+
+    def row_offsets(self) -> torch.Tensor:
+        """(out + 1,) kept weights before each row of a bitmask (counted once, then cached)."""
+        off = self.__dict__.get("_row_off")
+        if off is None:
+            off = row_offsets(self.bitmask, (self.out_features, self.in_features),
+                              self._tile_rows())
+            self.__dict__["_row_off"] = off
+        return off
+
+    def _tile_rows(self) -> int:
+        return max(1, TILE_WEIGHTS // self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 2:4 with float values on CUDA in 16 bits, no autograd: cuSPARSELt's semi-structured
         # matmul over a compressed copy built once (a cache the size of the stored format,
-        # `cache_nbytes`). Otherwise the dense weight is rebuilt per call and handed to the
-        # kernel dispatch: memory saved at rest, not in compute.
+        # `cache_nbytes`). Otherwise the dense weight is rebuilt per call, TILE_WEIGHTS weights
+        # (whole rows) at a time, each tile handed to the kernel dispatch (memfit.formats.
+        # sparse_rows): memory saved at rest, and per call no more than a tile's temporaries.
         if (self.layout == "2:4" and self.fmt is None and x.is_cuda and not torch.is_grad_enabled()
                 and x.dtype in (torch.float16, torch.bfloat16)):
             w24 = self._semi_structured(x.dtype)
             if w24 is not None:
                 b = None if self.bias is None else self.bias.to(x.dtype)
                 return torch.nn.functional.linear(x, w24, b)
-        return kernels.linear(x, self.dequantize(), self.bias)
+        rows = self._tile_rows()
+        if rows >= self.out_features:
+            return kernels.linear(x, self.dequantize(), self.bias)
+        out = []
+        for r0 in range(0, self.out_features, rows):  # one tile's temporaries at a time
+            r1 = min(r0 + rows, self.out_features)
+            b = None if self.bias is None else self.bias[r0:r1]
+            out.append(kernels.linear(x, self._rows(r0, r1), b))
+        return torch.cat(out, dim=-1)
 
     def _semi_structured(self, dtype: torch.dtype):
         """The cuSPARSELt copy of this 2:4 weight in `dtype`, built on first use (None when torch
@@ -335,59 +357,18 @@ class SparseLinear(nn.Module):
         # model.to(dtype) (a float16 copy of a pruned model stores its values in float16)
         apply_keeping_dtypes(self, fn, ("scale", "zero"), lambda f: super(SparseLinear, self)._apply(f, recurse))
         self.__dict__.pop("_w24", None)
+        self.__dict__.pop("_row_off", None)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.__dict__.pop("_w24", None)
+        self.__dict__.pop("_row_off", None)
 
     def extra_repr(self) -> str:
         q = "" if self.fmt is None else f", int{self.fmt.bits} group {self.fmt.group_size or 'channel'}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={self.layout}{q}")
-
-
-# ----- bit packing: 1-bit masks here; 2-bit indices through memfit.kernels.packing -----
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """1-D bool -> uint8, 8 per byte, element 8i+b in bit b of byte i; tail padded with 0."""
-    n = bits.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
-    padded[:n] = bits.to(torch.uint8)
-    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first `n` bits as a 1-D bool tensor."""
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0  # (bytes, 8)
-    return bits.flatten()[:n]
-
-
-def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """1-D uint8 codes in [0, 3] -> uint8, 4 per byte, code 4i+b in bits 2b..2b+1 of byte i
-    (memfit.kernels.packing's layout for one row)."""
-    return pack(codes.reshape(1, -1).to(torch.uint8), 2)[0]
-
-
-def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_2bit: the first `n` codes as 1-D int64."""
-    return unpack(packed.reshape(1, -1), 2, n)[0].to(torch.int64)
-
-
-def _bitmask_dense(values, bitmask, shape) -> torch.Tensor:
-    n = shape[0] * shape[1]
-    keep = unpack_bits(bitmask, n)
-    dense = torch.zeros(n, dtype=values.dtype, device=values.device)
-    dense[keep] = values
-    return dense.view(shape)
-
-
-def _sparse24_dense(values, indices, shape) -> torch.Tensor:
-    out, k = shape
-    pos = unpack_2bit(indices, out * k // 2).view(out, k // 4, 2)
-    dense = torch.zeros(out, k // 4, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, pos, values.view(out, k // 4, 2))
-    return dense.view(out, k)
 
 
 def keep_mask(layout: str, pattern: torch.Tensor, shape) -> torch.Tensor:
@@ -404,24 +385,6 @@ def keep_mask(layout: str, pattern: torch.Tensor, shape) -> torch.Tensor:
         return bits[:n].view(out, k)
     ones = Sparse24Weight(torch.ones(out, k // 2, device=pattern.device), pattern, shape)
     return ones.to_dense() != 0
-
-
-def _int_dense(layout, pattern, qdata, scale, zero, shape, fmt) -> torch.Tensor:
-    """(out, in) float32 weight of a SparseIntWeight's tensors (no checks: the hot path)."""
-    out, k = shape
-    if layout == "bitmask":
-        keep = unpack_bits(pattern, out * k).view(out, k)
-    else:
-        pos = unpack_2bit(pattern, out * k // 2).view(out, k // 4, 2)
-        keep = torch.zeros(out, k // 4, 4, dtype=torch.bool, device=pattern.device)
-        keep.scatter_(-1, pos, True)
-        keep = keep.view(out, k)
-    kept = int(keep.sum()) if layout == "bitmask" else out * k // 2
-    codes = torch.zeros(out, k, dtype=torch.uint8, device=qdata.device)
-    codes[keep] = unpack(qdata.view(1, -1), fmt.bits, kept)[0]
-    g, n_groups = fmt.groups(k)
-    w = grid.dequantize(codes, scale.float(), zeros_float(zero, fmt, out, n_groups, scale.device), fmt)
-    return w * keep
 
 
 def _check_shape(shape) -> tuple[int, int]:

@@ -1,0 +1,118 @@
+"""Rows of a stored sparse weight (memfit.formats.sparse), rebuilt dense a tile at a time.
+
+`SparseLinear`'s forward (where no sparse kernel takes the layer) multiplies by the dense weight
+rebuilt from the stored format. Rebuilding the whole (out, in) matrix at once holds several
+full-size temporaries per call (for int values: the mask, the codes, the float32 weight and its
+masked copy: ~10 bytes per weight, ~600 MB for a 14336x4096 layer); `dense_rows(r0, r1)` rebuilds
+rows [r0, r1) from byte ranges of the stored tensors, so a forward over row tiles holds one
+tile's temporaries (benchmarks/sparse_forward.py; numbers in benchmarks/RESULTS.md).
+
+Where a tile starts inside the stored streams: the bitmask holds bit r * in + c for (r, c); the
+2:4 indices hold 2-bit code r * in / 2 + slot; kept int codes are one bit stream, row-major, so
+row r's first code is the number of kept weights before it: for 2:4 r * in / 2, for a bitmask
+`row_offsets` (counted once per module, out + 1 integers). Bit streams follow
+memfit.kernels.packing (code j at bits [j * bits, (j + 1) * bits)), so any code starts a
+byte-aligned unit a few codes before it: a unit is lcm(bits, 8) bits.
+
+Also here: the 1-bit and 2-bit packing of the masks and indices."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memfit.formats import grid
+from memfit.formats.intq import zeros_float
+from memfit.kernels.packing import pack, packed_width, unpack
+
+_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """1-D bool -> uint8, 8 per byte, element 8i+b in bit b of byte i; tail padded with 0."""
+    n = bits.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:n] = bits.to(torch.uint8)
+    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first `n` bits as a 1-D bool tensor."""
+    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0  # (bytes, 8)
+    return bits.flatten()[:n]
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """1-D uint8 codes in [0, 3] -> uint8, 4 per byte, code 4i+b in bits 2b..2b+1 of byte i
+    (memfit.kernels.packing's layout for one row)."""
+    return pack(codes.reshape(1, -1).to(torch.uint8), 2)[0]
+
+
+def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_2bit: the first `n` codes as 1-D int64."""
+    return unpack(packed.reshape(1, -1), 2, n)[0].to(torch.int64)
+
+
+def stream_codes(packed: torch.Tensor, bits: int, start: int, count: int) -> torch.Tensor:
+    """Codes [start, start + count) of a 1-D bit stream of `bits`-bit codes (uint8, or bool for
+    bits = 1), reading only the bytes that hold them."""
+    unit_bits = math.lcm(bits, 8)
+    per, nbytes = unit_bits // bits, unit_bits // 8  # codes and bytes per aligned unit
+    first = start // per
+    skip = start - first * per
+    byte0 = first * nbytes
+    n = skip + count
+    if bits == 1:
+        return unpack_bits(packed[byte0: byte0 + -(-n // 8)], n)[skip:]
+    width = packed_width(n, bits)
+    return unpack(packed[byte0: byte0 + width].reshape(1, -1), bits, n)[0, skip:]
+
+
+def row_offsets(bitmask: torch.Tensor, shape, tile_rows: int) -> torch.Tensor:
+    """(out + 1,) int64: kept weights before each row of a bitmask (counted tile by tile)."""
+    out, k = shape
+    counts = [stream_codes(bitmask, 1, r * k, (min(r + tile_rows, out) - r) * k)
+              .view(-1, k).sum(1) for r in range(0, out, tile_rows)]
+    return torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
+
+
+def keep_rows(layout: str, pattern: torch.Tensor, k: int, r0: int, r1: int) -> torch.Tensor:
+    """(r1 - r0, k) bool: the stored slots of rows [r0, r1)."""
+    if layout == "bitmask":
+        return stream_codes(pattern, 1, r0 * k, (r1 - r0) * k).view(r1 - r0, k)
+    pos = stream_codes(pattern, 2, r0 * k // 2, (r1 - r0) * k // 2).long().view(r1 - r0, k // 4, 2)
+    keep = torch.zeros(r1 - r0, k // 4, 4, dtype=torch.bool, device=pattern.device)
+    return keep.scatter_(-1, pos, True).view(r1 - r0, k)
+
+
+def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of the dense weight of a sparse format's tensors `t` (values / qdata,
+    scale, zero, and the bitmask or 2:4 indices): the values' dtype for float values, float32 for
+    int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets)."""
+    k = shape[1]
+    rows = r1 - r0
+    if fmt is None and layout == "2:4":
+        pos = stream_codes(t["indices"], 2, r0 * k // 2, rows * k // 2).long()
+        dense = torch.zeros(rows, k // 4, 4, dtype=t["values"].dtype, device=t["values"].device)
+        dense.scatter_(-1, pos.view(rows, k // 4, 2), t["values"][r0:r1].view(rows, k // 4, 2))
+        return dense.view(rows, k)
+    keep = keep_rows(layout, t["bitmask" if layout == "bitmask" else "indices"], k, r0, r1)
+    if layout == "2:4":
+        start, stop = r0 * k // 2, r1 * k // 2
+    elif offsets is not None:
+        start, stop = int(offsets[r0]), int(offsets[r1])
+    else:
+        assert r0 == 0, "a bitmask tile after row 0 needs the row offsets"
+        start, stop = 0, int(keep.sum())
+    if fmt is None:  # bitmask, float values
+        dense = torch.zeros(rows, k, dtype=t["values"].dtype, device=t["values"].device)
+        dense[keep] = t["values"][start:stop]
+        return dense
+    codes = torch.zeros(rows, k, dtype=torch.uint8, device=t["qdata"].device)
+    codes[keep] = stream_codes(t["qdata"], fmt.bits, start, stop - start)
+    zero = t.get("zero")
+    z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, fmt.groups(k)[1],
+                    t["scale"].device)
+    return grid.dequantize(codes, t["scale"][r0:r1].float(), z, fmt) * keep

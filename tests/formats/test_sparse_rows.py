@@ -1,0 +1,65 @@
+"""SparseLinear's forward over row tiles (memfit.formats.sparse_rows): any tile of rows rebuilt
+from byte ranges of the stored tensors equals those rows of the whole rebuild, for every layout,
+value kind and code width, with tiles that start inside a byte (widths not a multiple of 8) or
+inside a 3-bit unit; and the tiled forward equals the whole-matrix one (to float32 rounding: the
+GEMM may block a narrower matrix otherwise)."""
+
+import pytest
+import torch
+
+from memfit.algos.prune import magnitude_mask
+from memfit.formats import grid, sparse
+from memfit.formats.grid import IntFormat, minmax_params, round_params
+from memfit.formats.sparse import SparseIntWeight, SparseLinear
+from memfit.formats.sparse_rows import dense_rows, pack_bits, row_offsets, stream_codes
+from memfit.kernels.packing import pack
+
+G = torch.Generator().manual_seed
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_stream_codes_reads_any_range(bits):
+    n = 1000
+    codes = torch.randint(0, 2 ** bits, (n,), generator=G(bits), dtype=torch.uint8)
+    packed = pack_bits(codes.bool()) if bits == 1 else pack(codes.view(1, -1), bits)[0]
+    for start, count in [(0, n), (1, 7), (5, 300), (997, 3), (333, 0), (8, 16), (13, 501)]:
+        got = stream_codes(packed, bits, start, count)
+        assert torch.equal(got.to(torch.uint8), codes[start: start + count])
+
+
+def _module(layout, bits, out=37, k=100, seed=0):
+    """A SparseLinear of each kind: float values (bits None) or int codes on a group grid."""
+    w = torch.randn(out, k, generator=G(seed))
+    keep = magnitude_mask(w, **({"nm": (2, 4)} if layout == "2:4" else {"sparsity": 0.6}))
+    if bits is None:
+        lin = torch.nn.Linear(k, out)
+        with torch.no_grad():
+            lin.weight.copy_(w * keep)
+        return SparseLinear.from_linear(lin, layout)
+    fmt = IntFormat(bits=bits, group_size=16)  # 100 = 6 x 16 + 4: a ragged last group
+    s, z = round_params(*minmax_params(w * keep, fmt), fmt)
+    w_hat = grid.dequantize(grid.quantize(w * keep, s, z, fmt), s, z, fmt) * keep
+    return SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, layout), torch.randn(out))
+
+
+@pytest.mark.parametrize("layout,bits", [("bitmask", None), ("2:4", None), ("bitmask", 4),
+                                         ("bitmask", 3), ("bitmask", 2), ("bitmask", 8),
+                                         ("2:4", 4), ("2:4", 3)])
+def test_any_row_tile_equals_the_whole_rebuild(layout, bits, monkeypatch):
+    m = _module(layout, bits)
+    whole = m.dequantize()
+    shape, t = (m.out_features, m.in_features), m._stored()
+    if layout == "bitmask":
+        off = m.row_offsets()
+        assert off[0] == 0 and torch.equal(off[1:] - off[:-1], (whole != 0).sum(1).long()) \
+            or bits is not None  # int codes may round a kept weight to 0: count the mask instead
+        assert torch.equal(off, row_offsets(m.bitmask, shape, 5))  # any counting tile
+    for r0, r1 in [(0, 37), (1, 2), (3, 10), (10, 37), (36, 37)]:
+        off = m.row_offsets() if layout == "bitmask" else None
+        assert torch.equal(dense_rows(layout, m.fmt, shape, t, r0, r1, off), whole[r0:r1])
+    x = torch.randn(4, m.in_features, generator=G(9))
+    ref = m(x)  # one tile: the whole matrix
+    monkeypatch.setattr(sparse, "TILE_WEIGHTS", 3 * m.in_features)  # 3 rows a tile, 13 tiles
+    m.__dict__.pop("_row_off", None)
+    got = m(x)  # same rows, same x: only the GEMM's blocking may differ with the tile width
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
