@@ -53,6 +53,8 @@ def child(kind: str, mode: str, m: int, threads: int) -> dict:
         del w, keep
     if mode == "before":
         sparse.TILE_WEIGHTS = out * k
+    elif mode.startswith("tile="):  # another tile size (weights)
+        sparse.TILE_WEIGHTS = int(mode[5:])
     x = torch.randn(m, k, generator=g)
     with torch.no_grad():
         if layout == "bitmask":
