@@ -17,8 +17,9 @@
   (so groups mean the same thing with and without sparsity). A weight is (q - z)·s at a kept
   position and 0 elsewhere. 50% + int4 g64 with fp16 scales: 1 (mask) + 2 (codes) + 0.31
   bits per weight, 0.77× dense int4 g64 (4.31); 2:4 + int4 costs the same.
-- `SparseLinear` holds any of these formats as buffers and, for now, rebuilds the dense weight in
-  forward (a sparse matmul kernel is a later issue): it saves memory at rest, not compute.
+- `SparseLinear` holds any of these formats as buffers. Its forward multiplies through the dense
+  rows rebuilt a tile at a time (memfit.formats.sparse_rows; bounded temporaries), or, for 2:4
+  with 16-bit float values on CUDA, through cuSPARSELt: memory saved at rest, not compute.
 
 Round trips are exact in value: `to_dense(from_dense(w))` equals `w` elementwise (a −0.0 is a
 zero and comes back as +0.0). `nbytes` counts the stored tensors, not the shape metadata.
