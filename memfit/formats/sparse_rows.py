@@ -77,15 +77,6 @@ def row_offsets(bitmask: torch.Tensor, shape, tile_rows: int) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
 
 
-def keep_rows(layout: str, pattern: torch.Tensor, k: int, r0: int, r1: int) -> torch.Tensor:
-    """(r1 - r0, k) bool: the stored slots of rows [r0, r1)."""
-    if layout == "bitmask":
-        return stream_codes(pattern, 1, r0 * k, (r1 - r0) * k).view(r1 - r0, k)
-    pos = stream_codes(pattern, 2, r0 * k // 2, (r1 - r0) * k // 2).long().view(r1 - r0, k // 4, 2)
-    keep = torch.zeros(r1 - r0, k // 4, 4, dtype=torch.bool, device=pattern.device)
-    return keep.scatter_(-1, pos, True).view(r1 - r0, k)
-
-
 def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
                offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [r0, r1) of the dense weight of a sparse format's tensors `t` (values / qdata,
@@ -93,25 +84,31 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
     int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets)."""
     k = shape[1]
     rows = r1 - r0
-    if fmt is None and layout == "2:4":
+    if layout == "2:4":  # every row keeps k / 2 slots: scatter them to their positions
+        src = t["values"][r0:r1] if fmt is None else \
+            stream_codes(t["qdata"], fmt.bits, r0 * k // 2, rows * k // 2)
         pos = stream_codes(t["indices"], 2, r0 * k // 2, rows * k // 2).long()
-        dense = torch.zeros(rows, k // 4, 4, dtype=t["values"].dtype, device=t["values"].device)
-        dense.scatter_(-1, pos.view(rows, k // 4, 2), t["values"][r0:r1].view(rows, k // 4, 2))
-        return dense.view(rows, k)
-    keep = keep_rows(layout, t["bitmask" if layout == "bitmask" else "indices"], k, r0, r1)
-    if layout == "2:4":
-        start, stop = r0 * k // 2, r1 * k // 2
-    elif offsets is not None:
-        start, stop = int(offsets[r0]), int(offsets[r1])
+        pos = pos.view(rows, k // 4, 2)
+        dense = torch.zeros(rows, k // 4, 4, dtype=src.dtype, device=src.device)
+        dense = dense.scatter_(-1, pos, src.reshape(rows, k // 4, 2)).view(rows, k)
+        if fmt is None:
+            return dense
+        keep = torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=src.device)
+        keep = keep.scatter_(-1, pos, True).view(rows, k)
+        codes = dense
     else:
-        assert r0 == 0, "a bitmask tile after row 0 needs the row offsets"
-        start, stop = 0, int(keep.sum())
-    if fmt is None:  # bitmask, float values
-        dense = torch.zeros(rows, k, dtype=t["values"].dtype, device=t["values"].device)
-        dense[keep] = t["values"][start:stop]
-        return dense
-    codes = torch.zeros(rows, k, dtype=torch.uint8, device=t["qdata"].device)
-    codes[keep] = stream_codes(t["qdata"], fmt.bits, start, stop - start)
+        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k).view(rows, k)
+        if offsets is not None:
+            start, stop = int(offsets[r0]), int(offsets[r1])
+        else:
+            assert r0 == 0, "a bitmask tile after row 0 needs the row offsets"
+            start, stop = 0, int(keep.sum())
+        src = t["values"][start:stop] if fmt is None else \
+            stream_codes(t["qdata"], fmt.bits, start, stop - start)
+        codes = torch.zeros(rows, k, dtype=src.dtype, device=src.device)
+        codes[keep] = src
+        if fmt is None:
+            return codes
     zero = t.get("zero")
     z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, fmt.groups(k)[1],
                     t["scale"].device)
