@@ -10,7 +10,7 @@ time = best of 3 calls after one warm-up.
 "before" sets memfit.formats.sparse.TILE_WEIGHTS above the layer's size (one tile = the whole
 matrix, the previous forward).
 
-    python benchmarks/sparse_forward.py [--m 1 32] [--threads 2]
+    python benchmarks/sparse_forward.py [--m 1 32] [--threads 2] [--kinds "2:4 int4" ...]
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kinds", nargs="*", default=["bitmask fp32", "2:4 fp32", "bitmask int4",
+                                                   "2:4 int4"])
     ap.add_argument("--child", nargs=3)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), args.threads)))
         return
     rows = []
-    for kind in ("bitmask fp32", "2:4 fp32", "bitmask int4", "2:4 int4"):
+    for kind in args.kinds:
         for m in args.m:
             for mode in ("before", "tiled"):
                 r = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
