@@ -17,6 +17,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gemv_probe import load_only
 from benchmarks.kernels import copies, graph_time_us, int_weight
 from memfit.kernels import gpu_timing, triton_int, triton_mma
 from memfit.kernels.weights import tile
@@ -26,11 +27,6 @@ SETTINGS = [  # (out, in, group, M)
     (4096, 4096, 128, 1), (1024, 4096, 128, 1), (14336, 4096, 64, 1), (14336, 4096, 128, 16),
     (128256, 4096, 128, 1),
 ]
-
-
-def load_only(halves, f16, xload):
-    return "{\n" + "\n".join([f"mov.b32 ${i}, ${8 + i};" for i in range(4)]
-                             + [f"mov.b32 ${4 + i}, 0;" for i in range(4)]) + "\n}"
 
 
 def best(x, ws, cands):

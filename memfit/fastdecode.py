@@ -121,9 +121,9 @@ class _Group:
         t = tile(self.weight, rb)
         row = 0
         for m in self.mods:
-            _set_int(m, t._replace(qdata=t.qdata[row: row + m.out_features],
-                                   scale=t.scale[row: row + m.out_features],
-                                   zero=None if t.zero is None else t.zero[row: row + m.out_features]))
+            rows = slice(row, row + m.out_features)
+            m.hold(t._replace(qdata=t.qdata[rows], scale=t.scale[rows],
+                              zero=None if t.zero is None else t.zero[rows]))
             row += m.out_features
         self.weight = t
 
@@ -133,7 +133,7 @@ class _Group:
             return
         for m in self.mods:
             if getattr(m, "tile_rows", 0):
-                _set_int(m, untile(m.kernel_weight()))  # fresh tensors of its own
+                m.hold(untile(m.kernel_weight()))  # fresh tensors of its own
                 continue
             for f in self.fields:
                 self._set(m, f, self._get(m, f).clone())
@@ -156,15 +156,6 @@ class _Group:
         if self.kind == "int":
             return kernel_linear(x, self.weight)
         return torch.cat([m(x) for m in self.mods], dim=-1)
-
-
-def _set_int(m, w) -> None:
-    """Point a QuantLinear's buffers at an IntWeight's tensors (and say whether they are tiled)."""
-    m.qdata, m.scale = w.qdata, w.scale
-    if w.zero is not None:
-        m.zero = w.zero
-    m.tile_rows = w.tile_rows
-    m._drop_cache()  # a kernel layout prepared from the other layout is stale
 
 
 class Tiling:
@@ -203,14 +194,15 @@ def tiled_linears(model, tiling: Tiling, skip: frozenset = frozenset()):
     try:
         with torch.inference_mode(False), torch.no_grad():
             for m in model.modules():
-                if type(m) is QuantLinear and id(m) not in skip and tiling.wants(m.kernel_weight()):
-                    _set_int(m, tile(m.kernel_weight(), tiling.rows))
+                w = m.kernel_weight() if type(m) is QuantLinear and id(m) not in skip else None
+                if w is not None and tiling.wants(w):
+                    m.hold(tile(w, tiling.rows))
                     done.append(m)
         yield
     finally:
         with torch.inference_mode(False), torch.no_grad():
             for m in done:
-                _set_int(m, untile(m.kernel_weight()))
+                m.hold(untile(m.kernel_weight()))
 
 
 class NativeStep:

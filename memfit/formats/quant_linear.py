@@ -97,6 +97,15 @@ class QuantLinear(nn.Module):
         return kernel_weight(self.qdata, self.scale, getattr(self, "zero", None),
                              (self.out_features, self.in_features), self.fmt, self.tile_rows)
 
+    def hold(self, w) -> None:
+        """Point the buffers at an IntWeight's tensors of this layer, in the layout it says
+        (`w.tile_rows`: memfit.fastdecode's decode loop tiles them in place, then puts them back)."""
+        self.qdata, self.scale = w.qdata, w.scale
+        if w.zero is not None:
+            self.zero = w.zero
+        self.tile_rows = w.tile_rows
+        self._drop_cache()  # a kernel layout prepared from the other layout is stale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kernel_weight()
         if not self._cache_ready:
