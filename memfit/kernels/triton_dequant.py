@@ -95,10 +95,13 @@ def zmode(w: IntWeight) -> int:
     return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
 
 
-def dequantize_triton(w: IntWeight, dtype: torch.dtype) -> torch.Tensor:
-    """(out, in) dense weight of `dtype`, one kernel pass (stored or tiled layout)."""
+def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """(out, in) dense weight of `dtype`, one kernel pass (stored or tiled layout), into `out`
+    (a contiguous (out, in) tensor of `dtype`) when given."""
     n, k = w.shape
-    out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
     bk = min(block_k(w), 128)
     z = w.zero if w.zero is not None else w.scale
     grid = (triton.cdiv(n, 32), triton.cdiv(k, bk))

@@ -49,7 +49,7 @@ from memfit.kernels.triton_dequant import (_group_params, _unpack_tile, block_k,
                                            dequantize_triton, zmode)
 from memfit.kernels.triton_mma import MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
-from memfit.kernels.weights import IntWeight
+from memfit.kernels.weights import IntWeight, row_slice
 
 BITS = (2, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -331,6 +331,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     m, k = x2.shape
     n = w.shape[0]
     if cfg.BM == 0:
+        if 0 < cfg.BN < n:
+            return _dequant_blocks(x2, w, bias, cfg.BN)
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
     if cfg.words == "mma":
@@ -372,6 +374,23 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         if bias is not None:
             y += bias.float()
         y = y.to(x2.dtype)
+    return y
+
+
+def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Tensor:
+    """Dequantize + cuBLAS `rows` output rows at a time through one reused 16-bit buffer, small
+    enough to stay in the L2 between its write and the GEMM's read (the whole dense weight
+    goes to the HBM and back)."""
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    buf = torch.empty(rows, k, dtype=x2.dtype, device=x2.device)
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        wd = dequantize_triton(row_slice(w, a, b), x2.dtype, buf[: b - a])
+        torch.mm(x2, wd.t(), out=y[:, a:b])  # a column block of y: cuBLAS writes it in place
+    if bias is not None:
+        y += bias.to(x2.dtype)
     return y
 
 

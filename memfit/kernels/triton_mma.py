@@ -246,7 +246,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
-              CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False):
+              CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
+              PIPE: tl.constexpr = 0):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -270,7 +271,16 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     else:
         qp = q_ptr + (((rn // RB) * (stride_qn // 16) + w0 // 16) * QS + (rn % RB) * 16)[:, None] \
             + rw[None, :]
-    if U == 1:
+    if PIPE:  # loads in the loop body: Triton's pipeliner keeps num_stages tiles in flight
+        pdl.wait(PDL)
+        for it in tl.range(ITERS, num_stages=PIPE):
+            wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
+                                    GROUP, ZMODE, NSUB, RB)
+            acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
+                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+            qp += QS
+            w0 += 16
+    elif U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
@@ -367,7 +377,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
         ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
-        RB=w.tile_rows, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        RB=w.tile_rows, PIPE=num_stages if num_stages > 1 and unroll == 1 else 0, num_warps=num_warps,
+        num_stages=num_stages, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
         _check_layout(kernel)

@@ -48,6 +48,17 @@ class IntWeight(NamedTuple):
         return unpack(self.qdata, self.bits, self.shape[1])
 
 
+def row_slice(w: IntWeight, a: int, b: int) -> IntWeight:
+    """Rows [a, b) of `w` as a weight of their own (views, no copy); a tiled weight needs
+    a and b on its row blocks."""
+    rb = w.tile_rows
+    if rb and (a % rb or (b % rb and b != w.shape[0])):
+        raise ValueError(f"rows [{a}, {b}) split a block of {rb} tiled rows")
+    z = None if w.zero is None else w.zero[a:b]
+    return w._replace(qdata=w.qdata[a:b], scale=w.scale[a:b], zero=z,
+                      shape=(b - a, w.shape[1]))
+
+
 def dequantize_rows_(tile: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int) -> None:
     """In place: float codes (r, in) -> (codes - z) * s, group-wise with a ragged last group."""
     r, k = tile.shape

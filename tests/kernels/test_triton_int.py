@@ -60,12 +60,13 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
 
 
 @pytest.mark.parametrize("cfg", [triton_int.Config(16, 32, 64, 4), triton_int.Config(32, 64, 64, 1),
-                                 triton_int.Config(0, 0, 0), triton_int.Config(8, 16, 64, 1, gemv=True),
+                                 triton_int.Config(0, 0, 0), triton_int.Config(0, 32, 0),
+                                 triton_int.Config(8, 16, 64, 1, gemv=True),
                                  triton_int.Config(8, 32, 64, 4, gemv=True),
                                  triton_int.Config(16, 32, 64, 2, magic=True),
                                  triton_int.Config(16, 16, 128, 1, words="dot"),
                                  triton_int.Config(16, 16, 64, 3, words="dot", shift=False)],
-                         ids=["split-k", "tile", "dequant", "gemv", "gemv-split-k", "magic",
+                         ids=["split-k", "tile", "dequant", "dequant-blocks", "gemv", "gemv-split-k", "magic",
                               "words-dot", "words-dot-in-place-split-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_launch_shape_and_16bit_activations(cfg, dtype):

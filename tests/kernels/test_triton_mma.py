@@ -23,9 +23,10 @@ CASES = [  # (n, k, group, zero point, M)
 
 
 @pytest.mark.parametrize("n,k,group,zp,m", CASES)
-@pytest.mark.parametrize("split_k,unroll", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("split_k,unroll,stages", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype):
+def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, stages, dtype):
+    """stages > 1: the loads in the loop body, pipelined by Triton (PIPE)."""
     if (k // 128) % (split_k * unroll):
         pytest.skip("split_k x unroll must divide the row's tiles")
     w = make_weight(n, k, 4, group, zp, seed=n + k + m)
@@ -33,7 +34,7 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype).to(DEV)
     bias = torch.randn(n).to(DEV)
     want = linear_reference(x.float(), w, bias)
-    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll)
+    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll, stages)
     assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
     err = rel_err(got.float(), want)
     print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} u={unroll} {dtype}: rel err {err:.2e}")
@@ -43,8 +44,8 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, dtype
 @pytest.mark.parametrize("n,k,group,zp,m,rb", [
     (128, 256, 128, "int", 1, 64), (96, 384, 64, "sym", 1, 32), (64, 256, 32, "int", 1, 16),
     (128, 512, 256, "int", 5, 64), (64, 256, 128, "sym", 16, 16)])
-@pytest.mark.parametrize("split_k,unroll", [(1, 1), (2, 1), (1, 2)])
-def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unroll):
+@pytest.mark.parametrize("split_k,unroll,stages", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 1, 3)])
+def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unroll, stages):
     """weights.tile reorders the bytes; the kernel's sums stay the reference's (and equal the
     stored layout's bit for bit: the same codes meet the same activations in the same order)."""
     if (k // 128) % (split_k * unroll):
@@ -56,8 +57,8 @@ def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unro
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16).to(DEV)
     bias = torch.randn(n).to(DEV)
     bn = 32 if DEV == "cpu" else 64
-    got = triton_mma.run_mma(x, t, bias, bn, split_k, 4, unroll)
-    assert torch.equal(got, triton_mma.run_mma(x, w, bias, bn, split_k, 4, unroll))
+    got = triton_mma.run_mma(x, t, bias, bn, split_k, 4, unroll, stages)
+    assert torch.equal(got, triton_mma.run_mma(x, w, bias, bn, split_k, 4, unroll, stages))
     assert rel_err(got.float(), linear_reference(x.float(), w, bias)) < 1e-2
 
 
@@ -66,6 +67,12 @@ def test_tiled_weights_take_the_mma_kernel_or_dequantize_and_nothing_else():
     t = tile(w, 64)
     assert torch.equal(triton_int.dequantize_triton(t, torch.float32).cpu(),
                        dequantize(w).cpu())
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8)).to(DEV)
+    blocks = triton_int.run(x, t, None, triton_int.Config(0, 64, 0))  # dequantize 64 rows at a time
+    assert torch.allclose(blocks, triton_int.run(x, w, None, triton_int.Config(0, 0, 0)),
+                          rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split a block"):
+        triton_int.run(x, t, None, triton_int.Config(0, 48, 0))
     one = triton_int.candidates(1, t, torch.bfloat16)
     assert one[0].words == "mma" and all(c.words == "mma" or c.BM == 0 for c in one)
     assert triton_int.candidates(2, t, torch.bfloat16) == [triton_int.Config(0, 0, 0)]  # g64
