@@ -7,6 +7,8 @@
   removed (load-only).
 - stream: what a plain read of the same bytes reaches (a Triton kernel summing int32 words),
   the ceiling any M = 1 kernel of this size works under.
+- epi: the M = 1 kernel's epilogue in its asm (EPI) or in Triton, same run.
+- dequant: the one-pass dequantize kernel's launch shapes (its speed sets large M's).
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 
@@ -163,6 +165,84 @@ def blocks(args, gen) -> None:
             torch.cuda.empty_cache()
 
 
+def epi(args, gen) -> None:
+    """The M = 1 mma kernel with the scales loaded and the tile folded in the asm (EPI) against
+    the Triton epilogue, every register-prefetch launch shape (U = 1), tiled and stored."""
+    for n, k, g in ((14336, 4096, 128), (4096, 14336, 128), (14336, 4096, 64),
+                    (14336, 4096, 32)):
+        ws, x, bf16, want = setup(n, k, g, 1, gen)
+        row = {"part": "epi", "n": n, "k": k, "group": g, "bf16_us": round(bf16, 2)}
+        for rb in (64, 0):
+            wl = [tile(w, rb) for w in ws] if rb else ws
+            for on in (True, False):
+                triton_mma.EPI = on
+                res = []
+                for c in triton_int.mma_candidates(1, ws[0]):
+                    if c.BK != 128:
+                        continue
+                    f = [lambda w=w, c=c: triton_mma.run_mma(x, w, None, c.BN, c.SPLIT_K,
+                                                             c.num_warps) for w in wl]
+                    try:
+                        err = ((f[0]().float() - want).norm() / want.norm()).item()
+                        res.append((t_us(f), c.BN, c.num_warps, c.SPLIT_K, err))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {c}: {type(e).__name__} {str(e)[:160]}", flush=True)
+                res.sort()
+                row[f"rb{rb}_epi{int(on)}"] = {
+                    "us": round(res[0][0], 2), "x_bf16": round(bf16 / res[0][0], 3),
+                    "cfg": res[0][1:4], "max_err": max(r[4] for r in res),
+                    "top4": [(round(r[0], 2),) + r[1:4] for r in res[:4]]}
+            triton_mma.EPI = True
+        note(row, args.json)
+        del ws
+        torch.cuda.empty_cache()
+
+
+def dequant(args, gen) -> None:
+    """dequantize_triton's launch shapes (rows, K tiles, warps per program), then the
+    blocks of M = 256 and 2048 with the best one."""
+    from memfit.kernels import triton_dequant
+    for n, k in ((14336, 4096), (4096, 14336)):
+        ws, x, bf16, want = setup(n, k, 128, 2048, gen)
+        res = []
+        for bn in (32, 64, 128):
+            for nkt in (1, 2, 4):
+                for warps in (4, 8):
+                    triton_dequant.LAUNCH = (bn, nkt, warps)
+                    ok = torch.equal(triton_dequant.dequantize_triton(ws[0], torch.bfloat16),
+                                     _ref_dequant(ws[0]))
+                    t = t_us([lambda w=w: triton_dequant.dequantize_triton(w, torch.bfloat16)
+                              for w in ws])
+                    res.append((t, bn, nkt, warps, ok))
+        res.sort()
+        nbytes = n * k * 2 + n * k // 2
+        triton_dequant.LAUNCH = res[0][1:4]
+        row = {"part": "dequant", "n": n, "k": k, "best": res[0][1:4],
+               "best_us": round(res[0][0], 2), "TBps": round(nbytes / res[0][0] / 1e6, 2),
+               "all_exact": all(r[4] for r in res),
+               "top6": [(round(r[0], 2),) + r[1:4] for r in res[:6]],
+               "was_32_1_4": [round(r[0], 2) for r in res if r[1:4] == (32, 1, 4)]}
+        for m in (256, 2048):
+            xm = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+            dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda() for _ in range(2)]
+            b16 = graph_time_us([lambda d=d: F.linear(xm, d) for d in dense])
+            del dense
+            for rows in (0, 2048, 4096):
+                c = triton_int.Config(0, rows, 0)
+                t = t_us([lambda w=w: triton_int.run(xm, w, None, c) for w in ws])
+                row[f"m{m}_rows{rows}"] = {"us": round(t, 2), "x_bf16": round(b16 / t, 3)}
+            row[f"m{m}_bf16_us"] = round(b16, 2)
+        triton_dequant.LAUNCH = (32, 1, 4)
+        note(row, args.json)
+        del ws
+        torch.cuda.empty_cache()
+
+
+def _ref_dequant(w):
+    from memfit.kernels.weights import dequantize
+    return dequantize(w).to(torch.bfloat16)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "blocks", "pipe"])
@@ -170,7 +250,8 @@ def main() -> None:
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
-        {"pipe": pipe, "stream": stream, "blocks": blocks}[part](args, gen)
+        {"pipe": pipe, "stream": stream, "blocks": blocks, "dequant": dequant,
+         "epi": epi}[part](args, gen)
 
 
 if __name__ == "__main__":

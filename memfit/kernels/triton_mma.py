@@ -55,6 +55,47 @@ from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# M = 1: scales loaded and the tile folded in the asm (`_epi_asm`); 0: the Triton epilogue
+EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
+
+
+def _chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
+    """PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3; M = 1: the
+    activation pairs X_i of word e at $(x0 + 4i + e); xload: per token set a pointer and a flag
+    per word from $x0 on, see `_mma_asm`) into a0-a3 (and b0-b3 with two halves)."""
+    ty = "f16" if f16 else "bf16"
+    magic = "0x64006400" if f16 else "0x43004300"
+    ones = "0x3C003C00" if f16 else "0x3F803F80"
+    out = [".reg .b32 p<4>, t, one, q<4>, xp<4>, sa, sb, za, zb, ln;",
+           ".reg .f32 a<4>, b<4>, u, v;", ".reg .pred ok, odd;", f"mov.b32 one, {ones};"]
+    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
+    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
+    for e in range(4):  # word e of this lane
+        w = f"${w0 + e}"
+        for i in range(4):
+            src = w
+            if i:
+                out.append(f"shr.u32 t, {w}, {4 * i};")
+                src = "t"
+            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        for h in range(halves):
+            acc = "a" if h == 0 else "b"
+            if xload:
+                ptr, flag = f"${x0 + 8 * h + e}", f"${x0 + 4 + 8 * h + e}"
+                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
+                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
+                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
+                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
+                xs = ["xp0", "xp1", "xp2", "xp3"]
+            else:
+                xs = [f"${x0 + 4 * i + e}" for i in range(4)]
+            for half in range(2):  # pairs (0, 1) then (2, 3)
+                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
+                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
+                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
+    return out
 
 
 def _mma_asm(halves: int, f16: bool, xload: bool) -> str:
@@ -65,43 +106,56 @@ def _mma_asm(halves: int, f16: bool, xload: bool) -> str:
     word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
     xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
     like the weight load (a (rows, 16) activation load would pull it into another layout)."""
-    ty = "f16" if f16 else "bf16"
-    magic = "0x64006400" if f16 else "0x43004300"
-    ones = "0x3C003C00" if f16 else "0x3F803F80"
-    out = ["{", ".reg .b32 p<4>, t, one, q<4>, xp<4>;", ".reg .f32 a<4>, b<4>;", ".reg .pred ok;",
-           f"mov.b32 one, {ones};"]
-    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
-    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
-    for e in range(4):  # word e of this lane
-        w = f"${8 + e}"
-        for i in range(4):
-            src = w
-            if i:
-                out.append(f"shr.u32 t, {w}, {4 * i};")
-                src = "t"
-            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
-        for h in range(halves):
-            acc = "a" if h == 0 else "b"
-            if xload:
-                ptr, flag = f"${12 + 8 * h + e}", f"${16 + 8 * h + e}"
-                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
-                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
-                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
-                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
-                xs = ["xp0", "xp1", "xp2", "xp3"]
-            else:
-                xs = [f"${12 + 4 * i + e}" for i in range(4)]
-            for half in range(2):  # pairs (0, 1) then (2, 3)
-                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
-                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
-                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
+    out = ["{"] + _chain(halves, f16, xload, 8, 12)
     second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
     for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
         out.append(f"mov.b32 ${i}, {v};")
     out.append("}")
     return "\n".join(out)
+
+
+def _epi_asm(f16: bool, nsub: int) -> str:
+    """M = 1 PTX that also folds the tile into the accumulator (EPI): the mma chain over one
+    lane's 4 words, then acc_e += s_e * (D_e + nz_e * XS_e) for the mma columns that matter only
+    (e = 0 with one group per tile: every column holds the same sum; e = 0, 1 with NSUB groups:
+    column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
+    Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`_param_asm`'s, per
+    element: element e holds column 2j + e's group)."""
+    out = ["{"] + _chain(1, f16, False, 4, 8)
+    out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
+    if nsub == 1:
+        out.append("mov.b32 $1, $25;")
+    else:
+        out += ["fma.rn.f32 v, $33, a3, a1;", "fma.rn.f32 $1, $29, v, $25;"]
+    out += ["mov.b32 $2, $26;", "mov.b32 $3, $27;", "}"]
+    return "\n".join(out)
+
+
+def _param_asm(sdt: str, zmode: int, f16: bool) -> str:
+    """PTX loading one (row, group)'s scale as float32 and nz = -(BASE + z) (EPI), where the
+    flag is set (else 0): inputs scale pointer $2, zero-point byte pointer $3, shift $4 (the
+    group's nibble), flag $5; outputs s $0, nz $1. Issued a tile ahead, like the words, so its
+    latency hides behind a tile's arithmetic; loading in the asm keeps the values in the mma
+    layout (a (rows,) load is laid out otherwise and converted through shared memory, with
+    barriers, every tile)."""
+    base = "0f44800000" if f16 else "0f43000000"  # 1024 / 128
+    out = ["{", ".reg .b32 h, zb;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
+           "setp.ne.u32 ok, $5, 0;", "mov.b32 $0, 0;", "mov.b32 $1, 0;"]
+    if sdt == "f32":
+        out.append("@ok ld.global.nc.b32 $0, [$2];")
+    else:
+        out.append("@ok ld.global.nc.b16 hh, [$2];")
+        out += (["@ok cvt.f32.f16 $0, hh;"] if sdt == "f16"  # bfloat16: a float32's upper half
+                else ["cvt.u32.u16 h, hh;", "@ok shl.b32 $0, h, 16;"])
+    if zmode == 0:
+        out.append(f"@ok mov.b32 $1, {'0fC4810000' if f16 else '0fC3080000'};")  # -(BASE + 8)
+    else:
+        out += ["mov.b32 zb, 0;", "@ok ld.global.nc.u8 zb, [$3];", "shr.u32 zb, zb, $4;",
+                "and.b32 zb, zb, 15;", "cvt.rn.f32.u32 zf, zb;", f"add.f32 zf, zf, {base};",
+                "@ok neg.f32 $1, zf;"]
+    return "\n".join(out + ["}"])
+
+
 
 
 def _constraints(halves: int, xload: bool) -> str:
@@ -198,6 +252,39 @@ def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: 
 
 
 @triton.jit
+def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
+    """M = 1: the B operands of words wi, (x_i, x_{i+4}) pairs, broadcast over the rows; with
+    NSUB groups a tile, B column n keeps only the lanes of group n % NSUB."""
+    q = x32 + wi * 4  # (16,) the word's 4 activation pairs
+    X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2), tl.load(q + 3), ASM)
+    if NSUB > 1:
+        keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
+        X0 = tl.where(keep, X0[None, :], 0)
+        X1 = tl.where(keep, X1[None, :], 0)
+        X2 = tl.where(keep, X2[None, :], 0)
+        X3 = tl.where(keep, X3[None, :], 0)
+    else:
+        X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
+    return X0, X1, X2, X3
+
+
+@triton.jit
+def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
+                PARAM_TEXT: tl.constexpr):
+    """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
+    in the asm (see `_param_asm`); s_row / z_row: each row's offset of group 0."""
+    g = g0 + cg[None, :]
+    sp = s_ptr + s_row[:, None] + g * GS
+    if ZMODE == 0:
+        zp = sp.to(tl.pointer_type(tl.uint8))  # not read
+    else:
+        zp = z_ptr + z_row[:, None] + (g // 2) * GS
+    flag = ok[:, None].to(tl.int32) + g * 0
+    return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.constexpr,
           MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr,
           ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr):
@@ -205,17 +292,7 @@ def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
         if MT == 1:
-            q = x32 + wi * 4  # (16,) the word's 4 activation pairs
-            X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2),
-                                     tl.load(q + 3), ASM)
-            if NSUB > 1:  # B column n keeps only the lanes of group n % NSUB
-                keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
-                X0 = tl.where(keep, X0[None, :], 0)
-                X1 = tl.where(keep, X1[None, :], 0)
-                X2 = tl.where(keep, X2[None, :], 0)
-                X3 = tl.where(keep, X3[None, :], 0)
-            else:
-                X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
+            X0, X1, X2, X3 = _xpairs(x32, wi, rg, rw, NSUB, ASM)
             d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
                                               dtype=(tl.float32, tl.float32), is_pure=True,
                                               pack=4)
@@ -247,14 +324,18 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
-              PIPE: tl.constexpr = 0):
+              PIPE: tl.constexpr = 0, EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
+              PARAM_TEXT: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
     U = 1: the next tile's loads are issued before this one computes; U = 2 or 4: U adjacent
     tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed.
     RB > 0: the weight is tiled (memfit.kernels.tiling): a tile's BN x 64 bytes, its scales and
-    zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on."""
+    zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on.
+    EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `_param_asm` and the tile
+    folded into the accumulator by `_epi_asm`; the accumulator's slots then hold the columns
+    that matter (as the other paths' do after the store's masking)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -271,7 +352,28 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     else:
         qp = q_ptr + (((rn // RB) * (stride_qn // 16) + w0 // 16) * QS + (rn % RB) * 16)[:, None] \
             + rw[None, :]
-    if PIPE:  # loads in the loop body: Triton's pipeliner keeps num_stages tiles in flight
+    if EPI:  # M = 1 on the GPU: scales and zero points loaded and the tile folded in asm
+        GS: tl.constexpr = RB if RB > 0 else 1
+        s_row = _at(rn, 0, stride_sn, RB)
+        z_row = _at(rn, 0, stride_zn, RB)
+        cg = tl.where(rw % 4 < 2, (2 * (rw // 4) + rw % 4) % NSUB, 0)  # column 2j + e's group
+        wd = tl.load(qp, mask=n_ok[:, None], other=0)
+        s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, GS,
+                            ZMODE, PARAM_TEXT)
+        pdl.wait(PDL)
+        for it in range(ITERS):
+            nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
+            nwd = tl.load(qp + QS, mask=nxt[:, None], other=0)
+            ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg,
+                                  nxt, GS, ZMODE, PARAM_TEXT)
+            X0, X1, X2, X3 = _xpairs(x32, w0 + rw, rg, rw, NSUB, ASM)
+            acc = tl.inline_asm_elementwise(EPI_TEXT, "=r,=r,=r,=r" + ",r" * 32,
+                                            [wd, X0, X1, X2, X3, acc, s, nz], dtype=tl.float32,
+                                            is_pure=True, pack=4)
+            wd, s, nz = nwd, ns, nnz
+            qp += QS
+            w0 += 16
+    elif PIPE:  # loads in the loop body: Triton's pipeliner keeps num_stages tiles in flight
         pdl.wait(PDL)
         for it in tl.range(ITERS, num_stages=PIPE):
             wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
@@ -371,6 +473,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     grid = (triton.cdiv(n, bn), split_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
+    epi = EPI and not INTERPRET and mt == 1 and unroll == 1 and num_stages == 1
+    sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[w.scale.dtype]
     kernel = _mma_gemv[grid](
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
         w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
@@ -378,7 +482,9 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
         ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
         RB=w.tile_rows, PIPE=num_stages if num_stages > 1 and unroll == 1 else 0, num_warps=num_warps,
-        num_stages=num_stages, **pdl.launch_kw())
+        num_stages=num_stages, EPI=epi, EPI_TEXT=_epi_asm(f16, nsub) if epi else "",
+        PARAM_TEXT=_param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",
+        **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
         _check_layout(kernel)
@@ -402,7 +508,8 @@ def _check_layout(kernel) -> None:
     if key not in _LAYOUT_OK:
         ttgir = kernel.asm.get("ttgir", "")
         lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
-        used = re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ttgir)
+        used = [u for ln in ttgir.splitlines() if "mma.sync" in ln
+                for u in re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ln)]
         _LAYOUT_OK[key] = bool(used) and all(all(w in lays.get(u, "") for w in want)
                                              for u in used)
     if not _LAYOUT_OK[key]:
