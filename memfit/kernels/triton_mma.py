@@ -276,9 +276,9 @@ def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE:
     g = g0 + cg[None, :]
     sp = s_ptr + s_row[:, None] + g * GS
     if ZMODE == 0:
-        zp = sp.to(tl.pointer_type(tl.uint8))  # not read
-    else:
-        zp = z_ptr + z_row[:, None] + (g // 2) * GS
+        zp = sp  # not read
+    else:  # the asm reads a byte there; one pointer type for all operands (Triton 3.6 checks)
+        zp = (z_ptr + z_row[:, None] + (g // 2) * GS).to(s_ptr.dtype)
     flag = ok[:, None].to(tl.int32) + g * 0
     return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
                                      dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
