@@ -175,13 +175,12 @@ def epi(args, gen) -> None:
         for rb in (64, 0):
             wl = [tile(w, rb) for w in ws] if rb else ws
             for on in (True, False):
-                triton_mma.EPI = on
                 res = []
                 for c in triton_int.mma_candidates(1, ws[0]):
-                    if c.BK != 128:
+                    if c.BK != 128 or c.epi:
                         continue
-                    f = [lambda w=w, c=c: triton_mma.run_mma(x, w, None, c.BN, c.SPLIT_K,
-                                                             c.num_warps) for w in wl]
+                    f = [lambda w=w, c=c, on=on: triton_mma.run_mma(
+                        x, w, None, c.BN, c.SPLIT_K, c.num_warps, epi=on) for w in wl]
                     try:
                         err = ((f[0]().float() - want).norm() / want.norm()).item()
                         res.append((t_us(f), c.BN, c.num_warps, c.SPLIT_K, err))
@@ -192,7 +191,6 @@ def epi(args, gen) -> None:
                     "us": round(res[0][0], 2), "x_bf16": round(bf16 / res[0][0], 3),
                     "cfg": res[0][1:4], "max_err": max(r[4] for r in res),
                     "top4": [(round(r[0], 2),) + r[1:4] for r in res[:4]]}
-            triton_mma.EPI = True
         note(row, args.json)
         del ws
         torch.cuda.empty_cache()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -47,7 +47,7 @@ from memfit.kernels import choices
 from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_dequant import (_group_params, _unpack_tile, block_k,
                                            dequantize_triton, zmode)
-from memfit.kernels.triton_mma import MmaLayoutError, mma_ineligibility, run_mma
+from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight, row_slice
 
@@ -168,6 +168,7 @@ class Config:
     words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
     #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x unroll)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
+    epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.triton_mma._epi_asm)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -193,6 +194,9 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
             progs = -(-n // bn) * sk
             if 100 <= progs <= 2400 or (sk == 1 and progs < 100):
                 out.append(Config(16, bn, 128 * ch, sk, warps, 1, words="mma"))
+    if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
+        epi = [replace(c, epi=True) for c in out if c.BK == 128]  # (measured faster there)
+        out = epi + out if w.group_size < 128 else out + epi
     return out
 
 
@@ -337,7 +341,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
     if cfg.words == "mma":
         try:
-            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128)
+            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
+                           epi=cfg.epi)
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))

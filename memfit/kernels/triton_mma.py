@@ -55,7 +55,8 @@ from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# M = 1: scales loaded and the tile folded in the asm (`_epi_asm`); 0: the Triton epilogue
+# M = 1: launch shapes with the scales loaded and the tile folded in the asm (`_epi_asm`) are
+# candidates (0: never; benchmarks A/B it)
 EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
 
 
@@ -450,8 +451,9 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, num_stages: int = 1) -> torch.Tensor:
-    """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes)."""
+            unroll: int = 1, num_stages: int = 1, epi: bool = False) -> torch.Tensor:
+    """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
+    the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else (8 if m <= 8 else 16)
@@ -473,7 +475,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     grid = (triton.cdiv(n, bn), split_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
-    epi = EPI and not INTERPRET and mt == 1 and unroll == 1 and num_stages == 1
+    epi = epi and not INTERPRET and mt == 1 and unroll == 1 and num_stages == 1
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[w.scale.dtype]
     kernel = _mma_gemv[grid](
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
