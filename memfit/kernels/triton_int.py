@@ -248,6 +248,8 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             for st in (3, 4):
                 out.append(Config(bm, bn, bks[0], 1, warps, st))
         out.append(Config(0, 0, 0))  # dequantize + cuBLAS
+        if w.shape[0] > 4096:  # the same, 4096 rows at a time through a buffer the L2 holds
+            out.append(Config(0, 4096, 0))
     return out
 
 

@@ -1,0 +1,117 @@
+"""Ahead-of-time builds of memfit's GPU-only kernel paths for Hopper (sm_90), run by
+tests/kernels/test_sm90_compile.py in a process of its own (Triton's interpreter, which the CPU
+tests switch on, cannot compile). Prints one JSON object: case -> "ok" or the error.
+
+    python -m tests.kernels.sm90_build
+"""
+
+import itertools
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from memfit.kernels import triton_kv, triton_mma  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
+
+
+def build(fn, sig: dict, const: dict, warps: int = 4, stages: int = 1):
+    """Compile `fn` for sm_90; pointers, strides and N as the launcher specializes them
+    (16-aligned), so the layouts are the ones a GPU launch gets."""
+    sig = dict(sig) | {k: "constexpr" for k in const}
+    names = list(sig)
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "N"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=SM90, options={"num_warps": warps, "num_stages": stages})
+
+
+def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
+               bn: int = 128, warps: int = 4, unroll: int = 1, stages: int = 1):
+    halves = 2 if mt == 16 else 1
+    xdt = "fp16" if f16 else "bf16"
+    sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
+           "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
+           "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "ITERS": "i32",
+           "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32",
+           "stride_ps": "i32"}
+    const = dict(GROUP=128 // nsub if mt == 1 else 128, ZMODE=zmode, HAS_BIAS=False, F16=f16,
+                 MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=2, U=unroll, ASM=True,
+                 ASM_TEXT=triton_mma._mma_asm(halves, f16, mt > 1),
+                 CONSTRAINTS=triton_mma._constraints(halves, mt > 1), RB=rb, PDL=False,
+                 PIPE=stages if stages > 1 else 0, EPI=epi,
+                 EPI_TEXT=triton_mma._epi_asm(f16, nsub) if epi else "",
+                 PARAM_TEXT=triton_mma._param_asm(sdt, zmode, f16) if epi else "")
+    return build(triton_mma._mma_gemv, sig, const, warps, stages)
+
+
+SHAPES = [(256, 8, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 4, 1, 3)]  # bn, warps, unroll, stages
+CASES = (
+    # the asm epilogue: every group split, zero-point kind, scale dtype and layout
+    [(1, nsub, zmode, sdt, f16, rb, True)
+     for nsub, zmode, sdt, f16, rb in itertools.product((1, 2, 4), (0, 1), ("f16", "bf16", "f32"),
+                                                        (False, True), (0, 64))
+     if (sdt, f16) in (("f16", False), ("bf16", True), ("f32", False)) or nsub == 2]
+    # the Triton epilogue: M = 1, one and two token sets of the activations loaded in the asm
+    + [(mt, nsub, 1, "f16", f16, rb, False) for mt, nsub in ((1, 1), (1, 2), (8, 1), (16, 1))
+       for f16, rb in ((False, 0), (True, 64))])
+
+
+def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, stages=1):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, stages)
+    ptx = k.asm["ptx"]
+    assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
+    if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
+        assert "ld.global.nc.b16" in ptx or "ld.global.nc.b32" in ptx, "param loads"
+        loop = k.asm["ttgir"].split("scf.for")[1].split("scf.yield")[0]
+        assert "convert_layout" not in loop, "a layout conversion in the EPI loop"
+    triton_mma._LAYOUT_OK.pop(id(k), None)
+    triton_mma._check_layout(k)  # raises MmaLayoutError otherwise
+
+
+@triton.jit
+def _planes_probe(x_ptr, o_ptr, BITS: tl.constexpr, ASM_S: tl.constexpr, CONS: tl.constexpr):
+    r = tl.arange(0, 128)
+    x = tl.load(x_ptr + r)
+    NP: tl.constexpr = 8 // BITS if BITS < 8 else 1
+    if NP == 1:
+        tl.store(o_ptr + r, triton_kv._planes(x, BITS, True, ASM_S, CONS))
+    elif NP == 2:
+        a, b = triton_kv._planes(x, BITS, True, ASM_S, CONS)
+        tl.store(o_ptr + r, a + b)
+    else:
+        a, b, c, d = triton_kv._planes(x, BITS, True, ASM_S, CONS)
+        tl.store(o_ptr + r, a + b + c + d)
+
+
+def check_planes(bits):
+    k = build(_planes_probe, {"x_ptr": "*u8", "o_ptr": "*fp16"},
+              {"BITS": bits, "ASM_S": triton_kv.ASM[bits], "CONS": triton_kv.CONSTRAINTS[bits]})
+    assert "prmt.b32" in k.asm["ptx"] and "sub.f16x2" in k.asm["ptx"], "planes asm"
+
+
+def main() -> None:
+    checks = {f"mma{c}": (check_mma, c) for c in CASES}
+    checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
+               for s in SHAPES}
+    checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
+    out = {}
+    for name, (fn, args) in checks.items():
+        try:
+            fn(*args)
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 (reported per case)
+            out[name] = f"{type(e).__name__}: {str(e)[:400]}"
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
