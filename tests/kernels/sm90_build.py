@@ -12,12 +12,12 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from memfit.kernels import triton_kv, triton_mma  # noqa: E402
+from memfit.kernels import triton_kv, triton_mma
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
