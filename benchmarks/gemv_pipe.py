@@ -29,7 +29,7 @@ import triton.language as tl
 
 from benchmarks.gemv_probe import load_only
 from benchmarks.kernels import copies, graph_time_us, int_weight
-from memfit.kernels import gpu_timing, triton_int, triton_mma
+from memfit.kernels import gpu_timing, mma_ptx, triton_int, triton_mma
 from memfit.kernels.weights import tile
 
 ROWS: list = []
@@ -85,13 +85,13 @@ def pipe(args, gen) -> None:
             best.setdefault(r[4], r)
         lo = {}
         for st, r in best.items():
-            triton_mma._mma_asm, full = load_only, triton_mma._mma_asm
+            mma_ptx.mma_asm, full = load_only, mma_ptx.mma_asm
             try:
                 _, bn, warps, sk, _, _ = r
                 lo[st] = t_us([lambda w=w: triton_mma.run_mma(x, w, None, bn, sk, warps, 1, st)
                                for w in wl])
             finally:
-                triton_mma._mma_asm = full
+                mma_ptx.mma_asm = full
         note({"part": "pipe", "n": n, "k": k, "group": g, "m": m, "bf16_us": round(bf16, 2),
               "best_per_stages": {st: {"us": round(r[0], 2), "x_bf16": round(bf16 / r[0], 3),
                                        "cfg": r[1:5], "err": r[5],

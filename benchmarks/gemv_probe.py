@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels import copies, graph_time_us, int_weight
-from memfit.kernels import triton_mma
+from memfit.kernels import mma_ptx, triton_mma
 
-FULL = triton_mma._mma_asm
+FULL = mma_ptx.mma_asm
 
 
 def no_mma(halves, f16, xload):
@@ -56,7 +56,7 @@ def main() -> None:
                               (64, 8, 4, 2), (128, 1, 4, 1)):
         for name, gen_asm in (("full", FULL), ("no_mma", no_mma), ("no_alu", no_alu),
                               ("load_only", load_only)):
-            triton_mma._mma_asm = gen_asm
+            mma_ptx.mma_asm = gen_asm
             try:
                 t = graph_time_us([lambda w=w: triton_mma.run_mma(x, w, None, bn, sk, warps, ch)
                                    for w in ws])
@@ -65,7 +65,7 @@ def main() -> None:
                       f"regs {kern.n_regs} spills {kern.n_spills}", flush=True)
             except Exception as e:  # noqa: BLE001 (a probe: report and go on)
                 print(f"BN={bn} SK={sk} unroll={ch} {name}: FAILED {type(e).__name__}: {e}"[:200])
-            triton_mma._mma_asm = FULL
+            mma_ptx.mma_asm = FULL
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.gemv_probe import load_only
 from benchmarks.kernels import copies, graph_time_us, int_weight
-from memfit.kernels import gpu_timing, triton_int, triton_mma
+from memfit.kernels import gpu_timing, mma_ptx, triton_int, triton_mma
 from memfit.kernels.weights import tile
 
 SETTINGS = [  # (out, in, group, M)
@@ -68,11 +68,11 @@ def main() -> None:
             err = ((got - want).norm() / want.norm()).item()
             times = best(x, wl, cands)
             t, c = times[0]
-            triton_mma._mma_asm, full = load_only, triton_mma._mma_asm
+            mma_ptx.mma_asm, full = load_only, mma_ptx.mma_asm
             try:
                 lo = best(x, wl, [c])[0][0]
             finally:
-                triton_mma._mma_asm = full
+                mma_ptx.mma_asm = full
             tb = (nb + ws[0].scale.numel() * 2 + ws[0].zero.numel()) / t / 1e6
             row[f"rb{rb}"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3), "TBps": round(tb, 2),
                               "load_only_us": round(lo, 2), "err": err,

@@ -168,7 +168,7 @@ class Config:
     words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
     #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x unroll)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
-    epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.triton_mma._epi_asm)
+    epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
 
 
 def ineligibility(w: IntWeight) -> str | None:

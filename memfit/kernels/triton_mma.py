@@ -3,165 +3,66 @@
 Why: the word kernels (memfit.kernels.triton_words) compile to 5.5-8 SASS instructions per 4-bit
 code in their inner loop (mask, magic subtraction, FMA, and the activations' loads, conversions
 and pre-scaling; counted in the compiled loop for sm_90), so at M = 1 they were bound by
-instruction issue (~25 µs on 14336x4096, where the bytes need ~8 µs). Here, per 32-bit word:
-- one SHF + one LOP3 per pair turn two codes into 16-bit floats, `(w >> 4i) & 0x000F000F |
-  0x43004300` = (128 + c_i, 128 + c_{i+4}) in bfloat16 (0x6400: 1024 + c in float16), exact;
-- two warp-wide `mma.sync.m16n8k16` multiply them by the activations, float32 accumulation. The
-  mma's rows g + 8 hold ones, so the same instructions return XS = the sum of the activations;
-  the tile adds s * (D - (128 + z) * XS) = s * sum (c - z) x per (row, group) in float32.
-About 2.7 SASS instructions per code in the compiled loop (BN 128), against 5.5-8.
+instruction issue (~25 µs on 14336x4096, where the bytes need ~8 µs). Here each 32-bit word of
+codes becomes 16-bit (BASE + c) pairs with two bit operations per pair and is multiplied by two
+warp-wide `mma.sync.m16n8k16`, float32 accumulation; the mma's spare rows return XS = the sum of
+the activations, and the tile adds s * (D - (BASE + z) * XS) = s * sum (c - z) x per (row, group)
+(the PTX: memfit.kernels.mma_ptx). About 2.7 SASS instructions per code, against 5.5-8.
 
-Layout: none new, nothing repacked, no extra bytes (memfit's stored rows read as 32-bit words).
+Layout: nothing repacked, no extra bytes: memfit's stored rows read as 32-bit words, or the same
+bytes tiled by memfit.kernels.weights.tile (RB rows per block: a warp reads 512 contiguous bytes).
 A tile is (BN rows, 16 words) = 128 codes of each row. Triton lays such an int32 tile out in
 16-byte vectors with 4 lanes along a row and 8 rows per warp: lane 4g + j holds words 4j..4j+3 of
 its row. That is the mma's A-fragment pattern: the 4 lanes of a quad hold one row (mma row g), and
 lanes with equal j hold equal columns (the same k labels), so the B fragment is each lane's own
-activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs. `_check_layout`
-reads the compiled TTGIR once per kernel and refuses any other layout (MmaLayoutError; the caller
-dequantizes instead), so a compiler that lays it out otherwise cannot give wrong sums.
+activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs.
+`mma_ptx.check_layout` reads the compiled TTGIR once per kernel and refuses any other layout
+(MmaLayoutError; the caller dequantizes instead), so a compiler that lays it out otherwise cannot
+give wrong sums.
 - M = 1 (MT = 1): every B column holds x; lane j carries mma columns 2j, 2j + 1. With groups of
   32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
 - M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
   inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
   layout); M <= 16 (MT = 16): a second mma chain for tokens 8..15.
 `_col` says which mma column each element of the tile holds; the rest are masked at the store.
-The next tile's words, scales and zero points are loaded before the current one computes (U = 1),
-or U = 2/4 adjacent tiles are loaded together. Split-K and its one-launch reduction are
-triton_words'.
+Loop variants: the next tile's words, scales and zero points are loaded before the current one
+computes (U = 1); U = 2/4 adjacent tiles are loaded together; PIPE (num_stages > 1): the loads in
+the loop body, pipelined by Triton through shared memory (slower at M = 1, measured); EPI (M = 1,
+U = 1): the scales and zero points loaded by asm in the mma layout and the tile folded into the
+accumulator in the asm (no per-tile layout conversion through shared memory; faster with groups
+of 64 codes and in the stored layout, 3% slower at g128 tiled: the chooser times both). Split-K
+and its one-launch reduction are triton_words'.
 
-Measured (benchmarks/gemv_probe.py, 14336x4096, M = 1): 18.1 µs; with the asm returning the
-loaded words (no arithmetic) 13.2 µs, i.e. the load structure alone reaches ~2.4 TB/s; the rest is
-arithmetic not hidden behind the loads.
+Measured (one H200, benchmarks/RESULTS.md, session 10): 14336x4096 g128 M = 1, tiled, 15.4 µs
+(1.97x bf16 cuBLAS); the same loop with the asm's arithmetic removed 10.5 µs; a plain read of the
+codes alone 8.7 µs.
 
 Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
 of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
 On the CPU (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton
 (`ASM=False`), so tests cover the tiling, the groups, split-K and the store mapping; the GPU
-tests check the asm path against the same reference.
+tests check the asm path against the same reference, and tests/kernels/sm90_build.py builds every
+asm variant for sm_90 on any machine.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels import pdl
+from memfit.kernels import mma_ptx, pdl
+from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# M = 1: launch shapes with the scales loaded and the tile folded in the asm (`_epi_asm`) are
+# M = 1: launch shapes with the scales loaded and the tile folded in the asm (mma_ptx.epi_asm) are
 # candidates (0: never; benchmarks A/B it)
 EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
-
-
-def _chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
-    """PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3; M = 1: the
-    activation pairs X_i of word e at $(x0 + 4i + e); xload: per token set a pointer and a flag
-    per word from $x0 on, see `_mma_asm`) into a0-a3 (and b0-b3 with two halves)."""
-    ty = "f16" if f16 else "bf16"
-    magic = "0x64006400" if f16 else "0x43004300"
-    ones = "0x3C003C00" if f16 else "0x3F803F80"
-    out = [".reg .b32 p<4>, t, one, q<4>, xp<4>, sa, sb, za, zb, ln;",
-           ".reg .f32 a<4>, b<4>, u, v;", ".reg .pred ok, odd;", f"mov.b32 one, {ones};"]
-    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
-    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
-    for e in range(4):  # word e of this lane
-        w = f"${w0 + e}"
-        for i in range(4):
-            src = w
-            if i:
-                out.append(f"shr.u32 t, {w}, {4 * i};")
-                src = "t"
-            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
-        for h in range(halves):
-            acc = "a" if h == 0 else "b"
-            if xload:
-                ptr, flag = f"${x0 + 8 * h + e}", f"${x0 + 4 + 8 * h + e}"
-                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
-                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
-                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
-                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
-                xs = ["xp0", "xp1", "xp2", "xp3"]
-            else:
-                xs = [f"${x0 + 4 * i + e}" for i in range(4)]
-            for half in range(2):  # pairs (0, 1) then (2, 3)
-                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
-                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
-                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
-    return out
-
-
-def _mma_asm(halves: int, f16: bool, xload: bool) -> str:
-    """PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j+1 of the
-    (BASE + c) products; with two halves also the second token set's), XS $4-$7 (the same columns
-    of the activation sums, from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, then
-    either the activation pairs X0..X3 $12-$27 (M = 1), or (xload) per token set a pointer to each
-    word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
-    xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
-    like the weight load (a (rows, 16) activation load would pull it into another layout)."""
-    out = ["{"] + _chain(halves, f16, xload, 8, 12)
-    second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
-    for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
-        out.append(f"mov.b32 ${i}, {v};")
-    out.append("}")
-    return "\n".join(out)
-
-
-def _epi_asm(f16: bool, nsub: int) -> str:
-    """M = 1 PTX that also folds the tile into the accumulator (EPI): the mma chain over one
-    lane's 4 words, then acc_e += s_e * (D_e + nz_e * XS_e) for the mma columns that matter only
-    (e = 0 with one group per tile: every column holds the same sum; e = 0, 1 with NSUB groups:
-    column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
-    Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`_param_asm`'s, per
-    element: element e holds column 2j + e's group)."""
-    out = ["{"] + _chain(1, f16, False, 4, 8)
-    out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
-    if nsub == 1:
-        out.append("mov.b32 $1, $25;")
-    else:
-        out += ["fma.rn.f32 v, $33, a3, a1;", "fma.rn.f32 $1, $29, v, $25;"]
-    out += ["mov.b32 $2, $26;", "mov.b32 $3, $27;", "}"]
-    return "\n".join(out)
-
-
-def _param_asm(sdt: str, zmode: int, f16: bool) -> str:
-    """PTX loading one (row, group)'s scale as float32 and nz = -(BASE + z) (EPI), where the
-    flag is set (else 0): inputs scale pointer $2, zero-point byte pointer $3, shift $4 (the
-    group's nibble), flag $5; outputs s $0, nz $1. Issued a tile ahead, like the words, so its
-    latency hides behind a tile's arithmetic; loading in the asm keeps the values in the mma
-    layout (a (rows,) load is laid out otherwise and converted through shared memory, with
-    barriers, every tile)."""
-    base = "0f44800000" if f16 else "0f43000000"  # 1024 / 128
-    out = ["{", ".reg .b32 h, zb;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
-           "setp.ne.u32 ok, $5, 0;", "mov.b32 $0, 0;", "mov.b32 $1, 0;"]
-    if sdt == "f32":
-        out.append("@ok ld.global.nc.b32 $0, [$2];")
-    else:
-        out.append("@ok ld.global.nc.b16 hh, [$2];")
-        out += (["@ok cvt.f32.f16 $0, hh;"] if sdt == "f16"  # bfloat16: a float32's upper half
-                else ["cvt.u32.u16 h, hh;", "@ok shl.b32 $0, h, 16;"])
-    if zmode == 0:
-        out.append(f"@ok mov.b32 $1, {'0fC4810000' if f16 else '0fC3080000'};")  # -(BASE + 8)
-    else:
-        out += ["mov.b32 zb, 0;", "@ok ld.global.nc.u8 zb, [$3];", "shr.u32 zb, zb, $4;",
-                "and.b32 zb, zb, 15;", "cvt.rn.f32.u32 zf, zb;", f"add.f32 zf, zf, {base};",
-                "@ok neg.f32 $1, zf;"]
-    return "\n".join(out + ["}"])
-
-
-
-
-def _constraints(halves: int, xload: bool) -> str:
-    ins = ["r"] * 4 + (["l"] * 4 + ["r"] * 4) * halves if xload else ["r"] * 20
-    return ",".join(["=r"] * 8 + ins)
 
 
 @triton.jit
@@ -273,7 +174,7 @@ def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
 def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
                 PARAM_TEXT: tl.constexpr):
     """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
-    in the asm (see `_param_asm`); s_row / z_row: each row's offset of group 0."""
+    in the asm (see memfit.kernels.mma_ptx.param_asm); s_row / z_row: each row's offset of group 0."""
     g = g0 + cg[None, :]
     sp = s_ptr + s_row[:, None] + g * GS
     if ZMODE == 0:
@@ -334,8 +235,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed.
     RB > 0: the weight is tiled (memfit.kernels.tiling): a tile's BN x 64 bytes, its scales and
     zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on.
-    EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `_param_asm` and the tile
-    folded into the accumulator by `_epi_asm`; the accumulator's slots then hold the columns
+    EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `mma_ptx.param_asm` and the tile
+    folded into the accumulator by `mma_ptx.epi_asm`; the accumulator's slots then hold the columns
     that matter (as the other paths' do after the store's masking)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -482,38 +383,16 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
         ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
-        ASM_TEXT=_mma_asm(halves, f16, mt > 1), CONSTRAINTS=_constraints(halves, mt > 1),
+        ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
+        CONSTRAINTS=mma_ptx.constraints(halves, mt > 1),
         RB=w.tile_rows, PIPE=num_stages if num_stages > 1 and unroll == 1 else 0, num_warps=num_warps,
-        num_stages=num_stages, EPI=epi, EPI_TEXT=_epi_asm(f16, nsub) if epi else "",
-        PARAM_TEXT=_param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",
+        num_stages=num_stages, EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
+        PARAM_TEXT=mma_ptx.param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",
         **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
-        _check_layout(kernel)
+        mma_ptx.check_layout(kernel)
     return y
 
 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
-
-
-class MmaLayoutError(RuntimeError):
-    """The compiler laid the asm block out otherwise than the mma fragments need."""
-
-
-_LAYOUT_OK: dict = {}
-def _check_layout(kernel) -> None:
-    """Raise MmaLayoutError unless every asm block of this compiled kernel has the layout the
-    mma fragments assume (4 lanes x 16-byte vectors along a row, 8 rows per warp). Read once per
-    compiled kernel from its TTGIR; a layout Triton chose otherwise would compute wrong sums."""
-    key = id(kernel)
-    want = ("sizePerThread = [1, 4]", "threadsPerWarp = [8, 4]", "order = [1, 0]")
-    if key not in _LAYOUT_OK:
-        ttgir = kernel.asm.get("ttgir", "")
-        lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
-        used = [u for ln in ttgir.splitlines() if "mma.sync" in ln
-                for u in re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ln)]
-        _LAYOUT_OK[key] = bool(used) and all(all(w in lays.get(u, "") for w in want)
-                                             for u in used)
-    if not _LAYOUT_OK[key]:
-        raise MmaLayoutError("the compiled mma decode kernel's asm layout is not the one its "
-                             "fragments assume; this launch shape cannot be used")

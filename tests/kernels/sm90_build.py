@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import triton_kv, triton_mma
+from memfit.kernels import mma_ptx, triton_kv, triton_mma
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -45,11 +45,11 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
            "stride_ps": "i32"}
     const = dict(GROUP=128 // nsub if mt == 1 else 128, ZMODE=zmode, HAS_BIAS=False, F16=f16,
                  MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=2, U=unroll, ASM=True,
-                 ASM_TEXT=triton_mma._mma_asm(halves, f16, mt > 1),
-                 CONSTRAINTS=triton_mma._constraints(halves, mt > 1), RB=rb, PDL=False,
+                 ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
+                 CONSTRAINTS=mma_ptx.constraints(halves, mt > 1), RB=rb, PDL=False,
                  PIPE=stages if stages > 1 else 0, EPI=epi,
-                 EPI_TEXT=triton_mma._epi_asm(f16, nsub) if epi else "",
-                 PARAM_TEXT=triton_mma._param_asm(sdt, zmode, f16) if epi else "")
+                 EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
+                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
     return build(triton_mma._mma_gemv, sig, const, warps, stages)
 
 
@@ -73,8 +73,8 @@ def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, sta
         assert "ld.global.nc.b16" in ptx or "ld.global.nc.b32" in ptx, "param loads"
         loop = k.asm["ttgir"].split("scf.for")[1].split("scf.yield")[0]
         assert "convert_layout" not in loop, "a layout conversion in the EPI loop"
-    triton_mma._LAYOUT_OK.pop(id(k), None)
-    triton_mma._check_layout(k)  # raises MmaLayoutError otherwise
+    mma_ptx.LAYOUT_OK.pop(id(k), None)
+    mma_ptx.check_layout(k)  # raises MmaLayoutError otherwise
 
 
 @triton.jit

@@ -1,0 +1,144 @@
+"""PTX text for the tensor-core decode kernel (memfit.kernels.triton_mma), and the check that a
+compiled kernel lays its asm operands out as these fragments assume.
+
+Per 32-bit word of 4-bit codes: one SHF + one LOP3 per pair turn two codes into 16-bit floats,
+`(w >> 4i) & 0x000F000F | 0x43004300` = (128 + c_i, 128 + c_{i+4}) in bfloat16 (0x6400: 1024 + c
+in float16), exact; two warp-wide `mma.sync.m16n8k16` multiply them by the activations with
+float32 accumulation; the mma's rows g + 8 hold ones, so the same instructions return XS = the sum
+of the activations (`chain`). `mma_asm` returns D and XS for the Triton epilogue; `epi_asm` folds
+them into the accumulator itself (M = 1) with the scales and zero points `param_asm` loads a tile
+ahead. The fragments assume Triton's (rows, 16) int32 layout of 16-byte vectors, 4 lanes along a
+row and 8 rows per warp; `check_layout` reads the compiled TTGIR and refuses any other
+(MmaLayoutError), so a compiler that lays the asm out otherwise cannot give wrong sums.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
+    """PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3; M = 1: the
+    activation pairs X_i of word e at $(x0 + 4i + e); xload: per token set a pointer and a flag
+    per word from $x0 on, see `mma_asm`) into a0-a3 (and b0-b3 with two halves)."""
+    ty = "f16" if f16 else "bf16"
+    magic = "0x64006400" if f16 else "0x43004300"
+    ones = "0x3C003C00" if f16 else "0x3F803F80"
+    out = [".reg .b32 p<4>, t, one, q<4>, xp<4>, sa, sb, za, zb, ln;",
+           ".reg .f32 a<4>, b<4>, u, v;", ".reg .pred ok, odd;", f"mov.b32 one, {ones};"]
+    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
+    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
+    for e in range(4):  # word e of this lane
+        w = f"${w0 + e}"
+        for i in range(4):
+            src = w
+            if i:
+                out.append(f"shr.u32 t, {w}, {4 * i};")
+                src = "t"
+            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        for h in range(halves):
+            acc = "a" if h == 0 else "b"
+            if xload:
+                ptr, flag = f"${x0 + 8 * h + e}", f"${x0 + 4 + 8 * h + e}"
+                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
+                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
+                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
+                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
+                xs = ["xp0", "xp1", "xp2", "xp3"]
+            else:
+                xs = [f"${x0 + 4 * i + e}" for i in range(4)]
+            for half in range(2):  # pairs (0, 1) then (2, 3)
+                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
+                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
+                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
+                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
+    return out
+
+
+def mma_asm(halves: int, f16: bool, xload: bool) -> str:
+    """PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j+1 of the
+    (BASE + c) products; with two halves also the second token set's), XS $4-$7 (the same columns
+    of the activation sums, from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, then
+    either the activation pairs X0..X3 $12-$27 (M = 1), or (xload) per token set a pointer to each
+    word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
+    xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
+    like the weight load (a (rows, 16) activation load would pull it into another layout)."""
+    out = ["{"] + chain(halves, f16, xload, 8, 12)
+    second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
+    for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
+        out.append(f"mov.b32 ${i}, {v};")
+    out.append("}")
+    return "\n".join(out)
+
+
+def epi_asm(f16: bool, nsub: int) -> str:
+    """M = 1 PTX that also folds the tile into the accumulator (EPI): the mma chain over one
+    lane's 4 words, then acc_e += s_e * (D_e + nz_e * XS_e) for the mma columns that matter only
+    (e = 0 with one group per tile: every column holds the same sum; e = 0, 1 with NSUB groups:
+    column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
+    Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`param_asm`'s, per
+    element: element e holds column 2j + e's group)."""
+    out = ["{"] + chain(1, f16, False, 4, 8)
+    out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
+    if nsub == 1:
+        out.append("mov.b32 $1, $25;")
+    else:
+        out += ["fma.rn.f32 v, $33, a3, a1;", "fma.rn.f32 $1, $29, v, $25;"]
+    out += ["mov.b32 $2, $26;", "mov.b32 $3, $27;", "}"]
+    return "\n".join(out)
+
+
+def param_asm(sdt: str, zmode: int, f16: bool) -> str:
+    """PTX loading one (row, group)'s scale as float32 and nz = -(BASE + z) (EPI), where the
+    flag is set (else 0): inputs scale pointer $2, zero-point byte pointer $3, shift $4 (the
+    group's nibble), flag $5; outputs s $0, nz $1. Issued a tile ahead, like the words, so its
+    latency hides behind a tile's arithmetic; loading in the asm keeps the values in the mma
+    layout (a (rows,) load is laid out otherwise and converted through shared memory, with
+    barriers, every tile)."""
+    base = "0f44800000" if f16 else "0f43000000"  # 1024 / 128
+    out = ["{", ".reg .b32 h, zb;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
+           "setp.ne.u32 ok, $5, 0;", "mov.b32 $0, 0;", "mov.b32 $1, 0;"]
+    if sdt == "f32":
+        out.append("@ok ld.global.nc.b32 $0, [$2];")
+    else:
+        out.append("@ok ld.global.nc.b16 hh, [$2];")
+        out += (["@ok cvt.f32.f16 $0, hh;"] if sdt == "f16"  # bfloat16: a float32's upper half
+                else ["cvt.u32.u16 h, hh;", "@ok shl.b32 $0, h, 16;"])
+    if zmode == 0:
+        out.append(f"@ok mov.b32 $1, {'0fC4810000' if f16 else '0fC3080000'};")  # -(BASE + 8)
+    else:
+        out += ["mov.b32 zb, 0;", "@ok ld.global.nc.u8 zb, [$3];", "shr.u32 zb, zb, $4;",
+                "and.b32 zb, zb, 15;", "cvt.rn.f32.u32 zf, zb;", f"add.f32 zf, zf, {base};",
+                "@ok neg.f32 $1, zf;"]
+    return "\n".join(out + ["}"])
+
+
+
+
+def constraints(halves: int, xload: bool) -> str:
+    ins = ["r"] * 4 + (["l"] * 4 + ["r"] * 4) * halves if xload else ["r"] * 20
+    return ",".join(["=r"] * 8 + ins)
+
+
+class MmaLayoutError(RuntimeError):
+    """The compiler laid the asm block out otherwise than the mma fragments need."""
+
+
+LAYOUT_OK: dict = {}
+def check_layout(kernel) -> None:
+    """Raise MmaLayoutError unless every asm block of this compiled kernel has the layout the
+    mma fragments assume (4 lanes x 16-byte vectors along a row, 8 rows per warp). Read once per
+    compiled kernel from its TTGIR; a layout Triton chose otherwise would compute wrong sums."""
+    key = id(kernel)
+    want = ("sizePerThread = [1, 4]", "threadsPerWarp = [8, 4]", "order = [1, 0]")
+    if key not in LAYOUT_OK:
+        ttgir = kernel.asm.get("ttgir", "")
+        lays = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.MULTILINE))
+        used = [u for ln in ttgir.splitlines() if "mma.sync" in ln
+                for u in re.findall(r"elementwise_inline_asm \"\{.*?-> tensor<[^,]+, (#\w+)>", ln)]
+        LAYOUT_OK[key] = bool(used) and all(all(w in lays.get(u, "") for w in want)
+                                             for u in used)
+    if not LAYOUT_OK[key]:
+        raise MmaLayoutError("the compiled mma decode kernel's asm layout is not the one its "
+                             "fragments assume; this launch shape cannot be used")
