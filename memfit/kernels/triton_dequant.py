@@ -57,30 +57,29 @@ def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.conste
 @triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
              GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0, NKT: tl.constexpr = 1):
-    """w[N, K] = (q - z) * s in w's dtype, one pass; a program takes BN rows x NKT tiles of BK
-    columns; a tile never crosses a group (nor, tiled, a 64-byte run: BK <= 128 codes of 4 bits
-    from a multiple of 128)."""
+             BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0):
+    """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group (nor, tiled,
+    a 64-byte run: BK <= 128 codes of 4 bits from a multiple of 128). Measured at 3.3 TB/s of
+    read + write on an H200 (benchmarks/RESULTS.md, session 10): other tile shapes within 3%."""
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    kk = k0 + tl.arange(0, BK)
+    jb = k0 // PER + tl.arange(0, BKP)
     n_ok = rn < N
-    for t in tl.static_range(NKT):
-        k0 = (tl.program_id(1) * NKT + t) * BK
-        kk = k0 + tl.arange(0, BK)
-        jb = k0 // PER + tl.arange(0, BKP)
-        if RB == 0:
-            qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-        else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
-            run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
-            qp = q_ptr + run[:, None] + (jb % 64)[None, :]
-        qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
-        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K), stride_sn,
-                             stride_zn, BITS, ZMODE, BN, RB)
-        c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
-        w = (c - z[:, None]) * s[:, None]
-        tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=n_ok[:, None] & (kk[None, :] < K))
+    if RB == 0:
+        qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
+    else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
+        run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
+        qp = q_ptr + run[:, None] + (jb % 64)[None, :]
+    qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
+                         BN, RB)
+    c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
+    w = (c - z[:, None]) * s[:, None]
+    tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (kk[None, :] < K))
 
 
 def block_k(w: IntWeight, cap: int = 128) -> int:
@@ -105,14 +104,9 @@ def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
     bk = min(block_k(w), 128)
-    bn, nkt, warps = LAUNCH
-    nkt = min(nkt, triton.cdiv(k, bk))
     z = w.zero if w.zero is not None else w.scale
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk * nkt))
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, bk))
     _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
                    w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
-                   ZMODE=zmode(w), BN=bn, BK=bk, RB=w.tile_rows, NKT=nkt, num_warps=warps)
+                   ZMODE=zmode(w), BN=32, BK=bk, RB=w.tile_rows)
     return out
-
-
-LAUNCH = (32, 1, 4)  # dequantize_triton's (rows, K tiles, warps) per program

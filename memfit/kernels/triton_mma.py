@@ -26,8 +26,9 @@ give wrong sums.
   layout); M <= 16 (MT = 16): a second mma chain for tokens 8..15.
 `_col` says which mma column each element of the tile holds; the rest are masked at the store.
 Loop variants: the next tile's words, scales and zero points are loaded before the current one
-computes (U = 1); U = 2/4 adjacent tiles are loaded together; PIPE (num_stages > 1): the loads in
-the loop body, pipelined by Triton through shared memory (slower at M = 1, measured); EPI (M = 1,
+computes (U = 1); U = 2/4 adjacent tiles are loaded together (loads in the loop body, pipelined by
+Triton through shared memory with num_stages > 1, measured slower at M = 1: RESULTS.md, session
+10); EPI (M = 1,
 U = 1): the scales and zero points loaded by asm in the mma layout and the tile folded into the
 accumulator in the asm (no per-tile layout conversion through shared memory; faster with groups
 of 64 codes and in the stored layout, 3% slower at g128 tiled: the chooser times both). Split-K
@@ -226,7 +227,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
-              PIPE: tl.constexpr = 0, EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
+              EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
@@ -273,15 +274,6 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                             [wd, X0, X1, X2, X3, acc, s, nz], dtype=tl.float32,
                                             is_pure=True, pack=4)
             wd, s, nz = nwd, ns, nnz
-            qp += QS
-            w0 += 16
-    elif PIPE:  # loads in the loop body: Triton's pipeliner keeps num_stages tiles in flight
-        pdl.wait(PDL)
-        for it in tl.range(ITERS, num_stages=PIPE):
-            wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
-                                    GROUP, ZMODE, NSUB, RB)
-            acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
-                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
             qp += QS
             w0 += 16
     elif U == 1:
@@ -352,7 +344,7 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, num_stages: int = 1, epi: bool = False) -> torch.Tensor:
+            unroll: int = 1, epi: bool = False) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU)."""
     m, k = x2.shape
@@ -376,8 +368,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     grid = (triton.cdiv(n, bn), split_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
-    epi = epi and not INTERPRET and mt == 1 and unroll == 1 and num_stages == 1
-    sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[w.scale.dtype]
+    sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
+    epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     kernel = _mma_gemv[grid](
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
         w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
@@ -385,8 +377,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
         ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
         CONSTRAINTS=mma_ptx.constraints(halves, mt > 1),
-        RB=w.tile_rows, PIPE=num_stages if num_stages > 1 and unroll == 1 else 0, num_warps=num_warps,
-        num_stages=num_stages, EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
+        RB=w.tile_rows, num_warps=num_warps, num_stages=1, EPI=epi,
+        EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
         PARAM_TEXT=mma_ptx.param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",
         **pdl.launch_kw())
     LAST[0] = kernel

@@ -23,7 +23,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
 
 
-def build(fn, sig: dict, const: dict, warps: int = 4, stages: int = 1):
+def build(fn, sig: dict, const: dict, warps: int = 4):
     """Compile `fn` for sm_90; pointers, strides and N as the launcher specializes them
     (16-aligned), so the layouts are the ones a GPU launch gets."""
     sig = dict(sig) | {k: "constexpr" for k in const}
@@ -31,11 +31,11 @@ def build(fn, sig: dict, const: dict, warps: int = 4, stages: int = 1):
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "N"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=SM90, options={"num_warps": warps, "num_stages": stages})
+                          target=SM90, options={"num_warps": warps, "num_stages": 1})
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
-               bn: int = 128, warps: int = 4, unroll: int = 1, stages: int = 1):
+               bn: int = 128, warps: int = 4, unroll: int = 1):
     halves = 2 if mt == 16 else 1
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
@@ -47,13 +47,13 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
                  MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=2, U=unroll, ASM=True,
                  ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
                  CONSTRAINTS=mma_ptx.constraints(halves, mt > 1), RB=rb, PDL=False,
-                 PIPE=stages if stages > 1 else 0, EPI=epi,
+                 EPI=epi,
                  EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
                  PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
-    return build(triton_mma._mma_gemv, sig, const, warps, stages)
+    return build(triton_mma._mma_gemv, sig, const, warps)
 
 
-SHAPES = [(256, 8, 1, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 4, 1, 3)]  # bn, warps, unroll, stages
+SHAPES = [(256, 8, 1), (64, 4, 2), (64, 4, 4), (64, 4, 1)]  # bn, warps, unroll
 CASES = (
     # the asm epilogue: every group split, zero-point kind, scale dtype and layout
     [(1, nsub, zmode, sdt, f16, rb, True)
@@ -65,8 +65,8 @@ CASES = (
        for f16, rb in ((False, 0), (True, 64))])
 
 
-def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, stages=1):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, stages)
+def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll)
     ptx = k.asm["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion

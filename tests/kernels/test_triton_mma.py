@@ -23,13 +23,11 @@ CASES = [  # (n, k, group, zero point, M)
 
 
 @pytest.mark.parametrize("n,k,group,zp,m", CASES)
-@pytest.mark.parametrize("split_k,unroll,stages,epi", [(1, 1, 1, False), (2, 1, 1, False),
-                                                       (1, 2, 1, False), (1, 1, 3, False),
-                                                       (2, 1, 1, True)])
+@pytest.mark.parametrize("split_k,unroll,epi", [(1, 1, False), (2, 1, False), (1, 2, False),
+                                                (2, 1, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, stages, epi, dtype):
-    """stages > 1: the loads in the loop body, pipelined by Triton (PIPE); epi: M = 1's asm
-    epilogue (GPU only: the interpreter runs the plain path)."""
+def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, epi, dtype):
+    """epi: M = 1's asm epilogue (GPU only: the interpreter runs the plain path)."""
     if epi and (m > 1 or DEV == "cpu"):
         pytest.skip("the asm epilogue is the GPU's, at M = 1")
     if (k // 128) % (split_k * unroll):
@@ -39,8 +37,7 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, stage
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype).to(DEV)
     bias = torch.randn(n).to(DEV)
     want = linear_reference(x.float(), w, bias)
-    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll, stages,
-                             epi)
+    got = triton_mma.run_mma(x, w, bias, 32 if DEV == "cpu" else 64, split_k, 4, unroll, epi)
     assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
     err = rel_err(got.float(), want)
     print(f"mma {n}x{k} g{group} {zp} M={m} sk={split_k} u={unroll} {dtype}: rel err {err:.2e}")
@@ -50,10 +47,9 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, stage
 @pytest.mark.parametrize("n,k,group,zp,m,rb", [
     (128, 256, 128, "int", 1, 64), (96, 384, 64, "sym", 1, 32), (64, 256, 32, "int", 1, 16),
     (128, 512, 256, "int", 5, 64), (64, 256, 128, "sym", 16, 16)])
-@pytest.mark.parametrize("split_k,unroll,stages,epi", [(1, 1, 1, False), (2, 1, 1, False),
-                                                       (1, 2, 1, False), (2, 1, 3, False),
-                                                       (2, 1, 1, True)])
-def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unroll, stages, epi):
+@pytest.mark.parametrize("split_k,unroll,epi", [(1, 1, False), (2, 1, False), (1, 2, False),
+                                                (2, 1, True)])
+def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unroll, epi):
     """weights.tile reorders the bytes; the kernel's sums stay the reference's (and equal the
     stored layout's bit for bit: the same codes meet the same activations in the same order)."""
     if (k // 128) % (split_k * unroll):
@@ -67,8 +63,8 @@ def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unro
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16).to(DEV)
     bias = torch.randn(n).to(DEV)
     bn = 32 if DEV == "cpu" else 64
-    got = triton_mma.run_mma(x, t, bias, bn, split_k, 4, unroll, stages, epi)
-    assert torch.equal(got, triton_mma.run_mma(x, w, bias, bn, split_k, 4, unroll, stages, epi))
+    got = triton_mma.run_mma(x, t, bias, bn, split_k, 4, unroll, epi)
+    assert torch.equal(got, triton_mma.run_mma(x, w, bias, bn, split_k, 4, unroll, epi))
     assert rel_err(got.float(), linear_reference(x.float(), w, bias)) < 1e-2
 
 
