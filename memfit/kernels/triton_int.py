@@ -236,6 +236,10 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
                 if w.bits <= 4:
                     out.append(Config(16, bn, bks[0], sk, 4, 4, magic=True))
     elif m <= 128:
+        if word_ineligibility(w) is None:  # one dot per code field, all M rows in one program
+            for bn, warps in ((64, 4), (128, 8)):
+                for sk in (1, 2, 4):
+                    out.append(Config(_bucket(m), bn, 128, sk, warps, 3, words="dot", shift=False))
         for bm in (32, 64):
             for bn in (64, 128):
                 for sk in (1, 2, 4):

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import mma_ptx, triton_kv, triton_mma
+from memfit.kernels import mma_ptx, triton_kv, triton_mma, triton_words
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -98,11 +98,33 @@ def check_planes(bits):
     assert "prmt.b32" in k.asm["ptx"] and "sub.f16x2" in k.asm["ptx"], "planes asm"
 
 
+def check_words_dot(bm, bn_warps, sk):
+    bn, warps = bn_warps
+    """The word-dot kernel as the chooser launches it for 16 < M <= 128 (all rows in one program):
+    it builds, within the 227 KB of shared memory a Hopper block may take."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
+           "y_ptr": "*bf16", "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32",
+           "NW": "i32", "NG": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ym": "i32", "stride_ps": "i32"}
+    const = dict(GROUP=128, BITS=4, ZMODE=1, HAS_BIAS=False, IEEE=False, BM=bm, BN=bn, T=1, WG=16,
+                 SPLIT_K=sk, SHIFT=False)
+    sig = dict(sig) | {k: "constexpr" for k in const}
+    names = list(sig)
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "N"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    k = triton.compile(ASTSource(fn=triton_words._words_dot, signature=sig, constexprs=const,
+                                 attrs=attrs), target=SM90,
+                       options={"num_warps": warps, "num_stages": 3})
+    assert k.metadata.shared <= 232448, f"{k.metadata.shared} bytes of shared memory"
+
+
 def main() -> None:
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
     checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
                for s in SHAPES}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
+    checks |= {f"words_dot{c}": (check_words_dot, c)
+               for c in itertools.product((32, 64, 128), ((64, 4), (128, 8)), (1, 4))}
     out = {}
     for name, (fn, args) in checks.items():
         try:
