@@ -56,18 +56,69 @@ def chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
     return out
 
 
-def mma_asm(halves: int, f16: bool, xload: bool) -> str:
+def mma_asm(halves: int, f16: bool, xload: bool, reps: int = 1) -> str:
     """PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j+1 of the
     (BASE + c) products; with two halves also the second token set's), XS $4-$7 (the same columns
     of the activation sums, from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, then
     either the activation pairs X0..X3 $12-$27 (M = 1), or (xload) per token set a pointer to each
     word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
     xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
-    like the weight load (a (rows, 16) activation load would pull it into another layout)."""
+    like the weight load (a (rows, 16) activation load would pull it into another layout).
+    reps > 1 (xload only): `shared_asm`, the same for `reps` rows of the lane at once."""
+    if reps > 1:
+        return shared_asm(halves, f16, reps)
     out = ["{"] + chain(halves, f16, xload, 8, 12)
     second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
     for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
         out.append(f"mov.b32 ${i}, {v};")
+    out.append("}")
+    return "\n".join(out)
+
+
+def shared_asm(halves: int, f16: bool, reps: int) -> str:
+    """`mma_asm` (xload, M = 2..16) for `reps` rows of one lane at once (pack 4 * reps: Triton
+    hands a thread's row repetitions to one asm call, 4 words each): the rows of a lane share
+    their lane quad g, hence their tokens, so each word's activations are loaded and paired once
+    for all of them (the per-row loads were ~8x the weight bytes through L1 and most of the
+    kernel's instructions at M = 16). With P = 4 * reps: D of row r $4r-$4r+3, XS $P+4r-..,
+    words $2P+4r+e, then per token set h a pointer and a flag per element from $3P + 2hP and
+    $4P + 2hP (those of row 0 are read)."""
+    P = 4 * reps
+    ty = "f16" if f16 else "bf16"
+    magic = "0x64006400" if f16 else "0x43004300"
+    ones = "0x3C003C00" if f16 else "0x3F803F80"
+    accs = [f"a{r}_{i}" for r in range(reps) for i in range(4)]
+    accs += [f"b{r}_{i}" for r in range(reps) for i in range(4)] if halves == 2 else []
+    out = ["{", ".reg .b32 p<4>, t, one, q<4>, x0_<4>, x1_<4>;", f".reg .f32 {', '.join(accs)};",
+           ".reg .pred ok;", f"mov.b32 one, {ones};"] + [f"mov.f32 {a}, 0f00000000;" for a in accs]
+    for e in range(4):  # word e of each row
+        for h in range(halves):  # the word's activations of token set h, once for all rows
+            ptr, flag = f"${3 * P + 2 * h * P + e}", f"${4 * P + 2 * h * P + e}"
+            out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
+            out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
+            out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
+                    f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
+        for r in range(reps):
+            w = f"${2 * P + 4 * r + e}"
+            for i in range(4):
+                src = w
+                if i:
+                    out.append(f"shr.u32 t, {w}, {4 * i};")
+                    src = "t"
+                out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")
+            for h in range(halves):
+                acc = [f"{'ab'[h]}{r}_{i}" for i in range(4)]
+                for half in range(2):
+                    out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
+                               f"{{{', '.join(acc)}}}, {{p{2 * half}, one, p{2 * half + 1}, one}}, "
+                               f"{{x{h}_{2 * half}, x{h}_{2 * half + 1}}}, {{{', '.join(acc)}}};")
+    for r in range(reps):
+        a = [f"a{r}_{i}" for i in range(4)]
+        b = [f"b{r}_{i}" for i in range(4)] if halves == 2 else ["0f00000000"] * 4
+        for e, v in enumerate((a[0], a[1], b[0], b[1])):
+            out.append(f"mov.b32 ${4 * r + e}, {v};")
+        for e, v in enumerate((a[2], a[3], b[2], b[3])):
+            out.append(f"mov.b32 ${P + 4 * r + e}, {v};")
     out.append("}")
     return "\n".join(out)
 
@@ -116,9 +167,10 @@ def param_asm(sdt: str, zmode: int, f16: bool) -> str:
 
 
 
-def constraints(halves: int, xload: bool) -> str:
-    ins = ["r"] * 4 + (["l"] * 4 + ["r"] * 4) * halves if xload else ["r"] * 20
-    return ",".join(["=r"] * 8 + ins)
+def constraints(halves: int, xload: bool, reps: int = 1) -> str:
+    p = 4 * reps
+    ins = ["r"] * p + (["l"] * p + ["r"] * p) * halves if xload else ["r"] * 20
+    return ",".join(["=r"] * 2 * p + ins)
 
 
 class MmaLayoutError(RuntimeError):

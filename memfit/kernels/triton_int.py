@@ -169,6 +169,7 @@ class Config:
     #                      "mma": memfit.kernels.triton_mma (BN rows, BK = 128 x unroll)
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
+    reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -197,6 +198,9 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
         epi = [replace(c, epi=True) for c in out if c.BK == 128]  # (measured faster there)
         out = epi + out if w.group_size < 128 else out + epi
+    if m > 1:  # a lane's rows share their activation loads (not yet timed on a GPU: last)
+        out += [replace(c, reps=min(4, c.BN // (8 * c.num_warps))) for c in out
+                if c.BN // (8 * c.num_warps) >= 2]
     return out
 
 
@@ -348,7 +352,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words == "mma":
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
-                           epi=cfg.epi)
+                           epi=cfg.epi, reps=cfg.reps)
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))

@@ -190,7 +190,7 @@ def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE:
 @triton.jit
 def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.constexpr,
           MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr,
-          ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr):
+          ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr, PACK: tl.constexpr = 4):
     """acc + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x)."""
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
@@ -209,11 +209,11 @@ def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.
                 fb = (rg[:, None] + 8 < M).to(tl.int32) + wi[None, :] * 0
                 d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa, pb, fb],
                                                   dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=4)
+                                                  pack=PACK)
             else:
                 d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa],
                                                   dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=4)
+                                                  pack=PACK)
         acc += s * (d - (zc + BASE) * xs)
     else:
         acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
@@ -228,7 +228,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
-              PARAM_TEXT: tl.constexpr = ""):
+              PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -285,7 +285,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             nwd, ns, nzc, nzw = _params(qp + QS, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
-                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             wd, s, zc, zw = nwd, ns, nzc, nzw
             qp += QS
             w0 += 16
@@ -302,14 +302,14 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                 wd3, s3, zc3, zw3 = _params(qp + 3 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc = _tile(acc, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm,
-                        F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                        F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             acc = _tile(acc, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr, rn, rg, rw, M,
-                        stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                        stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             if U == 4:
                 acc = _tile(acc, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr, rn, rg, rw, M,
-                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
                 acc = _tile(acc, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr, rn, rg, rw, M,
-                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS)
+                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             qp += QS * U
             w0 += 16 * U
     if MT > 1:
@@ -344,14 +344,20 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, epi: bool = False) -> torch.Tensor:
+            unroll: int = 1, epi: bool = False, reps: int = 1) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
-    the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU)."""
+    the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
+    M > 1, rows of a lane per asm call sharing their activation loads (mma_ptx.shared_asm; it
+    must divide the lane's rows, BN / (8 * num_warps))."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else (8 if m <= 8 else 16)
     halves = 2 if mt == 16 else 1
     nsub = max(1, 128 // w.group_size) if mt == 1 else 1
+    reps = reps if mt > 1 else 1
+    if reps > 1 and (bn // (8 * num_warps)) % reps:
+        raise ValueError(f"memfit.kernels.triton_mma: {reps} rows per asm call do not divide a "
+                         f"lane's {bn // (8 * num_warps)} rows")
     why = mma_ineligibility(w, m, x2.dtype)
     if why is not None:
         raise ValueError(f"memfit.kernels.triton_mma: {why}")
@@ -375,8 +381,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
         ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
         NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
-        ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
-        CONSTRAINTS=mma_ptx.constraints(halves, mt > 1),
+        ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
+        CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), PACK=4 * reps,
         RB=w.tile_rows, num_warps=num_warps, num_stages=1, EPI=epi,
         EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
         PARAM_TEXT=mma_ptx.param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",

@@ -35,7 +35,7 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
-               bn: int = 128, warps: int = 4, unroll: int = 1):
+               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1):
     halves = 2 if mt == 16 else 1
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
@@ -45,8 +45,9 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
            "stride_ps": "i32"}
     const = dict(GROUP=128 // nsub if mt == 1 else 128, ZMODE=zmode, HAS_BIAS=False, F16=f16,
                  MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=2, U=unroll, ASM=True,
-                 ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1),
-                 CONSTRAINTS=mma_ptx.constraints(halves, mt > 1), RB=rb, PDL=False,
+                 ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
+                 CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), RB=rb, PDL=False,
+                 PACK=4 * reps,
                  EPI=epi,
                  EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
                  PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
@@ -65,8 +66,8 @@ CASES = (
        for f16, rb in ((False, 0), (True, 64))])
 
 
-def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll)
+def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps)
     ptx = k.asm["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
@@ -122,6 +123,10 @@ def main() -> None:
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
     checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
                for s in SHAPES}
+    checks |= {f"mma_shared{c}": (check_mma, (c[0], 1, 1, "f16", c[1], c[2], False) + c[3:])
+               for c in [(16, False, 0, 128, 4, 1, 4), (8, True, 64, 64, 4, 1, 2),
+                         (16, False, 64, 256, 8, 1, 4), (16, True, 0, 256, 4, 1, 4),
+                         (8, False, 0, 64, 4, 2, 2)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((32, 64, 128), ((64, 4), (128, 8)), (1, 4))}

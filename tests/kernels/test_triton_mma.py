@@ -125,3 +125,19 @@ def test_mma_kernel_is_deterministic_and_graph_safe(m, split_k):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, runs[0])
+
+
+@pytest.mark.parametrize("m,bn,warps,reps", [(16, 64, 4, 2), (5, 128, 4, 4), (11, 64, 4, 2)])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_rows_sharing_activation_loads_match_reference(m, bn, warps, reps, tiled):
+    """M > 1 with `reps` rows of a lane per asm call (mma_ptx.shared_asm: each word's
+    activations loaded once for all of them); on the GPU the asm path, here the plain one."""
+    w = make_weight(256, 512, 4, 128, "int", seed=m + reps)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEV)
+    bias = torch.randn(256).to(DEV)
+    v = tile(w, 64) if tiled else w
+    got = triton_mma.run_mma(x, v, bias, bn, 2, warps, reps=reps)
+    assert rel_err(got.float(), linear_reference(x.float(), w, bias)) < 1e-2
+    assert torch.equal(got, triton_mma.run_mma(x, v, bias, bn, 2, warps))  # same sums, same order
+    with pytest.raises(ValueError, match="rows per asm call"):
+        triton_mma.run_mma(x, v, bias, 64, 2, 4, reps=4)  # a lane holds 2 rows of 64
