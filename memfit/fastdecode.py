@@ -42,7 +42,7 @@ from torch import nn
 
 from memfit.kernels import linear as kernel_linear
 from memfit.kernels import triton_decode as td
-from memfit.kernels.weights import tile, tileable, untile
+from memfit.kernels.weights import row_slice, tile, tileable, untile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TYPES = ("llama", "mistral", "qwen2")
@@ -121,9 +121,7 @@ class _Group:
         t = tile(self.weight, rb)
         row = 0
         for m in self.mods:
-            rows = slice(row, row + m.out_features)
-            m.hold(t._replace(qdata=t.qdata[rows], scale=t.scale[rows],
-                              zero=None if t.zero is None else t.zero[rows]))
+            m.hold(row_slice(t, row, row + m.out_features))
             row += m.out_features
         self.weight = t
 
