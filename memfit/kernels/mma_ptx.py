@@ -17,6 +17,19 @@ from __future__ import annotations
 import re
 
 
+def _codes(w: str, magic: str) -> list[str]:
+    """Word w's 8 codes as 16-bit (BASE + c) pairs p0..p3: p_i = (c_i, c_{i+4}), one SHF and one
+    LOP3 each ((w >> 4i) & 0x000F000F | magic)."""
+    out = []
+    for i in range(4):
+        src = w
+        if i:
+            out.append(f"shr.u32 t, {w}, {4 * i};")
+            src = "t"
+        out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+    return out
+
+
 def chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
     """PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3; M = 1: the
     activation pairs X_i of word e at $(x0 + 4i + e); xload: per token set a pointer and a flag
@@ -29,13 +42,7 @@ def chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
     out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
     out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
     for e in range(4):  # word e of this lane
-        w = f"${w0 + e}"
-        for i in range(4):
-            src = w
-            if i:
-                out.append(f"shr.u32 t, {w}, {4 * i};")
-                src = "t"
-            out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        out += _codes(f"${w0 + e}", magic)
         for h in range(halves):
             acc = "a" if h == 0 else "b"
             if xload:
@@ -99,13 +106,7 @@ def shared_asm(halves: int, f16: bool, reps: int) -> str:
             out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
                     f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
         for r in range(reps):
-            w = f"${2 * P + 4 * r + e}"
-            for i in range(4):
-                src = w
-                if i:
-                    out.append(f"shr.u32 t, {w}, {4 * i};")
-                    src = "t"
-                out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")
+            out += _codes(f"${2 * P + 4 * r + e}", magic)
             for h in range(halves):
                 acc = [f"{'ab'[h]}{r}_{i}" for i in range(4)]
                 for half in range(2):
