@@ -352,8 +352,6 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else (8 if m <= 8 else 16)
-    halves = 2 if mt == 16 else 1
-    nsub = max(1, 128 // w.group_size) if mt == 1 else 1
     reps = reps if mt > 1 else 1
     if reps > 1 and (bn // (8 * num_warps)) % reps:
         raise ValueError(f"memfit.kernels.triton_mma: {reps} rows per asm call do not divide a "
@@ -378,19 +376,29 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     kernel = _mma_gemv[grid](
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
-        w.scale.stride(0), z.stride(0), m * n, GROUP=w.group_size,
-        ZMODE=0 if w.zero_point == "sym" else 1, HAS_BIAS=bias is not None, F16=f16, MT=mt,
-        NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=not INTERPRET,
-        ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
-        CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), PACK=4 * reps,
-        RB=w.tile_rows, num_warps=num_warps, num_stages=1, EPI=epi,
-        EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
-        PARAM_TEXT=mma_ptx.param_asm(sdt, 0 if w.zero_point == "sym" else 1, f16) if epi else "",
-        **pdl.launch_kw())
+        w.scale.stride(0), z.stride(0), m * n,
+        **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
+                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET),
+        num_warps=num_warps, num_stages=1, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
         mma_ptx.check_layout(kernel)
     return y
+
+
+def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
+              unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool) -> dict:
+    """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
+    builds ahead of time): mt token columns (1, 8, 16), zmode 0 symmetric / 1 integer zero
+    points, sdt the scales' dtype ("f16", "bf16", "f32")."""
+    halves = 2 if mt == 16 else 1
+    nsub = max(1, 128 // group) if mt == 1 else 1
+    return dict(GROUP=group, ZMODE=zmode, HAS_BIAS=has_bias, F16=f16, MT=mt, NSUB=nsub,
+                HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=asm,
+                ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
+                CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), PACK=4 * reps, RB=rb,
+                EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
+                PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
 
 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)

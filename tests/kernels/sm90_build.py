@@ -36,21 +36,15 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
                bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1):
-    halves = 2 if mt == 16 else 1
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "ITERS": "i32",
            "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32",
            "stride_ps": "i32"}
-    const = dict(GROUP=128 // nsub if mt == 1 else 128, ZMODE=zmode, HAS_BIAS=False, F16=f16,
-                 MT=mt, NSUB=nsub, HALVES=halves, BN=bn, SPLIT_K=2, U=unroll, ASM=True,
-                 ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
-                 CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), RB=rb, PDL=False,
-                 PACK=4 * reps,
-                 EPI=epi,
-                 EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
-                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
+    group = 128 // nsub if mt == 1 else 128
+    const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
+                                 False, True) | {"PDL": False}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
