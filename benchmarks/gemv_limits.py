@@ -6,6 +6,10 @@
   (`epi=True`: scales loaded in the mma layout, the tile folded in) against the Triton epilogue,
   every one-tile-a-step launch shape, tiled and stored layouts; outputs checked against
   dequantize + cuBLAS.
+- cands: the chooser's candidates for M = 4 / 16 (the mma kernel with and without a lane's rows
+  sharing their activation loads, `reps`) and M = 64 (the word-dot kernel with all rows in one
+  program, the tile kernels, dequantize + cuBLAS), each timed and checked against dequantize +
+  cuBLAS, stored and tiled layouts.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 
@@ -14,7 +18,7 @@ Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also
 pipelining through shared memory and the dequantize kernel's launch shapes; both were measured no
 better (benchmarks/RESULTS.md) and removed.
 
-    python benchmarks/gemv_limits.py [--parts stream epi blocks] [--json OUT]
+    python benchmarks/gemv_limits.py [--parts stream epi cands blocks] [--json OUT]
 """
 
 from __future__ import annotations
@@ -151,6 +155,44 @@ def epi(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
+def _keep(m: int, c) -> bool:
+    """The candidates worth a compile in one short GPU call."""
+    if c.words == "mma":
+        return c.BK == 128 and not c.epi
+    if m <= 16:
+        return c.magic or c.BM == 0
+    return c.words == "dot" or c.BM == 0 or (c.magic and c.SPLIT_K <= 2)
+
+
+def cands(args, gen) -> None:
+    n, k, g = 14336, 4096, 128
+    for m in (16, 4, 64):
+        ws, x, bf16, want = setup(n, k, g, m, gen)
+        for rb in (0, 64) if m <= 16 else (0,):
+            wl = [tile(w, rb) for w in ws] if rb else ws
+            res = []
+            for c in triton_int.candidates(m, wl[0], x.dtype):
+                if not _keep(m, c):
+                    continue
+                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
+                try:
+                    err = ((f[0]().float() - want).norm() / want.norm()).item()
+                    res.append((t_us(f), err, c))
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {c}: {type(e).__name__} {str(e)[:160]}", flush=True)
+            res.sort(key=lambda r: r[0])
+            best = {}
+            for t, err, c in res:  # the best of each kernel family
+                fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
+                best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
+            note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
+                  "bf16_us": round(bf16, 2), "n_timed": len(res),
+                  "max_err": max(r[1] for r in res), "best": best,
+                  "top6": [(round(t, 2), str(c)) for t, _, c in res[:6]]}, args.json)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -158,7 +200,7 @@ def main() -> None:
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
-        {"stream": stream, "blocks": blocks, "epi": epi}[part](args, gen)
+        {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands}[part](args, gen)
 
 
 if __name__ == "__main__":
