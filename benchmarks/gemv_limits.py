@@ -6,10 +6,9 @@
   (`epi=True`: scales loaded in the mma layout, the tile folded in) against the Triton epilogue,
   every one-tile-a-step launch shape, tiled and stored layouts; outputs checked against
   dequantize + cuBLAS.
-- cands: the chooser's candidates for M = 4 / 16 (the mma kernel with and without a lane's rows
-  sharing their activation loads, `reps`) and M = 64 (the word-dot kernel with all rows in one
-  program, the tile kernels, dequantize + cuBLAS), each timed and checked against dequantize +
-  cuBLAS, stored and tiled layouts.
+- cands: the chooser's candidates for M = 16 / 32 / 64 (the mma kernel with a lane's rows sharing
+  their activation loads, `reps`; the tile kernels; dequantize + cuBLAS), each timed and checked
+  against dequantize + cuBLAS, stored and tiled layouts.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 
@@ -161,14 +160,14 @@ def _keep(m: int, c) -> bool:
         return c.BK == 128 and not c.epi
     if m <= 16:
         return c.magic or c.BM == 0
-    return c.words == "dot" or c.BM == 0 or (c.magic and c.SPLIT_K <= 2)
+    return c.BM == 0 or (c.magic and c.SPLIT_K <= 2)
 
 
 def cands(args, gen) -> None:
     n, k, g = 14336, 4096, 128
-    for m in (16, 4, 64):
+    for m in args.m:
         ws, x, bf16, want = setup(n, k, g, m, gen)
-        for rb in (0, 64) if m <= 16 else (0,):
+        for rb in (0, 64):
             wl = [tile(w, rb) for w in ws] if rb else ws
             res = []
             for c in triton_int.candidates(m, wl[0], x.dtype):
@@ -197,6 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
     ap.add_argument("--json")
+    ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:

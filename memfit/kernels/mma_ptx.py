@@ -17,109 +17,101 @@ from __future__ import annotations
 import re
 
 
-def _codes(w: str, magic: str) -> list[str]:
-    """Word w's 8 codes as 16-bit (BASE + c) pairs p0..p3: p_i = (c_i, c_{i+4}), one SHF and one
-    LOP3 each ((w >> 4i) & 0x000F000F | magic)."""
+def _codes(w: str, magic: str, dst: str = "p") -> list[str]:
+    """Word w's 8 codes as 16-bit (BASE + c) pairs dst0..dst3: dst_i = (c_i, c_{i+4}), one SHF
+    and one LOP3 each ((w >> 4i) & 0x000F000F | magic)."""
     out = []
     for i in range(4):
         src = w
         if i:
             out.append(f"shr.u32 t, {w}, {4 * i};")
             src = "t"
-        out.append(f"lop3.b32 p{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        out.append(f"lop3.b32 {dst}{i}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
     return out
 
 
-def chain(halves: int, f16: bool, xload: bool, w0: int, x0: int) -> list[str]:
-    """PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3; M = 1: the
-    activation pairs X_i of word e at $(x0 + 4i + e); xload: per token set a pointer and a flag
-    per word from $x0 on, see `mma_asm`) into a0-a3 (and b0-b3 with two halves)."""
+def _mma(ty: str, acc: list[str], p: str, xs: list[str]) -> list[str]:
+    """The two mma.sync of one word: A = its code pairs p0..p3 (rows g) over ones (rows g + 8,
+    whose sums are XS), B = the activation pairs xs[0..3], into the 4 accumulators `acc`."""
+    c = ", ".join(acc)
+    return [f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, "
+            f"{{{p}{2 * h}, one, {p}{2 * h + 1}, one}}, {{{xs[2 * h]}, {xs[2 * h + 1]}}}, {{{c}}};"
+            for h in range(2)]
+
+
+def chain(f16: bool, w0: int, x0: int) -> list[str]:
+    """M = 1: PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3, the
+    activation pairs X_i of word e at $(x0 + 4i + e)) into a0-a3."""
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
-    out = [".reg .b32 p<4>, t, one, q<4>, xp<4>, sa, sb, za, zb, ln;",
-           ".reg .f32 a<4>, b<4>, u, v;", ".reg .pred ok, odd;", f"mov.b32 one, {ones};"]
+    out = [".reg .b32 p<4>, t, one;", ".reg .f32 a<4>, u, v;", f"mov.b32 one, {ones};"]
     out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
-    out += [f"mov.f32 b{i}, 0f00000000;" for i in range(4)] if halves == 2 else []
     for e in range(4):  # word e of this lane
         out += _codes(f"${w0 + e}", magic)
-        for h in range(halves):
-            acc = "a" if h == 0 else "b"
-            if xload:
-                ptr, flag = f"${x0 + 8 * h + e}", f"${x0 + 4 + 8 * h + e}"
-                out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
-                out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
-                out += ["prmt.b32 xp0, q0, q2, 0x5410;", "prmt.b32 xp1, q0, q2, 0x7632;",
-                        "prmt.b32 xp2, q1, q3, 0x5410;", "prmt.b32 xp3, q1, q3, 0x7632;"]
-                xs = ["xp0", "xp1", "xp2", "xp3"]
-            else:
-                xs = [f"${x0 + 4 * i + e}" for i in range(4)]
-            for half in range(2):  # pairs (0, 1) then (2, 3)
-                out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}}, "
-                           f"{{p{2 * half}, one, p{2 * half + 1}, one}}, "
-                           f"{{{xs[2 * half]}, {xs[2 * half + 1]}}}, "
-                           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};")
+        out += _mma(ty, ["a0", "a1", "a2", "a3"], "p", [f"${x0 + 4 * i + e}" for i in range(4)])
     return out
 
 
-def mma_asm(halves: int, f16: bool, xload: bool, reps: int = 1) -> str:
-    """PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j+1 of the
-    (BASE + c) products; with two halves also the second token set's), XS $4-$7 (the same columns
-    of the activation sums, from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, then
-    either the activation pairs X0..X3 $12-$27 (M = 1), or (xload) per token set a pointer to each
-    word's 4 activation pairs and a flag (0: token past M, use zeros): set A $12-$19, B $20-$27.
-    xload keeps every (rows, 16) operand a plain pointer computation, so Triton lays the asm out
-    like the weight load (a (rows, 16) activation load would pull it into another layout).
-    reps > 1 (xload only): `shared_asm`, the same for `reps` rows of the lane at once."""
-    if reps > 1:
-        return shared_asm(halves, f16, reps)
-    out = ["{"] + chain(halves, f16, xload, 8, 12)
-    second = ("b0", "b1", "b2", "b3") if halves == 2 else ("0f00000000",) * 4
-    for i, v in enumerate(("a0", "a1", second[0], second[1], "a2", "a3", second[2], second[3])):
+def mma_asm(f16: bool) -> str:
+    """M = 1 PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j + 1 of
+    the (BASE + c) products, then two unused), XS $4-$7 (the same columns of the activation sums,
+    from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, the activation pairs
+    X0..X3 $12-$27."""
+    out = ["{"] + chain(f16, 8, 12)
+    for i, v in enumerate(("a0", "a1") + ("0f00000000",) * 2 + ("a2", "a3") + ("0f00000000",) * 2):
         out.append(f"mov.b32 ${i}, {v};")
     out.append("}")
     return "\n".join(out)
 
 
-def shared_asm(halves: int, f16: bool, reps: int) -> str:
-    """`mma_asm` (xload, M = 2..16) for `reps` rows of one lane at once (pack 4 * reps: Triton
-    hands a thread's row repetitions to one asm call, 4 words each): the rows of a lane share
-    their lane quad g, hence their tokens, so each word's activations are loaded and paired once
-    for all of them (the per-row loads were ~8x the weight bytes through L1 and most of the
-    kernel's instructions at M = 16). With P = 4 * reps: D of row r $4r-$4r+3, XS $P+4r-..,
-    words $2P+4r+e, then per token set h a pointer and a flag per element from $3P + 2hP and
-    $4P + 2hP (those of row 0 are read)."""
+def shared_asm(sets: int, f16: bool, reps: int) -> str:
+    """M = 2..64 PTX for `reps` rows of one lane at once (pack 4 * reps: Triton hands a thread's
+    row repetitions to one asm call, 4 words each) and `sets` token sets of 8 (lane g supplies
+    token 8h + g of set h, loaded in the asm: a (rows, 16) activation load would pull the asm into
+    another layout). The rows of a lane share their lane quad g, hence their tokens, so each
+    word's activations of a set are loaded and paired once for all of them. With P = 4 * reps
+    and Q = ceil(sets / 2) pairs of sets: D of pair q, row r at $(2qP + 4r + e) (element e: set 2q
+    columns 2j, 2j + 1 for e < 2, set 2q + 1's for e >= 2), its XS at $((2q + 1)P + 4r + e); then
+    the inputs from B = 2QP: words $(B + 4r + e), and per element (row 0's are read) a pointer
+    to token g's 4 activation pairs of word e $(B + P + e), the number of sets whose token 8h + g
+    is below M $(B + 2P + e) (the others read zeros), the bytes from one set's token to the next
+    $(B + 3P)."""
     P = 4 * reps
+    Q = -(-sets // 2)
+    B = 2 * Q * P
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
-    accs = [f"a{r}_{i}" for r in range(reps) for i in range(4)]
-    accs += [f"b{r}_{i}" for r in range(reps) for i in range(4)] if halves == 2 else []
-    out = ["{", ".reg .b32 p<4>, t, one, q<4>, x0_<4>, x1_<4>;", f".reg .f32 {', '.join(accs)};",
-           ".reg .pred ok;", f"mov.b32 one, {ones};"] + [f"mov.f32 {a}, 0f00000000;" for a in accs]
+    acc = [[[f"a{r}_{h}_{i}" for i in range(4)] for h in range(sets)] for r in range(reps)]
+    regs = [a for r in acc for h in r for a in h]
+    codes = [f"p{r}_{i}" for r in range(reps) for i in range(4)]
+    out = ["{", f".reg .b32 {', '.join(codes)}, t, one, q<4>, x<4>;", ".reg .b64 ph, sd;",
+           f".reg .f32 {', '.join(regs)};", ".reg .pred ok;", f"mov.b32 one, {ones};",
+           f"cvt.u64.u32 sd, ${B + 3 * P};"] + [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):  # word e of each row
-        for h in range(halves):  # the word's activations of token set h, once for all rows
-            ptr, flag = f"${3 * P + 2 * h * P + e}", f"${4 * P + 2 * h * P + e}"
-            out += [f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 q{i}, 0;" for i in range(4)]
-            out.append(f"@ok ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [{ptr}];")
-            out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
-                    f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
         for r in range(reps):
-            out += _codes(f"${2 * P + 4 * r + e}", magic)
-            for h in range(halves):
-                acc = [f"{'ab'[h]}{r}_{i}" for i in range(4)]
-                for half in range(2):
-                    out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-                               f"{{{', '.join(acc)}}}, {{p{2 * half}, one, p{2 * half + 1}, one}}, "
-                               f"{{x{h}_{2 * half}, x{h}_{2 * half + 1}}}, {{{', '.join(acc)}}};")
-    for r in range(reps):
-        a = [f"a{r}_{i}" for i in range(4)]
-        b = [f"b{r}_{i}" for i in range(4)] if halves == 2 else ["0f00000000"] * 4
-        for e, v in enumerate((a[0], a[1], b[0], b[1])):
-            out.append(f"mov.b32 ${4 * r + e}, {v};")
-        for e, v in enumerate((a[2], a[3], b[2], b[3])):
-            out.append(f"mov.b32 ${P + 4 * r + e}, {v};")
+            out += _codes(f"${B + 4 * r + e}", magic, f"p{r}_")
+        out.append(f"mov.b64 ph, ${B + P + e};")
+        for h in range(sets):  # the word's activations of token set h, once for all rows
+            if h:
+                out.append("add.s64 ph, ph, sd;")
+            out += [f"setp.gt.u32 ok, ${B + 2 * P + e}, {h};"]
+            out += [f"mov.b32 q{i}, 0;" for i in range(4)]
+            out.append("@ok ld.global.nc.v4.b32 {q0, q1, q2, q3}, [ph];")
+            out += ["prmt.b32 x0, q0, q2, 0x5410;", "prmt.b32 x1, q0, q2, 0x7632;",
+                    "prmt.b32 x2, q1, q3, 0x5410;", "prmt.b32 x3, q1, q3, 0x7632;"]
+            for r in range(reps):
+                out += _mma(ty, acc[r][h], f"p{r}_", ["x0", "x1", "x2", "x3"])
+    zero = ["0f00000000"] * 4
+    for q in range(Q):
+        for r in range(reps):
+            a = acc[r][2 * q]
+            b = acc[r][2 * q + 1] if 2 * q + 1 < sets else zero
+            for e, v in enumerate((a[0], a[1], b[0], b[1])):
+                out.append(f"mov.b32 ${2 * q * P + 4 * r + e}, {v};")
+            for e, v in enumerate((a[2], a[3], b[2], b[3])):
+                out.append(f"mov.b32 ${(2 * q + 1) * P + 4 * r + e}, {v};")
     out.append("}")
     return "\n".join(out)
 
@@ -131,7 +123,7 @@ def epi_asm(f16: bool, nsub: int) -> str:
     column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
     Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`param_asm`'s, per
     element: element e holds column 2j + e's group)."""
-    out = ["{"] + chain(1, f16, False, 4, 8)
+    out = ["{"] + chain(f16, 4, 8)
     out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
     if nsub == 1:
         out.append("mov.b32 $1, $25;")
@@ -168,10 +160,12 @@ def param_asm(sdt: str, zmode: int, f16: bool) -> str:
 
 
 
-def constraints(halves: int, xload: bool, reps: int = 1) -> str:
+def constraints(sets: int, reps: int = 1) -> str:
+    """Operand constraints of `mma_asm` (sets = 0: M = 1) or `shared_asm`."""
+    if sets == 0:
+        return ",".join(["=r"] * 8 + ["r"] * 20)
     p = 4 * reps
-    ins = ["r"] * p + (["l"] * p + ["r"] * p) * halves if xload else ["r"] * 20
-    return ",".join(["=r"] * 2 * p + ins)
+    return ",".join(["=r"] * 2 * -(-sets // 2) * p + ["r"] * p + ["l"] * p + ["r"] * 2 * p)
 
 
 class MmaLayoutError(RuntimeError):

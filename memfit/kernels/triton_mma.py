@@ -1,4 +1,4 @@
-"""Tensor-core decode kernel for 4-bit codes (M <= 16): mma.sync on codes made bf16 by bit tricks.
+"""Tensor-core decode kernel for 4-bit codes (M <= 64): mma.sync on codes made bf16 by bit tricks.
 
 Why: the word kernels (memfit.kernels.triton_words) compile to 5.5-8 SASS instructions per 4-bit
 code in their inner loop (mask, magic subtraction, FMA, and the activations' loads, conversions
@@ -23,7 +23,10 @@ give wrong sums.
   32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
 - M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
   inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
-  layout); M <= 16 (MT = 16): a second mma chain for tokens 8..15.
+  layout); MT = 16, 32, 64: 2, 4, 8 token sets, one mma chain each (lane g supplies token
+  8h + g of set h). The rows of a lane share g, so one asm call takes `reps` of them and loads
+  each word's activations of a set once (mma_ptx.shared_asm). Element e of a row's 4 words holds
+  set 2q's column 2j + e (e < 2) or set 2q + 1's (e >= 2) in accumulator q (tokens 16q..16q+15).
 `_col` says which mma column each element of the tile holds; the rest are masked at the store.
 Loop variants: the next tile's words, scales and zero points are loaded before the current one
 computes (U = 1); U = 2/4 adjacent tiles are loaded together (loads in the loop body, pipelined by
@@ -80,9 +83,10 @@ def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
 
 @triton.jit
 def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.constexpr,
-              HALVES: tl.constexpr):
+              HALVES: tl.constexpr, T0: tl.constexpr = 0):
     """What the asm computes, in plain Triton: (BN, 16) float32, element (r, w) = mma column
-    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token or group of the column)."""
+    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token T0 + column, or the
+    column's group)."""
     out = tl.zeros(wd.shape, tl.float32)
     col = _col(tl.arange(0, 16), HALVES)  # (16,)
     lane = tl.arange(0, 16) // 4  # j of each word
@@ -92,7 +96,8 @@ def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.co
         for i in tl.static_range(8):
             c = ((wd >> (4 * i)) & 15).to(tl.float32) - zi
             if MT > 1:
-                xv = tl.load(x_ptr + t * stride_xm + wi * 8 + i, mask=(wi * 0 + t) < M, other=0.0)
+                xv = tl.load(x_ptr + (T0 + t) * stride_xm + wi * 8 + i, mask=(wi * 0 + T0 + t) < M,
+                             other=0.0)
             else:  # group t of the tile: only its lanes
                 xv = tl.load(x_ptr + wi * 8 + i)
                 xv = tl.where((lane * NSUB) // 4 == t, xv, 0.0)
@@ -188,10 +193,12 @@ def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE:
 
 
 @triton.jit
-def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.constexpr,
-          MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr,
-          ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr, PACK: tl.constexpr = 4):
-    """acc + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x)."""
+def _tile(acc, acc1, acc2, acc3, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
+          F16: tl.constexpr, MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr,
+          ASM: tl.constexpr, ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr,
+          PACK: tl.constexpr = 4):
+    """The accumulators + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x);
+    acc holds tokens 0..15 (M = 1: the row), acc1..acc3 tokens 16..63 (MT = 32, 64)."""
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
         if MT == 1:
@@ -199,25 +206,38 @@ def _tile(acc, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm, F16: tl.
             d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
                                               dtype=(tl.float32, tl.float32), is_pure=True,
                                               pack=4)
-        else:  # lane g supplies token g (set A) and token g + 8 (set B), loaded in the asm
-            ta = tl.minimum(rg, M - 1)[:, None]
-            pa = x32 + ta * (stride_xm // 2) + (wi * 4)[None, :]  # (BN, 16) pointers
-            fa = (rg[:, None] < M).to(tl.int32) + wi[None, :] * 0
-            if HALVES == 2:
-                tb = tl.minimum(rg + 8, M - 1)[:, None]
-                pb = x32 + tb * (stride_xm // 2) + (wi * 4)[None, :]
-                fb = (rg[:, None] + 8 < M).to(tl.int32) + wi[None, :] * 0
-                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa, pb, fb],
-                                                  dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=PACK)
+            acc += s * (d - (zc + BASE) * xs)
+        else:  # lane g supplies token 8h + g of each set h, loaded in the asm (mma_ptx.shared_asm)
+            px = x32 + (rg * (stride_xm // 2))[:, None] + (wi * 4)[None, :]  # (BN, 16) pointers
+            nv = tl.minimum(tl.maximum((M - rg + 7) // 8, 0), MT // 8)[:, None] + wi[None, :] * 0
+            sd = nv * 0 + 16 * stride_xm  # bytes from token t to t + 8
+            nz = zc + BASE
+            if MT <= 16:
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd],
+                                                  dtype=(tl.float32,) * 2, is_pure=True, pack=PACK)
+                acc += s * (d - nz * xs)
+            elif MT == 32:
+                d, xs, d1, xs1 = tl.inline_asm_elementwise(
+                    ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd], dtype=(tl.float32,) * 4,
+                    is_pure=True, pack=PACK)
+                acc += s * (d - nz * xs)
+                acc1 += s * (d1 - nz * xs1)
             else:
-                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, pa, fa],
-                                                  dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=PACK)
-        acc += s * (d - (zc + BASE) * xs)
+                d, xs, d1, xs1, d2, xs2, d3, xs3 = tl.inline_asm_elementwise(
+                    ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd], dtype=(tl.float32,) * 8,
+                    is_pure=True, pack=PACK)
+                acc += s * (d - nz * xs)
+                acc1 += s * (d1 - nz * xs1)
+                acc2 += s * (d2 - nz * xs2)
+                acc3 += s * (d3 - nz * xs3)
     else:
         acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
-    return acc
+        if MT >= 32:
+            acc1 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 16)
+        if MT == 64:
+            acc2 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 32)
+            acc3 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 48)
+    return acc, acc1, acc2, acc3
 
 
 @triton.jit
@@ -247,6 +267,9 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     rg = rn % 8  # the row's lane quad g within its warp (8 rows per warp)
     col = _col(rw, HALVES)
     acc = tl.zeros((BN, 16), dtype=tl.float32)
+    acc1 = acc  # tokens 16..63 (MT = 32, 64)
+    acc2 = acc
+    acc3 = acc
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     w0 = pid_k * ITERS * U * 16
     QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
@@ -284,8 +307,9 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
             nwd, ns, nzc, nzw = _params(qp + QS, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
-            acc = _tile(acc, wd, s, zc, zw, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm, F16,
-                        MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+            acc, acc1, acc2, acc3 = _tile(
+                acc, acc1, acc2, acc3, wd, s, zc, zw, w0 + rw, x32, x_ptr,
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             wd, s, zc, zw = nwd, ns, nzc, nzw
             qp += QS
             w0 += 16
@@ -301,28 +325,73 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
                 wd3, s3, zc3, zw3 = _params(qp + 3 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
-            acc = _tile(acc, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr, rn, rg, rw, M, stride_xm,
-                        F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
-            acc = _tile(acc, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr, rn, rg, rw, M,
-                        stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+            acc, acc1, acc2, acc3 = _tile(
+                acc, acc1, acc2, acc3, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr,
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+            acc, acc1, acc2, acc3 = _tile(
+                acc, acc1, acc2, acc3, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr,
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             if U == 4:
-                acc = _tile(acc, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr, rn, rg, rw, M,
-                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
-                acc = _tile(acc, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr, rn, rg, rw, M,
-                            stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                acc, acc1, acc2, acc3 = _tile(
+                    acc, acc1, acc2, acc3, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr,
+                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                acc, acc1, acc2, acc3 = _tile(
+                    acc, acc1, acc2, acc3, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr,
+                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             qp += QS * U
             w0 += 16 * U
-    if MT > 1:
-        ok = n_ok[:, None] & (col < M)[None, :]
-        off = col[None, :] * N + rn[:, None]
+    if MT > 16:  # two or four accumulators of 16 tokens each
+        _finish_sets(acc, acc1, acc2, acc3, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
+                     pid_k, stride_ps, HAS_BIAS, SPLIT_K, MT // 16)
     else:
-        off = rn[:, None] + col[None, :] * 0
-        ok = n_ok[:, None] & (rw == 0)[None, :]
-        if NSUB > 1:  # the NSUB group sums of a row sit in lanes j = 0, 1: add them into slot 0
-            acc = tl.where(ok, tl.sum(tl.where((col < NSUB)[None, :], acc, 0.0), axis=1)[:, None],
-                           0.0)
-    _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k,
-            stride_ps, HAS_BIAS, SPLIT_K)
+        if MT > 1:
+            ok = n_ok[:, None] & (col < M)[None, :]
+            off = col[None, :] * N + rn[:, None]
+        else:
+            off = rn[:, None] + col[None, :] * 0
+            ok = n_ok[:, None] & (rw == 0)[None, :]
+            if NSUB > 1:  # the NSUB group sums of a row sit in lanes j = 0, 1: add into slot 0
+                acc = tl.where(ok, tl.sum(tl.where((col < NSUB)[None, :], acc, 0.0),
+                                          axis=1)[:, None], 0.0)
+        _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
+                pid_k, stride_ps, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _finish_sets(acc0, acc1, acc2, acc3, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
+                 pid_k, stride_ps, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, Q: tl.constexpr):
+    """`_finish` for Q = 2 or 4 accumulators (acc_q: tokens 16q + col): with SPLIT_K > 1 every
+    partial is stored before the program counts its arrival (one counter for all of them)."""
+    boff = rn[:, None] + col[None, :] * 0
+    if SPLIT_K > 1:
+        for q in tl.static_range(Q):
+            a = acc0 if q == 0 else (acc1 if q == 1 else (acc2 if q == 2 else acc3))
+            ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
+            tl.store(p_ptr + pid_k * stride_ps + (col + 16 * q)[None, :] * N + rn[:, None], a,
+                     mask=ok)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if arrived == SPLIT_K - 1:
+            for q in tl.static_range(Q):
+                ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
+                off = (col + 16 * q)[None, :] * N + rn[:, None]
+                a = tl.zeros(acc0.shape, tl.float32)
+                for k in tl.static_range(SPLIT_K):
+                    a += tl.load(p_ptr + k * stride_ps + off, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+                if HAS_BIAS:
+                    a += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
+                tl.store(y_ptr + off, a.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
+    else:
+        for q in tl.static_range(Q):
+            a = acc0 if q == 0 else (acc1 if q == 1 else (acc2 if q == 2 else acc3))
+            ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
+            if HAS_BIAS:
+                a += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + (col + 16 * q)[None, :] * N + rn[:, None],
+                     a.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
@@ -334,8 +403,8 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
         return f"rows of {k} codes are not a multiple of 128"
     if w.group_size not in (32, 64) and w.group_size % 128:
         return f"group size {w.group_size} is not 32, 64 or a multiple of 128"
-    if dtype not in (torch.bfloat16, torch.float16) or m > 16:
-        return "the mma decode kernel takes 16-bit activations and M <= 16"
+    if dtype not in (torch.bfloat16, torch.float16) or m > 64:
+        return "the mma decode kernel takes 16-bit activations and M <= 64"
     if m > 1 and w.group_size < 128:
         return "the mma decode kernel takes groups of 32 or 64 codes at M = 1 only"
     if not w.qdata.is_contiguous() or w.qdata.data_ptr() % 16:
@@ -351,8 +420,10 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     must divide the lane's rows, BN / (8 * num_warps))."""
     m, k = x2.shape
     n = w.shape[0]
-    mt = 1 if m == 1 else (8 if m <= 8 else 16)
+    mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32, 64
     reps = reps if mt > 1 else 1
+    if mt > 16 and unroll > 1:
+        raise ValueError("memfit.kernels.triton_mma: M > 16 takes one tile a step (unroll 1)")
     if reps > 1 and (bn // (8 * num_warps)) % reps:
         raise ValueError(f"memfit.kernels.triton_mma: {reps} rows per asm call do not divide a "
                          f"lane's {bn // (8 * num_warps)} rows")
@@ -389,14 +460,15 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
-    builds ahead of time): mt token columns (1, 8, 16), zmode 0 symmetric / 1 integer zero
-    points, sdt the scales' dtype ("f16", "bf16", "f32")."""
-    halves = 2 if mt == 16 else 1
+    builds ahead of time): mt token columns (1, 8, 16, 32, 64), zmode 0 symmetric / 1 integer
+    zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
+    halves = 2 if mt >= 16 else 1
     nsub = max(1, 128 // group) if mt == 1 else 1
     return dict(GROUP=group, ZMODE=zmode, HAS_BIAS=has_bias, F16=f16, MT=mt, NSUB=nsub,
                 HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=asm,
-                ASM_TEXT=mma_ptx.mma_asm(halves, f16, mt > 1, reps),
-                CONSTRAINTS=mma_ptx.constraints(halves, mt > 1, reps), PACK=4 * reps, RB=rb,
+                ASM_TEXT=mma_ptx.mma_asm(f16) if mt == 1 else mma_ptx.shared_asm(mt // 8, f16, reps),
+                CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
+                RB=rb,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
 

@@ -95,8 +95,8 @@ def check_planes(bits):
 
 def check_words_dot(bm, bn_warps, sk):
     bn, warps = bn_warps
-    """The word-dot kernel as the chooser launches it for 16 < M <= 128 (all rows in one program):
-    it builds, within the 227 KB of shared memory a Hopper block may take."""
+    """The word-dot kernel as the chooser launches it (M <= 16): it builds, within the 227 KB of
+    shared memory a Hopper block may take."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32",
            "NW": "i32", "NG": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
@@ -120,10 +120,12 @@ def main() -> None:
     checks |= {f"mma_shared{c}": (check_mma, (c[0], 1, 1, "f16", c[1], c[2], False) + c[3:])
                for c in [(16, False, 0, 128, 4, 1, 4), (8, True, 64, 64, 4, 1, 2),
                          (16, False, 64, 256, 8, 1, 4), (16, True, 0, 256, 4, 1, 4),
-                         (8, False, 0, 64, 4, 2, 2)]}
+                         (8, False, 0, 64, 4, 2, 2), (32, False, 0, 128, 4, 1, 4),
+                         (32, True, 64, 64, 4, 1, 2), (64, False, 0, 128, 4, 1, 2),
+                         (64, True, 64, 64, 4, 1, 1), (64, False, 64, 256, 8, 1, 2)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
-               for c in itertools.product((32, 64, 128), ((64, 4), (128, 8)), (1, 4))}
+               for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}
     for name, (fn, args) in checks.items():
         try:

@@ -82,22 +82,6 @@ def test_every_launch_shape_and_16bit_activations(cfg, dtype):
     assert rel_err(got, want) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
-@pytest.mark.parametrize("m", [33, 100])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_word_dot_kernel_takes_every_row_of_a_medium_batch(m, dtype):
-    """M in 17..128: one program holds all M rows (BM = the next power of two), as the
-    chooser's word-dot candidates for such M launch it."""
-    w = make_weight(96, 512, 4, 128, "int", seed=m)
-    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
-    want = linear_reference(x.float(), w, None)
-    cands = [c for c in triton_int.candidates(m, w, dtype) if c.words == "dot"]
-    assert cands and all(c.BM == triton_int._bucket(m) for c in cands)
-    got = triton_int.run(x, w, None, triton_int.Config(cands[0].BM, 32, 128, 2, 4, 3,
-                                                       words="dot", shift=False))
-    assert got.shape == (m, 96) and not got.isnan().any()
-    assert rel_err(got, want) < {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-
-
 @pytest.mark.parametrize("bits,group,zp", [(4, 64, "int"), (2, 128, "sym"), (8, 32, "float"),
                                            (4, 128, "int")])
 def test_dequantize_kernel_is_exact(bits, group, zp):

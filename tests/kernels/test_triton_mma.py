@@ -1,7 +1,7 @@
 """The tensor-core decode kernel (memfit.kernels.triton_mma) against the float32 reference:
-every group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8
-and 9..16 (one or two token sets), split K, 2 tiles per step, bias, bfloat16 and float16
-activations, odd row counts; on the GPU also determinism and CUDA-graph replay. On the CPU
+every group size it takes (32, 64, 128, 256, per-channel), both zero-point kinds, M = 1, 2..8,
+9..16, 17..32 and 33..64 (one to eight token sets), split K, 2 tiles per step, bias, bfloat16
+and float16 activations, odd row counts; on the GPU also determinism and CUDA-graph replay. On the CPU
 (TRITON_INTERPRET=1) the asm blocks are replaced by the same sums in plain Triton; on a GPU the
 mma.sync path runs."""
 
@@ -19,6 +19,7 @@ CASES = [  # (n, k, group, zero point, M)
     (64, 256, 128, "int", 1), (40, 384, 64, "sym", 1), (72, 256, 32, "int", 1),
     (33, 512, 256, "int", 1), (48, 256, None, "sym", 1), (64, 256, 128, "int", 3),
     (57, 384, 128, "sym", 8), (64, 256, 256, "int", 11), (40, 128, 128, "int", 16),
+    (40, 256, 128, "sym", 37), (64, 256, 128, "int", 64),
 ]
 
 
@@ -30,8 +31,8 @@ def test_mma_kernel_matches_reference(n, k, group, zp, m, split_k, unroll, epi, 
     """epi: M = 1's asm epilogue (GPU only: the interpreter runs the plain path)."""
     if epi and (m > 1 or DEV == "cpu"):
         pytest.skip("the asm epilogue is the GPU's, at M = 1")
-    if (k // 128) % (split_k * unroll):
-        pytest.skip("split_k x unroll must divide the row's tiles")
+    if (k // 128) % (split_k * unroll) or (m > 16 and unroll > 1):
+        pytest.skip("split_k x unroll must divide the row's tiles; M > 16 takes unroll 1")
     w = make_weight(n, k, 4, group, zp, seed=n + k + m)
     assert triton_mma.mma_ineligibility(w, m, dtype) is None
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype).to(DEV)
@@ -101,6 +102,8 @@ def test_mma_kernel_refuses_what_it_cannot_take():
     assert "16-bit" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "int"), 1,
                                                     torch.float32)
     assert "M = 1 only" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 64, "int"), 2, bf)
+    assert "M <= 64" in triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "int"), 65, bf)
+    assert triton_mma.mma_ineligibility(make_weight(8, 256, 4, 128, "int"), 64, bf) is None
 
 
 def test_chooser_offers_mma_first_for_16bit_decode_and_serves_the_rest():
@@ -127,11 +130,13 @@ def test_mma_kernel_is_deterministic_and_graph_safe(m, split_k):
     assert torch.equal(y, runs[0])
 
 
-@pytest.mark.parametrize("m,bn,warps,reps", [(16, 64, 4, 2), (5, 128, 4, 4), (11, 64, 4, 2)])
+@pytest.mark.parametrize("m,bn,warps,reps", [(16, 64, 4, 2), (5, 128, 4, 4), (11, 64, 4, 2),
+                                             (30, 128, 4, 4), (64, 64, 4, 2)])
 @pytest.mark.parametrize("tiled", [False, True])
 def test_rows_sharing_activation_loads_match_reference(m, bn, warps, reps, tiled):
     """M > 1 with `reps` rows of a lane per asm call (mma_ptx.shared_asm: each word's
-    activations loaded once for all of them); on the GPU the asm path, here the plain one."""
+    activations loaded once for all of them), up to 8 token sets; on the GPU the asm path, here
+    the plain one."""
     w = make_weight(256, 512, 4, 128, "int", seed=m + reps)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEV)
     bias = torch.randn(256).to(DEV)
