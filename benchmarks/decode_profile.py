@@ -113,7 +113,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the JSON rows")
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--skip-hf-graph", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="bf16 and int4 native rows, batch 1, only")
+    ap.add_argument("--quick", action="store_true",
+                    help="bf16 and int4 native rows only (batch 1, and 16 with --batch16)")
+    ap.add_argument("--batch16", action="store_true", help="--quick: batch 16 rows too")
     args = ap.parse_args()
     if args.tiny:
         decode_gpu.DEV = "cpu"
@@ -140,10 +142,14 @@ def main() -> None:
     with torch.inference_mode():
         if args.quick:  # the target rows only, int4 with and without the tiled layout
             row("bf16 native pdl=on", 1, True)
+            if args.batch16:
+                row("bf16 native", 16, True, prof_steps=0)
             to_int4(m)
             for rb in (64, 0):
                 os.environ["MEMFIT_TILE_ROWS"] = str(rb)
                 row(f"int4 native tile={rb}", 1, True)
+                if args.batch16 and rb:  # (the loop built at batch 16 is kept for the next row)
+                    row(f"int4 native tile={rb}", 16, True, prof_steps=0)
             os.environ["MEMFIT_TILE_ROWS"] = "64"
             choices = chooser_table()
         for prec in () if args.quick else ("bf16", "int4"):

@@ -85,13 +85,11 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
     ones = "0x3C003C00" if f16 else "0x3F803F80"
     acc = [[[f"a{r}_{h}_{i}" for i in range(4)] for h in range(sets)] for r in range(reps)]
     regs = [a for r in acc for h in r for a in h]
-    codes = [f"p{r}_{i}" for r in range(reps) for i in range(4)]
-    out = ["{", f".reg .b32 {', '.join(codes)}, t, one, q<4>, x<4>;", ".reg .b64 ph, sd;",
+    xs = [f"x{h}_{i}" for h in range(sets) for i in range(4)]
+    out = ["{", f".reg .b32 p<4>, t, one, q<4>, {', '.join(xs)};", ".reg .b64 ph, sd;",
            f".reg .f32 {', '.join(regs)};", ".reg .pred ok;", f"mov.b32 one, {ones};",
            f"cvt.u64.u32 sd, ${B + 3 * P};"] + [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):  # word e of each row
-        for r in range(reps):
-            out += _codes(f"${B + 4 * r + e}", magic, f"p{r}_")
         out.append(f"mov.b64 ph, ${B + P + e};")
         for h in range(sets):  # the word's activations of token set h, once for all rows
             if h:
@@ -99,10 +97,12 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
             out += [f"setp.gt.u32 ok, ${B + 2 * P + e}, {h};"]
             out += [f"mov.b32 q{i}, 0;" for i in range(4)]
             out.append("@ok ld.global.nc.v4.b32 {q0, q1, q2, q3}, [ph];")
-            out += ["prmt.b32 x0, q0, q2, 0x5410;", "prmt.b32 x1, q0, q2, 0x7632;",
-                    "prmt.b32 x2, q1, q3, 0x5410;", "prmt.b32 x3, q1, q3, 0x7632;"]
-            for r in range(reps):
-                out += _mma(ty, acc[r][h], f"p{r}_", ["x0", "x1", "x2", "x3"])
+            out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
+                    f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
+        for r in range(reps):
+            out += _codes(f"${B + 4 * r + e}", magic)
+            for h in range(sets):
+                out += _mma(ty, acc[r][h], "p", [f"x{h}_{i}" for i in range(4)])
     zero = ["0f00000000"] * 4
     for q in range(Q):
         for r in range(reps):
