@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="bf16 and int4 native rows only (batch 1, and 16 with --batch16)")
     ap.add_argument("--batch16", action="store_true", help="--quick: batch 16 rows too")
+    ap.add_argument("--int4-only", action="store_true",
+                    help="--quick: the int4 rows of the tiled layout only")
     args = ap.parse_args()
     if args.tiny:
         decode_gpu.DEV = "cpu"
@@ -141,11 +143,12 @@ def main() -> None:
 
     with torch.inference_mode():
         if args.quick:  # the target rows only, int4 with and without the tiled layout
-            row("bf16 native pdl=on", 1, True)
-            if args.batch16:
-                row("bf16 native", 16, True, prof_steps=0)
+            if not args.int4_only:
+                row("bf16 native pdl=on", 1, True)
+                if args.batch16:
+                    row("bf16 native", 16, True, prof_steps=0)
             to_int4(m)
-            for rb in (64, 0):
+            for rb in (64,) if args.int4_only else (64, 0):
                 os.environ["MEMFIT_TILE_ROWS"] = str(rb)
                 row(f"int4 native tile={rb}", 1, True)
                 if args.batch16 and rb:  # (the loop built at batch 16 is kept for the next row)
