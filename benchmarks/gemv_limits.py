@@ -6,7 +6,7 @@
   (`epi=True`: scales loaded in the mma layout, the tile folded in) against the Triton epilogue,
   every one-tile-a-step launch shape, tiled and stored layouts; outputs checked against
   dequantize + cuBLAS.
-- cands: the chooser's candidates for M = 16 / 32 / 64 (the mma kernel with a lane's rows sharing
+- cands: the chooser's candidates for M = 16 / 32 / 64 (the mma kernel up to M = 32 with a lane's rows sharing
   their activation loads, `reps`; the tile kernels; dequantize + cuBLAS), each timed and checked
   against dequantize + cuBLAS, stored and tiled layouts.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer

@@ -66,7 +66,7 @@ def mma_asm(f16: bool) -> str:
 
 
 def shared_asm(sets: int, f16: bool, reps: int) -> str:
-    """M = 2..64 PTX for `reps` rows of one lane at once (pack 4 * reps: Triton hands a thread's
+    """M = 2..32 PTX for `reps` rows of one lane at once (pack 4 * reps: Triton hands a thread's
     row repetitions to one asm call, 4 words each) and `sets` token sets of 8 (lane g supplies
     token 8h + g of set h, loaded in the asm: a (rows, 16) activation load would pull the asm into
     another layout). The rows of a lane share their lane quad g, hence their tokens, so each

@@ -6,7 +6,7 @@ little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER
 one group), so a tile needs one scale and zero per row; zero points are read from their packed
 bits in the kernel; symmetric weights use z = 2**(bits-1).
 
-M <= 64 with 16-bit activations and 4-bit codes goes first to the tensor-core kernel of
+M <= 32 with 16-bit activations and 4-bit codes goes first to the tensor-core kernel of
 memfit.kernels.triton_mma (MEMFIT_TRITON_MMA=0 leaves it out); at M <= 16 then the word-wise kernels of
 memfit.kernels.triton_words (the same stored bytes read as 32-bit words, no int-to-float
 conversion) where the layout fills whole words; the byte kernels below remain candidates there
@@ -183,7 +183,7 @@ def ineligibility(w: IntWeight) -> str | None:
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
-    """Launch shapes of the mma decode kernel (M <= 64): BN rows x SPLIT_K programs along K (a
+    """Launch shapes of the mma decode kernel (M <= 32): BN rows x SPLIT_K programs along K (a
     divisor of the row's 128-code tiles) for 1 to ~16 waves of 132 programs."""
     n, k = w.shape
     tiles = k // 128
@@ -199,9 +199,8 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
         epi = [replace(c, epi=True) for c in out if c.BK == 128]  # (measured faster there)
         out = epi + out if w.group_size < 128 else out + epi
-    if m > 16:  # 32 or 64 tokens: one tile a step, up to 2 or 4 rows of a lane per asm call
-        cap = 2 if m > 32 else 4
-        out = [replace(c, reps=min(cap, c.BN // (8 * c.num_warps))) for c in out if c.BK == 128]
+    if m > 16:  # 17..32 tokens: one tile a step, up to 4 rows of a lane per asm call
+        out = [replace(c, reps=min(4, c.BN // (8 * c.num_warps))) for c in out if c.BK == 128]
     elif m > 1:  # a lane's rows share their activation loads: first (measured 1.4-2x faster at
         # M = 4 and 16 than one row per asm call, benchmarks/RESULTS.md, session 11)
         out = [replace(c, reps=min(4, c.BN // (8 * c.num_warps))) for c in out
@@ -212,7 +211,7 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, else dequantize + cuBLAS
-        ok = m <= 64 and mma_ineligibility(w, m, dtype) is None
+        ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
         return (mma_candidates(m, w) if ok else []) + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
@@ -245,7 +244,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
                 if w.bits <= 4:
                     out.append(Config(16, bn, bks[0], sk, 4, 4, magic=True))
     elif m <= 128:
-        if m <= 64 and MMA and mma_ineligibility(w, m, dtype) is None:
+        if m <= 32 and MMA and mma_ineligibility(w, m, dtype) is None:
             out += mma_candidates(m, w)
         for bm in (32, 64):
             for bn in (64, 128):

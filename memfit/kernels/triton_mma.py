@@ -1,4 +1,4 @@
-"""Tensor-core decode kernel for 4-bit codes (M <= 64): mma.sync on codes made bf16 by bit tricks.
+"""Tensor-core decode kernel for 4-bit codes (M <= 32): mma.sync on codes made bf16 by bit tricks.
 
 Why: the word kernels (memfit.kernels.triton_words) compile to 5.5-8 SASS instructions per 4-bit
 code in their inner loop (mask, magic subtraction, FMA, and the activations' loads, conversions
@@ -23,8 +23,8 @@ give wrong sums.
   32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
 - M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
   inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
-  layout); MT = 16, 32, 64: 2, 4, 8 token sets, one mma chain each (lane g supplies token
-  8h + g of set h). The rows of a lane share g, so one asm call takes `reps` of them and loads
+  layout); MT = 16, 32: 2, 4 token sets, one mma chain each (lane g supplies token 8h + g of
+  set h). The rows of a lane share g, so one asm call takes `reps` of them and loads
   each word's activations of a set once (mma_ptx.shared_asm). Element e of a row's 4 words holds
   set 2q's column 2j + e (e < 2) or set 2q + 1's (e >= 2) in accumulator q (tokens 16q..16q+15).
 `_col` says which mma column each element of the tile holds; the rest are masked at the store.
@@ -193,12 +193,12 @@ def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE:
 
 
 @triton.jit
-def _tile(acc, acc1, acc2, acc3, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
+def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
           F16: tl.constexpr, MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr,
           ASM: tl.constexpr, ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr,
           PACK: tl.constexpr = 4):
     """The accumulators + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x);
-    acc holds tokens 0..15 (M = 1: the row), acc1..acc3 tokens 16..63 (MT = 32, 64)."""
+    acc holds tokens 0..15 (M = 1: the row), acc1 tokens 16..31 (MT = 32)."""
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
         if MT == 1:
@@ -216,28 +216,17 @@ def _tile(acc, acc1, acc2, acc3, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, s
                 d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd],
                                                   dtype=(tl.float32,) * 2, is_pure=True, pack=PACK)
                 acc += s * (d - nz * xs)
-            elif MT == 32:
+            else:
                 d, xs, d1, xs1 = tl.inline_asm_elementwise(
                     ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd], dtype=(tl.float32,) * 4,
                     is_pure=True, pack=PACK)
                 acc += s * (d - nz * xs)
                 acc1 += s * (d1 - nz * xs1)
-            else:
-                d, xs, d1, xs1, d2, xs2, d3, xs3 = tl.inline_asm_elementwise(
-                    ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd], dtype=(tl.float32,) * 8,
-                    is_pure=True, pack=PACK)
-                acc += s * (d - nz * xs)
-                acc1 += s * (d1 - nz * xs1)
-                acc2 += s * (d2 - nz * xs2)
-                acc3 += s * (d3 - nz * xs3)
     else:
         acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
-        if MT >= 32:
+        if MT == 32:
             acc1 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 16)
-        if MT == 64:
-            acc2 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 32)
-            acc3 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 48)
-    return acc, acc1, acc2, acc3
+    return acc, acc1
 
 
 @triton.jit
@@ -267,9 +256,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     rg = rn % 8  # the row's lane quad g within its warp (8 rows per warp)
     col = _col(rw, HALVES)
     acc = tl.zeros((BN, 16), dtype=tl.float32)
-    acc1 = acc  # tokens 16..63 (MT = 32, 64)
-    acc2 = acc
-    acc3 = acc
+    acc1 = acc  # tokens 16..31 (MT = 32)
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     w0 = pid_k * ITERS * U * 16
     QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
@@ -307,8 +294,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
             nwd, ns, nzc, nzw = _params(qp + QS, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
-            acc, acc1, acc2, acc3 = _tile(
-                acc, acc1, acc2, acc3, wd, s, zc, zw, w0 + rw, x32, x_ptr,
+            acc, acc1 = _tile(
+                acc, acc1, wd, s, zc, zw, w0 + rw, x32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             wd, s, zc, zw = nwd, ns, nzc, nzw
             qp += QS
@@ -325,24 +312,24 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
                 wd3, s3, zc3, zw3 = _params(qp + 3 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
-            acc, acc1, acc2, acc3 = _tile(
-                acc, acc1, acc2, acc3, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr,
+            acc, acc1 = _tile(
+                acc, acc1, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
-            acc, acc1, acc2, acc3 = _tile(
-                acc, acc1, acc2, acc3, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr,
+            acc, acc1 = _tile(
+                acc, acc1, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             if U == 4:
-                acc, acc1, acc2, acc3 = _tile(
-                    acc, acc1, acc2, acc3, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr,
+                acc, acc1 = _tile(
+                    acc, acc1, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
-                acc, acc1, acc2, acc3 = _tile(
-                    acc, acc1, acc2, acc3, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr,
+                acc, acc1 = _tile(
+                    acc, acc1, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             qp += QS * U
             w0 += 16 * U
-    if MT > 16:  # two or four accumulators of 16 tokens each
-        _finish_sets(acc, acc1, acc2, acc3, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
-                     pid_k, stride_ps, HAS_BIAS, SPLIT_K, MT // 16)
+    if MT == 32:  # two accumulators of 16 tokens each
+        _finish2(acc, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k,
+                 stride_ps, HAS_BIAS, SPLIT_K)
     else:
         if MT > 1:
             ok = n_ok[:, None] & (col < M)[None, :]
@@ -358,40 +345,41 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
 
 
 @triton.jit
-def _finish_sets(acc0, acc1, acc2, acc3, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
-                 pid_k, stride_ps, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, Q: tl.constexpr):
-    """`_finish` for Q = 2 or 4 accumulators (acc_q: tokens 16q + col): with SPLIT_K > 1 every
-    partial is stored before the program counts its arrival (one counter for all of them)."""
+def _finish2(acc0, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
+             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """`_finish` for MT = 32's two accumulators (acc_q: tokens 16q + col): with SPLIT_K > 1 both
+    partials are stored before the program counts its arrival (one counter for the two)."""
     boff = rn[:, None] + col[None, :] * 0
+    ok0 = n_ok[:, None] & (col < M)[None, :]
+    ok1 = n_ok[:, None] & (col + 16 < M)[None, :]
+    off0 = col[None, :] * N + rn[:, None]
+    off1 = off0 + 16 * N
     if SPLIT_K > 1:
-        for q in tl.static_range(Q):
-            a = acc0 if q == 0 else (acc1 if q == 1 else (acc2 if q == 2 else acc3))
-            ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
-            tl.store(p_ptr + pid_k * stride_ps + (col + 16 * q)[None, :] * N + rn[:, None], a,
-                     mask=ok)
+        tl.store(p_ptr + pid_k * stride_ps + off0, acc0, mask=ok0)
+        tl.store(p_ptr + pid_k * stride_ps + off1, acc1, mask=ok1)
         tl.debug_barrier()
         arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
         tl.debug_barrier()
         if arrived == SPLIT_K - 1:
-            for q in tl.static_range(Q):
-                ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
-                off = (col + 16 * q)[None, :] * N + rn[:, None]
-                a = tl.zeros(acc0.shape, tl.float32)
-                for k in tl.static_range(SPLIT_K):
-                    a += tl.load(p_ptr + k * stride_ps + off, mask=ok, other=0.0,
-                                 cache_modifier=".cg")
-                if HAS_BIAS:
-                    a += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
-                tl.store(y_ptr + off, a.to(y_ptr.dtype.element_ty), mask=ok)
+            acc0 = tl.zeros(acc0.shape, tl.float32)
+            acc1 = tl.zeros(acc1.shape, tl.float32)
+            for k in tl.static_range(SPLIT_K):
+                acc0 += tl.load(p_ptr + k * stride_ps + off0, mask=ok0, other=0.0,
+                                cache_modifier=".cg")
+                acc1 += tl.load(p_ptr + k * stride_ps + off1, mask=ok1, other=0.0,
+                                cache_modifier=".cg")
+            if HAS_BIAS:
+                acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
+                acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
+            tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
+            tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
             tl.atomic_xchg(c_ptr + pid_n, 0)
     else:
-        for q in tl.static_range(Q):
-            a = acc0 if q == 0 else (acc1 if q == 1 else (acc2 if q == 2 else acc3))
-            ok = n_ok[:, None] & (col + 16 * q < M)[None, :]
-            if HAS_BIAS:
-                a += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + (col + 16 * q)[None, :] * N + rn[:, None],
-                     a.to(y_ptr.dtype.element_ty), mask=ok)
+        if HAS_BIAS:
+            acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
+            acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
+        tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
+        tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
 
 
 def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
@@ -403,8 +391,8 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
         return f"rows of {k} codes are not a multiple of 128"
     if w.group_size not in (32, 64) and w.group_size % 128:
         return f"group size {w.group_size} is not 32, 64 or a multiple of 128"
-    if dtype not in (torch.bfloat16, torch.float16) or m > 64:
-        return "the mma decode kernel takes 16-bit activations and M <= 64"
+    if dtype not in (torch.bfloat16, torch.float16) or m > 32:
+        return "the mma decode kernel takes 16-bit activations and M <= 32"
     if m > 1 and w.group_size < 128:
         return "the mma decode kernel takes groups of 32 or 64 codes at M = 1 only"
     if not w.qdata.is_contiguous() or w.qdata.data_ptr() % 16:
@@ -420,7 +408,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     must divide the lane's rows, BN / (8 * num_warps))."""
     m, k = x2.shape
     n = w.shape[0]
-    mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32, 64
+    mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
     reps = reps if mt > 1 else 1
     if mt > 16 and unroll > 1:
         raise ValueError("memfit.kernels.triton_mma: M > 16 takes one tile a step (unroll 1)")
@@ -460,7 +448,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
-    builds ahead of time): mt token columns (1, 8, 16, 32, 64), zmode 0 symmetric / 1 integer
+    builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
     halves = 2 if mt >= 16 else 1
     nsub = max(1, 128 // group) if mt == 1 else 1

@@ -121,8 +121,7 @@ def main() -> None:
                for c in [(16, False, 0, 128, 4, 1, 4), (8, True, 64, 64, 4, 1, 2),
                          (16, False, 64, 256, 8, 1, 4), (16, True, 0, 256, 4, 1, 4),
                          (8, False, 0, 64, 4, 2, 2), (32, False, 0, 128, 4, 1, 4),
-                         (32, True, 64, 64, 4, 1, 2), (64, False, 0, 128, 4, 1, 2),
-                         (64, True, 64, 64, 4, 1, 1), (64, False, 64, 256, 8, 1, 2)]}
+                         (32, True, 64, 64, 4, 1, 2), (32, False, 64, 256, 8, 1, 4)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
