@@ -252,6 +252,9 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
                     out.append(Config(bm, bn, bks[0], sk, 4, 3))
                     if w.bits <= 4:
                         out.append(Config(bm, bn, bks[0], sk, 4, 3, magic=True))
+        if w.bits <= 4:  # narrower tiles: 2x the programs of BN 64 (224 on 14336 rows is 1.7
+            for sk in (1, 2):  # waves of 132); not yet timed on a GPU
+                out.append(Config(32 if m <= 32 else 64, 32, bks[0], sk, 4, 3, magic=True))
         out.append(Config(0, 0, 0))  # dequantize + cuBLAS
     else:
         for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8)):

@@ -110,6 +110,9 @@ def test_chooser_offers_mma_first_for_16bit_decode_and_serves_the_rest():
     w = make_weight(48, 256, 4, 128, "int")
     assert triton_int.candidates(1, w, torch.bfloat16)[0].words == "mma"
     assert all(c.words != "mma" for c in triton_int.candidates(1, w, torch.float32))
+    mid = triton_int.candidates(24, w, torch.bfloat16)  # M = 17..32: rows sharing loads, first
+    assert mid[0].words == "mma" and all(c.reps > 1 for c in mid if c.words == "mma")
+    assert all(c.words != "mma" for c in triton_int.candidates(40, w, torch.bfloat16))
     x = torch.randn(2, 256).to(torch.bfloat16).to(DEV)
     got = triton_int.triton_linear(x, w)
     assert rel_err(got.float(), linear_reference(x.float(), w)) < 1e-2
