@@ -12,6 +12,10 @@ from memfit.cli.main import main
 from memfit.train.optim import StepInBackward, make_optimizer, stochastic_round_bf16
 
 SMALL = ["--steps", "3", "--seq-len", "32", "--batch-size", "2", "--samples", "16", "--lr", "1e-3"]
+# every step sees the same two windows, so its loss compares with the first step's (with 16 the
+# steps' batches differ, and which loss is lower depended on the text: CPython's own prose,
+# which differs between its patch releases)
+FIXED = ["--steps", "3", "--seq-len", "32", "--batch-size", "2", "--samples", "2", "--lr", "1e-3"]
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
@@ -76,7 +80,7 @@ def test_bf16_weights_keep_learning_with_small_updates():
 
 def test_cli_bf16_weights_step_in_backward(train_llama_dir, capsys, tmp_path):
     out = tmp_path / "bf16"
-    assert main(["train", str(train_llama_dir), *SMALL, "--ac", "full", "--optim", "adamw8bit",
+    assert main(["train", str(train_llama_dir), *FIXED, "--ac", "full", "--optim", "adamw8bit",
                  "--weights", "bf16", "--step-in-backward", "--out", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["engine"] == "single" and rep["compute_dtype"] == "bfloat16"

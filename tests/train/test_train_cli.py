@@ -13,11 +13,15 @@ from memfit.cli.main import main
 from .conftest import ROOT, free_port
 
 SMALL = ["--steps", "3", "--seq-len", "32", "--batch-size", "2", "--samples", "16", "--lr", "1e-3"]
+# every step sees the same two windows, so its loss compares with the first step's (with 16 the
+# steps' batches differ, and which loss is lower depended on the text: CPython's own prose,
+# which differs between its patch releases)
+FIXED = ["--steps", "3", "--seq-len", "32", "--batch-size", "2", "--samples", "2", "--lr", "1e-3"]
 
 
 def test_plain_run_trains_and_saves(train_llama_dir, tmp_path, capsys):
     out = tmp_path / "trained"
-    assert main(["train", str(train_llama_dir), *SMALL, "--ac", "selective", "--optim",
+    assert main(["train", str(train_llama_dir), *FIXED, "--ac", "selective", "--optim",
                  "adamw8bit", "--out", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["world_size"] == 1 and rep["ac_blocks"] == [0] and len(rep["loss"]) == 3
