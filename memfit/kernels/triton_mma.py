@@ -60,7 +60,7 @@ import triton.language as tl
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.triton_dequant import _at
-from memfit.kernels.triton_words import _counters, _finish
+from memfit.kernels.triton_words import _counters, _finish, _finish2
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -342,44 +342,6 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                           axis=1)[:, None], 0.0)
         _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
                 pid_k, stride_ps, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _finish2(acc0, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
-             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """`_finish` for MT = 32's two accumulators (acc_q: tokens 16q + col): with SPLIT_K > 1 both
-    partials are stored before the program counts its arrival (one counter for the two)."""
-    boff = rn[:, None] + col[None, :] * 0
-    ok0 = n_ok[:, None] & (col < M)[None, :]
-    ok1 = n_ok[:, None] & (col + 16 < M)[None, :]
-    off0 = col[None, :] * N + rn[:, None]
-    off1 = off0 + 16 * N
-    if SPLIT_K > 1:
-        tl.store(p_ptr + pid_k * stride_ps + off0, acc0, mask=ok0)
-        tl.store(p_ptr + pid_k * stride_ps + off1, acc1, mask=ok1)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
-        tl.debug_barrier()
-        if arrived == SPLIT_K - 1:
-            acc0 = tl.zeros(acc0.shape, tl.float32)
-            acc1 = tl.zeros(acc1.shape, tl.float32)
-            for k in tl.static_range(SPLIT_K):
-                acc0 += tl.load(p_ptr + k * stride_ps + off0, mask=ok0, other=0.0,
-                                cache_modifier=".cg")
-                acc1 += tl.load(p_ptr + k * stride_ps + off1, mask=ok1, other=0.0,
-                                cache_modifier=".cg")
-            if HAS_BIAS:
-                acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
-                acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
-            tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
-            tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
-            tl.atomic_xchg(c_ptr + pid_n, 0)
-    else:
-        if HAS_BIAS:
-            acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
-            acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
-        tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
-        tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
 
 
 def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:

@@ -95,6 +95,45 @@ def _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride
 
 
 @triton.jit
+def _finish2(acc0, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
+             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """`_finish` for two (rows, 16) accumulators of memfit.kernels.triton_mma (M = 17..32; acc_q
+    holds tokens 16q + col of rows rn): with SPLIT_K > 1 both partials are stored before the
+    program counts its arrival (one counter for the two)."""
+    boff = rn[:, None] + col[None, :] * 0
+    ok0 = n_ok[:, None] & (col < M)[None, :]
+    ok1 = n_ok[:, None] & (col + 16 < M)[None, :]
+    off0 = col[None, :] * N + rn[:, None]
+    off1 = off0 + 16 * N
+    if SPLIT_K > 1:
+        tl.store(p_ptr + pid_k * stride_ps + off0, acc0, mask=ok0)
+        tl.store(p_ptr + pid_k * stride_ps + off1, acc1, mask=ok1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if arrived == SPLIT_K - 1:
+            acc0 = tl.zeros(acc0.shape, tl.float32)
+            acc1 = tl.zeros(acc1.shape, tl.float32)
+            for k in tl.static_range(SPLIT_K):
+                acc0 += tl.load(p_ptr + k * stride_ps + off0, mask=ok0, other=0.0,
+                                cache_modifier=".cg")
+                acc1 += tl.load(p_ptr + k * stride_ps + off1, mask=ok1, other=0.0,
+                                cache_modifier=".cg")
+            if HAS_BIAS:
+                acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
+                acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
+            tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
+            tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
+            tl.atomic_xchg(c_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
+            acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
+        tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
+        tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
+
+
+@triton.jit
 def _load_tile(q_ptr, s_ptr, z_ptr, rn, n_ok, w0, wend, NG, stride_qn, stride_sn, stride_zn,
                GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr, T: tl.constexpr,
                WG: tl.constexpr):
