@@ -24,22 +24,22 @@ from memfit.kernels import mma_ptx, triton_mma
 FULL = mma_ptx.mma_asm
 
 
-def no_mma(halves, f16, xload):
-    text = FULL(halves, f16, xload).replace(".reg .pred ok;", ".reg .pred ok;\n.reg .b32 sink;\n"
-                                            "mov.b32 sink, 0;")
+def no_mma(f16):
+    text = FULL(f16).replace(".reg .f32 a<4>, u, v;", ".reg .f32 a<4>, u, v;\n"
+                             ".reg .b32 sink;\nmov.b32 sink, 0;")
     text = re.sub(r"mma\.sync[^;]*\{(p\d), one, (p\d), one\}, \{([^,]+), ([^}]+)\}[^;]*;",
                   r"add.u32 sink, sink, \1;\nadd.u32 sink, sink, \2;\n"
                   r"add.u32 sink, sink, \3;\nadd.u32 sink, sink, \4;", text)
     return text.replace("mov.b32 $0, a0;", "mov.b32 $0, sink;")
 
 
-def no_alu(halves, f16, xload):
-    text = FULL(halves, f16, xload)
+def no_alu(f16):
+    text = FULL(f16)
     text = re.sub(r"shr\.u32 t, [^;]*;\n", "", text)
     return re.sub(r"lop3\.b32 (p\d), [^,]+, [^;]*;", r"mov.b32 \1, $8;", text)
 
 
-def load_only(halves, f16, xload):
+def load_only(f16):
     return "{\n" + "\n".join([f"mov.b32 ${i}, ${8 + i};" for i in range(4)]
                              + [f"mov.b32 ${4 + i}, 0;" for i in range(4)]) + "\n}"
 
