@@ -199,12 +199,13 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
         epi = [replace(c, epi=True) for c in out if c.BK == 128]  # (measured faster there)
         out = epi + out if w.group_size < 128 else out + epi
-    if m > 16:  # 17..32 tokens: one tile a step, up to 4 rows of a lane per asm call
-        out = [replace(c, reps=min(4, c.BN // (8 * c.num_warps))) for c in out if c.BK == 128]
-    elif m > 1:  # a lane's rows share their activation loads: first (measured 1.4-2x faster at
-        # M = 4 and 16 than one row per asm call, benchmarks/RESULTS.md, session 11)
-        out = [replace(c, reps=min(4, c.BN // (8 * c.num_warps))) for c in out
-               if c.BN // (8 * c.num_warps) >= 2] + out
+    def shared(c):  # up to 4 of a lane's rows (BN / (8 warps)) per asm call
+        return replace(c, reps=min(4, c.BN // (8 * c.num_warps)))
+    if m > 16:  # 17..32 tokens: one tile a step, rows sharing their activation loads
+        out = [shared(c) for c in out if c.BK == 128]
+    elif m > 1:  # rows sharing their activation loads first (measured 1.4-2x faster at M = 4
+        # and 16 than one row per asm call, benchmarks/RESULTS.md, session 11)
+        out = [shared(c) for c in out if shared(c).reps >= 2] + out
     return out
 
 

@@ -60,7 +60,7 @@ import triton.language as tl
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.triton_dequant import _at
-from memfit.kernels.triton_words import _counters, _finish, _finish2
+from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -327,21 +327,19 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             qp += QS * U
             w0 += 16 * U
-    if MT == 32:  # two accumulators of 16 tokens each
-        _finish2(acc, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k,
-                 stride_ps, HAS_BIAS, SPLIT_K)
+    if MT > 1:
+        ok = n_ok[:, None] & (col < M)[None, :]
+        off = col[None, :] * N + rn[:, None]
     else:
-        if MT > 1:
-            ok = n_ok[:, None] & (col < M)[None, :]
-            off = col[None, :] * N + rn[:, None]
-        else:
-            off = rn[:, None] + col[None, :] * 0
-            ok = n_ok[:, None] & (rw == 0)[None, :]
-            if NSUB > 1:  # the NSUB group sums of a row sit in lanes j = 0, 1: add into slot 0
-                acc = tl.where(ok, tl.sum(tl.where((col < NSUB)[None, :], acc, 0.0),
-                                          axis=1)[:, None], 0.0)
-        _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n,
-                pid_k, stride_ps, HAS_BIAS, SPLIT_K)
+        off = rn[:, None] + col[None, :] * 0
+        ok = n_ok[:, None] & (rw == 0)[None, :]
+        if NSUB > 1:  # the NSUB group sums of a row sit in lanes j = 0, 1: add them into slot 0
+            acc = tl.where(ok, tl.sum(tl.where((col < NSUB)[None, :], acc, 0.0), axis=1)[:, None],
+                           0.0)
+    # MT = 32: acc1 holds tokens 16..31, written with acc (one split-K arrival for the two)
+    _finish(acc, off, ok, rn[:, None] + col[None, :] * 0, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k,
+            stride_ps, HAS_BIAS, SPLIT_K, acc1, off + 16 * N, n_ok[:, None] & (col + 16 < M)[None, :],
+            MT == 32)
 
 
 def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:

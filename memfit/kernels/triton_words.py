@@ -70,67 +70,47 @@ def _zeros(z_ptr, rn, g, ok, stride_zn, BITS: tl.constexpr, ZMODE: tl.constexpr)
 
 
 @triton.jit
+def _store_y(acc, off, ok, boff, y_ptr, b_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _parts(off, ok, p_ptr, stride_ps, SPLIT_K: tl.constexpr):
+    """The sum of the SPLIT_K float32 partials at off."""
+    acc = tl.zeros(off.shape, tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + s * stride_ps + off, mask=ok, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
-            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, acc1=0.0, off1=0, ok1=0,
+            TWO: tl.constexpr = False):
     """Write acc (+ bias) to y[off]. With SPLIT_K > 1: store the float32 partial, count arrivals
     on this column tile's counter; the last program to arrive sums the partials, writes y and
-    resets the counter to 0 (so the counters are always zero between calls)."""
+    resets the counter to 0 (so the counters are always zero between calls). TWO: also acc1 to
+    y[off1] where ok1 (memfit.kernels.triton_mma at M = 17..32), one arrival for the two."""
     if SPLIT_K > 1:
         tl.store(p_ptr + pid_k * stride_ps + off, acc, mask=ok)
+        if TWO:
+            tl.store(p_ptr + pid_k * stride_ps + off1, acc1, mask=ok1)
         tl.debug_barrier()  # every thread's partial is stored before the (one-thread) release
         arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
         tl.debug_barrier()
         if arrived == SPLIT_K - 1:
-            acc = tl.zeros(acc.shape, tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc += tl.load(p_ptr + s * stride_ps + off, mask=ok, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            _store_y(_parts(off, ok, p_ptr, stride_ps, SPLIT_K), off, ok, boff, y_ptr, b_ptr,
+                     HAS_BIAS)
+            if TWO:
+                _store_y(_parts(off1, ok1, p_ptr, stride_ps, SPLIT_K), off1, ok1, boff, y_ptr,
+                         b_ptr, HAS_BIAS)
             tl.atomic_xchg(c_ptr + pid_n, 0)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + boff, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _finish2(acc0, acc1, col, rn, n_ok, M, N, y_ptr, p_ptr, c_ptr, b_ptr, pid_n, pid_k, stride_ps,
-             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """`_finish` for two (rows, 16) accumulators of memfit.kernels.triton_mma (M = 17..32; acc_q
-    holds tokens 16q + col of rows rn): with SPLIT_K > 1 both partials are stored before the
-    program counts its arrival (one counter for the two)."""
-    boff = rn[:, None] + col[None, :] * 0
-    ok0 = n_ok[:, None] & (col < M)[None, :]
-    ok1 = n_ok[:, None] & (col + 16 < M)[None, :]
-    off0 = col[None, :] * N + rn[:, None]
-    off1 = off0 + 16 * N
-    if SPLIT_K > 1:
-        tl.store(p_ptr + pid_k * stride_ps + off0, acc0, mask=ok0)
-        tl.store(p_ptr + pid_k * stride_ps + off1, acc1, mask=ok1)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
-        tl.debug_barrier()
-        if arrived == SPLIT_K - 1:
-            acc0 = tl.zeros(acc0.shape, tl.float32)
-            acc1 = tl.zeros(acc1.shape, tl.float32)
-            for k in tl.static_range(SPLIT_K):
-                acc0 += tl.load(p_ptr + k * stride_ps + off0, mask=ok0, other=0.0,
-                                cache_modifier=".cg")
-                acc1 += tl.load(p_ptr + k * stride_ps + off1, mask=ok1, other=0.0,
-                                cache_modifier=".cg")
-            if HAS_BIAS:
-                acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
-                acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
-            tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
-            tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
-            tl.atomic_xchg(c_ptr + pid_n, 0)
-    else:
-        if HAS_BIAS:
-            acc0 += tl.load(b_ptr + boff, mask=ok0, other=0.0).to(tl.float32)
-            acc1 += tl.load(b_ptr + boff, mask=ok1, other=0.0).to(tl.float32)
-        tl.store(y_ptr + off0, acc0.to(y_ptr.dtype.element_ty), mask=ok0)
-        tl.store(y_ptr + off1, acc1.to(y_ptr.dtype.element_ty), mask=ok1)
+        _store_y(acc, off, ok, boff, y_ptr, b_ptr, HAS_BIAS)
+        if TWO:
+            _store_y(acc1, off1, ok1, boff, y_ptr, b_ptr, HAS_BIAS)
 
 
 @triton.jit
