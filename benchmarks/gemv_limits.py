@@ -32,7 +32,7 @@ import triton.language as tl
 
 from benchmarks.kernels import copies, graph_time_us, int_weight
 from memfit.kernels import gpu_timing, triton_int, triton_mma
-from memfit.kernels.weights import tile
+from memfit.kernels.weights import row_slice, tile
 
 ROWS: list = []
 
@@ -106,18 +106,53 @@ def stream(args, gen) -> None:
           "top8": [(round(r[0], 2),) + r[1:] for r in res[:8]]}, args.json)
 
 
+def _two_streams(x2, w, rows: int, bufs, side):
+    """Dequantize + cuBLAS in row blocks through two buffers, the next block's dequantize on a
+    side stream while this block's GEMM runs (whether the GPU overlaps them is what this asks)."""
+    main = torch.cuda.current_stream()
+    n = w.shape[0]
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+    starts = list(range(0, n, rows))
+
+    def dq(i):
+        a, b = starts[i], min(starts[i] + rows, n)
+        return triton_int.dequantize_triton(row_slice(w, a, b), x2.dtype, bufs[i % 2][: b - a])
+
+    cur = dq(0)
+    for i, a in enumerate(starts):
+        nxt = None
+        if i + 1 < len(starts):
+            side.wait_stream(main)  # the GEMM that last read buffer (i + 1) % 2 is queued
+            with torch.cuda.stream(side):
+                nxt = dq(i + 1)
+        torch.mm(x2, cur.t(), out=y[:, a:a + cur.shape[0]])
+        main.wait_stream(side)
+        cur = nxt
+    return y
+
+
 def blocks(args, gen) -> None:
     for n, k in ((14336, 4096), (4096, 14336)):
-        for m in (64, 256, 2048):
+        for m in args.bm:
             ws, x, bf16, want = setup(n, k, 128, m, gen)
             row = {"part": "blocks", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for rows in (0, 512, 1024, 2048, 4096):
+            for rows in args.rows:
+                if rows >= n:
+                    continue
                 c = triton_int.Config(0, rows, 0)
                 err = ((triton_int.run(x, ws[0], None, c).float() - want).norm()
                        / want.norm()).item()
                 t = t_us([lambda w=w: triton_int.run(x, w, None, c) for w in ws])
                 row[f"rows{rows}"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3),
                                       "err": err}
+                if rows and args.streams:
+                    bufs = [torch.empty(rows, k, dtype=x.dtype, device="cuda") for _ in (0, 1)]
+                    side = torch.cuda.Stream()
+                    err = ((_two_streams(x, ws[0], rows, bufs, side).float() - want).norm()
+                           / want.norm()).item()
+                    t = t_us([lambda w=w: _two_streams(x, w, rows, bufs, side) for w in ws])
+                    row[f"rows{rows}_2s"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3),
+                                             "err": err}
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()
@@ -171,7 +206,7 @@ def cands(args, gen) -> None:
             wl = [tile(w, rb) for w in ws] if rb else ws
             res = []
             for c in triton_int.candidates(m, wl[0], x.dtype):
-                if not _keep(m, c):
+                if not _keep(m, c) or (args.only and (c.words or "tile") != args.only):
                     continue
                 f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
                 try:
@@ -197,6 +232,12 @@ def main() -> None:
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
     ap.add_argument("--json")
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
+    ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
+    ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
+    ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],
+                    help="blocks: rows a block (0: one whole dequantize)")
+    ap.add_argument("--streams", action="store_true",
+                    help="blocks: also the two-buffer, two-stream variant")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:

@@ -208,17 +208,18 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
                                               pack=4)
             acc += s * (d - (zc + BASE) * xs)
         else:  # lane g supplies token 8h + g of each set h, loaded in the asm (mma_ptx.shared_asm)
-            px = x32 + (rg * (stride_xm // 2))[:, None] + (wi * 4)[None, :]  # (BN, 16) pointers
-            nv = tl.minimum(tl.maximum((M - rg + 7) // 8, 0), MT // 8)[:, None] + wi[None, :] * 0
-            sd = nv * 0 + 16 * stride_xm  # bytes from token t to t + 8
+            # element e: token set e's pointer (tokens past M read M - 1's, masked at the store)
+            tok = tl.minimum(8 * (rw % 4)[None, :] + rg[:, None], M - 1)
+            px = x32 + tok * (stride_xm // 2) + ((wi - rw % 4) * 4)[None, :]
+            args = [wd, px]
             nz = zc + BASE
             if MT <= 16:
-                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd],
+                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, args,
                                                   dtype=(tl.float32,) * 2, is_pure=True, pack=PACK)
                 acc += s * (d - nz * xs)
             else:
                 d, xs, d1, xs1 = tl.inline_asm_elementwise(
-                    ASM_TEXT, CONSTRAINTS, [wd, px, nv, sd], dtype=(tl.float32,) * 4,
+                    ASM_TEXT, CONSTRAINTS, args, dtype=(tl.float32,) * 4,
                     is_pure=True, pack=PACK)
                 acc += s * (d - nz * xs)
                 acc1 += s * (d1 - nz * xs1)
@@ -321,10 +322,12 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             if U == 4:
                 acc, acc1 = _tile(
                     acc, acc1, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr,
-                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
+                    PACK)
                 acc, acc1 = _tile(
                     acc, acc1, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr,
-                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                    rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
+                    PACK)
             qp += QS * U
             w0 += 16 * U
     if MT > 1:
