@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -192,20 +193,23 @@ def epi(args, gen) -> None:
 def _keep(m: int, c) -> bool:
     """The candidates worth a compile in one short GPU call."""
     if c.words == "mma":
-        return c.BK == 128 and not c.epi
+        return c.BK == 128 and (m == 1 or not c.epi)
     if m <= 16:
         return c.magic or c.BM == 0
     return c.BM == 0 or (c.magic and c.SPLIT_K <= 2)
 
 
 def cands(args, gen) -> None:
-    n, k, g = 14336, 4096, 128
+    n, k, g = 14336, 4096, args.group
     for m in args.m:
         ws, x, bf16, want = setup(n, k, g, m, gen)
-        for rb in (0, 64):
+        for rb in args.rb:
             wl = [tile(w, rb) for w in ws] if rb else ws
             res = []
-            for c in triton_int.candidates(m, wl[0], x.dtype):
+            cs = triton_int.candidates(m, wl[0], x.dtype)
+            if args.pf:  # the mma kernel's one-tile launch shapes with two tiles in flight
+                cs += [replace(c, num_stages=2) for c in cs if c.words == "mma" and c.BK == 128]
+            for c in cs:
                 if not _keep(m, c) or (args.only and (c.words or "tile") != args.only):
                     continue
                 f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
@@ -218,6 +222,7 @@ def cands(args, gen) -> None:
             best = {}
             for t, err, c in res:  # the best of each kernel family
                 fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
+                fam += f"_pf{c.num_stages}_epi{int(c.epi)}" if c.words == "mma" else ""
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),
@@ -232,6 +237,9 @@ def main() -> None:
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
     ap.add_argument("--json")
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
+    ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
+    ap.add_argument("--group", type=int, default=128, help="cands: group size")
+    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
     ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],

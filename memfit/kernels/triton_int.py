@@ -163,7 +163,7 @@ class Config:
     BK: int
     SPLIT_K: int = 1
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 3  # mma: 1 or 2 tiles in flight (the register prefetch's depth)
     gemv: bool = False
     magic: bool = False  # 16-bit magic-number dequantization (see _int_mm)
     words: str = ""      # "fma" / "dot": memfit.kernels.triton_words (BK = k columns per tile);
@@ -196,9 +196,14 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
             progs = -(-n // bn) * sk
             if 100 <= progs <= 2400 or (sk == 1 and progs < 100):
                 out.append(Config(16, bn, 128 * ch, sk, warps, 1, words="mma"))
+    if m == 1:  # two tiles in flight (num_stages 2: the register prefetch two tiles deep),
+        # the wider shapes; first with groups >= 128 codes (14336x4096 g128 on an H200: 14.6
+        # against 15.4 µs; slower with groups of 64 and at M = 16: benchmarks/RESULTS.md)
+        two = [replace(c, num_stages=2) for c in out if c.BK == 128 and c.BN >= 128]
+        out = out + two if w.group_size < 128 else two + out
     if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
-        epi = [replace(c, epi=True) for c in out if c.BK == 128]  # (measured faster there)
-        out = epi + out if w.group_size < 128 else out + epi
+        epi = [replace(c, epi=True) for c in out if c.BK == 128 and c.num_stages == 1]
+        out = epi + out if w.group_size < 128 else out + epi  # (measured faster there)
     def shared(c):  # up to 4 of a lane's rows (BN / (8 warps)) per asm call
         return replace(c, reps=min(4, c.BN // (8 * c.num_warps)))
     if m > 16:  # 17..32 tokens: one tile a step, rows sharing their activation loads
@@ -365,7 +370,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words == "mma":
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
-                           epi=cfg.epi, reps=cfg.reps)
+                           epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages)
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))

@@ -238,7 +238,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
-              PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4):
+              PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -274,31 +274,48 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
         wd = tl.load(qp, mask=n_ok[:, None], other=0)
         s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, GS,
                             ZMODE, PARAM_TEXT)
+        if PF == 2:  # the tile after it too
+            ok1 = n_ok & ((rn * 0 + 1) < ITERS)
+            wd1 = tl.load(qp + QS, mask=ok1[:, None], other=0)
+            s1, nz1 = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg, ok1,
+                                  GS, ZMODE, PARAM_TEXT)
         pdl.wait(PDL)
         for it in range(ITERS):
-            nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
-            nwd = tl.load(qp + QS, mask=nxt[:, None], other=0)
-            ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg,
+            nxt = n_ok & ((rn * 0 + it + PF) < ITERS)
+            nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
+            ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
                                   nxt, GS, ZMODE, PARAM_TEXT)
             X0, X1, X2, X3 = _xpairs(x32, w0 + rw, rg, rw, NSUB, ASM)
             acc = tl.inline_asm_elementwise(EPI_TEXT, "=r,=r,=r,=r" + ",r" * 32,
                                             [wd, X0, X1, X2, X3, acc, s, nz], dtype=tl.float32,
                                             is_pure=True, pack=4)
-            wd, s, nz = nwd, ns, nnz
+            if PF == 2:
+                wd, s, nz = wd1, s1, nz1
+                wd1, s1, nz1 = nwd, ns, nnz
+            else:
+                wd, s, nz = nwd, ns, nnz
             qp += QS
             w0 += 16
     elif U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB, RB)
+        if PF == 2:  # the tile after it too
+            ok1 = n_ok & ((rn * 0 + 1) < ITERS)
+            wd1, s1, zc1, zw1 = _params(qp + QS, s_ptr, z_ptr, rn, ok1, w0 + 16, rw, col,
+                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
         for it in range(ITERS):
-            nxt = n_ok & ((rn * 0 + it + 1) < ITERS)
-            nwd, ns, nzc, nzw = _params(qp + QS, s_ptr, z_ptr, rn, nxt, w0 + 16, rw, col,
-                                        stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
+            nxt = n_ok & ((rn * 0 + it + PF) < ITERS)
+            nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, nxt, w0 + 16 * PF, rw,
+                                        col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
                 acc, acc1, wd, s, zc, zw, w0 + rw, x32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
-            wd, s, zc, zw = nwd, ns, nzc, nzw
+            if PF == 2:
+                wd, s, zc, zw = wd1, s1, zc1, zw1
+                wd1, s1, zc1, zw1 = nwd, ns, nzc, nzw
+            else:
+                wd, s, zc, zw = nwd, ns, nzc, nzw
             qp += QS
             w0 += 16
     else:
@@ -364,7 +381,7 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, epi: bool = False, reps: int = 1) -> torch.Tensor:
+            unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     M > 1, rows of a lane per asm call sharing their activation loads (mma_ptx.shared_asm; it
@@ -400,7 +417,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
         w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
-                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET),
+                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch),
         num_warps=num_warps, num_stages=1, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
@@ -409,7 +426,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
 
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
-              unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool) -> dict:
+              unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool,
+              prefetch: int = 1) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
@@ -420,6 +438,7 @@ def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: i
                 ASM_TEXT=mma_ptx.mma_asm(f16) if mt == 1 else mma_ptx.shared_asm(mt // 8, f16, reps),
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
+                PF=prefetch if unroll == 1 else 1,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
 

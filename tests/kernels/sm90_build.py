@@ -35,7 +35,7 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
-               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1):
+               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1):
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
@@ -44,7 +44,7 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
            "stride_ps": "i32"}
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
-                                 False, True) | {"PDL": False}
+                                 False, True, prefetch) | {"PDL": False}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
@@ -60,8 +60,9 @@ CASES = (
        for f16, rb in ((False, 0), (True, 64))])
 
 
-def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps)
+def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1,
+              prefetch=1):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch)
     ptx = k.asm["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
@@ -122,6 +123,10 @@ def main() -> None:
                          (16, False, 64, 256, 8, 1, 4), (16, True, 0, 256, 4, 1, 4),
                          (8, False, 0, 64, 4, 2, 2), (32, False, 0, 128, 4, 1, 4),
                          (32, True, 64, 64, 4, 1, 2), (32, False, 64, 256, 8, 1, 4)]}
+    checks |= {f"mma_two_in_flight{c}": (check_mma, c[:7] + (c[7], c[8], 1, 1, 2))
+               for c in [(1, 1, 1, "bf16", True, 64, False, 256, 8),
+                         (1, 2, 1, "f16", False, 64, True, 128, 4),
+                         (1, 1, 0, "f16", False, 0, True, 128, 4)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
