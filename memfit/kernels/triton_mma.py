@@ -400,6 +400,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         raise ValueError(f"memfit.kernels.triton_mma: {why}")
     f16 = x2.dtype == torch.float16
     x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # the asm loads 16-byte vectors of activations (M > 1)
+        x2 = x2.clone()
     iters = k // 128 // unroll // split_k
     if iters * split_k * unroll != k // 128 or unroll not in (1, 2, 4):
         raise ValueError(f"split_k {split_k} x unroll {unroll} (1, 2 or 4) does not divide the "

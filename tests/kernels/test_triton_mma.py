@@ -168,3 +168,16 @@ def test_two_tiles_in_flight_give_the_same_sums(m, group, split_k, tiled, epi):
     got = triton_mma.run_mma(x, v, None, 64, split_k, 4, epi=epi, prefetch=2)
     assert rel_err(got.float(), linear_reference(x.float(), w)) < 1e-2
     assert torch.equal(got, triton_mma.run_mma(x, v, None, 64, split_k, 4, epi=epi))
+
+
+@pytest.mark.parametrize("m", [1, 6, 19])
+def test_activations_off_a_16_byte_boundary_are_read_right(m):
+    """M > 1 loads activations as 16-byte vectors in the asm: a view that starts off a 16-byte
+    boundary is copied first (on a GPU a misaligned vector load is a fault, not a slow load)."""
+    k = 256
+    w = make_weight(64, k, 4, 128, "int", seed=m)
+    flat = torch.randn(m * k + 1, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    x = flat.to(DEV)[1:].view(m, k)
+    assert x.data_ptr() % 16
+    got = triton_mma.run_mma(x, w, None, 32 if DEV == "cpu" else 64, 1, 4)
+    assert rel_err(got.float(), linear_reference(x.float(), w)) < 1e-2
