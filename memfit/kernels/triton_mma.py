@@ -29,13 +29,13 @@ give wrong sums.
   set 2q's column 2j + e (e < 2) or set 2q + 1's (e >= 2) in accumulator q (tokens 16q..16q+15).
 `_col` says which mma column each element of the tile holds; the rest are masked at the store.
 Loop variants: the next tile's words, scales and zero points are loaded before the current one
-computes (U = 1); U = 2/4 adjacent tiles are loaded together (loads in the loop body, pipelined by
-Triton through shared memory with num_stages > 1, measured slower at M = 1: RESULTS.md, session
-10); EPI (M = 1,
-U = 1): the scales and zero points loaded by asm in the mma layout and the tile folded into the
+computes (U = 1; PF = 2: the next two, faster at M = 1 with groups >= 128, RESULTS.md session
+12); U = 2/4 adjacent tiles are loaded together (loads in the loop body, pipelined by Triton
+through shared memory with num_stages > 1, slower at M = 1: session 10); EPI (M = 1, U = 1):
+the scales and zero points loaded by asm in the mma layout and the tile folded into the
 accumulator in the asm (no per-tile layout conversion through shared memory; faster with groups
-of 64 codes and in the stored layout, 3% slower at g128 tiled: the chooser times both). Split-K
-and its one-launch reduction are triton_words'.
+of 64 codes and in the stored layout, slower at g128 tiled: the chooser times both). Split-K and
+its one-launch reduction are triton_words'.
 
 Measured (one H200, benchmarks/RESULTS.md, session 10): 14336x4096 g128 M = 1, tiled, 15.4 µs
 (1.97x bf16 cuBLAS); the same loop with the asm's arithmetic removed 10.5 µs; a plain read of the
@@ -242,8 +242,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
-    U = 1: the next tile's loads are issued before this one computes; U = 2 or 4: U adjacent
-    tiles are loaded together (128-256 contiguous bytes of each row in flight), then computed.
+    U = 1: the next tile's (PF = 2: next two tiles') loads are issued before this one computes;
+    U = 2 or 4: U adjacent tiles are loaded together (128-256 contiguous bytes a row), then computed.
     RB > 0: the weight is tiled (memfit.kernels.tiling): a tile's BN x 64 bytes, its scales and
     zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on.
     EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `mma_ptx.param_asm` and the tile
@@ -385,7 +385,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     M > 1, rows of a lane per asm call sharing their activation loads (mma_ptx.shared_asm; it
-    must divide the lane's rows, BN / (8 * num_warps))."""
+    must divide the lane's rows, BN / (8 * num_warps)); prefetch: tiles in flight (1 or 2)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
@@ -398,6 +398,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     why = mma_ineligibility(w, m, x2.dtype)
     if why is not None:
         raise ValueError(f"memfit.kernels.triton_mma: {why}")
+    if prefetch not in (1, 2):
+        raise ValueError(f"memfit.kernels.triton_mma: prefetch {prefetch} is not 1 or 2 tiles")
     f16 = x2.dtype == torch.float16
     x2 = x2.contiguous()
     if x2.data_ptr() % 16:  # the asm loads 16-byte vectors of activations (M > 1)
