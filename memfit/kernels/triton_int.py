@@ -12,12 +12,8 @@ memfit.kernels.triton_words (the same stored bytes read as 32-bit words, no int-
 conversion) where the layout fills whole words; the byte kernels below remain candidates there
 and take everything else. Every candidate is checked against dequantize + cuBLAS before timing.
 
-Two byte kernels:
-- `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
-  (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile.
-- `_int_gemv` (decode, M <= 8): no tensor cores; the *activations* are split like the codes
-  (sub-column i of a tile is x[:, k0 + PER*j + i]), each code is dequantized and multiply-added
-  on the CUDA cores into a float32 accumulator reduced once at the end.
+Two byte kernels (memfit.kernels.triton_bytes): `_int_mm` (tensor cores, M >= 9) and
+`_int_gemv` (decode, M <= 8, CUDA cores).
 
 Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buffer) so that a
 4096-wide layer still fills 132 multiprocessors; large M uses big tiles without a split, or
@@ -41,13 +37,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 from memfit.kernels import choices
 from memfit.kernels.gpu_timing import graph_us, weight_copies
-from memfit.kernels.triton_dequant import (_group_params, _unpack_tile, block_k,
-                                           dequantize_triton, zmode)
+from memfit.kernels.triton_bytes import _int_gemv, _int_mm
+from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight, row_slice
@@ -55,103 +50,6 @@ from memfit.kernels.weights import IntWeight, row_slice
 BITS = (2, 4, 8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
-
-
-@triton.jit
-def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
-            ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-            IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0):
-    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
-    and dequantized in registers to the activation dtype, then one dot per tile.
-
-    MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
-    int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
-    (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
-    PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
-        k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
-        kk = k0 + tl.arange(0, BK)
-        jb = k0 // PER + tl.arange(0, BKP)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
-        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
-                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
-        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
-                             stride_sn, stride_zn, BITS, ZMODE, BN)
-        if MAGIC:
-            c16 = (_unpack_tile(qb, BITS, BN, BK).to(tl.int16) | MAGIC).to(x.dtype, bitcast=True)
-            w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
-        else:
-            c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
-            w = ((c - z[:, None]) * s[:, None]).to(x.dtype)  # (BN, BK)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ok)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm,
-              stride_qn, stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr,
-              BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SPLIT_K: tl.constexpr):
-    """Few rows (decode): dequantize each weight tile in registers and multiply-add on the CUDA
-    cores into a (BM, BN, BK/PER) float32 accumulator, reduced once at the end; no tensor-core
-    padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows."""
-    PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER
-    MASK: tl.constexpr = (1 << BITS) - 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    jj = tl.arange(0, BKP)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = tl.zeros((BM, BN, BKP), dtype=tl.float32)
-    for it in range(0, ITERS):
-        k0 = (it * SPLIT_K + pid_k) * BK
-        jb = k0 // PER + jj
-        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
-                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
-        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
-                             stride_sn, stride_zn, BITS, ZMODE, BN)
-        for i in tl.static_range(PER):
-            kk = k0 + jj * PER + i
-            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-            w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
-            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
-    y = tl.sum(acc, axis=2)  # (BM, BN)
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, y, mask=ok)
-    else:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass(frozen=True)
