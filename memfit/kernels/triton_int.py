@@ -99,9 +99,11 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
         # against 15.4 µs; slower with groups of 64 and at M = 16: benchmarks/RESULTS.md)
         two = [replace(c, num_stages=2) for c in out if c.BK == 128 and c.BN >= 128]
         out = out + two if w.group_size < 128 else two + out
-    if m == 1 and EPI:  # the asm epilogue: one tile a step; first with groups < 128 codes
+    # the asm epilogue: one tile a step; first with groups < 128 codes (measured faster there);
+    # not for the tiled layout with groups >= 128, where it lost every timing (sessions 10, 12)
+    if m == 1 and EPI and (w.group_size < 128 or not w.tile_rows):
         epi = [replace(c, epi=True) for c in out if c.BK == 128 and c.num_stages == 1]
-        out = epi + out if w.group_size < 128 else out + epi  # (measured faster there)
+        out = epi + out if w.group_size < 128 else out + epi
     def shared(c):  # up to 4 of a lane's rows (BN / (8 warps)) per asm call
         return replace(c, reps=min(4, c.BN // (8 * c.num_warps)))
     if m > 16:  # 17..32 tokens: one tile a step, rows sharing their activation loads
