@@ -10,7 +10,8 @@
   their activation loads, `reps`; the tile kernels; dequantize + cuBLAS), each timed and checked
   against dequantize + cuBLAS, stored and tiled layouts.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
-  (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
+  (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048;
+  --streams: also two buffers with the next block's dequantize on a second stream.
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
@@ -18,6 +19,8 @@ pipelining through shared memory and the dequantize kernel's launch shapes; both
 better (benchmarks/RESULTS.md) and removed.
 
     python benchmarks/gemv_limits.py [--parts stream epi cands blocks] [--json OUT]
+    python benchmarks/gemv_limits.py --parts cands --only mma --pf --rb 64 --group 128 --m 1 16
+    python benchmarks/gemv_limits.py --parts blocks --bm 2048 --rows 0 2048 4096 --streams
 """
 
 from __future__ import annotations
