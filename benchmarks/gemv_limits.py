@@ -10,17 +10,18 @@
   their activation loads, `reps`; the tile kernels; dequantize + cuBLAS), each timed and checked
   against dequantize + cuBLAS, stored and tiled layouts.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
-  (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048;
-  --streams: also two buffers with the next block's dequantize on a second stream.
+  (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
-pipelining through shared memory and the dequantize kernel's launch shapes; both were measured no
-better (benchmarks/RESULTS.md) and removed.
+pipelining through shared memory and the dequantize kernel's launch shapes; session 12 also
+timed the next block's dequantize on a second stream (`--streams`, commit b6e5d77), and
+benchmarks/gemv_tma.py (commit 62edff2) a TMA pipeline: all measured no better
+(benchmarks/RESULTS.md) and removed.
 
     python benchmarks/gemv_limits.py [--parts stream epi cands blocks] [--json OUT]
     python benchmarks/gemv_limits.py --parts cands --only mma --pf --rb 64 --group 128 --m 1 16
-    python benchmarks/gemv_limits.py --parts blocks --bm 2048 --rows 0 2048 4096 --streams
+    python benchmarks/gemv_limits.py --parts blocks --bm 2048 --rows 0 2048 4096
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from benchmarks.kernels import copies, graph_time_us, int_weight
 from memfit.kernels import gpu_timing, triton_int, triton_mma
-from memfit.kernels.weights import row_slice, tile
+from memfit.kernels.weights import tile
 
 ROWS: list = []
 
@@ -110,31 +111,6 @@ def stream(args, gen) -> None:
           "top8": [(round(r[0], 2),) + r[1:] for r in res[:8]]}, args.json)
 
 
-def _two_streams(x2, w, rows: int, bufs, side):
-    """Dequantize + cuBLAS in row blocks through two buffers, the next block's dequantize on a
-    side stream while this block's GEMM runs (whether the GPU overlaps them is what this asks)."""
-    main = torch.cuda.current_stream()
-    n = w.shape[0]
-    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
-    starts = list(range(0, n, rows))
-
-    def dq(i):
-        a, b = starts[i], min(starts[i] + rows, n)
-        return triton_int.dequantize_triton(row_slice(w, a, b), x2.dtype, bufs[i % 2][: b - a])
-
-    cur = dq(0)
-    for i, a in enumerate(starts):
-        nxt = None
-        if i + 1 < len(starts):
-            side.wait_stream(main)  # the GEMM that last read buffer (i + 1) % 2 is queued
-            with torch.cuda.stream(side):
-                nxt = dq(i + 1)
-        torch.mm(x2, cur.t(), out=y[:, a:a + cur.shape[0]])
-        main.wait_stream(side)
-        cur = nxt
-    return y
-
-
 def blocks(args, gen) -> None:
     for n, k in ((14336, 4096), (4096, 14336)):
         for m in args.bm:
@@ -149,14 +125,6 @@ def blocks(args, gen) -> None:
                 t = t_us([lambda w=w: triton_int.run(x, w, None, c) for w in ws])
                 row[f"rows{rows}"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3),
                                       "err": err}
-                if rows and args.streams:
-                    bufs = [torch.empty(rows, k, dtype=x.dtype, device="cuda") for _ in (0, 1)]
-                    side = torch.cuda.Stream()
-                    err = ((_two_streams(x, ws[0], rows, bufs, side).float() - want).norm()
-                           / want.norm()).item()
-                    t = t_us([lambda w=w: _two_streams(x, w, rows, bufs, side) for w in ws])
-                    row[f"rows{rows}_2s"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3),
-                                             "err": err}
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()
@@ -174,7 +142,7 @@ def epi(args, gen) -> None:
             for on in (True, False):
                 res = []
                 for c in triton_int.mma_candidates(1, ws[0]):
-                    if c.BK != 128 or c.epi:
+                    if c.BK != 128 or c.epi or c.num_stages != 1:
                         continue
                     f = [lambda w=w, c=c, on=on: triton_mma.run_mma(
                         x, w, None, c.BN, c.SPLIT_K, c.num_warps, epi=on) for w in wl]
@@ -247,8 +215,6 @@ def main() -> None:
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
     ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],
                     help="blocks: rows a block (0: one whole dequantize)")
-    ap.add_argument("--streams", action="store_true",
-                    help="blocks: also the two-buffer, two-stream variant")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
