@@ -9,6 +9,8 @@
 - cands: the chooser's candidates for M = 16 / 32 / 64 (the mma kernel up to M = 32 with a lane's rows sharing
   their activation loads, `reps`; the tile kernels; dequantize + cuBLAS), each timed and checked
   against dequantize + cuBLAS, stored and tiled layouts.
+- wa: the tile kernel with the weight tile as the dot's A operand (`Config.wa`), a grid of launch
+  shapes, against the chooser's candidates, M = 32..2048.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 
@@ -22,6 +24,7 @@ benchmarks/gemv_tma.py (commit 62edff2) a TMA pipeline: all measured no better
     python benchmarks/gemv_limits.py [--parts stream epi cands blocks] [--json OUT]
     python benchmarks/gemv_limits.py --parts cands --only mma --pf --rb 64 --group 128 --m 1 16
     python benchmarks/gemv_limits.py --parts blocks --bm 2048 --rows 0 2048 4096
+    python benchmarks/gemv_limits.py --parts wa --m 64 256 2048 --rb 0 --shapes 14336x4096
 """
 
 from __future__ import annotations
@@ -203,6 +206,57 @@ def cands(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
+def wa(args, gen) -> None:
+    """The tile kernel with the weight as the dot's A operand (`Config.wa`) against the chooser's
+    candidates (x as A, the mma kernel, dequantize + cuBLAS), M = 32..2048, a grid of launch
+    shapes; stored and tiled layouts."""
+    for n, k in ((14336, 4096), (4096, 14336)):
+        if args.shapes and f"{n}x{k}" not in args.shapes:
+            continue
+        for m in args.m:
+            ws, x, bf16, want = setup(n, k, args.group, m, gen)
+            bk = min(128, args.group)
+            grid = []
+            bms = ([32 if m <= 32 else 64] if m <= 64 else [64, 128] if m <= 256
+                   else [128, 256])
+            for bm in bms:
+                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+                    for st in (3, 4):
+                        for sk in ((1, 2) if m <= 64 else (1,)):
+                            if bm >= 256 and bn >= 256:
+                                continue
+                            grid.append(triton_int.Config(bm, bn, bk, sk, warps, st, magic=True,
+                                                          wa=True))
+            for rb in args.rb:
+                wl = [tile(w, rb) for w in ws] if rb else ws
+                cs = [c for c in triton_int.candidates(m, wl[0], x.dtype)
+                      if rb or c.BM == 0 or c.words == "mma" or c.magic] + grid
+                res = []
+                for c in cs:
+                    f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
+                    try:
+                        err = ((f[0]().float() - want).norm() / want.norm()).item()
+                        if err > 1e-2:
+                            print(f"  {c}: error {err:.3g}", flush=True)
+                            continue
+                        res.append((t_us(f), err, c))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {c}: {type(e).__name__} {str(e)[:160]}", flush=True)
+                res.sort(key=lambda r: r[0])
+                best = {}
+                for t, err, c in res:
+                    fam = (c.words or ("dequant" if c.BM == 0 else "tile"))
+                    fam += "_wa" if c.wa else ""
+                    best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), str(c)))
+                note({"part": "wa", "n": n, "k": k, "group": args.group, "m": m, "rb": rb,
+                      "bf16_us": round(bf16, 2), "n_timed": len(res),
+                      "max_err": max(r[1] for r in res), "best": best,
+                      "top8": [(round(t, 2), c.BM, c.BN, c.BK, c.SPLIT_K, c.num_warps,
+                                c.num_stages, int(c.wa)) for t, _, c in res[:8]]}, args.json)
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -212,13 +266,14 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
     ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
+    ap.add_argument("--shapes", nargs="*", help="wa: NxK shapes (default both)")
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
     ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],
                     help="blocks: rows a block (0: one whole dequantize)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
-        {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands}[part](args, gen)
+        {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa}[part](args, gen)
 
 
 if __name__ == "__main__":

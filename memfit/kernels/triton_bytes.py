@@ -22,9 +22,17 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0):
+            SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
+            WA: tl.constexpr = 0, RB: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
+
+    RB > 0: the tiled layout of memfit.kernels.weights.tile (4 bits, BK <= 128).
+    WA = 1: the weight tile is the dot's A operand (acc = w @ x^T, (BN, BM), stored transposed).
+    On sm_90 Triton 3.6 then loads the packed bytes straight into the wgmma A-operand layout
+    (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
+    wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
+    is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
 
     MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
     int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
@@ -38,34 +46,55 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if WA:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
-        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
-                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        if RB == 0:
+            qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
+        else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
+            run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
+            qp = q_ptr + run[:, None] + (jb % 64)[None, :]
+        qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
         s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
-                             stride_sn, stride_zn, BITS, ZMODE, BN)
+                             stride_sn, stride_zn, BITS, ZMODE, BN, RB)
         if MAGIC:
             c16 = (_unpack_tile(qb, BITS, BN, BK).to(tl.int16) | MAGIC).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
         else:
             c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
             w = ((c - z[:, None]) * s[:, None]).to(x.dtype)  # (BN, BK)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        if WA:
+            if IEEE:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+    if WA:
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        ok = m_ok[None, :] & n_ok[:, None]
+    else:
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         tl.atomic_add(y_ptrs, acc, mask=ok)
     else:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            if WA:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 

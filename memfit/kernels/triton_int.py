@@ -69,6 +69,7 @@ class Config:
     shift: bool = True   # words: shift each field down (else mask in place, pre-scale x)
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
+    wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -114,11 +115,22 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     return out
 
 
+def weight_a_candidates(m: int, w: IntWeight) -> list[Config]:
+    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: the shapes
+    that led the sweep on 14336x4096 g128 (64 rows a program, 4 warps, one token tile; M = 64
+    43.2 µs against 49.5 with x as A, M = 32 39.3 against the mma kernel's 39.7: RESULTS.md,
+    session 13). M = 256 and above ran slower than x as A and dequantize + cuBLAS: not offered."""
+    bm = max(32, _bucket(m))
+    return [Config(bm, 64, block_k(w), 1, 4, st, magic=True, wa=True) for st in (3, 4)]
+
+
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
-    if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, else dequantize + cuBLAS
+    if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
+        # weight as A (prefill), else dequantize + cuBLAS
         ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
-        return (mma_candidates(m, w) if ok else []) + [Config(0, 0, 0)]
+        wa = weight_a_candidates(m, w) if 16 < m <= 128 and block_k(w) >= 16 else []
+        return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
@@ -152,6 +164,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     elif m <= 128:
         if m <= 32 and MMA and mma_ineligibility(w, m, dtype) is None:
             out += mma_candidates(m, w)
+        out += weight_a_candidates(m, w)
         for bm in (32, 64):
             for bn in (64, 128):
                 for sk in (1, 2, 4):
@@ -175,6 +188,8 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
 def _magic(cfg: Config, w: IntWeight, dtype: torch.dtype) -> dict:
     """MAGIC/BASE for a magic-number candidate (16-bit activations, 2- or 4-bit codes)."""
     if not cfg.magic or w.bits > 4 or dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    if w.zero_point == "float":  # BASE + z would be rounded to the 16-bit grid (error ~1e-2)
         return {}
     if INTERPRET and dtype == torch.bfloat16:
         return {}  # the interpreter holds bfloat16 in float32: a bitcast would read garbage
@@ -274,9 +289,9 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))
-    if w.tile_rows:
-        raise ValueError("memfit.kernels.triton_int: a tiled weight runs on the mma kernel or "
-                         "dequantize + cuBLAS only")
+    if w.tile_rows and (cfg.words or cfg.gemv or cfg.BK > 128 or w.bits != 4):
+        raise ValueError("memfit.kernels.triton_int: a tiled weight runs on the mma kernel, the "
+                         "tile kernel (BK <= 128) or dequantize + cuBLAS only")
     if cfg.words:
         return run_words(x2, w, bias, cfg, cfg.words == "dot", zmode(w))
     x2 = x2.contiguous()
@@ -300,7 +315,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
-                  **_magic(cfg, w, x2.dtype),
+                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows,
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:

@@ -70,7 +70,7 @@ def test_mma_kernel_reads_the_tiled_layout(n, k, group, zp, m, rb, split_k, unro
     assert rel_err(got.float(), linear_reference(x.float(), w, bias)) < 1e-2
 
 
-def test_tiled_weights_take_the_mma_kernel_or_dequantize_and_nothing_else():
+def test_tiled_weights_take_the_mma_tile_or_dequantize_kernels_and_nothing_else():
     w = make_weight(128, 256, 4, 64, "int", seed=7)
     t = tile(w, 64)
     assert torch.equal(triton_int.dequantize_triton(t, torch.float32).cpu(),
@@ -87,8 +87,12 @@ def test_tiled_weights_take_the_mma_kernel_or_dequantize_and_nothing_else():
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(1)).to(DEV)
     got = triton_int.triton_linear(x, t)
     assert rel_err(got, linear_reference(x, w)) < 1e-5
-    with pytest.raises(ValueError, match="tiled"):
-        triton_int.run(x, t, None, triton_int.Config(16, 64, 64, 1))
+    assert rel_err(triton_int.run(x, t, None, triton_int.Config(16, 64, 64, 1)),
+                   linear_reference(x, w)) < 1e-5  # the tile kernel reads it too
+    for c in (triton_int.Config(16, 64, 64, 1, words="dot"), triton_int.Config(8, 32, 64, 1, gemv=True),
+              triton_int.Config(16, 64, 256, 1)):
+        with pytest.raises(ValueError, match="tiled"):
+            triton_int.run(x, t, None, c)
     from memfit.kernels import ops  # the custom op torch.compile calls carries the layout too
     assert rel_err(ops.call(x, t, None), linear_reference(x, w)) < 1e-5
 
