@@ -70,7 +70,18 @@ def torch_int4(n, k, group, gen):
         return None
 
 
-def bench_shape(n, k, ms, gen) -> list[dict]:
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _short(c) -> str:
+    """A launch shape's fields that differ from Config's defaults."""
+    d = triton_int.Config(0, 0, 0)
+    keep = {f: v for f, v in vars(c).items() if f in ("BM", "BN", "BK") or v != getattr(d, f)}
+    return " ".join(f"{f}={v}" for f, v in keep.items())
+
+
+def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
     rows = []
     dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
              for _ in range(copies(n * k * 2))]
@@ -93,7 +104,7 @@ def bench_shape(n, k, ms, gen) -> list[dict]:
                                                        for w in ws])
             cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
         for g, ws in q4.items():  # the decode loop's tiled layout (batch 1: the mma kernel)
-            if m == 1 or (m <= 16 and g % 128 == 0):
+            if m == 1 or (m <= 16 and g % 128 == 0) or 16 < m <= 128:
                 tw = [tile(w, 64) for w in ws]
                 cell[f"memfit_int4_g{g}_tiled"] = graph_time_us(
                     [lambda w=w: triton_int.triton_linear(x, w) for w in tw])
@@ -107,8 +118,14 @@ def bench_shape(n, k, ms, gen) -> list[dict]:
             cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
         wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
         cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
+        # every candidate's time per chooser key of this M (which families ever win)
+        cell["timed"] = {str(key): [(t, _short(c)) for t, c in v[:8]] + [("of", len(v))]
+                         for key, v in triton_int.TIMES.items() if key[0] == _bucket(m)}
         rows.append(cell)
         print(json.dumps(cell), flush=True)
+        if out:  # after every cell: a run stopped at its time limit keeps what it measured
+            with open(out, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
     return rows
 
 
@@ -149,7 +166,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv), **ceilings()}
     print(json.dumps(head), flush=True)
     shapes, ms = (SHAPES[2:3], [1, 16, 64, 2048]) if args.quick else (SHAPES, MS)
-    rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen)]
+    rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen, args.json)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"head": head, "rows": rows}, f, indent=1)
