@@ -20,6 +20,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,7 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
     for m in ms:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
         cell = {"shape": f"{n}x{k}", "M": m}
+        t0 = time.perf_counter()
         cell["bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
         for g, ws in q4.items():
             cell[f"memfit_int4_g{g}"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
@@ -118,6 +120,7 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
             cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
         wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
         cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
+        cell["wall_s"] = round(time.perf_counter() - t0, 1)  # incl. the chooser's first timings
         # every candidate's time per chooser key of this M (which families ever win)
         cell["timed"] = {str(key): [(t, _short(c)) for t, c in v[:8]] + [("of", len(v))]
                          for key, v in triton_int.TIMES.items() if key[0] == _bucket(m)}

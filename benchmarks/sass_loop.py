@@ -4,7 +4,7 @@ kernel as a GPU launch would specialize it). A proxy for what a change does to t
 not a timing: the loop's SASS opcodes per tile and thread.
 
     python benchmarks/sass_loop.py --mt 16 --bn 128 --warps 4 --reps 1 2 4
-    python benchmarks/sass_loop.py --mt 1 --nsub 2 --epi 0 1
+    python benchmarks/sass_loop.py --mt 1 --nsub 2 --epi 0 1 --pf 1 2
 
 Run it without TRITON_INTERPRET; PYTHONPATH=DIR with another Triton (pip install --target DIR
 triton==X) builds with that version.
@@ -59,16 +59,17 @@ def main() -> None:
     ap.add_argument("--rb", type=int, default=64, help="tiled rows (0: stored layout)")
     ap.add_argument("--epi", type=int, nargs="*", default=[0])
     ap.add_argument("--reps", type=int, nargs="*", default=[1])
+    ap.add_argument("--pf", type=int, nargs="*", default=[1], help="tiles in flight (M = 1)")
     args = ap.parse_args()
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     print(f"Triton {triton.__version__}, sm_90")
-    for epi, reps in itertools.product(args.epi, args.reps):
+    for epi, reps, pf in itertools.product(args.epi, args.reps, args.pf):
         k = sm90_build.mma_kernel(args.mt, args.nsub, 1, "f16", False, args.rb, bool(epi),
-                                  args.bn, args.warps, 1, reps)
+                                  args.bn, args.warps, 1, reps, pf)
         ops = loop_ops(k.asm["cubin"])
         top = ", ".join(f"{o} {n}" for o, n in ops.most_common(10))
         print(f"M-tile {args.mt} nsub {args.nsub} BN {args.bn} warps {args.warps} RB {args.rb} "
-              f"epi {epi} reps {reps}: {sum(ops.values())} instructions a tile ({top})")
+              f"epi {epi} reps {reps} pf {pf}: {sum(ops.values())} instructions a tile ({top})")
 
 
 if __name__ == "__main__":
