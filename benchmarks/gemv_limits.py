@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernels import copies, graph_time_us, int_weight
-from memfit.kernels import gpu_timing, triton_int, triton_mma
+from memfit.kernels import gpu_timing, mma_ptx, triton_int, triton_mma
 from memfit.kernels.weights import tile
 
 ROWS: list = []
@@ -186,22 +186,26 @@ def cands(args, gen) -> None:
             for c in cs:
                 if not _keep(m, c) or (args.only and (c.words or "tile") != args.only):
                     continue
-                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
-                try:
-                    err = ((f[0]().float() - want).norm() / want.norm()).item()
-                    res.append((t_us(f), err, c))
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {c}: {type(e).__name__} {str(e)[:160]}", flush=True)
+                for paired in ((True, False) if args.ab and c.reps > 1 else (True,)):
+                    mma_ptx.PAIRED = paired
+                    f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
+                    try:
+                        err = ((f[0]().float() - want).norm() / want.norm()).item()
+                        res.append((t_us(f), err, c, paired))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {c}: {type(e).__name__} {str(e)[:160]}", flush=True)
+                mma_ptx.PAIRED = True
             res.sort(key=lambda r: r[0])
             best = {}
-            for t, err, c in res:  # the best of each kernel family
+            for t, err, c, paired in res:  # the best of each kernel family
                 fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
                 fam += f"_pf{c.num_stages}_epi{int(c.epi)}" if c.words == "mma" else ""
+                fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),
                   "max_err": max(r[1] for r in res), "best": best,
-                  "top6": [(round(t, 2), str(c)) for t, _, c in res[:6]]}, args.json)
+                  "top6": [(round(t, 2), str(c), p) for t, _, c, p in res[:6]]}, args.json)
         del ws
         torch.cuda.empty_cache()
 
@@ -265,6 +269,8 @@ def main() -> None:
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
     ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma)")
+    ap.add_argument("--ab", action="store_true",
+                    help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
     ap.add_argument("--shapes", nargs="*", help="wa: NxK shapes (default both)")
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")

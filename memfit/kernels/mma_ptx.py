@@ -30,13 +30,22 @@ def _codes(w: str, magic: str, dst: str = "p") -> list[str]:
     return out
 
 
-def _mma(ty: str, acc: list[str], p: str, xs: list[str]) -> list[str]:
+def _mma(ty: str, acc: list[str], p: str, xs: list[str], low: str = "",
+         ones_only: bool = False) -> list[str]:
     """The two mma.sync of one word: A = its code pairs p0..p3 (rows g) over ones (rows g + 8,
-    whose sums are XS), B = the activation pairs xs[0..3], into the 4 accumulators `acc`."""
+    whose sums are XS) or over another row's pairs low0..low3, or all ones (ones_only: XS in
+    every row); B = the activation pairs xs[0..3], into the 4 accumulators `acc`."""
     c = ", ".join(acc)
-    return [f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, "
-            f"{{{p}{2 * h}, one, {p}{2 * h + 1}, one}}, {{{xs[2 * h]}, {xs[2 * h + 1]}}}, {{{c}}};"
-            for h in range(2)]
+    out = []
+    for h in range(2):
+        if ones_only:
+            a = "one, one, one, one"
+        else:
+            lo = (f"{low}{2 * h}", f"{low}{2 * h + 1}") if low else ("one", "one")
+            a = f"{p}{2 * h}, {lo[0]}, {p}{2 * h + 1}, {lo[1]}"
+        out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, "
+                   f"{{{a}}}, {{{xs[2 * h]}, {xs[2 * h + 1]}}}, {{{c}}};")
+    return out
 
 
 def chain(f16: bool, w0: int, x0: int) -> list[str]:
@@ -53,14 +62,43 @@ def chain(f16: bool, w0: int, x0: int) -> list[str]:
     return out
 
 
-def mma_asm(f16: bool) -> str:
-    """M = 1 PTX for one lane's 4 words of one row. Outputs: D $0-$3 (mma columns 2j, 2j + 1 of
-    the (BASE + c) products, then two unused), XS $4-$7 (the same columns of the activation sums,
-    from the ones in the mma's unused rows g + 8). Inputs: w $8-$11, the activation pairs
-    X0..X3 $12-$27."""
-    out = ["{"] + chain(f16, 8, 12)
-    for i, v in enumerate(("a0", "a1") + ("0f00000000",) * 2 + ("a2", "a3") + ("0f00000000",) * 2):
-        out.append(f"mov.b32 ${i}, {v};")
+def mma_asm(f16: bool, reps: int = 1) -> str:
+    """M = 1 PTX for one lane's 4 words of `reps` rows (pack 4 * reps). Outputs: D of row r at
+    $(4r)..$(4r + 3) (mma columns 2j, 2j + 1 of the (BASE + c) products, then two unused), XS at
+    $(4R + 4r).. (the same columns of the activation sums). Inputs (R = reps): words of row r at
+    $(8R + 4r + e), the activation pairs X_i of word e at $(12R + 4Ri + e) (row 0's are read).
+    One row (R = 1): XS from ones in the mma's rows g + 8. Even R: rows 2i and 2i + 1 share one
+    mma (rows g and g + 8) and XS comes from one all-ones mma per word for all of them: fewer
+    mma.sync, and no ones copied into every A operand (`shared_asm` measured the same)."""
+    if reps == 1 or reps % 2:
+        out = ["{"] + chain(f16, 8, 12)
+        for i, v in enumerate(("a0", "a1") + ("0f00000000",) * 2 + ("a2", "a3")
+                              + ("0f00000000",) * 2):
+            out.append(f"mov.b32 ${i}, {v};")
+        out.append("}")
+        return "\n".join(out)
+    R = reps
+    ty = "f16" if f16 else "bf16"
+    magic = "0x64006400" if f16 else "0x43004300"
+    ones = "0x3C003C00" if f16 else "0x3F803F80"
+    acc = [[f"a{i}_{c}" for c in range(4)] for i in range(R // 2)]
+    sums = [f"s{c}" for c in range(4)]
+    regs = [a for pair in acc for a in pair] + sums
+    out = ["{", ".reg .b32 p<4>, u<4>, t, one;", f".reg .f32 {', '.join(regs)};",
+           f"mov.b32 one, {ones};"] + [f"mov.f32 {a}, 0f00000000;" for a in regs]
+    for e in range(4):
+        xs = [f"${12 * R + 4 * R * i + e}" for i in range(4)]
+        out += _mma(ty, sums, "", xs, ones_only=True)
+        for i in range(R // 2):
+            out += _codes(f"${8 * R + 8 * i + e}", magic)
+            out += _codes(f"${8 * R + 8 * i + 4 + e}", magic, "u")
+            out += _mma(ty, acc[i], "p", xs, "u")
+    for r in range(R):
+        d = acc[r // 2][2 * (r % 2):2 * (r % 2) + 2]
+        for e, v in enumerate(d + ["0f00000000"] * 2):
+            out.append(f"mov.b32 ${4 * r + e}, {v};")
+        for e, v in enumerate(sums[:2] + ["0f00000000"] * 2):
+            out.append(f"mov.b32 ${4 * R + 4 * r + e}, {v};")
     out.append("}")
     return "\n".join(out)
 
@@ -85,10 +123,16 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
-    acc = [[[f"a{r}_{h}_{i}" for i in range(4)] for h in range(sets)] for r in range(reps)]
-    regs = [a for r in acc for h in r for a in h]
     xs = [f"x{h}_{i}" for h in range(sets) for i in range(4)]
-    out = ["{", f".reg .b32 p<4>, t, one, q<4>, {', '.join(xs)};",
+    paired = PAIRED and reps % 2 == 0
+    if paired:  # rows 2i, 2i + 1 of a lane in one mma (rows g, g + 8): D of both
+        acc = [[[f"a{r}_{h}_{i}" for i in range(4)] for h in range(sets)] for r in range(reps // 2)]
+        sums = [[f"s{h}_{i}" for i in range(4)] for h in range(sets)]
+    else:
+        acc = [[[f"a{r}_{h}_{i}" for i in range(4)] for h in range(sets)] for r in range(reps)]
+        sums = []
+    regs = [a for r in acc for h in r for a in h] + [a for h in sums for a in h]
+    out = ["{", f".reg .b32 p<4>, u<4>, t, one, q<4>, {', '.join(xs)};",
            f".reg .f32 {', '.join(regs)};", f"mov.b32 one, {ones};"]
     out += [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):  # word e of each row
@@ -96,21 +140,41 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
             out.append(f"ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [${B + P + h}+{16 * e}];")
             out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
                     f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
-        for r in range(reps):
-            out += _codes(f"${B + 4 * r + e}", magic)
-            for h in range(sets):
-                out += _mma(ty, acc[r][h], "p", [f"x{h}_{i}" for i in range(4)])
+            if paired:  # XS of set h: all-ones rows
+                out += _mma(ty, sums[h], "", [f"x{h}_{i}" for i in range(4)], ones_only=True)
+        if paired:
+            for r in range(0, reps, 2):
+                out += _codes(f"${B + 4 * r + e}", magic)
+                out += _codes(f"${B + 4 * r + 4 + e}", magic, "u")
+                for h in range(sets):
+                    out += _mma(ty, acc[r // 2][h], "p", [f"x{h}_{i}" for i in range(4)], "u")
+        else:
+            for r in range(reps):
+                out += _codes(f"${B + 4 * r + e}", magic)
+                for h in range(sets):
+                    out += _mma(ty, acc[r][h], "p", [f"x{h}_{i}" for i in range(4)])
     zero = ["0f00000000"] * 4
     for q in range(Q):
         for r in range(reps):
-            a = acc[r][2 * q]
-            b = acc[r][2 * q + 1] if 2 * q + 1 < sets else zero
+            if paired:  # row r's D: c0, c1 (r even) or c2, c3 of its pair; XS from the sums
+                half = 2 * (r % 2)
+                d = [acc[r // 2][h][half:half + 2] for h in (2 * q, 2 * q + 1) if h < sets]
+                x = [sums[h][0:2] for h in (2 * q, 2 * q + 1) if h < sets]
+                a, b = d[0] + x[0], (d[1] + x[1]) if len(d) > 1 else zero
+                a = [a[0], a[1], a[2], a[3]]
+                b = [b[0], b[1], b[2], b[3]]
+            else:
+                a = acc[r][2 * q]
+                b = acc[r][2 * q + 1] if 2 * q + 1 < sets else zero
             for e, v in enumerate((a[0], a[1], b[0], b[1])):
                 out.append(f"mov.b32 ${2 * q * P + 4 * r + e}, {v};")
             for e, v in enumerate((a[2], a[3], b[2], b[3])):
                 out.append(f"mov.b32 ${(2 * q + 1) * P + 4 * r + e}, {v};")
     out.append("}")
     return "\n".join(out)
+
+
+PAIRED = True  # pair a lane's rows in one mma (False builds the old form: benchmarks A/B it)
 
 
 def epi_asm(f16: bool, nsub: int) -> str:
@@ -160,7 +224,7 @@ def param_asm(sdt: str, zmode: int, f16: bool) -> str:
 def constraints(sets: int, reps: int = 1) -> str:
     """Operand constraints of `mma_asm` (sets = 0: M = 1) or `shared_asm`."""
     if sets == 0:
-        return ",".join(["=r"] * 8 + ["r"] * 20)
+        return ",".join(["=r"] * 8 * reps + ["r"] * 20 * reps)
     p = 4 * reps
     return ",".join(["=r"] * 2 * -(-sets // 2) * p + ["r"] * p + ["l"] * p)
 

@@ -205,7 +205,7 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
             X0, X1, X2, X3 = _xpairs(x32, wi, rg, rw, NSUB, ASM)
             d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
                                               dtype=(tl.float32, tl.float32), is_pure=True,
-                                              pack=4)
+                                              pack=PACK)
             acc += s * (d - (zc + BASE) * xs)
         else:  # lane g supplies token 8h + g of each set h, loaded in the asm (mma_ptx.shared_asm)
             # element e: token set e's pointer (tokens past M read M - 1's, masked at the store)
@@ -389,7 +389,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
-    reps = reps if mt > 1 else 1
+    if mt == 1 and (epi or not mma_ptx.PAIRED):
+        reps = 1  # M = 1: one row a call (the asm epilogue; or unpaired rows, the A/B's)
     if mt > 16 and unroll > 1:
         raise ValueError("memfit.kernels.triton_mma: M > 16 takes one tile a step (unroll 1)")
     if reps > 1 and (bn // (8 * num_warps)) % reps:
@@ -439,7 +440,8 @@ def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: i
     nsub = max(1, 128 // group) if mt == 1 else 1
     return dict(GROUP=group, ZMODE=zmode, HAS_BIAS=has_bias, F16=f16, MT=mt, NSUB=nsub,
                 HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=asm,
-                ASM_TEXT=mma_ptx.mma_asm(f16) if mt == 1 else mma_ptx.shared_asm(mt // 8, f16, reps),
+                ASM_TEXT=(mma_ptx.mma_asm(f16, reps) if mt == 1
+                          else mma_ptx.shared_asm(mt // 8, f16, reps)),
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
                 PF=prefetch if unroll == 1 else 1,
