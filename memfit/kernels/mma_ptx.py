@@ -78,29 +78,39 @@ def mma_asm(f16: bool, reps: int = 1) -> str:
         out.append("}")
         return "\n".join(out)
     R = reps
+    out, d, xs = paired_chain(f16, R, 8 * R, 12 * R)
+    for r in range(R):
+        for e, v in enumerate(d[r] + ["0f00000000"] * 2):
+            out.append(f"mov.b32 ${4 * r + e}, {v};")
+        for e, v in enumerate(xs + ["0f00000000"] * 2):
+            out.append(f"mov.b32 ${4 * R + 4 * r + e}, {v};")
+    out.append("}")
+    return "\n".join(out)
+
+
+def paired_chain(f16: bool, reps: int, w0: int, x0: int) -> tuple[list[str], list, list]:
+    """M = 1, an even number of rows R: "{", declarations and the mma chain over one lane's 4
+    words of R rows (row r's word e at $(w0 + 4r + e), activation pair X_i of word e at
+    $(x0 + 4Ri + e)): rows 2i, 2i + 1 share each mma (rows g, g + 8), XS from one all-ones mma
+    a word. Returns the lines, row r's D registers (mma columns 2j, 2j + 1) and XS's."""
+    R = reps
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
     acc = [[f"a{i}_{c}" for c in range(4)] for i in range(R // 2)]
     sums = [f"s{c}" for c in range(4)]
     regs = [a for pair in acc for a in pair] + sums
-    out = ["{", ".reg .b32 p<4>, u<4>, t, one;", f".reg .f32 {', '.join(regs)};",
+    out = ["{", ".reg .b32 p<4>, u<4>, t, one;", f".reg .f32 {', '.join(regs)}, u, v;",
            f"mov.b32 one, {ones};"] + [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):
-        xs = [f"${12 * R + 4 * R * i + e}" for i in range(4)]
+        xs = [f"${x0 + 4 * R * i + e}" for i in range(4)]
         out += _mma(ty, sums, "", xs, ones_only=True)
         for i in range(R // 2):
-            out += _codes(f"${8 * R + 8 * i + e}", magic)
-            out += _codes(f"${8 * R + 8 * i + 4 + e}", magic, "u")
+            out += _codes(f"${w0 + 8 * i + e}", magic)
+            out += _codes(f"${w0 + 8 * i + 4 + e}", magic, "u")
             out += _mma(ty, acc[i], "p", xs, "u")
-    for r in range(R):
-        d = acc[r // 2][2 * (r % 2):2 * (r % 2) + 2]
-        for e, v in enumerate(d + ["0f00000000"] * 2):
-            out.append(f"mov.b32 ${4 * r + e}, {v};")
-        for e, v in enumerate(sums[:2] + ["0f00000000"] * 2):
-            out.append(f"mov.b32 ${4 * R + 4 * r + e}, {v};")
-    out.append("}")
-    return "\n".join(out)
+    d = [acc[r // 2][2 * (r % 2):2 * (r % 2) + 2] for r in range(R)]
+    return out, d, sums[:2]
 
 
 def shared_asm(sets: int, f16: bool, reps: int) -> str:
@@ -177,13 +187,30 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
 PAIRED = True  # pair a lane's rows in one mma (False builds the old form: benchmarks A/B it)
 
 
-def epi_asm(f16: bool, nsub: int) -> str:
+def epi_asm(f16: bool, nsub: int, reps: int = 1) -> str:
     """M = 1 PTX that also folds the tile into the accumulator (EPI): the mma chain over one
     lane's 4 words, then acc_e += s_e * (D_e + nz_e * XS_e) for the mma columns that matter only
     (e = 0 with one group per tile: every column holds the same sum; e = 0, 1 with NSUB groups:
     column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
     Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`param_asm`'s, per
-    element: element e holds column 2j + e's group)."""
+    element: element e holds column 2j + e's group). Even reps R (pack 4R): R rows a call,
+    paired as in `paired_chain`; each operand group above R times as long (row r's element e
+    at offset 4r + e; the activations' row 0 is read)."""
+    if reps > 1 and reps % 2 == 0:
+        R = reps
+        out, d, xs = paired_chain(f16, R, 4 * R, 8 * R)
+        acc, sc, nz = 24 * R, 28 * R, 32 * R
+        for r in range(R):
+            o = 4 * r
+            out += [f"fma.rn.f32 u, ${nz + o}, {xs[0]}, {d[r][0]};",
+                    f"fma.rn.f32 ${o}, ${sc + o}, u, ${acc + o};"]
+            if nsub == 1:
+                out.append(f"mov.b32 ${o + 1}, ${acc + o + 1};")
+            else:
+                out += [f"fma.rn.f32 v, ${nz + o + 1}, {xs[1]}, {d[r][1]};",
+                        f"fma.rn.f32 ${o + 1}, ${sc + o + 1}, v, ${acc + o + 1};"]
+            out += [f"mov.b32 ${o + 2}, ${acc + o + 2};", f"mov.b32 ${o + 3}, ${acc + o + 3};"]
+        return "\n".join(out + ["}"])
     out = ["{"] + chain(f16, 4, 8)
     out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
     if nsub == 1:

@@ -107,8 +107,8 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
         out = epi + out if w.group_size < 128 else out + epi
     def shared(c):  # up to 4 of a lane's rows (BN / (8 warps)) per asm call
         return replace(c, reps=min(4, c.BN // (8 * c.num_warps)))
-    if m == 1:  # two rows per mma (memfit.kernels.mma_ptx.mma_asm), except the asm epilogue
-        out = [c if c.epi else shared(c) for c in out]
+    if m == 1:  # two rows per mma (memfit.kernels.mma_ptx.mma_asm / epi_asm)
+        out = [shared(c) for c in out]
     elif m > 16:  # 17..32 tokens: one tile a step, rows sharing their activation loads
         out = [shared(c) for c in out if c.BK == 128]
     elif m > 1:  # rows sharing their activation loads first (measured 1.4-2x faster at M = 4

@@ -238,7 +238,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
-              PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1):
+              PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
+              EPI_CONS: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -286,9 +287,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
                                   nxt, GS, ZMODE, PARAM_TEXT)
             X0, X1, X2, X3 = _xpairs(x32, w0 + rw, rg, rw, NSUB, ASM)
-            acc = tl.inline_asm_elementwise(EPI_TEXT, "=r,=r,=r,=r" + ",r" * 32,
-                                            [wd, X0, X1, X2, X3, acc, s, nz], dtype=tl.float32,
-                                            is_pure=True, pack=4)
+            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, X0, X1, X2, X3, acc, s, nz],
+                                            dtype=tl.float32, is_pure=True, pack=PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
                 wd1, s1, nz1 = nwd, ns, nnz
@@ -389,8 +389,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
-    if mt == 1 and (epi or not mma_ptx.PAIRED):
-        reps = 1  # M = 1: one row a call (the asm epilogue; or unpaired rows, the A/B's)
+    if mt == 1 and not mma_ptx.PAIRED:
+        reps = 1  # M = 1, unpaired rows (the A/B's): one row a call
     if mt > 16 and unroll > 1:
         raise ValueError("memfit.kernels.triton_mma: M > 16 takes one tile a step (unroll 1)")
     if reps > 1 and (bn // (8 * num_warps)) % reps:
@@ -445,7 +445,8 @@ def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: i
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
                 PF=prefetch if unroll == 1 else 1,
-                EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub) if epi else "",
+                EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
+                EPI_CONS=",".join(["=r"] * 4 * reps + ["r"] * 32 * reps) if epi else "",
                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
 
 

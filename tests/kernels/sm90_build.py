@@ -131,7 +131,10 @@ def main() -> None:
                for c in [(1, 1, 1, "bf16", True, 64, False, 256, 8, 4, 2),
                          (1, 2, 1, "f16", False, 0, False, 128, 4, 4, 1),
                          (1, 4, 0, "f16", False, 64, False, 64, 4, 2, 1),
-                         (1, 1, 1, "f32", False, 0, False, 128, 4, 2, 2)]}
+                         (1, 1, 1, "f32", False, 0, False, 128, 4, 2, 2),
+                         (1, 2, 1, "f16", False, 64, True, 256, 8, 4, 1),
+                         (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
+                         (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
