@@ -237,7 +237,7 @@ def wa(args, gen) -> None:
                       if rb or c.BM == 0 or c.words == "mma" or c.magic] + grid
                 res = []
                 for c in cs:
-                    f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in wl]
+                    f = [lambda w=w, c=c, x=x: triton_int.run(x, w, None, c) for w in wl]
                     try:
                         err = ((f[0]().float() - want).norm() / want.norm()).item()
                         if err > 1e-2:

@@ -4,8 +4,13 @@ compiled kernel lays its asm operands out as these fragments assume.
 Per 32-bit word of 4-bit codes: one SHF + one LOP3 per pair turn two codes into 16-bit floats,
 `(w >> 4i) & 0x000F000F | 0x43004300` = (128 + c_i, 128 + c_{i+4}) in bfloat16 (0x6400: 1024 + c
 in float16), exact; two warp-wide `mma.sync.m16n8k16` multiply them by the activations with
-float32 accumulation; the mma's rows g + 8 hold ones, so the same instructions return XS = the sum
-of the activations (`chain`). `mma_asm` returns D and XS for the Triton epilogue; `epi_asm` folds
+float32 accumulation. With one row a call the mma's rows g + 8 hold ones, so the same
+instructions return XS = the sum of the activations (`chain`); with an even number of a lane's
+rows a call (`PAIRED`, the default), two rows fill rows g and g + 8 of one mma and one all-ones
+mma a word returns XS for all of them (`paired_chain`, `shared_asm`): a quarter fewer mma.sync,
+and no copies of the ones into every A register quad (sm_90 SASS a tile: M = 1 347 -> 308, M = 16
+402 -> 356; 14336x4096 M = 16 21.6 -> 18.8 µs, benchmarks/RESULTS.md session 13).
+`mma_asm` returns D and XS for the Triton epilogue; `epi_asm` folds
 them into the accumulator itself (M = 1) with the scales and zero points `param_asm` loads a tile
 ahead. The fragments assume Triton's (rows, 16) int32 layout of 16-byte vectors, 4 lanes along a
 row and 8 rows per warp; `check_layout` reads the compiled TTGIR and refuses any other

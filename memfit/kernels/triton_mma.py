@@ -39,7 +39,8 @@ its one-launch reduction are triton_words'.
 
 Measured (one H200, benchmarks/RESULTS.md, session 10): 14336x4096 g128 M = 1, tiled, 15.4 µs
 (1.97x bf16 cuBLAS); the same loop with the asm's arithmetic removed 10.5 µs; a plain read of the
-codes alone 8.7 µs.
+codes alone 8.7 µs. Session 13 (two tiles in flight, two rows per mma): 14.2 µs (2.14x); M = 16
+18.8 µs (1.61x).
 
 Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
 of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
@@ -59,6 +60,7 @@ import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
+from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpairs
 from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish
 from memfit.kernels.weights import IntWeight
@@ -67,129 +69,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # M = 1: launch shapes with the scales loaded and the tile folded in the asm (mma_ptx.epi_asm) are
 # candidates (0: never; benchmarks A/B it)
 EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
-
-
-@triton.jit
-def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
-    """Activation pairs (x_i, x_{i+4}) of a word from its loaded pairs q_k = (x_2k, x_2k+1)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "prmt.b32 $0, $4, $6, 0x5410;\nprmt.b32 $1, $4, $6, 0x7632;\n"
-            "prmt.b32 $2, $5, $7, 0x5410;\nprmt.b32 $3, $5, $7, 0x7632;",
-            "=r,=r,=r,=r,r,r,r,r", [q0, q1, q2, q3], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    else:
-        return q0, q1, q2, q3  # unused by the plain path
-
-
-@triton.jit
-def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.constexpr,
-              HALVES: tl.constexpr, T0: tl.constexpr = 0):
-    """What the asm computes, in plain Triton: (BN, 16) float32, element (r, w) = mma column
-    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token T0 + column, or the
-    column's group)."""
-    out = tl.zeros(wd.shape, tl.float32)
-    col = _col(tl.arange(0, 16), HALVES)  # (16,)
-    lane = tl.arange(0, 16) // 4  # j of each word
-    NT: tl.constexpr = 8 * HALVES if MT > 1 else NSUB
-    for t in tl.static_range(NT):
-        e = tl.zeros(wd.shape, tl.float32)
-        for i in tl.static_range(8):
-            c = ((wd >> (4 * i)) & 15).to(tl.float32) - zi
-            if MT > 1:
-                xv = tl.load(x_ptr + (T0 + t) * stride_xm + wi * 8 + i, mask=(wi * 0 + T0 + t) < M,
-                             other=0.0)
-            else:  # group t of the tile: only its lanes
-                xv = tl.load(x_ptr + wi * 8 + i)
-                xv = tl.where((lane * NSUB) // 4 == t, xv, 0.0)
-            e += c * xv.to(tl.float32)[None, :]
-        tot = tl.sum(e, axis=1)  # (BN,)
-        hit = (col == t) if MT > 1 else ((col % NSUB) == t)
-        out = tl.where(hit[None, :], tot[:, None], out)
-    return out
-
-
-@triton.jit
-def _col(w, HALVES: tl.constexpr):
-    """mma column held by word slot w of a 16-word tile (lane j = w // 4, slot e = w % 4):
-    2j + e for e < 2, 8 + 2j + e - 2 for e >= 2 with two halves, else 99 (nothing)."""
-    j = w // 4
-    e = w % 4
-    if HALVES == 2:
-        return tl.where(e < 2, 2 * j + e, 8 + 2 * j + e - 2)
-    else:
-        return tl.where(e < 2, 2 * j + e, 99)
-
-
-@triton.jit
-def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr, RB: tl.constexpr):
-    """Integer zero points of rows rn and groups g (broadcast together); symmetric: 8."""
-    if ZMODE == 0:
-        return rn * 0 + g * 0 + 8
-    else:
-        zb = tl.load(z_ptr + _at(rn, g // 2, stride_zn, RB), mask=ok, other=0).to(tl.int32)
-        return (zb >> ((g % 2) * 4)) & 15
-
-
-@triton.jit
-def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: tl.constexpr,
-            ZMODE: tl.constexpr, NSUB: tl.constexpr, RB: tl.constexpr):
-    """One tile's words (BN, 16), scales and zero points (float32) per mma column (zc) and per
-    word (zw, the plain path's); w0 is the tile's first word."""
-    wd = tl.load(qp, mask=ok[:, None], other=0)
-    g0 = (w0 * 8) // GROUP
-    if NSUB == 1:
-        s = tl.load(s_ptr + _at(rn, g0, stride_sn, RB), mask=ok, other=0.0).to(tl.float32)[:, None]
-        zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE, RB).to(tl.float32)[:, None]
-        zw = zc
-    else:  # column n is group g0 + n % NSUB; word w is group g0 + w // (GROUP / 8)
-        # one (BN,) load per group, spread over its columns (a (BN, 16) gather was 4 loads a
-        # thread for each of scale and zero point)
-        cg = col % NSUB
-        wg = rw * 8 // GROUP
-        s = tl.zeros(wd.shape, tl.float32)
-        zc = s
-        zw = s
-        for t in tl.static_range(NSUB):
-            st = tl.load(s_ptr + _at(rn, g0 + t, stride_sn, RB), mask=ok, other=0.0)
-            zt = _zero(z_ptr, rn, g0 + t, ok, stride_zn, ZMODE, RB).to(tl.float32)
-            hit = ((cg == t) & (col < NSUB))[None, :]
-            s = tl.where(hit, st.to(tl.float32)[:, None], s)
-            zc = tl.where(hit, zt[:, None], zc)
-            zw = tl.where((wg == t)[None, :], zt[:, None], zw)
-    return wd, s, zc, zw
-
-
-@triton.jit
-def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
-    """M = 1: the B operands of words wi, (x_i, x_{i+4}) pairs, broadcast over the rows; with
-    NSUB groups a tile, B column n keeps only the lanes of group n % NSUB."""
-    q = x32 + wi * 4  # (16,) the word's 4 activation pairs
-    X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2), tl.load(q + 3), ASM)
-    if NSUB > 1:
-        keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
-        X0 = tl.where(keep, X0[None, :], 0)
-        X1 = tl.where(keep, X1[None, :], 0)
-        X2 = tl.where(keep, X2[None, :], 0)
-        X3 = tl.where(keep, X3[None, :], 0)
-    else:
-        X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
-    return X0, X1, X2, X3
-
-
-@triton.jit
-def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
-                PARAM_TEXT: tl.constexpr):
-    """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
-    in the asm (see memfit.kernels.mma_ptx.param_asm); s_row / z_row: each row's offset of group 0."""
-    g = g0 + cg[None, :]
-    sp = s_ptr + s_row[:, None] + g * GS
-    if ZMODE == 0:
-        zp = sp  # not read
-    else:  # the asm reads a byte there; one pointer type for all operands (Triton 3.6 checks)
-        zp = (z_ptr + z_row[:, None] + (g // 2) * GS).to(s_ptr.dtype)
-    flag = ok[:, None].to(tl.int32) + g * 0
-    return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
-                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -384,8 +263,9 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
             unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
-    M > 1, rows of a lane per asm call sharing their activation loads (mma_ptx.shared_asm; it
-    must divide the lane's rows, BN / (8 * num_warps)); prefetch: tiles in flight (1 or 2)."""
+    rows of a lane per asm call (it must divide the lane's rows, BN / (8 * num_warps)): M > 1
+    they share their activation loads (mma_ptx.shared_asm), and an even number of rows is
+    paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32

@@ -1,0 +1,135 @@
+"""What one tile of the tensor-core decode kernel (memfit.kernels.triton_mma) reads, in the
+layout its asm fragments assume, and what the asm computes from it in plain Triton (the CPU
+interpreter's path, `ASM = False`): the words, scales and zero points of a tile (`_params`, or
+`_epi_params` loaded by the asm epilogue's own PTX), the activation pairs of the B operand at
+M = 1 (`_xpairs`), the mma column each word slot holds (`_col`), and `_tile_ref`."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from memfit.kernels.triton_dequant import _at
+
+
+@triton.jit
+def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
+    """Activation pairs (x_i, x_{i+4}) of a word from its loaded pairs q_k = (x_2k, x_2k+1)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, $6, 0x5410;\nprmt.b32 $1, $4, $6, 0x7632;\n"
+            "prmt.b32 $2, $5, $7, 0x5410;\nprmt.b32 $3, $5, $7, 0x7632;",
+            "=r,=r,=r,=r,r,r,r,r", [q0, q1, q2, q3], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        return q0, q1, q2, q3  # unused by the plain path
+
+
+@triton.jit
+def _tile_ref(wd, zi, x_ptr, wi, rn, M, stride_xm, MT: tl.constexpr, NSUB: tl.constexpr,
+              HALVES: tl.constexpr, T0: tl.constexpr = 0):
+    """What the asm computes, in plain Triton: (BN, 16) float32, element (r, w) = mma column
+    `_col(w)` of row r: sum over the tile's codes of (c - z) * x (token T0 + column, or the
+    column's group)."""
+    out = tl.zeros(wd.shape, tl.float32)
+    col = _col(tl.arange(0, 16), HALVES)  # (16,)
+    lane = tl.arange(0, 16) // 4  # j of each word
+    NT: tl.constexpr = 8 * HALVES if MT > 1 else NSUB
+    for t in tl.static_range(NT):
+        e = tl.zeros(wd.shape, tl.float32)
+        for i in tl.static_range(8):
+            c = ((wd >> (4 * i)) & 15).to(tl.float32) - zi
+            if MT > 1:
+                xv = tl.load(x_ptr + (T0 + t) * stride_xm + wi * 8 + i, mask=(wi * 0 + T0 + t) < M,
+                             other=0.0)
+            else:  # group t of the tile: only its lanes
+                xv = tl.load(x_ptr + wi * 8 + i)
+                xv = tl.where((lane * NSUB) // 4 == t, xv, 0.0)
+            e += c * xv.to(tl.float32)[None, :]
+        tot = tl.sum(e, axis=1)  # (BN,)
+        hit = (col == t) if MT > 1 else ((col % NSUB) == t)
+        out = tl.where(hit[None, :], tot[:, None], out)
+    return out
+
+
+@triton.jit
+def _col(w, HALVES: tl.constexpr):
+    """mma column held by word slot w of a 16-word tile (lane j = w // 4, slot e = w % 4):
+    2j + e for e < 2, 8 + 2j + e - 2 for e >= 2 with two halves, else 99 (nothing)."""
+    j = w // 4
+    e = w % 4
+    if HALVES == 2:
+        return tl.where(e < 2, 2 * j + e, 8 + 2 * j + e - 2)
+    else:
+        return tl.where(e < 2, 2 * j + e, 99)
+
+
+@triton.jit
+def _zero(z_ptr, rn, g, ok, stride_zn, ZMODE: tl.constexpr, RB: tl.constexpr):
+    """Integer zero points of rows rn and groups g (broadcast together); symmetric: 8."""
+    if ZMODE == 0:
+        return rn * 0 + g * 0 + 8
+    else:
+        zb = tl.load(z_ptr + _at(rn, g // 2, stride_zn, RB), mask=ok, other=0).to(tl.int32)
+        return (zb >> ((g % 2) * 4)) & 15
+
+
+@triton.jit
+def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: tl.constexpr,
+            ZMODE: tl.constexpr, NSUB: tl.constexpr, RB: tl.constexpr):
+    """One tile's words (BN, 16), scales and zero points (float32) per mma column (zc) and per
+    word (zw, the plain path's); w0 is the tile's first word."""
+    wd = tl.load(qp, mask=ok[:, None], other=0)
+    g0 = (w0 * 8) // GROUP
+    if NSUB == 1:
+        s = tl.load(s_ptr + _at(rn, g0, stride_sn, RB), mask=ok, other=0.0).to(tl.float32)[:, None]
+        zc = _zero(z_ptr, rn, g0, ok, stride_zn, ZMODE, RB).to(tl.float32)[:, None]
+        zw = zc
+    else:  # column n is group g0 + n % NSUB; word w is group g0 + w // (GROUP / 8)
+        # one (BN,) load per group, spread over its columns (a (BN, 16) gather was 4 loads a
+        # thread for each of scale and zero point)
+        cg = col % NSUB
+        wg = rw * 8 // GROUP
+        s = tl.zeros(wd.shape, tl.float32)
+        zc = s
+        zw = s
+        for t in tl.static_range(NSUB):
+            st = tl.load(s_ptr + _at(rn, g0 + t, stride_sn, RB), mask=ok, other=0.0)
+            zt = _zero(z_ptr, rn, g0 + t, ok, stride_zn, ZMODE, RB).to(tl.float32)
+            hit = ((cg == t) & (col < NSUB))[None, :]
+            s = tl.where(hit, st.to(tl.float32)[:, None], s)
+            zc = tl.where(hit, zt[:, None], zc)
+            zw = tl.where((wg == t)[None, :], zt[:, None], zw)
+    return wd, s, zc, zw
+
+
+@triton.jit
+def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
+    """M = 1: the B operands of words wi, (x_i, x_{i+4}) pairs, broadcast over the rows; with
+    NSUB groups a tile, B column n keeps only the lanes of group n % NSUB."""
+    q = x32 + wi * 4  # (16,) the word's 4 activation pairs
+    X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2), tl.load(q + 3), ASM)
+    if NSUB > 1:
+        keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
+        X0 = tl.where(keep, X0[None, :], 0)
+        X1 = tl.where(keep, X1[None, :], 0)
+        X2 = tl.where(keep, X2[None, :], 0)
+        X3 = tl.where(keep, X3[None, :], 0)
+    else:
+        X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
+    return X0, X1, X2, X3
+
+
+@triton.jit
+def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
+                PARAM_TEXT: tl.constexpr):
+    """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
+    in the asm (see memfit.kernels.mma_ptx.param_asm); s_row / z_row: each row's offset of group 0."""
+    g = g0 + cg[None, :]
+    sp = s_ptr + s_row[:, None] + g * GS
+    if ZMODE == 0:
+        zp = sp  # not read
+    else:  # the asm reads a byte there; one pointer type for all operands (Triton 3.6 checks)
+        zp = (z_ptr + z_row[:, None] + (g // 2) * GS).to(s_ptr.dtype)
+    flag = ok[:, None].to(tl.int32) + g * 0
+    return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
