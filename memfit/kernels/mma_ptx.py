@@ -75,7 +75,9 @@ def mma_asm(f16: bool, reps: int = 1) -> str:
     One row (R = 1): XS from ones in the mma's rows g + 8. Even R: rows 2i and 2i + 1 share one
     mma (rows g and g + 8) and XS comes from one all-ones mma per word for all of them: fewer
     mma.sync, and no ones copied into every A operand (`shared_asm` measured the same)."""
-    if reps == 1 or reps % 2:
+    if reps % 2 and reps != 1:
+        raise ValueError(f"mma_asm: {reps} rows a call (1 or an even number)")
+    if reps == 1:
         out = ["{"] + chain(f16, 8, 12)
         for i, v in enumerate(("a0", "a1") + ("0f00000000",) * 2 + ("a2", "a3")
                               + ("0f00000000",) * 2):
@@ -176,8 +178,6 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
                 d = [acc[r // 2][h][half:half + 2] for h in (2 * q, 2 * q + 1) if h < sets]
                 x = [sums[h][0:2] for h in (2 * q, 2 * q + 1) if h < sets]
                 a, b = d[0] + x[0], (d[1] + x[1]) if len(d) > 1 else zero
-                a = [a[0], a[1], a[2], a[3]]
-                b = [b[0], b[1], b[2], b[3]]
             else:
                 a = acc[r][2 * q]
                 b = acc[r][2 * q + 1] if 2 * q + 1 < sets else zero
@@ -201,7 +201,9 @@ def epi_asm(f16: bool, nsub: int, reps: int = 1) -> str:
     element: element e holds column 2j + e's group). Even reps R (pack 4R): R rows a call,
     paired as in `paired_chain`; each operand group above R times as long (row r's element e
     at offset 4r + e; the activations' row 0 is read)."""
-    if reps > 1 and reps % 2 == 0:
+    if reps % 2 and reps != 1:
+        raise ValueError(f"epi_asm: {reps} rows a call (1 or an even number)")
+    if reps > 1:
         R = reps
         out, d, xs = paired_chain(f16, R, 4 * R, 8 * R)
         acc, sc, nz = 24 * R, 28 * R, 32 * R
