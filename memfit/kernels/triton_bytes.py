@@ -3,7 +3,8 @@ kernels and dequantize + cuBLAS by timing): they read memfit's stored layout as 
 a row holding codes PER*j .. PER*j + PER-1 (PER = 8 // bits), a K tile inside one group.
 
 - `_int_mm` (tensor cores, M >= 9): the packed tile is unpacked in registers into column order
-  (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile.
+  (tl.join + reshape), dequantized to the activation dtype and fed to one tl.dot per tile, as
+  its B operand or (WA) its A operand; it also reads the decode loop's tiled layout (RB).
 - `_int_gemv` (decode, M <= 8): no tensor cores; the *activations* are split like the codes
   (sub-column i of a tile is x[:, k0 + PER*j + i]), each code is dequantized and multiply-added
   on the CUDA cores into a float32 accumulator reduced once at the end.
