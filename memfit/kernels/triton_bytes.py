@@ -15,7 +15,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memfit.kernels.triton_dequant import _group_params, _unpack_tile
+from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile
+
+
+@triton.jit
+def _dot_t(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b^T (IEEE float32 products for float32 operands, else the dtype's own)."""
+    if IEEE:
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, tl.trans(b), acc)
 
 
 @triton.jit
@@ -57,12 +66,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         jb = k0 // PER + tl.arange(0, BKP)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
-        if RB == 0:
-            qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-        else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
-            run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
-            qp = q_ptr + run[:, None] + (jb % 64)[None, :]
-        qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB), mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
         s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                              stride_sn, stride_zn, BITS, ZMODE, BN, RB)
         if MAGIC:
@@ -72,15 +76,9 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
             w = ((c - z[:, None]) * s[:, None]).to(x.dtype)  # (BN, BK)
         if WA:
-            if IEEE:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
+            acc = _dot_t(w, x, acc, IEEE)
         else:
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = _dot_t(x, w, acc, IEEE)
     if WA:
         y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
         ok = m_ok[None, :] & n_ok[:, None]

@@ -39,6 +39,18 @@ def _at(rn, c, stride, RB: tl.constexpr):
 
 
 @triton.jit
+def _byte_ptrs(q_ptr, rn, jb, j0, stride_qn, RB: tl.constexpr):
+    """Pointers to bytes jb of rows rn (a (rows, cols) tile), stored row by row (RB = 0) or tiled
+    (memfit.kernels.weights.tile): byte j of row n is in run j // 64 of block n // RB, row n % RB
+    within it; the tile's bytes lie in one 64-byte run starting at byte j0."""
+    if RB == 0:
+        return q_ptr + rn[:, None] * stride_qn + jb[None, :]
+    else:
+        run = ((rn // RB) * (stride_qn // 64) + j0 // 64) * (RB * 64) + (rn % RB) * 64
+        return q_ptr + run[:, None] + (jb % 64)[None, :]
+
+
+@triton.jit
 def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.constexpr,
                   ZMODE: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr = 0):
     """(BN,) float32 scale and zero point of group g of rows rn."""
@@ -68,12 +80,7 @@ def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_
     kk = k0 + tl.arange(0, BK)
     jb = k0 // PER + tl.arange(0, BKP)
     n_ok = rn < N
-    if RB == 0:
-        qp = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-    else:  # byte j of row n: run j // 64 of block n // RB, row n % RB within it
-        run = ((rn // RB) * (stride_qn // 64) + k0 // PER // 64) * (RB * 64) + (rn % RB) * 64
-        qp = q_ptr + run[:, None] + (jb % 64)[None, :]
-    qb = tl.load(qp, mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+    qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB), mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
     s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
                          BN, RB)
     c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
