@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels import copies, graph_time_us
-from memfit.kernels import triton_kv
+from memfit.kernels import triton_kv, triton_kv_mma
 from memfit.kvcache import _dequantize, _quantize
 
 HQ, HKV, D, RES = 32, 8, 128, 128
-ROWS = ((4, 32), (4, 64), (4, 128), (8, 32), (8, 64))  # (bits, key group)
+ROWS = ((4, 128), (4, 64), (4, 32), (8, 32), (8, 64))  # (bits, key group)
 
 
 def store(k, v, bits, g):
@@ -86,10 +86,28 @@ def sweep(gen, sc) -> dict:
     return found
 
 
+def mma_sweep(gen, sc) -> dict:
+    """Fastest programs per SM of triton_kv_mma (the packed part alone) at 32k int4 g128."""
+    q, k, v = states(32768, gen)
+    st, _, _ = store(k[:, :, :32768 - RES], v[:, :, :32768 - RES], 4, 128)
+    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
+    best = None
+    for per_sm in (4, 6, 8, 12, 16, 24):
+        triton_kv_mma.TUNE["per_sm"] = per_sm
+        us = graph_time_us([lambda s=s: triton_kv_mma.packed_parts(q, s, 128, sc) for s in sts])
+        print(f"mma sweep per_sm {per_sm}: {us:.2f} us", flush=True)
+        if best is None or us < best[0]:
+            best = (us, per_sm)
+    return {"per_sm": best[1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="int4 g128 and g64 rows only")
+    ap.add_argument("--mma-sweep", action="store_true",
+                    help="first time the mma kernel's programs per SM at 32k int4 g128")
     args = ap.parse_args()
     import triton
     head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -103,6 +121,9 @@ def main() -> None:
         tune = sweep(gen, sc)
         head["tune"] = {str(g): t for g, t in tune.items()}
     print(f"launch settings: default {default}, swept {tune}", flush=True)
+    if args.mma_sweep:
+        head["mma_tune"] = mma_sweep(gen, sc)
+        triton_kv_mma.TUNE.update(head["mma_tune"])
     rows = []
     for ctx in (8192, 32768):
         t = ctx - RES  # quantized tokens; the last RES stay dense
@@ -117,7 +138,7 @@ def main() -> None:
         err_sdpa = ((got.double().cpu() - want_bf16).norm() / want_bf16.norm()).item()
         bf16_bytes = 2 * kb.numel() * 2
         del dense
-        for bits, g in ROWS:
+        for bits, g in (ROWS[:2] if args.quick else ROWS):
             st, kd, vd = store(k[:, :, :t], v[:, :, :t], bits, g)
             kr, vr = kb[:, :, t:], vb[:, :, t:]
             held = sum(x.numel() * x.element_size() for x in st) + 2 * kr.numel() * 2
@@ -127,26 +148,37 @@ def main() -> None:
                                 for s in sts])
             kern = graph_time_us([lambda s=s: triton_kv.kv_attention_parts(q, *s, bits, g, sc)
                                   for s in sts])
+            mma = triton_kv_mma.ineligibility(bits, D, g, min(g, D), HQ // HKV) is None
+            extra = {}
+            if mma:  # the same call with the previous kernel, and the mma kernel's part alone
+                triton_kv_mma.ENABLED = False
+                extra["previous_kernel_us"] = graph_time_us(
+                    [lambda s=s: triton_kv.kv_attention(q, s, bits, g, sc, kr, vr) for s in sts])
+                triton_kv_mma.ENABLED = True
+                extra["mma_kernel_only_us"] = graph_time_us(
+                    [lambda s=s: triton_kv_mma.packed_parts(q, s, g, sc) for s in sts])
+                extra["mma_splits"] = triton_kv_mma.packed_parts(q, st, g, sc)[0].shape[2]
             out = triton_kv.kv_attention(q, st, bits, g, sc, kr, vr)
             want = triton_kv.reference(q.float().cpu(), torch.cat([kd, kr.float()], 2).cpu(),
                                        torch.cat([vd, vr.float()], 2).cpu(), sc)
             err = ((out.double().cpu() - want).norm() / want.norm()).item()
             gbs = sum(x.nbytes for x in st) / kern / 1e3
             new = triton_kv.uses_new_kernel(bits, D, g, min(g, D))
+            new = "mma" if mma else ("new" if new else "legacy")
             row = {"context": ctx, "bits": bits, "group": g, "tune": dict(triton_kv.TUNE),
-                   "whole_call_kernel": "new" if new else "legacy",
+                   "whole_call_kernel": new,
                    "sdpa_bf16_us": sdpa,
                    "memfit_us": us, "memfit_kernel_only_us": kern, "x_sdpa": sdpa / us,
                    "kernel_GBps": gbs, "bf16_bytes": bf16_bytes, "memfit_bytes": held,
                    "memory_x_less": bf16_bytes / held, "rel_err_vs_f64": err,
-                   "sdpa_rel_err_vs_f64": err_sdpa}
+                   "sdpa_rel_err_vs_f64": err_sdpa, "mma": mma} | extra
             rows.append(row)
             print(f"ctx {ctx} int{bits} g{g}: SDPA bf16 {sdpa:.1f} us, memfit "
-                  f"({'new' if new else 'legacy'}) {us:.1f} us "
+                  f"({new}) {us:.1f} us "
                   f"(kernel alone {kern:.1f}, {gbs:.0f} GB/s) = {sdpa / us:.2f}x; "
                   f"KV bytes {bf16_bytes / 2**20:.1f} "
                   f"-> {held / 2**20:.1f} MiB ({bf16_bytes / held:.2f}x less); rel err {err:.1e} "
-                  f"(SDPA {err_sdpa:.1e})", flush=True)
+                  f"(SDPA {err_sdpa:.1e}) {extra if mma else ''}", flush=True)
             del sts
     if args.json:
         with open(args.json, "w") as f:

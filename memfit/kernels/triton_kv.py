@@ -35,9 +35,13 @@ from __future__ import annotations
 
 import os
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+
+from memfit.kernels import mma_ptx
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
@@ -359,6 +363,28 @@ def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) ->
     return _plan(t, b, hkv, group, q, splits, tile or TUNE["tile"])[2]
 
 
+_MMA_WARNED: set = set()
+
+
+def _mma_parts(q, store, bits, group, scaling, splits):
+    """The packed parts from memfit.kernels.triton_kv_mma where it takes the cache (CUDA, 4-bit,
+    head_dim 128, key groups >= 64 of one value group a token), else None."""
+    from memfit.kernels import triton_kv_mma as kvm
+    b, hq, d = q.shape
+    hkv, t = store[0].shape[1], store[0].shape[2]
+    if (not q.is_cuda or INTERPRET or not kvm.ENABLED or t % kvm.TILE
+            or kvm.ineligibility(bits, d, group, d // store[4].shape[-1], hq // hkv)):
+        return None
+    try:
+        return kvm.packed_parts(q, store, group, scaling, splits)
+    except mma_ptx.MmaLayoutError as err:  # a compiler that lays the asm out otherwise
+        if "layout" not in _MMA_WARNED:
+            _MMA_WARNED.add("layout")
+            warnings.warn(f"memfit: KV decode attention falls back from the mma kernel: {err}",
+                          stacklevel=3)
+        return None
+
+
 def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
                  keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                  splits: int | None = None, **tune) -> torch.Tensor:
@@ -374,11 +400,16 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     store = [x.contiguous() for x in store]
     q = q.contiguous()
     hkv, t = store[0].shape[1], store[0].shape[2]
-    n = n_splits(t, b, hkv, group, q, splits, tune.get("tile")) if t else 0
-    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
-    if n:
-        _launch_packed(q, store, out, lse, bits, group, scaling, n, splits, **tune)
+    parts = _mma_parts(q, store, bits, group, scaling, splits) if t and not tune else None
+    if parts is not None:
+        out, lse = parts
+        n = out.shape[2]
+    else:
+        n = n_splits(t, b, hkv, group, q, splits, tune.get("tile")) if t else 0
+        out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+        if n:
+            _launch_packed(q, store, out, lse, bits, group, scaling, n, splits, **tune)
     if keys is None:
         keys = values = q.new_zeros(b, hkv, 0, d)
     if keys.stride(-1) != 1 or values.stride(-1) != 1:

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import mma_ptx, triton_kv, triton_mma, triton_words
+from memfit.kernels import mma_ptx, triton_kv, triton_kv_mma, triton_mma, triton_words
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -114,6 +114,35 @@ def check_words_dot(bm, bn_warps, sk):
     assert k.metadata.shared <= 232448, f"{k.metadata.shared} bytes of shared memory"
 
 
+def check_kv_mma(gq: int, stages: int, bf16: bool = True):
+    """The register-only KV attention kernel as packed_parts launches it: it builds, its asm
+    operands have the fragments' layout, no layout conversion in its loop."""
+    sig = {n: "*i32" for n in ("qw_ptr", "kw_ptr", "ksw_ptr", "kmw_ptr", "vw_ptr")}
+    sig |= {"vs_ptr": "*fp16", "vm_ptr": "*fp16", "o_ptr": "*fp32", "l_ptr": "*fp32"}
+    sig |= {n: "i32" for n in ("T", "TPS", "HKV", "NSPLIT")} | {"qk_scale": "fp32"}
+    sig |= {n: "i32" for n in ("s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg",
+                               "s_vb", "s_vh", "s_vt", "s_wb", "s_wh")}
+    k = triton_kv_mma
+    const = dict(G=gq, GROUP=128, BF16=bf16, KEYS=k.ASM[0], VALUES=k.ASM[1], EPI=k.ASM[2],
+                 PRO=k.ASM[3], C1=k.CONS[0], C2=k.CONS[1], C3=k.CONS[2], C4=k.CONS[3])
+    sig = dict(sig) | {n: "constexpr" for n in const}
+    names = list(sig)
+    aligned = [n for n in names if n.endswith("_ptr")] + [
+        "s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg", "s_vb", "s_vh", "s_vt",
+        "s_wb", "s_wh", "TPS"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kern = triton.compile(ASTSource(fn=k._kv_mma, signature=sig, constexprs=const, attrs=attrs),
+                          target=SM90, options={"num_warps": 1, "num_stages": stages})
+    p = kern.asm["ptx"]
+    assert p.count("mma.sync.aligned.m16n8k16") >= 84, "mma count"
+    assert "movmatrix.sync.aligned.m8n8.trans.b16" in p, "movmatrix"
+    loop = kern.asm["ttgir"].split("scf.for")[1].split("scf.yield")[0]
+    assert "convert_layout" not in loop, "a layout conversion in the loop"
+    mma_ptx.LAYOUT_OK.pop(id(kern), None)
+    mma_ptx.check_layout(kern)
+    return kern
+
+
 def main() -> None:
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
     checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
@@ -136,6 +165,7 @@ def main() -> None:
                          (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
+    checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

@@ -1,0 +1,178 @@
+"""Decode attention over the packed 4-bit KV cache with every tile in registers: one warp per
+program, a 64-token tile per step, keys and values multiplied on `mma.sync` straight from their
+packed words (the PTX and its fragment mapping: memfit.kernels.kv_mma_ptx).
+
+Why: memfit.kernels.triton_kv's tile (tl.dot on 16-row padded query blocks, codes converted and
+written to shared memory for the tensor cores) compiled to ~5.8 SASS instructions a code and ran
+at ~1.1 TB/s (0.94x bf16 SDPA at 32k, benchmarks/RESULTS.md). Here the query heads are the mma's
+n = 8 columns (no 16-row padding), the codes become float16 by one LOP3 per pair in the mma's
+own register layout, P never leaves registers (movmatrix), and the only shared memory is
+Triton's software pipeline of the code tiles.
+
+Takes: 4-bit codes, head_dim 128, 1..8 query heads per KV head, power-of-two key groups >= 64
+(a tile lies in one key group), value groups of 64 or 128 channels (memfit.kvcache's g64, g128
+formats); `ineligibility` says why not. GPU only (inline PTX): on the CPU and under
+TRITON_INTERPRET memfit.kernels.triton_kv takes every cache. Output: the normalized parts and
+base-2 log-sum-exp of each split, merged by triton_kv's merge kernel with the dense window.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels import kv_mma_ptx as ptx
+from memfit.kernels import mma_ptx
+
+LOG2E = 1.4426950408889634
+TILE = 64
+# programs (one warp each) per multiprocessor; software-pipeline stages of the code tiles
+TUNE = {"per_sm": 8, "stages": 3}
+ENABLED = os.environ.get("MEMFIT_KV_MMA", "0") != "0"  # on by default once GPU-verified
+
+
+def ineligibility(bits: int, head_dim: int, group: int, gv: int, gq: int) -> str | None:
+    """Why this kernel cannot take the cache (None when it can)."""
+    if bits != 4:
+        return f"{bits}-bit codes (this kernel reads 4-bit)"
+    if head_dim != 128:
+        return f"head_dim {head_dim} (this kernel reads 128)"
+    if not 1 <= gq <= 8:
+        return f"{gq} query heads per KV head (this kernel takes 1 to 8)"
+    if group < TILE or group & (group - 1):
+        return f"key group {group} is not a power of two >= {TILE}"
+    if gv != 128:
+        return f"value group {gv} (this kernel takes one value group per token: 128)"
+    return None
+
+
+@triton.jit
+def _half(w, BF16: tl.constexpr):
+    """The low 16 bits of int32 w as a float16/bfloat16 number, in float32."""
+    if BF16:
+        return (w << 16).to(tl.float32, bitcast=True)
+    return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
+            NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
+            s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, BF16: tl.constexpr,
+            KEYS: tl.constexpr, VALUES: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
+            C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr):
+    """Split pid_s (TPS tokens, whole 64-token tiles) of kv head pid_bh: normalized partial
+    output (B, Hq, NSPLIT, 128) float32 and base-2 log-sum-exp (B, Hq, NSPLIT). Every tensor
+    the asm takes is a (64, 16) int32 tile loaded in 16-byte vectors, or index arithmetic, so
+    Triton lays them all out as the fragments need (checked by mma_ptx.check_layout)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    r = tl.arange(0, 64)[:, None]  # row = token of the tile
+    cc = tl.arange(0, 16)[None, :]
+    g = r % 8
+    i = r // 8
+    j = cc // 4
+    e = cc % 4
+    # query pairs of head g, channels 32j + 2m, 32j + 2m + 1 (the odd one divided by 16), word
+    # m = 4i + e < 16 of the lane's range (16-bit q read as 32-bit words)
+    qok = (g < G) & (i < 4)
+    qw = tl.load(qw_ptr + b * s_qb + (h * G + g) * s_qh + 16 * j + 4 * i + e, mask=qok, other=0)
+    qa = _half(qw, BF16) * qk_scale
+    qb = _half(qw >> 16, BF16) * (qk_scale / 16)
+    lo = qa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    qh = lo | (qb.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    zero = tl.zeros((64, 16), tl.float32)
+    st = tl.where((i == 0) & (e < 2), float("-inf"), zero)  # slots 0, 1: m = -inf; l, L = 0
+    acc = zero
+    t0 = pid_s * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    kbase = kw_ptr + b * s_kb + h * s_kh
+    vbase = vw_ptr + b * s_vb + h * s_vh
+    sb = b * s_sb + h * s_sh
+    wb = b * s_wb + h * s_wh
+    # key scale words 0..15 of lane j's channels in elements 0..15, minima in 16..31
+    kp_off = sb + 16 * j + 4 * (i % 4) + e
+    kp_lo = i < 4
+    zp = tl.zeros((64, 16), tl.int32)
+    st = tl.inline_asm_elementwise(PRO, C4, [st, vs_ptr + wb + t0 + zp, vm_ptr + wb + t0 + zp],
+                                   dtype=tl.float32, is_pure=True, pack=32)
+    for tb in range(t0, t1, 64):
+        rt = tb + r
+        kw = tl.load(kbase + rt * s_kt + cc)
+        kg = (tb // GROUP) * s_sg
+        kp = tl.where(kp_lo, tl.load(ksw_ptr + kp_off + kg), tl.load(kmw_ptr + kp_off + kg))
+        tn = tl.minimum(tb + 64, t1 - 64)  # the next tile (the last one reloads itself)
+        st, pb = tl.inline_asm_elementwise(
+            KEYS, C1, [st, kw, qh, kp, vs_ptr + wb + tn + zp, vm_ptr + wb + tn + zp],
+            dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
+        vw = tl.load(vbase + rt * s_vt + cc)
+        acc, st = tl.inline_asm_elementwise(VALUES, C2, [acc, st, vw, pb],
+                                            dtype=(tl.float32, tl.float32), is_pure=True,
+                                            pack=32)
+    y, z = tl.inline_asm_elementwise(EPI, C3, [acc, st], dtype=(tl.float32, tl.float32),
+                                     is_pure=True, pack=32)
+    # element (row 8i + g, column 4j + c) holds head 2j + c % 2, channel 32(i // 2) + 4g +
+    # 2(i % 2) + c // 2 (kv_mma_ptx: value m-tile i)
+    head = 2 * j + e % 2
+    ch = 32 * (i // 2) + 4 * g + 2 * (i % 2) + e // 2
+    row = (b * HKV * G + h * G + head + 0 * r) * NSPLIT + pid_s
+    ok = head < G
+    tl.store(o_ptr + row * 128 + ch, y, mask=ok)
+    tl.store(l_ptr + row, z, mask=ok & (g == 0) & (i == 0) & (e < 2))
+
+
+ASM = (ptx.keys_asm(1), ptx.values_asm(1, 128), ptx.epi_asm(1, 128), ptx.prologue_asm())
+CONS = (ptx.constraints(2, 4, 2), ptx.constraints(2, 4), ptx.constraints(2, 2),
+        ptx.constraints(1, 1, 2))
+
+
+def n_splits(t: int, b: int, hkv: int, device, splits: int | None = None) -> tuple[int, int]:
+    """(tokens per split, splits) for t packed tokens (whole 64-token tiles)."""
+    if splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(TUNE["per_sm"] * sms, b * hkv)
+    splits = max(1, min(t // TILE, splits))
+    tps = triton.cdiv(triton.cdiv(t, splits), TILE) * TILE
+    return tps, triton.cdiv(t, tps)
+
+
+def _words(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous uint8/float16 tensor viewed as int32 words along its last axis."""
+    return x.contiguous().view(torch.int32)
+
+
+def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
+                 splits: int | None = None, stages: int | None = None):
+    """(out (B, Hq, S, 128) float32 normalized per split, lse (B, Hq, S) base 2) of q (B, Hq,
+    128) over the packed tokens of `store` ([codes, scale, min] of keys, then values, as
+    memfit.kvcache holds them)."""
+    kq, ks, km, vq, vs, vm = store
+    b, hq, d = q.shape
+    _, hkv, t, _ = kq.shape
+    gv = d // vs.shape[-1]
+    why = ineligibility(4 if kq.shape[-1] * 2 == d else 0, d, group, gv, hq // hkv)
+    if why is not None:
+        raise ValueError(f"triton_kv_mma cannot take this cache: {why}")
+    if t % TILE or t % group:
+        raise ValueError(f"{t} packed tokens are not whole key groups of {group}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        q = q.to(torch.bfloat16)
+    qw = _words(q)
+    kw, vw, ksw, kmw = _words(kq), _words(vq), _words(ks), _words(km)
+    vs, vm = vs.contiguous(), vm.contiguous()
+    tps, n = n_splits(t, b, hkv, q.device, splits)
+    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+    k = _kv_mma[(b * hkv, n)](
+        qw, kw, ksw, kmw, vw, vs, vm, out, lse, t, tps, hkv, n, scaling * LOG2E, qw.stride(0),
+        qw.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), ksw.stride(0), ksw.stride(1),
+        ksw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), vs.stride(0), vs.stride(1),
+        G=hq // hkv, GROUP=group, BF16=q.dtype == torch.bfloat16, KEYS=ASM[0], VALUES=ASM[1],
+        EPI=ASM[2], PRO=ASM[3], C1=CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], num_warps=1,
+        num_stages=stages or TUNE["stages"])
+    mma_ptx.check_layout(k)
+    return out, lse
