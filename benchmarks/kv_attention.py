@@ -153,10 +153,11 @@ def main() -> None:
             if mma:  # the same call with the previous kernel, and the mma kernel's part alone
                 triton_kv_mma.ENABLED = False
                 extra["previous_kernel_us"] = graph_time_us(
-                    [lambda s=s: triton_kv.kv_attention(q, s, bits, g, sc, kr, vr) for s in sts])
+                    [lambda s=s, q=q, g=g, kr=kr, vr=vr: triton_kv.kv_attention(
+                        q, s, 4, g, sc, kr, vr) for s in sts])
                 triton_kv_mma.ENABLED = True
                 extra["mma_kernel_only_us"] = graph_time_us(
-                    [lambda s=s: triton_kv_mma.packed_parts(q, s, g, sc) for s in sts])
+                    [lambda s=s, q=q, g=g: triton_kv_mma.packed_parts(q, s, g, sc) for s in sts])
                 extra["mma_splits"] = triton_kv_mma.packed_parts(q, st, g, sc)[0].shape[2]
             out = triton_kv.kv_attention(q, st, bits, g, sc, kr, vr)
             want = triton_kv.reference(q.float().cpu(), torch.cat([kd, kr.float()], 2).cpu(),

@@ -34,7 +34,6 @@ costs dominate), so 4/2-bit caches with key groups < 64 use memfit.kernels.trito
 from __future__ import annotations
 
 import os
-
 import warnings
 
 import torch

@@ -123,8 +123,9 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True):
     sig |= {n: "i32" for n in ("s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg",
                                "s_vb", "s_vh", "s_vt", "s_wb", "s_wh")}
     k = triton_kv_mma
-    const = dict(G=gq, GROUP=128, BF16=bf16, KEYS=k.ASM[0], VALUES=k.ASM[1], EPI=k.ASM[2],
-                 PRO=k.ASM[3], C1=k.CONS[0], C2=k.CONS[1], C3=k.CONS[2], C4=k.CONS[3])
+    const = {"G": gq, "GROUP": 128, "BF16": bf16, "KEYS": k.ASM[0], "VALUES": k.ASM[1],
+             "EPI": k.ASM[2], "PRO": k.ASM[3], "C1": k.CONS[0], "C2": k.CONS[1],
+             "C3": k.CONS[2], "C4": k.CONS[3]}
     sig = dict(sig) | {n: "constexpr" for n in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr")] + [
