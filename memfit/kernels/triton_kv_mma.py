@@ -97,9 +97,11 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     # key scale words 0..15 of lane j's channels in elements 0..15, minima in 16..31
     kp_off = sb + 16 * j + 4 * (i % 4) + e
     kp_lo = i < 4
-    zp = tl.zeros((64, 16), tl.int32)
-    st = tl.inline_asm_elementwise(PRO, C4, [st, vs_ptr + wb + t0 + zp, vm_ptr + wb + t0 + zp],
-                                   dtype=tl.float32, is_pure=True, pack=32)
+    zp = tl.zeros((64, 16), tl.int64)  # the asm takes addresses as int64 (Triton 3.6 refuses
+    vsa = (vs_ptr + wb).to(tl.int64) + 2 * zp  # pointer and float operands in one asm call)
+    vma = (vm_ptr + wb).to(tl.int64) + 2 * zp
+    st = tl.inline_asm_elementwise(PRO, C4, [st, vsa + 2 * t0, vma + 2 * t0], dtype=tl.float32,
+                                   is_pure=True, pack=32)
     for tb in range(t0, t1, 64):
         rt = tb + r
         kw = tl.load(kbase + rt * s_kt + cc)
@@ -107,7 +109,7 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
         kp = tl.where(kp_lo, tl.load(ksw_ptr + kp_off + kg), tl.load(kmw_ptr + kp_off + kg))
         tn = tl.minimum(tb + 64, t1 - 64)  # the next tile (the last one reloads itself)
         st, pb = tl.inline_asm_elementwise(
-            KEYS, C1, [st, kw, qh, kp, vs_ptr + wb + tn + zp, vm_ptr + wb + tn + zp],
+            KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn],
             dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
         vw = tl.load(vbase + rt * s_vt + cc)
         acc, st = tl.inline_asm_elementwise(VALUES, C2, [acc, st, vw, pb],
@@ -115,10 +117,10 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
                                             pack=32)
     y, z = tl.inline_asm_elementwise(EPI, C3, [acc, st], dtype=(tl.float32, tl.float32),
                                      is_pure=True, pack=32)
-    # element (row 8i + g, column 4j + c) holds head 2j + c % 2, channel 32(i // 2) + 4g +
-    # 2(i % 2) + c // 2 (kv_mma_ptx: value m-tile i)
+    # element (row 8i + g, column 4j + c) holds head 2j + c % 2, channel 32(g // 2) + 8(i // 2)
+    # + 4(g % 2) + 2(i % 2) + c // 2 (kv_mma_ptx: value m-tile i)
     head = 2 * j + e % 2
-    ch = 32 * (i // 2) + 4 * g + 2 * (i % 2) + e // 2
+    ch = 32 * (g // 2) + 8 * (i // 2) + 4 * (g % 2) + 2 * (i % 2) + e // 2
     row = (b * HKV * G + h * G + head + 0 * r) * NSPLIT + pid_s
     ok = head < G
     tl.store(o_ptr + row * 128 + ch, y, mask=ok)
