@@ -92,13 +92,31 @@ def mma_sweep(gen, sc) -> dict:
     st, _, _ = store(k[:, :, :32768 - RES], v[:, :, :32768 - RES], 4, 128)
     sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
     best = None
-    for per_sm in (4, 6, 8, 12, 16, 24):
-        triton_kv_mma.TUNE["per_sm"] = per_sm
+    for per_sm, pf in itertools.product((6, 8, 9, 12, 16), (0, 1, 2)):
+        triton_kv_mma.TUNE.update(per_sm=per_sm, prefetch=pf)
         us = graph_time_us([lambda s=s: triton_kv_mma.packed_parts(q, s, 128, sc) for s in sts])
-        print(f"mma sweep per_sm {per_sm}: {us:.2f} us", flush=True)
+        print(f"mma sweep per_sm {per_sm} prefetch {pf}: {us:.2f} us", flush=True)
         if best is None or us < best[0]:
-            best = (us, per_sm)
-    return {"per_sm": best[1]}
+            best = (us, {"per_sm": per_sm, "prefetch": pf})
+    return best[1]
+
+
+def merge_sweep(gen, sc) -> dict:
+    """Fastest merge settings (triton_kv.MERGE) for the whole call at 32k int4 g128."""
+    q, k, v = states(32768, gen)
+    t = 32768 - RES
+    kr, vr = k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
+    st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, 128)
+    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
+    best = None
+    for ch, tok, warps in itertools.product((128, 64, 32, 16), (128, 32), (8, 4, 2)):
+        triton_kv.MERGE.update(channels=ch, tokens=tok, warps=warps)
+        us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, 128, sc, kr, vr)
+                            for s in sts])
+        print(f"merge sweep channels {ch} tokens {tok} warps {warps}: {us:.2f} us", flush=True)
+        if best is None or us < best[0]:
+            best = (us, {"channels": ch, "tokens": tok, "warps": warps})
+    return best[1]
 
 
 def main() -> None:
@@ -106,6 +124,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="int4 g128 and g64 rows only")
+    ap.add_argument("--merge-sweep", action="store_true",
+                    help="first time the merge's launch settings at 32k int4 g128")
     ap.add_argument("--mma-sweep", action="store_true",
                     help="first time the mma kernel's programs per SM at 32k int4 g128")
     args = ap.parse_args()
@@ -124,6 +144,9 @@ def main() -> None:
     if args.mma_sweep:
         head["mma_tune"] = mma_sweep(gen, sc)
         triton_kv_mma.TUNE.update(head["mma_tune"])
+    if args.merge_sweep:
+        head["merge"] = merge_sweep(gen, sc)
+        triton_kv.MERGE.update(head["merge"])
     rows = []
     for ctx in (8192, 32768):
         t = ctx - RES  # quantized tokens; the last RES stay dense

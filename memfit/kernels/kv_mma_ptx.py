@@ -88,14 +88,23 @@ def _bfly(x: str, op: str) -> list[str]:
     return out
 
 
-def keys_asm(ng: int) -> str:
+def l2_prefetch(pk: int, pv: int) -> list[str]:
+    """PTX asking the L2 for a 4 KB tile of key words at $pk and of value words at $pv: one
+    128-byte line a lane each (their loads a tile later then wait on the L2, not on memory)."""
+    return ["{", ".reg .b32 ln;", ".reg .b64 a, off;", "mov.u32 ln, %laneid;",
+            "mul.wide.u32 off, ln, 128;", f"add.s64 a, ${pk}, off;", "prefetch.global.L2 [a];",
+            f"add.s64 a, ${pv}, off;", "prefetch.global.L2 [a];", "}"]
+
+
+def keys_asm(ng: int, prefetch: bool = False) -> str:
     """Phase 1 of a tile: scores, online-softmax update, P' as P.V's B operand.
     Outputs: state $0..31, PB $32..63 (PB[8g + i] = B register of value group g, token set i;
     PB[30], PB[31] = alpha of heads 2j, 2j + 1). Inputs: state $64.. (its slots 16..31: this
     tile's value scales and minima, token 8i + g at 16 + i and 24 + i, float32), key words
     $96.., QH $128.. (query pairs, words 0..15), KP $160.. (key scale words 0..15, minima
     16..31), the next tile's value-scale and minimum pointers $192, $224 (loaded here, into the
-    output state's slots 16..31)."""
+    output state's slots 16..31); `prefetch`: the tile after next's key and value word
+    pointers $256, $288 (`l2_prefetch`)."""
     S, O = 64, 0
     KW, QH, KP = 96, 128, 160
     assert ng == 1
@@ -105,6 +114,8 @@ def keys_asm(ng: int) -> str:
            ".reg .f32 s<16>, k<4>, ta, tb, ua, ub, ka, kb, ma, mb, oa, ob, u, w;",
            "mov.b32 one16, 0x4C003C00;", "mov.b32 neg, 0xE400E400;"]
     out += param_loads(S + 128, S + 160, O)
+    if prefetch:
+        out += l2_prefetch(S + 192, S + 224)
     for m in range(16):
         out += [f"mul.rn.f16x2 qs{m}, ${QH + m}, ${KP + m};",
                 f"mul.rn.f16x2 qm{m}, ${QH + m}, ${KP + 16 + m};"]

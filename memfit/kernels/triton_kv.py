@@ -253,28 +253,31 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
 @triton.jit
 def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
                 s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
-                BR: tl.constexpr):
-    """y[r] = the exact merge of the S normalized packed parts of row r (one (batch, query
-    head)) and of its attention over the TR dense recent tokens (B, Hkv, TR, D), which this
-    program computes itself (float32, BR tokens at a time): no launch of its own."""
+                BR: tl.constexpr, DB: tl.constexpr):
+    """y[r, cb] = the exact merge, for channels cb (DB of them, program axis 1), of the S
+    normalized packed parts of row r (one (batch, query head)) and of its attention over the TR
+    dense recent tokens (B, Hkv, TR, D), which this program computes itself (float32, BR tokens
+    at a time; the scores over all D channels, the values over its DB): no launch of its own."""
     r = tl.program_id(0)
+    cb = tl.program_id(1) * DB
     bb = r // HQ
     h = (r % HQ) // (HQ // HKV)
     rs = tl.arange(0, SP)
     rd = tl.arange(0, D)
+    rc = cb + tl.arange(0, DB)
     q = tl.load(q_ptr + bb * s_qb + (r % HQ) * s_qh + rd).to(tl.float32) * qk_scale
     lse = tl.load(l_ptr + r * S + rs, mask=rs < S, other=float("-inf"))  # loaded first: their
-    o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rd[None, :], mask=(rs < S)[:, None],
+    o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rc[None, :], mask=(rs < S)[:, None],
                 other=0.0)  # latency overlaps the dense window's
     m_d = tl.full((), float("-inf"), tl.float32)
     l_d = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((D,), tl.float32)
+    acc = tl.zeros((DB,), tl.float32)
     for tb in range(0, TR, BR):
         rt = tb + tl.arange(0, BR)
         ok = (rt < TR)[:, None]
         k = tl.load(k_ptr + bb * s_kb + h * s_kh + rt[:, None] * s_kt + rd[None, :], mask=ok,
                     other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + bb * s_vb + h * s_vh + rt[:, None] * s_vt + rd[None, :], mask=ok,
+        v = tl.load(v_ptr + bb * s_vb + h * s_vh + rt[:, None] * s_vt + rc[None, :], mask=ok,
                     other=0.0).to(tl.float32)
         sc = tl.where(rt < TR, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_d, tl.max(sc, axis=0))
@@ -288,7 +291,7 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
     w = tl.exp2(lse - top)
     w_d = tl.exp2(lse_d - top)
     y = tl.sum(o * w[:, None], axis=0) + acc * (w_d / tl.where(l_d > 0, l_d, 1.0))
-    tl.store(y_ptr + r * D + rd, y / (tl.sum(w, axis=0) + w_d))
+    tl.store(y_ptr + r * D + rc, y / (tl.sum(w, axis=0) + w_d))
 
 
 def _new_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
@@ -327,6 +330,9 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
 TUNE = {"tile": 64, "warps": 2, "stages": 3, "per_sm": 4}
+# the merge: channels a program (more programs: the merge is latency-bound), window tokens a
+# step, warps
+MERGE = {"channels": 128, "tokens": 128, "warps": 8}
 
 
 def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
@@ -414,11 +420,12 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
     y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
-    _kv_combine[(b * hq,)](
+    db = min(d, MERGE["channels"])
+    _kv_combine[(b * hq, d // db)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d, BR=128,
-        num_warps=8)
+        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
+        BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"])
     return y
 
 

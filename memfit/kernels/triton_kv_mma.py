@@ -30,7 +30,7 @@ from memfit.kernels import mma_ptx
 LOG2E = 1.4426950408889634
 TILE = 64
 # programs (one warp each) per multiprocessor; software-pipeline stages of the code tiles
-TUNE = {"per_sm": 8, "stages": 3}
+TUNE = {"per_sm": 8, "stages": 3, "prefetch": 0}
 ENABLED = os.environ.get("MEMFIT_KV_MMA", "0") != "0"  # on by default once GPU-verified
 
 
@@ -62,7 +62,8 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
             NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
             s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, BF16: tl.constexpr,
             KEYS: tl.constexpr, VALUES: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
-            C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr):
+            C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
+            PF: tl.constexpr):
     """Split pid_s (TPS tokens, whole 64-token tiles) of kv head pid_bh: normalized partial
     output (B, Hq, NSPLIT, 128) float32 and base-2 log-sum-exp (B, Hq, NSPLIT). Every tensor
     the asm takes is a (64, 16) int32 tile loaded in 16-byte vectors, or index arithmetic, so
@@ -108,9 +109,17 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
         kg = (tb // GROUP) * s_sg
         kp = tl.where(kp_lo, tl.load(ksw_ptr + kp_off + kg), tl.load(kmw_ptr + kp_off + kg))
         tn = tl.minimum(tb + 64, t1 - 64)  # the next tile (the last one reloads itself)
-        st, pb = tl.inline_asm_elementwise(
-            KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn],
-            dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
+        if PF:  # the L2 asked for the tile after next (PF tiles ahead)
+            ta = tl.minimum(tb + 64 * PF, t1 - 64)
+            kpf = (kbase + ta * s_kt).to(tl.int64) + zp
+            vpf = (vbase + ta * s_vt).to(tl.int64) + zp
+            st, pb = tl.inline_asm_elementwise(
+                KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn, kpf, vpf],
+                dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
+        else:
+            st, pb = tl.inline_asm_elementwise(
+                KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn],
+                dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
         vw = tl.load(vbase + rt * s_vt + cc)
         acc, st = tl.inline_asm_elementwise(VALUES, C2, [acc, st, vw, pb],
                                             dtype=(tl.float32, tl.float32), is_pure=True,
@@ -130,6 +139,7 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
 ASM = (ptx.keys_asm(1), ptx.values_asm(1, 128), ptx.epi_asm(1, 128), ptx.prologue_asm())
 CONS = (ptx.constraints(2, 4, 2), ptx.constraints(2, 4), ptx.constraints(2, 2),
         ptx.constraints(1, 1, 2))
+KEYS_PF = (ptx.keys_asm(1, prefetch=True), ptx.constraints(2, 4, 4))
 
 
 def n_splits(t: int, b: int, hkv: int, device, splits: int | None = None) -> tuple[int, int]:
@@ -167,14 +177,16 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
     kw, vw, ksw, kmw = _words(kq), _words(vq), _words(ks), _words(km)
     vs, vm = vs.contiguous(), vm.contiguous()
     tps, n = n_splits(t, b, hkv, q.device, splits)
+    pf = TUNE["prefetch"]
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
     k = _kv_mma[(b * hkv, n)](
         qw, kw, ksw, kmw, vw, vs, vm, out, lse, t, tps, hkv, n, scaling * LOG2E, qw.stride(0),
         qw.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), ksw.stride(0), ksw.stride(1),
         ksw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), vs.stride(0), vs.stride(1),
-        G=hq // hkv, GROUP=group, BF16=q.dtype == torch.bfloat16, KEYS=ASM[0], VALUES=ASM[1],
-        EPI=ASM[2], PRO=ASM[3], C1=CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], num_warps=1,
-        num_stages=stages or TUNE["stages"])
+        G=hq // hkv, GROUP=group, BF16=q.dtype == torch.bfloat16,
+        KEYS=KEYS_PF[0] if pf else ASM[0], VALUES=ASM[1], EPI=ASM[2], PRO=ASM[3],
+        C1=KEYS_PF[1] if pf else CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], PF=pf,
+        num_warps=1, num_stages=stages or TUNE["stages"])
     mma_ptx.check_layout(k)
     return out, lse

@@ -114,7 +114,7 @@ def check_words_dot(bm, bn_warps, sk):
     assert k.metadata.shared <= 232448, f"{k.metadata.shared} bytes of shared memory"
 
 
-def check_kv_mma(gq: int, stages: int, bf16: bool = True):
+def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0):
     """The register-only KV attention kernel as packed_parts launches it: it builds, its asm
     operands have the fragments' layout, no layout conversion in its loop."""
     sig = {n: "*i32" for n in ("qw_ptr", "kw_ptr", "ksw_ptr", "kmw_ptr", "vw_ptr")}
@@ -123,9 +123,10 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True):
     sig |= {n: "i32" for n in ("s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg",
                                "s_vb", "s_vh", "s_vt", "s_wb", "s_wh")}
     k = triton_kv_mma
-    const = {"G": gq, "GROUP": 128, "BF16": bf16, "KEYS": k.ASM[0], "VALUES": k.ASM[1],
-             "EPI": k.ASM[2], "PRO": k.ASM[3], "C1": k.CONS[0], "C2": k.CONS[1],
-             "C3": k.CONS[2], "C4": k.CONS[3]}
+    const = {"G": gq, "GROUP": 128, "BF16": bf16,
+             "KEYS": k.KEYS_PF[0] if pf else k.ASM[0], "VALUES": k.ASM[1], "EPI": k.ASM[2],
+             "PRO": k.ASM[3], "C1": k.KEYS_PF[1] if pf else k.CONS[0], "C2": k.CONS[1],
+             "C3": k.CONS[2], "C4": k.CONS[3], "PF": pf}
     sig = dict(sig) | {n: "constexpr" for n in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr")] + [
@@ -166,7 +167,8 @@ def main() -> None:
                          (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
-    checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False))}
+    checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
+                                                          (4, 1, True, 2))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

@@ -147,3 +147,21 @@ def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_co
         hits = [w for w in seen if "cannot take this cache" in str(w.message)]
         assert len(hits) == (1 if fused else 0)
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("channels,tokens", [(32, 64), (64, 32)])
+def test_merge_in_channel_blocks_matches_reference(monkeypatch, channels, tokens):
+    """The merge split over channel blocks (more programs) and the dense window a few tokens a
+    step: the same attention."""
+    monkeypatch.setitem(triton_kv.MERGE, "channels", channels)
+    monkeypatch.setitem(triton_kv.MERGE, "tokens", tokens)
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, d, g = 2, 4, 2, 128, 128, 64
+    k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    kr, vr = torch.randn(b, hkv, 77, d, generator=gen), torch.randn(b, hkv, 77, d, generator=gen)
+    q = torch.randn(b, hq, d, generator=gen).to(DEV)
+    store, kd, vd = _store(k, v, 4, g, 64)
+    sc = d ** -0.5
+    got = triton_kv.kv_attention(q, store, 4, g, sc, kr.to(DEV), vr.to(DEV), splits=2)
+    want = triton_kv.reference(q.float().cpu(), torch.cat([kd, kr], 2), torch.cat([vd, vr], 2), sc)
+    assert ((got.double().cpu() - want).norm() / want.norm()).item() < 5e-3
