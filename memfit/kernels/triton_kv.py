@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import mma_ptx
+from memfit.kernels.kv_merge import MERGE, combine, dense_part, merge, reference  # noqa: F401
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
@@ -250,50 +251,6 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     tl.store(l_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
 
 
-@triton.jit
-def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
-                s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
-                BR: tl.constexpr, DB: tl.constexpr):
-    """y[r, cb] = the exact merge, for channels cb (DB of them, program axis 1), of the S
-    normalized packed parts of row r (one (batch, query head)) and of its attention over the TR
-    dense recent tokens (B, Hkv, TR, D), which this program computes itself (float32, BR tokens
-    at a time; the scores over all D channels, the values over its DB): no launch of its own."""
-    r = tl.program_id(0)
-    cb = tl.program_id(1) * DB
-    bb = r // HQ
-    h = (r % HQ) // (HQ // HKV)
-    rs = tl.arange(0, SP)
-    rd = tl.arange(0, D)
-    rc = cb + tl.arange(0, DB)
-    q = tl.load(q_ptr + bb * s_qb + (r % HQ) * s_qh + rd).to(tl.float32) * qk_scale
-    lse = tl.load(l_ptr + r * S + rs, mask=rs < S, other=float("-inf"))  # loaded first: their
-    o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rc[None, :], mask=(rs < S)[:, None],
-                other=0.0)  # latency overlaps the dense window's
-    m_d = tl.full((), float("-inf"), tl.float32)
-    l_d = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((DB,), tl.float32)
-    for tb in range(0, TR, BR):
-        rt = tb + tl.arange(0, BR)
-        ok = (rt < TR)[:, None]
-        k = tl.load(k_ptr + bb * s_kb + h * s_kh + rt[:, None] * s_kt + rd[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + bb * s_vb + h * s_vh + rt[:, None] * s_vt + rc[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
-        sc = tl.where(rt < TR, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_d, tl.max(sc, axis=0))
-        p = tl.exp2(sc - m_new)
-        alpha = tl.exp2(m_d - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_d = l_d * alpha + tl.sum(p, axis=0)
-        m_d = m_new
-    lse_d = m_d + tl.log2(l_d)  # -inf when TR == 0
-    top = tl.maximum(tl.max(lse, axis=0), lse_d)
-    w = tl.exp2(lse - top)
-    w_d = tl.exp2(lse_d - top)
-    y = tl.sum(o * w[:, None], axis=0) + acc * (w_d / tl.where(l_d > 0, l_d, 1.0))
-    tl.store(y_ptr + r * D + rc, y / (tl.sum(w, axis=0) + w_d))
-
-
 def _new_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | None:
     """Why this module's kernel cannot take the cache (None when it can)."""
     if bits not in (2, 4, 8):
@@ -330,9 +287,6 @@ def kv_ineligibility(bits: int, head_dim: int, group: int, gv: int) -> str | Non
 
 # launch settings: tokens per tile (at most), warps, software-pipeline stages, programs per SM
 TUNE = {"tile": 64, "warps": 2, "stages": 3, "per_sm": 4}
-# the merge: channels a program (more programs: the merge is latency-bound), window tokens a
-# step, warps
-MERGE = {"channels": 128, "tokens": 128, "warps": 8}
 
 
 def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int):
@@ -375,7 +329,7 @@ def _mma_parts(q, store, bits, group, scaling, splits):
     """The packed parts from memfit.kernels.triton_kv_mma where it takes the cache (CUDA, 4-bit,
     head_dim 128, key groups >= 64 of one value group a token), else None."""
     from memfit.kernels import triton_kv_mma as kvm
-    b, hq, d = q.shape
+    _, hq, d = q.shape
     hkv, t = store[0].shape[1], store[0].shape[2]
     if (not q.is_cuda or INTERPRET or not kvm.ENABLED or t % kvm.TILE
             or kvm.ineligibility(bits, d, group, d // store[4].shape[-1], hq // hkv)):
@@ -419,14 +373,7 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
         keys = values = q.new_zeros(b, hkv, 0, d)
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
-    y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
-    db = min(d, MERGE["channels"])
-    _kv_combine[(b * hq, d // db)](
-        out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
-        q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
-        BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"])
-    return y
+    return merge(out, lse, q, keys, values, scaling)
 
 
 def kv_attention_parts(q: torch.Tensor, kq, ks, km, vq, vs, vm, bits: int, group: int,
@@ -441,39 +388,3 @@ def kv_attention_parts(q: torch.Tensor, kq, ks, km, vq, vs, vm, bits: int, group
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
     _launch_packed(q, store, out, lse, bits, group, scaling, n, splits, **tune)
     return out, lse
-
-
-def combine(parts) -> torch.Tensor:
-    """Exact merge of softmax parts [(out (..., S, D) normalized, lse (..., S) base 2)]:
-    (..., D) float32."""
-    outs = torch.cat([o for o, _ in parts], dim=-2)  # (..., S_total, D)
-    lses = torch.cat([lse for _, lse in parts], dim=-1)  # (..., S_total)
-    top = lses.amax(dim=-1, keepdim=True)
-    w = torch.exp2(lses - top)
-    w = w / w.sum(dim=-1, keepdim=True)
-    return (outs * w.unsqueeze(-1)).sum(dim=-2)
-
-
-def dense_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
-    """Softmax part of q (B, Hq, D) over dense k, v (B, Hkv, t, D): (out (B, Hq, 1, D),
-    lse (B, Hq, 1)) in float32, base-2 lse (for `combine`)."""
-    b, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
-    s = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * (scaling * LOG2E)
-    top = s.amax(dim=-1, keepdim=True)
-    p = torch.exp2(s - top)
-    tot = p.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bhgt,bhtd->bhgd", p / tot, v.float())
-    lse = (top + torch.log2(tot)).squeeze(-1)
-    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
-
-
-def reference(q, k, v, scaling: float) -> torch.Tensor:
-    """float64 attention of q (B, Hq, D) over dense k, v (B, Hkv, T, D): (B, Hq, D)."""
-    b, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.double().view(b, hkv, hq // hkv, d)
-    p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", qg, k.double()) * scaling, dim=-1)
-    return torch.einsum("bhgt,bhtd->bhgd", p, v.double()).reshape(b, hq, d)
-
