@@ -31,7 +31,7 @@ LOG2E = 1.4426950408889634
 TILE = 64
 # programs (one warp each) per multiprocessor; software-pipeline stages of the code tiles
 TUNE = {"per_sm": 8, "stages": 3, "prefetch": 0}
-ENABLED = os.environ.get("MEMFIT_KV_MMA", "0") != "0"  # on by default once GPU-verified
+ENABLED = os.environ.get("MEMFIT_KV_MMA", "1") != "0"  # MEMFIT_KV_MMA=0: the previous kernel
 
 
 def ineligibility(bits: int, head_dim: int, group: int, gv: int, gq: int) -> str | None:
