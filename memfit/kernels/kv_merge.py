@@ -12,7 +12,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
 # a step, warps
-MERGE = {"channels": 128, "tokens": 128, "warps": 8}
+MERGE = {"channels": 32, "tokens": 128, "warps": 8}
 
 
 @triton.jit
