@@ -6,14 +6,19 @@ Why: memfit.kernels.triton_kv's tile (tl.dot on 16-row padded query blocks, code
 written to shared memory for the tensor cores) compiled to ~5.8 SASS instructions a code and ran
 at ~1.1 TB/s (0.94x bf16 SDPA at 32k, benchmarks/RESULTS.md). Here the query heads are the mma's
 n = 8 columns (no 16-row padding), the codes become float16 by one LOP3 per pair in the mma's
-own register layout, P never leaves registers (movmatrix), and the only shared memory is
-Triton's software pipeline of the code tiles.
+own register layout, P never leaves registers (movmatrix), and the loop touches no shared
+memory (820 SASS instructions a 64-token tile for the warp, ~2980 before; sm_90 build).
 
 Takes: 4-bit codes, head_dim 128, 1..8 query heads per KV head, power-of-two key groups >= 64
-(a tile lies in one key group), value groups of 64 or 128 channels (memfit.kvcache's g64, g128
-formats); `ineligibility` says why not. GPU only (inline PTX): on the CPU and under
-TRITON_INTERPRET memfit.kernels.triton_kv takes every cache. Output: the normalized parts and
-base-2 log-sum-exp of each split, merged by triton_kv's merge kernel with the dense window.
+(a tile lies in one key group), one value group a token (memfit.kvcache's `int4-g128`: a value
+m-tile spans all 128 channels); `ineligibility` says why not. GPU only (inline PTX): on the CPU
+and under TRITON_INTERPRET memfit.kernels.triton_kv takes every cache. Output: the normalized
+parts and base-2 log-sum-exp of each split, merged with the dense window by
+memfit.kernels.kv_merge.
+
+Measured (benchmarks/kv_attention.py, one H200, Triton 3.6, RESULTS.md session 14; 32 query / 8
+KV heads, batch 1): 32k context, whole call 22.2 µs vs bf16 SDPA 37.7 (1.70x; this kernel alone
+16.0 µs, 2.25 TB/s; the previous kernel's call 38.5), 3.72x less KV memory; 8k 11.5 vs 15.7 µs.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from memfit.kernels import mma_ptx
 
 LOG2E = 1.4426950408889634
 TILE = 64
-# programs (one warp each) per multiprocessor; software-pipeline stages of the code tiles
-TUNE = {"per_sm": 8, "stages": 3, "prefetch": 0}
+# programs (one warp each) per multiprocessor; L2 prefetch of the tile this many ahead (0: none;
+# 1-2 measured no faster, RESULTS.md session 14)
+TUNE = {"per_sm": 8, "prefetch": 0}
 ENABLED = os.environ.get("MEMFIT_KV_MMA", "1") != "0"  # MEMFIT_KV_MMA=0: the previous kernel
 
 
@@ -158,7 +164,7 @@ def _words(x: torch.Tensor) -> torch.Tensor:
 
 
 def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
-                 splits: int | None = None, stages: int | None = None):
+                 splits: int | None = None):
     """(out (B, Hq, S, 128) float32 normalized per split, lse (B, Hq, S) base 2) of q (B, Hq,
     128) over the packed tokens of `store` ([codes, scale, min] of keys, then values, as
     memfit.kvcache holds them)."""
@@ -187,6 +193,6 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
         G=hq // hkv, GROUP=group, BF16=q.dtype == torch.bfloat16,
         KEYS=KEYS_PF[0] if pf else ASM[0], VALUES=ASM[1], EPI=ASM[2], PRO=ASM[3],
         C1=KEYS_PF[1] if pf else CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], PF=pf,
-        num_warps=1, num_stages=stages or TUNE["stages"])
+        num_warps=1, num_stages=1)
     mma_ptx.check_layout(k)
     return out, lse
