@@ -129,6 +129,17 @@ def _vdot(a, alpha, p3, vc, DT: tl.constexpr):
 
 
 @triton.jit
+def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_vb, s_vh, s_wb,
+                 s_wh):
+    """Split pid_s's tokens [t0, t1) and kv head (b, h)'s key/value code bases and offsets of its
+    key-group and value-token parameters (the packed kernels' shared prologue)."""
+    t0 = pid_s * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    return (t0, t1, kq_ptr + b * s_kb + h * s_kh, vq_ptr + b * s_vb + h * s_vh,
+            b * s_sb + h * s_sh, b * s_wb + h * s_wh)
+
+
+@triton.jit
 def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
                NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
                s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
@@ -179,12 +190,8 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     a1 = a0
     a2 = a0
     a3 = a0
-    t0 = pid_s * TPS
-    t1 = tl.minimum(t0 + TPS, T)
-    kbase = kq_ptr + b * s_kb + h * s_kh
-    vbase = vq_ptr + b * s_vb + h * s_vh
-    sb = b * s_sb + h * s_sh
-    wb = b * s_wb + h * s_wh
+    t0, t1, kbase, vbase, sb, wb = _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh,
+                                                 s_sb, s_sh, s_vb, s_vh, s_wb, s_wh)
     # the scales of the next tile are loaded one iteration ahead (the code tiles are pipelined
     # by the compiler; these small loads are not, and their latency serialized every tile)
     c0, d0, c1, d1, c2, d2, c3, d3 = _kpar(ks_ptr, km_ptr, sb + (t0 // GROUP) * s_sg, rj, NP)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from memfit.kernels import kv_mma_ptx as ptx
 from memfit.kernels import mma_ptx
+from memfit.kernels.triton_kv import _split_bases
 
 LOG2E = 1.4426950408889634
 TILE = 64
@@ -95,12 +96,8 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     zero = tl.zeros((64, 16), tl.float32)
     st = tl.where((i == 0) & (e < 2), float("-inf"), zero)  # slots 0, 1: m = -inf; l, L = 0
     acc = zero
-    t0 = pid_s * TPS
-    t1 = tl.minimum(t0 + TPS, T)
-    kbase = kw_ptr + b * s_kb + h * s_kh
-    vbase = vw_ptr + b * s_vb + h * s_vh
-    sb = b * s_sb + h * s_sh
-    wb = b * s_wb + h * s_wh
+    t0, t1, kbase, vbase, sb, wb = _split_bases(kw_ptr, vw_ptr, b, h, pid_s, T, TPS, s_kb, s_kh,
+                                                 s_sb, s_sh, s_vb, s_vh, s_wb, s_wh)
     # key scale words 0..15 of lane j's channels in elements 0..15, minima in 16..31
     kp_off = sb + 16 * j + 4 * (i % 4) + e
     kp_lo = i < 4
