@@ -37,8 +37,9 @@ from __future__ import annotations
 
 MAGIC = "0x64006400"  # float16 pair (1024, 1024)
 LO, HI = "0x000F000F", "0x00F000F0"
-# state slots (elements of the carried (64, 16) float32 tensor): m, l, L2 (value groups)
-M_A, M_B, L_A, L_B = 0, 1, 2, 3
+# state slots (elements of the carried (64, 16) float32 tensor): m, l, L2 = sum p * min, per
+# head 2j (A) and 2j + 1 (B), the lane's partial sums of l and L2 until the end
+M_A, M_B, L_A, L_B, L2_A, L2_B = 0, 1, 2, 3, 12, 13
 
 
 VS, VM = 16, 24  # state slots of the value scales / minima of the lane's 8 tokens
@@ -62,10 +63,6 @@ def prologue_asm() -> str:
     copied. Outputs: state $0..31. Inputs: state $32.., pointers $64, $96."""
     keep = [f"mov.b32 ${s}, ${32 + s};" for s in range(16)]
     return "\n".join(["{"] + keep + param_loads(64, 96, 0) + ["}"])
-
-
-def l2(g: int) -> tuple[int, int]:
-    return 12 + 2 * g, 13 + 2 * g
 
 
 def _mma(d: list[str], a: list[str], b: list[str], c: list[str] | None = None) -> str:
@@ -99,10 +96,10 @@ def l2_prefetch(pk: int, pv: int) -> list[str]:
             f"add.s64 a, ${pv}, off;", "prefetch.global.L2 [a];", "}"]
 
 
-def keys_asm(ng: int, prefetch: bool = False) -> str:
+def keys_asm(prefetch: bool = False) -> str:
     """Phase 1 of a tile: scores, online-softmax update, P' as P.V's B operand.
-    Outputs: state $0..31, PB $32..63 (PB[8g + i] = B register of value group g, token set i;
-    PB[30], PB[31] = alpha of heads 2j, 2j + 1). Inputs: state $64.. (its slots 16..31: this
+    Outputs: state $0..31, PB $32..63 (PB[i] = B register of token set i; PB[30], PB[31] =
+    alpha of heads 2j, 2j + 1). Inputs: state $64.. (its slots 16..31: this
     tile's value scales and minima, token 8i + g at 16 + i and 24 + i, float32), key words
     $96.., QH $128.. (query pairs, words 0..15), KP $160.. (key scale words 0..15, minima
     16..31), the next tile's value-scale and minimum pointers $192, $224 (loaded here, into the
@@ -110,9 +107,6 @@ def keys_asm(ng: int, prefetch: bool = False) -> str:
     pointers $256, $288 (`l2_prefetch`)."""
     S, O = 64, 0
     KW, QH, KP = 96, 128, 160
-    assert ng == 1
-    vs = [S + VS]
-    vm = [S + VM]
     out = ["{", ".reg .b32 qs<16>, qm<16>, bq<16>, x<4>, y<4>, sh, sx, one16, neg, pr;",
            ".reg .f32 s<16>, k<4>, ta, tb, ua, ub, ka, kb, ma, mb, oa, ob, u, w;",
            "mov.b32 one16, 0x4C003C00;", "mov.b32 neg, 0xE400E400;"]
@@ -162,46 +156,40 @@ def keys_asm(ng: int, prefetch: bool = False) -> str:
         out.append(f"mul.f32 u, ${S + li}, {alpha[hd]};")
         out += [f"add.f32 u, u, s{4 * mt + c};" for mt in range(4) for c in (hd, hd + 2)]
         out += [f"mov.b32 ${O + li}, u;", f"mov.b32 ${O + mi}, {'ma' if hd == 0 else 'mb'};"]
-    for g in range(ng):
-        for hd, slot in enumerate(l2(g)):
-            out.append(f"mul.f32 u, ${S + slot}, {alpha[hd]};")
-            for i in range(8):
-                mt, c = i // 2, hd + 2 * (i % 2)
-                out.append(f"fma.rn.f32 u, s{4 * mt + c}, ${vm[g] + i}, u;")
-            out.append(f"mov.b32 ${O + slot}, u;")
+    for hd, slot in enumerate((L2_A, L2_B)):  # sum p * min (this tile's tokens 8i + g)
+        out.append(f"mul.f32 u, ${S + slot}, {alpha[hd]};")
         for i in range(8):
-            mt, c = i // 2, 2 * (i % 2)
-            out += [f"mul.f32 u, s{4 * mt + c}, ${vs[g] + i};",
-                    f"mul.f32 w, s{4 * mt + c + 1}, ${vs[g] + i};",
-                    "cvt.rn.f16x2.f32 pr, w, u;",
-                    f"movmatrix.sync.aligned.m8n8.trans.b16 ${32 + 8 * g + i}, pr;"]
+            mt, c = i // 2, hd + 2 * (i % 2)
+            out.append(f"fma.rn.f32 u, s{4 * mt + c}, ${S + VM + i}, u;")
+        out.append(f"mov.b32 ${O + slot}, u;")
+    for i in range(8):  # P' = p * scale, transposed into P.V's B operand
+        mt, c = i // 2, 2 * (i % 2)
+        out += [f"mul.f32 u, s{4 * mt + c}, ${S + VS + i};",
+                f"mul.f32 w, s{4 * mt + c + 1}, ${S + VS + i};",
+                "cvt.rn.f16x2.f32 pr, w, u;",
+                f"movmatrix.sync.aligned.m8n8.trans.b16 ${32 + i}, pr;"]
     return "\n".join(out + ["}"])
 
 
-def values_asm(ng: int, gv: int) -> str:
+def values_asm() -> str:
     """Phase 2 of a tile: O = alpha O + P'.V. The tile's products start from zero (the mma's
     float32 sums truncate: summed over many tiles, the 1024 offset of the codes cost 2e-2 of
     relative error over 8k tokens, GPU test) and the offset is taken off once per tile in
     float32: T = O_t - 1024 L1_t, with L1_t = sum P' from an all-ones mma, divided by 16 in the
     rows that hold 16c. Outputs: O $0..31 (value m-tile mt's 4 accumulators at 4mt..), state
     $32..63. Inputs: O $64.., state $96.., value words $128.., PB $160.."""
-    assert ng == 1 and gv == 128  # every value m-tile spans all channels (see the module)
     O, S, VW, PB = 64, 96, 128, 160
     regs = ", ".join(f"v{4 * i}_{p}" for i in range(8) for p in range(4))
-    l1r = ", ".join(f"l{g}a, l{g}b, n{g}a, n{g}b, m{g}a, m{g}b" for g in range(ng))
-    out = ["{", f".reg .b32 {regs}, tv, sh, one;", f".reg .f32 o<32>, d2, d3, t, {l1r};",
-           "mov.b32 one, 0x3C003C00;"]
+    out = ["{", f".reg .b32 {regs}, tv, sh, one;",
+           ".reg .f32 o<32>, d2, d3, t, l0a, l0b, n0a, n0b, m0a, m0b;", "mov.b32 one, 0x3C003C00;"]
     out += [f"mov.f32 o{m}, 0f00000000;" for m in range(32)]
-    for g in range(ng):
-        out += [f"mov.f32 l{g}a, 0f00000000;", f"mov.f32 l{g}b, 0f00000000;"]
-        for kk in range(4):
-            out.append(_mma([f"l{g}a", f"l{g}b", "d2", "d3"], ["one"] * 4,
-                            [f"${PB + 8 * g + 2 * kk}", f"${PB + 8 * g + 2 * kk + 1}"],
-                            [f"l{g}a", f"l{g}b", f"l{g}a", f"l{g}b"]))
-        for h in "ab":  # -1024 L1 (rows of c) and -64 L1 (rows of 16c, then / 16)
-            out += [f"mul.f32 n{g}{h}, l{g}{h}, 0fC4800000;", f"mul.f32 m{g}{h}, l{g}{h}, 0fC2800000;"]
+    out += ["mov.f32 l0a, 0f00000000;", "mov.f32 l0b, 0f00000000;"]
+    for kk in range(4):
+        out.append(_mma(["l0a", "l0b", "d2", "d3"], ["one"] * 4,
+                        [f"${PB + 2 * kk}", f"${PB + 2 * kk + 1}"], ["l0a", "l0b", "l0a", "l0b"]))
+    for h in "ab":  # -1024 L1 (rows of c) and -64 L1 (rows of 16c, then / 16)
+        out += [f"mul.f32 n0{h}, l0{h}, 0fC4800000;", f"mul.f32 m0{h}, l0{h}, 0fC2800000;"]
     for e in range(4):
-        gi = 32 * e // gv
         for i in range(8):
             out.append(f"movmatrix.sync.aligned.m8n8.trans.b16 tv, ${VW + 4 * i + e};")
             out += _conv("tv", f"v{4 * i}_")
@@ -211,39 +199,34 @@ def values_asm(ng: int, gv: int) -> str:
                 a, b = 2 * kk, 2 * kk + 1
                 out.append(_mma(acc, [f"v{4 * a}_{2 * q}", f"v{4 * a}_{2 * q + 1}",
                                       f"v{4 * b}_{2 * q}", f"v{4 * b}_{2 * q + 1}"],
-                                [f"${PB + 8 * gi + a}", f"${PB + 8 * gi + b}"]))
+                                [f"${PB + a}", f"${PB + b}"]))
             for c in range(4):
                 m, h = 4 * (2 * e + q) + c, "ab"[c % 2]
                 if c < 2:
-                    out.append(f"add.f32 t, o{m}, n{gi}{h};")
+                    out.append(f"add.f32 t, o{m}, n0{h};")
                 else:
-                    out.append(f"fma.rn.f32 t, o{m}, 0f3D800000, m{gi}{h};")  # / 16
+                    out.append(f"fma.rn.f32 t, o{m}, 0f3D800000, m0{h};")  # / 16
                 out.append(f"fma.rn.f32 ${m}, ${O + m}, ${PB + 30 + c % 2}, t;")
-    keep = [M_A, M_B, L_A, L_B] + [s for g in range(ng) for s in l2(g)]
-    keep += list(range(VS, VS + 8)) + list(range(VM, VM + 8))
+    keep = [M_A, M_B, L_A, L_B, L2_A, L2_B] + list(range(VS, VS + 8)) + list(range(VM, VM + 8))
     out += [f"mov.b32 ${32 + s}, ${S + s};" for s in keep]
     return "\n".join(out + ["}"])
 
 
-def epi_asm(ng: int, gv: int) -> str:
+def epi_asm() -> str:
     """After the last tile: l and L2 summed over the lanes, O = (O + L2) / l. Outputs: Y $0..31
     (as O), Z $32..63 (element: base-2 lse of its head). Inputs: O $64.., state $96.."""
     O, S = 64, 96
-    out = ["{", ".reg .b32 sx;", ".reg .f32 la, lb, ia, ib, za, zb, u, " +
-           ", ".join(f"p{g}a, p{g}b" for g in range(ng)) + ";",
+    out = ["{", ".reg .b32 sx;", ".reg .f32 la, lb, ia, ib, za, zb, u, p0a, p0b;",
            f"mov.f32 la, ${S + L_A};", f"mov.f32 lb, ${S + L_B};"]
     out += _bfly("la", "add") + _bfly("lb", "add")
-    for g in range(ng):
-        a, b = l2(g)
-        out += [f"mov.f32 p{g}a, ${S + a};", f"mov.f32 p{g}b, ${S + b};"]
-        out += _bfly(f"p{g}a", "add") + _bfly(f"p{g}b", "add")
+    out += [f"mov.f32 p0a, ${S + L2_A};", f"mov.f32 p0b, ${S + L2_B};"]
+    out += _bfly("p0a", "add") + _bfly("p0b", "add")
     out += ["rcp.rn.f32 ia, la;", "rcp.rn.f32 ib, lb;", "lg2.approx.f32 za, la;",
             "lg2.approx.f32 zb, lb;", f"add.f32 za, za, ${S + M_A};", f"add.f32 zb, zb, ${S + M_B};"]
     for mt in range(8):
-        g = 32 * (mt // 2) // gv
         for c in range(4):
             h = "ab"[c % 2]
-            out += [f"add.f32 u, ${O + 4 * mt + c}, p{g}{h};", f"mul.f32 ${4 * mt + c}, u, i{h};",
+            out += [f"add.f32 u, ${O + 4 * mt + c}, p0{h};", f"mul.f32 ${4 * mt + c}, u, i{h};",
                     f"mov.b32 ${32 + 4 * mt + c}, z{h};"]
     return "\n".join(out + ["}"])
 

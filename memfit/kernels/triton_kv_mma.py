@@ -139,10 +139,10 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     tl.store(l_ptr + row, z, mask=ok & (g == 0) & (i == 0) & (e < 2))
 
 
-ASM = (ptx.keys_asm(1), ptx.values_asm(1, 128), ptx.epi_asm(1, 128), ptx.prologue_asm())
+ASM = (ptx.keys_asm(), ptx.values_asm(), ptx.epi_asm(), ptx.prologue_asm())
 CONS = (ptx.constraints(2, 4, 2), ptx.constraints(2, 4), ptx.constraints(2, 2),
         ptx.constraints(1, 1, 2))
-KEYS_PF = (ptx.keys_asm(1, prefetch=True), ptx.constraints(2, 4, 4))
+KEYS_PF = (ptx.keys_asm(prefetch=True), ptx.constraints(2, 4, 4))
 
 
 def n_splits(t: int, b: int, hkv: int, device, splits: int | None = None) -> tuple[int, int]:
