@@ -61,7 +61,7 @@ class Warp:
         if tok.startswith("$"):
             return ops[int(tok[1:])]
         if tok.startswith("0f"):
-            return np.full(32, int(tok[2:], 16), np.uint32)
+            return np.full(32, int(tok.removeprefix("0f"), 16), np.uint32)
         if tok.startswith("0x"):
             return np.full(32, int(tok, 16), np.uint64)
         if re.fullmatch(r"-?\d+", tok):
@@ -83,8 +83,8 @@ class Warp:
         if op.startswith("mma.sync"):
             return self._mma(rest, ops)
         args = [a.strip() for a in re.split(r",(?![^\[]*\])", rest)]
-        g = lambda k: self._get(args[k], ops)  # noqa: E731
-        u32 = lambda k: np.asarray(g(k)).astype(np.uint64).astype(np.uint32)  # noqa: E731
+        g = lambda k: self._get(args[k], ops)
+        u32 = lambda k: np.asarray(g(k)).astype(np.uint64).astype(np.uint32)
         if op in ("mov.b32", "mov.f32", "mov.u32"):
             self._set(args[0], u32(1), ops)
         elif op == "lop3.b32":

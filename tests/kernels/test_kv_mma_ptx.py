@@ -72,7 +72,7 @@ def test_kv_asm_on_one_warp_matches_reference(gq, t, g):
     st = np.where((ii == 0) & (ee < 2), np.float32(-np.inf), np.float32(0)) + np.zeros((64, 16),
                                                                                      np.float32)
     st = _frag(st.view(np.uint32))
-    ptr = lambda a: [np.full(32, a, np.uint64)] * 32  # noqa: E731
+    ptr = lambda a: [np.full(32, a, np.uint64)] * 32
     (st,) = _call(warp, ptx.prologue_asm(), 1, [st, ptr(vsa), ptr(vma)])
     acc = _frag(np.zeros((64, 16), np.uint32))
     word = 16 * jj + 4 * (ii % 4) + ee
