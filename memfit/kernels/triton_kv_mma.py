@@ -101,9 +101,11 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     # key scale words 0..15 of lane j's channels in elements 0..15, minima in 16..31
     kp_off = sb + 16 * j + 4 * (i % 4) + e
     kp_lo = i < 4
-    zp = tl.zeros((64, 16), tl.int64)  # the asm takes addresses as int64 (Triton 3.6 refuses
-    vsa = (vs_ptr + wb).to(tl.int64) + 2 * zp  # pointer and float operands in one asm call)
-    vma = (vm_ptr + wb).to(tl.int64) + 2 * zp
+    # the asm takes byte addresses as int64 tiles (Triton 3.6 refuses pointer and float
+    # operands in one asm call)
+    zp = tl.zeros((64, 16), tl.int64)
+    vsa = (vs_ptr + wb).to(tl.int64) + zp
+    vma = (vm_ptr + wb).to(tl.int64) + zp
     st = tl.inline_asm_elementwise(PRO, C4, [st, vsa + 2 * t0, vma + 2 * t0], dtype=tl.float32,
                                    is_pure=True, pack=32)
     for tb in range(t0, t1, 64):
@@ -133,7 +135,7 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     # + 4(g % 2) + 2(i % 2) + c // 2 (kv_mma_ptx: value m-tile i)
     head = 2 * j + e % 2
     ch = 32 * (g // 2) + 8 * (i // 2) + 4 * (g % 2) + 2 * (i % 2) + e // 2
-    row = (b * HKV * G + h * G + head + 0 * r) * NSPLIT + pid_s
+    row = (b * HKV * G + h * G + head + 0 * r) * NSPLIT + pid_s  # (+ 0 r: the tile's shape)
     ok = head < G
     tl.store(o_ptr + row * 128 + ch, y, mask=ok)
     tl.store(l_ptr + row, z, mask=ok & (g == 0) & (i == 0) & (e < 2))
