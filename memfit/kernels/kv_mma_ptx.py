@@ -45,10 +45,18 @@ M_A, M_B, L_A, L_B, L2_A, L2_B = 0, 1, 2, 3, 12, 13
 VS, VM = 16, 24  # state slots of the value scales / minima of the lane's 8 tokens
 
 
-def param_loads(ps: int, pm: int, dst: int) -> list[str]:
-    """PTX loading the value scale and minimum (float16, one value group) of tokens 8i + g
-    (g = lane / 4) from the tile's pointers $ps, $pm into state slots $(dst + 16 + i), $(dst +
-    24 + i) as float32."""
+def param_loads(ps: int, pm: int, dst: int, ng: int = 1) -> list[str]:
+    """PTX loading the value scale and minimum of tokens 8i + g (g = lane / 4) from the tile's
+    pointers $ps, $pm into state slots $(dst + 16 + i), $(dst + 24 + i): one value group as
+    float32; two (ng = 2) as their float16 pair."""
+    if ng == 2:
+        out = ["{", ".reg .b32 ln;", ".reg .b64 a, b, off;", "mov.u32 ln, %laneid;",
+               "shr.u32 ln, ln, 2;", "mul.wide.u32 off, ln, 4;", f"add.s64 a, ${ps}, off;",
+               f"add.s64 b, ${pm}, off;"]
+        for i in range(8):
+            out += [f"ld.global.nc.b32 ${dst + VS + i}, [a + {32 * i}];",
+                    f"ld.global.nc.b32 ${dst + VM + i}, [b + {32 * i}];"]
+        return out + ["}"]
     out = ["{", ".reg .b32 ln;", ".reg .b64 a, b, off;", ".reg .b16 hs, hm;",
            "mov.u32 ln, %laneid;", "shr.u32 ln, ln, 2;", "mul.wide.u32 off, ln, 2;",
            f"add.s64 a, ${ps}, off;", f"add.s64 b, ${pm}, off;"]
@@ -58,11 +66,30 @@ def param_loads(ps: int, pm: int, dst: int) -> list[str]:
     return out + ["}"]
 
 
-def prologue_asm() -> str:
+def prologue_asm(ng: int = 1) -> str:
     """The first tile's value scales and minima into the state (slots 16..31); other slots
     copied. Outputs: state $0..31. Inputs: state $32.., pointers $64, $96."""
     keep = [f"mov.b32 ${s}, ${32 + s};" for s in range(16)]
-    return "\n".join(["{"] + keep + param_loads(64, 96, 0) + ["}"])
+    return "\n".join(["{"] + keep + param_loads(64, 96, 0, ng) + ["}"])
+
+
+def l2_slots(g: int) -> tuple[int, int]:
+    """State slots of sum p * min of value group g (heads 2j, 2j + 1)."""
+    return L2_A + 2 * g, L2_B + 2 * g
+
+
+def quad_transpose(w: list[str]) -> list[str]:
+    """PTX: the 4x4 words of a lane quad transposed in place (lane j's word e <-> lane e's word
+    j): off-diagonal 2x2 blocks swapped across lanes j ^ 2, then each block transposed across
+    j ^ 1; predicates q1 (lane bit 1), q0 (bit 0) set by the caller."""
+    out = []
+    for pred, m, pairs in (("q1", 2, ((0, 2), (1, 3))), ("q0", 1, ((0, 1), (2, 3)))):
+        for lo, hi in pairs:  # send hi from the low side, lo from the high side
+            out += [f"selp.b32 sx, {w[lo]}, {w[hi]}, {pred};",
+                    f"shfl.sync.bfly.b32 sx, sx, {m}, 0x1f, 0xffffffff;",
+                    f"selp.b32 {w[lo]}, sx, {w[lo]}, {pred};",
+                    f"selp.b32 {w[hi]}, {w[hi]}, sx, {pred};"]
+    return out
 
 
 def _mma(d: list[str], a: list[str], b: list[str], c: list[str] | None = None) -> str:
@@ -96,7 +123,7 @@ def l2_prefetch(pk: int, pv: int) -> list[str]:
             f"add.s64 a, ${pv}, off;", "prefetch.global.L2 [a];", "}"]
 
 
-def keys_asm(prefetch: bool = False) -> str:
+def keys_asm(prefetch: bool = False, ng: int = 1) -> str:
     """Phase 1 of a tile: scores, online-softmax update, P' as P.V's B operand.
     Outputs: state $0..31, PB $32..63 (PB[i] = B register of token set i; PB[30], PB[31] =
     alpha of heads 2j, 2j + 1). Inputs: state $64.. (its slots 16..31: this
@@ -110,7 +137,7 @@ def keys_asm(prefetch: bool = False) -> str:
     out = ["{", ".reg .b32 qs<16>, qm<16>, bq<16>, x<4>, y<4>, sh, sx, one16, neg, pr;",
            ".reg .f32 s<16>, k<4>, ta, tb, ua, ub, ka, kb, ma, mb, oa, ob, u, w;",
            "mov.b32 one16, 0x4C003C00;", "mov.b32 neg, 0xE400E400;"]
-    out += param_loads(S + 128, S + 160, O)
+    out += param_loads(S + 128, S + 160, O, ng)
     if prefetch:
         out += l2_prefetch(S + 192, S + 224)
     for m in range(16):
@@ -156,22 +183,35 @@ def keys_asm(prefetch: bool = False) -> str:
         out.append(f"mul.f32 u, ${S + li}, {alpha[hd]};")
         out += [f"add.f32 u, u, s{4 * mt + c};" for mt in range(4) for c in (hd, hd + 2)]
         out += [f"mov.b32 ${O + li}, u;", f"mov.b32 ${O + mi}, {'ma' if hd == 0 else 'mb'};"]
-    for hd, slot in enumerate((L2_A, L2_B)):  # sum p * min (this tile's tokens 8i + g)
-        out.append(f"mul.f32 u, ${S + slot}, {alpha[hd]};")
+    if ng == 1:
+        vs = [[f"${S + VS + i}" for i in range(8)]]
+        vm = [[f"${S + VM + i}" for i in range(8)]]
+    else:  # float16 pairs (group 0, group 1) of each token: unpacked to float32
+        out += [".reg .b16 h0, h1;", ".reg .f32 " + ", ".join(
+            f"fs{g}_{i}, fm{g}_{i}" for g in range(2) for i in range(8)) + ";"]
         for i in range(8):
-            mt, c = i // 2, hd + 2 * (i % 2)
-            out.append(f"fma.rn.f32 u, s{4 * mt + c}, ${S + VM + i}, u;")
-        out.append(f"mov.b32 ${O + slot}, u;")
-    for i in range(8):  # P' = p * scale, transposed into P.V's B operand
-        mt, c = i // 2, 2 * (i % 2)
-        out += [f"mul.f32 u, s{4 * mt + c}, ${S + VS + i};",
-                f"mul.f32 w, s{4 * mt + c + 1}, ${S + VS + i};",
-                "cvt.rn.f16x2.f32 pr, w, u;",
-                f"movmatrix.sync.aligned.m8n8.trans.b16 ${32 + i}, pr;"]
+            for src, dst in ((VS, "fs"), (VM, "fm")):
+                out += [f"mov.b32 {{h0, h1}}, ${S + src + i};", f"cvt.f32.f16 {dst}0_{i}, h0;",
+                        f"cvt.f32.f16 {dst}1_{i}, h1;"]
+        vs = [[f"fs{g}_{i}" for i in range(8)] for g in range(2)]
+        vm = [[f"fm{g}_{i}" for i in range(8)] for g in range(2)]
+    for g in range(ng):
+        for hd, slot in enumerate(l2_slots(g)):  # sum p * min (this tile's tokens 8i + g)
+            out.append(f"mul.f32 u, ${S + slot}, {alpha[hd]};")
+            for i in range(8):
+                mt, c = i // 2, hd + 2 * (i % 2)
+                out.append(f"fma.rn.f32 u, s{4 * mt + c}, {vm[g][i]}, u;")
+            out.append(f"mov.b32 ${O + slot}, u;")
+        for i in range(8):  # P' = p * scale, transposed into P.V's B operand
+            mt, c = i // 2, 2 * (i % 2)
+            out += [f"mul.f32 u, s{4 * mt + c}, {vs[g][i]};",
+                    f"mul.f32 w, s{4 * mt + c + 1}, {vs[g][i]};",
+                    "cvt.rn.f16x2.f32 pr, w, u;",
+                    f"movmatrix.sync.aligned.m8n8.trans.b16 ${32 + 8 * g + i}, pr;"]
     return "\n".join(out + ["}"])
 
 
-def values_asm() -> str:
+def values_asm(ng: int = 1) -> str:
     """Phase 2 of a tile: O = alpha O + P'.V. The tile's products start from zero (the mma's
     float32 sums truncate: summed over many tiles, the 1024 offset of the codes cost 2e-2 of
     relative error over 8k tokens, GPU test) and the offset is taken off once per tile in
@@ -182,16 +222,30 @@ def values_asm() -> str:
     regs = ", ".join(f"v{4 * i}_{p}" for i in range(8) for p in range(4))
     out = ["{", f".reg .b32 {regs}, tv, sh, one;",
            ".reg .f32 o<32>, d2, d3, t, l0a, l0b, n0a, n0b, m0a, m0b;", "mov.b32 one, 0x3C003C00;"]
-    out += [f"mov.f32 o{m}, 0f00000000;" for m in range(32)]
-    out += ["mov.f32 l0a, 0f00000000;", "mov.f32 l0b, 0f00000000;"]
-    for kk in range(4):
-        out.append(_mma(["l0a", "l0b", "d2", "d3"], ["one"] * 4,
-                        [f"${PB + 2 * kk}", f"${PB + 2 * kk + 1}"], ["l0a", "l0b", "l0a", "l0b"]))
-    for h in "ab":  # -1024 L1 (rows of c) and -64 L1 (rows of 16c, then / 16)
-        out += [f"mul.f32 n0{h}, l0{h}, 0fC4800000;", f"mul.f32 m0{h}, l0{h}, 0fC2800000;"]
-    for e in range(4):
+    words = [[f"${VW + 4 * i + e}" for e in range(4)] for i in range(8)]
+    if ng == 2:  # lane j takes word 4e + j of each token: m-tile e's channels 32e..32e+31
+        words = [[f"w{i}_{e}" for e in range(4)] for i in range(8)]
+        out += [".reg .f32 l1a, l1b, n1a, n1b, m1a, m1b;", ".reg .pred q0, q1;",
+                ".reg .b32 sx, ln, " + ", ".join(w for row in words for w in row) + ";",
+                "mov.u32 ln, %laneid;", "and.b32 sx, ln, 2;", "setp.ne.u32 q1, sx, 0;",
+                "and.b32 sx, ln, 1;", "setp.ne.u32 q0, sx, 0;"]
         for i in range(8):
-            out.append(f"movmatrix.sync.aligned.m8n8.trans.b16 tv, ${VW + 4 * i + e};")
+            out += [f"mov.b32 w{i}_{e}, ${VW + 4 * i + e};" for e in range(4)]
+            out += quad_transpose(words[i])
+    out += [f"mov.f32 o{m}, 0f00000000;" for m in range(32)]
+    for g in range(ng):
+        out += [f"mov.f32 l{g}a, 0f00000000;", f"mov.f32 l{g}b, 0f00000000;"]
+        for kk in range(4):
+            out.append(_mma([f"l{g}a", f"l{g}b", "d2", "d3"], ["one"] * 4,
+                            [f"${PB + 8 * g + 2 * kk}", f"${PB + 8 * g + 2 * kk + 1}"],
+                            [f"l{g}a", f"l{g}b", f"l{g}a", f"l{g}b"]))
+        for h in "ab":  # -1024 L1 (rows of c) and -64 L1 (rows of 16c, then / 16)
+            out += [f"mul.f32 n{g}{h}, l{g}{h}, 0fC4800000;",
+                    f"mul.f32 m{g}{h}, l{g}{h}, 0fC2800000;"]
+    for e in range(4):
+        gi = e // 2 if ng == 2 else 0  # value group of m-tiles (e, q)
+        for i in range(8):
+            out.append(f"movmatrix.sync.aligned.m8n8.trans.b16 tv, {words[i][e]};")
             out += _conv("tv", f"v{4 * i}_")
         for q in range(2):
             acc = [f"o{4 * (2 * e + q) + c}" for c in range(4)]
@@ -199,34 +253,40 @@ def values_asm() -> str:
                 a, b = 2 * kk, 2 * kk + 1
                 out.append(_mma(acc, [f"v{4 * a}_{2 * q}", f"v{4 * a}_{2 * q + 1}",
                                       f"v{4 * b}_{2 * q}", f"v{4 * b}_{2 * q + 1}"],
-                                [f"${PB + a}", f"${PB + b}"]))
+                                [f"${PB + 8 * gi + a}", f"${PB + 8 * gi + b}"]))
             for c in range(4):
                 m, h = 4 * (2 * e + q) + c, "ab"[c % 2]
                 if c < 2:
-                    out.append(f"add.f32 t, o{m}, n0{h};")
+                    out.append(f"add.f32 t, o{m}, n{gi}{h};")
                 else:
-                    out.append(f"fma.rn.f32 t, o{m}, 0f3D800000, m0{h};")  # / 16
+                    out.append(f"fma.rn.f32 t, o{m}, 0f3D800000, m{gi}{h};")  # / 16
                 out.append(f"fma.rn.f32 ${m}, ${O + m}, ${PB + 30 + c % 2}, t;")
-    keep = [M_A, M_B, L_A, L_B, L2_A, L2_B] + list(range(VS, VS + 8)) + list(range(VM, VM + 8))
+    keep = [M_A, M_B, L_A, L_B] + [s for g in range(ng) for s in l2_slots(g)]
+    keep += list(range(VS, VS + 8)) + list(range(VM, VM + 8))
     out += [f"mov.b32 ${32 + s}, ${S + s};" for s in keep]
     return "\n".join(out + ["}"])
 
 
-def epi_asm() -> str:
+def epi_asm(ng: int = 1) -> str:
     """After the last tile: l and L2 summed over the lanes, O = (O + L2) / l. Outputs: Y $0..31
     (as O), Z $32..63 (element: base-2 lse of its head). Inputs: O $64.., state $96.."""
     O, S = 64, 96
     out = ["{", ".reg .b32 sx;", ".reg .f32 la, lb, ia, ib, za, zb, u, p0a, p0b;",
            f"mov.f32 la, ${S + L_A};", f"mov.f32 lb, ${S + L_B};"]
     out += _bfly("la", "add") + _bfly("lb", "add")
-    out += [f"mov.f32 p0a, ${S + L2_A};", f"mov.f32 p0b, ${S + L2_B};"]
-    out += _bfly("p0a", "add") + _bfly("p0b", "add")
+    if ng == 2:
+        out.append(".reg .f32 p1a, p1b;")
+    for g in range(ng):
+        a, b = l2_slots(g)
+        out += [f"mov.f32 p{g}a, ${S + a};", f"mov.f32 p{g}b, ${S + b};"]
+        out += _bfly(f"p{g}a", "add") + _bfly(f"p{g}b", "add")
     out += ["rcp.rn.f32 ia, la;", "rcp.rn.f32 ib, lb;", "lg2.approx.f32 za, la;",
             "lg2.approx.f32 zb, lb;", f"add.f32 za, za, ${S + M_A};", f"add.f32 zb, zb, ${S + M_B};"]
     for mt in range(8):
+        g = mt // 4 if ng == 2 else 0
         for c in range(4):
             h = "ab"[c % 2]
-            out += [f"add.f32 u, ${O + 4 * mt + c}, p0{h};", f"mul.f32 ${4 * mt + c}, u, i{h};",
+            out += [f"add.f32 u, ${O + 4 * mt + c}, p{g}{h};", f"mul.f32 ${4 * mt + c}, u, i{h};",
                     f"mov.b32 ${32 + 4 * mt + c}, z{h};"]
     return "\n".join(out + ["}"])
 

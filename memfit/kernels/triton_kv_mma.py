@@ -10,8 +10,10 @@ own register layout, P never leaves registers (movmatrix), and the loop touches 
 memory (820 SASS instructions a 64-token tile for the warp, ~2980 before; sm_90 build).
 
 Takes: 4-bit codes, head_dim 128, 1..8 query heads per KV head, power-of-two key groups >= 64
-(a tile lies in one key group), one value group a token (memfit.kvcache's `int4-g128`: a value
-m-tile spans all 128 channels); `ineligibility` says why not. GPU only (inline PTX): on the CPU
+(a tile lies in one key group), value groups of 128 or 64 channels (memfit.kvcache's
+`int4-g128`, `int4-g64`; with 64, each token's value words are first transposed across the 4
+lanes that hold them, so that an m-tile's channels lie in one group); `ineligibility` says why
+not. GPU only (inline PTX): on the CPU
 and under TRITON_INTERPRET memfit.kernels.triton_kv takes every cache. Output: the normalized
 parts and base-2 log-sum-exp of each split, merged with the dense window by
 memfit.kernels.kv_merge.
@@ -51,8 +53,8 @@ def ineligibility(bits: int, head_dim: int, group: int, gv: int, gq: int) -> str
         return f"{gq} query heads per KV head (this kernel takes 1 to 8)"
     if group < TILE or group & (group - 1):
         return f"key group {group} is not a power of two >= {TILE}"
-    if gv != 128:
-        return f"value group {gv} (this kernel takes one value group per token: 128)"
+    if gv not in (64, 128):
+        return f"value group {gv} (this kernel takes 64 or 128)"
     return None
 
 
@@ -67,7 +69,7 @@ def _half(w, BF16: tl.constexpr):
 @triton.jit
 def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_ptr, T, TPS, HKV,
             NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
-            s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, BF16: tl.constexpr,
+            s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BF16: tl.constexpr,
             KEYS: tl.constexpr, VALUES: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
             C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
             PF: tl.constexpr):
@@ -106,8 +108,8 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     zp = tl.zeros((64, 16), tl.int64)
     vsa = (vs_ptr + wb).to(tl.int64) + zp
     vma = (vm_ptr + wb).to(tl.int64) + zp
-    st = tl.inline_asm_elementwise(PRO, C4, [st, vsa + 2 * t0, vma + 2 * t0], dtype=tl.float32,
-                                   is_pure=True, pack=32)
+    st = tl.inline_asm_elementwise(PRO, C4, [st, vsa + 2 * NG * t0, vma + 2 * NG * t0],
+                                   dtype=tl.float32, is_pure=True, pack=32)
     for tb in range(t0, t1, 64):
         rt = tb + r
         kw = tl.load(kbase + rt * s_kt + cc)
@@ -119,11 +121,11 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
             kpf = (kbase + ta * s_kt).to(tl.int64) + zp
             vpf = (vbase + ta * s_vt).to(tl.int64) + zp
             st, pb = tl.inline_asm_elementwise(
-                KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn, kpf, vpf],
+                KEYS, C1, [st, kw, qh, kp, vsa + 2 * NG * tn, vma + 2 * NG * tn, kpf, vpf],
                 dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
         else:
             st, pb = tl.inline_asm_elementwise(
-                KEYS, C1, [st, kw, qh, kp, vsa + 2 * tn, vma + 2 * tn],
+                KEYS, C1, [st, kw, qh, kp, vsa + 2 * NG * tn, vma + 2 * NG * tn],
                 dtype=(tl.float32, tl.int32), is_pure=True, pack=32)
         vw = tl.load(vbase + rt * s_vt + cc)
         acc, st = tl.inline_asm_elementwise(VALUES, C2, [acc, st, vw, pb],
@@ -131,20 +133,28 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
                                             pack=32)
     y, z = tl.inline_asm_elementwise(EPI, C3, [acc, st], dtype=(tl.float32, tl.float32),
                                      is_pure=True, pack=32)
-    # element (row 8i + g, column 4j + c) holds head 2j + c % 2, channel 32(g // 2) + 8(i // 2)
-    # + 4(g % 2) + 2(i % 2) + c // 2 (kv_mma_ptx: value m-tile i)
+    # element (row 8i + g, column 4j + c) holds head 2j + c % 2 and, one value group a token,
+    # channel 32(g // 2) + 8(i // 2) + 4(g % 2) + 2(i % 2) + c // 2; two (the value words
+    # transposed across the lane quad), channel 32(i // 2) + 4g + 2(i % 2) + c // 2
+    # (kv_mma_ptx: value m-tile i)
     head = 2 * j + e % 2
-    ch = 32 * (g // 2) + 8 * (i // 2) + 4 * (g % 2) + 2 * (i % 2) + e // 2
+    if NG == 1:
+        ch = 32 * (g // 2) + 8 * (i // 2) + 4 * (g % 2) + 2 * (i % 2) + e // 2
+    else:
+        ch = 32 * (i // 2) + 4 * g + 2 * (i % 2) + e // 2
     row = (b * HKV * G + h * G + head + 0 * r) * NSPLIT + pid_s  # (+ 0 r: the tile's shape)
     ok = head < G
     tl.store(o_ptr + row * 128 + ch, y, mask=ok)
     tl.store(l_ptr + row, z, mask=ok & (g == 0) & (i == 0) & (e < 2))
 
 
-ASM = (ptx.keys_asm(), ptx.values_asm(), ptx.epi_asm(), ptx.prologue_asm())
+# per value groups a token (1: int4-g128, 2: int4-g64): keys, values, epilogue, prologue asm
+ASM = {ng: (ptx.keys_asm(ng=ng), ptx.values_asm(ng), ptx.epi_asm(ng), ptx.prologue_asm(ng))
+       for ng in (1, 2)}
 CONS = (ptx.constraints(2, 4, 2), ptx.constraints(2, 4), ptx.constraints(2, 2),
         ptx.constraints(1, 1, 2))
-KEYS_PF = (ptx.keys_asm(prefetch=True), ptx.constraints(2, 4, 4))
+KEYS_PF = ({ng: ptx.keys_asm(prefetch=True, ng=ng) for ng in (1, 2)},
+           ptx.constraints(2, 4, 4))
 
 
 def n_splits(t: int, b: int, hkv: int, device, splits: int | None = None) -> tuple[int, int]:
@@ -183,14 +193,16 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
     vs, vm = vs.contiguous(), vm.contiguous()
     tps, n = n_splits(t, b, hkv, q.device, splits)
     pf = TUNE["prefetch"]
+    ng = d // gv
+    asm = ASM[ng]
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
     k = _kv_mma[(b * hkv, n)](
         qw, kw, ksw, kmw, vw, vs, vm, out, lse, t, tps, hkv, n, scaling * LOG2E, qw.stride(0),
         qw.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), ksw.stride(0), ksw.stride(1),
         ksw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), vs.stride(0), vs.stride(1),
-        G=hq // hkv, GROUP=group, BF16=q.dtype == torch.bfloat16,
-        KEYS=KEYS_PF[0] if pf else ASM[0], VALUES=ASM[1], EPI=ASM[2], PRO=ASM[3],
+        G=hq // hkv, GROUP=group, NG=ng, BF16=q.dtype == torch.bfloat16,
+        KEYS=KEYS_PF[0][ng] if pf else asm[0], VALUES=asm[1], EPI=asm[2], PRO=asm[3],
         C1=KEYS_PF[1] if pf else CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], PF=pf,
         num_warps=1, num_stages=1)
     mma_ptx.check_layout(k)

@@ -85,8 +85,20 @@ class Warp:
         args = [a.strip() for a in re.split(r",(?![^\[]*\])", rest)]
         g = lambda k: self._get(args[k], ops)
         u32 = lambda k: np.asarray(g(k)).astype(np.uint64).astype(np.uint32)
-        if op in ("mov.b32", "mov.f32", "mov.u32"):
+        if op == "mov.b32" and rest.startswith("{"):  # unpack a pair of 16-bit halves
+            lo, hi, src = (t.strip(" {}") for t in rest.replace("}", ",").split(",")
+                           if t.strip(" {}"))
+            x = self._get(src, ops).astype(np.uint64).astype(np.uint32)
+            self._set(lo, x & 0xFFFF, ops)
+            self._set(hi, x >> 16, ops)
+        elif op in ("mov.b32", "mov.f32", "mov.u32"):
             self._set(args[0], u32(1), ops)
+        elif op == "and.b32":
+            self._set(args[0], u32(1) & u32(2), ops)
+        elif op == "setp.ne.u32":
+            self._set(args[0], u32(1) != u32(2), ops)
+        elif op == "selp.b32":
+            self._set(args[0], np.where(self._get(args[3], ops), u32(1), u32(2)), ops)
         elif op == "lop3.b32":
             assert args[4] == "0xEA", args  # (a & b) | c
             self._set(args[0], (u32(1) & u32(2)) | u32(3), ops)
@@ -132,11 +144,13 @@ class Warp:
             self._set(args[0], u32(1).astype(np.uint64) * u32(2).astype(np.uint64), ops)
         elif op == "add.s64":
             self._set(args[0], g(1).astype(np.uint64) + g(2).astype(np.uint64), ops)
-        elif op == "ld.global.nc.b16":
+        elif op in ("ld.global.nc.b16", "ld.global.nc.b32"):
             base, _, off = args[1].strip("[]").partition("+")
             addr = self._get(base, ops).astype(np.int64) + (int(off) if off else 0)
-            lo = self.memory[addr].astype(np.uint32) | (self.memory[addr + 1].astype(np.uint32) << 8)
-            self._set(args[0], lo, ops)
+            val = np.zeros(32, np.uint32)
+            for k in range(2 if op.endswith("b16") else 4):
+                val |= self.memory[addr + k].astype(np.uint32) << (8 * k)
+            self._set(args[0], val, ops)
         elif op == "prefetch.global.L2":
             pass
         else:

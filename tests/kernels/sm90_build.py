@@ -114,7 +114,7 @@ def check_words_dot(bm, bn_warps, sk):
     assert k.metadata.shared <= 232448, f"{k.metadata.shared} bytes of shared memory"
 
 
-def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0):
+def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int = 1):
     """The register-only KV attention kernel as packed_parts launches it: it builds, its asm
     operands have the fragments' layout, no layout conversion in its loop."""
     sig = {n: "*i32" for n in ("qw_ptr", "kw_ptr", "ksw_ptr", "kmw_ptr", "vw_ptr")}
@@ -123,9 +123,10 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0):
     sig |= {n: "i32" for n in ("s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg",
                                "s_vb", "s_vh", "s_vt", "s_wb", "s_wh")}
     k = triton_kv_mma
-    const = {"G": gq, "GROUP": 128, "BF16": bf16,
-             "KEYS": k.KEYS_PF[0] if pf else k.ASM[0], "VALUES": k.ASM[1], "EPI": k.ASM[2],
-             "PRO": k.ASM[3], "C1": k.KEYS_PF[1] if pf else k.CONS[0], "C2": k.CONS[1],
+    asm = k.ASM[ng]
+    const = {"G": gq, "GROUP": 128, "NG": ng, "BF16": bf16,
+             "KEYS": k.KEYS_PF[0][ng] if pf else asm[0], "VALUES": asm[1], "EPI": asm[2],
+             "PRO": asm[3], "C1": k.KEYS_PF[1] if pf else k.CONS[0], "C2": k.CONS[1],
              "C3": k.CONS[2], "C4": k.CONS[3], "PF": pf}
     sig = dict(sig) | {n: "constexpr" for n in const}
     names = list(sig)
@@ -168,7 +169,8 @@ def main() -> None:
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
-                                                          (4, 1, True, 2))}
+                                                          (4, 1, True, 2), (4, 1, True, 0, 2),
+                                                          (8, 1, False, 0, 2))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

@@ -33,22 +33,25 @@ def _call(warp, text, outs, ins):
     return [res[32 * n:32 * (n + 1)] for n in range(outs)]
 
 
-def _case(gq, t, g, seed):
+def _case(gq, t, g, seed, ng=1):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(1, 1, t, 128, generator=gen) + torch.linspace(-3, 3, 128)
     v = torch.randn(1, 1, t, 128, generator=gen) * 0.5 + 0.25
     q = torch.randn(gq, 128, generator=gen).to(torch.bfloat16).float()
     kq, ks, km, ksh = _quantize(k.reshape(1, 1, t // g, g, 128), 4, 3)
-    vq, vs, vm, vsh = _quantize(v.reshape(1, 1, t, 1, 128), 4, 4)
+    vq, vs, vm, vsh = _quantize(v.reshape(1, 1, t, ng, 128 // ng), 4, 4)
     kd = _dequantize(((kq, ks, km, ksh), k.shape), 4, torch.float32)[0, 0]
     vd = _dequantize(((vq, vs, vm, vsh), v.shape), 4, torch.float32)[0, 0]
     return q, kq.reshape(t, 64), ks.reshape(t // g, 128), km.reshape(t // g, 128), \
-        vq.reshape(t, 64), vs.reshape(t), vm.reshape(t), kd, vd
+        vq.reshape(t, 64), vs.reshape(t, ng), vm.reshape(t, ng), kd, vd
 
 
-@pytest.mark.parametrize("gq,t,g", [(4, 128, 128), (8, 192, 64), (1, 64, 64), (3, 256, 256)])
-def test_kv_asm_on_one_warp_matches_reference(gq, t, g):
-    q, kq, ks, km, vq, vs, vm, kd, vd = _case(gq, t, g, seed=gq + t)
+@pytest.mark.parametrize("gq,t,g,ng", [(4, 128, 128, 1), (8, 192, 64, 1), (1, 64, 64, 1),
+                                        (3, 256, 256, 1), (4, 128, 64, 2), (8, 192, 64, 2),
+                                        (2, 128, 128, 2)])
+def test_kv_asm_on_one_warp_matches_reference(gq, t, g, ng):
+    """ng = 2: two value groups a token (int4-g64), the value words transposed across lanes."""
+    q, kq, ks, km, vq, vs, vm, kd, vd = _case(gq, t, g, seed=gq + t, ng=ng)
     scale = 128 ** -0.5 * 1.4426950408889634
     r = np.arange(64)[:, None]
     cc = np.arange(16)[None, :]
@@ -66,14 +69,14 @@ def test_kv_asm_on_one_warp_matches_reference(gq, t, g):
     vw = vq.numpy().view(np.uint32)
     ksw = ks.numpy().view(np.uint32)  # (t / g, 64) words
     kmw = km.numpy().view(np.uint32)
-    memory = np.concatenate([vs.numpy().view(np.uint8), vm.numpy().view(np.uint8)])
-    vsa, vma = 0, 2 * t  # byte addresses of the scale and minimum arrays
+    memory = np.concatenate([vs.numpy().reshape(-1).view(np.uint8), vm.numpy().reshape(-1).view(np.uint8)])
+    vsa, vma = 0, 2 * t * ng  # byte addresses of the scale and minimum arrays
     warp = Warp(memory)
     st = np.where((ii == 0) & (ee < 2), np.float32(-np.inf), np.float32(0)) + np.zeros((64, 16),
                                                                                      np.float32)
     st = _frag(st.view(np.uint32))
     ptr = lambda a: [np.full(32, a, np.uint64)] * 32
-    (st,) = _call(warp, ptx.prologue_asm(), 1, [st, ptr(vsa), ptr(vma)])
+    (st,) = _call(warp, ptx.prologue_asm(ng), 1, [st, ptr(vsa), ptr(vma)])
     acc = _frag(np.zeros((64, 16), np.uint32))
     word = 16 * jj + 4 * (ii % 4) + ee
     for tb in range(0, t, 64):
@@ -81,18 +84,21 @@ def test_kv_asm_on_one_warp_matches_reference(gq, t, g):
         kp = np.where(ii < 4, ksw[grp][np.broadcast_to(word, (64, 16))],
                       kmw[grp][np.broadcast_to(word, (64, 16))])
         tn = min(tb + 64, t - 64)
-        st, pb = _call(warp, ptx.keys_asm(), 2,
-                       [st, _frag(kw[tb:tb + 64]), qh, _frag(kp), ptr(vsa + 2 * tn),
-                        ptr(vma + 2 * tn)])
-        acc, st = _call(warp, ptx.values_asm(), 2, [acc, st, _frag(vw[tb:tb + 64]), pb])
-    y, z = _call(warp, ptx.epi_asm(), 2, [acc, st])
+        st, pb = _call(warp, ptx.keys_asm(ng=ng), 2,
+                       [st, _frag(kw[tb:tb + 64]), qh, _frag(kp), ptr(vsa + 2 * ng * tn),
+                        ptr(vma + 2 * ng * tn)])
+        acc, st = _call(warp, ptx.values_asm(ng), 2, [acc, st, _frag(vw[tb:tb + 64]), pb])
+    y, z = _call(warp, ptx.epi_asm(ng), 2, [acc, st])
     y = _unfrag(y).view(np.float32)
     z = _unfrag(z).view(np.float32)
     # element (8i + g, 4j + c): head 2j + c % 2, channel 32(g // 2) + 8(i // 2) + 4(g % 2) +
     # 2(i % 2) + c // 2 (the same mapping triton_kv_mma stores with)
     head = np.broadcast_to(2 * jj + ee % 2, (64, 16))
-    chan = np.broadcast_to(32 * (gi // 2) + 8 * (ii // 2) + 4 * (gi % 2) + 2 * (ii % 2) + ee // 2,
-                           (64, 16))
+    if ng == 1:
+        chan = 32 * (gi // 2) + 8 * (ii // 2) + 4 * (gi % 2) + 2 * (ii % 2) + ee // 2
+    else:  # words transposed across the lane quad: m-tile i holds channels 32(i // 2)..
+        chan = 32 * (ii // 2) + 4 * gi + 2 * (ii % 2) + ee // 2
+    chan = np.broadcast_to(chan, (64, 16))
     got = np.zeros((8, 128))
     got[head, chan] = y
     s = (q.double() @ kd.double().T) * 128 ** -0.5

@@ -16,23 +16,23 @@ from memfit.kvcache import _dequantize, _quantize
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX: needs a CUDA GPU")
 
 
-def _store(k, v, g):
+def _store(k, v, g, gv=128):
     b, h, t, d = k.shape
     kq, ks, km, ksh = _quantize(k.reshape(b, h, t // g, g, d), 4, 3)
-    vq, vs, vm, vsh = _quantize(v.reshape(b, h, t, 1, d), 4, 4)
+    vq, vs, vm, vsh = _quantize(v.reshape(b, h, t, d // gv, gv), 4, 4)
     kd = _dequantize(((kq, ks, km, ksh), k.shape), 4, torch.float32)
     vd = _dequantize(((vq, vs, vm, vsh), v.shape), 4, torch.float32)
     store = [kq.reshape(b, h, t, -1), ks.reshape(b, h, t // g, d), km.reshape(b, h, t // g, d),
-             vq.reshape(b, h, t, -1), vs.reshape(b, h, t, 1), vm.reshape(b, h, t, 1)]
+             vq.reshape(b, h, t, -1), vs.reshape(b, h, t, d // gv), vm.reshape(b, h, t, d // gv)]
     return [s.cuda() for s in store], kd, vd
 
 
-def _case(b, hq, hkv, t, g, seed, offset=3.0):
+def _case(b, hq, hkv, t, g, seed, offset=3.0, gv=128):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(b, hkv, t, 128, generator=gen) + torch.linspace(-offset, offset, 128)
     v = torch.randn(b, hkv, t, 128, generator=gen) * 0.5 + 0.25
     q = torch.randn(b, hq, 128, generator=gen)
-    store, kd, vd = _store(k, v, g)
+    store, kd, vd = _store(k, v, g, gv)
     return q, store, kd, vd
 
 
@@ -41,12 +41,15 @@ def _err(got, want):
 
 
 @GPU
-@pytest.mark.parametrize("b,hq,hkv,t,g,splits,qdt", [
-    (1, 32, 8, 1024, 128, None, torch.bfloat16), (2, 8, 1, 512, 128, 3, torch.bfloat16),
-    (1, 2, 2, 256, 128, 1, torch.float16), (1, 12, 4, 640, 128, 2, torch.float32),
-    (1, 8, 2, 768, 256, None, torch.bfloat16), (3, 6, 6, 128, 64, 2, torch.float16)])
-def test_mma_parts_match_reference(b, hq, hkv, t, g, splits, qdt):
-    q, store, kd, vd = _case(b, hq, hkv, t, g, seed=t + hq)
+@pytest.mark.parametrize("b,hq,hkv,t,g,splits,qdt,gv", [
+    (1, 32, 8, 1024, 128, None, torch.bfloat16, 128), (2, 8, 1, 512, 128, 3, torch.bfloat16, 128),
+    (1, 2, 2, 256, 128, 1, torch.float16, 128), (1, 12, 4, 640, 128, 2, torch.float32, 128),
+    (1, 8, 2, 768, 256, None, torch.bfloat16, 128), (3, 6, 6, 128, 64, 2, torch.float16, 128),
+    (1, 32, 8, 1024, 64, None, torch.bfloat16, 64), (2, 8, 1, 512, 64, 3, torch.float16, 64),
+    (1, 3, 3, 384, 128, 1, torch.bfloat16, 64)])
+def test_mma_parts_match_reference(b, hq, hkv, t, g, splits, qdt, gv):
+    """gv 64: two value groups a token (int4-g64)."""
+    q, store, kd, vd = _case(b, hq, hkv, t, g, seed=t + hq, gv=gv)
     sc = 128 ** -0.5
     qd = q.to(qdt).cuda()
     out, lse = triton_kv_mma.packed_parts(qd, store, g, sc, splits=splits)
@@ -99,7 +102,8 @@ def test_what_the_mma_kernel_refuses():
     assert "head_dim 64" in ok(4, 64, 128, 64, 4)
     assert "16 query heads" in ok(4, 128, 128, 128, 16)
     assert "key group 32" in ok(4, 128, 32, 32, 4)
-    assert "value group 64" in ok(4, 128, 64, 64, 4)
+    assert ok(4, 128, 64, 64, 4) is None
+    assert "value group 32" in ok(4, 128, 64, 32, 4)
     if not torch.cuda.is_available():  # the CPU path never reaches the PTX
         q = torch.randn(1, 4, 128)
         st = [torch.zeros(1, 1, 64, 64, dtype=torch.uint8), torch.ones(1, 1, 1, 128),
