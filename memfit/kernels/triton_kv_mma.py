@@ -19,8 +19,9 @@ parts and base-2 log-sum-exp of each split, merged with the dense window by
 memfit.kernels.kv_merge.
 
 Measured (benchmarks/kv_attention.py, one H200, Triton 3.6, RESULTS.md session 14; 32 query / 8
-KV heads, batch 1): 32k context, whole call 22.2 µs vs bf16 SDPA 37.7 (1.70x; this kernel alone
-16.0 µs, 2.25 TB/s; the previous kernel's call 38.5), 3.72x less KV memory; 8k 11.5 vs 15.7 µs.
+KV heads, batch 1): 32k context, int4-g128 whole call 22.1-22.2 µs vs bf16 SDPA 37.7-37.9
+(1.70-1.71x; this kernel alone 16.0 µs, 2.25 TB/s; the previous kernel's call 38.5), 3.72x less
+KV memory; int4-g64 24.8 µs (1.53x, 3.52x less); 8k 11.4 / 11.9 vs 15.6 µs.
 """
 
 from __future__ import annotations
