@@ -26,7 +26,10 @@ Values (A operand = V^T, rows = channels, k = tokens): each value word (lane j: 
 lane (g, j) gets channels 32(g // 2) + 8e + 4(g % 2) + p (p = 0..3, word e) of tokens 8i + 2j,
 8i + 2j + 1, and the same LOP3s make its A registers. Value m-tile 2e + q holds channel
 32(g // 2) + 8e + 4(g % 2) + 2q in row g and the next one (x16) in row g + 8, so an m-tile spans
-all channels: one value group a token (g >= 128) only. The tile's products start from zero and
+all channels: one value group a token. With two (value groups of 64, `ng = 2`), each token's 4x4
+words of a lane quad are first transposed (`quad_transpose`: lane j takes word 4e + j), and
+m-tile 2e + q then holds channels 32e + 4g + 2q (+ 1), all in group e // 2, whose P' is its B
+operand. The tile's products start from zero and
 O_t' = sum P' (1024 + c); L1_t = sum P' from an all-ones mma with the same B; the offset comes
 off in float32 once per tile, O = alpha O + (O_t' - 1024 L1_t) / (1 or 16) (the mma's float32
 sums truncate: carrying the offset over many tiles cost 2e-2 of relative error over 8k tokens).
