@@ -1,7 +1,8 @@
 """The merge of memfit's KV decode attention (memfit.kernels.triton_kv, triton_kv_mma): the
 split kernels' normalized parts and base-2 log-sum-exp, merged exactly with the attention over
-the dense recent window, which the merge computes itself (one launch); and the float64/float32
-references the tests and benchmarks compare against."""
+the dense recent window, which the merge computes itself (one launch); the split prologue both
+packed kernels share; and the float64/float32 references the tests and benchmarks compare
+against."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
 # a step, warps
 MERGE = {"channels": 32, "tokens": 128, "warps": 8}
+
+
+@triton.jit
+def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_vb, s_vh, s_wb,
+                 s_wh):
+    """Split pid_s's tokens [t0, t1) and kv head (b, h)'s key/value code bases and offsets of its
+    key-group and value-token parameters (the packed kernels' shared prologue)."""
+    t0 = pid_s * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    return (t0, t1, kq_ptr + b * s_kb + h * s_kh, vq_ptr + b * s_vb + h * s_vh,
+            b * s_sb + h * s_sh, b * s_wb + h * s_wh)
 
 
 @triton.jit

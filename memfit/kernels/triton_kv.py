@@ -41,7 +41,14 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import mma_ptx
-from memfit.kernels.kv_merge import MERGE, combine, dense_part, merge, reference  # noqa: F401
+from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
+    MERGE,
+    _split_bases,
+    combine,
+    dense_part,
+    merge,
+    reference,
+)
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
@@ -126,17 +133,6 @@ def _kdot(s, qm, q, kc, ks, km, DT: tl.constexpr):
 def _vdot(a, alpha, p3, vc, DT: tl.constexpr):
     """Plane of a value tile, per value group (the batch): a * alpha + (p * scale) codes."""
     return a * alpha[None, :, None] + tl.dot(p3, vc.to(DT))
-
-
-@triton.jit
-def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_vb, s_vh, s_wb,
-                 s_wh):
-    """Split pid_s's tokens [t0, t1) and kv head (b, h)'s key/value code bases and offsets of its
-    key-group and value-token parameters (the packed kernels' shared prologue)."""
-    t0 = pid_s * TPS
-    t1 = tl.minimum(t0 + TPS, T)
-    return (t0, t1, kq_ptr + b * s_kb + h * s_kh, vq_ptr + b * s_vb + h * s_vh,
-            b * s_sb + h * s_sh, b * s_wb + h * s_wh)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from memfit.kernels import kv_mma_ptx as ptx
 from memfit.kernels import mma_ptx
-from memfit.kernels.triton_kv import _split_bases
+from memfit.kernels.kv_merge import _split_bases
 
 LOG2E = 1.4426950408889634
 TILE = 64
