@@ -16,6 +16,18 @@ LOG2E = 1.4426950408889634
 MERGE = {"channels": 32, "tokens": 128, "warps": 8}
 
 
+def split_plan(t: int, b: int, hkv: int, tile: int, per_sm: int, q: torch.Tensor,
+               splits: int | None = None) -> tuple[int, int]:
+    """(tokens per split, splits) for t packed tokens in whole `tile`-token tiles, ~per_sm
+    programs a multiprocessor unless `splits` is given (the packed kernels' grid)."""
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = triton.cdiv(per_sm * sms, b * hkv)
+    splits = max(1, min(t // tile, splits))
+    tps = triton.cdiv(triton.cdiv(t, splits), tile) * tile
+    return tps, triton.cdiv(t, tps)
+
+
 @triton.jit
 def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_vb, s_vh, s_wb,
                  s_wh):

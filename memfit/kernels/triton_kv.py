@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import mma_ptx
+from memfit.kernels import triton_kv_mma as kvm
 from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     MERGE,
     _split_bases,
@@ -48,6 +49,7 @@ from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     dense_part,
     merge,
     reference,
+    split_plan,
 )
 
 LOG2E = 1.4426950408889634
@@ -297,12 +299,7 @@ def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int
     if t % group:
         raise ValueError(f"{t} packed tokens are not whole key groups of {group}")
     bt = min(tile, group)  # a tile lies in one key group
-    if splits is None:  # ~per_sm programs per multiprocessor
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = triton.cdiv(TUNE["per_sm"] * sms, b * hkv)
-    splits = max(1, min(t // bt, splits))
-    tps = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    return bt, tps, triton.cdiv(t, tps)
+    return (bt, *split_plan(t, b, hkv, bt, TUNE["per_sm"], q, splits))
 
 
 def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None, tile=None,
@@ -331,7 +328,6 @@ _MMA_WARNED: set = set()
 def _mma_parts(q, store, bits, group, scaling, splits):
     """The packed parts from memfit.kernels.triton_kv_mma where it takes the cache (CUDA, 4-bit,
     head_dim 128, key groups >= 64 of one value group a token), else None."""
-    from memfit.kernels import triton_kv_mma as kvm
     _, hq, d = q.shape
     hkv, t = store[0].shape[1], store[0].shape[2]
     if (not q.is_cuda or INTERPRET or not kvm.ENABLED or t % kvm.TILE

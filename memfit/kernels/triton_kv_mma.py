@@ -34,7 +34,7 @@ import triton.language as tl
 
 from memfit.kernels import kv_mma_ptx as ptx
 from memfit.kernels import mma_ptx
-from memfit.kernels.kv_merge import _split_bases
+from memfit.kernels.kv_merge import _split_bases, split_plan
 
 LOG2E = 1.4426950408889634
 TILE = 64
@@ -158,16 +158,6 @@ KEYS_PF = ({ng: ptx.keys_asm(prefetch=True, ng=ng) for ng in (1, 2)},
            ptx.constraints(2, 4, 4))
 
 
-def n_splits(t: int, b: int, hkv: int, device, splits: int | None = None) -> tuple[int, int]:
-    """(tokens per split, splits) for t packed tokens (whole 64-token tiles)."""
-    if splits is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = triton.cdiv(TUNE["per_sm"] * sms, b * hkv)
-    splits = max(1, min(t // TILE, splits))
-    tps = triton.cdiv(triton.cdiv(t, splits), TILE) * TILE
-    return tps, triton.cdiv(t, tps)
-
-
 def _words(x: torch.Tensor) -> torch.Tensor:
     """A contiguous uint8/float16 tensor viewed as int32 words along its last axis."""
     return x.contiguous().view(torch.int32)
@@ -192,7 +182,7 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
     qw = _words(q)
     kw, vw, ksw, kmw = _words(kq), _words(vq), _words(ks), _words(km)
     vs, vm = vs.contiguous(), vm.contiguous()
-    tps, n = n_splits(t, b, hkv, q.device, splits)
+    tps, n = split_plan(t, b, hkv, TILE, TUNE["per_sm"], q, splits)
     pf = TUNE["prefetch"]
     ng = d // gv
     asm = ASM[ng]
