@@ -11,20 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from memfit.kernels import triton_kv, triton_kv_mma
-from memfit.kvcache import _dequantize, _quantize
+from tests.kernels.test_triton_kv import _store
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX: needs a CUDA GPU")
-
-
-def _store(k, v, g, gv=128):
-    b, h, t, d = k.shape
-    kq, ks, km, ksh = _quantize(k.reshape(b, h, t // g, g, d), 4, 3)
-    vq, vs, vm, vsh = _quantize(v.reshape(b, h, t, d // gv, gv), 4, 4)
-    kd = _dequantize(((kq, ks, km, ksh), k.shape), 4, torch.float32)
-    vd = _dequantize(((vq, vs, vm, vsh), v.shape), 4, torch.float32)
-    store = [kq.reshape(b, h, t, -1), ks.reshape(b, h, t // g, d), km.reshape(b, h, t // g, d),
-             vq.reshape(b, h, t, -1), vs.reshape(b, h, t, d // gv), vm.reshape(b, h, t, d // gv)]
-    return [s.cuda() for s in store], kd, vd
 
 
 def _case(b, hq, hkv, t, g, seed, offset=3.0, gv=128):
@@ -32,7 +21,7 @@ def _case(b, hq, hkv, t, g, seed, offset=3.0, gv=128):
     k = torch.randn(b, hkv, t, 128, generator=gen) + torch.linspace(-offset, offset, 128)
     v = torch.randn(b, hkv, t, 128, generator=gen) * 0.5 + 0.25
     q = torch.randn(b, hq, 128, generator=gen)
-    store, kd, vd = _store(k, v, g, gv)
+    store, kd, vd = _store(k, v, 4, g, gv)
     return q, store, kd, vd
 
 
