@@ -52,71 +52,68 @@ def states(ctx, gen):
     return q, k, v
 
 
+def _case32k(gen, g: int):
+    """The 32k int4 case of the sweeps: q, enough copies of the packed store to pass the L2,
+    and the dense recent window."""
+    q, k, v = states(32768, gen)
+    t = 32768 - RES
+    st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
+    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
+    return q, sts, k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
+
+
+def _best(label: str, grid: list[dict], apply, call, sts) -> dict:
+    """Time call(store) over the copies for each setting of `grid` (after apply(setting));
+    print each, return the fastest setting (one that does not compile is reported, skipped)."""
+    best = None
+    for setting in grid:
+        apply(setting)
+        name = " ".join(f"{k} {v}" for k, v in setting.items())
+        try:
+            us = graph_time_us([lambda s=s: call(s) for s in sts])
+        except Exception as e:  # noqa: BLE001 (a setting that does not compile: shared memory)
+            print(f"{label} {name}: {type(e).__name__}", flush=True)
+            continue
+        print(f"{label} {name}: {us:.2f} us", flush=True)
+        if best is None or us < best[0]:
+            best = (us, setting)
+    print(f"{label} best: {best}", flush=True)
+    return best[1]
+
+
 def sweep(gen, sc) -> dict:
-    """Fastest (tile, warps, stages, per_sm) for the whole call at 32k, int4, key groups 64 and
-    128: {group: settings}."""
-    ctx = 32768
-    q, k, v = states(ctx, gen)
-    t = ctx - RES
-    kr, vr = k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
+    """Fastest (tile, warps, stages, per_sm) of triton_kv's kernel for the whole call at 32k,
+    int4, key groups 64 and 128: {group: settings}."""
     found = {}
     for g in (64, 128):
-        st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, g)
-        sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
-        best = None
-        for tile, warps, stages, per_sm in itertools.product((64, 128), (2, 4), (3,),
-                                                             (4, 8, 16)):
-            if tile > g:
-                continue
-            triton_kv.TUNE.update(tile=tile, warps=warps, stages=stages, per_sm=per_sm)
-            try:
-                us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, g, sc, kr, vr)
-                                    for s in sts])
-            except Exception as e:  # a setting that does not compile (shared memory)
-                print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
-                      f"{type(e).__name__}", flush=True)
-                continue
-            print(f"sweep g{g} tile {tile} warps {warps} stages {stages} per_sm {per_sm}: "
-                  f"{us:.1f} us", flush=True)
-            if best is None or us < best[0]:
-                best = (us, dict(tile=tile, warps=warps, stages=stages, per_sm=per_sm))
-        print(f"sweep g{g} best: {best}", flush=True)
-        found[g] = best[1]
+        q, sts, kr, vr = _case32k(gen, g)
+        grid = [{"tile": tile, "warps": warps, "stages": 3, "per_sm": per_sm}
+                for tile, warps, per_sm in itertools.product((64, 128), (2, 4), (4, 8, 16))
+                if tile <= g]
+        found[g] = _best(f"sweep g{g}", grid, triton_kv.TUNE.update,
+                         lambda s, q=q, g=g, kr=kr, vr=vr: triton_kv.kv_attention(
+                             q, s, 4, g, sc, kr, vr), sts)
         del sts
     return found
 
 
 def mma_sweep(gen, sc) -> dict:
-    """Fastest programs per SM of triton_kv_mma (the packed part alone) at 32k int4 g128."""
-    q, k, v = states(32768, gen)
-    st, _, _ = store(k[:, :, :32768 - RES], v[:, :, :32768 - RES], 4, 128)
-    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
-    best = None
-    for per_sm, pf in itertools.product((6, 8, 9, 12, 16), (0, 1, 2)):
-        triton_kv_mma.TUNE.update(per_sm=per_sm, prefetch=pf)
-        us = graph_time_us([lambda s=s: triton_kv_mma.packed_parts(q, s, 128, sc) for s in sts])
-        print(f"mma sweep per_sm {per_sm} prefetch {pf}: {us:.2f} us", flush=True)
-        if best is None or us < best[0]:
-            best = (us, {"per_sm": per_sm, "prefetch": pf})
-    return best[1]
+    """Fastest programs per SM and L2 prefetch of triton_kv_mma (the packed part alone) at 32k
+    int4 g128."""
+    q, sts, _, _ = _case32k(gen, 128)
+    grid = [{"per_sm": per_sm, "prefetch": pf}
+            for per_sm, pf in itertools.product((6, 8, 9, 12, 16), (0, 1, 2))]
+    return _best("mma sweep", grid, triton_kv_mma.TUNE.update,
+                 lambda s: triton_kv_mma.packed_parts(q, s, 128, sc), sts)
 
 
 def merge_sweep(gen, sc) -> dict:
-    """Fastest merge settings (triton_kv.MERGE) for the whole call at 32k int4 g128."""
-    q, k, v = states(32768, gen)
-    t = 32768 - RES
-    kr, vr = k[:, :, t:].to(torch.bfloat16), v[:, :, t:].to(torch.bfloat16)
-    st, _, _ = store(k[:, :, :t], v[:, :, :t], 4, 128)
-    sts = [[x.clone() for x in st] for _ in range(copies(sum(x.nbytes for x in st)))]
-    best = None
-    for ch, tok, warps in itertools.product((128, 64, 32, 16), (128, 32), (8, 4, 2)):
-        triton_kv.MERGE.update(channels=ch, tokens=tok, warps=warps)
-        us = graph_time_us([lambda s=s: triton_kv.kv_attention(q, s, 4, 128, sc, kr, vr)
-                            for s in sts])
-        print(f"merge sweep channels {ch} tokens {tok} warps {warps}: {us:.2f} us", flush=True)
-        if best is None or us < best[0]:
-            best = (us, {"channels": ch, "tokens": tok, "warps": warps})
-    return best[1]
+    """Fastest merge settings (kv_merge.MERGE) for the whole call at 32k int4 g128."""
+    q, sts, kr, vr = _case32k(gen, 128)
+    grid = [{"channels": ch, "tokens": tok, "warps": warps}
+            for ch, tok, warps in itertools.product((128, 64, 32, 16), (128, 32), (8, 4, 2))]
+    return _best("merge sweep", grid, triton_kv.MERGE.update,
+                 lambda s: triton_kv.kv_attention(q, s, 4, 128, sc, kr, vr), sts)
 
 
 def main() -> None:
