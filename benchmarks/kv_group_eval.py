@@ -1,5 +1,5 @@
 """Perplexity of a model with memfit's quantized KV cache at a chosen key/value group (the CLI's
---kv int4 uses group 32), same protocol as `memfit eval --seq-len 2048 --max-tokens 16384 --kv int4
+--kv int4 uses group 64), same protocol as `memfit eval --seq-len 2048 --max-tokens 16384 --kv int4
 --json` (builtin:eval, 64 tokens per forward through the quantized cache, 128 recent tokens
 dense). Prints the eval JSON with kv_bits, kv_group and wall_s added; group 0 = the model's own
 cache.

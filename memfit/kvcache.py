@@ -49,15 +49,19 @@ class KVFormat:
                             "1 <= group <= residual (e.g. group 32, residual 128)")
 
 
-KV_FORMATS = {"int8": KVFormat(8), "int4": KVFormat(4), "int2": KVFormat(2),
-              # larger key/value groups: fewer scales (3.5-3.7x less than 16-bit at head_dim 128)
-              # and the GPU decode-attention kernel's fast path (memfit.kernels.triton_kv)
-              "int4-g64": KVFormat(4, group=64), "int4-g128": KVFormat(4, group=128)}
+# int4 takes groups of 64 (transformers' QuantizedCache's default q_group_size too): 3.5x less
+# than a 16-bit cache at head_dim 128 (groups of 32: 3.2x) and the GPU decode-attention kernel's
+# mma.sync path (memfit.kernels.triton_kv_mma: 1.5x bf16 SDPA at 32k; groups of 32 0.63x); its
+# perplexity on the default model 1.0058x of the model's own cache against 1.0038x for groups of
+# 32 (benchmarks/RESULTS.md: "KV int4 perplexity at other groups", re-run in session 15). int8/int2 keep groups of 32.
+KV_FORMATS = {"int8": KVFormat(8), "int4": KVFormat(4, group=64), "int2": KVFormat(2),
+              "int4-g32": KVFormat(4, group=32), "int4-g64": KVFormat(4, group=64),
+              "int4-g128": KVFormat(4, group=128)}
 
 
 def kv_format(name: str | None) -> KVFormat | None:
-    """'int8' | 'int4' | 'int2' | 'int4-g64' | 'int4-g128' -> KVFormat; None/'none'/'16' -> None
-    (the model's own cache)."""
+    """'int8' | 'int4' (= 'int4-g64') | 'int2' | 'int4-g32' | 'int4-g128' -> KVFormat;
+    None/'none'/'16' -> None (the model's own cache)."""
     if name in (None, "none", "16", "fp16", "bf16"):
         return None
     if name not in KV_FORMATS:

@@ -24,8 +24,9 @@ def add_kv(p) -> None:
 
     p.add_argument("--kv", choices=["none", *KV_FORMATS], default="none",
                    help="quantized KV cache (memfit.kvcache): keys per channel and values per "
-                        "token in groups of 32 (int4-g64/-g128: 64/128), the 128 most recent "
-                        "tokens kept dense (default none: the model's own cache)")
+                        "token in groups of 64 for int4 (int4-g32/-g128: 32/128; int8, int2: 32), "
+                        "the 128 most recent tokens kept dense (default none: the model's own "
+                        "cache)")
 
 
 def add_place(p, context: bool = True) -> None:

@@ -72,8 +72,8 @@ def check_context(config, context: int) -> None:
 def kv_format(name: str):
     if name in ("none", "auto"):
         return None
-    from memfit.kvcache import KVFormat
-    return KVFormat(bits=int(name[3:]))
+    from memfit.kvcache import KV_FORMATS
+    return KV_FORMATS[name]
 
 
 def estimate_activation(config, context: int, batch: int, dtype: torch.dtype) -> int:

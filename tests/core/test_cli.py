@@ -101,12 +101,16 @@ def test_kv_flag_on_eval_inspect_generate(capsys, tiny_llama_dir):
                              dtype_bytes=4)
     assert code == 0 and info["kv_bytes"] == cfg.num_hidden_layers * one
     assert info["kv_bytes"] < 0.2 * 4096 * info["kv_bytes_per_token"]  # vs float32 states
-    for name in ("int4-g64", "int4-g128"):  # fewer scales: fewer bytes than group 32
+    assert KV_FORMATS["int4"].group == 64  # int4 is int4-g64
+    got = {}
+    for name in ("int4-g32", "int4-g64", "int4-g128"):
         _, out, _ = _run(capsys, "inspect", str(tiny_llama_dir), "--context", "4096", "--kv",
                          name, "--json")
-        big = quantized_kv_bytes(KV_FORMATS[name], tokens=4096, batch=1, kv_heads=2,
-                                 head_dim=16, dtype_bytes=4)
-        assert json.loads(out)["kv_bytes"] == cfg.num_hidden_layers * big < info["kv_bytes"]
+        got[name] = json.loads(out)["kv_bytes"]
+        assert got[name] == cfg.num_hidden_layers * quantized_kv_bytes(
+            KV_FORMATS[name], tokens=4096, batch=1, kv_heads=2, head_dim=16, dtype_bytes=4)
+    # fewer key groups, fewer scales: fewer bytes
+    assert got["int4-g32"] > got["int4-g64"] == info["kv_bytes"] > got["int4-g128"]
     code, out, _ = _run(capsys, "generate", str(tiny_llama_dir), "--prompt", "hello there",
                         "--max-new-tokens", "5", "--kv", "int4")
     assert code == 0 and len(out.strip()) > 0
