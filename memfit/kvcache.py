@@ -53,7 +53,7 @@ class KVFormat:
 # than a 16-bit cache at head_dim 128 (groups of 32: 3.2x) and the GPU decode-attention kernel's
 # mma.sync path (memfit.kernels.triton_kv_mma: 1.5x bf16 SDPA at 32k; groups of 32 0.63x); its
 # perplexity on the default model 1.0058x of the model's own cache against 1.0038x for groups of
-# 32 (benchmarks/RESULTS.md: "KV int4 perplexity at other groups", re-run in session 15). int8/int2 keep groups of 32.
+# 32 (benchmarks/RESULTS.md: "KV int4 perplexity at other groups"). int8/int2 keep groups of 32.
 KV_FORMATS = {"int8": KVFormat(8), "int4": KVFormat(4, group=64), "int2": KVFormat(2),
               "int4-g32": KVFormat(4, group=32), "int4-g64": KVFormat(4, group=64),
               "int4-g128": KVFormat(4, group=128)}
