@@ -30,7 +30,9 @@ RMSNorm and MLP modules' forward, and the family's `apply_rotary_pos_emb`), each
 and shared by every layer; packed linears stay memfit's kernels (the `memfit::int_linear` custom
 op). A graph step then launches about half as many kernels. It costs a compile on first use.
 
-Greedy only (argmax); sampling and quantized KV caches go through transformers' `generate`.
+Greedy only (argmax); sampling goes through transformers' `generate`. With a quantized KV cache
+(`kv`), memfit's own step holds it in fixed buffers (memfit.kernels.kv_static), so the step is
+still one graph; formats or models it cannot take stay on transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _reset_cursor(cache, position: int) -> None:
 @torch.inference_mode()
 def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph: bool | None = None,
                   on_token=None, eos_token_id=None, timings: dict | None = None,
-                  fuse: bool = False, native: bool | None = None) -> torch.Tensor:
+                  fuse: bool = False, native: bool | None = None, kv=None) -> torch.Tensor:
     """(B, P) prompt ids -> (B, max_new_tokens) greedy continuation (fewer when `eos_token_id`
     ends every row). `graph` (default: on CUDA) replays one captured CUDA graph per step;
     `on_token(ids (B,))` is called after each step (it forces a device sync per step);
@@ -109,14 +111,20 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
     after the first token (capture and warm-up excluded). `native` (default: where the model
     is eligible) runs memfit.fastdecode's own step instead of transformers' forward; otherwise
     `fuse` runs transformers' forward inside `fused(model)` (torch.compile'd element-wise
-    pieces)."""
+    pieces). `kv` (a memfit.kvcache.KVFormat): memfit's step with a quantized cache
+    (memfit.kernels.kv_static; `kv_ineligibility` says where it cannot)."""
     from memfit import fastdecode
 
     b, p = input_ids.shape
+    if kv is not None:
+        why = kv_ineligibility(model, kv)
+        if why is not None:
+            raise ValueError(f"memfit.decode: no static quantized KV cache here: {why}")
+        native = True
     if native is None:
         native = fastdecode.ineligibility(model) is None
     if native:
-        step = fastdecode.NativeStep(model, b, p + max_new_tokens)
+        step = fastdecode.NativeStep(model, b, p + max_new_tokens, kv=kv)
         with step.packed_groups():
             return _greedy(step, lambda position: None, input_ids, max_new_tokens, graph=graph,
                            on_token=on_token, eos_token_id=eos_token_id, timings=timings)
@@ -125,6 +133,19 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
         forward, reset = _hf_forward(model, b, p + max_new_tokens)
         return _greedy(forward, reset, input_ids, max_new_tokens, graph=graph,
                        on_token=on_token, eos_token_id=eos_token_id, timings=timings)
+
+
+def kv_ineligibility(model, kv) -> str | None:
+    """Why `greedy_static` cannot decode `model` with the quantized KV format `kv` (None when it
+    can): memfit's own step takes the model, and memfit.kernels.kv_static the format."""
+    from memfit import fastdecode
+    from memfit.kernels import kv_static
+    why = fastdecode.ineligibility(model)
+    if why is not None:
+        return why
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return kv_static.ineligibility(kv, head_dim)
 
 
 def _hf_forward(model, b: int, max_len: int):

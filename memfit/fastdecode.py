@@ -209,7 +209,8 @@ class NativeStep:
     tile_rows)` wants them (fused q/k/v and gate/up too: row blocks stay whole, so each
     module's slice of a fused tiled tensor is a tiled weight of its own)."""
 
-    def __init__(self, model, batch: int, max_len: int, tile_rows: int | None = None):
+    def __init__(self, model, batch: int, max_len: int, tile_rows: int | None = None,
+                 kv=None):
         self.model = model
         self.tiling = Tiling(model, batch, tile_rows)
         cfg = model.config
@@ -226,8 +227,14 @@ class NativeStep:
         if getattr(model, "dtype", None) is not None:
             dt = model.dtype
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.kc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
-        self.vc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.kv = None  # kv (a memfit.kvcache.KVFormat): a quantized cache per layer instead
+        if kv is not None:
+            from memfit.kernels.kv_static import StaticKV
+            self.kv = [StaticKV(kv, batch, self.kv_heads, self.head_dim, max_len, dt, dev)
+                       for _ in self.layers]
+        else:
+            self.kc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+            self.vc = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
         pos = torch.arange(max_len, device=dev)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dt, device=dev), pos)  # (1, L, D)
         self.cos, self.sin = cos[0].to(dt).contiguous(), sin[0].to(dt).contiguous()
@@ -270,18 +277,10 @@ class NativeStep:
             attn = layer.self_attn
             qkv = self.qkv[i](x)                                       # (B*T, (H + 2 KVH) D)
             scale = getattr(attn, "scaling", self.head_dim ** -0.5)
-            kc, vc = self.kc[i], self.vc[i]
-            split = td.attn_split(kc.shape[2], b * self.kv_heads)
-            if t == 1 and self.fast and self.head_dim >= 32:  # one launch (tl.dot: K >= 16)
-                a = td.rope_attention(qkv, pos, self.cos, self.sin, kc, vc, self.heads, scale,
-                                      split)
-            elif t == 1 and self.fast:
-                q = td.rope_cache(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
-                a = td.decode_attention(q, kc, vc, pos, scale, split)
+            if self.kv is not None:
+                a = self._attend_kv(self.kv[i], qkv, pos, scale)
             else:
-                rope = td.rope_cache if self.fast else td.rope_cache_ref
-                q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
-                a = td.attention_ref(q, kc, vc, pos, scale)
+                a = self._attend(i, qkv, pos, scale, b, t)
             o = attn.o_proj(a.reshape(b * t, -1))
             x = self._norm(h, o, layer.post_attention_layernorm)
             gu = self.gate_up[i](x)                                    # (B*T, 2 I)
@@ -292,3 +291,35 @@ class NativeStep:
         last = x.view(b, t, -1)[:, -1]                                 # (B, d)
         logits = self.model.lm_head(last)                              # (B, V)
         return td.argmax_rows(logits.contiguous()) if self.fast else logits.argmax(-1)
+
+    def _attend(self, i, qkv, pos, scale, b, t):
+        """Rope, the cache write and attention over the 16-bit cache: (B, T, H * D)."""
+        kc, vc = self.kc[i], self.vc[i]
+        split = td.attn_split(kc.shape[2], b * self.kv_heads)
+        if t == 1 and self.fast and self.head_dim >= 32:  # one launch (tl.dot: K >= 16)
+            return td.rope_attention(qkv, pos, self.cos, self.sin, kc, vc, self.heads, scale,
+                                     split)
+        if t == 1 and self.fast:
+            q = td.rope_cache(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+            return td.decode_attention(q, kc, vc, pos, scale, split)
+        rope = td.rope_cache if self.fast else td.rope_cache_ref
+        q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+        return td.attention_ref(q, kc, vc, pos, scale)
+
+    def _attend_kv(self, cache, qkv, pos, scale):
+        """The same over a quantized cache (memfit.kernels.kv_static): a prompt (from position 0)
+        attends over its own 16-bit states, which then fill the cache; a decode step writes its
+        token into the ring, quantizes the group leaving it (if one does) and attends over the
+        packed store and the ring."""
+        rope = td.rope_cache if self.fast else td.rope_cache_ref
+        b, t = qkv.shape[0] // pos.shape[0], pos.shape[0]
+        if t > 1:
+            shape = (b, self.kv_heads, t, self.head_dim)
+            kc, vc = qkv.new_empty(shape), qkv.new_empty(shape)
+            q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
+            a = td.attention_ref(q, kc, vc, pos, scale)
+            cache.prefill(kc, vc)
+            return a
+        q = rope(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads)  # slot pos % ring
+        cache.flush(pos)
+        return cache.attend(q[:, :, 0], pos, scale).to(qkv.dtype)

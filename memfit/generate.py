@@ -1,11 +1,12 @@
 """Text generation, streamed token by token to a callback (the terminal, by default), with the
 tokenizer's chat template applied when it has one.
 
-Greedy decoding on CUDA with the model's own KV cache runs memfit's static-cache CUDA-graph loop
-(memfit.decode.greedy_static; the same tokens as transformers' `generate`, several times faster at
-batch 1); sampling, quantized KV caches and the CPU go through transformers' `generate`. A quantized
-KV cache on CUDA is read by memfit's decode-attention kernel at each decode step (attention
-"memfit_kv", memfit.kvcache.enable_fused_kv_attention)."""
+Greedy decoding on CUDA runs memfit's static-cache CUDA-graph loop (memfit.decode.greedy_static;
+the same tokens as transformers' `generate`, several times faster at batch 1), with a quantized
+KV cache too where memfit's own step and memfit.kernels.kv_static take the model and format;
+sampling, other quantized caches and the CPU go through transformers' `generate`, where a
+quantized KV cache on CUDA is read by memfit's decode-attention kernel at each decode step
+(attention "memfit_kv", memfit.kvcache.enable_fused_kv_attention)."""
 
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if device.type == "cuda" and temperature == 0 and fmt is None and not placed:
-        return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream)
+    if device.type == "cuda" and temperature == 0 and not placed:
+        from memfit.decode import kv_ineligibility
+        if fmt is None or kv_ineligibility(model, fmt) is None:
+            return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream,
+                                    fmt)
     errors = []
 
     def run():
@@ -88,7 +92,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     return "".join(pieces)
 
 
-def _generate_static(model, tokenizer, input_ids, max_new_tokens: int, stream) -> str:
+def _generate_static(model, tokenizer, input_ids, max_new_tokens: int, stream, kv=None) -> str:
     """Greedy text through memfit.decode.greedy_static, streamed as it grows."""
     from memfit.decode import greedy_static
 
@@ -104,7 +108,7 @@ def _generate_static(model, tokenizer, input_ids, max_new_tokens: int, stream) -
             shown[0] = text
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    greedy_static(model, input_ids, max_new_tokens, on_token=on_token, eos_token_id=eos)
+    greedy_static(model, input_ids, max_new_tokens, on_token=on_token, eos_token_id=eos, kv=kv)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if text != shown[0]:
         out(text[len(shown[0]):])

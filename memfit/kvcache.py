@@ -90,6 +90,40 @@ def _dequantize(block, bits: int, dtype: torch.dtype) -> torch.Tensor:
     return (codes.float() * scale.float() + low.float()).to(dtype).reshape(out_shape)
 
 
+def value_group(fmt: KVFormat, head_dim: int) -> int:
+    """Channels per value group: the format's group, capped at head_dim (which it must divide;
+    otherwise one group a token)."""
+    gv = min(fmt.group, head_dim)
+    return gv if head_dim % gv == 0 else head_dim
+
+
+def quantize_store(keys: torch.Tensor, values: torch.Tensor, fmt: KVFormat) -> list:
+    """(B, H, n, D) keys/values, n whole key groups -> the packed store's six tensors (see
+    QuantizedKVLayer.store)."""
+    b, h, n, d = keys.shape
+    g, gv = fmt.group, value_group(fmt, d)
+    kg = keys.reshape(b, h, n // g, g, d)  # (B, H, groups, g, D): one scale per channel
+    kq, ks, km, _ = _quantize(kg, fmt.bits, dim=3)
+    vg = values.reshape(b, h, n, d // gv, gv)  # (B, H, T, D/gv, gv): one scale per group
+    vq, vs, vm, _ = _quantize(vg, fmt.bits, dim=4)
+    return [kq.reshape(b, h, n, -1), ks.reshape(b, h, n // g, d), km.reshape(b, h, n // g, d),
+            vq.reshape(b, h, n, -1), vs.reshape(b, h, n, d // gv), vm.reshape(b, h, n, d // gv)]
+
+
+def dequantize_store(store, fmt: KVFormat, head_dim: int):
+    """The six packed tensors of `n` tokens -> (B, H, n, D) float32 keys and values."""
+    kq, ks, km, vq, vs, vm = store
+    b, h, t, _ = kq.shape
+    d, g = head_dim, fmt.group
+    kc = unpack(kq.reshape(-1, kq.shape[-1]), fmt.bits, d).view(b, h, t // g, g, d)
+    k = (kc.float() * ks.float()[:, :, :, None] + km.float()[:, :, :, None]).view(b, h, t, d)
+    gv = d // vs.shape[-1]
+    vc = unpack(vq.reshape(-1, vq.shape[-1] // (d // gv)), fmt.bits, gv)
+    vc = vc.view(b, h, t, d // gv, gv)
+    v = (vc.float() * vs.float()[..., None] + vm.float()[..., None]).view(b, h, t, d)
+    return k, v
+
+
 def cache_kwarg(model) -> str:
     """The forward keyword for a cache: `cache` in newer transformers, `past_key_values` before."""
     import inspect
@@ -127,15 +161,7 @@ class QuantizedKVLayer(DynamicLayer):
         """The dequantized history followed by `keys`/`values` (the residual)."""
         if self.store is None:
             return keys, values
-        kq, ks, km, vq, vs, vm = self.store
-        b, h, t, _ = kq.shape
-        d, g = keys.shape[-1], self.fmt.group
-        kc = unpack(kq.reshape(-1, kq.shape[-1]), self.fmt.bits, d).view(b, h, t // g, g, d)
-        k = (kc.float() * ks.float()[:, :, :, None] + km.float()[:, :, :, None]).view(b, h, t, d)
-        gv = d // vs.shape[-1]
-        vc = unpack(vq.reshape(-1, vq.shape[-1] // (d // gv)), self.fmt.bits, gv)
-        vc = vc.view(b, h, t, d // gv, gv)
-        v = (vc.float() * vs.float()[..., None] + vm.float()[..., None]).view(b, h, t, d)
+        k, v = dequantize_store(self.store, self.fmt, keys.shape[-1])
         return (torch.cat([k.to(keys.dtype), keys], dim=-2),
                 torch.cat([v.to(values.dtype), values], dim=-2))
 
@@ -153,15 +179,7 @@ class QuantizedKVLayer(DynamicLayer):
         n = (t - self.fmt.residual) // g * g if t > self.fmt.residual else 0
         if n <= 0:
             return
-        old_k, old_v = self.keys[..., :n, :], self.values[..., :n, :]
-        b, h, _, d = old_k.shape
-        kg = old_k.reshape(b, h, n // g, g, d)  # (B, H, groups, g, D): one scale per channel
-        kq, ks, km, _ = _quantize(kg, self.fmt.bits, dim=3)
-        gv = min(g, d) if d % min(g, d) == 0 else d
-        vg = old_v.reshape(b, h, n, d // gv, gv)  # (B, H, T, D/gv, gv): one scale per group
-        vq, vs, vm, _ = _quantize(vg, self.fmt.bits, dim=4)
-        new = [kq.reshape(b, h, n, -1), ks.reshape(b, h, n // g, d), km.reshape(b, h, n // g, d),
-               vq.reshape(b, h, n, -1), vs.reshape(b, h, n, d // gv), vm.reshape(b, h, n, d // gv)]
+        new = quantize_store(self.keys[..., :n, :], self.values[..., :n, :], self.fmt)
         self.store = new if self.store is None else [torch.cat([a, c], dim=2)
                                                      for a, c in zip(self.store, new)]
         self.keys = self.keys[..., n:, :].clone()
@@ -221,7 +239,7 @@ def quantized_kv_bytes(fmt: KVFormat, *, tokens: int, batch: int, kv_heads: int,
     quantized = (tokens - fmt.residual) // g * g if tokens > fmt.residual else 0
     dense = tokens - quantized
     rows = batch * kv_heads
-    gv = min(g, head_dim) if head_dim % min(g, head_dim) == 0 else head_dim
+    gv = value_group(fmt, head_dim)
     codes = rows * quantized * -(-head_dim * fmt.bits // 8)  # packed rows of head_dim codes
     k_params = rows * (quantized // g) * head_dim * 2 * 2    # float16 scale + min per channel
     v_params = rows * quantized * (head_dim // gv) * 2 * 2   # per token and channel group

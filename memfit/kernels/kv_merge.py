@@ -29,6 +29,17 @@ def split_plan(t: int, b: int, hkv: int, tile: int, per_sm: int, q: torch.Tensor
 
 
 @triton.jit
+def _packed_count(T, pos_ptr, RES: tl.constexpr, GROUP: tl.constexpr):
+    """Packed tokens: T, or with RES (a static cache, memfit.kernels.kv_static) those of a
+    cache at position pos (device): whole key groups while more than RES tokens are dense."""
+    if RES:
+        n = tl.load(pos_ptr).to(tl.int32) + 1
+        return (tl.maximum(n - RES, 0) // GROUP) * GROUP
+    else:
+        return T
+
+
+@triton.jit
 def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_vb, s_vh, s_wb,
                  s_wh):
     """Split pid_s's tokens [t0, t1) and kv head (b, h)'s key/value code bases and offsets of its
@@ -42,11 +53,15 @@ def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_
 @triton.jit
 def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
                 s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
-                BR: tl.constexpr, DB: tl.constexpr):
+                BR: tl.constexpr, DB: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0,
+                GROUP: tl.constexpr = 1, RING: tl.constexpr = 0):
     """y[r, cb] = the exact merge, for channels cb (DB of them, program axis 1), of the S
     normalized packed parts of row r (one (batch, query head)) and of its attention over the TR
     dense recent tokens (B, Hkv, TR, D), which this program computes itself (float32, BR tokens
-    at a time; the scores over all D channels, the values over its DB): no launch of its own."""
+    at a time; the scores over all D channels, the values over its DB): no launch of its own.
+    Parts of empty splits (lse -inf) count zero. RING (a static cache at position pos, residual
+    RES, key groups GROUP): the dense tokens are those past the packed ones, token t in slot
+    t % RING of a (B, Hkv, RING, D) ring."""
     r = tl.program_id(0)
     cb = tl.program_id(1) * DB
     bb = r // HQ
@@ -58,15 +73,23 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
     lse = tl.load(l_ptr + r * S + rs, mask=rs < S, other=float("-inf"))  # loaded first: their
     o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rc[None, :], mask=(rs < S)[:, None],
                 other=0.0)  # latency overlaps the dense window's
+    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)  # an empty split's 0/0
+    t0 = 0
+    if RING:
+        t0 = _packed_count(0, pos_ptr, RES, GROUP)
+        TR = tl.load(pos_ptr).to(tl.int32) + 1 - t0
     m_d = tl.full((), float("-inf"), tl.float32)
     l_d = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((DB,), tl.float32)
     for tb in range(0, TR, BR):
         rt = tb + tl.arange(0, BR)
         ok = (rt < TR)[:, None]
-        k = tl.load(k_ptr + bb * s_kb + h * s_kh + rt[:, None] * s_kt + rd[None, :], mask=ok,
+        slot = rt
+        if RING:
+            slot = (t0 + rt) % RING
+        k = tl.load(k_ptr + bb * s_kb + h * s_kh + slot[:, None] * s_kt + rd[None, :], mask=ok,
                     other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + bb * s_vb + h * s_vh + rt[:, None] * s_vt + rc[None, :], mask=ok,
+        v = tl.load(v_ptr + bb * s_vb + h * s_vh + slot[:, None] * s_vt + rc[None, :], mask=ok,
                     other=0.0).to(tl.float32)
         sc = tl.where(rt < TR, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_d, tl.max(sc, axis=0))
@@ -84,9 +107,10 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
-          values: torch.Tensor, scaling: float) -> torch.Tensor:
+          values: torch.Tensor, scaling: float, ring: tuple | None = None) -> torch.Tensor:
     """(B, Hq, D) float32: the parts out (B, Hq, S, D) / lse (B, Hq, S) of q (B, Hq, D) merged
-    with its attention over the dense keys/values (B, Hkv, t, D) (t may be 0)."""
+    with its attention over the dense keys/values (B, Hkv, t, D) (t may be 0). ring = (pos,
+    residual, group): keys/values are a static cache's ring (memfit.kernels.kv_static)."""
     b, hq, d = q.shape
     hkv, n = keys.shape[1], out.shape[2]
     y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
@@ -95,7 +119,9 @@ def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Ten
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
         values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
-        BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"])
+        BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"],
+        **({} if ring is None else dict(pos_ptr=ring[0], RES=ring[1], GROUP=ring[2],
+                                        RING=keys.shape[2])))
     return y
 
 

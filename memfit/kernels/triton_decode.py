@@ -103,18 +103,18 @@ def _rope_cache(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H,
         if hd < H:
             dst = q_ptr + ((b * H + hd) * T + t) * D
         else:
-            dst = kc_ptr + ((b * KVH + hd - H) * L + p) * D
+            dst = kc_ptr + ((b * KVH + hd - H) * L + p % L) * D
         tl.store(dst + i, o1)
         tl.store(dst + HALF + i, o2)
     else:
-        dst = vc_ptr + ((b * KVH + hd - H - KVH) * L + p) * D
+        dst = vc_ptr + ((b * KVH + hd - H - KVH) * L + p % L) * D
         tl.store(dst + i, x1)
         tl.store(dst + HALF + i, x2)
 
 
 def rope_cache(qkv, pos, cos, sin, kc, vc, heads: int) -> torch.Tensor:
     """qkv (B*T, (H + 2 KVH) * D), pos (T,) long, cos/sin (max_len, D), kc/vc (B, KVH, L, D)
-    -> q (B, H, T, D); k, v written into kc, vc at `pos`."""
+    -> q (B, H, T, D); k, v written into kc, vc at `pos` (modulo L: a ring)."""
     bsz, kvh, length, d = kc.shape
     t = pos.shape[0]
     q = torch.empty(bsz, heads, t, d, dtype=qkv.dtype, device=qkv.device)
@@ -133,8 +133,8 @@ def rope_cache_ref(qkv, pos, cos, sin, kc, vc, heads: int):
         return y * c + torch.cat((-y[..., d // 2:], y[..., : d // 2]), -1) * s
 
     q, k, v = x[:, :heads], x[:, heads: heads + kvh], x[:, heads + kvh:]
-    kc.index_copy_(2, pos, rot(k))
-    vc.index_copy_(2, pos, v)
+    kc.index_copy_(2, pos % kc.shape[2], rot(k))
+    vc.index_copy_(2, pos % vc.shape[2], v)
     return rot(q).contiguous()
 
 

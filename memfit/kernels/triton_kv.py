@@ -44,6 +44,7 @@ from memfit.kernels import mma_ptx
 from memfit.kernels import triton_kv_mma as kvm
 from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     MERGE,
+    _packed_count,
     _split_bases,
     combine,
     dense_part,
@@ -142,20 +143,23 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
                NSPLIT, qk_scale, s_qb, s_qh, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt,
                s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr,
-               MAGIC: tl.constexpr, DT: tl.constexpr, ASM_S: tl.constexpr, CONS: tl.constexpr):
+               MAGIC: tl.constexpr, DT: tl.constexpr, ASM_S: tl.constexpr, CONS: tl.constexpr,
+               pos_ptr=None, RES: tl.constexpr = 0):
     """Split pid_s (TPS tokens, whole BT-token tiles, BT | GROUP) of kv head pid_bh over the
     packed store: normalized partial output (B, Hq, NSPLIT, D) and base-2 log-sum-exp.
 
     Planes: NP = 8/BITS (8 bits: one); plane i holds channels NP*j + i. Keys: the tile lies in
     one key group, so s = sum_i (q_i * scale_i) codes_i^T + q . min. Values: one scale and min
     per (token, group of GV channels), so per value group g (the batch of a 3-D dot):
-    acc_g += (p * scale_g) codes_g + p . min_g. No tile is ever multiplied by a scale."""
+    acc_g += (p * scale_g) codes_g + p . min_g. No tile is ever multiplied by a scale.
+    RES: a static cache's store at position pos (device), T its capacity (kv_merge._packed_count)."""
     NP: tl.constexpr = 8 // BITS if BITS < 8 else 1
     W: tl.constexpr = D // NP  # plane width = bytes per token row
     # value groups per token as the kernel splits them: one group of a whole row is split in
     # two (both halves read the same scale) where a half still makes a dot: measured faster
     DG: tl.constexpr = 2 if D // GV == 1 and W >= 32 else D // GV
     GB: tl.constexpr = W // DG  # bytes (= plane columns) per value group
+    T = _packed_count(T, pos_ptr, RES, GROUP)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
@@ -303,7 +307,7 @@ def _plan(t: int, b: int, hkv: int, group: int, q, splits: int | None, tile: int
 
 
 def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None, tile=None,
-                   warps=None, stages=None):
+                   warps=None, stages=None, dyn=None):
     kq, ks, km, vq, vs, vm = store
     b, hq, d = q.shape
     _, hkv, t, _ = kq.shape
@@ -315,7 +319,8 @@ def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None,
         vs.stride(2), G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=bits,
         GROUP=group, GV=d // vs.shape[-1], BT=bt, MAGIC=not INTERPRET,
         DT=tl.float32 if INTERPRET else tl.float16, ASM_S=ASM[bits], CONS=CONSTRAINTS[bits],
-        num_warps=warps or TUNE["warps"], num_stages=stages or TUNE["stages"])
+        num_warps=warps or TUNE["warps"], num_stages=stages or TUNE["stages"],
+        **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1])))
 
 
 def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) -> int:
@@ -325,7 +330,7 @@ def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) ->
 _MMA_WARNED: set = set()
 
 
-def _mma_parts(q, store, bits, group, scaling, splits):
+def _mma_parts(q, store, bits, group, scaling, splits, dyn=None):
     """The packed parts from memfit.kernels.triton_kv_mma where it takes the cache (CUDA, 4-bit,
     head_dim 128, key groups >= 64 of one value group a token), else None."""
     _, hq, d = q.shape
@@ -334,7 +339,7 @@ def _mma_parts(q, store, bits, group, scaling, splits):
             or kvm.ineligibility(bits, d, group, d // store[4].shape[-1], hq // hkv)):
         return None
     try:
-        return kvm.packed_parts(q, store, group, scaling, splits)
+        return kvm.packed_parts(q, store, group, scaling, splits, dyn)
     except mma_ptx.MmaLayoutError as err:  # a compiler that lays the asm out otherwise
         if "layout" not in _MMA_WARNED:
             _MMA_WARNED.add("layout")

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from memfit.kernels import kv_mma_ptx as ptx
 from memfit.kernels import mma_ptx
-from memfit.kernels.kv_merge import _split_bases, split_plan
+from memfit.kernels.kv_merge import _packed_count, _split_bases, split_plan
 
 LOG2E = 1.4426950408889634
 TILE = 64
@@ -73,11 +73,13 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
             s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BF16: tl.constexpr,
             KEYS: tl.constexpr, VALUES: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
             C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
-            PF: tl.constexpr):
+            PF: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0):
     """Split pid_s (TPS tokens, whole 64-token tiles) of kv head pid_bh: normalized partial
     output (B, Hq, NSPLIT, 128) float32 and base-2 log-sum-exp (B, Hq, NSPLIT). Every tensor
     the asm takes is a (64, 16) int32 tile loaded in 16-byte vectors, or index arithmetic, so
-    Triton lays them all out as the fragments need (checked by mma_ptx.check_layout)."""
+    Triton lays them all out as the fragments need (checked by mma_ptx.check_layout). RES: a
+    static cache's store at position pos (device), T its capacity (kv_merge._packed_count)."""
+    T = _packed_count(T, pos_ptr, RES, GROUP)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
@@ -164,10 +166,11 @@ def _words(x: torch.Tensor) -> torch.Tensor:
 
 
 def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
-                 splits: int | None = None):
+                 splits: int | None = None, dyn: tuple | None = None):
     """(out (B, Hq, S, 128) float32 normalized per split, lse (B, Hq, S) base 2) of q (B, Hq,
     128) over the packed tokens of `store` ([codes, scale, min] of keys, then values, as
-    memfit.kvcache holds them)."""
+    memfit.kvcache holds them). dyn = (pos, residual): a static cache's store, as many tokens
+    packed as at position pos (memfit.kernels.kv_static)."""
     kq, ks, km, vq, vs, vm = store
     b, hq, d = q.shape
     _, hkv, t, _ = kq.shape
@@ -195,6 +198,6 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
         G=hq // hkv, GROUP=group, NG=ng, BF16=q.dtype == torch.bfloat16,
         KEYS=KEYS_PF[0][ng] if pf else asm[0], VALUES=asm[1], EPI=asm[2], PRO=asm[3],
         C1=KEYS_PF[1] if pf else CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], PF=pf,
-        num_warps=1, num_stages=1)
+        num_warps=1, num_stages=1, **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1])))
     mma_ptx.check_layout(k)
     return out, lse

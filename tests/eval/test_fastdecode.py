@@ -124,3 +124,56 @@ def test_tiled_linears_serve_transformers_forward_too(tiny_config):
     assert torch.equal(got, want)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert fastdecode.Tiling(model, 1).rows == 0  # on the CPU: off unless asked
+
+
+@pytest.mark.parametrize("bits,group,hidden", [
+    (8, 16, 128),  # head_dim 32
+    pytest.param(4, 64, 256, marks=pytest.mark.skipif(  # head_dim 64
+        not torch.cuda.is_available(), reason="130 s interpreted; the 4-bit static cache's CPU "
+        "tests are tests/kernels/test_kv_static.py")),
+])
+def test_native_step_with_a_quantized_kv_cache_matches_generate(tiny_config, bits, group,
+                                                                hidden):
+    """memfit's step over the static quantized cache (memfit.kernels.kv_static) gives the tokens
+    of transformers' generate with QuantizedKVCache (fused: the same flush-then-attend steps),
+    through prompt tokens packed at prefill and groups packed during the decode."""
+    from memfit.decode import _greedy, kv_ineligibility
+    from memfit.kvcache import (KVFormat, QuantizedKVCache, cache_kwarg, dequantize_store,
+                                enable_fused_kv_attention)
+    fmt = KVFormat(bits, group, 2 * group)
+    model = _tiny(tiny_config, hidden_size=hidden)
+    assert kv_ineligibility(model, fmt) is None
+    prompt = 3 * group + group // 2 + 3  # one group packed at prefill
+    ids = torch.randint(0, 30000, (1, prompt), generator=torch.Generator().manual_seed(7))
+    new = group + 4                      # one more during the decode
+    step = fastdecode.NativeStep(model, 1, prompt + new, kv=fmt)
+    with step.packed_groups():
+        got = _greedy(step, lambda position: None, ids, new, graph=False, on_token=None,
+                      eos_token_id=None, timings=None)
+    enable_fused_kv_attention(model)
+    cache = QuantizedKVCache(model.config, fmt, fused=True)
+    want = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          pad_token_id=0, **{cache_kwarg(model): cache})[:, prompt:]
+    assert torch.equal(got, want)
+    packed = cache.layers[0].quantized_tokens
+    assert packed == 2 * group
+    for mine, theirs in zip(step.kv, cache.layers):  # the same tokens packed the same way
+        store = [t[:, :, :n] for t, n in zip(mine.store, (packed, 2, 2, packed, packed, packed))]
+        assert [t.shape for t in store] == [t.shape for t in theirs.store]
+        k, v = dequantize_store(store, fmt, 32 if hidden == 128 else 64)
+        k0, v0 = dequantize_store(theirs.store, fmt, k.shape[-1])
+        same = (store[0] == theirs.store[0]).float().mean()  # states from other matmul blockings
+        assert same > 0.97, same
+        assert (k - k0).abs().max() <= 1.01 * theirs.store[1].float().max()
+        assert (v - v0).abs().max() <= 1.01 * theirs.store[4].float().max()
+
+
+def test_quantized_kv_cache_refuses_what_the_static_cache_cannot_take(tiny_config):
+    from memfit.kvcache import KVFormat
+    from memfit.decode import kv_ineligibility
+    model = _tiny(tiny_config)
+    why = kv_ineligibility(model, KVFormat(2, 32, 128))
+    assert "2-bit" in why
+    with pytest.raises(ValueError, match="2-bit"):
+        greedy_static(model, torch.zeros(1, 3, dtype=torch.long), 2, graph=False,
+                      kv=KVFormat(2, 32, 128))
