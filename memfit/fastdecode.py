@@ -317,9 +317,12 @@ class NativeStep:
             shape = (b, self.kv_heads, t, self.head_dim)
             kc, vc = qkv.new_empty(shape), qkv.new_empty(shape)
             q = rope(qkv, pos, self.cos, self.sin, kc, vc, self.heads)
-            a = td.attention_ref(q, kc, vc, pos, scale)
+            g = self.heads // self.kv_heads  # causal: no (T, T) mask at long prompts
+            a = torch.nn.functional.scaled_dot_product_attention(
+                q, kc.repeat_interleave(g, 1), vc.repeat_interleave(g, 1), is_causal=True,
+                scale=scale)
             cache.prefill(kc, vc)
-            return a
+            return a.transpose(1, 2)
         q = rope(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads)  # slot pos % ring
         cache.flush(pos)
         return cache.attend(q[:, :, 0], pos, scale).to(qkv.dtype)

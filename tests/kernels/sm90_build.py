@@ -114,9 +114,11 @@ def check_words_dot(bm, bn_warps, sk):
     assert k.metadata.shared <= 232448, f"{k.metadata.shared} bytes of shared memory"
 
 
-def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int = 1):
+def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int = 1,
+                 res: int = 0):
     """The register-only KV attention kernel as packed_parts launches it: it builds, its asm
-    operands have the fragments' layout, no layout conversion in its loop."""
+    operands have the fragments' layout, no layout conversion in its loop. res: the static
+    cache's variant (packed count read from the position, memfit.kernels.kv_static)."""
     sig = {n: "*i32" for n in ("qw_ptr", "kw_ptr", "ksw_ptr", "kmw_ptr", "vw_ptr")}
     sig |= {"vs_ptr": "*fp16", "vm_ptr": "*fp16", "o_ptr": "*fp32", "l_ptr": "*fp32"}
     sig |= {n: "i32" for n in ("T", "TPS", "HKV", "NSPLIT")} | {"qk_scale": "fp32"}
@@ -129,8 +131,15 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
              "PRO": asm[3], "C1": k.KEYS_PF[1] if pf else k.CONS[0], "C2": k.CONS[1],
              "C3": k.CONS[2], "C4": k.CONS[3], "PF": pf}
     sig = dict(sig) | {n: "constexpr" for n in const}
+    if res:  # the trailing arguments, in order
+        sig["pos_ptr"] = "*i64"
+    else:
+        const["pos_ptr"] = None
+        sig["pos_ptr"] = "constexpr"
+    const["RES"] = res
+    sig["RES"] = "constexpr"
     names = list(sig)
-    aligned = [n for n in names if n.endswith("_ptr")] + [
+    aligned = [n for n in names if n.endswith("_ptr") and n not in const] + [
         "s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg", "s_vb", "s_vh", "s_vt",
         "s_wb", "s_wh", "TPS"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -170,7 +179,8 @@ def main() -> None:
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),
-                                                          (8, 1, False, 0, 2))}
+                                                          (8, 1, False, 0, 2),
+                                                          (4, 1, True, 0, 2, 128))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

@@ -69,7 +69,7 @@ def test_static_cache_matches_the_layer(fmt, d, hq, hkv, fast):
     # the prompt packs one group and leaves residual + group - 2 dense; the steps cross two
     # flushes (at the second step and group steps later)
     worst = _run(fmt, 2, hq, hkv, d, fmt.residual + 2 * fmt.group - 2, fmt.group + 3, fast)
-    assert worst < (2e-3 if DEV == "cuda" else 1e-5)
+    assert worst < (5e-3 if DEV == "cuda" else 1e-5)
 
 
 def test_short_prompt_and_no_capacity():
