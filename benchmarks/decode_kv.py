@@ -25,10 +25,10 @@ import torch
 
 os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_gpu import SHAPE, build, to_int4  # noqa: E402
+from decode_gpu import SHAPE, build, to_int4
 
-from memfit import fastdecode  # noqa: E402
-from memfit.kvcache import kv_format  # noqa: E402
+from memfit import fastdecode
+from memfit.kvcache import kv_format
 
 
 @torch.inference_mode()
@@ -83,7 +83,6 @@ def row(m, context: int, kv: str, steps: int) -> dict:
     out = dict(context=context, kv=kv, tok_s=round(steps / best, 1),
                ms_per_token=round(1e3 * best / steps, 3), kv_mib=round(kv_bytes / 2**20, 1))
     print(json.dumps(out), flush=True)
-    del step, graph
     torch.cuda.empty_cache()
     return out
 

@@ -31,7 +31,7 @@ and shared by every layer; packed linears stay memfit's kernels (the `memfit::in
 op). A graph step then launches about half as many kernels. It costs a compile on first use.
 
 Greedy only (argmax); sampling goes through transformers' `generate`. With a quantized KV cache
-(`kv`), memfit's own step holds it in fixed buffers (memfit.kernels.kv_static), so the step is
+(`kv`), memfit's own step holds it in fixed buffers (memfit.kvstatic), so the step is
 still one graph; formats or models it cannot take stay on transformers' `generate`.
 """
 
@@ -112,7 +112,7 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
     is eligible) runs memfit.fastdecode's own step instead of transformers' forward; otherwise
     `fuse` runs transformers' forward inside `fused(model)` (torch.compile'd element-wise
     pieces). `kv` (a memfit.kvcache.KVFormat): memfit's step with a quantized cache
-    (memfit.kernels.kv_static; `kv_ineligibility` says where it cannot)."""
+    (memfit.kvstatic; `kv_ineligibility` says where it cannot)."""
     from memfit import fastdecode
 
     b, p = input_ids.shape
@@ -137,15 +137,14 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
 
 def kv_ineligibility(model, kv) -> str | None:
     """Why `greedy_static` cannot decode `model` with the quantized KV format `kv` (None when it
-    can): memfit's own step takes the model, and memfit.kernels.kv_static the format."""
-    from memfit import fastdecode
-    from memfit.kernels import kv_static
+    can): memfit's own step takes the model, and memfit.kvstatic the format."""
+    from memfit import fastdecode, kvstatic
     why = fastdecode.ineligibility(model)
     if why is not None:
         return why
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return kv_static.ineligibility(kv, head_dim)
+    return kvstatic.ineligibility(kv, head_dim)
 
 
 def _hf_forward(model, b: int, max_len: int):

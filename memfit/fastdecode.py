@@ -229,7 +229,7 @@ class NativeStep:
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.kv = None  # kv (a memfit.kvcache.KVFormat): a quantized cache per layer instead
         if kv is not None:
-            from memfit.kernels.kv_static import StaticKV
+            from memfit.kvstatic import StaticKV
             self.kv = [StaticKV(kv, batch, self.kv_heads, self.head_dim, max_len, dt, dev)
                        for _ in self.layers]
         else:
@@ -307,7 +307,7 @@ class NativeStep:
         return td.attention_ref(q, kc, vc, pos, scale)
 
     def _attend_kv(self, cache, qkv, pos, scale):
-        """The same over a quantized cache (memfit.kernels.kv_static): a prompt (from position 0)
+        """The same over a quantized cache (memfit.kvstatic): a prompt (from position 0)
         attends over its own 16-bit states, which then fill the cache; a decode step writes its
         token into the ring, quantizes the group leaving it (if one does) and attends over the
         packed store and the ring."""

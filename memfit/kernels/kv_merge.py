@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels import pdl
+
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
 # a step, warps
@@ -54,14 +56,15 @@ def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_
 def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
                 s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
                 BR: tl.constexpr, DB: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0,
-                GROUP: tl.constexpr = 1, RING: tl.constexpr = 0):
+                GROUP: tl.constexpr = 1, RING: tl.constexpr = 0, PDL: tl.constexpr = False):
     """y[r, cb] = the exact merge, for channels cb (DB of them, program axis 1), of the S
     normalized packed parts of row r (one (batch, query head)) and of its attention over the TR
     dense recent tokens (B, Hkv, TR, D), which this program computes itself (float32, BR tokens
     at a time; the scores over all D channels, the values over its DB): no launch of its own.
     Parts of empty splits (lse -inf) count zero. RING (a static cache at position pos, residual
     RES, key groups GROUP): the dense tokens are those past the packed ones, token t in slot
-    t % RING of a (B, Hkv, RING, D) ring."""
+    t % RING of a (B, Hkv, RING, D) ring. PDL: launched with memfit.kernels.pdl."""
+    pdl.wait(PDL)
     r = tl.program_id(0)
     cb = tl.program_id(1) * DB
     bb = r // HQ
@@ -121,7 +124,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Ten
         values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
         BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"],
         **({} if ring is None else dict(pos_ptr=ring[0], RES=ring[1], GROUP=ring[2],
-                                        RING=keys.shape[2])))
+                                        RING=keys.shape[2], **pdl.launch_kw())))
     return y
 
 

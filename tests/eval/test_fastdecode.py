@@ -134,12 +134,17 @@ def test_tiled_linears_serve_transformers_forward_too(tiny_config):
 ])
 def test_native_step_with_a_quantized_kv_cache_matches_generate(tiny_config, bits, group,
                                                                 hidden):
-    """memfit's step over the static quantized cache (memfit.kernels.kv_static) gives the tokens
+    """memfit's step over the static quantized cache (memfit.kvstatic) gives the tokens
     of transformers' generate with QuantizedKVCache (fused: the same flush-then-attend steps),
     through prompt tokens packed at prefill and groups packed during the decode."""
     from memfit.decode import _greedy, kv_ineligibility
-    from memfit.kvcache import (KVFormat, QuantizedKVCache, cache_kwarg, dequantize_store,
-                                enable_fused_kv_attention)
+    from memfit.kvcache import (
+        KVFormat,
+        QuantizedKVCache,
+        cache_kwarg,
+        dequantize_store,
+        enable_fused_kv_attention,
+    )
     fmt = KVFormat(bits, group, 2 * group)
     model = _tiny(tiny_config, hidden_size=hidden)
     assert kv_ineligibility(model, fmt) is None
@@ -169,8 +174,8 @@ def test_native_step_with_a_quantized_kv_cache_matches_generate(tiny_config, bit
 
 
 def test_quantized_kv_cache_refuses_what_the_static_cache_cannot_take(tiny_config):
-    from memfit.kvcache import KVFormat
     from memfit.decode import kv_ineligibility
+    from memfit.kvcache import KVFormat
     model = _tiny(tiny_config)
     why = kv_ineligibility(model, KVFormat(2, 32, 128))
     assert "2-bit" in why

@@ -1,5 +1,5 @@
-"""The static quantized KV cache of memfit's decode step (memfit.kernels.kv_static) against
-memfit.kvcache's QuantizedKVLayer fed the same states: the packed store bit for bit after every
+"""The static quantized KV cache of memfit's decode step (memfit.kvstatic; its kernels:
+memfit.kernels.kv_static) against memfit.kvcache's QuantizedKVLayer fed the same states: the packed store bit for bit after every
 step (the flush kernel quantizes exactly as torch does), and decode attention over the packed
 store + the ring against float64 attention over that layer's dequantized history + residual.
 Kernels (flush, packed splits with the packed count read from the position tensor, the merge
@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from memfit.kernels import kv_static
+from memfit import kvstatic
 from memfit.kernels.kv_merge import reference
 from memfit.kvcache import KVFormat, QuantizedKVLayer
 
@@ -29,7 +29,7 @@ def _run(fmt, b, hq, hkv, d, prompt, steps, fast, dtype=torch.float32, seed=0):
         return x.to(dtype).to(DEV)
 
     total = prompt + steps
-    cache = kv_static.StaticKV(fmt, b, hkv, d, total, dtype, DEV)
+    cache = kvstatic.StaticKV(fmt, b, hkv, d, total, dtype, DEV)
     cache.fast = fast and cache.fast
     layer = QuantizedKVLayer(fmt)
     k, v = rnd(b, hkv, prompt, d), rnd(b, hkv, prompt, d)
@@ -46,7 +46,7 @@ def _run(fmt, b, hq, hkv, d, prompt, steps, fast, dtype=torch.float32, seed=0):
         cache.flush(pos)
         layer.update(k, v)
         packed = layer.quantized_tokens
-        assert packed == kv_static.packed_count(p + 1, fmt)
+        assert packed == kvstatic.packed_count(p + 1, fmt)
         if packed:
             g = fmt.group
             for mine, ref, n in zip(cache.store, layer.store, (packed, packed // g, packed // g,
@@ -77,7 +77,7 @@ def test_short_prompt_and_no_capacity():
     """A prompt shorter than the residual, and a cache too short to pack anything."""
     fmt = KVFormat(8, 16, 32)
     assert _run(fmt, 1, 2, 2, 32, 3, fmt.residual + fmt.group + 2, True) < 2e-3
-    cache = kv_static.StaticKV(fmt, 1, 2, 32, fmt.residual, torch.float32, DEV)
+    cache = kvstatic.StaticKV(fmt, 1, 2, 32, fmt.residual, torch.float32, DEV)
     assert cache.store[0].shape[2] == 0
     assert _run(fmt, 1, 2, 2, 32, 5, fmt.residual - 5, True) < 2e-3
 
@@ -89,8 +89,8 @@ def test_bf16_ring():
 
 
 def test_ineligible_formats():
-    assert "2-bit" in kv_static.ineligibility(KVFormat(2, 32, 128), 64)
-    assert "64 or more" in kv_static.ineligibility(KVFormat(4, 32, 128), 64)
-    assert kv_static.ineligibility(KVFormat(4, 64, 128), 64) is None
+    assert "2-bit" in kvstatic.ineligibility(KVFormat(2, 32, 128), 64)
+    assert "64 or more" in kvstatic.ineligibility(KVFormat(4, 32, 128), 64)
+    assert kvstatic.ineligibility(KVFormat(4, 64, 128), 64) is None
     with pytest.raises(ValueError, match="64 or more"):
-        kv_static.StaticKV(KVFormat(4, 32, 128), 1, 1, 64, 256, torch.float32, "cpu")
+        kvstatic.StaticKV(KVFormat(4, 32, 128), 1, 1, 64, 256, torch.float32, "cpu")
