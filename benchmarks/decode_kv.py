@@ -10,7 +10,7 @@ steps` positions (the 16-bit cache: 2 x layers x (1, 8, L, 128) bf16; the quanti
 store at capacity + the rings).
 
     python benchmarks/decode_kv.py [--contexts 1024 8192 32768] [--kv none int4 int4-g128]
-                                   [--layers 32] [--steps 128] [--json OUT]
+                                   [--layers 32] [--steps 128] [--profile N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from memfit.kvcache import kv_format
 
 
 @torch.inference_mode()
-def row(m, context: int, kv: str, steps: int) -> dict:
+def row(m, context: int, kv: str, steps: int, profile: int = 0) -> dict:
     fmt = kv_format(kv)
     step = fastdecode.NativeStep(m, 1, context + steps + 4, kv=fmt)
     dev = m.device
@@ -66,6 +66,15 @@ def row(m, context: int, kv: str, steps: int) -> dict:
         pos.fill_(context)
         with torch.cuda.graph(graph):
             one()
+        prof = None
+        if profile:  # kernels of `profile` replays (decode_profile.py's table)
+            from decode_profile import kernel_table
+            from torch.profiler import ProfilerActivity
+            with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(profile):
+                    graph.replay()
+                torch.cuda.synchronize()
+            prof = kernel_table(p, profile, top=12)
         best = None
         for _ in range(2):
             pos.fill_(context)
@@ -83,6 +92,9 @@ def row(m, context: int, kv: str, steps: int) -> dict:
     out = dict(context=context, kv=kv, tok_s=round(steps / best, 1),
                ms_per_token=round(1e3 * best / steps, 3), kv_mib=round(kv_bytes / 2**20, 1))
     print(json.dumps(out), flush=True)
+    if prof:
+        out["profile"] = prof
+        print(json.dumps(prof, indent=1), flush=True)
     torch.cuda.empty_cache()
     return out
 
@@ -93,11 +105,12 @@ def main() -> None:
     ap.add_argument("--kv", nargs="+", default=["none", "int4", "int4-g128"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--profile", type=int, default=0, help="profile N replays a row")
     ap.add_argument("--json")
     a = ap.parse_args()
     m = build(a.layers, SHAPE)
     to_int4(m)
-    rows = [row(m, c, kv, a.steps) for c in a.contexts for kv in a.kv]
+    rows = [row(m, c, kv, a.steps, a.profile) for c in a.contexts for kv in a.kv]
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, layers=a.layers, steps=a.steps,
                 weights="int4 g128, tiled", rows=rows)
