@@ -325,4 +325,4 @@ class NativeStep:
             return a.transpose(1, 2)
         q = rope(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads)  # slot pos % ring
         cache.flush(pos)
-        return cache.attend(q[:, :, 0], pos, scale).to(qkv.dtype)
+        return cache.attend(q[:, :, 0], pos, scale, qkv.dtype)

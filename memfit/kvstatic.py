@@ -116,14 +116,15 @@ class StaticKV:
         if self.store[0].shape[2]:
             kernels.flush(pos, self.kr, self.vr, self.store, fmt.bits, fmt.group, fmt.residual)
 
-    def attend(self, q: torch.Tensor, pos: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Decode attention (B, Hq, D) float32 of q (B, Hq, D) over the cache at position pos
-        (its own token already in the ring)."""
+    def attend(self, q: torch.Tensor, pos: torch.Tensor, scaling: float,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decode attention (B, Hq, D) of q (B, Hq, D) over the cache at position pos (its own
+        token already in the ring), float32 sums written as `dtype`."""
         fmt = self.fmt
         if not self.fast:
-            return self._attend_ref(q, int(pos[0]), scaling)
+            return self._attend_ref(q, int(pos[0]), scaling).to(dtype)
         return kernels.attention(q, self.store, self.kr, self.vr, pos, fmt.bits, fmt.group,
-                                 fmt.residual, scaling)
+                                 fmt.residual, scaling, dtype)
 
     def _attend_ref(self, q: torch.Tensor, p: int, scaling: float) -> torch.Tensor:
         from memfit.kernels.kv_merge import reference

@@ -110,13 +110,15 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
-          values: torch.Tensor, scaling: float, ring: tuple | None = None) -> torch.Tensor:
+          values: torch.Tensor, scaling: float, ring: tuple | None = None,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, Hq, D) float32: the parts out (B, Hq, S, D) / lse (B, Hq, S) of q (B, Hq, D) merged
     with its attention over the dense keys/values (B, Hkv, t, D) (t may be 0). ring = (pos,
-    residual, group): keys/values are a static cache's ring (memfit.kernels.kv_static)."""
+    residual, group): keys/values are a static cache's ring (memfit.kernels.kv_static); dtype:
+    the output's (the sums are float32)."""
     b, hq, d = q.shape
     hkv, n = keys.shape[1], out.shape[2]
-    y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
+    y = torch.empty(b, hq, d, dtype=dtype, device=q.device)
     db = min(d, MERGE["channels"])
     _kv_combine[(b * hq, d // db)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),

@@ -95,8 +95,9 @@ def flush(pos: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, store, bits: in
 
 
 def attention(q: torch.Tensor, store, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor,
-              bits: int, group: int, residual: int, scaling: float) -> torch.Tensor:
-    """(B, Hq, D) float32 attention of q (B, Hq, D) over a static cache at position pos: the
+              bits: int, group: int, residual: int, scaling: float,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, Hq, D) attention (float32 sums, written as `dtype`) of q (B, Hq, D) over a static cache at position pos: the
     packed splits (triton_kv_mma's kernel where it takes the cache, else triton_kv's), planned
     for the store's capacity, each reading how many tokens are packed from pos; then the merge
     with the ring (kv_merge)."""
@@ -114,4 +115,4 @@ def attention(q: torch.Tensor, store, kr: torch.Tensor, vr: torch.Tensor, pos: t
         if n:
             triton_kv._launch_packed(q, store, out, lse, bits, group, scaling, n, dyn=dyn)
         parts = (out, lse)
-    return merge(*parts, q, kr, vr, scaling, ring=(pos, residual, group))
+    return merge(*parts, q, kr, vr, scaling, ring=(pos, residual, group), dtype=dtype)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels import mma_ptx, pdl
+from memfit.kernels import mma_ptx
 from memfit.kernels import triton_kv_mma as kvm
 from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     MERGE,
@@ -144,7 +144,7 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
                s_wb, s_wh, s_wt, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr,
                MAGIC: tl.constexpr, DT: tl.constexpr, ASM_S: tl.constexpr, CONS: tl.constexpr,
-               pos_ptr=None, RES: tl.constexpr = 0, PDL: tl.constexpr = False):
+               pos_ptr=None, RES: tl.constexpr = 0):
     """Split pid_s (TPS tokens, whole BT-token tiles, BT | GROUP) of kv head pid_bh over the
     packed store: normalized partial output (B, Hq, NSPLIT, D) and base-2 log-sum-exp.
 
@@ -159,7 +159,6 @@ def _kv_packed(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, o_ptr, l_p
     # two (both halves read the same scale) where a half still makes a dot: measured faster
     DG: tl.constexpr = 2 if D // GV == 1 and W >= 32 else D // GV
     GB: tl.constexpr = W // DG  # bytes (= plane columns) per value group
-    pdl.wait(PDL)
     T = _packed_count(T, pos_ptr, RES, GROUP)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -321,7 +320,7 @@ def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None,
         GROUP=group, GV=d // vs.shape[-1], BT=bt, MAGIC=not INTERPRET,
         DT=tl.float32 if INTERPRET else tl.float16, ASM_S=ASM[bits], CONS=CONSTRAINTS[bits],
         num_warps=warps or TUNE["warps"], num_stages=stages or TUNE["stages"],
-        **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1], **pdl.launch_kw())))
+        **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1])))
 
 
 def n_splits(t: int, b: int, hkv: int, group: int, q, splits=None, tile=None) -> int:

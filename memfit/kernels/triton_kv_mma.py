@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import kv_mma_ptx as ptx
-from memfit.kernels import mma_ptx, pdl
+from memfit.kernels import mma_ptx
 from memfit.kernels.kv_merge import _packed_count, _split_bases, split_plan
 
 LOG2E = 1.4426950408889634
@@ -73,13 +73,12 @@ def _kv_mma(qw_ptr, kw_ptr, ksw_ptr, kmw_ptr, vw_ptr, vs_ptr, vm_ptr, o_ptr, l_p
             s_wb, s_wh, G: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BF16: tl.constexpr,
             KEYS: tl.constexpr, VALUES: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
             C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
-            PF: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0, PDL: tl.constexpr = False):
+            PF: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0):
     """Split pid_s (TPS tokens, whole 64-token tiles) of kv head pid_bh: normalized partial
     output (B, Hq, NSPLIT, 128) float32 and base-2 log-sum-exp (B, Hq, NSPLIT). Every tensor
     the asm takes is a (64, 16) int32 tile loaded in 16-byte vectors, or index arithmetic, so
     Triton lays them all out as the fragments need (checked by mma_ptx.check_layout). RES: a
     static cache's store at position pos (device), T its capacity (kv_merge._packed_count)."""
-    pdl.wait(PDL)
     T = _packed_count(T, pos_ptr, RES, GROUP)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -200,6 +199,6 @@ def packed_parts(q: torch.Tensor, store, group: int, scaling: float,
         KEYS=KEYS_PF[0][ng] if pf else asm[0], VALUES=asm[1], EPI=asm[2], PRO=asm[3],
         C1=KEYS_PF[1] if pf else CONS[0], C2=CONS[1], C3=CONS[2], C4=CONS[3], PF=pf,
         num_warps=1, num_stages=1,
-        **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1], **pdl.launch_kw())))
+        **({} if dyn is None else dict(pos_ptr=dyn[0], RES=dyn[1])))
     mma_ptx.check_layout(k)
     return out, lse

@@ -138,8 +138,6 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
         sig["pos_ptr"] = "constexpr"
     const["RES"] = res
     sig["RES"] = "constexpr"
-    const["PDL"] = bool(res)
-    sig["PDL"] = "constexpr"
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") and n not in const] + [
         "s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_sg", "s_vb", "s_vh", "s_vt",
