@@ -182,3 +182,16 @@ def test_quantized_kv_cache_refuses_what_the_static_cache_cannot_take(tiny_confi
     with pytest.raises(ValueError, match="2-bit"):
         greedy_static(model, torch.zeros(1, 3, dtype=torch.long), 2, graph=False,
                       kv=KVFormat(2, 32, 128))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_quantized_kv_cache_in_a_cuda_graph_gives_the_eager_tokens(tiny_config):
+    """Captured once and replayed, the static cache's step (flushes inside the graph, the packed
+    count read from the position tensor) gives the tokens of the same step run eagerly."""
+    from memfit.kvcache import KVFormat
+    fmt = KVFormat(4, 64, 64)
+    model = _tiny(tiny_config, hidden_size=256).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 30000, (1, 150), generator=torch.Generator().manual_seed(9)).cuda()
+    eager = greedy_static(model, ids, 140, graph=False, kv=fmt)
+    graphed = greedy_static(model, ids, 140, graph=True, kv=fmt)
+    assert torch.equal(eager, graphed)
