@@ -323,6 +323,10 @@ class NativeStep:
                 scale=scale)
             cache.prefill(kc, vc)
             return a.transpose(1, 2)
-        q = rope(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads)  # slot pos % ring
-        cache.flush(pos)
+        if self.fast:  # token into slot pos % ring, and the flush, in one launch
+            q = td.rope_cache(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads,
+                              flush=cache.flush_args())
+        else:
+            q = td.rope_cache_ref(qkv, pos, self.cos, self.sin, cache.kr, cache.vr, self.heads)
+            cache.flush(pos)
         return cache.attend(q[:, :, 0], pos, scale, qkv.dtype)

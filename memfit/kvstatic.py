@@ -99,6 +99,12 @@ class StaticKV:
         self.kr.index_copy_(2, slots, keys[:, :, q:].to(self.kr.dtype))
         self.vr.index_copy_(2, slots, values[:, :, q:].to(self.vr.dtype))
 
+    def flush_args(self) -> tuple | None:
+        """What memfit.kernels.triton_decode.rope_cache takes to flush in its own launch (None:
+        the cache packs nothing)."""
+        fmt = self.fmt
+        return (self.store, fmt.bits, fmt.group, fmt.residual) if self.store[0].shape[2] else None
+
     def flush(self, pos: torch.Tensor) -> None:
         """After the step at pos (1,) wrote its token into the ring: quantize the group leaving
         it, when one does."""

@@ -34,25 +34,24 @@ def _pack(c, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _kv_flush(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, HKV, W,
-              s_rb, s_rh, s_rt, s_kb, s_kh, s_kt, s_sb, s_sh, s_sg, s_vb, s_vh, s_vt, s_wb, s_wh,
-              s_wt, RES: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
-              BITS: tl.constexpr, PDL: tl.constexpr = False):
+def flush_group(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, b, h,
+                HKV, W, CAP, RES: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                GV: tl.constexpr, BITS: tl.constexpr):
     """If the token at pos brought the dense count to RES + GROUP: quantize dense group j
-    (tokens j * GROUP ...) of kv head pid from the rings into the store (else nothing)."""
-    pdl.wait(PDL)
+    (tokens j * GROUP ...) of kv head (b, h) from the rings (B, HKV, W, D) into the store
+    (memfit.kvcache's six tensors, contiguous, CAP tokens); else nothing. Also called by
+    memfit.kernels.triton_decode's rope kernel (the decode step's flush without a launch)."""
     n = tl.load(pos_ptr).to(tl.int32) + 1
     if (n > RES) & ((n - RES) % GROUP == 0):
         QMAX: tl.constexpr = 2 ** BITS - 1
         NB: tl.constexpr = D * BITS // 8
-        pid = tl.program_id(0)
-        b = pid // HKV
-        h = pid % HKV
+        NV: tl.constexpr = D // GV
+        bh = b * HKV + h
         j = (n - RES) // GROUP - 1
         t = j * GROUP + tl.arange(0, GROUP)
         rd = tl.arange(0, D)
         rb = tl.arange(0, NB)
-        ring = b * s_rb + h * s_rh + ((t % W) * s_rt)[:, None] + rd[None, :]
+        ring = (bh * W + t % W)[:, None] * D + rd[None, :]
         k = tl.load(kr_ptr + ring).to(tl.float32)  # (GROUP, D): one scale per channel
         lo = tl.min(k, axis=0)
         scale = tl.maximum(tl.math.div_rn(tl.max(k, axis=0) - lo, QMAX * 1.0), 2.0 ** -14)
@@ -60,39 +59,43 @@ def _kv_flush(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, v
         low = lo.to(tl.float16)
         y = tl.math.div_rn(k - low.to(tl.float32)[None, :], scale.to(tl.float32)[None, :])
         c = tl.minimum(tl.maximum(_round_even(y), 0.0), QMAX * 1.0)
-        tl.store(kq_ptr + b * s_kb + h * s_kh + t[:, None] * s_kt + rb[None, :],
-                 _pack(c, GROUP, D, BITS))
-        tl.store(ks_ptr + b * s_sb + h * s_sh + j * s_sg + rd, scale)
-        tl.store(km_ptr + b * s_sb + h * s_sh + j * s_sg + rd, low)
-        v = tl.reshape(tl.load(vr_ptr + ring).to(tl.float32), (GROUP, D // GV, GV))
+        codes = (bh * CAP + t)[:, None] * NB + rb[None, :]
+        tl.store(kq_ptr + codes, _pack(c, GROUP, D, BITS))
+        kpar = (bh * (CAP // GROUP) + j) * D + rd
+        tl.store(ks_ptr + kpar, scale)
+        tl.store(km_ptr + kpar, low)
+        v = tl.reshape(tl.load(vr_ptr + ring).to(tl.float32), (GROUP, NV, GV))
         lo = tl.min(v, axis=2)  # (GROUP, D / GV): one scale per token and channel group
         scale = tl.maximum(tl.math.div_rn(tl.max(v, axis=2) - lo, QMAX * 1.0), 2.0 ** -14)
         scale = scale.to(tl.float16)
         low = lo.to(tl.float16)
         y = tl.math.div_rn(v - low.to(tl.float32)[:, :, None], scale.to(tl.float32)[:, :, None])
         c = tl.reshape(tl.minimum(tl.maximum(_round_even(y), 0.0), QMAX * 1.0), (GROUP, D))
-        tl.store(vq_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + rb[None, :],
-                 _pack(c, GROUP, D, BITS))
-        rw = tl.arange(0, D // GV)
-        par = b * s_wb + h * s_wh + t[:, None] * s_wt + rw[None, :]
-        tl.store(vs_ptr + par, scale)
-        tl.store(vm_ptr + par, low)
+        tl.store(vq_ptr + codes, _pack(c, GROUP, D, BITS))
+        vpar = (bh * CAP + t)[:, None] * NV + tl.arange(0, NV)[None, :]
+        tl.store(vs_ptr + vpar, scale)
+        tl.store(vm_ptr + vpar, low)
 
+
+@triton.jit
+def _kv_flush(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, HKV, W,
+              CAP, RES: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
+              BITS: tl.constexpr, PDL: tl.constexpr = False):
+    """`flush_group` for kv head pid, as a launch of its own."""
+    pdl.wait(PDL)
+    pid = tl.program_id(0)
+    flush_group(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr,
+                pid // HKV, pid % HKV, HKV, W, CAP, RES, GROUP, D, GV, BITS)
 
 def flush(pos: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, store, bits: int, group: int,
           residual: int) -> None:
     """After the step at pos (1,) wrote its token into the rings kr/vr (B, Hkv, W, D): quantize
-    the group leaving them into `store` (memfit.kvcache's six tensors at capacity), when one
-    does."""
-    kq, ks, km, vq, vs, vm = store
+    the group leaving them into `store` (memfit.kvcache's six tensors at capacity, contiguous),
+    when one does."""
     b, h, w, d = kr.shape
-    _kv_flush[(b * h,)](
-        pos, kr, vr, kq, ks, km, vq, vs, vm, h, w, kr.stride(0), kr.stride(1), kr.stride(2),
-        kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        RES=residual, GROUP=group, D=d, GV=d // vs.shape[-1], BITS=bits, num_warps=4,
-        **pdl.launch_kw())
-
+    _kv_flush[(b * h,)](pos, kr, vr, *store, h, w, store[0].shape[2], RES=residual, GROUP=group,
+                        D=d, GV=d // store[4].shape[-1], BITS=bits, num_warps=4,
+                        **pdl.launch_kw())
 
 def attention(q: torch.Tensor, store, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor,
               bits: int, group: int, residual: int, scaling: float,

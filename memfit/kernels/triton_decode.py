@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels import pdl
+from memfit.kernels import kv_static, pdl
 
 
 @triton.jit
@@ -77,12 +77,33 @@ def add_rmsnorm_ref(h, r, w, eps):
 
 @triton.jit
 def _rope_cache(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H, KVH, L,
-                D: tl.constexpr, PDL: tl.constexpr):
+                D: tl.constexpr, PDL: tl.constexpr, kq_ptr=None, ks_ptr=None, km_ptr=None,
+                vq_ptr=None, vs_ptr=None, vm_ptr=None, CAP=0, RES: tl.constexpr = 0,
+                GROUP: tl.constexpr = 1, GV: tl.constexpr = 1, BITS: tl.constexpr = 4):
     pdl.wait(PDL)
     r = tl.program_id(0)        # token row b * T + t
-    hd = tl.program_id(1)       # head among H query, KVH key, KVH value heads
-    b = r // T
+    hd = tl.program_id(1)       # head among H query, KVH key, KVH value heads (RES: and KVH
+    b = r // T                  # flush programs, T = 1)
     t = r % T
+    if RES:  # a static quantized cache's flush (memfit.kernels.kv_static) in the same launch
+        if hd >= H + 2 * KVH:
+            kv_static.flush_group(pos_ptr, kc_ptr, vc_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr,
+                                  vm_ptr, b, hd - H - 2 * KVH, KVH, L, CAP, RES, GROUP, D, GV,
+                                  BITS)
+        else:
+            _rope_write(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, b, t, hd, T,
+                        H, KVH, L, D)
+    else:
+        _rope_write(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, b, t, hd, T, H,
+                    KVH, L, D)
+
+
+@triton.jit
+def _rope_write(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, b, t, hd, T, H, KVH,
+                L, D: tl.constexpr):
+    """Head hd of token (b, t): q rotated into q_ptr, k rotated and v into the cache at its
+    position (modulo L)."""
+    r = b * T + t
     HALF: tl.constexpr = D // 2
     i = tl.arange(0, HALF)
     src = qkv_ptr + r * (H + 2 * KVH) * D + hd * D
@@ -112,14 +133,25 @@ def _rope_cache(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, T, H,
         tl.store(dst + HALF + i, x2)
 
 
-def rope_cache(qkv, pos, cos, sin, kc, vc, heads: int) -> torch.Tensor:
+def rope_cache(qkv, pos, cos, sin, kc, vc, heads: int,
+               flush: tuple | None = None) -> torch.Tensor:
     """qkv (B*T, (H + 2 KVH) * D), pos (T,) long, cos/sin (max_len, D), kc/vc (B, KVH, L, D)
-    -> q (B, H, T, D); k, v written into kc, vc at `pos` (modulo L: a ring)."""
+    -> q (B, H, T, D); k, v written into kc, vc at `pos` (modulo L: a ring). flush = (store,
+    bits, group, residual), T = 1: kc/vc are a static quantized cache's rings, and the same
+    launch quantizes the group leaving them (memfit.kernels.kv_static.flush_group)."""
     bsz, kvh, length, d = kc.shape
     t = pos.shape[0]
     q = torch.empty(bsz, heads, t, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache[(bsz * t, heads + 2 * kvh)](qkv, pos, cos, sin, q, kc, vc, t, heads, kvh, length,
-                                             D=d, num_warps=1, **pdl.launch_kw())
+    if flush is None or t != 1:
+        _rope_cache[(bsz * t, heads + 2 * kvh)](qkv, pos, cos, sin, q, kc, vc, t, heads, kvh,
+                                                 length, D=d, num_warps=1, **pdl.launch_kw())
+        return q
+    store, bits, group, residual = flush
+    _rope_cache[(bsz, heads + 3 * kvh)](
+        qkv, pos, cos, sin, q, kc, vc, t, heads, kvh, length, D=d, num_warps=4,
+        **pdl.launch_kw(), kq_ptr=store[0], ks_ptr=store[1], km_ptr=store[2], vq_ptr=store[3],
+        vs_ptr=store[4], vm_ptr=store[5], CAP=store[0].shape[2], RES=residual, GROUP=group,
+        GV=d // store[4].shape[-1], BITS=bits)
     return q
 
 
