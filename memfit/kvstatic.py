@@ -23,8 +23,8 @@ in a device tensor, so no host value enters the step:
 
 Measured (one H200, random-weight Llama-3-8B shape, int4 g128 weights, batch 1,
 benchmarks/decode_kv.py; RESULTS.md, session 15): `int4` at 32k context 313 tok/s with 1176 MiB
-of KV against 284 with the 16-bit cache's 4112 MiB; at 1k 367 against 393 (a layer has two more
-launches than the 16-bit cache's fused rope-attention).
+of KV against 284 with the 16-bit cache's 4112 MiB; at 1k 367 against 393 (a layer has one more
+launch than the 16-bit cache's fused rope-attention and its merge).
 
 The quantized values are bit for bit those of memfit.kvcache's `_quantize` (IEEE division,
 round half to even), so generating with this cache gives the tokens that transformers'

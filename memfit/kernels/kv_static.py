@@ -4,7 +4,6 @@ decode attention over the packed store and the ring with the packed count read f
 position tensor, so no host value enters a decode step. The codes, scales and minima are bit for
 bit those of memfit.kvcache's `_quantize` (IEEE division, round half to even)."""
 
-
 from __future__ import annotations
 
 import torch
@@ -40,7 +39,7 @@ def flush_group(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr,
     """If the token at pos brought the dense count to RES + GROUP: quantize dense group j
     (tokens j * GROUP ...) of kv head (b, h) from the rings (B, HKV, W, D) into the store
     (memfit.kvcache's six tensors, contiguous, CAP tokens); else nothing. Also called by
-    memfit.kernels.triton_decode's rope kernel (the decode step's flush without a launch)."""
+    memfit.kernels.triton_rope's kernel (the decode step's flush without a launch)."""
     n = tl.load(pos_ptr).to(tl.int32) + 1
     if (n > RES) & ((n - RES) % GROUP == 0):
         QMAX: tl.constexpr = 2 ** BITS - 1
@@ -87,6 +86,7 @@ def _kv_flush(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, v
     flush_group(pos_ptr, kr_ptr, vr_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr,
                 pid // HKV, pid % HKV, HKV, W, CAP, RES, GROUP, D, GV, BITS)
 
+
 def flush(pos: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, store, bits: int, group: int,
           residual: int) -> None:
     """After the step at pos (1,) wrote its token into the rings kr/vr (B, Hkv, W, D): quantize
@@ -97,11 +97,12 @@ def flush(pos: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, store, bits: in
                         D=d, GV=d // store[4].shape[-1], BITS=bits, num_warps=4,
                         **pdl.launch_kw())
 
+
 def attention(q: torch.Tensor, store, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor,
               bits: int, group: int, residual: int, scaling: float,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, Hq, D) attention (float32 sums, written as `dtype`) of q (B, Hq, D) over a static cache at position pos: the
-    packed splits (triton_kv_mma's kernel where it takes the cache, else triton_kv's), planned
+    """(B, Hq, D) attention (float32 sums, written as `dtype`) of q (B, Hq, D) over a static
+    cache at position pos: the packed splits (triton_kv_mma's kernel where it takes the cache, else triton_kv's), planned
     for the store's capacity, each reading how many tokens are packed from pos; then the merge
     with the ring (kv_merge)."""
     from memfit.kernels import triton_kv
