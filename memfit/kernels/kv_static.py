@@ -102,9 +102,9 @@ def attention(q: torch.Tensor, store, kr: torch.Tensor, vr: torch.Tensor, pos: t
               bits: int, group: int, residual: int, scaling: float,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, Hq, D) attention (float32 sums, written as `dtype`) of q (B, Hq, D) over a static
-    cache at position pos: the packed splits (triton_kv_mma's kernel where it takes the cache, else triton_kv's), planned
-    for the store's capacity, each reading how many tokens are packed from pos; then the merge
-    with the ring (kv_merge)."""
+    cache at position pos: the packed splits (triton_kv_mma's kernel where it takes the cache,
+    else triton_kv's), planned for the store's capacity, each reading how many tokens are packed
+    from pos; then the merge with the ring (kv_merge)."""
     from memfit.kernels import triton_kv
     from memfit.kernels.kv_merge import merge
     b, hq, d = q.shape
