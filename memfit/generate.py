@@ -56,6 +56,11 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     fmt = kv_format(kv)
     placed = getattr(model, "memfit_placement", None) is not None  # accelerate's hooks: eager
+    if device.type == "cuda" and temperature == 0 and not placed:
+        from memfit.decode import kv_ineligibility
+        if fmt is None or kv_ineligibility(model, fmt) is None:
+            return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream,
+                                    fmt)
     if fmt is not None:
         fused = device.type == "cuda" and not placed
         if fused:
@@ -66,11 +71,6 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if device.type == "cuda" and temperature == 0 and not placed:
-        from memfit.decode import kv_ineligibility
-        if fmt is None or kv_ineligibility(model, fmt) is None:
-            return _generate_static(model, tokenizer, enc["input_ids"], max_new_tokens, stream,
-                                    fmt)
     errors = []
 
     def run():
