@@ -201,7 +201,6 @@ def cands(args, gen) -> None:
                 fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
                 fam += f"_pf{c.num_stages}_epi{int(c.epi)}" if c.words == "mma" else ""
                 fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
-                fam += f"_stream{c.stream}" if c.stream else ""
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),

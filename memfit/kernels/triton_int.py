@@ -45,7 +45,6 @@ from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
-from memfit.kernels.triton_mma_stream import run_stream
 from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
 from memfit.kernels.weights import IntWeight, row_slice
 
@@ -72,8 +71,6 @@ class Config:
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
-    stream: int = 0      # mma, M <= 16: stream-K over `stream` programs per SM
-    #                      (memfit.kernels.triton_mma_stream; SPLIT_K unused)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -118,12 +115,6 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     elif m > 1:  # rows sharing their activation loads first (measured 1.4-2x faster at M = 4
         # and 16 than one row per asm call, benchmarks/RESULTS.md, session 11)
         out = [shared(c) for c in out if shared(c).reps >= 2] + out
-    if m <= 16:  # stream-K: equal runs of tiles over 1-4 programs per SM (triton_mma_stream)
-        for bn, warps in ((256, 8), (128, 4), (64, 4)):
-            for per_sm in (1, 2, 3, 4):
-                for pf in ((1, 2) if m == 1 else (1,)):
-                    out.append(shared(Config(16, bn, 128, 1, warps, pf, words="mma",
-                                             stream=per_sm)))
     return out
 
 
@@ -294,13 +285,6 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             return _dequant_blocks(x2, w, bias, cfg.BN)
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
-    if cfg.words == "mma" and cfg.stream:
-        try:
-            return run_stream(x2, w, bias, cfg.BN, cfg.stream, cfg.num_warps, cfg.reps,
-                              cfg.num_stages)
-        except MmaLayoutError as e:
-            _warn_once(f"{e}; dequantizing instead")
-            return run(x2, w, bias, Config(0, 0, 0))
     if cfg.words == "mma":
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,

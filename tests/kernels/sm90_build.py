@@ -17,8 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import (mma_ptx, triton_kv, triton_kv_mma, triton_mma, triton_mma_stream,
-                            triton_words)
+from memfit.kernels import mma_ptx, triton_kv, triton_kv_mma, triton_mma, triton_words
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -72,23 +71,6 @@ def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, rep
         assert "convert_layout" not in loop, "a layout conversion in the EPI loop"
     mma_ptx.LAYOUT_OK.pop(id(k), None)
     mma_ptx.check_layout(k)  # raises MmaLayoutError otherwise
-
-
-def check_stream(mt: int, nsub: int, f16: bool, rb: int, bn: int, warps: int, reps: int,
-                 prefetch: int):
-    """The stream-K mma kernel (memfit.kernels.triton_mma_stream) as run_stream launches it."""
-    xdt = "fp16" if f16 else "bf16"
-    sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
-           "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}", "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32",
-           "N": "i32", "KT": "i32", "UT": "i32", "stride_xm": "i32", "stride_qn": "i32",
-           "stride_sn": "i32", "stride_zn": "i32"}
-    c = triton_mma.constants(mt, 128 // nsub if mt == 1 else 128, 1, "f16", f16, bn, 1, 1, rb,
-                             False, reps, False, True, prefetch)
-    const = {key: c[key] for key in triton_mma_stream.KEEP} | {"PDL": False}
-    k = build(triton_mma_stream._mma_stream, sig, const, warps)
-    assert k.asm["ptx"].count("mma.sync.aligned.m16n8k16") >= 8, "mma count"
-    mma_ptx.LAYOUT_OK.pop(id(k), None)
-    mma_ptx.check_layout(k)
 
 
 @triton.jit
@@ -194,10 +176,6 @@ def main() -> None:
                          (1, 2, 1, "f16", False, 64, True, 256, 8, 4, 1),
                          (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
-    checks |= {f"mma_stream{c}": (check_stream, c)
-               for c in [(1, 1, True, 64, 256, 8, 4, 2), (1, 1, False, 0, 128, 4, 4, 1),
-                         (1, 2, True, 64, 128, 4, 4, 1), (16, 1, True, 64, 256, 8, 4, 1),
-                         (8, 1, False, 0, 64, 4, 2, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),
