@@ -1,16 +1,17 @@
 """Decode tokens/s at long contexts with memfit's own step (memfit.fastdecode) and a 16-bit or a
 quantized KV cache (memfit.kernels.kv_static), side by side in one run: the random-weight
-Llama-3-8B-shaped model of decode_gpu.py (32 layers unless --layers), int4 g128 weights in the
-tiled layout, batch 1. Each row fills the cache with `context` random states (the 16-bit cache
-written directly; the quantized one through its prefill, as a prompt's states go in), captures
-the step at that position as one CUDA graph and replays it `--steps` times (the position
-advancing: the quantized cache packs a group every `group` steps inside the graph). tok/s =
-steps / synchronized wall time, best of 2; KV MiB = the cache's allocated bytes for `context +
-steps` positions (the 16-bit cache: 2 x layers x (1, 8, L, 128) bf16; the quantized: its
-store at capacity + the rings).
+Llama-3-8B-shaped model of decode_gpu.py (32 layers unless --layers), int4 g128 weights (in the
+tiled layout at batch 1), batch 1 unless --batch. Each row fills the cache with `context` random
+states (the 16-bit cache written directly; the quantized one through its prefill, as a prompt's
+states go in), captures the step at that position as one CUDA graph and replays it `--steps`
+times (the position advancing: the quantized cache packs a group every `group` steps inside the
+graph). tok/s = batch x steps / synchronized wall time, best of 2; KV MiB = the cache's
+allocated bytes for `context + steps` positions (the 16-bit cache: 2 x layers x (batch, 8, L,
+128) bf16; the quantized: its store at capacity + the rings).
 
     python benchmarks/decode_kv.py [--contexts 1024 8192 32768] [--kv none int4 int4-g128]
-                                   [--layers 32] [--steps 128] [--profile N] [--json OUT]
+                                   [--layers 32] [--steps 128] [--batch 1 16] [--profile N]
+                                   [--json OUT]
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from memfit.kvcache import kv_format
 
 
 @torch.inference_mode()
-def row(m, context: int, kv: str, steps: int, profile: int = 0) -> dict:
+def row(m, context: int, kv: str, steps: int, profile: int = 0, batch: int = 1) -> dict:
     fmt = kv_format(kv)
-    step = fastdecode.NativeStep(m, 1, context + steps + 4, kv=fmt)
+    step = fastdecode.NativeStep(m, batch, context + steps + 4, kv=fmt)
     dev = m.device
     g = torch.Generator(device=dev).manual_seed(context)
-    shape = (1, step.kv_heads, context, step.head_dim)
+    shape = (batch, step.kv_heads, context, step.head_dim)
     with step.packed_groups():
         for i in range(len(step.layers)):
             k = torch.randn(shape, generator=g, device=dev, dtype=torch.bfloat16)
@@ -48,7 +49,7 @@ def row(m, context: int, kv: str, steps: int, profile: int = 0) -> dict:
             else:
                 step.kv[i].prefill(k, v)
         del k, v
-        tok = torch.ones(1, 1, dtype=torch.long, device=dev)
+        tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
         pos = torch.full((1,), context, dtype=torch.long, device=dev)
 
         def one():
@@ -89,7 +90,7 @@ def row(m, context: int, kv: str, steps: int, profile: int = 0) -> dict:
         kv_bytes = sum(t.numel() * t.element_size() for t in step.kc + step.vc)
     else:
         kv_bytes = sum(c.nbytes() for c in step.kv)
-    out = dict(context=context, kv=kv, tok_s=round(steps / best, 1),
+    out = dict(context=context, kv=kv, batch=batch, tok_s=round(batch * steps / best, 1),
                ms_per_token=round(1e3 * best / steps, 3), kv_mib=round(kv_bytes / 2**20, 1))
     print(json.dumps(out), flush=True)
     if prof:
@@ -105,12 +106,14 @@ def main() -> None:
     ap.add_argument("--kv", nargs="+", default=["none", "int4", "int4-g128"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--profile", type=int, default=0, help="profile N replays a row")
     ap.add_argument("--json")
     a = ap.parse_args()
     m = build(a.layers, SHAPE)
     to_int4(m)
-    rows = [row(m, c, kv, a.steps, a.profile) for c in a.contexts for kv in a.kv]
+    rows = [row(m, c, kv, a.steps, a.profile, b) for b in a.batch for c in a.contexts
+            for kv in a.kv]
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, layers=a.layers, steps=a.steps,
                 weights="int4 g128, tiled", rows=rows)
