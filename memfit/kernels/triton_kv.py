@@ -49,6 +49,7 @@ from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     combine,
     dense_part,
     merge,
+    merge_shape,
     reference,
     split_plan,
 )
