@@ -107,13 +107,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="CHANNELSxTOKENS merge launch settings to time in turn (kv_merge.MERGE)")
     ap.add_argument("--profile", type=int, default=0, help="profile N replays a row")
     ap.add_argument("--json")
     a = ap.parse_args()
     m = build(a.layers, SHAPE)
     to_int4(m)
-    rows = [row(m, c, kv, a.steps, a.profile, b) for b in a.batch for c in a.contexts
-            for kv in a.kv]
+    from memfit.kernels.kv_merge import MERGE
+    rows = []
+    for setting in a.merge or [None]:
+        if setting:
+            MERGE["channels"], MERGE["tokens"] = map(int, setting.split("x"))
+        for b in a.batch:
+            for c in a.contexts:
+                for kv in a.kv:
+                    rows.append(row(m, c, kv, a.steps, a.profile, b) | {"merge": dict(MERGE)})
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, layers=a.layers, steps=a.steps,
                 weights="int4 g128, tiled", rows=rows)

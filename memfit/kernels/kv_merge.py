@@ -14,9 +14,8 @@ from memfit.kernels import pdl
 
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
-# a step, warps; group_rows: from how many rows (batch x query heads) a program takes a kv head's
-# query heads (None: the device's multiprocessor count; merge_shape)
-MERGE = {"channels": 32, "tokens": 128, "warps": 8, "group_rows": None}
+# a step, warps
+MERGE = {"channels": 32, "tokens": 128, "warps": 8}
 
 
 def split_plan(t: int, b: int, hkv: int, tile: int, per_sm: int, q: torch.Tensor,
@@ -56,44 +55,35 @@ def _split_bases(kq_ptr, vq_ptr, b, h, pid_s, T, TPS, s_kb, s_kh, s_sb, s_sh, s_
 @triton.jit
 def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_scale, s_qb, s_qh,
                 s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SP: tl.constexpr, D: tl.constexpr,
-                BR: tl.constexpr, DB: tl.constexpr, HP: tl.constexpr = 1, HPP: tl.constexpr = 1,
-                pos_ptr=None, RES: tl.constexpr = 0, GROUP: tl.constexpr = 1,
-                RING: tl.constexpr = 0, PDL: tl.constexpr = False):
+                BR: tl.constexpr, DB: tl.constexpr, pos_ptr=None, RES: tl.constexpr = 0,
+                GROUP: tl.constexpr = 1, RING: tl.constexpr = 0, PDL: tl.constexpr = False):
     """y[r, cb] = the exact merge, for channels cb (DB of them, program axis 1), of the S
     normalized packed parts of row r (one (batch, query head)) and of its attention over the TR
     dense recent tokens (B, Hkv, TR, D), which this program computes itself (float32, BR tokens
     at a time; the scores over all D channels, the values over its DB): no launch of its own.
-    A program takes HP query heads of one kv head (HPP: HP's next power of two), which share
-    each loaded window tile. Parts of empty splits (lse -inf) count zero. RING (a static cache at
-    position pos, residual RES, key groups GROUP): the dense tokens are those past the packed
-    ones, token t in slot t % RING of a (B, Hkv, RING, D) ring. PDL: launched with
-    memfit.kernels.pdl."""
+    Parts of empty splits (lse -inf) count zero. RING (a static cache at position pos, residual
+    RES, key groups GROUP): the dense tokens are those past the packed ones, token t in slot
+    t % RING of a (B, Hkv, RING, D) ring. PDL: launched with memfit.kernels.pdl."""
     pdl.wait(PDL)
-    pid = tl.program_id(0)  # (batch, block of HP query heads)
+    r = tl.program_id(0)
     cb = tl.program_id(1) * DB
-    bb = pid // (HQ // HP)
-    rg = tl.arange(0, HPP)
-    g_ok = rg < HP
-    h0 = (pid % (HQ // HP)) * HP  # the block's first query head
-    hq = h0 + tl.minimum(rg, HP - 1)  # (HPP,) query heads (padding repeats the last)
-    h = h0 // (HQ // HKV)  # their kv head
-    r = bb * HQ + hq  # (HPP,) rows
+    bb = r // HQ
+    h = (r % HQ) // (HQ // HKV)
     rs = tl.arange(0, SP)
     rd = tl.arange(0, D)
     rc = cb + tl.arange(0, DB)
-    q = tl.load(q_ptr + bb * s_qb + hq[:, None] * s_qh + rd[None, :]).to(tl.float32) * qk_scale
-    s_ok = g_ok[:, None] & (rs < S)[None, :]
-    lse = tl.load(l_ptr + r[:, None] * S + rs[None, :], mask=s_ok, other=float("-inf"))
-    o = tl.load(o_ptr + (r[:, None] * S + rs[None, :])[:, :, None] * D + rc[None, None, :],
-                mask=s_ok[:, :, None], other=0.0)  # loaded first: latency overlaps the window's
-    o = tl.where((lse > float("-inf"))[:, :, None], o, 0.0)  # an empty split's 0/0
+    q = tl.load(q_ptr + bb * s_qb + (r % HQ) * s_qh + rd).to(tl.float32) * qk_scale
+    lse = tl.load(l_ptr + r * S + rs, mask=rs < S, other=float("-inf"))  # loaded first: their
+    o = tl.load(o_ptr + (r * S + rs)[:, None] * D + rc[None, :], mask=(rs < S)[:, None],
+                other=0.0)  # latency overlaps the dense window's
+    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)  # an empty split's 0/0
     t0 = 0
     if RING:
         t0 = _packed_count(0, pos_ptr, RES, GROUP)
         TR = tl.load(pos_ptr).to(tl.int32) + 1 - t0
-    m_d = tl.full((HPP,), float("-inf"), tl.float32)
-    l_d = tl.zeros((HPP,), tl.float32)
-    acc = tl.zeros((HPP, DB), tl.float32)
+    m_d = tl.full((), float("-inf"), tl.float32)
+    l_d = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((DB,), tl.float32)
     for tb in range(0, TR, BR):
         rt = tb + tl.arange(0, BR)
         ok = (rt < TR)[:, None]
@@ -104,40 +94,19 @@ def _kv_combine(o_ptr, l_ptr, y_ptr, q_ptr, k_ptr, v_ptr, S, TR, HQ, HKV, qk_sca
                     other=0.0).to(tl.float32)
         v = tl.load(v_ptr + bb * s_vb + h * s_vh + slot[:, None] * s_vt + rc[None, :], mask=ok,
                     other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (HPP, BR)
-        sc = tl.where((rt < TR)[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_d, tl.max(sc, axis=1))
-        p = tl.exp2(sc - m_new[:, None])
+        sc = tl.where(rt < TR, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_d, tl.max(sc, axis=0))
+        p = tl.exp2(sc - m_new)
         alpha = tl.exp2(m_d - m_new)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        l_d = l_d * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_d = l_d * alpha + tl.sum(p, axis=0)
         m_d = m_new
     lse_d = m_d + tl.log2(l_d)  # -inf when TR == 0
-    top = tl.maximum(tl.max(lse, axis=1), lse_d)
-    w = tl.exp2(lse - top[:, None])
+    top = tl.maximum(tl.max(lse, axis=0), lse_d)
+    w = tl.exp2(lse - top)
     w_d = tl.exp2(lse_d - top)
-    y = tl.sum(o * w[:, :, None], axis=1) + acc * (w_d / tl.where(l_d > 0, l_d, 1.0))[:, None]
-    tl.store(y_ptr + r[:, None] * D + rc[None, :], y / (tl.sum(w, axis=1) + w_d)[:, None],
-             mask=g_ok[:, None])
-
-
-def merge_shape(b: int, hq: int, hkv: int, d: int, q: torch.Tensor) -> tuple[int, int, int]:
-    """(query heads a program, channels a program, window tokens a step) of the merge. Few rows
-    (batch 1: 32 query heads): a program per (query head, MERGE["channels"] channels), the most
-    programs for a latency-bound launch. With at least one row per multiprocessor
-    (MERGE["group_rows"]): a program per kv head's query heads, which share each window tile, and as
-    many channels as keep a program per multiprocessor (fewer score recomputations); on an
-    H200 at batch 16 this merge took 41 µs a layer per (query head, 32 channels), 4x the
-    16-bit cache's (benchmarks/RESULTS.md, session 16)."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    rows = MERGE["group_rows"] or sms
-    if b * hq < rows or hq % hkv:
-        return 1, min(d, MERGE["channels"]), MERGE["tokens"]
-    hp = hq // hkv
-    db = d
-    while db > 32 and b * hkv * (d // db) < sms:
-        db //= 2
-    return hp, db, max(16, MERGE["tokens"] // triton.next_power_of_2(hp))
+    y = tl.sum(o * w[:, None], axis=0) + acc * (w_d / tl.where(l_d > 0, l_d, 1.0))
+    tl.store(y_ptr + r * D + rc, y / (tl.sum(w, axis=0) + w_d))
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
@@ -150,12 +119,12 @@ def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Ten
     b, hq, d = q.shape
     hkv, n = keys.shape[1], out.shape[2]
     y = torch.empty(b, hq, d, dtype=dtype, device=q.device)
-    hp, db, br = merge_shape(b, hq, hkv, d, q)
-    _kv_combine[(b * hq // hp, d // db)](
+    db = min(d, MERGE["channels"])
+    _kv_combine[(b * hq, d // db)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
         values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
-        BR=br, DB=db, HP=hp, HPP=triton.next_power_of_2(hp), num_warps=MERGE["warps"],
+        BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"],
         **({} if ring is None else dict(pos_ptr=ring[0], RES=ring[1], GROUP=ring[2],
                                         RING=keys.shape[2], **pdl.launch_kw())))
     return y

@@ -49,7 +49,6 @@ from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     combine,
     dense_part,
     merge,
-    merge_shape,
     reference,
     split_plan,
 )

@@ -149,38 +149,12 @@ def test_fused_cache_falls_back_with_one_warning_where_the_kernel_cannot(tiny_co
     assert torch.equal(outs[True], outs[False])
 
 
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2), (3, 1)])
-def test_grouped_merge_over_a_ring_matches_reference(monkeypatch, hq, hkv):
-    """A program per kv head's query heads (4, 3 padded to 4, 3 with one kv head), over a
-    static cache's ring at a position where some tokens are packed: the reference attention."""
-    from memfit.kernels.kv_merge import merge
-    monkeypatch.setitem(triton_kv.MERGE, "group_rows", 1)
-    gen = torch.Generator().manual_seed(hq)
-    b, d, ring, res, group = 2, 64, 96, 32, 64
-    pos = 200  # 201 tokens: 128 packed (two groups), 73 dense in slots (128 + i) % 96
-    q = torch.randn(b, hq, d, generator=gen)
-    kr, vr = torch.randn(b, hkv, ring, d, generator=gen), torch.randn(b, hkv, ring, d, generator=gen)
-    kp, vp = torch.randn(b, hkv, 128, d, generator=gen), torch.randn(b, hkv, 128, d, generator=gen)
-    sc = d ** -0.5
-    out, lse = triton_kv.dense_part(q, kp, vp, sc)  # the packed tokens as one split
-    got = merge(out.to(DEV), lse.to(DEV), q.to(DEV), kr.to(DEV), vr.to(DEV), sc,
-                ring=(torch.tensor([pos], device=DEV), res, group))
-    slots = torch.arange(128, pos + 1) % ring
-    want = triton_kv.reference(q, torch.cat([kp, kr[:, :, slots]], 2),
-                               torch.cat([vp, vr[:, :, slots]], 2), sc)
-    assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
-
-
 @pytest.mark.parametrize("channels,tokens", [(32, 64), (64, 32)])
-@pytest.mark.parametrize("group", [False, True])
-def test_merge_in_channel_blocks_matches_reference(monkeypatch, channels, tokens, group):
+def test_merge_in_channel_blocks_matches_reference(monkeypatch, channels, tokens):
     """The merge split over channel blocks (more programs) and the dense window a few tokens a
-    step, a program per query head or per kv head's query heads (group): the same attention."""
+    step: the same attention."""
     monkeypatch.setitem(triton_kv.MERGE, "channels", channels)
     monkeypatch.setitem(triton_kv.MERGE, "tokens", tokens)
-    monkeypatch.setitem(triton_kv.MERGE, "group_rows", 1 if group else 10**9)
-    assert triton_kv.merge_shape(2, 4, 2, 128, torch.empty(0, device=DEV))[0] == (2 if group
-                                                                                  else 1)
     gen = torch.Generator().manual_seed(3)
     b, hq, hkv, t, d, g = 2, 4, 2, 128, 128, 64
     k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
