@@ -14,8 +14,13 @@ from memfit.kernels import pdl
 
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
-# a step, warps
-MERGE = {"channels": 32, "tokens": 128, "warps": 8}
+# a step, warps; from `wide_rows` rows (batch x query heads) on, `wide_channels` channels a
+# program (each program recomputes the window's scores over all channels: with rows enough to
+# fill the device, fewer, wider programs win). One H200, 8B shape, int4 cache at 1k context
+# (benchmarks/decode_kv.py --merge, RESULTS.md session 16): batch 1 (32 rows) 32 channels
+# 366.5 tok/s, 128 356.0; batch 4 1211.1 vs 1273.6; batch 16 3248.3 vs 3624.8 (8k: 2283.5 vs
+# 2475.9).
+MERGE = {"channels": 32, "tokens": 128, "warps": 8, "wide_rows": 128, "wide_channels": 128}
 
 
 def split_plan(t: int, b: int, hkv: int, tile: int, per_sm: int, q: torch.Tensor,
@@ -119,7 +124,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Ten
     b, hq, d = q.shape
     hkv, n = keys.shape[1], out.shape[2]
     y = torch.empty(b, hq, d, dtype=dtype, device=q.device)
-    db = min(d, MERGE["channels"])
+    db = min(d, MERGE["channels"] if b * hq < MERGE["wide_rows"] else MERGE["wide_channels"])
     _kv_combine[(b * hq, d // db)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
