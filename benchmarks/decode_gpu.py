@@ -98,20 +98,22 @@ def decode_tps(m, batch: int, new: int, kv: str | None, prompt: int = 32,
     return batch * new / best
 
 
-def loop_tps(m, batch: int, new: int, fuse: bool = False,
-             native: bool = False) -> tuple[float, int]:
-    """(tokens/s of memfit's graph loop, tokens of row 0 equal to HF generate's)."""
-    ids = torch.randint(0, m.config.vocab_size, (batch, 32), device=DEV,
+def loop_tps(m, batch: int, new: int, fuse: bool = False, native: bool = False,
+             prompt: int = 32, kv=None, match: bool = True) -> tuple[float, int | None]:
+    """(tokens/s of memfit's graph loop, tokens of row 0 equal to HF generate's; None without
+    `match`), a `prompt`-token prompt, `kv` a memfit.kvcache.KVFormat or None."""
+    ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device=DEV,
                         generator=torch.Generator(device=DEV).manual_seed(batch))
     best = None
     for _ in range(2):
         t: dict = {}
-        got = greedy_static(m, ids, 1 + new, timings=t, fuse=fuse, native=native)
+        got = greedy_static(m, ids, 1 + new, timings=t, fuse=fuse, native=native, kv=kv)
         best = t["decode_s"] if best is None else min(best, t["decode_s"])
+    if not match:
+        return batch * new / best, None
     ref = m.generate(ids[:1], max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False,
-                     pad_token_id=0)[0, 32:]
-    match = int((ref == got[0]).long().cumprod(0).sum())
-    return batch * new / best, match
+                     pad_token_id=0)[0, prompt:]
+    return batch * new / best, int((ref == got[0]).long().cumprod(0).sum())
 
 
 def main() -> None:

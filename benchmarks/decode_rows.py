@@ -28,21 +28,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
-from decode_gpu import SHAPE, TINY, build, decode_tps, to_int4
+from decode_gpu import SHAPE, TINY, build, decode_tps, loop_tps, to_int4
 
-from memfit.decode import greedy_static
 from memfit.kvcache import kv_format, quantized_kv_bytes
 
 
 def loop(m, batch: int, prompt: int, new: int, kv) -> float:
-    ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device=decode_gpu.DEV,
-                        generator=torch.Generator(device=decode_gpu.DEV).manual_seed(batch))
-    best = None
-    for _ in range(2):
-        t: dict = {}
-        greedy_static(m, ids, 1 + new, timings=t, kv=kv)
-        best = t["decode_s"] if best is None else min(best, t["decode_s"])
-    return batch * new / best
+    return loop_tps(m, batch, new, native=None, prompt=prompt, kv=kv, match=False)[0]
 
 
 def main() -> None:
