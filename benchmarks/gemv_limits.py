@@ -226,11 +226,12 @@ def wa(args, gen) -> None:
             for bm in bms:
                 for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
                     for st in (3, 4):
-                        for sk in ((1, 2) if m <= 64 else (1,)):
-                            if bm >= 256 and bn >= 256:
-                                continue
-                            grid.append(triton_int.Config(bm, bn, bk, sk, warps, st, magic=True,
-                                                          wa=True))
+                        for sk in ((1, 2, 4) if m <= 128 else (1,)):
+                            for pf in ((False, True) if args.pf else (False,)):
+                                if bm >= 256 and bn >= 256:
+                                    continue
+                                grid.append(triton_int.Config(bm, bn, bk, sk, warps, st,
+                                                              magic=True, wa=True, pf=pf))
             for rb in args.rb:
                 wl = [tile(w, rb) for w in ws] if rb else ws
                 cs = [c for c in triton_int.candidates(m, wl[0], x.dtype)
@@ -250,13 +251,14 @@ def wa(args, gen) -> None:
                 best = {}
                 for t, err, c in res:
                     fam = (c.words or ("dequant" if c.BM == 0 else "tile"))
-                    fam += "_wa" if c.wa else ""
+                    fam += ("_wa" if c.wa else "") + ("_pf" if c.pf else "")
                     best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), str(c)))
                 note({"part": "wa", "n": n, "k": k, "group": args.group, "m": m, "rb": rb,
                       "bf16_us": round(bf16, 2), "n_timed": len(res),
                       "max_err": max(r[1] for r in res), "best": best,
                       "top8": [(round(t, 2), c.BM, c.BN, c.BK, c.SPLIT_K, c.num_warps,
-                                c.num_stages, int(c.wa)) for t, _, c in res[:8]]}, args.json)
+                                c.num_stages, int(c.wa), int(c.pf)) for t, _, c in res[:8]]},
+                     args.json)
             del ws
             torch.cuda.empty_cache()
 
@@ -268,7 +270,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
-    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma)")
+    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: also scales a tile ahead")
     ap.add_argument("--ab", action="store_true",
                     help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")

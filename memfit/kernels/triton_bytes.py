@@ -33,7 +33,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
-            WA: tl.constexpr = 0, RB: tl.constexpr = 0):
+            WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -43,6 +43,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
     wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
     is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
+
+    PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
+    pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
+    loop, so every step waited a global-memory latency for them).
 
     MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
     int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
@@ -60,6 +64,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if PF:
+        k1 = pid_k * BK
+        s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok & ((rn * 0 + k1) < K),
+                                   stride_sn, stride_zn, BITS, ZMODE, BN, RB)
     for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
@@ -67,8 +75,15 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
         qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB), mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
-        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
-                             stride_sn, stride_zn, BITS, ZMODE, BN, RB)
+        if PF:
+            s, z = s_nx, z_nx
+            k1 = k0 + SPLIT_K * BK
+            s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP,
+                                       n_ok & ((rn * 0 + k1) < K), stride_sn, stride_zn, BITS,
+                                       ZMODE, BN, RB)
+        else:
+            s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
+                                 stride_sn, stride_zn, BITS, ZMODE, BN, RB)
         if MAGIC:
             c16 = (_unpack_tile(qb, BITS, BN, BK).to(tl.int16) | MAGIC).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]

@@ -71,6 +71,7 @@ class Config:
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
+    pf: bool = False     # `_int_mm`: scales and zero points loaded a tile ahead (see its PF)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -318,7 +319,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
-                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows,
+                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:

@@ -67,10 +67,12 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
                                  triton_int.Config(16, 16, 128, 1, words="dot"),
                                  triton_int.Config(16, 16, 64, 3, words="dot", shift=False),
                                  triton_int.Config(32, 64, 64, 1, wa=True),
-                                 triton_int.Config(16, 32, 64, 2, magic=True, wa=True)],
+                                 triton_int.Config(16, 32, 64, 2, magic=True, wa=True),
+                                 triton_int.Config(16, 32, 64, 2, magic=True, wa=True, pf=True),
+                                 triton_int.Config(32, 64, 32, 1, wa=True, pf=True)],
                          ids=["split-k", "tile", "dequant", "dequant-blocks", "gemv", "gemv-split-k", "magic",
                               "words-dot", "words-dot-in-place-split-k", "tile-weight-as-a",
-                              "magic-weight-as-a-split-k"])
+                              "magic-weight-as-a-split-k", "params-ahead-split-k", "params-ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_launch_shape_and_16bit_activations(cfg, dtype):
     if dtype == torch.bfloat16 and DEV == "cpu":
@@ -145,9 +147,9 @@ def test_word_kernels_refuse_layouts_that_do_not_fill_words():
 
 
 @pytest.mark.parametrize("group", [128, 64])
-@pytest.mark.parametrize("wa", [False, True])
+@pytest.mark.parametrize("wa,pf", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("m,split_k", [(40, 1), (7, 2)])
-def test_tile_kernel_reads_the_tiled_layout(group, wa, m, split_k):
+def test_tile_kernel_reads_the_tiled_layout(group, wa, pf, m, split_k):
     """The decode loop's tiled layout (memfit.kernels.weights.tile) through the tile kernel, the
     weight as either dot operand: the same sums as the stored rows (its prefill at M > 32)."""
     from memfit.kernels.weights import tile
@@ -155,7 +157,7 @@ def test_tile_kernel_reads_the_tiled_layout(group, wa, m, split_k):
     t = tile(w, 64)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV)
     bias = torch.randn(192).to(DEV)
-    cfg = triton_int.Config(16, 64, min(group, 128), split_k, 4, 2, magic=True, wa=wa)
+    cfg = triton_int.Config(16, 64, min(group, 128), split_k, 4, 2, magic=True, wa=wa, pf=pf)
     want = linear_reference(x, w, bias)
     assert rel_err(triton_int.run(x, t, bias, cfg), want) < 1e-5
     if DEV == "cpu":
