@@ -226,12 +226,13 @@ def wa(args, gen) -> None:
             for bm in bms:
                 for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
                     for st in (3, 4):
-                        for sk in ((1, 2, 4) if m <= 128 else (1,)):
-                            for pf in ((False, True) if args.pf else (False,)):
+                        for sk in ((1, 2, 4, 8) if m <= 128 else (1,)):
+                            for dq in ((False, True) if args.dq else (False,)):
                                 if bm >= 256 and bn >= 256:
                                     continue
                                 grid.append(triton_int.Config(bm, bn, bk, sk, warps, st,
-                                                              magic=True, wa=True, pf=pf))
+                                                              magic=True, wa=True, pf=args.pf,
+                                                              dq=dq))
             for rb in args.rb:
                 wl = [tile(w, rb) for w in ws] if rb else ws
                 cs = [c for c in triton_int.candidates(m, wl[0], x.dtype)
@@ -252,15 +253,74 @@ def wa(args, gen) -> None:
                 for t, err, c in res:
                     fam = (c.words or ("dequant" if c.BM == 0 else "tile"))
                     fam += ("_wa" if c.wa else "") + ("_pf" if c.pf else "")
+                    fam += "_dq" if c.dq else ""
                     best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), str(c)))
                 note({"part": "wa", "n": n, "k": k, "group": args.group, "m": m, "rb": rb,
                       "bf16_us": round(bf16, 2), "n_timed": len(res),
                       "max_err": max(r[1] for r in res), "best": best,
                       "top8": [(round(t, 2), c.BM, c.BN, c.BK, c.SPLIT_K, c.num_warps,
-                                c.num_stages, int(c.wa), int(c.pf)) for t, _, c in res[:8]]},
+                                c.num_stages, int(c.wa), int(c.pf)) for t, _, c in res[:8]],
+                      "all": [(round(t, 2), c.BM, c.BN, c.SPLIT_K, c.num_warps, c.num_stages,
+                               int(c.pf), int(c.dq)) for t, _, c in res if c.wa]},
                      args.json)
             del ws
             torch.cuda.empty_cache()
+
+
+@triton.jit
+def _bf16_wa(x_ptr, w_ptr, y_ptr, M, N, K, ITERS, BM: tl.constexpr, BN: tl.constexpr,
+             BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Ceiling probe: the tile kernel's loop (weight as A, split K) on a dense 16-bit weight."""
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for it in range(0, ITERS):
+        kk = (it * SPLIT_K + tl.program_id(2)) * BK + tl.arange(0, BK)
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
+        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=rm[:, None] < M, other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc)
+    ptrs = y_ptr + rm[None, :] * N + rn[:, None]
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, acc, mask=rm[None, :] < M)
+    else:
+        tl.store(ptrs, acc.to(tl.bfloat16), mask=rm[None, :] < M)
+
+
+def wa_bf16(args, gen) -> None:
+    """How fast Triton streams a dense 16-bit weight through the tile kernel's loop (the weight
+    as the dot's A operand) at M = 16..128: the ceiling the int4 tile kernel works under."""
+    n, k = 14336, 4096
+    for m in args.m:
+        dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
+                 for _ in range(max(2, copies(2 * n * k)))]
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+        bf16 = graph_time_us([lambda d=d: F.linear(x, d) for d in dense])
+        want = F.linear(x, dense[0]).float()
+        bm = max(16, 1 << (m - 1).bit_length())
+        res = []
+        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            for st in (3, 4):
+                for sk in (1, 2, 4):
+                    iters = k // 128 // sk
+
+                    def f(d, bn=bn, warps=warps, st=st, sk=sk, iters=iters):
+                        y = (torch.zeros if sk > 1 else torch.empty)(
+                            m, n, dtype=torch.float32 if sk > 1 else torch.bfloat16,
+                            device="cuda")
+                        _bf16_wa[(1, n // bn, sk)](x, d, y, m, n, k, iters, BM=bm, BN=bn, BK=128,
+                                                   SPLIT_K=sk, num_warps=warps, num_stages=st)
+                        return y.to(torch.bfloat16)
+                    try:
+                        err = ((f(dense[0]).float() - want).norm() / want.norm()).item()
+                        res.append((round(t_us([lambda d=d: f(d) for d in dense]), 2), bn, warps,
+                                    st, sk, round(err, 4)))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  bf16 wa {bn} {warps} {st} {sk}: {type(e).__name__}", flush=True)
+        res.sort()
+        note({"part": "wa_bf16", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2),
+              "top8": res[:8]}, args.json)
+        del dense
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -270,7 +330,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
-    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: also scales a tile ahead")
+    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
+    ap.add_argument("--dq", action="store_true", help="wa: also the codes unpacked in PTX")
     ap.add_argument("--ab", action="store_true",
                     help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
@@ -281,7 +342,8 @@ def main() -> None:
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
-        {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa}[part](args, gen)
+        {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
+         "wa_bf16": wa_bf16}[part](args, gen)
 
 
 if __name__ == "__main__":

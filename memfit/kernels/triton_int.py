@@ -72,6 +72,7 @@ class Config:
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: bool = False     # `_int_mm`: scales and zero points loaded a tile ahead (see its PF)
+    dq: bool = False     # `_int_mm`, 4-bit magic: the codes unpacked in PTX (`_magic_asm`)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -320,6 +321,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
+                  DQ=int(cfg.dq and w.bits == 4 and not INTERPRET and bool(_magic(cfg, w, x2.dtype))),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:
