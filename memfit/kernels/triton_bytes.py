@@ -51,7 +51,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
-            DQ: tl.constexpr = 0):
+            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -61,6 +61,9 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
     wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
     is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
+
+    EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
+    (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
 
     PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
     pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
@@ -78,6 +81,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
     n_ok = rn < N
+    if EVEN:  # constant masks: folded away
+        n_ok = tl.full((BN,), 1, tl.int1)
+    if EVEN == 2:
+        m_ok = tl.full((BM,), 1, tl.int1)
     if WA:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -90,9 +97,15 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)  # (BM, BK)
-        qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB), mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        if EVEN:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
+                        other=0.0)  # (BM, BK)
+            qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))  # (BN, BKP) uint8
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                        mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB),
+                         mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
         if PF:
             s, z = s_nx, z_nx
             k1 = k0 + SPLIT_K * BK
