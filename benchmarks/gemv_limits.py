@@ -224,10 +224,10 @@ def wa(args, gen) -> None:
             bms = ([32 if m <= 32 else 64] if m <= 64 else [64, 128] if m <= 256
                    else [128, 256])
             for bm in bms:
-                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8), (256, 4)):
                     for st in (3, 4):
-                        for sk in ((1, 2, 4, 8) if m <= 128 else (1,)):
-                            for dq in ((False, True) if args.dq else (False,)):
+                        for sk in ((1, 2) if m <= 128 else (1,)):
+                            for dq in ((0, 2) if args.dq else (0,)):
                                 if bm >= 256 and bn >= 256:
                                     continue
                                 grid.append(triton_int.Config(bm, bn, bk, sk, warps, st,
@@ -331,7 +331,8 @@ def main() -> None:
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
     ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
-    ap.add_argument("--dq", action="store_true", help="wa: also the codes unpacked in PTX")
+    ap.add_argument("--dq", action="store_true",
+                    help="wa: also the codes unpacked into the dot's fragments (Config.dq = 2)")
     ap.add_argument("--ab", action="store_true",
                     help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile
+from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile, _word_ptrs
 
 
 @triton.jit
@@ -45,6 +45,81 @@ def _magic_asm(qb, MAGIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _word_codes(qw, zz, ss, F16: tl.constexpr):
+    """One 32-bit word of 4-bit codes c0..c7 -> eight 16-bit weights (c - z) * s in the order
+    c0 c4 c1 c5 c2 c6 c3 c7: per pair one SHF and one LOP3 ((w >> 4i) & 0x000F000F | magic =
+    (BASE + c_i, BASE + c_{i+4}), exact), one packed subtract of BASE + z (exact) and one packed
+    multiply by s (the one rounding); zz and ss hold BASE + z and s in both halves. GPU only."""
+    if F16:
+        MAGIC: tl.constexpr = 0x64006400
+        TY: tl.constexpr = "f16x2"
+    else:
+        MAGIC: tl.constexpr = 0x43004300
+        TY: tl.constexpr = "bf16x2"
+    return tl.inline_asm_elementwise(
+        f"""{{ .reg .b32 p, t;
+        lop3.b32 p, $8, 0x000F000F, {MAGIC}, 0xEA;
+        sub.rn.{TY} p, p, $9;
+        mul.rn.{TY} p, p, $10;
+        mov.b32 {{$0, $1}}, p;
+        shr.u32 t, $8, 4;
+        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
+        sub.rn.{TY} p, p, $9;
+        mul.rn.{TY} p, p, $10;
+        mov.b32 {{$2, $3}}, p;
+        shr.u32 t, $8, 8;
+        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
+        sub.rn.{TY} p, p, $9;
+        mul.rn.{TY} p, p, $10;
+        mov.b32 {{$4, $5}}, p;
+        shr.u32 t, $8, 12;
+        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
+        sub.rn.{TY} p, p, $9;
+        mul.rn.{TY} p, p, $10;
+        mov.b32 {{$6, $7}}, p; }}""",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
+        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               ASM: tl.constexpr):
+    """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
+    of each 32-code span in the order the wgmma A-operand fragments hold them: position
+    16h + 8i + 2t + j of a span holds code 8t + 4j + 2h + i, so lane t of a quad unpacks its
+    own word t into its own registers (no data crosses lanes, no shared-memory round trip);
+    the activations are permuted the same way (`perm_x`). ASM = 0 (the CPU interpreter): the
+    same values and order in plain Triton."""
+    if ASM:
+        F16: tl.constexpr = dtype == tl.float16
+        BASE: tl.constexpr = 1024 if F16 else 128
+        zz = ((z + BASE).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        ss = (s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz[:, None], ss[:, None], F16)
+    else:
+        zc = z[:, None]
+        sc = s[:, None]
+        o0 = ((((qw >> 0) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o1 = ((((qw >> 16) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o2 = ((((qw >> 4) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o3 = ((((qw >> 20) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o4 = ((((qw >> 8) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o5 = ((((qw >> 24) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o6 = ((((qw >> 12) & 15).to(tl.float32) - zc) * sc).to(dtype)
+        o7 = ((((qw >> 28) & 15).to(tl.float32) - zc) * sc).to(dtype)
+    # join appends its new axis last: this nesting puts output o_p at position p of the word
+    c = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
+                tl.join(tl.join(o1, o5), tl.join(o3, o7)))  # (BN, BK/8, h, i, j)
+    c = tl.reshape(c, (BN, BK // 32, 4, 2, 2, 2))  # (n, span, t, h, i, j)
+    c = tl.permute(c, (0, 1, 3, 4, 2, 5))  # (n, span, h, i, t, j)
+    c = tl.reshape(c, (BN, BK))
+    if ASM:
+        return c.to(dtype, bitcast=True)
+    else:
+        return c
+
+
+@triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
             stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
@@ -64,6 +139,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
 
     EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
     (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
+
+    DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
+    into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
+    caller (`perm_x`); DQ = 3 the same in PTX (GPU); DQ = 1 a byte-doubling PTX unpack (probe).
 
     PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
     pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
@@ -97,7 +176,12 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
-        if EVEN:
+        if DQ >= 2:  # words; EVEN is required
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
+                        other=0.0)  # (BM, BK), permuted by the caller
+            jw = k0 // 8 + tl.arange(0, BK // 8)
+            qw = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))  # (BN, BK/8) int32
+        elif EVEN:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
                         other=0.0)  # (BM, BK)
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))  # (BN, BKP) uint8
@@ -115,7 +199,9 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         else:
             s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                                  stride_sn, stride_zn, BITS, ZMODE, BN, RB)
-        if DQ:
+        if DQ >= 2:
+            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ == 3)
+        elif DQ:
             c16 = _magic_asm(qb, MAGIC, BN, BK).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
         elif MAGIC:

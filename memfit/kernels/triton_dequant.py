@@ -51,6 +51,18 @@ def _byte_ptrs(q_ptr, rn, jb, j0, stride_qn, RB: tl.constexpr):
 
 
 @triton.jit
+def _word_ptrs(q_ptr, rn, jw, w0, stride_qn, RB: tl.constexpr):
+    """Pointers to the 32-bit words jw of rows rn (as `_byte_ptrs`, in words; the tile's words
+    lie in one 16-word run starting at word w0 in the tiled layout)."""
+    q32 = q_ptr.to(tl.pointer_type(tl.int32))
+    if RB == 0:
+        return q32 + rn[:, None] * (stride_qn // 4) + jw[None, :]
+    else:
+        run = ((rn // RB) * (stride_qn // 64) + w0 // 16) * (RB * 16) + (rn % RB) * 16
+        return q32 + run[:, None] + (jw % 16)[None, :]
+
+
+@triton.jit
 def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.constexpr,
                   ZMODE: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr = 0):
     """(BN,) float32 scale and zero point of group g of rows rn."""

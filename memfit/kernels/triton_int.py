@@ -72,7 +72,7 @@ class Config:
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: bool = False     # `_int_mm`: scales and zero points loaded a tile ahead (see its PF)
-    dq: bool = False     # `_int_mm`, 4-bit magic: the codes unpacked in PTX (`_magic_asm`)
+    dq: int = 0          # `_int_mm`: 2 = codes unpacked into the A fragments (see its DQ)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -188,6 +188,25 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         if w.shape[0] > 4096:  # the same, 4096 rows at a time through a buffer the L2 holds
             out.append(Config(0, 4096, 0))
     return out
+
+
+def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int = 1
+                       ) -> str | None:
+    """Why the tile kernel cannot unpack `w` into the dot's fragments (`Config.dq` = 2)."""
+    if w.bits != 4 or w.zero_point == "float":
+        return "the fragment unpack takes 4-bit codes with integer or no zero points"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "the fragment unpack takes 16-bit activations"
+    if not even or cfg.BK % 32:
+        return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
+    return None
+
+
+def perm_x(x2: torch.Tensor) -> torch.Tensor:
+    """Activations (M, K), K a multiple of 32, in the fragment unpack's order: position
+    16h + 8i + 2t + j of each 32-wide span takes column 8t + 4j + 2h + i (`_perm_tile`)."""
+    m, k = x2.shape
+    return x2.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(m, k)
 
 
 def _magic(cfg: Config, w: IntWeight, dtype: torch.dtype) -> dict:
@@ -316,14 +335,22 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         return y.to(x2.dtype) if atomic else y
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
     even = (n % cfg.BN == 0 and k % (cfg.BK * cfg.SPLIT_K) == 0) * (1 + (m % cfg.BM == 0))
+    dq = 0
+    if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
+        dq = 1
+    elif cfg.dq == 2:
+        why = perm_ineligibility(w, x2.dtype, cfg, even)
+        if why:
+            raise ValueError(f"memfit.kernels.triton_int: {why}")
+        dq = 2 if INTERPRET else 3
+        x2 = perm_x(x2)
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
-                  DQ=int(cfg.dq and w.bits == 4 and not INTERPRET and bool(_magic(cfg, w, x2.dtype))),
-                  EVEN=even,
+                  DQ=dq, EVEN=even,
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:

@@ -163,3 +163,44 @@ def test_tile_kernel_reads_the_tiled_layout(group, wa, pf, m, split_k):
     if DEV == "cpu":
         return  # the interpreter holds 16-bit floats in float32: the fp16 case is the GPU's
     assert rel_err(triton_int.run(x.half(), t, bias, cfg).float(), want) < 2e-3
+
+
+@pytest.mark.parametrize("group,zp,rb", [(128, "int", 0), (64, "sym", 0), (32, "int", 0),
+                                         (128, "int", 64), (64, "int", 64)])
+@pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (64, 64, 1), (40, 32, 2)])
+def test_fragment_unpack_matches_reference(group, zp, rb, m, bm, split_k):
+    """`Config.dq = 2`: the codes read as words and unpacked straight into the dot's A-operand
+    fragments, each 32-code span in the fragments' order, the activations permuted to match
+    (`perm_x`); stored and tiled layouts, every group size it takes, split K, M below, at and
+    across the tile. (The interpreter runs the same order in plain Triton; a GPU the PTX.)"""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(128, 512, 4, group, zp, seed=group + m)
+    wl = tile(w, rb) if rb else w
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    bias = torch.randn(128).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    cfg = triton_int.Config(bm, 64, min(group, 128), split_k, 4, 2, wa=True, pf=True, dq=2)
+    got = triton_int.run(x, wl, bias, cfg)
+    assert got.dtype == dtype and got.shape == (m, 128)
+    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_perm_x_is_the_fragment_order():
+    """Position 16h + 8i + 2t + j of each 32-wide span holds column 8t + 4j + 2h + i."""
+    x = torch.arange(64.0).view(1, 64)
+    got = triton_int.perm_x(x)[0].long().tolist()
+    want = [s * 32 + 8 * t + 4 * j + 2 * h + i for s in range(2) for h in range(2)
+            for i in range(2) for t in range(4) for j in range(2)]
+    assert got == want
+
+
+def test_fragment_unpack_refuses_what_it_cannot_take():
+    w = make_weight(72, 320, 4, 64, "int")  # 72 rows: BN 64 does not divide them
+    x = torch.randn(3, 320).to(DEV, torch.float16)
+    with pytest.raises(ValueError, match="divide the weight"):
+        triton_int.run(x, w, None, triton_int.Config(16, 64, 64, 1, wa=True, dq=2))
+    w8 = make_weight(64, 256, 8, 64, "int")
+    with pytest.raises(ValueError, match="4-bit"):
+        triton_int.run(torch.randn(3, 256).to(DEV, torch.float16), w8, None,
+                       triton_int.Config(16, 64, 64, 1, wa=True, dq=2))
