@@ -224,14 +224,15 @@ def wa(args, gen) -> None:
             bms = ([32 if m <= 32 else 64] if m <= 64 else [64, 128] if m <= 256
                    else [128, 256])
             for bm in bms:
-                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8), (256, 4)):
+                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8), (64, 8)):
                     for st in (3, 4):
-                        for sk in ((1, 2) if m <= 128 else (1,)):
-                            for dq in ((0, 2) if args.dq else (0,)):
+                        for sk in ((1, 2) if m <= 128 and not args.dq else (1,)):
+                            for pf, dq in (((1, 1), (1, 2), (2, 2)) if args.dq
+                                           else ((int(args.pf), 0),)):
                                 if bm >= 256 and bn >= 256:
                                     continue
                                 grid.append(triton_int.Config(bm, bn, bk, sk, warps, st,
-                                                              magic=True, wa=True, pf=args.pf,
+                                                              magic=True, wa=True, pf=pf,
                                                               dq=dq))
             for rb in args.rb:
                 wl = [tile(w, rb) for w in ws] if rb else ws
@@ -252,8 +253,8 @@ def wa(args, gen) -> None:
                 best = {}
                 for t, err, c in res:
                     fam = (c.words or ("dequant" if c.BM == 0 else "tile"))
-                    fam += ("_wa" if c.wa else "") + ("_pf" if c.pf else "")
-                    fam += "_dq" if c.dq else ""
+                    fam += ("_wa" if c.wa else "") + (f"_pf{c.pf}" if c.pf else "")
+                    fam += f"_dq{c.dq}" if c.dq else ""
                     best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), str(c)))
                 note({"part": "wa", "n": n, "k": k, "group": args.group, "m": m, "rb": rb,
                       "bf16_us": round(bf16, 2), "n_timed": len(res),

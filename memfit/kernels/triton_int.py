@@ -71,7 +71,7 @@ class Config:
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
-    pf: bool = False     # `_int_mm`: scales and zero points loaded a tile ahead (see its PF)
+    pf: int = 0          # `_int_mm`: scales and zero points a tile ahead (1) or streamed (2)
     dq: int = 0          # `_int_mm`: 2 = codes unpacked into the A fragments (see its DQ)
 
 
@@ -200,6 +200,13 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
     if not even or cfg.BK % 32:
         return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
     return None
+
+
+def _pf(cfg: Config, w: IntWeight) -> int:
+    """`_int_mm`'s PF: 2 (streamed) only where the kernel takes it, else 1 (a tile ahead)."""
+    if cfg.pf == 2 and not (cfg.dq == 2 and not w.tile_rows and w.zero_point != "float"):
+        return 1
+    return int(cfg.pf)
 
 
 def perm_x(x2: torch.Tensor) -> torch.Tensor:
@@ -349,7 +356,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
-                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
+                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=_pf(cfg, w),
                   DQ=dq, EVEN=even,
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
