@@ -120,13 +120,22 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
     return out
 
 
-def weight_a_candidates(m: int, w: IntWeight) -> list[Config]:
-    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: the shapes
-    that led the sweep on 14336x4096 g128 (64 rows a program, 4 warps, one token tile; M = 64
-    43.2 µs against 49.5 with x as A, M = 32 39.3 against the mma kernel's 39.7: RESULTS.md,
-    session 13). M = 256 and above ran slower than x as A and dequantize + cuBLAS: not offered."""
+def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
+                        ) -> list[Config]:
+    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: 64 rows a
+    program, 4 warps, one token tile, the scales a tile ahead (PF), and the codes unpacked in
+    PTX, bytes doubled (dq 1) or words straight into the A fragments (dq 2, activations
+    permuted). 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 17): M = 32 28.6 µs,
+    M = 64 34.0, M = 128 44.4, against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256
+    and above ran slower than dequantize + cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
-    return [Config(bm, 64, block_k(w), 1, 4, st, magic=True, wa=True) for st in (3, 4)]
+    bk = block_k(w)
+    out = [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (3, 4)]
+    frag = Config(bm, 64, bk, 1, 4, 4, magic=True, wa=True, pf=1, dq=2)
+    even = w.shape[0] % 64 == 0 and w.shape[1] % bk == 0
+    if perm_ineligibility(w, dtype, frag, even) is None:
+        out += [frag, replace(frag, num_stages=3)]
+    return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
@@ -134,7 +143,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
-        wa = weight_a_candidates(m, w) if 16 < m <= 128 and block_k(w) >= 16 else []
+        wa = weight_a_candidates(m, w, dtype) if 16 < m <= 128 and block_k(w) >= 16 else []
         return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
@@ -169,7 +178,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     elif m <= 128:
         if m <= 32 and MMA and mma_ineligibility(w, m, dtype) is None:
             out += mma_candidates(m, w)
-        out += weight_a_candidates(m, w)
+        out += weight_a_candidates(m, w, dtype)
         for bm in (32, 64):
             for bn in (64, 128):
                 for sk in (1, 2, 4):

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import mma_ptx, triton_kv, triton_kv_mma, triton_mma, triton_words
+from memfit.kernels import mma_ptx, triton_bytes, triton_kv, triton_kv_mma, triton_mma, triton_words
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -155,6 +155,34 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
     return kern
 
 
+def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4):
+    """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
+    doubled; DQ 3: words straight into the fragments, with (PF 2) or without streamed scales):
+    it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
+    shapes where Triton keeps the fragment layout (BN 256, 8 warps)."""
+    xdt = "fp16" if f16 else "bf16"
+    sig = {"x_ptr": f"*{xdt}", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
+           "b_ptr": "*fp16", "y_ptr": f"*{xdt}", "M": "i32", "N": "i32", "K": "i32", "NB": "i32",
+           "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
+           "stride_zn": "i32", "stride_ym": "i32"}
+    const = dict(GROUP=128, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
+                 BN=bn, BK=128, SPLIT_K=1, MAGIC=0x6400 if f16 else 0x4300,
+                 BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2)
+    sig = dict(sig) | {k: "constexpr" for k in const}
+    names = list(sig)
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
+               or n in ("N", "K", "NB")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    k = triton.compile(ASTSource(fn=triton_bytes._int_mm, signature=sig, constexprs=const,
+                                 attrs=attrs), target=SM90,
+                       options={"num_warps": warps, "num_stages": 3})
+    p = k.asm["ptx"]
+    assert "wgmma.mma_async" in p, "no wgmma"
+    assert ("lop3.b32" in p) and (dq != 3 or ("sub.rn.f16x2" if f16 else "sub.rn.bf16x2") in p)
+    if dq == 3 and bn == 256:
+        assert p.count("prmt.b32") <= 16, f"{p.count('prmt.b32')} byte permutes"
+
+
 def main() -> None:
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
     checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
@@ -181,6 +209,9 @@ def main() -> None:
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),
                                                           (8, 1, False, 0, 2),
                                                           (4, 1, True, 0, 2, 128))}
+    checks |= {f"tile{c}": (check_tile, c)
+               for c in ((1, 1, False, 0), (1, 1, True, 64), (3, 1, False, 0), (3, 2, False, 0),
+                         (3, 1, True, 64), (3, 1, False, 0, 256, 8))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}
