@@ -161,6 +161,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="14336x4096 only, M in {1, 16, 64, 2048}")
     ap.add_argument("--json", default=None, help="write the raw cells here")
+    ap.add_argument("--shapes", nargs="*", help="only these NxK shapes (e.g. 14336x4096)")
+    ap.add_argument("--m", type=int, nargs="*", help="only these M")
     args = ap.parse_args()
     import triton
     gen = torch.Generator().manual_seed(0)
@@ -169,6 +171,9 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv), **ceilings()}
     print(json.dumps(head), flush=True)
     shapes, ms = (SHAPES[2:3], [1, 16, 64, 2048]) if args.quick else (SHAPES, MS)
+    if args.shapes:
+        shapes = [s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shapes]
+    ms = args.m or ms
     rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen, args.json)]
     if args.json:
         with open(args.json, "w") as f:
