@@ -44,41 +44,33 @@ def _magic_asm(qb, MAGIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         "=r,=r,r", [qq], dtype=tl.int16, is_pure=True, pack=4)
 
 
+def _word_asm(ty: str, magic: int) -> str:
+    """PTX of `_word_codes` for one 16-bit type: pair i = (w >> 4i) & 0x000F000F | magic, minus
+    $9, times $10, split into outputs 2i and 2i + 1."""
+    lines = []
+    for i in range(4):
+        src = "$8"
+        if i:
+            lines.append(f"shr.u32 t, $8, {4 * i};")
+            src = "t"
+        lines += [f"lop3.b32 p, {src}, 0x000F000F, {magic}, 0xEA;", f"sub.rn.{ty} p, p, $9;",
+                  f"mul.rn.{ty} p, p, $10;", f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p;"]
+    return "{ .reg .b32 p, t; " + " ".join(lines) + " }"
+
+
+WORD_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300))
+WORD_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400))
+
+
 @triton.jit
 def _word_codes(qw, zz, ss, F16: tl.constexpr):
     """One 32-bit word of 4-bit codes c0..c7 -> eight 16-bit weights (c - z) * s in the order
     c0 c4 c1 c5 c2 c6 c3 c7: per pair one SHF and one LOP3 ((w >> 4i) & 0x000F000F | magic =
     (BASE + c_i, BASE + c_{i+4}), exact), one packed subtract of BASE + z (exact) and one packed
     multiply by s (the one rounding); zz and ss hold BASE + z and s in both halves. GPU only."""
-    if F16:
-        MAGIC: tl.constexpr = 0x64006400
-        TY: tl.constexpr = "f16x2"
-    else:
-        MAGIC: tl.constexpr = 0x43004300
-        TY: tl.constexpr = "bf16x2"
-    return tl.inline_asm_elementwise(
-        f"""{{ .reg .b32 p, t;
-        lop3.b32 p, $8, 0x000F000F, {MAGIC}, 0xEA;
-        sub.rn.{TY} p, p, $9;
-        mul.rn.{TY} p, p, $10;
-        mov.b32 {{$0, $1}}, p;
-        shr.u32 t, $8, 4;
-        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
-        sub.rn.{TY} p, p, $9;
-        mul.rn.{TY} p, p, $10;
-        mov.b32 {{$2, $3}}, p;
-        shr.u32 t, $8, 8;
-        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
-        sub.rn.{TY} p, p, $9;
-        mul.rn.{TY} p, p, $10;
-        mov.b32 {{$4, $5}}, p;
-        shr.u32 t, $8, 12;
-        lop3.b32 p, t, 0x000F000F, {MAGIC}, 0xEA;
-        sub.rn.{TY} p, p, $9;
-        mul.rn.{TY} p, p, $10;
-        mov.b32 {{$6, $7}}, p; }}""",
-        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
-        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(WORD_ASM_F16 if F16 else WORD_ASM_BF16,
+                                     "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
+                                     dtype=(tl.int16,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
