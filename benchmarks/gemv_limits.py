@@ -224,10 +224,10 @@ def wa(args, gen) -> None:
             bms = ([32 if m <= 32 else 64] if m <= 64 else [64, 128] if m <= 256
                    else [128, 256])
             for bm in bms:
-                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8), (64, 8)):
+                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
                     for st in ((3, 4) if m <= 256 else (3,)):
-                        for sk in ((1, 2) if m <= 128 and not args.dq else (1,)):
-                            for pf, dq in (((1, 1), (1, 2), (2, 2)) if args.dq and m <= 256
+                        for sk in ((1, 2, 4) if m <= 128 else (1,)):
+                            for pf, dq in (((1, 1), (1, 2)) if args.dq and m <= 256
                                            else ((1, 2),) if args.dq
                                            else ((int(args.pf), 0),)):
                                 if bm >= 256 and bn >= 256:

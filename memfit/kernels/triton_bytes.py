@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile, _word_ptrs
+from memfit.kernels.triton_words import _finish
 
 
 @triton.jit
@@ -113,12 +114,12 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 @triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
+            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr, BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
-            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0):
+            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -128,6 +129,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
     wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
     is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
+
+    FIX = 1 (SPLIT_K > 1): float32 partials in p, the last program of an output tile to arrive
+    (counter c) sums them in a fixed order and writes y (memfit.kernels.triton_words._finish):
+    deterministic, no zeroed float32 output, no atomics on y, no conversion pass.
 
     EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
     (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
@@ -236,7 +241,16 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     else:
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
+    if FIX:
+        if WA:
+            off = rm[None, :] * stride_ym + rn[:, None]
+            boff = rn[:, None] + rm[None, :] * 0
+        else:
+            off = rm[:, None] * stride_ym + rn[None, :]
+            boff = rn[None, :] + rm[:, None] * 0
+        _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_m * tl.num_programs(1) + pid_n,
+                pid_k, stride_ps, HAS_BIAS, SPLIT_K)
+    elif ATOMIC:
         tl.atomic_add(y_ptrs, acc, mask=ok)
     else:
         if HAS_BIAS:

@@ -45,7 +45,7 @@ from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
-from memfit.kernels.triton_words import run_words, word_ineligibility  # noqa: F401 (re-exported)
+from memfit.kernels.triton_words import _counters, run_words, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
 
 BITS = (2, 4, 8)
@@ -335,7 +335,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words:
         return run_words(x2, w, bias, cfg, cfg.words == "dot", zmode(w))
     x2 = x2.contiguous()
-    atomic = cfg.SPLIT_K > 1
+    fix = cfg.SPLIT_K > 1 and cfg.wa and not cfg.gemv  # partials + the last arrival's sum
+    atomic = cfg.SPLIT_K > 1 and not fix
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     z = w.zero if w.zero is not None else w.scale
@@ -360,13 +361,16 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = 2 if INTERPRET else 3
         x2 = perm_x(x2)
+    part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
+            else y)
+    cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
-                  w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
+                  w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n,
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=_pf(cfg, w),
-                  DQ=dq, EVEN=even,
+                  DQ=dq, EVEN=even, FIX=int(fix),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:

@@ -155,7 +155,7 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
     return kern
 
 
-def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4):
+def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3: words straight into the fragments, with (PF 2) or without streamed scales):
     it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
@@ -164,9 +164,10 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
            "b_ptr": "*fp16", "y_ptr": f"*{xdt}", "M": "i32", "N": "i32", "K": "i32", "NB": "i32",
            "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
-           "stride_zn": "i32", "stride_ym": "i32"}
+           "stride_zn": "i32", "stride_ym": "i32", "p_ptr": "*fp32", "c_ptr": "*i32",
+           "stride_ps": "i32"}
     const = dict(GROUP=128, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
-                 BN=bn, BK=128, SPLIT_K=1, MAGIC=0x6400 if f16 else 0x4300,
+                 BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
                  BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2)
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
@@ -211,7 +212,7 @@ def main() -> None:
                                                           (4, 1, True, 0, 2, 128))}
     checks |= {f"tile{c}": (check_tile, c)
                for c in ((1, 1, False, 0), (1, 1, True, 64), (3, 1, False, 0), (3, 2, False, 0),
-                         (3, 1, True, 64), (3, 1, False, 0, 256, 8))}
+                         (3, 1, True, 64), (3, 1, False, 0, 256, 8), (3, 1, False, 0, 64, 4, 2))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}
