@@ -224,8 +224,10 @@ def wa(args, gen) -> None:
             bms = ([32 if m <= 32 else 64] if m <= 64 else [64, 128] if m <= 256
                    else [128, 256])
             for bm in bms:
-                for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
-                    for st in ((3, 4) if m <= 256 else (3,)):
+                shapes = ((64, 4), (128, 8)) if args.small else ((64, 4), (128, 4), (128, 8),
+                                                                   (256, 8))
+                for bn, warps in shapes:
+                    for st in ((4,) if args.small else (3, 4) if m <= 256 else (3,)):
                         for sk in ((1, 2, 4) if m <= 128 else (1,)):
                             for pf, dq in (((1, 1), (1, 2)) if args.dq and m <= 256
                                            else ((1, 2),) if args.dq
@@ -238,7 +240,8 @@ def wa(args, gen) -> None:
             for rb in args.rb:
                 wl = [tile(w, rb) for w in ws] if rb else ws
                 cs = [c for c in triton_int.candidates(m, wl[0], x.dtype)
-                      if rb or c.BM == 0 or c.words == "mma" or c.magic] + grid
+                      if (rb or c.BM == 0 or c.words == "mma" or c.magic)
+                      and not (args.small and c.BM and c.words != "mma")] + grid
                 res = []
                 for c in cs:
                     f = [lambda w=w, c=c, x=x: triton_int.run(x, w, None, c) for w in wl]
@@ -335,6 +338,8 @@ def main() -> None:
     ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
     ap.add_argument("--dq", action="store_true",
                     help="wa: also the codes unpacked into the dot's fragments (Config.dq = 2)")
+    ap.add_argument("--small", action="store_true",
+                    help="wa: a short grid (BN 64 / 4 warps, 128 / 8; 4 stages), no tile cands")
     ap.add_argument("--ab", action="store_true",
                     help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
