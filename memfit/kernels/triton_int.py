@@ -135,6 +135,12 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     even = w.shape[0] % 64 == 0 and w.shape[1] % bk == 0
     if perm_ineligibility(w, dtype, frag, even) is None:
         out += [frag, replace(frag, num_stages=3)]
+        # 128 rows at 4 warps keep the fragment layout (no shared-memory conversion in the
+        # loop) but give half the programs; split K in two (partials summed by the last
+        # arrival, no atomics) restores them. Offered, not yet timed on a GPU (session 17).
+        k2 = Config(bm, 128, bk, 2, 4, 4, magic=True, wa=True, pf=1, dq=2)
+        if w.shape[0] % 128 == 0 and w.shape[1] % (2 * bk) == 0:
+            out.append(k2)
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
 

@@ -205,3 +205,19 @@ def test_fragment_unpack_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="4-bit"):
         triton_int.run(torch.randn(3, 256).to(DEV, torch.float16), w8, None,
                        triton_int.Config(16, 64, 64, 1, wa=True, dq=2))
+
+
+@pytest.mark.parametrize("rb", [0, 64])
+def test_every_weight_as_a_candidate_matches_reference(rb):
+    """The chooser's launch shapes for 16 < M <= 128 (PTX unpacks, split K summed by the last
+    arriving program), each on its own: the same sums as the reference."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(256, 512, 4, 128, "int", seed=7)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(8)).to(DEV, dtype)
+    want = linear_reference(x.float(), w, None)
+    cands = triton_int.weight_a_candidates(40, w, dtype)
+    assert any(c.dq == 2 and c.SPLIT_K == 2 for c in cands) and any(c.dq == 1 for c in cands)
+    for c in cands:
+        got = triton_int.run(x, tile(w, rb) if rb else w, None, c)
+        assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
