@@ -76,7 +76,7 @@ def _word_codes(qw, zz, ss, F16: tl.constexpr):
 
 @triton.jit
 def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               ASM: tl.constexpr):
+               ASM: tl.constexpr, WIDE: tl.constexpr = 0):
     """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
     of each 32-code span in the order the wgmma A-operand fragments hold them: position
     16h + 8i + 2t + j of a span holds code 8t + 4j + 2h + i, so lane t of a quad unpacks its
@@ -103,8 +103,12 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
     # join appends its new axis last: this nesting puts output o_p at position p of the word
     c = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
                 tl.join(tl.join(o1, o5), tl.join(o3, o7)))  # (BN, BK/8, h, i, j)
-    c = tl.reshape(c, (BN, BK // 32, 4, 2, 2, 2))  # (n, span, t, h, i, j)
-    c = tl.permute(c, (0, 1, 3, 4, 2, 5))  # (n, span, h, i, t, j)
+    if WIDE:  # BN 64, BK 128, 4 warps: the order of the codes' own load layout (see DQ = 4)
+        c = tl.reshape(c, (2, 2, 2, 8, 2, 2, 2, 2, 2, 2, 2))  # rows b5 b4 b3 low, words, h i j
+        c = tl.permute(c, (1, 2, 0, 3, 6, 7, 8, 9, 4, 5, 10))  # b4 b3 b5 low, w1 w0 h i w3 w2 j
+    else:
+        c = tl.reshape(c, (BN, BK // 32, 4, 2, 2, 2))  # (n, span, t, h, i, j)
+        c = tl.permute(c, (0, 1, 3, 4, 2, 5))  # (n, span, h, i, t, j)
     c = tl.reshape(c, (BN, BK))
     if ASM:
         return c.to(dtype, bitcast=True)
@@ -140,6 +144,11 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
     into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
     caller (`perm_x`); DQ = 3 the same in PTX (GPU); DQ = 1 a byte-doubling PTX unpack (probe).
+    DQ = 4 / 5 (BN 64, BK 128, 4 warps; 5 = PTX): the codes ordered over the whole 128-code tile
+    and the tile's rows reordered (undone at the store) so that the layout Triton loads the
+    words in (4 consecutive words a thread, 8 x 4 threads a warp) already is the wgmma's
+    A-operand layout up to a renaming of registers: no conversion through shared memory at
+    BN 64 either (`perm_x(x, 128)`). Not yet timed on a GPU.
 
     PF = 2 (DQ >= 2, stored layout): the scales and zero-point bytes loaded as (BN, 2) and (BN, 4)
     tiles instead, which the pipeliner copies asynchronously with the codes (no layout
@@ -221,7 +230,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                                  stride_sn, stride_zn, BITS, ZMODE, BN, RB)
         if DQ >= 2:
-            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ == 3)
+            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, DQ >= 4)
         elif DQ:
             c16 = _magic_asm(qb, MAGIC, BN, BK).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
@@ -241,6 +250,12 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     else:
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
+    if DQ >= 4:  # the tile's rows were reordered with its codes: row r of acc is row
+        # 32 b5 + 16 b4 + 8 b3 + low of the weight for r = 32 b4 + 16 b3 + 8 b5 + low
+        rr = tl.arange(0, BN)
+        rn = pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8 + (rr & 7)
+        if WA:
+            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     if FIX:
         if WA:
             off = rm[None, :] * stride_ym + rn[:, None]

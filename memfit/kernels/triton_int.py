@@ -125,9 +125,11 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: 64 rows a
     program, 4 warps, one token tile, the scales a tile ahead (PF), and the codes unpacked in
     PTX, bytes doubled (dq 1) or words straight into the A fragments (dq 2, activations
-    permuted). 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 17): M = 32 28.6 µs,
-    M = 64 34.0, M = 128 44.4, against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256
-    and above ran slower than dequantize + cuBLAS (session 13): not offered."""
+    permuted; dq 4: the same over 128-code tiles, rows reordered, so that BN 64 needs no
+    conversion either). 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 17): M = 32
+    28.6 µs, M = 64 34.0, M = 128 44.4, against 37.9 / 42.8 / 51.4 for the plain form kept last
+    (dq 4 and the split form not yet timed). M = 256 and above ran slower than dequantize +
+    cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
     bk = block_k(w)
     out = [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (3, 4)]
@@ -135,6 +137,9 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     even = w.shape[0] % 64 == 0 and w.shape[1] % bk == 0
     if perm_ineligibility(w, dtype, frag, even) is None:
         out += [frag, replace(frag, num_stages=3)]
+        wide = replace(frag, dq=4)  # no shared-memory conversion at BN 64 (not yet timed)
+        if perm_ineligibility(w, dtype, wide, even) is None:
+            out += [wide, replace(wide, num_stages=3)]
         # 128 rows at 4 warps keep the fragment layout (no shared-memory conversion in the
         # loop) but give half the programs; split K in two (partials summed by the last
         # arrival, no atomics) restores them. Offered, not yet timed on a GPU (session 17).
@@ -214,6 +219,8 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
         return "the fragment unpack takes 16-bit activations"
     if not even or cfg.BK % 32:
         return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
+    if cfg.dq == 4 and (cfg.BN, cfg.BK) != (64, 128):
+        return "the 128-code fragment order takes BN 64 and BK 128"
     return None
 
 
@@ -224,11 +231,16 @@ def _pf(cfg: Config, w: IntWeight) -> int:
     return int(cfg.pf)
 
 
-def perm_x(x2: torch.Tensor) -> torch.Tensor:
-    """Activations (M, K), K a multiple of 32, in the fragment unpack's order: position
-    16h + 8i + 2t + j of each 32-wide span takes column 8t + 4j + 2h + i (`_perm_tile`)."""
+def perm_x(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
+    """Activations (M, K), K a multiple of `span`, in the fragment unpack's order (`_perm_tile`):
+    span 32 (dq 2): position 16h + 8i + 2t + j of each 32 columns takes column 8t + 4j + 2h + i;
+    span 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j of each 128 takes
+    column 8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i."""
     m, k = x2.shape
-    return x2.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(m, k)
+    if span == 32:
+        return x2.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(m, k)
+    return (x2.view(m, k // 128, 2, 2, 2, 2, 2, 2, 2).permute(0, 1, 4, 5, 7, 8, 2, 3, 6)
+            .reshape(m, k))
 
 
 def _magic(cfg: Config, w: IntWeight, dtype: torch.dtype) -> dict:
@@ -361,12 +373,12 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
         dq = 1
-    elif cfg.dq == 2:
+    elif cfg.dq in (2, 4):
         why = perm_ineligibility(w, x2.dtype, cfg, even)
         if why:
             raise ValueError(f"memfit.kernels.triton_int: {why}")
-        dq = 2 if INTERPRET else 3
-        x2 = perm_x(x2)
+        dq = cfg.dq + (not INTERPRET)
+        x2 = perm_x(x2, 128 if cfg.dq == 4 else 32)
     part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
             else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale

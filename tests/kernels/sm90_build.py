@@ -213,7 +213,8 @@ def main() -> None:
     checks |= {f"tile{c}": (check_tile, c)
                for c in ((1, 1, False, 0), (1, 1, True, 64), (3, 1, False, 0), (3, 2, False, 0),
                          (3, 1, True, 64), (3, 1, False, 0, 256, 8), (3, 1, False, 0, 64, 4, 2),
-                         (3, 1, False, 64, 128, 4, 2))}
+                         (3, 1, False, 64, 128, 4, 2), (5, 1, False, 0), (5, 1, True, 64),
+                         (5, 1, False, 0, 64, 4, 2))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

@@ -221,3 +221,29 @@ def test_every_weight_as_a_candidate_matches_reference(rb):
     for c in cands:
         got = triton_int.run(x, tile(w, rb) if rb else w, None, c)
         assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
+
+
+@pytest.mark.parametrize("rb,zp", [(0, "int"), (64, "int"), (0, "sym")])
+@pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (64, 64, 1), (40, 32, 2)])
+def test_wide_fragment_order_matches_reference(rb, zp, m, bm, split_k):
+    """`Config.dq = 4`: the codes of each 128-code tile and the tile's 64 rows reordered to the
+    layout the words are loaded in (rows restored at the store), the activations permuted over
+    128 columns to match."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(192, 512, 4, 128, zp, seed=m + split_k)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    bias = torch.randn(192).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    cfg = triton_int.Config(bm, 64, 128, split_k, 4, 2, wa=True, pf=1, dq=4)
+    got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
+    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_perm_x_over_128_columns():
+    x = torch.arange(256.0).view(1, 256)
+    got = triton_int.perm_x(x, 128)[0].long().tolist()
+    want = [s * 128 + 8 * (8 * w3 + 4 * w2 + 2 * w1 + w0) + 4 * j + 2 * h + i
+            for s in range(2) for w1 in range(2) for w0 in range(2) for h in range(2)
+            for i in range(2) for w3 in range(2) for w2 in range(2) for j in range(2)]
+    assert got == want
