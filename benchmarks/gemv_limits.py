@@ -335,7 +335,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
-    ap.add_argument("--pf", action="store_true", help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
+    ap.add_argument("--pf", action="store_true",
+                    help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
     ap.add_argument("--dq", action="store_true",
                     help="wa: also the codes unpacked into the dot's fragments (Config.dq = 2)")
     ap.add_argument("--small", action="store_true",

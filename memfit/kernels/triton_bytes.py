@@ -118,7 +118,8 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 @triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr, BITS: tl.constexpr,
+            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr,
+            BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
@@ -253,7 +254,8 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     if DQ >= 4:  # the tile's rows were reordered with its codes: row r of acc is row
         # 32 b5 + 16 b4 + 8 b3 + low of the weight for r = 32 b4 + 16 b3 + 8 b5 + low
         rr = tl.arange(0, BN)
-        rn = pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8 + (rr & 7)
+        rn = (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
+              + (rr & 7))
         if WA:
             y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     if FIX:

@@ -45,7 +45,7 @@ from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
-from memfit.kernels.triton_words import _counters, run_words, word_ineligibility  # noqa: F401
+from memfit.kernels.triton_words import _counters, run_words, word_ineligibility
 from memfit.kernels.weights import IntWeight, row_slice
 
 BITS = (2, 4, 8)

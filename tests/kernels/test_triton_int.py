@@ -173,7 +173,8 @@ def test_fragment_unpack_matches_reference(group, zp, rb, m, bm, split_k, pf):
     """`Config.dq = 2`: the codes read as words and unpacked straight into the dot's A-operand
     fragments, each 32-code span in the fragments' order, the activations permuted to match
     (`perm_x`); stored and tiled layouts, every group size it takes, split K, M below, at and
-    across the tile; the scales a tile ahead in registers or (pf 2, stored rows) streamed. (The interpreter runs the same order in plain Triton; a GPU the PTX.)"""
+    across the tile; the scales a tile ahead in registers or (pf 2, stored rows) streamed.
+    (The interpreter runs the same order in plain Triton; a GPU the PTX.)"""
     from memfit.kernels.weights import tile
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
     w = make_weight(128, 512, 4, group, zp, seed=group + m)
