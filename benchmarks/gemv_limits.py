@@ -229,10 +229,10 @@ def wa(args, gen) -> None:
                 for bn, warps in shapes:
                     for st in ((4,) if args.small else (3, 4) if m <= 256 else (3,)):
                         for sk in ((1, 2, 4) if m <= 128 else (1,)):
-                            for pf, dq in (((1, 1), (1, 2)) if args.dq and m <= 256
+                            for pf, dq in (((1, 1), (1, 2), (1, 4)) if args.dq and m <= 256
                                            else ((1, 2),) if args.dq
                                            else ((int(args.pf), 0),)):
-                                if bm >= 256 and bn >= 256:
+                                if (bm >= 256 and bn >= 256) or (dq == 4 and bn != 64):
                                     continue
                                 grid.append(triton_int.Config(bm, bn, bk, sk, warps, st,
                                                               magic=True, wa=True, pf=pf,
