@@ -151,10 +151,6 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     A-operand layout up to a renaming of registers: no conversion through shared memory at
     BN 64 either (`perm_x(x, 128)`). Not yet timed on a GPU.
 
-    PF = 2 (DQ >= 2, stored layout): the scales and zero-point bytes loaded as (BN, 2) and (BN, 4)
-    tiles instead, which the pipeliner copies asynchronously with the codes (no layout
-    conversion through shared memory, so no barrier, in the loop).
-
     PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
     pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
     loop, so every step waited a global-memory latency for them).
@@ -179,7 +175,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if PF == 1:
+    if PF:
         k1 = pid_k * BK
         s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok & ((rn * 0 + k1) < K),
                                    stride_sn, stride_zn, BITS, ZMODE, BN, RB)
@@ -201,27 +197,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB),
                          mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
-        if PF == 2:  # params as (BN, 2) / (BN, 4) tiles, 4 contiguous bytes a row, so Triton's
-            # pipeliner streams them through shared memory like the codes (stored layout, DQ >= 2)
-            g2 = k0 // GROUP + tl.arange(0, 2)
-            s2 = tl.load(s_ptr + rn[:, None] * stride_sn + g2[None, :],
-                         mask=(g2 < stride_sn)[None, :], other=0.0)
-            s, _s1 = tl.split(s2)
-            s = s.to(tl.float32)
-            if ZMODE == 0:
-                z = tl.full((BN,), 8, tl.float32)
-            else:  # the 4 zero-point bytes around group g's (4 contiguous bytes a row)
-                gz = (k0 // GROUP) // 2
-                zj = (gz // 4) * 4 + tl.arange(0, 4)
-                zb4 = tl.load(z_ptr + rn[:, None] * stride_zn + zj[None, :],
-                              mask=(zj < stride_zn)[None, :], other=0)
-                even_b, odd_b = tl.split(tl.reshape(zb4, (BN, 2, 2)))  # bytes 0, 2 / 1, 3
-                b0, b2 = tl.split(even_b)
-                b1, b3 = tl.split(odd_b)
-                sel = gz % 4
-                zb = tl.where(sel == 0, b0, tl.where(sel == 1, b1, tl.where(sel == 2, b2, b3)))
-                z = ((zb >> (((k0 // GROUP) * BITS) % 8)) & 15).to(tl.float32)
-        elif PF == 1:
+        if PF:
             s, z = s_nx, z_nx
             k1 = k0 + SPLIT_K * BK
             s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP,

@@ -71,7 +71,7 @@ class Config:
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
-    pf: int = 0          # `_int_mm`: scales and zero points a tile ahead (1) or streamed (2)
+    pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
     dq: int = 0          # `_int_mm`: 2 = codes unpacked into the A fragments (see its DQ)
 
 
@@ -222,13 +222,6 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
     if cfg.dq == 4 and (cfg.BN, cfg.BK) != (64, 128):
         return "the 128-code fragment order takes BN 64 and BK 128"
     return None
-
-
-def _pf(cfg: Config, w: IntWeight) -> int:
-    """`_int_mm`'s PF: 2 (streamed) only where the kernel takes it, else 1 (a tile ahead)."""
-    if cfg.pf == 2 and not (cfg.dq == 2 and not w.tile_rows and w.zero_point != "float"):
-        return 1
-    return int(cfg.pf)
 
 
 def perm_x(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
@@ -387,7 +380,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n,
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
-                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=_pf(cfg, w),
+                  **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
                   DQ=dq, EVEN=even, FIX=int(fix),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
