@@ -72,7 +72,7 @@ class Config:
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
-    dq: int = 0          # `_int_mm`: 2 = codes unpacked into the A fragments (see its DQ)
+    dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -212,7 +212,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
 
 def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int = 1
                        ) -> str | None:
-    """Why the tile kernel cannot unpack `w` into the dot's fragments (`Config.dq` = 2)."""
+    """Why the tile kernel cannot unpack `w` into the dot's fragments (`Config.dq` 2 or 4)."""
     if w.bits != 4 or w.zero_point == "float":
         return "the fragment unpack takes 4-bit codes with integer or no zero points"
     if dtype not in (torch.bfloat16, torch.float16):
