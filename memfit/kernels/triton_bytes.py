@@ -45,30 +45,34 @@ def _magic_asm(qb, MAGIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         "=r,=r,r", [qq], dtype=tl.int16, is_pure=True, pack=4)
 
 
-def _word_asm(ty: str, magic: int) -> str:
-    """PTX of `_word_codes` for one 16-bit type: pair i = (w >> 4i) & 0x000F000F | magic, minus
-    $9, times $10, split into outputs 2i and 2i + 1."""
+def _word_asm(ty: str, magic: int, one: int) -> str:
+    """PTX of `_word_codes` for one 16-bit type: pair i = (w >> 4i) & 0x000F000F | magic, plus
+    $9 (= -(BASE + z), exact), times $10, split into outputs 2i and 2i + 1. Both steps are
+    packed FMAs (x * 1 + $9, then x * $10 - 0: the same roundings as a subtract and a
+    multiply), which sm_80 has for bfloat16 too (its add / sub / mul need sm_90)."""
     lines = []
     for i in range(4):
         src = "$8"
         if i:
             lines.append(f"shr.u32 t, $8, {4 * i};")
             src = "t"
-        lines += [f"lop3.b32 p, {src}, 0x000F000F, {magic}, 0xEA;", f"sub.rn.{ty} p, p, $9;",
-                  f"mul.rn.{ty} p, p, $10;", f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p;"]
-    return "{ .reg .b32 p, t; " + " ".join(lines) + " }"
+        lines += [f"lop3.b32 p, {src}, 0x000F000F, {magic}, 0xEA;",
+                  f"fma.rn.{ty} p, p, one, $9;", f"fma.rn.{ty} p, p, $10, nz;",
+                  f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p;"]
+    return (f"{{ .reg .b32 p, t, one, nz; mov.b32 one, {one}; mov.b32 nz, 0x80008000; "
+            + " ".join(lines) + " }")
 
 
-WORD_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300))
-WORD_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400))
+WORD_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300, 0x3F803F80))
+WORD_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400, 0x3C003C00))
 
 
 @triton.jit
 def _word_codes(qw, zz, ss, F16: tl.constexpr):
     """One 32-bit word of 4-bit codes c0..c7 -> eight 16-bit weights (c - z) * s in the order
     c0 c4 c1 c5 c2 c6 c3 c7: per pair one SHF and one LOP3 ((w >> 4i) & 0x000F000F | magic =
-    (BASE + c_i, BASE + c_{i+4}), exact), one packed subtract of BASE + z (exact) and one packed
-    multiply by s (the one rounding); zz and ss hold BASE + z and s in both halves. GPU only."""
+    (BASE + c_i, BASE + c_{i+4}), exact), one packed add of -(BASE + z) (exact) and one packed
+    multiply by s (the one rounding); zz and ss hold -(BASE + z) and s in both halves. GPU only."""
     return tl.inline_asm_elementwise(WORD_ASM_F16 if F16 else WORD_ASM_BF16,
                                      "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
                                      dtype=(tl.int16,) * 8, is_pure=True, pack=1)
@@ -86,7 +90,7 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
     if ASM:
         F16: tl.constexpr = dtype == tl.float16
         BASE: tl.constexpr = 1024 if F16 else 128
-        zz = ((z + BASE).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        zz = ((-(z + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         ss = (s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz[:, None], ss[:, None], F16)
     else:

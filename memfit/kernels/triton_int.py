@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import triton
 from triton.compiler.errors import CompilationError
+from triton.runtime.errors import PTXASError
 
 from memfit.kernels import choices
 from memfit.kernels.gpu_timing import graph_us, weight_copies
@@ -281,7 +282,8 @@ def _agrees(x2, w, bias, c: Config, want: torch.Tensor) -> bool:
         got = run(x2, w, bias, c).float()
     except (triton.runtime.errors.OutOfResources, MmaLayoutError):
         return False  # too many registers/shared memory for this shape: not a candidate
-    except CompilationError as e:  # this Triton cannot build it: the others still can
+    except (CompilationError, PTXASError) as e:  # this Triton or GPU cannot build it: the
+        # others still can
         _warn_once(f"launch shape {c} does not compile with Triton {triton.__version__} "
                    f"({str(e).splitlines()[0][:120]}); left out")
         return False

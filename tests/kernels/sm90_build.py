@@ -179,7 +179,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
                        options={"num_warps": warps, "num_stages": 3})
     p = k.asm["ptx"]
     assert "wgmma.mma_async" in p, "no wgmma"
-    assert ("lop3.b32" in p) and (dq != 3 or ("sub.rn.f16x2" if f16 else "sub.rn.bf16x2") in p)
+    assert ("lop3.b32" in p) and (dq < 3 or ("fma.rn.f16x2" if f16 else "fma.rn.bf16x2") in p)
     if dq == 3 and bn == 256:
         assert p.count("prmt.b32") <= 16, f"{p.count('prmt.b32')} byte permutes"
 
