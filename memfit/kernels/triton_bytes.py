@@ -79,6 +79,13 @@ def _word_codes(qw, zz, ss, F16: tl.constexpr):
 
 
 @triton.jit
+def _code(qw, i: tl.constexpr, z, s, dtype: tl.constexpr):
+    """Code i of each word of qw (BN, W), dequantized with row zero points z and scales s."""
+    c = ((qw >> (4 * i)) & 15).to(tl.float32)
+    return ((c - z[:, None]) * s[:, None]).to(dtype)
+
+
+@triton.jit
 def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                ASM: tl.constexpr, WIDE: tl.constexpr = 0):
     """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
@@ -93,17 +100,15 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
         zz = ((-(z + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         ss = (s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz[:, None], ss[:, None], F16)
-    else:
-        zc = z[:, None]
-        sc = s[:, None]
-        o0 = ((((qw >> 0) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o1 = ((((qw >> 16) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o2 = ((((qw >> 4) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o3 = ((((qw >> 20) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o4 = ((((qw >> 8) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o5 = ((((qw >> 24) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o6 = ((((qw >> 12) & 15).to(tl.float32) - zc) * sc).to(dtype)
-        o7 = ((((qw >> 28) & 15).to(tl.float32) - zc) * sc).to(dtype)
+    else:  # output 2i + e is code i + 4e, as the PTX's pairs
+        o0 = _code(qw, 0, z, s, dtype)
+        o1 = _code(qw, 4, z, s, dtype)
+        o2 = _code(qw, 1, z, s, dtype)
+        o3 = _code(qw, 5, z, s, dtype)
+        o4 = _code(qw, 2, z, s, dtype)
+        o5 = _code(qw, 6, z, s, dtype)
+        o6 = _code(qw, 3, z, s, dtype)
+        o7 = _code(qw, 7, z, s, dtype)
     # join appends its new axis last: this nesting puts output o_p at position p of the word
     c = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
                 tl.join(tl.join(o1, o5), tl.join(o3, o7)))  # (BN, BK/8, h, i, j)
@@ -187,18 +192,18 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
-        if DQ >= 2:  # words; EVEN is required
+        if EVEN:  # (BM, BK); with DQ >= 2 (which needs EVEN) permuted by the caller
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
-                        other=0.0)  # (BM, BK), permuted by the caller
-            jw = k0 // 8 + tl.arange(0, BK // 8)
-            qw = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))  # (BN, BK/8) int32
-        elif EVEN:
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
-                        other=0.0)  # (BM, BK)
-            qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))  # (BN, BKP) uint8
+                        other=0.0)
         else:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        if DQ >= 2:  # (BN, BK / 8) int32 words
+            jw = k0 // 8 + tl.arange(0, BK // 8)
+            qw = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))
+        elif EVEN:  # (BN, BKP) uint8
+            qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))
+        else:
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB),
                          mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
         if PF:
@@ -225,19 +230,17 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             acc = _dot_t(w, x, acc, IEEE)
         else:
             acc = _dot_t(x, w, acc, IEEE)
+    if DQ >= 4:  # the tile's rows were reordered with its codes: row r of acc is row
+        # 32 b5 + 16 b4 + 8 b3 + low of the weight for r = 32 b4 + 16 b3 + 8 b5 + low
+        rr = tl.arange(0, BN)
+        rn = (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
+              + (rr & 7))
     if WA:
         y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
         ok = m_ok[None, :] & n_ok[:, None]
     else:
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-    if DQ >= 4:  # the tile's rows were reordered with its codes: row r of acc is row
-        # 32 b5 + 16 b4 + 8 b3 + low of the weight for r = 32 b4 + 16 b3 + 8 b5 + low
-        rr = tl.arange(0, BN)
-        rn = (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
-              + (rr & 7))
-        if WA:
-            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     if FIX:
         if WA:
             off = rm[None, :] * stride_ym + rn[:, None]

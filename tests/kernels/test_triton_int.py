@@ -247,3 +247,15 @@ def test_perm_x_over_128_columns():
             for s in range(2) for w1 in range(2) for w0 in range(2) for h in range(2)
             for i in range(2) for w3 in range(2) for w2 in range(2) for j in range(2)]
     assert got == want
+
+
+@pytest.mark.parametrize("dq", [2, 4])
+def test_fragment_orders_with_x_as_the_a_operand(dq):
+    """The fragment orders are sums over permuted columns (and, dq 4, reordered rows undone at
+    the store), so they hold with the weight as the dot's B operand too."""
+    w = make_weight(128, 256, 4, 128, "int", seed=dq)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(dq)).to(DEV, torch.float16)
+    bias = torch.randn(128).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    got = triton_int.run(x, w, bias, triton_int.Config(16, 64, 128, 1, 4, 2, pf=1, dq=dq))
+    assert rel_err(got, want) < 2e-3
