@@ -328,6 +328,50 @@ def wa_bf16(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
+def waves(args, gen) -> None:
+    """Wave probe: the dq 4 tile kernel (BN 64, 4 warps) at N = 64 x 132 x (1, 1.7, 2, 3) rows
+    and K = 4096: time per 64-row block against the programs per SM the stages allow."""
+    k = 4096
+    for m in args.m:
+        for n in (8448, 14336, 16896, 25344, 33792):
+            ws, x, bf16, want = setup(n, k, args.group, m, gen)
+            row = {"part": "waves", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            for st in (2, 3, 4):
+                c = triton_int.Config(32 if m <= 32 else 64, 64, 128, 1, 4, st, magic=True,
+                                      wa=True, pf=1, dq=4)
+                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                err = ((f[0]().float() - want).norm() / want.norm()).item()
+                row[f"st{st}"] = (round(t_us(f), 2), round(err, 5))
+            note(row, args.json)
+            del ws
+            torch.cuda.empty_cache()
+
+
+def stream(args, gen) -> None:
+    """Stream-K (`Config.stream`: programs a multiprocessor, equal runs of (output tile, K tile)
+    units) against the plain grid, the dq 4 / dq 1 tile kernel at 2-4 stages."""
+    for shape in args.shapes or ["14336x4096", "4096x14336", "4096x4096", "1024x4096"]:
+        n, k = map(int, shape.split("x"))
+        for m in args.m:
+            ws, x, bf16, want = setup(n, k, args.group, m, gen)
+            bm = 32 if m <= 32 else 64 if m <= 64 else 128
+            row = {"part": "stream", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            for dq in (4, 1):
+                for st in (2, 3, 4):
+                    for per in (0, 1, 2, 3, 4):
+                        c = triton_int.Config(bm, 64, 128, 1, 4, st, magic=True, wa=True, pf=1,
+                                              dq=dq, stream=per)
+                        f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                        try:
+                            err = ((f[0]().float() - want).norm() / want.norm()).item()
+                            row[f"dq{dq}_st{st}_sk{per}"] = (round(t_us(f), 2), round(err, 5))
+                        except Exception as e:  # noqa: BLE001 (too much shared memory, ...)
+                            row[f"dq{dq}_st{st}_sk{per}"] = type(e).__name__
+            note(row, args.json)
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -352,7 +396,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
-         "wa_bf16": wa_bf16}[part](args, gen)
+         "wa_bf16": wa_bf16, "waves": waves, "stream": stream}[part](args, gen)
 
 
 if __name__ == "__main__":

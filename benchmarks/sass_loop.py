@@ -26,8 +26,9 @@ import triton
 from tests.kernels import sm90_build
 
 
-def loop_ops(cubin: bytes) -> collections.Counter:
-    """Opcode counts of the longest backward branch's body (the main loop)."""
+def loop_ops(cubin: bytes, inner: str = "") -> collections.Counter:
+    """Opcode counts of the longest backward branch's body (the main loop); with `inner` (an
+    opcode, e.g. "HGMMA"), of the shortest one that holds it (the K loop inside an outer loop)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -39,9 +40,15 @@ def loop_ops(cubin: bytes) -> collections.Counter:
         m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?);", line)
         if m:
             rows.append((int(m.group(1), 16), m.group(2).split()))
-    loop = max(((int(b.group(1), 16), at) for at, words in rows
-                if (b := re.search(r"BRA (0x[0-9a-f]+)", " ".join(words)))
-                and int(b.group(1), 16) < at), key=lambda p: p[1] - p[0])
+    loops = [(int(b.group(1), 16), at) for at, words in rows
+             if (b := re.search(r"BRA (0x[0-9a-f]+)", " ".join(words)))
+             and int(b.group(1), 16) < at]
+    if inner:
+        loops = [lp for lp in loops if any(lp[0] <= at <= lp[1] and inner in " ".join(words)
+                                           for at, words in rows)]
+        loop = min(loops, key=lambda p: p[1] - p[0])
+    else:
+        loop = max(loops, key=lambda p: p[1] - p[0])
     ops = collections.Counter()
     for at, words in rows:
         if loop[0] <= at <= loop[1]:

@@ -126,69 +126,25 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr,
-            BITS: tl.constexpr,
-            ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-            IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
-            WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
-            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0):
-    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
-    and dequantized in registers to the activation dtype, then one dot per tile.
-
-    RB > 0: the tiled layout of memfit.kernels.weights.tile (4 bits, BK <= 128).
-    WA = 1: the weight tile is the dot's A operand (acc = w @ x^T, (BN, BM), stored transposed).
-    On sm_90 Triton 3.6 then loads the packed bytes straight into the wgmma A-operand layout
-    (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
-    wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
-    is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
-
-    FIX = 1 (SPLIT_K > 1): float32 partials in p, the last program of an output tile to arrive
-    (counter c) sums them in a fixed order and writes y (memfit.kernels.triton_words._finish):
-    deterministic, no zeroed float32 output, no atomics on y, no conversion pass.
-
-    EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
-    (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
-
-    DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
-    into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
-    caller (`perm_x`); DQ = 3 the same in PTX (GPU); DQ = 1 a byte-doubling PTX unpack (probe).
-    DQ = 4 / 5 (BN 64, BK 128, 4 warps; 5 = PTX): the codes ordered over the whole 128-code tile
-    and the tile's rows reordered (undone at the store) so that the layout Triton loads the
-    words in (4 consecutive words a thread, 8 x 4 threads a warp) already is the wgmma's
-    A-operand layout up to a renaming of registers: no conversion through shared memory at
-    BN 64 either (`perm_x(x, 128)`). Not yet timed on a GPU.
-
-    PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
-    pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
-    loop, so every step waited a global-memory latency for them).
-
-    MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
-    int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
-    (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
+def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, NB, stride_xm,
+           stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
+           ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+           BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
+           WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
+           EVEN: tl.constexpr):
+    """The float32 accumulator of K tiles it0 .. it1 - 1 (round `it` reads tile
+    it * SPLIT_K + pid_k) of rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n_ok = rn < N
-    if EVEN:  # constant masks: folded away
-        n_ok = tl.full((BN,), 1, tl.int1)
-    if EVEN == 2:
-        m_ok = tl.full((BM,), 1, tl.int1)
     if WA:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     if PF:
-        k1 = pid_k * BK
+        k1 = (it0 * SPLIT_K + pid_k) * BK
         s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok & ((rn * 0 + k1) < K),
                                    stride_sn, stride_zn, BITS, ZMODE, BN, RB)
-    for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
+    for it in range(it0, it1):
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
@@ -230,36 +186,194 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             acc = _dot_t(w, x, acc, IEEE)
         else:
             acc = _dot_t(x, w, acc, IEEE)
-    if DQ >= 4:  # the tile's rows were reordered with its codes: row r of acc is row
-        # 32 b5 + 16 b4 + 8 b3 + low of the weight for r = 32 b4 + 16 b3 + 8 b5 + low
-        rr = tl.arange(0, BN)
-        rn = (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
-              + (rr & 7))
-    if WA:
-        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-        ok = m_ok[None, :] & n_ok[:, None]
+    return acc
+
+
+@triton.jit
+def _out_rows(pid_n, BN: tl.constexpr, DQ: tl.constexpr):
+    """The weight rows of the accumulator's rows: DQ >= 4 reordered the tile's rows with its
+    codes (row r of acc is row 32 b5 + 16 b4 + 8 b3 + low of the weight for
+    r = 32 b4 + 16 b3 + 8 b5 + low), else in order."""
+    rr = tl.arange(0, BN)
+    if DQ >= 4:
+        return (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
+                + (rr & 7))
     else:
-        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
+        return pid_n * BN + rr
+
+
+@triton.jit
+def _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.constexpr,
+                WA: tl.constexpr):
+    """acc (+ bias) to y[rm, rn] (acc (BN, BM) if WA else (BM, BN))."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if WA:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if WA:
+        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None],
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
+            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr,
+            BITS: tl.constexpr,
+            ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+            IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
+            WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
+            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
+            STREAM: tl.constexpr = 0):
+    """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
+    and dequantized in registers to the activation dtype, then one dot per tile.
+
+    RB > 0: the tiled layout of memfit.kernels.weights.tile (4 bits, BK <= 128).
+    WA = 1: the weight tile is the dot's A operand (acc = w @ x^T, (BN, BM), stored transposed).
+    On sm_90 Triton 3.6 then loads the packed bytes straight into the wgmma A-operand layout
+    (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
+    wgmma from shared memory as it was copied there; with x as A (WA = 0) the dequantized tile
+    is written to shared memory every step (compiled PTX, benchmarks/RESULTS.md session 13).
+
+    FIX = 1 (SPLIT_K > 1): float32 partials in p, the last program of an output tile to arrive
+    (counter c) sums them in a fixed order and writes y (memfit.kernels.triton_words._finish):
+    deterministic, no zeroed float32 output, no atomics on y, no conversion pass.
+
+    EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
+    (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
+
+    DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
+    into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
+    caller (`perm_x`); DQ = 3 the same in PTX (GPU); DQ = 1 a byte-doubling PTX unpack (probe).
+    DQ = 4 / 5 (BN 64, BK 128, 4 warps; 5 = PTX): the codes ordered over the whole 128-code tile
+    and the tile's rows reordered (undone at the store) so that the layout Triton loads the
+    words in (4 consecutive words a thread, 8 x 4 threads a warp) already is the wgmma's
+    A-operand layout up to a renaming of registers: no conversion through shared memory at
+    BN 64 either (`perm_x(x, 128)`).
+
+    PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
+    pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
+    loop, so every step waited a global-memory latency for them).
+
+    STREAM = 1 (WA, SPLIT_K = 1): stream-K. The (row block, column block, K tile) units are cut
+    into one equal run per program (the grid is a multiple of the multiprocessors), so every
+    multiprocessor streams the same number of tiles (224 column blocks of 14336 rows on 132 SMs
+    left 40 of them half idle); an output tile a run covers whole is stored directly, else its
+    pieces go to float32 slots (two a program) and the last of its programs to arrive adds them
+    in program order (deterministic) and writes y. ITERS is the K tiles of a row.
+
+    MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
+    int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
+    (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
+    if STREAM:
+        _stream(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm,
+                stride_qn, stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, GROUP, BITS, ZMODE,
+                HAS_BIAS, IEEE, BM, BN, BK, MAGIC, BASE, RB, PF, DQ, EVEN)
+        return
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    if EVEN:  # constant masks: folded away
+        n_ok = tl.full((BN,), 1, tl.int1)
+    if EVEN == 2:
+        m_ok = tl.full((BM,), 1, tl.int1)
+    acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, 0, ITERS, pid_k, K, NB,
+                 stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
+                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN)
+    rn = _out_rows(pid_n, BN, DQ)
     if FIX:
         if WA:
             off = rm[None, :] * stride_ym + rn[:, None]
             boff = rn[:, None] + rm[None, :] * 0
+            ok = m_ok[None, :] & n_ok[:, None]
         else:
             off = rm[:, None] * stride_ym + rn[None, :]
             boff = rn[None, :] + rm[:, None] * 0
+            ok = m_ok[:, None] & n_ok[None, :]
         _finish(acc, off, ok, boff, y_ptr, p_ptr, c_ptr, b_ptr, pid_m * tl.num_programs(1) + pid_n,
                 pid_k, stride_ps, HAS_BIAS, SPLIT_K)
     elif ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ok)
+        if WA:
+            tl.atomic_add(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc,
+                          mask=m_ok[None, :] & n_ok[:, None])
+        else:
+            tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc,
+                          mask=m_ok[:, None] & n_ok[None, :])
     else:
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            if WA:
-                acc += bias[:, None]
-            else:
-                acc += bias[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, WA)
+
+
+@triton.jit
+def _owner(t, P, T):
+    """The program whose run holds unit t (runs: program p takes units p T // P .. (p+1) T // P - 1)."""
+    return (tl.cast(t + 1, tl.int64) * P + T - 1) // T - 1
+
+
+@triton.jit
+def _stream(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, KT, stride_xm, stride_qn,
+            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, GROUP: tl.constexpr,
+            BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
+            BASE: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
+            EVEN: tl.constexpr):
+    """Stream-K over the weight-as-A tile kernel (see `_int_mm`'s STREAM). Unit
+    u = (row block * column blocks + column block) * KT + K tile; program p runs units
+    p T // P .. (p+1) T // P - 1 in order, one accumulator per output tile it touches."""
+    P = tl.num_programs(0)
+    pid = tl.program_id(0)
+    nbn = tl.cdiv(N, BN)
+    T = tl.cdiv(M, BM) * nbn * KT
+    t0 = tl.cast(tl.cast(pid, tl.int64) * T // P, tl.int32)
+    t1 = tl.cast(tl.cast(pid + 1, tl.int64) * T // P, tl.int32)
+    t = t0
+    lo = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]  # a slot's (BN, BM) tile
+    while t < t1:
+        blk = t // KT
+        kt0 = t - blk * KT
+        kt1 = tl.minimum(KT, kt0 + (t1 - t))
+        pid_m = blk // nbn
+        pid_n = blk - pid_m * nbn
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        m_ok = rm < M
+        n_ok = rn < N
+        if EVEN:
+            n_ok = tl.full((BN,), 1, tl.int1)
+        if EVEN == 2:
+            m_ok = tl.full((BM,), 1, tl.int1)
+        acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, kt0, kt1, 0, K, NB,
+                     stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM,
+                     BN, BK, 1, MAGIC, BASE, 1, RB, PF, DQ, EVEN)
+        rn = _out_rows(pid_n, BN, DQ)
+        if kt1 - kt0 == KT:  # the whole output tile in this run
+            _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, 1)
+        else:  # a piece: slot 2 p for a run's first output tile, 2 p + 1 for its last
+            slot = 2 * pid + tl.cast(t != t0, tl.int32)
+            tl.store(p_ptr + tl.cast(slot, tl.int64) * (BN * BM) + lo, acc)
+            tl.debug_barrier()  # every thread's piece is stored before the (one-thread) release
+            first = tl.cast(_owner(blk * KT, P, T), tl.int32)
+            last = tl.cast(_owner(blk * KT + KT - 1, P, T), tl.int32)
+            arrived = tl.atomic_add(c_ptr + blk, 1, sem="acq_rel")
+            tl.debug_barrier()
+            if arrived == last - first:  # the last piece in: add them in program order
+                tot = tl.zeros((BN, BM), dtype=tl.float32)
+                for q in range(first, last + 1):
+                    # the first program's piece is its last tile unless its run starts here
+                    qs = 2 * q + tl.cast((q == first) & (tl.cast(q, tl.int64) * T // P < blk * KT),
+                                         tl.int32)
+                    tot += tl.load(p_ptr + tl.cast(qs, tl.int64) * (BN * BM) + lo)
+                _store_tile(tot, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, 1)
+                tl.atomic_xchg(c_ptr + blk, 0)
+        t += kt1 - kt0
 
 
 @triton.jit

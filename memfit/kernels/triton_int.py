@@ -32,6 +32,7 @@ dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 k
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -74,6 +75,7 @@ class Config:
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
+    stream: int = 0      # `_int_mm`, wa: stream-K over this many programs a multiprocessor
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -348,6 +350,9 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words:
         return run_words(x2, w, bias, cfg, cfg.words == "dot", zmode(w))
     x2 = x2.contiguous()
+    if cfg.stream and (not cfg.wa or cfg.SPLIT_K > 1 or cfg.gemv):
+        raise ValueError("memfit.kernels.triton_int: stream-K takes the weight-as-A tile kernel "
+                         "without a split of K")
     fix = cfg.SPLIT_K > 1 and cfg.wa and not cfg.gemv  # partials + the last arrival's sum
     atomic = cfg.SPLIT_K > 1 and not fix
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
@@ -364,6 +369,9 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
+    blocks = grid[0] * grid[1]
+    if cfg.stream:  # one equal run of (output tile, K tile) units a program
+        grid = (min(blocks * iters, cfg.stream * sm_count(x2.device)),)
     even = (n % cfg.BN == 0 and k % (cfg.BK * cfg.SPLIT_K) == 0) * (1 + (m % cfg.BM == 0))
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
@@ -374,16 +382,20 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
         x2 = perm_x(x2, 128 if cfg.dq == 4 else 32)
-    part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
-            else y)
-    cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
+    if cfg.stream:  # two (BN, BM) float32 slots a program for the pieces of split tiles
+        part = torch.empty(2 * grid[0], cfg.BN * cfg.BM, dtype=torch.float32, device=x2.device)
+    elif fix:
+        part = torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device)
+    else:
+        part = y
+    cnt = _counters(x2.device, blocks) if fix or cfg.stream else w.scale
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n,
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
-                  DQ=dq, EVEN=even, FIX=int(fix),
+                  DQ=dq, EVEN=even, FIX=int(fix), STREAM=int(cfg.stream > 0),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if atomic:
@@ -411,6 +423,19 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Te
 
 
 _WARNED: set = set()
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (stream-K's programs per multiprocessor scale it); 4 on
+    the CPU interpreter, where it only sets how the units are cut (tests vary it)."""
+    if device.type != "cuda":
+        return 4
+    return _sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _warn_once(msg: str) -> None:
