@@ -349,24 +349,26 @@ def waves(args, gen) -> None:
 
 def stream(args, gen) -> None:
     """Stream-K (`Config.stream`: programs a multiprocessor, equal runs of (output tile, K tile)
-    units) against the plain grid, the dq 4 / dq 1 tile kernel at 2-4 stages."""
+    units) against the plain grid: the dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8
+    warps, dq 1 at BN 64, 3 and 4 stages."""
     for shape in args.shapes or ["14336x4096", "4096x14336", "4096x4096", "1024x4096"]:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             bm = 32 if m <= 32 else 64 if m <= 64 else 128
             row = {"part": "stream", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for dq in (4, 1):
-                for st in (2, 3, 4):
-                    for per in (0, 1, 2, 3, 4):
-                        c = triton_int.Config(bm, 64, 128, 1, 4, st, magic=True, wa=True, pf=1,
-                                              dq=dq, stream=per)
+            for dq, bn, warps in ((4, 64, 4), (4, 128, 8), (1, 64, 4)):
+                for st in (3, 4):
+                    for per in (0, 1, 2, 3):
+                        c = triton_int.Config(bm, bn, 128, 1, warps, st, magic=True, wa=True,
+                                              pf=1, dq=dq, stream=per)
                         f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                        name = f"dq{dq}_bn{bn}_st{st}_sk{per}"
                         try:
                             err = ((f[0]().float() - want).norm() / want.norm()).item()
-                            row[f"dq{dq}_st{st}_sk{per}"] = (round(t_us(f), 2), round(err, 5))
+                            row[name] = (round(t_us(f), 2), round(err, 5))
                         except Exception as e:  # noqa: BLE001 (too much shared memory, ...)
-                            row[f"dq{dq}_st{st}_sk{per}"] = type(e).__name__
+                            row[name] = type(e).__name__
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()

@@ -112,9 +112,12 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
     # join appends its new axis last: this nesting puts output o_p at position p of the word
     c = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
                 tl.join(tl.join(o1, o5), tl.join(o3, o7)))  # (BN, BK/8, h, i, j)
-    if WIDE:  # BN 64, BK 128, 4 warps: the order of the codes' own load layout (see DQ = 4)
+    if WIDE and BN == 64:  # BK 128, 4 warps: the order of the codes' own load layout (DQ = 4)
         c = tl.reshape(c, (2, 2, 2, 8, 2, 2, 2, 2, 2, 2, 2))  # rows b5 b4 b3 low, words, h i j
         c = tl.permute(c, (1, 2, 0, 3, 6, 7, 8, 9, 4, 5, 10))  # b4 b3 b5 low, w1 w0 h i w3 w2 j
+    elif WIDE:  # BN 128, BK 128, 8 warps: the same, the top row bit the register one
+        c = tl.reshape(c, (2, 2, 2, 2, 8, 2, 2, 2, 2, 2, 2, 2))  # b6 b5 b4 b3 low, w3..w0 h i j
+        c = tl.permute(c, (1, 2, 3, 0, 4, 7, 8, 9, 10, 5, 6, 11))  # b5 b4 b3 b6 low, ...
     else:
         c = tl.reshape(c, (BN, BK // 32, 4, 2, 2, 2))  # (n, span, t, h, i, j)
         c = tl.permute(c, (0, 1, 3, 4, 2, 5))  # (n, span, h, i, t, j)
@@ -195,9 +198,12 @@ def _out_rows(pid_n, BN: tl.constexpr, DQ: tl.constexpr):
     codes (row r of acc is row 32 b5 + 16 b4 + 8 b3 + low of the weight for
     r = 32 b4 + 16 b3 + 8 b5 + low), else in order."""
     rr = tl.arange(0, BN)
-    if DQ >= 4:
+    if DQ >= 4 and BN == 64:
         return (pid_n * BN + ((rr >> 3) & 1) * 32 + ((rr >> 5) & 1) * 16 + ((rr >> 4) & 1) * 8
                 + (rr & 7))
+    elif DQ >= 4:  # BN 128: row r is 64 b3 + 32 b6 + 16 b5 + 8 b4 + low of r
+        return (pid_n * BN + ((rr >> 3) & 1) * 64 + ((rr >> 6) & 1) * 32 + ((rr >> 5) & 1) * 16
+                + ((rr >> 4) & 1) * 8 + (rr & 7))
     else:
         return pid_n * BN + rr
 

@@ -140,9 +140,12 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     even = w.shape[0] % 64 == 0 and w.shape[1] % bk == 0
     if perm_ineligibility(w, dtype, frag, even) is None:
         out += [frag, replace(frag, num_stages=3)]
-        wide = replace(frag, dq=4)  # no shared-memory conversion at BN 64 (not yet timed)
+        wide = replace(frag, dq=4)  # no shared-memory conversion at BN 64
         if perm_ineligibility(w, dtype, wide, even) is None:
-            out += [wide, replace(wide, num_stages=3)]
+            # stream-K: every multiprocessor the same number of tiles, 2 (4 stages) or 3
+            # (3 stages) programs each, as many as their shared memory lets in at once
+            out = [replace(wide, stream=2), replace(wide, num_stages=3, stream=3), wide,
+                   replace(wide, num_stages=3)] + out
         # 128 rows at 4 warps keep the fragment layout (no shared-memory conversion in the
         # loop) but give half the programs; split K in two (partials summed by the last
         # arrival, no atomics) restores them. Offered, not yet timed on a GPU (session 17).
@@ -222,8 +225,8 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
         return "the fragment unpack takes 16-bit activations"
     if not even or cfg.BK % 32:
         return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
-    if cfg.dq == 4 and (cfg.BN, cfg.BK) != (64, 128):
-        return "the 128-code fragment order takes BN 64 and BK 128"
+    if cfg.dq == 4 and (cfg.BN, cfg.BK) not in ((64, 128), (128, 128)):
+        return "the 128-code fragment order takes BN 64 or 128 and BK 128"
     return None
 
 

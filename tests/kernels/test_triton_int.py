@@ -223,19 +223,21 @@ def test_every_weight_as_a_candidate_matches_reference(rb):
         assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
 
 
-@pytest.mark.parametrize("rb,zp", [(0, "int"), (64, "int"), (0, "sym")])
+@pytest.mark.parametrize("rb,zp,bn", [(0, "int", 64), (64, "int", 64), (0, "sym", 64),
+                                       (0, "int", 128), (64, "sym", 128)])
 @pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (64, 64, 1), (40, 32, 2)])
-def test_wide_fragment_order_matches_reference(rb, zp, m, bm, split_k):
-    """`Config.dq = 4`: the codes of each 128-code tile and the tile's 64 rows reordered to the
-    layout the words are loaded in (rows restored at the store), the activations permuted over
-    128 columns to match."""
+def test_wide_fragment_order_matches_reference(rb, zp, bn, m, bm, split_k):
+    """`Config.dq = 4`: the codes of each 128-code tile and the tile's 64 (4 warps) or 128 (8
+    warps) rows reordered to the layout the words are loaded in (rows restored at the store),
+    the activations permuted over 128 columns to match."""
     from memfit.kernels.weights import tile
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
-    w = make_weight(192, 512, 4, 128, zp, seed=m + split_k)
+    n = 3 * bn
+    w = make_weight(n, 512, 4, 128, zp, seed=m + split_k)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
-    bias = torch.randn(192).to(DEV)
+    bias = torch.randn(n).to(DEV)
     want = linear_reference(x.float(), w, bias)
-    cfg = triton_int.Config(bm, 64, 128, split_k, 4, 2, wa=True, pf=1, dq=4)
+    cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4)
     got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
     assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
 
