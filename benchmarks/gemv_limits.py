@@ -347,7 +347,7 @@ def waves(args, gen) -> None:
             torch.cuda.empty_cache()
 
 
-def stream(args, gen) -> None:
+def streamk(args, gen) -> None:
     """Stream-K (`Config.stream`: programs a multiprocessor, equal runs of (output tile, K tile)
     units) against the plain grid: the dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8
     warps, dq 1 at BN 64, 3 and 4 stages."""
@@ -356,7 +356,7 @@ def stream(args, gen) -> None:
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             bm = 32 if m <= 32 else 64 if m <= 64 else 128
-            row = {"part": "stream", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            row = {"part": "streamk", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
             for dq, bn, warps in ((4, 64, 4), (4, 128, 8), (1, 64, 4)):
                 for st in (3, 4):
                     for per in (0, 1, 2, 3):
@@ -398,7 +398,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
-         "wa_bf16": wa_bf16, "waves": waves, "stream": stream}[part](args, gen)
+         "wa_bf16": wa_bf16, "waves": waves, "streamk": streamk}[part](args, gen)
 
 
 if __name__ == "__main__":
