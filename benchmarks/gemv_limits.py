@@ -347,23 +347,23 @@ def waves(args, gen) -> None:
             torch.cuda.empty_cache()
 
 
-def streamk(args, gen) -> None:
-    """Stream-K (`Config.stream`: programs a multiprocessor, equal runs of (output tile, K tile)
-    units) against the plain grid: the dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8
-    warps, dq 1 at BN 64, 3 and 4 stages."""
-    for shape in args.shapes or ["14336x4096", "4096x14336", "4096x4096", "1024x4096"]:
+def wide(args, gen) -> None:
+    """The dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8 warps, 3-4 stages, K split 1-4
+    (float32 partials summed by the last arrival), with and without a cap of 128 registers a
+    thread (two 8-warp programs a multiprocessor)."""
+    for shape in args.shapes or ["14336x4096", "4096x14336"]:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             bm = 32 if m <= 32 else 64 if m <= 64 else 128
-            row = {"part": "streamk", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for dq, bn, warps in ((4, 64, 4), (4, 128, 8), (1, 64, 4)):
+            row = {"part": "wide", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            for bn, warps, regs in ((64, 4, 0), (128, 8, 0), (128, 8, 128)):
                 for st in (3, 4):
-                    for per in (0, 1, 2, 3):
-                        c = triton_int.Config(bm, bn, 128, 1, warps, st, magic=True, wa=True,
-                                              pf=1, dq=dq, stream=per)
+                    for sk in (1, 2, 4):
+                        c = triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True,
+                                              pf=1, dq=4, regs=regs)
                         f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-                        name = f"dq{dq}_bn{bn}_st{st}_sk{per}"
+                        name = f"bn{bn}_r{regs}_st{st}_sk{sk}"
                         try:
                             err = ((f[0]().float() - want).norm() / want.norm()).item()
                             row[name] = (round(t_us(f), 2), round(err, 5))
@@ -398,7 +398,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
-         "wa_bf16": wa_bf16, "waves": waves, "streamk": streamk}[part](args, gen)
+         "wa_bf16": wa_bf16, "waves": waves, "wide": wide}[part](args, gen)
 
 
 if __name__ == "__main__":

@@ -234,8 +234,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
-            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
-            STREAM: tl.constexpr = 0):
+            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -266,21 +265,9 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
     loop, so every step waited a global-memory latency for them).
 
-    STREAM = 1 (WA, SPLIT_K = 1): stream-K. The (row block, column block, K tile) units are cut
-    into one equal run per program (the grid is a multiple of the multiprocessors), so every
-    multiprocessor streams the same number of tiles (224 column blocks of 14336 rows on 132 SMs
-    left 40 of them half idle); an output tile a run covers whole is stored directly, else its
-    pieces go to float32 slots (two a program) and the last of its programs to arrive adds them
-    in program order (deterministic) and writes y. ITERS is the K tiles of a row.
-
     MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
     int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
     (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
-    if STREAM:
-        _stream(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm,
-                stride_qn, stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, GROUP, BITS, ZMODE,
-                HAS_BIAS, IEEE, BM, BN, BK, MAGIC, BASE, RB, PF, DQ, EVEN)
-        return
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -316,70 +303,6 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
                           mask=m_ok[:, None] & n_ok[None, :])
     else:
         _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, WA)
-
-
-@triton.jit
-def _owner(t, P, T):
-    """The program whose run holds unit t (runs: program p takes units p T // P .. (p+1) T // P - 1)."""
-    return (tl.cast(t + 1, tl.int64) * P + T - 1) // T - 1
-
-
-@triton.jit
-def _stream(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, KT, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, GROUP: tl.constexpr,
-            BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
-            BASE: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
-            EVEN: tl.constexpr):
-    """Stream-K over the weight-as-A tile kernel (see `_int_mm`'s STREAM). Unit
-    u = (row block * column blocks + column block) * KT + K tile; program p runs units
-    p T // P .. (p+1) T // P - 1 in order, one accumulator per output tile it touches."""
-    P = tl.num_programs(0)
-    pid = tl.program_id(0)
-    nbn = tl.cdiv(N, BN)
-    T = tl.cdiv(M, BM) * nbn * KT
-    t0 = tl.cast(tl.cast(pid, tl.int64) * T // P, tl.int32)
-    t1 = tl.cast(tl.cast(pid + 1, tl.int64) * T // P, tl.int32)
-    t = t0
-    lo = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]  # a slot's (BN, BM) tile
-    while t < t1:
-        blk = t // KT
-        kt0 = t - blk * KT
-        kt1 = tl.minimum(KT, kt0 + (t1 - t))
-        pid_m = blk // nbn
-        pid_n = blk - pid_m * nbn
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        m_ok = rm < M
-        n_ok = rn < N
-        if EVEN:
-            n_ok = tl.full((BN,), 1, tl.int1)
-        if EVEN == 2:
-            m_ok = tl.full((BM,), 1, tl.int1)
-        acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, kt0, kt1, 0, K, NB,
-                     stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM,
-                     BN, BK, 1, MAGIC, BASE, 1, RB, PF, DQ, EVEN)
-        rn = _out_rows(pid_n, BN, DQ)
-        if kt1 - kt0 == KT:  # the whole output tile in this run
-            _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, 1)
-        else:  # a piece: slot 2 p for a run's first output tile, 2 p + 1 for its last
-            slot = 2 * pid + tl.cast(t != t0, tl.int32)
-            tl.store(p_ptr + tl.cast(slot, tl.int64) * (BN * BM) + lo, acc)
-            tl.debug_barrier()  # every thread's piece is stored before the (one-thread) release
-            first = tl.cast(_owner(blk * KT, P, T), tl.int32)
-            last = tl.cast(_owner(blk * KT + KT - 1, P, T), tl.int32)
-            arrived = tl.atomic_add(c_ptr + blk, 1, sem="acq_rel")
-            tl.debug_barrier()
-            if arrived == last - first:  # the last piece in: add them in program order
-                tot = tl.zeros((BN, BM), dtype=tl.float32)
-                for q in range(first, last + 1):
-                    # the first program's piece is its last tile unless its run starts here
-                    qs = 2 * q + tl.cast((q == first) & (tl.cast(q, tl.int64) * T // P < blk * KT),
-                                         tl.int32)
-                    tot += tl.load(p_ptr + tl.cast(qs, tl.int64) * (BN * BM) + lo)
-                _store_tile(tot, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS, 1)
-                tl.atomic_xchg(c_ptr + blk, 0)
-        t += kt1 - kt0
 
 
 @triton.jit

@@ -32,7 +32,6 @@ dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 k
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -75,7 +74,7 @@ class Config:
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
-    stream: int = 0      # `_int_mm`, wa: stream-K over this many programs a multiprocessor
+    regs: int = 0        # `_int_mm`: cap on registers a thread (ptxas maxnreg; 0 = its choice)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -125,33 +124,26 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
                         ) -> list[Config]:
-    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: 64 rows a
-    program, 4 warps, one token tile, the scales a tile ahead (PF), and the codes unpacked in
-    PTX, bytes doubled (dq 1) or words straight into the A fragments (dq 2, activations
-    permuted; dq 4: the same over 128-code tiles, rows reordered, so that BN 64 needs no
-    conversion either). 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 17): M = 32
-    28.6 µs, M = 64 34.0, M = 128 44.4, against 37.9 / 42.8 / 51.4 for the plain form kept last
-    (dq 4 and the split form not yet timed). M = 256 and above ran slower than dequantize +
-    cuBLAS (session 13): not offered."""
+    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: the scales a
+    tile ahead (PF), the codes unpacked in PTX: words straight into the wgmma A fragments in
+    the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
+    activations permuted to match), else bytes doubled (dq 1); K split (float32 partials summed
+    by the last arrival) where the rows give few programs. 14336x4096 g128 on an H200
+    (benchmarks/RESULTS.md, session 18): M = 32 24.2 µs, M = 64 28.8, M = 128 36.3 against
+    37.9 / 42.8 / 51.4 for the plain form kept last. M = 256 and above ran slower than
+    dequantize + cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
     bk = block_k(w)
-    out = [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (3, 4)]
-    frag = Config(bm, 64, bk, 1, 4, 4, magic=True, wa=True, pf=1, dq=2)
-    even = w.shape[0] % 64 == 0 and w.shape[1] % bk == 0
-    if perm_ineligibility(w, dtype, frag, even) is None:
-        out += [frag, replace(frag, num_stages=3)]
-        wide = replace(frag, dq=4)  # no shared-memory conversion at BN 64
-        if perm_ineligibility(w, dtype, wide, even) is None:
-            # stream-K: every multiprocessor the same number of tiles, 2 (4 stages) or 3
-            # (3 stages) programs each, as many as their shared memory lets in at once
-            out = [replace(wide, stream=2), replace(wide, num_stages=3, stream=3), wide,
-                   replace(wide, num_stages=3)] + out
-        # 128 rows at 4 warps keep the fragment layout (no shared-memory conversion in the
-        # loop) but give half the programs; split K in two (partials summed by the last
-        # arrival, no atomics) restores them. Offered, not yet timed on a GPU (session 17).
-        k2 = Config(bm, 128, bk, 2, 4, 4, magic=True, wa=True, pf=1, dq=2)
-        if w.shape[0] % 128 == 0 and w.shape[1] % (2 * bk) == 0:
-            out.append(k2)
+    n, k = w.shape
+    out = []
+    wide = Config(bm, 128, bk, 1, 8, 4, magic=True, wa=True, pf=1, dq=4)
+    for cfg in (wide, replace(wide, num_stages=3),
+                replace(wide, BN=64, num_warps=4), replace(wide, BN=64, num_warps=4, num_stages=3)):
+        if perm_ineligibility(w, dtype, cfg, n % cfg.BN == 0 and k % bk == 0) is None:
+            out.append(cfg)
+    if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K
+        out += [replace(out[-2], SPLIT_K=sk) for sk in (2, 4) if k % (sk * bk) == 0]
+    out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
 
@@ -353,9 +345,6 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words:
         return run_words(x2, w, bias, cfg, cfg.words == "dot", zmode(w))
     x2 = x2.contiguous()
-    if cfg.stream and (not cfg.wa or cfg.SPLIT_K > 1 or cfg.gemv):
-        raise ValueError("memfit.kernels.triton_int: stream-K takes the weight-as-A tile kernel "
-                         "without a split of K")
     fix = cfg.SPLIT_K > 1 and cfg.wa and not cfg.gemv  # partials + the last arrival's sum
     atomic = cfg.SPLIT_K > 1 and not fix
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
@@ -372,9 +361,6 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
-    blocks = grid[0] * grid[1]
-    if cfg.stream:  # one equal run of (output tile, K tile) units a program
-        grid = (min(blocks * iters, cfg.stream * sm_count(x2.device)),)
     even = (n % cfg.BN == 0 and k % (cfg.BK * cfg.SPLIT_K) == 0) * (1 + (m % cfg.BM == 0))
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
@@ -385,22 +371,21 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
         x2 = perm_x(x2, 128 if cfg.dq == 4 else 32)
-    if cfg.stream:  # two (BN, BM) float32 slots a program for the pieces of split tiles
-        part = torch.empty(2 * grid[0], cfg.BN * cfg.BM, dtype=torch.float32, device=x2.device)
-    elif fix:
+    if fix:
         part = torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device)
     else:
         part = y
-    cnt = _counters(x2.device, blocks) if fix or cfg.stream else w.scale
+    cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
                   w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n,
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
-                  DQ=dq, EVEN=even, FIX=int(fix), STREAM=int(cfg.stream > 0),
+                  DQ=dq, EVEN=even, FIX=int(fix),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  num_stages=cfg.num_stages, **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET
+                                                else {}))
     if atomic:
         if bias is not None:
             y += bias.float()
@@ -426,25 +411,6 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Te
 
 
 _WARNED: set = set()
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (stream-K's programs per multiprocessor scale it); 4 on
-    the CPU interpreter, where it only sets how the units are cut (tests vary it)."""
-    if device.type != "cuda":
-        return 4
-    return _sms(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(f"memfit: {msg}", stacklevel=3)
 
 
 def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):
