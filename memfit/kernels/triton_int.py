@@ -413,6 +413,12 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Te
 _WARNED: set = set()
 
 
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(f"memfit: {msg}", stacklevel=3)
+
+
 def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):
     """(..., in) -> (..., out), or None when the layout cannot take this kernel (warned once)."""
     why = ineligibility(w)
