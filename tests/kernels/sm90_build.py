@@ -157,7 +157,8 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
 
 def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
-    doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order):
+    doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
+    4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop):
     it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
     shapes where Triton keeps the fragment layout (BN 256, 8 warps)."""
     xdt = "fp16" if f16 else "bf16"
@@ -182,6 +183,10 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
     assert ("lop3.b32" in p) and (dq < 3 or ("fma.rn.f16x2" if f16 else "fma.rn.bf16x2") in p)
     if dq == 3 and bn == 256:
         assert p.count("prmt.b32") <= 16, f"{p.count('prmt.b32')} byte permutes"
+    if dq == 5:  # the load layout is the wgmma's: no shared-memory conversion in the K loop
+        from benchmarks.sass_loop import loop_ops
+        ops = loop_ops(k.asm["cubin"], "HGMMA")
+        assert not ops.get("STS") and not ops.get("LDSM"), f"conversion in the loop: {ops}"
 
 
 def main() -> None:
@@ -214,7 +219,8 @@ def main() -> None:
                for c in ((1, 1, False, 0), (1, 1, True, 64), (3, 1, False, 0), (3, 0, False, 0),
                          (3, 1, True, 64), (3, 1, False, 0, 256, 8), (3, 1, False, 0, 64, 4, 2),
                          (3, 1, False, 64, 128, 4, 2), (5, 1, False, 0), (5, 1, True, 64),
-                         (5, 1, False, 0, 64, 4, 2))}
+                         (5, 1, False, 0, 64, 4, 2), (5, 1, False, 0, 128, 8),
+                         (5, 1, True, 64, 128, 8))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}
