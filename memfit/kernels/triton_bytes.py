@@ -134,9 +134,15 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, N
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
            BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
            WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
-           EVEN: tl.constexpr):
+           EVEN: tl.constexpr, PAIR: tl.constexpr = 0):
     """The float32 accumulator of K tiles it0 .. it1 - 1 (round `it` reads tile
-    it * SPLIT_K + pid_k) of rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
+    it * SPLIT_K + pid_k) of rows rm and weight rows rn: (BN, BM) if WA else (BM, BN).
+    PAIR (DQ >= 4, WA, EVEN): a round reads two adjacent tiles (each its own group's scales),
+    unpacks each into the fragment order and feeds both to one dot of K = 2 BK."""
+    if PAIR:
+        return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K,
+                           stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, BM,
+                           BN, BK, SPLIT_K, RB, PF, DQ)
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
     if WA:
@@ -193,6 +199,47 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, N
 
 
 @triton.jit
+def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, stride_xm,
+                stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
+                ZMODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SPLIT_K: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr):
+    """`_tiles` with PAIR: round `it` reads the 2 BK codes from (it * SPLIT_K + pid_k) 2 BK."""
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if PF:
+        k1 = (it0 * SPLIT_K + pid_k) * 2 * BK
+        s_a, z_a = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok, stride_sn, stride_zn,
+                                 BITS, ZMODE, BN, RB)
+        s_b, z_b = _group_params(s_ptr, z_ptr, rn, (k1 + BK) // GROUP, n_ok, stride_sn,
+                                 stride_zn, BITS, ZMODE, BN, RB)
+    for it in range(it0, it1):
+        k0 = (it * SPLIT_K + pid_k) * 2 * BK
+        kk = k0 + tl.arange(0, 2 * BK)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
+                    other=0.0)  # (BM, 2 BK), each BK columns permuted by the caller
+        jw = k0 // 8 + tl.arange(0, BK // 8)
+        q0 = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))
+        q1 = tl.load(_word_ptrs(q_ptr, rn, jw + BK // 8, (k0 + BK) // 8, stride_qn, RB))
+        if PF:
+            s0, z0, s1, z1 = s_a, z_a, s_b, z_b
+            k1 = k0 + SPLIT_K * 2 * BK
+            ok = n_ok & ((rn * 0 + k1) < K)
+            s_a, z_a = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, ok, stride_sn, stride_zn,
+                                     BITS, ZMODE, BN, RB)
+            s_b, z_b = _group_params(s_ptr, z_ptr, rn, (k1 + BK) // GROUP, ok, stride_sn,
+                                     stride_zn, BITS, ZMODE, BN, RB)
+        else:
+            s0, z0 = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn,
+                                   BITS, ZMODE, BN, RB)
+            s1, z1 = _group_params(s_ptr, z_ptr, rn, (k0 + BK) // GROUP, n_ok, stride_sn,
+                                   stride_zn, BITS, ZMODE, BN, RB)
+        w0 = _perm_tile(q0, z0, s0, x.dtype, BN, BK, DQ % 2 == 1, True)
+        w1 = _perm_tile(q1, z1, s1, x.dtype, BN, BK, DQ % 2 == 1, True)
+        w = tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BN, 2 * BK))
+        acc = tl.dot(w, tl.trans(x), acc)
+    return acc
+
+
+@triton.jit
 def _out_rows(pid_n, BN: tl.constexpr, DQ: tl.constexpr):
     """The weight rows of the accumulator's rows: DQ >= 4 reordered the tile's rows with its
     codes (row r of acc is row 32 b5 + 16 b4 + 8 b3 + low of the weight for
@@ -234,7 +281,8 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
-            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0):
+            DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
+            PAIR: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -281,7 +329,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         m_ok = tl.full((BM,), 1, tl.int1)
     acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, 0, ITERS, pid_k, K, NB,
                  stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
-                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN)
+                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR)
     rn = _out_rows(pid_n, BN, DQ)
     if FIX:
         if WA:

@@ -75,6 +75,7 @@ class Config:
     pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
     regs: int = 0        # `_int_mm`: cap on registers a thread (ptxas maxnreg; 0 = its choice)
+    pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
 
 
 def ineligibility(w: IntWeight) -> str | None:
@@ -219,6 +220,8 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
         return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
     if cfg.dq == 4 and (cfg.BN, cfg.BK) not in ((64, 128), (128, 128)):
         return "the 128-code fragment order takes BN 64 or 128 and BK 128"
+    if cfg.pair and (cfg.dq != 4 or not cfg.wa or w.shape[1] % (2 * cfg.BK * cfg.SPLIT_K)):
+        return "two tiles a step take dq 4, the weight as A and K a multiple of 2 BK x split"
     return None
 
 
@@ -351,7 +354,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
-    iters = triton.cdiv(triton.cdiv(k, cfg.BK), cfg.SPLIT_K)
+    iters = triton.cdiv(triton.cdiv(k, cfg.BK * (1 + cfg.pair)), cfg.SPLIT_K)
     if cfg.gemv:
         _int_gemv[(triton.cdiv(n, cfg.BN), cfg.SPLIT_K)](
             x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
@@ -365,7 +368,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
         dq = 1
-    elif cfg.dq in (2, 4):
+    elif cfg.dq in (2, 4) or cfg.pair:
         why = perm_ineligibility(w, x2.dtype, cfg, even)
         if why:
             raise ValueError(f"memfit.kernels.triton_int: {why}")
@@ -382,7 +385,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
                   GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
                   ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
                   **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf),
-                  DQ=dq, EVEN=even, FIX=int(fix),
+                  DQ=dq, EVEN=even, FIX=int(fix), PAIR=int(cfg.pair),
                   BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET
                                                 else {}))

@@ -262,3 +262,22 @@ def test_fragment_orders_with_x_as_the_a_operand(dq):
     want = linear_reference(x.float(), w, bias)
     got = triton_int.run(x, w, bias, triton_int.Config(16, 64, 128, 1, 4, 2, pf=1, dq=dq))
     assert rel_err(got, want) < 2e-3
+
+
+@pytest.mark.parametrize("bn,rb,zp", [(64, 0, "int"), (128, 0, "sym"), (64, 64, "int")])
+@pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (64, 64, 1), (40, 32, 2)])
+def test_two_tiles_a_step_match_reference(bn, rb, zp, m, bm, split_k):
+    """`Config.pair`: two adjacent 128-code tiles, each with its own group's scales and zero
+    points, unpacked into the fragment order and fed to one dot of K = 256."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(2 * bn, 1024, 4, 128, zp, seed=m + bn)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    bias = torch.randn(2 * bn).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4, pair=True)
+    got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
+    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+    with pytest.raises(ValueError, match="two tiles a step"):  # K = 384: not whole pairs
+        triton_int.run(x[:, :384].contiguous(), make_weight(2 * bn, 384, 4, 128, zp), None,
+                       triton_int.Config(bm, bn, 128, 1, 4, 2, wa=True, pf=1, dq=4, pair=True))
