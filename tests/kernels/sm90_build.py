@@ -155,10 +155,12 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
     return kern
 
 
-def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1):
+def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1,
+               pair: bool = False):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
-    4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop):
+    4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop, also with
+    two tiles a step, PAIR):
     it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
     shapes where Triton keeps the fragment layout (BN 256, 8 warps)."""
     xdt = "fp16" if f16 else "bf16"
@@ -169,7 +171,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
            "stride_ps": "i32"}
     const = dict(GROUP=128, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
-                 BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2)
+                 BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair))
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
@@ -220,7 +222,8 @@ def main() -> None:
                          (3, 1, True, 64), (3, 1, False, 0, 256, 8), (3, 1, False, 0, 64, 4, 2),
                          (3, 1, False, 64, 128, 4, 2), (5, 1, False, 0), (5, 1, True, 64),
                          (5, 1, False, 0, 64, 4, 2), (5, 1, False, 0, 128, 8),
-                         (5, 1, True, 64, 128, 8))}
+                         (5, 1, True, 64, 128, 8), (5, 1, False, 0, 128, 8, 1, True),
+                         (5, 1, True, 64, 64, 4, 2, True))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}
