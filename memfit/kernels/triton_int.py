@@ -128,10 +128,10 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: the scales a
     tile ahead (PF), the codes unpacked in PTX: words straight into the wgmma A fragments in
     the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
-    activations permuted to match), else bytes doubled (dq 1); K split (float32 partials summed
-    by the last arrival) where the rows give few programs. 14336x4096 g128 on an H200
-    (benchmarks/RESULTS.md, session 18): M = 32 24.2 µs, M = 64 28.8, M = 128 36.3 against
-    37.9 / 42.8 / 51.4 for the plain form kept last. M = 256 and above ran slower than
+    activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
+    (dq 1); K split (float32 partials summed by the last arrival) where the rows give few
+    programs. 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 18): M = 32 23.0 µs,
+    M = 64 28.6, M = 128 35.7 against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256 and above ran slower than
     dequantize + cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
     bk = block_k(w)
@@ -142,8 +142,12 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
                 replace(wide, BN=64, num_warps=4), replace(wide, BN=64, num_warps=4, num_stages=3)):
         if perm_ineligibility(w, dtype, cfg, n % cfg.BN == 0 and k % bk == 0) is None:
             out.append(cfg)
+    if out and bm <= 64 and k % (2 * bk) == 0:  # two tiles a step, 3 stages (won at M = 32
+        # and 64, lost at 128: RESULTS.md session 18)
+        out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
     if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K
-        out += [replace(out[-2], SPLIT_K=sk) for sk in (2, 4) if k % (sk * bk) == 0]
+        out += [replace(c, SPLIT_K=sk) for c in out[-2:-1] for sk in (2, 4)
+                if k % (sk * bk) == 0]
     out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
