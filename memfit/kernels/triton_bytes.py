@@ -129,18 +129,16 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, NB, stride_xm,
+def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, stride_xm,
            stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
            BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
            WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
            EVEN: tl.constexpr, PAIR: tl.constexpr = 0):
-    """The float32 accumulator of K tiles it0 .. it1 - 1 (round `it` reads tile
-    it * SPLIT_K + pid_k) of rows rm and weight rows rn: (BN, BM) if WA else (BM, BN).
-    PAIR (DQ >= 4, WA, EVEN): a round reads two adjacent tiles (each its own group's scales),
-    unpacks each into the fragment order and feeds both to one dot of K = 2 BK."""
+    """The float32 accumulator of ITERS rounds (round `it` reads K tile it * SPLIT_K + pid_k)
+    for rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
     if PAIR:
-        return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K,
+        return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                            stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, BM,
                            BN, BK, SPLIT_K, RB, PF, DQ)
     PER: tl.constexpr = 8 // BITS
@@ -150,10 +148,10 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, N
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     if PF:
-        k1 = (it0 * SPLIT_K + pid_k) * BK
+        k1 = pid_k * BK
         s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok & ((rn * 0 + k1) < K),
                                    stride_sn, stride_zn, BITS, ZMODE, BN, RB)
-    for it in range(it0, it1):
+    for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
@@ -199,19 +197,23 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, N
 
 
 @triton.jit
-def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, it0, it1, pid_k, K, stride_xm,
+def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, stride_xm,
                 stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
                 ZMODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr):
-    """`_tiles` with PAIR: round `it` reads the 2 BK codes from (it * SPLIT_K + pid_k) 2 BK."""
+    """`_tiles` with PAIR (DQ >= 4, WA, EVEN, K a multiple of 2 BK SPLIT_K): round `it` reads
+    the two adjacent tiles from column (it * SPLIT_K + pid_k) 2 BK, each with its own group's
+    scales and zero points, unpacks each into the fragment order and feeds both to one dot of
+    K = 2 BK: the loop's own instructions (stage rotation, barriers, wgmma descriptors,
+    addresses) serve twice the codes."""
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     if PF:
-        k1 = (it0 * SPLIT_K + pid_k) * 2 * BK
+        k1 = pid_k * 2 * BK
         s_a, z_a = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok, stride_sn, stride_zn,
                                  BITS, ZMODE, BN, RB)
         s_b, z_b = _group_params(s_ptr, z_ptr, rn, (k1 + BK) // GROUP, n_ok, stride_sn,
                                  stride_zn, BITS, ZMODE, BN, RB)
-    for it in range(it0, it1):
+    for it in range(0, ITERS):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
@@ -303,11 +305,11 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
     into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
     caller (`perm_x`); DQ = 3 the same in PTX (GPU); DQ = 1 a byte-doubling PTX unpack (probe).
-    DQ = 4 / 5 (BN 64, BK 128, 4 warps; 5 = PTX): the codes ordered over the whole 128-code tile
-    and the tile's rows reordered (undone at the store) so that the layout Triton loads the
-    words in (4 consecutive words a thread, 8 x 4 threads a warp) already is the wgmma's
-    A-operand layout up to a renaming of registers: no conversion through shared memory at
-    BN 64 either (`perm_x(x, 128)`).
+    DQ = 4 / 5 (BK 128, BN 64 at 4 warps or BN 128 at 8; 5 = PTX): the codes ordered over the
+    whole 128-code tile and the tile's rows reordered (undone at the store, `_out_rows`) so
+    that the layout Triton loads the words in (4 consecutive words a thread, 8 x 4 threads a
+    warp) already is the wgmma's A-operand layout up to a renaming of registers: no conversion
+    through shared memory (`perm_x(x, 128)`). PAIR = 1: two such tiles a step (`_pair_tiles`).
 
     PF = 1: each tile's scales and zero points are loaded one tile ahead, in registers (Triton's
     pipeliner streams x and the codes through shared memory but leaves these narrow loads in the
@@ -327,7 +329,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         n_ok = tl.full((BN,), 1, tl.int1)
     if EVEN == 2:
         m_ok = tl.full((BM,), 1, tl.int1)
-    acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, 0, ITERS, pid_k, K, NB,
+    acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB,
                  stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
                  BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR)
     rn = _out_rows(pid_n, BN, DQ)
