@@ -347,57 +347,51 @@ def waves(args, gen) -> None:
             torch.cuda.empty_cache()
 
 
-def wide(args, gen) -> None:
-    """The dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8 warps, 3-4 stages, K split 1-4
-    (float32 partials summed by the last arrival), with and without a cap of 128 registers a
-    thread (two 8-warp programs a multiprocessor)."""
+def _dq4_grid(args, gen, part: str, shapes) -> None:
+    """Time the dq 4 tile-kernel launch shapes `shapes(n, bm)` yields as (name, Config) for each
+    NxK shape and M, beside bf16 cuBLAS; each output checked against dequantize + cuBLAS."""
     for shape in args.shapes or ["14336x4096", "4096x14336"]:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
-            bm = 32 if m <= 32 else 64 if m <= 64 else 128
-            row = {"part": "wide", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for bn, warps, regs in ((64, 4, 0), (128, 8, 0), (128, 8, 128)):
-                for st in (3, 4):
-                    for sk in (1, 2, 4):
-                        c = triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True,
-                                              pf=1, dq=4, regs=regs)
-                        f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-                        name = f"bn{bn}_r{regs}_st{st}_sk{sk}"
-                        try:
-                            err = ((f[0]().float() - want).norm() / want.norm()).item()
-                            row[name] = (round(t_us(f), 2), round(err, 5))
-                        except Exception as e:  # noqa: BLE001 (too much shared memory, ...)
-                            row[name] = type(e).__name__
+            row = {"part": part, "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            for name, c in shapes(n, 32 if m <= 32 else 64 if m <= 64 else 128):
+                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                try:
+                    err = ((f[0]().float() - want).norm() / want.norm()).item()
+                    row[name] = (round(t_us(f), 2), round(err, 5))
+                except Exception as e:  # noqa: BLE001 (too much shared memory, ...)
+                    row[name] = type(e).__name__
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()
+
+
+def wide(args, gen) -> None:
+    """The dq 4 tile kernel at BN 64 / 4 warps and BN 128 / 8 warps, 3-4 stages, K split 1-4
+    (float32 partials summed by the last arrival), with and without a cap of 128 registers a
+    thread (two 8-warp programs a multiprocessor)."""
+    def shapes(n, bm):
+        for bn, warps, regs in ((64, 4, 0), (128, 8, 0), (128, 8, 128)):
+            for st in (3, 4):
+                for sk in (1, 2, 4):
+                    yield (f"bn{bn}_r{regs}_st{st}_sk{sk}",
+                           triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True,
+                                             pf=1, dq=4, regs=regs))
+    _dq4_grid(args, gen, "wide", shapes)
 
 
 def pair(args, gen) -> None:
     """dq 4 with two 128-code tiles a step (`Config.pair`: one dot of K = 256, 10% fewer loop
     instructions a tile in the offline sm_90 build) against one tile a step."""
-    for shape in args.shapes or ["14336x4096", "4096x14336"]:
-        n, k = map(int, shape.split("x"))
-        for m in args.m:
-            ws, x, bf16, want = setup(n, k, args.group, m, gen)
-            bm = 32 if m <= 32 else 64 if m <= 64 else 128
-            row = {"part": "pair", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for bn, warps in ((128, 8), (64, 4)):
-                for sk in ((1,) if n > 8192 else (2, 4)):
-                    for st, two in ((4, False), (3, False), (2, True), (3, True)):
-                        c = triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True,
-                                              pf=1, dq=4, pair=two)
-                        f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-                        name = f"bn{bn}_sk{sk}_st{st}_pair{int(two)}"
-                        try:
-                            err = ((f[0]().float() - want).norm() / want.norm()).item()
-                            row[name] = (round(t_us(f), 2), round(err, 5))
-                        except Exception as e:  # noqa: BLE001 (too much shared memory, ...)
-                            row[name] = type(e).__name__
-            note(row, args.json)
-            del ws
-            torch.cuda.empty_cache()
+    def shapes(n, bm):
+        for bn, warps in ((128, 8), (64, 4)):
+            for sk in ((1,) if n > 8192 else (2, 4)):
+                for st, two in ((4, False), (3, False), (2, True), (3, True)):
+                    yield (f"bn{bn}_sk{sk}_st{st}_pair{int(two)}",
+                           triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True,
+                                             pf=1, dq=4, pair=two))
+    _dq4_grid(args, gen, "pair", shapes)
 
 
 def main() -> None:
