@@ -146,8 +146,11 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
         # and 64, lost at 128: RESULTS.md session 18)
         out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
     if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K
-        out += [replace(c, SPLIT_K=sk) for c in out[-2:-1] for sk in (2, 4)
-                if k % (sk * bk) == 0]
+        # (the pair form split too: correct on the GPU, not yet timed there)
+        split = [replace(c, SPLIT_K=sk) for c in out[-2:-1] for sk in (2, 4)
+                 if k % (sk * bk) == 0]
+        out += split + [replace(c, num_stages=3, pair=True) for c in split
+                        if bm <= 64 and k % (2 * c.SPLIT_K * bk) == 0]
     out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
