@@ -131,8 +131,8 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
     (dq 1); K split (float32 partials summed by the last arrival) where the rows give few
     programs. 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 18): M = 32 23.0 µs,
-    M = 64 28.6, M = 128 35.7 against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256 and above ran slower than
-    dequantize + cuBLAS (session 13): not offered."""
+    M = 64 28.6, M = 128 35.7 against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256
+    and above ran slower than dequantize + cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
     bk = block_k(w)
     n, k = w.shape
@@ -147,8 +147,8 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
         out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
     if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K
         # (the pair form split too: correct on the GPU, not yet timed there)
-        split = [replace(c, SPLIT_K=sk) for c in out[-2:-1] for sk in (2, 4)
-                 if k % (sk * bk) == 0]
+        split = [replace(c, SPLIT_K=sk) for c in out for sk in (2, 4)
+                 if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k % (sk * bk) == 0]
         out += split + [replace(c, num_stages=3, pair=True) for c in split
                         if bm <= 64 and k % (2 * c.SPLIT_K * bk) == 0]
     out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
@@ -381,10 +381,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
         x2 = perm_x(x2, 128 if cfg.dq == 4 else 32)
-    if fix:
-        part = torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device)
-    else:
-        part = y
+    part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
+            else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1],
                   iters, x2.stride(0),
