@@ -394,6 +394,35 @@ def pair(args, gen) -> None:
     _dq4_grid(args, gen, "pair", shapes)
 
 
+def permx(args, gen) -> None:
+    """What the activations' copy into the fragment order (`triton_int.perm_x`, one launch a
+    call) costs the dq 4 tile kernel: the copy alone, and the kernel with the copy skipped
+    (perm_x swapped for the identity while timing: the sums are then wrong, the time is not)."""
+    for shape in args.shapes or ["14336x4096"]:
+        n, k = map(int, shape.split("x"))
+        for m in args.m:
+            ws, x, bf16, want = setup(n, k, args.group, m, gen)
+            bm = 32 if m <= 32 else 64 if m <= 64 else 128
+            row = {"part": "permx", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2),
+                   "perm_x_us": round(t_us([lambda x=x: triton_int.perm_x(x, 128)] * 2), 2)}
+            for bn, warps, st, two in ((128, 8, 3, True), (128, 8, 4, False), (64, 4, 4, False)):
+                c = triton_int.Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=1,
+                                      dq=4, pair=two)
+                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                name = f"bn{bn}_st{st}_pair{int(two)}"
+                err = ((f[0]().float() - want).norm() / want.norm()).item()
+                row[name] = (round(t_us(f), 2), round(err, 5))
+                keep = triton_int.perm_x
+                triton_int.perm_x = lambda x2, span=32: x2
+                try:
+                    row[name + "_no_perm"] = round(t_us(f), 2)
+                finally:
+                    triton_int.perm_x = keep
+            note(row, args.json)
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -418,7 +447,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
-         "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair}[part](args, gen)
+         "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
+         "permx": permx}[part](args, gen)
 
 
 if __name__ == "__main__":
