@@ -328,29 +328,11 @@ def wa_bf16(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
-def waves(args, gen) -> None:
-    """Wave probe: the dq 4 tile kernel (BN 64, 4 warps) at N = 64 x 132 x (1, 1.7, 2, 3) rows
-    and K = 4096: time per 64-row block against the programs per SM the stages allow."""
-    k = 4096
-    for m in args.m:
-        for n in (8448, 14336, 16896, 25344, 33792):
-            ws, x, bf16, want = setup(n, k, args.group, m, gen)
-            row = {"part": "waves", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for st in (2, 3, 4):
-                c = triton_int.Config(32 if m <= 32 else 64, 64, 128, 1, 4, st, magic=True,
-                                      wa=True, pf=1, dq=4)
-                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-                err = ((f[0]().float() - want).norm() / want.norm()).item()
-                row[f"st{st}"] = (round(t_us(f), 2), round(err, 5))
-            note(row, args.json)
-            del ws
-            torch.cuda.empty_cache()
-
-
-def _dq4_grid(args, gen, part: str, shapes) -> None:
+def _dq4_grid(args, gen, part: str, shapes, default=("14336x4096", "4096x14336")) -> None:
     """Time the dq 4 tile-kernel launch shapes `shapes(n, bm)` yields as (name, Config) for each
-    NxK shape and M, beside bf16 cuBLAS; each output checked against dequantize + cuBLAS."""
-    for shape in args.shapes or ["14336x4096", "4096x14336"]:
+    NxK shape (--shapes, else `default`) and M, beside bf16 cuBLAS; each output checked against
+    dequantize + cuBLAS."""
+    for shape in args.shapes or default:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
@@ -365,6 +347,17 @@ def _dq4_grid(args, gen, part: str, shapes) -> None:
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()
+
+
+def waves(args, gen) -> None:
+    """Wave probe: the dq 4 tile kernel (BN 64, 4 warps) at N = 64 x 132 x (1, 1.7, 2, 3, 4)
+    rows and K = 4096: time per 64-row block against the programs per SM the stages allow."""
+    def shapes(n, bm):
+        for st in (2, 3, 4):
+            yield f"st{st}", triton_int.Config(bm, 64, 128, 1, 4, st, magic=True, wa=True,
+                                               pf=1, dq=4)
+    _dq4_grid(args, gen, "waves", shapes,
+              [f"{n}x4096" for n in (8448, 14336, 16896, 25344, 33792)])
 
 
 def wide(args, gen) -> None:
