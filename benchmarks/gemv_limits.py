@@ -389,28 +389,46 @@ def pair(args, gen) -> None:
 
 def permx(args, gen) -> None:
     """What the activations' copy into the fragment order (`triton_int.perm_x`, one launch a
-    call) costs the dq 4 tile kernel: the copy alone, and the kernel with the copy skipped
-    (perm_x swapped for the identity while timing: the sums are then wrong, the time is not)."""
+    call) costs the dq 4 tile kernel: the gather kernel and torch's copy of the permuted view
+    alone, the tile kernel after each (the gather and the tile kernel with PDL on and off), and
+    the tile kernel with the copy skipped (perm_x swapped for the identity while timing: the sums
+    are then wrong, the time is not)."""
+    from memfit.kernels import pdl
+    keep = triton_int.perm_x
+
+    def timed(f, perm, pdl_on):
+        triton_int.perm_x = perm
+        pdl.ENABLED = pdl_on and keep_pdl
+        try:
+            return round(t_us(f), 2)
+        finally:
+            triton_int.perm_x = keep
+            pdl.ENABLED = keep_pdl
+
+    keep_pdl = pdl.enabled()
     for shape in args.shapes or ["14336x4096"]:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             bm = 32 if m <= 32 else 64 if m <= 64 else 128
             row = {"part": "permx", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2),
-                   "perm_x_us": round(t_us([lambda x=x: triton_int.perm_x(x, 128)] * 2), 2)}
-            for bn, warps, st, two in ((128, 8, 3, True), (128, 8, 4, False), (64, 4, 4, False)):
-                c = triton_int.Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=1,
+                   "pdl": keep_pdl,
+                   "perm_x_us": timed([lambda: triton_int.perm_x(x, 128)] * 2, keep, True),
+                   "perm_view_us": timed([lambda: triton_int.perm_x_reference(x, 128)] * 2,
+                                         keep, True)}
+            for bn, warps, st, two, sk in ((128, 8, 3, True, 1), (128, 8, 4, False, 1),
+                                           (64, 4, 4, False, 1), (64, 4, 3, True, 4)):
+                if (sk > 1) != (n < 8192):
+                    continue
+                c = triton_int.Config(bm, bn, 128, sk, warps, st, magic=True, wa=True, pf=1,
                                       dq=4, pair=two)
                 f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-                name = f"bn{bn}_st{st}_pair{int(two)}"
+                name = f"bn{bn}_st{st}_pair{int(two)}_sk{sk}"
                 err = ((f[0]().float() - want).norm() / want.norm()).item()
-                row[name] = (round(t_us(f), 2), round(err, 5))
-                keep = triton_int.perm_x
-                triton_int.perm_x = lambda x2, span=32: x2
-                try:
-                    row[name + "_no_perm"] = round(t_us(f), 2)
-                finally:
-                    triton_int.perm_x = keep
+                row[name] = (timed(f, keep, True), round(err, 5))
+                row[name + "_no_pdl"] = timed(f, keep, False)
+                row[name + "_view"] = timed(f, triton_int.perm_x_reference, False)
+                row[name + "_no_perm"] = timed(f, lambda x2, span=32: x2, True)
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from memfit.kernels import pdl
 from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile, _word_ptrs
 from memfit.kernels.triton_words import _finish
 
@@ -80,35 +81,61 @@ def _word_codes(qw, zz, ss, F16: tl.constexpr):
 
 @triton.jit
 def _code(qw, i: tl.constexpr, z, s, dtype: tl.constexpr):
-    """Code i of each word of qw (BN, W), dequantized with row zero points z and scales s."""
+    """Code i of each word of qw (BN, W), dequantized with zero points z and scales s
+    ((BN, 1) or (BN, W))."""
     c = ((qw >> (4 * i)) & 15).to(tl.float32)
-    return ((c - z[:, None]) * s[:, None]).to(dtype)
+    return ((c - z) * s).to(dtype)
+
+
+@triton.jit
+def _by_word(a, a1, W: tl.constexpr, GW: tl.constexpr):
+    """(BN,) per-row values -> (BN, 1), or with GW > 0 (a tile of two groups) (BN, W): words
+    below GW take a, the rest a1."""
+    if GW:
+        return tl.where((tl.arange(0, W) < GW)[None, :], a[:, None], a1[:, None])
+    else:
+        return a[:, None]
 
 
 @triton.jit
 def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               ASM: tl.constexpr, WIDE: tl.constexpr = 0):
+               ASM: tl.constexpr, WIDE: tl.constexpr, z1, s1, GW: tl.constexpr):
     """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
     of each 32-code span in the order the wgmma A-operand fragments hold them: position
     16h + 8i + 2t + j of a span holds code 8t + 4j + 2h + i, so lane t of a quad unpacks its
     own word t into its own registers (no data crosses lanes, no shared-memory round trip);
-    the activations are permuted the same way (`perm_x`). ASM = 0 (the CPU interpreter): the
-    same values and order in plain Triton."""
+    the activations are permuted the same way (`perm_x`). GW > 0: the tile spans two groups,
+    words from GW on take z1, s1 (a word's codes never cross a group). ASM = 0 (the CPU
+    interpreter): the same values and order in plain Triton."""
+    W: tl.constexpr = BK // 8
     if ASM:
         F16: tl.constexpr = dtype == tl.float16
         BASE: tl.constexpr = 1024 if F16 else 128
         zz = ((-(z + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         ss = (s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
-        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz[:, None], ss[:, None], F16)
+        if GW:
+            zz1 = ((-(z1 + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
+                   & 0xFFFF) * 0x10001
+            ss1 = (s1.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        else:
+            zz1, ss1 = zz, ss
+        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, _by_word(zz, zz1, W, GW),
+                                                     _by_word(ss, ss1, W, GW), F16)
     else:  # output 2i + e is code i + 4e, as the PTX's pairs
-        o0 = _code(qw, 0, z, s, dtype)
-        o1 = _code(qw, 4, z, s, dtype)
-        o2 = _code(qw, 1, z, s, dtype)
-        o3 = _code(qw, 5, z, s, dtype)
-        o4 = _code(qw, 2, z, s, dtype)
-        o5 = _code(qw, 6, z, s, dtype)
-        o6 = _code(qw, 3, z, s, dtype)
-        o7 = _code(qw, 7, z, s, dtype)
+        if GW:
+            z2 = _by_word(z, z1, W, GW)
+            s2 = _by_word(s, s1, W, GW)
+        else:
+            z2 = z[:, None]
+            s2 = s[:, None]
+        o0 = _code(qw, 0, z2, s2, dtype)
+        o1 = _code(qw, 4, z2, s2, dtype)
+        o2 = _code(qw, 1, z2, s2, dtype)
+        o3 = _code(qw, 5, z2, s2, dtype)
+        o4 = _code(qw, 2, z2, s2, dtype)
+        o5 = _code(qw, 6, z2, s2, dtype)
+        o6 = _code(qw, 3, z2, s2, dtype)
+        o7 = _code(qw, 7, z2, s2, dtype)
     # join appends its new axis last: this nesting puts output o_p at position p of the word
     c = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)),
                 tl.join(tl.join(o1, o5), tl.join(o3, o7)))  # (BN, BK/8, h, i, j)
@@ -129,6 +156,22 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
+def _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn, GROUP: tl.constexpr,
+                 BITS: tl.constexpr, ZMODE: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr,
+                 GW: tl.constexpr):
+    """Scales and zero points of the tile from column k0: (s, z, s1, z1), s1 and z1 those of
+    the next group when the tile spans two (GW > 0), else s and z again."""
+    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, ok, stride_sn, stride_zn, BITS, ZMODE,
+                         BN, RB)
+    if GW:
+        s1, z1 = _group_params(s_ptr, z_ptr, rn, k0 // GROUP + 1, ok, stride_sn, stride_zn,
+                               BITS, ZMODE, BN, RB)
+    else:
+        s1, z1 = s, z
+    return s, z, s1, z1
+
+
+@triton.jit
 def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, stride_xm,
            stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -143,14 +186,16 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
                            BN, BK, SPLIT_K, RB, PF, DQ)
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
+    GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # DQ >= 2 only: a tile of two groups
     if WA:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     if PF:
         k1 = pid_k * BK
-        s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok & ((rn * 0 + k1) < K),
-                                   stride_sn, stride_zn, BITS, ZMODE, BN, RB)
+        ok = n_ok & ((rn * 0 + k1) < K)
+        s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
+                                                GROUP, BITS, ZMODE, BN, RB, GW)
     for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
         k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
         kk = k0 + tl.arange(0, BK)
@@ -170,16 +215,16 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB),
                          mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
         if PF:
-            s, z = s_nx, z_nx
+            s, z, s1, z1 = s_nx, z_nx, s_nx1, z_nx1
             k1 = k0 + SPLIT_K * BK
-            s_nx, z_nx = _group_params(s_ptr, z_ptr, rn, k1 // GROUP,
-                                       n_ok & ((rn * 0 + k1) < K), stride_sn, stride_zn, BITS,
-                                       ZMODE, BN, RB)
+            s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1,
+                                                    n_ok & ((rn * 0 + k1) < K), stride_sn,
+                                                    stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
         else:
-            s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
-                                 stride_sn, stride_zn, BITS, ZMODE, BN, RB)
+            s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, n_ok & ((rn * 0 + k0) < K),
+                                        stride_sn, stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
         if DQ >= 2:
-            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, DQ >= 4)
+            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, DQ >= 4, z1, s1, GW)
         elif DQ:
             c16 = _magic_asm(qb, MAGIC, BN, BK).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
@@ -206,13 +251,14 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
     scales and zero points, unpacks each into the fragment order and feeds both to one dot of
     K = 2 BK: the loop's own instructions (stage rotation, barriers, wgmma descriptors,
     addresses) serve twice the codes."""
+    GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # each tile of two groups
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     if PF:
         k1 = pid_k * 2 * BK
-        s_a, z_a = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, n_ok, stride_sn, stride_zn,
-                                 BITS, ZMODE, BN, RB)
-        s_b, z_b = _group_params(s_ptr, z_ptr, rn, (k1 + BK) // GROUP, n_ok, stride_sn,
-                                 stride_zn, BITS, ZMODE, BN, RB)
+        sa, za, sa1, za1 = _tile_groups(s_ptr, z_ptr, rn, k1, n_ok, stride_sn, stride_zn,
+                                        GROUP, BITS, ZMODE, BN, RB, GW)
+        sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, n_ok, stride_sn, stride_zn,
+                                        GROUP, BITS, ZMODE, BN, RB, GW)
     for it in range(0, ITERS):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
@@ -222,20 +268,20 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
         q0 = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))
         q1 = tl.load(_word_ptrs(q_ptr, rn, jw + BK // 8, (k0 + BK) // 8, stride_qn, RB))
         if PF:
-            s0, z0, s1, z1 = s_a, z_a, s_b, z_b
+            s0, z0, s01, z01, s1, z1, s11, z11 = sa, za, sa1, za1, sb, zb, sb1, zb1
             k1 = k0 + SPLIT_K * 2 * BK
             ok = n_ok & ((rn * 0 + k1) < K)
-            s_a, z_a = _group_params(s_ptr, z_ptr, rn, k1 // GROUP, ok, stride_sn, stride_zn,
-                                     BITS, ZMODE, BN, RB)
-            s_b, z_b = _group_params(s_ptr, z_ptr, rn, (k1 + BK) // GROUP, ok, stride_sn,
-                                     stride_zn, BITS, ZMODE, BN, RB)
+            sa, za, sa1, za1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
+                                            GROUP, BITS, ZMODE, BN, RB, GW)
+            sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, ok, stride_sn,
+                                            stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
         else:
-            s0, z0 = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn,
-                                   BITS, ZMODE, BN, RB)
-            s1, z1 = _group_params(s_ptr, z_ptr, rn, (k0 + BK) // GROUP, n_ok, stride_sn,
-                                   stride_zn, BITS, ZMODE, BN, RB)
-        w0 = _perm_tile(q0, z0, s0, x.dtype, BN, BK, DQ % 2 == 1, True)
-        w1 = _perm_tile(q1, z1, s1, x.dtype, BN, BK, DQ % 2 == 1, True)
+            s0, z0, s01, z01 = _tile_groups(s_ptr, z_ptr, rn, k0, n_ok, stride_sn, stride_zn,
+                                            GROUP, BITS, ZMODE, BN, RB, GW)
+            s1, z1, s11, z11 = _tile_groups(s_ptr, z_ptr, rn, k0 + BK, n_ok, stride_sn,
+                                            stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
+        w0 = _perm_tile(q0, z0, s0, x.dtype, BN, BK, DQ % 2 == 1, True, z01, s01, GW)
+        w1 = _perm_tile(q1, z1, s1, x.dtype, BN, BK, DQ % 2 == 1, True, z11, s11, GW)
         w = tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BN, 2 * BK))
         acc = tl.dot(w, tl.trans(x), acc)
     return acc
@@ -276,6 +322,29 @@ def _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _perm_cols(x_ptr, y_ptr, K, stride_xm, SPAN: tl.constexpr, BLOCK: tl.constexpr,
+               PDL: tl.constexpr = False):
+    """y[m, p] = x[m, col(p)]: the activations in the fragment unpack's column order
+    (`triton_int.perm_x`), one row's BLOCK columns a program. The gather stays inside a span's
+    64-256 bytes, so a warp's loads touch the same sectors a plain copy would; the stores are
+    contiguous. SPAN 32 (dq 2): position 16h + 8i + 2t + j takes column 8t + 4j + 2h + i;
+    SPAN 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j takes column
+    8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. PDL: launched with memfit.kernels.pdl."""
+    m = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    q = p % SPAN
+    if SPAN == 32:
+        c = 8 * ((q >> 1) & 3) + 4 * (q & 1) + 2 * ((q >> 4) & 1) + ((q >> 3) & 1)
+    else:
+        c = (64 * ((q >> 2) & 1) + 32 * ((q >> 1) & 1) + 16 * ((q >> 6) & 1)
+             + 8 * ((q >> 5) & 1) + 4 * (q & 1) + 2 * ((q >> 4) & 1) + ((q >> 3) & 1))
+    ok = p < K
+    pdl.wait(PDL)
+    v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (p - q + c), mask=ok)
+    tl.store(y_ptr + m.to(tl.int64) * K + p, v, mask=ok)
+
+
+@triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
             stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr,
             BITS: tl.constexpr,
@@ -284,7 +353,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
             DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
-            PAIR: tl.constexpr = 0):
+            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -318,6 +387,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
     int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
     (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
+    pdl.wait(PDL)  # launched with memfit.kernels.pdl: its launch overlaps the previous kernel
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)

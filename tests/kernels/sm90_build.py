@@ -156,7 +156,7 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
 
 
 def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1,
-               pair: bool = False):
+               pair: bool = False, pdl: bool = False, group: int = 128):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
     4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop, also with
@@ -169,9 +169,10 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
            "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
            "stride_zn": "i32", "stride_ym": "i32", "p_ptr": "*fp32", "c_ptr": "*i32",
            "stride_ps": "i32"}
-    const = dict(GROUP=128, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
+    const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
-                 BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair))
+                 BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair),
+                 PDL=pdl)
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
@@ -182,6 +183,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
                        options={"num_warps": warps, "num_stages": 3})
     p = k.asm["ptx"]
     assert "wgmma.mma_async" in p, "no wgmma"
+    assert ("griddepcontrol.wait" in p) == pdl
     assert ("lop3.b32" in p) and (dq < 3 or ("fma.rn.f16x2" if f16 else "fma.rn.bf16x2") in p)
     if dq == 3 and bn == 256:
         assert p.count("prmt.b32") <= 16, f"{p.count('prmt.b32')} byte permutes"
@@ -189,6 +191,14 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
         from benchmarks.sass_loop import loop_ops
         ops = loop_ops(k.asm["cubin"], "HGMMA")
         assert not ops.get("STS") and not ops.get("LDSM"), f"conversion in the loop: {ops}"
+
+
+def check_perm(span: int):
+    """The activations' gather into the fragment order, launched with PDL."""
+    k = build(triton_bytes._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32",
+                                        "stride_xm": "i32"},
+              {"SPAN": span, "BLOCK": 1024, "PDL": True})
+    assert "griddepcontrol.wait" in k.asm["ptx"]
 
 
 def main() -> None:
@@ -223,7 +233,10 @@ def main() -> None:
                          (3, 1, False, 64, 128, 4, 2), (5, 1, False, 0), (5, 1, True, 64),
                          (5, 1, False, 0, 64, 4, 2), (5, 1, False, 0, 128, 8),
                          (5, 1, True, 64, 128, 8), (5, 1, False, 0, 128, 8, 1, True),
-                         (5, 1, True, 64, 64, 4, 2, True))}
+                         (5, 1, True, 64, 64, 4, 2, True), (5, 1, False, 0, 128, 8, 1, True, True),
+                         (5, 1, False, 0, 128, 8, 1, True, False, 64),
+                         (5, 1, True, 64, 64, 4, 2, False, False, 64))}
+    checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     out = {}

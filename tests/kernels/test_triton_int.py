@@ -189,11 +189,23 @@ def test_fragment_unpack_matches_reference(group, zp, rb, m, bm, split_k):
 
 def test_perm_x_is_the_fragment_order():
     """Position 16h + 8i + 2t + j of each 32-wide span holds column 8t + 4j + 2h + i."""
-    x = torch.arange(64.0).view(1, 64)
-    got = triton_int.perm_x(x)[0].long().tolist()
     want = [s * 32 + 8 * t + 4 * j + 2 * h + i for s in range(2) for h in range(2)
             for i in range(2) for t in range(4) for j in range(2)]
-    assert got == want
+    for f in (triton_int.perm_x, triton_int.perm_x_reference):
+        assert f(torch.arange(64.0).view(1, 64).to(DEV))[0].long().tolist() == want
+
+
+@pytest.mark.parametrize("span", [32, 128])
+@pytest.mark.parametrize("m,k", [(1, 128), (3, 1280), (5, 2304)])
+def test_perm_x_kernel_matches_the_view_copy(span, m, k):
+    """The gather kernel against torch's copy of the permuted view, on a row-strided input
+    (a column slice of a wider tensor) and K spanning several 1024-column programs, one partial."""
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    wide = torch.randn(m, k + 64, generator=torch.Generator().manual_seed(k)).to(DEV, dtype)
+    x = wide[:, 32:32 + k]
+    got = triton_int.perm_x(x, span)
+    assert got.is_contiguous() and torch.equal(got, triton_int.perm_x_reference(x.contiguous(), span))
+    assert not torch.equal(got, x)  # a real permutation
 
 
 def test_fragment_unpack_refuses_what_it_cannot_take():
@@ -243,8 +255,40 @@ def test_wide_fragment_order_matches_reference(rb, zp, bn, m, bm, split_k):
     assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 
+@pytest.mark.parametrize("rb,zp,bn,pair", [(0, "int", 64, False), (64, "int", 128, False),
+                                            (0, "sym", 128, True), (64, "int", 64, True)])
+@pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (40, 64, 2)])
+def test_wide_fragment_order_over_two_groups(rb, zp, bn, pair, m, bm, split_k):
+    """Groups of 64 codes: a 128-code dq 4 tile spans two groups, each word dequantized with
+    its own group's scale and zero point (alone and two tiles a step, split K, both layouts)."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    n = 2 * bn
+    w = make_weight(n, 1024, 4, 64, zp, seed=m + bn)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    bias = torch.randn(n).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4, pair=pair)
+    got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
+    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+    # the second group's parameters matter: the same codes with group 1's scales doubled
+    w2 = w._replace(scale=w.scale.clone())
+    w2.scale[:, 1::2] *= 2
+    assert rel_err(triton_int.run(x, tile(w2, rb) if rb else w2, bias, cfg), want) > 0.05
+
+
+def test_groups_of_64_get_the_128_code_fragment_order():
+    w = make_weight(256, 512, 4, 64, "int")
+    cands = triton_int.weight_a_candidates(64, w, torch.bfloat16)
+    assert cands[0].dq == 4 and cands[0].BK == 128 and cands[0].pair
+    assert {c.BK for c in cands if c.dq != 4} == {64}
+    w32 = make_weight(256, 512, 4, 32, "int")
+    assert triton_int.perm_ineligibility(w32, torch.bfloat16, triton_int.Config(
+        64, 64, 128, 1, 4, 3, wa=True, dq=4)) is not None
+
+
 def test_perm_x_over_128_columns():
-    x = torch.arange(256.0).view(1, 256)
+    x = torch.arange(256.0).view(1, 256).to(DEV)
     got = triton_int.perm_x(x, 128)[0].long().tolist()
     want = [s * 128 + 8 * (8 * w3 + 4 * w2 + 2 * w1 + w0) + 4 * j + 2 * h + i
             for s in range(2) for w1 in range(2) for w0 in range(2) for h in range(2)
