@@ -33,6 +33,7 @@ dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 k
 from __future__ import annotations
 
 import os
+import statistics
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -130,9 +131,11 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
     activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
     (dq 1); K split (float32 partials summed by the last arrival) where the rows give few
-    programs. 14336x4096 g128 on an H200 (benchmarks/RESULTS.md, session 18): M = 32 23.0 µs,
-    M = 64 28.6, M = 128 35.7 against 37.9 / 42.8 / 51.4 for the plain form kept last. M = 256
-    and above ran slower than dequantize + cuBLAS (session 13): not offered."""
+    programs. Groups of 64 codes take dq 4 too (a 128-code tile across two groups). 14336x4096
+    on an H200 (benchmarks/RESULTS.md, session 19, benchmarks/kernels.py): g128 M = 32 22.3 µs,
+    M = 64 25.8, M = 128 34.0 against 37.9 / 42.8 / 51.4 for the plain form kept last (session
+    18); g64 M = 32 23.9, M = 64 28.3 (44.9-46.2 before, dq 1 at BK 64). M = 256 and above ran
+    slower than dequantize + cuBLAS (session 13): not offered."""
     bm = max(32, _bucket(m))
     bk = block_k(w)
     n, k = w.shape
@@ -346,8 +349,11 @@ TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest 
 
 
 def _graph_us(fns, rounds: int = 2) -> float:
-    """µs per call of `fns` called in turn, best of 3 replays of a graph of `rounds` rounds."""
-    return graph_us(fns, rounds * len(fns), 3, min)
+    """µs per call of `fns` called in turn, the median of 5 replays of a graph of `rounds`
+    rounds: a launch shape whose time varies between replays loses to one that holds it (on
+    an H200 with PDL launches, BN 128 / 8-warp / 4-stage tile shapes measured up to 26% above
+    their best replay in benchmarks/kernels.py's median; the best of 3 had picked them)."""
+    return graph_us(fns, rounds * len(fns), 5, statistics.median)
 
 
 def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
