@@ -43,8 +43,9 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import PTXASError
 
 from memfit.kernels import choices, pdl
+from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
-from memfit.kernels.triton_bytes import _int_gemv, _int_mm, _perm_cols
+from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import EPI, MmaLayoutError, mma_ineligibility, run_mma
 from memfit.kernels.triton_words import _counters, run_words, word_ineligibility
@@ -237,31 +238,6 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
     if cfg.pair and (cfg.dq != 4 or not cfg.wa or w.shape[1] % (2 * cfg.BK * cfg.SPLIT_K)):
         return "two tiles a step take dq 4, the weight as A and K a multiple of 2 BK x split"
     return None
-
-
-def perm_x(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
-    """Activations (M, K), K a multiple of `span`, in the fragment unpack's order (`_perm_tile`):
-    span 32 (dq 2): position 16h + 8i + 2t + j of each 32 columns takes column 8t + 4j + 2h + i;
-    span 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j of each 128 takes
-    column 8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. One gather launch (`_perm_cols`; torch's
-    copy of the same permuted view took 4.6-8.0 µs on an H200 at M = 32-128, K = 4096-14336)."""
-    m, k = x2.shape
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(m, k, dtype=x2.dtype, device=x2.device)
-    block = min(1024, triton.next_power_of_2(k))
-    _perm_cols[(m, triton.cdiv(k, block))](x2, y, k, x2.stride(0), SPAN=span, BLOCK=block,
-                                           num_warps=4, **pdl.launch_kw())
-    return y
-
-
-def perm_x_reference(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
-    """`perm_x` as a torch view copy (the tests' reference)."""
-    m, k = x2.shape
-    if span == 32:
-        return x2.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(m, k)
-    return (x2.view(m, k // 128, 2, 2, 2, 2, 2, 2, 2).permute(0, 1, 4, 5, 7, 8, 2, 3, 6)
-            .reshape(m, k))
 
 
 def _magic(cfg: Config, w: IntWeight, dtype: torch.dtype) -> dict:

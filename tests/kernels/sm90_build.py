@@ -17,7 +17,15 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from memfit.kernels import mma_ptx, triton_bytes, triton_kv, triton_kv_mma, triton_mma, triton_words
+from memfit.kernels import (
+    fragments,
+    mma_ptx,
+    triton_bytes,
+    triton_kv,
+    triton_kv_mma,
+    triton_mma,
+    triton_words,
+)
 
 SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
@@ -195,7 +203,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
 
 def check_perm(span: int):
     """The activations' gather into the fragment order, launched with PDL."""
-    k = build(triton_bytes._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32",
+    k = build(fragments._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32",
                                         "stride_xm": "i32"},
               {"SPAN": span, "BLOCK": 1024, "PDL": True})
     assert "griddepcontrol.wait" in k.asm["ptx"]
