@@ -236,6 +236,23 @@ def test_every_weight_as_a_candidate_matches_reference(rb):
         assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
 
 
+def _wide_case(n, k, group, zp, seed, m, rb, cfg):
+    """(output of `cfg` on a random weight, the reference, a runner for another weight)."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(n, k, 4, group, zp, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    bias = torch.randn(n).to(DEV)
+
+    def go(w):
+        return triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
+    return w, go(w), linear_reference(x.float(), w, bias), go
+
+
+def _tol():
+    return 2e-3 if DEV == "cpu" else 1e-2  # float16 on the CPU interpreter, bfloat16 on a GPU
+
+
 @pytest.mark.parametrize("rb,zp,bn", [(0, "int", 64), (64, "int", 64), (0, "sym", 64),
                                        (0, "int", 128), (64, "sym", 128)])
 @pytest.mark.parametrize("m,bm,split_k", [(5, 16, 1), (64, 64, 1), (40, 32, 2)])
@@ -243,16 +260,9 @@ def test_wide_fragment_order_matches_reference(rb, zp, bn, m, bm, split_k):
     """`Config.dq = 4`: the codes of each 128-code tile and the tile's 64 (4 warps) or 128 (8
     warps) rows reordered to the layout the words are loaded in (rows restored at the store),
     the activations permuted over 128 columns to match."""
-    from memfit.kernels.weights import tile
-    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
-    n = 3 * bn
-    w = make_weight(n, 512, 4, 128, zp, seed=m + split_k)
-    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
-    bias = torch.randn(n).to(DEV)
-    want = linear_reference(x.float(), w, bias)
     cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4)
-    got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
-    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+    _, got, want, _ = _wide_case(3 * bn, 512, 128, zp, m + split_k, m, rb, cfg)
+    assert rel_err(got, want) < _tol()
 
 
 @pytest.mark.parametrize("rb,zp,bn,pair", [(0, "int", 64, False), (64, "int", 128, False),
@@ -261,20 +271,13 @@ def test_wide_fragment_order_matches_reference(rb, zp, bn, m, bm, split_k):
 def test_wide_fragment_order_over_two_groups(rb, zp, bn, pair, m, bm, split_k):
     """Groups of 64 codes: a 128-code dq 4 tile spans two groups, each word dequantized with
     its own group's scale and zero point (alone and two tiles a step, split K, both layouts)."""
-    from memfit.kernels.weights import tile
-    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
-    n = 2 * bn
-    w = make_weight(n, 1024, 4, 64, zp, seed=m + bn)
-    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
-    bias = torch.randn(n).to(DEV)
-    want = linear_reference(x.float(), w, bias)
     cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4, pair=pair)
-    got = triton_int.run(x, tile(w, rb) if rb else w, bias, cfg)
-    assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+    w, got, want, go = _wide_case(2 * bn, 1024, 64, zp, m + bn, m, rb, cfg)
+    assert rel_err(got, want) < _tol()
     # the second group's parameters matter: the same codes with group 1's scales doubled
     w2 = w._replace(scale=w.scale.clone())
     w2.scale[:, 1::2] *= 2
-    assert rel_err(triton_int.run(x, tile(w2, rb) if rb else w2, bias, cfg), want) > 0.05
+    assert rel_err(go(w2), want) > 0.05
 
 
 def test_groups_of_64_get_the_128_code_fragment_order():
