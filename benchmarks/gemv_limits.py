@@ -13,6 +13,9 @@
   shapes, against the chooser's candidates, M = 32..2048.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
+- waves / wide / pair: the dq 4 tile kernel's grid, 8-warp and two-tiles-a-step shapes.
+- permx: what the activations' permutation into the fragment order costs (session 19).
+- spread: a tile shape's time over 20 replays, PDL on and off (next to run).
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
@@ -30,6 +33,7 @@ benchmarks/gemv_tma.py (commit 62edff2) a TMA pipeline: all measured no better
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import replace
 
@@ -387,35 +391,38 @@ def pair(args, gen) -> None:
     _dq4_grid(args, gen, "pair", shapes)
 
 
+@contextlib.contextmanager
+def _launch(pdl_on: bool, perm=None):
+    """Kernels launched with PDL or not (if this GPU has it), perm_x swapped for `perm`."""
+    from memfit.kernels import pdl
+    had, keep = pdl.enabled(), triton_int.perm_x
+    pdl.ENABLED = pdl_on and had
+    triton_int.perm_x = perm or keep
+    try:
+        yield
+    finally:
+        pdl.ENABLED, triton_int.perm_x = had, keep
+
+
 def permx(args, gen) -> None:
     """What the activations' copy into the fragment order (`triton_int.perm_x`, one launch a
     call) costs the dq 4 tile kernel: the gather kernel and torch's copy of the permuted view
     alone, the tile kernel after each (the gather and the tile kernel with PDL on and off), and
     the tile kernel with the copy skipped (perm_x swapped for the identity while timing: the sums
     are then wrong, the time is not)."""
-    from memfit.kernels import pdl
-    keep = triton_int.perm_x
-
     def timed(f, perm, pdl_on):
-        triton_int.perm_x = perm
-        pdl.ENABLED = pdl_on and keep_pdl
-        try:
+        with _launch(pdl_on, perm):
             return round(t_us(f), 2)
-        finally:
-            triton_int.perm_x = keep
-            pdl.ENABLED = keep_pdl
 
-    keep_pdl = pdl.enabled()
     for shape in args.shapes or ["14336x4096"]:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             bm = 32 if m <= 32 else 64 if m <= 64 else 128
             row = {"part": "permx", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2),
-                   "pdl": keep_pdl,
-                   "perm_x_us": timed([lambda: triton_int.perm_x(x, 128)] * 2, keep, True),
+                   "perm_x_us": timed([lambda: triton_int.perm_x(x, 128)] * 2, None, True),
                    "perm_view_us": timed([lambda: triton_int.perm_x_reference(x, 128)] * 2,
-                                         keep, True)}
+                                         None, True)}
             for bn, warps, st, two, sk in ((128, 8, 3, True, 1), (128, 8, 4, False, 1),
                                            (64, 4, 4, False, 1), (64, 4, 3, True, 4)):
                 if (sk > 1) != (n < 8192):
@@ -425,10 +432,34 @@ def permx(args, gen) -> None:
                 f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
                 name = f"bn{bn}_st{st}_pair{int(two)}_sk{sk}"
                 err = ((f[0]().float() - want).norm() / want.norm()).item()
-                row[name] = (timed(f, keep, True), round(err, 5))
-                row[name + "_no_pdl"] = timed(f, keep, False)
+                row[name] = (timed(f, None, True), round(err, 5))
+                row[name + "_no_pdl"] = timed(f, None, False)
                 row[name + "_view"] = timed(f, triton_int.perm_x_reference, False)
                 row[name + "_no_perm"] = timed(f, lambda x2, span=32: x2, True)
+            note(row, args.json)
+            del ws
+            torch.cuda.empty_cache()
+
+
+def spread(args, gen) -> None:
+    """How a tile-kernel launch shape's time spreads over 20 graph replays, PDL on and off
+    (session 19: benchmarks/kernels.py's median of 5 read 18-26% above the best of 3 for the
+    BN 128 / 8-warp / 4-stage shape, which two programs can share a multiprocessor with, and
+    not for the pair forms, which cannot): min / median / max µs."""
+    for shape in args.shapes or ["14336x4096"]:
+        n, k = map(int, shape.split("x"))
+        for m in args.m:
+            ws, x, bf16, _ = setup(n, k, args.group, m, gen)
+            row = {"part": "spread", "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
+            for bn, warps, st, two in ((128, 8, 4, False), (128, 8, 3, True), (64, 4, 3, True)):
+                c = triton_int.Config(64 if m > 32 else 32, bn, 128, 1, warps, st, magic=True,
+                                      wa=True, pf=1, dq=4, pair=two)
+                f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+                for on in (True, False):
+                    with _launch(on):
+                        t = sorted(gpu_timing.graph_us(f, 2 * len(f), 20, list))
+                    row[f"bn{bn}_st{st}_pair{int(two)}_pdl{int(on)}"] = [
+                        round(t[0], 2), round(t[len(t) // 2], 2), round(t[-1], 2)]
             note(row, args.json)
             del ws
             torch.cuda.empty_cache()
@@ -459,7 +490,7 @@ def main() -> None:
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
          "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
-         "permx": permx}[part](args, gen)
+         "permx": permx, "spread": spread}[part](args, gen)
 
 
 if __name__ == "__main__":
