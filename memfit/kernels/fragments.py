@@ -70,6 +70,12 @@ def _by_word(a, a1, W: tl.constexpr, GW: tl.constexpr):
 
 
 @triton.jit
+def _both_halves(v, dtype: tl.constexpr):
+    """float32 v -> int32 holding v in `dtype` (16 bits) in both halves (a packed operand)."""
+    return (v.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+
+
+@triton.jit
 def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                ASM: tl.constexpr, WIDE: tl.constexpr, z1, s1, GW: tl.constexpr):
     """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
@@ -83,23 +89,12 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
     if ASM:
         F16: tl.constexpr = dtype == tl.float16
         BASE: tl.constexpr = 1024 if F16 else 128
-        zz = ((-(z + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
-        ss = (s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
-        if GW:
-            zz1 = ((-(z1 + BASE)).to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
-                   & 0xFFFF) * 0x10001
-            ss1 = (s1.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
-        else:
-            zz1, ss1 = zz, ss
-        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, _by_word(zz, zz1, W, GW),
-                                                     _by_word(ss, ss1, W, GW), F16)
+        zz = _by_word(_both_halves(-(z + BASE), dtype), _both_halves(-(z1 + BASE), dtype), W, GW)
+        ss = _by_word(_both_halves(s, dtype), _both_halves(s1, dtype), W, GW)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz, ss, F16)
     else:  # output 2i + e is code i + 4e, as the PTX's pairs
-        if GW:
-            z2 = _by_word(z, z1, W, GW)
-            s2 = _by_word(s, s1, W, GW)
-        else:
-            z2 = z[:, None]
-            s2 = s[:, None]
+        z2 = _by_word(z, z1, W, GW)
+        s2 = _by_word(s, s1, W, GW)
         o0 = _code(qw, 0, z2, s2, dtype)
         o1 = _code(qw, 4, z2, s2, dtype)
         o2 = _code(qw, 1, z2, s2, dtype)

@@ -231,7 +231,7 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
         return "the fragment unpack takes 16-bit activations"
     if not even or cfg.BK % 32:
         return "the fragment unpack needs tiles that divide the weight and BK a multiple of 32"
-    if w.n_groups > 1 and w.group_size < cfg.BK and (w.group_size % 8 or 2 * w.group_size != cfg.BK):
+    if w.n_groups > 1 and w.group_size < cfg.BK and cfg.BK != 2 * w.group_size:
         return "the fragment unpack takes a tile inside one group or across two whole groups"
     if cfg.dq == 4 and (cfg.BN, cfg.BK) not in ((64, 128), (128, 128)):
         return "the 128-code fragment order takes BN 64 or 128 and BK 128"
