@@ -31,6 +31,16 @@ def build_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> str:
 
 
 @torch.inference_mode()
+def check_args(prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """A UserError for settings `generate` cannot take (the CLI asks before loading a model)."""
+    if not prompt:
+        raise UserError("the prompt is empty; pass --prompt 'some text'")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={max_new_tokens} must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("use --temperature >= 0 and 0 < --top-p <= 1")
+
+
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, stream=None,
              kv: str | None = None) -> str:
@@ -41,12 +51,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
                                 kv_format)
     from transformers import TextIteratorStreamer
 
-    if not prompt:
-        raise UserError("the prompt is empty; pass --prompt 'some text'")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens={max_new_tokens} must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError("use --temperature >= 0 and 0 < --top-p <= 1")
+    check_args(prompt, max_new_tokens, temperature, top_p)
     text = build_prompt(tokenizer, prompt, chat=chat)
     device = input_device(model)
     enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False,

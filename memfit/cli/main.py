@@ -157,9 +157,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from memfit.generate import generate
+    from memfit.generate import check_args, generate
     from memfit.parallel.tp import tp_session
 
+    check_args(args.prompt, args.max_new_tokens, args.temperature, args.top_p)  # before loading
     if args.place and args.tp > 1:
         raise UserError("--place splits the model by blocks in one process; --tp splits every "
                         "layer across ranks: use one of them")
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g)
     g.add_argument("--prompt", default="What is a Python list comprehension?",
                    help="the text to continue (default: a question about Python)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
+                   help="(default 64)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy, else sampling (default 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")

@@ -39,6 +39,9 @@ def test_inspect_json(capsys, tiny_llama_dir):
     (["eval", "{tiny}", "--dtype", "int3"], "unknown dtype"),
     (["inspect", "{tiny}", "--kv-dtype", "int3"], "unknown --kv-dtype"),
     (["generate", "{tiny}", "--prompt", ""], "prompt is empty"),
+    # settings are checked before the model is read (a path that is no model comes second)
+    (["generate", "/does/not/exist", "--temperature", "-1"], "--temperature >= 0"),
+    (["generate", "/does/not/exist", "--top-p", "1.5"], "--top-p <= 1"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_llama_dir, argv, message):
     (tmp_path / "empty.txt").write_text("")
@@ -51,10 +54,13 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_llama_dir, argv
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("memfit: error:")
 
 
-def test_bad_flag_value_exits_2(capsys):
+@pytest.mark.parametrize("argv", [["eval", "--max-tokens", "0"],
+                                  ["generate", "--max-new-tokens", "0"]])
+def test_bad_flag_value_exits_2(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--max-tokens", "0"])
+        main(argv)
     assert e.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_generate_streams_text(capsys, tiny_llama_dir):
