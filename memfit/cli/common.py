@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def number(name: str, lo: float, hi: float = math.inf, kind=int, open_lo: bool = False):
+    """An argparse `type`: `kind` in [lo, hi] ((lo, hi] with open_lo), else a one-line error
+    naming the flag and its range, before any model is read."""
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, got {v!r}") from None
+        if not (lo < x if open_lo else lo <= x) or x > hi or (kind is float and math.isnan(x)):
+            if hi == math.inf:
+                want = f"above {lo:g}" if open_lo else f"at least {lo:g}"
+            else:
+                want = f"in {'(' if open_lo else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"{name} must be {want}, got {v}")
+        return x
+    return parse
 
 
 def add_bos(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
@@ -36,7 +56,7 @@ def add_place(p, context: bool = True) -> None:
                    "with room (weights + KV cache + activations); those on cpu (beside a GPU) or "
                    "disk are offloaded and computed on the first GPU, or the CPU (default: one device, --device)")
     if context:
-        p.add_argument("--context", type=int, default=2048,
+        p.add_argument("--context", type=number("--context", 1), default=2048,
                        help="with --place: the tokens the KV cache is planned for (default 2048)")
-        p.add_argument("--batch", type=int, default=1,
+        p.add_argument("--batch", type=number("--batch", 1), default=1,
                        help="with --place: sequences at once the plan makes room for (default 1)")

@@ -6,7 +6,7 @@ from memfit.eval.memory import human_bytes
 
 import json
 
-from memfit.cli.common import add_bos, add_dtype_device
+from memfit.cli.common import add_bos, add_dtype_device, number
 
 
 def _describe_quant(q) -> str:
@@ -93,8 +93,8 @@ def add_compress(sub) -> None:
     c.add_argument("--out", help="output folder, written complete or not at all (required)")
     c.add_argument("--data", help="calibration text: builtin, wikitext2, c4 or a .txt/.jsonl file "
                    "(default: the recipe's, builtin)")
-    c.add_argument("--samples", type=int, help="calibration windows (default: the recipe's, 64)")
-    c.add_argument("--seq-len", type=int, help="calibration window length (default 512; for an "
+    c.add_argument("--samples", type=number("--samples", 1), help="calibration windows (default: the recipe's, 64)")
+    c.add_argument("--seq-len", type=number("--seq-len", 2), help="calibration window length (default 512; for an "
                    "encoder the recipe's, capped at the length the model is used at)")
     c.add_argument("--offload", choices=["memory", "disk"], help="keep calibration activations "
                    "in memory (default) or on disk")
@@ -104,9 +104,10 @@ def add_compress(sub) -> None:
                    help="folder format: compressed-tensors (loads in plain transformers/vLLM), "
                    "memfit's own, or auto (default: compressed-tensors when it can represent "
                    "every compressed module, else memfit, saying why)")
-    c.add_argument("--max-kld", type=float, default=1.0, help="refuse to write when the smoke "
+    c.add_argument("--max-kld", type=number("--max-kld", 0, kind=float), default=1.0, help="refuse to write when the smoke "
                    "check's KL divergence exceeds this (default 1.0)")
-    c.add_argument("--min-cosine", type=float, default=0.8, help="encoders: refuse to write "
+    c.add_argument("--min-cosine", type=number("--min-cosine", -1, 1, float),
+                   default=0.8, help="encoders: refuse to write "
                    "when the smoke check's mean embedding cosine is below this (default 0.8)")
     c.add_argument("--keep-partial", action="store_true", help="after a failed smoke check, keep "
                    "the finished blocks in OUT.partial (default: removed)")

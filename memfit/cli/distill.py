@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from memfit.cli.common import add_bos
+from memfit.cli.common import add_bos, number
 
 from memfit.eval.memory import human_bytes
 
@@ -54,14 +54,15 @@ def add_distill(sub) -> None:
     d.add_argument("--out", required=True, help="output folder, written complete or not at all (required)")
     d.add_argument("--data", default="builtin", help="builtin, wikitext2, c4 or a .txt/.jsonl "
                    "file; trains on its calib split, measures on its eval split (default builtin)")
-    d.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    d.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    d.add_argument("--samples", type=int, help="training windows (default 128); for encoders "
+    d.add_argument("--steps", type=number("--steps", 1), default=200, help="optimizer steps (default 200)")
+    d.add_argument("--lr", type=number("--lr", 0, kind=float, open_lo=True), default=1e-4, help="learning rate (default 1e-4)")
+    d.add_argument("--seq-len", type=number("--seq-len", 2), default=256, help="tokens per window (default 256)")
+    d.add_argument("--samples", type=number("--samples", 1), help="training windows (default 128); for encoders "
                    "training sentences (default: every line of the calib split)")
-    d.add_argument("--batch-size", type=int, help="windows per step (default 4); for encoders "
+    d.add_argument("--batch-size", type=number("--batch-size", 1), help="windows per step (default 4); for encoders "
                    "sentences per step (default 16)")
-    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the "
+    d.add_argument("--temperature", type=number("--temperature", 0, kind=float, open_lo=True),
+                   default=1.0, help="softmax temperature of the "
                    "KL loss (default 1.0)")
     d.add_argument("--hidden-mse", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a hidden-state MSE between matched blocks (default 0: "

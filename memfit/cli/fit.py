@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from memfit.cli.common import add_dtype_device
+from memfit.cli.common import add_dtype_device, number
 from memfit.eval.memory import human_bytes
 
 
@@ -88,12 +88,12 @@ def add_fit(sub) -> None:
     b.add_argument("--gpu", help="run-time memory budget on a CUDA device, e.g. 24GiB (default: --budget)")
     b.add_argument("--cpu", help="run-time memory budget on the CPU, e.g. 8GiB (default: --budget)")
     b.add_argument("--weights-budget", help="budget for the stored weight bytes only, e.g. 90MB (default: --budget)")
-    f.add_argument("--context", type=int, help="tokens per sequence the budget must hold "
+    f.add_argument("--context", type=number("--context", 1), help="tokens per sequence the budget must hold "
                    "(default: 2048, or the model's limit if smaller)")
-    f.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    f.add_argument("--batch", type=number("--batch", 1), default=1, help="sequences at once (default 1)")
     f.add_argument("--kv", choices=["auto", "none", "int8", "int4"], default="auto",
                    help="KV-cache precision; auto lets the plan choose (default auto)")
-    f.add_argument("--max-kld", type=float, help="refuse to write when the measured KL "
+    f.add_argument("--max-kld", type=number("--max-kld", 0, kind=float), help="refuse to write when the measured KL "
                    "divergence exceeds this (default: no limit)")
     f.add_argument("--methods", choices=["gptq", "all", "rtn"], default="gptq",
                    help="candidates for the linears: gptq (int8, GPTQ int4/int3/int2), all (also "
@@ -101,9 +101,9 @@ def add_fit(sub) -> None:
                    "(default gptq)")
     f.add_argument("--data", default="builtin", help="calibration and evaluation text "
                    "(default builtin)")
-    f.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens "
+    f.add_argument("--samples", type=number("--samples", 1), default=16, help="calibration windows of 512 tokens "
                    "(default 16)")
-    f.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 "
+    f.add_argument("--eval-windows", type=number("--eval-windows", 1), default=16, help="evaluation windows of 512 "
                    "tokens for the final check (default 16)")
     f.add_argument("--out", help="output folder (default: ./<model>-fit)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from memfit.cli.common import add_bos, add_dtype_device, add_kv, add_place
+from memfit.cli.common import add_bos, add_dtype_device, add_kv, add_place, number
 from memfit.cli.compress import add_compress
 from memfit.cli.distill import add_distill
 from memfit.cli.fit import add_fit
@@ -31,18 +31,6 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     add_dtype_device(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own Python code to run (off by default)")
-
-
-def _positive(name: str):
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {n}")
-        return n
-    return parse
 
 
 def _load(args):
@@ -201,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["calib", "eval", "all"], help="default: eval for named "
                    "sets, all for a file")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--max-tokens", type=_positive("--max-tokens"), help="evaluate at most this many tokens (default: every window)")
-    e.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
+    e.add_argument("--max-tokens", type=number("--max-tokens", 1), help="evaluate at most this many tokens (default: every window)")
+    e.add_argument("--batch-size", type=number("--batch-size", 1), default=1,
                    help="windows per forward pass (default 1)")
     add_bos(e)
     add_kv(e)
@@ -212,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="where the memory goes: weights, KV cache, activations")
     _add_model(i)
-    i.add_argument("--context", type=_positive("--context"), default=2048,
+    i.add_argument("--context", type=number("--context", 1), default=2048,
                    help="tokens held in the KV cache (default 2048)")
-    i.add_argument("--batch", type=_positive("--batch"), default=1,
+    i.add_argument("--batch", type=number("--batch", 1), default=1,
                    help="sequences at once (default 1)")
     i.add_argument("--kv-dtype", help="KV cache dtype (default: the model's)")
     add_kv(i)
@@ -226,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g)
     g.add_argument("--prompt", default="What is a Python list comprehension?",
                    help="the text to continue (default: a question about Python)")
-    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
+    g.add_argument("--max-new-tokens", type=number("--max-new-tokens", 1), default=64,
                    help="(default 64)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy, else sampling (default 0)")
@@ -235,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_kv(g)
     add_place(g)
-    g.add_argument("--tp", type=_positive("--tp"), default=1,
+    g.add_argument("--tp", type=number("--tp", 1), default=1,
                    help="tensor-parallel ranks; run under `torchrun --nproc-per-node N` with "
                    "--tp N (rank 0 prints; default 1)")
     g.set_defaults(func=cmd_generate)

@@ -54,13 +54,26 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_llama_dir, argv
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("memfit: error:")
 
 
-@pytest.mark.parametrize("argv", [["eval", "--max-tokens", "0"],
-                                  ["generate", "--max-new-tokens", "0"]])
-def test_bad_flag_value_exits_2(capsys, argv):
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["compress", "--out", "x", "--max-kld", "-1"], "--max-kld must be at least 0, got -1"),
+    (["compress", "--out", "x", "--max-kld", "nan"], "--max-kld must be at least 0, got nan"),
+    (["compress", "--out", "x", "--min-cosine", "2"], "--min-cosine must be in [-1, 1]"),
+    (["compress", "--out", "x", "--seq-len", "1"], "--seq-len must be at least 2"),
+    (["fit", "--samples", "0"], "--samples must be at least 1"),
+    (["fit", "--context", "0"], "--context must be at least 1"),
+    (["distill", "t", "s", "--out", "x", "--steps", "0"], "--steps must be at least 1"),
+    (["distill", "t", "s", "--out", "x", "--lr", "-1"], "--lr must be above 0, got -1"),
+    (["distill", "t", "s", "--out", "x", "--temperature", "abc"], "must be a number, got 'abc'"),
+    (["inspect", "--place", "cpu", "--batch", "0"], "--batch must be at least 1"),
+])
+def test_bad_flag_value_exits_2(capsys, argv, message):
+    """Out-of-range numbers are refused by the parser, before any model is read."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert "must be at least 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_generate_streams_text(capsys, tiny_llama_dir):
