@@ -341,6 +341,29 @@ def _kv_options(kind: str, kv: str, fixed: dict, budget: int, least_weights: int
     return ["none"]
 
 
+LEAST_BITS = 2  # no linear choice of any menu stores fewer bits a weight (int2 g32, 2:4 + int4)
+
+
+def _check_floor(m, arch, budget: int, o: FitOptions, runtime: int = 0) -> None:
+    """A UserError when the blocks' linear weights alone, at LEAST_BITS a weight with as many
+    blocks dropped as allowed, plus `runtime` (the measured bytes of Python, torch and
+    transformers, for a run-time budget) exceed `budget`: a floor under every plan (scales,
+    tables, norms, the KV cache and activations come on top), known before any calibration."""
+    per_block = sorted(sum(block.get_submodule(n).weight.numel() for g in arch.groups for n in g)
+                       for block in block_list(m, arch))
+    n = len(per_block)
+    kept = per_block[:max(n - int(o.max_drop * n), 0)]
+    weights = sum(kept) * LEAST_BITS // 8
+    if weights + runtime > budget:
+        big = (f"the blocks' linear weights at {LEAST_BITS} bits a weight need "
+               f"{weights / 1e6:.1f} MB ({len(kept)} of {n} blocks)")
+        if runtime:
+            big += f" and the runtime (Python, torch, transformers) {runtime / 1e6:.1f} MB"
+        raise UserError(f"the budget {budget / 1e6:.1f} MB is below the floor of every plan: "
+                        f"{big}, before scales, embeddings, the KV cache and activations; "
+                        "raise the budget")
+
+
 def fit(model="default", *, budget=None, kind: str = "memory", context: int | None = None, batch: int = 1,
         kv: str = "auto", options: FitOptions | None = None) -> Plan:
     """Plan `model` (a spec, or a memfit.models.Loaded) into `budget` (bytes or '300MB'; None:
@@ -364,6 +387,19 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
             min(2048, getattr(text_config(m.config), "max_position_embeddings", 2048))
         target = replace(target, context=context)
     check_context(m.config, context)
+    runtime = None
+    if kind == "memory":
+        # Measured, not estimated: with glibc's mmap threshold held (memfit.eval.memory.
+        # steady_malloc) the unmodified model's forward growth predicts the packed model's
+        # peak within 2% on the default model (benchmarks/RESULTS.md). Measured first: the
+        # runtime's own bytes are part of the floor checked below.
+        kvs = ["none"] if encoder else (["none", "int8", "int4"] if kv == "auto" else [kv])
+        _say(o, f"runtime memory: measured in a fresh process ({', '.join(kvs)} KV cache)")
+        runtime = in_fresh_process(loaded.source, "--overhead", "--forward", "--kv",
+                                   ",".join(kvs), "--context", str(target.context),
+                                   "--batch", str(target.batch), "--device", target.device)
+    if budget is not None:  # seconds, not the calibration's minutes
+        _check_floor(m, arch, int(budget), o, runtime["baseline_bytes"] if runtime else 0)
     dtype = next(m.parameters()).dtype
     tok = loaded.tokenizer
     seq_len = min(o.seq_len, used_length(loaded)) if encoder else o.seq_len
@@ -404,16 +440,8 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     fixed["kv"] = {"none": 0} if encoder else \
         {k: kv_bytes(m.config, context, batch, dtype, k) for k in ("none", "int8", "int4")}
     fixed["overhead"] = 0
-    if kind == "memory":
-        # Measured, not estimated: with glibc's mmap threshold held (memfit.eval.memory.
-        # steady_malloc) the unmodified model's forward growth predicts the packed model's
-        # peak within 2% on the default model (benchmarks/RESULTS.md).
-        kvs = ["none"] if encoder else (["none", "int8", "int4"] if kv == "auto" else [kv])
-        _say(o, f"runtime memory: measured in a fresh process ({', '.join(kvs)} KV cache)")
-        measured = in_fresh_process(loaded.source, "--overhead", "--forward", "--kv",
-                                    ",".join(kvs), "--context", str(target.context),
-                                    "--batch", str(target.batch), "--device", target.device)
-        fixed["overhead"], fixed["forward"] = measured["baseline_bytes"], measured["forward_bytes"]
+    if runtime:
+        fixed["overhead"], fixed["forward"] = runtime["baseline_bytes"], runtime["forward_bytes"]
     if budget is None:
         budget = default_budget(units, fixed, kind)
         target = replace(target, budget=budget)

@@ -97,7 +97,10 @@ def _cli(*args, cwd):
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "12parsecs"], "cannot read the size '12parsecs'"),
-    (["--weights-budget", "1KB"], "below the smallest possible plan"),
+    # the blocks' linears at 2 bits: 4 x 147456 weights = 147.5 KB, known before calibrating
+    (["--weights-budget", "100KB"], "linear weights at 2 bits a weight need 0.1 MB (4 of 4"),
+    (["--budget", "100MB"], "and the runtime (Python, torch, transformers)"),
+    (["--weights-budget", "150KB"], "below the smallest possible plan"),
     (["--context", "100000"], "longer than the model supports"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(model_dir, tmp_path, args, message):
