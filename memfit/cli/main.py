@@ -117,8 +117,16 @@ def cmd_inspect(args) -> None:
     if args.place:
         _load_placed(args, dispatch=False)  # prints what each device will hold
         return
-    info = inspect_model(_load(args).model, context=args.context, batch=args.batch, kv_dtype=kv_dtype,
-                         kv_format=kv_format(args.kv))
+    loaded = _load(args)
+    encoder = loaded.kind == "encoder"
+    context = args.context
+    if encoder:
+        from memfit.encoders import used_length
+        if args.kv != "none":
+            raise UserError("--kv quantizes a decoder's KV cache; an encoder has none (drop --kv)")
+        context = min(context, used_length(loaded))  # an encoder never sees more
+    info = inspect_model(loaded.model, context=context, batch=args.batch, kv_dtype=kv_dtype,
+                         kv_format=kv_format(args.kv), encoder=encoder)
     if args.json:
         print(json.dumps(info))
         return
@@ -134,13 +142,18 @@ def cmd_inspect(args) -> None:
                 f"{min(t for t in info['kv_tokens_per_layer'] if t) if any(info['kv_tokens_per_layer']) else 0} tokens"
                 if info["kv_layers_windowed"] else "")
     kind = info.get("kv_format", info["kv_dtype"])
-    print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers at {info['kv_dtype']}; "
-          f"{info['kv_bytes']:,} bytes ({human_bytes(info['kv_bytes'])}, {kind}) at context "
-          f"{info['context']} x batch {info['batch']}" + windowed)
+    if encoder:
+        print(f"KV cache     none (an encoder); inputs of {info['context']} tokens x batch "
+              f"{info['batch']}")
+    else:
+        print(f"KV cache     {info['kv_bytes_per_token']:,} bytes/token on all layers at "
+              f"{info['kv_dtype']}; {info['kv_bytes']:,} bytes ({human_bytes(info['kv_bytes'])}, "
+              f"{kind}) at context {info['context']} x batch {info['batch']}" + windowed)
     if info["kv_prefill_peak_bytes"] > info["kv_bytes"]:
         print(f"KV at prefill {info['kv_prefill_peak_bytes']:,} bytes right after a one-shot prefill of "
               f"{info['context']} tokens (every layer holds the whole prompt until the first decode step)")
-    print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one prefill (estimate)")
+    print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one "
+          f"{'forward' if encoder else 'prefill'} (estimate)")
     print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")
 
 

@@ -186,14 +186,16 @@ def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtyp
 
 
 def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None,
-                  kv_format=None) -> dict:
-    """Everything `memfit inspect` prints, as one dict."""
+                  kv_format=None, encoder: bool = False) -> dict:
+    """Everything `memfit inspect` prints, as one dict (an encoder: no KV cache)."""
     table = weight_table(model)
     dtype = next(model.parameters()).dtype
     kv_dtype = kv_dtype or (dtype if dtype.is_floating_point else torch.float16)
-    per_tok = kv_bytes_per_token(model.config, kv_dtype)
+    per_tok = 0 if encoder else kv_bytes_per_token(model.config, kv_dtype)
     act = activation_peak_estimate(model.config, context, batch, kv_dtype)
-    cache = kv_cache_bytes(model.config, context, batch, kv_dtype, kv_format)
+    cache = ({"kv_bytes": 0, "kv_prefill_peak_bytes": 0, "kv_layers_full": 0,
+              "kv_layers_windowed": 0, "kv_tokens_per_layer": []} if encoder
+             else kv_cache_bytes(model.config, context, batch, kv_dtype, kv_format))
     kv = cache["kv_bytes"]
     return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
             "kv_bytes_per_token": per_tok, **cache, "activation_bytes_estimate": act,

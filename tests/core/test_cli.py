@@ -133,3 +133,15 @@ def test_kv_flag_on_eval_inspect_generate(capsys, tiny_llama_dir):
     code, out, _ = _run(capsys, "generate", str(tiny_llama_dir), "--prompt", "hello there",
                         "--max-new-tokens", "5", "--kv", "int4")
     assert code == 0 and len(out.strip()) > 0
+
+
+def test_inspect_an_encoder_reports_no_kv_cache(capsys, tiny_bert_dir):
+    """An encoder has no KV cache: none counted, --kv refused, the context held to its inputs."""
+    from transformers import AutoConfig
+    code, out, _ = _run(capsys, "inspect", str(tiny_bert_dir), "--json")
+    res = json.loads(out)
+    limit = AutoConfig.from_pretrained(tiny_bert_dir).max_position_embeddings
+    assert code == 0 and res["kv_bytes"] == 0 and res["kv_bytes_per_token"] == 0
+    assert res["context"] <= limit < 2048
+    code, _, err = _run(capsys, "inspect", str(tiny_bert_dir), "--kv", "int4")
+    assert code == 2 and "an encoder has none" in err
