@@ -125,6 +125,13 @@ def cmd_inspect(args) -> None:
         if args.kv != "none":
             raise UserError("--kv quantizes a decoder's KV cache; an encoder has none (drop --kv)")
         context = min(context, used_length(loaded))  # an encoder never sees more
+    else:  # inspect still counts past the model's positions (what such a cache would hold)
+        from memfit.archs import text_config
+        limit = getattr(text_config(loaded.model.config), "max_position_embeddings", None)
+        if limit and context > limit:
+            print(f"memfit: note: --context {context} is past the model's {limit} positions "
+                  "(max_position_embeddings); the figures are what such a cache would hold",
+                  file=sys.stderr)
     info = inspect_model(loaded.model, context=context, batch=args.batch, kv_dtype=kv_dtype,
                          kv_format=kv_format(args.kv), encoder=encoder)
     if args.json:

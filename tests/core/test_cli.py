@@ -39,6 +39,7 @@ def test_inspect_json(capsys, tiny_llama_dir):
     (["eval", "{tiny}", "--dtype", "int3"], "unknown dtype"),
     (["inspect", "{tiny}", "--kv-dtype", "int3"], "unknown --kv-dtype"),
     (["generate", "{tiny}", "--prompt", ""], "prompt is empty"),
+    (["eval", "{tiny}", "--seq-len", "100000"], "--seq-len 100000 is longer than the model"),
     # settings are checked before the model is read (a path that is no model comes second)
     (["generate", "/does/not/exist", "--temperature", "-1"], "--temperature >= 0"),
     (["generate", "/does/not/exist", "--top-p", "1.5"], "--top-p <= 1"),
@@ -112,9 +113,10 @@ def test_kv_flag_on_eval_inspect_generate(capsys, tiny_llama_dir):
     _, plain, _ = _run(capsys, "eval", str(tiny_llama_dir), "--seq-len", "200", "--max-tokens",
                        "400", "--json")
     assert abs(res["perplexity"] / json.loads(plain)["perplexity"] - 1) < 1e-3
-    code, out, _ = _run(capsys, "inspect", str(tiny_llama_dir), "--context", "4096", "--kv", "int4",
-                        "--json")
+    code, out, err = _run(capsys, "inspect", str(tiny_llama_dir), "--context", "4096", "--kv",
+                          "int4", "--json")
     info = json.loads(out)
+    assert "past the model's 512 positions" in err  # counted all the same, with a note
     cfg = AutoConfig.from_pretrained(tiny_llama_dir)
     one = quantized_kv_bytes(KV_FORMATS["int4"], tokens=4096, batch=1, kv_heads=2, head_dim=16,
                              dtype_bytes=4)
