@@ -27,6 +27,7 @@ from memfit.encoders import used_length
 from memfit.errors import UserError
 from memfit.plan.build import build_plan
 from memfit.plan.build import say as _say
+from memfit.plan.measure import in_fresh_process
 from memfit.plan.menu import (
     TABLE_MENU,
     Option,
@@ -37,7 +38,6 @@ from memfit.plan.menu import (
     resident_bytes,
     table_modules,
 )
-from memfit.plan.measure import in_fresh_process
 from memfit.plan.probe import (
     ProbeReference,
     calib_windows,
@@ -50,9 +50,11 @@ from memfit.plan.solve import Solution, smallest, solve
 from memfit.plan.target import (
     Target,
     check_context,
+    check_floor,
     estimate_activation,
     kv_bytes,
     kv_format,
+    kv_options,
     parse_size,
 )
 
@@ -328,42 +330,6 @@ def default_budget(units: list[Unit], fixed: dict, kind: str) -> int:
     return int(fixed["overhead"] + DEFAULT_SHARE * model)
 
 
-def _kv_options(kind: str, kv: str, fixed: dict, budget: int, least_weights: int) -> list[str]:
-    """KV precisions the solve may take: the one asked; with "auto", 16-bit, int8 and int4 when
-    the 16-bit cache is over 5% of a run-time budget, or when the smallest weights do not fit
-    beside it (else quantizing it cannot pay)."""
-    if kv != "auto":
-        return [kv]
-    forward = fixed.get("forward", {}).get("none", fixed["activation"] + fixed["kv"]["none"])
-    if kind == "memory" and (fixed["kv"]["none"] > 0.05 * budget or least_weights
-                             + fixed["resident"] + fixed["overhead"] + forward > budget):
-        return ["none", "int8", "int4"]
-    return ["none"]
-
-
-LEAST_BITS = 2  # no linear choice of any menu stores fewer bits a weight (int2 g32, 2:4 + int4)
-
-
-def _check_floor(m, arch, budget: int, o: FitOptions, runtime: int = 0) -> None:
-    """A UserError when the blocks' linear weights alone, at LEAST_BITS a weight with as many
-    blocks dropped as allowed, plus `runtime` (the measured bytes of Python, torch and
-    transformers, for a run-time budget) exceed `budget`: a floor under every plan (scales,
-    tables, norms, the KV cache and activations come on top), known before any calibration."""
-    per_block = sorted(sum(block.get_submodule(n).weight.numel() for g in arch.groups for n in g)
-                       for block in block_list(m, arch))
-    n = len(per_block)
-    kept = per_block[:max(n - int(o.max_drop * n), 0)]
-    weights = sum(kept) * LEAST_BITS // 8
-    if weights + runtime > budget:
-        big = (f"the blocks' linear weights at {LEAST_BITS} bits a weight need "
-               f"{weights / 1e6:.1f} MB ({len(kept)} of {n} blocks)")
-        if runtime:
-            big += f" and the runtime (Python, torch, transformers) {runtime / 1e6:.1f} MB"
-        raise UserError(f"the budget {budget / 1e6:.1f} MB is below the floor of every plan: "
-                        f"{big}, before scales, embeddings, the KV cache and activations; "
-                        "raise the budget")
-
-
 def fit(model="default", *, budget=None, kind: str = "memory", context: int | None = None, batch: int = 1,
         kv: str = "auto", options: FitOptions | None = None) -> Plan:
     """Plan `model` (a spec, or a memfit.models.Loaded) into `budget` (bytes or '300MB'; None:
@@ -399,7 +365,8 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
                                    ",".join(kvs), "--context", str(target.context),
                                    "--batch", str(target.batch), "--device", target.device)
     if budget is not None:  # seconds, not the calibration's minutes
-        _check_floor(m, arch, int(budget), o, runtime["baseline_bytes"] if runtime else 0)
+        check_floor(m, arch, int(budget), o.max_drop,
+                    runtime["baseline_bytes"] if runtime else 0)
     dtype = next(m.parameters()).dtype
     tok = loaded.tokenizer
     seq_len = min(o.seq_len, used_length(loaded)) if encoder else o.seq_len
@@ -450,7 +417,7 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
     n = len(sens.drop)
     least = smallest(units, max_drop=int(o.max_drop * n), blocks=n, size=plan.size)
     plan.kv_damage = {k: 0.0 for k in (["none"] if encoder else
-                                       _kv_options(kind, kv, fixed, budget, least))}
+                                       kv_options(kind, kv, fixed, budget, least))}
     if least + min(plan.runtime_bytes(k) for k in plan.kv_damage) > budget:
         raise UserError(plan.too_small_message(budget))  # before the probes' minutes
     probe = probe_reference(loaded, o, "calib")

@@ -89,3 +89,41 @@ def kv_bytes(config, context: int, batch: int, dtype: torch.dtype, name: str) ->
     from memfit.eval.memory import kv_cache_bytes
     kv = kv_cache_bytes(config, context, batch, dtype, kv_format(name))
     return max(kv["kv_bytes"], kv["kv_prefill_peak_bytes"] if name in ("none", "auto") else 0)
+
+
+def kv_options(kind: str, kv: str, fixed: dict, budget: int, least_weights: int) -> list[str]:
+    """KV precisions the solve may take: the one asked; with "auto", 16-bit, int8 and int4 when
+    the 16-bit cache is over 5% of a run-time budget, or when the smallest weights do not fit
+    beside it (else quantizing it cannot pay)."""
+    if kv != "auto":
+        return [kv]
+    forward = fixed.get("forward", {}).get("none", fixed["activation"] + fixed["kv"]["none"])
+    if kind == "memory" and (fixed["kv"]["none"] > 0.05 * budget or least_weights
+                             + fixed["resident"] + fixed["overhead"] + forward > budget):
+        return ["none", "int8", "int4"]
+    return ["none"]
+
+
+LEAST_BITS = 2  # no linear choice of any menu stores fewer bits a weight (int2 g32, 2:4 + int4)
+
+
+def check_floor(m, arch, budget: int, max_drop: float, runtime: int = 0) -> None:
+    """A UserError when the blocks' linear weights alone, at LEAST_BITS a weight with as many
+    blocks dropped as allowed, plus `runtime` (the measured bytes of Python, torch and
+    transformers, for a run-time budget) exceed `budget`: a floor under every plan (scales,
+    tables, norms, the KV cache and activations come on top), known before any calibration."""
+    from memfit.archs import block_list
+
+    per_block = sorted(sum(block.get_submodule(n).weight.numel() for g in arch.groups for n in g)
+                       for block in block_list(m, arch))
+    n = len(per_block)
+    kept = per_block[:max(n - int(max_drop * n), 0)]
+    weights = sum(kept) * LEAST_BITS // 8
+    if weights + runtime > budget:
+        big = (f"the blocks' linear weights at {LEAST_BITS} bits a weight need "
+               f"{weights / 1e6:.1f} MB ({len(kept)} of {n} blocks)")
+        if runtime:
+            big += f" and the runtime (Python, torch, transformers) {runtime / 1e6:.1f} MB"
+        raise UserError(f"the budget {budget / 1e6:.1f} MB is below the floor of every plan: "
+                        f"{big}, before scales, embeddings, the KV cache and activations; "
+                        "raise the budget")
