@@ -15,7 +15,8 @@
   (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
 - waves / wide / pair: the dq 4 tile kernel's grid, 8-warp and two-tiles-a-step shapes.
 - permx: what the activations' permutation into the fragment order costs (session 19).
-- spread: a tile shape's time over 20 replays, PDL on and off (next to run).
+- spread: a tile shape's time over 20 replays, PDL on and off.
+- big: the dq 4 tile kernel past M = 128 (token tiles of 64-256) against dequantize + cuBLAS.
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
@@ -391,6 +392,21 @@ def pair(args, gen) -> None:
     _dq4_grid(args, gen, "pair", shapes)
 
 
+def big(args, gen) -> None:
+    """The dq 4 tile kernel past M = 128 (prefill; not offered there since session 13, when the
+    tile kernel still converted its tile through shared memory): token tiles of 64-256 (the
+    wgmma's N), BN 64 / 4 warps and 128 / 8, 2-4 stages, against dequantize + cuBLAS."""
+    def shapes(n, bm):
+        yield "dequant", triton_int.Config(0, 0, 0)
+        for tm in (64, 128, 256):
+            for bn, warps in ((128, 8), (64, 4)):
+                for st in ((2, 3) if tm == 256 else (3, 4)):
+                    yield (f"bm{tm}_bn{bn}_st{st}",
+                           triton_int.Config(tm, bn, 128, 1, warps, st, magic=True, wa=True,
+                                             pf=1, dq=4))
+    _dq4_grid(args, gen, "big", shapes)
+
+
 @contextlib.contextmanager
 def _launch(pdl_on: bool, perm=None):
     """Kernels launched with PDL or not (if this GPU has it), perm_x swapped for `perm`."""
@@ -490,7 +506,7 @@ def main() -> None:
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
          "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
-         "permx": permx, "spread": spread}[part](args, gen)
+         "permx": permx, "spread": spread, "big": big}[part](args, gen)
 
 
 if __name__ == "__main__":

@@ -164,11 +164,11 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
 
 
 def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1,
-               pair: bool = False, pdl: bool = False, group: int = 128):
+               pair: bool = False, pdl: bool = False, group: int = 128, bm: int = 64):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
     4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop, also with
-    two tiles a step, PAIR):
+    two tiles a step, PAIR, and with 256 tokens a tile, prefill):
     it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
     shapes where Triton keeps the fragment layout (BN 256, 8 warps)."""
     xdt = "fp16" if f16 else "bf16"
@@ -177,7 +177,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
            "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
            "stride_zn": "i32", "stride_ym": "i32", "p_ptr": "*fp32", "c_ptr": "*i32",
            "stride_ps": "i32"}
-    const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=64,
+    const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=bm,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
                  BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair),
                  PDL=pdl)
@@ -243,7 +243,9 @@ def main() -> None:
                          (5, 1, True, 64, 128, 8), (5, 1, False, 0, 128, 8, 1, True),
                          (5, 1, True, 64, 64, 4, 2, True), (5, 1, False, 0, 128, 8, 1, True, True),
                          (5, 1, False, 0, 128, 8, 1, True, False, 64),
-                         (5, 1, True, 64, 64, 4, 2, False, False, 64))}
+                         (5, 1, True, 64, 64, 4, 2, False, False, 64),
+                         (5, 1, False, 0, 128, 8, 1, False, False, 128, 256),
+                         (5, 1, True, 64, 64, 4, 4, False, False, 64, 128))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}

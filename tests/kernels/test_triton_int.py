@@ -236,6 +236,33 @@ def test_every_weight_as_a_candidate_matches_reference(rb):
         assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
 
 
+@pytest.mark.parametrize("rb,group", [(0, 128), (64, 64)])
+def test_every_prefill_candidate_matches_reference(rb, group):
+    """128 < M <= 1024: the dq 4 tile kernel with 128-256 tokens a tile, K split where the tiles
+    give few programs; M not a multiple of the token tile."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(256, 512, 4, group, "int", seed=9)
+    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(10)).to(DEV, dtype)
+    want = linear_reference(x.float(), w, None)
+    cands = triton_int.prefill_candidates(200, w, dtype)
+    assert {(c.BM, c.BN, c.SPLIT_K) for c in cands} >= {(256, 128, 1), (128, 64, 4)}
+    for c in cands:
+        got = triton_int.run(x, tile(w, rb) if rb else w, None, c)
+        assert rel_err(got, want) < _tol(), c
+
+
+def test_prefill_candidates_stop_where_dequantize_wins():
+    from memfit.kernels.weights import tile
+    w = make_weight(256, 512, 4, 128, "int")
+    tiled = triton_int.candidates(300, tile(w, 64), torch.bfloat16)
+    assert tiled[0] == triton_int.Config(0, 0, 0) and any(c.BM == 256 for c in tiled)
+    stored = triton_int.candidates(1024, w, torch.bfloat16)
+    assert any(c.dq == 4 and c.BM == 256 for c in stored)
+    assert not any(c.wa for c in triton_int.candidates(2048, w, torch.bfloat16))
+    assert triton_int.candidates(2048, tile(w, 64), torch.bfloat16) == [triton_int.Config(0, 0, 0)]
+
+
 def _wide_case(n, k, group, zp, seed, m, rb, cfg):
     """(output of `cfg` on a random weight, the reference, a runner for another weight)."""
     from memfit.kernels.weights import tile
