@@ -2,7 +2,8 @@
 random-weight Llama-3-8B-shaped model on one GPU, side by side in one run: bf16, then int4 g128
 (memfit's QuantLinear + Triton kernels) twice: with the packed linears' prefill on dequantize +
 cuBLAS only past 128 tokens (the chooser before session 20: `WA_MAX_M = 128`) and with the dq 4
-tile kernel also offered up to 1024 tokens (`memfit.kernels.launch_shapes.WA_MAX_M`).
+tile kernel also offered up to 1024 tokens (`memfit.kernels.launch_shapes.WA_MAX_M`), the
+latter also with Triton's own per-call launch instead of memfit.kernels.launch's cached one.
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4
 
-from memfit.kernels import launch_shapes, triton_int
+from memfit.kernels import launch, launch_shapes, triton_int
 
 
 def prefill_ms(m, prompt: int, reps: int = 3) -> float:
@@ -106,20 +107,15 @@ def main() -> None:
         note("bf16", {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
         to_int4(m)
         keep = launch_shapes.WA_MAX_M
-        for name, top in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128),
-                          (f"int4 g128, tile kernel up to {keep} tokens", keep)):
-            launch_shapes.WA_MAX_M = top
-            triton_int._CHOICE.clear()
+        for name, top, fast in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128, True),
+                                (f"int4 g128, tile kernel up to {keep} tokens", keep, True),
+                                (f"int4 g128, tile kernel up to {keep}, Triton's launch", keep,
+                                 False)):
+            if top != launch_shapes.WA_MAX_M:
+                launch_shapes.WA_MAX_M = top
+                triton_int._CHOICE.clear()
+            launch.ENABLED = fast and not args.tiny
             note(name, {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
-            if args.profile:
-                ids = torch.randint(0, 1000, (1, args.profile), device=decode_gpu.DEV)
-                m(ids, use_cache=False, logits_to_keep=1)
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    m(ids, use_cache=False, logits_to_keep=1)
-                    decode_gpu.sync()
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12),
-                      flush=True)
         launch_shapes.WA_MAX_M = keep
 
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
+from memfit.kernels.launch import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens
@@ -29,10 +30,10 @@ def split_plan(t: int, b: int, hkv: int, tile: int, per_sm: int, q: torch.Tensor
     programs a multiprocessor unless `splits` is given (the packed kernels' grid)."""
     if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = triton.cdiv(per_sm * sms, b * hkv)
+        splits = cdiv(per_sm * sms, b * hkv)
     splits = max(1, min(t // tile, splits))
-    tps = triton.cdiv(triton.cdiv(t, splits), tile) * tile
-    return tps, triton.cdiv(t, tps)
+    tps = cdiv(cdiv(t, splits), tile) * tile
+    return tps, cdiv(t, tps)
 
 
 @triton.jit
@@ -128,7 +129,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, keys: torch.Ten
     _kv_combine[(b * hq, d // db)](
         out, lse, y, q, keys, values, n, keys.shape[2], hq, hkv, scaling * LOG2E, q.stride(0),
         q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), SP=triton.next_power_of_2(max(n, 1)), D=d,
+        values.stride(1), values.stride(2), SP=next_pow2(max(n, 1)), D=d,
         BR=MERGE["tokens"], DB=db, num_warps=MERGE["warps"],
         **({} if ring is None else dict(pos_ptr=ring[0], RES=ring[1], GROUP=ring[2],
                                         RING=keys.shape[2], **pdl.launch_kw())))

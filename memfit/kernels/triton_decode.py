@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
+from memfit.kernels.launch import cdiv, next_pow2
 from memfit.kernels.triton_rope import rope_cache, rope_cache_ref  # noqa: F401 (re-exported)
 
 
@@ -64,7 +65,7 @@ def add_rmsnorm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     rows, n = h.shape
     y = torch.empty_like(h)
     _add_rmsnorm[(rows,)](h, h if r is None else r, w, y, n, eps, HAS_R=r is not None,
-                          BLOCK=triton.next_power_of_2(n), num_warps=8, **pdl.launch_kw())
+                          BLOCK=next_pow2(n), num_warps=8, **pdl.launch_kw())
     return y
 
 
@@ -150,8 +151,8 @@ def decode_attention(q, kc, vc, pos, scale: float, split: int = 1) -> torch.Tens
     g = heads // kvh
     out = torch.empty(bsz, 1, heads * d, dtype=q.dtype, device=q.device)
     bl = 64 if d <= 128 else 32
-    per = triton.cdiv(triton.cdiv(length, split), bl) * bl
-    gp = max(16, triton.next_power_of_2(g))
+    per = cdiv(cdiv(length, split), bl) * bl
+    gp = max(16, next_pow2(g))
     ieee = q.dtype == torch.float32
     if split == 1:
         _decode_attn[(bsz * kvh, 1)](q, kc, vc, pos, out, out, out, heads, kvh, length, per,
@@ -272,8 +273,8 @@ def rope_attention(qkv, pos, cos, sin, kc, vc, heads: int, scale: float,
     g = heads // kvh
     out = torch.empty(bsz, 1, heads * d, dtype=qkv.dtype, device=qkv.device)
     bl = 64 if d <= 128 else 32
-    per = triton.cdiv(triton.cdiv(length, split), bl) * bl
-    kw = dict(G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BL=bl, SPLIT=split,
+    per = cdiv(cdiv(length, split), bl) * bl
+    kw = dict(G=g, GP=max(16, next_pow2(g)), D=d, BL=bl, SPLIT=split,
               IEEE=qkv.dtype == torch.float32, num_warps=4, **pdl.launch_kw())
     if split == 1:
         _rope_attn[(bsz * kvh, 1)](qkv, pos, cos, sin, kc, vc, out, out, out, heads, kvh, length,
@@ -318,7 +319,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     rows, n2 = gu.shape
     n = n2 // 2
     out = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
-    _silu_mul[(rows, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, num_warps=4,
+    _silu_mul[(rows, cdiv(n, 1024))](gu, out, n, BLOCK=1024, num_warps=4,
                                             **pdl.launch_kw())
     return out
 
@@ -355,13 +356,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     answer; NaN-free rows assumed), in two launches that fill the chip."""
     rows, n = x.shape
     block = 2048
-    chunks = triton.cdiv(n, block)
+    chunks = cdiv(n, block)
     v = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
     i = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.long, device=x.device)
     _argmax_part[(rows, chunks)](x, v, i, n, chunks, BLOCK=block, num_warps=4,
                                  **pdl.launch_kw())
-    _argmax_final[(rows,)](v, i, out, chunks, BLOCK=triton.next_power_of_2(chunks), num_warps=4,
+    _argmax_final[(rows,)](v, i, out, chunks, BLOCK=next_pow2(chunks), num_warps=4,
                            **pdl.launch_kw())
     return out
 
@@ -369,4 +370,4 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def attn_split(length: int, rows: int) -> int:
     """Programs per KV head for `decode_attention`: enough to fill the chip at long contexts."""
     want = max(1, math.ceil(length / 512))
-    return min(triton.next_power_of_2(want), 32) if rows < 132 else 1
+    return min(next_pow2(want), 32) if rows < 132 else 1

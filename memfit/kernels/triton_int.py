@@ -46,7 +46,7 @@ from triton.runtime.errors import PTXASError
 from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
-from memfit.kernels.launch import launch
+from memfit.kernels.launch import cdiv, launch
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
     MMA, WA_MAX_M, Config, _bucket, candidates, mma_candidates, perm_ineligibility,
     prefill_candidates, weight_a_candidates)
@@ -185,16 +185,16 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
-    iters = triton.cdiv(triton.cdiv(k, cfg.BK * (1 + cfg.pair)), cfg.SPLIT_K)
+    iters = cdiv(cdiv(k, cfg.BK * (1 + cfg.pair)), cfg.SPLIT_K)
     if cfg.gemv:
-        _int_gemv[(triton.cdiv(n, cfg.BN), cfg.SPLIT_K)](
+        _int_gemv[(cdiv(n, cfg.BN), cfg.SPLIT_K)](
             x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
             w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), GROUP=w.group_size,
             BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None, ATOMIC=atomic, BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
-    grid = (triton.cdiv(m, cfg.BM), triton.cdiv(n, cfg.BN), cfg.SPLIT_K)
+    grid = (cdiv(m, cfg.BM), cdiv(n, cfg.BN), cfg.SPLIT_K)
     even = (n % cfg.BN == 0 and k % (cfg.BK * cfg.SPLIT_K) == 0) * (1 + (m % cfg.BM == 0))
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):

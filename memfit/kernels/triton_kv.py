@@ -52,6 +52,7 @@ from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     reference,
     split_plan,
 )
+from memfit.kernels.launch import next_pow2
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32
@@ -316,7 +317,7 @@ def _launch_packed(q, store, out, lse, bits, group, scaling, total, splits=None,
         q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, total, scaling * LOG2E, q.stride(0),
         q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0), ks.stride(1),
         ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0), vs.stride(1),
-        vs.stride(2), G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=bits,
+        vs.stride(2), G=hq // hkv, GP=max(16, next_pow2(hq // hkv)), D=d, BITS=bits,
         GROUP=group, GV=d // vs.shape[-1], BT=bt, MAGIC=not INTERPRET,
         DT=tl.float32 if INTERPRET else tl.float16, ASM_S=ASM[bits], CONS=CONSTRAINTS[bits],
         num_warps=warps or TUNE["warps"], num_stages=stages or TUNE["stages"],

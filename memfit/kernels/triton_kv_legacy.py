@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.launch import cdiv, next_pow2
 from memfit.kernels.triton_dequant import _unpack_tile
 
 LOG2E = 1.4426950408889634
@@ -141,7 +142,7 @@ def _launch(q, ks, km, vs, vm, kq, vq, out, lse, t, tps, splits, s0, total, bits
         q, kq, ks, km, vq, vs, vm, out, lse, t, tps, hkv, total, s0, scaling * LOG2E,
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
         ks.stride(1), ks.stride(2), vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0),
-        vs.stride(1), vs.stride(2), G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=bits,
+        vs.stride(1), vs.stride(2), G=g, GP=max(16, next_pow2(g)), D=d, BITS=bits,
         GROUP=group, GV=gv, BT=64, DT=tl.float32 if INTERPRET else tl.bfloat16, DENSE=dense,
         num_warps=4)
 
@@ -159,9 +160,9 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     gv = d // vs.shape[-1]
     if splits is None:  # ~4 programs per multiprocessor, whole 64-token tiles per split
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(4 * sms, b * hkv)))
-    tps = triton.cdiv(triton.cdiv(t, splits), 64) * 64
-    splits = triton.cdiv(t, tps)
+        splits = max(1, min(cdiv(t, 64), cdiv(4 * sms, b * hkv)))
+    tps = cdiv(cdiv(t, splits), 64) * 64
+    splits = cdiv(t, tps)
     extra = 1 if keys is not None else 0
     total = splits + extra
     q = q.contiguous()
@@ -172,9 +173,9 @@ def kv_attention(q: torch.Tensor, store, bits: int, group: int, scaling: float,
     if extra:
         keys, values = keys.contiguous(), values.contiguous()
         tr = keys.shape[2]
-        _launch(q, ks, km, vs, vm, keys, values, out, lse, tr, triton.cdiv(tr, 64) * 64, 1,
+        _launch(q, ks, km, vs, vm, keys, values, out, lse, tr, cdiv(tr, 64) * 64, 1,
                 splits, total, bits, group, gv, scaling, True)
     y = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
-    _kv_combine[(b * hq,)](out, lse, y, total, SP=triton.next_power_of_2(total), D=d,
+    _kv_combine[(b * hq,)](out, lse, y, total, SP=next_pow2(total), D=d,
                            num_warps=4)
     return y

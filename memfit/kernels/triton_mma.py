@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
+from memfit.kernels.launch import cdiv
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpairs
 from memfit.kernels.triton_dequant import _at
@@ -293,7 +294,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(n, bn), split_k)
+    grid = (cdiv(n, bn), split_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.launch import cdiv
 from memfit.kernels.weights import IntWeight
 
 WG_CAP = 32  # most words of one group in a tile slice
@@ -265,14 +266,14 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
     while dot and t * wg < 16:  # tl.dot takes K >= 16 (words here) on the GPU
         t *= 2
     nw = k // perw
-    iters = triton.cdiv(triton.cdiv(nw, t * wg), cfg.SPLIT_K)
+    iters = cdiv(cdiv(nw, t * wg), cfg.SPLIT_K)
     q = w.qdata.view(torch.int32)
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
     x2 = x2.contiguous()
     sk = cfg.SPLIT_K
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(n, cfg.BN), sk)
+    grid = (cdiv(n, cfg.BN), sk)
     part = torch.empty(sk, m, n, dtype=torch.float32, device=x2.device) if sk > 1 else y
     cnt = _counters(x2.device, grid[0]) if sk > 1 else q
     shift = cfg.shift or x2.dtype == torch.float16  # x * 2**-12 would leave float16's range
