@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memfit.kernels import gpu_timing, triton_int
+from memfit.kernels import gpu_timing, launch_shapes, triton_int
 from memfit.kernels.packing import pack
 from memfit.kernels.weights import IntWeight, tile
 
@@ -106,7 +106,7 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
                                                        for w in ws])
             cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
         for g, ws in q4.items():  # the decode loop's tiled layout (batch 1: the mma kernel)
-            if m == 1 or (m <= 16 and g % 128 == 0) or 16 < m <= triton_int.WA_MAX_M:
+            if m == 1 or (m <= 16 and g % 128 == 0) or 16 < m <= launch_shapes.WA_MAX_M:
                 tw = [tile(w, 64) for w in ws]
                 cell[f"memfit_int4_g{g}_tiled"] = graph_time_us(
                     [lambda w=w: triton_int.triton_linear(x, w) for w in tw])

@@ -1,9 +1,8 @@
 """Prefill time (the forward of a P-token prompt, batch 1: the time to the first token) of a
 random-weight Llama-3-8B-shaped model on one GPU, side by side in one run: bf16, then int4 g128
 (memfit's QuantLinear + Triton kernels) twice: with the packed linears' prefill on dequantize +
-cuBLAS only past 128 tokens (the chooser before session 20: `WA_MAX_M = 128`) and with the dq 4
-tile kernel also offered up to 1024 tokens (`memfit.kernels.launch_shapes.WA_MAX_M`), the
-latter also with Triton's own per-call launch instead of memfit.kernels.launch's cached one.
+cuBLAS only past 128 tokens (the default: `memfit.kernels.launch_shapes.WA_MAX_M = 128`) and
+with the dq 4 tile kernel also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1).
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4
 
-from memfit.kernels import launch, launch_shapes, triton_int
+from memfit.kernels import launch_shapes, triton_int
 
 
 def prefill_ms(m, prompt: int, reps: int = 3) -> float:
@@ -44,51 +43,13 @@ def prefill_ms(m, prompt: int, reps: int = 3) -> float:
     return best * 1e3
 
 
-def host_us(fn, calls: int = 200) -> tuple[float, float]:
-    """(host µs per call to enqueue `fn`, device-bound wall µs per call): the first is the
-    Python and launch overhead a call adds in eager mode (the device queue never empties: the
-    calls are launched without a sync), the second includes waiting for the device."""
-    fn()
-    decode_gpu.sync()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - t
-    decode_gpu.sync()
-    return host / calls * 1e6, (time.perf_counter() - t) / calls * 1e6
-
-
-def overhead(prompt: int) -> None:
-    """Eager host cost of one packed linear call (1024x4096 int4 g128: little device work) on
-    each path the chooser can take at `prompt` tokens, beside a bf16 F.linear."""
-    from benchmarks.kernels import int_weight
-    gen = torch.Generator().manual_seed(0)
-    w = int_weight(1024, 4096, 4, 128, gen)
-    x = torch.randn(prompt, 4096, generator=gen).to(torch.bfloat16).cuda()
-    d = torch.randn(1024, 4096, generator=gen).to(torch.bfloat16).cuda()
-    row = {"M": prompt, "bf16_linear": host_us(lambda: torch.nn.functional.linear(x, d))}
-    for c in [triton_int.Config(0, 0, 0)] + launch_shapes.prefill_candidates(prompt, w,
-                                                                              torch.bfloat16):
-        row[str(c)[7:60]] = host_us(lambda c=c: triton_int.run(x, w, None, c))
-    row["perm_x"] = host_us(lambda: triton_int.perm_x(x, 128))
-    row["chooser+run"] = host_us(lambda: triton_int.triton_linear(x, w))
-    print(json.dumps({k: v if isinstance(v, int) else [round(t, 1) for t in v]
-                      for k, v in row.items()}), flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompts", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--json")
-    ap.add_argument("--overhead", type=int, nargs="*", help="only the host cost a call, these M")
-    ap.add_argument("--profile", type=int, help="also a torch.profiler table at this prompt")
     args = ap.parse_args()
-    if args.overhead:
-        for p in args.overhead:
-            overhead(p)
-        return
     if args.tiny:
         decode_gpu.DEV = "cpu"
     m = build(args.layers, TINY if args.tiny else SHAPE)
@@ -107,14 +68,10 @@ def main() -> None:
         note("bf16", {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
         to_int4(m)
         keep = launch_shapes.WA_MAX_M
-        for name, top, fast in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128, True),
-                                (f"int4 g128, tile kernel up to {keep} tokens", keep, True),
-                                (f"int4 g128, tile kernel up to {keep}, Triton's launch", keep,
-                                 False)):
-            if top != launch_shapes.WA_MAX_M:
-                launch_shapes.WA_MAX_M = top
-                triton_int._CHOICE.clear()
-            launch.ENABLED = fast and not args.tiny
+        for name, top in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128),
+                          ("int4 g128, tile kernel up to 1024 tokens", 1024)):
+            launch_shapes.WA_MAX_M = top
+            triton_int._CHOICE.clear()
             note(name, {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
         launch_shapes.WA_MAX_M = keep
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
-from memfit.kernels.launch import cdiv, launch, next_pow2
+from memfit.kernels.sizes import cdiv, next_pow2
 
 
 def _word_asm(ty: str, magic: int, one: int) -> str:
@@ -157,8 +157,8 @@ def perm_x(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
         x2 = x2.contiguous()
     y = torch.empty(m, k, dtype=x2.dtype, device=x2.device)
     block = min(1024, next_pow2(k))
-    launch(_perm_cols, (m, cdiv(k, block)), x2, y, k, x2.stride(0), SPAN=span,
-           BLOCK=block, num_warps=4, **pdl.launch_kw())
+    _perm_cols[(m, cdiv(k, block))](x2, y, k, x2.stride(0), SPAN=span, BLOCK=block,
+                                    num_warps=4, **pdl.launch_kw())
     return y
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
-from memfit.kernels.launch import cdiv, next_pow2
+from memfit.kernels.sizes import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
 # launch settings: channels a program (more programs: the merge is latency-bound), window tokens

@@ -116,11 +116,18 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
 
-WA_MAX_M = 1024  # past this, dequantize + cuBLAS (M = 2048 on an H200: 346 µs vs 368, session 20)
+# The dq 4 tile kernel for prefill (128 < M <= 1024) only with MEMFIT_PREFILL_TILE=1: faster per
+# call on an H200 (M = 256 on 14336x4096: 53.6 µs against dequantize + cuBLAS's 87.7), but an
+# eager prefill of an 8B-shaped model is bound by the host, and its two launches a call (the
+# activations' gather, the kernel) cost more there than they save (37.7 against 34.9-37.6 ms at
+# 256-512 tokens, equal at 1024; benchmarks/RESULTS.md session 20). Past 1024 tokens dequantize
+# + cuBLAS wins on the GPU too (M = 2048: 346 µs against 368).
+WA_MAX_M = 1024 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 128
 
 
 def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
-    """The dq 4 tile kernel for 128 < M <= WA_MAX_M: tiles of 128-256 tokens (the wgmma's N)
+    """The dq 4 tile kernel for 128 < M <= 1024 (offered up to WA_MAX_M): tiles of 128-256
+    tokens (the wgmma's N)
     by 64 or 128 weight rows, K split where the tiles give fewer programs than an H200 has
     SMs. 14336x4096 on an H200 (RESULTS.md, session 20): M = 256 53.1 µs, M = 512 104.1,
     against dequantize + cuBLAS's 87.9 / 130.0 (bf16 44.5 / 86.0)."""

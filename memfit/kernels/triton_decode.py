@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import pdl
-from memfit.kernels.launch import cdiv, next_pow2
+from memfit.kernels.sizes import cdiv, next_pow2
 from memfit.kernels.triton_rope import rope_cache, rope_cache_ref  # noqa: F401 (re-exported)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.launch import cdiv, launch
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.weights import IntWeight
 
 
@@ -126,7 +126,7 @@ def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None
     bk = min(block_k(w), 128)
     z = w.zero if w.zero is not None else w.scale
     grid = (cdiv(n, 32), cdiv(k, bk))
-    launch(_dequant, grid, w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
-           w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w),
-           BN=32, BK=bk, RB=w.tile_rows)
+    _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
+                   w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
+                   ZMODE=zmode(w), BN=32, BK=bk, RB=w.tile_rows)
     return out

@@ -46,9 +46,9 @@ from triton.runtime.errors import PTXASError
 from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
-from memfit.kernels.launch import cdiv, launch
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
-    MMA, WA_MAX_M, Config, _bucket, candidates, mma_candidates, perm_ineligibility,
+    MMA, Config, _bucket, candidates, mma_candidates, perm_ineligibility,
     prefill_candidates, weight_a_candidates)
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
@@ -208,14 +208,15 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
             else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
-    launch(_int_mm, grid, x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters,
-           x2.stride(0), w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part,
-           cnt, m * n, GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w),
-           HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM,
-           BN=cfg.BN, **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows,
-           PF=int(cfg.pf), DQ=dq, EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), BK=cfg.BK,
-           SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-           **pdl.launch_kw(), **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
+    _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters,
+                  x2.stride(0), w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
+                  part, cnt, m * n, GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w),
+                  HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x2.dtype == torch.float32,
+                  BM=cfg.BM, BN=cfg.BN, **_magic(cfg, w, x2.dtype), WA=int(cfg.wa),
+                  RB=w.tile_rows, PF=int(cfg.pf), DQ=dq, EVEN=even, FIX=int(fix),
+                  PAIR=int(cfg.pair), BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, **pdl.launch_kw(),
+                  **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
     if atomic:
         if bias is not None:
             y += bias.float()

@@ -52,7 +52,7 @@ from memfit.kernels.kv_merge import (  # noqa: F401 (re-exported)
     reference,
     split_plan,
 )
-from memfit.kernels.launch import next_pow2
+from memfit.kernels.sizes import next_pow2
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's 16-bit floats: float32

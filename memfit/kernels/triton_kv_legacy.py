@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.launch import cdiv, next_pow2
+from memfit.kernels.sizes import cdiv, next_pow2
 from memfit.kernels.triton_dequant import _unpack_tile
 
 LOG2E = 1.4426950408889634

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
-from memfit.kernels.launch import cdiv
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpairs
 from memfit.kernels.triton_dequant import _at

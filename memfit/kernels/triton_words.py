@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.launch import cdiv
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.weights import IntWeight
 
 WG_CAP = 32  # most words of one group in a tile slice

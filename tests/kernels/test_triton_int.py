@@ -252,9 +252,14 @@ def test_every_prefill_candidate_matches_reference(rb, group):
         assert rel_err(got, want) < _tol(), c
 
 
-def test_prefill_candidates_stop_where_dequantize_wins():
+def test_prefill_candidates_are_opt_in_and_stop_where_dequantize_wins(monkeypatch):
+    from memfit.kernels import launch_shapes
     from memfit.kernels.weights import tile
     w = make_weight(256, 512, 4, 128, "int")
+    # default: an eager prefill is bound by the host, where the tile path's two launches lost
+    assert not any(c.wa for c in triton_int.candidates(300, w, torch.bfloat16))
+    assert triton_int.candidates(300, tile(w, 64), torch.bfloat16) == [triton_int.Config(0, 0, 0)]
+    monkeypatch.setattr(launch_shapes, "WA_MAX_M", 1024)  # MEMFIT_PREFILL_TILE=1
     tiled = triton_int.candidates(300, tile(w, 64), torch.bfloat16)
     assert tiled[0] == triton_int.Config(0, 0, 0) and any(c.BM == 256 for c in tiled)
     stored = triton_int.candidates(1024, w, torch.bfloat16)
