@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import block_k
 from memfit.kernels.triton_mma import EPI, mma_ineligibility
 from memfit.kernels.triton_words import word_ineligibility
@@ -119,17 +120,16 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
 # The dq 4 tile kernel for prefill (128 < M <= 1024) only with MEMFIT_PREFILL_TILE=1: faster per
 # call on an H200 (M = 256 on 14336x4096: 53.6 µs against dequantize + cuBLAS's 87.7), but an
 # eager prefill of an 8B-shaped model is bound by the host, and its two launches a call (the
-# activations' gather, the kernel) cost more there than they save (37.7 against 34.9-37.6 ms at
-# 256-512 tokens, equal at 1024; benchmarks/RESULTS.md session 20). Past 1024 tokens dequantize
+# activations' gather, the kernel) cost more there than they save (37.7-38.0 ms against
+# 34.9-37.6 at 256-512 tokens, equal at 1024; benchmarks/RESULTS.md session 20). Past 1024 tokens dequantize
 # + cuBLAS wins on the GPU too (M = 2048: 346 µs against 368).
 WA_MAX_M = 1024 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 128
 
 
 def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     """The dq 4 tile kernel for 128 < M <= 1024 (offered up to WA_MAX_M): tiles of 128-256
-    tokens (the wgmma's N)
-    by 64 or 128 weight rows, K split where the tiles give fewer programs than an H200 has
-    SMs. 14336x4096 on an H200 (RESULTS.md, session 20): M = 256 53.1 µs, M = 512 104.1,
+    tokens (the wgmma's N) by 64 or 128 weight rows, K split where the tiles give fewer programs
+    than an H200 has SMs. 14336x4096 on an H200 (RESULTS.md, session 20): M = 256 53.1 µs, M = 512 104.1,
     against dequantize + cuBLAS's 87.9 / 130.0 (bf16 44.5 / 86.0)."""
     n, k = w.shape
     out = []
@@ -138,7 +138,7 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
         cfg = Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=1, dq=4)
         if perm_ineligibility(w, dtype, cfg, n % bn == 0 and k % 128 == 0) is None:
             out.append(cfg)
-    progs = {c: -(-m // c.BM) * (n // c.BN) for c in out}
+    progs = {c: cdiv(m, c.BM) * (n // c.BN) for c in out}
     return out + [replace(c, SPLIT_K=sk) for c in out for sk in (2, 4) if progs[c] < 132
                   and (c.BM, c.BN) in ((256, 128), (128, 64)) and k % (sk * 128) == 0]
 
@@ -197,9 +197,12 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
                 out.append(Config(32 if m <= 32 else 64, 32, bks[0], sk, 4, 3, magic=True))
         out.append(Config(0, 0, 0))  # dequantize + cuBLAS
     else:
-        for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8)):
-            for st in (3, 4):
-                out.append(Config(bm, bn, bks[0], 1, warps, st))
+        if dtype not in (torch.bfloat16, torch.float16):  # the plain tile kernel past M = 128
+            # lost to dequantize + cuBLAS in every 16-bit timing (int4 and int8, M = 256-2048,
+            # 1.1-2.4x slower: benchmarks/RESULTS.md, session 20): float32 only
+            for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8)):
+                for st in (3, 4):
+                    out.append(Config(bm, bn, bks[0], 1, warps, st))
         out.append(Config(0, 0, 0))  # dequantize + cuBLAS
         if m <= WA_MAX_M and block_k(w) >= 16:
             out += prefill_candidates(m, w, dtype)

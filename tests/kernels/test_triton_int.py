@@ -257,7 +257,8 @@ def test_prefill_candidates_are_opt_in_and_stop_where_dequantize_wins(monkeypatc
     from memfit.kernels.weights import tile
     w = make_weight(256, 512, 4, 128, "int")
     # default: an eager prefill is bound by the host, where the tile path's two launches lost
-    assert not any(c.wa for c in triton_int.candidates(300, w, torch.bfloat16))
+    assert triton_int.candidates(300, w, torch.bfloat16) == [triton_int.Config(0, 0, 0)]
+    assert any(c.BM == 128 for c in triton_int.candidates(300, w, torch.float32))
     assert triton_int.candidates(300, tile(w, 64), torch.bfloat16) == [triton_int.Config(0, 0, 0)]
     monkeypatch.setattr(launch_shapes, "WA_MAX_M", 1024)  # MEMFIT_PREFILL_TILE=1
     tiled = triton_int.candidates(300, tile(w, 64), torch.bfloat16)
