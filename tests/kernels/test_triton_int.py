@@ -243,9 +243,9 @@ def test_every_prefill_candidate_matches_reference(rb, group):
     from memfit.kernels.weights import tile
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
     w = make_weight(256, 512, 4, group, "int", seed=9)
-    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(10)).to(DEV, dtype)
+    x = torch.randn(136, 512, generator=torch.Generator().manual_seed(10)).to(DEV, dtype)
     want = linear_reference(x.float(), w, None)
-    cands = triton_int.prefill_candidates(200, w, dtype)
+    cands = triton_int.prefill_candidates(136, w, dtype)
     assert {(c.BM, c.BN, c.SPLIT_K) for c in cands} >= {(256, 128, 1), (128, 64, 4)}
     for c in cands:
         got = triton_int.run(x, tile(w, rb) if rb else w, None, c)
