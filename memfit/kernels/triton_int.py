@@ -13,8 +13,8 @@ conversion) where the layout fills whole words; the byte kernels below remain ca
 and take everything else. Every candidate is checked against dequantize + cuBLAS before timing.
 
 Two byte kernels (memfit.kernels.triton_bytes): `_int_mm` (tensor cores, M >= 9; for
-16 < M <= 1024 also with the weight tile as the dot's A operand, `Config.wa`, and on the tiled
-layout) and `_int_gemv` (decode, M <= 8, CUDA cores).
+16 < M <= 128, to 1024 with MEMFIT_PREFILL_TILE=1, also with the weight tile as the dot's A
+operand, `Config.wa`, and on the tiled layout) and `_int_gemv` (decode, M <= 8, CUDA cores).
 
 Small M (decode) splits K over programs (SPLIT_K, fp32 atomics into a zeroed buffer) so that a
 4096-wide layer still fills 132 multiprocessors; large M uses big tiles without a split, or
