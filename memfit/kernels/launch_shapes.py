@@ -91,8 +91,6 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     M = 64 25.8, M = 128 34.0 against 37.9 / 42.8 / 51.4 for the plain form kept last (session
     18); g64 M = 32 23.9, M = 64 28.3 (44.9-46.2 before, dq 1 at BK 64). M = 256 and above ran
     slower than dequantize + cuBLAS (session 13): not offered."""
-    if m > 128:
-        return prefill_candidates(m, w, dtype)
     bm = max(32, _bucket(m))
     bk = block_k(w)
     n, k = w.shape
@@ -147,10 +145,12 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
-        ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
-        wa = weight_a_candidates(m, w, dtype) if 16 < m <= WA_MAX_M and block_k(w) >= 16 else []
+        tiles = block_k(w) >= 16
         if m > 128:  # dequantize + cuBLAS first (the interpreter's pick: fast on a CPU)
-            return [Config(0, 0, 0)] + wa
+            return [Config(0, 0, 0)] + (prefill_candidates(m, w, dtype)
+                                        if m <= WA_MAX_M and tiles else [])
+        ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
+        wa = weight_a_candidates(m, w, dtype) if 16 < m and tiles else []
         return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
