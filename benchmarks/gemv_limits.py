@@ -17,6 +17,8 @@
 - permx: what the activations' permutation into the fragment order costs (session 19).
 - spread: a tile shape's time over 20 replays, PDL on and off.
 - big: the dq 4 tile kernel past M = 128 (token tiles of 64-256) against dequantize + cuBLAS.
+- writes: what bounds the dequantize of dequantize + cuBLAS: a plain write (fill) and a copy of
+  the bf16 weight against the shipped dequantize and a row-looping form of it (session 21).
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 from dataclasses import replace
 
@@ -44,7 +47,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernels import copies, graph_time_us, int_weight
-from memfit.kernels import gpu_timing, mma_ptx, triton_int, triton_mma
+from memfit.kernels import gpu_timing, mma_ptx, triton_dequant, triton_int, triton_mma
 from memfit.kernels.weights import tile
 
 ROWS: list = []
@@ -481,6 +484,60 @@ def spread(args, gen) -> None:
             torch.cuda.empty_cache()
 
 
+@triton.jit
+def _dq_rows(q_ptr, s_ptr, z_ptr, w_ptr, K, NB, stride_qn, stride_sn, stride_zn,
+             BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, CS: tl.constexpr):
+    """The stored layout's dequantize (4-bit, integer zero points, groups of BK codes) with a
+    program looping over a BN-row block's K tiles (loads pipelined), streaming stores (CS)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    for t in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES):
+        jb = t * (BK // 2) + tl.arange(0, BK // 2)
+        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :]).to(tl.int32)
+        s, z = triton_dequant._group_params(s_ptr, z_ptr, rn, t, rn >= 0, stride_sn, stride_zn,
+                                            4, 1, BN)
+        c = tl.reshape(tl.join(qb & 15, qb >> 4), (BN, BK)).to(tl.float32)
+        w = ((c - z[:, None]) * s[:, None]).to(w_ptr.dtype.element_ty)
+        ptrs = w_ptr + rn[:, None] * K + t * BK + tl.arange(0, BK)[None, :]
+        if CS:
+            tl.store(ptrs, w, cache_modifier=".cs")
+        else:
+            tl.store(ptrs, w)
+
+
+def writes(args, gen) -> None:
+    for n, k in ((14336, 4096), (4096, 14336)):
+        ws = [int_weight(n, k, 4, 128, gen) for _ in range(max(2, copies(n * k // 2)))]
+        out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        src = torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
+        mb = n * k * 2 / 1e6  # the bf16 weight, MB
+        row = {"part": "writes", "n": n, "k": k, "bf16_MB": round(mb, 1)}
+        fill = t_us([lambda o=out: o.fill_(1.0)])
+        copy = t_us([lambda o=out, x=src: o.copy_(x)])
+        want = triton_dequant.dequantize_triton(ws[0], torch.bfloat16)
+        ship = t_us([lambda w=w, o=out: triton_dequant.dequantize_triton(w, torch.bfloat16, o)
+                     for w in ws])
+        rd = (n * k // 2 + ws[0].scale.numel() * 2 + ws[0].zero.numel()) / 1e6
+        row |= {"fill_us": round(fill, 2), "fill_TBps": round(mb / fill, 2),
+                "copy_us": round(copy, 2), "copy_TBps": round(2 * mb / copy, 2),
+                "dequant_us": round(ship, 2), "dequant_TBps": round((mb + rd) / ship, 2)}
+        looped = []
+        for bn, warps, st, cs in itertools.product((16, 32, 64), (4, 8), (2, 3), (0, 1)):
+            def f(w, bn=bn, warps=warps, st=st, cs=cs, out=out, n=n, k=k):
+                return _dq_rows[(n // bn,)](w.qdata, w.scale, w.zero, out, k, k // 2,
+                                            w.qdata.stride(0), w.scale.stride(0),
+                                            w.zero.stride(0), BN=bn, BK=128, STAGES=st, CS=cs,
+                                            num_warps=warps)
+            f(ws[0])
+            ok = torch.equal(out, want)
+            looped.append((round(t_us([lambda w=w: f(w) for w in ws]), 2), bn, warps, st, cs, ok))
+        looped.sort()
+        row["looped_top4"] = looped[:4]
+        row["looped_all_equal"] = all(x[-1] for x in looped)
+        note(row, args.json)
+        del ws, out, src
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -506,7 +563,7 @@ def main() -> None:
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
          "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
-         "permx": permx, "spread": spread, "big": big}[part](args, gen)
+         "permx": permx, "spread": spread, "big": big, "writes": writes}[part](args, gen)
 
 
 if __name__ == "__main__":

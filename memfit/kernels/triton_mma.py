@@ -52,6 +52,8 @@ asm variant for sm_90 on any machine.
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -314,6 +316,17 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool,
               prefetch: int = 1) -> dict:
+    """`_mma_gemv`'s compile-time arguments (see `_constants`), built once per launch shape:
+    building the asm strings took 48-148 µs of host time a call (this 2-core CPU), which an
+    eager decode pays on every packed linear."""
+    return _constants(mt, group, zmode, sdt, f16, bn, split_k, unroll, rb, epi, reps, has_bias,
+                      asm, prefetch, mma_ptx.PAIRED)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int,
+               split_k: int, unroll: int, rb: int, epi: bool, reps: int, has_bias: bool,
+               asm: bool, prefetch: int, paired: bool) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
