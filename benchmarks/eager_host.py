@@ -1,17 +1,21 @@
-"""What memfit's host-side launch arithmetic costs an eager (no CUDA graph) int4 model: a
+"""What memfit's host-side launch work costs an eager (no CUDA graph) int4 model: a
 random-weight Llama-3-8B-shaped model with int4 g128 packed linears (decode_gpu.py's), timed
 with transformers' eager `generate` (decode tokens/s at batch 1: t(1 + N new) - t(1 new)) and
-one eager prefill forward, in alternating rounds with
+one eager prefill forward, in alternating rounds (`--rows`) of
 
-- `sizes`: memfit.kernels.sizes' integer helpers (what memfit ships since session 20), and
+- `sizes`: what memfit ships (memfit.kernels.sizes' integer helpers since session 20, the mma
+  kernel's launch constants built once per launch shape since session 21);
 - `triton`: Triton's own `triton.cdiv` / `triton.next_power_of_2` patched back into every
-  memfit.kernels module that uses the helpers (what memfit called before).
+  memfit.kernels module that uses the helpers (before session 20);
+- `uncached`: the mma kernel's launch constants (asm strings) rebuilt on every call (before
+  session 21).
 
-The kernels and their launch shapes are the same in both: only the host-side arithmetic differs.
+The kernels and their launch shapes are the same in every row: only host-side work differs.
 Best of `--rounds` rounds for each; the bf16 model's eager rows first, for scale. Random
 weights: speed only.
 
-    python benchmarks/eager_host.py [--layers 32] [--new 32] [--prompt 512] [--rounds 3] [--json OUT]
+    python benchmarks/eager_host.py [--layers 32] [--new 32] [--prompt 512] [--rounds 3]
+                                    [--rows uncached sizes triton] [--json OUT]
     python benchmarks/eager_host.py --profile OUT.txt   # cProfile of one eager decode and prefill
 """
 
@@ -35,7 +39,13 @@ import decode_gpu
 from decode_gpu import SHAPE, TINY, build, decode_tps, to_int4
 
 import memfit.kernels
-from memfit.kernels import sizes
+from memfit.kernels import sizes, triton_mma
+
+CONSTANTS = triton_mma.constants
+
+
+def _uncached(*args):
+    return triton_mma._constants.__wrapped__(*args, triton_mma.mma_ptx.PAIRED)
 
 
 def users() -> list:
@@ -50,6 +60,9 @@ def users() -> list:
 
 
 def use(mods: list, which: str) -> None:
+    """`which`: "sizes" (memfit now), "triton" (Triton's arithmetic), "uncached" (memfit's
+    arithmetic, the mma kernel's launch constants rebuilt on every call as before session 21)."""
+    triton_mma.constants = (_uncached if which == "uncached" else CONSTANTS)
     cdiv, pow2 = ((triton.cdiv, triton.next_power_of_2) if which == "triton"
                   else (sizes.cdiv, sizes.next_pow2))
     for mod in mods:
@@ -78,6 +91,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--json")
     ap.add_argument("--profile", help="write a cProfile of one decode and one prefill here")
+    ap.add_argument("--rows", nargs="+", default=["triton", "sizes"],
+                    help="what to alternate: triton, sizes, uncached (see use())")
     a = ap.parse_args()
     if a.tiny:
         decode_gpu.DEV = "cpu"
@@ -109,7 +124,7 @@ def main() -> None:
                 print(f.read()[:6000], flush=True)
             return
         for r in range(a.rounds):
-            for which in ("triton", "sizes") if r % 2 == 0 else ("sizes", "triton"):
+            for which in a.rows if r % 2 == 0 else a.rows[::-1]:
                 use(mods, which)
                 tps = decode_tps(m, 1, a.new, None)
                 pre = prefill_ms(m, a.prompt)

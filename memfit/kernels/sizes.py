@@ -1,10 +1,11 @@
 """Host-side launch arithmetic for memfit's Triton kernels.
 
 `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Tritons: called
-from Python each goes through Triton's wrapper (~4 µs on this 2-core CPU with Triton 3.9). On an
-H200 machine with Triton 3.6 the eager prefill of a packed 8B-shaped model (224 packed linears a
-forward, up to 7 such calls each) took 64.5 ms at 256 tokens with them and 37.7 ms with these
-(benchmarks/RESULTS.md, session 20). Inside `@triton.jit` code use `tl.cdiv`.
+from Python each goes through Triton's wrapper (~4 µs on this 2-core CPU with Triton 3.9). Timed
+in one process on an H200 machine (Triton 3.6; benchmarks/eager_host.py, RESULTS.md session 21),
+an eager packed 8B-shaped model (224 packed linears a forward, up to 7 such calls each) took
+46.8-54.4 ms for a 512-token prefill with them and 36.9-38.8 ms with these on a slow host, and
+3% less decode time on a fast one. Inside `@triton.jit` code use `tl.cdiv`.
 """
 
 from __future__ import annotations
