@@ -53,7 +53,6 @@ asm variant for sm_90 on any machine.
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
