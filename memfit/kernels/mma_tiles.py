@@ -120,17 +120,16 @@ def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, use, GS: tl.constexpr,
-                ZMODE: tl.constexpr, PARAM_TEXT: tl.constexpr):
+def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
+                PARAM_TEXT: tl.constexpr):
     """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
-    in the asm (see memfit.kernels.mma_ptx.param_asm) where row `ok` and column `use` (0 elsewhere);
-    s_row / z_row: each row's offset of group 0."""
+    in the asm (see memfit.kernels.mma_ptx.param_asm); s_row / z_row: each row's offset of group 0."""
     g = g0 + cg[None, :]
     sp = s_ptr + s_row[:, None] + g * GS
     if ZMODE == 0:
         zp = sp  # not read
     else:  # the asm reads a byte there; one pointer type for all operands (Triton 3.6 checks)
         zp = (z_ptr + z_row[:, None] + (g // 2) * GS).to(s_ptr.dtype)
-    flag = (ok[:, None] & use[None, :]).to(tl.int32)
+    flag = ok[:, None].to(tl.int32) + g * 0
     return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
                                      dtype=(tl.float32, tl.float32), is_pure=True, pack=1)

@@ -71,9 +71,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # M = 1: launch shapes with the scales loaded and the tile folded in the asm (mma_ptx.epi_asm) are
 # candidates (0: never; benchmarks A/B it)
 EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
-# EPI: load a tile's scale and zero point only in the accumulator slots that use them (slot 0, and
-# slot 1 with groups < 128 codes); False loads them in all 4 slots of a lane (benchmarks A/B it)
-NEEDED_PARAMS = True
 
 
 @triton.jit
@@ -123,7 +120,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
-              EPI_CONS: tl.constexpr = "", ONLY: tl.constexpr = True):
+              EPI_CONS: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
     column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
@@ -156,24 +153,20 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
         s_row = _at(rn, 0, stride_sn, RB)
         z_row = _at(rn, 0, stride_zn, RB)
         cg = tl.where(rw % 4 < 2, (2 * (rw // 4) + rw % 4) % NSUB, 0)  # column 2j + e's group
-        if ONLY:  # the epilogue reads slot 0 (and slot 1 with NSUB groups); the others stay 0
-            use = (rw % 4 == 0) | ((rw % 4 == 1) & (NSUB > 1))
-        else:
-            use = rw >= 0
         wd = tl.load(qp, mask=n_ok[:, None], other=0)
-        s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, use, GS,
+        s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, GS,
                             ZMODE, PARAM_TEXT)
         if PF == 2:  # the tile after it too
             ok1 = n_ok & ((rn * 0 + 1) < ITERS)
             wd1 = tl.load(qp + QS, mask=ok1[:, None], other=0)
             s1, nz1 = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg, ok1,
-                                  use, GS, ZMODE, PARAM_TEXT)
+                                  GS, ZMODE, PARAM_TEXT)
         pdl.wait(PDL)
         for it in range(ITERS):
             nxt = n_ok & ((rn * 0 + it + PF) < ITERS)
             nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
-                                  nxt, use, GS, ZMODE, PARAM_TEXT)
+                                  nxt, GS, ZMODE, PARAM_TEXT)
             X0, X1, X2, X3 = _xpairs(x32, w0 + rw, rg, rw, NSUB, ASM)
             acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, X0, X1, X2, X3, acc, s, nz],
                                             dtype=tl.float32, is_pure=True, pack=PACK)
@@ -326,13 +319,13 @@ def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: i
     building the asm strings took 48-148 µs of host time a call (this 2-core CPU), which an
     eager decode pays on every packed linear."""
     return _constants(mt, group, zmode, sdt, f16, bn, split_k, unroll, rb, epi, reps, has_bias,
-                      asm, prefetch, mma_ptx.PAIRED, NEEDED_PARAMS)
+                      asm, prefetch, mma_ptx.PAIRED)
 
 
 @functools.lru_cache(maxsize=1024)
 def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int,
                split_k: int, unroll: int, rb: int, epi: bool, reps: int, has_bias: bool,
-               asm: bool, prefetch: int, paired: bool, only: bool = True) -> dict:
+               asm: bool, prefetch: int, paired: bool) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
@@ -347,7 +340,7 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
                 PF=prefetch if unroll == 1 else 1,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
                 EPI_CONS=",".join(["=r"] * 4 * reps + ["r"] * 32 * reps) if epi else "",
-                PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "", ONLY=only)
+                PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
 
 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
