@@ -180,11 +180,13 @@ def gguf_tensors(path: Path, model):
 
 def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF file -> a transformers folder `out` (config, generation config, tokenizer,
-    model.safetensors in `dtype`), one tensor in memory at a time; written to `out.tmp` and
-    renamed when complete."""
+    model.safetensors in `dtype`), one tensor in memory at a time; written to a temporary folder
+    of this call's own beside `out` and renamed when complete (two processes converting the same
+    file at once each write their own; the first rename wins, the other's copy is dropped)."""
     import shutil
+    import tempfile
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     kw = {"gguf_file": path.name}
@@ -194,9 +196,25 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        _write_converted(path, model, tied, tmp, dtype, kw)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process's copy landed first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_converted(path: Path, model, tied: set, tmp: Path, dtype: torch.dtype,
+                     kw: dict) -> None:
+    """convert_gguf's files, written into `tmp`."""
+    from transformers import AutoTokenizer
+
     writer = StreamWriter(tmp / "weights.data")
     try:
         for name, t in gguf_tensors(path, model):
@@ -212,5 +230,3 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
         model.generation_config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tmp)
     (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
-    tmp.rename(out)
-    return out

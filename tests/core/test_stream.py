@@ -216,3 +216,44 @@ def test_failed_smoke_check_writes_nothing(sharded, tmp_path):
         compress_to(str(sharded), "w4g64", tmp_path / "out",
                     CompressOptions(low_memory=True, **{**FAST, "max_kld": 1e-9}))
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary data file
+
+
+
+def test_gguf_conversion_racing_another_process_keeps_one_whole_copy(sharded, tmp_path,
+                                                                     monkeypatch):
+    """Two conversions of the same GGUF into the cache at once (CI's test workers, two commands
+    started together) each write a folder of their own; the rename that comes second finds the
+    winner's copy and returns it; no temporary folder is left. The two writers are held until
+    both have written (a barrier), so the race happens on every run."""
+    import threading
+
+    from memfit.io import stream
+    from memfit.io.export_gguf import export_gguf
+    from memfit.models import load_model
+
+    path = export_gguf(load_model(str(sharded)).model, tmp_path / "m.gguf", "F32")
+    both = threading.Barrier(2, timeout=60)
+
+    def write(path, model, tied, tmp, dtype, kw):  # the files, then wait for the other writer
+        (tmp / "config.json").write_text(json.dumps({"writer": threading.get_ident()}))
+        both.wait()
+
+    monkeypatch.setattr(stream, "_write_converted", write)
+    out = tmp_path / "cache" / "m"
+    got, errors = [], []
+
+    def convert():
+        try:
+            got.append(stream.convert_gguf(path, out))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [out, out]
+    writer = json.loads((out / "config.json").read_text())["writer"]
+    assert writer in {t.ident for t in threads}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m"]  # no .tmp- folder left
