@@ -7,6 +7,7 @@ tests switch on, cannot compile). Prints one JSON object: case -> "ok" or the er
 
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 
@@ -209,7 +210,8 @@ def check_perm(span: int):
     assert "griddepcontrol.wait" in k.asm["ptx"]
 
 
-def main() -> None:
+def _checks() -> dict:
+    """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
     checks |= {f"mma_shape{s}": (check_mma, (1, 1, 1, "f16", False, 64, False) + s)
                for s in SHAPES}
@@ -249,14 +251,29 @@ def main() -> None:
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
-    out = {}
-    for name, (fn, args) in checks.items():
-        try:
-            fn(*args)
-            out[name] = "ok"
-        except Exception as e:  # noqa: BLE001 (reported per case)
-            out[name] = f"{type(e).__name__}: {str(e)[:400]}"
-    json.dump(out, sys.stdout)
+    return checks
+
+
+def _run(name: str) -> tuple[str, str]:
+    fn, args = _checks()[name]
+    try:
+        fn(*args)
+        return name, "ok"
+    except Exception as e:  # noqa: BLE001 (reported per case)
+        return name, f"{type(e).__name__}: {str(e)[:400]}"
+
+
+def main() -> None:
+    """Every case, on as many processes as there are CPU cores (the builds are independent)."""
+    names = list(_checks())
+    workers = min(len(names), len(os.sched_getaffinity(0)))
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(workers) as pool:
+            out = dict(pool.imap_unordered(_run, names))
+    else:
+        out = dict(map(_run, names))
+    json.dump({n: out[n] for n in names}, sys.stdout)
 
 
 if __name__ == "__main__":
