@@ -218,7 +218,6 @@ def test_failed_smoke_check_writes_nothing(sharded, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary data file
 
 
-
 def test_gguf_conversion_racing_another_process_keeps_one_whole_copy(sharded, tmp_path,
                                                                      monkeypatch):
     """Two conversions of the same GGUF into the cache at once (CI's test workers, two commands
