@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -183,9 +186,6 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     model.safetensors in `dtype`), one tensor in memory at a time; written to a temporary folder
     of this call's own beside `out` and renamed when complete (two processes converting the same
     file at once each write their own; the first rename wins, the other's copy is dropped)."""
-    import shutil
-    import tempfile
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -197,7 +197,9 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    _drop_stale(out.parent.glob(out.name + ".tmp-*"))
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # permissions as the umask says (a shared cache stays readable)
     try:
         _write_converted(path, model, tied, tmp, dtype, kw)
         try:
@@ -208,6 +210,22 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+STALE_S = 600  # a temporary folder nothing was written into for this long is a killed run's
+
+
+def _drop_stale(folders) -> None:
+    """Remove the temporary folders of conversions that were killed (no file in them written to
+    for STALE_S seconds); a live conversion keeps writing its data file, so it is left alone."""
+    now = time.time()
+    for f in folders:
+        try:  # another process may be removing it (its own, renamed or stale) right now
+            newest = max([p.stat().st_mtime for p in f.rglob("*")] + [f.stat().st_mtime])
+        except OSError:
+            continue
+        if now - newest > STALE_S:
+            shutil.rmtree(f, ignore_errors=True)
 
 
 def _write_converted(path: Path, model, tied: set, tmp: Path, dtype: torch.dtype,

@@ -256,3 +256,23 @@ def test_gguf_conversion_racing_another_process_keeps_one_whole_copy(sharded, tm
     writer = json.loads((out / "config.json").read_text())["writer"]
     assert writer in {t.ident for t in threads}
     assert sorted(p.name for p in out.parent.iterdir()) == ["m"]  # no .tmp- folder left
+
+
+def test_a_killed_conversions_folder_is_removed_and_a_live_ones_kept(tmp_path):
+    """A conversion killed outright (no `finally`) leaves its temporary folder; the next
+    conversion removes it once nothing has been written into it for STALE_S seconds, and
+    leaves a folder still being written (another process's live conversion) alone."""
+    import os
+    import time
+
+    from memfit.io import stream
+
+    dead, live = tmp_path / "m.tmp-dead", tmp_path / "m.tmp-live"
+    for f in (dead, live):
+        (f / "sub").mkdir(parents=True)
+        (f / "sub" / "weights.data").write_bytes(b"x" * 10)
+    old = time.time() - stream.STALE_S - 60
+    for p in (dead, dead / "sub", dead / "sub" / "weights.data", live, live / "sub"):
+        os.utime(p, (old, old))  # live's data file was written just now
+    stream._drop_stale(tmp_path.glob("m.tmp-*"))
+    assert not dead.exists() and (live / "sub" / "weights.data").exists()
