@@ -53,6 +53,7 @@ import errno
 import json
 import os
 import shutil
+import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -289,14 +290,15 @@ def write_side_files(model: nn.Module, tokenizer, tmp: Path, side_files: dict | 
         (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
 
 
-def write_folder(out: Path, fill) -> Path:
-    """Run `fill(tmp)` on a fresh `<out>.tmp-<pid>` folder, then rename it to `out` (replacing
-    an existing one, which `check_output` allowed). Nothing appears at `out` unless `fill`
-    finished; a full disk or a permission problem is a UserError."""
+def write_folder(out: Path, fill, *, keep_existing: bool = False) -> Path:
+    """Run `fill(tmp)` on a fresh `<out>.tmp-<pid>-<random>` folder of this call's own, then
+    rename it to `out` (replacing an existing one, which `check_output` allowed). Nothing
+    appears at `out` unless `fill` finished; a full disk or a permission problem is a UserError.
+    keep_existing (a cache that several processes may fill at once): when `out` exists by the
+    time `fill` finishes, that copy stays and this one is dropped."""
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         fill(tmp)
     except OSError as e:
@@ -308,6 +310,14 @@ def write_folder(out: Path, fill) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_existing:
+        try:
+            tmp.rename(out)  # fails where another process's copy landed first (not empty)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not out.exists():
+                raise
+        return out
     _swap_in(tmp, out)
     return out
 

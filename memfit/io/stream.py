@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -184,9 +183,11 @@ def gguf_tensors(path: Path, model):
 def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF file -> a transformers folder `out` (config, generation config, tokenizer,
     model.safetensors in `dtype`), one tensor in memory at a time; written to a temporary folder
-    of this call's own beside `out` and renamed when complete (two processes converting the same
-    file at once each write their own; the first rename wins, the other's copy is dropped)."""
+    of this call's own beside `out` and renamed when complete (memfit.io.save.write_folder: two
+    processes converting the same file at once each write their own; the first copy stays)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memfit.io.save import write_folder
 
     path = Path(path)
     kw = {"gguf_file": path.name}
@@ -196,20 +197,9 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    out.parent.mkdir(parents=True, exist_ok=True)
     _drop_stale(out.parent.glob(out.name + ".tmp-*"))
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # permissions as the umask says (a shared cache stays readable)
-    try:
-        _write_converted(path, model, tied, tmp, dtype, kw)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process's copy landed first
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_folder(out, lambda tmp: _write_converted(path, model, tied, tmp, dtype, kw),
+                        keep_existing=True)
 
 
 STALE_S = 600  # a temporary folder nothing was written into for this long is a killed run's
