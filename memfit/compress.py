@@ -235,7 +235,8 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     """Compress `model` with `recipe` into the folder `out`; return the report."""
     from memfit.io.checkpoint import check_device
     from memfit.io.export_ct import save_ct
-    from memfit.io.save import check_output, save
+    from memfit.io.folders import check_output
+    from memfit.io.save import save
 
     o = options or CompressOptions()
     if o.format not in FORMATS:

@@ -16,7 +16,8 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
     cannot be represented (the error names it and why)."""
     from memfit.encoders import side_files
     from memfit.io.export_ct import check_representable, save_ct
-    from memfit.io.save import META, check_output, load, read_meta
+    from memfit.io.folders import check_output
+    from memfit.io.save import META, load, read_meta
 
     src = Path(src).expanduser()
     if fmt not in EXPORT_FORMATS:

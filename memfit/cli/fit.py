@@ -31,7 +31,7 @@ def _default_out(model: str) -> Path:
 
 def cmd_fit(args) -> None:
     from memfit.io.checkpoint import check_device
-    from memfit.io.save import check_output
+    from memfit.io.folders import check_output
     from memfit.plan import FitOptions, fit
 
     budget, kind, device = _budget(args)

@@ -68,7 +68,8 @@ def distill_to(teacher: str, student: str, out: str | Path,
     from memfit.eval.lm import evaluate_lm
     from memfit.eval.memory import weight_table
     from memfit.io.checkpoint import check_device
-    from memfit.io.save import check_output, save
+    from memfit.io.folders import check_output
+    from memfit.io.save import save
     from memfit.models import load_model
 
     o = options or DistillOptions()

@@ -256,7 +256,8 @@ def save_ct(model: nn.Module, tokenizer, out_dir, *, recipe: dict | None = None,
     dequantizes in float32 to memfit's weights bit for bit, at 16 more bits per group."""
     from safetensors.torch import save_file
 
-    from memfit.io.save import check_output, write_config, write_folder, write_side_files
+    from memfit.io.folders import check_output, write_folder
+    from memfit.io.save import write_config, write_side_files
 
     out = Path(out_dir)
     check_output(out, overwrite)

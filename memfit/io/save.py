@@ -49,11 +49,8 @@ target was replaced (a quantized lm_head under tied embeddings) is written as
 from __future__ import annotations
 
 import copy
-import errno
 import json
-import os
 import shutil
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -61,6 +58,7 @@ import torch
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.io.folders import check_output, write_folder
 from memfit.io.checkpoint import read_tensors as _read_tensors  # noqa: F401 -- export_ct uses it
 from memfit.io.modules import (MODULE_KINDS, build_module, describe_modules,  # noqa: F401
                                replace_modules)
@@ -72,8 +70,6 @@ META = "memfit.json"
 QUANT_METHOD = "memfit"
 _RESERVED = ("format", "memfit_version", "arch", "recipe", "modules", "tied", "guards", "dense_dtype",
              "compute_dtype")
-_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
 
 # ----- save -----------------------------------------------------------------------------------
@@ -139,49 +135,6 @@ def _guards(model: nn.Module, modules: dict) -> list[str]:
     layers from random weights. Both loaders drop these keys (listed in memfit.json and in
     config.json's quantization_config)."""
     return [f"{n}.weight" for n in modules]
-
-
-def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse, before any work, an output folder that cannot be written or would be lost: an
-    existing one without `overwrite` (or one that is not a model folder), one of the inputs,
-    a path under a file, an unwritable parent."""
-    out = Path(out).expanduser()
-    for src in inputs:
-        if src is not None and Path(src).expanduser().exists() and \
-                Path(src).expanduser().resolve() == out.resolve():
-            raise UserError(f"--out {out} is the input model's own folder; write to another "
-                            "folder (the input would be destroyed while it is read)")
-    if out.exists():
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass overwrite=True (--overwrite) or choose "
-                            "another output folder")
-        looks_like_model = out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())
-        if not looks_like_model:
-            raise UserError(f"refusing to replace {out}: it is not an empty or model folder; "
-                            "choose another output folder")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: {parent} is a file, not a folder; choose another "
-                        "output folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {out}: {parent} is not writable; choose another output "
-                        "folder")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 DENSE_DTYPES = ("auto", "keep", "float32", "float16", "bfloat16")
@@ -288,38 +241,6 @@ def write_side_files(model: nn.Module, tokenizer, tmp: Path, side_files: dict | 
         tokenizer.save_pretrained(tmp)
     for name, src in (side_files or {}).items():
         (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp / name)
-
-
-def write_folder(out: Path, fill, *, keep_existing: bool = False) -> Path:
-    """Run `fill(tmp)` on a fresh `<out>.tmp-<pid>-<random>` folder of this call's own, then
-    rename it to `out` (replacing an existing one, which `check_output` allowed). Nothing
-    appears at `out` unless `fill` finished; a full disk or a permission problem is a UserError.
-    keep_existing (a cache that several processes may fill at once): when `out` exists by the
-    time `fill` finishes, that copy stays and this one is dropped."""
-    out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
-        fill(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _WRITE_ERRORS:
-            raise UserError(f"cannot write {out}: {_WRITE_ERRORS[e.errno]}; free some space or "
-                            "choose another output folder") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep_existing:
-        try:
-            tmp.rename(out)  # fails where another process's copy landed first (not empty)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not out.exists():
-                raise
-        return out
-    _swap_in(tmp, out)
-    return out
 
 
 # ----- load -----------------------------------------------------------------------------------

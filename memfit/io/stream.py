@@ -183,11 +183,11 @@ def gguf_tensors(path: Path, model):
 def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF file -> a transformers folder `out` (config, generation config, tokenizer,
     model.safetensors in `dtype`), one tensor in memory at a time; written to a temporary folder
-    of this call's own beside `out` and renamed when complete (memfit.io.save.write_folder: two
+    of this call's own beside `out` and renamed when complete (memfit.io.folders.write_folder: two
     processes converting the same file at once each write their own; the first copy stays)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memfit.io.save import write_folder
+    from memfit.io.folders import write_folder
 
     path = Path(path)
     kw = {"gguf_file": path.name}

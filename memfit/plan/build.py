@@ -128,7 +128,7 @@ def _try(plan, sol, tmp: Path, eval_ref) -> dict:
 
 
 def build_plan(plan, out, *, overwrite: bool = False) -> dict:
-    from memfit.io.save import _swap_in, check_output
+    from memfit.io.folders import _swap_in, check_output
     from memfit.plan.probe import probe_protocol, probe_reference
 
     out = Path(out)

@@ -62,7 +62,7 @@ class TrainOptions:
 def check_options(o: TrainOptions, out: Path | None, model: str) -> None:
     """Every bad option as a UserError, before any process-group call."""
     from memfit.io.checkpoint import check_device
-    from memfit.io.save import check_output
+    from memfit.io.folders import check_output
 
     for name, value, allowed in (("--ac", o.ac, AC_MODES), ("--optim", o.optim, OPTIMIZERS),
                                  ("--grad-comm", o.grad_comm, GRAD_COMM),
