@@ -462,7 +462,7 @@ def permx(args, gen) -> None:
 
 def spread(args, gen) -> None:
     """How a tile-kernel launch shape's time spreads over 20 graph replays, PDL on and off
-    (session 19: benchmarks/kernels.py's median of 5 read 18-26% above the best of 3 for the
+    (session 19: benchmarks/kernel_speed.py's median of 5 read 18-26% above the best of 3 for the
     BN 128 / 8-warp / 4-stage shape, which two programs can share a multiprocessor with, and
     not for the pair forms, which cannot): min / median / max µs."""
     for shape in args.shapes or ["14336x4096"]:

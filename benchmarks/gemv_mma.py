@@ -3,9 +3,9 @@ kernel and the previous word kernel, every launch shape of it, one run (issue 10
 
 For each Llama-3-8B linear shape and M in {1, 4, 16} (and group 64 at M = 1 on 14336x4096):
 each candidate is checked against dequantize + cuBLAS on random data first (WRONG if off by more
-than 2e-2 relative, or any NaN) and timed as benchmarks/kernels.py times (CUDA-graph replays over
-weight copies that overflow the L2, median of 5, µs per call). Effective bandwidth counts the
-packed weight, scales and zero points once per call.
+than 2e-2 relative, or any NaN) and timed as benchmarks/kernel_speed.py times (CUDA-graph
+replays over weight copies that overflow the L2, median of 5, µs per call). Effective bandwidth
+counts the packed weight, scales and zero points once per call.
 
     python benchmarks/gemv_mma.py [--shapes 0,1,2,3] [--ms 1,4,16] [--json OUT]
 """

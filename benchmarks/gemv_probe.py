@@ -1,5 +1,5 @@
 """Why the mma decode kernel runs at the speed it does: ablations of its asm block, timed like
-benchmarks/kernels.py (CUDA-graph replays over weight copies past the L2, median of 5).
+benchmarks/kernel_speed.py (CUDA-graph replays over weight copies past the L2, median of 5).
 
 14336x4096 int4 g128, M = 1, bf16 activations, one launch shape per row. Variants (same grid,
 same loads, same epilogue; all but `full` compute garbage):

@@ -3,7 +3,7 @@
 For each Llama-3-8B linear shape and M in {1, 16}: bf16 cuBLAS, torch's int4 kernel, and each
 candidate (memfit.kernels.triton_int.candidates, plus a wider grid with --wide), each checked
 against dequantize + cuBLAS on fresh random data first (a shape whose output is off by more than
-2e-2 relative is reported as WRONG and not timed). Timing as benchmarks/kernels.py: CUDA-graph
+2e-2 relative is reported as WRONG and not timed). Timing as benchmarks/kernel_speed.py: CUDA-graph
 replays over weight copies that overflow the L2, median of 5, µs per call.
 
     python benchmarks/gemv_sweep.py [--wide] [--json OUT]

@@ -1,7 +1,7 @@
 """Timing GPU kernels the way a decode step runs them: inside one CUDA graph (no launch
 overhead), over copies of the weight that together overflow the L2 (each layer's weight is read
 from device memory once per token). Used by memfit.kernels.triton_int's per-shape chooser and by
-benchmarks/kernels.py."""
+benchmarks/kernel_speed.py."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def _graph_us(fns, rounds: int = 2) -> float:
     """µs per call of `fns` called in turn, the median of 5 replays of a graph of `rounds`
     rounds: a launch shape whose time varies between replays loses to one that holds it (on
     an H200 with PDL launches, BN 128 / 8-warp / 4-stage tile shapes measured up to 26% above
-    their best replay in benchmarks/kernels.py's median; the best of 3 had picked them)."""
+    their best replay in benchmarks/kernel_speed.py's median; the best of 3 had picked them)."""
     return graph_us(fns, rounds * len(fns), 5, statistics.median)
 
 

@@ -8,7 +8,7 @@ CUDA events: the median of 5 replays after warm-up, divided by CALLS. Effective 
 the weight bytes (+ activations and output) once per call. memfit's launch shape per (M, shape)
 is the one its kernel chose by timing its candidates (memfit.kernels.triton_int.choose).
 
-    python benchmarks/kernels.py [--quick] [--json OUT]
+    python benchmarks/kernel_speed.py [--quick] [--json OUT]
 """
 
 from __future__ import annotations
