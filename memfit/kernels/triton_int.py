@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import statistics
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -131,12 +132,40 @@ def stored_choice(x2, w, bias, key, cands, want) -> Config | None:
     return c if c in cands and _agrees(x2, w, bias, c, want) else None
 
 
+def compile_threads() -> int:
+    """Threads that check (and so compile) the candidates of a shape at once:
+    MEMFIT_COMPILE_THREADS, else the CPU cores this process may use, at most 16."""
+    n = os.environ.get("MEMFIT_COMPILE_THREADS")
+    return max(1, int(n)) if n else min(16, len(os.sched_getaffinity(0)))
+
+
+def checked(x2, w, bias, cands, want) -> list[bool]:
+    """`_agrees` for each candidate, in order. On a GPU the first use of a shape is mostly
+    Triton compiling some 10-50 launch shapes (ptxas, LLVM: they release the GIL), so the checks
+    run on `compile_threads()` threads; each launches on the caller's device and stream, so the
+    kernels still run on the GPU one after another."""
+    workers = min(len(cands), compile_threads())
+    if workers <= 1 or INTERPRET:  # the interpreter patches triton.language: not threadsafe
+        return [_agrees(x2, w, bias, c, want) for c in cands]
+    stream = torch.cuda.current_stream(x2.device) if x2.device.type == "cuda" else None
+
+    def one(c: Config) -> bool:
+        if stream is None:
+            return _agrees(x2, w, bias, c, want)
+        with torch.cuda.device(x2.device), torch.cuda.stream(stream):
+            return _agrees(x2, w, bias, c, want)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="memfit-compile") as pool:
+        return list(pool.map(one, cands))
+
+
 def _timed_choice(x2, w, bias, key, cands, want) -> Config:
     """Time every candidate that agrees with `want`; keep the fastest (also on disk)."""
+    ok = checked(x2, w, bias, cands, want)  # a shape that computes something else never runs
     ws = weight_copies(w)
     times = []
     for i, c in enumerate(cands):
-        if _agrees(x2, w, bias, c, want):  # a shape that computes something else never runs
+        if ok[i]:
             times.append((_graph_us([lambda c=c, v=v: run(x2, v, bias, c) for v in ws]), i))
     del ws
     times.sort()

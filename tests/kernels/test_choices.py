@@ -79,3 +79,26 @@ def test_the_chooser_times_once_then_a_new_process_takes_the_kept_choice(monkeyp
     triton_int._CHOICE.pop(key)  # as a new process
     triton_int.TIMES.pop(key)
     assert triton_int.choose(x, w, None) == best and key not in triton_int.TIMES  # not timed
+
+
+def test_candidates_are_checked_on_threads_and_answered_in_order(monkeypatch):
+    import threading
+    import time
+    seen = []
+
+    def agrees(x2, w, bias, c, want):
+        time.sleep(0.05 * (c % 3))  # later candidates finish first
+        seen.append(threading.current_thread().name)
+        return c % 2 == 0
+
+    monkeypatch.setattr(triton_int, "_agrees", agrees)
+    monkeypatch.setattr(triton_int, "INTERPRET", False)
+    x = torch.zeros(1, 8)
+    monkeypatch.setenv("MEMFIT_COMPILE_THREADS", "4")
+    assert triton_int.compile_threads() == 4
+    assert triton_int.checked(x, None, None, list(range(9)), None) == [c % 2 == 0 for c in range(9)]
+    assert len(set(seen)) == 4 and all(n.startswith("memfit-compile") for n in seen)
+    seen.clear()
+    monkeypatch.setenv("MEMFIT_COMPILE_THREADS", "1")
+    assert triton_int.checked(x, None, None, list(range(5)), None) == [c % 2 == 0 for c in range(5)]
+    assert set(seen) == {threading.current_thread().name}

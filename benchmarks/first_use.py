@@ -1,0 +1,66 @@
+"""What the first use of a packed model costs on a GPU: memfit's chooser checks (and so Triton
+compiles) and times every candidate launch shape of each new (M bucket, layer shape), once per
+GPU and software versions. A random-weight Llama-3-8B-shaped int4 g128 model (`--layers`; every
+layer has the same shapes), transformers' eager `generate` of 2 new tokens after a 32-token
+prompt (the prefill's shapes and the decode's): wall time of the first call and of a second one,
+with the kernel-choice file off (MEMFIT_KERNEL_CHOICES=0) and, for a cold start, a fresh Triton
+cache (`--fresh-triton-cache`). Run it once per MEMFIT_COMPILE_THREADS setting, each in its own
+process; it prints the choices and their timed µs so runs can be compared.
+
+    MEMFIT_COMPILE_THREADS=1 python benchmarks/first_use.py --fresh-triton-cache [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--layers", type=int, default=1)
+ap.add_argument("--prompt", type=int, default=32)
+ap.add_argument("--fresh-triton-cache", action="store_true")
+ap.add_argument("--json")
+a = ap.parse_args()
+os.environ["MEMFIT_KERNEL_CHOICES"] = "0"
+if a.fresh_triton_cache:  # before Triton is imported
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
+
+import torch  # noqa: E402
+
+import decode_gpu  # noqa: E402
+from decode_gpu import SHAPE, build, sync, to_int4  # noqa: E402
+
+from memfit.kernels import triton_int  # noqa: E402
+
+
+def main() -> None:
+    m = build(a.layers, SHAPE)
+    to_int4(m)
+    ids = torch.randint(0, m.config.vocab_size, (1, a.prompt), device=decode_gpu.DEV,
+                        generator=torch.Generator(device=decode_gpu.DEV).manual_seed(0))
+    walls = []
+    with torch.inference_mode():
+        for _ in range(2):
+            sync()
+            t = time.perf_counter()
+            m.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+            sync()
+            walls.append(round(time.perf_counter() - t, 2))
+    picks = {triton_int.choices.shape_key(k): {"best_us": v[0][0], "config": str(v[0][1]),
+                                               "timed": len(v)}
+             for k, v in triton_int.TIMES.items()}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "compile_threads": triton_int.compile_threads(),
+           "cpus": len(os.sched_getaffinity(0)), "first_call_s": walls[0],
+           "second_call_s": walls[1], "shapes_chosen": len(picks), "picks": picks}
+    print(json.dumps(out))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
