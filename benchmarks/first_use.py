@@ -28,12 +28,12 @@ os.environ["MEMFIT_KERNEL_CHOICES"] = "0"
 if a.fresh_triton_cache:  # before Triton is imported
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
 
-import torch  # noqa: E402
+import torch
 
-import decode_gpu  # noqa: E402
-from decode_gpu import SHAPE, build, sync, to_int4  # noqa: E402
+import decode_gpu
+from decode_gpu import SHAPE, build, sync, to_int4
 
-from memfit.kernels import triton_int  # noqa: E402
+from memfit.kernels import triton_int
 
 
 def main() -> None:
