@@ -76,6 +76,14 @@ def to_int4(m) -> None:
         torch.cuda.empty_cache()
 
 
+def report(out: dict, path: str | None) -> None:
+    """Print a run's result as one JSON line; also to `path` (indented) when given."""
+    print(json.dumps(out))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def sync():
     if DEV == "cuda":
         torch.cuda.synchronize()

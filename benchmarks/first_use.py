@@ -13,7 +13,6 @@ process; it prints the choices and their timed µs so runs can be compared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -56,10 +55,7 @@ def main() -> None:
            "compile_threads": triton_int.compile_threads(),
            "cpus": len(os.sched_getaffinity(0)), "first_call_s": walls[0],
            "second_call_s": walls[1], "shapes_chosen": len(picks), "picks": picks}
-    print(json.dumps(out))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    decode_gpu.report(out, a.json)
 
 
 if __name__ == "__main__":

@@ -105,10 +105,7 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__,
            "layers": a.layers, "new": a.new, "prompt": a.prompt, "rows": rows}
-    print(json.dumps(out))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    decode_gpu.report(out, a.json)
 
 
 if __name__ == "__main__":
