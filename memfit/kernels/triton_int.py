@@ -44,6 +44,7 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import PTXASError
 
+from memfit.errors import UserError
 from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
@@ -135,15 +136,22 @@ def stored_choice(x2, w, bias, key, cands, want) -> Config | None:
 def compile_threads() -> int:
     """Threads that check (and so compile) the candidates of a shape at once:
     MEMFIT_COMPILE_THREADS, else the CPU cores this process may use, at most 16."""
-    n = os.environ.get("MEMFIT_COMPILE_THREADS")
-    return max(1, int(n)) if n else min(16, len(os.sched_getaffinity(0)))
+    n = os.environ.get("MEMFIT_COMPILE_THREADS", "")
+    if n:
+        if not n.isdigit():
+            raise UserError(f"MEMFIT_COMPILE_THREADS={n!r}: use a whole number (1 = no threads)")
+        return max(1, int(n))
+    if hasattr(os, "sched_getaffinity"):
+        return min(16, len(os.sched_getaffinity(0)))
+    return min(16, os.cpu_count() or 1)
 
 
 def checked(x2, w, bias, cands, want) -> list[bool]:
     """`_agrees` for each candidate, in order. On a GPU the first use of a shape is mostly
-    Triton compiling some 10-50 launch shapes (ptxas, LLVM: they release the GIL), so the checks
-    run on `compile_threads()` threads; each launches on the caller's device and stream, so the
-    kernels still run on the GPU one after another."""
+    Triton compiling its 50-110 launch shapes, which runs largely outside the GIL, so the checks
+    run on `compile_threads()` threads (an 8B-shaped int4 model's first generate on a 16-CPU
+    H200 machine: 244 s on one thread, 65 s on 16; benchmarks/RESULTS.md, session 23); each
+    launches on the caller's device and stream, so the GPU still runs them one after another."""
     workers = min(len(cands), compile_threads())
     if workers <= 1 or INTERPRET:  # the interpreter patches triton.language: not threadsafe
         return [_agrees(x2, w, bias, c, want) for c in cands]

@@ -102,3 +102,6 @@ def test_candidates_are_checked_on_threads_and_answered_in_order(monkeypatch):
     monkeypatch.setenv("MEMFIT_COMPILE_THREADS", "1")
     assert triton_int.checked(x, None, None, list(range(5)), None) == [c % 2 == 0 for c in range(5)]
     assert set(seen) == {threading.current_thread().name}
+    monkeypatch.setenv("MEMFIT_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="whole number"):
+        triton_int.compile_threads()
