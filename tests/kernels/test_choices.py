@@ -87,7 +87,7 @@ def test_candidates_are_checked_on_threads_and_answered_in_order(monkeypatch):
     seen = []
 
     def agrees(x2, w, bias, c, want):
-        time.sleep(0.05 * (c % 3))  # later candidates finish first
+        time.sleep(0.05 * (3 - c % 3))  # later ones finish first; none so quick a thread idles
         seen.append(threading.current_thread().name)
         return c % 2 == 0
 
