@@ -10,18 +10,27 @@ process takes it only if it is still one of the candidates and its output agrees
 dequantize + cuBLAS (checked once, as every candidate is before timing); otherwise it times
 again and overwrites the entry. MEMFIT_KERNEL_CHOICES=0 neither reads nor writes the file.
 JSON only; a file that does not parse is ignored (and replaced at the next write).
+
+Before a first timing, `shortlisted` narrows the candidates with the table memfit ships
+(shortlists.json, made by benchmarks/choice_table.py from a full search per key on a GPU): on a
+GPU of the architecture the table was measured on, only the key's few launch shapes that came
+within a margin of the best there are checked and timed (an 8B-shaped model's first use: compile
+and time ~4 launch shapes a layer shape instead of ~70). Keys the table lacks, other
+architectures and MEMFIT_KERNEL_SEARCH=full search everything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 FILE = "kernel_choices.json"
+TABLE = Path(__file__).with_name("shortlists.json")
 
 
 def enabled() -> bool:
@@ -83,3 +92,36 @@ def store(device: torch.device, key: tuple, fields: dict) -> None:
         tmp.replace(out)
     except OSError:
         tmp.unlink(missing_ok=True)  # a read-only cache: the choice is only lost, not wrong
+
+
+def arch(device: torch.device) -> str:
+    """"sm90" for a compute capability 9.0 GPU ("" off CUDA): what the shipped table is keyed by."""
+    if device.type != "cuda":
+        return ""
+    p = torch.cuda.get_device_properties(device)
+    return f"sm{p.major}{p.minor}"
+
+
+def _table() -> dict:
+    try:
+        data = json.loads(TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("arch", {}) if isinstance(data, dict) else {}
+
+
+def shortlisted(device_arch: str, key: tuple, cands: list) -> list:
+    """The candidates the shipped table keeps for this architecture and key, in its order (best
+    first); [] when it has none of them, or with MEMFIT_KERNEL_SEARCH=full."""
+    if os.environ.get("MEMFIT_KERNEL_SEARCH", "") == "full" or not device_arch:
+        return []
+    entry = _table().get(device_arch, {}).get(shape_key(key))
+    if not isinstance(entry, dict):
+        return []
+    by_fields = {json.dumps(asdict(c), sort_keys=True): c for c in cands}
+    out = []
+    for fields in entry.get("configs", []):
+        c = by_fields.get(json.dumps(fields, sort_keys=True))
+        if c is not None and c not in out:
+            out.append(c)
+    return out

@@ -53,7 +53,7 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
                           (128, 4, 2), (64, 4, 2)):
         if tiles % ch:
             continue
-        for sk in (s for s in range(1, min(tiles // ch, 32) + 1) if tiles // ch % s == 0):
+        for sk in mma_splits(tiles // ch):
             progs = -(-n // bn) * sk
             if 100 <= progs <= 2400 or (sk == 1 and progs < 100):
                 out.append(Config(16, bn, 128 * ch, sk, warps, 1, words="mma"))
@@ -77,6 +77,19 @@ def mma_candidates(m: int, w: IntWeight) -> list[Config]:
         # and 16 than one row per asm call, benchmarks/RESULTS.md, session 11)
         out = [shared(c) for c in out if shared(c).reps >= 2] + out
     return out
+
+
+def mma_splits(steps: int) -> list[int]:
+    """Programs along K for a row of `steps` steps: the divisors up to 32, and where none lies
+    in 8..32 (few programs in flight on a narrow layer: 148 tiles of Qwen2.5-7B's down_proj
+    offered only 1, 2 and 4) also uneven splits of 4-12 steps a program, the last program
+    taking the rest (3584x18944 at M = 1 on an H200: 37.4 -> see benchmarks/RESULTS.md)."""
+    even = [s for s in range(1, min(steps, 32) + 1) if steps % s == 0]
+    if any(8 <= s for s in even):
+        return even
+    uneven = {-(-steps // it) for it in (4, 6, 8, 10, 12)}
+    return even + sorted(s for s in uneven if 1 < s <= 32 and s not in even
+                         and (s - 1) * -(-steps // s) < steps)
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16

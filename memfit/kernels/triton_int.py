@@ -98,11 +98,19 @@ def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
         if INTERPRET or x2.device.type != "cuda" or first:
             _CHOICE[key] = cands[0]
         else:
-            want = run(x2, w, bias, Config(0, 0, 0)).float()  # dequantize + cuBLAS
-            hit = stored_choice(x2, w, bias, key, cands, want)
-            _CHOICE[key] = hit if hit is not None else _timed_choice(x2, w, bias, key, cands,
-                                                                      want)
+            _CHOICE[key] = _search(x2, w, bias, key, cands, choices.arch(x2.device))
     return _CHOICE[key]
+
+
+def _search(x2, w, bias, key, cands, arch: str) -> Config:
+    """The kept choice if it still agrees, else the fastest of the shipped shortlist for `arch`
+    that agrees, else the fastest of every candidate (timed on the device)."""
+    want = run(x2, w, bias, Config(0, 0, 0)).float()  # dequantize + cuBLAS
+    hit = stored_choice(x2, w, bias, key, cands, want)
+    if hit is None:
+        short = choices.shortlisted(arch, key, cands)
+        hit = _timed_choice(x2, w, bias, key, short, want) if short else None
+    return hit or _timed_choice(x2, w, bias, key, cands, want)
 
 
 def _agrees(x2, w, bias, c: Config, want: torch.Tensor) -> bool:
@@ -167,9 +175,12 @@ def checked(x2, w, bias, cands, want) -> list[bool]:
         return list(pool.map(one, cands))
 
 
-def _timed_choice(x2, w, bias, key, cands, want) -> Config:
-    """Time every candidate that agrees with `want`; keep the fastest (also on disk)."""
+def _timed_choice(x2, w, bias, key, cands, want) -> Config | None:
+    """Time every candidate that agrees with `want`; keep the fastest (also on disk). None when
+    none agrees (a shortlist; the full list has dequantize + cuBLAS, which always does)."""
     ok = checked(x2, w, bias, cands, want)  # a shape that computes something else never runs
+    if not any(ok):
+        return None
     ws = weight_copies(w)
     times = []
     for i, c in enumerate(cands):

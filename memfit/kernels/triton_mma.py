@@ -112,7 +112,7 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
 
 
 @triton.jit
-def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITERS,
+def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITERS, STEPS,
               stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -122,8 +122,10 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
               EPI_CONS: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
-    words from tile pid_k * ITERS * U on; each tile adds s * (D - (BASE + z) * XS) per (row, mma
-    column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS = sum of x).
+    words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
+    all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
+    per (row, mma column) into a (BN, 16) float32 accumulator (D = sum of (BASE + c) * x, XS =
+    sum of x).
     U = 1: the next tile's (PF = 2: next two tiles') loads are issued before this one computes;
     U = 2 or 4: U adjacent tiles are loaded together (128-256 contiguous bytes a row), then computed.
     RB > 0: the weight is tiled (memfit.kernels.tiling): a tile's BN x 64 bytes, its scales and
@@ -142,6 +144,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     acc1 = acc  # tokens 16..31 (MT = 32)
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     w0 = pid_k * ITERS * U * 16
+    its = tl.minimum(ITERS, STEPS - pid_k * ITERS)  # this program's steps (an uneven split)
     QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
     if RB == 0:
         qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
@@ -157,13 +160,13 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
         s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, GS,
                             ZMODE, PARAM_TEXT)
         if PF == 2:  # the tile after it too
-            ok1 = n_ok & ((rn * 0 + 1) < ITERS)
+            ok1 = n_ok & ((rn * 0 + 1) < its)
             wd1 = tl.load(qp + QS, mask=ok1[:, None], other=0)
             s1, nz1 = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg, ok1,
                                   GS, ZMODE, PARAM_TEXT)
         pdl.wait(PDL)
-        for it in range(ITERS):
-            nxt = n_ok & ((rn * 0 + it + PF) < ITERS)
+        for it in range(its):
+            nxt = n_ok & ((rn * 0 + it + PF) < its)
             nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
                                   nxt, GS, ZMODE, PARAM_TEXT)
@@ -181,12 +184,12 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB, RB)
         if PF == 2:  # the tile after it too
-            ok1 = n_ok & ((rn * 0 + 1) < ITERS)
+            ok1 = n_ok & ((rn * 0 + 1) < its)
             wd1, s1, zc1, zw1 = _params(qp + QS, s_ptr, z_ptr, rn, ok1, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
-        for it in range(ITERS):
-            nxt = n_ok & ((rn * 0 + it + PF) < ITERS)
+        for it in range(its):
+            nxt = n_ok & ((rn * 0 + it + PF) < its)
             nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, nxt, w0 + 16 * PF, rw,
                                         col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
@@ -201,7 +204,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             w0 += 16
     else:
         pdl.wait(PDL)
-        for it in range(ITERS):
+        for it in range(its):
             wd0, s0, zc0, zw0 = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn,
                                         stride_zn, GROUP, ZMODE, NSUB, RB)
             wd1, s1, zc1, zw1 = _params(qp + QS, s_ptr, z_ptr, rn, n_ok, w0 + 16, rw, col,
@@ -287,10 +290,11 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     x2 = x2.contiguous()
     if x2.data_ptr() % 16:  # the asm loads 16-byte vectors of activations (M > 1)
         x2 = x2.clone()
-    iters = k // 128 // unroll // split_k
-    if iters * split_k * unroll != k // 128 or unroll not in (1, 2, 4):
-        raise ValueError(f"split_k {split_k} x unroll {unroll} (1, 2 or 4) does not divide the "
-                         f"{k // 128} 128-code tiles of a row")
+    steps = k // 128 // unroll
+    iters = cdiv(steps, split_k)  # steps a program; the last one may have fewer
+    if steps * unroll != k // 128 or unroll not in (1, 2, 4) or (split_k - 1) * iters >= steps:
+        raise ValueError(f"unroll {unroll} (1, 2 or 4) does not divide the {k // 128} 128-code "
+                         f"tiles of a row, or split_k {split_k} leaves a program none")
     q = w.qdata.view(torch.int32)
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
@@ -301,7 +305,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     kernel = _mma_gemv[grid](
-        x2, q, w.scale, z, b, y, part, cnt, m, n, iters, x2.stride(0), q.stride(0),
+        x2, q, w.scale, z, b, y, part, cnt, m, n, iters, steps, x2.stride(0), q.stride(0),
         w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
                     unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch),

@@ -105,3 +105,93 @@ def test_candidates_are_checked_on_threads_and_answered_in_order(monkeypatch):
     monkeypatch.setenv("MEMFIT_COMPILE_THREADS", "many")
     with pytest.raises(ValueError, match="whole number"):
         triton_int.compile_threads()
+
+
+def _table(tmp_path, monkeypatch, entries: dict, arch: str = "sm90"):
+    path = tmp_path / "shortlists.json"
+    path.write_text(json.dumps({"arch": {arch: entries}}))
+    monkeypatch.setattr(choices, "TABLE", path)
+    monkeypatch.delenv("MEMFIT_KERNEL_SEARCH", raising=False)
+
+
+def test_the_shipped_shortlist_narrows_candidates_on_its_architecture_only(tmp_path, monkeypatch):
+    w = make_weight(64, 256, 4, 128, "int", seed=3)
+    cands = triton_int.candidates(1, w, torch.bfloat16)
+    retired = {**asdict(cands[0]), "retired_field": 1}
+    key = choices.shape_key(KEY)
+    _table(tmp_path, monkeypatch, {key: {"configs": [asdict(cands[5]), retired,
+                                                    asdict(cands[2]), asdict(cands[5])]}})
+    assert choices.shortlisted("sm90", KEY, cands) == [cands[5], cands[2]]  # table order
+    assert choices.shortlisted("sm90", KEY, cands[:3]) == [cands[2]]  # only what is offered
+    assert choices.shortlisted("sm80", KEY, cands) == []  # measured on another architecture
+    assert choices.shortlisted("", KEY, cands) == []  # not a GPU
+    assert choices.shortlisted("sm90", KEY[:-1] + (64,), cands) == []  # a key it lacks
+    monkeypatch.setenv("MEMFIT_KERNEL_SEARCH", "full")
+    assert choices.shortlisted("sm90", KEY, cands) == []
+    monkeypatch.delenv("MEMFIT_KERNEL_SEARCH")
+    choices.TABLE.write_text("{not json")
+    assert choices.shortlisted("sm90", KEY, cands) == []
+
+
+def test_the_search_times_the_shortlist_then_everything_if_none_of_it_agrees(tmp_path,
+                                                                             monkeypatch):
+    w = make_weight(64, 256, 4, 128, "int", seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cands = triton_int.candidates(1, w, torch.bfloat16)
+    _table(tmp_path, monkeypatch, {choices.shape_key(KEY): {"configs": [asdict(cands[4]),
+                                                                       asdict(cands[1])]}})
+    speed = {c: 10.0 + i for i, c in enumerate(cands)}  # earlier candidates are faster
+    bad: set = set()
+    checked, timed = [], []
+
+    def agrees(x2, w, bias, c, want):
+        checked.append(c)
+        return c not in bad
+
+    def graph_us(fns):
+        fns[0]()
+        return timed[-1]
+
+    def run(x2, w, bias, c):
+        timed.append(speed.get(c, 0.0))
+        return torch.zeros(1, 64)
+
+    monkeypatch.setattr(triton_int, "_agrees", agrees)
+    monkeypatch.setattr(triton_int, "_graph_us", graph_us)
+    monkeypatch.setattr(triton_int, "run", run)
+    monkeypatch.setattr(triton_int, "weight_copies", lambda w: [w])
+    monkeypatch.setattr(triton_int, "INTERPRET", True)  # checks in order, on this thread
+    assert triton_int._search(x, w, None, KEY, cands, "sm90") == cands[1]
+    assert checked == [cands[4], cands[1]]  # nothing else compiled or timed
+    assert choices.load(x.device, KEY) == asdict(cands[1])  # kept like any timed choice
+    (tmp_path / "kernel_choices.json").unlink()
+    checked.clear()
+    bad.update({cands[4], cands[1]})
+    assert triton_int._search(x, w, None, KEY, cands, "sm90") == cands[0]  # full search
+    assert checked == [cands[4], cands[1]] + cands
+    checked.clear()
+    (tmp_path / "kernel_choices.json").unlink()
+    bad.clear()
+    assert triton_int._search(x, w, None, KEY, cands, "sm80") == cands[0]
+    assert checked == cands
+
+
+def test_every_shipped_launch_shape_is_still_a_candidate_for_its_key():
+    """The table is measured data: a Config change that retires its shapes shows here."""
+    from memfit.kernels.weights import IntWeight
+    data = json.loads(choices.TABLE.read_text())
+    n_keys = 0
+    for entries in data["arch"].values():
+        for key, entry in entries.items():
+            m, shape, bits, group, zp, dtype, rows = key.split("|")
+            n, k = map(int, shape.split("x"))
+            w = IntWeight(torch.empty(0, dtype=torch.uint8), torch.empty(0), None, (n, k),
+                          int(bits), int(group), zp, int(rows))
+            cands = triton_int.candidates(int(m), w, getattr(torch, dtype.split(".")[1]))
+            assert entry["configs"], key
+            got = choices.shortlisted("sm90", (int(m), (n, k), int(bits), int(group), zp,
+                                               getattr(torch, dtype.split(".")[1]), int(rows)),
+                                      cands)
+            assert len(got) == len(entry["configs"]), key
+            n_keys += 1
+    assert n_keys >= 40

@@ -195,6 +195,41 @@ def test_two_tiles_in_flight_give_the_same_sums(m, group, split_k, tiled, epi):
     assert torch.equal(got, triton_mma.run_mma(x, v, None, 64, split_k, 4, epi=epi))
 
 
+@pytest.mark.parametrize("m,group,tiles,split_k,prefetch,unroll", [
+    (1, 128, 7, 2, 1, 1), (1, 128, 7, 3, 2, 1), (1, 64, 5, 2, 1, 1), (1, 32, 5, 2, 2, 1),
+    (4, 128, 7, 3, 1, 1), (20, 128, 5, 2, 1, 1), (1, 128, 10, 3, 1, 2)])
+@pytest.mark.parametrize("tiled,epi", [(False, False), (True, False), (True, True)])
+def test_an_uneven_split_gives_the_last_program_the_rest(m, group, tiles, split_k, prefetch,
+                                                         unroll, tiled, epi):
+    """A split need not divide a row's tiles (7 tiles over 3 programs: 3, 3, 1): the sums are
+    the reference's, and those of one program (split_k 1) up to float32 addition order."""
+    if epi and (m > 1 or DEV == "cpu"):
+        pytest.skip("the asm epilogue is the GPU's, at M = 1")
+    k = 128 * tiles
+    w = make_weight(128, k, 4, group, "int", seed=tiles + split_k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEV)
+    v = tile(w, 64) if tiled else w
+    got = triton_mma.run_mma(x, v, None, 64, split_k, 4, unroll, epi=epi, prefetch=prefetch)
+    whole = triton_mma.run_mma(x, v, None, 64, 1, 4, unroll, epi=epi, prefetch=prefetch)
+    want = linear_reference(x.float(), w)
+    assert rel_err(got.float(), want) < 1e-2
+    assert rel_err(got.float(), whole.float()) < 1e-2
+
+
+def test_a_split_that_leaves_a_program_nothing_is_refused():
+    w = make_weight(64, 512, 4, 128, "int")  # 4 tiles: 3 programs of 2 leave the third none
+    x = torch.randn(1, 512).to(torch.bfloat16).to(DEV)
+    with pytest.raises(ValueError, match="leaves a program none"):
+        triton_mma.run_mma(x, w, None, 64, 3, 4)
+    from memfit.kernels.launch_shapes import mma_splits
+    assert mma_splits(32) == [1, 2, 4, 8, 16, 32]  # even ones reach 8..32: nothing added
+    assert mma_splits(148) == [1, 2, 4, 13, 15, 19, 25]  # 12, 10, 8, 6 tiles a program
+    for steps in (7, 86, 148, 231):
+        for sk in mma_splits(steps):
+            per = -(-steps // sk)
+            assert 0 < steps - (sk - 1) * per <= per  # the last program has 1..per steps
+
+
 @pytest.mark.parametrize("m", [1, 6, 19])
 def test_activations_off_a_16_byte_boundary_are_read_right(m):
     """M > 1 loads activations as 16-byte vectors in the asm: a view that starts off a 16-byte
