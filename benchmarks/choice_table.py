@@ -129,8 +129,18 @@ def build(a) -> None:
     doc = {"about": "memfit's int4 chooser, full search per key (benchmarks/choice_table.py); "
                     f"kept: the best and up to {a.top - 1} others within {a.margin:.0%} of it",
            "measured": about, "arch": table}
+    lines = [f'{{"about": {json.dumps(doc["about"])},', f'"measured": {json.dumps(about)},',
+             '"arch": {']
+    for i, (arch, keys) in enumerate(sorted(table.items())):
+        lines.append(f'{json.dumps(arch)}: {{')
+        items = sorted(keys.items())
+        lines += [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                  + ("," if j < len(items) - 1 else "") for j, (k, v) in enumerate(items)]
+        lines.append("}" + ("," if i < len(table) - 1 else ""))
+    lines.append("}}")
+    json.loads("\n".join(lines))  # one key a line, and still JSON
     tmp = TABLE.with_name(TABLE.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n")
+    tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(TABLE)
     print(f"{TABLE}: {sum(len(v) for v in table.values())} keys")
 

@@ -37,6 +37,14 @@ from memfit.kvcache import (QuantizedKVCache, cache_kwarg, enable_fused_kv_atten
 DEV = "cuda"
 SHAPE = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
          "num_key_value_heads": 8, "vocab_size": 128256}
+SHAPES = {  # --shape of the decode benchmarks: Llama-3-8B (the issue's), and two whose rows
+    # have awkward tile counts (Qwen2.5-7B's down_proj: 148 tiles of 128; Llama-2-7B's: 86)
+    "llama3-8b": SHAPE,
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "vocab_size": 152064},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 32000},
+}
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1000}  # --tiny: a CPU check of this script
 

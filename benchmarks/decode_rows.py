@@ -14,7 +14,7 @@ prompt + new tokens (16-bit: 2 x layers x batch x 8 heads x tokens x 128 x 2 byt
 memfit.kvcache.quantized_kv_bytes, the bytes `memfit inspect --kv` reports). Random weights: speed only.
 
     python benchmarks/decode_rows.py [--layers 32] [--prompt 1024] [--new 64] [--kv int4]
-                                     [--batches 1 16] [--json OUT]
+                                     [--batches 1 16] [--shape llama3-8b] [--rows ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
-from decode_gpu import SHAPE, TINY, build, decode_tps, loop_tps, to_int4
+from decode_gpu import SHAPES, TINY, build, decode_tps, loop_tps, to_int4
 
 from memfit.kvcache import kv_format, quantized_kv_bytes
+
+
+ROWS = ["bf16-hf", "bf16-loop", "int4-loop", "int4-kv"]
 
 
 def loop(m, batch: int, prompt: int, new: int, kv) -> float:
@@ -45,11 +48,13 @@ def main() -> None:
     ap.add_argument("--kv", default="int4")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
+    ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.tiny:
         decode_gpu.DEV = "cpu"
-    m = build(a.layers, TINY if a.tiny else SHAPE)
+    m = build(a.layers, TINY if a.tiny else SHAPES[a.shape])
     cfg = m.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     fmt = kv_format(a.kv)
@@ -70,17 +75,22 @@ def main() -> None:
 
     with torch.inference_mode():
         for b in a.batches:
-            note("bf16, transformers eager generate", b, decode_tps(m, b, a.new, None, a.prompt),
-                 "16-bit")
-            note("bf16, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
+            if "bf16-hf" in a.rows:
+                note("bf16, transformers eager generate", b,
+                     decode_tps(m, b, a.new, None, a.prompt), "16-bit")
+            if "bf16-loop" in a.rows:
+                note("bf16, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
         to_int4(m)
         for b in a.batches:
-            note("int4 g128, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
-            note(f"int4 g128 + KV {a.kv}, memfit loop", b, loop(m, b, a.prompt, a.new, fmt),
-                 a.kv)
+            if "int4-loop" in a.rows:
+                note("int4 g128, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
+            if "int4-kv" in a.rows:
+                note(f"int4 g128 + KV {a.kv}, memfit loop", b, loop(m, b, a.prompt, a.new, fmt),
+                     a.kv)
     info = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "transformers": __import__("transformers").__version__, "layers": a.layers,
+            "shape": a.shape, "mma_uneven": os.environ.get("MEMFIT_MMA_UNEVEN", "1"),
             "prompt": a.prompt, "new": a.new, "rows": rows}
     if a.json:
         with open(a.json, "w") as f:

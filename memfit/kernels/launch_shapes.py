@@ -17,6 +17,7 @@ from memfit.kernels.triton_words import word_ineligibility
 from memfit.kernels.weights import IntWeight
 
 MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
+UNEVEN = os.environ.get("MEMFIT_MMA_UNEVEN", "1") != "0"  # 0: even K splits only (A/B)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def mma_splits(steps: int) -> list[int]:
     offered only 1, 2 and 4) also uneven splits of 4-12 steps a program, the last program
     taking the rest (3584x18944 at M = 1 on an H200: 37.4 -> see benchmarks/RESULTS.md)."""
     even = [s for s in range(1, min(steps, 32) + 1) if steps % s == 0]
-    if any(8 <= s for s in even):
+    if any(8 <= s for s in even) or not UNEVEN:
         return even
     uneven = {-(-steps // it) for it in (4, 6, 8, 10, 12)}
     return even + sorted(s for s in uneven if 1 < s <= 32 and s not in even
