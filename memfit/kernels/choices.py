@@ -14,8 +14,9 @@ JSON only; a file that does not parse is ignored (and replaced at the next write
 Before a first timing, `shortlisted` narrows the candidates with the table memfit ships
 (shortlists.json, made by benchmarks/choice_table.py from a full search per key on a GPU): on a
 GPU of the architecture the table was measured on, only the key's few launch shapes that came
-within a margin of the best there are checked and timed (an 8B-shaped model's first use: compile
-and time ~4 launch shapes a layer shape instead of ~70). Keys the table lacks, other
+within a margin of the best there are checked and timed (at most 4, against 51-111 for the
+Llama-3-8B shapes: a 1-layer 8B-shaped int4 model's first generate on an H200 took 14.0 s
+against 68.7 s, the same picks; benchmarks/RESULTS.md, session 24). Keys the table lacks, other
 architectures and MEMFIT_KERNEL_SEARCH=full search everything.
 """
 

@@ -84,13 +84,22 @@ def mma_splits(steps: int) -> list[int]:
     """Programs along K for a row of `steps` steps: the divisors up to 32, and where none lies
     in 8..32 (few programs in flight on a narrow layer: 148 tiles of Qwen2.5-7B's down_proj
     offered only 1, 2 and 4) also uneven splits of 4-12 steps a program, the last program
-    taking the rest (3584x18944 at M = 1 on an H200: 37.4 -> see benchmarks/RESULTS.md)."""
+    taking the rest. At M = 1 on an H200, tiled layout: 3584x18944 37.5 -> 15.8 µs, Llama-2-7B's
+    4096x11008 41.5 -> 12.1 µs (benchmarks/RESULTS.md, session 24)."""
     even = [s for s in range(1, min(steps, 32) + 1) if steps % s == 0]
     if any(8 <= s for s in even) or not UNEVEN:
         return even
     uneven = {-(-steps // it) for it in (4, 6, 8, 10, 12)}
     return even + sorted(s for s in uneven if 1 < s <= 32 and s not in even
                          and (s - 1) * -(-steps // s) < steps)
+
+
+def small_groups(m: int, w: IntWeight) -> bool:
+    """2 <= M <= 16 with groups under 128 codes (memfit's default int4 is groups of 64): the mma
+    decode kernel takes those at M = 1 only, and the byte and word kernels left ran 1.7-3.2x
+    slower than groups of 128 at M = 16 on an H200; the tile kernel with the weight as A (16
+    tokens a tile) takes them (benchmarks/RESULTS.md, session 24)."""
+    return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
@@ -105,7 +114,7 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     22.3 µs, M = 64 25.8, M = 128 34.0 against 37.9 / 42.8 / 51.4 for the plain form kept last
     (session 18); g64 M = 32 23.9, M = 64 28.3 (44.9-46.2 before, dq 1 at BK 64). M = 256 and
     above ran slower than dequantize + cuBLAS (session 13): not offered."""
-    bm = max(32, _bucket(m))
+    bm = max(16 if m <= 16 else 32, _bucket(m))
     bk = block_k(w)
     n, k = w.shape
     out = []
@@ -164,13 +173,15 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             return [Config(0, 0, 0)] + (prefill_candidates(m, w, dtype)
                                         if m <= WA_MAX_M and tiles else [])
         ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
-        wa = weight_a_candidates(m, w, dtype) if 16 < m and tiles else []
+        wa = weight_a_candidates(m, w, dtype) if (16 < m or small_groups(m, w)) and tiles else []
         return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
     if m <= 16 and MMA and mma_ineligibility(w, m, dtype) is None:
         out += mma_candidates(m, w)
+    if small_groups(m, w) and bks[0] >= 16:
+        out += weight_a_candidates(m, w, dtype)
     if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
         if m == 1:
             for bn in (64, 128):

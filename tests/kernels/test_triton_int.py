@@ -236,6 +236,24 @@ def test_every_weight_as_a_candidate_matches_reference(rb):
         assert rel_err(got, want) < (2e-3 if dtype == torch.float16 else 1e-2), c
 
 
+@pytest.mark.parametrize("m,rb", [(3, 0), (16, 0), (9, 64)])
+def test_groups_of_64_at_small_m_take_the_weight_as_a_tile_kernel(m, rb):
+    """2 <= M <= 16 with groups of 64 (memfit's default int4): the mma decode kernel takes them
+    at M = 1 only, so the tile kernel's 16-token tiles are offered; each matches the reference."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(192, 512, 4, 64, "int", seed=m)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    want = linear_reference(x.float(), w, None)
+    v = tile(w, rb) if rb else w
+    cands = [c for c in triton_int.candidates(m, v, dtype) if c.wa]
+    assert cands and all(c.BM == 16 for c in cands) and any(c.dq == 4 for c in cands)
+    assert not [c for c in triton_int.candidates(m, make_weight(192, 512, 4, 128, "int"), dtype)
+                if c.wa]  # groups of 128 keep the mma kernel at these M
+    for c in cands:
+        assert rel_err(triton_int.run(x, v, None, c), want) < _tol(), c
+
+
 @pytest.mark.parametrize("rb,group", [(0, 128), (64, 64)])
 def test_every_prefill_candidate_matches_reference(rb, group):
     """128 < M <= 1024: the dq 4 tile kernel with 128-256 tokens a tile, K split where the tiles
