@@ -99,7 +99,7 @@ def small_groups(m: int, w: IntWeight) -> bool:
     decode kernel takes those at M = 1 only, and the byte and word kernels left ran 1.7-3.2x
     slower than groups of 128 at M = 16 on an H200; the tile kernel with the weight as A (16
     tokens a tile) takes them (benchmarks/RESULTS.md, session 24)."""
-    return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128
+    return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128 or 8 < m <= 16
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
