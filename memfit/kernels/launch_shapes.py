@@ -95,16 +95,19 @@ def mma_splits(steps: int) -> list[int]:
 
 
 def small_groups(m: int, w: IntWeight) -> bool:
-    """2 <= M <= 16 with groups under 128 codes (memfit's default int4 is groups of 64): the mma
-    decode kernel takes those at M = 1 only, and the byte and word kernels left ran 1.7-3.2x
-    slower than groups of 128 at M = 16 on an H200; the tile kernel with the weight as A (16
-    tokens a tile) takes them (benchmarks/RESULTS.md, session 24)."""
+    """Whether the tile kernel with the weight as A (16-token tiles) is a candidate at M <= 16:
+    at 2..16 tokens with groups under 128 codes (memfit's default int4 is groups of 64), which
+    the mma decode kernel takes at M = 1 only (the byte and word kernels left ran 1.7-3.2x
+    slower than groups of 128 at M = 16 on an H200; now 1.5-2.4x faster), and at 9..16 tokens
+    for every group size (14336x4096 g128 at M = 16: 18.9 µs against the mma kernel's 23.0;
+    benchmarks/RESULTS.md, session 24)."""
     return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128 or 8 < m <= 16
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
                         ) -> list[Config]:
-    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128: the scales a
+    """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128 (and where
+    `small_groups` says, at M <= 16 in 16-token tiles): the scales a
     tile ahead (PF), the codes unpacked in PTX: words straight into the wgmma A fragments in
     the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
     activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
