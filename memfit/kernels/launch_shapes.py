@@ -94,20 +94,22 @@ def mma_splits(steps: int) -> list[int]:
                          and (s - 1) * -(-steps // s) < steps)
 
 
-def small_groups(m: int, w: IntWeight) -> bool:
-    """Whether the tile kernel with the weight as A (16-token tiles) is a candidate at M <= 16:
-    at 2..16 tokens with groups under 128 codes (memfit's default int4 is groups of 64), which
-    the mma decode kernel takes at M = 1 only (the byte and word kernels left ran 1.7-3.2x
-    slower than groups of 128 at M = 16 on an H200; now 1.5-2.4x faster), and at 9..16 tokens
-    for every group size (14336x4096 g128 at M = 16: 18.9 µs against the mma kernel's 23.0;
+def small_m_tiles(m: int, w: IntWeight) -> bool:
+    """Whether the tile kernel with the weight as A (16-token tiles) is a candidate for 4-bit
+    codes at M <= 16: at 2..16 tokens with groups under 128 codes (memfit's default int4 is
+    groups of 64), which the mma decode kernel takes at M = 1 only (the byte and word kernels
+    left ran 1.7-3.2x slower than groups of 128 at M = 16 on an H200; now 1.5-2.4x faster),
+    and at 9..16 tokens for every group size (14336x4096 g128 at M = 16: 18.9 µs against the mma kernel's 23.0;
     benchmarks/RESULTS.md, session 24)."""
+    if w.bits != 4:  # measured for 4-bit codes only
+        return False
     return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128 or 8 < m <= 16
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
                         ) -> list[Config]:
     """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128 (and where
-    `small_groups` says, at M <= 16 in 16-token tiles): the scales a
+    `small_m_tiles` says, at M <= 16 in 16-token tiles): the scales a
     tile ahead (PF), the codes unpacked in PTX: words straight into the wgmma A fragments in
     the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
     activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
@@ -176,14 +178,14 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             return [Config(0, 0, 0)] + (prefill_candidates(m, w, dtype)
                                         if m <= WA_MAX_M and tiles else [])
         ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
-        wa = weight_a_candidates(m, w, dtype) if (16 < m or small_groups(m, w)) and tiles else []
+        wa = weight_a_candidates(m, w, dtype) if (16 < m or small_m_tiles(m, w)) and tiles else []
         return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
     bk_max = block_k(w)
     bks = [b for b in (bk_max, bk_max // 2) if b >= 16]  # tl.dot needs >= 16 along K
     out = []
     if m <= 16 and MMA and mma_ineligibility(w, m, dtype) is None:
         out += mma_candidates(m, w)
-    if small_groups(m, w) and bks[0] >= 16:
+    if small_m_tiles(m, w) and bks[0] >= 16:
         out += weight_a_candidates(m, w, dtype)
     if m <= 16 and word_ineligibility(w) is None:  # shapes that led a sweep (gemv_sweep.py)
         if m == 1:
