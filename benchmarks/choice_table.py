@@ -13,6 +13,7 @@ rewritten after each choice, so a run stopped by a time limit keeps what it time
 Build the shipped table from one or more collected files (CPU is enough):
 
     python benchmarks/choice_table.py --build OUT1.json OUT2.json [--top 4 --margin 0.15]
+        [--out memfit/kernels/shortlists.json]
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ def build(a) -> None:
         lines.append("}" + ("," if i < len(table) - 1 else ""))
     lines.append("}}")
     json.loads("\n".join(lines))  # one key a line, and still JSON
-    tmp = TABLE.with_name(TABLE.name + ".tmp")
+    out = Path(a.out)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(TABLE)
-    print(f"{TABLE}: {sum(len(v) for v in table.values())} keys")
+    tmp.replace(out)
+    print(f"{out}: {sum(len(v) for v in table.values())} keys")
 
 
 def main() -> None:
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--build", nargs="+", help="collected JSON files -> the shipped table")
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--margin", type=float, default=0.15)
+    ap.add_argument("--out", default=str(TABLE), help="--build: the table to write")
     a = ap.parse_args()
     if a.build:
         build(a)

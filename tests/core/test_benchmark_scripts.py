@@ -25,3 +25,34 @@ def test_a_benchmark_script_that_imports_transformers_starts():
                        check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "--tiny" in r.stdout
+
+
+def test_the_shortlist_builder_keeps_the_best_and_near_ties_only(tmp_path):
+    """benchmarks/choice_table.py --build: per key the best launch shape and up to top - 1
+    others within the margin, a later file's key replacing an earlier one's."""
+    import json
+
+    def cfg(bn):
+        return {"BM": 16, "BN": bn}
+
+    def collected(name, entries):
+        p = tmp_path / name
+        p.write_text(json.dumps({"device": "NVIDIA H200", "device_key": "NVIDIA H200 sm90 x132 |"
+                                 " torch 2.11 | triton 3.6 | memfit source", "torch": "2.11",
+                                 "triton": "3.6", "date": "today", "entries": entries}))
+        return str(p)
+
+    a = collected("a.json", {"k1": {"timed": [[10.0, cfg(64)], [10.5, cfg(128)], [11.2, cfg(32)],
+                                              [11.9, cfg(16)], [20.0, cfg(8)]]},
+                             "k2": {"timed": [[5.0, cfg(64)]]}, "k3": {"timed": []}})
+    b = collected("b.json", {"k2": {"timed": [[4.0, cfg(256)], [4.1, cfg(64)]]}})
+    out = tmp_path / "table.json"
+    r = subprocess.run([sys.executable, str(BENCH / "choice_table.py"), "--build", a, b,
+                        "--top", "3", "--margin", "0.1", "--out", str(out)],
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = json.loads(out.read_text())["arch"]["sm90"]
+    assert table["k1"]["configs"] == [cfg(64), cfg(128)]  # 11.2 is past 10% of 10.0
+    assert table["k1"]["of"] == 5 and table["k1"]["best_us"] == 10.0
+    assert table["k2"]["configs"] == [cfg(256), cfg(64)]  # the later file's timing
+    assert "k3" not in table  # nothing timed: no entry
