@@ -248,8 +248,11 @@ def test_groups_of_64_at_small_m_take_the_weight_as_a_tile_kernel(m, rb):
     v = tile(w, rb) if rb else w
     cands = [c for c in triton_int.candidates(m, v, dtype) if c.wa]
     assert cands and all(c.BM == 16 for c in cands) and any(c.dq == 4 for c in cands)
-    assert not [c for c in triton_int.candidates(m, make_weight(192, 512, 4, 128, "int"), dtype)
-                if c.wa]  # groups of 128 keep the mma kernel at these M
+    g128 = make_weight(192, 512, 4, 128, "int")
+    # groups of 128: the mma kernel alone up to 8 tokens, the tile kernel timed too at 9..16
+    assert any(c.wa for c in triton_int.candidates(m, g128, dtype)) == (m > 8)
+    assert not any(c.wa for c in triton_int.candidates(m, make_weight(192, 512, 8, 64, "int"),
+                                                         dtype))  # 8-bit: not measured there
     for c in cands:
         assert rel_err(triton_int.run(x, v, None, c), want) < _tol(), c
 
