@@ -89,8 +89,7 @@ def collect(a) -> None:
             break
         w = weight(n, k, g, rows, gen)
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        key = (triton_int._bucket(m), w.shape, w.bits, w.group_size, w.zero_point, x.dtype,
-               w.tile_rows)
+        key = triton_int.choice_key(x, w)
         if key in seen:
             continue
         seen.add(key)
@@ -127,22 +126,17 @@ def build(a) -> None:
             keep = [cfg for us, cfg in timed[:a.top] if us <= best * (1 + a.margin)]
             table.setdefault(arch, {})[key] = {"best_us": best, "of": len(timed),
                                                "configs": keep}
-    doc = {"about": "memfit's int4 chooser, full search per key (benchmarks/choice_table.py); "
-                    f"kept: the best and up to {a.top - 1} others within {a.margin:.0%} of it",
-           "measured": about, "arch": table}
-    lines = [f'{{"about": {json.dumps(doc["about"])},', f'"measured": {json.dumps(about)},',
-             '"arch": {']
-    for i, (arch, keys) in enumerate(sorted(table.items())):
-        lines.append(f'{json.dumps(arch)}: {{')
-        items = sorted(keys.items())
-        lines += [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
-                  + ("," if j < len(items) - 1 else "") for j, (k, v) in enumerate(items)]
-        lines.append("}" + ("," if i < len(table) - 1 else ""))
-    lines.append("}}")
-    json.loads("\n".join(lines))  # one key a line, and still JSON
+    note = ("memfit's int4 chooser, full search per key (benchmarks/choice_table.py); "
+            f"kept: the best and up to {a.top - 1} others within {a.margin:.0%} of it")
+    archs = [f"{json.dumps(arch)}: {{\n" + ",\n".join(
+                 f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(keys.items()))
+             + "\n}" for arch, keys in sorted(table.items())]  # one key a line: readable diffs
+    text = (f'{{"about": {json.dumps(note)},\n"measured": {json.dumps(about)},\n"arch": {{\n'
+            + ",\n".join(archs) + "\n}}\n")
+    json.loads(text)
     out = Path(a.out)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(text)
     tmp.replace(out)
     print(f"{out}: {sum(len(v) for v in table.values())} keys")
 

@@ -86,10 +86,15 @@ def _magic(cfg: Config, w: IntWeight, dtype: torch.dtype) -> dict:
 _CHOICE: dict = {}
 
 
+def choice_key(x2: torch.Tensor, w: IntWeight) -> tuple:
+    """What a choice holds for: (M bucket, shape, bits, group, zero point, dtype, tile rows)."""
+    return (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype,
+            w.tile_rows)
+
+
 def choose(x2: torch.Tensor, w: IntWeight, bias) -> Config:
     """The fastest candidate for this (M bucket, shape, format), timed once on the device."""
-    key = (_bucket(x2.shape[0]), w.shape, w.bits, w.group_size, w.zero_point, x2.dtype,
-           w.tile_rows)
+    key = choice_key(x2, w)
     if key not in _CHOICE:
         cands = candidates(x2.shape[0], w, x2.dtype)
         first = os.environ.get("MEMFIT_TRITON_CHOICE") == "first"
