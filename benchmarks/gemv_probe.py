@@ -18,7 +18,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import copies, graph_time_us, int_weight
+from benchmarks.kernel_speed import copies, graph_time_us, int_weight
 from memfit.kernels import mma_ptx, triton_mma
 
 FULL = mma_ptx.mma_asm

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import copies, graph_time_us, int_weight, torch_int4
+from benchmarks.kernel_speed import copies, graph_time_us, int_weight, torch_int4
 from memfit.kernels import triton_int, triton_words
 from memfit.kernels.triton_int import Config
 

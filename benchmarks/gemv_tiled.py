@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gemv_probe import load_only
-from benchmarks.kernels import copies, graph_time_us, int_weight
+from benchmarks.kernel_speed import copies, graph_time_us, int_weight
 from memfit.kernels import gpu_timing, mma_ptx, triton_int, triton_mma
 from memfit.kernels.weights import tile
 

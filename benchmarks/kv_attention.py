@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import copies, graph_time_us
+from benchmarks.kernel_speed import copies, graph_time_us
 from memfit.kernels import triton_kv, triton_kv_mma
 from memfit.kvcache import _dequantize, _quantize
 

@@ -122,6 +122,10 @@ def shortlisted(device_arch: str, key: tuple, cands: list) -> list:
     by_fields = {json.dumps(asdict(c), sort_keys=True): c for c in cands}
     out = []
     for fields in entry.get("configs", []):
+        try:  # fields added since the table was built take their defaults
+            fields = asdict(type(cands[0])(**fields)) if cands else fields
+        except TypeError:  # a field this version does not have: not a candidate
+            continue
         c = by_fields.get(json.dumps(fields, sort_keys=True))
         if c is not None and c not in out:
             out.append(c)

@@ -56,3 +56,35 @@ def test_the_shortlist_builder_keeps_the_best_and_near_ties_only(tmp_path):
     assert table["k1"]["of"] == 5 and table["k1"]["best_us"] == 10.0
     assert table["k2"]["configs"] == [cfg(256), cfg(64)]  # the later file's timing
     assert "k3" not in table  # nothing timed: no entry
+
+
+def test_every_benchmark_import_of_another_script_names_what_it_defines():
+    """`from benchmarks.X import a, b` in a script: X.py exists and defines a and b at top level
+    (a script renamed or a helper moved broke six GPU scripts at once, unseen on the CPU)."""
+    import ast
+
+    defined = {}
+    for p in BENCH.glob("*.py"):
+        names = set()
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(
+                    node.target, ast.Name):
+                names.add(node.target.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        defined[p.stem] = names
+    broken, seen = [], 0
+    for p in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                seen += 1
+                mod = node.module.split(".", 1)[1]
+                missing = [a.name for a in node.names if a.name not in defined.get(mod, ())]
+                if mod not in defined or missing:
+                    broken.append(f"{p.name}: from {node.module} import {missing or '?'}")
+    assert seen >= 5
+    assert broken == [], broken
