@@ -19,15 +19,13 @@
 - big: the dq 4 tile kernel past M = 128 (token tiles of 64-256) against dequantize + cuBLAS.
 - writes: what bounds the dequantize of dequantize + cuBLAS: a plain write (fill) and a copy of
   the bf16 weight against the shipped dequantize and a row-looping form of it (session 21).
-- l2: the mma decode kernel asking the L2 for the tile L2D steps ahead (`Config.l2`), every
-  one-tile-a-step launch shape without it, then the fastest 16 of those with L2D 2, 4, 8; each
-  best also timed with PDL off (kernels one after another, nothing overlapping) (session 25).
 
 Timed as the chooser times (CUDA graph over weight copies past the L2, memfit.kernels.gpu_timing).
 Session 10 ran this file as benchmarks/gemv_pipe.py (commit 0840732), which also timed load
 pipelining through shared memory and the dequantize kernel's launch shapes; session 12 also
 timed the next block's dequantize on a second stream (`--streams`, commit b6e5d77), and
-benchmarks/gemv_tma.py (commit 62edff2) a TMA pipeline: all measured no better
+benchmarks/gemv_tma.py (commit 62edff2) a TMA pipeline; session 25 an L2 prefetch a few tiles
+ahead in the mma decode kernel (`--parts l2`, commit 54bf5e5): all measured no better
 (benchmarks/RESULTS.md) and removed.
 
     python benchmarks/gemv_limits.py [--parts stream epi cands blocks] [--json OUT]
@@ -50,7 +48,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernel_speed import copies, graph_time_us, int_weight
-from memfit.kernels import gpu_timing, mma_ptx, pdl, triton_dequant, triton_int, triton_mma
+from memfit.kernels import gpu_timing, mma_ptx, triton_dequant, triton_int, triton_mma
 from memfit.kernels.weights import tile
 
 ROWS: list = []
@@ -541,51 +539,6 @@ def writes(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
-def _l2_timed(x, ws, want, cs) -> list:
-    """(µs, Config) of the candidates that agree with `want`, fastest first."""
-    ok = triton_int.checked(x, ws[0], None, cs, want)  # compiles on threads
-    out = []
-    for c, good in zip(cs, ok):
-        if good:
-            out.append((t_us([lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]), c))
-        else:
-            print(f"  disagrees or fails: {c}", flush=True)
-    return sorted(out, key=lambda r: r[0])
-
-
-def l2(args, gen) -> None:
-    for spec in args.l2_cases:  # NxK:group:rb:m
-        shape, g, rb, m = spec.split(":")
-        n, k = map(int, shape.split("x"))
-        g, rb, m = int(g), int(rb), int(m)
-        ws = [int_weight(n, k, 4, g, gen) for _ in range(max(2, copies(n * k // 2)))]
-        ws = [tile(w, rb) for w in ws] if rb else ws
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
-        dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
-                 for _ in range(max(2, copies(2 * n * k)))]
-        bf16 = graph_time_us([lambda d=d, x=x: F.linear(x, d) for d in dense])
-        del dense
-        want = triton_int.run(x, ws[0], None, triton_int.Config(0, 0, 0)).float()
-        base = _l2_timed(x, ws, want, [c for c in triton_int.candidates(m, ws[0], x.dtype)
-                                        if c.words == "mma" and c.BK == 128])
-        res = {0: base}
-        for d in (2, 4, 8):
-            res[d] = _l2_timed(x, ws, want, [replace(c, l2=d) for _, c in base[:16]])
-        row = {"part": "l2", "n": n, "k": k, "group": g, "rb": rb, "m": m,
-               "bf16_us": round(bf16, 2), "n_timed": sum(len(v) for v in res.values())}
-        for d, v in res.items():
-            t, c = v[0]
-            pdl.ENABLED = False
-            solo = t_us([lambda w=w, c=c, x=x: triton_int.run(x, w, None, c) for w in ws])
-            pdl.ENABLED = None
-            row[f"l2_{d}"] = {"us": round(t, 2), "x_bf16": round(bf16 / t, 3),
-                              "no_pdl_us": round(solo, 2), "cfg": str(c),
-                              "top4": [round(r[0], 2) for r in v[:4]]}
-        note(row, args.json)
-        del ws
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -606,15 +559,12 @@ def main() -> None:
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
     ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],
                     help="blocks: rows a block (0: one whole dequantize)")
-    ap.add_argument("--l2-cases", nargs="*", default=["14336x4096:128:64:1"],
-                    help="l2: NxK:group:rb:m (rb 0 = the stored layout)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
          "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
-         "permx": permx, "spread": spread, "big": big, "writes": writes,
-         "l2": l2}[part](args, gen)
+         "permx": permx, "spread": spread, "big": big, "writes": writes}[part](args, gen)
 
 
 if __name__ == "__main__":

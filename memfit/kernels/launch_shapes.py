@@ -42,7 +42,6 @@ class Config:
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
     regs: int = 0        # `_int_mm`: cap on registers a thread (ptxas maxnreg; 0 = its choice)
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
-    l2: int = 0          # mma: the tile this many steps on asked of the L2 each step (L2D)
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:

@@ -103,25 +103,6 @@ def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: 
 
 
 @triton.jit
-def _l2(p):
-    """Ask the L2 for the line holding each pointer of `p` (`prefetch.global.L2`): no register
-    receives it and nothing waits on it."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _ahead(qrow, s_ptr, z_ptr, rn, g, stride_sn, stride_zn, ZMODE: tl.constexpr,
-           RB: tl.constexpr):
-    """A later tile's words (each row's first word at qrow), scales and zero points (group g)
-    asked of the L2, so that the loads of that step find them there (GPU only)."""
-    _l2(qrow)
-    _l2(s_ptr + _at(rn, g, stride_sn, RB))
-    if ZMODE != 0:
-        _l2(z_ptr + _at(rn, g // 2, stride_zn, RB))
-
-
-@triton.jit
 def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
     """M = 1: the B operands of words wi, (x_i, x_{i+4}) pairs, broadcast over the rows; with
     NSUB groups a tile, B column n keeps only the lanes of group n % NSUB."""

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
-from memfit.kernels.mma_tiles import _ahead, _col, _epi_params, _params, _tile_ref, _xpairs
+from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpairs
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish
@@ -120,7 +120,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
-              EPI_CONS: tl.constexpr = "", L2D: tl.constexpr = 0):
+              EPI_CONS: tl.constexpr = ""):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
     all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
@@ -132,10 +132,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on.
     EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `mma_ptx.param_asm` and the tile
     folded into the accumulator by `mma_ptx.epi_asm`; the accumulator's slots then hold the columns
-    that matter (as the other paths' do after the store's masking).
-    L2D > 0 (U = 1, GPU): each step first asks the L2 for the words, scales and zero points of
-    the tile L2D steps on (clamped to the program's last), so more bytes are on their way from
-    memory than the registers of the prefetch hold."""
+    that matter (as the other paths' do after the store's masking)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -150,11 +147,10 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     its = tl.minimum(ITERS, STEPS - pid_k * ITERS)  # this program's steps (an uneven split)
     QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
     if RB == 0:
-        qrow = q_ptr + rn * stride_qn + w0  # each row's first word of the tile
+        qp = q_ptr + rn[:, None] * stride_qn + (w0 + rw)[None, :]  # (BN, 16) word pointers
     else:
-        qrow = q_ptr + ((rn // RB) * (stride_qn // 16) + w0 // 16) * QS + (rn % RB) * 16
-    qp = qrow[:, None] + rw[None, :]  # (BN, 16) word pointers
-    ws = w0  # the program's first word
+        qp = q_ptr + (((rn // RB) * (stride_qn // 16) + w0 // 16) * QS + (rn % RB) * 16)[:, None] \
+            + rw[None, :]
     if EPI:  # M = 1 on the GPU: scales and zero points loaded and the tile folded in asm
         GS: tl.constexpr = RB if RB > 0 else 1
         s_row = _at(rn, 0, stride_sn, RB)
@@ -170,10 +166,6 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                   GS, ZMODE, PARAM_TEXT)
         pdl.wait(PDL)
         for it in range(its):
-            if L2D > 0:
-                t = tl.minimum(it + L2D, its - 1)
-                _ahead(qrow + t * QS, s_ptr, z_ptr, rn, ((ws + 16 * t) * 8) // GROUP, stride_sn,
-                       stride_zn, ZMODE, RB)
             nxt = n_ok & ((rn * 0 + it + PF) < its)
             nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
@@ -197,10 +189,6 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
         for it in range(its):
-            if L2D > 0:
-                t = tl.minimum(it + L2D, its - 1)
-                _ahead(qrow + t * QS, s_ptr, z_ptr, rn, ((ws + 16 * t) * 8) // GROUP, stride_sn,
-                       stride_zn, ZMODE, RB)
             nxt = n_ok & ((rn * 0 + it + PF) < its)
             nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, nxt, w0 + 16 * PF, rw,
                                         col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
@@ -277,14 +265,12 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1,
-            l2: int = 0) -> torch.Tensor:
+            unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     rows of a lane per asm call (it must divide the lane's rows, BN / (8 * num_warps)): M > 1
     they share their activation loads (mma_ptx.shared_asm), and an even number of rows is
-    paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2);
-    l2: steps ahead whose tile each step asks of the L2 (0: none; one tile a step only)."""
+    paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
@@ -322,8 +308,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         x2, q, w.scale, z, b, y, part, cnt, m, n, iters, steps, x2.stride(0), q.stride(0),
         w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
-                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch,
-                    l2),
+                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch),
         num_warps=num_warps, num_stages=1, **pdl.launch_kw())
     LAST[0] = kernel
     if not INTERPRET:
@@ -333,18 +318,18 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool,
-              prefetch: int = 1, l2: int = 0) -> dict:
+              prefetch: int = 1) -> dict:
     """`_mma_gemv`'s compile-time arguments (see `_constants`), built once per launch shape:
     building the asm strings took 48-148 µs of host time a call (this 2-core CPU), which an
     eager decode pays on every packed linear."""
     return _constants(mt, group, zmode, sdt, f16, bn, split_k, unroll, rb, epi, reps, has_bias,
-                      asm, prefetch, mma_ptx.PAIRED, l2)
+                      asm, prefetch, mma_ptx.PAIRED)
 
 
 @functools.lru_cache(maxsize=1024)
 def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int,
                split_k: int, unroll: int, rb: int, epi: bool, reps: int, has_bias: bool,
-               asm: bool, prefetch: int, paired: bool, l2: int = 0) -> dict:
+               asm: bool, prefetch: int, paired: bool) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
@@ -357,7 +342,6 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
                 PF=prefetch if unroll == 1 else 1,
-                L2D=l2 if unroll == 1 and asm else 0,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
                 EPI_CONS=",".join(["=r"] * 4 * reps + ["r"] * 32 * reps) if epi else "",
                 PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")

@@ -44,8 +44,7 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
-               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1,
-               l2: int = 0):
+               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1):
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
@@ -54,7 +53,7 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
            "stride_zn": "i32", "stride_ps": "i32"}
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
-                                 False, True, prefetch, l2) | {"PDL": False}
+                                 False, True, prefetch) | {"PDL": False}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
@@ -71,13 +70,9 @@ CASES = (
 
 
 def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1,
-              prefetch=1, l2=0):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch, l2)
+              prefetch=1):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch)
     ptx = k.asm["ptx"]
-    if l2:  # words, scales (and zero points) asked of the L2 (in the loop: one of each)
-        assert ptx.count("prefetch.global.L2") == 2 + zmode, "L2 prefetches"
-    else:
-        assert "prefetch.global.L2" not in ptx
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
         assert "ld.global.nc.b16" in ptx or "ld.global.nc.b32" in ptx, "param loads"
@@ -237,11 +232,6 @@ def _checks() -> dict:
                          (1, 2, 1, "f16", False, 64, True, 256, 8, 4, 1),
                          (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
-    checks |= {f"mma_l2{c}": (check_mma, c[:7] + (c[7], c[8], 1, c[9], c[10], c[11]))
-               for c in [(1, 1, 1, "bf16", True, 64, False, 256, 8, 4, 2, 4),
-                         (1, 2, 1, "f16", False, 0, True, 128, 4, 4, 1, 2),
-                         (1, 1, 0, "f16", False, 64, False, 128, 4, 2, 1, 8),
-                         (16, 1, 1, "f16", False, 64, False, 128, 4, 4, 1, 4)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),

@@ -118,10 +118,12 @@ def test_the_shipped_shortlist_narrows_candidates_on_its_architecture_only(tmp_p
     w = make_weight(64, 256, 4, 128, "int", seed=3)
     cands = triton_int.candidates(1, w, torch.bfloat16)
     retired = {**asdict(cands[0]), "retired_field": 1}
+    older = {k: v for k, v in asdict(cands[7]).items() if k != "pair"}  # a field added later
+    assert cands[7].pair is False  # ... whose default the entry means
     key = choices.shape_key(KEY)
-    _table(tmp_path, monkeypatch, {key: {"configs": [asdict(cands[5]), retired,
+    _table(tmp_path, monkeypatch, {key: {"configs": [asdict(cands[5]), retired, older,
                                                     asdict(cands[2]), asdict(cands[5])]}})
-    assert choices.shortlisted("sm90", KEY, cands) == [cands[5], cands[2]]  # table order
+    assert choices.shortlisted("sm90", KEY, cands) == [cands[5], cands[7], cands[2]]  # its order
     assert choices.shortlisted("sm90", KEY, cands[:3]) == [cands[2]]  # only what is offered
     assert choices.shortlisted("sm80", KEY, cands) == []  # measured on another architecture
     assert choices.shortlisted("", KEY, cands) == []  # not a GPU
