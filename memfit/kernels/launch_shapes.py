@@ -134,11 +134,12 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     if out and bm <= 64 and k % (2 * tk) == 0:  # two tiles a step, 3 stages (won at M = 32
         # and 64, lost at 128: RESULTS.md session 18)
         out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
-    if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K
+    if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K (a
+        # split need not divide the row's tiles: 4096x11008, 86 tiles, had split 2 only)
         split = [replace(c, SPLIT_K=sk) for c in out for sk in (2, 4)
-                 if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k % (sk * tk) == 0]
+                 if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k // tk >= sk]
         out += split + [replace(c, num_stages=3, pair=True) for c in split
-                        if bm <= 64 and k % (2 * c.SPLIT_K * tk) == 0]
+                        if bm <= 64 and k % (2 * tk) == 0 and k // (2 * tk) >= c.SPLIT_K]
     out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 
@@ -166,7 +167,7 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
             out.append(cfg)
     progs = {c: cdiv(m, c.BM) * (n // c.BN) for c in out}
     return out + [replace(c, SPLIT_K=sk) for c in out for sk in (2, 4) if progs[c] < 132
-                  and (c.BM, c.BN) in ((256, 128), (128, 64)) and k % (sk * 128) == 0]
+                  and (c.BM, c.BN) in ((256, 128), (128, 64)) and k // 128 >= sk]
 
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
@@ -254,8 +255,9 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
         return "the fragment unpack takes a tile inside one group or across two whole groups"
     if cfg.dq == 4 and (cfg.BN, cfg.BK) not in ((64, 128), (128, 128)):
         return "the 128-code fragment order takes BN 64 or 128 and BK 128"
-    if cfg.pair and (cfg.dq != 4 or not cfg.wa or w.shape[1] % (2 * cfg.BK * cfg.SPLIT_K)):
-        return "two tiles a step take dq 4, the weight as A and K a multiple of 2 BK x split"
+    if cfg.pair and (cfg.dq != 4 or not cfg.wa or w.shape[1] % (2 * cfg.BK)
+                     or w.shape[1] // (2 * cfg.BK) < cfg.SPLIT_K):
+        return "two tiles a step take dq 4, the weight as A and K a multiple of 2 BK, split"
     return None
 
 

@@ -88,8 +88,11 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
         ok = n_ok & ((rn * 0 + k1) < K)
         s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
                                                 GROUP, BITS, ZMODE, BN, RB, GW)
-    for it in range(0, ITERS):  # ITERS = ceil(ceil(K / BK) / SPLIT_K)
-        k0 = (it * SPLIT_K + pid_k) * BK  # may pass K on the last round: all loads masked
+    # tiles pid_k, pid_k + SPLIT_K, ... of the row's ceil(K / BK): ITERS = ceil(tiles / SPLIT_K)
+    # or one fewer, so a split need not divide the tiles (the loads stay inside K)
+    its = tl.minimum(ITERS, ((K + BK - 1) // BK - pid_k + SPLIT_K - 1) // SPLIT_K)
+    for it in range(0, its):
+        k0 = (it * SPLIT_K + pid_k) * BK
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
         if EVEN:  # (BM, BK); with DQ >= 2 (which needs EVEN) permuted by the caller
@@ -138,7 +141,7 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                 stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
                 ZMODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr):
-    """`_tiles` with PAIR (DQ >= 4, WA, EVEN, K a multiple of 2 BK SPLIT_K): round `it` reads
+    """`_tiles` with PAIR (DQ >= 4, WA, EVEN, K a multiple of 2 BK): round `it` reads
     the two adjacent tiles from column (it * SPLIT_K + pid_k) 2 BK, each with its own group's
     scales and zero points, unpacks each into the fragment order and feeds both to one dot of
     K = 2 BK: the loop's own instructions (stage rotation, barriers, wgmma descriptors,
@@ -151,7 +154,8 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
         sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, n_ok, stride_sn, stride_zn,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
-    for it in range(0, ITERS):
+    its = tl.minimum(ITERS, (K // (2 * BK) - pid_k + SPLIT_K - 1) // SPLIT_K)  # as in _tiles
+    for it in range(0, its):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
@@ -237,8 +241,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     (counter c) sums them in a fixed order and writes y (memfit.kernels.triton_words._finish):
     deterministic, no zeroed float32 output, no atomics on y, no conversion pass.
 
-    EVEN = 1: BN divides N and BK * SPLIT_K divides K, so the weight's loads need no masks
-    (their predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too.
+    EVEN = 1: BN divides N and BK divides K, so the weight's loads need no masks (their
+    predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too. Program
+    pid_k reads K tiles pid_k, pid_k + SPLIT_K, ... (all inside K), so SPLIT_K need not divide
+    the row's tiles: Llama-2-7B's 86 tiles of 128 codes split 4 ways, for one.
 
     DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
     into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the

@@ -248,7 +248,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
     grid = (cdiv(m, cfg.BM), cdiv(n, cfg.BN), cfg.SPLIT_K)
-    even = (n % cfg.BN == 0 and k % (cfg.BK * cfg.SPLIT_K) == 0) * (1 + (m % cfg.BM == 0))
+    even = (n % cfg.BN == 0 and k % cfg.BK == 0) * (1 + (m % cfg.BM == 0))
     dq = 0
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
         dq = 1

@@ -382,3 +382,35 @@ def test_two_tiles_a_step_match_reference(bn, rb, zp, m, bm, split_k):
     with pytest.raises(ValueError, match="two tiles a step"):  # K = 384: not whole pairs
         triton_int.run(x[:, :384].contiguous(), make_weight(2 * bn, 384, 4, 128, zp), None,
                        triton_int.Config(bm, bn, 128, 1, 4, 2, wa=True, pf=1, dq=4, pair=True))
+
+
+@pytest.mark.parametrize("rb,group,pair,split_k", [(0, 128, False, 2), (64, 128, False, 4),
+                                                   (0, 64, False, 3), (64, 64, True, 2),
+                                                   (0, 128, True, 3)])
+def test_a_split_need_not_divide_the_tiles_of_a_row(rb, group, pair, split_k):
+    """Program pid_k reads K tiles pid_k, pid_k + SPLIT_K, ... (the tile kernel, weight as A,
+    dq 4, the last arrival summing the partials): 10 tiles of 128 codes (5 pairs) split 2, 3
+    or 4 ways, so some programs read one tile (pair) fewer; both layouts, groups of 128 and 64."""
+    cfg = triton_int.Config(16, 64, 128, split_k, 4, 2, wa=True, pf=1, dq=4, pair=pair)
+    w, got, want, go = _wide_case(128, 1280, group, "int", split_k, 12, rb, cfg)
+    assert rel_err(got, want) < _tol()
+    # the last tile counts: its codes changed, the output changes
+    w2 = w._replace(scale=w.scale.clone())
+    w2.scale[:, -1] *= 3
+    assert rel_err(go(w2), want) > 0.02
+
+
+def test_the_byte_tile_kernel_splits_unevenly_too():
+    """The plain tile kernel (x as A, atomics into float32) with 5 tiles over 3 programs."""
+    w = make_weight(96, 320, 4, 64, "int", seed=5)
+    x = torch.randn(7, 320, generator=torch.Generator().manual_seed(1)).to(DEV)
+    got = triton_int.run(x, w, None, triton_int.Config(16, 32, 64, 3, 4, 2))
+    assert rel_err(got, linear_reference(x, w, None)) < 1e-4
+
+
+def test_narrow_layers_with_awkward_rows_get_a_four_way_split():
+    """4096 x 11008 (Llama-2-7B's down_proj: 86 tiles of 128 codes, 64 row blocks of 64) had
+    split 2 only; split 4 gives 256 programs (one and two tiles a step)."""
+    w = make_weight(256, 11008, 4, 64, "int", seed=1)
+    cands = triton_int.weight_a_candidates(16, w, torch.bfloat16)
+    assert {(c.SPLIT_K, c.pair) for c in cands if c.dq == 4} >= {(4, False), (4, True), (2, True)}
