@@ -66,8 +66,8 @@ def build(layers: int, shape: dict) -> LlamaForCausalLM:
     return m
 
 
-def to_int4(m) -> None:
-    fmt = IntFormat(bits=4, group_size=128)
+def to_int4(m, group: int = 128) -> None:
+    fmt = IntFormat(bits=4, group_size=group)
     g = torch.Generator(device=DEV).manual_seed(1)
     for layer in m.model.layers:
         for parent in (layer.self_attn, layer.mlp):

@@ -4,8 +4,8 @@ quantized KV cache holds packed groups: it keeps the last 128 tokens dense), `--
 
 - bf16, transformers' eager `generate` (decode time = t(1 + N new) - t(1 new), best of 2);
 - bf16, memfit's loop (memfit.decode.greedy_static: memfit's own step, one CUDA graph a step);
-- int4 g128 weights, memfit's loop;
-- int4 g128 weights + the `--kv` quantized KV cache (default int4: groups of 64), memfit's loop
+- int4 weights (`--group`, default 128 codes), memfit's loop;
+- the int4 weights + the `--kv` quantized KV cache (default int4: groups of 64), memfit's loop
   (the static quantized cache, memfit.kvstatic).
 
 memfit loop rows: the synchronized wall time of the N graph replays after the first token
@@ -14,7 +14,8 @@ prompt + new tokens (16-bit: 2 x layers x batch x 8 heads x tokens x 128 x 2 byt
 memfit.kvcache.quantized_kv_bytes, the bytes `memfit inspect --kv` reports). Random weights: speed only.
 
     python benchmarks/decode_rows.py [--layers 32] [--prompt 1024] [--new 64] [--kv int4]
-                                     [--batches 1 16] [--shape llama3-8b] [--rows ...] [--json OUT]
+                                     [--batches 1 16] [--shape llama3-8b] [--rows ...]
+                                     [--group 128] [--json OUT]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--group", type=int, default=128, help="int4 rows: codes per group")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.tiny:
@@ -80,13 +82,14 @@ def main() -> None:
                      decode_tps(m, b, a.new, None, a.prompt), "16-bit")
             if "bf16-loop" in a.rows:
                 note("bf16, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
-        to_int4(m)
+        to_int4(m, a.group)
         for b in a.batches:
             if "int4-loop" in a.rows:
-                note("int4 g128, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
+                note(f"int4 g{a.group}, memfit loop", b, loop(m, b, a.prompt, a.new, None),
+                     "16-bit")
             if "int4-kv" in a.rows:
-                note(f"int4 g128 + KV {a.kv}, memfit loop", b, loop(m, b, a.prompt, a.new, fmt),
-                     a.kv)
+                note(f"int4 g{a.group} + KV {a.kv}, memfit loop", b,
+                     loop(m, b, a.prompt, a.new, fmt), a.kv)
     info = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "transformers": __import__("transformers").__version__, "layers": a.layers,

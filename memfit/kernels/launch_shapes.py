@@ -17,7 +17,8 @@ from memfit.kernels.triton_words import word_ineligibility
 from memfit.kernels.weights import IntWeight
 
 MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
-UNEVEN = os.environ.get("MEMFIT_MMA_UNEVEN", "1") != "0"  # 0: even K splits only (A/B)
+UNEVEN = os.environ.get("MEMFIT_MMA_UNEVEN", "1") != "0"  # 0: even K splits only (A/B; the
+# mma decode kernel's and the weight-as-A tile kernel's)
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,11 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K (a
         # split need not divide the row's tiles: 4096x11008, 86 tiles, had split 2 only)
         split = [replace(c, SPLIT_K=sk) for c in out for sk in (2, 4)
-                 if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k // tk >= sk]
+                 if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k // tk >= sk
+                 and (UNEVEN or k % (sk * tk) == 0)]
         out += split + [replace(c, num_stages=3, pair=True) for c in split
-                        if bm <= 64 and k % (2 * tk) == 0 and k // (2 * tk) >= c.SPLIT_K]
+                        if bm <= 64 and k % (2 * tk) == 0 and k // (2 * tk) >= c.SPLIT_K
+                        and (UNEVEN or k % (2 * c.SPLIT_K * tk) == 0)]
     out += [Config(bm, 64, bk, 1, 4, st, magic=True, wa=True, pf=1, dq=1) for st in (4, 3)]
     return out + [Config(bm, 64, bk, 1, 4, 3, magic=True, wa=True)]
 

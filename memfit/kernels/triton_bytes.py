@@ -91,7 +91,7 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
     # tiles pid_k, pid_k + SPLIT_K, ... of the row's ceil(K / BK): ITERS = ceil(tiles / SPLIT_K)
     # or one fewer, so a split need not divide the tiles (the loads stay inside K)
     its = tl.minimum(ITERS, ((K + BK - 1) // BK - pid_k + SPLIT_K - 1) // SPLIT_K)
-    for it in range(0, its):
+    for it in range(its):
         k0 = (it * SPLIT_K + pid_k) * BK
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
@@ -155,7 +155,7 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
         sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, n_ok, stride_sn, stride_zn,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
     its = tl.minimum(ITERS, (K // (2 * BK) - pid_k + SPLIT_K - 1) // SPLIT_K)  # as in _tiles
-    for it in range(0, its):
+    for it in range(its):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],
