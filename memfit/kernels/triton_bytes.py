@@ -69,13 +69,13 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
            BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
            WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
-           EVEN: tl.constexpr, PAIR: tl.constexpr = 0):
+           EVEN: tl.constexpr, PAIR: tl.constexpr = 0, RAGGED: tl.constexpr = 0):
     """The float32 accumulator of ITERS rounds (round `it` reads K tile it * SPLIT_K + pid_k)
     for rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
     if PAIR:
         return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                            stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, BM,
-                           BN, BK, SPLIT_K, RB, PF, DQ)
+                           BN, BK, SPLIT_K, RB, PF, DQ, RAGGED)
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # DQ >= 2 only: a tile of two groups
@@ -89,8 +89,10 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
         s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
                                                 GROUP, BITS, ZMODE, BN, RB, GW)
     # tiles pid_k, pid_k + SPLIT_K, ... of the row's ceil(K / BK): ITERS = ceil(tiles / SPLIT_K)
-    # or one fewer, so a split need not divide the tiles (the loads stay inside K)
-    its = tl.minimum(ITERS, ((K + BK - 1) // BK - pid_k + SPLIT_K - 1) // SPLIT_K)
+    # each, or (RAGGED: the split does not divide the tiles) one fewer for the last programs
+    its = ITERS
+    if RAGGED:
+        its = tl.minimum(ITERS, ((K + BK - 1) // BK - pid_k + SPLIT_K - 1) // SPLIT_K)
     for it in range(its):
         k0 = (it * SPLIT_K + pid_k) * BK
         kk = k0 + tl.arange(0, BK)
@@ -140,7 +142,8 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
 def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, stride_xm,
                 stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
                 ZMODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SPLIT_K: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr):
+                SPLIT_K: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
+                RAGGED: tl.constexpr = 0):
     """`_tiles` with PAIR (DQ >= 4, WA, EVEN, K a multiple of 2 BK): round `it` reads
     the two adjacent tiles from column (it * SPLIT_K + pid_k) 2 BK, each with its own group's
     scales and zero points, unpacks each into the fragment order and feeds both to one dot of
@@ -154,7 +157,9 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
         sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, n_ok, stride_sn, stride_zn,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
-    its = tl.minimum(ITERS, (K // (2 * BK) - pid_k + SPLIT_K - 1) // SPLIT_K)  # as in _tiles
+    its = ITERS
+    if RAGGED:  # as in _tiles
+        its = tl.minimum(ITERS, (K // (2 * BK) - pid_k + SPLIT_K - 1) // SPLIT_K)
     for it in range(its):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
@@ -226,7 +231,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
             DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
-            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False):
+            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False, RAGGED: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -244,7 +249,8 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
     EVEN = 1: BN divides N and BK divides K, so the weight's loads need no masks (their
     predicates were a tenth of the loop's instructions); EVEN = 2: BM divides M too. Program
     pid_k reads K tiles pid_k, pid_k + SPLIT_K, ... (all inside K), so SPLIT_K need not divide
-    the row's tiles: Llama-2-7B's 86 tiles of 128 codes split 4 ways, for one.
+    the row's tiles (RAGGED = 1: the last programs then run one step fewer): Llama-2-7B's 86
+    tiles of 128 codes split 4 ways, for one.
 
     DQ = 2 (4-bit, EVEN, BK a multiple of 32): the codes read as 32-bit words and unpacked straight
     into the dot's A-operand fragments (`_perm_tile`), the activations permuted to match by the
@@ -276,7 +282,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         m_ok = tl.full((BM,), 1, tl.int1)
     acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB,
                  stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
-                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR)
+                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR, RAGGED)
     rn = _out_rows(pid_n, BN, DQ)
     if FIX:
         if WA:

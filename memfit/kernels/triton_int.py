@@ -261,13 +261,14 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
             else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
+    ragged = int(cdiv(k, cfg.BK * (1 + cfg.pair)) % cfg.SPLIT_K != 0)  # a split of uneven runs
     _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters,
                   x2.stride(0), w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
                   part, cnt, m * n, GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w),
                   HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x2.dtype == torch.float32,
                   BM=cfg.BM, BN=cfg.BN, **_magic(cfg, w, x2.dtype), WA=int(cfg.wa),
                   RB=w.tile_rows, PF=int(cfg.pf), DQ=dq, EVEN=even, FIX=int(fix),
-                  PAIR=int(cfg.pair), BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
+                  PAIR=int(cfg.pair), RAGGED=ragged, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl.launch_kw(),
                   **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
     if atomic:

@@ -165,7 +165,8 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
 
 
 def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1,
-               pair: bool = False, pdl: bool = False, group: int = 128, bm: int = 64):
+               pair: bool = False, pdl: bool = False, group: int = 128, bm: int = 64,
+               ragged: bool = False):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
     4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop, also with
@@ -181,7 +182,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
     const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=bm,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
                  BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair),
-                 PDL=pdl)
+                 PDL=pdl, RAGGED=int(ragged))
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
@@ -247,7 +248,10 @@ def _checks() -> dict:
                          (5, 1, False, 0, 128, 8, 1, True, False, 64),
                          (5, 1, True, 64, 64, 4, 2, False, False, 64),
                          (5, 1, False, 0, 128, 8, 1, False, False, 128, 256),
-                         (5, 1, True, 64, 64, 4, 4, False, False, 64, 128))}
+                         (5, 1, True, 64, 64, 4, 4, False, False, 64, 128),
+                         # a split that does not divide the row's tiles (RAGGED), M = 16
+                         (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
+                         (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
