@@ -110,17 +110,18 @@ def small_m_tiles(m: int, w: IntWeight) -> bool:
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
                         ) -> list[Config]:
     """The tile kernel with the weight tile as the dot's A operand, 16 < M <= 128 (and where
-    `small_m_tiles` says, at M <= 16 in 16-token tiles): the scales a
-    tile ahead (PF), the codes unpacked in PTX: words straight into the wgmma A fragments in
-    the order the words are loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the
-    activations permuted to match; up to M = 64 also two tiles a step), else bytes doubled
-    (dq 1); K split 2 or 4 ways (float32 partials summed by the last arrival) where the rows
-    give few programs, also where the split does not divide the row's tiles (4096x11008 g64 at
-    M = 16: 33.9 -> 18.4 µs on an H200, RESULTS.md session 25). Groups of 64 codes take dq 4 too (a 128-code tile across two groups). 14336x4096
-    on an H200 (benchmarks/RESULTS.md, session 19, benchmarks/kernel_speed.py): g128 M = 32
-    22.3 µs, M = 64 25.8, M = 128 34.0 against 37.9 / 42.8 / 51.4 for the plain form kept last
-    (session 18); g64 M = 32 23.9, M = 64 28.3 (44.9-46.2 before, dq 1 at BK 64). M = 256 and
-    above ran slower than dequantize + cuBLAS (session 13): not offered."""
+    `small_m_tiles` says, at M <= 16 in 16-token tiles): the scales a tile ahead (PF), the codes
+    unpacked in PTX: words straight into the wgmma A fragments in the order the words are
+    loaded in (dq 4: 64 rows / 4 warps or 128 rows / 8 warps, the activations permuted to
+    match; up to M = 64 also two tiles a step), else bytes doubled (dq 1); K split 2 or 4 ways
+    (float32 partials summed by the last arrival) where the rows give few programs, also where
+    the split does not divide the row's tiles (4096x11008 g64 at M = 16: 33.9 -> 18.4 µs on an
+    H200, RESULTS.md session 25). Groups of 64 codes take dq 4 too (a 128-code tile across two
+    groups). 14336x4096 on an H200 (benchmarks/RESULTS.md, session 19,
+    benchmarks/kernel_speed.py): g128 M = 32 22.3 µs, M = 64 25.8, M = 128 34.0 against 37.9 /
+    42.8 / 51.4 for the plain form kept last (session 18); g64 M = 32 23.9, M = 64 28.3
+    (44.9-46.2 before, dq 1 at BK 64). M = 256 and above ran slower than dequantize + cuBLAS
+    (session 13): not offered."""
     bm = max(16 if m <= 16 else 32, _bucket(m))
     bk = block_k(w)
     n, k = w.shape
