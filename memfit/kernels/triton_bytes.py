@@ -64,6 +64,16 @@ def _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn, GROUP: tl.const
 
 
 @triton.jit
+def _steps(ITERS, tiles, pid_k, SPLIT_K: tl.constexpr, RAGGED: tl.constexpr):
+    """Steps of program pid_k, which reads tiles pid_k, pid_k + SPLIT_K, ... of a row's `tiles`:
+    ITERS = ceil(tiles / SPLIT_K) each, or (RAGGED: the split does not divide the tiles) one
+    fewer for the last programs."""
+    if RAGGED:
+        return tl.minimum(ITERS, (tiles - pid_k + SPLIT_K - 1) // SPLIT_K)
+    return ITERS
+
+
+@triton.jit
 def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, stride_xm,
            stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -88,12 +98,7 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
         ok = n_ok & ((rn * 0 + k1) < K)
         s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
                                                 GROUP, BITS, ZMODE, BN, RB, GW)
-    # tiles pid_k, pid_k + SPLIT_K, ... of the row's ceil(K / BK): ITERS = ceil(tiles / SPLIT_K)
-    # each, or (RAGGED: the split does not divide the tiles) one fewer for the last programs
-    its = ITERS
-    if RAGGED:
-        its = tl.minimum(ITERS, ((K + BK - 1) // BK - pid_k + SPLIT_K - 1) // SPLIT_K)
-    for it in range(its):
+    for it in range(_steps(ITERS, (K + BK - 1) // BK, pid_k, SPLIT_K, RAGGED)):
         k0 = (it * SPLIT_K + pid_k) * BK
         kk = k0 + tl.arange(0, BK)
         jb = k0 // PER + tl.arange(0, BKP)
@@ -157,10 +162,7 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
         sb, zb, sb1, zb1 = _tile_groups(s_ptr, z_ptr, rn, k1 + BK, n_ok, stride_sn, stride_zn,
                                         GROUP, BITS, ZMODE, BN, RB, GW)
-    its = ITERS
-    if RAGGED:  # as in _tiles
-        its = tl.minimum(ITERS, (K // (2 * BK) - pid_k + SPLIT_K - 1) // SPLIT_K)
-    for it in range(its):
+    for it in range(_steps(ITERS, K // (2 * BK), pid_k, SPLIT_K, RAGGED)):
         k0 = (it * SPLIT_K + pid_k) * 2 * BK
         kk = k0 + tl.arange(0, 2 * BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None],

@@ -63,10 +63,11 @@ def test_every_benchmark_import_of_another_script_names_what_it_defines():
     (a script renamed or a helper moved broke six GPU scripts at once, unseen on the CPU)."""
     import ast
 
+    trees = {p.stem: ast.parse(p.read_text()) for p in sorted(BENCH.glob("*.py"))}
     defined = {}
-    for p in BENCH.glob("*.py"):
+    for stem, tree in trees.items():
         names = set()
-        for node in ast.parse(p.read_text()).body:
+        for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
                 names.add(node.name)
             elif isinstance(node, ast.Assign):
@@ -76,15 +77,15 @@ def test_every_benchmark_import_of_another_script_names_what_it_defines():
                 names.add(node.target.id)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names |= {(a.asname or a.name).split(".")[0] for a in node.names}
-        defined[p.stem] = names
+        defined[stem] = names
     broken, seen = [], 0
-    for p in sorted(BENCH.glob("*.py")):
-        for node in ast.walk(ast.parse(p.read_text())):
+    for stem, tree in trees.items():
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
                 seen += 1
                 mod = node.module.split(".", 1)[1]
                 missing = [a.name for a in node.names if a.name not in defined.get(mod, ())]
                 if mod not in defined or missing:
-                    broken.append(f"{p.name}: from {node.module} import {missing or '?'}")
+                    broken.append(f"{stem}.py: from {node.module} import {missing or '?'}")
     assert seen >= 5
     assert broken == [], broken
