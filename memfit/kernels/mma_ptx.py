@@ -53,17 +53,41 @@ def _mma(ty: str, acc: list[str], p: str, xs: list[str], low: str = "",
     return out
 
 
-def chain(f16: bool, w0: int, x0: int) -> list[str]:
-    """M = 1: PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3, the
-    activation pairs X_i of word e at $(x0 + 4i + e)) into a0-a3."""
+def xload(ptr: str) -> tuple[list[str], list[list[str]]]:
+    """M = 1: lines loading the activation pairs of a lane's 4 words in the asm (word e's 8
+    activations are the 16 bytes at ptr + 16e; all four loads issued first), and the pair
+    registers, word e's X_i = (x_i, x_{i+4}) at [e][i], each made by one PRMT before its word's
+    mma. One 16-byte load a word instead of four 4-byte loads, and a lane whose B column must
+    not see its group points ptr at zeros (the caller's choice, once a tile) instead of a
+    select per register and row (session 26)."""
+    q = [[f"q{e}_{k}" for k in range(4)] for e in range(4)]
+    xs = [[f"x{e}_{i}" for i in range(4)] for e in range(4)]
+    out = [f".reg .b32 {', '.join(r for row in q + xs for r in row)};"]
+    for e in range(4):
+        at = f"[{ptr}+{16 * e}]" if e else f"[{ptr}]"
+        out.append(f"ld.global.nc.v4.b32 {{{', '.join(q[e])}}}, {at};")
+    return out, xs
+
+
+def _pairs(q: list[str], x: list[str]) -> list[str]:
+    """A word's activation pairs (x_i, x_{i+4}) from its loaded pairs q_k = (x_2k, x_2k+1)."""
+    return [f"prmt.b32 {x[0]}, {q[0]}, {q[2]}, 0x5410;", f"prmt.b32 {x[1]}, {q[0]}, {q[2]}, 0x7632;",
+            f"prmt.b32 {x[2]}, {q[1]}, {q[3]}, 0x5410;", f"prmt.b32 {x[3]}, {q[1]}, {q[3]}, 0x7632;"]
+
+
+def chain(f16: bool, w0: int, ptr: str) -> list[str]:
+    """M = 1: PTX declarations and the mma chain over one lane's 4 words (w at $w0..$w0+3, their
+    activations loaded from `ptr`, see `xload`) into a0-a3."""
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
     out = [".reg .b32 p<4>, t, one;", ".reg .f32 a<4>, u, v;", f"mov.b32 one, {ones};"]
-    out += [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
+    loads, xs = xload(ptr)
+    out += loads + [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
     for e in range(4):  # word e of this lane
+        out += _pairs([f"q{e}_{k}" for k in range(4)], xs[e])
         out += _codes(f"${w0 + e}", magic)
-        out += _mma(ty, ["a0", "a1", "a2", "a3"], "p", [f"${x0 + 4 * i + e}" for i in range(4)])
+        out += _mma(ty, ["a0", "a1", "a2", "a3"], "p", xs[e])
     return out
 
 
@@ -71,21 +95,22 @@ def mma_asm(f16: bool, reps: int = 1) -> str:
     """M = 1 PTX for one lane's 4 words of `reps` rows (pack 4 * reps). Outputs: D of row r at
     $(4r)..$(4r + 3) (mma columns 2j, 2j + 1 of the (BASE + c) products, then two unused), XS at
     $(4R + 4r).. (the same columns of the activation sums). Inputs (R = reps): words of row r at
-    $(8R + 4r + e), the activation pairs X_i of word e at $(12R + 4Ri + e) (row 0's are read).
-    One row (R = 1): XS from ones in the mma's rows g + 8. Even R: rows 2i and 2i + 1 share one
-    mma (rows g and g + 8) and XS comes from one all-ones mma per word for all of them: fewer
-    mma.sync, and no ones copied into every A operand (`shared_asm` measured the same)."""
+    $(8R + 4r + e), then a pointer operand at $(12R): the activations of the lane's first word
+    (row 0's element 0 is read; `xload`). One row (R = 1): XS from ones in the mma's rows g + 8.
+    Even R: rows 2i and 2i + 1 share one mma (rows g and g + 8) and XS comes from one all-ones
+    mma per word for all of them: fewer mma.sync, and no ones copied into every A operand
+    (`shared_asm` measured the same)."""
     if reps % 2 and reps != 1:
         raise ValueError(f"mma_asm: {reps} rows a call (1 or an even number)")
     if reps == 1:
-        out = ["{"] + chain(f16, 8, 12)
+        out = ["{"] + chain(f16, 8, "$12")
         for i, v in enumerate(("a0", "a1") + ("0f00000000",) * 2 + ("a2", "a3")
                               + ("0f00000000",) * 2):
             out.append(f"mov.b32 ${i}, {v};")
         out.append("}")
         return "\n".join(out)
     R = reps
-    out, d, xs = paired_chain(f16, R, 8 * R, 12 * R)
+    out, d, xs = paired_chain(f16, R, 8 * R, f"${12 * R}")
     for r in range(R):
         for e, v in enumerate(d[r] + ["0f00000000"] * 2):
             out.append(f"mov.b32 ${4 * r + e}, {v};")
@@ -95,11 +120,11 @@ def mma_asm(f16: bool, reps: int = 1) -> str:
     return "\n".join(out)
 
 
-def paired_chain(f16: bool, reps: int, w0: int, x0: int) -> tuple[list[str], list, list]:
+def paired_chain(f16: bool, reps: int, w0: int, ptr: str) -> tuple[list[str], list, list]:
     """M = 1, an even number of rows R: "{", declarations and the mma chain over one lane's 4
-    words of R rows (row r's word e at $(w0 + 4r + e), activation pair X_i of word e at
-    $(x0 + 4Ri + e)): rows 2i, 2i + 1 share each mma (rows g, g + 8), XS from one all-ones mma
-    a word. Returns the lines, row r's D registers (mma columns 2j, 2j + 1) and XS's."""
+    words of R rows (row r's word e at $(w0 + 4r + e), the activations loaded from `ptr`, see
+    `xload`): rows 2i, 2i + 1 share each mma (rows g, g + 8), XS from one all-ones mma a word.
+    Returns the lines, row r's D registers (mma columns 2j, 2j + 1) and XS's."""
     R = reps
     ty = "f16" if f16 else "bf16"
     magic = "0x64006400" if f16 else "0x43004300"
@@ -107,10 +132,12 @@ def paired_chain(f16: bool, reps: int, w0: int, x0: int) -> tuple[list[str], lis
     acc = [[f"a{i}_{c}" for c in range(4)] for i in range(R // 2)]
     sums = [f"s{c}" for c in range(4)]
     regs = [a for pair in acc for a in pair] + sums
+    loads, xw = xload(ptr)
     out = ["{", ".reg .b32 p<4>, u<4>, t, one;", f".reg .f32 {', '.join(regs)}, u, v;",
-           f"mov.b32 one, {ones};"] + [f"mov.f32 {a}, 0f00000000;" for a in regs]
+           f"mov.b32 one, {ones};"] + loads + [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):
-        xs = [f"${x0 + 4 * R * i + e}" for i in range(4)]
+        xs = xw[e]
+        out += _pairs([f"q{e}_{k}" for k in range(4)], xs)
         out += _mma(ty, sums, "", xs, ones_only=True)
         for i in range(R // 2):
             out += _codes(f"${w0 + 8 * i + e}", magic)
@@ -197,16 +224,17 @@ def epi_asm(f16: bool, nsub: int, reps: int = 1) -> str:
     lane's 4 words, then acc_e += s_e * (D_e + nz_e * XS_e) for the mma columns that matter only
     (e = 0 with one group per tile: every column holds the same sum; e = 0, 1 with NSUB groups:
     column 2j + e, group (2j + e) % NSUB); the other slots pass through. Outputs: acc $0-$3.
-    Inputs: w $4-$7, X0..X3 $8-$23, acc $24-$27, s $28-$31, nz $32-$35 (`param_asm`'s, per
-    element: element e holds column 2j + e's group). Even reps R (pack 4R): R rows a call,
-    paired as in `paired_chain`; each operand group above R times as long (row r's element e
-    at offset 4r + e; the activations' row 0 is read)."""
+    Inputs: w $4-$7, the activations' pointer $8 (`xload`; pack 4: $8-$11, $8 is read), acc
+    $12-$15, s $16-$19, nz $20-$23 (`param_asm`'s, per element: element e holds column 2j + e's
+    group). Even reps R (pack 4R): R rows a call, paired as in `paired_chain`; each operand
+    group above R times as long (row r's element e at offset 4r + e; the pointer of row 0's
+    element 0 is read)."""
     if reps % 2 and reps != 1:
         raise ValueError(f"epi_asm: {reps} rows a call (1 or an even number)")
     if reps > 1:
         R = reps
-        out, d, xs = paired_chain(f16, R, 4 * R, 8 * R)
-        acc, sc, nz = 24 * R, 28 * R, 32 * R
+        out, d, xs = paired_chain(f16, R, 4 * R, f"${8 * R}")
+        acc, sc, nz = 12 * R, 16 * R, 20 * R
         for r in range(R):
             o = 4 * r
             out += [f"fma.rn.f32 u, ${nz + o}, {xs[0]}, {d[r][0]};",
@@ -218,48 +246,64 @@ def epi_asm(f16: bool, nsub: int, reps: int = 1) -> str:
                         f"fma.rn.f32 ${o + 1}, ${sc + o + 1}, v, ${acc + o + 1};"]
             out += [f"mov.b32 ${o + 2}, ${acc + o + 2};", f"mov.b32 ${o + 3}, ${acc + o + 3};"]
         return "\n".join(out + ["}"])
-    out = ["{"] + chain(f16, 4, 8)
-    out += ["fma.rn.f32 u, $32, a2, a0;", "fma.rn.f32 $0, $28, u, $24;"]
+    out = ["{"] + chain(f16, 4, "$8")
+    out += ["fma.rn.f32 u, $20, a2, a0;", "fma.rn.f32 $0, $16, u, $12;"]
     if nsub == 1:
-        out.append("mov.b32 $1, $25;")
+        out.append("mov.b32 $1, $13;")
     else:
-        out += ["fma.rn.f32 v, $33, a3, a1;", "fma.rn.f32 $1, $29, v, $25;"]
-    out += ["mov.b32 $2, $26;", "mov.b32 $3, $27;", "}"]
+        out += ["fma.rn.f32 v, $21, a3, a1;", "fma.rn.f32 $1, $17, v, $13;"]
+    out += ["mov.b32 $2, $14;", "mov.b32 $3, $15;", "}"]
     return "\n".join(out)
 
 
-def param_asm(sdt: str, zmode: int, f16: bool) -> str:
-    """PTX loading one (row, group)'s scale as float32 and nz = -(BASE + z) (EPI), where the
-    flag is set (else 0): inputs scale pointer $2, zero-point byte pointer $3, shift $4 (the
-    group's nibble), flag $5; outputs s $0, nz $1. Issued a tile ahead, like the words, so its
-    latency hides behind a tile's arithmetic; loading in the asm keeps the values in the mma
-    layout (a (rows,) load is laid out otherwise and converted through shared memory, with
-    barriers, every tile)."""
+def epi_constraints(reps: int) -> str:
+    """Operand constraints of `epi_asm` (pack 4 * reps)."""
+    p = 4 * reps
+    return ",".join(["=r"] * p + ["r"] * p + ["l"] * p + ["r"] * 3 * p)
+
+
+def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1) -> str:
+    """PTX loading the scales of `nsub` groups of one row from group g0 on, as float32, and
+    their nz = -(BASE + z) (EPI), where the flag is set (else 0). Outputs: s_t at $t, nz_t at
+    $(n + t) (n = nsub); inputs: group g0's scale pointer $(2n), its zero-point byte pointer
+    $(2n + 1), the shift of g0's nibble $(2n + 2) (nsub > 1: g0 is even, so one byte holds two
+    groups' zero points and the shifts are 0, 4), flag $(2n + 3). gs: rows between one group's
+    parameters and the next's (the tiled layout's RB, else 1). One call a row and tile loads
+    every group of the tile (the groups of 64 codes took one call each, with a byte load for
+    each zero point). Issued a tile ahead, like the words, so its latency hides behind a tile's
+    arithmetic; loading in the asm keeps the values in the mma layout (a (rows,) load is laid
+    out otherwise and converted through shared memory, with barriers, every tile)."""
+    n = nsub
     base = "0f44800000" if f16 else "0f43000000"  # 1024 / 128
-    out = ["{", ".reg .b32 h, zb;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
-           "setp.ne.u32 ok, $5, 0;", "mov.b32 $0, 0;", "mov.b32 $1, 0;"]
-    if sdt == "f32":
-        out.append("@ok ld.global.nc.b32 $0, [$2];")
-    else:
-        out.append("@ok ld.global.nc.b16 hh, [$2];")
-        out += (["@ok cvt.f32.f16 $0, hh;"] if sdt == "f16"  # bfloat16: a float32's upper half
-                else ["cvt.u32.u16 h, hh;", "@ok shl.b32 $0, h, 16;"])
-    if zmode == 0:
-        out.append(f"@ok mov.b32 $1, {'0fC4810000' if f16 else '0fC3080000'};")  # -(BASE + 8)
-    else:
-        out += ["mov.b32 zb, 0;", "@ok ld.global.nc.u8 zb, [$3];", "shr.u32 zb, zb, $4;",
-                "and.b32 zb, zb, 15;", "cvt.rn.f32.u32 zf, zb;", f"add.f32 zf, zf, {base};",
-                "@ok neg.f32 $1, zf;"]
+    esz = 4 if sdt == "f32" else 2
+    sp, zp, sh, flag = (f"${2 * n + i}" for i in range(4))
+    out = ["{", ".reg .b32 h, zb, zv;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
+           f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 ${t}, 0;" for t in range(2 * n)]
+    for t in range(n):
+        at = f"[{sp}+{t * gs * esz}]" if t else f"[{sp}]"
+        if sdt == "f32":
+            out.append(f"@ok ld.global.nc.b32 ${t}, {at};")
+        else:
+            out.append(f"@ok ld.global.nc.b16 hh, {at};")
+            out += ([f"@ok cvt.f32.f16 ${t}, hh;"] if sdt == "f16"  # bf16: a float32's upper half
+                    else ["cvt.u32.u16 h, hh;", f"@ok shl.b32 ${t}, h, 16;"])
+    for t in range(n):
+        if zmode == 0:  # -(BASE + 8)
+            out.append(f"@ok mov.b32 ${n + t}, {'0fC4810000' if f16 else '0fC3080000'};")
+            continue
+        if t % 2 == 0:
+            at = f"[{zp}+{(t // 2) * gs}]" if t else f"[{zp}]"
+            out += ["mov.b32 zb, 0;", f"@ok ld.global.nc.u8 zb, {at};"]
+        out += [f"shr.u32 zv, zb, {sh if n == 1 else 4 * (t % 2)};", "and.b32 zv, zv, 15;",
+                "cvt.rn.f32.u32 zf, zv;", f"add.f32 zf, zf, {base};", f"@ok neg.f32 ${n + t}, zf;"]
     return "\n".join(out + ["}"])
-
-
 
 
 def constraints(sets: int, reps: int = 1) -> str:
     """Operand constraints of `mma_asm` (sets = 0: M = 1) or `shared_asm`."""
-    if sets == 0:
-        return ",".join(["=r"] * 8 * reps + ["r"] * 20 * reps)
     p = 4 * reps
+    if sets == 0:
+        return ",".join(["=r"] * 2 * p + ["r"] * p + ["l"] * p)
     return ",".join(["=r"] * 2 * -(-sets // 2) * p + ["r"] * p + ["l"] * p)
 
 

@@ -1,8 +1,8 @@
 """What one tile of the tensor-core decode kernel (memfit.kernels.triton_mma) reads, in the
 layout its asm fragments assume, and what the asm computes from it in plain Triton (the CPU
 interpreter's path, `ASM = False`): the words, scales and zero points of a tile (`_params`, or
-`_epi_params` loaded by the asm epilogue's own PTX), the activation pairs of the B operand at
-M = 1 (`_xpairs`), the mma column each word slot holds (`_col`), and `_tile_ref`."""
+`_epi_params` loaded by the asm epilogue's own PTX), the activation pointers of the B operand at
+M = 1 (`_xptr`), the mma column each word slot holds (`_col`), and `_tile_ref`."""
 
 from __future__ import annotations
 
@@ -10,18 +10,6 @@ import triton
 import triton.language as tl
 
 from memfit.kernels.triton_dequant import _at
-
-
-@triton.jit
-def _pair_x(q0, q1, q2, q3, ASM: tl.constexpr):
-    """Activation pairs (x_i, x_{i+4}) of a word from its loaded pairs q_k = (x_2k, x_2k+1)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "prmt.b32 $0, $4, $6, 0x5410;\nprmt.b32 $1, $4, $6, 0x7632;\n"
-            "prmt.b32 $2, $5, $7, 0x5410;\nprmt.b32 $3, $5, $7, 0x7632;",
-            "=r,=r,=r,=r,r,r,r,r", [q0, q1, q2, q3], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    else:
-        return q0, q1, q2, q3  # unused by the plain path
 
 
 @triton.jit
@@ -103,33 +91,40 @@ def _params(qp, s_ptr, z_ptr, rn, ok, w0, rw, col, stride_sn, stride_zn, GROUP: 
 
 
 @triton.jit
-def _xpairs(x32, wi, rg, rw, NSUB: tl.constexpr, ASM: tl.constexpr):
-    """M = 1: the B operands of words wi, (x_i, x_{i+4}) pairs, broadcast over the rows; with
-    NSUB groups a tile, B column n keeps only the lanes of group n % NSUB."""
-    q = x32 + wi * 4  # (16,) the word's 4 activation pairs
-    X0, X1, X2, X3 = _pair_x(tl.load(q), tl.load(q + 1), tl.load(q + 2), tl.load(q + 3), ASM)
+def _xptr(x32, zx32, wi, rg, rw, NSUB: tl.constexpr):
+    """M = 1: each element's pointer to its word's activations (16 bytes of x at x32 + 4 wi),
+    which the asm loads (memfit.kernels.mma_ptx.xload reads the lane's first word's); with NSUB
+    groups a tile, B column n keeps only the lanes of group n % NSUB: the others point at zeros
+    (zx32), one choice a tile, not a select per register."""
+    p = (x32 + wi * 4)[None, :] + rg[:, None] * 0
     if NSUB > 1:
         keep = (rg[:, None] % NSUB) == ((rw // 4) * NSUB // 4)[None, :]
-        X0 = tl.where(keep, X0[None, :], 0)
-        X1 = tl.where(keep, X1[None, :], 0)
-        X2 = tl.where(keep, X2[None, :], 0)
-        X3 = tl.where(keep, X3[None, :], 0)
-    else:
-        X0, X1, X2, X3 = X0[None, :], X1[None, :], X2[None, :], X3[None, :]
-    return X0, X1, X2, X3
+        p = tl.where(keep, p, zx32 + rw[None, :] * 0)
+    return p
 
 
 @triton.jit
 def _epi_params(s_ptr, z_ptr, s_row, z_row, g0, cg, ok, GS: tl.constexpr, ZMODE: tl.constexpr,
-                PARAM_TEXT: tl.constexpr):
+                PARAM_TEXT: tl.constexpr, NSUB: tl.constexpr = 1):
     """(BN, 16) float32 scales and -(BASE + z) of each element's group g0 + cg (EPI), loaded
-    in the asm (see memfit.kernels.mma_ptx.param_asm); s_row / z_row: each row's offset of group 0."""
-    g = g0 + cg[None, :]
+    in the asm (see memfit.kernels.mma_ptx.param_asm). NSUB = 2: one call a row (every element
+    of a row passes the same operands, so the compiler keeps one) loads both groups of the tile
+    and each element takes its own (a compile-time choice: element e holds group e); otherwise
+    one call a (row, group). s_row / z_row: each row's offset of group 0."""
+    g = g0 + cg[None, :] * (NSUB != 2)
     sp = s_ptr + s_row[:, None] + g * GS
     if ZMODE == 0:
         zp = sp  # not read
     else:  # the asm reads a byte there; one pointer type for all operands (Triton 3.6 checks)
         zp = (z_ptr + z_row[:, None] + (g // 2) * GS).to(s_ptr.dtype)
     flag = ok[:, None].to(tl.int32) + g * 0
-    return tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", [sp, zp, (g % 2) * 4, flag],
-                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    args = [sp, zp, (g % 2) * 4, flag]
+    if NSUB == 2:
+        s0, s1, n0, n1 = tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,=r,=r,l,l,r,r", args,
+                                                   dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        s = tl.where(cg[None, :] == 1, s1, s0)
+        nz = tl.where(cg[None, :] == 1, n1, n0)
+    else:
+        s, nz = tl.inline_asm_elementwise(PARAM_TEXT, "=r,=r,l,l,r,r", args,
+                                          dtype=(tl.float32,) * 2, is_pure=True, pack=1)
+    return s, nz

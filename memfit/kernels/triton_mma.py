@@ -15,12 +15,14 @@ A tile is (BN rows, 16 words) = 128 codes of each row. Triton lays such an int32
 16-byte vectors with 4 lanes along a row and 8 rows per warp: lane 4g + j holds words 4j..4j+3 of
 its row. That is the mma's A-fragment pattern: the 4 lanes of a quad hold one row (mma row g), and
 lanes with equal j hold equal columns (the same k labels), so the B fragment is each lane's own
-activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs.
+activations: pairs (x_i, x_{i+4}) made by one PRMT from two loaded bf16 pairs (M = 1: loaded in
+the asm, one 16-byte vector a word, `mma_ptx.xload`).
 `mma_ptx.check_layout` reads the compiled TTGIR once per kernel and refuses any other layout
 (MmaLayoutError; the caller dequantizes instead), so a compiler that lays it out otherwise cannot
 give wrong sums.
 - M = 1 (MT = 1): every B column holds x; lane j carries mma columns 2j, 2j + 1. With groups of
-  32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB.
+  32/64 codes (NSUB = 4/2 groups per tile), B column n holds only the lanes of group n % NSUB
+  (the other lanes load zeros: `_xptr` points them at a 64-byte zero buffer once a tile).
 - M <= 8 (MT = 8): B column n is token n (lane g supplies token g, the row's r % 8), loaded
   inside the asm from a pointer (a (rows, 16) activation load would pull the asm into another
   layout); MT = 16, 32: 2, 4 token sets, one mma chain each (lane g supplies token 8h + g of
@@ -40,7 +42,9 @@ its one-launch reduction are triton_words'.
 Measured (one H200, benchmarks/RESULTS.md, session 10): 14336x4096 g128 M = 1, tiled, 15.4 µs
 (1.97x bf16 cuBLAS); the same loop with the asm's arithmetic removed 10.5 µs; a plain read of the
 codes alone 8.7 µs. Session 13 (two tiles in flight, two rows per mma): 14.2 µs (2.14x); M = 16
-18.8 µs (1.61x).
+18.8 µs (1.61x). Session 26 (activations loaded in the asm as 16-byte vectors, zero lanes
+instead of a select per register, both groups of 64 codes' parameters in one asm call), best
+launch shape, one machine: g128 tiled 14.37 -> 13.28 µs, g64 tiled 16.33 -> 15.47.
 
 Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
 of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
@@ -61,7 +65,7 @@ import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
-from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpairs
+from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xptr
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish
@@ -74,7 +78,7 @@ EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
 
 
 @triton.jit
-def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
+def _tile(acc, acc1, wd, s, zc, zw, wi, x32, zx32, x_ptr, rn, rg, rw, M, stride_xm,
           F16: tl.constexpr, MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr,
           ASM: tl.constexpr, ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr,
           PACK: tl.constexpr = 4):
@@ -83,8 +87,8 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
         if MT == 1:
-            X0, X1, X2, X3 = _xpairs(x32, wi, rg, rw, NSUB, ASM)
-            d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, X0, X1, X2, X3],
+            px = _xptr(x32, zx32, wi, rg, rw, NSUB)
+            d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px],
                                               dtype=(tl.float32, tl.float32), is_pure=True,
                                               pack=PACK)
             acc += s * (d - (zc + BASE) * xs)
@@ -112,8 +116,8 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, x_ptr, rn, rg, rw, M, stride_xm,
 
 
 @triton.jit
-def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITERS, STEPS,
-              stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
+def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M, N, ITERS,
+              STEPS, stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
@@ -143,6 +147,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
     acc = tl.zeros((BN, 16), dtype=tl.float32)
     acc1 = acc  # tokens 16..31 (MT = 32)
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    zx32 = zx_ptr.to(tl.pointer_type(tl.int32))  # 64 bytes of zeros (M = 1, NSUB > 1: _xptr)
     w0 = pid_k * ITERS * U * 16
     its = tl.minimum(ITERS, STEPS - pid_k * ITERS)  # this program's steps (an uneven split)
     QS: tl.constexpr = 16 if RB == 0 else 16 * RB  # words from one tile of a row to the next
@@ -158,20 +163,20 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
         cg = tl.where(rw % 4 < 2, (2 * (rw // 4) + rw % 4) % NSUB, 0)  # column 2j + e's group
         wd = tl.load(qp, mask=n_ok[:, None], other=0)
         s, nz = _epi_params(s_ptr, z_ptr, s_row, z_row, (w0 * 8) // GROUP, cg, n_ok, GS,
-                            ZMODE, PARAM_TEXT)
+                            ZMODE, PARAM_TEXT, NSUB)
         if PF == 2:  # the tile after it too
             ok1 = n_ok & ((rn * 0 + 1) < its)
             wd1 = tl.load(qp + QS, mask=ok1[:, None], other=0)
             s1, nz1 = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg, ok1,
-                                  GS, ZMODE, PARAM_TEXT)
+                                  GS, ZMODE, PARAM_TEXT, NSUB)
         pdl.wait(PDL)
         for it in range(its):
             nxt = n_ok & ((rn * 0 + it + PF) < its)
             nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
-                                  nxt, GS, ZMODE, PARAM_TEXT)
-            X0, X1, X2, X3 = _xpairs(x32, w0 + rw, rg, rw, NSUB, ASM)
-            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, X0, X1, X2, X3, acc, s, nz],
+                                  nxt, GS, ZMODE, PARAM_TEXT, NSUB)
+            px = _xptr(x32, zx32, w0 + rw, rg, rw, NSUB)
+            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, px, acc, s, nz],
                                             dtype=tl.float32, is_pure=True, pack=PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
@@ -193,7 +198,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
             nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, nxt, w0 + 16 * PF, rw,
                                         col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
-                acc, acc1, wd, s, zc, zw, w0 + rw, x32, x_ptr,
+                acc, acc1, wd, s, zc, zw, w0 + rw, x32, zx32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             if PF == 2:
                 wd, s, zc, zw = wd1, s1, zc1, zw1
@@ -215,18 +220,18 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, ITER
                 wd3, s3, zc3, zw3 = _params(qp + 3 * QS, s_ptr, z_ptr, rn, n_ok, w0 + 48, rw, col,
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
-                acc, acc1, wd0, s0, zc0, zw0, w0 + rw, x32, x_ptr,
+                acc, acc1, wd0, s0, zc0, zw0, w0 + rw, x32, zx32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             acc, acc1 = _tile(
-                acc, acc1, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, x_ptr,
+                acc, acc1, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, zx32, x_ptr,
                 rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
             if U == 4:
                 acc, acc1 = _tile(
-                    acc, acc1, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, x_ptr,
+                    acc, acc1, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, zx32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
                     PACK)
                 acc, acc1 = _tile(
-                    acc, acc1, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, x_ptr,
+                    acc, acc1, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, zx32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
                     PACK)
             qp += QS * U
@@ -305,8 +310,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     kernel = _mma_gemv[grid](
-        x2, q, w.scale, z, b, y, part, cnt, m, n, iters, steps, x2.stride(0), q.stride(0),
-        w.scale.stride(0), z.stride(0), m * n,
+        x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps, x2.stride(0),
+        q.stride(0), w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
                     unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch),
         num_warps=num_warps, num_stages=1, **pdl.launch_kw())
@@ -343,8 +348,20 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
                 RB=rb,
                 PF=prefetch if unroll == 1 else 1,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
-                EPI_CONS=",".join(["=r"] * 4 * reps + ["r"] * 32 * reps) if epi else "",
-                PARAM_TEXT=mma_ptx.param_asm(sdt, zmode, f16) if epi else "")
+                EPI_CONS=mma_ptx.epi_constraints(reps) if epi else "",
+                PARAM_TEXT=(mma_ptx.param_asm(sdt, zmode, f16, 2 if nsub == 2 else 1, rb or 1)
+                            if epi else ""))
 
 
+def _zeros(device) -> torch.Tensor:
+    """64 bytes of zeros on `device`, made once (outside any capture: the first call of a
+    device comes from the chooser's eager timing), for the lanes that `_xptr` points away from
+    their word's activations."""
+    z = _ZEROS.get(device)
+    if z is None:
+        z = _ZEROS[device] = torch.zeros(16, dtype=torch.int32, device=device)
+    return z
+
+
+_ZEROS: dict = {}
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)

@@ -5,7 +5,12 @@ fragments as the PTX ISA lays them out. Tests run the generated asm text through
 operand slip, a wrong fragment or a wrong constant shows on a machine without a GPU.
 
 Arithmetic: float16 products and sums as numpy computes them (correctly rounded), the mma in
-float32 (the hardware's truncating sums differ in the last bits), ex2/lg2/rcp exactly."""
+float32 (the hardware's truncating sums differ in the last bits), ex2/lg2/rcp exactly. Only the
+float16 mma is modelled (a bfloat16 one raises NotImplementedError, like any other unknown
+instruction). Also run: predicated instructions (`@p` / `@!p`: only the lanes where the guard
+holds are written, and only they read memory), scalar and 16-byte vector loads (naturally aligned
+addresses, checked, as PTX requires), and shifts clamped as PTX defines them (an amount of 32 or
+more gives 0)."""
 
 from __future__ import annotations
 
@@ -36,6 +41,17 @@ def _pack(lo, hi):
     return lo | (hi << 16)
 
 
+def _shift(a, n, left: bool):
+    """32-bit shift of a by n, as PTX clamps it: n >= 32 gives 0 (shl.b32, shr.u32)."""
+    a = np.asarray(a, np.uint64)
+    n = np.asarray(n, np.uint64)
+    out = (a << np.minimum(n, 32)) if left else (a >> np.minimum(n, 32))
+    return (out & 0xFFFFFFFF).astype(np.uint32)
+
+
+_LOADS = {"ld.global.nc.b16": 2, "ld.global.nc.b32": 4, "ld.global.nc.u8": 1}
+
+
 class Warp:
     """One warp's registers and a byte-addressed memory for ld.global (addresses are offsets
     into `memory`)."""
@@ -43,6 +59,7 @@ class Warp:
     def __init__(self, memory: np.ndarray | None = None):
         self.r: dict[str, np.ndarray] = {}
         self.memory = memory
+        self.active: np.ndarray | None = None  # the guard of a predicated instruction
 
     def run(self, text: str, operands: list[np.ndarray]) -> list[np.ndarray]:
         """Run asm `text` with operands $0.. (each a (32,) uint32/uint64 array; outputs first,
@@ -77,11 +94,60 @@ class Warp:
         else:
             self.r[tok] = np.asarray(val)
 
+    def _addr(self, at: str, nbytes: int, ops) -> np.ndarray:
+        """Each lane's address of operand `at` ("[reg]", "[reg+off]") for an access of `nbytes`;
+        an active lane's must be aligned to `nbytes` and inside `memory`, an inactive lane's (a
+        failed guard) is not read and comes back as 0."""
+        base, _, off = at.strip().strip("[]").partition("+")
+        addr = self._get(base, ops).astype(np.int64) + (int(off) if off.strip() else 0)
+        live = np.ones(32, bool) if self.active is None else self.active
+        bad = live & ((addr % nbytes != 0) | (addr < 0) | (addr + nbytes > len(self.memory)))
+        if bad.any():
+            raise ValueError(f"ld of {nbytes} bytes at {at}: misaligned or outside memory in "
+                             f"lanes {np.flatnonzero(bad).tolist()}: {addr[bad].tolist()}")
+        return np.where(live, addr, 0)
+
+    def _word(self, addr: np.ndarray, nbytes: int) -> np.ndarray:
+        """The little-endian value of `nbytes` (<= 4) at each address, as uint32 (inactive
+        lanes: 0)."""
+        val = np.zeros(32, np.uint32)
+        for k in range(nbytes):
+            val |= self.memory[addr + k].astype(np.uint32) << np.uint32(8 * k)
+        return val if self.active is None else np.where(self.active, val, np.uint32(0))
+
+    def _guarded(self, guard: str, line: str, ops):
+        """`@p line` / `@!p line`: run line, then keep the old value of whatever it wrote in the
+        lanes where the guard fails (a register never written before reads 0 there)."""
+        pred = self._get(guard.lstrip("!"), ops).astype(bool)
+        if guard.startswith("!"):
+            pred = ~pred
+        regs, before = dict(self.r), list(ops)
+        self.active = pred
+        try:
+            self._exec(line, ops)
+        finally:
+            self.active = None
+        for k, v in self.r.items():
+            if v is not regs.get(k):
+                self.r[k] = np.where(pred, v, regs.get(k, np.zeros_like(v)))
+        for k, v in enumerate(ops):
+            if v is not before[k]:
+                ops[k] = np.where(pred, v, before[k])
+
     # instructions -----------------------------------------------------------------------
     def _exec(self, line: str, ops):
         op, _, rest = line.partition(" ")
+        if op.startswith("@"):
+            return self._guarded(op[1:], rest.strip(), ops)
+        if op == "ld.global.nc.v4.b32":  # {d0, d1, d2, d3}, [addr]: 16 bytes, 16-byte aligned
+            m = re.fullmatch(r"\{([^}]*)\}\s*,\s*(\[[^\]]*\])", rest.strip())
+            dst = [t.strip() for t in m.group(1).split(",")]
+            addr = self._addr(m.group(2), 16, ops)
+            for k, d in enumerate(dst):  # d_k: bytes 4k..4k + 3
+                self._set(d, self._word(addr + 4 * k, 4), ops)
+            return None
         if op.startswith("mma.sync"):
-            return self._mma(rest, ops)
+            return self._mma(op, rest, ops)
         args = [a.strip() for a in re.split(r",(?![^\[]*\])", rest)]
         g = lambda k: self._get(args[k], ops)
         u32 = lambda k: np.asarray(g(k)).astype(np.uint64).astype(np.uint32)
@@ -102,8 +168,14 @@ class Warp:
         elif op == "lop3.b32":
             assert args[4] == "0xEA", args  # (a & b) | c
             self._set(args[0], (u32(1) & u32(2)) | u32(3), ops)
-        elif op == "shr.u32":
-            self._set(args[0], u32(1) >> u32(2), ops)
+        elif op in ("shr.u32", "shl.b32"):
+            self._set(args[0], _shift(u32(1), u32(2), op == "shl.b32"), ops)
+        elif op == "cvt.u32.u16":  # zero-extend the low 16 bits
+            self._set(args[0], u32(1) & 0xFFFF, ops)
+        elif op == "cvt.rn.f32.u32":
+            self._set(args[0], _u32(u32(1).astype(np.float32)), ops)
+        elif op == "neg.f32":  # flips the sign bit
+            self._set(args[0], u32(1) ^ np.uint32(0x80000000), ops)
         elif op == "mul.rn.f16x2":
             (a0, a1), (b0, b1) = _halves(u32(1)), _halves(u32(2))
             self._set(args[0], _pack(a0 * b0, a1 * b1), ops)
@@ -144,13 +216,8 @@ class Warp:
             self._set(args[0], u32(1).astype(np.uint64) * u32(2).astype(np.uint64), ops)
         elif op == "add.s64":
             self._set(args[0], g(1).astype(np.uint64) + g(2).astype(np.uint64), ops)
-        elif op in ("ld.global.nc.b16", "ld.global.nc.b32"):
-            base, _, off = args[1].strip("[]").partition("+")
-            addr = self._get(base, ops).astype(np.int64) + (int(off) if off else 0)
-            val = np.zeros(32, np.uint32)
-            for k in range(2 if op.endswith("b16") else 4):
-                val |= self.memory[addr + k].astype(np.uint32) << (8 * k)
-            self._set(args[0], val, ops)
+        elif op in _LOADS:  # zero-extended into the (32-bit) destination
+            self._set(args[0], self._word(self._addr(args[1], _LOADS[op], ops), _LOADS[op]), ops)
         elif op == "prefetch.global.L2":
             pass
         else:
@@ -158,6 +225,8 @@ class Warp:
 
     @staticmethod
     def _prmt(a, b, sel):
+        if any((sel >> (4 * k)) & 0x8 for k in range(4)):
+            raise NotImplementedError(f"prmt selector {sel:#x} (sign replication)")
         bytes_ = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF
                                                               for k in range(4)]
         out = np.zeros_like(a)
@@ -165,7 +234,9 @@ class Warp:
             out |= bytes_[(sel >> (4 * k)) & 0x7] << (8 * k)
         return out
 
-    def _mma(self, rest: str, ops):
+    def _mma(self, op: str, rest: str, ops):
+        if op != "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32":
+            raise NotImplementedError(f"{op} (only the float16 m16n8k16 mma is modelled)")
         groups = re.findall(r"\{([^}]*)\}", rest)
         d, a, b, c = ([t.strip() for t in grp.split(",")] for grp in groups)
         av = [self._get(t, ops).astype(np.uint32) for t in a]

@@ -48,9 +48,9 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
-           "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "ITERS": "i32",
-           "STEPS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
-           "stride_zn": "i32", "stride_ps": "i32"}
+           "p_ptr": "*fp32", "c_ptr": "*i32", "zx_ptr": "*i32", "M": "i32", "N": "i32",
+           "ITERS": "i32", "STEPS": "i32", "stride_xm": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ps": "i32"}
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
                                  False, True, prefetch) | {"PDL": False}
