@@ -68,7 +68,7 @@ from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xptr
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
-from memfit.kernels.triton_words import _counters, _finish
+from memfit.kernels.triton_words import _counters, _finish, zeroed
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -354,13 +354,9 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
 
 
 def _zeros(device) -> torch.Tensor:
-    """64 bytes of zeros on `device`, made once (outside any capture: the first call of a
-    device comes from the chooser's eager timing), for the lanes that `_xptr` points away from
-    their word's activations."""
-    z = _ZEROS.get(device)
-    if z is None:
-        z = _ZEROS[device] = torch.zeros(16, dtype=torch.int32, device=device)
-    return z
+    """64 bytes of zeros on `device` (`triton_words.zeroed`), for the lanes that `_xptr`
+    points away from their word's activations."""
+    return zeroed(_ZEROS, device, 16)
 
 
 _ZEROS: dict = {}

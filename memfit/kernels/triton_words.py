@@ -293,13 +293,30 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
 _COUNTERS: dict = {}
+_CAPTURED: list = []  # zero buffers made inside a CUDA graph capture, alive for their graphs
 
 
 def _counters(device, n: int) -> torch.Tensor:
     """Per-device int32 arrival counters for split-K, zero between calls (each call's last
-    program resets its own); grown, never shrunk (a new buffer is only made outside a capture).
-    Shared by every layer of a device: split-K calls must not run concurrently on two streams."""
-    c = _COUNTERS.get(device)
+    program resets its own); grown, never shrunk (`zeroed`). Shared by every layer of a device:
+    split-K calls must not run concurrently on two streams."""
+    return zeroed(_COUNTERS, device, max(n, 4096))
+
+
+def zeroed(cache: dict, device, n: int) -> torch.Tensor:
+    """A per-device int32 buffer of at least n zeros, kept in `cache`. One made inside a CUDA
+    graph capture is only zeroed when the graph replays (the fill is recorded, not run), so it
+    serves that capture alone: it is held for the graph's life but not kept, and the next call
+    outside a capture makes the shared one (an eager call must never find it unfilled)."""
+    c = cache.get(device)
     if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        fresh = torch.zeros(n, dtype=torch.int32, device=device)
+        if _capturing(device):
+            _CAPTURED.append(fresh)
+            return fresh
+        c = cache[device] = fresh
     return c
+
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()

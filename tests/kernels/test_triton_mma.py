@@ -256,3 +256,50 @@ def test_launch_constants_are_built_once_per_shape_and_follow_the_pairing_switch
     monkeypatch.setattr(mma_ptx, "PAIRED", not mma_ptx.PAIRED)
     other = triton_mma.constants(*args)
     assert other["ASM_TEXT"] == mma_ptx.shared_asm(2, False, 2) != first["ASM_TEXT"]
+
+
+def test_zero_buffers_made_inside_a_capture_serve_it_alone(monkeypatch):
+    """A zero buffer (split-K counters, the M = 1 kernel's zero lanes) made inside a CUDA graph
+    capture is only filled when the graph replays: it must not become the shared one that an
+    eager call would then read unfilled."""
+    from memfit.kernels import triton_words
+
+    cache: dict = {}
+    monkeypatch.setattr(triton_words, "_capturing", lambda device: True)
+    a = triton_words.zeroed(cache, "cpu", 16)
+    b = triton_words.zeroed(cache, "cpu", 16)
+    assert cache == {} and a is not b
+    assert any(t is a for t in triton_words._CAPTURED)  # held for its graph
+    monkeypatch.setattr(triton_words, "_capturing", lambda device: False)
+    c = triton_words.zeroed(cache, "cpu", 16)
+    assert cache["cpu"] is c and int(c.abs().sum()) == 0 and c.dtype == torch.int32
+    assert triton_words.zeroed(cache, "cpu", 8) is c  # large enough: reused
+    d = triton_words.zeroed(cache, "cpu", 64)  # grown
+    assert d.numel() == 64 and cache["cpu"] is d
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="CUDA graphs")
+def test_a_first_call_inside_a_capture_leaves_eager_calls_right(monkeypatch):
+    """The M = 1 kernel with groups of 64 (zero lanes) and split-K (counters) first run inside
+    a CUDA graph capture, then eagerly before any replay, then by replaying the graph."""
+    from memfit.kernels import triton_words
+
+    w = make_weight(256, 512, 4, 64, "int", seed=3)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+    want = linear_reference(x.float(), w, None)
+
+    def run():
+        return triton_mma.run_mma(x, w, None, 64, 2, 4, 1, True)
+
+    run()  # compiled outside the capture; then no buffers made yet
+    monkeypatch.setattr(triton_words, "_COUNTERS", {})
+    monkeypatch.setattr(triton_mma, "_ZEROS", {})
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = run()
+    assert rel_err(run().float(), want) < 1e-2  # eager, the graph not replayed yet
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.float(), want) < 1e-2
+    assert rel_err(run().float(), want) < 1e-2
