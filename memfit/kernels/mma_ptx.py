@@ -53,11 +53,11 @@ def _mma(ty: str, acc: list[str], p: str, xs: list[str], low: str = "",
     return out
 
 
-def xload(ptr: str) -> tuple[list[str], list[list[str]]]:
+def xload(ptr: str) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """M = 1: lines loading the activation pairs of a lane's 4 words in the asm (word e's 8
-    activations are the 16 bytes at ptr + 16e; all four loads issued first), and the pair
-    registers, word e's X_i = (x_i, x_{i+4}) at [e][i], each made by one PRMT before its word's
-    mma. One 16-byte load a word instead of four 4-byte loads, and a lane whose B column must
+    activations are the 16 bytes at ptr + 16e; all four loads issued first), the loaded
+    registers of each word and its pair registers, X_i = (x_i, x_{i+4}) at [e][i], each to be
+    made by `_pairs` before its word's mma. One 16-byte load a word instead of four 4-byte loads, and a lane whose B column must
     not see its group points ptr at zeros (the caller's choice, once a tile) instead of a
     select per register and row (session 26)."""
     q = [[f"q{e}_{k}" for k in range(4)] for e in range(4)]
@@ -66,7 +66,7 @@ def xload(ptr: str) -> tuple[list[str], list[list[str]]]:
     for e in range(4):
         at = f"[{ptr}+{16 * e}]" if e else f"[{ptr}]"
         out.append(f"ld.global.nc.v4.b32 {{{', '.join(q[e])}}}, {at};")
-    return out, xs
+    return out, q, xs
 
 
 def _pairs(q: list[str], x: list[str]) -> list[str]:
@@ -82,10 +82,10 @@ def chain(f16: bool, w0: int, ptr: str) -> list[str]:
     magic = "0x64006400" if f16 else "0x43004300"
     ones = "0x3C003C00" if f16 else "0x3F803F80"
     out = [".reg .b32 p<4>, t, one;", ".reg .f32 a<4>, u, v;", f"mov.b32 one, {ones};"]
-    loads, xs = xload(ptr)
+    loads, qs, xs = xload(ptr)
     out += loads + [f"mov.f32 a{i}, 0f00000000;" for i in range(4)]
     for e in range(4):  # word e of this lane
-        out += _pairs([f"q{e}_{k}" for k in range(4)], xs[e])
+        out += _pairs(qs[e], xs[e])
         out += _codes(f"${w0 + e}", magic)
         out += _mma(ty, ["a0", "a1", "a2", "a3"], "p", xs[e])
     return out
@@ -132,12 +132,12 @@ def paired_chain(f16: bool, reps: int, w0: int, ptr: str) -> tuple[list[str], li
     acc = [[f"a{i}_{c}" for c in range(4)] for i in range(R // 2)]
     sums = [f"s{c}" for c in range(4)]
     regs = [a for pair in acc for a in pair] + sums
-    loads, xw = xload(ptr)
+    loads, qs, xw = xload(ptr)
     out = ["{", ".reg .b32 p<4>, u<4>, t, one;", f".reg .f32 {', '.join(regs)}, u, v;",
            f"mov.b32 one, {ones};"] + loads + [f"mov.f32 {a}, 0f00000000;" for a in regs]
     for e in range(4):
         xs = xw[e]
-        out += _pairs([f"q{e}_{k}" for k in range(4)], xs)
+        out += _pairs(qs[e], xs)
         out += _mma(ty, sums, "", xs, ones_only=True)
         for i in range(R // 2):
             out += _codes(f"${w0 + 8 * i + e}", magic)
@@ -182,8 +182,7 @@ def shared_asm(sets: int, f16: bool, reps: int) -> str:
     for e in range(4):  # word e of each row
         for h in range(sets):  # the word's activations of token set h, once for all rows
             out.append(f"ld.global.nc.v4.b32 {{q0, q1, q2, q3}}, [${B + P + h}+{16 * e}];")
-            out += [f"prmt.b32 x{h}_0, q0, q2, 0x5410;", f"prmt.b32 x{h}_1, q0, q2, 0x7632;",
-                    f"prmt.b32 x{h}_2, q1, q3, 0x5410;", f"prmt.b32 x{h}_3, q1, q3, 0x7632;"]
+            out += _pairs(["q0", "q1", "q2", "q3"], [f"x{h}_{i}" for i in range(4)])
             if paired:  # XS of set h: all-ones rows
                 out += _mma(ty, sums[h], "", [f"x{h}_{i}" for i in range(4)], ones_only=True)
         if paired:
