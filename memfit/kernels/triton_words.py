@@ -293,7 +293,7 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
 _COUNTERS: dict = {}
-_CAPTURED: list = []  # zero buffers made inside a CUDA graph capture, alive for their graphs
+_CAPTURED: list = []  # zero buffers made inside captures: kept for the process (a graph may replay)
 
 
 def _counters(device, n: int) -> torch.Tensor:
@@ -306,8 +306,9 @@ def _counters(device, n: int) -> torch.Tensor:
 def zeroed(cache: dict, device, n: int) -> torch.Tensor:
     """A per-device int32 buffer of at least n zeros, kept in `cache`. One made inside a CUDA
     graph capture is only zeroed when the graph replays (the fill is recorded, not run), so it
-    serves that capture alone: it is held for the graph's life but not kept, and the next call
-    outside a capture makes the shared one (an eager call must never find it unfilled)."""
+    serves that capture alone: it is held (for the process: the graph may replay at any time)
+    but not shared, and the next call outside a capture makes the shared one (an eager call must
+    never find it unfilled)."""
     c = cache.get(device)
     if c is None or c.numel() < n:
         fresh = torch.zeros(n, dtype=torch.int32, device=device)
