@@ -183,7 +183,12 @@ def _keep(m: int, c) -> bool:
 
 
 def cands(args, gen) -> None:
-    n, k, g = 14336, 4096, args.group
+    for shape in args.shapes or ["14336x4096"]:
+        n, k = map(int, shape.split("x"))
+        _cands(args, gen, n, k, args.group)
+
+
+def _cands(args, gen, n, k, g) -> None:
     for m in args.m:
         ws, x, bf16, want = setup(n, k, g, m, gen)
         for rb in args.rb:
@@ -192,8 +197,13 @@ def cands(args, gen) -> None:
             cs = triton_int.candidates(m, wl[0], x.dtype)
             if args.pf:  # the mma kernel's one-tile launch shapes with two tiles in flight
                 cs += [replace(c, num_stages=2) for c in cs if c.words == "mma" and c.BK == 128]
+            if args.regs:  # the mma kernel's shapes again under each ptxas register cap
+                cs += [replace(c, regs=r) for r in args.regs for c in cs
+                       if c.words == "mma" and r and not c.regs]
             for c in cs:
                 if not _keep(m, c) or (args.only and (c.words or "tile") != args.only):
+                    continue
+                if args.splits and c.SPLIT_K not in args.splits:
                     continue
                 for paired in ((True, False) if args.ab and c.reps > 1 else (True,)):
                     mma_ptx.PAIRED = paired
@@ -208,7 +218,8 @@ def cands(args, gen) -> None:
             best = {}
             for t, err, c, paired in res:  # the best of each kernel family
                 fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
-                fam += f"_pf{c.num_stages}_epi{int(c.epi)}" if c.words == "mma" else ""
+                fam += (f"_pf{c.num_stages}_epi{int(c.epi)}_regs{c.regs}" if c.words == "mma"
+                        else "")
                 fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
@@ -555,7 +566,12 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true",
                     help="cands: mma shapes with reps > 1 also with unpaired rows (mma_ptx.PAIRED)")
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
-    ap.add_argument("--shapes", nargs="*", help="wa: NxK shapes (default both)")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="cands: only these K splits (a short GPU call)")
+    ap.add_argument("--regs", type=int, nargs="*", default=[],
+                    help="cands: the mma shapes also under these ptxas register caps (maxnreg)")
+    ap.add_argument("--shapes", nargs="*",
+                    help="wa: NxK shapes (default both); cands: NxK shapes (default 14336x4096)")
     ap.add_argument("--bm", type=int, nargs="*", default=[64, 256, 2048], help="blocks: batch sizes")
     ap.add_argument("--rows", type=int, nargs="*", default=[0, 512, 1024, 2048, 4096],
                     help="blocks: rows a block (0: one whole dequantize)")

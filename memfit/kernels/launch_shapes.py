@@ -41,7 +41,7 @@ class Config:
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
     pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
-    regs: int = 0        # `_int_mm`: cap on registers a thread (ptxas maxnreg; 0 = its choice)
+    regs: int = 0        # `_int_mm`, mma: cap on registers a thread (ptxas maxnreg; 0 = its choice)
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
 
 

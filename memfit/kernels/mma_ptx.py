@@ -20,6 +20,7 @@ row and 8 rows per warp; `check_layout` reads the compiled TTGIR and refuses any
 from __future__ import annotations
 
 import re
+import struct
 
 
 def _codes(w: str, magic: str, dst: str = "p") -> list[str]:
@@ -263,39 +264,53 @@ def epi_constraints(reps: int) -> str:
 
 def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1) -> str:
     """PTX loading the scales of `nsub` groups of one row from group g0 on, as float32, and
-    their nz = -(BASE + z) (EPI), where the flag is set (else 0). Outputs: s_t at $t, nz_t at
-    $(n + t) (n = nsub); inputs: group g0's scale pointer $(2n), its zero-point byte pointer
-    $(2n + 1), the shift of g0's nibble $(2n + 2) (nsub > 1: g0 is even, so one byte holds two
-    groups' zero points and the shifts are 0, 4), flag $(2n + 3). gs: rows between one group's
-    parameters and the next's (the tiled layout's RB, else 1). One call a row and tile loads
-    every group of the tile (the groups of 64 codes took one call each, with a byte load for
-    each zero point). Issued a tile ahead, like the words, so its latency hides behind a tile's
+    their nz = -(BASE + z) (EPI). Where the flag is 0 it reads nothing and s = 0 (nz = -BASE,
+    finite, so s * (D + nz * XS) adds exactly 0). Outputs: s_t at $t, nz_t at $(n + t) (n =
+    nsub); inputs: group g0's scale pointer $(2n), its zero-point byte pointer $(2n + 1), the
+    shift of g0's nibble $(2n + 2) (nsub > 1: g0 is even, so one byte holds two groups' zero
+    points and the shifts are 0, 4), flag $(2n + 3). gs: rows between one group's parameters
+    and the next's (the tiled layout's RB, else 1). One call a row and tile loads every group
+    of the tile. A zero point becomes a float by the magic-number trick, (z | 0x4B000000) is
+    2^23 + z, so nz = (2^23 - BASE) - that, one subtraction (the integer conversion, add and
+    negation took three more instructions a group; the M = 1 kernel's time follows its
+    instruction count, benchmarks/RESULTS.md session 27); a bfloat16 scale is a float32's
+    upper half. Issued a tile ahead, like the words, so its latency hides behind a tile's
     arithmetic; loading in the asm keeps the values in the mma layout (a (rows,) load is laid
     out otherwise and converted through shared memory, with barriers, every tile)."""
     n = nsub
-    base = "0f44800000" if f16 else "0f43000000"  # 1024 / 128
+    base = 1024.0 if f16 else 128.0
     esz = 4 if sdt == "f32" else 2
     sp, zp, sh, flag = (f"${2 * n + i}" for i in range(4))
-    out = ["{", ".reg .b32 h, zb, zv;", ".reg .b16 hh;", ".reg .f32 zf;", ".reg .pred ok;",
-           f"setp.ne.u32 ok, {flag}, 0;"] + [f"mov.b32 ${t}, 0;" for t in range(2 * n)]
+    out = ["{", ".reg .b32 h, zb, zv;", ".reg .b16 hh;", ".reg .pred ok;",
+           f"setp.ne.u32 ok, {flag}, 0;"]
     for t in range(n):
         at = f"[{sp}+{t * gs * esz}]" if t else f"[{sp}]"
         if sdt == "f32":
-            out.append(f"@ok ld.global.nc.b32 ${t}, {at};")
-        else:
-            out.append(f"@ok ld.global.nc.b16 hh, {at};")
-            out += ([f"@ok cvt.f32.f16 ${t}, hh;"] if sdt == "f16"  # bf16: a float32's upper half
-                    else ["cvt.u32.u16 h, hh;", f"@ok shl.b32 ${t}, h, 16;"])
+            out += [f"mov.b32 ${t}, 0;", f"@ok ld.global.nc.b32 ${t}, {at};"]
+        elif sdt == "f16":
+            out += ["mov.b16 hh, 0;", f"@ok ld.global.nc.b16 hh, {at};", f"cvt.f32.f16 ${t}, hh;"]
+        else:  # bfloat16: the upper half of a float32
+            out += ["mov.b32 h, 0;", f"@ok ld.global.nc.u16 h, {at};", f"shl.b32 ${t}, h, 16;"]
     for t in range(n):
         if zmode == 0:  # -(BASE + 8)
-            out.append(f"@ok mov.b32 ${n + t}, {'0fC4810000' if f16 else '0fC3080000'};")
+            out.append(f"mov.b32 ${n + t}, {_f32(-(base + 8))};")
             continue
         if t % 2 == 0:
             at = f"[{zp}+{(t // 2) * gs}]" if t else f"[{zp}]"
             out += ["mov.b32 zb, 0;", f"@ok ld.global.nc.u8 zb, {at};"]
-        out += [f"shr.u32 zv, zb, {sh if n == 1 else 4 * (t % 2)};", "and.b32 zv, zv, 15;",
-                "cvt.rn.f32.u32 zf, zv;", f"add.f32 zf, zf, {base};", f"@ok neg.f32 ${n + t}, zf;"]
+        if n == 1:
+            out += [f"shr.u32 zv, zb, {sh};", "lop3.b32 zv, zv, 0xF, 0x4B000000, 0xEA;"]
+        elif t % 2 == 0:
+            out.append("lop3.b32 zv, zb, 0xF, 0x4B000000, 0xEA;")
+        else:  # the byte's upper nibble
+            out += ["shr.u32 zv, zb, 4;", "or.b32 zv, zv, 0x4B000000;"]
+        out.append(f"sub.f32 ${n + t}, {_f32(2.0 ** 23 - base)}, zv;")
     return "\n".join(out + ["}"])
+
+
+def _f32(v: float) -> str:
+    """A PTX float32 immediate."""
+    return "0f" + struct.pack(">f", v).hex().upper()
 
 
 def constraints(sets: int, reps: int = 1) -> str:

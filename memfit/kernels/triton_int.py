@@ -222,7 +222,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
     if cfg.words == "mma":
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
-                           epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages)
+                           epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages,
+                           maxnreg=cfg.regs)
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))

@@ -124,7 +124,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
-              EPI_CONS: tl.constexpr = ""):
+              EPI_CONS: tl.constexpr = "", EVEN: tl.constexpr = False):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
     all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
@@ -141,7 +141,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     rw = tl.arange(0, 16)
-    n_ok = rn < N
+    n_ok = tl.full((BN,), 1, tl.int1) if EVEN else rn < N  # EVEN: BN divides N
     rg = rn % 8  # the row's lane quad g within its warp (8 rows per warp)
     col = _col(rw, HALVES)
     acc = tl.zeros((BN, 16), dtype=tl.float32)
@@ -170,11 +170,10 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             s1, nz1 = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16) * 8) // GROUP, cg, ok1,
                                   GS, ZMODE, PARAM_TEXT, NSUB)
         pdl.wait(PDL)
-        for it in range(its):
-            nxt = n_ok & ((rn * 0 + it + PF) < its)
-            nwd = tl.load(qp + PF * QS, mask=nxt[:, None], other=0)
+        for it in range(its - PF):  # the tile PF ahead exists: its loads need no tile check
+            nwd = tl.load(qp + PF * QS, mask=n_ok[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
-                                  nxt, GS, ZMODE, PARAM_TEXT, NSUB)
+                                  n_ok, GS, ZMODE, PARAM_TEXT, NSUB)
             px = _xptr(x32, zx32, w0 + rw, rg, rw, NSUB)
             acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, px, acc, s, nz],
                                             dtype=tl.float32, is_pure=True, pack=PACK)
@@ -185,6 +184,13 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
                 wd, s, nz = nwd, ns, nnz
             qp += QS
             w0 += 16
+        for it in range(tl.maximum(its - PF, 0), its):  # the last PF tiles: nothing to load
+            px = _xptr(x32, zx32, w0 + rw, rg, rw, NSUB)
+            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, px, acc, s, nz],
+                                            dtype=tl.float32, is_pure=True, pack=PACK)
+            if PF == 2:
+                wd, s, nz = wd1, s1, nz1
+            w0 += 16
     elif U == 1:
         wd, s, zc, zw = _params(qp, s_ptr, z_ptr, rn, n_ok, w0, rw, col, stride_sn, stride_zn,
                                 GROUP, ZMODE, NSUB, RB)
@@ -193,9 +199,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             wd1, s1, zc1, zw1 = _params(qp + QS, s_ptr, z_ptr, rn, ok1, w0 + 16, rw, col,
                                         stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's
-        for it in range(its):
-            nxt = n_ok & ((rn * 0 + it + PF) < its)
-            nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, nxt, w0 + 16 * PF, rw,
+        for it in range(its - PF):  # the tile PF ahead exists: its loads need no tile check
+            nwd, ns, nzc, nzw = _params(qp + PF * QS, s_ptr, z_ptr, rn, n_ok, w0 + 16 * PF, rw,
                                         col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
                 acc, acc1, wd, s, zc, zw, w0 + rw, x32, zx32, x_ptr,
@@ -206,6 +211,13 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             else:
                 wd, s, zc, zw = nwd, ns, nzc, nzw
             qp += QS
+            w0 += 16
+        for it in range(tl.maximum(its - PF, 0), its):  # the last PF tiles: nothing to load
+            acc, acc1 = _tile(
+                acc, acc1, wd, s, zc, zw, w0 + rw, x32, zx32, x_ptr,
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+            if PF == 2:
+                wd, s, zc, zw = wd1, s1, zc1, zw1
             w0 += 16
     else:
         pdl.wait(PDL)
@@ -270,12 +282,15 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
-            unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1) -> torch.Tensor:
+            unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1,
+            maxnreg: int = 0) -> torch.Tensor:
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     rows of a lane per asm call (it must divide the lane's rows, BN / (8 * num_warps)): M > 1
     they share their activation loads (mma_ptx.shared_asm), and an even number of rows is
-    paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2)."""
+    paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2);
+    maxnreg: ptxas's cap on registers a thread (0: its own choice, which at M = 1 sinks the next
+    tile's loads below most of the mma chain to stay at 96-103 registers)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
@@ -313,8 +328,10 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
         x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps, x2.stride(0),
         q.stride(0), w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
-                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch),
-        num_warps=num_warps, num_stages=1, **pdl.launch_kw())
+                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch,
+                    n % bn == 0),
+        num_warps=num_warps, num_stages=1, **pdl.launch_kw(),
+        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     LAST[0] = kernel
     if not INTERPRET:
         mma_ptx.check_layout(kernel)
@@ -323,18 +340,18 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool,
-              prefetch: int = 1) -> dict:
+              prefetch: int = 1, even: bool = False) -> dict:
     """`_mma_gemv`'s compile-time arguments (see `_constants`), built once per launch shape:
     building the asm strings took 48-148 µs of host time a call (this 2-core CPU), which an
     eager decode pays on every packed linear."""
     return _constants(mt, group, zmode, sdt, f16, bn, split_k, unroll, rb, epi, reps, has_bias,
-                      asm, prefetch, mma_ptx.PAIRED)
+                      asm, prefetch, mma_ptx.PAIRED, even)
 
 
 @functools.lru_cache(maxsize=1024)
 def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int,
                split_k: int, unroll: int, rb: int, epi: bool, reps: int, has_bias: bool,
-               asm: bool, prefetch: int, paired: bool) -> dict:
+               asm: bool, prefetch: int, paired: bool, even: bool = False) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
@@ -346,7 +363,7 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
                           else mma_ptx.shared_asm(mt // 8, f16, reps)),
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
-                PF=prefetch if unroll == 1 else 1,
+                PF=prefetch if unroll == 1 else 1, EVEN=even,
                 EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
                 EPI_CONS=mma_ptx.epi_constraints(reps) if epi else "",
                 PARAM_TEXT=(mma_ptx.param_asm(sdt, zmode, f16, 2 if nsub == 2 else 1, rb or 1)

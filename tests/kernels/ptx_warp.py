@@ -49,7 +49,8 @@ def _shift(a, n, left: bool):
     return (out & 0xFFFFFFFF).astype(np.uint32)
 
 
-_LOADS = {"ld.global.nc.b16": 2, "ld.global.nc.b32": 4, "ld.global.nc.u8": 1}
+_LOADS = {"ld.global.nc.b16": 2, "ld.global.nc.u16": 2, "ld.global.nc.b32": 4,
+          "ld.global.nc.u8": 1}
 
 
 class Warp:
@@ -157,10 +158,12 @@ class Warp:
             x = self._get(src, ops).astype(np.uint64).astype(np.uint32)
             self._set(lo, x & 0xFFFF, ops)
             self._set(hi, x >> 16, ops)
-        elif op in ("mov.b32", "mov.f32", "mov.u32"):
+        elif op in ("mov.b32", "mov.f32", "mov.u32", "mov.b16"):
             self._set(args[0], u32(1), ops)
         elif op == "and.b32":
             self._set(args[0], u32(1) & u32(2), ops)
+        elif op == "or.b32":
+            self._set(args[0], u32(1) | u32(2), ops)
         elif op == "setp.ne.u32":
             self._set(args[0], u32(1) != u32(2), ops)
         elif op == "selp.b32":

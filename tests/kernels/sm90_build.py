@@ -75,7 +75,7 @@ def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, rep
     ptx = k.asm["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
-        assert "ld.global.nc.b16" in ptx or "ld.global.nc.b32" in ptx, "param loads"
+        assert any(f"ld.global.nc.{t}" in ptx for t in ("b16", "u16", "b32")), "param loads"
         loop = k.asm["ttgir"].split("scf.for")[1].split("scf.yield")[0]
         assert "convert_layout" not in loop, "a layout conversion in the EPI loop"
     mma_ptx.LAYOUT_OK.pop(id(k), None)

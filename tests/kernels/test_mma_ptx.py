@@ -171,29 +171,36 @@ def _at(n, c, stride, gs):
     return n * stride + c if gs == 1 else ((n // gs) * stride + c) * gs + n % gs
 
 
-def _param_tables(rng, rows: int, groups: int, gs: int):
-    """float16 scales (rows, groups) and zero points, the memory holding both (zero-point
-    bytes from `zb` on: two groups a byte, the even group in the low nibble), and `zb`."""
+def _param_tables(rng, rows: int, groups: int, gs: int, sdt: str = "f16"):
+    """float16 (or bfloat16: sdt "bf16") scales (rows, groups) and zero points, the memory
+    holding both (zero-point bytes from `zb` on: two groups a byte, the even group in the low
+    nibble), and `zb`. The scales come back as float32 (exactly the stored values)."""
     s = (rng.uniform(0.5, 1.5, (rows, groups)) * 1e-2).astype(np.float16)
+    bits = s.view(np.uint16)
+    if sdt == "bf16":  # a float32's upper half, truncated
+        bits = (s.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        s = (bits.astype(np.uint32) << 16).view(np.float32)
     z = rng.integers(0, 16, (rows, groups))
-    sm = np.zeros(rows * groups, np.float16)
+    sm = np.zeros(rows * groups, np.uint16)
     zm = np.zeros(rows * groups // 2, np.uint8)
     n, g = np.meshgrid(np.arange(rows), np.arange(groups), indexing="ij")
-    sm[_at(n, g, groups, gs)] = s
+    sm[_at(n, g, groups, gs)] = bits
     np.bitwise_or.at(zm, _at(n, g // 2, groups // 2, gs), (z << (4 * (g % 2))).astype(np.uint8))
     return s, z, np.concatenate([sm.view(np.uint8), zm]), 2 * rows * groups
 
 
+@pytest.mark.parametrize("sdt", ["f16", "bf16"])
 @pytest.mark.parametrize("gs", [1, 64])
 @pytest.mark.parametrize("zmode", [0, 1])
 @pytest.mark.parametrize("nsub", [1, 2])
-def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs):
+def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs, sdt):
     """s_t = the scale of group g0 + t, nz_t = -(1024 + z) (symmetric: z = 8), exactly, for
-    lanes of different rows and groups; flag 0 gives 0 and reads nothing (those lanes, and the
-    zero-point pointer when symmetric, point outside memory: a load there would raise)."""
+    lanes of different rows and groups; flag 0 gives s = 0, a finite nz, and reads nothing
+    (those lanes, and the zero-point pointer when symmetric, point outside memory: a load there
+    would raise)."""
     rng = np.random.default_rng(nsub + 2 * zmode + gs)
     rows, groups = 128, 8
-    s, z, mem, zb = _param_tables(rng, rows, groups, gs)
+    s, z, mem, zb = _param_tables(rng, rows, groups, gs, sdt)
     n = rng.permutation(rows)[:32]  # each lane a row
     g0 = rng.integers(0, groups - nsub + 1, 32) // nsub * nsub  # nsub = 2: even
     flag = (rng.random(32) < 0.75).astype(np.uint32)
@@ -203,15 +210,16 @@ def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs):
     if zmode == 0:
         zp[:] = far
     ins = [sp, zp, ((g0 % 2) * 4).astype(np.uint32), flag]
-    out = Warp(mem).run(mma_ptx.param_asm("f16", zmode, True, nsub, gs),
+    out = Warp(mem).run(mma_ptx.param_asm(sdt, zmode, True, nsub, gs),
                         [np.zeros(32, np.uint32)] * 2 * nsub + ins)
     bits = lambda v: np.asarray(v, np.float32).view(np.uint32)  # flag 0: +0.0, not -0.0
     for t in range(nsub):
         zt = z[n, g0 + t] if zmode else np.full(32, 8)
         want_s = np.where(flag, s[n, g0 + t].astype(np.float32), 0)
-        want_nz = np.where(flag, -(BASE + zt), 0)
         assert np.array_equal(out[t].astype(np.uint32), bits(want_s))
-        assert np.array_equal(out[nsub + t].astype(np.uint32), bits(want_nz))
+        nz = out[nsub + t].astype(np.uint32).view(np.float32)
+        assert np.array_equal(nz[flag == 1], (-(BASE + zt[flag == 1])).astype(np.float32))
+        assert np.isfinite(nz).all()  # flag 0: s = 0 times a finite sum adds exactly 0
 
 
 def _epi_params(warp, nsub, ok, p0, zb, groups, g0):
