@@ -44,7 +44,10 @@ Measured (one H200, benchmarks/RESULTS.md, session 10): 14336x4096 g128 M = 1, t
 codes alone 8.7 µs. Session 13 (two tiles in flight, two rows per mma): 14.2 µs (2.14x); M = 16
 18.8 µs (1.61x). Session 26 (activations loaded in the asm as 16-byte vectors, zero lanes
 instead of a select per register, both groups of 64 codes' parameters in one asm call), best
-launch shape, one machine: g128 tiled 14.37 -> 13.28 µs, g64 tiled 16.33 -> 15.47.
+launch shape, one machine: g128 tiled 14.37 -> 13.28 µs, g64 tiled 16.33 -> 15.47. Session 27
+(the time follows the instruction count: zero points made floats with one subtraction, M = 1's
+last tiles peeled off so the prefetch needs no tile check): g64 tiled 15.7 -> 13.2-13.5 µs,
+within 2-5% of g128 (12.9-13.1).
 
 Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
 of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
