@@ -5,9 +5,9 @@ fragments as the PTX ISA lays them out. Tests run the generated asm text through
 operand slip, a wrong fragment or a wrong constant shows on a machine without a GPU.
 
 Arithmetic: float16 products and sums as numpy computes them (correctly rounded), the mma in
-float32 (the hardware's truncating sums differ in the last bits), ex2/lg2/rcp exactly. Only the
-float16 mma is modelled (a bfloat16 one raises NotImplementedError, like any other unknown
-instruction). Also run: predicated instructions (`@p` / `@!p`: only the lanes where the guard
+float32 (the hardware's truncating sums differ in the last bits), ex2/lg2/rcp exactly. The
+float16 and bfloat16 m16n8k16 mma are modelled (any other unknown instruction raises
+NotImplementedError). Also run: predicated instructions (`@p` / `@!p`: only the lanes where the guard
 holds are written, and only they read memory), scalar and 16-byte vector loads (naturally aligned
 addresses, checked, as PTX requires), and shifts clamped as PTX defines them (an amount of 32 or
 more gives 0)."""
@@ -29,8 +29,11 @@ def _u32(x):
     return np.asarray(x, np.float32).view(np.uint32)
 
 
-def _halves(x):
+def _halves(x, bf16: bool = False):
+    """The two 16-bit floats of each 32-bit x (low, high), as float16 or (bf16) float32."""
     x = np.asarray(x, np.uint32)
+    if bf16:  # a bfloat16 is a float32's upper half
+        return (x << 16).view(np.float32), (x & 0xFFFF0000).view(np.float32)
     return ((x & 0xFFFF).astype(np.uint16).view(np.float16),
             (x >> 16).astype(np.uint16).view(np.float16))
 
@@ -238,8 +241,11 @@ class Warp:
         return out
 
     def _mma(self, op: str, rest: str, ops):
-        if op != "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32":
-            raise NotImplementedError(f"{op} (only the float16 m16n8k16 mma is modelled)")
+        kinds = {f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32": t == "bf16"
+                 for t in ("f16", "bf16")}
+        if op not in kinds:
+            raise NotImplementedError(f"{op} (only the float16 / bfloat16 m16n8k16 mma)")
+        bf16 = kinds[op]
         groups = re.findall(r"\{([^}]*)\}", rest)
         d, a, b, c = ([t.strip() for t in grp.split(",")] for grp in groups)
         av = [self._get(t, ops).astype(np.uint32) for t in a]
@@ -248,12 +254,12 @@ class Warp:
         gq, tq = LANES // 4, LANES % 4
         A = np.zeros((16, 16), np.float32)
         for k, (row, col) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
-            lo, hi = _halves(av[k])
+            lo, hi = _halves(av[k], bf16)
             A[gq + row, 2 * tq + col] = lo
             A[gq + row, 2 * tq + col + 1] = hi
         B = np.zeros((16, 8), np.float32)
         for k, col in enumerate((0, 8)):
-            lo, hi = _halves(bv[k])
+            lo, hi = _halves(bv[k], bf16)
             B[2 * tq + col, gq] = lo
             B[2 * tq + col + 1, gq] = hi
         C = np.zeros((16, 8), np.float32)
