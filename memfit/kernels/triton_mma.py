@@ -119,6 +119,16 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, zx32, x_ptr, rn, rg, rw, M, stride_
 
 
 @triton.jit
+def _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB: tl.constexpr, EPI_TEXT: tl.constexpr,
+          EPI_CONS: tl.constexpr, PACK: tl.constexpr):
+    """EPI (M = 1): the tile of words wd (first word w0) folded into acc by the asm
+    (mma_ptx.epi_asm) with its scales s and nz = -(BASE + z)."""
+    return tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS,
+                                     [wd, _xptr(x32, zx32, w0 + rw, rg, rw, NSUB), acc, s, nz],
+                                     dtype=tl.float32, is_pure=True, pack=PACK)
+
+
+@triton.jit
 def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M, N, ITERS,
               STEPS, stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
@@ -177,9 +187,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             nwd = tl.load(qp + PF * QS, mask=n_ok[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
                                   n_ok, GS, ZMODE, PARAM_TEXT, NSUB)
-            px = _xptr(x32, zx32, w0 + rw, rg, rw, NSUB)
-            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, px, acc, s, nz],
-                                            dtype=tl.float32, is_pure=True, pack=PACK)
+            acc = _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB, EPI_TEXT, EPI_CONS, PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
                 wd1, s1, nz1 = nwd, ns, nnz
@@ -188,9 +196,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             qp += QS
             w0 += 16
         for it in range(tl.maximum(its - PF, 0), its):  # the last PF tiles: nothing to load
-            px = _xptr(x32, zx32, w0 + rw, rg, rw, NSUB)
-            acc = tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS, [wd, px, acc, s, nz],
-                                            dtype=tl.float32, is_pure=True, pack=PACK)
+            acc = _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB, EPI_TEXT, EPI_CONS, PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
             w0 += 16
