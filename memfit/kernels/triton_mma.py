@@ -47,7 +47,8 @@ instead of a select per register, both groups of 64 codes' parameters in one asm
 launch shape, one machine: g128 tiled 14.37 -> 13.28 µs, g64 tiled 16.33 -> 15.47. Session 27
 (the time follows the instruction count: zero points made floats with one subtraction, M = 1's
 last tiles peeled off so the prefetch needs no tile check): g64 tiled 15.7 -> 13.2-13.5 µs,
-within 2-5% of g128 (12.9-13.1).
+within 2-5% of g128 (12.9-13.1). Session 28 (FOLD: g128 two tiles ahead folds the tile in the
+asm too, 279 -> 263 SASS a tile): 14336x4096 tiled 12.96 -> 12.71 µs, 4096x14336 12.83 -> 12.13.
 
 Takes: 4-bit codes, integer or symmetric zero points, group size 32, 64 (M = 1) or a multiple
 of 128, rows of a multiple of 128 codes, 16-bit activations; `mma_ineligibility` says why not.
@@ -84,12 +85,19 @@ EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
 def _tile(acc, acc1, wd, s, zc, zw, wi, x32, zx32, x_ptr, rn, rg, rw, M, stride_xm,
           F16: tl.constexpr, MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr,
           ASM: tl.constexpr, ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr,
-          PACK: tl.constexpr = 4):
+          PACK: tl.constexpr, FOLD: tl.constexpr, EPI_TEXT: tl.constexpr,
+          EPI_CONS: tl.constexpr):
     """The accumulators + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x);
-    acc holds tokens 0..15 (M = 1: the row), acc1 tokens 16..31 (MT = 32)."""
+    acc holds tokens 0..15 (M = 1: the row), acc1 tokens 16..31 (MT = 32). FOLD (M = 1): the
+    scales and zero points loaded here (one row a thread) and the sum folded into acc in the asm
+    (`mma_ptx.epi_asm`)."""
     BASE: tl.constexpr = 1024.0 if F16 else 128.0
     if ASM:
-        if MT == 1:
+        if FOLD:
+            acc = _fold(acc, wd, tl.broadcast_to(s, wd.shape),
+                        tl.broadcast_to(-(zc + BASE), wd.shape), x32, zx32, wi, rg, rw, NSUB,
+                        EPI_TEXT, EPI_CONS, PACK)
+        elif MT == 1:
             px = _xptr(x32, zx32, wi, rg, rw, NSUB)
             d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px],
                                               dtype=(tl.float32, tl.float32), is_pure=True,
@@ -119,12 +127,12 @@ def _tile(acc, acc1, wd, s, zc, zw, wi, x32, zx32, x_ptr, rn, rg, rw, M, stride_
 
 
 @triton.jit
-def _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB: tl.constexpr, EPI_TEXT: tl.constexpr,
+def _fold(acc, wd, s, nz, x32, zx32, wi, rg, rw, NSUB: tl.constexpr, EPI_TEXT: tl.constexpr,
           EPI_CONS: tl.constexpr, PACK: tl.constexpr):
-    """EPI (M = 1): the tile of words wd (first word w0) folded into acc by the asm
-    (mma_ptx.epi_asm) with its scales s and nz = -(BASE + z)."""
+    """M = 1 (EPI, FOLD): the tile of words wd (word indices wi) folded into acc by the asm
+    (mma_ptx.epi_asm) with its scales s and nz = -(BASE + z), (BN, 16) each."""
     return tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS,
-                                     [wd, _xptr(x32, zx32, w0 + rw, rg, rw, NSUB), acc, s, nz],
+                                     [wd, _xptr(x32, zx32, wi, rg, rw, NSUB), acc, s, nz],
                                      dtype=tl.float32, is_pure=True, pack=PACK)
 
 
@@ -137,7 +145,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
               CONSTRAINTS: tl.constexpr, RB: tl.constexpr = 0, PDL: tl.constexpr = False,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
-              EPI_CONS: tl.constexpr = "", EVEN: tl.constexpr = False):
+              EPI_CONS: tl.constexpr = "", EVEN: tl.constexpr = False,
+              FOLD: tl.constexpr = False):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
     all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
@@ -149,7 +158,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
     zero points are contiguous runs (RB rows each), the next tile RB x 16 words further on.
     EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `mma_ptx.param_asm` and the tile
     folded into the accumulator by `mma_ptx.epi_asm`; the accumulator's slots then hold the columns
-    that matter (as the other paths' do after the store's masking)."""
+    that matter (as the other paths' do after the store's masking). FOLD (M = 1, U = 1, GPU):
+    the scales and zero points loaded by Triton, the tile folded in by `mma_ptx.epi_asm`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -187,7 +197,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             nwd = tl.load(qp + PF * QS, mask=n_ok[:, None], other=0)
             ns, nnz = _epi_params(s_ptr, z_ptr, s_row, z_row, ((w0 + 16 * PF) * 8) // GROUP, cg,
                                   n_ok, GS, ZMODE, PARAM_TEXT, NSUB)
-            acc = _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB, EPI_TEXT, EPI_CONS, PACK)
+            acc = _fold(acc, wd, s, nz, x32, zx32, w0 + rw, rg, rw, NSUB, EPI_TEXT, EPI_CONS,
+                        PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
                 wd1, s1, nz1 = nwd, ns, nnz
@@ -196,7 +207,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
             qp += QS
             w0 += 16
         for it in range(tl.maximum(its - PF, 0), its):  # the last PF tiles: nothing to load
-            acc = _fold(acc, wd, s, nz, x32, zx32, w0, rg, rw, NSUB, EPI_TEXT, EPI_CONS, PACK)
+            acc = _fold(acc, wd, s, nz, x32, zx32, w0 + rw, rg, rw, NSUB, EPI_TEXT, EPI_CONS,
+                        PACK)
             if PF == 2:
                 wd, s, nz = wd1, s1, nz1
             w0 += 16
@@ -216,7 +228,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
                                         col, stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
                 acc, acc1, wd, s, zc, zw, w0 + rw, x32, zx32, x_ptr,
-                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK,
+                FOLD, EPI_TEXT, EPI_CONS)
             if PF == 2:
                 wd, s, zc, zw = wd1, s1, zc1, zw1
                 wd1, s1, zc1, zw1 = nwd, ns, nzc, nzw
@@ -227,7 +240,8 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
         for it in range(tl.maximum(its - PF, 0) if MT == 1 else its, its):  # nothing to load
             acc, acc1 = _tile(
                 acc, acc1, wd, s, zc, zw, w0 + rw, x32, zx32, x_ptr,
-                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK,
+                FOLD, EPI_TEXT, EPI_CONS)
             if PF == 2:
                 wd, s, zc, zw = wd1, s1, zc1, zw1
             w0 += 16
@@ -245,19 +259,21 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
                                             stride_sn, stride_zn, GROUP, ZMODE, NSUB, RB)
             acc, acc1 = _tile(
                 acc, acc1, wd0, s0, zc0, zw0, w0 + rw, x32, zx32, x_ptr,
-                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK,
+                FOLD, EPI_TEXT, EPI_CONS)
             acc, acc1 = _tile(
                 acc, acc1, wd1, s1, zc1, zw1, w0 + 16 + rw, x32, zx32, x_ptr,
-                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK)
+                rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS, PACK,
+                FOLD, EPI_TEXT, EPI_CONS)
             if U == 4:
                 acc, acc1 = _tile(
                     acc, acc1, wd2, s2, zc2, zw2, w0 + 32 + rw, x32, zx32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
-                    PACK)
+                    PACK, FOLD, EPI_TEXT, EPI_CONS)
                 acc, acc1 = _tile(
                     acc, acc1, wd3, s3, zc3, zw3, w0 + 48 + rw, x32, zx32, x_ptr,
                     rn, rg, rw, M, stride_xm, F16, MT, NSUB, HALVES, ASM, ASM_TEXT, CONSTRAINTS,
-                    PACK)
+                    PACK, FOLD, EPI_TEXT, EPI_CONS)
             qp += QS * U
             w0 += 16 * U
     if MT > 1:
@@ -369,15 +385,20 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
     zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
     halves = 2 if mt >= 16 else 1
     nsub = max(1, 128 // group) if mt == 1 else 1
+    pf = prefetch if unroll == 1 else 1
+    # M = 1, groups >= 128, two tiles ahead: the tile folded in the asm with Triton's (one row a
+    # thread) scales and zero points (14336x4096 tiled 12.96 -> 12.71 µs, 4096x14336 12.83 ->
+    # 12.13; one tile ahead read 2-6% slower so: RESULTS.md, session 28)
+    fold = mt == 1 and nsub == 1 and pf == 2 and not epi
     return dict(GROUP=group, ZMODE=zmode, HAS_BIAS=has_bias, F16=f16, MT=mt, NSUB=nsub,
                 HALVES=halves, BN=bn, SPLIT_K=split_k, U=unroll, ASM=asm,
                 ASM_TEXT=(mma_ptx.mma_asm(f16, reps) if mt == 1
                           else mma_ptx.shared_asm(mt // 8, f16, reps)),
                 CONSTRAINTS=mma_ptx.constraints(0 if mt == 1 else mt // 8, reps), PACK=4 * reps,
                 RB=rb,
-                PF=prefetch if unroll == 1 else 1, EVEN=even,
-                EPI=epi, EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi else "",
-                EPI_CONS=mma_ptx.epi_constraints(reps) if epi else "",
+                PF=pf, EVEN=even, EPI=epi, FOLD=fold,
+                EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi or fold else "",
+                EPI_CONS=mma_ptx.epi_constraints(reps) if epi or fold else "",
                 PARAM_TEXT=(mma_ptx.param_asm(sdt, zmode, f16, 2 if nsub == 2 else 1, rb or 1)
                             if epi else ""))
 

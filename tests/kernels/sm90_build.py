@@ -74,6 +74,9 @@ def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, rep
     k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch)
     ptx = k.asm["ptx"]
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
+    fold = mt == 1 and nsub == 1 and prefetch == 2 and unroll == 1 and not epi
+    # FOLD (triton_mma._constants): the tile is folded into the accumulator in the asm
+    assert ("fma.rn.f32 u," in ptx) == (epi or fold), "the asm fold"
     if epi:  # the scales come from the asm's own loads, a tile ahead: no layout conversion
         assert any(f"ld.global.nc.{t}" in ptx for t in ("b16", "u16", "b32")), "param loads"
         loop = k.asm["ttgir"].split("scf.for")[1].split("scf.yield")[0]
