@@ -262,7 +262,8 @@ def epi_constraints(reps: int) -> str:
     return ",".join(["=r"] * p + ["r"] * p + ["l"] * p + ["r"] * 3 * p)
 
 
-def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1) -> str:
+def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1,
+              wide: bool = False) -> str:
     """PTX loading the scales of `nsub` groups of one row from group g0 on, as float32, and
     their nz = -(BASE + z) (EPI). Where the flag is 0 it reads nothing and s = 0 (nz = -BASE,
     finite, so s * (D + nz * XS) adds exactly 0). Outputs: s_t at $t, nz_t at $(n + t) (n =
@@ -270,7 +271,8 @@ def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1) -> st
     shift of g0's nibble $(2n + 2) (nsub > 1: g0 is even, so one byte holds two groups' zero
     points and the shifts are 0, 4), flag $(2n + 3). gs: rows between one group's parameters
     and the next's (the tiled layout's RB, else 1). One call a row and tile loads every group
-    of the tile. A zero point becomes a float by the magic-number trick, (z | 0x4B000000) is
+    of the tile. wide (nsub = 2, gs = 1, 16-bit scales; the caller makes the scale pointer
+    4-byte aligned): both scales, adjacent, in one 32-bit load. A zero point becomes a float by the magic-number trick, (z | 0x4B000000) is
     2^23 + z, so nz = (2^23 - BASE) - that, one subtraction (the integer conversion, add and
     negation took three more instructions a group; the M = 1 kernel's time follows its
     instruction count, benchmarks/RESULTS.md session 27); a bfloat16 scale is a float32's
@@ -281,9 +283,17 @@ def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1) -> st
     base = 1024.0 if f16 else 128.0
     esz = 4 if sdt == "f32" else 2
     sp, zp, sh, flag = (f"${2 * n + i}" for i in range(4))
-    out = ["{", ".reg .b32 h, zb, zv;", ".reg .b16 hh;", ".reg .pred ok;",
+    out = ["{", ".reg .b32 h, zb, zv;", ".reg .b16 hh, hi;", ".reg .pred ok;",
            f"setp.ne.u32 ok, {flag}, 0;"]
-    for t in range(n):
+    if wide:
+        if n != 2 or gs != 1 or sdt == "f32":
+            raise ValueError("param_asm: one load of two scales takes nsub 2, gs 1, 16-bit scales")
+        out += ["mov.b32 h, 0;", f"@ok ld.global.nc.b32 h, [{sp}];"]  # group g0 in the low half
+        if sdt == "f16":
+            out += ["mov.b32 {hh, hi}, h;", "cvt.f32.f16 $0, hh;", "cvt.f32.f16 $1, hi;"]
+        else:
+            out += ["shl.b32 $0, h, 16;", "and.b32 $1, h, 0xFFFF0000;"]
+    for t in range(0 if wide else n):
         at = f"[{sp}+{t * gs * esz}]" if t else f"[{sp}]"
         if sdt == "f32":
             out += [f"mov.b32 ${t}, 0;", f"@ok ld.global.nc.b32 ${t}, {at};"]

@@ -352,12 +352,15 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
+    # the stored layout's two adjacent 16-bit scales of a tile in one 32-bit load (EPI, g64)
+    wide = (epi and w.group_size == 64 and not w.tile_rows and sdt != "f32"
+            and w.scale.data_ptr() % 4 == 0 and w.scale.stride(0) % 2 == 0)
     kernel = _mma_gemv[grid](
         x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps, x2.stride(0),
         q.stride(0), w.scale.stride(0), z.stride(0), m * n,
         **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
                     unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch,
-                    mt == 1 and n % bn == 0),
+                    mt == 1 and n % bn == 0, wide),
         num_warps=num_warps, num_stages=1, **pdl.launch_kw(),
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     LAST[0] = kernel
@@ -368,21 +371,23 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
               unroll: int, rb: int, epi: bool, reps: int, has_bias: bool, asm: bool,
-              prefetch: int = 1, even: bool = False) -> dict:
+              prefetch: int = 1, even: bool = False, wide: bool = False) -> dict:
     """`_mma_gemv`'s compile-time arguments (see `_constants`), built once per launch shape:
     building the asm strings took 48-148 µs of host time a call (this 2-core CPU), which an
     eager decode pays on every packed linear."""
     return _constants(mt, group, zmode, sdt, f16, bn, split_k, unroll, rb, epi, reps, has_bias,
-                      asm, prefetch, mma_ptx.PAIRED, even)
+                      asm, prefetch, mma_ptx.PAIRED, even, wide)
 
 
 @functools.lru_cache(maxsize=1024)
 def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int,
                split_k: int, unroll: int, rb: int, epi: bool, reps: int, has_bias: bool,
-               asm: bool, prefetch: int, paired: bool, even: bool = False) -> dict:
+               asm: bool, prefetch: int, paired: bool, even: bool = False,
+               wide: bool = False) -> dict:
     """`_mma_gemv`'s compile-time arguments for a launch (also what tests/kernels/sm90_build.py
     builds ahead of time): mt token columns (1, 8, 16, 32), zmode 0 symmetric / 1 integer
-    zero points, sdt the scales' dtype ("f16", "bf16", "f32")."""
+    zero points, sdt the scales' dtype ("f16", "bf16", "f32"), wide: EPI's two scales of a
+    tile in one 32-bit load (the caller checked the scales' 4-byte alignment)."""
     halves = 2 if mt >= 16 else 1
     nsub = max(1, 128 // group) if mt == 1 else 1
     pf = prefetch if unroll == 1 else 1
@@ -399,7 +404,8 @@ def _constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: 
                 PF=pf, EVEN=even, EPI=epi, FOLD=fold,
                 EPI_TEXT=mma_ptx.epi_asm(f16, nsub, reps) if epi or fold else "",
                 EPI_CONS=mma_ptx.epi_constraints(reps) if epi or fold else "",
-                PARAM_TEXT=(mma_ptx.param_asm(sdt, zmode, f16, 2 if nsub == 2 else 1, rb or 1)
+                PARAM_TEXT=(mma_ptx.param_asm(sdt, zmode, f16, 2 if nsub == 2 else 1, rb or 1,
+                                              wide and nsub == 2 and not rb and sdt != "f32")
                             if epi else ""))
 
 

@@ -44,7 +44,8 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
-               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1):
+               bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1,
+               wide: bool = False):
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
@@ -53,7 +54,7 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
            "stride_sn": "i32", "stride_zn": "i32", "stride_ps": "i32"}
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
-                                 False, True, prefetch) | {"PDL": False}
+                                 False, True, prefetch, False, wide) | {"PDL": False}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
@@ -70,9 +71,11 @@ CASES = (
 
 
 def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1,
-              prefetch=1):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch)
+              prefetch=1, wide=False):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch, wide)
     ptx = k.asm["ptx"]
+    # wide: the two scales of a tile (groups of 64, stored layout) in one 32-bit load
+    assert ("ld.global.nc.b32 h," in ptx) == (wide and epi and nsub == 2 and not rb), "wide"
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
     fold = mt == 1 and nsub == 1 and prefetch == 2 and unroll == 1 and not epi
     # FOLD (triton_mma._constants): the tile is folded into the accumulator in the asm
@@ -236,6 +239,9 @@ def _checks() -> dict:
                          (1, 2, 1, "f16", False, 64, True, 256, 8, 4, 1),
                          (1, 4, 0, "bf16", True, 0, True, 128, 4, 2, 2),
                          (1, 1, 1, "f16", False, 64, True, 128, 4, 4, 1)]}
+    checks |= {f"mma_wide{c}": (check_mma, c[:7] + (128, 4, 1, c[7], 2, True))
+               for c in [(1, 2, 1, "bf16", True, 0, True, 2), (1, 2, 0, "f16", False, 0, True, 1),
+                         (1, 2, 1, "bf16", True, 64, True, 2), (1, 1, 1, "bf16", True, 0, True, 2)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),

@@ -208,14 +208,19 @@ def _param_tables(rng, rows: int, groups: int, gs: int, sdt: str = "f16"):
 
 @pytest.mark.parametrize("f16", [True, False])
 @pytest.mark.parametrize("sdt", ["f16", "bf16"])
-@pytest.mark.parametrize("gs", [1, 64])
+@pytest.mark.parametrize("gs,wide", [(1, False), (64, False), (1, True)])
 @pytest.mark.parametrize("zmode", [0, 1])
 @pytest.mark.parametrize("nsub", [1, 2])
-def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs, sdt, f16):
+def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs, wide, sdt, f16):
     """s_t = the scale of group g0 + t, nz_t = -(BASE + z) (symmetric: z = 8), exactly, for
     lanes of different rows and groups; flag 0 gives s = 0, a finite nz, and reads nothing
     (those lanes, and the zero-point pointer when symmetric, point outside memory: a load there
-    would raise)."""
+    would raise). wide: both scales of nsub = 2 in one 32-bit load (the interpreter checks its
+    4-byte alignment)."""
+    if wide and nsub != 2:
+        with pytest.raises(ValueError, match="one load of two scales"):
+            mma_ptx.param_asm(sdt, zmode, f16, nsub, gs, wide)
+        return
     rng = np.random.default_rng(nsub + 2 * zmode + gs)
     rows, groups = 128, 8
     s, z, mem, zb = _param_tables(rng, rows, groups, gs, sdt)
@@ -228,7 +233,7 @@ def test_param_asm_loads_scales_and_zero_points(nsub, zmode, gs, sdt, f16):
     if zmode == 0:
         zp[:] = far
     ins = [sp, zp, ((g0 % 2) * 4).astype(np.uint32), flag]
-    out = Warp(mem).run(mma_ptx.param_asm(sdt, zmode, f16, nsub, gs),
+    out = Warp(mem).run(mma_ptx.param_asm(sdt, zmode, f16, nsub, gs, wide),
                         [np.zeros(32, np.uint32)] * 2 * nsub + ins)
     bits = lambda v: np.asarray(v, np.float32).view(np.uint32)  # flag 0: +0.0, not -0.0
     for t in range(nsub):
@@ -255,7 +260,7 @@ def _epi_params(warp, nsub, ok, p0, zb, groups, g0, f16: bool = True):
     zp = np.where(live, p0 + zb + _at(n, g // 2, groups // 2, 1), 1 << 40).astype(np.uint64)
     ins = [_slots(a) for a in (sp, zp, ((g % 2) * 4).astype(np.uint32), live.astype(np.uint32))]
     k = 2 if nsub == 2 else 1
-    text = mma_ptx.param_asm("f16" if f16 else "bf16", 1, f16, k, 1)
+    text = mma_ptx.param_asm("f16" if f16 else "bf16", 1, f16, k, 1, k == 2)  # as the kernel
     sv, nz = [], []
     for i, c in enumerate(_slots(cg)):  # slot i: outputs s_0..s_(k-1), nz_0..nz_(k-1)
         o = warp.run(text, [np.zeros(32, np.uint32)] * 2 * k + [a[i] for a in ins])
