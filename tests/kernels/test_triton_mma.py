@@ -196,6 +196,22 @@ def test_two_tiles_in_flight_give_the_same_sums(m, group, split_k, tiled, epi):
     assert torch.equal(got, triton_mma.run_mma(x, v, None, 64, split_k, 4, epi=epi))
 
 
+@pytest.mark.parametrize("tiles", [1, 2, 3, 5, 6, 7, 8, 9, 10, 11])
+@pytest.mark.parametrize("group,tiled", [(128, True), (64, False)])
+def test_two_tiles_ahead_gives_one_tile_aheads_sums_for_every_tile_count(tiles, group, tiled):
+    """M = 1, two tiles ahead: a loop that loads the tile after next, then the last two tiles
+    (fewer when the program has fewer) with nothing to load; every count of tiles gives
+    prefetch 1's sums bit for bit (the same tiles in the same order; on the GPU g128 takes the
+    asm fold, FOLD, and g64 the Triton epilogue)."""
+    k = 128 * tiles
+    w = make_weight(128, k, 4, group, "int", seed=tiles)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(tiles)).to(torch.bfloat16)
+    v = tile(w, 64) if tiled else w
+    got = triton_mma.run_mma(x.to(DEV), v, None, 64, 1, 4, prefetch=2)
+    assert rel_err(got.float(), linear_reference(x.to(DEV).float(), w)) < 1e-2
+    assert torch.equal(got, triton_mma.run_mma(x.to(DEV), v, None, 64, 1, 4, prefetch=1))
+
+
 @pytest.mark.parametrize("m,group,tiles,split_k,prefetch,unroll", [
     (1, 128, 7, 2, 1, 1), (1, 128, 7, 3, 2, 1), (1, 64, 5, 2, 1, 1), (1, 32, 5, 2, 2, 1),
     (4, 128, 7, 3, 1, 1), (20, 128, 5, 2, 1, 1), (1, 128, 10, 3, 1, 2)])
