@@ -272,11 +272,12 @@ def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1,
     points and the shifts are 0, 4), flag $(2n + 3). gs: rows between one group's parameters
     and the next's (the tiled layout's RB, else 1). One call a row and tile loads every group
     of the tile. wide (nsub = 2, gs = 1, 16-bit scales; the caller makes the scale pointer
-    4-byte aligned): both scales, adjacent, in one 32-bit load. A zero point becomes a float by the magic-number trick, (z | 0x4B000000) is
-    2^23 + z, so nz = (2^23 - BASE) - that, one subtraction (the integer conversion, add and
-    negation took three more instructions a group; the M = 1 kernel's time follows its
-    instruction count, benchmarks/RESULTS.md session 27); a bfloat16 scale is a float32's
-    upper half. Issued a tile ahead, like the words, so its latency hides behind a tile's
+    4-byte aligned): both scales, adjacent, in one 32-bit load (14336x4096 g64 stored 16.0 ->
+    15.0-15.2 µs, RESULTS.md session 28). A zero point becomes a float by the magic-number
+    trick, (z | 0x4B000000) is 2^23 + z, so nz = (2^23 - BASE) - that, one subtraction (the
+    integer conversion, add and negation took three more instructions a group; the M = 1
+    kernel's time follows its instruction count, benchmarks/RESULTS.md session 27); a bfloat16
+    scale is a float32's upper half. Issued a tile ahead, like the words, so its latency hides behind a tile's
     arithmetic; loading in the asm keeps the values in the mma layout (a (rows,) load is laid
     out otherwise and converted through shared memory, with barriers, every tile)."""
     n = nsub
