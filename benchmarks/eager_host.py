@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -44,8 +45,12 @@ from memfit.kernels import sizes, triton_mma
 CONSTANTS = triton_mma.constants
 
 
-def _uncached(*args):
-    return triton_mma._constants.__wrapped__(*args, triton_mma.mma_ptx.PAIRED)
+def _uncached(*args, **kw):
+    """triton_mma.constants without its cache (the arguments bound by name, so those added
+    after `prefetch` land where `_constants` takes them)."""
+    a = inspect.signature(CONSTANTS).bind(*args, **kw)
+    a.apply_defaults()
+    return triton_mma._constants.__wrapped__(**a.arguments, paired=triton_mma.mma_ptx.PAIRED)
 
 
 def users() -> list:

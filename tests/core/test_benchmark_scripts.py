@@ -89,3 +89,16 @@ def test_every_benchmark_import_of_another_script_names_what_it_defines():
                     broken.append(f"{stem}.py: from {node.module} import {missing or '?'}")
     assert seen >= 5
     assert broken == [], broken
+
+
+def test_eager_host_uncached_constants_are_the_kernels_own(monkeypatch):
+    """benchmarks/eager_host.py's "uncached" mode rebuilds the mma kernel's launch constants on
+    every call; it must build what `triton_mma.constants` does for every argument (those added
+    after `prefetch`, `even` and `wide`, once landed in the wrong parameters)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import eager_host
+    from memfit.kernels import triton_mma
+    for args in [(1, 128, 1, "bf16", False, 128, 4, 1, 64, False, 4, False, True, 2, True),
+                 (1, 64, 1, "bf16", False, 128, 4, 1, 0, True, 4, False, True, 1, True, True),
+                 (16, 128, 0, "f16", True, 64, 2, 1, 0, False, 2, True, True)]:
+        assert eager_host._uncached(*args) == triton_mma.constants(*args)
