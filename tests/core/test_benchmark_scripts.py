@@ -97,6 +97,7 @@ def test_eager_host_uncached_constants_are_the_kernels_own(monkeypatch):
     after `prefetch`, `even` and `wide`, once landed in the wrong parameters)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import eager_host
+
     from memfit.kernels import triton_mma
     for args in [(1, 128, 1, "bf16", False, 128, 4, 1, 64, False, 4, False, True, 2, True),
                  (1, 64, 1, "bf16", False, 128, 4, 1, 0, True, 4, False, True, 1, True, True),
