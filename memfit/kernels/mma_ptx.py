@@ -58,9 +58,9 @@ def xload(ptr: str) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """M = 1: lines loading the activation pairs of a lane's 4 words in the asm (word e's 8
     activations are the 16 bytes at ptr + 16e; all four loads issued first), the loaded
     registers of each word and its pair registers, X_i = (x_i, x_{i+4}) at [e][i], each to be
-    made by `_pairs` before its word's mma. One 16-byte load a word instead of four 4-byte loads, and a lane whose B column must
-    not see its group points ptr at zeros (the caller's choice, once a tile) instead of a
-    select per register and row (session 26)."""
+    made by `_pairs` before its word's mma. One 16-byte load a word instead of four 4-byte
+    loads, and a lane whose B column must not see its group points ptr at zeros (the caller's
+    choice, once a tile) instead of a select per register and row (session 26)."""
     q = [[f"q{e}_{k}" for k in range(4)] for e in range(4)]
     xs = [[f"x{e}_{i}" for i in range(4)] for e in range(4)]
     out = [f".reg .b32 {', '.join(r for row in q + xs for r in row)};"]
@@ -277,9 +277,10 @@ def param_asm(sdt: str, zmode: int, f16: bool, nsub: int = 1, gs: int = 1,
     trick, (z | 0x4B000000) is 2^23 + z, so nz = (2^23 - BASE) - that, one subtraction (the
     integer conversion, add and negation took three more instructions a group; the M = 1
     kernel's time follows its instruction count, benchmarks/RESULTS.md session 27); a bfloat16
-    scale is a float32's upper half. Issued a tile ahead, like the words, so its latency hides behind a tile's
-    arithmetic; loading in the asm keeps the values in the mma layout (a (rows,) load is laid
-    out otherwise and converted through shared memory, with barriers, every tile)."""
+    scale is a float32's upper half. Issued a tile ahead, like the words, so its latency hides
+    behind a tile's arithmetic; loading in the asm keeps the values in the mma layout (a
+    (rows,) load is laid out otherwise and converted through shared memory, with barriers,
+    every tile)."""
     n = nsub
     base = 1024.0 if f16 else 128.0
     esz = 4 if sdt == "f32" else 2

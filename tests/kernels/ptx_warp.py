@@ -7,10 +7,10 @@ operand slip, a wrong fragment or a wrong constant shows on a machine without a 
 Arithmetic: float16 products and sums as numpy computes them (correctly rounded), the mma in
 float32 (the hardware's truncating sums differ in the last bits), ex2/lg2/rcp exactly. The
 float16 and bfloat16 m16n8k16 mma are modelled (any other unknown instruction raises
-NotImplementedError). Also run: predicated instructions (`@p` / `@!p`: only the lanes where the guard
-holds are written, and only they read memory), scalar and 16-byte vector loads (naturally aligned
-addresses, checked, as PTX requires), and shifts clamped as PTX defines them (an amount of 32 or
-more gives 0)."""
+NotImplementedError). Also run: predicated instructions (`@p` / `@!p`: only the lanes where
+the guard holds are written, and only they read memory), scalar and 16-byte vector loads
+(naturally aligned addresses, checked, as PTX requires), and shifts clamped as PTX defines them
+(an amount of 32 or more gives 0)."""
 
 from __future__ import annotations
 
