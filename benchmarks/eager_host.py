@@ -1,21 +1,23 @@
 """What memfit's host-side launch work costs an eager (no CUDA graph) int4 model: a
 random-weight Llama-3-8B-shaped model with int4 g128 packed linears (decode_gpu.py's), timed
-with transformers' eager `generate` (decode tokens/s at batch 1: t(1 + N new) - t(1 new)) and
-one eager prefill forward, in alternating rounds (`--rows`) of
+with transformers' eager `generate` (decode tokens/s at batch `--batch`, default 1:
+t(1 + N new) - t(1 new)) and one eager prefill forward, in alternating rounds (`--rows`) of
 
 - `sizes`: what memfit ships (memfit.kernels.sizes' integer helpers since session 20, the mma
   kernel's launch constants built once per launch shape since session 21);
 - `triton`: Triton's own `triton.cdiv` / `triton.next_power_of_2` patched back into every
   memfit.kernels module that uses the helpers (before session 20);
 - `uncached`: the mma kernel's launch constants (asm strings) rebuilt on every call (before
-  session 21).
+  session 21);
+- `noplans`: no launch plans (memfit.kernels.replay; before session 29).
 
 The kernels and their launch shapes are the same in every row: only host-side work differs.
 Best of `--rounds` rounds for each; the bf16 model's eager rows first, for scale. Random
 weights: speed only.
 
     python benchmarks/eager_host.py [--layers 32] [--new 32] [--prompt 512] [--rounds 3]
-                                    [--rows uncached sizes triton] [--json OUT]
+                                    [--batch 1] [--rows uncached sizes triton noplans]
+                                    [--json OUT]
     python benchmarks/eager_host.py --profile OUT.txt   # cProfile of one eager decode and prefill
 """
 
@@ -40,7 +42,8 @@ import decode_gpu
 from decode_gpu import SHAPE, TINY, build, decode_tps, to_int4
 
 import memfit.kernels
-from memfit.kernels import sizes, triton_mma
+from memfit.formats.quant_linear import QuantLinear
+from memfit.kernels import replay, sizes, triton_mma
 
 CONSTANTS = triton_mma.constants
 
@@ -64,9 +67,15 @@ def users() -> list:
     return out
 
 
-def use(mods: list, which: str) -> None:
+def use(mods: list, which: str, model=None) -> None:
     """`which`: "sizes" (memfit now), "triton" (Triton's arithmetic), "uncached" (memfit's
-    arithmetic, the mma kernel's launch constants rebuilt on every call as before session 21)."""
+    arithmetic, the mma kernel's launch constants rebuilt on every call as before session 21),
+    "noplans" (memfit now without its launch plans, memfit.kernels.replay: before session 29;
+    `model`'s packed layers drop their plans on every switch)."""
+    replay.ENABLED = which != "noplans"
+    for mod in model.modules() if model is not None else ():
+        if isinstance(mod, QuantLinear):
+            mod._drop_cache()
     triton_mma.constants = (_uncached if which == "uncached" else CONSTANTS)
     cdiv, pow2 = ((triton.cdiv, triton.next_power_of_2) if which == "triton"
                   else (sizes.cdiv, sizes.next_pow2))
@@ -93,11 +102,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="decode batch (rows of the decode step)")
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--json")
     ap.add_argument("--profile", help="write a cProfile of one decode and one prefill here")
     ap.add_argument("--rows", nargs="+", default=["triton", "sizes"],
-                    help="what to alternate: triton, sizes, uncached (see use())")
+                    help="what to alternate: triton, sizes, uncached, noplans (see use())")
     a = ap.parse_args()
     if a.tiny:
         decode_gpu.DEV = "cpu"
@@ -108,7 +118,7 @@ def main() -> None:
     with torch.inference_mode():
         if not a.profile:  # the dense model's eager rows, for scale
             prefill_ms(m, a.prompt)
-            best["bf16"] = {"decode_tok_s": round(decode_tps(m, 1, a.new, None), 2),
+            best["bf16"] = {"decode_tok_s": round(decode_tps(m, a.batch, a.new, None), 2),
                             "prefill_ms": round(min(prefill_ms(m, a.prompt) for _ in range(3)), 2)}
             print(json.dumps({"bf16": best["bf16"]}), flush=True)
         to_int4(m)
@@ -116,7 +126,7 @@ def main() -> None:
         if a.profile:
             decode_tps(m, 1, 4, None)  # warm-up of the decode shapes
             with open(a.profile, "w") as f:
-                for name, fn in (("decode", lambda: decode_tps(m, 1, a.new, None)),
+                for name, fn in (("decode", lambda: decode_tps(m, a.batch, a.new, None)),
                                  ("prefill", lambda: prefill_ms(m, a.prompt))):
                     prof = cProfile.Profile()
                     prof.enable()
@@ -130,18 +140,18 @@ def main() -> None:
             return
         for r in range(a.rounds):
             for which in a.rows if r % 2 == 0 else a.rows[::-1]:
-                use(mods, which)
-                tps = decode_tps(m, 1, a.new, None)
+                use(mods, which, m)
+                tps = decode_tps(m, a.batch, a.new, None)
                 pre = prefill_ms(m, a.prompt)
                 row = best.setdefault(which, {"decode_tok_s": 0.0, "prefill_ms": float("inf")})
                 row["decode_tok_s"] = max(row["decode_tok_s"], round(tps, 2))
                 row["prefill_ms"] = min(row["prefill_ms"], round(pre, 2))
                 print(json.dumps({"round": r, "arith": which, "decode_tok_s": round(tps, 2),
                                   f"prefill_P{a.prompt}_ms": round(pre, 2)}), flush=True)
-        use(mods, "sizes")
+        use(mods, "sizes", m)
     out = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
            "torch": torch.__version__, "triton": triton.__version__, "layers": a.layers,
-           "new": a.new, "prompt": a.prompt, "best": best}
+           "new": a.new, "prompt": a.prompt, "batch": a.batch, "best": best}
     decode_gpu.report(out, a.json)
 
 

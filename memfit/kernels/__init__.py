@@ -15,7 +15,8 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` anywhere else (activations that need gradients, other devices): the float32
   reference.
 
-`prepare(weight)` builds a path's one-time layout (the CPU kernels' repacked weight); modules
+`prepare(weight)` builds a path's one-time state (the CPU kernels' repacked weight; on CUDA
+the layer's launch plans, which cut an eager call's host work: memfit.kernels.replay); modules
 cache it and drop it on a move. Kernels take tensors and integers only: nothing here imports
 memfit.formats.
 """
@@ -27,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from memfit.kernels import cpu
+from memfit.kernels import cpu, replay
 from memfit.kernels.reference import linear_reference
 from memfit.kernels.weights import IntWeight, dequantize
 
@@ -35,7 +36,10 @@ __all__ = ["IntWeight", "dequantize", "linear", "prepare"]
 
 
 def prepare(weight: IntWeight):
-    """The prepared layout of `weight` for its device's fast path, or None."""
+    """The prepared layout of `weight` for its device's fast path (CUDA: the layer's launch
+    plans, memfit.kernels.replay), or None."""
+    if weight.qdata.device.type == "cuda":
+        return replay.Plans() if replay.ENABLED else None
     if weight.tile_rows or weight.qdata.device.type != "cpu":
         return None
     return cpu.prepare_cpu(weight)
@@ -56,6 +60,10 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
         return ops.call(x, weight, bias)
     fast = _triton() if x.device.type == "cuda" and not needs_grad else None
     if fast is not None:
+        if isinstance(cache, replay.Plans):
+            y = cache.run(x, weight, bias)
+            if y is not None:
+                return y
         y = fast.triton_linear(x, weight, bias)
         if y is not None:
             return y

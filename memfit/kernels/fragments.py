@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels import pdl
+from memfit.kernels import pdl, replay
 from memfit.kernels.sizes import cdiv, next_pow2
 
 
@@ -146,20 +146,32 @@ def _perm_cols(x_ptr, y_ptr, K, stride_xm, SPAN: tl.constexpr, BLOCK: tl.constex
     tl.store(y_ptr + m.to(tl.int64) * K + p, v, mask=ok)
 
 
-def perm_x(x2: torch.Tensor, span: int = 32) -> torch.Tensor:
+def perm_x(x2: torch.Tensor, span: int = 32, plan: bool = False):
     """Activations (M, K), K a multiple of `span`, in the fragment unpack's order (`_perm_tile`):
     span 32 (dq 2): position 16h + 8i + 2t + j of each 32 columns takes column 8t + 4j + 2h + i;
     span 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j of each 128 takes
     column 8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. One gather launch (`_perm_cols`; torch's
-    copy of the same permuted view took 4.6-8.0 µs on an H200 at M = 32-128, K = 4096-14336)."""
+    copy of the same permuted view took 4.6-8.0 µs on an H200 at M = 32-128, K = 4096-14336).
+    plan: also return a callable doing the same for activations like x2 (contiguous) with the
+    launch fixed (memfit.kernels.replay)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(m, k, dtype=x2.dtype, device=x2.device)
     block = min(1024, next_pow2(k))
-    _perm_cols[(m, cdiv(k, block))](x2, y, k, x2.stride(0), SPAN=span, BLOCK=block,
-                                    num_warps=4, **pdl.launch_kw())
-    return y
+    grid, args = (m, cdiv(k, block)), (x2, y, k, x2.stride(0))
+    kw = dict(SPAN=span, BLOCK=block, num_warps=4, **pdl.launch_kw())
+    kernel = _perm_cols[grid](*args, **kw)
+    if not plan:
+        return y
+    launch = replay.Launch(_perm_cols, kernel, grid, args, kw, ("x_ptr", "y_ptr"))
+    dev, dt = x2.device, x2.dtype
+
+    def call(x2: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(m, k, dtype=dt, device=dev)
+        launch(x2, y)
+        return y
+    return y, call
 
 
 def perm_x_reference(x2: torch.Tensor, span: int = 32) -> torch.Tensor:

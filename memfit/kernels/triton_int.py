@@ -48,10 +48,11 @@ from memfit.errors import UserError
 from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
-from memfit.kernels.sizes import cdiv
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
     MMA, Config, _bucket, candidates, mma_candidates, perm_ineligibility,
     prefill_candidates, weight_a_candidates)
+from memfit.kernels.replay import Launch
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import MmaLayoutError, run_mma
@@ -210,8 +211,10 @@ def _graph_us(fns, rounds: int = 2) -> float:
     return graph_us(fns, rounds * len(fns), 5, statistics.median)
 
 
-def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
-    """(M, in) -> (M, out) in x2's dtype with launch shape `cfg`."""
+def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
+        plan: bool = False):
+    """(M, in) -> (M, out) in x2's dtype with launch shape `cfg`; plan (the tile kernel only):
+    (y, a callable doing the same for activations like x2 with its launches fixed)."""
     m, k = x2.shape
     n = w.shape[0]
     if cfg.BM == 0:
@@ -250,7 +253,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         return y.to(x2.dtype) if atomic else y
     grid = (cdiv(m, cfg.BM), cdiv(n, cfg.BN), cfg.SPLIT_K)
     even = (n % cfg.BN == 0 and k % cfg.BK == 0) * (1 + (m % cfg.BM == 0))
-    dq = 0
+    dq, perm = 0, None
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
         dq = 1
     elif cfg.dq in (2, 4) or cfg.pair:
@@ -258,25 +261,46 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config) 
         if why:
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
-        x2 = perm_x(x2, 128 if cfg.dq == 4 else 32)
+        perm = perm_x(x2, 128 if cfg.dq == 4 else 32, plan)
+        x2, perm = perm if plan else (perm, None)
     part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
             else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
     ragged = int(cdiv(k, cfg.BK * (1 + cfg.pair)) % cfg.SPLIT_K != 0)  # a split of uneven runs
-    _int_mm[grid](x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters,
-                  x2.stride(0), w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0),
-                  part, cnt, m * n, GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w),
-                  HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x2.dtype == torch.float32,
-                  BM=cfg.BM, BN=cfg.BN, **_magic(cfg, w, x2.dtype), WA=int(cfg.wa),
-                  RB=w.tile_rows, PF=int(cfg.pf), DQ=dq, EVEN=even, FIX=int(fix),
-                  PAIR=int(cfg.pair), RAGGED=ragged, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages, **pdl.launch_kw(),
-                  **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
-    if atomic:
+    args = (x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
+            w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n)
+    kw = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
+              ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
+              **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf), DQ=dq,
+              EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), RAGGED=ragged, BK=cfg.BK,
+              SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+              **pdl.launch_kw(), **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
+    kernel = _int_mm[grid](*args, **kw)
+    dt, dev = x2.dtype, x2.device
+
+    def finish(y: torch.Tensor) -> torch.Tensor:  # split-K by atomics: a float32 sum, then this
         if bias is not None:
             y += bias.float()
-        y = y.to(x2.dtype)
-    return y
+        return y.to(dt)
+    if not plan:
+        return finish(y) if atomic else y
+    launch = Launch(_int_mm, kernel, grid, args, kw, ("x_ptr", "y_ptr", "p_ptr", "c_ptr"))
+
+    def call(x2: torch.Tensor) -> torch.Tensor:
+        if perm is not None:
+            x2 = perm(x2)
+        if atomic:
+            y = torch.zeros(m, n, dtype=torch.float32, device=dev)
+            launch(x2, y, y, w.scale)
+            return finish(y)
+        y = torch.empty(m, n, dtype=dt, device=dev)
+        if fix:
+            launch(x2, y, torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=dev),
+                   _counters(dev, grid[0] * grid[1]))
+        else:
+            launch(x2, y, y, w.scale)
+        return y
+    return (finish(y) if atomic else y), call
 
 
 def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Tensor:
@@ -303,6 +327,30 @@ def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(f"memfit: {msg}", stacklevel=3)
+
+
+def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
+    """(y, plan): `triton_linear`'s output for x2 (M, K), and a callable x2 -> y that does the
+    same for activations like x2 (same M, dtype, device; contiguous, 16-byte aligned) with the
+    kernel choice and, on the mma kernel, the launch arguments fixed (memfit.kernels.replay).
+    (None, None) where the layout cannot take these kernels."""
+    if INTERPRET or ineligibility(w) is not None:
+        return None, None
+    cfg = choose(x2, w, bias)
+    if cfg.words == "mma":
+        try:
+            return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
+                           epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages,
+                           maxnreg=cfg.regs, plan=True)
+        except MmaLayoutError:
+            pass  # run() warns and dequantizes, once
+
+    if cfg.BM and not cfg.words and not cfg.gemv:  # the tile kernel
+        return run(x2, w, bias, cfg, plan=True)
+
+    def call(x2: torch.Tensor) -> torch.Tensor:
+        return run(x2, w, bias, cfg)
+    return call(x2), call
 
 
 def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):

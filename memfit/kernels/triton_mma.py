@@ -70,6 +70,7 @@ import triton.language as tl
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
 from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xptr
+from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
 from memfit.kernels.triton_words import _counters, _finish, zeroed
@@ -311,14 +312,16 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
             unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1,
-            maxnreg: int = 0) -> torch.Tensor:
+            maxnreg: int = 0, plan: bool = False):
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     rows of a lane per asm call (it must divide the lane's rows, BN / (8 * num_warps)): M > 1
     they share their activation loads (mma_ptx.shared_asm), and an even number of rows is
     paired two to an mma (at M = 1 too: mma_ptx.paired_chain); prefetch: tiles in flight (1, 2);
     maxnreg: ptxas's cap on registers a thread (0: its own choice, which at M = 1 sinks the next
-    tile's loads below most of the mma chain to stay at 96-103 registers)."""
+    tile's loads below most of the mma chain to stay at 96-103 registers); plan: also return
+    a callable x2 -> y that launches the compiled kernel again with everything but the
+    activations and outputs fixed (memfit.kernels.replay)."""
     m, k = x2.shape
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
@@ -355,18 +358,31 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     # the stored layout's two adjacent 16-bit scales of a tile in one 32-bit load (EPI, g64)
     wide = (epi and w.group_size == 64 and not w.tile_rows and sdt != "f32"
             and w.scale.data_ptr() % 4 == 0 and w.scale.stride(0) % 2 == 0)
-    kernel = _mma_gemv[grid](
-        x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps, x2.stride(0),
-        q.stride(0), w.scale.stride(0), z.stride(0), m * n,
-        **constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn, split_k,
-                    unroll, w.tile_rows, epi, reps, bias is not None, not INTERPRET, prefetch,
-                    mt == 1 and n % bn == 0, wide),
-        num_warps=num_warps, num_stages=1, **pdl.launch_kw(),
-        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
+    args = (x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps,
+            x2.stride(0), q.stride(0), w.scale.stride(0), z.stride(0), m * n)
+    kw = dict(**constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn,
+                          split_k, unroll, w.tile_rows, epi, reps, bias is not None,
+                          not INTERPRET, prefetch, mt == 1 and n % bn == 0, wide),
+              num_warps=num_warps, num_stages=1, **pdl.launch_kw(),
+              **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
+    kernel = _mma_gemv[grid](*args, **kw)
     LAST[0] = kernel
     if not INTERPRET:
         mma_ptx.check_layout(kernel)
-    return y
+    if not plan:
+        return y
+    launch = Launch(_mma_gemv, kernel, grid, args, kw, ("x_ptr", "y_ptr", "p_ptr", "c_ptr"))
+    dev, dt = x2.device, x2.dtype
+
+    def call(x2: torch.Tensor) -> torch.Tensor:  # x2: contiguous, 16-byte aligned (replay.Plans)
+        y = torch.empty(m, n, dtype=dt, device=dev)
+        if split_k == 1:
+            launch(x2, y, y, q)
+        else:
+            launch(x2, y, torch.empty(split_k, m, n, dtype=torch.float32, device=dev),
+                   _counters(dev, grid[0]))
+        return y
+    return y, call
 
 
 def constants(mt: int, group: int, zmode: int, sdt: str | None, f16: bool, bn: int, split_k: int,
