@@ -6,12 +6,14 @@ g128, M = 1, `benchmarks/host_launch.py`, benchmarks/RESULTS.md session 29): F.l
 QuantLinear 62 µs, of which memfit's checks, kernel choice and argument building ~30 and
 Triton's launch path (binding, specialization, cache look-up) ~16 above the compiled kernel's
 own launcher (~10). So a layer's first call for an activation shape (M, dtype, device) runs as
-before and keeps a `Plan`: the chosen launch shape and each Triton launch's compiled kernel with
+before and keeps a plan: the chosen launch shape and each Triton launch's compiled kernel with
 every argument fixed except the per-call tensors (activations, output, split-K partials and
 counters). Later calls with the same shape allocate the outputs and call the compiled kernels'
 launchers directly.
 
-A plan holds for exactly the arguments it was built with: the weight's tensors (checked by
+Plans are made for M <= 128 rows (decode batches; a prefill's GPU time dwarfs its host work and
+its lengths vary), at most 64 activation shapes a layer. A plan holds for exactly the arguments
+it was built with: the weight's tensors (checked by
 identity on every call; a layer that swaps them gets a new plan), M, K, dtype, device and 16-byte
 aligned contiguous activations (the alignment Triton specialized the kernel for; anything else
 takes the ordinary path). Launch hooks (Triton's profiler hooks) send a call through the
@@ -29,6 +31,8 @@ import torch
 
 # MEMFIT_LAUNCH_PLANS=0: every eager call takes the ordinary path (benchmarks A/B it)
 ENABLED = os.environ.get("MEMFIT_LAUNCH_PLANS", "1") != "0"
+MAX_M = 128  # decode batches; a prefill's GPU time dwarfs its host work (and its lengths vary)
+MAX_SHAPES = 64  # a layer's plans kept at once (then dropped and built again)
 
 
 class Launch:
@@ -80,19 +84,21 @@ class Plans:
         if not self._same(w, bias):  # new weight tensors: the old plans are stale
             self.by_shape.clear()
             self.tensors = (w.qdata, w.scale, w.zero, bias)
+        x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() and x.data_ptr() % 16 == 0 else None
+        if x2 is None or not 0 < x2.shape[0] <= MAX_M:
+            return None  # activations no plan takes: the ordinary path
         key = (x.shape, x.dtype)
         plan = self.by_shape.get(key)
-        if not plan or not x.is_contiguous() or x.data_ptr() % 16:
-            if plan is not None or x.numel() == 0 or (
-                    x.is_cuda and torch.cuda.is_current_stream_capturing()):
-                return None  # no plan for this shape, or not now: the ordinary path
-            if not x.is_contiguous() or x.data_ptr() % 16:
-                return None
+        if plan:
+            y = plan(x2)
+        elif plan is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(self.by_shape) >= MAX_SHAPES:
+                self.by_shape.clear()
             from memfit.kernels import triton_int
-            y, plan = triton_int.plan(x.view(-1, x.shape[-1]), w, bias)
+            y, plan = triton_int.plan(x2, w, bias)
             self.by_shape[key] = plan or False
         else:
-            y = plan(x.view(-1, x.shape[-1]))
+            return None  # no plan for this layout, or none is built during a capture
         return None if y is None else y.view(*x.shape[:-1], w.shape[0])
 
     def _same(self, w, bias) -> bool:

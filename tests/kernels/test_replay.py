@@ -71,6 +71,15 @@ def test_activations_a_plan_cannot_take_go_the_ordinary_way(builds):
     assert p.run(odd, w, None) is None and builds == [(1, 64)]  # a plan exists, still not this
 
 
+def test_prefill_lengths_take_the_ordinary_path_and_a_layer_keeps_few_shapes(builds):
+    p, w = replay.Plans(), _weight()
+    assert p.run(torch.zeros(1, replay.MAX_M + 1, 64), w, None) is None and builds == []
+    for m in range(1, replay.MAX_SHAPES + 2):
+        p.run(torch.zeros(m, 64), w, None)
+    assert len(builds) == replay.MAX_SHAPES + 1
+    assert len(p.by_shape) == 1  # the 65th shape found 64 kept: they were dropped
+
+
 def test_a_layout_with_no_plan_is_not_asked_again(monkeypatch):
     asked = []
 
@@ -190,9 +199,9 @@ def test_tile_kernel_plans_equal_run_for_its_launch_shapes(m):
         x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
         y0, call = triton_int.run(x, w, None, c, plan=True)
         atomic = c.SPLIT_K > 1 and not c.wa  # float32 atomics: the summation order varies
-        for xi in (x, torch.randn_like(x)):
+        for xi, got in ((x, y0), (x, None), (torch.randn_like(x), None)):
             want = triton_int.run(xi, w, None, c)
-            got = call(xi)
+            got = call(xi) if got is None else got
             if atomic:
                 torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
             else:
