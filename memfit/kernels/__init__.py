@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
     fast = _triton() if x.device.type == "cuda" and not needs_grad else None
     if fast is not None:
         if isinstance(cache, replay.Plans):
-            y = cache.run(x, weight, bias)
+            y = cache.run(x, weight, bias, fast.plan)
             if y is not None:
                 return y
         y = fast.triton_linear(x, weight, bias)

@@ -80,7 +80,10 @@ class Plans:
         self.by_shape: dict = {}
         self.tensors: tuple = ()
 
-    def run(self, x: torch.Tensor, w, bias) -> torch.Tensor | None:
+    def run(self, x: torch.Tensor, w, bias, build) -> torch.Tensor | None:
+        """The layer's output for x through its plan for x's shape (made by `build(x2, w,
+        bias)` -> (y, plan or None) on the first call: memfit.kernels.triton_int.plan), or
+        None: the caller takes the ordinary path."""
         if not self._same(w, bias):  # new weight tensors: the old plans are stale
             self.by_shape.clear()
             self.tensors = (w.qdata, w.scale, w.zero, bias)
@@ -94,8 +97,7 @@ class Plans:
         elif plan is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             if len(self.by_shape) >= MAX_SHAPES:
                 self.by_shape.clear()
-            from memfit.kernels import triton_int
-            y, plan = triton_int.plan(x2, w, bias)
+            y, plan = build(x2, w, bias)
             self.by_shape[key] = plan or False
         else:
             return None  # no plan for this layout, or none is built during a capture
