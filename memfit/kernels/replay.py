@@ -103,6 +103,9 @@ class Plans:
             return None  # no plan for this layout, or none is built during a capture
         return None if y is None else y.view(*x.shape[:-1], w.shape[0])
 
+    def __reduce__(self):  # a copy or a pickle of the layer starts without plans (closures
+        return (Plans, ())  # over compiled kernels: neither copyable nor picklable)
+
     def _same(self, w, bias) -> bool:
         t = self.tensors
         return bool(t) and w.qdata is t[0] and w.scale is t[1] and w.zero is t[2] and bias is t[3]

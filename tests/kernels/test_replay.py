@@ -68,6 +68,16 @@ def test_a_plan_is_built_once_per_activation_shape_and_follows_its_weight(builds
     assert len(builds) == 4
 
 
+def test_a_layer_with_plans_copies_and_pickles_without_them(builds):
+    import copy
+    import pickle
+    p, w = replay.Plans(), _weight()
+    p.run(torch.zeros(1, 64), w, None, builds)
+    assert p.by_shape  # a closure: neither deepcopy nor pickle could take it
+    for q in (copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert type(q) is replay.Plans and q.by_shape == {} and q.tensors == ()
+
+
 def test_activations_a_plan_cannot_take_go_the_ordinary_way(builds):
     p, w = Planned(builds), _weight()
     buf = torch.zeros(2 * 64 + 1)
