@@ -38,8 +38,8 @@ __all__ = ["IntWeight", "dequantize", "linear", "prepare"]
 def prepare(weight: IntWeight):
     """The prepared layout of `weight` for its device's fast path (CUDA: the layer's launch
     plans, memfit.kernels.replay), or None."""
-    if weight.qdata.device.type == "cuda":
-        return replay.Plans() if replay.ENABLED else None
+    if weight.qdata.device.type == "cuda":  # (a torch.compile trace takes the custom op)
+        return replay.Plans() if replay.ENABLED and not torch.compiler.is_compiling() else None
     if weight.tile_rows or weight.qdata.device.type != "cpu":
         return None
     return cpu.prepare_cpu(weight)
