@@ -8,8 +8,9 @@ Triton's launch path (binding, specialization, cache look-up) ~16 above the comp
 own launcher (~10). So a layer's first call for an activation shape (M, dtype, device) runs as
 before and keeps a plan: the chosen launch shape and each Triton launch's compiled kernel with
 every argument fixed except the per-call tensors (activations, output, split-K partials and
-counters). Later calls with the same shape allocate the outputs and call the compiled kernels'
-launchers directly.
+counters), and tries it once (`_tried`: a Triton whose launcher takes other arguments leaves
+the ordinary path in place, warned once). Later calls with the same shape allocate the outputs
+and call the compiled kernels' launchers directly.
 
 Plans are made for M <= 128 rows (decode batches; a prefill's GPU time dwarfs its host work and
 its lengths vary), at most 64 activation shapes a layer. A plan holds for exactly the arguments
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import torch
 
@@ -98,7 +100,7 @@ class Plans:
             if len(self.by_shape) >= MAX_SHAPES:
                 self.by_shape.clear()
             y, plan = build(x2, w, bias)
-            self.by_shape[key] = plan or False
+            self.by_shape[key] = _tried(plan, x2) or False
         else:
             return None  # no plan for this layout, or none is built during a capture
         return None if y is None else y.view(*x.shape[:-1], w.shape[0])
@@ -109,3 +111,23 @@ class Plans:
     def _same(self, w, bias) -> bool:
         t = self.tensors
         return bool(t) and w.qdata is t[0] and w.scale is t[1] and w.zero is t[2] and bias is t[3]
+
+
+def _tried(plan, x2: torch.Tensor):
+    """`plan` if one trial call of it runs (its output dropped), else None, warned once: a
+    Triton whose compiled-kernel launcher takes other arguments than 3.6-3.9's (the ones a
+    plan passes) leaves eager calls on the ordinary path instead of failing them."""
+    if plan:
+        try:
+            plan(x2)
+        except Exception as e:  # noqa: BLE001 (any failure: the ordinary path still works)
+            if not _WARNED:
+                _WARNED.append(e)
+                warnings.warn(f"memfit: launch plans are off ({type(e).__name__}: "
+                              f"{str(e)[:160]}); eager calls take Triton's launch path",
+                              stacklevel=4)
+            return None
+    return plan
+
+
+_WARNED: list = []

@@ -101,6 +101,21 @@ def test_prefill_lengths_take_the_ordinary_path_and_a_layer_keeps_few_shapes(bui
     assert len(p.by_shape) == 1  # the 65th shape found 64 kept: they were dropped
 
 
+def test_a_plan_that_cannot_launch_is_dropped_with_one_warning(monkeypatch):
+    def build(x2, w, bias):
+        def call(x2):
+            raise TypeError("function takes exactly 24 arguments (40 given)")
+        return x2.sum(-1, keepdim=True).expand(-1, w.shape[0]), call
+    monkeypatch.setattr(replay, "_WARNED", [])
+    p, w = replay.Plans(), _weight()
+    x = torch.ones(1, 64)
+    with pytest.warns(UserWarning, match="launch plans are off"):
+        y = p.run(x, w, None, build)  # the first call's output still comes back
+    assert torch.equal(y, torch.full((1, 32), 64.0))
+    assert p.by_shape[(x.shape, x.dtype)] is False
+    assert p.run(x, w, None, build) is None  # the ordinary path from then on
+
+
 def test_a_layout_with_no_plan_is_not_asked_again():
     asked = []
 
