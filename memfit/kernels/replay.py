@@ -15,11 +15,11 @@ and call the compiled kernels' launchers directly.
 Plans are made for M <= 128 rows (decode batches; a prefill's GPU time dwarfs its host work and
 its lengths vary), at most 64 activation shapes a layer. A plan holds for exactly the arguments
 it was built with: the weight's tensors (checked by identity on every call; a layer that swaps
-them gets a new plan), M, K, dtype, device and 16-byte aligned contiguous activations (the alignment Triton specialized the kernel for; anything else
-takes the ordinary path). Launch hooks (Triton's profiler hooks) send a call through the
-compiled kernel's own runner, which calls them. Used by `memfit.kernels.linear` for CUDA
-weights outside torch.compile; what it runs is what the ordinary path runs (tests check the
-outputs are identical).
+them gets a new plan), M, K, dtype, device and 16-byte aligned contiguous activations (the
+alignment Triton specialized the kernel for; anything else takes the ordinary path). Launch
+hooks (Triton's profiler hooks) send a call through the compiled kernel's own runner, which
+calls them. Used by `memfit.kernels.linear` for CUDA weights outside torch.compile; what it
+runs is what the ordinary path runs (tests check the outputs are identical).
 """
 
 from __future__ import annotations
