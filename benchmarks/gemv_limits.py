@@ -197,10 +197,6 @@ def _cands(args, gen, n, k, g) -> None:
             cs = triton_int.candidates(m, wl[0], x.dtype)
             if args.pf:  # the mma kernel's one-tile launch shapes with two tiles in flight
                 cs += [replace(c, num_stages=2) for c in cs if c.words == "mma" and c.BK == 128]
-            if args.fold:  # the tile kernel's one-tile-a-step shapes with z and s folded in
-                cs += [replace(c, fold=1) for c in cs if c.dq == 4 and not c.pair
-                       and triton_int.perm_ineligibility(wl[0], x.dtype, replace(c, fold=1),
-                                                         1) is None]
             if args.regs:  # the mma kernel's shapes again under each ptxas register cap
                 cs += [replace(c, regs=r) for r in args.regs for c in cs
                        if c.words == "mma" and r and not c.regs]
@@ -225,7 +221,6 @@ def _cands(args, gen, n, k, g) -> None:
                 fam += (f"_pf{c.num_stages}_epi{int(c.epi)}_regs{c.regs}" if c.words == "mma"
                         else "")
                 fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
-                fam += f"_pair{int(c.pair)}_fold{c.fold}" if fam.startswith("tile") else ""
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),
@@ -573,8 +568,6 @@ def main() -> None:
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
                     help="cands: only these K splits (a short GPU call)")
-    ap.add_argument("--fold", action="store_true",
-                    help="cands: the tile kernel's one-tile shapes also with z and s folded in")
     ap.add_argument("--regs", type=int, nargs="*", default=[],
                     help="cands: the mma shapes also under these ptxas register caps (maxnreg)")
     ap.add_argument("--shapes", nargs="*",

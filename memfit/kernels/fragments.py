@@ -19,57 +19,37 @@ from memfit.kernels import pdl, replay
 from memfit.kernels.sizes import cdiv, next_pow2
 
 
-def _word_asm(ty: str, magic: int, one: int, fold: int = 0) -> str:
+def _word_asm(ty: str, magic: int, one: int) -> str:
     """PTX of `_word_codes` for one 16-bit type: pair i = (w >> 4i) & 0x000F000F | magic, plus
     $9 (= -(BASE + z), exact), times $10, split into outputs 2i and 2i + 1. Both steps are
     packed FMAs (x * 1 + $9, then x * $10 - 0: the same roundings as a subtract and a
-    multiply), which sm_80 has for bfloat16 too (its add / sub / mul need sm_90). fold 1: the
-    pairs BASE + c as they are (the caller folds z and s in after the dot); fold 2: one FMA,
-    (BASE + c) * $10 + $9 with $9 = -BASE * s (exact: a power of two times s) = c * s, rounded
-    once (the caller subtracts z * s times the activations' group sums)."""
+    multiply), which sm_80 has for bfloat16 too (its add / sub / mul need sm_90)."""
     lines = []
     for i in range(4):
         src = "$8"
         if i:
             lines.append(f"shr.u32 t, $8, {4 * i};")
             src = "t"
-        lines.append(f"lop3.b32 p, {src}, 0x000F000F, {magic}, 0xEA;")
-        if fold == 0:
-            lines += [f"fma.rn.{ty} p, p, one, $9;", f"fma.rn.{ty} p, p, $10, nz;"]
-        elif fold == 2:
-            lines.append(f"fma.rn.{ty} p, p, $10, $9;")
-        lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p;")
+        lines += [f"lop3.b32 p, {src}, 0x000F000F, {magic}, 0xEA;",
+                  f"fma.rn.{ty} p, p, one, $9;", f"fma.rn.{ty} p, p, $10, nz;",
+                  f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p;"]
     return (f"{{ .reg .b32 p, t, one, nz; mov.b32 one, {one}; mov.b32 nz, 0x80008000; "
             + " ".join(lines) + " }")
 
 
 WORD_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300, 0x3F803F80))
 WORD_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400, 0x3C003C00))
-RAW_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300, 0x3F803F80, 1))
-RAW_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400, 0x3C003C00, 1))
-SCALED_ASM_BF16 = tl.constexpr(_word_asm("bf16x2", 0x43004300, 0x3F803F80, 2))
-SCALED_ASM_F16 = tl.constexpr(_word_asm("f16x2", 0x64006400, 0x3C003C00, 2))
 
 
 @triton.jit
-def _word_codes(qw, zz, ss, F16: tl.constexpr, FOLD: tl.constexpr):
+def _word_codes(qw, zz, ss, F16: tl.constexpr):
     """One 32-bit word of 4-bit codes c0..c7 -> eight 16-bit weights (c - z) * s in the order
     c0 c4 c1 c5 c2 c6 c3 c7: per pair one SHF and one LOP3 ((w >> 4i) & 0x000F000F | magic =
     (BASE + c_i, BASE + c_{i+4}), exact), one packed add of -(BASE + z) (exact) and one packed
-    multiply by s (the one rounding); zz and ss hold -(BASE + z) and s in both halves. FOLD 1:
-    BASE + c (zz, ss unused); FOLD 2: c * s (zz holds -BASE * s). GPU only."""
-    if FOLD == 1:
-        return tl.inline_asm_elementwise(RAW_ASM_F16 if F16 else RAW_ASM_BF16,
-                                         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
-                                         dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-    elif FOLD == 2:
-        return tl.inline_asm_elementwise(SCALED_ASM_F16 if F16 else SCALED_ASM_BF16,
-                                         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
-                                         dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(WORD_ASM_F16 if F16 else WORD_ASM_BF16,
-                                         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
-                                         dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    multiply by s (the one rounding); zz and ss hold -(BASE + z) and s in both halves. GPU only."""
+    return tl.inline_asm_elementwise(WORD_ASM_F16 if F16 else WORD_ASM_BF16,
+                                     "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [qw, zz, ss],
+                                     dtype=(tl.int16,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -98,41 +78,24 @@ def _both_halves(v, dtype: tl.constexpr):
 
 @triton.jit
 def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               ASM: tl.constexpr, WIDE: tl.constexpr, z1, s1, GW: tl.constexpr,
-               FOLD: tl.constexpr):
+               ASM: tl.constexpr, WIDE: tl.constexpr, z1, s1, GW: tl.constexpr):
     """(BN, BK // 8) words, (BN,) zero points and scales -> (BN, BK) 16-bit weights, the codes
     of each 32-code span in the order the wgmma A-operand fragments hold them: position
     16h + 8i + 2t + j of a span holds code 8t + 4j + 2h + i, so lane t of a quad unpacks its
     own word t into its own registers (no data crosses lanes, no shared-memory round trip);
     the activations are permuted the same way (`perm_x`). GW > 0: the tile spans two groups,
     words from GW on take z1, s1 (a word's codes never cross a group). ASM = 0 (the CPU
-    interpreter): the same values and order in plain Triton. FOLD 1: the codes as BASE + c
-    (ASM; c in plain Triton), z and s unused; FOLD 2: c * s, z unused (`_word_codes`)."""
+    interpreter): the same values and order in plain Triton."""
     W: tl.constexpr = BK // 8
     if ASM:
         F16: tl.constexpr = dtype == tl.float16
         BASE: tl.constexpr = 1024 if F16 else 128
-        if FOLD == 1:
-            zz = qw
-            ss = qw
-        elif FOLD == 2:
-            zz = _by_word(_both_halves(-BASE * s, dtype), _both_halves(-BASE * s1, dtype), W, GW)
-            ss = _by_word(_both_halves(s, dtype), _both_halves(s1, dtype), W, GW)
-        else:
-            zz = _by_word(_both_halves(-(z + BASE), dtype), _both_halves(-(z1 + BASE), dtype),
-                          W, GW)
-            ss = _by_word(_both_halves(s, dtype), _both_halves(s1, dtype), W, GW)
-        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz, ss, F16, FOLD)
+        zz = _by_word(_both_halves(-(z + BASE), dtype), _both_halves(-(z1 + BASE), dtype), W, GW)
+        ss = _by_word(_both_halves(s, dtype), _both_halves(s1, dtype), W, GW)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _word_codes(qw, zz, ss, F16)
     else:  # output 2i + e is code i + 4e, as the PTX's pairs
-        if FOLD == 1:
-            z2 = tl.zeros((1, 1), tl.float32)
-            s2 = tl.full((1, 1), 1.0, tl.float32)
-        elif FOLD == 2:
-            z2 = tl.zeros((1, 1), tl.float32)
-            s2 = _by_word(s, s1, W, GW)
-        else:
-            z2 = _by_word(z, z1, W, GW)
-            s2 = _by_word(s, s1, W, GW)
+        z2 = _by_word(z, z1, W, GW)
+        s2 = _by_word(s, s1, W, GW)
         o0 = _code(qw, 0, z2, s2, dtype)
         o1 = _code(qw, 4, z2, s2, dtype)
         o2 = _code(qw, 1, z2, s2, dtype)
@@ -161,15 +124,14 @@ def _perm_tile(qw, z, s, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _perm_cols(x_ptr, y_ptr, xs_ptr, K, stride_xm, SPAN: tl.constexpr, BLOCK: tl.constexpr,
-               SUMS: tl.constexpr = 0, PDL: tl.constexpr = False):
+def _perm_cols(x_ptr, y_ptr, K, stride_xm, SPAN: tl.constexpr, BLOCK: tl.constexpr,
+               PDL: tl.constexpr = False):
     """y[m, p] = x[m, col(p)]: the activations in the fragment unpack's column order
     (`triton_int.perm_x`), one row's BLOCK columns a program. The gather stays inside a span's
     64-256 bytes, so a warp's loads touch the same sectors a plain copy would; the stores are
     contiguous. SPAN 32 (dq 2): position 16h + 8i + 2t + j takes column 8t + 4j + 2h + i;
     SPAN 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j takes column
-    8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. SUMS: also the float32 sum of each span,
-    xs[m, j] (row stride K / SPAN). PDL: launched with memfit.kernels.pdl."""
+    8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. PDL: launched with memfit.kernels.pdl."""
     m = tl.program_id(0)
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     q = p % SPAN
@@ -182,46 +144,34 @@ def _perm_cols(x_ptr, y_ptr, xs_ptr, K, stride_xm, SPAN: tl.constexpr, BLOCK: tl
     pdl.wait(PDL)
     v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (p - q + c), mask=ok)
     tl.store(y_ptr + m.to(tl.int64) * K + p, v, mask=ok)
-    if SUMS:
-        NS: tl.constexpr = BLOCK // SPAN
-        j = tl.program_id(1) * NS + tl.arange(0, NS)
-        sums = tl.sum(tl.reshape(v.to(tl.float32), (NS, SPAN)), axis=1)
-        tl.store(xs_ptr + m.to(tl.int64) * (K // SPAN) + j, sums, mask=j < K // SPAN)
 
 
-def perm_x(x2: torch.Tensor, span: int = 32, plan: bool = False, sums: bool = False):
+def perm_x(x2: torch.Tensor, span: int = 32, plan: bool = False):
     """Activations (M, K), K a multiple of `span`, in the fragment unpack's order (`_perm_tile`):
     span 32 (dq 2): position 16h + 8i + 2t + j of each 32 columns takes column 8t + 4j + 2h + i;
     span 128 (dq 4): position 64 w1 + 32 w0 + 16 h + 8 i + 4 w3 + 2 w2 + j of each 128 takes
     column 8 (8 w3 + 4 w2 + 2 w1 + w0) + 4 j + 2 h + i. One gather launch (`_perm_cols`; torch's
     copy of the same permuted view took 4.6-8.0 µs on an H200 at M = 32-128, K = 4096-14336).
-    sums: (permuted, the float32 sum of each row's spans, (M, K / span)) from the same launch.
     plan: also return a callable doing the same for activations like x2 (contiguous) with the
     launch fixed (memfit.kernels.replay)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(m, k, dtype=x2.dtype, device=x2.device)
-    block = max(span, min(1024, next_pow2(k)))
-    xs = torch.empty(m, k // span, dtype=torch.float32, device=x2.device) if sums else y
-    grid, args = (m, cdiv(k, block)), (x2, y, xs, k, x2.stride(0))
-    kw = dict(SPAN=span, BLOCK=block, SUMS=int(sums), num_warps=4, **pdl.launch_kw())
+    block = min(1024, next_pow2(k))
+    grid, args = (m, cdiv(k, block)), (x2, y, k, x2.stride(0))
+    kw = dict(SPAN=span, BLOCK=block, num_warps=4, **pdl.launch_kw())
     kernel = _perm_cols[grid](*args, **kw)
-    out = (y, xs) if sums else y
     if not plan:
-        return out
-    launch = replay.Launch(_perm_cols, kernel, grid, args, kw, ("x_ptr", "y_ptr", "xs_ptr"))
+        return y
+    launch = replay.Launch(_perm_cols, kernel, grid, args, kw, ("x_ptr", "y_ptr"))
     dev, dt = x2.device, x2.dtype
 
-    def call(x2: torch.Tensor):
+    def call(x2: torch.Tensor) -> torch.Tensor:
         y = torch.empty(m, k, dtype=dt, device=dev)
-        if not sums:
-            launch(x2, y, y)
-            return y
-        xs = torch.empty(m, k // span, dtype=torch.float32, device=dev)
-        launch(x2, y, xs)
-        return y, xs
-    return out, call
+        launch(x2, y)
+        return y
+    return y, call
 
 
 def perm_x_reference(x2: torch.Tensor, span: int = 32) -> torch.Tensor:

@@ -43,7 +43,6 @@ class Config:
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
     regs: int = 0        # `_int_mm`, mma: cap on registers a thread (ptxas maxnreg; 0 = its choice)
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
-    fold: int = 0        # `_int_mm`, dq 4: z and s folded in after each tile's dot (FOLD)
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
@@ -264,9 +263,6 @@ def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int 
     if cfg.pair and (cfg.dq != 4 or not cfg.wa or w.shape[1] % (2 * cfg.BK)
                      or w.shape[1] // (2 * cfg.BK) < cfg.SPLIT_K):
         return "two tiles a step take dq 4, the weight as A and K a multiple of 2 BK, split"
-    if cfg.fold and (cfg.dq != 4 or not cfg.wa or cfg.pair or w.group_size % cfg.BK):
-        return ("folding z and s in after the dot takes dq 4, the weight as A, one tile a step "
-                "and groups of whole tiles")
     return None
 
 

@@ -74,15 +74,14 @@ def _steps(ITERS, tiles, pid_k, SPLIT_K: tl.constexpr, RAGGED: tl.constexpr):
 
 
 @triton.jit
-def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pid_k, K, NB,
-           stride_xm, stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
+def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, stride_xm,
+           stride_qn, stride_sn, stride_zn, GROUP: tl.constexpr, BITS: tl.constexpr,
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
            BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
            WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
-           EVEN: tl.constexpr, PAIR: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr):
+           EVEN: tl.constexpr, PAIR: tl.constexpr = 0, RAGGED: tl.constexpr = 0):
     """The float32 accumulator of ITERS rounds (round `it` reads K tile it * SPLIT_K + pid_k)
-    for rows rm and weight rows rn: (BN, BM) if WA else (BM, BN). FOLD (see `_int_mm`): rs
-    are the accumulator's weight rows, xs_ptr the activations' group sums."""
+    for rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
     if PAIR:
         return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                            stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, BM,
@@ -90,10 +89,6 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pi
     PER: tl.constexpr = 8 // BITS
     BKP: tl.constexpr = BK // PER
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # DQ >= 2 only: a tile of two groups
-    if FOLD:  # the scales and zero points apply to the accumulator's rows (DQ 4 reorders them)
-        rn_s = rs
-    else:
-        rn_s = rn
     if WA:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -101,8 +96,8 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pi
     if PF:
         k1 = pid_k * BK
         ok = n_ok & ((rn * 0 + k1) < K)
-        s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn_s, k1, ok, stride_sn,
-                                                stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
+        s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1, ok, stride_sn, stride_zn,
+                                                GROUP, BITS, ZMODE, BN, RB, GW)
     for it in range(_steps(ITERS, (K + BK - 1) // BK, pid_k, SPLIT_K, RAGGED)):
         k0 = (it * SPLIT_K + pid_k) * BK
         kk = k0 + tl.arange(0, BK)
@@ -124,20 +119,14 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pi
         if PF:
             s, z, s1, z1 = s_nx, z_nx, s_nx1, z_nx1
             k1 = k0 + SPLIT_K * BK
-            s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn_s, k1,
+            s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, k1,
                                                     n_ok & ((rn * 0 + k1) < K), stride_sn,
                                                     stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
         else:
-            s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn_s, k0, n_ok & ((rn * 0 + k0) < K),
+            s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, n_ok & ((rn * 0 + k0) < K),
                                         stride_sn, stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
-        if FOLD == 1:  # s * (sum (B + c) x - (B + z) sum x), B = BASE in PTX, 0 in plain Triton
-            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, True, z1, s1, GW, 1)
-            d = tl.dot(w, tl.trans(x))
-            xs = tl.load(xs_ptr + rm * (K // BK) + k0 // BK, mask=m_ok, other=0.0)
-            FB: tl.constexpr = (1024 if x.dtype == tl.float16 else 128) * (DQ % 2)
-            acc += s[:, None] * (d - (z + FB)[:, None] * xs[None, :])
-        elif DQ >= 2:
-            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, DQ >= 4, z1, s1, GW, 0)
+        if DQ >= 2:
+            w = _perm_tile(qw, z, s, x.dtype, BN, BK, DQ % 2 == 1, DQ >= 4, z1, s1, GW)
         elif DQ:
             c16 = _magic_asm(qb, MAGIC, BN, BK).to(x.dtype, bitcast=True)
             w = (c16 - (z + BASE).to(x.dtype)[:, None]) * s.to(x.dtype)[:, None]
@@ -147,9 +136,7 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pi
         else:
             c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
             w = ((c - z[:, None]) * s[:, None]).to(x.dtype)  # (BN, BK)
-        if FOLD:
-            pass
-        elif WA:
+        if WA:
             acc = _dot_t(w, x, acc, IEEE)
         else:
             acc = _dot_t(x, w, acc, IEEE)
@@ -196,8 +183,8 @@ def _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                                             GROUP, BITS, ZMODE, BN, RB, GW)
             s1, z1, s11, z11 = _tile_groups(s_ptr, z_ptr, rn, k0 + BK, n_ok, stride_sn,
                                             stride_zn, GROUP, BITS, ZMODE, BN, RB, GW)
-        w0 = _perm_tile(q0, z0, s0, x.dtype, BN, BK, DQ % 2 == 1, True, z01, s01, GW, 0)
-        w1 = _perm_tile(q1, z1, s1, x.dtype, BN, BK, DQ % 2 == 1, True, z11, s11, GW, 0)
+        w0 = _perm_tile(q0, z0, s0, x.dtype, BN, BK, DQ % 2 == 1, True, z01, s01, GW)
+        w1 = _perm_tile(q1, z1, s1, x.dtype, BN, BK, DQ % 2 == 1, True, z11, s11, GW)
         w = tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BN, 2 * BK))
         acc = tl.dot(w, tl.trans(x), acc)
     return acc
@@ -239,15 +226,14 @@ def _store_tile(acc, rm, rn, m_ok, n_ok, y_ptr, b_ptr, stride_ym, HAS_BIAS: tl.c
 
 @triton.jit
 def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride_xm, stride_qn,
-            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, xs_ptr, GROUP: tl.constexpr,
+            stride_sn, stride_zn, stride_ym, p_ptr, c_ptr, stride_ps, GROUP: tl.constexpr,
             BITS: tl.constexpr,
             ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
             DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
-            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False, RAGGED: tl.constexpr = 0,
-            FOLD: tl.constexpr = 0):
+            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False, RAGGED: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
@@ -283,13 +269,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
 
     MAGIC != 0 (16-bit activations, codes < 2**7): dequantize in 16-bit lanes without an
     int-to-float conversion: the bits MAGIC | c read as the activation dtype are BASE + c
-    (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly.
-
-    FOLD = 1 (DQ 4, WA, not PAIR, a tile inside one group): the codes go into the dot as BASE + c
-    (one LOP3 a pair, no add or multiply), each tile's dot into a fresh accumulator, and the
-    tile is folded in as s * (D - (BASE + z) xs), xs the activations' sum over the tile
-    (`perm_x(..., sums=True)`, at xs_ptr, (M, K / BK) float32): the zero point and scale
-    cost a few float32 operations an output instead of two packed operations a code pair."""
+    (bfloat16 0x4300 = 128, float16 0x6400 = 1024), so (BASE + c) - (BASE + z) = c - z exactly."""
     pdl.wait(PDL)  # launched with memfit.kernels.pdl: its launch overlaps the previous kernel
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -302,11 +282,10 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         n_ok = tl.full((BN,), 1, tl.int1)
     if EVEN == 2:
         m_ok = tl.full((BM,), 1, tl.int1)
-    rs = _out_rows(pid_n, BN, DQ)
-    acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, rm, rn, rs, m_ok, n_ok, ITERS, pid_k, K, NB,
+    acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB,
                  stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
-                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR, RAGGED, FOLD)
-    rn = rs
+                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR, RAGGED)
+    rn = _out_rows(pid_n, BN, DQ)
     if FIX:
         if WA:
             off = rm[None, :] * stride_ym + rn[:, None]

@@ -253,7 +253,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         return y.to(x2.dtype) if atomic else y
     grid = (cdiv(m, cfg.BM), cdiv(n, cfg.BN), cfg.SPLIT_K)
     even = (n % cfg.BN == 0 and k % cfg.BK == 0) * (1 + (m % cfg.BM == 0))
-    dq, perm, xs = 0, None, w.scale  # xs: the activations' group sums (FOLD), else unused
+    dq, perm = 0, None
     if cfg.dq == 1 and w.bits == 4 and not INTERPRET and _magic(cfg, w, x2.dtype):
         dq = 1
     elif cfg.dq in (2, 4) or cfg.pair:
@@ -261,19 +261,18 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         if why:
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
-        out = perm_x(x2, 128 if cfg.dq == 4 else 32, plan, bool(cfg.fold))
-        out, perm = out if plan else (out, None)
-        x2, xs = out if cfg.fold else (out, xs)
+        perm = perm_x(x2, 128 if cfg.dq == 4 else 32, plan)
+        x2, perm = perm if plan else (perm, None)
     part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
             else y)
     cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
     ragged = int(cdiv(k, cfg.BK * (1 + cfg.pair)) % cfg.SPLIT_K != 0)  # a split of uneven runs
     args = (x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
-            w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n, xs)
+            w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n)
     kw = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
               ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
               **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf), DQ=dq,
-              EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), RAGGED=ragged, FOLD=cfg.fold, BK=cfg.BK,
+              EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), RAGGED=ragged, BK=cfg.BK,
               SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
               **pdl.launch_kw(), **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
     kernel = _int_mm[grid](*args, **kw)
@@ -285,25 +284,21 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         return y.to(dt)
     if not plan:
         return finish(y) if atomic else y
-    launch = Launch(_int_mm, kernel, grid, args, kw,
-                    ("x_ptr", "y_ptr", "p_ptr", "c_ptr", "xs_ptr"))
+    launch = Launch(_int_mm, kernel, grid, args, kw, ("x_ptr", "y_ptr", "p_ptr", "c_ptr"))
 
     def call(x2: torch.Tensor) -> torch.Tensor:
-        xs = w.scale
         if perm is not None:
             x2 = perm(x2)
-            if cfg.fold:
-                x2, xs = x2
         if atomic:
             y = torch.zeros(m, n, dtype=torch.float32, device=dev)
-            launch(x2, y, y, w.scale, xs)
+            launch(x2, y, y, w.scale)
             return finish(y)
         y = torch.empty(m, n, dtype=dt, device=dev)
         if fix:
             launch(x2, y, torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=dev),
-                   _counters(dev, grid[0] * grid[1]), xs)
+                   _counters(dev, grid[0] * grid[1]))
         else:
-            launch(x2, y, y, w.scale, xs)
+            launch(x2, y, y, w.scale)
         return y
     return (finish(y) if atomic else y), call
 

@@ -172,12 +172,11 @@ def check_kv_mma(gq: int, stages: int, bf16: bool = True, pf: int = 0, ng: int =
 
 def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 4, sk: int = 1,
                pair: bool = False, pdl: bool = False, group: int = 128, bm: int = 64,
-               ragged: bool = False, fold: int = 0):
+               ragged: bool = False):
     """The tile kernel with the weight as the wgmma A operand and its PTX unpacks (DQ 1: bytes
     doubled; DQ 3 / 5: words straight into the fragments, 32- / 128-code order; DQ 5 at BN 64 /
     4 warps and BN 128 / 8 warps without a shared-memory conversion in the K loop, also with
-    two tiles a step, PAIR, with 256 tokens a tile, prefill, and with z and s folded in after
-    the dot, FOLD):
+    two tiles a step, PAIR, and with 256 tokens a tile, prefill):
     it builds, and DQ 3 leaves no byte unpacking (PRMT) between its asm and the wgmma at the
     shapes where Triton keeps the fragment layout (BN 256, 8 warps)."""
     xdt = "fp16" if f16 else "bf16"
@@ -185,11 +184,11 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
            "b_ptr": "*fp16", "y_ptr": f"*{xdt}", "M": "i32", "N": "i32", "K": "i32", "NB": "i32",
            "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
            "stride_zn": "i32", "stride_ym": "i32", "p_ptr": "*fp32", "c_ptr": "*i32",
-           "stride_ps": "i32", "xs_ptr": "*fp32"}
+           "stride_ps": "i32"}
     const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=bm,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
                  BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair),
-                 PDL=pdl, RAGGED=int(ragged), FOLD=fold)
+                 PDL=pdl, RAGGED=int(ragged))
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
@@ -201,8 +200,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
     p = k.asm["ptx"]
     assert "wgmma.mma_async" in p, "no wgmma"
     assert ("griddepcontrol.wait" in p) == pdl
-    packed = ("fma.rn.f16x2" if f16 else "fma.rn.bf16x2") in p
-    assert ("lop3.b32" in p) and (dq < 3 or packed != (fold == 1))  # FOLD 1: no packed FMA
+    assert ("lop3.b32" in p) and (dq < 3 or ("fma.rn.f16x2" if f16 else "fma.rn.bf16x2") in p)
     if dq == 3 and bn == 256:
         assert p.count("prmt.b32") <= 16, f"{p.count('prmt.b32')} byte permutes"
     if dq == 5:  # the load layout is the wgmma's: no shared-memory conversion in the K loop
@@ -213,9 +211,9 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
 
 def check_perm(span: int):
     """The activations' gather into the fragment order, launched with PDL."""
-    k = build(fragments._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "xs_ptr": "*fp32",
-                                        "K": "i32", "stride_xm": "i32"},
-              {"SPAN": span, "BLOCK": 1024, "SUMS": int(span == 128), "PDL": True})
+    k = build(fragments._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32",
+                                        "stride_xm": "i32"},
+              {"SPAN": span, "BLOCK": 1024, "PDL": True})
     assert "griddepcontrol.wait" in k.asm["ptx"]
 
 
@@ -262,10 +260,7 @@ def _checks() -> dict:
                          (5, 1, True, 64, 64, 4, 4, False, False, 64, 128),
                          # a split that does not divide the row's tiles (RAGGED), M = 16
                          (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
-                         (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True),
-                         # z and s folded in after each tile's dot (FOLD), M = 16 and 64
-                         (5, 1, False, 0, 64, 4, 1, False, True, 128, 16, False, 1),
-                         (5, 1, True, 64, 128, 8, 2, False, True, 256, 64, False, 1))}
+                         (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}

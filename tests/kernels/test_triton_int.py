@@ -3,8 +3,6 @@ every zero-point kind, group sizes incl. a ragged last group and per-channel, od
 On a CPU-only machine this runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET);
 on a GPU the same tests compile and run the real kernels."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -416,30 +414,3 @@ def test_narrow_layers_with_awkward_rows_get_a_four_way_split():
     w = make_weight(256, 11008, 4, 64, "int", seed=1)
     cands = triton_int.weight_a_candidates(16, w, torch.bfloat16)
     assert {(c.SPLIT_K, c.pair) for c in cands if c.dq == 4} >= {(4, False), (4, True), (2, True)}
-
-
-@pytest.mark.parametrize("rb,zp,bn", [(0, "int", 64), (64, "int", 128), (0, "sym", 128),
-                                       (64, "sym", 64)])
-@pytest.mark.parametrize("m,bm,split_k,group", [(5, 16, 1, 128), (16, 16, 3, 256),
-                                                (40, 64, 2, 128)])
-def test_zero_points_and_scales_folded_in_after_the_dot(rb, zp, bn, m, bm, split_k, group):
-    """`Config.fold`: the codes go into each tile's dot as they are, and the tile is folded in
-    as s * (D - z xs) with xs the activations' group sums (from the permutation launch); rows
-    reordered by dq 4 take their own scales (a row's scale changed changes only that row)."""
-    cfg = triton_int.Config(bm, bn, 128, split_k, bn // 16, 2, wa=True, pf=1, dq=4, fold=1)
-    w, got, want, go = _wide_case(2 * bn, 1280, group, zp, m + bn + group, m, rb, cfg)
-    assert rel_err(got, want) < _tol()
-    w2 = w._replace(scale=w.scale.clone())
-    w2.scale[5] *= 2  # row 5 of the weight, every group
-    got2 = go(w2)
-    changed = (got2 - got).abs().amax(0) > 1e-3 * got.abs().amax()
-    assert changed.nonzero().flatten().tolist() == [5]
-
-
-def test_fold_needs_groups_of_whole_tiles():
-    cfg = triton_int.Config(16, 64, 128, 1, 4, 2, wa=True, pf=1, dq=4, fold=1)
-    w = make_weight(64, 768, 4, 64, "int")  # a tile across two groups
-    assert "folding" in triton_int.perm_ineligibility(w, torch.bfloat16, cfg)
-    w = make_weight(64, 768, 4, 384, "int")
-    assert triton_int.perm_ineligibility(w, torch.bfloat16, cfg) is None
-    assert "folding" in triton_int.perm_ineligibility(w, torch.bfloat16, replace(cfg, pair=True))
