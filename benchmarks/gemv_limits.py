@@ -197,6 +197,9 @@ def _cands(args, gen, n, k, g) -> None:
             cs = triton_int.candidates(m, wl[0], x.dtype)
             if args.pf:  # the mma kernel's one-tile launch shapes with two tiles in flight
                 cs += [replace(c, num_stages=2) for c in cs if c.words == "mma" and c.BK == 128]
+            if args.stages:  # the tile kernel's shapes again with deeper software pipelines
+                cs += [replace(c, num_stages=st) for st in args.stages for c in cs
+                       if c.dq == 4 and c.num_stages == (3 if c.pair else 4)]
             if args.regs:  # the mma kernel's shapes again under each ptxas register cap
                 cs += [replace(c, regs=r) for r in args.regs for c in cs
                        if c.words == "mma" and r and not c.regs]
@@ -221,6 +224,8 @@ def _cands(args, gen, n, k, g) -> None:
                 fam += (f"_pf{c.num_stages}_epi{int(c.epi)}_regs{c.regs}" if c.words == "mma"
                         else "")
                 fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
+                fam += (f"_pair{int(c.pair)}_st{c.num_stages}" if fam.startswith("tile")
+                        and c.dq == 4 else "")
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
             note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),
@@ -568,6 +573,8 @@ def main() -> None:
     ap.add_argument("--only", help="cands: one kernel family (mma, tile...)")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
                     help="cands: only these K splits (a short GPU call)")
+    ap.add_argument("--stages", type=int, nargs="*", default=[],
+                    help="cands: the tile kernel's dq 4 shapes also with these pipeline depths")
     ap.add_argument("--regs", type=int, nargs="*", default=[],
                     help="cands: the mma shapes also under these ptxas register caps (maxnreg)")
     ap.add_argument("--shapes", nargs="*",
