@@ -56,7 +56,7 @@ from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
 from memfit.kernels.triton_mma import MmaLayoutError, run_mma
-from memfit.kernels.triton_words import _counters, run_words, word_ineligibility  # noqa: F401
+from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
 
 BITS = (2, 4, 8)
@@ -261,11 +261,9 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         if why:
             raise ValueError(f"memfit.kernels.triton_int: {why}")
         dq = cfg.dq + (not INTERPRET)
-        perm = perm_x(x2, 128 if cfg.dq == 4 else 32, plan)
-        x2, perm = perm if plan else (perm, None)
-    part = (torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=x2.device) if fix
-            else y)
-    cnt = _counters(x2.device, grid[0] * grid[1]) if fix else w.scale
+        out = perm_x(x2, 128 if cfg.dq == 4 else 32, plan)
+        x2, perm = out if plan else (out, None)  # the permuted activations, the plan's gather
+    part, cnt = split_buffers(y, cfg.SPLIT_K if fix else 1, grid[0] * grid[1], w.scale)
     ragged = int(cdiv(k, cfg.BK * (1 + cfg.pair)) % cfg.SPLIT_K != 0)  # a split of uneven runs
     args = (x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
             w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), part, cnt, m * n)
@@ -294,11 +292,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
             launch(x2, y, y, w.scale)
             return finish(y)
         y = torch.empty(m, n, dtype=dt, device=dev)
-        if fix:
-            launch(x2, y, torch.empty(cfg.SPLIT_K, m, n, dtype=torch.float32, device=dev),
-                   _counters(dev, grid[0] * grid[1]))
-        else:
-            launch(x2, y, y, w.scale)
+        launch(x2, y, *split_buffers(y, cfg.SPLIT_K if fix else 1, grid[0] * grid[1], w.scale))
         return y
     return (finish(y) if atomic else y), call
 

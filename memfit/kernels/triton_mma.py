@@ -73,7 +73,7 @@ from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xpt
 from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
-from memfit.kernels.triton_words import _counters, _finish, zeroed
+from memfit.kernels.triton_words import _finish, split_buffers, zeroed
 from memfit.kernels.weights import IntWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -351,8 +351,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     b = bias if bias is not None else w.scale
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (cdiv(n, bn), split_k)
-    part = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device) if split_k > 1 else y
-    cnt = _counters(x2.device, grid[0]) if split_k > 1 else q
+    part, cnt = split_buffers(y, split_k, grid[0], q)
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     # the stored layout's two adjacent 16-bit scales of a tile in one 32-bit load (EPI, g64)
@@ -376,11 +375,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
     def call(x2: torch.Tensor) -> torch.Tensor:  # x2: contiguous, 16-byte aligned (replay.Plans)
         y = torch.empty(m, n, dtype=dt, device=dev)
-        if split_k == 1:
-            launch(x2, y, y, q)
-        else:
-            launch(x2, y, torch.empty(split_k, m, n, dtype=torch.float32, device=dev),
-                   _counters(dev, grid[0]))
+        launch(x2, y, *split_buffers(y, split_k, grid[0], q))
         return y
     return y, call
 

@@ -274,8 +274,7 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
     sk = cfg.SPLIT_K
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (cdiv(n, cfg.BN), sk)
-    part = torch.empty(sk, m, n, dtype=torch.float32, device=x2.device) if sk > 1 else y
-    cnt = _counters(x2.device, grid[0]) if sk > 1 else q
+    part, cnt = split_buffers(y, sk, grid[0], q)
     shift = cfg.shift or x2.dtype == torch.float16  # x * 2**-12 would leave float16's range
     common = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode, HAS_BIAS=bias is not None,
                   BN=cfg.BN, T=t, WG=wg, SPLIT_K=sk, SHIFT=shift, num_warps=cfg.num_warps,
@@ -294,6 +293,17 @@ def run_words(x2: torch.Tensor, w: IntWeight, bias, cfg, dot: bool, zmode: int) 
 LAST: list = [None]  # the last launched compiled kernel (benchmarks read n_regs, n_spills)
 _COUNTERS: dict = {}
 _CAPTURED: list = []  # zero buffers made inside captures: kept for the process (a graph may replay)
+
+
+def split_buffers(y: torch.Tensor, split_k: int, tiles: int, unused: torch.Tensor):
+    """(partials, counters) of a launch writing y (M, N) split `split_k` ways along K: float32
+    (split_k, M, N) partials and the arrival counters of `tiles` output tiles (`_finish`); not
+    split: (y, unused), placeholders the kernel does not read."""
+    if split_k == 1:
+        return y, unused
+    m, n = y.shape
+    return (torch.empty(split_k, m, n, dtype=torch.float32, device=y.device),
+            _counters(y.device, tiles))
 
 
 def _counters(device, n: int) -> torch.Tensor:
