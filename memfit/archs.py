@@ -72,6 +72,31 @@ _LLAMA = Arch("decoder", ("model.layers", "model.language_model.layers"), _LLAMA
 _GEMMA = replace(_LLAMA, norm_offset=1.0)
 _GEMMA2 = replace(_GEMMA, awq_fold=("input_layernorm", "self_attn.v_proj",
                                     "pre_feedforward_layernorm", "mlp.up_proj"))
+# Granite (its multipliers act outside the linears) and StableLM (LayerNorm norms, with biases)
+# keep Llama's linears and norms; StableLM's optional per-head q/k norms (one module a head)
+# would have to be sliced with the heads, so structured pruning is not offered there. OLMo 2 normalises after attention and MLP, not before: q/k/v
+# read the residual stream itself, so only v -> o and up -> down fold; its q/k norms span all
+# heads (structured pruning would have to slice them: not offered). Starcoder 2 and OPT: one
+# MLP input linear behind a GELU/ReLU (nothing folds into the output linear). Cohere (attention
+# and MLP in parallel from one norm, whose fold would scale both groups' inputs) and Falcon
+# (fused query_key_value, parallel blocks) take every method but AWQ and structured pruning.
+_OLMO2 = replace(_LLAMA, layout=None, awq_fold=(None, "self_attn.v_proj", None, "mlp.up_proj"))
+_STARCODER2 = Arch(
+    "decoder", ("model.layers",),
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+     ("mlp.c_fc",), ("mlp.c_proj",)),
+    layout=Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  ("mlp.c_fc",), "mlp.c_proj", "mlp"),
+    awq_fold=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", None),
+    awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    awq_inspect=("self_attn", None, "mlp", None), awq_mixing=("self_attn",))
+_OPT = Arch(
+    "decoder", ("model.decoder.layers",),
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+     ("fc1",), ("fc2",)),
+    awq_fold=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", None),
+    awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    awq_inspect=("self_attn", None, None, None), awq_mixing=("self_attn",))
 _BERT = Arch(
     "encoder",
     ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
@@ -101,6 +126,15 @@ ARCHS: dict[str, Arch] = {
         ("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), conv1d=True),
     "gpt_neox": Arch("decoder", ("gpt_neox.layers",), (
         ("attention.query_key_value",), ("attention.dense",),
+        ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
+    "granite": _LLAMA,
+    "stablelm": replace(_LLAMA, layout=None),
+    "olmo2": _OLMO2,
+    "starcoder2": _STARCODER2,
+    "opt": _OPT,
+    "cohere": Arch("decoder", ("model.layers",), _LLAMA_GROUPS),
+    "falcon": Arch("decoder", ("transformer.h",), (
+        ("self_attention.query_key_value",), ("self_attention.dense",),
         ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
     "bert": _BERT,
     "roberta": _BERT,

@@ -71,6 +71,40 @@ def test_fold_leaves_the_float_function_unchanged(tiny_config, family):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
 
 
+@pytest.mark.parametrize("family,kw", [("granite", {}), ("stablelm", {}), ("olmo2", {}),
+                                       ("starcoder2", {}),
+                                       ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64})])
+def test_fold_rows_of_more_families_leave_the_float_function_unchanged(tiny_config, family, kw):
+    """The fold rows of families whose linears or norms differ from Llama's (LayerNorm with
+    bias, no norm before attention, one MLP input linear behind a GELU/ReLU): every listed
+    producer folds exactly, random scales and norm parameters, the logits do not move."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_key_value_heads=4,
+                                                         **kw)).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=G(8)) * 0.5 + 1.0)
+    ids = _calib(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    arch = arch_for(model.config)
+    folds = [(g, src) for g, src in zip(arch.groups, arch.awq_fold) if src is not None]
+    assert len(folds) >= 2
+    changed = 0
+    for block in block_list(model, arch):
+        for group, src in folds:
+            lins = [block.get_submodule(n) for n in group]
+            old = lins[0].weight.clone()
+            s = torch.rand(lins[0].in_features, generator=G(5)) * 4 + 0.25
+            fold_(block.get_submodule(src), lins, s, norm_offset=arch.norm_offset)
+            changed += not torch.equal(lins[0].weight, old)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert changed == len(folds) * len(block_list(model, arch))
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+
+
 def _model(tiny_llama_dir):
     return memfit.load_model(str(tiny_llama_dir)).model
 

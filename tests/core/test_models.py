@@ -13,6 +13,9 @@ FAMILIES = {
     "gemma2": {"head_dim": 16}, "gemma3_text": {"head_dim": 16},
     "phi": {}, "phi3": {}, "gpt_neox": {},
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+    "granite": {}, "stablelm": {}, "olmo2": {}, "starcoder2": {}, "cohere": {},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
 }
 
 

@@ -107,6 +107,37 @@ def test_mlp_half_width_halves_params_matches_masking_and_reloads(tiny_config, t
     assert torch.equal(_logits(again, ids), out)
 
 
+@pytest.mark.parametrize("model_type", ["granite", "starcoder2"])
+def test_width_pruning_of_more_families_matches_masking_and_reloads(tiny_config, tmp_path,
+                                                                    model_type):
+    """Granite (Llama's linears, its own multipliers) and Starcoder 2 (one MLP input linear
+    with a bias, behind a GELU): half the MLP channels and half the KV groups cut is the same
+    function as the masked model, and reloads."""
+    kw = dict(num_attention_heads=8, num_key_value_heads=4)
+    model = _model(tiny_config, model_type, layers=2, **kw)
+    masked = _model(tiny_config, model_type, layers=2, **kw)
+    arch = arch_for(model.config)
+    ids = _ids()
+    kept = prune_mlp_width_(model, 0.5)
+    groups = prune_heads_(model, num_heads=4)
+    hd = HIDDEN // 8
+    with torch.no_grad():
+        for block, k, g in zip(block_list(masked, arch), kept, groups):
+            drop = torch.ones(INTER, dtype=torch.bool)
+            drop[k] = False
+            block.get_submodule(arch.layout.mlp_out).weight[:, drop] = 0
+            cols = torch.ones(8 * hd, dtype=torch.bool)
+            for j in g.tolist():
+                cols[j * 2 * hd:(j + 1) * 2 * hd] = False
+            block.get_submodule(arch.layout.o).weight[:, cols] = 0
+    out = _logits(model, ids)
+    torch.testing.assert_close(out, _logits(masked, ids), rtol=1e-4, atol=1e-4)
+    again = _reload(model, tmp_path / "m")
+    assert again.config.intermediate_size == INTER // 2
+    assert (again.config.num_attention_heads, again.config.num_key_value_heads) == (4, 2)
+    assert torch.equal(_logits(again, ids), out)
+
+
 def test_keeping_all_channels_and_groups_changes_nothing(tiny_config):
     model = _model(tiny_config, layers=2)
     ids = _ids()
@@ -193,7 +224,7 @@ def test_layouts_live_in_the_arch_table():
 
     with_layout = {name for name, arch in ARCHS.items() if arch.layout is not None}
     assert with_layout == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-                           "gemma3_text"}
+                           "gemma3_text", "granite", "starcoder2"}
     lay = ARCHS["gemma3_text"].layout
     assert (lay.q, lay.o, lay.mlp_in, lay.mlp_out) == (
         "self_attn.q_proj", "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
