@@ -51,6 +51,8 @@ class Arch:
     awq_mixing: tuple[str, ...] = ()  # inspected modules that mix tokens (attention): measured
                                       # on whole kept windows, with the block's keyword arguments
     norm_offset: float = 0.0  # the norms scale by (norm_offset + weight): Gemma's 1 + w
+    positions_after_pad: bool = False  # position ids start after the padding index (RoBERTa,
+                                       # MPNet): max_position_embeddings - pad - 1 usable
 
 
 _LLAMA_GROUPS = (
@@ -108,6 +110,24 @@ _BERT = Arch(
     ),
 )
 
+# Other encoders behind sentence-transformers models (MPNet: all-mpnet-base-v2; DistilBERT;
+# DeBERTa v2/v3; ModernBERT and NomicBERT, whose MLP input is gated): the same four groups.
+_ROBERTA = replace(_BERT, positions_after_pad=True)
+_MPNET = Arch("encoder", ("encoder.layer", "mpnet.encoder.layer"), (
+    ("attention.attn.q", "attention.attn.k", "attention.attn.v"), ("attention.attn.o",),
+    ("intermediate.dense",), ("output.dense",)), positions_after_pad=True)
+_DISTILBERT = Arch("encoder", ("transformer.layer", "distilbert.transformer.layer"), (
+    ("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("attention.out_lin",),
+    ("ffn.lin1",), ("ffn.lin2",)))
+_DEBERTA2 = Arch("encoder", ("encoder.layer", "deberta.encoder.layer"), (
+    ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"),
+    ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)))
+_MODERNBERT = Arch("encoder", ("layers", "model.layers"), (
+    ("attn.Wqkv",), ("attn.Wo",), ("mlp.Wi",), ("mlp.Wo",)))
+_NOMIC = Arch("encoder", ("layers", "model.layers"), (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -137,10 +157,15 @@ ARCHS: dict[str, Arch] = {
         ("self_attention.query_key_value",), ("self_attention.dense",),
         ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
     "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
     "electra": _BERT,
-    "camembert": _BERT,
+    "camembert": _ROBERTA,
+    "mpnet": _MPNET,
+    "distilbert": _DISTILBERT,
+    "deberta-v2": _DEBERTA2,
+    "modernbert": _MODERNBERT,
+    "nomic_bert": _NOMIC,
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memfit.archs import arch_for
 from memfit.errors import UserError
 
 # sentence-transformers' description of the model (pooling, normalisation, max length)
@@ -36,7 +37,13 @@ def _st_config(source: str | Path) -> dict:
 
 def used_length(loaded) -> int:
     """The longest input the encoder is used at (see the module docstring)."""
-    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
+    config = loaded.model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and arch_for(config).positions_after_pad:
+        # the embeddings' own padding index (MPNet fixes it at 1 whatever the config says)
+        pad = getattr(getattr(loaded.model, "embeddings", None), "padding_idx", None)
+        positions -= (pad if pad is not None else getattr(config, "pad_token_id", 0) or 0) + 1
+    limits = [positions,
               _st_config(loaded.source).get("max_seq_length"),
               getattr(loaded.tokenizer, "model_max_length", None)]
     limits = [n for n in limits if isinstance(n, int) and 1 < n < 1_000_000]

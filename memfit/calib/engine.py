@@ -16,6 +16,7 @@ as safetensors and only one batch is in memory at a time.
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,13 +109,18 @@ def capture_inputs(model, blocks, windows: torch.Tensor, *, batch: int = 8,
 
 @torch.inference_mode()
 def block_kwargs(model, blocks, ids: torch.Tensor) -> list[dict]:
-    """The keyword arguments (minus the hidden states and cache flags) each block receives when
-    `model` runs on `ids`; the forward stops at the last block's input."""
+    """The arguments (minus the hidden states and cache flags) each block receives when `model`
+    runs on `ids`, by name (those passed by position too); the forward stops at the last
+    block's input."""
     found: list[dict | None] = [None] * len(blocks)
 
     def record(i):
-        def hook(_module, _args, kwargs):
-            found[i] = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP}
+        def hook(module, args, kwargs):
+            # arguments after the hidden states passed by position (DeBERTa's attention mask)
+            # are kept by name, so that a replay can pass everything as keywords
+            named = dict(zip(list(inspect.signature(module.forward).parameters)[1:], args[1:]))
+            found[i] = {k: v for k, v in {**named, **kwargs}.items()
+                        if k != "hidden_states" and k not in _DROP}
             if i == len(blocks) - 1:
                 raise _Stop
         return hook

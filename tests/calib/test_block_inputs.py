@@ -70,12 +70,19 @@ def test_compress_a_mixed_layer_model(tiny_config):
         assert torch.isfinite(out).all() and (out - ref).abs().max() < 1.0
 
 
-def test_encoder_blocks_get_the_inputs_of_the_real_forward(tiny_encoder, encoder_tokenizer):
+ENCODERS = {"bert": {}, "deberta-v2": {}, "mpnet": {}, "modernbert": {}, "nomic_bert": {},
+            "distilbert": {"hidden_dim": 128}}
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
+def test_encoder_blocks_get_the_inputs_of_the_real_forward(tiny_encoder, encoder_tokenizer,
+                                                           model_type):
     """Encoder calibration windows are full [CLS] ... [SEP] windows with no padding: each block
-    gets what BERT's own forward gives it with the all-ones attention mask `embed` passes."""
+    gets what the model's own forward gives it with the all-ones attention mask `embed` passes
+    (DeBERTa passes its blocks the mask by position: kept by name, replayed as a keyword)."""
     from memfit.calib.data import sentence_windows
 
-    model = tiny_encoder(num_hidden_layers=3)
+    model = tiny_encoder(model_type, num_hidden_layers=3, **ENCODERS[model_type])
     tok = encoder_tokenizer
     ids = sentence_windows(tok, "builtin", "calib", seq_len=48, max_windows=5, seed=0)
     blocks = block_list(model, arch_for(model.config))

@@ -92,3 +92,22 @@ def test_int8_embeddings_table_on_an_encoder(tiny_encoder, encoder_tokenizer, da
     hf = AutoModel.from_pretrained(tmp_path / "e8").eval()
     assert torch.equal(embed(ours.model, encoder_tokenizer, data[1]), got)
     assert torch.equal(embed(hf, encoder_tokenizer, data[1]), got)
+
+
+@pytest.mark.parametrize("model_type, usable", [("bert", 64), ("roberta", 63), ("mpnet", 62)])
+def test_used_length_leaves_out_positions_before_the_padding_index(tmp_path, model_type,
+                                                                   usable):
+    """RoBERTa numbers positions from its padding index + 1 (here 0 + 1), MPNet from its fixed
+    padding index 1 + 1: a window of `used_length` tokens must still have a position row. The
+    tokenizer's own limit (512) is longer, so the positions decide."""
+    from memfit.encoders import used_length
+    from tests.conftest import save_tiny_encoder
+
+    path = save_tiny_encoder(tmp_path / model_type, model_type, max_position_embeddings=64)
+    loaded = load_model(str(path))
+    assert used_length(loaded) == usable
+    ids = torch.full((1, usable), 2000)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(input_ids=ids).last_hidden_state).all()
+    with pytest.raises((IndexError, RuntimeError)):  # one token more has no position row
+        loaded.model(input_ids=torch.full((1, usable + 1), 2000))

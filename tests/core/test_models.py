@@ -34,8 +34,10 @@ def test_decoder_families_expose_blocks_and_groups(model_type, tiny_config):
     assert layers == 2 and kv_heads in (2, 4) and head_dim == 16
 
 
-def test_bert_family_groups(tiny_config):
-    cfg = tiny_config("bert", num_key_value_heads=None)
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "mpnet", "distilbert", "deberta-v2",
+                                        "modernbert", "nomic_bert"])
+def test_encoder_family_groups(tiny_config, model_type):
+    cfg = tiny_config(model_type, num_key_value_heads=None)
     model = AutoModel.from_config(cfg)
     arch = arch_for(cfg)
     assert arch.kind == "encoder"
