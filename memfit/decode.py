@@ -42,6 +42,7 @@ import functools
 import inspect
 import sys
 import time
+import warnings
 
 import torch
 import torch._dynamo
@@ -197,9 +198,18 @@ def _greedy(forward, reset, input_ids, max_new_tokens, *, graph, on_token, eos_t
         pos.fill_(p)
         reset(p)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        replay = g.replay
+        try:
+            with torch.cuda.graph(g):
+                step()
+            replay = g.replay
+        except RuntimeError as e:  # an op the family's forward runs cannot be captured
+            # (Falcon copies a CPU tensor in its forward): the same step, launched eagerly
+            warnings.warn("memfit: this model's decode step cannot be captured as a CUDA graph "
+                          f"({str(e).splitlines()[0][:160]}); decoding without one",
+                          stacklevel=2)
+            tok.copy_(first)
+            pos.fill_(p)
+            reset(p)
     n = 1
     if timings is not None:
         _sync(dev)

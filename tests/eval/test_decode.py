@@ -50,6 +50,21 @@ def test_graph_loop_matches_generate_on_gpu(tiny_config, batch):
     assert timings["steps"] == 19
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["falcon", "opt"])
+def test_a_step_that_cannot_be_captured_decodes_without_a_graph(tiny_config, family):
+    """Falcon's forward copies a CPU tensor to the GPU, which a CUDA graph capture refuses:
+    the loop warns and goes on eagerly, with the same tokens as transformers' `generate`."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    kw = {"new_decoder_architecture": True, "num_kv_heads": 2} if family == "falcon" else \
+        {"ffn_dim": 128, "word_embed_proj_dim": 64}
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw)).eval().cuda()
+    ids = torch.randint(5, 30000, (1, 9), generator=torch.Generator().manual_seed(3)).cuda()
+    got = greedy_static(model, ids, 12, graph=True)
+    assert torch.equal(got, _reference(model, ids, 12))
+
+
 def test_generate_text_of_the_static_loop_equals_generates(tiny_llama):
     """memfit generate's CUDA path (`_generate_static`, run here on the CPU without a graph)
     streams the same text as the transformers `generate` path it replaces."""
