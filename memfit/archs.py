@@ -76,12 +76,13 @@ _GEMMA2 = replace(_GEMMA, awq_fold=("input_layernorm", "self_attn.v_proj",
                                     "pre_feedforward_layernorm", "mlp.up_proj"))
 # Granite (its multipliers act outside the linears) and StableLM (LayerNorm norms, with biases)
 # keep Llama's linears and norms; StableLM's optional per-head q/k norms (one module a head)
-# would have to be sliced with the heads, so structured pruning is not offered there. OLMo 2 normalises after attention and MLP, not before: q/k/v
-# read the residual stream itself, so only v -> o and up -> down fold; its q/k norms span all
-# heads (structured pruning would have to slice them: not offered). Starcoder 2 and OPT: one
-# MLP input linear behind a GELU/ReLU (nothing folds into the output linear). Cohere (attention
-# and MLP in parallel from one norm, whose fold would scale both groups' inputs) and Falcon
-# (fused query_key_value, parallel blocks) take every method but AWQ and structured pruning.
+# would have to be sliced with the heads, so structured width pruning is not offered there.
+# OLMo 2 normalises after attention and MLP, not before: q/k/v read the residual stream itself,
+# so only v -> o and up -> down fold; its q/k norms span all heads (not offered either).
+# Starcoder 2 and OPT: one MLP input linear behind a GELU/ReLU (nothing folds into the output
+# linear). Cohere (attention and MLP in parallel from one norm, whose fold would scale both
+# groups' inputs) and Falcon (fused query_key_value, parallel blocks) take every method but
+# AWQ / SmoothQuant and structured width pruning.
 _OLMO2 = replace(_LLAMA, layout=None, awq_fold=(None, "self_attn.v_proj", None, "mlp.up_proj"))
 _STARCODER2 = Arch(
     "decoder", ("model.layers",),
