@@ -188,15 +188,18 @@ def _greedy(forward, reset, input_ids, max_new_tokens, *, graph, on_token, eos_t
     replay = step
     if graph and max_new_tokens > 1 and not done:
         first = tok.clone()
+
+        def rewind():  # back to the state after the first token
+            tok.copy_(first)
+            pos.fill_(p)
+            reset(p)
         s = torch.cuda.Stream(device=dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(min(2, max_new_tokens - 1)):
                 step()
         torch.cuda.current_stream(dev).wait_stream(s)
-        tok.copy_(first)
-        pos.fill_(p)
-        reset(p)
+        rewind()
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g):
@@ -207,9 +210,7 @@ def _greedy(forward, reset, input_ids, max_new_tokens, *, graph, on_token, eos_t
             warnings.warn("memfit: this model's decode step cannot be captured as a CUDA graph "
                           f"({str(e).splitlines()[0][:160]}); decoding without one",
                           stacklevel=2)
-            tok.copy_(first)
-            pos.fill_(p)
-            reset(p)
+            rewind()
     n = 1
     if timings is not None:
         _sync(dev)
