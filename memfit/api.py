@@ -93,33 +93,48 @@ def _compress_block(block, arch: Arch, specs: dict, store, kwargs, log,
            for s in specs.values()):
         from memfit.smoothquant import smooth_block_
         static = smooth_block_(block, arch, specs, store, kwargs, log)
-    groups = []
-    for group in arch.groups:
-        names = [n for n in group if specs.get(n) is not None]
-        if names:
-            groups.append({n: block.get_submodule(n) for n in names})
-    needed = {n: needs(specs[n]) for mods in groups for n in mods}
-    collect = lambda mods: (collect_stats(block, mods, needed, store, kwargs)
-                            if store is not None else {})
+    stages = []  # per stage, its groups with a spec: {name: module}
+    for stage in arch.stages(block):
+        groups = [{n: block.get_submodule(n) for n in g if specs.get(n) is not None} for g in stage]
+        if groups := [g for g in groups if g]:
+            stages.append(groups)
+    needed = {n: needs(specs[n]) for groups in stages for mods in groups for n in mods}
+    collect = lambda groups: (collect_stats(block, groups, needed, store, kwargs)
+                              if store is not None else {})
     early = None
     if sequential == "block":  # one pass over the block as it is, for every group
-        every = collect(groups)
-        early = [{n: every[n] for n in mods if n in every} for mods in groups]
-    for i, mods in enumerate(groups):
-        stats = early[i] if early is not None else collect(mods)
-        batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
-        for n in mods:
-            batches.setdefault((specs[n], id(stats.get(n))), []).append(n)
-        for (spec, _), members in batches.items():
-            new, err = replace_group([mods[n] for n in members], spec, stats.get(members[0]))
-            for n, mod in zip(members, new):
-                block.set_submodule(n, mod)
-            log.append({"modules": members, "spec": spec.to_dict(), "error": err})
+        every = collect([mods for groups in stages for mods in groups])
+        early = [{n: every[n] for mods in groups for n in mods if n in every} for groups in stages]
+    for i, groups in enumerate(stages):
+        stats = early[i] if early is not None else collect(groups)  # a stage's groups: one pass
+        if arch.experts:
+            _unreached_experts(stats, log)
+        for mods in groups:
+            batches: dict[tuple, list[str]] = {}  # same spec and same statistic -> one call
+            for n in mods:
+                batches.setdefault((specs[n], id(stats.get(n))), []).append(n)
+            for (spec, _), members in batches.items():
+                new, err = replace_group([mods[n] for n in members], spec, stats.get(members[0]))
+                for n, mod in zip(members, new):
+                    block.set_submodule(n, mod)
+                log.append({"modules": members, "spec": spec.to_dict(), "error": err})
         stats.clear()
     for n, absmax in static.items():
         block.get_submodule(n).set_input_scale(absmax)
     described = describe_modules(block)
-    return {n: described[n] for g in arch.groups for n in g if n in described}
+    return {n: described[n] for g in arch.block_groups(block) for n in g if n in described}
+
+
+def _unreached_experts(stats: dict, log: list) -> None:
+    """Experts no calibration token was routed to: compressed as if their inputs were
+    isotropic (memfit.moe), logged by name."""
+    empty = sorted({n for n, st in stats.items() if st.nsamples == 0})
+    for n in empty:
+        stats[n].isotropic()
+    if empty:
+        log.append({"modules": empty, "error": None,
+                    "note": "no calibration token reached these experts: compressed as if "
+                            "their inputs were isotropic"})
 
 
 def _structured_(model, arch: Arch, spec, data, offload: str) -> list[int] | None:
@@ -158,8 +173,8 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
     spec = next(_owl_part(s) for p in plan for s in p.values() if _owl_part(s))
     for i, block in enumerate(blocks):
         outliers = total = 0
-        groups = [{n: block.get_submodule(n) for n in group} for group in arch.groups]
-        stats = collect_stats(block, groups, {n: Needs.NORMS for g in arch.groups for n in g}, store,
+        groups = [{n: block.get_submodule(n) for n in group} for group in arch.block_groups(block)]
+        stats = collect_stats(block, groups, {n: Needs.NORMS for g in groups for n in g}, store,
                               block_kwargs[i])  # the dense block: every group in the same passes
         for mods in groups:
             for n, mod in mods.items():
@@ -200,7 +215,8 @@ def plan_specs(model, recipe: Recipe, arch: Arch) -> list[dict]:
                                else f"; module names look like {names[min(5, len(names) - 1)]!r}"))
     plan = []
     for i, block in enumerate(blocks):
-        specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.groups for n in g}
+        specs = {n: recipe.spec_for(f"{prefix}.{i}.{n}") for g in arch.block_groups(block)
+                 for n in g}
         for n, spec in specs.items():
             pattern = getattr(getattr(spec, "first", spec), "pattern", None)
             if pattern is not None:

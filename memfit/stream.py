@@ -121,6 +121,7 @@ def _build(folder: Path, dtype: torch.dtype):
 
     from memfit.archs import arch_for
     from memfit.io.checkpoint import read_config
+    from memfit.moe import unfuse_experts_
 
     config = read_config(folder, trust_remote_code=False)
     arch = arch_for(config)
@@ -132,6 +133,7 @@ def _build(folder: Path, dtype: torch.dtype):
     try:
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config)
+            unfuse_experts_(model)
     finally:
         torch.set_default_dtype(default)
     if (folder / "generation_config.json").exists():

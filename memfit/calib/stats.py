@@ -57,6 +57,12 @@ class HessianStat:
         self._h.addmm_(x.T, x, alpha=2.0 / total)
         self.nsamples = total
 
+    def isotropic(self) -> None:
+        """No sample arrived (an expert no calibration token was routed to): assume white,
+        unit-variance inputs, H = 2 I, under which GPTQ rounds to nearest and SparseGPT
+        prunes by magnitude."""
+        self._h = 2 * torch.eye(self.in_features, device=self.device)
+
     @property
     def hessian(self) -> torch.Tensor:
         """(in, in) float32, 2/n Σ xᵀx (the live buffer: clone before modifying)."""
@@ -92,6 +98,10 @@ class InputNormStat:
         self._mean_sq.mul_(self.nsamples / total)
         self._mean_sq.add_(x.pow(2).sum(0), alpha=1.0 / total)
         self.nsamples = total
+
+    def isotropic(self) -> None:
+        """No sample arrived: unit mean square in every column (Wanda becomes magnitude)."""
+        self._mean_sq = torch.ones(self.in_features, device=self.device)
 
     @property
     def mean_sq(self) -> torch.Tensor:

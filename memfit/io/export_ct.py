@@ -56,6 +56,7 @@ from torch import nn
 from memfit.errors import UserError
 from memfit.formats.quant_linear import QuantLinear
 from memfit.io.modules import describe_modules
+from memfit.moe import is_expert_linear
 
 CT_FORMAT = "pack-quantized"
 CT_META = "memfit_recipe.json"  # how memfit made the folder: recipe, tied tensors, dense dtype
@@ -98,13 +99,19 @@ def why_not_format(f, in_features: int) -> str | None:
     return None
 
 
-def spec_why_not(spec, module: nn.Module) -> str | None:
-    """Why the module a recipe spec would build from `module` (the plain layer, e.g. on meta)
-    cannot be exported; None when it can. Checked before any work (memfit.compress)."""
+_EXPERTS = ("an expert of a mixture-of-experts layer: memfit holds experts as one linear each "
+            "(memfit.moe), which this export does not map back to the family's layout yet")
+
+
+def spec_why_not(spec, module: nn.Module, name: str = "") -> str | None:
+    """Why the module a recipe spec would build from `module` (the plain layer `name`, e.g. on
+    meta) cannot be exported; None when it can. Checked before any work (memfit.compress)."""
     from memfit.configs import LowRank, Prune, Quant
 
     if spec is None:
         return None
+    if is_expert_linear(name):
+        return _EXPERTS
     if type(module) is not nn.Linear:
         return (f"it replaces a {type(module).__name__}; compressed-tensors quantizes nn.Linear "
                 "only")
@@ -129,7 +136,9 @@ def unrepresentable(model: nn.Module) -> dict[str, str]:
     for name, desc in modules.items():
         m = model.get_submodule(name)
         kind = desc["kind"]
-        if kind in _WHY_KIND:
+        if is_expert_linear(name):
+            out[name] = _EXPERTS
+        elif kind in _WHY_KIND:
             out[name] = _WHY_KIND[kind]
         elif kind == "int":
             orig = plain.get_submodule(name)

@@ -54,6 +54,8 @@ class MemfitHfQuantizer(HfQuantizer):
         from memfit.eval.memory import steady_malloc
         steady_malloc()  # repeatable peaks, as memfit's own loader has (CPU or not: harmless)
         modules = self.quantization_config.modules
+        from memfit.moe import unfuse_experts_
+        unfuse_experts_(model)  # memfit stores one linear per expert (memfit.moe)
         replace_modules(model, modules)
         # the empty `<module>.weight` guards that stop memfit-less loading (memfit.io.save)
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())

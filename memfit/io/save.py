@@ -290,6 +290,7 @@ def _build_skeleton(folder: Path, modules: dict):
 
     from memfit.archs import arch_for
     from memfit.io.checkpoint import read_config
+    from memfit.moe import unfuse_experts_
 
     config = read_config(folder, trust_remote_code=False)
     quant = getattr(config, "quantization_config", None)
@@ -299,6 +300,7 @@ def _build_skeleton(folder: Path, modules: dict):
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     with torch.device("meta"):
         model = cls.from_config(config)
+    unfuse_experts_(model)
     replace_modules(model, modules)
     if quant is not None:
         model.config.quantization_config = quant  # keep the truth in the loaded config

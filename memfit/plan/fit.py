@@ -391,7 +391,7 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
 
     from memfit.algos.hessian import shared_factors
     for i, block in enumerate(tqdm(blocks, desc="candidates", unit="block", disable=not o.progress)):
-        for group in arch.groups:
+        for group in arch.block_groups(block):
             mods = {n: block.get_submodule(n) for n in group}
             keys = {n: f"{prefix}.{i}.{n}" for n in group}
             with shared_factors():  # one inverse-Hessian factor for every GPTQ format

@@ -107,7 +107,7 @@ def sensitivity_pass(model, arch: Arch, windows: torch.Tensor, *, tables: dict |
         return mod.register_forward_hook(fwd)
 
     for i, block in enumerate(blocks):
-        for group in arch.groups:
+        for group in arch.block_groups(block):
             for j, n in enumerate(group):
                 path = f"{prefix}.{i}.{n}"
                 members[path] = f"{prefix}.{i}.{group[0]}"

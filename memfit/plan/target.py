@@ -114,7 +114,8 @@ def check_floor(m, arch, budget: int, max_drop: float, runtime: int = 0) -> None
     tables, norms, the KV cache and activations come on top), known before any calibration."""
     from memfit.archs import block_list
 
-    per_block = sorted(sum(block.get_submodule(n).weight.numel() for g in arch.groups for n in g)
+    per_block = sorted(sum(block.get_submodule(n).weight.numel() for g in arch.block_groups(block)
+                           for n in g)
                        for block in block_list(m, arch))
     n = len(per_block)
     kept = per_block[:max(n - int(max_drop * n), 0)]

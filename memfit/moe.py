@@ -1,0 +1,157 @@
+"""Mixture-of-experts layers as one linear per expert, so every memfit method applies to them.
+
+transformers 5 holds a layer's experts as two 3-D parameters (`gate_up_proj` (E, 2I, H) and
+`down_proj` (E, H, I), stored transposed or with gate and up interleaved in some families, with
+biases in some) and runs them through one fused or grouped matmul. memfit's algorithms, packed
+modules and kernels work on 2-D linears, and an expert's calibration statistics must come from
+the tokens routed to that expert only. So memfit swaps each such module for `Experts`: a list of
+`Expert`s, each with its own `gate_proj`, `up_proj` and `down_proj` (`nn.Linear`), named like
+the hub checkpoints of most families (`mlp.experts.3.gate_proj`), computing the same function
+as transformers' eager loop (the routing stays in transformers' own code). The swap happens
+wherever memfit builds or loads a model (`memfit.models`, `memfit.io.save`, `memfit.stream`),
+also on the meta device; the rows are views of the fused tensors, so it costs no memory.
+
+An expert that no calibration token reaches has no input statistics; memfit then compresses it
+as if its inputs were isotropic (memfit.calib.stats `isotropic`): GPTQ becomes round-to-nearest,
+Wanda magnitude pruning, whitened SVD plain SVD.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from memfit.errors import UserError
+
+_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
+
+
+def _fused(module: nn.Module) -> bool:
+    """A transformers experts module with 3-D gate_up_proj / down_proj parameters."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) \
+        and gu.dim() == 3 and down.dim() == 3
+
+
+class Expert(nn.Module):
+    """One expert: down(gate_fn(gate(x), up(x)))."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool, *, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias, **kw)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias, **kw)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias, **kw)
+
+
+class Experts(nn.Module):
+    """A layer's experts as separate linears (children "0", "1", ...); called like
+    transformers' experts module: (hidden_states (T, H), top_k_index (T, k), top_k_weights
+    (T, k)) -> (T, H)."""
+
+    def __init__(self, experts: list[Expert], act_fn: nn.Module, gate: types.SimpleNamespace | None,
+                 interleaved: bool):
+        super().__init__()
+        for e, ex in enumerate(experts):
+            self.add_module(str(e), ex)
+        self.num_experts = len(experts)
+        self.act_fn = act_fn
+        # A family's own gating (gpt-oss: clamped, with its alpha and limit) is called on the
+        # gate/up rows laid out as its fused tensor held them; None: act(gate) * up.
+        self._gate = gate
+        self.interleaved = interleaved
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        m = self._modules[str(e)]
+        g, u = m.gate_proj(x), m.up_proj(x)
+        if self._gate is None:
+            h = self.act_fn(g) * u
+        else:
+            gu = torch.stack((g, u), -1).flatten(-2) if self.interleaved else torch.cat((g, u), -1)
+            h = self._gate.apply(self._gate, gu)
+        return m.down_proj(h)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        n = self.num_experts
+        hit = torch.unique(top_k_index).tolist()  # one host sync, as transformers' eager loop
+        for e in hit:
+            if e >= n:  # an index past the experts marks a slot no expert takes
+                continue
+            token, slot = torch.where(top_k_index == e)
+            y = self.run_expert(e, hidden_states[token]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, interleaved={self.interleaved}"
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def unfuse(module: nn.Module) -> Experts:
+    """`Experts` computing what the fused transformers module computes, its weights views of
+    (or, for transposed layouts, copies of) the fused tensors."""
+    flags = {f: getattr(module, f, d) for f, d in zip(_FLAGS, (True, False, False, True, False))}
+    name = type(module).__name__
+    if not flags["has_gate"] or flags["has_post_expert_norm"]:
+        raise UserError(f"{name}: experts without a gate projection or with a norm after each "
+                        "expert are not supported by memfit yet; compress another model family")
+    gu, down = module.gate_up_proj, module.down_proj
+    if flags["is_transposed"]:
+        gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+    e_count, two_i, hidden = gu.shape
+    inter = two_i // 2
+    if down.shape != (e_count, hidden, inter):
+        raise UserError(f"{name}: gate_up_proj {tuple(gu.shape)} and down_proj "
+                        f"{tuple(down.shape)} do not form (E, 2I, H) / (E, H, I) experts")
+    gu_bias = getattr(module, "gate_up_proj_bias", None) if flags["has_bias"] else None
+    down_bias = getattr(module, "down_proj_bias", None) if flags["has_bias"] else None
+    inter_l = flags["is_concatenated"] is False
+    gate_rows = slice(0, None, 2) if inter_l else slice(0, inter)
+    up_rows = slice(1, None, 2) if inter_l else slice(inter, two_i)
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # views where contiguous, else a copy
+        return t if t.is_contiguous() or t.is_meta else t.contiguous()
+
+    experts = []
+    for e in range(e_count):
+        ex = Expert(hidden, inter, gu_bias is not None, device="meta", dtype=gu.dtype)
+        with torch.no_grad():
+            ex.gate_proj.weight = _param(own(gu[e, gate_rows]))
+            ex.up_proj.weight = _param(own(gu[e, up_rows]))
+            ex.down_proj.weight = _param(own(down[e]))
+            if gu_bias is not None:
+                ex.gate_proj.bias = _param(own(gu_bias[e, gate_rows]))
+                ex.up_proj.bias = _param(own(gu_bias[e, up_rows]))
+                ex.down_proj.bias = _param(own(down_bias[e]))
+        experts.append(ex)
+    custom = getattr(type(module), "_apply_gate", None)
+    gate = None
+    if custom is not None and custom.__name__ != "_default_apply_gate":
+        plain = {k: v for k, v in vars(module).items()
+                 if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+        gate = types.SimpleNamespace(apply=custom, act_fn=getattr(module, "act_fn", None), **plain)
+    act = getattr(module, "act_fn", None)
+    if act is None and gate is None:
+        raise UserError(f"{name} has no act_fn and no gating function memfit knows; "
+                        "compress another model family")
+    return Experts(experts, act if act is not None else nn.Identity(), gate, inter_l)
+
+
+def unfuse_experts_(model: nn.Module) -> int:
+    """Swap every fused experts module of `model` for `Experts`, in place; -> how many."""
+    swaps = [(name, m) for name, m in model.named_modules() if _fused(m)]
+    for name, m in swaps:
+        model.set_submodule(name, unfuse(m))
+    return len(swaps)
+
+
+def is_expert_linear(name: str) -> bool:
+    """`name` is a linear of one routed expert (`...experts.<e>.<proj>`)."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit()
