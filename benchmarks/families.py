@@ -41,9 +41,9 @@ DECODERS = {
     "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16},
     "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "deepseek_v3": {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                    "first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 32,
-                    "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
-                    "v_head_dim": 16, "n_group": 1, "topk_group": 1},
+                    "first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 64,
+                    "q_lora_rank": 64, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+                    "v_head_dim": 16, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4},
 }
 ENCODERS = {"bert": {}, "roberta": {}, "mpnet": {}, "distilbert": {"hidden_dim": 128},
             "deberta-v2": {}, "modernbert": {"cls_token_id": 101, "sep_token_id": 102},

@@ -155,3 +155,30 @@ def is_expert_linear(name: str) -> bool:
     """`name` is a linear of one routed expert (`...experts.<e>.<proj>`)."""
     parts = name.split(".")
     return len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit()
+
+
+def same_projection(a: str, b: str) -> bool:
+    """`a` and `b` are the same projection of two experts of one layer."""
+    pa, pb = a.split("."), b.split(".")
+    return is_expert_linear(a) and is_expert_linear(b) and len(pa) == len(pb) \
+        and pa[:-2] == pb[:-2] and pa[-1] == pb[-1]
+
+
+_LEGACY = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def checkpoint_names(key: str) -> tuple[str, ...]:
+    """Where a tensor of the unfused model may sit in a hub checkpoint: under its own name
+    (Qwen-MoE, OLMoE, DeepSeek) or under the Mixtral-era names that transformers renames on
+    load (Mixtral, PhiMoE: `block_sparse_moe`, experts' w1 / w3 / w2, PhiMoE's router as
+    `gate`), for memfit.stream, which reads a checkpoint tensor by tensor."""
+    parts = key.split(".")
+    if "mlp" not in parts:
+        return (key,)
+    i = parts.index("mlp")
+    legacy = parts[:i] + ["block_sparse_moe"] + parts[i + 1:]
+    if is_expert_linear(".".join(parts[:-1])) and parts[-2] in _LEGACY:
+        legacy[-2] = _LEGACY[parts[-2]]
+    elif parts[i + 1:] == ["router", "weight"]:
+        legacy[i + 1] = "gate"
+    return key, ".".join(legacy)

@@ -149,12 +149,15 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _load(model, index, keys: list[str], dtype, folder: Path) -> None:
-    missing = [k for k in keys if k not in index]
+    from memfit.moe import checkpoint_names
+
+    found = {k: next((n for n in checkpoint_names(k) if n in index), None) for k in keys}
+    missing = [k for k, n in found.items() if n is None]
     if missing:
         raise UserError(f"{folder} has no tensor {missing[0]} (of {len(missing)} the model "
                         "expects); its names differ from the model's: --low-memory reads "
                         "checkpoints whose tensor names are the model's own")
-    _assign(model, {k: index.read(k, dtype) for k in keys})
+    _assign(model, {k: index.read(n, dtype) for k, n in found.items()})
 
 
 def _tensor_keys(model, under: str, tied: dict) -> list[str]:

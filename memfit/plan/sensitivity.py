@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from memfit.archs import Arch, block_list
+from memfit.errors import UserError
+from memfit.moe import is_expert_linear, same_projection
 
 
 @dataclass
@@ -191,16 +193,32 @@ def sensitivity_pass(model, arch: Arch, windows: torch.Tensor, *, tables: dict |
             p.requires_grad_(r)
     sens = Sensitivity(tokens=tokens)
     for path, key in members.items():
-        sens.hessian[path] = acc.xx[key] * (2.0 / tokens_in(windows)) if path == key \
-            else sens.hessian.get(key)
+        if path == key and key in acc.xx:
+            sens.hessian[path] = acc.xx[key] * (2.0 / tokens_in(windows))
     for key, gg in acc.gg.items():
         sens.fisher[key] = gg / tokens
+    _unreached_experts(sens, members)
     sens.drop = [0.5 * d / tokens for d in drop]
     sens.tables = {k: (v if k.startswith("head/") else 0.5 * v) / tokens
                    for k, v in table_sums.items()}
     for path, key in members.items():  # group members share their first member's tensor
         sens.hessian[path] = sens.hessian[key]
     return sens
+
+
+def _unreached_experts(sens: Sensitivity, members: dict[str, str]) -> None:
+    """An expert no window's token was routed to (memfit.moe) has no statistics: it gets the
+    mean Hessian and Fisher of the same projection of its layer's other experts (an expert the
+    calibration never used is assumed to matter like the layer's average one)."""
+    for table, paths in ((sens.hessian, set(members.values())), (sens.fisher, members)):
+        for path in paths:
+            if path in table or not is_expert_linear(path):
+                continue
+            seen = [t for k, t in table.items() if same_projection(k, path)]
+            if not seen:
+                raise UserError(f"no calibration token reached any expert of {path}'s layer; "
+                                "give more calibration text (--samples)")
+            table[path] = sum(seen) / len(seen)
 
 
 def tokens_in(windows: torch.Tensor) -> int:

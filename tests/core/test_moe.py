@@ -1,0 +1,214 @@
+"""Mixture-of-experts models (memfit.moe): one linear per expert, the same function as
+transformers' fused experts, calibration per expert, save/load, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memfit.archs import arch_for, block_list
+from memfit.moe import Experts, is_expert_linear, unfuse_experts_
+from memfit.recipe import Recipe
+
+FAMILIES = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "head_dim": 16},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 16,
+                    "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4},
+}
+
+
+def _tiny(tiny_config, family, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **FAMILIES[family])
+    config._experts_implementation = "eager"  # transformers' own per-expert loop, as reference
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # spread the router's logits: every expert gets tokens
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unfused_experts_compute_what_transformers_computes(tiny_config, family):
+    model = _tiny(tiny_config, family)
+    fused = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("Experts")}
+    ids = torch.randint(0, 30522, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert unfuse_experts_(model) == len(fused) > 0
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for name, m in fused.items():
+        new = model.get_submodule(name)
+        assert isinstance(new, Experts) and new.num_experts == 4
+        e = new.get_submodule("2")
+        gu = m.gate_up_proj[2].T if m.is_transposed else m.gate_up_proj[2]
+        gate = gu[0::2] if not m.is_concatenated else gu[: gu.shape[0] // 2]
+        assert torch.equal(e.gate_proj.weight, gate)  # expert 2's own rows, not another's
+    assert unfuse_experts_(model) == 0  # nothing fused is left
+
+
+def test_stages_follow_each_block(tiny_config):
+    """Qwen2-MoE with a dense second block: the sparse block's shared expert and each expert
+    are groups of their own, in one stage; the dense block keeps the plain MLP groups."""
+    model = _tiny(tiny_config, "qwen2_moe")
+    unfuse_experts_(model)
+    arch = arch_for(model.config)
+    sparse, dense = block_list(model, arch)
+    stages = arch.stages(sparse)
+    assert stages[0] == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    assert stages[2] == [("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")] + [
+        (f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj") for e in range(4)]
+    assert stages[3] == [("mlp.shared_expert.down_proj",)] + [
+        (f"mlp.experts.{e}.down_proj",) for e in range(4)]
+    assert arch.stages(dense)[2:] == [[("mlp.gate_proj", "mlp.up_proj")], [("mlp.down_proj",)]]
+    assert is_expert_linear("model.layers.0.mlp.experts.3.up_proj")
+    assert not is_expert_linear("model.layers.0.mlp.shared_expert.up_proj")
+
+
+def _routing_without(model, expert: int):
+    """Forward hooks on every router sending its `expert`'s slots to expert 0 instead."""
+    handles = []
+    for name, m in model.named_modules():
+        if type(m).__name__.endswith("TopKRouter"):
+            def hook(_m, _args, out):
+                logits, scores, index = out
+                return logits, scores, torch.where(index == expert, 0, index)
+            handles.append(m.register_forward_hook(hook))
+    return handles
+
+
+def test_gptq_per_expert_statistics_and_an_unreached_expert(tiny_config, monkeypatch):
+    """GPTQ sees each expert's own routed tokens, all experts of a stage in one calibration pass;
+    an expert no token reaches is rounded to nearest (its inputs taken as isotropic)."""
+    from memfit.calib import engine
+    from memfit.api import compress_
+    from memfit.formats.quant_linear import QuantLinear
+
+    model = _tiny(tiny_config, "mixtral")
+    unfuse_experts_(model)
+    handles = _routing_without(model, 3)
+    passes = []
+    real_replay = engine.replay
+    monkeypatch.setattr(engine, "replay", lambda *a: (passes.append(1), real_replay(*a)))
+    data = torch.randint(0, 30522, (4, 32))
+    report = compress_(model, Recipe.from_dict({"quant": {"algo": "gptq", "bits": 4, "group_size": 32}}), data,
+                       progress=False)
+    for h in handles:
+        h.remove()
+    assert report["modules"] == 2 * (4 + 4 * 3)
+    assert len(passes) == 2 * 4  # four stages a block, not one pass per expert
+    notes = [e for e in report["layers"] if "note" in e]
+    assert [e["modules"] for e in notes] == [[f"mlp.experts.3.{p}" for p in ("gate_proj", "up_proj")],
+                                             ["mlp.experts.3.down_proj"]] * 2
+    rtn_model = _tiny(tiny_config, "mixtral")
+    unfuse_experts_(rtn_model)
+    compress_(rtn_model, Recipe.from_dict({"quant": {"algo": "rtn", "bits": 4, "group_size": 32}}),
+              progress=False)
+    for name in ("model.layers.0.mlp.experts.3.gate_proj", "model.layers.1.mlp.experts.3.down_proj"):
+        g, r = model.get_submodule(name), rtn_model.get_submodule(name)
+        assert isinstance(g, QuantLinear)
+        torch.testing.assert_close(g.dequantize(torch.float32), r.dequantize(torch.float32))
+    # a reached expert: GPTQ's error feedback moves it off round-to-nearest
+    name = "model.layers.0.mlp.experts.1.gate_proj"
+    assert not torch.equal(model.get_submodule(name).dequantize(torch.float32),
+                           rtn_model.get_submodule(name).dequantize(torch.float32))
+
+
+def test_compressed_moe_saves_and_loads_both_ways(tmp_path, tiny_config):
+    """Qwen2-MoE (shared expert, a dense block) quantized: memfit's loader and plain
+    transformers (after `import memfit`) give the logits of the model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    import memfit  # noqa: F401 -- registers the quantizer with transformers
+    from memfit.api import compress_
+    from memfit.io.save import load, save
+
+    model = _tiny(tiny_config, "qwen2_moe")
+    unfuse_experts_(model)
+    compress_(model, Recipe.from_dict({"quant": {"algo": "rtn", "bits": 4, "group_size": 32}}),
+              progress=False)
+    ids = torch.randint(0, 30522, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    save(model, None, tmp_path / "q", recipe={"quant": "rtn"}, dense_dtype="float32")
+    modules = json.loads((tmp_path / "q" / "memfit.json").read_text())["modules"]
+    assert "model.layers.0.mlp.experts.3.down_proj" in modules
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in modules
+    assert "model.layers.1.mlp.gate_proj" in modules
+    with torch.no_grad():
+        mine = load(tmp_path / "q").model(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()(ids).logits
+    torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    torch.testing.assert_close(hf, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_awq_and_compressed_tensors_refuse_moe_in_one_line(tmp_path, save_tiny, capsys):
+    from memfit.cli.main import main
+
+    src = save_tiny(tmp_path / "mixtral", "mixtral", **FAMILIES["mixtral"])
+    for args, says in ((["--recipe", "w4g64-awq"], "AWQ is not supported for this architecture"),
+                       (["--recipe", "w4g64-gptq", "--format", "compressed-tensors"],
+                        "an expert of a mixture-of-experts layer")):
+        capsys.readouterr()
+        assert main(["compress", str(src), *args, "--out", str(tmp_path / "out"), "--samples",
+                     "4", "--seq-len", "32"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and says in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_planner_gives_an_unreached_expert_its_layers_mean_statistics():
+    from memfit.plan.sensitivity import Sensitivity, _unreached_experts
+
+    p = "model.layers.0.mlp.experts"
+    sens = Sensitivity(tokens=10)
+    for e, v in ((0, 1.0), (2, 3.0)):  # expert 1 saw no token
+        sens.hessian[f"{p}.{e}.gate_proj"] = torch.full((2, 2), v)
+        for proj in ("gate_proj", "up_proj"):
+            sens.fisher[f"{p}.{e}.{proj}"] = torch.full((3, 3), 10 * v)
+    sens.hessian["model.layers.1.mlp.experts.1.gate_proj"] = torch.full((2, 2), 100.0)  # other layer
+    members = {f"{p}.{e}.{proj}": f"{p}.{e}.gate_proj" for e in range(3)
+               for proj in ("gate_proj", "up_proj")}
+    _unreached_experts(sens, members)
+    assert torch.equal(sens.hessian[f"{p}.1.gate_proj"], torch.full((2, 2), 2.0))
+    assert torch.equal(sens.fisher[f"{p}.1.up_proj"], torch.full((3, 3), 20.0))
+    with pytest.raises(Exception, match="no calibration token reached any expert"):
+        _unreached_experts(Sensitivity(tokens=1), {f"{p}.0.down_proj": f"{p}.0.down_proj"})
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_moe_streams_to_the_normal_folder(tmp_path, save_tiny, family):
+    """--low-memory reads each expert from the checkpoint, under the model's own names (Qwen2-MoE)
+    or the Mixtral-era ones transformers renames on load (block_sparse_moe, w1/w3/w2)."""
+    from safetensors import safe_open
+
+    from memfit.compress import CompressOptions, compress_to
+
+    widths = {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 128} \
+        if family == "qwen2_moe" else {}
+    src = save_tiny(tmp_path / family, family, hidden_size=128, **{**FAMILIES[family], **widths})
+    with safe_open(src / "model.safetensors", "pt") as f:
+        legacy = any(".w1." in k for k in f.keys())  # noqa: SIM118 -- safe_open has no __iter__
+    assert legacy == (family == "mixtral")
+    fast = {"samples": 4, "seq_len": 64, "smoke_windows": 2, "smoke_seq_len": 64,
+            "format": "memfit", "progress": False}
+    for low in (False, True):
+        compress_to(str(src), "w4g64-gptq", tmp_path / f"out{low}",
+                    CompressOptions(low_memory=low, **fast))
+    assert (tmp_path / "outFalse" / "model.safetensors").read_bytes() == \
+        (tmp_path / "outTrue" / "model.safetensors").read_bytes()
