@@ -95,8 +95,8 @@ def _routing_without(model, expert: int):
 def test_gptq_per_expert_statistics_and_an_unreached_expert(tiny_config, monkeypatch):
     """GPTQ sees each expert's own routed tokens, all experts of a stage in one calibration pass;
     an expert no token reaches is rounded to nearest (its inputs taken as isotropic)."""
-    from memfit.calib import engine
     from memfit.api import compress_
+    from memfit.calib import engine
     from memfit.formats.quant_linear import QuantLinear
 
     model = _tiny(tiny_config, "mixtral")
