@@ -159,6 +159,11 @@ def cmd_inspect(args) -> None:
     if info["kv_prefill_peak_bytes"] > info["kv_bytes"]:
         print(f"KV at prefill {info['kv_prefill_peak_bytes']:,} bytes right after a one-shot prefill of "
               f"{info['context']} tokens (every layer holds the whole prompt until the first decode step)")
+    if info.get("experts"):
+        x = info["experts"]
+        print(f"experts      {x['layers']} mixture-of-experts layers of {x['experts']} experts, "
+              f"{x['top_k']} a token: {human_bytes(x['expert_bytes'])} of the weights; without "
+              f"the experts a token is not routed to: {human_bytes(x['bytes_read_per_token'])}")
     print(f"activations  ~{human_bytes(info['activation_bytes_estimate'])} peak for one "
           f"{'forward' if encoder else 'prefill'} (estimate)")
     print(f"total        ~{human_bytes(info['total_bytes_estimate'])}")

@@ -199,7 +199,28 @@ def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None,
     kv = cache["kv_bytes"]
     return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
             "kv_bytes_per_token": per_tok, **cache, "activation_bytes_estimate": act,
-            "total_bytes_estimate": table["weight_bytes"] + kv + act}
+            "total_bytes_estimate": table["weight_bytes"] + kv + act,
+            "experts": expert_summary(model, table["weight_bytes"])}
+
+
+def expert_summary(model, weight_bytes: int) -> dict | None:
+    """Mixture-of-experts layers (memfit.moe): how many, their experts, the bytes they hold, and
+    the weight bytes one token reads (everything but the experts it is not routed to); None
+    for a model without experts."""
+    from memfit.archs import text_config
+    from memfit.moe import Experts
+
+    layers = [m for m in model.modules() if isinstance(m, Experts)]
+    if not layers:
+        return None
+    c = text_config(model.config)
+    top_k = getattr(c, "num_experts_per_tok", None) or getattr(c, "moe_topk", None) or 1
+    expert_bytes = sum(t.numel() * t.element_size() for m in layers
+                       for t in m.state_dict().values())
+    idle = sum(t.numel() * t.element_size() * (m.num_experts - min(top_k, m.num_experts))
+               / m.num_experts for m in layers for t in m.state_dict().values())
+    return {"layers": len(layers), "experts": layers[0].num_experts, "top_k": top_k,
+            "expert_bytes": expert_bytes, "bytes_read_per_token": int(weight_bytes - idle)}
 
 
 def rss_peak_bytes() -> int:

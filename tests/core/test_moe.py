@@ -212,3 +212,17 @@ def test_moe_streams_to_the_normal_folder(tmp_path, save_tiny, family):
                     CompressOptions(low_memory=low, **fast))
     assert (tmp_path / "outFalse" / "model.safetensors").read_bytes() == \
         (tmp_path / "outTrue" / "model.safetensors").read_bytes()
+
+
+def test_inspect_counts_the_experts(tiny_config):
+    from memfit.eval.memory import inspect_model
+
+    model = _tiny(tiny_config, "mixtral")
+    unfuse_experts_(model)
+    info = inspect_model(model, context=64)
+    per_expert = 3 * 64 * 128 * 4  # gate, up, down of hidden 64 x intermediate 128, float32
+    assert info["experts"] == {"layers": 2, "experts": 4, "top_k": 2,
+                               "expert_bytes": 2 * 4 * per_expert,
+                               "bytes_read_per_token": info["weight_bytes"] - 2 * 2 * per_expert}
+    dense = inspect_model(_tiny(tiny_config, "mixtral"), context=64)  # not unfused: no figure
+    assert dense["experts"] is None
