@@ -89,6 +89,12 @@ class Experts(nn.Module):
         return f"num_experts={self.num_experts}, interleaved={self.interleaved}"
 
 
+def _custom_gate(module: nn.Module):
+    """The family's own `_apply_gate` (gpt-oss), or None for act(gate) * up."""
+    fn = getattr(type(module), "_apply_gate", None)
+    return None if fn is None or fn.__name__ == "_default_apply_gate" else fn
+
+
 def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -96,8 +102,16 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 def unfuse(module: nn.Module) -> Experts:
     """`Experts` computing what the fused transformers module computes, its weights views of
     (or, for transposed layouts, copies of) the fused tensors."""
-    flags = {f: getattr(module, f, d) for f, d in zip(_FLAGS, (True, False, False, True, False))}
     name = type(module).__name__
+    if all(hasattr(module, f) for f in _FLAGS):  # declared by transformers' experts interface
+        flags = {f: getattr(module, f) for f in _FLAGS}
+    elif hasattr(module, "gate_up_proj_bias") or _custom_gate(module) is not None:
+        raise UserError(f"{name} does not declare its weight layout in this transformers "
+                        "version; upgrade transformers (pip install -U transformers)")
+    else:  # older transformers: concatenated [gate; up], transposed when the shapes say so
+        transposed = module.gate_up_proj.shape[1] == module.down_proj.shape[2] \
+            and module.gate_up_proj.shape[2] != module.down_proj.shape[1]
+        flags = dict(zip(_FLAGS, (True, transposed, False, True, False)))
     if not flags["has_gate"] or flags["has_post_expert_norm"]:
         raise UserError(f"{name}: experts without a gate projection or with a norm after each "
                         "expert are not supported by memfit yet; compress another model family")
@@ -130,9 +144,9 @@ def unfuse(module: nn.Module) -> Experts:
                 ex.up_proj.bias = _param(own(gu_bias[e, up_rows]))
                 ex.down_proj.bias = _param(own(down_bias[e]))
         experts.append(ex)
-    custom = getattr(type(module), "_apply_gate", None)
+    custom = _custom_gate(module)
     gate = None
-    if custom is not None and custom.__name__ != "_default_apply_gate":
+    if custom is not None:
         plain = {k: v for k, v in vars(module).items()
                  if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
         gate = types.SimpleNamespace(apply=custom, act_fn=getattr(module, "act_fn", None), **plain)

@@ -1,0 +1,133 @@
+"""Decode speed of a Mixtral-8x7B-shaped model on one GPU: bf16 as transformers runs it (its
+fused experts), bf16 with memfit's one-linear-per-expert layers (memfit.moe), and int4 g128
+packed experts (memfit's QuantLinear and kernels), through transformers' eager `generate`
+and through memfit's decode loop (`memfit generate` on CUDA: it falls back to eager decoding
+when the step cannot be captured as a CUDA graph, which the routing's host sync prevents).
+
+Random weights (speed only; the int4 codes random as in decode_gpu.py), batch 1, a 32-token
+prompt; decode tokens/s = new tokens / (t(1 + N new) - t(1 new)), best of 2.
+
+    python benchmarks/moe_decode.py [--layers 32] [--new 32] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memfit.formats.grid import IntFormat  # noqa: E402
+from memfit.formats.quant_linear import QuantLinear  # noqa: E402
+from memfit.moe import unfuse_experts_  # noqa: E402
+
+SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=4096, sliding_window=None)
+
+
+def build(layers: int):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(num_hidden_layers=layers, **SHAPE)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    m = m.to_empty(device="cuda").eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02, generator=g)
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        for n, b in m.named_buffers():
+            if "inv_freq" in n:
+                b.copy_(1.0 / (cfg.rope_parameters["rope_theta"]
+                               ** (torch.arange(0, hd, 2, device="cuda").float() / hd)))
+    return m
+
+
+def to_int4(m, group: int = 128) -> int:
+    fmt = IntFormat(bits=4, group_size=group)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n = 0
+    for layer in m.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if not isinstance(lin, torch.nn.Linear):
+                continue
+            q = QuantLinear(lin.in_features, lin.out_features, fmt, bias=False, device="cuda",
+                            dtype=torch.bfloat16)
+            q.qdata.copy_(torch.randint(0, 256, q.qdata.shape, device="cuda", generator=g))
+            q.zero.copy_(torch.randint(0, 256, q.zero.shape, device="cuda", generator=g))
+            q.scale.copy_(torch.rand(q.scale.shape, device="cuda", generator=g) * 0.002)
+            layer.set_submodule(name, q)
+            n += 1
+    torch.cuda.empty_cache()
+    return n
+
+
+def eager_tps(m, new: int, prompt: int = 32) -> float:
+    ids = torch.randint(0, m.config.vocab_size, (1, prompt), device="cuda")
+
+    def gen(k):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(4)
+    return new / min(gen(1 + new) - gen(1) for _ in range(2))
+
+
+def loop_tps(m, new: int, prompt: int = 32) -> float:
+    import warnings
+
+    from memfit.decode import greedy_static
+
+    ids = torch.randint(0, m.config.vocab_size, (1, prompt), device="cuda")
+    best = None
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            t: dict = {}
+            greedy_static(m, ids, 1 + new, timings=t)
+            best = t["decode_s"] if best is None else min(best, t["decode_s"])
+    for x in {str(x.message).splitlines()[0] for x in w}:
+        print("warning:", x[:200], flush=True)
+    return new / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers,
+           "shape": SHAPE}
+    m = build(a.layers)
+    out["bf16_gb"] = torch.cuda.memory_allocated() / 1e9
+    print(json.dumps(out), flush=True)
+    for impl in ("grouped_mm", "eager"):
+        m.config._experts_implementation = impl
+        out[f"bf16_hf_{impl}_tps"] = eager_tps(m, a.new)
+        print(impl, out[f"bf16_hf_{impl}_tps"], flush=True)
+    unfuse_experts_(m)
+    out["bf16_memfit_experts_tps"] = eager_tps(m, a.new)
+    print("bf16 unfused", out["bf16_memfit_experts_tps"], flush=True)
+    out["int4_linears"] = to_int4(m)
+    out["int4_gb"] = torch.cuda.memory_allocated() / 1e9
+    out["int4_eager_tps"] = eager_tps(m, a.new)
+    print("int4 eager", out["int4_eager_tps"], flush=True)
+    out["int4_memfit_loop_tps"] = loop_tps(m, a.new)
+    print(json.dumps(out), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
