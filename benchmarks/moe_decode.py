@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memfit.formats.grid import IntFormat  # noqa: E402
-from memfit.formats.quant_linear import QuantLinear  # noqa: E402
-from memfit.moe import unfuse_experts_  # noqa: E402
+from memfit.formats.grid import IntFormat
+from memfit.formats.quant_linear import QuantLinear
+from memfit.moe import unfuse_experts_
 
 SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -101,7 +101,44 @@ def loop_tps(m, new: int, prompt: int = 32) -> float:
     return new / best
 
 
+def kernel_us(m, rows: tuple[int, ...] = (2, 16)) -> dict:
+    """The routed GEMV alone on layer 0's experts (int4 g128), µs, CUDA graph of 20 calls,
+    against bf16 cuBLAS of one expert's gate projection at the same rows."""
+    from memfit.kernels.triton_moe import moe_linear
+
+    ex = m.model.layers[0].mlp.experts
+    gate, _, down = ex._tables
+    out = {}
+    for r in rows:
+        ids = torch.arange(r, device="cuda", dtype=torch.int32) % ex.num_experts
+        x = torch.randn(r, gate.shape[1], device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(r, down.shape[1], device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(gate.shape, device="cuda", dtype=torch.bfloat16)
+        for name, fn in (("gate", lambda x=x, ids=ids: moe_linear(x, ids, gate)),
+                         ("down", lambda h=h, ids=ids: moe_linear(h, ids, down)),
+                         ("bf16_one_expert", lambda x=x, w=w: x @ w.T)):
+            fn()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+            out[f"{name}_r{r}_us"] = (time.perf_counter() - t0) / 100 * 1e6
+    experts_read = {r: min(r, ex.num_experts) for r in rows}
+    for r in rows:  # bytes of the distinct experts' codes + scales + zeros the call reads
+        per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)
+        out[f"gate_r{r}_TBps"] = experts_read[r] * per / out[f"gate_r{r}_us"] / 1e6
+    return out
+
+
 def main() -> None:
+    import os
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
@@ -112,18 +149,24 @@ def main() -> None:
     m = build(a.layers)
     out["bf16_gb"] = torch.cuda.memory_allocated() / 1e9
     print(json.dumps(out), flush=True)
-    for impl in ("grouped_mm", "eager"):
-        m.config._experts_implementation = impl
-        out[f"bf16_hf_{impl}_tps"] = eager_tps(m, a.new)
-        print(impl, out[f"bf16_hf_{impl}_tps"], flush=True)
+
+    def row(name, fn, routed=True):
+        os.environ["MEMFIT_MOE_ROUTED"] = "1" if routed else "0"
+        out[name] = fn()
+        print(name, round(out[name], 2), flush=True)
+
+    m.config._experts_implementation = "grouped_mm"
+    row("bf16_hf_grouped_mm_tps", lambda: eager_tps(m, a.new))
     unfuse_experts_(m)
-    out["bf16_memfit_experts_tps"] = eager_tps(m, a.new)
-    print("bf16 unfused", out["bf16_memfit_experts_tps"], flush=True)
+    row("bf16_memfit_loop_eager_tps", lambda: eager_tps(m, a.new), routed=False)
+    row("bf16_memfit_routed_eager_tps", lambda: eager_tps(m, a.new))
+    row("bf16_memfit_routed_graph_tps", lambda: loop_tps(m, a.new))
     out["int4_linears"] = to_int4(m)
     out["int4_gb"] = torch.cuda.memory_allocated() / 1e9
-    out["int4_eager_tps"] = eager_tps(m, a.new)
-    print("int4 eager", out["int4_eager_tps"], flush=True)
-    out["int4_memfit_loop_tps"] = loop_tps(m, a.new)
+    row("int4_memfit_loop_eager_tps", lambda: eager_tps(m, a.new), routed=False)
+    row("int4_memfit_routed_eager_tps", lambda: eager_tps(m, a.new))
+    row("int4_memfit_routed_graph_tps", lambda: loop_tps(m, a.new))
+    out.update(kernel_us(m))
     print(json.dumps(out), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

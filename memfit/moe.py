@@ -18,6 +18,7 @@ Wanda magnitude pruning, whitened SVD plain SVD.
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -63,17 +64,22 @@ class Experts(nn.Module):
         self._gate = gate
         self.interleaved = interleaved
 
+    def experts(self) -> list[Expert]:
+        return [self._modules[str(e)] for e in range(self.num_experts)]
+
+    def _gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self._gate is None:
+            return self.act_fn(g) * u
+        gu = torch.stack((g, u), -1).flatten(-2) if self.interleaved else torch.cat((g, u), -1)
+        return self._gate.apply(self._gate, gu)
+
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m = self._modules[str(e)]
-        g, u = m.gate_proj(x), m.up_proj(x)
-        if self._gate is None:
-            h = self.act_fn(g) * u
-        else:
-            gu = torch.stack((g, u), -1).flatten(-2) if self.interleaved else torch.cat((g, u), -1)
-            h = self._gate.apply(self._gate, gu)
-        return m.down_proj(h)
+        return m.down_proj(self._gated(m.gate_proj(x), m.up_proj(x)))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if routed_ok(self, hidden_states, top_k_index):
+            return self._routed(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         n = self.num_experts
         hit = torch.unique(top_k_index).tolist()  # one host sync, as transformers' eager loop
@@ -85,8 +91,72 @@ class Experts(nn.Module):
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
+    def _routed(self, hidden_states, top_k_index, top_k_weights):
+        """Every (token, slot) through its expert on the GPU, no host sync (capturable)."""
+        from memfit.kernels.triton_moe import moe_linear
+
+        t, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        valid = ids < self.num_experts
+        ids = torch.where(valid, ids, 0).to(torch.int32)
+        x = hidden_states.repeat_interleave(k, 0)
+        gate, up, down = self._tables
+        h = self._gated(moe_linear(x, ids, gate), moe_linear(x, ids, up))
+        y = moe_linear(h.contiguous(), ids, down)
+        w = top_k_weights.reshape(-1, 1) * valid.reshape(-1, 1)
+        return (y * w).to(hidden_states.dtype).view(t, k, -1).sum(1)
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, interleaved={self.interleaved}"
+
+
+ROUTED_MAX = 64  # (token, slot) pairs up to which CUDA takes the routed kernel (decode steps)
+
+
+def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+    """The routed kernel (memfit.kernels.triton_moe) takes this call: CUDA (or the Triton
+    interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, few (token, slot) pairs, and
+    every projection's experts in one format it reads. Builds or refreshes `m._tables`."""
+    if top_k_index.numel() > ROUTED_MAX or torch.is_grad_enabled() and hidden_states.requires_grad:
+        return False
+    if not (hidden_states.is_cuda or os.environ.get("MEMFIT_MOE_ROUTED") == "1"):
+        return False
+    if os.environ.get("MEMFIT_MOE_ROUTED") == "0":
+        return False
+    experts = m.experts()
+    key = tuple(_ptr(_weight(p)[0]) for p in (experts[0].gate_proj, experts[-1].down_proj))
+    cached = getattr(m, "_tables_key", None)
+    if cached == key:
+        return m._tables is not None
+    from memfit.kernels.triton_moe import Table, same_kind
+
+    tables = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        pairs = [_weight(getattr(e, proj)) for e in experts]
+        weights, biases = [w for w, _ in pairs], [b for _, b in pairs]
+        dense = isinstance(weights[0], torch.Tensor)
+        if any(w is None for w in weights) or same_kind(weights) is not None or (dense and weights[0].dtype != hidden_states.dtype) \
+                or (biases[0] is None) != all(b is None for b in biases):
+            tables = None
+            break
+        tables.append(Table(weights, biases))
+    m._tables, m._tables_key = tables, key
+    return tables is not None
+
+
+def _weight(lin: nn.Module):
+    """(what memfit.kernels.triton_moe reads of a linear: its IntWeight or dense weight, bias)."""
+    from memfit.formats.quant_linear import QuantLinear
+
+    if type(lin) is QuantLinear:
+        return lin.kernel_weight(), lin.bias
+    if type(lin) is nn.Linear:
+        return lin.weight, lin.bias
+    return None, None  # another kind (sparse, low-rank): not for the routed kernel
+
+
+def _ptr(w) -> int:
+    return 0 if w is None else w.data_ptr() if isinstance(w, torch.Tensor) else w.qdata.data_ptr()
 
 
 def _custom_gate(module: nn.Module):

@@ -1,0 +1,184 @@
+"""Mixture-of-experts GEMV on CUDA: each row of x through the expert its id names, read from
+device memory, so a decode step's experts run with no host sync and can be captured in a CUDA
+graph (memfit.moe's routed path; transformers' own loop asks the host which experts were hit).
+
+    y[r] = W[ids[r]] x[r] (+ b[ids[r]])      r < R = tokens x experts a token (decode: small)
+
+The experts' tensors stay where they are (one allocation each, as loaded): the launch gets the
+first expert's tensor and each expert's element offset from it (int64, built once per layer and
+kept while the tensors do not move; `Table`). Weights: memfit's packed integer rows (4 or 8
+bits, stored layout, zero points symmetric / packed int / float, groups that hold whole K
+tiles) or dense rows in the activations' dtype. Each program takes BN output rows of one x row
+and walks K in tiles of BK codes inside one group: for 4 bits a tile's bytes give the even codes
+(low nibbles) and odd codes (high nibbles), dotted with x's even and odd columns; a group's
+scale s and zero z apply once per tile, s * (sum c x - z sum x). K is split over SPLIT programs
+when the rows alone leave the GPU idle; their float32 partials are summed after (a fixed order:
+deterministic). Under TRITON_INTERPRET=1 it runs on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memfit.kernels.sizes import cdiv
+
+
+@triton.jit
+def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+              N, K, stride_xr, stride_qn, stride_sn, stride_zn, stride_ys, stride_yr,
+              KT_PER: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n, r, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e = tl.load(ids_ptr + r).to(tl.int64)
+    q_ptr += tl.load(qo_ptr + e)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BN,), tl.float32)
+    xr = x_ptr + r * stride_xr
+    if BITS == 16:  # dense rows in the activations' dtype
+        for t in range(KT_PER):
+            rk = (pid_k * KT_PER + t) * BK + tl.arange(0, BK)
+            k_ok = rk < K
+            x = tl.load(xr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], 1)
+    else:
+        s_ptr += tl.load(so_ptr + e)
+        if ZMODE != 0:
+            z_ptr += tl.load(zo_ptr + e)
+        HALF: tl.constexpr = BK // 2
+        for t in range(KT_PER):
+            k0 = (pid_k * KT_PER + t) * BK
+            g = k0 // G
+            s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            if ZMODE == 0:
+                z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
+            elif ZMODE == 1:
+                zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
+                             other=0).to(tl.int32)
+                z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
+            else:
+                z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok, other=0.0).to(tl.float32)
+            if BITS == 4:
+                j = tl.arange(0, HALF)
+                xe = tl.load(xr + k0 + 2 * j).to(tl.float32)
+                xo = tl.load(xr + k0 + 2 * j + 1).to(tl.float32)
+                b = tl.load(q_ptr + rn64[:, None] * stride_qn + k0 // 2 + j[None, :],
+                            mask=n_ok[:, None], other=0).to(tl.int32)
+                dot = tl.sum((b & 15).to(tl.float32) * xe[None, :]
+                             + (b >> 4).to(tl.float32) * xo[None, :], 1)
+                sx = tl.sum(xe, 0) + tl.sum(xo, 0)
+            else:
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(xr + rk).to(tl.float32)
+                c = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None],
+                            other=0).to(tl.float32)
+                dot = tl.sum(c * x[None, :], 1)
+                sx = tl.sum(x, 0)
+            acc += s * (dot - z * sx)
+    if HAS_BIAS:  # noqa: SIM102 -- a constexpr test, then a run-time one
+        if pid_k == 0:
+            b_ptr += tl.load(bo_ptr + e)
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_k * stride_ys + r * stride_yr + rn, acc, mask=n_ok)
+
+
+class Table:
+    """One projection of a layer's experts for the kernel: its first expert's tensors and every
+    expert's element offset from them, built from the experts' memfit.kernels IntWeight (or
+    dense weight tensors) and rebuilt when any of their tensors moves."""
+
+    def __init__(self, weights: list, biases: list):
+        self.key = _key(weights, biases)
+        first = weights[0]
+        self.dense = isinstance(first, torch.Tensor)
+        dev = (first if self.dense else first.qdata).device
+
+        def offsets(ts: list) -> torch.Tensor:
+            base, size = ts[0].data_ptr(), ts[0].element_size()
+            return torch.tensor([(t.data_ptr() - base) // size for t in ts], dtype=torch.int64,
+                                device=dev)
+
+        self.bias = biases[0]
+        self.b_off = offsets(biases) if self.bias is not None else None
+        if self.dense:
+            self.q, self.q_off = first, offsets(weights)
+            self.s = self.z = self.s_off = self.z_off = None
+            self.shape, self.bits, self.group, self.zmode = tuple(first.shape), 16, 0, 0
+            return
+        self.q, self.s, self.z = first.qdata, first.scale, first.zero
+        self.q_off = offsets([w.qdata for w in weights])
+        self.s_off = offsets([w.scale for w in weights])
+        self.z_off = offsets([w.zero for w in weights]) if first.zero is not None else None
+        self.shape, self.bits, self.group = first.shape, first.bits, first.group_size
+        self.zmode = {"sym": 0, "int": 1, "float": 2}[first.zero_point]
+
+
+def _key(weights: list, biases: list) -> tuple:
+    ptrs = [t.data_ptr() for t in biases if t is not None]
+    for w in weights:
+        ptrs += [w.data_ptr()] if isinstance(w, torch.Tensor) else \
+            [w.qdata.data_ptr(), w.scale.data_ptr(), 0 if w.zero is None else w.zero.data_ptr()]
+    return tuple(ptrs)
+
+
+def same_kind(weights: list) -> str | None:
+    """Why one Table cannot hold these experts' weights (None when it can)."""
+    first = weights[0]
+    if isinstance(first, torch.Tensor):
+        if any(not isinstance(w, torch.Tensor) or w.shape != first.shape or w.dtype != first.dtype
+               or w.stride() != first.stride() for w in weights):
+            return "experts of different shapes or dtypes"
+        return None if first.is_contiguous() else "non-contiguous expert weights"
+    if any(isinstance(w, torch.Tensor) for w in weights):
+        return "packed and dense experts mixed"
+    sig = lambda w: (w.shape, w.bits, w.group_size, w.zero_point, w.tile_rows, w.scale.dtype,
+                     w.qdata.stride(), w.scale.stride(),
+                     None if w.zero is None else (w.zero.dtype, w.zero.stride()))
+    if any(sig(w) != sig(first) for w in weights):
+        return "experts in different formats"
+    if first.tile_rows:
+        return "tiled layout"
+    if first.bits not in (4, 8):
+        return f"{first.bits}-bit codes (4 and 8 only)"
+    k = first.shape[1]
+    if first.group_size % 32 or k % first.group_size:
+        return f"group size {first.group_size} with {k} inputs (whole groups of a multiple of 32)"
+    return None
+
+
+def _tile_k(t: Table) -> int:
+    k = t.shape[1]
+    if t.bits == 16:
+        return 128
+    return next(bk for bk in (128, 64, 32) if t.group % bk == 0 and k % bk == 0)
+
+
+def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
+    """(R, K) activations and (R,) int32 expert ids -> (R, N) in x's dtype."""
+    r, k = x.shape
+    n = t.shape[0]
+    assert k == t.shape[1] and x.stride(1) == 1, (x.shape, t.shape)
+    bn, bk = 64, _tile_k(t)
+    k_tiles = cdiv(k, bk)
+    tiles = cdiv(n, bn) * r
+    split = 1
+    while tiles * split < 264 and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 4:
+        split *= 2
+    y = torch.empty((split, r, n), device=x.device, dtype=torch.float32)
+    dummy = t.q_off
+    _moe_gemv[(cdiv(n, bn), r, split)](
+        x, ids, t.q_off, t.s_off if t.s_off is not None else dummy,
+        t.z_off if t.z_off is not None else dummy, t.b_off if t.b_off is not None else dummy,
+        t.q, t.s if t.s is not None else t.q, t.z if t.z is not None else t.q,
+        t.bias if t.bias is not None else x, y,
+        n, k, x.stride(0), t.q.stride(0), 0 if t.s is None else t.s.stride(0),
+        0 if t.z is None else t.z.stride(0), y.stride(0), y.stride(1),
+        KT_PER=k_tiles // split, BITS=t.bits, G=t.group or bk, ZMODE=t.zmode,
+        HAS_BIAS=t.bias is not None, BN=bn, BK=bk, num_warps=4)
+    out = y[0] if split == 1 else y.sum(0)
+    return out.to(x.dtype)
