@@ -8,12 +8,15 @@ The experts' tensors stay where they are (one allocation each, as loaded): the l
 first expert's tensor and each expert's element offset from it (int64, built once per layer and
 kept while the tensors do not move; `Table`). Weights: memfit's packed integer rows (4 or 8
 bits, stored layout, zero points symmetric / packed int / float, groups that hold whole K
-tiles) or dense rows in the activations' dtype. Each program takes BN output rows of one x row
-and walks K in tiles of BK codes inside one group: for 4 bits a tile's bytes give the even codes
-(low nibbles) and odd codes (high nibbles), dotted with x's even and odd columns; a group's
-scale s and zero z apply once per tile, s * (sum c x - z sum x). K is split over SPLIT programs
-when the rows alone leave the GPU idle; their float32 partials are summed after (a fixed order:
-deterministic). Under TRITON_INTERPRET=1 it runs on the CPU (tests).
+tiles) or dense rows in the activations' dtype. A program takes BN output rows of one expert
+and every row of x routed to it (an expert no row names exits at once), so each used expert's
+weights are read once however many rows it serves; it walks K in tiles of BK codes inside one
+group: the codes minus the zero point are exact integers in the activations' dtype, dotted on
+the tensor cores with the routed rows (4 bits: a byte's low nibbles against x's even columns,
+high nibbles against the odd ones), and the group's scale applies once per tile. K is split
+over SPLIT programs when the used experts' row tiles alone would leave the GPU idle; their
+float32 partials are summed after (a fixed order: deterministic). Under TRITON_INTERPRET=1 it
+runs on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -27,64 +30,70 @@ from memfit.kernels.sizes import cdiv
 
 @triton.jit
 def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-              N, K, stride_xr, stride_qn, stride_sn, stride_zn, stride_ys, stride_yr,
+              R, N, K, stride_xr, stride_qn, stride_sn, stride_zn, stride_ys, stride_yr,
               KT_PER: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n, r, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    e = tl.load(ids_ptr + r).to(tl.int64)
-    q_ptr += tl.load(qo_ptr + e)
-    rn = pid_n * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    rn64 = rn.to(tl.int64)
-    acc = tl.zeros((BN,), tl.float32)
-    xr = x_ptr + r * stride_xr
-    if BITS == 16:  # dense rows in the activations' dtype
-        for t in range(KT_PER):
-            rk = (pid_k * KT_PER + t) * BK + tl.arange(0, BK)
-            k_ok = rk < K
-            x = tl.load(xr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], 1)
-    else:
-        s_ptr += tl.load(so_ptr + e)
-        if ZMODE != 0:
-            z_ptr += tl.load(zo_ptr + e)
-        HALF: tl.constexpr = BK // 2
-        for t in range(KT_PER):
-            k0 = (pid_k * KT_PER + t) * BK
-            g = k0 // G
-            s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            if ZMODE == 0:
-                z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
-            elif ZMODE == 1:
-                zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
-                             other=0).to(tl.int32)
-                z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
-            else:
-                z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok, other=0.0).to(tl.float32)
-            if BITS == 4:
-                j = tl.arange(0, HALF)
-                xe = tl.load(xr + k0 + 2 * j).to(tl.float32)
-                xo = tl.load(xr + k0 + 2 * j + 1).to(tl.float32)
-                b = tl.load(q_ptr + rn64[:, None] * stride_qn + k0 // 2 + j[None, :],
-                            mask=n_ok[:, None], other=0).to(tl.int32)
-                dot = tl.sum((b & 15).to(tl.float32) * xe[None, :]
-                             + (b >> 4).to(tl.float32) * xo[None, :], 1)
-                sx = tl.sum(xe, 0) + tl.sum(xo, 0)
-            else:
-                rk = k0 + tl.arange(0, BK)
-                x = tl.load(xr + rk).to(tl.float32)
-                c = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None],
-                            other=0).to(tl.float32)
-                dot = tl.sum(c * x[None, :], 1)
-                sx = tl.sum(x, 0)
-            acc += s * (dot - z * sx)
-    if HAS_BIAS:  # noqa: SIM102 -- a constexpr test, then a run-time one
-        if pid_k == 0:
-            b_ptr += tl.load(bo_ptr + e)
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_k * stride_ys + r * stride_yr + rn, acc, mask=n_ok)
+              HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              RB: tl.constexpr):
+    pid_n, e, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rr = tl.arange(0, RB)
+    sel = tl.load(ids_ptr + rr, mask=rr < R, other=-1) == e  # the rows routed to expert e
+    if tl.sum(sel.to(tl.int32), 0) > 0:  # an expert no row names reads nothing
+        e64 = e.to(tl.int64)
+        q_ptr += tl.multiple_of(tl.load(qo_ptr + e64), 16)  # Table checks the alignment
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        rn64 = rn.to(tl.int64)
+        acc = tl.zeros((BN, RB), tl.float32)
+        xr = x_ptr + rr[None, :] * stride_xr
+        dt = x_ptr.dtype.element_ty
+        if BITS == 16:  # dense rows in the activations' dtype
+            for t in range(0, KT_PER):
+                rk = (pid_k * KT_PER + t) * BK + tl.arange(0, BK)
+                k_ok = rk < K
+                x = tl.load(xr + rk[:, None], mask=k_ok[:, None] & sel[None, :], other=0.0)
+                w = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.dot(w, x, input_precision=PREC)
+        else:
+            s_ptr += tl.load(so_ptr + e64)
+            if ZMODE != 0:
+                z_ptr += tl.load(zo_ptr + e64)
+            for t in range(0, KT_PER):
+                k0 = (pid_k * KT_PER + t) * BK
+                g = k0 // G
+                s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                if ZMODE == 0:
+                    z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
+                elif ZMODE == 1:
+                    zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
+                                 other=0).to(tl.int32)
+                    z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
+                else:
+                    z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok,
+                                other=0.0).to(tl.float32)
+                if BITS == 4:  # a byte: code 2j (low nibble) and 2j + 1 (high)
+                    j = tl.arange(0, BK // 2)
+                    b = tl.load(q_ptr + rn64[:, None] * stride_qn + k0 // 2 + j[None, :],
+                                mask=n_ok[:, None], other=0).to(tl.int32)
+                    xe = tl.load(xr + (k0 + 2 * j)[:, None], mask=sel[None, :], other=0.0)
+                    xo = tl.load(xr + (k0 + 2 * j + 1)[:, None], mask=sel[None, :], other=0.0)
+                    lo = ((b & 15).to(tl.float32) - z[:, None]).to(dt)  # exact integers
+                    hi = ((b >> 4).to(tl.float32) - z[:, None]).to(dt)
+                    d = tl.dot(lo, xe, input_precision=PREC)
+                    d = tl.dot(hi, xo, d, input_precision=PREC)
+                else:
+                    rk = k0 + tl.arange(0, BK)
+                    c = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :],
+                                mask=n_ok[:, None], other=0).to(tl.float32)
+                    x = tl.load(xr + rk[:, None], mask=sel[None, :], other=0.0)
+                    d = tl.dot((c - z[:, None]).to(dt), x, input_precision=PREC)
+                acc += s[:, None] * d
+        if HAS_BIAS:  # noqa: SIM102 -- a constexpr test, then a run-time one
+            if pid_k == 0:
+                b_ptr += tl.load(bo_ptr + e64)
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + pid_k * stride_ys + rr[None, :] * stride_yr + rn[:, None], acc,
+                 mask=n_ok[:, None] & sel[None, :])
 
 
 class Table:
@@ -97,6 +106,8 @@ class Table:
         first = weights[0]
         self.dense = isinstance(first, torch.Tensor)
         dev = (first if self.dense else first.qdata).device
+
+        self.experts = len(weights)
 
         def offsets(ts: list) -> torch.Tensor:
             base, size = ts[0].data_ptr(), ts[0].element_size()
@@ -129,6 +140,9 @@ def _key(weights: list, biases: list) -> tuple:
 def same_kind(weights: list) -> str | None:
     """Why one Table cannot hold these experts' weights (None when it can)."""
     first = weights[0]
+    rows = [w if isinstance(w, torch.Tensor) else w.qdata for w in weights]
+    if any(t.data_ptr() % 16 for t in rows):
+        return "expert weights not 16-byte aligned"
     if isinstance(first, torch.Tensor):
         if any(not isinstance(w, torch.Tensor) or w.shape != first.shape or w.dtype != first.dtype
                or w.stride() != first.stride() for w in weights):
@@ -159,26 +173,27 @@ def _tile_k(t: Table) -> int:
 
 
 def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
-    """(R, K) activations and (R,) int32 expert ids -> (R, N) in x's dtype."""
+    """(R, K) activations and (R,) int32 expert ids -> (R, N) in x's dtype (R <= 64)."""
     r, k = x.shape
     n = t.shape[0]
-    assert k == t.shape[1] and x.stride(1) == 1, (x.shape, t.shape)
+    assert k == t.shape[1] and x.stride(1) == 1 and r <= 64, (x.shape, t.shape)
     bn, bk = 64, _tile_k(t)
     k_tiles = cdiv(k, bk)
-    tiles = cdiv(n, bn) * r
+    active = cdiv(n, bn) * min(r, t.experts)  # programs that read a weight tile
     split = 1
-    while tiles * split < 264 and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 4:
+    while active * split < 264 and k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 4:
         split *= 2
     y = torch.empty((split, r, n), device=x.device, dtype=torch.float32)
     dummy = t.q_off
-    _moe_gemv[(cdiv(n, bn), r, split)](
+    _moe_gemv[(cdiv(n, bn), t.experts, split)](
         x, ids, t.q_off, t.s_off if t.s_off is not None else dummy,
         t.z_off if t.z_off is not None else dummy, t.b_off if t.b_off is not None else dummy,
         t.q, t.s if t.s is not None else t.q, t.z if t.z is not None else t.q,
         t.bias if t.bias is not None else x, y,
-        n, k, x.stride(0), t.q.stride(0), 0 if t.s is None else t.s.stride(0),
+        r, n, k, x.stride(0), t.q.stride(0), 0 if t.s is None else t.s.stride(0),
         0 if t.z is None else t.z.stride(0), y.stride(0), y.stride(1),
         KT_PER=k_tiles // split, BITS=t.bits, G=t.group or bk, ZMODE=t.zmode,
-        HAS_BIAS=t.bias is not None, BN=bn, BK=bk, num_warps=4)
+        HAS_BIAS=t.bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        BN=bn, BK=bk, RB=max(16, 1 << (r - 1).bit_length()), num_warps=4)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype)
