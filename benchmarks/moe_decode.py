@@ -129,6 +129,18 @@ def kernel_us(m, rows: tuple[int, ...] = (2, 16)) -> dict:
                 graph.replay()
             torch.cuda.synchronize()
             out[f"{name}_r{r}_us"] = (time.perf_counter() - t0) / 100 * 1e6
+    import memfit.kernels.triton_moe as tm
+    keep, tm.FMA_ROWS = tm.FMA_ROWS, 0  # the tensor-core form at 2 rows, for comparison
+    x = torch.randn(2, gate.shape[1], device="cuda", dtype=torch.bfloat16)
+    ids = torch.arange(2, device="cuda", dtype=torch.int32)
+    moe_linear(x, ids, gate)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        moe_linear(x, ids, gate)
+    torch.cuda.synchronize()
+    out["gate_r2_dot_us_eager"] = (time.perf_counter() - t0) / 50 * 1e6
+    tm.FMA_ROWS = keep
     experts_read = {r: min(r, ex.num_experts) for r in rows}
     for r in rows:  # bytes of the distinct experts' codes + scales + zeros the call reads
         per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)

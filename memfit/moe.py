@@ -173,8 +173,9 @@ def unfuse(module: nn.Module) -> Experts:
     """`Experts` computing what the fused transformers module computes, its weights views of
     (or, for transposed layouts, copies of) the fused tensors."""
     name = type(module).__name__
-    if all(hasattr(module, f) for f in _FLAGS):  # declared by transformers' experts interface
-        flags = {f: getattr(module, f) for f in _FLAGS}
+    if hasattr(module, "is_concatenated"):  # declared by transformers' experts interface
+        flags = {f: getattr(module, f, d)  # a flag added later: the feature did not exist
+                 for f, d in zip(_FLAGS, (True, False, False, True, False))}
     elif hasattr(module, "gate_up_proj_bias") or _custom_gate(module) is not None:
         raise UserError(f"{name} does not declare its weight layout in this transformers "
                         "version; upgrade transformers (pip install -U transformers)")

@@ -33,7 +33,7 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
               R, N, K, stride_xr, stride_qn, stride_sn, stride_zn, stride_ys, stride_yr,
               KT_PER: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
               HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              RB: tl.constexpr):
+              RB: tl.constexpr, DOT: tl.constexpr):
     pid_n, e, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rr = tl.arange(0, RB)
     sel = tl.load(ids_ptr + rr, mask=rr < R, other=-1) == e  # the rows routed to expert e
@@ -77,10 +77,21 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
                                 mask=n_ok[:, None], other=0).to(tl.int32)
                     xe = tl.load(xr + (k0 + 2 * j)[:, None], mask=sel[None, :], other=0.0)
                     xo = tl.load(xr + (k0 + 2 * j + 1)[:, None], mask=sel[None, :], other=0.0)
-                    lo = ((b & 15).to(tl.float32) - z[:, None]).to(dt)  # exact integers
-                    hi = ((b >> 4).to(tl.float32) - z[:, None]).to(dt)
-                    d = tl.dot(lo, xe, input_precision=PREC)
-                    d = tl.dot(hi, xo, d, input_precision=PREC)
+                    if DOT:
+                        lo = ((b & 15).to(tl.float32) - z[:, None]).to(dt)  # exact integers
+                        hi = ((b >> 4).to(tl.float32) - z[:, None]).to(dt)
+                        d = tl.dot(lo, xe, input_precision=PREC)
+                        d = tl.dot(hi, xo, d, input_precision=PREC)
+                    else:  # few rows: multiply-adds on the CUDA cores, row by row
+                        lo, hi = (b & 15).to(tl.float32), (b >> 4).to(tl.float32)
+                        d = tl.zeros((BN, RB), tl.float32)
+                        for i in tl.static_range(RB):
+                            pick = (rr == i)[None, :]
+                            ei = tl.sum(tl.where(pick, xe, 0.0).to(tl.float32), 1)
+                            oi = tl.sum(tl.where(pick, xo, 0.0).to(tl.float32), 1)
+                            di = tl.sum(lo * ei[None, :] + hi * oi[None, :], 1) \
+                                - z * (tl.sum(ei, 0) + tl.sum(oi, 0))
+                            d += tl.where(pick, di[:, None], 0.0)
                 else:
                     rk = k0 + tl.arange(0, BK)
                     c = tl.load(q_ptr + rn64[:, None] * stride_qn + rk[None, :],
@@ -94,6 +105,9 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pid_k * stride_ys + rr[None, :] * stride_yr + rn[:, None], acc,
                  mask=n_ok[:, None] & sel[None, :])
+
+
+FMA_ROWS = 4  # up to this many routed rows a 4-bit call multiplies on the CUDA cores
 
 
 class Table:
@@ -178,6 +192,8 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
     n = t.shape[0]
     assert k == t.shape[1] and x.stride(1) == 1 and r <= 64, (x.shape, t.shape)
     bn, bk = 64, _tile_k(t)
+    dot = r > FMA_ROWS or t.bits != 4  # tensor cores, or (4-bit, few rows) multiply-adds
+    rb = max(16, 1 << (r - 1).bit_length()) if dot else 1 << (r - 1).bit_length()
     k_tiles = cdiv(k, bk)
     active = cdiv(n, bn) * min(r, t.experts)  # programs that read a weight tile
     split = 1
@@ -194,6 +210,6 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
         0 if t.z is None else t.z.stride(0), y.stride(0), y.stride(1),
         KT_PER=k_tiles // split, BITS=t.bits, G=t.group or bk, ZMODE=t.zmode,
         HAS_BIAS=t.bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BN=bn, BK=bk, RB=max(16, 1 << (r - 1).bit_length()), num_warps=4)
+        BN=bn, BK=bk, RB=rb, DOT=dot, num_warps=4)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype)

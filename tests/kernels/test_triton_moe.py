@@ -17,7 +17,7 @@ CASES = [  # (n, k, bits, group, zero point)
 
 
 @pytest.mark.parametrize("n,k,bits,group,zp", CASES)
-@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("bias", [False, True])
 def test_routed_gemv_matches_each_rows_expert(n, k, bits, group, zp, rows, bias):
     experts = [make_weight(n, k, bits, group, zp, seed=10 * e + n) for e in range(3)]
