@@ -141,6 +141,21 @@ def kernel_us(m, rows: tuple[int, ...] = (2, 16)) -> dict:
     torch.cuda.synchronize()
     out["gate_r2_dot_us_eager"] = (time.perf_counter() - t0) / 50 * 1e6
     tm.FMA_ROWS = keep
+    for bn, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):  # other launch shapes at 2 rows
+        tm.BN_ROWS, tm.WARPS = bn, warps
+        moe_linear(x, ids, gate)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                moe_linear(x, ids, gate)
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        out[f"gate_r2_bn{bn}_w{warps}_us"] = (time.perf_counter() - t0) / 100 * 1e6
+    tm.BN_ROWS, tm.WARPS = 64, 4
     experts_read = {r: min(r, ex.num_experts) for r in rows}
     for r in rows:  # bytes of the distinct experts' codes + scales + zeros the call reads
         per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)

@@ -108,6 +108,7 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
 
 
 FMA_ROWS = 4  # up to this many routed rows a 4-bit call multiplies on the CUDA cores
+BN_ROWS, WARPS = 64, 4  # output rows a program, its warps
 
 
 class Table:
@@ -191,7 +192,7 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
     r, k = x.shape
     n = t.shape[0]
     assert k == t.shape[1] and x.stride(1) == 1 and r <= 64, (x.shape, t.shape)
-    bn, bk = 64, _tile_k(t)
+    bn, bk = BN_ROWS, _tile_k(t)
     dot = r > FMA_ROWS or t.bits != 4  # tensor cores, or (4-bit, few rows) multiply-adds
     rb = max(16, 1 << (r - 1).bit_length()) if dot else 1 << (r - 1).bit_length()
     k_tiles = cdiv(k, bk)
@@ -210,6 +211,6 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
         0 if t.z is None else t.z.stride(0), y.stride(0), y.stride(1),
         KT_PER=k_tiles // split, BITS=t.bits, G=t.group or bk, ZMODE=t.zmode,
         HAS_BIAS=t.bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BN=bn, BK=bk, RB=rb, DOT=dot, num_warps=4)
+        BN=bn, BK=bk, RB=rb, DOT=dot, num_warps=WARPS)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype)
