@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -79,7 +80,14 @@ class Experts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if routed_ok(self, hidden_states, top_k_index):
-            return self._routed(hidden_states, top_k_index, top_k_weights)
+            try:
+                return self._routed(hidden_states, top_k_index, top_k_weights)
+            except Exception as e:  # noqa: BLE001 -- a kernel that fails: the loop, warned once
+                if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise  # the decode loop decodes without a CUDA graph, then lands here
+                warnings.warn(f"memfit: the routed experts kernel failed ({type(e).__name__}: "
+                              f"{str(e)[:200]}); this layer runs its experts one by one")
+                self._routed_off = True
         out = torch.zeros_like(hidden_states)
         n = self.num_experts
         hit = torch.unique(top_k_index).tolist()  # one host sync, as transformers' eager loop
@@ -117,7 +125,8 @@ def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     """The routed kernel (memfit.kernels.triton_moe) takes this call: CUDA (or the Triton
     interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, few (token, slot) pairs, and
     every projection's experts in one format it reads. Builds or refreshes `m._tables`."""
-    if top_k_index.numel() > ROUTED_MAX or torch.is_grad_enabled() and hidden_states.requires_grad:
+    if top_k_index.numel() > ROUTED_MAX or torch.is_grad_enabled() and hidden_states.requires_grad \
+            or getattr(m, "_routed_off", False):
         return False
     if not (hidden_states.is_cuda or os.environ.get("MEMFIT_MOE_ROUTED") == "1"):
         return False

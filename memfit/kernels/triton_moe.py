@@ -107,7 +107,10 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
                  mask=n_ok[:, None] & sel[None, :])
 
 
-FMA_ROWS = 4  # up to this many routed rows a 4-bit call multiplies on the CUDA cores
+# Up to this many routed rows a 4-bit call may multiply-add on the CUDA cores instead of the
+# tensor cores. 0: off. That form is checked under the interpreter and built for sm_90 in CI,
+# not yet timed on a GPU (benchmarks/moe_decode.py times both); the tensor-core form is.
+FMA_ROWS = 0
 BN_ROWS, WARPS = 64, 4  # output rows a program, its warps
 
 

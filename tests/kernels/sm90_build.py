@@ -25,6 +25,7 @@ from memfit.kernels import (
     triton_kv,
     triton_kv_mma,
     triton_mma,
+    triton_moe,
     triton_words,
 )
 
@@ -217,6 +218,20 @@ def check_perm(span: int):
     assert "griddepcontrol.wait" in k.asm["ptx"]
 
 
+def check_moe(bits: int, zmode: int, dot: bool, rb: int, bias: bool = False):
+    """The routed mixture-of-experts GEMV (memfit.kernels.triton_moe): tensor-core or (4-bit,
+    few rows) multiply-add forms, dense experts (bits 16)."""
+    q = "*bf16" if bits == 16 else "*u8"
+    sig = {"x_ptr": "*bf16", "ids_ptr": "*i32", "qo_ptr": "*i64", "so_ptr": "*i64",
+           "zo_ptr": "*i64", "bo_ptr": "*i64", "q_ptr": q, "s_ptr": "*fp16",
+           "z_ptr": "*u8" if zmode == 1 else "*fp16", "b_ptr": "*bf16", "y_ptr": "*fp32",
+           "R": "i32", "N": "i32", "K": "i32", "stride_xr": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ys": "i32", "stride_yr": "i32"}
+    const = {"KT_PER": 8, "BITS": bits, "G": 128, "ZMODE": zmode, "HAS_BIAS": bias,
+             "PREC": "tf32", "BN": triton_moe.BN_ROWS, "BK": 128, "RB": rb, "DOT": dot}
+    build(triton_moe._moe_gemv, sig, const, triton_moe.WARPS)
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -262,6 +277,9 @@ def _checks() -> dict:
                          (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
                          (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
+    checks |= {f"moe{c}": (check_moe, c)
+               for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
+                         (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     return checks

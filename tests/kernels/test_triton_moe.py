@@ -19,7 +19,10 @@ CASES = [  # (n, k, bits, group, zero point)
 @pytest.mark.parametrize("n,k,bits,group,zp", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("bias", [False, True])
-def test_routed_gemv_matches_each_rows_expert(n, k, bits, group, zp, rows, bias):
+@pytest.mark.parametrize("fma_rows", [0, 4])  # tensor cores only; multiply-adds up to 4 rows
+def test_routed_gemv_matches_each_rows_expert(n, k, bits, group, zp, rows, bias, fma_rows,
+                                              monkeypatch):
+    monkeypatch.setattr(triton_moe, "FMA_ROWS", fma_rows)
     experts = [make_weight(n, k, bits, group, zp, seed=10 * e + n) for e in range(3)]
     biases = [torch.randn(n, generator=torch.Generator().manual_seed(e)).to(DEV) if bias else None
               for e in range(3)]
@@ -81,3 +84,28 @@ def test_experts_routed_path_equals_the_loop(tiny_config, monkeypatch, recipe):
         routed = model(ids).logits
     assert model.model.layers[0].mlp.experts._tables is not None  # the routed kernel ran
     assert rel_err(routed, loop) < 1e-3  # the loop's CPU int kernels round differently
+
+
+def test_a_failing_routed_kernel_falls_back_to_the_loop(tiny_config, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import memfit.kernels.triton_moe as tm
+    from memfit.moe import unfuse_experts_
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", num_local_experts=4,
+                                                         num_experts_per_tok=2)).eval().to(DEV)
+    unfuse_experts_(model)
+    ids = torch.randint(0, 30522, (1, 4), device=DEV)
+    with torch.no_grad():
+        monkeypatch.setenv("MEMFIT_MOE_ROUTED", "0")
+        loop = model(ids).logits
+        monkeypatch.setenv("MEMFIT_MOE_ROUTED", "1")
+
+        def broken(*_a, **_k):
+            raise RuntimeError("no kernel image for this device")
+        monkeypatch.setattr(tm, "moe_linear", broken)
+        with pytest.warns(UserWarning, match="routed experts kernel failed"):
+            got = model(ids).logits
+    assert torch.equal(got, loop)
+    assert model.model.layers[0].mlp.experts._routed_off
