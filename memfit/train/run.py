@@ -144,12 +144,14 @@ def _save(model, engine: str, spec_model, tokenizer, out, o: TrainOptions, rank:
     from transformers import AutoModelForCausalLM
 
     from memfit.io.save import save
+    from memfit.moe import unfuse_experts_
     from memfit.train.engine import full_state_dict
 
     sd = full_state_dict(model, fsdp=engine == "fsdp2")
     if rank != 0:
         return
     fresh = AutoModelForCausalLM.from_config(spec_model.config, dtype=torch.float32)
+    unfuse_experts_(fresh)  # the trained model's own layout (memfit.moe)
     fresh.load_state_dict(sd, strict=True)
     # float32 as trained ("keep"): memfit's 16-bit default would round away updates of ~lr
     save(fresh.eval(), tokenizer, out, recipe={}, overwrite=o.overwrite, extra={"train": entry},
