@@ -232,3 +232,22 @@ def test_inspect_counts_the_experts(tiny_config):
                                "bytes_read_per_token": info["weight_bytes"] - 2 * 2 * per_expert}
     dense = inspect_model(_tiny(tiny_config, "mixtral"), context=64)  # not unfused: no figure
     assert dense["experts"] is None
+
+
+def test_training_a_moe_model_saves_one_linear_per_expert(tmp_path, save_tiny):
+    """memfit train on Mixtral: the saved folder (rebuilt with one linear per expert) loads back
+    with the trained expert weights."""
+    from safetensors.torch import load_file
+
+    from memfit.models import load_model
+    from memfit.train import TrainOptions, train_to
+
+    src = save_tiny(tmp_path / "mixtral", "mixtral", **FAMILIES["mixtral"])
+    rep = train_to(str(src), tmp_path / "out", TrainOptions(steps=4, lr=1e-3, seq_len=32,
+                                                           batch_size=2, samples=8))
+    assert len(rep["loss"]) == 4
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    before = load_model(str(src)).model.get_submodule(name.rpartition(".")[0]).weight
+    after = load_model(str(tmp_path / "out")).model.get_submodule(name.rpartition(".")[0]).weight
+    assert torch.equal(after, stored[name]) and not torch.equal(after, before)
