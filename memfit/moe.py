@@ -174,8 +174,8 @@ def _custom_gate(module: nn.Module):
     return None if fn is None or fn.__name__ == "_default_apply_gate" else fn
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
+def _param(t: torch.Tensor, grad: bool) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=grad)
 
 
 def unfuse(module: nn.Module) -> Experts:
@@ -212,17 +212,18 @@ def unfuse(module: nn.Module) -> Experts:
     def own(t: torch.Tensor) -> torch.Tensor:  # views where contiguous, else a copy
         return t if t.is_contiguous() or t.is_meta else t.contiguous()
 
+    grad = module.gate_up_proj.requires_grad  # trainable as the fused tensors were
     experts = []
     for e in range(e_count):
         ex = Expert(hidden, inter, gu_bias is not None, device="meta", dtype=gu.dtype)
         with torch.no_grad():
-            ex.gate_proj.weight = _param(own(gu[e, gate_rows]))
-            ex.up_proj.weight = _param(own(gu[e, up_rows]))
-            ex.down_proj.weight = _param(own(down[e]))
+            ex.gate_proj.weight = _param(own(gu[e, gate_rows]), grad)
+            ex.up_proj.weight = _param(own(gu[e, up_rows]), grad)
+            ex.down_proj.weight = _param(own(down[e]), grad)
             if gu_bias is not None:
-                ex.gate_proj.bias = _param(own(gu_bias[e, gate_rows]))
-                ex.up_proj.bias = _param(own(gu_bias[e, up_rows]))
-                ex.down_proj.bias = _param(own(down_bias[e]))
+                ex.gate_proj.bias = _param(own(gu_bias[e, gate_rows]), grad)
+                ex.up_proj.bias = _param(own(gu_bias[e, up_rows]), grad)
+                ex.down_proj.bias = _param(own(down_bias[e]), grad)
         experts.append(ex)
     custom = _custom_gate(module)
     gate = None
