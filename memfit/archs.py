@@ -135,21 +135,32 @@ _OPT = Arch(
     awq_inspect=("self_attn", None, None, None), awq_mixing=("self_attn",))
 
 
-def _moe(mlp: str = "mlp", attention=_LLAMA_GROUPS[:2]) -> Arch:
-    """A mixture-of-experts decoder (memfit.moe): its dense blocks' MLP, shared expert(s) and
-    routed experts, whichever a block has. The routers stay as they are (not linears, or a
-    one-row shared-expert gate). No AWQ / SmoothQuant yet (one norm feeds the router and every
-    expert: a fold would have to rescale the router too) and no structured width pruning."""
-    parts = ("", "shared_expert.", "shared_experts.", "experts.*.")
-    up = tuple(f"{mlp}.{p}{n}" for p in parts for n in ("gate_proj", "up_proj"))
-    down = tuple(f"{mlp}.{p}down_proj" for p in parts)
-    return Arch("decoder", ("model.layers",), attention + (up, down), experts=True)
-
-
 # DeepSeek's multi-head latent attention: q (or its low-rank q_a) and the joint kv_a read the
 # block's input; q_b and kv_b read their own normalised latents.
 _MLA = (("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
         ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
+_MLA_FOLD = ("input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", None)
+
+
+def _moe(mlp: str = "mlp", attention=_LLAMA_GROUPS[:2],
+         attention_fold=("input_layernorm", "self_attn.v_proj"),
+         down_fold: str | None = "^up_proj") -> Arch:
+    """A mixture-of-experts decoder (memfit.moe): its dense blocks' MLP, shared expert(s) and
+    routed experts, whichever a block has. The routers stay as they are (not linears, or a
+    one-row shared-expert gate). AWQ / SmoothQuant fold into the attention's producers and each
+    expert's down projection into its own up projection (`^`: the group's sibling); not into
+    gate/up (one norm feeds the router and every expert: a fold would have to rescale the
+    router too), nor into an up projection that passes a non-linear gate (gpt-oss clamps it
+    and adds 1: `down_fold` None). No structured width pruning."""
+    parts = ("", "shared_expert.", "shared_experts.", "experts.*.")
+    up = tuple(f"{mlp}.{p}{n}" for p in parts for n in ("gate_proj", "up_proj"))
+    down = tuple(f"{mlp}.{p}down_proj" for p in parts)
+    mla = attention is _MLA
+    return Arch("decoder", ("model.layers",), attention + (up, down), experts=True,
+                awq_fold=tuple(attention_fold) + (None, down_fold),
+                awq_no_clip=() if mla else ("self_attn.q_proj", "self_attn.k_proj"),
+                awq_inspect=(None,) * len(attention) + (None, None) if mla else
+                ("self_attn", None, None, None), awq_mixing=() if mla else ("self_attn",))
 
 _BERT = Arch(
     "encoder",
@@ -213,9 +224,9 @@ ARCHS: dict[str, Arch] = {
     "qwen3_moe": _moe(),
     "olmoe": _moe(),
     "phimoe": _moe(),
-    "gpt_oss": _moe(),
+    "gpt_oss": _moe(down_fold=None),
     "granitemoe": _moe("block_sparse_moe"),
-    "deepseek_v3": _moe(attention=_MLA),
+    "deepseek_v3": _moe(attention=_MLA, attention_fold=_MLA_FOLD),
     "bert": _BERT,
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,

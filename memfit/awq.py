@@ -118,9 +118,13 @@ def _plan(block, arch, specs: dict, wants=_awq_spec, what: str = "AWQ",
                         f"is listed in memfit.archs for it); use a recipe without {what}")
     todo, skipped = [], []
     inspects = arch.awq_inspect or (None,) * len(arch.groups)
-    for group, fold, inspect in zip(arch.groups, arch.awq_fold, inspects):
+    groups = [(g, fold, inspect) for stage, fold, inspect in
+              zip(arch.stages(block), arch.awq_fold, inspects) for g in stage]
+    for group, fold, inspect in groups:
         if not any(wants(specs.get(n)) for n in group):
             continue
+        if fold is not None and fold.startswith("^"):  # a sibling of the group's linears
+            fold = f"{group[0].rpartition('.')[0]}.{fold[1:]}".lstrip(".")
         first = block.get_submodule(group[0])
         src = None if fold is None else block.get_submodule(fold)
         width = src.out_features if isinstance(src, torch.nn.Linear) else \
@@ -216,6 +220,10 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
     log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
     stats = _collect(block, arch, todo, store, kwargs) if todo else []
     for (names, fold, tie, inspect), stat in zip(todo, stats):
+        if stat.rows == 0:  # an expert no calibration token reached (memfit.moe)
+            log.append({"modules": names, "awq": {"skipped": "no calibration token reached "
+                                                              "these experts"}, "error": None})
+            continue
         spec = next(_awq_spec(specs.get(n)) for n in names if _awq_spec(specs.get(n)))
         quantized = [n for n in names if _awq_spec(specs.get(n))]
         weights = [(block.get_submodule(n).weight.detach().float(), specs[n].format)

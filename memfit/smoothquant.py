@@ -27,6 +27,7 @@ from memfit.algos.smoothquant import smooth_scales
 from memfit.awq import _plan, fold_
 from memfit.calib.engine import ActivationStore, replay
 from memfit.errors import UserError
+from memfit.moe import is_expert_linear, same_projection
 
 
 def _act_spec(spec):
@@ -82,6 +83,10 @@ def smooth_block_(block, arch, specs: dict, store: ActivationStore | None, kwarg
             mods = [block.get_submodule(n) for n in names]
             w_absmax = torch.cat([m.weight.detach().float() for m in mods]).abs().amax(0)
             x = absmax[tuple(names)]
+            if not bool(x.any()):  # an expert no calibration token reached (memfit.moe)
+                log.append({"modules": names, "error": None, "smoothquant": {
+                    "skipped": "no calibration token reached these experts"}})
+                continue
             s = smooth_scales(x, w_absmax, spec.smoothquant)
             fold_(block.get_submodule(fold), mods, s, norm_offset=arch.norm_offset)
             absmax[tuple(names)] = x / s
@@ -89,5 +94,9 @@ def smooth_block_(block, arch, specs: dict, store: ActivationStore | None, kwarg
                 "alpha": spec.smoothquant, "fold": fold,
                 "act_absmax": [float(x.max()), float((x / s).max())],  # before, after
                 "scale_range": [float(s.min()), float(s.max())]}})
-    return {n: float(absmax[tuple(g)].max()) for g in groups for n in g
-            if getattr(specs.get(n), "act_static", False) and specs[n].act_bits}
+    bounds = {n: float(absmax[tuple(g)].max()) for g in groups for n in g
+              if getattr(specs.get(n), "act_static", False) and specs[n].act_bits}
+    for n, b in bounds.items():  # an expert no token reached: the largest bound of its siblings
+        if b == 0 and is_expert_linear(n):
+            bounds[n] = max((v for k, v in bounds.items() if same_projection(k, n)), default=0.0)
+    return bounds
