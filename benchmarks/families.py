@@ -51,9 +51,9 @@ ENCODERS = {"bert": {}, "roberta": {}, "mpnet": {}, "distilbert": {"hidden_dim":
 PRESETS = ["w4g64-gptq", "w4g64-awq", "wanda-50", "wsvd-80", "w8a8-sq"]
 
 
-def memfit(*args: str) -> tuple[int, str]:
+def memfit(*args: str, timeout: float | None = 900) -> tuple[int, str]:
     r = subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True,
-                       timeout=900)
+                       timeout=timeout)
     return r.returncode, r.stdout + r.stderr
 
 

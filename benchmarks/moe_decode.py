@@ -101,10 +101,27 @@ def loop_tps(m, new: int, prompt: int = 32) -> float:
     return new / best
 
 
+def graph_us(fn, calls: int = 20, replays: int = 5) -> float:
+    """µs a call of `fn`, timed as `calls` calls captured in one CUDA graph."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (calls * replays) * 1e6
+
+
 def kernel_us(m, rows: tuple[int, ...] = (2, 16)) -> dict:
-    """The routed GEMV alone on layer 0's experts (int4 g128), µs, CUDA graph of 20 calls,
-    against bf16 cuBLAS of one expert's gate projection at the same rows."""
-    from memfit.kernels.triton_moe import moe_linear
+    """The routed GEMV alone on layer 0's experts (int4 g128), µs a call in a CUDA graph,
+    against bf16 cuBLAS of one expert's gate projection at the same rows; at 2 rows also the
+    multiply-add form (FMA_ROWS) and other launch shapes."""
+    import memfit.kernels.triton_moe as tm
 
     ex = m.model.layers[0].mlp.experts
     gate, _, down = ex._tables
@@ -114,52 +131,20 @@ def kernel_us(m, rows: tuple[int, ...] = (2, 16)) -> dict:
         x = torch.randn(r, gate.shape[1], device="cuda", dtype=torch.bfloat16)
         h = torch.randn(r, down.shape[1], device="cuda", dtype=torch.bfloat16)
         w = torch.randn(gate.shape, device="cuda", dtype=torch.bfloat16)
-        for name, fn in (("gate", lambda x=x, ids=ids: moe_linear(x, ids, gate)),
-                         ("down", lambda h=h, ids=ids: moe_linear(h, ids, down)),
-                         ("bf16_one_expert", lambda x=x, w=w: x @ w.T)):
-            fn()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                graph.replay()
-            torch.cuda.synchronize()
-            out[f"{name}_r{r}_us"] = (time.perf_counter() - t0) / 100 * 1e6
-    import memfit.kernels.triton_moe as tm
-    keep, tm.FMA_ROWS = tm.FMA_ROWS, 4  # the multiply-add form at 2 rows, for comparison
+        out[f"gate_r{r}_us"] = graph_us(lambda x=x, ids=ids: tm.moe_linear(x, ids, gate))
+        out[f"down_r{r}_us"] = graph_us(lambda h=h, ids=ids: tm.moe_linear(h, ids, down))
+        out[f"bf16_one_expert_r{r}_us"] = graph_us(lambda x=x, w=w: x @ w.T)
+        per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)  # codes, scales, zeros
+        out[f"gate_r{r}_TBps"] = min(r, ex.num_experts) * per / out[f"gate_r{r}_us"] / 1e6
     x = torch.randn(2, gate.shape[1], device="cuda", dtype=torch.bfloat16)
     ids = torch.arange(2, device="cuda", dtype=torch.int32)
-    moe_linear(x, ids, gate)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        moe_linear(x, ids, gate)
-    torch.cuda.synchronize()
-    out["gate_r2_fma_us_eager"] = (time.perf_counter() - t0) / 50 * 1e6
-    tm.FMA_ROWS = keep
-    for bn, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):  # other launch shapes at 2 rows
-        tm.BN_ROWS, tm.WARPS = bn, warps
-        moe_linear(x, ids, gate)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                moe_linear(x, ids, gate)
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            graph.replay()
-        torch.cuda.synchronize()
-        out[f"gate_r2_bn{bn}_w{warps}_us"] = (time.perf_counter() - t0) / 100 * 1e6
-    tm.BN_ROWS, tm.WARPS = 64, 4
-    experts_read = {r: min(r, ex.num_experts) for r in rows}
-    for r in rows:  # bytes of the distinct experts' codes + scales + zeros the call reads
-        per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)
-        out[f"gate_r{r}_TBps"] = experts_read[r] * per / out[f"gate_r{r}_us"] / 1e6
+    keep = tm.FMA_ROWS, tm.BN_ROWS, tm.WARPS
+    tm.FMA_ROWS = 4
+    out["gate_r2_fma_us"] = graph_us(lambda: tm.moe_linear(x, ids, gate))
+    tm.FMA_ROWS = keep[0]
+    for tm.BN_ROWS, tm.WARPS in ((32, 4), (64, 8), (128, 4), (128, 8)):
+        out[f"gate_r2_bn{tm.BN_ROWS}_w{tm.WARPS}_us"] = graph_us(lambda: tm.moe_linear(x, ids, gate))
+    tm.FMA_ROWS, tm.BN_ROWS, tm.WARPS = keep
     return out
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.moe import unfuse_experts_
 
 AUTO_FRACTION = 0.6  # stream when the weights exceed this share of the memory available
 DENSE = "auto"  # dense tensors stored as memfit.io.save.save stores them by default
@@ -121,7 +122,6 @@ def _build(folder: Path, dtype: torch.dtype):
 
     from memfit.archs import arch_for
     from memfit.io.checkpoint import read_config
-    from memfit.moe import unfuse_experts_
 
     config = read_config(folder, trust_remote_code=False)
     arch = arch_for(config)
@@ -133,7 +133,7 @@ def _build(folder: Path, dtype: torch.dtype):
     try:
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config)
-            unfuse_experts_(model)
+            unfuse_experts_(model)  # memfit.moe: one linear per expert
     finally:
         torch.set_default_dtype(default)
     if (folder / "generation_config.json").exists():
@@ -141,23 +141,17 @@ def _build(folder: Path, dtype: torch.dtype):
     return model.eval(), arch
 
 
-def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _load(model, index, keys: list[str], dtype, folder: Path) -> None:
     from memfit.io.save import _set_tensor
 
-    for key, t in state.items():
-        _set_tensor(model, key, t)
-
-
-def _load(model, index, keys: list[str], dtype, folder: Path) -> None:
-    from memfit.moe import checkpoint_names
-
-    found = {k: next((n for n in checkpoint_names(k) if n in index), None) for k in keys}
+    found = {k: index.find(k) for k in keys}
     missing = [k for k, n in found.items() if n is None]
     if missing:
         raise UserError(f"{folder} has no tensor {missing[0]} (of {len(missing)} the model "
                         "expects); its names differ from the model's: --low-memory reads "
                         "checkpoints whose tensor names are the model's own")
-    _assign(model, {k: index.read(n, dtype) for k, n in found.items()})
+    for k, n in found.items():
+        _set_tensor(model, k, index.read(n, dtype))
 
 
 def _tensor_keys(model, under: str, tied: dict) -> list[str]:

@@ -62,6 +62,13 @@ class CheckpointIndex:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def find(self, name: str) -> str | None:
+        """The name a model tensor is stored under here: its own, or another name transformers
+        renames on load (memfit.moe.checkpoint_names: Mixtral-era experts); None if absent."""
+        from memfit.moe import checkpoint_names
+
+        return next((n for n in checkpoint_names(name) if n in self.where), None)
+
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes of all tensors once floating ones are cast to `dtype` (what loading holds)."""
         total = 0
