@@ -14,6 +14,12 @@ also on the meta device; the rows are views of the fused tensors, so it costs no
 An expert that no calibration token reaches has no input statistics; memfit then compresses it
 as if its inputs were isotropic (memfit.calib.stats `isotropic`): GPTQ becomes round-to-nearest,
 Wanda magnitude pruning, whitened SVD plain SVD.
+
+Running: transformers' loop (and `Experts`' own, kept for the CPU, prefill and autograd) asks the
+host which experts were hit, a sync every layer that also stops a CUDA graph. On CUDA, up to
+ROUTED_MAX (token, slot) pairs (decode steps) go through memfit.kernels.triton_moe instead: every
+pair through its expert with the ids read on the GPU, capturable. MEMFIT_MOE_ROUTED=0 turns that
+off; =1 also takes it in Triton's interpreter off CUDA (tests).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class Experts(nn.Module):
         # gate/up rows laid out as its fused tensor held them; None: act(gate) * up.
         self._gate = gate
         self.interleaved = interleaved
+        self._tables = self._tables_key = None  # the routed kernel's view of the experts
+        self._routed_off = False  # set when that kernel failed here: the loop from then on
 
     def experts(self) -> list[Expert]:
         return [self._modules[str(e)] for e in range(self.num_experts)]
@@ -82,7 +90,7 @@ class Experts(nn.Module):
         if routed_ok(self, hidden_states, top_k_index):
             try:
                 return self._routed(hidden_states, top_k_index, top_k_weights)
-            except Exception as e:  # noqa: BLE001 -- a kernel that fails: the loop, warned once
+            except Exception as e:  # a kernel that fails: the loop, warned once
                 if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise  # the decode loop decodes without a CUDA graph, then lands here
                 warnings.warn(f"memfit: the routed experts kernel failed ({type(e).__name__}: "
@@ -125,17 +133,14 @@ def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     """The routed kernel (memfit.kernels.triton_moe) takes this call: CUDA (or the Triton
     interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, few (token, slot) pairs, and
     every projection's experts in one format it reads. Builds or refreshes `m._tables`."""
-    if top_k_index.numel() > ROUTED_MAX or torch.is_grad_enabled() and hidden_states.requires_grad \
-            or getattr(m, "_routed_off", False):
-        return False
-    if not (hidden_states.is_cuda or os.environ.get("MEMFIT_MOE_ROUTED") == "1"):
-        return False
-    if os.environ.get("MEMFIT_MOE_ROUTED") == "0":
+    flag = os.environ.get("MEMFIT_MOE_ROUTED")
+    if top_k_index.numel() > ROUTED_MAX or m._routed_off or flag == "0" \
+            or not (hidden_states.is_cuda or flag == "1") \
+            or torch.is_grad_enabled() and hidden_states.requires_grad:
         return False
     experts = m.experts()
     key = tuple(_ptr(_weight(p)[0]) for p in (experts[0].gate_proj, experts[-1].down_proj))
-    cached = getattr(m, "_tables_key", None)
-    if cached == key:
+    if m._tables_key == key:  # the experts have not moved since the tables were built
         return m._tables is not None
     from memfit.kernels.triton_moe import Table, same_kind
 
@@ -144,7 +149,8 @@ def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         pairs = [_weight(getattr(e, proj)) for e in experts]
         weights, biases = [w for w, _ in pairs], [b for _, b in pairs]
         dense = isinstance(weights[0], torch.Tensor)
-        if any(w is None for w in weights) or same_kind(weights) is not None or (dense and weights[0].dtype != hidden_states.dtype) \
+        if any(w is None for w in weights) or same_kind(weights) is not None \
+                or dense and weights[0].dtype != hidden_states.dtype \
                 or (biases[0] is None) != all(b is None for b in biases):
             tables = None
             break
@@ -172,10 +178,6 @@ def _custom_gate(module: nn.Module):
     """The family's own `_apply_gate` (gpt-oss), or None for act(gate) * up."""
     fn = getattr(type(module), "_apply_gate", None)
     return None if fn is None or fn.__name__ == "_default_apply_gate" else fn
-
-
-def _param(t: torch.Tensor, grad: bool) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=grad)
 
 
 def unfuse(module: nn.Module) -> Experts:
@@ -217,13 +219,13 @@ def unfuse(module: nn.Module) -> Experts:
     for e in range(e_count):
         ex = Expert(hidden, inter, gu_bias is not None, device="meta", dtype=gu.dtype)
         with torch.no_grad():
-            ex.gate_proj.weight = _param(own(gu[e, gate_rows]), grad)
-            ex.up_proj.weight = _param(own(gu[e, up_rows]), grad)
-            ex.down_proj.weight = _param(own(down[e]), grad)
+            ex.gate_proj.weight = nn.Parameter(own(gu[e, gate_rows]), grad)
+            ex.up_proj.weight = nn.Parameter(own(gu[e, up_rows]), grad)
+            ex.down_proj.weight = nn.Parameter(own(down[e]), grad)
             if gu_bias is not None:
-                ex.gate_proj.bias = _param(own(gu_bias[e, gate_rows]), grad)
-                ex.up_proj.bias = _param(own(gu_bias[e, up_rows]), grad)
-                ex.down_proj.bias = _param(own(down_bias[e]), grad)
+                ex.gate_proj.bias = nn.Parameter(own(gu_bias[e, gate_rows]), grad)
+                ex.up_proj.bias = nn.Parameter(own(gu_bias[e, up_rows]), grad)
+                ex.down_proj.bias = nn.Parameter(own(down_bias[e]), grad)
         experts.append(ex)
     custom = _custom_gate(module)
     gate = None
