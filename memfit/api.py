@@ -178,6 +178,8 @@ def _owl_plan_(model, blocks, arch: Arch, plan: list[dict], data, offload: str) 
                               block_kwargs[i])  # the dense block: every group in the same passes
         for mods in groups:
             for n, mod in mods.items():
+                if stats[n].nsamples == 0:  # an expert no token reached: no outliers seen
+                    continue
                 scores = wanda_scores(weight_2d(mod), stats[n].norms)
                 outliers += int((scores > spec.owl_m * scores.mean()).sum())
                 total += scores.numel()
