@@ -8,6 +8,7 @@ perplexity to 1e-4 relative instead of the bytes, and says so.
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,12 @@ def _digest(model) -> str:
 
 
 def _machine() -> dict:
-    return {"cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    """What the bytes depend on: the CPU (its LAPACK paths differ between vendors and models
+    with the same vector capability: SparseGPT's and whitened SVD's factorizations) and torch."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"cpu": torch.backends.cpu.get_cpu_capability(), "model": model or platform.processor(),
+            "torch": torch.__version__}
 
 
 def run_pin(model_dir, recipe: str) -> dict:
