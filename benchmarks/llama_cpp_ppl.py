@@ -9,7 +9,11 @@ Two steps, because llama-cpp-python lives in its own virtual environment (no tor
 `memfit eval` decides: the 4k-window protocol of benchmarks/RESULTS.md) from the default model's
 tokenizer. `ppl` runs each window in a fresh llama.cpp context (n_ctx = the window), takes the
 logits of every position and prints one JSON line: windows, scored tokens (every position but
-the first of each window, as memfit scores them) and perplexity.
+the first of each window, as memfit scores them) and perplexity. `memfit` scores the same ids
+with any model memfit loads (a compressed folder, the GGUF itself through memfit's loader), the
+same way, so the two perplexities differ only by what computed the logits.
+
+    python benchmarks/llama_cpp_ppl.py memfit MODEL eval_ids.json                # memfit's venv
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ def perplexity(gguf: str, ids_file: str, threads: int) -> dict:
     return {"gguf": gguf, "windows": len(wins), "tokens": n, "perplexity": math.exp(nll / n)}
 
 
+def memfit_perplexity(spec: str, ids_file: str) -> dict:
+    """The same windows and scoring as `perplexity`, with memfit's model in float32."""
+    import torch
+
+    import memfit
+
+    with open(ids_file) as f:
+        wins = json.load(f)
+    model = memfit.load_model(spec, dtype="float32").model.eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in wins:
+            logits = model(torch.tensor([w])).logits[0, :-1].double()
+            target = torch.tensor(w[1:])
+            nll -= float(logits.log_softmax(-1)[torch.arange(len(target)), target].sum())
+            n += len(target)
+    return {"model": spec, "windows": len(wins), "tokens": n, "perplexity": math.exp(nll / n)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -59,9 +82,14 @@ def main() -> None:
     q.add_argument("gguf")
     q.add_argument("ids")
     q.add_argument("--threads", type=int, default=1)
+    m = sub.add_parser("memfit", help="memfit's perplexity of any model it loads on those ids")
+    m.add_argument("model")
+    m.add_argument("ids")
     a = p.parse_args()
     if a.cmd == "ids":
         write_ids(a.out, a.windows)
+    elif a.cmd == "memfit":
+        print(json.dumps(memfit_perplexity(a.model, a.ids)))
     else:
         print(json.dumps(perplexity(a.gguf, a.ids, a.threads)))
 

@@ -36,9 +36,11 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
 
 
 def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
-                     exact: bool = False) -> Path:
-    """Any model memfit loads -> a GGUF file (packed weights on a GGUF block grid keep their
-    codes, the rest is quantized to `qtype`; `exact`: refuse unless nothing is rounded)."""
+                     exact: bool = False) -> tuple[Path, str]:
+    """Any model memfit loads -> (a GGUF file, the model's family) (packed weights on a GGUF
+    block grid keep their codes, the rest is quantized to `qtype`; `exact`: refuse unless
+    nothing is rounded). A Mixtral is written as llama.cpp's `llama` with experts, which
+    transformers' GGUF loader does not read."""
     from memfit.io.export_gguf import GGUF_TYPES, export_gguf
     from memfit.models import load_model
 
@@ -47,16 +49,18 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
     if Path(out).expanduser().exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
     loaded = load_model(spec, dtype="float32")
-    return export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite,
+    path = export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite,
                        exact=exact)
+    return path, loaded.model.config.model_type
 
 
 def cmd_export(args) -> None:
     if args.format == "gguf":
-        out = export_gguf_file(args.model, args.out, args.type, args.overwrite, args.exact)
+        out, kind = export_gguf_file(args.model, args.out, args.type, args.overwrite, args.exact)
+        readers = "llama.cpp and memfit" if kind == "mixtral" else \
+            "llama.cpp, memfit and transformers' from_pretrained(folder, gguf_file=...)"
         print(f"wrote        {out}  (GGUF {args.type} for every matrix that did not keep "
-              "memfit's own block codes, as noted above; loads with transformers' "
-              "from_pretrained(folder, gguf_file=...) and llama.cpp)")
+              f"memfit's own block codes, as noted above; loads with {readers})")
         return
     out = export_folder(args.model, args.out, args.format, args.overwrite)
     print(f"wrote        {out}  ({args.format}; loads with transformers' "

@@ -12,15 +12,19 @@ a second rounding the export names (what it costs is measured: benchmarks/RESULT
 `--exact` refuses, writing nothing, unless every weight of the file is exactly memfit's.
 Norms and other 1-D tensors are stored as F32, as llama.cpp's converter does.
 
-Scope: Llama-family decoders (llama, mistral: no biases) with the names of
-`gguf.get_tensor_name_map`; q_proj/k_proj rows are permuted into llama.cpp's rotary layout
-(the inverse of what transformers' GGUF loader undoes). The types are those `gguf.quants` can
+Scope: the families of memfit.io.gguf_families -- llama, mistral, qwen2, qwen3 and the
+mixtures of experts mixtral, qwen2_moe, qwen3_moe -- with the names of `gguf.get_tensor_name_map`;
+for the `llama` architecture q_proj/k_proj rows are permuted into llama.cpp's rotary layout (the
+inverse of what transformers' GGUF loader undoes). A mixture of experts' per-expert matrices are
+stacked into one GGUF tensor per projection (experts first); packed experts on a block grid keep
+their codes there too. The types are those `gguf.quants` can
 quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and F16/BF16/F32, plus Q4_K, which memfit quantizes itself
 (memfit.io.gguf_kquants). A K-quant stores rows in 256-wide super-blocks; a tensor whose rows are
 not a whole number of them (every 576-wide row of SmolLM2-135M: all but down_proj) is stored as
 the fallback type of K_FALLBACK instead (Q4_K -> Q5_0, the choice llama.cpp's own quantizer makes
 for such rows), and the export says how many tensors fell back and why. Other K-quants are
-refused.
+refused. Rows that are not whole blocks of the type they would be stored as (32 weights for
+Q8_0 .. Q5_1) are stored as F16, as llama.cpp's quantizer does, and said.
 
 The tokenizer is embedded when it is a byte-level BPE (the `gpt2` tokenizer model of GGUF:
 tokens, their types, merges, special ids, chat template), so transformers' GGUF loader and
@@ -44,6 +48,7 @@ from memfit.errors import UserError
 from memfit.formats.embedding import QuantEmbedding
 from memfit.formats.intq import PackedIntWeight
 from memfit.formats.quant_linear import QuantLinear
+from memfit.io import gguf_families
 from memfit.io.gguf_blocks import EXACT_TYPES, block_type, layout, to_blocks, why_not
 from memfit.io.modules import describe_modules
 
@@ -51,7 +56,6 @@ GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "F16", "BF16", "F3
 K_FALLBACK = {"Q4_K": "Q5_0"}  # rows that are not whole 256-wide super-blocks
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q4_K": 14, "BF16": 32}  # llama.cpp's LlamaFileType (Q4_K: MOSTLY_Q4_K_S)
-_ARCHS = ("llama", "mistral")
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor | PackedIntWeight]:
@@ -88,22 +92,6 @@ def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, d, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _metadata(writer, config) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    theta = getattr(config, "rope_theta", None) or \
-        (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_vocab_size(config.vocab_size)
-
-
 @dataclass
 class Notes:
     """What the export did to each matrix (GGUF names)."""
@@ -113,7 +101,7 @@ class Notes:
     scale_rounded: list[tuple[str, float]] = field(default_factory=list)  # bfloat16 scales
     again: list[tuple[str, str]] = field(default_factory=list)  # memfit-quantized, re-quantized
     floats: list[str] = field(default_factory=list)  # float matrices whose values were rounded
-    fell: list[str] = field(default_factory=list)  # K-quant rows stored as the fallback type
+    fell: list[tuple[str, str]] = field(default_factory=list)  # (name, type) stored instead
 
     def rounded(self) -> list[str]:
         """Why the file's weights are not exactly memfit's (empty: they are)."""
@@ -145,54 +133,96 @@ def _n(items: list, one: str, many: str) -> str:
 
 
 def _tensors(model: nn.Module, qtype, notes: Notes) -> list[tuple[str, np.ndarray, object]]:
-    """[(GGUF name, array, raw type)] in GGUF names, q/k permuted, 2-D weights quantized: a
-    packed weight on a GGUF block grid keeps its codes (memfit.io.gguf_blocks), any other
-    matrix is quantized to `qtype`; `notes` records which was which."""
+    """[(GGUF name, array, raw type)] in GGUF names, q/k permuted where the family's rotary
+    needs it, matrices quantized: a packed weight on a GGUF block grid keeps its codes
+    (memfit.io.gguf_blocks), any other matrix is quantized to `qtype`; experts are stacked into
+    one tensor per projection; `notes` records which was which."""
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    fam = gguf_families.family(config)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.arch)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     heads = {"q_proj.weight": config.num_attention_heads,
              "k_proj.weight": config.num_key_value_heads or config.num_attention_heads}
-    floats = qtype.name in ("F32", "F16", "BF16")
-    out = []
+    out, stacks = [], {}
     for key, t in weights(model).items():
-        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
-            raise UserError(f"GGUF has no name for {key}; this architecture is not exportable")
-        n_head = next((n for suffix, n in heads.items() if key.endswith(suffix)), None)
-        again = False
-        if isinstance(t, PackedIntWeight):
-            kind = None if floats else block_type(t)
-            if kind is not None:
-                rows = None if n_head is None else _permute_rotary(torch.arange(t.shape[0]), n_head)
-                data, change = to_blocks(t, kind, rows)
-                notes.kept[kind] = notes.kept.get(kind, 0) + 1
-                if change:
-                    bf16 = t.fmt.scale_dtype != "float16"
-                    (notes.scale_rounded if bf16 else notes.min_rounded).append((gname, change))
-                out.append((gname, data, gguf.GGMLQuantizationType[kind]))
-                continue
-            again = not floats
-            if again:
-                notes.again.append((gname, why_not(t, qtype.name) if qtype.name in EXACT_TYPES
-                                    else f"{layout(t.fmt)} is no GGUF block type"))
-            t = t.dequantize(torch.float32)
-        if t.ndim == 2 and not again and _rounds(t, qtype.name):
-            notes.floats.append(gname)
-        if n_head is not None:
-            t = _permute_rotary(t, n_head)
-        arr = t.contiguous().numpy()
-        if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            out.append((gname, arr.astype(np.float32), gguf.GGMLQuantizationType.F32))
+        expert = gguf_families.expert_key(key)
+        if expert is not None:
+            stacks.setdefault(expert[0], {})[expert[1]] = t
             continue
-        data, raw = _quantize(key, arr, qtype)
-        if raw != qtype:
-            notes.fell.append(gname)
-        out.append((gname, data, raw))
+        gname = _name(names, key)
+        if gname is None:
+            continue
+        if gname.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+            # routers stay float32, as llama.cpp keeps them; the shared expert's gate a vector
+            t = t.dequantize(torch.float32) if isinstance(t, PackedIntWeight) else t
+            arr = t.reshape(-1) if "shexp" in gname else t
+            out.append((gname, arr.contiguous().numpy(), gguf.GGMLQuantizationType.F32))
+            continue
+        if fam.norm_plus_one and "norm" in gname and not isinstance(t, PackedIntWeight):
+            t = t + 1  # Gemma: the norm scales by 1 + w, llama.cpp reads the factor itself
+        n_head = next((n for sfx, n in heads.items() if key.endswith(sfx)), None)
+        out.append((gname, *_matrix(gname, [t], qtype, notes,
+                                    n_head if fam.rotary_rows else None)))
+    for key, by_index in stacks.items():
+        gname = _name(names, key)
+        experts = [by_index[i] for i in sorted(by_index)]
+        if sorted(by_index) != list(range(len(experts))):
+            raise UserError(f"{key}: experts {sorted(by_index)} are not 0..{len(experts) - 1}")
+        out.append((gname, *_matrix(gname, experts, qtype, notes, None)))
+    out += [(n, a, gguf.GGMLQuantizationType.F32) for n, a in gguf_families.extra_tensors(config)]
     return out
+
+
+def _name(names, key: str) -> str | None:
+    """The GGUF name of a transformers key; None for buffers GGUF does not store; a refusal for
+    anything else."""
+    gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if gname is None and not key.endswith("rotary_emb.inv_freq"):
+        raise UserError(f"GGUF has no name for {key}; this architecture is not exportable")
+    return gname
+
+
+def _matrix(gname: str, parts: list, qtype, notes: Notes, n_head: int | None):
+    """One GGUF tensor from `parts` (one matrix, or a layer's experts stacked first) -> (data,
+    raw type): memfit's own blocks when every part is packed on the same GGUF block grid, else
+    float32 (1-D, or `qtype` F32) or quantized to `qtype`. `n_head`: permute rows for rotary."""
+    import gguf
+
+    floats = qtype.name in ("F32", "F16", "BF16")
+    kinds = {None if floats or not isinstance(t, PackedIntWeight) else block_type(t)
+             for t in parts}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind is not None:
+        rows = None if n_head is None else _permute_rotary(torch.arange(parts[0].shape[0]), n_head)
+        blocks = [to_blocks(t, kind, rows) for t in parts]
+        notes.kept[kind] = notes.kept.get(kind, 0) + 1
+        change = max(c for _, c in blocks)
+        if change:
+            bf16 = parts[0].fmt.scale_dtype != "float16"
+            (notes.scale_rounded if bf16 else notes.min_rounded).append((gname, change))
+        data = blocks[0][0] if len(parts) == 1 else np.stack([d for d, _ in blocks])
+        return data, gguf.GGMLQuantizationType[kind]
+    packed = [t for t in parts if isinstance(t, PackedIntWeight)]
+    again = bool(packed) and not floats
+    if again:
+        t = packed[0]
+        notes.again.append((gname, why_not(t, qtype.name) if qtype.name in EXACT_TYPES
+                            else f"{layout(t.fmt)} is no GGUF block type"))
+    dense = [p.dequantize(torch.float32) if isinstance(p, PackedIntWeight) else p for p in parts]
+    t = dense[0] if len(dense) == 1 else torch.stack(dense)
+    if t.ndim >= 2 and not again and _rounds(t, qtype.name):
+        notes.floats.append(gname)
+    if n_head is not None:
+        t = _permute_rotary(t, n_head)
+    arr = t.contiguous().numpy()
+    if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return arr.astype(np.float32), gguf.GGMLQuantizationType.F32
+    data, raw = _quantize(gname, arr.reshape(-1, arr.shape[-1]), qtype)
+    if raw != qtype:
+        notes.fell.append((gname, raw.name))
+    return data.reshape(*arr.shape[:-1], data.shape[-1]), raw
 
 
 def _rounds(t: torch.Tensor, qtype: str) -> bool:
@@ -202,8 +232,9 @@ def _rounds(t: torch.Tensor, qtype: str) -> bool:
 
 
 def _quantize(key: str, arr: np.ndarray, qtype) -> tuple[np.ndarray, object]:
-    """One 2-D tensor -> (bytes or array, the type it is stored as): `qtype`, or for a K-quant
-    with rows that are not whole super-blocks its K_FALLBACK type."""
+    """One 2-D tensor -> (bytes or array, the type it is stored as): `qtype`; for a K-quant with
+    rows that are not whole super-blocks its K_FALLBACK type; rows that are not whole blocks of
+    that type F16 (what llama.cpp's own quantizer falls back to)."""
     import gguf
 
     from memfit.io.gguf_kquants import QK_K, quantize_q4_k
@@ -212,6 +243,8 @@ def _quantize(key: str, arr: np.ndarray, qtype) -> tuple[np.ndarray, object]:
         if arr.shape[-1] % QK_K == 0:
             return quantize_q4_k(arr), qtype
         qtype = gguf.GGMLQuantizationType[K_FALLBACK[qtype.name]]
+    if arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = gguf.GGMLQuantizationType.F16
     try:
         return gguf.quants.quantize(arr, qtype), qtype
     except gguf.QuantError as e:
@@ -264,13 +297,8 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
     if qtype not in GGUF_TYPES:
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)} "
                         "(of the K-quants memfit writes Q4_K only)")
-    arch = getattr(model.config, "model_type", None)
-    if arch not in _ARCHS:
-        raise UserError(f"GGUF export supports {', '.join(_ARCHS)} models, not {arch!r}; "
-                        "nothing written")
-    if any(getattr(model.get_submodule(n.rpartition(".")[0]), "bias", None) is not None
-           for n, _ in model.named_parameters() if n.endswith("proj.weight")):
-        raise UserError("GGUF export of linears with biases is not supported; nothing written")
+    fam = gguf_families.family(model.config)
+    gguf_families.check(model, fam)
     out = Path(out_file).expanduser()
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another file")
@@ -279,12 +307,14 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
     if exact and notes.rounded():
         raise UserError(f"--exact: the GGUF would not hold memfit's weights exactly: "
                         f"{'; '.join(notes.rounded())}; nothing written")
-    _say(notes, qtype, sum(d.ndim == 2 for _, d, _ in tensors))
+    for line in gguf_families.caveats(model.config, fam):
+        print(f"memfit: {line}", file=sys.stderr, flush=True)
+    _say(notes, qtype, sum(d.ndim >= 2 and "ffn_gate_inp" not in n for n, d, _ in tensors))
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        _metadata(writer, model.config)
+        writer = gguf.GGUFWriter(str(tmp), fam.arch)
+        gguf_families.metadata(writer, model.config, fam)
         if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
             print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
                   file=sys.stderr, flush=True)
@@ -306,7 +336,7 @@ def _main_type(tensors: list, qtype: str) -> str:
     """The type most matrices are stored as (llama.cpp's "file type"; `qtype` on a tie)."""
     counts = {qtype: 0}
     for _, data, raw in tensors:
-        if data.ndim == 2 and raw.name in _FILE_TYPE:
+        if data.ndim >= 2 and raw.name in _FILE_TYPE:
             counts[raw.name] = counts.get(raw.name, 0) + 1
     return max(counts, key=lambda t: (counts[t], t == qtype))
 
@@ -319,8 +349,10 @@ def _say(notes: Notes, qtype: str, n_matrices: int) -> None:
         lines.append(f"{sum(notes.kept.values())} of {n_matrices} matrices keep memfit's codes "
                      f"and scales as GGUF blocks ({kinds})")
     lines += notes.rounded()
-    if notes.fell:
-        lines.append(f"GGUF {qtype}: {len(notes.fell)} of {n_matrices} matrices stored as "
-                     f"{K_FALLBACK[qtype]} (rows not a multiple of 256), e.g. {notes.fell[0]}")
+    for kind in dict.fromkeys(t for _, t in notes.fell):
+        fell = [n for n, t in notes.fell if t == kind]
+        why = "a multiple of 256" if kind == K_FALLBACK.get(qtype) else "whole blocks"
+        lines.append(f"GGUF {qtype}: {len(fell)} of {n_matrices} matrices stored as {kind} "
+                     f"(rows not {why} of {qtype}), e.g. {fell[0]}")
     for line in lines:
         print(f"memfit: {line}", file=sys.stderr, flush=True)

@@ -155,29 +155,30 @@ class StreamWriter:
             os.unlink(self.data_path)
 
 
-def gguf_tensors(path: Path, model):
+def gguf_tensors(path: Path, model, reader=None):
     """(transformers name, tensor) of a GGUF file, one tensor at a time: dequantized by `gguf`
     and renamed and processed (e.g. Llama's rotary permutation undone) by transformers' own GGUF
     name map and tensor processors, as its whole-file loader does, so the values are the ones
     `from_pretrained(gguf_file=...)` holds. `model`: the model of the file's config (meta is
     fine; only its names are read). A processor that assembles tensors itself (mixtures of
-    experts stack theirs) leaves them for the end."""
+    experts stack theirs) leaves them for the end. `reader`: the file's GGUFReader, if open."""
     import numpy as np
     from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
         get_gguf_hf_weights_map,
         load_gguf_checkpoint,
         read_field,
     )
 
+    from memfit.io.gguf_families import processor as gguf_processor
+
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata only
     parsed["tensors"] = {}
-    reader = GGUFReader(str(path))
+    reader = reader or GGUFReader(str(path))  # parsing a 49k-token vocabulary takes seconds
     arch = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
-    mapping = get_gguf_hf_weights_map(model, processor)
+    processor = gguf_processor(arch, {**parsed.get("config", {}), **model.config.to_dict()})
+    mixtral = model.config.model_type == "mixtral"  # written as llama.cpp's llama with experts
+    mapping = get_gguf_hf_weights_map(model, processor, model_type="llama" if mixtral else None)
     for tensor in reader.tensors:
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type),
                                    name=tensor.name, tensor_key_mapping=mapping,
@@ -192,20 +193,24 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> P
     model.safetensors in `dtype`), one tensor in memory at a time; written to a temporary folder
     of this call's own beside `out` and renamed when complete (memfit.io.folders.write_folder: two
     processes converting the same file at once each write their own; the first copy stays)."""
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from memfit.io.folders import write_folder
+    from memfit.io.gguf_families import gguf_config
 
     path = Path(path)
     kw = {"gguf_file": path.name}
-    config = AutoConfig.from_pretrained(path.parent, **kw)
+    reader = GGUFReader(str(path))
+    config = gguf_config(reader, AutoConfig.from_pretrained(path.parent, **kw))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     _drop_stale(out.parent.glob(out.name + ".tmp-*"))
-    return write_folder(out, lambda tmp: _write_converted(path, model, tied, tmp, dtype, kw),
+    return write_folder(out, lambda tmp: _write_converted(path, model, tied, tmp, dtype, kw,
+                                                          reader),
                         keep_existing=True)
 
 
@@ -226,13 +231,13 @@ def _drop_stale(folders) -> None:
 
 
 def _write_converted(path: Path, model, tied: set, tmp: Path, dtype: torch.dtype,
-                     kw: dict) -> None:
+                     kw: dict, reader) -> None:
     """convert_gguf's files, written into `tmp`."""
     from transformers import AutoTokenizer
 
     writer = StreamWriter(tmp / "weights.data")
     try:
-        for name, t in gguf_tensors(path, model):
+        for name, t in gguf_tensors(path, model, reader):
             if name not in tied:
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
         writer.finish(tmp / "model.safetensors", {"format": "pt"})

@@ -233,7 +233,7 @@ def test_gguf_conversion_racing_another_process_keeps_one_whole_copy(sharded, tm
     path = export_gguf(load_model(str(sharded)).model, tmp_path / "m.gguf", "F32")
     both = threading.Barrier(2, timeout=60)
 
-    def write(path, model, tied, tmp, dtype, kw):  # the files, then wait for the other writer
+    def write(path, model, tied, tmp, dtype, kw, reader):  # files, then wait for the other one
         (tmp / "config.json").write_text(json.dumps({"writer": threading.get_ident()}))
         both.wait()
 
