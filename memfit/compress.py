@@ -87,7 +87,8 @@ def _refuse_unexportable(meta_model, arch, plan: list[dict], recipe: Recipe) -> 
     blocks = block_list(meta_model, arch)
     prefix = next(n for n, m in meta_model.named_modules() if m is blocks)
     bad = {f"{prefix}.{i}.{n}": why for i, specs in enumerate(plan) for n, spec in specs.items()
-           if (why := spec_why_not(spec, blocks[i].get_submodule(n), n))}
+           if (why := spec_why_not(spec, blocks[i].get_submodule(n), n,
+                                   getattr(meta_model.config, "model_type", None)))}
     if bad:
         check_representable(None, bad)
 

@@ -42,6 +42,17 @@ forward anyway). Symmetric formats load through the default path.
 
 One config group per distinct weight format: `targets: ["Linear"]` with the unquantized linears
 in `ignore` when every packed layer shares one format, else the layers' exact names per group.
+
+Mixtures of experts: memfit holds one linear per expert (memfit.moe), which is how the hub's
+checkpoints of most families store them and how llm-compressor writes them, so each expert's
+projections are written as their own compressed linears under the family's checkpoint names:
+memfit's own for Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek (`mlp.experts.3.gate_proj`), the
+Mixtral-era ones for Mixtral and PhiMoE (`block_sparse_moe.experts.3.w1`, w3, w2, the router as
+`block_sparse_moe.gate`: memfit.moe.checkpoint_names), which transformers renames on load and
+vLLM reads. gpt-oss and GraniteMoE keep their experts fused in their checkpoints, which a
+per-linear format cannot express: refused. So are experts with zero points: transformers
+(5.25 with compressed-tensors 0.20.1) stops loading them (its dequantize-on-load cannot feed
+its fused experts); symmetric experts load (checked bit for bit against memfit's weights).
 """
 
 from __future__ import annotations
@@ -75,10 +86,13 @@ def _plain_model(model: nn.Module) -> nn.Module:
     """The same transformers class built from the config on meta: which module each packed
     layer replaced (nn.Linear or not)."""
     from memfit.io.save import plain_config
+    from memfit.moe import unfuse_experts_
 
     config = plain_config(model.config)
     with torch.device("meta"):
-        return type(model)(config)
+        plain = type(model)(config)
+    unfuse_experts_(plain)
+    return plain
 
 
 def _why_not_int(m: QuantLinear) -> str | None:
@@ -99,18 +113,44 @@ def why_not_format(f, in_features: int) -> str | None:
     return None
 
 
-_EXPERTS = ("an expert of a mixture-of-experts layer: memfit holds experts as one linear each "
-            "(memfit.moe), which this export does not map back to the family's layout yet")
+_EXPERTS = ("an expert of a mixture-of-experts layer whose family's checkpoints hold the experts "
+            "fused (gpt-oss, GraniteMoE), which compressed-tensors' one-linear-per-expert "
+            "layout cannot express")
+# families whose checkpoints hold one linear per expert: under memfit's names, or under the
+# Mixtral-era names transformers renames on load (memfit.moe.checkpoint_names)
+CT_EXPERT_NAMES = {"qwen2_moe": "own", "qwen3_moe": "own", "olmoe": "own", "deepseek_v3": "own",
+                   "mixtral": "legacy", "phimoe": "legacy"}
 
 
-def spec_why_not(spec, module: nn.Module, name: str = "") -> str | None:
+_EXPERTS_ASYM = ("an expert with asymmetric (zero-point) codes: transformers (5.25, with "
+                 "compressed-tensors 0.20.1) cannot dequantize those into its fused experts while "
+                 "loading; quantize experts symmetric (symmetric: true)")
+
+
+def _expert_refused(name: str, model_type: str | None) -> bool:
+    return is_expert_linear(name) and model_type not in CT_EXPERT_NAMES
+
+
+def checkpoint_key(key: str, model_type: str | None) -> str:
+    """The name a tensor of the unfused model has in the family's checkpoints."""
+    if CT_EXPERT_NAMES.get(model_type) != "legacy":
+        return key
+    from memfit.moe import checkpoint_names
+
+    module, _, field = key.rpartition(".")
+    return checkpoint_names(f"{module}.weight")[-1].rpartition(".")[0] + f".{field}"
+
+
+def spec_why_not(spec, module: nn.Module, name: str = "",
+                  model_type: str | None = None) -> str | None:
     """Why the module a recipe spec would build from `module` (the plain layer `name`, e.g. on
-    meta) cannot be exported; None when it can. Checked before any work (memfit.compress)."""
+    meta, of a `model_type` model) cannot be exported; None when it can. Checked before any work
+    (memfit.compress)."""
     from memfit.configs import LowRank, Prune, Quant
 
     if spec is None:
         return None
-    if is_expert_linear(name):
+    if _expert_refused(name, model_type):
         return _EXPERTS
     if type(module) is not nn.Linear:
         return (f"it replaces a {type(module).__name__}; compressed-tensors quantizes nn.Linear "
@@ -123,6 +163,8 @@ def spec_why_not(spec, module: nn.Module, name: str = "") -> str | None:
     if isinstance(spec, Quant):
         if spec.act_bits:
             return _WHY_KIND["w8a8"]
+        if is_expert_linear(name) and not spec.format.symmetric:
+            return _EXPERTS_ASYM
         return why_not_format(spec.format, module.in_features)
     return None
 
@@ -132,11 +174,12 @@ def unrepresentable(model: nn.Module) -> dict[str, str]:
     that cannot be exported; empty when the whole model can."""
     modules = describe_modules(model)
     plain = _plain_model(model) if modules else None
+    kind_of_model = getattr(model.config, "model_type", None)
     out = {}
     for name, desc in modules.items():
         m = model.get_submodule(name)
         kind = desc["kind"]
-        if is_expert_linear(name):
+        if _expert_refused(name, kind_of_model):
             out[name] = _EXPERTS
         elif kind in _WHY_KIND:
             out[name] = _WHY_KIND[kind]
@@ -149,6 +192,8 @@ def unrepresentable(model: nn.Module) -> dict[str, str]:
                 why = _why_not_int(m)
                 if why:
                     out[name] = why
+                elif is_expert_linear(name) and not m.fmt.symmetric:
+                    out[name] = _EXPERTS_ASYM
         else:
             out[name] = f"memfit module kind {kind!r} has no compressed-tensors layout"
     return out
@@ -218,7 +263,17 @@ def quantization_config(model: nn.Module) -> dict:
         key = json.dumps(_weights_args(m), sort_keys=True)
         groups.setdefault(key, []).append(name)
         args[key] = _weights_args(m)
-    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # routers too
+    kind = getattr(model.config, "model_type", None)
+
+    def both(names: list[str]) -> list[str]:
+        """Each module under the model's name (transformers applies the config to its modules)
+        and, where they differ, the family's checkpoint name (vLLM's modules keep those)."""
+        out = [checkpoint_key(f"{n}.weight", kind).removesuffix(".weight") for n in names]
+        return list(dict.fromkeys(x for pair in zip(names, out) for x in pair))
+
+    plain = both(plain)
+    groups = {k: both(names) for k, names in groups.items()}
     single = len(groups) == 1
     config_groups = {}
     for i, (key, names) in enumerate(groups.items()):
@@ -251,6 +306,8 @@ def _state(model: nn.Module, dense_dtype: str, scale_dtype) -> tuple[dict, dict,
             tensors.update({f"{name}.{k}": v for k, v in ct_tensors(m, scale_dtype).items()})
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     dropped_tie = any(t not in tensors and t not in tied for t in declared)
+    kind = getattr(model.config, "model_type", None)
+    tensors = {checkpoint_key(k, kind): v for k, v in tensors.items()}
     return tensors, tied, buffers, dropped_tie
 
 
@@ -327,6 +384,26 @@ def _to_memfit(state: dict, name: str, weights: dict) -> dict:
             "bias": f"{name}.bias" in state}
 
 
+def _own_names(folder: Path, state: dict) -> dict:
+    """`state` under memfit's names: a Mixtral or PhiMoE folder stores its experts under the
+    checkpoint names `checkpoint_key` gave them."""
+    from memfit.io.checkpoint import read_config
+
+    kind = getattr(read_config(folder, trust_remote_code=False), "model_type", None)
+    if CT_EXPERT_NAMES.get(kind) != "legacy":
+        return state
+    from memfit.io.save import _build_skeleton
+
+    model, _ = _build_skeleton(folder, {})  # on meta: only its names
+    own = {checkpoint_key(k, kind).rpartition(".")[0]: k.rpartition(".")[0]
+           for k in model.state_dict()}
+    out = {}
+    for key, t in state.items():
+        module, _, field = key.rpartition(".")
+        out[f"{own.get(module, module)}.{field}"] = t
+    return out
+
+
 def load_ct(path, *, dtype=None, device: str = "cpu"):
     """Load a folder `save_ct` wrote back into memfit's QuantLinears (the same packed bytes, no
     dense copy) -> `memfit.models.Loaded`. Other compressed-tensors folders load through
@@ -338,7 +415,7 @@ def load_ct(path, *, dtype=None, device: str = "cpu"):
     check_safetensors(folder)
     meta = json.loads((folder / CT_META).read_text())
     q = json.loads((folder / "config.json").read_text())["quantization_config"]
-    state = _read_tensors(folder / "model.safetensors", device)
+    state = _own_names(folder, _read_tensors(folder / "model.safetensors", device))
     names = [k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed")]
     modules = {}
     for name in names:

@@ -5,6 +5,8 @@ greedy continuations and one dequantized weight to a safetensors file.
     python plain_load.py '{"folders": [...], "inputs": "in.safetensors", "out": "out.safetensors",
                            "new_tokens": 64, "weight": "model.layers.0.self_attn.q_proj",
                            "use_cache": true}'
+
+`"experts": "model.layers.0.mlp.experts"` also writes a mixture's fused gate_up_proj / down_proj.
 """
 
 import json
@@ -31,6 +33,10 @@ def main() -> None:
                     use_cache=spec.get("use_cache", True))
         if spec.get("weight"):
             out[f"weight{i}"] = model.get_submodule(spec["weight"]).weight.detach().float().clone()
+        if spec.get("experts"):  # a mixture's fused experts module: its two 3-D tensors
+            ex = model.get_submodule(spec["experts"])
+            for t in ("gate_up_proj", "down_proj"):
+                out[f"{t}{i}"] = getattr(ex, t).detach().float().contiguous().clone()
     assert "memfit" not in sys.modules, "the plain-transformers process imported memfit"
     save_file(out, spec["out"])
 

@@ -41,12 +41,12 @@ def rtn(fmt: dict) -> Recipe:
 
 
 def run_plain(folders, inputs: dict, tmp_path: Path, new_tokens: int = 64, weight=WEIGHT,
-              use_cache: bool = False) -> dict:
+              use_cache: bool = False, extra: dict | None = None) -> dict:
     """Load `folders` with plain transformers in a fresh process without memfit."""
     save_file(inputs, str(tmp_path / "in.safetensors"))
     spec = {"folders": [str(f) for f in folders], "inputs": str(tmp_path / "in.safetensors"),
             "out": str(tmp_path / "plain.safetensors"), "new_tokens": new_tokens, "weight": weight,
-            "use_cache": use_cache}
+            "use_cache": use_cache, **(extra or {})}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, str(SCRIPT), json.dumps(spec)], check=False,
                        cwd=tmp_path, env=env,
