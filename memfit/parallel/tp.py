@@ -70,8 +70,11 @@ def split_even(n_units: int, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def partition(config, world: int, mlp_align: int = 1) -> list[dict[str, tuple[int, int]]]:
-    """Per rank, {unit: (start, end) channel range} for units "q", "kv", "mlp"."""
+def partition(config, world: int, mlp_align: int | dict = 1,
+              sizes: dict[str, int] | None = None) -> list[dict[str, tuple[int, int]]]:
+    """Per rank, {unit: (start, end) channel range} for units "q", "kv" and each channel unit of
+    `sizes` ({unit: channels}; default {"mlp": intermediate_size}), cut on multiples of
+    `mlp_align` (one number, or {unit: align})."""
     c = text_config(config)
     _, kv_heads, head_dim = kv_shape(config)
     heads = c.num_attention_heads
@@ -81,16 +84,18 @@ def partition(config, world: int, mlp_align: int = 1) -> list[dict[str, tuple[in
             f"--tp {world} cannot split attention: the model has {kv_heads} KV heads and each "
             f"rank needs at least one whole KV head (with its {per_kv} query heads); use --tp "
             f"{kv_heads} or fewer")
-    inter = c.intermediate_size
-    n_mlp = -(-inter // mlp_align)
-    if n_mlp < world:
-        raise UserError(f"--tp {world} cannot split the MLP: {inter} intermediate channels make "
-                        f"only {n_mlp} groups of {mlp_align}; use --tp {n_mlp} or fewer")
-    parts = []
-    for (k0, k1), (m0, m1) in zip(split_even(kv_heads, world), split_even(n_mlp, world)):
-        parts.append({"kv": (k0 * head_dim, k1 * head_dim),
-                      "q": (k0 * per_kv * head_dim, k1 * per_kv * head_dim),
-                      "mlp": (m0 * mlp_align, min(m1 * mlp_align, inter))})
+    parts = [{"kv": (k0 * head_dim, k1 * head_dim),
+              "q": (k0 * per_kv * head_dim, k1 * per_kv * head_dim)}
+             for k0, k1 in split_even(kv_heads, world)]
+    for unit, inter in (sizes or {"mlp": c.intermediate_size}).items():
+        align = mlp_align.get(unit, 1) if isinstance(mlp_align, dict) else mlp_align
+        n = -(-inter // align)
+        if n < world:
+            what = {"mlp": "the MLP", "expert": "the experts", "shared": "the shared expert"}
+            raise UserError(f"--tp {world} cannot split {what[unit]}: {inter} intermediate "
+                            f"channels make only {n} groups of {align}; use --tp {n} or fewer")
+        for part, (m0, m1) in zip(parts, split_even(n, world)):
+            part[unit] = (m0 * align, min(m1 * align, inter))
     return parts
 
 
@@ -169,12 +174,19 @@ def shard_block_(block: nn.Module, plan, config, rank: int, world: int, group=No
     ({unit: (start, end)})."""
     # only a split by input columns must fall on group boundaries (packed layers are split by
     # output rows, GatherParallel)
-    rows = [block.get_submodule(p) for p, (style, unit) in plan.linears.items()
-            if style != COLWISE and unit == "mlp"]
-    align = max([group_size(m) for m in rows if not isinstance(m, QuantLinear)] or [1])
-    parts = partition(config, world, align)
+    items = plan.expand(block)
+    sizes, align = {}, {}
+    for path, style, unit in items:
+        m = block.get_submodule(path)
+        if unit in ("q", "kv"):
+            continue
+        if style == COLWISE:
+            sizes.setdefault(unit, m.out_features)
+        elif not isinstance(m, QuantLinear):
+            align[unit] = max(align.get(unit, 1), group_size(m))
+    parts = partition(config, world, align, sizes)
     part = parts[rank]
-    for path, (style, unit) in plan.linears.items():
+    for path, style, unit in items:
         parent_path, _, name = path.rpartition(".")
         parent = block.get_submodule(parent_path) if parent_path else block
         start, end = part[unit]
@@ -220,7 +232,8 @@ def rank_report(model: nn.Module, rank: int, world: int, part: dict | None) -> d
            "kv_bytes_per_token": 2 * layers * local_kv * head_dim * elem}
     if part is not None:
         out["q_heads"] = (part["q"][1] - part["q"][0]) // head_dim
-        out["mlp_channels"] = part["mlp"][1] - part["mlp"][0]
+        a, b = part.get("mlp", part.get("expert", (0, 0)))  # a mixture's last block: its experts'
+        out["mlp_channels"] = b - a
     return out
 
 

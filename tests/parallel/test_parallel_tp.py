@@ -33,6 +33,23 @@ def test_tp2_logits_match_one_device(tp2, config, fmt):
         assert r["decode_step_diff"] == 0.0
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("fmt", ["dense", "int4", "int8"])
+def test_tp2_mixture_of_experts_matches_one_device(tp2, family, fmt):
+    """Each expert (and Qwen2-MoE's shared expert, and its dense second block) split by
+    intermediate channels, the router replicated: every rank routes the same way."""
+    r = tp2[f"{family}/{fmt}"]
+    print(f"{family}/{fmt}: max |logit diff| {r['max_abs_logit_diff']:.3g} "
+          f"(logits up to {r['logit_scale']:.3g}), decode step {r['decode_step_diff']:.3g}")
+    assert r["max_abs_logit_diff"] < 2e-5 and r["decode_step_diff"] < 2e-5
+    assert r["tokens_equal"]
+    # the last block's channels per rank: Mixtral's experts 128 -> 64; Qwen2-MoE's dense MLP
+    assert [x["mlp_channels"] for x in r["ranks"]] == [64, 64]
+    per_rank = [x["expert_bytes"] for x in r["ranks"]]
+    print("expert bytes per rank", per_rank, "on one device", r["whole_expert_bytes"])
+    assert sum(per_rank) == r["whole_expert_bytes"] and per_rank[0] == per_rank[1]
+
+
 def test_tp2_uneven_gqa_holdings(tp2):
     """3 KV heads on 2 ranks: 2 groups (6 query heads) on rank 0, 1 group (3) on rank 1; the
     KV cache per rank holds only its heads; MLP 192 channels in two groups-aligned halves."""
@@ -60,6 +77,19 @@ def test_cli_generate_tp2_prints_the_same_text(tiny_gqa_dir, torchrun, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == one and len(one.strip()) > 0  # rank 0 prints, rank 1 does not
     assert "tp rank 1/2: 3 query heads, 1 KV heads, 96 MLP channels" in proc.stderr
+
+
+def test_cli_generate_tp2_on_a_mixture_of_experts(tmp_path, save_tiny, torchrun, capsys):
+    """A Qwen2-MoE folder read block by block on each rank, its experts split: the same text."""
+    moe = save_tiny(tmp_path / "moe", "qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    initializer_range=0.2)
+    assert main(["generate", str(moe), *GEN]) == 0
+    one = capsys.readouterr().out
+    proc = torchrun(2, "-m", "memfit", "generate", moe, *GEN, "--tp", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == one and len(one.strip()) > 0
+    assert "tp rank 1/2: 2 query heads, 1 KV heads, 16 MLP channels" in proc.stderr
 
 
 def test_cli_tp_not_equal_to_world_size(capsys):

@@ -22,6 +22,33 @@ FORMATS = {
 }
 
 
+MOE = {  # mixtures of experts: 4 experts, top 2; Qwen2-MoE with a shared expert and a dense block
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]},
+}
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """A tiny random mixture of experts, its experts as memfit's per-expert linears, weights
+    spread so every expert gets tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memfit.moe import unfuse_experts_
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, vocab_size=256, num_hidden_layers=2,
+                               max_position_embeddings=256, hidden_size=64,
+                               intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, **MOE[family])
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    unfuse_experts_(model)
+    return model
+
+
 def tiny_llama(config: str, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
