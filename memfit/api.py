@@ -138,17 +138,23 @@ def _unreached_experts(stats: dict, log: list) -> None:
 
 
 def _structured_(model, arch: Arch, spec, data, offload: str) -> list[int] | None:
-    """Drop blocks, then narrow MLPs and attention, each by activation importance; -> the
-    original indices of the blocks kept (None when none is dropped)."""
+    """Drop blocks, then narrow MLPs (a mixture's routed experts) and attention, each by
+    activation importance; -> the original indices of the blocks kept (None when none is
+    dropped)."""
     from memfit.algos.structured import choose_blocks_to_drop
     from memfit.structured import (channel_importance, drop_blocks_, measure_block_influence,
-                                   prune_heads_, prune_mlp_width_)
+                                   prune_expert_width_, prune_heads_, prune_mlp_width_)
 
+    if arch.experts and spec.heads_keep is not None:
+        raise UserError("attention head pruning (heads_keep) of a mixture of experts is not "
+                        "supported; mlp_keep narrows each routed expert, drop_blocks drops blocks")
     kept = None
     if spec.drop_blocks:
         scores = measure_block_influence(model, arch, data, offload=offload)
         kept = drop_blocks_(model, choose_blocks_to_drop(scores, spec.drop_blocks), arch=arch)
-    if spec.mlp_keep is not None or spec.heads_keep is not None:
+    if arch.experts and spec.mlp_keep is not None:
+        prune_expert_width_(model, arch, data, spec.mlp_keep, offload=offload)
+    elif spec.mlp_keep is not None or spec.heads_keep is not None:
         imp = channel_importance(model, arch, data, offload=offload)
         if spec.mlp_keep is not None:
             prune_mlp_width_(model, spec.mlp_keep, scores=imp.mlp, arch=arch)

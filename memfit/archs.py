@@ -151,7 +151,8 @@ def _moe(mlp: str = "mlp", attention=_LLAMA_GROUPS[:2],
     expert's down projection into its own up projection (`^`: the group's sibling); not into
     gate/up (one norm feeds the router and every expert: a fold would have to rescale the
     router too), nor into an up projection that passes a non-linear gate (gpt-oss clamps it
-    and adds 1: `down_fold` None). No structured width pruning."""
+    and adds 1: `down_fold` None). Structured width pruning narrows the routed experts
+    (memfit.structured.prune_expert_width_), not the attention heads."""
     parts = ("", "shared_expert.", "shared_experts.", "experts.*.")
     up = tuple(f"{mlp}.{p}{n}" for p in parts for n in ("gate_proj", "up_proj"))
     down = tuple(f"{mlp}.{p}down_proj" for p in parts)

@@ -289,3 +289,53 @@ def channel_importance(model: nn.Module, arch: Arch, windows: torch.Tensor, *,
         result.heads.append(per_head)
         result.kv_groups.append(S.kv_group_scores(per_head, kv))
     return result
+
+
+# ---------------------------------------------------------------- width: experts of a mixture
+
+@torch.no_grad()
+def prune_expert_width_(model: nn.Module, arch: Arch, windows: torch.Tensor, keep, *,
+                        batch: int = 8, offload: str = "memory") -> int:
+    """Keep `keep` (a count or a fraction) intermediate channels in every routed expert of a
+    mixture of experts (memfit.moe): each expert its own top-k of ‖W_down[:, j]‖ · RMS of its
+    input j over the calibration tokens routed to it (Wanda-style, as `channel_importance`
+    scores a dense MLP; an expert no token reaches by ‖W_up[j]‖·‖W_down[:, j]‖), one k for all
+    so that the config's one expert width (moe_intermediate_size, or intermediate_size where
+    that is the experts') still describes the model and plain from_pretrained loads it. Dense
+    MLP blocks and shared experts keep their widths (their own config entries). -> k."""
+    from memfit.moe import Experts
+
+    blocks = block_list(model, arch)
+    store, block_kwargs = capture_inputs(model, blocks, windows, batch=batch, offload=offload)
+    scored = []  # (expert, its down_proj's input statistics)
+    for block, kwargs in zip(blocks, block_kwargs):
+        experts = [e for m in block.modules() if isinstance(m, Experts) for e in m.experts()]
+        stats = [InputNormStat(e.down_proj.in_features) for e in experts]
+        handles = [e.down_proj.register_forward_hook(lambda _m, i, _o, s=s: s.update(i[0]))
+                   for e, s in zip(experts, stats)]
+        try:
+            propagate(block, store, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        scored += zip(experts, stats)
+    widths = {e.down_proj.in_features for e, _ in scored}
+    if len(widths) != 1:
+        raise UserError(f"the experts differ in width {sorted(widths)}; expert width pruning "
+                        "keeps one width for all")
+    k = S.keep_count(widths.pop(), keep)
+    for e, stat in scored:
+        for lin in (e.gate_proj, e.up_proj, e.down_proj):
+            if type(lin) is not nn.Linear:
+                raise UserError("run structured pruning before quantization, sparsity or "
+                                "low-rank compression: an expert is already compressed")
+        score = S.mlp_channel_scores(stat.norms, e.down_proj.weight) if stat.nsamples else \
+            S.weight_channel_scores(e.up_proj.weight, e.down_proj.weight)
+        idx = S.keep_indices(score, k)
+        _slice_(e.gate_proj, rows=idx)
+        _slice_(e.up_proj, rows=idx)
+        _slice_(e.down_proj, cols=idx)
+    c = text_config(model.config)
+    setattr(c, "moe_intermediate_size" if getattr(c, "moe_intermediate_size", None)
+            else "intermediate_size", k)
+    return k

@@ -163,17 +163,6 @@ def test_compressed_moe_saves_and_loads_both_ways(tmp_path, tiny_config):
     torch.testing.assert_close(hf, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_compressed_tensors_refuses_moe_in_one_line(tmp_path, save_tiny, capsys):
-    from memfit.cli.main import main
-
-    src = save_tiny(tmp_path / "mixtral", "mixtral", **FAMILIES["mixtral"])
-    assert main(["compress", str(src), "--recipe", "w4g64-gptq", "--format", "compressed-tensors",
-                 "--out", str(tmp_path / "out"), "--samples", "4", "--seq-len", "32"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(err) == 1 and "an expert of a mixture-of-experts layer" in err[0]
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_awq_folds_leave_the_float_function_unchanged(tiny_config, family):
     """Every AWQ fold memfit plans in a MoE block (attention producers, each expert's and the
@@ -306,3 +295,59 @@ def test_awq_and_smoothquant_on_experts_skip_what_they_cannot_fold(tiny_config, 
     ids = torch.randint(0, 30522, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_width_pruning_keeps_each_experts_own_channels(tiny_config, family, tmp_path):
+    """structured mlp_keep on a mixture: every routed expert keeps half its channels, chosen by
+    its own routed tokens' activations (so the experts keep different channels); the config's
+    expert width follows, Qwen2-MoE's shared expert and dense block keep theirs, and the folder
+    loads back to the same logits."""
+    from memfit.api import compress_
+    from memfit.io.save import load, save
+
+    model = _tiny(tiny_config, family)
+    unfuse_experts_(model)
+    before = {n: m.weight.clone() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and is_expert_linear(n)}
+    shared = {n: m.weight.shape for n, m in model.named_modules()  # Qwen2-MoE's block 1 is dense
+              if family == "qwen2_moe" and isinstance(m, torch.nn.Linear)
+              and ("shared_expert." in n or "layers.1.mlp." in n)}
+    data = torch.randint(0, 30522, (8, 32), generator=torch.Generator().manual_seed(0))
+    recipe = {"structured": {"mlp_keep": 0.5}}
+    compress_(model, Recipe.from_dict(recipe), data, progress=False)
+    c = model.config
+    width = c.moe_intermediate_size if family == "qwen2_moe" else c.intermediate_size
+    assert width == (16 if family == "qwen2_moe" else 64)
+    kept = []
+    for i, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        for e, ex in enumerate(experts.experts()):
+            assert ex.gate_proj.out_features == ex.up_proj.out_features == width
+            assert ex.down_proj.in_features == width
+            name = f"model.layers.{i}.mlp.experts.{e}.up_proj"
+            full = before[name]  # which rows survived
+            rows = [int((full == r).all(1).nonzero()) for r in ex.up_proj.weight]
+            kept.append(tuple(rows))
+    assert len(set(kept)) > 1  # each expert its own channels
+    for n, shape in shared.items():
+        assert model.get_submodule(n).weight.shape == shape, n
+    save(model, None, tmp_path / "w", recipe=recipe, dense_dtype="keep")
+    ids = torch.randint(0, 30522, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "w").model(ids).logits, model(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_head_pruning_of_a_mixture_is_refused_in_one_line(tiny_config):
+    from memfit.api import compress_
+    from memfit.errors import UserError
+
+    model = _tiny(tiny_config, "mixtral")
+    unfuse_experts_(model)
+    data = torch.randint(0, 30522, (2, 16))
+    with pytest.raises(UserError, match="attention head pruning .* mixture of experts"):
+        compress_(model, Recipe.from_dict({"structured": {"heads_keep": 2}}), data,
+                  progress=False)
