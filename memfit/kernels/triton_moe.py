@@ -107,10 +107,12 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
                  mask=n_ok[:, None] & sel[None, :])
 
 
-# Up to this many routed rows a 4-bit call may multiply-add on the CUDA cores instead of the
-# tensor cores. 0: off. That form is checked under the interpreter and built for sm_90 in CI,
-# not yet timed on a GPU (benchmarks/moe_decode.py times both); the tensor-core form is.
-FMA_ROWS = 0
+# Up to this many routed rows a 4-bit call multiply-adds on the CUDA cores instead of the
+# tensor cores (timed on one H200, session 32, benchmarks/RESULTS.md: Mixtral-8x7B shape, int4
+# g128, a gate call for 1 row 54.7 -> 37.4 us, 2 rows 84.2 -> 79.0 us, down 2 rows 93.0 ->
+# 71.0 us; 4 rows 109.5 -> 346.9 us, so not past 2: batch-1 decode with top-2 routing is 2 rows;
+# memfit's CUDA-graph decode loop 72.0 -> 81.4 tokens/s).
+FMA_ROWS = 2
 BN_ROWS, WARPS = 64, 4  # output rows a program, its warps
 
 
