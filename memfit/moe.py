@@ -109,16 +109,22 @@ class Experts(nn.Module):
 
     def _routed(self, hidden_states, top_k_index, top_k_weights):
         """Every (token, slot) through its expert on the GPU, no host sync (capturable)."""
-        from memfit.kernels.triton_moe import moe_linear
+        from memfit.kernels.triton_moe import Groups, moe_grouped, moe_linear
 
         t, k = top_k_index.shape
         ids = top_k_index.reshape(-1)
         valid = ids < self.num_experts
-        ids = torch.where(valid, ids, 0).to(torch.int32)
-        x = hidden_states.repeat_interleave(k, 0)
         gate, up, down = self._tables
-        h = self._gated(moe_linear(x, ids, gate), moe_linear(x, ids, up))
-        y = moe_linear(h.contiguous(), ids, down)
+        if ids.numel() <= ROUTED_MAX:  # decode: a row tile of an expert's weights per program
+            ids = torch.where(valid, ids, 0).to(torch.int32)
+            x = hidden_states.repeat_interleave(k, 0)
+            h = self._gated(moe_linear(x, ids, gate), moe_linear(x, ids, up))
+            y = moe_linear(h.contiguous(), ids, down)
+        else:  # prefill: the pairs sorted by expert, BM of them a program
+            groups = Groups(ids, self.num_experts)
+            x = hidden_states.contiguous()
+            h = self._gated(moe_grouped(x, groups, gate, k), moe_grouped(x, groups, up, k))
+            y = moe_grouped(h.contiguous(), groups, down)
         w = top_k_weights.reshape(-1, 1) * valid.reshape(-1, 1)
         return (y * w).to(hidden_states.dtype).view(t, k, -1).sum(1)
 
@@ -126,7 +132,8 @@ class Experts(nn.Module):
         return f"num_experts={self.num_experts}, interleaved={self.interleaved}"
 
 
-ROUTED_MAX = 64  # (token, slot) pairs up to which CUDA takes the routed kernel (decode steps)
+ROUTED_MAX = 64  # (token, slot) pairs up to which CUDA takes the routed GEMV (decode steps)
+GROUPED = True  # more pairs (prefill) take the grouped kernel, not the host-synced loop
 
 
 def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
@@ -134,7 +141,7 @@ def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, few (token, slot) pairs, and
     every projection's experts in one format it reads. Builds or refreshes `m._tables`."""
     flag = os.environ.get("MEMFIT_MOE_ROUTED")
-    if top_k_index.numel() > ROUTED_MAX or m._routed_off or flag == "0" \
+    if top_k_index.numel() > ROUTED_MAX and not GROUPED or m._routed_off or flag == "0" \
             or not (hidden_states.is_cuda or flag == "1") \
             or torch.is_grad_enabled() and hidden_states.requires_grad:
         return False

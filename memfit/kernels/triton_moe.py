@@ -107,6 +107,83 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
                  mask=n_ok[:, None] & sel[None, :])
 
 
+@triton.jit
+def _moe_grouped(x_ptr, order_ptr, cnt_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_ptr,
+                 b_ptr, y_ptr, N, K, E, X_DIV, stride_xr, stride_qn, stride_sn, stride_zn,
+                 stride_yr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PREC: tl.constexpr, EP2: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    # Program (b, n): row block b of the (token, slot) pairs sorted by expert; an expert's pairs
+    # take ceil(count / BM) blocks, in expert order; blocks past the last expert's exit.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    ee = tl.arange(0, EP2)
+    cnt = tl.load(cnt_ptr + ee, mask=ee < E, other=0)
+    blocks = (cnt + BM - 1) // BM
+    ends = tl.cumsum(blocks, 0)
+    e = tl.sum((ends <= pid_m).to(tl.int32), 0)
+    if e < E:
+        here = ee == e
+        first_block = tl.sum(tl.where(here, ends - blocks, 0), 0)
+        first_row = tl.sum(tl.where(here, tl.cumsum(cnt, 0) - cnt, 0), 0)
+        local = (pid_m - first_block) * BM + tl.arange(0, BM)
+        m_ok = local < tl.sum(tl.where(here, cnt, 0), 0)
+        pair = tl.load(order_ptr + first_row + local, mask=m_ok, other=0).to(tl.int64)
+        xr = x_ptr + (pair // X_DIV)[:, None] * stride_xr
+        e64 = e.to(tl.int64)
+        q_ptr += tl.multiple_of(tl.load(qo_ptr + e64), 16)  # Table checks the alignment
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        rn64 = rn.to(tl.int64)
+        acc = tl.zeros((BM, BN), tl.float32)
+        dt = x_ptr.dtype.element_ty
+        if BITS == 16:
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_ok = rk < K
+                x = tl.load(xr + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(q_ptr + rn64[None, :] * stride_qn + rk[:, None],
+                            mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                acc += tl.dot(x, w, input_precision=PREC)
+        else:
+            s_ptr += tl.load(so_ptr + e64)
+            if ZMODE != 0:
+                z_ptr += tl.load(zo_ptr + e64)
+            for k0 in range(0, K, BK):  # BK divides the group and K (same_kind, _tile_k)
+                g = k0 // G
+                s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                if ZMODE == 0:
+                    z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
+                elif ZMODE == 1:
+                    zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
+                                 other=0).to(tl.int32)
+                    z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
+                else:
+                    z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok,
+                                other=0.0).to(tl.float32)
+                if BITS == 4:  # a byte: code 2j (low nibble) and 2j + 1 (high)
+                    j = tl.arange(0, BK // 2)
+                    b = tl.load(q_ptr + rn64[None, :] * stride_qn + k0 // 2 + j[:, None],
+                                mask=n_ok[None, :], other=0).to(tl.int32)
+                    xe = tl.load(xr + (k0 + 2 * j)[None, :], mask=m_ok[:, None], other=0.0)
+                    xo = tl.load(xr + (k0 + 2 * j + 1)[None, :], mask=m_ok[:, None], other=0.0)
+                    lo = ((b & 15).to(tl.float32) - z[None, :]).to(dt)
+                    hi = ((b >> 4).to(tl.float32) - z[None, :]).to(dt)
+                    d = tl.dot(xe, lo, input_precision=PREC)
+                    d = tl.dot(xo, hi, d, input_precision=PREC)
+                else:
+                    rk = k0 + tl.arange(0, BK)
+                    c = tl.load(q_ptr + rn64[None, :] * stride_qn + rk[:, None],
+                                mask=n_ok[None, :], other=0).to(tl.float32)
+                    x = tl.load(xr + rk[None, :], mask=m_ok[:, None], other=0.0)
+                    d = tl.dot(x, (c - z[None, :]).to(dt), input_precision=PREC)
+                acc += d * s[None, :]
+        if HAS_BIAS:
+            b_ptr += tl.load(bo_ptr + e64)
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + pair[:, None] * stride_yr + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
 # Up to this many routed rows a 4-bit call multiply-adds on the CUDA cores instead of the
 # tensor cores (timed on one H200, session 32, benchmarks/RESULTS.md: Mixtral-8x7B shape, int4
 # g128, a gate call for 1 row 54.7 -> 37.4 us, 2 rows 84.2 -> 79.0 us, down 2 rows 93.0 ->
@@ -219,3 +296,48 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
         BN=bn, BK=bk, RB=rb, DOT=dot, num_warps=WARPS)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype)
+
+
+class Groups:
+    """(token, slot) pairs sorted by expert, built on the GPU (no host sync) once a layer call and
+    shared by its three projections: `order` (P,) int32 pair indices, `counts` (E,) int32."""
+
+    def __init__(self, ids: torch.Tensor, experts: int):
+        ids = ids.reshape(-1).to(torch.int64)  # ids >= experts: a slot no expert takes
+        self.pairs, self.experts = ids.numel(), experts
+        self.order = torch.sort(ids, stable=True).indices.to(torch.int32)
+        counts = torch.zeros(experts + 1, dtype=torch.int32, device=ids.device)
+        counts.scatter_add_(0, ids.clamp(max=experts), torch.ones_like(ids, dtype=torch.int32))
+        self.counts = counts[:experts]
+
+
+GROUP_BM, GROUP_BN, GROUP_WARPS, GROUP_STAGES = 64, 128, 4, 3  # launch shape of moe_grouped
+
+
+def moe_grouped(x: torch.Tensor, groups: Groups, t: Table, x_div: int = 1) -> torch.Tensor:
+    """Every (token, slot) pair of `groups` through its expert: (P / x_div, K) activations (pair p
+    reads row p // x_div: x_div = slots a token, so a token's row is not copied per slot) ->
+    (P, N) in x's dtype, zeros for a pair no expert takes. A program multiplies BM pairs of one
+    expert by BN of its output rows, dequantizing each weight tile once for all of them (the
+    prefill form; decode steps take moe_linear)."""
+    k = x.shape[1]
+    n = t.shape[0]
+    assert k == t.shape[1] and x.stride(1) == 1 and x.shape[0] * x_div == groups.pairs, \
+        (x.shape, t.shape, x_div, groups.pairs)
+    bm = min(GROUP_BM, max(16, 1 << (cdiv(groups.pairs, groups.experts) - 1).bit_length()))
+    bn, bk = GROUP_BN, 64 if t.bits == 16 else min(64, _tile_k(t))
+    y = torch.zeros((groups.pairs, n), device=x.device, dtype=x.dtype)
+    blocks = cdiv(groups.pairs, bm) + groups.experts  # enough for any split between experts
+    dummy = t.q_off
+    _moe_grouped[(blocks, cdiv(n, bn))](
+        x, groups.order, groups.counts, t.q_off, t.s_off if t.s_off is not None else dummy,
+        t.z_off if t.z_off is not None else dummy, t.b_off if t.b_off is not None else dummy,
+        t.q, t.s if t.s is not None else t.q, t.z if t.z is not None else t.q,
+        t.bias if t.bias is not None else x, y,
+        n, k, t.experts, x_div, x.stride(0), t.q.stride(0), 0 if t.s is None else t.s.stride(0),
+        0 if t.z is None else t.z.stride(0), y.stride(0),
+        BITS=t.bits, G=t.group or bk, ZMODE=t.zmode, HAS_BIAS=t.bias is not None,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        EP2=max(16, 1 << (t.experts - 1).bit_length()), BM=bm, BN=bn, BK=bk,
+        num_warps=GROUP_WARPS, num_stages=GROUP_STAGES)
+    return y

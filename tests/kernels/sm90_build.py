@@ -232,6 +232,20 @@ def check_moe(bits: int, zmode: int, dot: bool, rb: int, bias: bool = False):
     build(triton_moe._moe_gemv, sig, const, triton_moe.WARPS)
 
 
+def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64):
+    """The grouped (prefill) mixture-of-experts kernel: packed or dense (bits 16) experts."""
+    q = "*bf16" if bits == 16 else "*u8"
+    sig = {"x_ptr": "*bf16", "order_ptr": "*i32", "cnt_ptr": "*i32", "qo_ptr": "*i64",
+           "so_ptr": "*i64", "zo_ptr": "*i64", "bo_ptr": "*i64", "q_ptr": q, "s_ptr": "*fp16",
+           "z_ptr": "*u8" if zmode == 1 else "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "N": "i32", "K": "i32", "E": "i32", "X_DIV": "i32", "stride_xr": "i32",
+           "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32", "stride_yr": "i32"}
+    const = {"BITS": bits, "G": 128, "ZMODE": zmode, "HAS_BIAS": bias, "PREC": "tf32",
+             "EP2": 16, "BM": bm, "BN": triton_moe.GROUP_BN, "BK": 64}
+    k = build(triton_moe._moe_grouped, sig, const, triton_moe.GROUP_WARPS)
+    assert "mma" in k.asm["ptx"], "no tensor-core instruction"
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -280,6 +294,8 @@ def _checks() -> dict:
     checks |= {f"moe{c}": (check_moe, c)
                for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
                          (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}
+    checks |= {f"moe_grouped{c}": (check_moe_grouped, c)
+               for c in ((4, 1), (4, 0, True, 16), (4, 2), (8, 1, False, 32), (16, 0, True))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     return checks

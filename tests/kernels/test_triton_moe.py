@@ -58,7 +58,8 @@ def test_refusals_name_the_reason():
 
 
 @pytest.mark.parametrize("recipe", [None, "w4g64", "w8", "w4g64-hqq"])
-def test_experts_routed_path_equals_the_loop(tiny_config, monkeypatch, recipe):
+@pytest.mark.parametrize("tokens", [5, 40])  # 30 (token, slot) pairs: routed GEMV; 240: grouped
+def test_experts_routed_path_equals_the_loop(tiny_config, monkeypatch, recipe, tokens):
     """A tiny Mixtral's logits with the routed kernel (MEMFIT_MOE_ROUTED=1 off CUDA) equal those
     of the per-expert loop, dense or packed experts; the packed loop itself is checked against
     transformers in tests/core/test_moe.py."""
@@ -76,13 +77,24 @@ def test_experts_routed_path_equals_the_loop(tiny_config, monkeypatch, recipe):
     unfuse_experts_(model)
     if recipe:
         compress_(model, recipe, progress=False)
-    ids = torch.randint(0, 30522, (3, 5), device=DEV)
+    ids = torch.randint(0, 30522, (3, tokens), device=DEV)
     with torch.no_grad():
         monkeypatch.setenv("MEMFIT_MOE_ROUTED", "0")
         loop = model(ids).logits
         monkeypatch.setenv("MEMFIT_MOE_ROUTED", "1")
+        calls = {"moe_linear": 0, "moe_grouped": 0}
+
+        def counted(name, f):
+            def call(*a, **kw):
+                calls[name] += 1
+                return f(*a, **kw)
+            return call
+        for name in calls:
+            monkeypatch.setattr(triton_moe, name, counted(name, getattr(triton_moe, name)))
         routed = model(ids).logits
     assert model.model.layers[0].mlp.experts._tables is not None  # the routed kernel ran
+    form = "moe_linear" if tokens == 5 else "moe_grouped"
+    assert calls[form] == 3 * model.config.num_hidden_layers and sum(calls.values()) == calls[form]
     assert rel_err(routed, loop) < 1e-3  # the loop's CPU int kernels round differently
 
 
@@ -109,3 +121,44 @@ def test_a_failing_routed_kernel_falls_back_to_the_loop(tiny_config, monkeypatch
             got = model(ids).logits
     assert torch.equal(got, loop)
     assert model.model.layers[0].mlp.experts._routed_off
+
+
+@pytest.mark.parametrize("n,k,bits,group,zp", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_kernel_matches_each_pairs_expert(n, k, bits, group, zp, bias):
+    """The prefill form: 40 tokens x 2 slots over 3 experts (one expert
+    gets no pair, one slot names no expert), each pair's output against its expert's
+    dequantized weight; a token's row is read by both of its slots (x_div 2)."""
+    experts = [make_weight(n, k, bits, group, zp, seed=10 * e + n) for e in range(4)]
+    biases = [torch.randn(n, generator=torch.Generator().manual_seed(e)).to(DEV) if bias else None
+              for e in range(4)]
+    table = triton_moe.Table(experts, biases)
+    gen = torch.Generator().manual_seed(n)
+    tokens = 40
+    x = torch.randn(tokens, k, generator=gen).to(DEV)
+    ids = torch.randint(0, 3, (tokens, 2), generator=gen)  # expert 3: no pair
+    ids[5, 1] = 4  # a slot no expert takes
+    ids = ids.to(DEV)
+    got = triton_moe.moe_grouped(x, triton_moe.Groups(ids, 4), table, x_div=2)
+    assert got.shape == (tokens * 2, n)
+    for p in range(tokens * 2):
+        e = int(ids.reshape(-1)[p])
+        if e >= 4:
+            assert torch.equal(got[p], torch.zeros_like(got[p]))
+            continue
+        want = x[p // 2] @ dequantize(experts[e]).T.to(DEV).float() + (biases[e] if bias else 0)
+        assert rel_err(got[p], want) < 1e-5, (p, e)
+
+
+def test_grouped_kernel_dense_experts_and_groups():
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(50, 200, generator=gen).to(DEV) for _ in range(5)]
+    table = triton_moe.Table(weights, [None] * 5)
+    ids = torch.tensor([4] * 70 + [0] * 3 + [2] * 17, dtype=torch.int64).to(DEV)  # blocks of 16
+    g = triton_moe.Groups(ids, 5)
+    assert g.counts.tolist() == [3, 0, 17, 0, 70]
+    assert ids[g.order.long()].tolist() == sorted(ids.tolist())
+    x = torch.randn(90, 200, generator=gen).to(DEV)
+    got = triton_moe.moe_grouped(x, g, table)
+    want = torch.stack([x[p] @ weights[int(ids[p])].T for p in range(90)])
+    assert rel_err(got, want) < 1e-6
