@@ -103,17 +103,23 @@ def main() -> None:
                 out[f"grouped_{tag}_t{t}_relerr"] = rel(got, loop)
                 out[f"grouped_{tag}_t{t}_us"] = eager_us(call)
                 if a.shapes and t * k > 64:
-                    keep = tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES
-                    for shape in ((64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3),
-                                  (64, 128, 4, 4), (32, 128, 4, 3), (128, 64, 4, 3),
-                                  (64, 256, 8, 3)):
-                        tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES = shape
+                    keep = tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES, \
+                        tm.GROUP_JOIN
+                    for shape in ((64, 128, 4, 3, True), (64, 64, 4, 3, False),
+                                  (64, 128, 8, 3, False), (128, 128, 8, 3, False),
+                                  (128, 128, 8, 3, True), (64, 128, 4, 4, False),
+                                  (32, 128, 4, 3, False), (128, 64, 4, 3, False),
+                                  (64, 256, 8, 3, False), (64, 256, 8, 3, True)):
+                        tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES, \
+                            tm.GROUP_JOIN = shape
                         try:
                             us = eager_us(call)
+                            assert rel(call(), loop) < 1e-2
                         except Exception as err:  # noqa: BLE001 -- a launch shape that fails
                             us = repr(err)[:100]
                         out[f"grouped_{tag}_t{t}_" + "_".join(map(str, shape))] = us
-                    tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES = keep
+                    tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES, \
+                        tm.GROUP_JOIN = keep
             print(tag, t, {kk: v for kk, v in out.items() if f"_t{t}_" in kk and tag in kk
                            or kk.startswith(f"hf_bf16_t{t}_")}, flush=True)
 

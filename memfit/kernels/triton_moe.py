@@ -112,7 +112,7 @@ def _moe_grouped(x_ptr, order_ptr, cnt_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_pt
                  b_ptr, y_ptr, N, K, E, X_DIV, stride_xr, stride_qn, stride_sn, stride_zn,
                  stride_yr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, PREC: tl.constexpr, EP2: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, JOIN: tl.constexpr):
     # Program (b, n): row block b of the (token, slot) pairs sorted by expert; an expert's pairs
     # take ceil(count / BM) blocks, in expert order; blocks past the last expert's exit.
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -164,12 +164,19 @@ def _moe_grouped(x_ptr, order_ptr, cnt_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_pt
                     j = tl.arange(0, BK // 2)
                     b = tl.load(q_ptr + rn64[None, :] * stride_qn + k0 // 2 + j[:, None],
                                 mask=n_ok[None, :], other=0).to(tl.int32)
-                    xe = tl.load(xr + (k0 + 2 * j)[None, :], mask=m_ok[:, None], other=0.0)
-                    xo = tl.load(xr + (k0 + 2 * j + 1)[None, :], mask=m_ok[:, None], other=0.0)
                     lo = ((b & 15).to(tl.float32) - z[None, :]).to(dt)
                     hi = ((b >> 4).to(tl.float32) - z[None, :]).to(dt)
-                    d = tl.dot(xe, lo, input_precision=PREC)
-                    d = tl.dot(xo, hi, d, input_precision=PREC)
+                    if JOIN:  # the nibbles interleaved into (BK, BN): x's columns in order
+                        w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))
+                        x = tl.load(xr + (k0 + tl.arange(0, BK))[None, :], mask=m_ok[:, None],
+                                    other=0.0)
+                        d = tl.dot(x, w, input_precision=PREC)
+                    else:  # low nibbles against x's even columns, high against the odd
+                        xe = tl.load(xr + (k0 + 2 * j)[None, :], mask=m_ok[:, None], other=0.0)
+                        xo = tl.load(xr + (k0 + 2 * j + 1)[None, :], mask=m_ok[:, None],
+                                     other=0.0)
+                        d = tl.dot(xe, lo, input_precision=PREC)
+                        d = tl.dot(xo, hi, d, input_precision=PREC)
                 else:
                     rk = k0 + tl.arange(0, BK)
                     c = tl.load(q_ptr + rn64[None, :] * stride_qn + rk[:, None],
@@ -312,6 +319,7 @@ class Groups:
 
 
 GROUP_BM, GROUP_BN, GROUP_WARPS, GROUP_STAGES = 64, 128, 4, 3  # launch shape of moe_grouped
+GROUP_JOIN = False  # 4-bit: interleave the nibbles into one (BK, BN) tile (else two dots)
 
 
 def moe_grouped(x: torch.Tensor, groups: Groups, t: Table, x_div: int = 1) -> torch.Tensor:
@@ -338,6 +346,6 @@ def moe_grouped(x: torch.Tensor, groups: Groups, t: Table, x_div: int = 1) -> to
         0 if t.z is None else t.z.stride(0), y.stride(0),
         BITS=t.bits, G=t.group or bk, ZMODE=t.zmode, HAS_BIAS=t.bias is not None,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        EP2=max(16, 1 << (t.experts - 1).bit_length()), BM=bm, BN=bn, BK=bk,
+        EP2=max(16, 1 << (t.experts - 1).bit_length()), BM=bm, BN=bn, BK=bk, JOIN=GROUP_JOIN,
         num_warps=GROUP_WARPS, num_stages=GROUP_STAGES)
     return y

@@ -232,7 +232,8 @@ def check_moe(bits: int, zmode: int, dot: bool, rb: int, bias: bool = False):
     build(triton_moe._moe_gemv, sig, const, triton_moe.WARPS)
 
 
-def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64):
+def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64,
+                      join: bool = False):
     """The grouped (prefill) mixture-of-experts kernel: packed or dense (bits 16) experts."""
     q = "*bf16" if bits == 16 else "*u8"
     sig = {"x_ptr": "*bf16", "order_ptr": "*i32", "cnt_ptr": "*i32", "qo_ptr": "*i64",
@@ -241,7 +242,7 @@ def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64):
            "N": "i32", "K": "i32", "E": "i32", "X_DIV": "i32", "stride_xr": "i32",
            "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32", "stride_yr": "i32"}
     const = {"BITS": bits, "G": 128, "ZMODE": zmode, "HAS_BIAS": bias, "PREC": "tf32",
-             "EP2": 16, "BM": bm, "BN": triton_moe.GROUP_BN, "BK": 64}
+             "EP2": 16, "BM": bm, "BN": triton_moe.GROUP_BN, "BK": 64, "JOIN": join}
     k = build(triton_moe._moe_grouped, sig, const, triton_moe.GROUP_WARPS)
     assert "mma" in k.asm["ptx"], "no tensor-core instruction"
 
@@ -295,7 +296,8 @@ def _checks() -> dict:
                for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
                          (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}
     checks |= {f"moe_grouped{c}": (check_moe_grouped, c)
-               for c in ((4, 1), (4, 0, True, 16), (4, 2), (8, 1, False, 32), (16, 0, True))}
+               for c in ((4, 1), (4, 0, True, 16), (4, 2), (8, 1, False, 32), (16, 0, True),
+                         (4, 1, False, 64, True))}
     checks |= {f"words_dot{c}": (check_words_dot, c)
                for c in itertools.product((16,), ((128, 4),), (4, 8))}
     return checks

@@ -125,10 +125,15 @@ def test_a_failing_routed_kernel_falls_back_to_the_loop(tiny_config, monkeypatch
 
 @pytest.mark.parametrize("n,k,bits,group,zp", CASES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_kernel_matches_each_pairs_expert(n, k, bits, group, zp, bias):
+@pytest.mark.parametrize("join", [False, True])  # 4-bit: nibbles interleaved, or two dots
+def test_grouped_kernel_matches_each_pairs_expert(n, k, bits, group, zp, bias, join,
+                                                  monkeypatch):
     """The prefill form: 40 tokens x 2 slots over 3 experts (one expert
     gets no pair, one slot names no expert), each pair's output against its expert's
     dequantized weight; a token's row is read by both of its slots (x_div 2)."""
+    if join and bits != 4:
+        pytest.skip("JOIN is a 4-bit layout choice")
+    monkeypatch.setattr(triton_moe, "GROUP_JOIN", join)
     experts = [make_weight(n, k, bits, group, zp, seed=10 * e + n) for e in range(4)]
     biases = [torch.randn(n, generator=torch.Generator().manual_seed(e)).to(DEV) if bias else None
               for e in range(4)]
