@@ -10,7 +10,8 @@ Two paths; `cpu_linear` picks one, and neither changes the stored weights:
 
 2. torch's own bfloat16 weight-only kernels, for bfloat16 activations with few rows
    (M <= KERNEL_MAX_M), where they beat everything else on this CPU (see benchmarks):
-   - 4-bit, group size 32/64/128/256 dividing `in`, out % 16 == 0, integer or symmetric zeros:
+   - 4-bit (and 2- and 3-bit: their codes are 4-bit codes), group size 32/64/128/256 dividing
+     `in`, out % 16 == 0, integer or symmetric zeros:
      `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`, which compute
      w = (q - 8) * s + t. We pass t = (8 - z) * s. Those two operands must be bfloat16, which would
      round float16 scales, so each is split exactly into a bfloat16 head and tail
@@ -76,7 +77,7 @@ def kernel_ineligibility(w: IntWeight) -> str | None:
         if w.group_size != k or w.zero_point != "sym":
             return "8-bit kernel needs symmetric per-channel weights"
         return None
-    if w.bits != 4:
+    if w.bits not in (2, 3, 4):  # 2- and 3-bit codes are 4-bit codes that leave bits unused
         return f"no torch CPU kernel for {w.bits}-bit weights"
     if w.group_size not in INT4_GROUPS or k % w.group_size:
         return f"int4 kernel needs a group size in {INT4_GROUPS} dividing in_features={k}"

@@ -52,6 +52,8 @@ KERNEL = [
     IntFormat(bits=4, group_size=32, scale_dtype="bfloat16"),  # one call + group correction
     IntFormat(bits=4, group_size=256, symmetric=True, scale_dtype="bfloat16"),  # one call
     IntFormat(bits=8, group_size=None, symmetric=True),
+    IntFormat(bits=3, group_size=64),  # 3- and 2-bit codes through the int4 kernel
+    IntFormat(bits=2, group_size=128, symmetric=True, scale_dtype="bfloat16"),
 ]
 
 
@@ -122,7 +124,7 @@ def test_int8_layout_is_codes_minus_128():
 
 
 @pytest.mark.parametrize("fmt, out, k, reason", [
-    (IntFormat(bits=3, group_size=64), 32, 128, "no torch CPU kernel for 3-bit"),
+    (IntFormat(bits=3, group_size=128), 32, 576, "dividing in_features=576"),
     (IntFormat(bits=4, group_size=128), 32, 576, "dividing in_features=576"),
     (IntFormat(bits=4, group_size=64), 40, 128, "divisible by 16"),
     (IntFormat(bits=4, group_size=64, zero_point="float"), 32, 128, "float zeros"),
