@@ -15,11 +15,13 @@ An expert that no calibration token reaches has no input statistics; memfit then
 as if its inputs were isotropic (memfit.calib.stats `isotropic`): GPTQ becomes round-to-nearest,
 Wanda magnitude pruning, whitened SVD plain SVD.
 
-Running: transformers' loop (and `Experts`' own, kept for the CPU, prefill and autograd) asks the
-host which experts were hit, a sync every layer that also stops a CUDA graph. On CUDA, up to
-ROUTED_MAX (token, slot) pairs (decode steps) go through memfit.kernels.triton_moe instead: every
-pair through its expert with the ids read on the GPU, capturable. MEMFIT_MOE_ROUTED=0 turns that
-off; =1 also takes it in Triton's interpreter off CUDA (tests).
+Running: transformers' loop (and `Experts`' own, kept for the CPU, long prefills and autograd)
+asks the host which experts were hit, a sync every layer that also stops a CUDA graph. On CUDA,
+up to ROUTED_MAX (token, slot) pairs (decode steps) go through memfit.kernels.triton_moe's routed
+GEMV instead: every pair through its expert with the ids read on the GPU, capturable; more pairs
+(prefill), up to GROUPED_PER_EXPERT an expert on average, through its grouped kernel (the pairs
+sorted by expert on the GPU). MEMFIT_MOE_ROUTED=0 turns both off; =1 also takes them in
+Triton's interpreter off CUDA (tests).
 """
 
 from __future__ import annotations
@@ -133,15 +135,24 @@ class Experts(nn.Module):
 
 
 ROUTED_MAX = 64  # (token, slot) pairs up to which CUDA takes the routed GEMV (decode steps)
-GROUPED = True  # more pairs (prefill) take the grouped kernel, not the host-synced loop
+# More pairs (prefill) take the grouped kernel up to GROUPED_PER_EXPERT pairs an expert on
+# average; past that the loop's one large GEMM an expert (cuBLAS, or dequantize + cuBLAS) wins.
+# One H200, Mixtral-8x7B shape, a layer's experts (benchmarks/RESULTS.md, session 33), ms at
+# 16 / 64 / 256 / 1024 pairs an expert: int4 grouped 1.11 / 1.52 / 3.89 / 13.8, loop 3.89 /
+# 2.44 / 5.23 / 7.09; bf16 grouped 0.86 / 0.95 / 2.05 / 7.88, loop 2.67 / 3.60 / 2.25 / 6.17.
+GROUPED = True
+GROUPED_PER_EXPERT = 256
 
 
 def routed_ok(m: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """The routed kernel (memfit.kernels.triton_moe) takes this call: CUDA (or the Triton
-    interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, few (token, slot) pairs, and
-    every projection's experts in one format it reads. Builds or refreshes `m._tables`."""
+    interpreter when MEMFIT_MOE_ROUTED=1, for tests), no autograd, at most GROUPED_PER_EXPERT
+    (token, slot) pairs an expert on average, and every projection's experts in one format it
+    reads. Builds or refreshes `m._tables`."""
     flag = os.environ.get("MEMFIT_MOE_ROUTED")
-    if top_k_index.numel() > ROUTED_MAX and not GROUPED or m._routed_off or flag == "0" \
+    pairs = top_k_index.numel()
+    if pairs > ROUTED_MAX and (not GROUPED or pairs > GROUPED_PER_EXPERT * m.num_experts) \
+            or m._routed_off or flag == "0" \
             or not (hidden_states.is_cuda or flag == "1") \
             or torch.is_grad_enabled() and hidden_states.requires_grad:
         return False

@@ -318,8 +318,13 @@ class Groups:
         self.counts = counts[:experts]
 
 
-GROUP_BM, GROUP_BN, GROUP_WARPS, GROUP_STAGES = 64, 128, 4, 3  # launch shape of moe_grouped
-GROUP_JOIN = False  # 4-bit: interleave the nibbles into one (BK, BN) tile (else two dots)
+# moe_grouped's launch shape and 4-bit form, timed on one H200 (session 33, benchmarks/RESULTS.md;
+# Mixtral-8x7B shape, int4 g128, top-2 over 8 experts, all three projections of a layer): the
+# nibbles interleaved into one (BK, BN) tile (JOIN), so x's columns load in order, against two
+# dots over x's even and odd columns: 64 tokens 1.52 -> 1.11 ms, 256 5.77 -> 1.52, 1024 17.6 ->
+# 3.89; no other launch shape of ten was faster.
+GROUP_BM, GROUP_BN, GROUP_WARPS, GROUP_STAGES = 64, 128, 4, 3
+GROUP_JOIN = True
 
 
 def moe_grouped(x: torch.Tensor, groups: Groups, t: Table, x_div: int = 1) -> torch.Tensor:
