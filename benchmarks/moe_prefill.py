@@ -57,6 +57,27 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def gate_check(ex, x, idx, samples: int = 64) -> float:
+    """The grouped kernel's gate projection at any size (whichever path the layer takes there)
+    against float32 products of sampled pairs with their expert's dequantized weight: the max
+    relative error over the samples."""
+    from memfit.kernels.triton_moe import Groups, moe_grouped
+    from memfit.kernels.weights import dequantize
+    from memfit.moe import _weight, routed_ok
+
+    os.environ["MEMFIT_MOE_ROUTED"] = "1"
+    assert routed_ok(ex, x[:8], idx[:8])  # builds the layer's tables
+    k = idx.shape[1]
+    y = moe_grouped(x, Groups(idx, ex.num_experts), ex._tables[0], k)
+    worst = 0.0
+    for p in torch.linspace(0, idx.numel() - 1, samples).long().tolist():
+        w = _weight(ex.experts()[int(idx.reshape(-1)[p])].gate_proj)[0]
+        w = w.float() if isinstance(w, torch.Tensor) else dequantize(w).float()
+        want = x[p // k].float() @ w.T
+        worst = max(worst, ((y[p].float() - want).norm() / want.norm()).item())
+    return worst
+
+
 def main() -> None:
     import memfit.kernels.triton_moe as tm
 
@@ -102,6 +123,7 @@ def main() -> None:
                 got = call()
                 out[f"grouped_{tag}_t{t}_relerr"] = rel(got, loop)
                 out[f"grouped_{tag}_t{t}_us"] = eager_us(call)
+                out[f"gate_{tag}_t{t}_vs_float32"] = gate_check(ex, x, idx)
                 if a.shapes and t * k > 64:
                     keep = tm.GROUP_BM, tm.GROUP_BN, tm.GROUP_WARPS, tm.GROUP_STAGES, \
                         tm.GROUP_JOIN
