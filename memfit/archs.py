@@ -146,22 +146,24 @@ def _moe(mlp: str = "mlp", attention=_LLAMA_GROUPS[:2],
          attention_fold=("input_layernorm", "self_attn.v_proj"),
          down_fold: str | None = "^up_proj") -> Arch:
     """A mixture-of-experts decoder (memfit.moe): its dense blocks' MLP, shared expert(s) and
-    routed experts, whichever a block has. The routers stay as they are (not linears, or a
-    one-row shared-expert gate). AWQ / SmoothQuant fold into the attention's producers and each
-    expert's down projection into its own up projection (`^`: the group's sibling); not into
-    gate/up (one norm feeds the router and every expert: a fold would have to rescale the
-    router too), nor into an up projection that passes a non-linear gate (gpt-oss clamps it
-    and adds 1: `down_fold` None). Structured width pruning narrows the routed experts
-    (memfit.structured.prune_expert_width_), not the attention heads."""
+    routed experts, whichever a block has. The routers stay in float. AWQ / SmoothQuant fold
+    into the attention's producers and each expert's down projection into its own up projection
+    (`^`: the group's sibling), not into an up projection that passes a non-linear gate (gpt-oss
+    clamps it and adds 1: `down_fold` None). The MLP's norm feeds the router and every expert:
+    AWQ searches one scale for all experts' and the shared expert's gate/up together, scored on
+    the MoE module's output, and folds it into the norm and, exactly, into the router's (and a
+    shared-expert gate's) input columns (memfit.awq); SmoothQuant leaves those groups alone.
+    Structured width pruning narrows the routed experts (memfit.structured.prune_expert_width_),
+    not the attention heads."""
     parts = ("", "shared_expert.", "shared_experts.", "experts.*.")
     up = tuple(f"{mlp}.{p}{n}" for p in parts for n in ("gate_proj", "up_proj"))
     down = tuple(f"{mlp}.{p}down_proj" for p in parts)
     mla = attention is _MLA
     return Arch("decoder", ("model.layers",), attention + (up, down), experts=True,
-                awq_fold=tuple(attention_fold) + (None, down_fold),
+                awq_fold=tuple(attention_fold) + ("post_attention_layernorm", down_fold),
                 awq_no_clip=() if mla else ("self_attn.q_proj", "self_attn.k_proj"),
-                awq_inspect=(None,) * len(attention) + (None, None) if mla else
-                ("self_attn", None, None, None), awq_mixing=() if mla else ("self_attn",))
+                awq_inspect=(None,) * len(attention) + (mlp, None) if mla else
+                ("self_attn", None, mlp, None), awq_mixing=() if mla else ("self_attn",))
 
 _BERT = Arch(
     "encoder",

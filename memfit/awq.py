@@ -109,36 +109,70 @@ def _awq_spec(spec):
 
 
 def _plan(block, arch, specs: dict, wants=_awq_spec, what: str = "AWQ",
-          tied: bool = False) -> tuple[list, list]:
-    """[(group names, fold path, tie or None, inspect or None)] to scale, and [(group names, reason)] skipped, for
-    the groups with a spec that `wants` (AWQ's by default; SmoothQuant reuses this,
-    memfit.smoothquant). `tied`: a grouped-query o_proj is scaled with a tie map (_gqa_tie)."""
+          tied: bool = False, merge: bool = False) -> tuple[list, list]:
+    """[(group names, fold path, tie or None, inspect or None, passengers or None)] to scale,
+    and [(group names, reason)] skipped, for the groups with a spec that `wants` (AWQ's by
+    default; SmoothQuant reuses this, memfit.smoothquant). `tied`: a grouped-query o_proj is
+    scaled with a tie map (_gqa_tie). A mixture of experts' norm feeds the router and every
+    expert: with `merge` (AWQ) all of that stage's groups become one group with one scale,
+    and `passengers` names the other modules reading that input (the router, a shared-expert
+    gate: float, their input columns scaled by the fold so the function is unchanged);
+    without it those groups are skipped."""
     if not arch.awq_fold:
         raise UserError(f"{what} is not supported for this architecture yet (no foldable norm "
                         f"is listed in memfit.archs for it); use a recipe without {what}")
     todo, skipped = [], []
     inspects = arch.awq_inspect or (None,) * len(arch.groups)
-    groups = [(g, fold, inspect) for stage, fold, inspect in
-              zip(arch.stages(block), arch.awq_fold, inspects) for g in stage]
-    for group, fold, inspect in groups:
-        if not any(wants(specs.get(n)) for n in group):
+    for stage, fold, inspect in zip(arch.stages(block), arch.awq_fold, inspects):
+        wanted = [g for g in stage if any(wants(specs.get(n)) for n in g)]
+        if not wanted:
             continue
-        if fold is not None and fold.startswith("^"):  # a sibling of the group's linears
-            fold = f"{group[0].rpartition('.')[0]}.{fold[1:]}".lstrip(".")
-        first = block.get_submodule(group[0])
-        src = None if fold is None else block.get_submodule(fold)
-        width = src.out_features if isinstance(src, torch.nn.Linear) else \
-            getattr(src, "weight", torch.empty(0)).shape[0]
-        tie = _gqa_tie(block, fold, width, first.in_features) if tied and src is not None \
-            and isinstance(src, torch.nn.Linear) and width != first.in_features else None
-        if src is None or not isinstance(first, torch.nn.Linear):
-            skipped.append((list(group), "no foldable op before this group"))
-        elif width != first.in_features and tie is None:
-            skipped.append((list(group), f"{fold} gives {width} channels, the group reads "
-                                         f"{first.in_features} (grouped-query attention)"))
-        else:
-            todo.append((list(group), fold, tie, inspect))
+        if arch.experts and fold is not None and not fold.startswith("^") \
+                and any(".experts." in n or "shared_expert" in n for g in stage for n in g):
+            if not merge:
+                why = f"{fold} feeds the router and every expert: only AWQ scales this input"
+                skipped += [(list(g), why) for g in wanted]
+                continue
+            names = [n for g in stage for n in g]  # every expert's, wanted or not: one fold
+            todo.append((names, fold, None, inspect,
+                         _passengers(block, inspect, names, block.get_submodule(names[0]))))
+            continue
+        for group in wanted:
+            _plan_group(block, group, fold, inspect, tied, todo, skipped)
     return todo, skipped
+
+
+def _plan_group(block, group, fold, inspect, tied, todo: list, skipped: list) -> None:
+    if fold is not None and fold.startswith("^"):  # a sibling of the group's linears
+        fold = f"{group[0].rpartition('.')[0]}.{fold[1:]}".lstrip(".")
+    first = block.get_submodule(group[0])
+    src = None if fold is None else block.get_submodule(fold)
+    width = src.out_features if isinstance(src, torch.nn.Linear) else \
+        getattr(src, "weight", torch.empty(0)).shape[0]
+    tie = _gqa_tie(block, fold, width, first.in_features) if tied and src is not None \
+        and isinstance(src, torch.nn.Linear) and width != first.in_features else None
+    if src is None or not isinstance(first, torch.nn.Linear):
+        skipped.append((list(group), "no foldable op before this group"))
+    elif width != first.in_features and tie is None:
+        skipped.append((list(group), (f"{fold} gives {width} channels, the group reads "
+                                      f"{first.in_features} (grouped-query attention)")))
+    else:
+        todo.append((list(group), fold, tie, inspect, None))
+
+
+def _passengers(block, moe: str, names: list[str], first) -> list[str]:
+    """The modules of mixture `moe` besides `names` that read its input: a 2-D weight over its
+    hidden channels outside the experts (the router; Qwen2-MoE's shared-expert gate)."""
+    hidden = first.in_features
+    out = []
+    for n, m in block.get_submodule(moe).named_modules():
+        full = f"{moe}.{n}"
+        w = getattr(m, "weight", None)
+        if n and full not in names and isinstance(w, torch.Tensor) and w.dim() == 2 \
+                and w.shape[1] == hidden and ".experts." not in f".{n}." \
+                and "shared_expert." not in n and "shared_experts." not in n:
+            out.append(full)
+    return out
 
 
 def _gqa_tie(block, fold: str, width: int, in_features: int) -> torch.Tensor | None:
@@ -162,17 +196,23 @@ def _collect(block, arch, todo: list, store: ActivationStore, kwargs: dict) -> l
     rows = len(store) * first.shape[0] * (first.shape[1] if first.dim() > 2 else 1)
     stride = max(1, -(-rows // HESSIAN_ROWS))
     keep = max(1, -(-rows // INSPECT_ROWS))
-    for names, _, _, inspect in todo:
+    for names, _, _, inspect, passengers in todo:
         mod = block.get_submodule(names[0])
         stat = _AWQStat(mod.in_features, mod.weight.device, stride, keep if inspect else None,
                         inspect in arch.awq_mixing)
-        handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+        if passengers is None:
+            handles.append(mod.register_forward_hook(lambda _m, inp, _o, s=stat: s.update(inp[0])))
+        else:  # a mixture's experts: every token's input, at the MoE module
+            handles.append(block.get_submodule(inspect).register_forward_pre_hook(
+                lambda _m, a, kw, s=stat: s.update(a[0] if a else kw["hidden_states"]),
+                with_kwargs=True))
         stats.append(stat)
     replay(block, store, kwargs, handles)
     return stats
 
 
-def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: dict):
+def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: dict,
+                 batched: bool = False):
     """The search's loss: mean squared error of module `inspect`'s output on the kept inputs
     when linears `names` (inside it) hold the candidate weights, vs its float output. Whole
     kept windows (attention) are run with the block's keyword arguments (mask, positions)."""
@@ -180,6 +220,8 @@ def _module_loss(block, inspect: str, names: list[str], stat: _AWQStat, kwargs: 
 
     mod = block.get_submodule(inspect)
     xs = stat.kept if stat.whole else [torch.cat(stat.kept)]  # [(rows, in)] or [(b, t, in)]
+    if batched:  # a mixture-of-experts module wants (batch, tokens, in)
+        xs = [x[None] for x in xs]
     kw = {k: v for k, v in kwargs.items() if k != "hidden_states"} if stat.whole else {}
     keys = [n[len(inspect) + 1:] + ".weight" for n in names]
     dtype = block.get_submodule(names[0]).weight.dtype
@@ -216,10 +258,10 @@ def fold_(src: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
 def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -> list[dict]:
     """Search and fold the AWQ scales of every group of `block` whose specs ask for it, in
     place; -> log entries (alpha, output errors, or why a group was skipped)."""
-    todo, skipped = _plan(block, arch, specs, tied=True)
+    todo, skipped = _plan(block, arch, specs, tied=True, merge=True)
     log = [{"modules": names, "awq": {"skipped": why}, "error": None} for names, why in skipped]
     stats = _collect(block, arch, todo, store, kwargs) if todo else []
-    for (names, fold, tie, inspect), stat in zip(todo, stats):
+    for (names, fold, tie, inspect, passengers), stat in zip(todo, stats):
         if stat.rows == 0:  # an expert no calibration token reached (memfit.moe)
             log.append({"modules": names, "awq": {"skipped": "no calibration token reached "
                                                               "these experts"}, "error": None})
@@ -231,7 +273,8 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
         src = block.get_submodule(fold)
         clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
         plain, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
-        loss = _module_loss(block, inspect, quantized, stat, kwargs) if inspect else None
+        loss = _module_loss(block, inspect, quantized, stat, kwargs,
+                            batched=passengers is not None) if inspect else None
 
         def search(quantize, spec=spec, weights=weights, stat=stat, tie=tie, src=src, loss=loss):
             return search_scale(
@@ -249,11 +292,13 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
                 res, clip = unclipped, False
         stat.kept.clear()
         if res.alpha > 0 or res.duo:
-            fold_(src, [block.get_submodule(n) for n in names], res.scale, res.source_scale,
-                  arch.norm_offset)
+            fold_(src, [block.get_submodule(n) for n in names + (passengers or [])], res.scale,
+                  res.source_scale, arch.norm_offset)
         entry = {"alpha": res.alpha, "duo": res.duo, "fold": fold, "tied": tie is not None,
                  "measured": inspect or "linear outputs", "clip_in_search": joint and clip,
                  "output_error": res.error, "rtn_output_error": res.rtn_error}
+        if passengers is not None:
+            entry["also_scaled"] = passengers
         if clip:
             s = res.scale
             entry["clip"] = _clip_(block, [n for n in quantized if n not in arch.awq_no_clip],

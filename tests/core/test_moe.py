@@ -163,11 +163,13 @@ def test_compressed_moe_saves_and_loads_both_ways(tmp_path, tiny_config):
     torch.testing.assert_close(hf, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_awq_folds_leave_the_float_function_unchanged(tiny_config, family):
     """Every AWQ fold memfit plans in a MoE block (attention producers, each expert's and the
-    shared expert's up -> down; DeepSeek's latent norms), with random scales: the logits do not
-    move. gpt-oss's gate clamps up and adds 1, so its down projections are not folded."""
+    shared expert's up -> down; DeepSeek's latent norms; the MLP norm into all experts' and the
+    shared expert's gate/up at once, the router and a shared-expert gate scaled with them), with
+    random scales: the logits do not move. gpt-oss's gate clamps up and adds 1, so its down
+    projections are not folded."""
     from memfit.awq import _plan, fold_
     from memfit.configs import RTN
 
@@ -183,19 +185,23 @@ def test_awq_folds_leave_the_float_function_unchanged(tiny_config, family):
     folded = set()
     for block in block_list(model, arch):
         specs = {n: spec for g in arch.block_groups(block) for n in g}
-        todo, _ = _plan(block, arch, specs, tied=True)
-        for names, fold, tie, _ in todo:
-            lins = [block.get_submodule(n) for n in names]
+        todo, _ = _plan(block, arch, specs, tied=True, merge=True)
+        for names, fold, tie, _, passengers in todo:
+            lins = [block.get_submodule(n) for n in names + (passengers or [])]
+            if passengers is not None:
+                folded.add("router")
+                assert passengers and all(".experts." not in n for n in passengers), passengers
             gen = torch.Generator().manual_seed(len(folded))
             width = lins[0].in_features if tie is None else int(tie.max()) + 1
             src_s = torch.rand(width, generator=gen) + 0.5  # the producer's channels
             s = src_s if tie is None else src_s[tie]  # grouped-query o_proj: tied slots
             fold_(block.get_submodule(fold), lins, s, src_s, arch.norm_offset)
-            folded.add(names[0].split(".")[-1] if ".experts." not in names[0] else "experts")
+            if passengers is None:
+                folded.add(names[0].split(".")[-1] if ".experts." not in names[0] else "experts")
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
-    assert ("experts" in folded) == (family != "gpt_oss")
+    assert ("experts" in folded) == (family != "gpt_oss") and "router" in folded
 
 
 def test_planner_gives_an_unreached_expert_its_layers_mean_statistics():
@@ -275,8 +281,9 @@ def test_training_a_moe_model_saves_one_linear_per_expert(tmp_path, save_tiny):
 
 @pytest.mark.parametrize("recipe", ["w4g64-awq", "w8a8-sq"])
 def test_awq_and_smoothquant_on_experts_skip_what_they_cannot_fold(tiny_config, recipe):
-    """Attention and each reached expert's down projection are scaled; the experts' gate/up
-    (one norm feeds the router too) and an expert no token reached are skipped, and logged."""
+    """Attention and each reached expert's down projection are scaled, an expert no token
+    reached is skipped, and logged; the experts' gate/up (one norm feeds the router and every
+    expert) get one AWQ scale for all, the router scaled with them, and SmoothQuant skips them."""
     from memfit.api import compress_
 
     model = _tiny(tiny_config, "mixtral")
@@ -290,7 +297,13 @@ def test_awq_and_smoothquant_on_experts_skip_what_they_cannot_fold(tiny_config, 
     assert entries["mlp.experts.1.down_proj"]["fold"] == "mlp.experts.1.up_proj"
     assert entries["mlp.experts.3.down_proj"] == {
         "skipped": "no calibration token reached these experts"}
-    assert entries["mlp.experts.0.gate_proj"] == {"skipped": "no foldable op before this group"}
+    if key == "awq":
+        moe = next(e for e in report["layers"][:40] if e["modules"][0] == "mlp.experts.0.gate_proj")
+        assert len(moe["modules"]) == 8 and moe["modules"][-1] == "mlp.experts.3.up_proj"
+        assert moe["awq"]["fold"] == "post_attention_layernorm"
+        assert moe["awq"]["measured"] == "mlp" and moe["awq"]["also_scaled"] == ["mlp.gate"]
+    else:
+        assert "feeds the router" in entries["mlp.experts.0.gate_proj"]["skipped"]
     assert entries["self_attn.q_proj"]["fold"] == "input_layernorm"
     ids = torch.randint(0, 30522, (1, 8))
     with torch.no_grad():
