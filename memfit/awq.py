@@ -31,6 +31,14 @@ model (benchmarks/RESULTS.md, AWQ round 3): clipping after an α chosen for uncl
 the block output worse than no clip at all (gate/up's clip, scored on their own outputs, costs
 the MLP's output); scoring each α after its clip cut the block error by 27%.
 
+A mixture of experts (memfit.moe, `Arch.experts`): one norm feeds the router and every
+expert's (and a shared expert's) gate/up, so those groups become one group with one scale,
+its statistics taken at the MoE module's input (every token), each candidate scored on the MoE
+module's output (routing included), and the fold also multiplies the input columns of the
+other modules that read that input (the router, a shared-expert gate: `_passengers`, float),
+so the routing and the float function are unchanged. The clip search of each expert then uses
+the Hessian of every token, not of its routed ones. SmoothQuant skips these groups.
+
 Statistics come from one pass of the block as it is (float): every fold only rescales its own
 group's input, so the other groups' inputs do not change. Mean |x| counts every calibration
 token; the Hessian of the output error is built from about HESSIAN_ROWS evenly strided tokens,
