@@ -36,8 +36,9 @@ expert's (and a shared expert's) gate/up, so those groups become one group with 
 its statistics taken at the MoE module's input (every token), each candidate scored on the MoE
 module's output (routing included), and the fold also multiplies the input columns of the
 other modules that read that input (the router, a shared-expert gate: `_passengers`, float),
-so the routing and the float function are unchanged. The clip search of each expert then uses
-the Hessian of every token, not of its routed ones. SmoothQuant skips these groups.
+so the routing and the float function are unchanged. That group is not clipped (a clip search
+inside the α search over every expert was 2.6x slower; each expert's would want its routed
+tokens' Hessian). SmoothQuant skips these groups.
 
 Statistics come from one pass of the block as it is (float): every fold only rescales its own
 group's input, so the other groups' inputs do not change. Mean |x| counts every calibration
@@ -279,7 +280,10 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
         weights = [(block.get_submodule(n).weight.detach().float(), specs[n].format)
                    for n in quantized]
         src = block.get_submodule(fold)
-        clipped = [spec.awq_clip and n not in arch.awq_no_clip for n in quantized]
+        # A mixture's experts are not clipped: their clip search inside the α search, over
+        # every expert, made a block's AWQ 2.6x slower (benchmarks/RESULTS.md, session 33).
+        clip_ok = spec.awq_clip and passengers is None
+        clipped = [clip_ok and n not in arch.awq_no_clip for n in quantized]
         plain, joint = _quantizer(spec), JOINT and spec.awq_clip and _cheap(spec)
         loss = _module_loss(block, inspect, quantized, stat, kwargs,
                             batched=passengers is not None) if inspect else None
@@ -293,7 +297,7 @@ def awq_block_(block, arch, specs: dict, store: ActivationStore, kwargs: dict) -
         # lowers each linear's own output error; a group scored on a module's output (gate/up
         # on the MLP's) keeps it only where that output is lower with it than without.
         res = search([clipped_rtn(TWO_SIDED) if c else plain for c in clipped] if joint else plain)
-        clip = spec.awq_clip
+        clip = clip_ok
         if joint and inspect and any(clipped):
             unclipped = search(plain)
             if unclipped.error < res.error:
