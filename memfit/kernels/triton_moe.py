@@ -29,6 +29,22 @@ from memfit.kernels.sizes import cdiv
 
 
 @triton.jit
+def _scale_zero(s_ptr, z_ptr, rn64, n_ok, g, stride_sn, stride_zn, BITS: tl.constexpr,
+                ZMODE: tl.constexpr, BN: tl.constexpr):
+    """Group g's float32 scales and zero points of rows rn64 (ZMODE 0 symmetric, 1 packed
+    integers, 2 floats)."""
+    s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+    if ZMODE == 0:
+        z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
+    elif ZMODE == 1:
+        zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok, other=0).to(tl.int32)
+        z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
+    else:
+        z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
               R, N, K, stride_xr, stride_qn, stride_sn, stride_zn, stride_ys, stride_yr,
               KT_PER: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ZMODE: tl.constexpr,
@@ -61,16 +77,8 @@ def _moe_gemv(x_ptr, ids_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_ptr, s_ptr, z_pt
             for t in range(0, KT_PER):
                 k0 = (pid_k * KT_PER + t) * BK
                 g = k0 // G
-                s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                if ZMODE == 0:
-                    z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
-                elif ZMODE == 1:
-                    zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
-                                 other=0).to(tl.int32)
-                    z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
-                else:
-                    z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok,
-                                other=0.0).to(tl.float32)
+                s, z = _scale_zero(s_ptr, z_ptr, rn64, n_ok, g, stride_sn, stride_zn, BITS, ZMODE,
+                                   BN)
                 if BITS == 4:  # a byte: code 2j (low nibble) and 2j + 1 (high)
                     j = tl.arange(0, BK // 2)
                     b = tl.load(q_ptr + rn64[:, None] * stride_qn + k0 // 2 + j[None, :],
@@ -150,16 +158,8 @@ def _moe_grouped(x_ptr, order_ptr, cnt_ptr, qo_ptr, so_ptr, zo_ptr, bo_ptr, q_pt
                 z_ptr += tl.load(zo_ptr + e64)
             for k0 in range(0, K, BK):  # BK divides the group and K (same_kind, _tile_k)
                 g = k0 // G
-                s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                if ZMODE == 0:
-                    z = tl.zeros((BN,), tl.float32) + (1 << (BITS - 1))
-                elif ZMODE == 1:
-                    zb = tl.load(z_ptr + rn64 * stride_zn + (g * BITS) // 8, mask=n_ok,
-                                 other=0).to(tl.int32)
-                    z = ((zb >> ((g * BITS) % 8)) & ((1 << BITS) - 1)).to(tl.float32)
-                else:
-                    z = tl.load(z_ptr + rn64 * stride_zn + g, mask=n_ok,
-                                other=0.0).to(tl.float32)
+                s, z = _scale_zero(s_ptr, z_ptr, rn64, n_ok, g, stride_sn, stride_zn, BITS, ZMODE,
+                                   BN)
                 if BITS == 4:  # a byte: code 2j (low nibble) and 2j + 1 (high)
                     j = tl.arange(0, BK // 2)
                     b = tl.load(q_ptr + rn64[None, :] * stride_qn + k0 // 2 + j[:, None],
