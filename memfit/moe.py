@@ -119,9 +119,9 @@ class Experts(nn.Module):
         gate, up, down = self._tables
         if ids.numel() <= ROUTED_MAX:  # decode: a row tile of an expert's weights per program
             ids = torch.where(valid, ids, 0).to(torch.int32)
-            x = hidden_states.repeat_interleave(k, 0)
-            h = self._gated(moe_linear(x, ids, gate), moe_linear(x, ids, up))
-            y = moe_linear(h.contiguous(), ids, down)
+            x = hidden_states.contiguous()  # row r of the pairs reads token r // k
+            h = self._gated(moe_linear(x, ids, gate, k), moe_linear(x, ids, up, k))
+            y = moe_linear(h.contiguous(), ids, down, slots=k)
         else:  # prefill: the pairs sorted by expert, BM of them a program
             groups = Groups(ids, self.num_experts)
             x = hidden_states.contiguous()

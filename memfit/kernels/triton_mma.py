@@ -139,7 +139,8 @@ def _fold(acc, wd, s, nz, x32, zx32, wi, rg, rw, NSUB: tl.constexpr, EPI_TEXT: t
 
 @triton.jit
 def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M, N, ITERS,
-              STEPS, stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, GROUP: tl.constexpr,
+              STEPS, stride_xm, stride_qn, stride_sn, stride_zn, stride_ps, ids_ptr, t_ptr, X_DIV,
+              GROUP: tl.constexpr,
               ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, MT: tl.constexpr,
               NSUB: tl.constexpr, HALVES: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
               U: tl.constexpr, ASM: tl.constexpr, ASM_TEXT: tl.constexpr,
@@ -147,7 +148,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
               EPI_CONS: tl.constexpr = "", EVEN: tl.constexpr = False,
-              FOLD: tl.constexpr = False):
+              FOLD: tl.constexpr = False, ROUTED: tl.constexpr = False):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
     all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
@@ -160,7 +161,22 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
     EPI (M = 1, GPU, U = 1): the scales and zero points are loaded by `mma_ptx.param_asm` and the tile
     folded into the accumulator by `mma_ptx.epi_asm`; the accumulator's slots then hold the columns
     that matter (as the other paths' do after the store's masking). FOLD (M = 1, U = 1, GPU):
-    the scales and zero points loaded by Triton, the tile folded in by `mma_ptx.epi_asm`."""
+    the scales and zero points loaded by Triton, the tile folded in by `mma_ptx.epi_asm`.
+    ROUTED (M = 1 a program): program_id(2) = r, a mixture of experts' (token, slot) pair; its
+    expert ids[r]'s tensors sit at the element offsets of row ids[r] of the (experts, 4) table
+    t (codes in words, scales, zero points, bias), its activations are row r // X_DIV of x, its
+    output row r of y (memfit.kernels.triton_moe.moe_mma)."""
+    if ROUTED:
+        r = tl.program_id(2)
+        t_ptr += tl.load(ids_ptr + r).to(tl.int64) * 4
+        q_ptr += tl.multiple_of(tl.load(t_ptr), 4)  # 16-byte aligned rows (Table checks)
+        s_ptr += tl.load(t_ptr + 1)
+        z_ptr += tl.load(t_ptr + 2)
+        b_ptr += tl.load(t_ptr + 3)
+        x_ptr += (r // X_DIV).to(tl.int64) * stride_xm
+        y_ptr += r.to(tl.int64) * N
+        p_ptr += r.to(tl.int64) * N
+        c_ptr += r * tl.num_programs(0)  # its own split-K arrival counters
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -312,7 +328,7 @@ def mma_ineligibility(w: IntWeight, m: int, dtype: torch.dtype) -> str | None:
 
 def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_warps: int,
             unroll: int = 1, epi: bool = False, reps: int = 1, prefetch: int = 1,
-            maxnreg: int = 0, plan: bool = False):
+            maxnreg: int = 0, plan: bool = False, route: tuple | None = None):
     """(M, in) -> (M, out) through `_mma_gemv` (see mma_ineligibility for what it takes); epi:
     the asm epilogue where it applies (M = 1, one tile a step, registers prefetch, GPU); reps:
     rows of a lane per asm call (it must divide the lane's rows, BN / (8 * num_warps)): M > 1
@@ -321,8 +337,12 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     maxnreg: ptxas's cap on registers a thread (0: its own choice, which at M = 1 sinks the next
     tile's loads below most of the mma chain to stay at 96-103 registers); plan: also return
     a callable x2 -> y that launches the compiled kernel again with everything but the
-    activations and outputs fixed (memfit.kernels.replay)."""
+    activations and outputs fixed (memfit.kernels.replay); route: (ids, table, x_div) of
+    memfit.kernels.triton_moe.moe_mma (w: the first expert's weight; y: a row per id)."""
     m, k = x2.shape
+    pairs = m if route is None else route[0].numel()
+    if route is not None:
+        m = 1
     n = w.shape[0]
     mt = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())  # token columns: 1, 8, 16, 32
     if mt == 1 and not mma_ptx.PAIRED:
@@ -349,20 +369,21 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     q = w.qdata.view(torch.int32)
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    grid = (cdiv(n, bn), split_k)
-    part, cnt = split_buffers(y, split_k, grid[0], q)
+    y = torch.empty(pairs, n, dtype=x2.dtype, device=x2.device)
+    grid = (cdiv(n, bn), split_k) + (() if route is None else (pairs,))
+    part, cnt = split_buffers(y, split_k, grid[0] * pairs if route else grid[0], q)
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     # the stored layout's two adjacent 16-bit scales of a tile in one 32-bit load (EPI, g64)
-    wide = (epi and w.group_size == 64 and not w.tile_rows and sdt != "f32"
+    wide = (epi and w.group_size == 64 and not w.tile_rows and sdt != "f32" and route is None
             and w.scale.data_ptr() % 4 == 0 and w.scale.stride(0) % 2 == 0)
     args = (x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps,
-            x2.stride(0), q.stride(0), w.scale.stride(0), z.stride(0), m * n)
+            x2.stride(0), q.stride(0), w.scale.stride(0), z.stride(0), pairs * n,
+            *(route or (q, q, 1)))
     kw = dict(**constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn,
                           split_k, unroll, w.tile_rows, epi, reps, bias is not None,
                           not INTERPRET, prefetch, mt == 1 and n % bn == 0, wide),
-              num_warps=num_warps, num_stages=1, **pdl.launch_kw(),
+              num_warps=num_warps, num_stages=1, ROUTED=route is not None, **pdl.launch_kw(),
               **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     kernel = _mma_gemv[grid](*args, **kw)
     LAST[0] = kernel

@@ -225,6 +225,7 @@ class Table:
             self.s = self.z = self.s_off = self.z_off = None
             self.shape, self.bits, self.group, self.zmode = tuple(first.shape), 16, 0, 0
             return
+        self.first, self.mma = first, None  # (its IntWeight; moe_mma's offsets, built on use)
         self.q, self.s, self.z = first.qdata, first.scale, first.zero
         self.q_off = offsets([w.qdata for w in weights])
         self.s_off = offsets([w.scale for w in weights])
@@ -276,8 +277,19 @@ def _tile_k(t: Table) -> int:
     return next(bk for bk in (128, 64, 32) if t.group % bk == 0 and k % bk == 0)
 
 
-def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
-    """(R, K) activations and (R,) int32 expert ids -> (R, N) in x's dtype (R <= 64)."""
+def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table, x_div: int = 1,
+               slots: int = 0) -> torch.Tensor:
+    """(R / x_div, K) activations and (R,) int32 expert ids -> (R, N) in x's dtype (R <= 64;
+    row r reads x[r // x_div]; slots: rows a token, its experts distinct, default x_div). Rows
+    expected to name mostly distinct experts take moe_mma, the rest `_moe_gemv`."""
+    if mma_form(t, x.dtype, ids.numel(), slots or x_div):
+        return moe_mma(x, ids, t, x_div)
+    return moe_gemv(x.repeat_interleave(x_div, 0) if x_div > 1 else x, ids, t)
+
+
+def moe_gemv(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
+    """(R, K) activations and (R,) int32 expert ids -> (R, N) through `_moe_gemv`: a program
+    takes BN output rows of one expert and every row routed to it."""
     r, k = x.shape
     n = t.shape[0]
     assert k == t.shape[1] and x.stride(1) == 1 and r <= 64, (x.shape, t.shape)
@@ -303,6 +315,57 @@ def moe_linear(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
         BN=bn, BK=bk, RB=rb, DOT=dot, num_warps=WARPS)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype)
+
+
+# Routed rows take moe_mma (a program per row: its expert's weights read once per row) when the
+# rows are expected to name mostly distinct experts: rows / E[distinct experts] <= MMA_DUP, T
+# tokens of k distinct experts each routed uniformly over E (one token: 1.0).
+MMA_ROWS = True
+MMA_DUP = 1.5
+
+
+def mma_form(t: Table, dtype: torch.dtype, rows: int, slots: int = 1) -> bool:
+    """Whether moe_linear takes moe_mma for `rows` routed rows of `dtype` activations, `slots`
+    of them a token."""
+    if not MMA_ROWS or t.dense or rows > 64:
+        return False
+    from memfit.kernels.triton_mma import mma_ineligibility
+    if mma_ineligibility(t.first, 1, dtype) is not None:
+        return False
+    e, k = t.experts, max(1, min(slots, t.experts))
+    distinct = e * (1 - (1 - k / e) ** (rows / k))
+    return rows <= k or rows / distinct <= MMA_DUP
+
+
+def mma_offsets(t: Table) -> torch.Tensor:
+    """moe_mma's (experts, 4) int64 table: each expert's element offsets of its codes (in 32-bit
+    words), scales, zero points and bias from the first expert's (kept on `t`)."""
+    if t.mma is None:
+        none = torch.zeros_like(t.s_off)
+        t.mma = torch.stack([t.q_off * t.q.element_size() // 4, t.s_off,
+                             none if t.z_off is None else t.z_off,
+                             none if t.b_off is None else t.b_off], 1).contiguous()
+    return t.mma
+
+
+def moe_mma(x: torch.Tensor, ids: torch.Tensor, t: Table, x_div: int = 1) -> torch.Tensor:
+    """Each routed row r through memfit.kernels.triton_mma's M = 1 tensor-core kernel on expert
+    ids[r]'s 4-bit codes (the dense decode path's kernel, its launch shape chosen for one
+    expert's shape, K split fewer ways as the rows already multiply the programs); row r reads
+    x[r // x_div]. (R,) ids -> (R, N) in x's dtype."""
+    from memfit.kernels import triton_int
+    from memfit.kernels.launch_shapes import mma_candidates
+    from memfit.kernels.triton_mma import run_mma
+    cfg = triton_int.choose(x[:1], t.first, None)
+    if cfg.words != "mma":
+        cfg = mma_candidates(1, t.first)[0]
+    steps = t.shape[1] // 128 // (cfg.BK // 128)
+    split = max(1, cfg.SPLIT_K // ids.numel())
+    while split > 1 and (split - 1) * cdiv(steps, split) >= steps:
+        split -= 1
+    return run_mma(x, t.first, t.bias, cfg.BN, split, cfg.num_warps, cfg.BK // 128,
+                   epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages, maxnreg=cfg.regs,
+                   route=(ids, mma_offsets(t), x_div))
 
 
 class Groups:

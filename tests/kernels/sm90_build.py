@@ -9,6 +9,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
@@ -46,16 +47,18 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
                bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1,
-               wide: bool = False):
+               wide: bool = False, routed: bool = False):
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
            "p_ptr": "*fp32", "c_ptr": "*i32", "zx_ptr": "*i32", "M": "i32", "N": "i32",
            "ITERS": "i32", "STEPS": "i32", "stride_xm": "i32", "stride_qn": "i32",
-           "stride_sn": "i32", "stride_zn": "i32", "stride_ps": "i32"}
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ps": "i32", "ids_ptr": "*i32",
+           "t_ptr": "*i64", "X_DIV": "i32"}
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
-                                 False, True, prefetch, False, wide) | {"PDL": False}
+                                 False, True, prefetch, False, wide) | {"PDL": False,
+                                                                        "ROUTED": routed}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
@@ -72,9 +75,15 @@ CASES = (
 
 
 def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1,
-              prefetch=1, wide=False):
-    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch, wide)
+              prefetch=1, wide=False, routed=False):
+    k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch, wide,
+                   routed)
     ptx = k.asm["ptx"]
+    if routed:  # an expert's codes at a loaded offset still load as 16-byte vectors
+        plain = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps,
+                           prefetch, wide).asm["ptx"]
+        vec = lambda p: len(re.findall(r"ld\.global[.\w]*\.v4\.b32", p))
+        assert vec(ptx) == vec(plain) > 0, ("routed vector loads", vec(ptx), vec(plain))
     # wide: the two scales of a tile (groups of 64, stored layout) in one 32-bit load
     assert ("ld.global.nc.b32 h," in ptx) == (wide and epi and nsub == 2 and not rb), "wide"
     assert ptx.count("mma.sync.aligned.m16n8k16") >= (8 if mt < 16 else 16), "mma count"
@@ -272,6 +281,11 @@ def _checks() -> dict:
     checks |= {f"mma_wide{c}": (check_mma, c[:7] + (128, 4, 1, c[7], 2, True))
                for c in [(1, 2, 1, "bf16", True, 0, True, 2), (1, 2, 0, "f16", False, 0, True, 1),
                          (1, 2, 1, "bf16", True, 64, True, 2), (1, 1, 1, "bf16", True, 0, True, 2)]}
+    # memfit.kernels.triton_moe.moe_mma: a mixture of experts' routed rows, M = 1 a program
+    checks |= {f"mma_routed{c}": (check_mma, c[:7] + (c[7], c[8], 1, c[9], 2, False, True))
+               for c in [(1, 1, 1, "bf16", True, 0, False, 128, 4, 4),
+                         (1, 2, 1, "bf16", True, 0, True, 128, 4, 4),
+                         (1, 1, 0, "f16", False, 0, True, 256, 8, 2)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),

@@ -171,3 +171,101 @@ def test_grouped_kernel_dense_experts_and_groups():
     got = triton_moe.moe_grouped(x, g, table)
     want = torch.stack([x[p] @ weights[int(ids[p])].T for p in range(90)])
     assert rel_err(got, want) < 1e-6
+
+
+MMA_CASES = [  # (n, k, group, zero point, bias, x_div, split, (BN, warps, rows a call, tiles
+    # ahead, asm epilogue)): one expert named twice, one never
+    (128, 256, 128, "int", False, 2, 1, (64, 4, 1, 1, False)),
+    (64, 512, 64, "sym", True, 1, 2, (64, 4, 2, 1, True)),
+    (256, 1280, 128, "int", True, 2, 3, (128, 4, 4, 2, False)),  # 10 tiles split 3: uneven
+    (128, 512, 32, "int", False, 1, 4, (128, 4, 4, 1, True)),
+    (96, 384, 128, "sym", False, 4, 2, (256, 8, 2, 2, False))]  # rows past N masked
+
+
+@pytest.mark.parametrize("n,k,group,zp,bias,x_div,split,shape", MMA_CASES)
+def test_mma_rows_match_each_rows_expert(n, k, group, zp, bias, x_div, split, shape):
+    """moe_mma's kernel (memfit.kernels.triton_mma's M = 1 kernel, ROUTED): each row through
+    the expert its id names, at that expert's table offsets, reading token r // x_div, split K
+    ways (partials and arrival counters of its own); on a GPU in the launch shapes the dense
+    chooser picks at M = 1 (two tiles ahead folded in the asm, the asm epilogue)."""
+    from memfit.kernels.triton_mma import run_mma
+
+    experts = [make_weight(n, k, 4, group, zp, seed=7 * e + n, scale_dtype=torch.bfloat16)
+               for e in range(4)]
+    biases = [torch.randn(n, generator=torch.Generator().manual_seed(e)).to(DEV) if bias else None
+              for e in range(4)]
+    table = triton_moe.Table(experts, biases)
+    ids = torch.tensor([3, 1, 0, 3], dtype=torch.int32, device=DEV)
+    x = torch.randn(4 // x_div, k, generator=torch.Generator().manual_seed(n)).to(DEV).bfloat16()
+    bn, warps, reps, ahead, epi = shape
+    route = (ids, triton_moe.mma_offsets(table), x_div)
+    got = run_mma(x, table.first, table.bias, bn, split, warps, epi=epi, reps=reps,
+                  prefetch=ahead, route=route)
+    assert got.shape == (4, n) and got.dtype == torch.bfloat16
+    for r in range(4):
+        e = int(ids[r])
+        want = x[r // x_div].float() @ dequantize(experts[e]).T.to(DEV).float() \
+            + (biases[e] if bias else 0)
+        assert rel_err(got[r].float(), want) < 8e-3, (r, e)  # the bf16 output's rounding
+        other = x[r // x_div].float() @ dequantize(experts[(e + 1) % 4]).T.to(DEV).float()
+        assert rel_err(got[r].float(), other) > 0.5  # another expert's sum is far off
+    again = run_mma(x, table.first, table.bias, bn, split, warps, epi=epi, reps=reps,
+                    prefetch=ahead, route=route)
+    assert torch.equal(again, got)  # the split-K counters were left at zero
+
+
+def test_moe_linear_takes_the_mma_form_for_distinct_experts(monkeypatch):
+    """One token's rows (distinct experts) take moe_mma; many rows over few experts, float32
+    activations, 8-bit codes or float zero points take `_moe_gemv`; both agree."""
+    experts = [make_weight(64, 256, 4, 64, "int", seed=e, scale_dtype=torch.bfloat16)
+               for e in range(8)]
+    table = triton_moe.Table(experts, [None] * 8)
+    bf = torch.bfloat16
+    assert triton_moe.mma_form(table, bf, 2, 2) and triton_moe.mma_form(table, bf, 8, 8)
+    assert triton_moe.mma_form(table, bf, 4, 2)  # 2 tokens x top-2 of 8: 4 / 3.5 distinct
+    assert not triton_moe.mma_form(table, bf, 16, 2)  # 8 tokens: 16 / 7.2 distinct
+    assert not triton_moe.mma_form(table, torch.float32, 2, 2)
+    eight = triton_moe.Table([make_weight(64, 256, 8, 64, "int", seed=e) for e in range(8)],
+                             [None] * 8)
+    flt = triton_moe.Table([make_weight(64, 256, 4, 64, "float", seed=e) for e in range(8)],
+                           [None] * 8)
+    assert not triton_moe.mma_form(eight, bf, 2, 2) and not triton_moe.mma_form(flt, bf, 2, 2)
+    calls = []
+    real = triton_moe.moe_mma
+    monkeypatch.setattr(triton_moe, "moe_mma", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(DEV).to(bf)
+    ids = torch.tensor([5, 2], dtype=torch.int32, device=DEV)
+    got = triton_moe.moe_linear(x, ids, table, 2)
+    assert calls == [1]
+    monkeypatch.setattr(triton_moe, "MMA_ROWS", False)
+    want = triton_moe.moe_linear(x, ids, table, 2)  # `_moe_gemv` on the repeated rows
+    assert calls == [1] and rel_err(got.float(), want.float()) < 8e-3
+
+
+def test_experts_one_token_takes_the_mma_form(tiny_config, monkeypatch):
+    """A bf16 tiny Mixtral (hidden 128, intermediate 256), 4-bit experts: a one-token step's
+    three projections a layer take moe_mma (gate and up read the token's row for both slots,
+    not a copy), and its logits match the loop's."""
+    from transformers import AutoModelForCausalLM
+
+    from memfit.api import compress_
+    from memfit.moe import unfuse_experts_
+
+    torch.manual_seed(0)
+    cfg = tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2, hidden_size=128,
+                      intermediate_size=256)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    unfuse_experts_(model)
+    compress_(model, "w4g64", progress=False)
+    model = model.to(DEV, torch.bfloat16)
+    ids = torch.randint(0, 30522, (1, 1), device=DEV)
+    calls = []
+    real = triton_moe.moe_mma
+    monkeypatch.setattr(triton_moe, "moe_mma", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        monkeypatch.setenv("MEMFIT_MOE_ROUTED", "0")
+        loop = model(ids).logits.float()
+        monkeypatch.setenv("MEMFIT_MOE_ROUTED", "1")
+        routed = model(ids).logits.float()
+    assert calls == [(1, 128), (1, 128), (2, 256)] * cfg.num_hidden_layers
+    assert rel_err(routed, loop) < 2e-2  # bf16 activations, other summation orders

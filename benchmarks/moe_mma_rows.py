@@ -1,0 +1,101 @@
+"""Routed 4-bit experts at decode through the dense path's M = 1 tensor-core kernel
+(memfit.kernels.triton_moe.moe_mma, a program per routed row) against the routed GEMV
+(`_moe_gemv`, a program per expert serving all its rows) on one GPU: a random-weight
+Mixtral-8x7B-shaped model (benchmarks/moe_decode.py's `build`, int4 g128 random codes).
+
+Rows: one layer's gate and down projections alone for R routed rows (R distinct experts up to
+8, then R mod 8), each form, µs a call in a CUDA graph, the bytes of the experts read per µs;
+one expert's gate projection through memfit's dense int4 path at M = 1 (the same kernel, its
+own launch) and bf16 cuBLAS for scale; decode tokens/s at batch 1 and 4 in memfit's CUDA-graph
+decode loop, bf16 routed experts, then int4 with each form. Every moe_mma output is checked
+against the routed GEMV's (relative error printed).
+
+    python benchmarks/moe_mma_rows.py [--layers 16] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def loop_tps_batch(m, new: int, batch: int, prompt: int = 32) -> float:
+    """Decode tokens/s (all rows) of memfit's CUDA-graph loop, best of 2."""
+    from memfit.decode import greedy_static
+
+    ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device="cuda")
+    best = None
+    for _ in range(2):
+        t: dict = {}
+        greedy_static(m, ids, 1 + new, timings=t)
+        best = t["decode_s"] if best is None else min(best, t["decode_s"])
+    return batch * new / best
+
+
+def main() -> None:
+    import memfit.kernels.triton_moe as tm
+    from benchmarks.moe_decode import build, graph_us, to_int4
+    from memfit.kernels import linear
+    from memfit.moe import unfuse_experts_
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers}
+    m = build(a.layers)
+    unfuse_experts_(m)
+    os.environ["MEMFIT_MOE_ROUTED"] = "1"
+    for b in (1, 4):
+        out[f"bf16_routed_b{b}_tps"] = loop_tps_batch(m, a.new, b)
+    to_int4(m)
+    print(json.dumps(out), flush=True)
+    ex = m.model.layers[0].mlp.experts
+    gate, _, down = ex._tables if ex._tables else (None, None, None)
+    if gate is None:  # build the tables: one routed call
+        with torch.no_grad():
+            m(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
+        gate, _, down = ex._tables
+    per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)  # an expert's codes, scales, zeros
+    x1 = torch.randn(1, gate.shape[1], device="cuda", dtype=torch.bfloat16)
+    out["dense_path_one_expert_gate_us"] = graph_us(lambda: linear(x1, gate.first))
+    w = torch.randn(gate.shape, device="cuda", dtype=torch.bfloat16)
+    out["bf16_one_expert_gate_us"] = graph_us(lambda w=w: x1 @ w.T)
+    del w
+    for r in (1, 2, 4, 8, 16):
+        ids = torch.arange(r, device="cuda", dtype=torch.int32) % ex.num_experts
+        x = torch.randn(r, gate.shape[1], device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(r, down.shape[1], device="cuda", dtype=torch.bfloat16)
+        tm.MMA_ROWS = False
+        ref = tm.moe_linear(x, ids, gate).float()
+        tm.MMA_ROWS = True
+        got = tm.moe_mma(x, ids, gate).float()
+        out[f"r{r}_rel_err"] = ((got - ref).norm() / ref.norm()).item()
+        for form in ("gemv", "mma"):
+            for name, t, v in (("gate", gate, x), ("down", down, h)):
+                fn = (lambda t=t, v=v, ids=ids: tm.moe_mma(v, ids, t)) if form == "mma" else \
+                    (lambda t=t, v=v, ids=ids: tm.moe_gemv(v, ids, t))
+                us = graph_us(fn)
+                out[f"{name}_r{r}_{form}_us"] = us
+                out[f"{name}_r{r}_{form}_TBps"] = min(r, ex.num_experts) * per / us / 1e6
+        print(json.dumps({k: v for k, v in out.items() if f"_r{r}_" in k}), flush=True)
+    for b in (1, 4):
+        for flag in (False, True):
+            tm.MMA_ROWS = flag
+            out[f"int4_routed_b{b}_{'mma' if flag else 'gemv'}_tps"] = loop_tps_batch(m, a.new, b)
+    tm.MMA_ROWS = True
+    print(json.dumps(out), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
