@@ -59,11 +59,9 @@ def main() -> None:
     to_int4(m)
     print(json.dumps(out), flush=True)
     ex = m.model.layers[0].mlp.experts
-    gate, _, down = ex._tables if ex._tables else (None, None, None)
-    if gate is None:  # build the tables: one routed call
-        with torch.no_grad():
-            m(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
-        gate, _, down = ex._tables
+    with torch.no_grad():  # one routed call builds the int4 experts' tables
+        m(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
+    gate, _, down = ex._tables
     per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)  # an expert's codes, scales, zeros
     x1 = torch.randn(1, gate.shape[1], device="cuda", dtype=torch.bfloat16)
     out["dense_path_one_expert_gate_us"] = graph_us(lambda: linear(x1, gate.first))
