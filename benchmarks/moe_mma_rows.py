@@ -39,6 +39,34 @@ def loop_tps_batch(m, new: int, batch: int, prompt: int = 32) -> float:
     return batch * new / best
 
 
+def split_sweep(ex, gate, down, out: dict, path: str | None) -> None:
+    """µs a call of moe_mma's kernel at each K split, 1-8 routed rows, the launch shape the
+    dense chooser took for the expert's shape otherwise."""
+    from benchmarks.moe_decode import graph_us
+    from memfit.kernels import triton_int
+    from memfit.kernels.triton_mma import run_mma
+    from memfit.kernels.triton_moe import mma_offsets
+
+    for name, t in (("gate", gate), ("down", down)):
+        x = torch.randn(8, t.shape[1], device="cuda", dtype=torch.bfloat16)
+        cfg = triton_int.choose(x[:1], t.first, None)
+        out[f"{name}_cfg"] = str(cfg)
+        for r in (1, 2, 4, 8):
+            ids = torch.arange(r, device="cuda", dtype=torch.int32) % ex.num_experts
+            for split in sorted({1, 2, 3, 4, 6, 8, cfg.SPLIT_K}):
+                try:
+                    us = graph_us(lambda s=split, ids=ids, xr=x[:r], t=t, c=cfg: run_mma(
+                        xr, t.first, None, c.BN, s, c.num_warps, c.BK // 128, epi=c.epi,
+                        reps=c.reps, prefetch=c.num_stages, route=(ids, mma_offsets(t), 1)))
+                except ValueError:
+                    continue
+                out[f"{name}_r{r}_split{split}_us"] = us
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in out.items() if k.startswith(name)}), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     import memfit.kernels.triton_moe as tm
     from benchmarks.moe_decode import build, graph_us, to_int4
@@ -49,6 +77,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--json")
+    ap.add_argument("--splits", action="store_true", help="only time moe_mma's K splits")
     a = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers}
     m = build(a.layers)
@@ -63,6 +92,8 @@ def main() -> None:
         m(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
     gate, _, down = ex._tables
     per = gate.shape[0] * gate.shape[1] // 2 * (1 + 2.5 / 128)  # an expert's codes, scales, zeros
+    if a.splits:
+        return split_sweep(ex, gate, down, out, a.json)
     x1 = torch.randn(1, gate.shape[1], device="cuda", dtype=torch.bfloat16)
     out["dense_path_one_expert_gate_us"] = graph_us(lambda: linear(x1, gate.first))
     w = torch.randn(gate.shape, device="cuda", dtype=torch.bfloat16)
