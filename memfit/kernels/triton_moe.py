@@ -350,20 +350,17 @@ def mma_offsets(t: Table) -> torch.Tensor:
 
 def moe_mma(x: torch.Tensor, ids: torch.Tensor, t: Table, x_div: int = 1) -> torch.Tensor:
     """Each routed row r through memfit.kernels.triton_mma's M = 1 tensor-core kernel on expert
-    ids[r]'s 4-bit codes (the dense decode path's kernel, its launch shape chosen for one
-    expert's shape, K split fewer ways as the rows already multiply the programs); row r reads
-    x[r // x_div]. (R,) ids -> (R, N) in x's dtype."""
+    ids[r]'s 4-bit codes, in the launch shape the dense path's chooser takes for one expert's
+    shape (its K split too: splitting fewer ways as the rows multiply the programs was up to
+    22% slower at 8 rows, keeping it at most 3.3% off the best split at 1-8 rows; H100, Mixtral
+    shape, benchmarks/RESULTS.md session 34); row r reads x[r // x_div]. (R,) ids -> (R, N)."""
     from memfit.kernels import triton_int
     from memfit.kernels.launch_shapes import mma_candidates
     from memfit.kernels.triton_mma import run_mma
     cfg = triton_int.choose(x[:1], t.first, None)
     if cfg.words != "mma":
         cfg = mma_candidates(1, t.first)[0]
-    steps = t.shape[1] // 128 // (cfg.BK // 128)
-    split = max(1, cfg.SPLIT_K // ids.numel())
-    while split > 1 and (split - 1) * cdiv(steps, split) >= steps:
-        split -= 1
-    return run_mma(x, t.first, t.bias, cfg.BN, split, cfg.num_warps, cfg.BK // 128,
+    return run_mma(x, t.first, t.bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
                    epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages, maxnreg=cfg.regs,
                    route=(ids, mma_offsets(t), x_div))
 
