@@ -3,12 +3,14 @@
 (`_moe_gemv`, a program per expert serving all its rows) on one GPU: a random-weight
 Mixtral-8x7B-shaped model (benchmarks/moe_decode.py's `build`, int4 g128 random codes).
 
-Rows: one layer's gate and down projections alone for R routed rows (R distinct experts up to
-8, then R mod 8), each form, µs a call in a CUDA graph, the bytes of the experts read per µs;
-one expert's gate projection through memfit's dense int4 path at M = 1 (the same kernel, its
-own launch) and bf16 cuBLAS for scale; decode tokens/s at batch 1 and 4 in memfit's CUDA-graph
-decode loop, bf16 routed experts, then int4 with each form. Every moe_mma output is checked
-against the routed GEMV's (relative error printed).
+Rows: the gate and down projections alone for R = 1-64 routed rows (ids r mod 8: distinct
+experts up to 8 rows), each form (moe_mma with the pairs as the grid's first axis, shipped, or
+its last), µs a call in a CUDA graph that calls every layer's in turn (so no expert's weights
+are still in the L2 from the call before), the bytes of the experts read per µs; one expert's
+gate projection through memfit's dense int4 path at M = 1 (the same kernel, its own launch,
+one weight: L2-flattered) and bf16 cuBLAS; decode tokens/s at batch 1, 4 and 16 in memfit's
+CUDA-graph decode loop, bf16 routed experts, then int4 with each form (and moe_mma for every
+step). Every moe_mma output is checked against the routed GEMV's (relative error printed).
 
     python benchmarks/moe_mma_rows.py [--layers 16] [--json OUT]
 """
@@ -57,7 +59,7 @@ def split_sweep(ex, gate, down, out: dict, path: str | None) -> None:
                 try:
                     us = graph_us(lambda s=split, ids=ids, xr=x[:r], t=t, c=cfg: run_mma(
                         xr, t.first, None, c.BN, s, c.num_warps, c.BK // 128, epi=c.epi,
-                        reps=c.reps, prefetch=c.num_stages, route=(ids, mma_offsets(t), 1)))
+                        reps=c.reps, prefetch=c.num_stages, route=(ids, mma_offsets(t), 1, 2)))
                 except ValueError:
                     continue
                 out[f"{name}_r{r}_split{split}_us"] = us
@@ -83,7 +85,7 @@ def main() -> None:
     m = build(a.layers)
     unfuse_experts_(m)
     os.environ["MEMFIT_MOE_ROUTED"] = "1"
-    for b in (1, 4):
+    for b in (1, 4, 16):
         out[f"bf16_routed_b{b}_tps"] = loop_tps_batch(m, a.new, b)
     to_int4(m)
     print(json.dumps(out), flush=True)
@@ -99,27 +101,36 @@ def main() -> None:
     w = torch.randn(gate.shape, device="cuda", dtype=torch.bfloat16)
     out["bf16_one_expert_gate_us"] = graph_us(lambda w=w: x1 @ w.T)
     del w
-    for r in (1, 2, 4, 8, 16):
+    for r in (1, 2, 4, 8, 16, 32, 64):
         ids = torch.arange(r, device="cuda", dtype=torch.int32) % ex.num_experts
         x = torch.randn(r, gate.shape[1], device="cuda", dtype=torch.bfloat16)
         h = torch.randn(r, down.shape[1], device="cuda", dtype=torch.bfloat16)
-        tm.MMA_ROWS = False
-        ref = tm.moe_linear(x, ids, gate).float()
-        tm.MMA_ROWS = True
+        ref = tm.moe_gemv(x, ids, gate).float()
         got = tm.moe_mma(x, ids, gate).float()
         out[f"r{r}_rel_err"] = ((got - ref).norm() / ref.norm()).item()
-        for form in ("gemv", "mma"):
-            for name, t, v in (("gate", gate, x), ("down", down, h)):
-                fn = (lambda t=t, v=v, ids=ids: tm.moe_mma(v, ids, t)) if form == "mma" else \
-                    (lambda t=t, v=v, ids=ids: tm.moe_gemv(v, ids, t))
-                us = graph_us(fn)
+        for form in ("gemv", "mma", "mma_pairs_last"):
+            tm.MMA_PAIRS_FIRST = form == "mma"
+            for name, j, v in (("gate", 0, x), ("down", 2, h)):
+                tabs = [layer.mlp.experts._tables[j] for layer in m.model.layers]
+                f = tm.moe_gemv if form == "gemv" else tm.moe_mma
+
+                def every(f=f, v=v, ids=ids, tabs=tabs):
+                    for t in tabs:
+                        f(v, ids, t)
+                us = graph_us(every, calls=4) / len(tabs)
                 out[f"{name}_r{r}_{form}_us"] = us
                 out[f"{name}_r{r}_{form}_TBps"] = min(r, ex.num_experts) * per / us / 1e6
+        tm.MMA_PAIRS_FIRST = True
         print(json.dumps({k: v for k, v in out.items() if f"_r{r}_" in k}), flush=True)
-    for b in (1, 4):
-        for flag in (False, True):
+    dup = tm.MMA_DUP
+    for b in (1, 4, 16):  # the routed GEMV, moe_mma where the rows name mostly distinct
+        for form, flag, tm.MMA_DUP in (("gemv", False, dup), ("mma", True, dup),  # experts, and
+                                       ("mma_all", True, 1e9)):  # moe_mma for every step
+            if b == 1 and form == "mma_all":
+                continue
             tm.MMA_ROWS = flag
-            out[f"int4_routed_b{b}_{'mma' if flag else 'gemv'}_tps"] = loop_tps_batch(m, a.new, b)
+            out[f"int4_routed_b{b}_{form}_tps"] = loop_tps_batch(m, a.new, b)
+    tm.MMA_DUP = dup
     tm.MMA_ROWS = True
     print(json.dumps(out), flush=True)
     if a.json:

@@ -148,7 +148,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
               EPI: tl.constexpr = False, EPI_TEXT: tl.constexpr = "",
               PARAM_TEXT: tl.constexpr = "", PACK: tl.constexpr = 4, PF: tl.constexpr = 1,
               EPI_CONS: tl.constexpr = "", EVEN: tl.constexpr = False,
-              FOLD: tl.constexpr = False, ROUTED: tl.constexpr = False):
+              FOLD: tl.constexpr = False, ROUTED: tl.constexpr = 0):
     """y[:M, rn] (or split-K partials) for BN rows; program pid_k streams ITERS x U tiles of 16
     words from tile pid_k * ITERS * U on (the last program fewer: STEPS steps of U tiles in
     all, so a split need not divide a row's tiles); each tile adds s * (D - (BASE + z) * XS)
@@ -162,12 +162,16 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
     folded into the accumulator by `mma_ptx.epi_asm`; the accumulator's slots then hold the columns
     that matter (as the other paths' do after the store's masking). FOLD (M = 1, U = 1, GPU):
     the scales and zero points loaded by Triton, the tile folded in by `mma_ptx.epi_asm`.
-    ROUTED (M = 1 a program): program_id(2) = r, a mixture of experts' (token, slot) pair; its
-    expert ids[r]'s tensors sit at the element offsets of row ids[r] of the (experts, 4) table
-    t (codes in words, scales, zero points, bias), its activations are row r // X_DIV of x, its
-    output row r of y (memfit.kernels.triton_moe.moe_mma)."""
+    ROUTED (M = 1 a program): r, a mixture of experts' (token, slot) pair, is program_id(0)
+    (ROUTED 2: the programs of one weight tile for every pair run together, so pairs of one
+    expert share its reads through the L2) or program_id(2) (ROUTED 1); its expert ids[r]'s
+    tensors sit at the element offsets of row ids[r] of the (experts, 4) table t (codes in
+    words, scales, zero points, bias), its activations are row r // X_DIV of x, its output row
+    r of y (memfit.kernels.triton_moe.moe_mma)."""
+    pid_n = tl.program_id(1 if ROUTED == 2 else 0)
+    pid_k = tl.program_id(2 if ROUTED == 2 else 1)
     if ROUTED:
-        r = tl.program_id(2)
+        r = tl.program_id(0 if ROUTED == 2 else 2)
         t_ptr += tl.load(ids_ptr + r).to(tl.int64) * 4
         q_ptr += tl.multiple_of(tl.load(t_ptr), 4)  # 16-byte aligned rows (Table checks)
         s_ptr += tl.load(t_ptr + 1)
@@ -176,9 +180,7 @@ def _mma_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, c_ptr, zx_ptr, M,
         x_ptr += (r // X_DIV).to(tl.int64) * stride_xm
         y_ptr += r.to(tl.int64) * N
         p_ptr += r.to(tl.int64) * N
-        c_ptr += r * tl.num_programs(0)  # its own split-K arrival counters
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+        c_ptr += r * tl.num_programs(1 if ROUTED == 2 else 0)  # its own arrival counters
     rn = pid_n * BN + tl.arange(0, BN)
     rw = tl.arange(0, 16)
     n_ok = tl.full((BN,), 1, tl.int1) if EVEN else rn < N  # EVEN: BN divides N
@@ -337,8 +339,8 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     maxnreg: ptxas's cap on registers a thread (0: its own choice, which at M = 1 sinks the next
     tile's loads below most of the mma chain to stay at 96-103 registers); plan: also return
     a callable x2 -> y that launches the compiled kernel again with everything but the
-    activations and outputs fixed (memfit.kernels.replay); route: (ids, table, x_div) of
-    memfit.kernels.triton_moe.moe_mma (w: the first expert's weight; y: a row per id)."""
+    activations and outputs fixed (memfit.kernels.replay); route: (ids, table, x_div, ROUTED)
+    of memfit.kernels.triton_moe.moe_mma (w: the first expert's weight; y: a row per id)."""
     m, k = x2.shape
     pairs = m if route is None else route[0].numel()
     if route is not None:
@@ -370,8 +372,10 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
     z = w.zero if w.zero is not None else w.scale
     b = bias if bias is not None else w.scale
     y = torch.empty(pairs, n, dtype=x2.dtype, device=x2.device)
-    grid = (cdiv(n, bn), split_k) + (() if route is None else (pairs,))
-    part, cnt = split_buffers(y, split_k, grid[0] * pairs if route else grid[0], q)
+    grid = ((cdiv(n, bn), split_k) if route is None else
+            (pairs, cdiv(n, bn), split_k) if route[3] == 2 else (cdiv(n, bn), split_k, pairs))
+    tiles = cdiv(n, bn)
+    part, cnt = split_buffers(y, split_k, tiles * pairs, q)
     sdt = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}.get(w.scale.dtype)
     epi = epi and not INTERPRET and mt == 1 and unroll == 1 and sdt is not None
     # the stored layout's two adjacent 16-bit scales of a tile in one 32-bit load (EPI, g64)
@@ -379,11 +383,11 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
             and w.scale.data_ptr() % 4 == 0 and w.scale.stride(0) % 2 == 0)
     args = (x2, q, w.scale, z, b, y, part, cnt, _zeros(x2.device), m, n, iters, steps,
             x2.stride(0), q.stride(0), w.scale.stride(0), z.stride(0), pairs * n,
-            *(route or (q, q, 1)))
+            *(route[:3] if route else (q, q, 1)))
     kw = dict(**constants(mt, w.group_size, 0 if w.zero_point == "sym" else 1, sdt, f16, bn,
                           split_k, unroll, w.tile_rows, epi, reps, bias is not None,
                           not INTERPRET, prefetch, mt == 1 and n % bn == 0, wide),
-              num_warps=num_warps, num_stages=1, ROUTED=route is not None, **pdl.launch_kw(),
+              num_warps=num_warps, num_stages=1, ROUTED=route[3] if route else 0, **pdl.launch_kw(),
               **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     kernel = _mma_gemv[grid](*args, **kw)
     LAST[0] = kernel
@@ -396,7 +400,7 @@ def run_mma(x2: torch.Tensor, w: IntWeight, bias, bn: int, split_k: int, num_war
 
     def call(x2: torch.Tensor) -> torch.Tensor:  # x2: contiguous, 16-byte aligned (replay.Plans)
         y = torch.empty(m, n, dtype=dt, device=dev)
-        launch(x2, y, *split_buffers(y, split_k, grid[0], q))
+        launch(x2, y, *split_buffers(y, split_k, tiles, q))
         return y
     return y, call
 

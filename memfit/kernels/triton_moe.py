@@ -322,6 +322,7 @@ def moe_gemv(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
 # tokens of k distinct experts each routed uniformly over E (one token: 1.0).
 MMA_ROWS = True
 MMA_DUP = 1.5
+MMA_PAIRS_FIRST = True  # the pairs as the grid's first axis (ROUTED 2 in triton_mma._mma_gemv)
 
 
 def mma_form(t: Table, dtype: torch.dtype, rows: int, slots: int = 1) -> bool:
@@ -362,7 +363,7 @@ def moe_mma(x: torch.Tensor, ids: torch.Tensor, t: Table, x_div: int = 1) -> tor
         cfg = mma_candidates(1, t.first)[0]
     return run_mma(x, t.first, t.bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
                    epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages, maxnreg=cfg.regs,
-                   route=(ids, mma_offsets(t), x_div))
+                   route=(ids, mma_offsets(t), x_div, 2 if MMA_PAIRS_FIRST else 1))
 
 
 class Groups:

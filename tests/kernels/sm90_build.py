@@ -47,7 +47,7 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
                bn: int = 128, warps: int = 4, unroll: int = 1, reps: int = 1, prefetch: int = 1,
-               wide: bool = False, routed: bool = False):
+               wide: bool = False, routed: int = 0):
     xdt = "fp16" if f16 else "bf16"
     sig = {"x_ptr": f"*{xdt}", "q_ptr": "*i32", "s_ptr": f"*{DT[sdt]}",
            "z_ptr": "*u8" if zmode else f"*{DT[sdt]}", "b_ptr": f"*{xdt}", "y_ptr": f"*{xdt}",
@@ -58,7 +58,7 @@ def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi
     group = 128 // nsub if mt == 1 else 128
     const = triton_mma.constants(mt, group, zmode, sdt, f16, bn, 2, unroll, rb, epi, reps,
                                  False, True, prefetch, False, wide) | {"PDL": False,
-                                                                        "ROUTED": routed}
+                                                                        "ROUTED": int(routed)}
     return build(triton_mma._mma_gemv, sig, const, warps)
 
 
@@ -75,7 +75,7 @@ CASES = (
 
 
 def check_mma(mt, nsub, zmode, sdt, f16, rb, epi, bn=128, warps=4, unroll=1, reps=1,
-              prefetch=1, wide=False, routed=False):
+              prefetch=1, wide=False, routed=0):
     k = mma_kernel(mt, nsub, zmode, sdt, f16, rb, epi, bn, warps, unroll, reps, prefetch, wide,
                    routed)
     ptx = k.asm["ptx"]
@@ -282,10 +282,10 @@ def _checks() -> dict:
                for c in [(1, 2, 1, "bf16", True, 0, True, 2), (1, 2, 0, "f16", False, 0, True, 1),
                          (1, 2, 1, "bf16", True, 64, True, 2), (1, 1, 1, "bf16", True, 0, True, 2)]}
     # memfit.kernels.triton_moe.moe_mma: a mixture of experts' routed rows, M = 1 a program
-    checks |= {f"mma_routed{c}": (check_mma, c[:7] + (c[7], c[8], 1, c[9], 2, False, True))
-               for c in [(1, 1, 1, "bf16", True, 0, False, 128, 4, 4),
-                         (1, 2, 1, "bf16", True, 0, True, 128, 4, 4),
-                         (1, 1, 0, "f16", False, 0, True, 256, 8, 2)]}
+    checks |= {f"mma_routed{c}": (check_mma, c[:7] + (c[7], c[8], 1, c[9], 2, False, c[10]))
+               for c in [(1, 1, 1, "bf16", True, 0, False, 128, 4, 4, 2),
+                         (1, 2, 1, "bf16", True, 0, True, 128, 4, 4, 2),
+                         (1, 1, 0, "f16", False, 0, True, 256, 8, 2, 1)]}
     checks |= {f"kv_planes{b}": (check_planes, (b,)) for b in (2, 4, 8)}
     checks |= {f"kv_mma{c}": (check_kv_mma, c) for c in ((4, 3), (8, 2), (1, 3, False),
                                                           (4, 1, True, 2), (4, 1, True, 0, 2),

@@ -183,7 +183,8 @@ MMA_CASES = [  # (n, k, group, zero point, bias, x_div, split, (BN, warps, rows 
 
 
 @pytest.mark.parametrize("n,k,group,zp,bias,x_div,split,shape", MMA_CASES)
-def test_mma_rows_match_each_rows_expert(n, k, group, zp, bias, x_div, split, shape):
+@pytest.mark.parametrize("order", [1, 2])  # the pairs as the grid's last or first axis
+def test_mma_rows_match_each_rows_expert(n, k, group, zp, bias, x_div, split, shape, order):
     """moe_mma's kernel (memfit.kernels.triton_mma's M = 1 kernel, ROUTED): each row through
     the expert its id names, at that expert's table offsets, reading token r // x_div, split K
     ways (partials and arrival counters of its own); on a GPU in the launch shapes the dense
@@ -198,7 +199,7 @@ def test_mma_rows_match_each_rows_expert(n, k, group, zp, bias, x_div, split, sh
     ids = torch.tensor([3, 1, 0, 3], dtype=torch.int32, device=DEV)
     x = torch.randn(4 // x_div, k, generator=torch.Generator().manual_seed(n)).to(DEV).bfloat16()
     bn, warps, reps, ahead, epi = shape
-    route = (ids, triton_moe.mma_offsets(table), x_div)
+    route = (ids, triton_moe.mma_offsets(table), x_div, order)
     got = run_mma(x, table.first, table.bias, bn, split, warps, epi=epi, reps=reps,
                   prefetch=ahead, route=route)
     assert got.shape == (4, n) and got.dtype == torch.bfloat16
