@@ -4,13 +4,13 @@
 Mixtral-8x7B-shaped model (benchmarks/moe_decode.py's `build`, int4 g128 random codes).
 
 Rows: the gate and down projections alone for R = 1-64 routed rows (ids r mod 8: distinct
-experts up to 8 rows), each form (moe_mma with the pairs as the grid's first axis, shipped, or
-its last), µs a call in a CUDA graph that calls every layer's in turn (so no expert's weights
-are still in the L2 from the call before), the bytes of the experts read per µs; one expert's
-gate projection through memfit's dense int4 path at M = 1 (the same kernel, its own launch,
-one weight: L2-flattered) and bf16 cuBLAS; decode tokens/s at batch 1, 4 and 16 in memfit's
-CUDA-graph decode loop, bf16 routed experts, then int4 with each form (and moe_mma for every
-step). Every moe_mma output is checked against the routed GEMV's (relative error printed).
+experts up to 8 rows), each form (moe_mma with the pairs as the grid's first axis or its
+last; MMA_PAIRS_FIRST picks the shipped one), µs a call in a CUDA graph that calls every
+layer's in turn (so no expert's weights are still in the L2 from the call before), the bytes
+of the experts read per µs; one expert's gate projection through memfit's dense int4 path at
+M = 1 (the same kernel, its own launch, one weight: L2-flattered) and bf16 cuBLAS; decode
+tokens/s at batch 1, 4 and 16 in memfit's CUDA-graph decode loop, bf16 routed experts, then
+int4 with each form (and moe_mma for every step). Every moe_mma output is checked against the routed GEMV's (relative error printed).
 
     python benchmarks/moe_mma_rows.py [--layers 16] [--json OUT]
 """
@@ -108,8 +108,9 @@ def main() -> None:
         ref = tm.moe_gemv(x, ids, gate).float()
         got = tm.moe_mma(x, ids, gate).float()
         out[f"r{r}_rel_err"] = ((got - ref).norm() / ref.norm()).item()
-        for form in ("gemv", "mma", "mma_pairs_last"):
-            tm.MMA_PAIRS_FIRST = form == "mma"
+        first = tm.MMA_PAIRS_FIRST
+        for form in ("gemv", "mma_pairs_first", "mma_pairs_last"):
+            tm.MMA_PAIRS_FIRST = form == "mma_pairs_first"
             for name, j, v in (("gate", 0, x), ("down", 2, h)):
                 tabs = [layer.mlp.experts._tables[j] for layer in m.model.layers]
                 f = tm.moe_gemv if form == "gemv" else tm.moe_mma
@@ -120,7 +121,7 @@ def main() -> None:
                 us = graph_us(every, calls=4) / len(tabs)
                 out[f"{name}_r{r}_{form}_us"] = us
                 out[f"{name}_r{r}_{form}_TBps"] = min(r, ex.num_experts) * per / us / 1e6
-        tm.MMA_PAIRS_FIRST = True
+        tm.MMA_PAIRS_FIRST = first
         print(json.dumps({k: v for k, v in out.items() if f"_r{r}_" in k}), flush=True)
     dup = tm.MMA_DUP
     for b in (1, 4, 16):  # the routed GEMV, moe_mma where the rows name mostly distinct

@@ -322,7 +322,11 @@ def moe_gemv(x: torch.Tensor, ids: torch.Tensor, t: Table) -> torch.Tensor:
 # tokens of k distinct experts each routed uniformly over E (one token: 1.0).
 MMA_ROWS = True
 MMA_DUP = 1.5
-MMA_PAIRS_FIRST = True  # the pairs as the grid's first axis (ROUTED 2 in triton_mma._mma_gemv)
+# The pairs as the grid's first axis (ROUTED 2 in triton_mma._mma_gemv: a weight tile's programs
+# for every pair run together, so pairs of one expert could share its reads through the L2),
+# else its last (ROUTED 1, the form timed: session 34). Not yet timed on a GPU (the device was
+# withdrawn before benchmarks/moe_mma_rows.py ran it): off until it is.
+MMA_PAIRS_FIRST = False
 
 
 def mma_form(t: Table, dtype: torch.dtype, rows: int, slots: int = 1) -> bool:
