@@ -10,9 +10,10 @@ layer's in turn (so no expert's weights are still in the L2 from the call before
 of the experts read per µs; one expert's gate projection through memfit's dense int4 path at
 M = 1 (the same kernel, its own launch, one weight: L2-flattered) and bf16 cuBLAS; decode
 tokens/s at batch 1, 4 and 16 in memfit's CUDA-graph decode loop, bf16 routed experts, then
-int4 with each form (and moe_mma for every step). Every moe_mma output is checked against the routed GEMV's (relative error printed).
+int4 with each form (and moe_mma for every step). Every moe_mma output is checked against
+the routed GEMV's (relative error printed). `--splits`: only moe_mma's K splits, 1-8 rows.
 
-    python benchmarks/moe_mma_rows.py [--layers 16] [--json OUT]
+    python benchmarks/moe_mma_rows.py [--layers 16] [--splits] [--json OUT]
 """
 
 from __future__ import annotations
