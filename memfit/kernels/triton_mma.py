@@ -69,7 +69,7 @@ import triton.language as tl
 
 from memfit.kernels import mma_ptx, pdl
 from memfit.kernels.mma_ptx import MmaLayoutError  # noqa: F401 (re-exported)
-from memfit.kernels.mma_tiles import _col, _epi_params, _params, _tile_ref, _xptr
+from memfit.kernels.mma_tiles import _col, _epi_params, _fold, _params, _tile
 from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import _at
@@ -80,61 +80,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # M = 1: launch shapes with the scales loaded and the tile folded in the asm (mma_ptx.epi_asm) are
 # candidates (0: never; benchmarks A/B it)
 EPI = os.environ.get("MEMFIT_MMA_EPI", "1") != "0"
-
-
-@triton.jit
-def _tile(acc, acc1, wd, s, zc, zw, wi, x32, zx32, x_ptr, rn, rg, rw, M, stride_xm,
-          F16: tl.constexpr, MT: tl.constexpr, NSUB: tl.constexpr, HALVES: tl.constexpr,
-          ASM: tl.constexpr, ASM_TEXT: tl.constexpr, CONSTRAINTS: tl.constexpr,
-          PACK: tl.constexpr, FOLD: tl.constexpr, EPI_TEXT: tl.constexpr,
-          EPI_CONS: tl.constexpr):
-    """The accumulators + one tile's s * (D - (BASE + z) * XS) (plain path: s * sum (c - z) x);
-    acc holds tokens 0..15 (M = 1: the row), acc1 tokens 16..31 (MT = 32). FOLD (M = 1): the
-    scales and zero points loaded here (one row a thread) and the sum folded into acc in the asm
-    (`mma_ptx.epi_asm`)."""
-    BASE: tl.constexpr = 1024.0 if F16 else 128.0
-    if ASM:
-        if FOLD:
-            acc = _fold(acc, wd, tl.broadcast_to(s, wd.shape),
-                        tl.broadcast_to(-(zc + BASE), wd.shape), x32, zx32, wi, rg, rw, NSUB,
-                        EPI_TEXT, EPI_CONS, PACK)
-        elif MT == 1:
-            px = _xptr(x32, zx32, wi, rg, rw, NSUB)
-            d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, [wd, px],
-                                              dtype=(tl.float32, tl.float32), is_pure=True,
-                                              pack=PACK)
-            acc += s * (d - (zc + BASE) * xs)
-        else:  # lane g supplies token 8h + g of each set h, loaded in the asm (mma_ptx.shared_asm)
-            # element e: token set e's pointer (tokens past M read M - 1's, masked at the store)
-            tok = tl.minimum(8 * (rw % 4)[None, :] + rg[:, None], M - 1)
-            px = x32 + tok * (stride_xm // 2) + ((wi - rw % 4) * 4)[None, :]
-            args = [wd, px]
-            nz = zc + BASE
-            if MT <= 16:
-                d, xs = tl.inline_asm_elementwise(ASM_TEXT, CONSTRAINTS, args,
-                                                  dtype=(tl.float32,) * 2, is_pure=True, pack=PACK)
-                acc += s * (d - nz * xs)
-            else:
-                d, xs, d1, xs1 = tl.inline_asm_elementwise(
-                    ASM_TEXT, CONSTRAINTS, args, dtype=(tl.float32,) * 4,
-                    is_pure=True, pack=PACK)
-                acc += s * (d - nz * xs)
-                acc1 += s * (d1 - nz * xs1)
-    else:
-        acc += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES)
-        if MT == 32:
-            acc1 += s * _tile_ref(wd, zw, x_ptr, wi, rn, M, stride_xm, MT, NSUB, HALVES, 16)
-    return acc, acc1
-
-
-@triton.jit
-def _fold(acc, wd, s, nz, x32, zx32, wi, rg, rw, NSUB: tl.constexpr, EPI_TEXT: tl.constexpr,
-          EPI_CONS: tl.constexpr, PACK: tl.constexpr):
-    """M = 1 (EPI, FOLD): the tile of words wd (word indices wi) folded into acc by the asm
-    (mma_ptx.epi_asm) with its scales s and nz = -(BASE + z), (BN, 16) each."""
-    return tl.inline_asm_elementwise(EPI_TEXT, EPI_CONS,
-                                     [wd, _xptr(x32, zx32, wi, rg, rw, NSUB), acc, s, nz],
-                                     dtype=tl.float32, is_pure=True, pack=PACK)
 
 
 @triton.jit
