@@ -130,15 +130,16 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, graph:
             return _greedy(step, lambda position: None, input_ids, max_new_tokens, graph=graph,
                            on_token=on_token, eos_token_id=eos_token_id, timings=timings)
     with fused(model) if fuse else contextlib.nullcontext(), \
-            fastdecode.tiled_linears(model, fastdecode.Tiling(model, b), _expert_ids(model)):
+            fastdecode.tiled_linears(model, fastdecode.Tiling(model, b),
+                                     untiled=_expert_ids(model)):
         forward, reset = _hf_forward(model, b, p + max_new_tokens)
         return _greedy(forward, reset, input_ids, max_new_tokens, graph=graph,
                        on_token=on_token, eos_token_id=eos_token_id, timings=timings)
 
 
 def _expert_ids(model) -> frozenset:
-    """The experts' linears (memfit.moe), left in the stored layout: the routed kernel reads
-    it (memfit.kernels.triton_moe)."""
+    """The experts' linears (memfit.moe), kept untiled (3-bit ones widened to 4 bits): the
+    routed kernels read the stored layout (memfit.kernels.triton_moe)."""
     from memfit.moe import is_expert_linear
 
     return frozenset(id(m) for n, m in model.named_modules() if is_expert_linear(n))

@@ -42,7 +42,7 @@ from torch import nn
 
 from memfit.kernels import linear as kernel_linear
 from memfit.kernels import triton_decode as td
-from memfit.kernels.weights import row_slice, tile, tileable, untile
+from memfit.kernels.weights import narrow, row_slice, tile, tileable, untile, widen
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TYPES = ("llama", "mistral", "qwen2")
@@ -115,10 +115,14 @@ class _Group:
             self.weight = kernel_weight(cat["qdata"], cat["scale"], cat.get("zero"),
                                         (row, m0.in_features), m0.fmt)
 
-    def tile(self, rb: int) -> None:
-        """Reorder the fused tensor into the decode kernel's tiled layout (memfit.kernels.weights
-        .tile); each module's rows stay a whole number of blocks, so its slice stays valid."""
-        t = tile(self.weight, rb)
+    def relayout(self, tiling: Tiling) -> None:
+        """The fused tensor in the decode loop's layout (`Tiling.convert`: 3-bit codes widened,
+        the tiled layout of memfit.kernels.weights.tile where every module's rows stay a whole
+        number of blocks, so each module's slice stays valid)."""
+        whole = bool(tiling.rows) and all(m.out_features % tiling.rows == 0 for m in self.mods)
+        t = tiling.convert(self.weight, whole)
+        if t is None:
+            return
         row = 0
         for m in self.mods:
             m.hold(row_slice(t, row, row + m.out_features))
@@ -130,8 +134,8 @@ class _Group:
         if self.kind is None:
             return
         for m in self.mods:
-            if getattr(m, "tile_rows", 0):
-                m.hold(untile(m.kernel_weight()))  # fresh tensors of its own
+            if getattr(m, "tile_rows", 0) or getattr(m, "held_bits", 0):
+                m.hold(stored(m.kernel_weight(), m.fmt.bits))  # fresh tensors of its own
                 continue
             for f in self.fields:
                 self._set(m, f, self._get(m, f).clone())
@@ -164,7 +168,8 @@ class Tiling:
     shapes (M = 16 on 14336x4096: 37 µs against the tiled mma kernel's 43). rows None:
     MEMFIT_TILE_ROWS (default 64; 0 = off) on CUDA, off elsewhere; a number given tiles every
     tileable 4-bit weight on any device (tests: off CUDA the reference kernel reads it through
-    `untile`)."""
+    `untile`). 3-bit weights are widened to 4-bit codes first on CUDA (or when a number is
+    given): only the dequantize kernel reads the stored 3-bit layout there (`convert`)."""
 
     def __init__(self, model, batch: int, rows: int | None = None):
         dev = next(model.parameters()).device
@@ -181,26 +186,47 @@ class Tiling:
         return (w.qdata.is_cuda and self.batch == 1
                 and mma_ineligibility(w, 1, self.dtype) is None)
 
+    def convert(self, w, tile_ok: bool = True):
+        """`w` in the decode loop's layout, or None where it keeps its stored one: 3-bit codes
+        on CUDA (or forced) widened to 4 bits (the 4-bit kernels read them; the stored 3-bit
+        layout takes dequantize + cuBLAS there: 33% more weight bytes during the loop, put back
+        after), then tiled where `wants` says so."""
+        v = widen(w) if w.bits == 3 and (self.forced or w.qdata.is_cuda) else w
+        if tile_ok and self.wants(v):
+            v = tile(v, self.rows)
+        return None if v is w else v
+
+
+def stored(w, bits: int):
+    """The stored layout of a weight the decode loop converted (`Tiling.convert`)."""
+    if w.tile_rows:
+        w = untile(w)
+    return narrow(w) if w.bits != bits else w
+
 
 @contextlib.contextmanager
-def tiled_linears(model, tiling: Tiling, skip: frozenset = frozenset()):
-    """Within: the model's QuantLinears that `tiling` wants (ids in `skip` left alone) hold the
-    tiled layout, in place (no extra memory once each old tensor is dropped); on exit the stored
-    layout again. Inside, their state dict is the tiled bytes: for the decode loop only."""
+def tiled_linears(model, tiling: Tiling, skip: frozenset = frozenset(),
+                  untiled: frozenset = frozenset()):
+    """Within: the model's QuantLinears hold `tiling`'s layout (`Tiling.convert`: 3-bit codes
+    widened, tiled where it wants; ids in `skip` left alone, in `untiled` widened only: a
+    mixture of experts' routed kernels read the stored 4-bit layout), in place (no extra
+    memory once each old tensor is dropped); on exit the stored layout again. Inside, their
+    state dict is the converted bytes: for the decode loop only."""
     from memfit.formats.quant_linear import QuantLinear
     done = []
     try:
         with torch.inference_mode(False), torch.no_grad():
             for m in model.modules():
                 w = m.kernel_weight() if type(m) is QuantLinear and id(m) not in skip else None
-                if w is not None and tiling.wants(w):
-                    m.hold(tile(w, tiling.rows))
+                v = None if w is None else tiling.convert(w, id(m) not in untiled)
+                if v is not None:
+                    m.hold(v)
                     done.append(m)
         yield
     finally:
         with torch.inference_mode(False), torch.no_grad():
             for m in done:
-                m.hold(untile(m.kernel_weight()))
+                m.hold(stored(m.kernel_weight(), m.fmt.bits))
 
 
 class NativeStep:
@@ -244,15 +270,13 @@ class NativeStep:
     def packed_groups(self):
         """Within: q/k/v and gate/up are one tensor each (see the module docstring)."""
         done = []
-        rows = self.tiling.rows
         try:
             with torch.inference_mode(False), torch.no_grad():  # the model's tensors stay normal
                 for g in self.qkv + self.gate_up:
                     g.pack()
                     done.append(g)
-                    if g.kind == "int" and self.tiling.wants(g.weight) and all(
-                            m.out_features % rows == 0 for m in g.mods):
-                        g.tile(rows)
+                    if g.kind == "int":
+                        g.relayout(self.tiling)
             grouped = frozenset(id(m) for g in done if g.kind == "int" for m in g.mods)
             with tiled_linears(self.model, self.tiling, grouped):  # o, down, a packed lm_head
                 yield self

@@ -145,12 +145,14 @@ class PackedIntWeight:
 
 
 def kernel_weight(qdata, scale, zero, shape: tuple[int, int], fmt: IntFormat,
-                  tile_rows: int = 0) -> IntWeight:
+                  tile_rows: int = 0, bits: int = 0) -> IntWeight:
     """An `IntWeight` from stored fields of `fmt` (no validation: callers hold checked tensors);
-    tile_rows > 0: the fields hold memfit.kernels.weights.tile's layout (the decode loop's)."""
+    tile_rows > 0: the fields hold memfit.kernels.weights.tile's layout (the decode loop's);
+    bits > 0: codes of that width instead of the format's (the decode loop's widened 3-bit
+    weights, memfit.kernels.weights.widen)."""
     zero_point = "sym" if fmt.symmetric else fmt.zero_point
-    return IntWeight(qdata, scale, zero, tuple(shape), fmt.bits, fmt.groups(shape[1])[0], zero_point,
-                     tile_rows)
+    return IntWeight(qdata, scale, zero, tuple(shape), bits or fmt.bits, fmt.groups(shape[1])[0],
+                     zero_point, tile_rows)
 
 
 def apply_keeping_dtypes(module, fn, names: tuple[str, ...], parent_apply) -> None:

@@ -36,6 +36,7 @@ class QuantLinear(nn.Module):
     """y = x @ dequantize(W).T + b with W stored packed in an `IntFormat`."""
 
     tile_rows = 0  # > 0 only inside memfit.fastdecode's decode loop (buffers tiled in place)
+    held_bits = 0  # > 0 only there too: 3-bit codes held widened to 4 bits (weights.widen)
 
     def __init__(self, in_features: int, out_features: int, fmt: IntFormat, bias: bool,
                  device=None, dtype: torch.dtype = torch.float16):
@@ -95,15 +96,18 @@ class QuantLinear(nn.Module):
     def kernel_weight(self):
         """The plain view memfit.kernels reads (no checks)."""
         return kernel_weight(self.qdata, self.scale, getattr(self, "zero", None),
-                             (self.out_features, self.in_features), self.fmt, self.tile_rows)
+                             (self.out_features, self.in_features), self.fmt, self.tile_rows,
+                             self.held_bits)
 
     def hold(self, w) -> None:
         """Point the buffers at an IntWeight's tensors of this layer, in the layout it says
-        (`w.tile_rows`: memfit.fastdecode's decode loop tiles them in place, then puts them back)."""
+        (`w.tile_rows`, `w.bits`: memfit.fastdecode's decode loop tiles or widens them in place,
+        then puts them back)."""
         self.qdata, self.scale = w.qdata, w.scale
         if w.zero is not None:
             self.zero = w.zero
         self.tile_rows = w.tile_rows
+        self.held_bits = 0 if w.bits == self.fmt.bits else w.bits
         self._drop_cache()  # a kernel layout prepared from the other layout is stale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

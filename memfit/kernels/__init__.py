@@ -7,8 +7,9 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` on the CPU without autograd: memfit.kernels.cpu (torch's bfloat16 int4/int8
   kernels where they are exact and fast, else tiled dequantize + float32 GEMM);
 - an `IntWeight` on CUDA without autograd: memfit.kernels.triton_int (fused dequantize-matmul
-  for 8/4/2-bit layouts, choosing per shape among the tensor-core decode kernel of
-  triton_mma, the word kernels of triton_words and its own; Triton is imported on the first
+  for 8/4/2-bit layouts, 3-bit through dequantize + cuBLAS, choosing per shape among the
+  tensor-core decode kernel of triton_mma, the word kernels of triton_words and its own;
+  Triton is imported on the first
   CUDA call only), the reference for layouts it cannot take (warned once);
   Under torch.compile the same call goes through the custom op `memfit::int_linear`
   (memfit.kernels.ops), which the compiler does not trace into;

@@ -177,6 +177,9 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
+    if w.bits == 3:  # codes cross bytes: only the dequantize kernel reads them, then cuBLAS
+        return [Config(0, 0, 0)] + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096
+                                    else [])
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16

@@ -73,6 +73,11 @@ def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.conste
         z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
     elif ZMODE == 1:
         zb = tl.load(z_ptr + _at(rn, (g * BITS) // 8, stride_zn, RB), mask=ok, other=0)
+        zb = zb.to(tl.int32)
+        if BITS == 3:  # a 3-bit zero point may cross into the next byte (stored layout)
+            cross = (rn * 0 + (g * BITS) % 8) > 8 - BITS
+            zb |= tl.load(z_ptr + rn * stride_zn + (g * BITS) // 8 + 1, mask=ok & cross,
+                          other=0).to(tl.int32) << 8
         z = ((zb >> ((g * BITS) % 8)) & MASK).to(tl.float32)
     else:
         z = tl.load(z_ptr + rn * stride_zn + g, mask=ok, other=0.0).to(tl.float32)
@@ -85,18 +90,28 @@ def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_
              BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0):
     """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group (nor, tiled,
     a 64-byte run: BK <= 128 codes of 4 bits from a multiple of 128). Measured at 3.3 TB/s of
-    read + write on an H200 (benchmarks/RESULTS.md, session 10): other tile shapes within 3%."""
-    PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER
+    read + write on an H200 (benchmarks/RESULTS.md, session 10): other tile shapes within 3%.
+    3 bits (stored layout): each code read from its two bytes (a gather; not timed on a GPU)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     kk = k0 + tl.arange(0, BK)
-    jb = k0 // PER + tl.arange(0, BKP)
     n_ok = rn < N
-    qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB), mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
     s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
                          BN, RB)
-    c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
+    if BITS == 3:  # code j: bits 3j..3j+2 of the row's stream, in byte 3j // 8 and maybe the next
+        jb = (3 * kk) // 8
+        row = q_ptr + rn[:, None] * stride_qn
+        lo = tl.load(row + jb[None, :], mask=n_ok[:, None] & (jb < NB)[None, :], other=0)
+        hi = tl.load(row + jb[None, :] + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0)
+        c = (((lo.to(tl.int32) | (hi.to(tl.int32) << 8)) >> ((3 * kk) % 8)[None, :]) & 7)
+        c = c.to(tl.float32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        BKP: tl.constexpr = BK // PER
+        jb = k0 // PER + tl.arange(0, BKP)
+        qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB),
+                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+        c = _unpack_tile(qb, BITS, BN, BK).to(tl.float32)
     w = (c - z[:, None]) * s[:, None]
     tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_ok[:, None] & (kk[None, :] < K))

@@ -1,4 +1,6 @@
-"""Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/2 bits.
+"""Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/2 bits;
+3 bits (codes cross bytes) through the dequantize kernel and cuBLAS only (memfit's decode loop
+widens them to 4-bit codes: memfit.fastdecode.Tiling).
 
 It reads memfit's stored layout as it is (no repacking, no extra memory): each row of `qdata` is a
 little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER*j + PER-1
@@ -59,7 +61,7 @@ from memfit.kernels.triton_mma import MmaLayoutError, run_mma
 from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
 
-BITS = (2, 4, 8)
+BITS = (2, 3, 4, 8)  # 3 bits: dequantize + cuBLAS only (launch_shapes.candidates)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

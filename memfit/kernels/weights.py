@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from memfit.kernels.packing import unpack
+from memfit.kernels.packing import pack, unpack
 
 
 class IntWeight(NamedTuple):
@@ -106,6 +106,28 @@ def untile(w: IntWeight) -> IntWeight:
     q = _blocks(w.qdata.view(torch.int32), rb, 16, False).view(torch.uint8)
     z = None if w.zero is None else _blocks(w.zero, rb, 1, False)
     return w._replace(qdata=q, scale=_blocks(w.scale, rb, 1, False), zero=z, tile_rows=0)
+
+
+def widen(w: IntWeight) -> IntWeight:
+    """3-bit codes as 4-bit ones, the same weight exactly (the decode loop's layout on CUDA,
+    where the 4-bit kernels read them: memfit.fastdecode.Tiling): codes and integer zero points
+    repacked 4 bits each; symmetric codes shifted by 4 (c + 4 - 8 = c - 4)."""
+    if w.bits != 3 or w.tile_rows:
+        raise ValueError("memfit.kernels.weights.widen: takes a 3-bit weight in the stored layout")
+    codes = unpack(w.qdata, 3, w.shape[1])
+    if w.zero_point == "sym":
+        codes += 4
+    z = pack(unpack(w.zero, 3, w.n_groups), 4) if w.zero_point == "int" else w.zero
+    return w._replace(qdata=pack(codes, 4), zero=z, bits=4)
+
+
+def narrow(w: IntWeight) -> IntWeight:
+    """The 3-bit weight `widen` made `w` from (stored layout)."""
+    codes = unpack(w.qdata, 4, w.shape[1])
+    if w.zero_point == "sym":
+        codes -= 4
+    z = pack(unpack(w.zero, 4, w.n_groups), 3) if w.zero_point == "int" else w.zero
+    return w._replace(qdata=pack(codes, 3), zero=z, bits=3)
 
 
 def dequantize(w: IntWeight) -> torch.Tensor:

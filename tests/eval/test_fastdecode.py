@@ -21,20 +21,30 @@ def _generate(model, ids, new):
     return out[:, ids.shape[1]:]
 
 
-def _to_int4(model, group=32):
+def _to_int4(model, group=32, bits=4, symmetric=False):
     from memfit.formats.grid import IntFormat
     from memfit.formats.quant_linear import QuantLinear
+    from memfit.kernels.packing import pack
     g = torch.Generator().manual_seed(3)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
                 if type(lin) is not torch.nn.Linear:
                     continue
-                fmt = IntFormat(bits=4, group_size=group)
+                fmt = IntFormat(bits=bits, group_size=group, symmetric=symmetric)
                 q = QuantLinear(lin.in_features, lin.out_features, fmt, bias=False,
                                 dtype=torch.float32)
-                q.qdata.copy_(torch.randint(0, 256, q.qdata.shape, generator=g))
-                q.zero.copy_(torch.randint(0, 256, q.zero.shape, generator=g))
+                if bits == 4 and not symmetric:  # random bytes are random codes
+                    q.qdata.copy_(torch.randint(0, 256, q.qdata.shape, generator=g))
+                    q.zero.copy_(torch.randint(0, 256, q.zero.shape, generator=g))
+                else:  # packed codes: the padding bits of a row's last byte zero
+                    codes = torch.randint(0, 2 ** bits, (lin.out_features, lin.in_features),
+                                          generator=g, dtype=torch.uint8)
+                    q.qdata.copy_(pack(codes, bits))
+                    if not symmetric:
+                        q.zero.copy_(pack(torch.randint(
+                            0, 2 ** bits, (lin.out_features, q.scale.shape[1]), generator=g,
+                            dtype=torch.uint8), bits))
                 q.scale.copy_(torch.rand(q.scale.shape, generator=g) * 0.05)
                 setattr(parent, name, q)
     return model
@@ -108,6 +118,53 @@ def test_tiled_loop_gives_the_same_tokens_and_puts_the_model_back(tiny_config):
     assert attn.o_proj.tile_rows == 0 and attn.k_proj.tile_rows == 0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_3bit_weights_run_widened_in_the_loop_and_are_put_back(tiny_config, native, symmetric):
+    """3-bit codes: the decode loop holds them as 4-bit codes (the 4-bit kernels read them on
+    CUDA; forced here on the CPU, tiled too), memfit's step and transformers' forward alike:
+    the stored 3-bit model's tokens, and the model put back bit for bit."""
+    model = _to_int4(_tiny(tiny_config, hidden_size=128, intermediate_size=256), bits=3,
+                     symmetric=symmetric)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 30000, (1, 6), generator=torch.Generator().manual_seed(7))
+    attn = model.model.layers[0].self_attn
+    want = greedy_static(model, ids, 6, graph=False, native=native)  # stored 3-bit (CPU kernels)
+    if native:
+        step = fastdecode.NativeStep(model, 1, 12, tile_rows=16)
+        with step.packed_groups():
+            w = step.qkv[0].weight
+            assert (w.bits, w.tile_rows, attn.o_proj.held_bits, attn.k_proj.held_bits) == \
+                (4, 16, 4, 4)
+            assert attn.o_proj.kernel_weight().zero_point == ("sym" if symmetric else "int")
+            from memfit.decode import _greedy
+            got = _greedy(step, lambda position: None, ids, 6, graph=False, on_token=None,
+                          eos_token_id=None, timings=None)
+    else:
+        with fastdecode.tiled_linears(model, fastdecode.Tiling(model, 1, 16)):
+            assert attn.o_proj.held_bits == 4 and attn.o_proj.tile_rows == 16
+            got = greedy_static(model, ids, 6, graph=False, native=False)
+    assert torch.equal(got, want)
+    assert attn.o_proj.held_bits == 0 and attn.k_proj.held_bits == 0
+    assert attn.o_proj.kernel_weight().bits == 3
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_widen_is_exact_and_narrow_undoes_it():
+    from memfit.kernels.weights import dequantize, narrow, widen
+    from tests.kernels.test_triton_int import make_weight
+    for zp in ("int", "sym", "float"):
+        w = make_weight(24, 200, 3, 48, zp, seed=1)  # 75 bytes a row, zero points cross bytes
+        v = widen(w)
+        assert v.bits == 4 and v.zero_point == zp and v.qdata.shape == (24, 100)
+        assert torch.equal(dequantize(v), dequantize(w))
+        back = narrow(v)
+        assert torch.equal(back.qdata, w.qdata) and back.bits == 3
+        assert (back.zero is None) == (w.zero is None)
+        assert back.zero is None or torch.equal(back.zero, w.zero)
 
 
 def test_tiled_linears_serve_transformers_forward_too(tiny_config):

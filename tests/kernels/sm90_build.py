@@ -23,6 +23,7 @@ from memfit.kernels import (
     fragments,
     mma_ptx,
     triton_bytes,
+    triton_dequant,
     triton_kv,
     triton_kv_mma,
     triton_mma,
@@ -256,6 +257,17 @@ def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64,
     assert "mma" in k.asm["ptx"], "no tensor-core instruction"
 
 
+def check_dequant(bits: int, zmode: int):
+    """The one-pass dequantize kernel (dequantize + cuBLAS), 3 bits included (codes and zero
+    points read from two bytes where they cross one)."""
+    sig = {"q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zmode == 1 else "*fp16",
+           "w_ptr": "*bf16", "N": "i32", "K": "i32", "NB": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32"}
+    const = {"GROUP": 64, "BITS": bits, "ZMODE": zmode, "BN": 32, "BK": 64, "RB": 0}
+    k = build(triton_dequant._dequant, sig, const)
+    assert "st.global" in k.asm["ptx"]
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -306,6 +318,7 @@ def _checks() -> dict:
                          (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
                          (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
+    checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1))}
     checks |= {f"moe{c}": (check_moe, c)
                for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
                          (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}

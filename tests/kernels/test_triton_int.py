@@ -88,8 +88,10 @@ def test_every_launch_shape_and_16bit_activations(cfg, dtype):
 
 
 @pytest.mark.parametrize("bits,group,zp", [(4, 64, "int"), (2, 128, "sym"), (8, 32, "float"),
-                                           (4, 128, "int")])
-def test_dequantize_kernel_is_exact(bits, group, zp):
+                                           (4, 128, "int"), (3, 64, "int"), (3, 128, "sym"),
+                                           (3, 32, "float"), (3, 48, "int"), (3, None, "int")])
+def test_dequantize_kernel_is_exact(bits, group, zp):  # 3 bits: codes and zero points that
+    # cross bytes (groups of 48: zero points 2 and 5), a row of 112.5 bytes
     w = make_weight(40, 300, bits, group, zp, seed=bits)
     assert torch.equal(triton_int.dequantize_triton(w, torch.float32).cpu(),
                        dequantize(IntWeight(*[t.cpu() if isinstance(t, torch.Tensor) else t
@@ -97,18 +99,30 @@ def test_dequantize_kernel_is_exact(bits, group, zp):
 
 
 def test_layouts_it_cannot_take_fall_back_with_one_warning():
-    w3 = make_weight(16, 64, 3, 32, "int")
-    assert triton_int.ineligibility(w3) is not None
     w2 = make_weight(16, 64, 2, 24, "int")  # a 24-column group takes 8-column tiles only
     assert "too small" in triton_int.ineligibility(w2)
     x = torch.randn(2, 64).to(DEV)
     triton_int._WARNED.clear()
     with pytest.warns(UserWarning, match="reference kernel"):
-        assert triton_int.triton_linear(x, w3) is None
+        assert triton_int.triton_linear(x, w2) is None
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert triton_int.triton_linear(x, w3) is None  # once per reason
+        assert triton_int.triton_linear(x, w2) is None  # once per reason
+
+
+@pytest.mark.parametrize("m", [1, 5, 200])
+@pytest.mark.parametrize("group,zp", [(64, "int"), (128, "sym"), (48, "float")])
+def test_3bit_weights_take_dequantize_and_cublas(m, group, zp):
+    """3-bit codes (8 to 3 bytes, crossing byte boundaries) run the Triton dequantize kernel,
+    then cuBLAS, at every M: not the float32 reference."""
+    w = make_weight(96, 320, 3, group, zp, seed=m)
+    assert triton_int.ineligibility(w) is None
+    assert [c.BM for c in triton_int.candidates(m, w, torch.bfloat16)] == [0]
+    x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(DEV)
+    want = x @ dequantize(w).T.to(DEV)
+    got = triton_int.triton_linear(x, w)
+    assert got is not None and rel_err(got, want) < 1e-5
 
 
 WORD_CASES = [  # (n, k, bits, group, zero point): every width, ragged groups, per-channel

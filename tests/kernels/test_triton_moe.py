@@ -270,3 +270,38 @@ def test_experts_one_token_takes_the_mma_form(tiny_config, monkeypatch):
         routed = model(ids).logits.float()
     assert calls == [(1, 128), (1, 128), (2, 256)] * cfg.num_hidden_layers
     assert rel_err(routed, loop) < 2e-2  # bf16 activations, other summation orders
+
+
+def test_3bit_experts_are_widened_for_the_routed_kernels(tiny_config, monkeypatch):
+    """In the decode loop's layout 3-bit experts hold 4-bit codes, untiled: the routed kernel
+    takes them (its tables built from the widened tensors), the logits are the stored 3-bit
+    model's (its per-expert loop), and on exit every tensor is the stored one again."""
+    from transformers import AutoModelForCausalLM
+
+    from memfit import fastdecode
+    from memfit.api import compress_
+    from memfit.decode import _expert_ids
+    from memfit.moe import unfuse_experts_
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", num_local_experts=4,
+                                                         num_experts_per_tok=2)).eval().to(DEV)
+    unfuse_experts_(model)
+    compress_(model, "w3g64", progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 30522, (1, 3), device=DEV)
+    ex = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        monkeypatch.setenv("MEMFIT_MOE_ROUTED", "1")
+        loop = model(ids).logits  # 3-bit experts: no routed kernel, the loop
+        assert ex._tables is None
+        tiling = fastdecode.Tiling(model, 1, 16)
+        with fastdecode.tiled_linears(model, tiling, untiled=_expert_ids(model)):
+            gate = ex.experts()[0].gate_proj
+            assert gate.held_bits == 4 and gate.tile_rows == 0
+            assert model.model.layers[0].self_attn.q_proj.held_bits == 4  # (64 codes a row:
+            # not tileable)
+            routed = model(ids).logits
+            assert ex._tables is not None  # the routed kernel ran on the widened experts
+    assert rel_err(routed, loop) < 5e-3  # the loop's CPU int kernels round to bfloat16
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
