@@ -66,8 +66,9 @@ def build(layers: int, shape: dict) -> LlamaForCausalLM:
     return m
 
 
-def to_int4(m, group: int = 128) -> None:
-    fmt = IntFormat(bits=4, group_size=group)
+def to_int4(m, group: int = 128, bits: int = 4) -> None:
+    """Every linear of the blocks as a random packed `bits`-bit QuantLinear (default 4)."""
+    fmt = IntFormat(bits=bits, group_size=group)
     g = torch.Generator(device=DEV).manual_seed(1)
     for layer in m.model.layers:
         for parent in (layer.self_attn, layer.mlp):

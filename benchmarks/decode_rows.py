@@ -15,7 +15,7 @@ memfit.kvcache.quantized_kv_bytes, the bytes `memfit inspect --kv` reports). Ran
 
     python benchmarks/decode_rows.py [--layers 32] [--prompt 1024] [--new 64] [--kv int4]
                                      [--batches 1 16] [--shape llama3-8b] [--rows ...]
-                                     [--group 128] [--json OUT]
+                                     [--group 128] [--bits 4] [--json OUT]
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--group", type=int, default=128, help="int4 rows: codes per group")
+    ap.add_argument("--bits", type=int, default=4, help="the int4 rows' code width (3: the loop "
+                    "widens them to 4-bit codes)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.tiny:
@@ -82,13 +84,13 @@ def main() -> None:
                      decode_tps(m, b, a.new, None, a.prompt), "16-bit")
             if "bf16-loop" in a.rows:
                 note("bf16, memfit loop", b, loop(m, b, a.prompt, a.new, None), "16-bit")
-        to_int4(m, a.group)
+        to_int4(m, a.group, a.bits)
         for b in a.batches:
             if "int4-loop" in a.rows:
-                note(f"int4 g{a.group}, memfit loop", b, loop(m, b, a.prompt, a.new, None),
+                note(f"int{a.bits} g{a.group}, memfit loop", b, loop(m, b, a.prompt, a.new, None),
                      "16-bit")
             if "int4-kv" in a.rows:
-                note(f"int4 g{a.group} + KV {a.kv}, memfit loop", b,
+                note(f"int{a.bits} g{a.group} + KV {a.kv}, memfit loop", b,
                      loop(m, b, a.prompt, a.new, fmt), a.kv)
     info = {"device": torch.cuda.get_device_name() if decode_gpu.DEV == "cuda" else "cpu",
             "torch": torch.__version__, "triton": __import__("triton").__version__,
