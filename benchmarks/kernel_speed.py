@@ -88,6 +88,7 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
              for _ in range(copies(n * k * 2))]
     q4 = {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))] for g in (128, 64)}
     q8 = [int_weight(n, k, 8, k, gen) for _ in range(copies(n * k))]
+    q3 = [int_weight(n, k, 3, 128, gen) for _ in range(copies(n * k * 3 // 8))]
     t4 = [torch_int4(n, k, 128, gen) for _ in range(copies(n * k // 2))]
     sparse = None
     try:
@@ -113,6 +114,9 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
                 cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tw[0], None))
                 del tw
         cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w) for w in q8])
+        # 3 bits outside memfit's decode loop: dequantize + cuBLAS (the loop widens to 4 bits)
+        cell["memfit_int3_g128"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
+                                                  for w in q3])
         if t4[0] is not None:
             cell["torch_int4_g128"] = graph_time_us(
                 [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4])
@@ -143,7 +147,7 @@ def ceilings() -> dict:
 
 def table(rows) -> str:
     keys = ["memfit_int4_g128", "memfit_int4_g128_tiled", "memfit_int4_g64", "memfit_int4_g64_tiled",
-            "memfit_int8", "torch_int4_g128", "sparse24_bf16"]
+            "memfit_int8", "memfit_int3_g128", "torch_int4_g128", "sparse24_bf16"]
     out = ["| shape (out x in) | M | bf16 µs | " + " | ".join(f"{k} µs (x bf16)" for k in keys)
            + " | int4 g128 / torch int4 | int4 g128 TB/s |",
            "|---|---:|---:|" + "---:|" * len(keys) + "---:|---:|"]
