@@ -227,6 +227,10 @@ def tiled_linears(model, tiling: Tiling, skip: frozenset = frozenset(),
         with torch.inference_mode(False), torch.no_grad():
             for m in done:
                 m.hold(stored(m.kernel_weight(), m.fmt.bits))
+            if done:  # memfit.moe.Experts' tables may hold the converted tensors
+                for mod in model.modules():
+                    if hasattr(mod, "forget_tables"):
+                        mod.forget_tables()
 
 
 class NativeStep:

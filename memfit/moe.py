@@ -84,6 +84,11 @@ class Experts(nn.Module):
         gu = torch.stack((g, u), -1).flatten(-2) if self.interleaved else torch.cat((g, u), -1)
         return self._gate.apply(self._gate, gu)
 
+    def forget_tables(self) -> None:
+        """Drop the routed kernel's tables (they hold the experts' tensors: after the decode loop
+        put back layouts it converted, the old ones would stay alive until the next call)."""
+        self._tables = self._tables_key = None
+
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m = self._modules[str(e)]
         return m.down_proj(self._gated(m.gate_proj(x), m.up_proj(x)))

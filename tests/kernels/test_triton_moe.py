@@ -305,3 +305,4 @@ def test_3bit_experts_are_widened_for_the_routed_kernels(tiny_config, monkeypatc
             assert ex._tables is not None  # the routed kernel ran on the widened experts
     assert rel_err(routed, loop) < 5e-3  # the loop's CPU int kernels round to bfloat16
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert ex._tables is None  # no table keeps the widened tensors alive
