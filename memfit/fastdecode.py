@@ -176,6 +176,7 @@ class Tiling:
         self.batch, self.forced, self.dtype = batch, rows is not None, model.dtype
         self.rows = (rows if rows is not None else int(os.environ.get("MEMFIT_TILE_ROWS", "64"))
                      if dev.type == "cuda" else 0)
+        self.room = None  # bytes widening may still add (None: not yet asked; see `convert`)
 
     def wants(self, w) -> bool:
         if not self.rows or not tileable(w, self.rows):
@@ -190,11 +191,28 @@ class Tiling:
         """`w` in the decode loop's layout, or None where it keeps its stored one: 3-bit codes
         on CUDA (or forced) widened to 4 bits (the 4-bit kernels read them; the stored 3-bit
         layout takes dequantize + cuBLAS there: 33% more weight bytes during the loop, put back
-        after), then tiled where `wants` says so."""
-        v = widen(w) if w.bits == 3 and (self.forced or w.qdata.is_cuda) else w
+        after), then tiled where `wants` says so. Widening adds a third of the 3-bit codes'
+        bytes: on CUDA only while the device keeps WIDEN_RESERVE of its memory free besides (the
+        KV cache and activations come later), so a model fitted tightly keeps its 3-bit bytes."""
+        v = w
+        if w.bits == 3 and (self.forced or w.qdata.is_cuda):
+            extra = w.qdata.numel() // 3 + (w.zero.numel() // 3 if w.zero_point == "int" else 0)
+            if self.room is None:
+                self.room = _room(w.qdata.device) if w.qdata.is_cuda else float("inf")
+            if extra <= self.room:
+                self.room -= extra
+                v = widen(w)
         if tile_ok and self.wants(v):
             v = tile(v, self.rows)
         return None if v is w else v
+
+
+WIDEN_RESERVE = 0.2  # of the device's memory kept free when the loop widens 3-bit weights
+
+
+def _room(device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - int(WIDEN_RESERVE * total))
 
 
 def stored(w, bits: int):

@@ -153,6 +153,23 @@ def test_3bit_weights_run_widened_in_the_loop_and_are_put_back(tiny_config, nati
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_3bit_weights_stay_3bit_where_widening_would_not_fit(tiny_config):
+    """Widening adds a third of the 3-bit bytes: past the room `Tiling` allows, the rest keep
+    their stored 3-bit layout (the dequantize kernel's), and the loop still gives its tokens."""
+    model = _to_int4(_tiny(tiny_config, hidden_size=128, intermediate_size=256), bits=3)
+    ids = torch.randint(0, 30000, (1, 5), generator=torch.Generator().manual_seed(4))
+    want = greedy_static(model, ids, 4, graph=False, native=False)
+    tiling = fastdecode.Tiling(model, 1, 16)
+    layer0 = model.model.layers[0]
+    q = layer0.self_attn.q_proj
+    tiling.room = q.qdata.numel() // 3 + q.zero.numel() // 3  # room for q_proj alone
+    with fastdecode.tiled_linears(model, tiling):
+        held = [m.held_bits for m in model.modules() if hasattr(m, "held_bits")]
+        assert held[0] == 4 and set(held[1:]) == {0} and tiling.room == 0
+        got = greedy_static(model, ids, 4, graph=False, native=False)
+    assert torch.equal(got, want)
+
+
 def test_widen_is_exact_and_narrow_undoes_it():
     from memfit.kernels.weights import dequantize, narrow, widen
     from tests.kernels.test_triton_int import make_weight
