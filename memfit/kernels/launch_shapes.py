@@ -177,9 +177,13 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
-    if w.bits == 3:  # codes cross bytes: only the dequantize kernel reads them, then cuBLAS
-        return [Config(0, 0, 0)] + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096
-                                    else [])
+    if w.bits == 3:  # codes cross bytes: the dequantize kernel (then cuBLAS) reads them, and at
+        out = [Config(0, 0, 0)]  # decode sizes the byte GEMV (each code from its two bytes)
+        if m <= 8:
+            bm, bk = _bucket(m), min(block_k(w), 64)
+            out += [Config(bm, bn, bk, sk, 4, 2, gemv=True)
+                    for bn in ((32, 64) if bm <= 2 else (16, 32)) for sk in (4, 8, 16, 32, 1)]
+        return out + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096 else [])
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16

@@ -316,9 +316,10 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
               SPLIT_K: tl.constexpr):
     """Few rows (decode): dequantize each weight tile in registers and multiply-add on the CUDA
     cores into a (BM, BN, BK/PER) float32 accumulator, reduced once at the end; no tensor-core
-    padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows."""
+    padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows.
+    3 bits: code j from the two bytes holding bits 3j..3j+2 (a (BM, BN, BK) accumulator)."""
     PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK // PER
+    BKP: tl.constexpr = BK if BITS == 3 else BK // PER
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -330,17 +331,29 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
     acc = tl.zeros((BM, BN, BKP), dtype=tl.float32)
     for it in range(0, ITERS):
         k0 = (it * SPLIT_K + pid_k) * BK
-        jb = k0 // PER + jj
-        qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
-                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
         s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                              stride_sn, stride_zn, BITS, ZMODE, BN)
-        for i in tl.static_range(PER):
-            kk = k0 + jj * PER + i
+        if BITS == 3:
+            kk = k0 + jj
+            jb = (3 * kk) // 8
+            row = q_ptr + rn[:, None] * stride_qn + jb[None, :]
+            lo = tl.load(row, mask=n_ok[:, None] & (jb < NB)[None, :], other=0).to(tl.int32)
+            hi = tl.load(row + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0)
+            c = ((lo | (hi.to(tl.int32) << 8)) >> ((3 * kk) % 8)[None, :]) & MASK
             xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                          mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-            w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
-            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
+            w = (c.to(tl.float32) - z[:, None]) * s[:, None]
+            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BK)
+        else:
+            jb = k0 // PER + jj
+            qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
+                         mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+            for i in tl.static_range(PER):
+                kk = k0 + jj * PER + i
+                xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                             mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+                w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
+                acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
     y = tl.sum(acc, axis=2)  # (BM, BN)
     if HAS_BIAS:
         if pid_k == 0:

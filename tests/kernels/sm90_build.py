@@ -268,6 +268,19 @@ def check_dequant(bits: int, zmode: int):
     assert "st.global" in k.asm["ptx"]
 
 
+def check_gemv(bits: int, bm: int, bn: int, atomic: bool):
+    """The byte GEMV (decode sizes off the mma kernel), 3 bits included (each code from its
+    two bytes)."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
+           "y_ptr": "*fp32" if atomic else "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "NB": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ym": "i32"}
+    const = {"GROUP": 128, "BITS": bits, "ZMODE": 1, "HAS_BIAS": False, "ATOMIC": atomic,
+             "BM": bm, "BN": bn, "BK": 64, "SPLIT_K": 4 if atomic else 1}
+    k = build(triton_bytes._int_gemv, sig, const)
+    assert ("atom.global" in k.asm["ptx"]) == atomic, "split-K sums by atomics"
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -319,6 +332,8 @@ def _checks() -> dict:
                          (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
     checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1))}
+    checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
+                                                       (3, 2, 32, False), (4, 1, 64, True))}
     checks |= {f"moe{c}": (check_moe, c)
                for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
                          (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}

@@ -115,14 +115,18 @@ def test_layouts_it_cannot_take_fall_back_with_one_warning():
 @pytest.mark.parametrize("group,zp", [(64, "int"), (128, "sym"), (48, "float")])
 def test_3bit_weights_take_dequantize_and_cublas(m, group, zp):
     """3-bit codes (8 to 3 bytes, crossing byte boundaries) run the Triton dequantize kernel,
-    then cuBLAS, at every M: not the float32 reference."""
+    then cuBLAS, at every M, and at decode sizes also the byte GEMV's launch shapes (each code
+    from its two bytes, split K ways): not the float32 reference."""
     w = make_weight(96, 320, 3, group, zp, seed=m)
     assert triton_int.ineligibility(w) is None
-    assert [c.BM for c in triton_int.candidates(m, w, torch.bfloat16)] == [0]
+    cands = triton_int.candidates(m, w, torch.bfloat16)
+    assert cands[0].BM == 0 and all(c.gemv for c in cands[1:]) and (len(cands) > 1) == (m <= 8)
     x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(DEV)
     want = x @ dequantize(w).T.to(DEV)
     got = triton_int.triton_linear(x, w)
     assert got is not None and rel_err(got, want) < 1e-5
+    for c in cands[1:] if DEV == "cuda" else [c for c in cands[1:] if c.SPLIT_K in (1, 4)][:3]:
+        assert rel_err(triton_int.run(x, w, None, c), want) < 1e-5, c  # the byte GEMV
 
 
 WORD_CASES = [  # (n, k, bits, group, zero point): every width, ragged groups, per-channel
