@@ -17,7 +17,8 @@ import triton.language as tl
 
 from memfit.kernels import pdl
 from memfit.kernels.fragments import _perm_tile
-from memfit.kernels.triton_dequant import _byte_ptrs, _group_params, _unpack_tile, _word_ptrs
+from memfit.kernels.triton_dequant import (_byte_ptrs, _codes3, _group_params, _unpack_tile,
+                                           _word_ptrs)
 from memfit.kernels.triton_words import _finish
 
 
@@ -335,11 +336,7 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
                              stride_sn, stride_zn, BITS, ZMODE, BN)
         if BITS == 3:
             kk = k0 + jj
-            jb = (3 * kk) // 8
-            row = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-            lo = tl.load(row, mask=n_ok[:, None] & (jb < NB)[None, :], other=0).to(tl.int32)
-            hi = tl.load(row + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0)
-            c = ((lo | (hi.to(tl.int32) << 8)) >> ((3 * kk) % 8)[None, :]) & MASK
+            c = _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB)
             xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                          mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
             w = (c.to(tl.float32) - z[:, None]) * s[:, None]

@@ -30,6 +30,17 @@ def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB):
+    """(BN, BK) int32 3-bit codes kk of rows rn (stored layout): code j is bits 3j..3j+2 of the
+    row's stream, read from its byte and the next (NB bytes a row)."""
+    jb = (3 * kk) // 8
+    row = q_ptr + rn[:, None] * stride_qn + jb[None, :]
+    lo = tl.load(row, mask=n_ok[:, None] & (jb < NB)[None, :], other=0).to(tl.int32)
+    hi = tl.load(row + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0).to(tl.int32)
+    return ((lo | (hi << 8)) >> ((3 * kk) % 8)[None, :]) & 7
+
+
+@triton.jit
 def _at(rn, c, stride, RB: tl.constexpr):
     """Element (row rn, column c) of a (rows, stride) tensor: stored row by row (RB = 0), or
     tiled in blocks of RB rows, each block column by column."""
@@ -98,13 +109,8 @@ def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_
     n_ok = rn < N
     s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
                          BN, RB)
-    if BITS == 3:  # code j: bits 3j..3j+2 of the row's stream, in byte 3j // 8 and maybe the next
-        jb = (3 * kk) // 8
-        row = q_ptr + rn[:, None] * stride_qn
-        lo = tl.load(row + jb[None, :], mask=n_ok[:, None] & (jb < NB)[None, :], other=0)
-        hi = tl.load(row + jb[None, :] + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0)
-        c = (((lo.to(tl.int32) | (hi.to(tl.int32) << 8)) >> ((3 * kk) % 8)[None, :]) & 7)
-        c = c.to(tl.float32)
+    if BITS == 3:
+        c = _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB).to(tl.float32)
     else:
         PER: tl.constexpr = 8 // BITS
         BKP: tl.constexpr = BK // PER
