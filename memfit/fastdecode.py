@@ -42,7 +42,15 @@ from torch import nn
 
 from memfit.kernels import linear as kernel_linear
 from memfit.kernels import triton_decode as td
-from memfit.kernels.weights import narrow, row_slice, tile, tileable, untile, widen
+from memfit.kernels.weights import (
+    narrow,
+    row_slice,
+    tile,
+    tileable,
+    untile,
+    widen,
+    widen_bytes,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TYPES = ("llama", "mistral", "qwen2")
@@ -196,7 +204,7 @@ class Tiling:
         KV cache and activations come later), so a model fitted tightly keeps its 3-bit bytes."""
         v = w
         if w.bits == 3 and (self.forced or w.qdata.is_cuda):
-            extra = w.qdata.numel() // 3 + (w.zero.numel() // 3 if w.zero_point == "int" else 0)
+            extra = widen_bytes(w)
             if self.room is None:
                 self.room = _room(w.qdata.device) if w.qdata.is_cuda else float("inf")
             if extra <= self.room:

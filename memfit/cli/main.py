@@ -143,6 +143,10 @@ def cmd_inspect(args) -> None:
     for f in info["packed"]:
         print(f"  packed: {f['format']:<44}{f['modules']:>4} modules {f['weights']:>12,} weights "
               f"{f['bits_per_weight']:.3f} bits/weight")
+        if f.get("decode_widen_bytes"):
+            print(f"    on CUDA `memfit generate` holds these as 4-bit codes while it decodes: "
+                  f"+{human_bytes(f['decode_widen_bytes'])} (only while 20% of the GPU's memory "
+                  "stays free besides)")
     print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
           f"({human_bytes(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
     windowed = (f"; {info['kv_layers_windowed']} sliding-window layers keep "

@@ -58,6 +58,15 @@ def _packed_label(mod) -> str:
     return f"{kind} + {label}" if kind else label
 
 
+def _widen_bytes(mod) -> int:
+    """Bytes memfit's CUDA decode loop adds holding a 3-bit QuantLinear as 4-bit codes
+    (memfit.fastdecode.Tiling.convert, memfit.kernels.weights.widen_bytes)."""
+    if getattr(getattr(mod, "fmt", None), "bits", None) != 3 or not hasattr(mod, "kernel_weight"):
+        return 0
+    from memfit.kernels.weights import widen_bytes
+    return widen_bytes(mod.kernel_weight())
+
+
 def weight_table(model: torch.nn.Module) -> dict:
     """Rows (kind, dtype, tensors, elements, bytes), packed formats with their bits per weight,
     and totals. `parameters` counts logical weights: a packed module contributes its (out x in)
@@ -99,6 +108,7 @@ def weight_table(model: torch.nn.Module) -> dict:
             row["modules"] += 1
             row["weights"] += n
             row["bytes"] += nbytes
+            row["decode_widen_bytes"] = row.get("decode_widen_bytes", 0) + _widen_bytes(mod)
     table = [{"kind": k, "dtype": d, **v} for (k, d), v in sorted(rows.items(), key=lambda x: -x[1]["bytes"])]
     formats = [{"format": k, **v, "bits_per_weight": 8 * v["bytes"] / v["weights"]}
                for k, v in packed.items()]

@@ -121,6 +121,13 @@ def widen(w: IntWeight) -> IntWeight:
     return w._replace(qdata=pack(codes, 4), zero=z, bits=4)
 
 
+def widen_bytes(w: IntWeight) -> int:
+    """Bytes `widen` adds to a 3-bit weight (codes and integer zero points at 4 bits a row)."""
+    rows, k = w.shape
+    grow = lambda n: -(-n // 2) - -(-3 * n // 8)  # bytes of n codes: 4 against 3 bits
+    return rows * (grow(k) + (grow(w.n_groups) if w.zero_point == "int" else 0))
+
+
 def narrow(w: IntWeight) -> IntWeight:
     """The 3-bit weight `widen` made `w` from (stored layout)."""
     codes = unpack(w.qdata, 4, w.shape[1])

@@ -161,13 +161,33 @@ def test_3bit_weights_stay_3bit_where_widening_would_not_fit(tiny_config):
     want = greedy_static(model, ids, 4, graph=False, native=False)
     tiling = fastdecode.Tiling(model, 1, 16)
     layer0 = model.model.layers[0]
-    q = layer0.self_attn.q_proj
-    tiling.room = q.qdata.numel() // 3 + q.zero.numel() // 3  # room for q_proj alone
+    from memfit.kernels.weights import widen_bytes
+    tiling.room = widen_bytes(layer0.self_attn.q_proj.kernel_weight())  # for q_proj alone
     with fastdecode.tiled_linears(model, tiling):
         held = [m.held_bits for m in model.modules() if hasattr(m, "held_bits")]
         assert held[0] == 4 and set(held[1:]) == {0} and tiling.room == 0
         got = greedy_static(model, ids, 4, graph=False, native=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("group", [32, 16])  # 4 or 8 groups a row: zero points +0 / +1 byte
+def test_inspect_counts_the_bytes_widening_adds(tiny_config, group):
+    """`memfit inspect`'s figure for the decode loop's widened 3-bit weights is the growth the
+    loop really makes (and what `Tiling` charges against its room)."""
+    from memfit.eval.memory import weight_table
+    model = _to_int4(_tiny(tiny_config, hidden_size=128, intermediate_size=256), group=group,
+                     bits=3)
+    (row,) = weight_table(model)["packed"]
+
+    def held():
+        return sum(t.numel() for n, t in model.state_dict().items()
+                   if n.endswith((".qdata", ".zero")))
+    before = held()
+    tiling = fastdecode.Tiling(model, 1, 16)
+    tiling.room = row["decode_widen_bytes"]  # exactly enough for every 3-bit weight
+    with fastdecode.tiled_linears(model, tiling):
+        assert held() - before == row["decode_widen_bytes"] > 0 and tiling.room == 0
+        assert all(m.held_bits == 4 for m in model.modules() if hasattr(m, "held_bits"))
 
 
 def test_widen_is_exact_and_narrow_undoes_it():
