@@ -1,15 +1,26 @@
 """Fast CPU matmul for packed integer weights (`IntWeight`), equal to `reference.py`.
 
-Two paths; `cpu_linear` picks one, and neither changes the stored weights:
+Three paths; `cpu_linear` picks one, and none changes the stored weights:
 
 1. Tiled dequantize + float32 GEMM (every format, every activation dtype). Output rows are
-   processed in tiles: a tile's codes are unpacked and turned into (q - z) * s in float32 inside one
-   reused buffer, then multiplied with the activations. The dense weight is never materialised
-   (peak extra memory is one tile, ~1 MiB). The weights are bit-identical to the reference; only
-   the GEMM summation order differs (float32 rounding).
+   processed in tiles of up to TILE_ELEMENTS weights (whole multiples of 64 rows): a tile's
+   codes are unpacked and turned into (q - z) * s in float32 inside one reused buffer, then
+   multiplied with the activations straight into the output's columns. The dense weight is
+   never materialised (extra memory is one tile's buffers, 5 MiB, kept by the thread across
+   calls). The weights are bit-identical to
+   the reference; only the GEMM summation order differs (float32 rounding).
 
-2. torch's own bfloat16 weight-only kernels, for bfloat16 activations with few rows
-   (M <= KERNEL_MAX_M), where they beat everything else on this CPU (see benchmarks):
+2. Tiled dequantize + bfloat16 GEMM, for bfloat16 activations with more than FAST_KERNEL_MAX_M
+   rows on a CPU that multiplies bfloat16 in hardware (AMX tiles: `FAST_BF16`), where oneDNN's
+   bfloat16 GEMM runs 5-6x float32's (benchmarks/RESULTS.md). Each tile is dequantized exactly
+   in float32 as in path 1 and rounded once to bfloat16, so the layer computes what its
+   dequantized weight stored in bfloat16 would (a bfloat16 dense model's own arithmetic: float32
+   accumulation, one rounding of the output). Without AMX, bfloat16 activations take path 1 or 3
+   as before (a bfloat16 GEMM there ran 4x slower than float32).
+
+3. torch's own bfloat16 weight-only kernels, for bfloat16 activations with few rows
+   (M <= KERNEL_MAX_M, or FAST_KERNEL_MAX_M with AMX), where they beat everything else on this
+   CPU (see benchmarks):
    - 4-bit (and 2- and 3-bit: their codes are 4-bit codes), group size 32/64/128/256 dividing
      `in`, out % 16 == 0, integer or symmetric zeros:
      `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`, which compute
@@ -27,19 +38,21 @@ Two paths; `cpu_linear` picks one, and neither changes the stored weights:
    `QuantLinear`; that cache is extra memory (about the size of `qdata`), reported separately by
    `QuantLinear.cache_nbytes()`, never in the stored-weight size.
 
-Activation dtype policy: compute is float32 (path 1) or bfloat16-in/float32-accumulate (path 2);
-the output has the activation's dtype. float32 activations take path 1, except at decode size
-(M <= DECODE_MAX_M rows, one token per sequence): there the activations are rounded to bfloat16
-(relative error <= 2**-9) and path 2 runs, because at decode a whole model's packed weights are
-read from DRAM once per token and path 1's per-call dequantization made packed decode slower
-than dense float32 (benchmarks/decode_cpu.py). torch's float32 int4/int8 kernels are not used:
-they run a scalar loop on AVX2 (measured 10-50x slower than float32 F.linear). float16
-activations take path 1 (the float16 kernels are slow here and float16 overflows on large
-activations).
+Activation dtype policy: compute is float32 (path 1), bfloat16 with float32 accumulation (paths
+2 and 3); the output has the activation's dtype. float32 activations take path 1, except at
+decode size (M <= DECODE_MAX_M rows, one token per sequence): there the activations are rounded
+to bfloat16 (relative error <= 2**-9) and path 3 runs, because at decode a whole model's packed
+weights are read from DRAM once per token and path 1's per-call dequantization made packed
+decode slower than dense float32 (benchmarks/decode_cpu.py). float32 activations never take
+path 2: a float32 model's prefill and evaluation stay float32 arithmetic. torch's float32
+int4/int8 kernels are not used: they run a scalar loop on AVX2 (measured 10-50x slower than
+float32 F.linear). float16 activations take path 1 (the float16 kernels are slow here and
+float16 overflows on large activations).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +61,24 @@ from memfit.kernels.packing import unpack
 from memfit.kernels.weights import IntWeight, dequantize_rows_
 
 KERNEL_MAX_M = 64  # rows of activations up to which the bfloat16 kernels beat path 1
+FAST_KERNEL_MAX_M = 32  # ... and path 2, on a CPU with AMX
 DECODE_MAX_M = 4  # float32 activations with at most this many rows use them too (decode)
-TILE_ELEMENTS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
+TILE_ELEMENTS = 1 << 20  # weights dequantized at a time (4 MiB of float32)
+TILE_ROWS = 64  # tiles hold whole multiples of this many rows (GEMM blocking)
 INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in AMX tiles, where oneDNN's bfloat16 GEMM is
+    several times float32's. CPUs with AVX512-BF16 alone were not measured: they keep the
+    float32 tiles."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+FAST_BF16 = _fast_bf16()
 
 
 @dataclass
@@ -146,8 +174,11 @@ def cpu_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     m = x2.shape[0]
-    if cache is not None and ((x.dtype == torch.bfloat16 and m <= KERNEL_MAX_M)
-                              or (x.dtype == torch.float32 and m <= DECODE_MAX_M)):
+    bf16 = x.dtype == torch.bfloat16
+    if bf16 and FAST_BF16 and m > FAST_KERNEL_MAX_M:
+        y = tiled_linear(x2, w, bias, torch.bfloat16)
+    elif cache is not None and ((bf16 and m <= KERNEL_MAX_M)
+                                or (x.dtype == torch.float32 and m <= DECODE_MAX_M)):
         y = kernel_linear(x2.to(torch.bfloat16), cache, bias)
     else:
         y = tiled_linear(x2, w, bias)
@@ -175,23 +206,55 @@ def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) 
     return y
 
 
-def tiled_linear(x2: torch.Tensor, w: IntWeight,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, in) -> (M, out) float32; dequantizes TILE_ELEMENTS weights at a time (path 1)."""
+def tile_rows(out: int, k: int) -> int:
+    """Output rows dequantized at a time: TILE_ELEMENTS weights, whole multiples of TILE_ROWS
+    rows where a tile holds that many (GEMMs over 455-row tiles ran ~1.3x slower here)."""
+    rows = max(1, min(out, TILE_ELEMENTS // k))
+    return rows if rows == out or rows < TILE_ROWS else rows // TILE_ROWS * TILE_ROWS
+
+
+def tiled_linear(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, in) -> (M, out) in `dtype` (float32: path 1, bfloat16: path 2); dequantizes
+    TILE_ELEMENTS weights at a time, each tile's GEMM writing its columns of the output."""
     out, k = w.shape
     g = w.group_size
-    xf = x2.float()  # (M, in)
+    xc = x2.to(dtype)  # (M, in)
     scale, zero = w.scale.float(), w.zeros()  # (out, G)
-    rows = max(1, min(out, TILE_ELEMENTS // k))
-    buf = torch.empty(rows, k, dtype=torch.float32)
-    yt = torch.empty(out, xf.shape[0], dtype=torch.float32)  # (out, M): tiles write contiguous rows
+    rows = tile_rows(out, k)
+    codes = None if w.bits == 8 else _scratch("codes", rows * k, torch.uint8).view(rows, k)
+    buf = _scratch("float32", rows * k, torch.float32).view(rows, k)
+    low = buf if dtype == torch.float32 else _scratch("low", rows * k, dtype).view(rows, k)
+    b = None if bias is None else bias.to(dtype)
+    y = torch.empty(xc.shape[0], out, dtype=dtype)
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
         tile = buf[: r1 - r0]
-        tile.copy_(unpack(w.qdata[r0:r1], w.bits, k))
-        dequantize_rows_(tile, scale[r0:r1], zero[r0:r1], g)
-        torch.mm(tile, xf.T, out=yt[r0:r1])
-    y = yt.T
-    if bias is not None:
-        y = y + bias.float()
-    return y.contiguous()
+        q = w.qdata[r0:r1]
+        tile.copy_(q if w.bits == 8 else unpack(q, w.bits, k, out=codes[: r1 - r0]))
+        dequantize_rows_(tile, scale[r0:r1], zero[r0:r1], g)  # exact, in float32
+        if low is not buf:
+            low[: r1 - r0].copy_(tile)  # one rounding of each exact weight
+        wt = low[: r1 - r0].T
+        if b is None:
+            torch.mm(xc, wt, out=y[:, r0:r1])
+        else:  # the bias inside the GEMM: added before its one rounding, as F.linear does
+            torch.addmm(b[r0:r1], xc, wt, out=y[:, r0:r1])
+    return y
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least n elements kept by this thread across calls (the tiles').
+    Allocating them anew each call cost the default model's bfloat16 prefill 23% of its time:
+    memfit.eval.memory.steady_malloc maps every large tensor afresh, so each one's pages fault
+    in again. They stay at the largest tile seen: at most TILE_ELEMENTS weights (7 MiB with
+    bfloat16 activations), or one row where a row is longer."""
+    held = getattr(_local, name, None)
+    if held is None or held.numel() < n:
+        with torch.inference_mode(False):  # usable outside inference mode later
+            held = torch.empty(n, dtype=dtype)
+        setattr(_local, name, held)
+    return held[:n]

@@ -9,6 +9,7 @@ from memfit.formats.grid import IntFormat
 from memfit.formats.intq import PackedIntWeight
 from memfit.kernels import cpu
 from memfit.kernels.reference import linear_reference
+from memfit.kernels.weights import dequantize
 
 
 def packed_weight(fmt, out=1536, k=576, seed=0, view=True):
@@ -36,7 +37,8 @@ TILED = [
 
 @pytest.mark.parametrize("fmt", TILED, ids=str)
 def test_tiled_matches_reference_float32(fmt, monkeypatch):
-    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 576 * 100)  # 16 tiles, the last one short
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 576 * 350)  # tiles of 320 rows, the last 256
+    assert cpu.tile_rows(1536, 576) == 320
     w = packed_weight(fmt)
     bias = torch.randn(1536)
     for m in (1, 16, 33):
@@ -44,6 +46,95 @@ def test_tiled_matches_reference_float32(fmt, monkeypatch):
         ref = linear_reference(x, w, bias)
         err = errors(f"tiled {fmt} M={m}", cpu.tiled_linear(x, w, bias), ref)
         assert err.max() <= 2e-6 * ref.abs().max() and err.mean() <= 1e-7 * ref.abs().max()
+
+
+def test_tile_rows_whole_multiples_of_64_unless_one_tile():
+    assert cpu.tile_rows(1536, 576) == 1536  # 884736 weights: one tile
+    assert cpu.tile_rows(4096, 4096) == 256  # 1M // 4096
+    assert cpu.tile_rows(14336, 4096) == 256
+    assert cpu.tile_rows(4096, 14336) == 64  # 73 rows -> 64
+    assert cpu.tile_rows(8, 1 << 21) == 1  # rows longer than a tile: one at a time
+    assert cpu.tile_rows(100, 1 << 15) == 32  # fewer than 64 rows fit: as many as fit
+
+
+BF16_TILED = [
+    IntFormat(bits=4, group_size=64),  # fp16 scales: weights with up to 15 significant bits
+    IntFormat(bits=3, group_size=128),  # ragged last group
+    IntFormat(bits=4, group_size=32, zero_point="float", scale_dtype="bfloat16"),
+    IntFormat(bits=8, group_size=None, scale_dtype="float32"),
+]
+
+
+@pytest.mark.parametrize("fmt", BF16_TILED, ids=str)
+def test_bf16_tiles_compute_the_weight_rounded_once(fmt, monkeypatch):
+    """Path 2 equals a bfloat16 F.linear over the dequantized weight rounded once to bfloat16
+    (what a dense bfloat16 copy of the model computes), in several tiles too, and stays within
+    bfloat16 rounding of the float32 reference."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 576 * 350)  # 320-row tiles, the last one short
+    w = packed_weight(fmt)
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(1536, generator=gen).bfloat16()
+    exact = dequantize(w)  # (out, in) float32, exact
+    dense = exact.bfloat16()  # rounded once
+    for m in (1, 40, 200):
+        x = torch.randn(m, 576, generator=gen).bfloat16()
+        y = cpu.tiled_linear(x, w, bias, torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 1536)
+        twin = torch.nn.functional.linear(x, dense, bias)
+        ref = linear_reference(x.float(), w, bias.float())
+        err_twin = errors(f"bf16 tiles vs bf16 twin {fmt} M={m}", y, twin)
+        # equal here (AMX); another GEMM blocking may move an output by its last bit
+        assert (err_twin <= 2**-7 * twin.float().abs()).all()
+        assert (err_twin > 0).float().mean() <= 0.01
+        err = (y.float() - ref).abs()
+        size = x.float().abs() @ exact.abs().T + bias.float().abs()  # what rounding can cost
+        assert (err <= 2**-7 * size).all()  # weight and output roundings, float32 sums
+
+
+def test_tile_buffers_are_reused_across_calls_and_modes():
+    """The tiles' buffers outlive a call (no fresh pages each time) and serve calls inside
+    and outside inference mode alike (a buffer made in inference mode would refuse the later
+    in-place writes of a no_grad call); an output never aliases them."""
+    w = packed_weight(IntFormat(bits=4, group_size=64))
+    x = torch.randn(70, 576)
+    ref = linear_reference(x, w)
+    with torch.inference_mode():
+        y1 = cpu.tiled_linear(x, w)
+    held = cpu._local.float32.data_ptr()
+    with torch.no_grad():
+        y2 = cpu.tiled_linear(x, w)
+        y3 = cpu.tiled_linear(x.bfloat16(), w, None, torch.bfloat16)
+    assert cpu._local.float32.data_ptr() == held
+    for y in (y1, y2):
+        assert (y - ref).abs().max() <= 2e-6 * ref.abs().max()
+    assert (y3.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
+    assert y2.data_ptr() != y1.data_ptr() and y1.data_ptr() != held
+
+
+def test_bf16_policy_follows_the_cpu(monkeypatch):
+    """With AMX (FAST_BF16) bfloat16 activations past FAST_KERNEL_MAX_M rows take the bfloat16
+    tiles; without it, the kernels up to KERNEL_MAX_M and float32 tiles past it; float32
+    activations never take bfloat16 tiles."""
+    w = packed_weight(IntFormat(bits=4, group_size=64))
+    cache = cpu.prepare_cpu(w)
+    calls = []
+    real = cpu.tiled_linear
+    monkeypatch.setattr(cpu, "tiled_linear",
+                        lambda x, w, b=None, dtype=torch.float32: calls.append(dtype)
+                        or real(x, w, b, dtype))
+    monkeypatch.setattr(cpu, "kernel_linear",
+                        lambda x, c, b: calls.append("kernel") or torch.zeros(x.shape[0], 1536))
+    cases = [(True, torch.bfloat16, cpu.FAST_KERNEL_MAX_M, "kernel"),
+             (True, torch.bfloat16, cpu.FAST_KERNEL_MAX_M + 1, torch.bfloat16),
+             (True, torch.float32, 200, torch.float32),
+             (True, torch.float32, cpu.DECODE_MAX_M, "kernel"),
+             (False, torch.bfloat16, cpu.KERNEL_MAX_M, "kernel"),
+             (False, torch.bfloat16, cpu.KERNEL_MAX_M + 1, torch.float32)]
+    for fast, dtype, m, path in cases:
+        monkeypatch.setattr(cpu, "FAST_BF16", fast)
+        calls.clear()
+        cpu.cpu_linear(torch.randn(m, 576).to(dtype), w, None, cache)
+        assert calls == [path], (fast, dtype, m)
 
 
 KERNEL = [
@@ -73,7 +164,8 @@ def rounded_terms(x: torch.Tensor, cache) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", KERNEL, ids=str)
-def test_bf16_kernels_match_reference_within_bf16_rounding(fmt):
+def test_bf16_kernels_match_reference_within_bf16_rounding(fmt, monkeypatch):
+    monkeypatch.setattr(cpu, "FAST_BF16", False)  # the kernels up to KERNEL_MAX_M rows
     w = packed_weight(fmt, k=576 if 576 % (fmt.group_size or 1) == 0 else 512)
     cache = cpu.prepare_cpu(w)
     assert cache is not None, cpu.kernel_ineligibility(w)

@@ -16,6 +16,8 @@ def test_round_trip_exact_including_ragged_k(bits, k):
     assert packed.dtype == torch.uint8
     assert packed.shape == (5, -(-k * bits // 8))
     assert torch.equal(unpack(packed, bits, k), codes)
+    out = torch.full((5, k), 255, dtype=torch.uint8)  # into a buffer: every code overwritten
+    assert unpack(packed, bits, k, out=out) is out and torch.equal(out, codes)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
