@@ -61,7 +61,7 @@ from memfit.kernels.packing import unpack
 from memfit.kernels.weights import IntWeight, dequantize_rows_
 
 KERNEL_MAX_M = 64  # rows of activations up to which the bfloat16 kernels beat path 1
-FAST_KERNEL_MAX_M = 32  # ... and path 2, on a CPU with AMX
+FAST_KERNEL_MAX_M = 48  # ... and path 2, on a CPU with AMX (whole-model crossover ~48 rows)
 DECODE_MAX_M = 4  # float32 activations with at most this many rows use them too (decode)
 TILE_ELEMENTS = 1 << 20  # weights dequantized at a time (4 MiB of float32)
 TILE_ROWS = 64  # tiles hold whole multiples of this many rows (GEMM blocking)
