@@ -3,8 +3,9 @@
 For each weight shape (out x in), activation rows M and format, it times:
   - nn.Linear with float32 and with bfloat16 weights/activations (the dense baselines);
   - QuantLinear.forward with float32 and with bfloat16 activations (the fast CPU path; the
-    column says which path ran: `tiled` = dequantize tiles + float32 GEMM, `kernel` = torch's
-    bfloat16 weight-only kernel);
+    column says which path ran: `tiled` = dequantize tiles + float32 GEMM, `bf16 tiles` = the
+    same rounded to bfloat16 + bfloat16 GEMM (AMX CPUs), `kernel` = torch's bfloat16
+    weight-only kernel);
   - the reference (dequantize the whole weight, F.linear), float32.
 Each number is the median of repeated calls (at least 2, at most 7, about 0.4 s per cell).
 Prints a markdown table with the machine, date, torch version, load average and command.
@@ -60,9 +61,13 @@ def quant_layer(lin: torch.nn.Linear, fmt: IntFormat) -> QuantLinear:
 
 
 def path_name(layer: QuantLinear, x: torch.Tensor) -> str:
-    cache = layer._cpu_cache
+    """The path memfit.kernels.cpu.cpu_linear takes (its policy, restated)."""
     rows = x.reshape(-1, x.shape[-1]).shape[0]
-    if cache is not None and x.dtype == torch.bfloat16 and rows <= cpu.KERNEL_MAX_M:
+    bf16 = x.dtype == torch.bfloat16
+    if bf16 and getattr(cpu, "FAST_BF16", False) and rows > cpu.FAST_KERNEL_MAX_M:
+        return "bf16 tiles"
+    if layer._cpu_cache is not None and ((bf16 and rows <= cpu.KERNEL_MAX_M)
+                                         or (not bf16 and rows <= cpu.DECODE_MAX_M)):
         return "kernel"
     return "tiled"
 
@@ -85,7 +90,7 @@ def run(shapes, ms, formats) -> list[str]:
                 for name, layer in layers.items():
                     q32 = timed(lambda: layer(x))
                     qbf = timed(lambda: layer(xb))
-                    ref = timed(lambda: linear_reference(x, layer.packed()))
+                    ref = timed(lambda: linear_reference(x, layer.kernel_weight()))
                     best = min(q32, qbf)
                     lines.append(
                         f"| {out}x{k} | {m} | {name} | {layer.bits_per_weight():.2f} | "
@@ -115,7 +120,8 @@ def header(args) -> list[str]:
         f"- command: `python benchmarks/qlinear_cpu.py{' --quick' if args.quick else ''}"
         f" --threads {args.threads}`",
         f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
-        "- times: median milliseconds per forward call; bias off; `kernel` / `tiled` = path taken",
+        "- times: median milliseconds per forward call; bias off; `kernel` / `tiled` / "
+        f"`bf16 tiles` = path taken (AMX: {getattr(cpu, 'FAST_BF16', False)})",
         "",
     ]
 

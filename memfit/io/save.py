@@ -325,6 +325,20 @@ def load(path, *, dtype=None, device: str = "cpu"):
                     dtype=dtype, device=device)
 
 
+def _embeddings_follow(model) -> None:
+    """Packed embedding tables return rows in the dtype the model computes in (its dense
+    weights'): they were built in the meta skeleton's float32, and a model loaded in bfloat16
+    would otherwise run its whole residual stream in float32 from the first layer on."""
+    from memfit.formats.embedding import QuantEmbedding
+
+    dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if dense:
+        compute = max(set(dense), key=dense.count)
+        for m in model.modules():
+            if isinstance(m, QuantEmbedding):
+                m.dtype = compute
+
+
 def _load_cast(meta: dict, dtype, device: str):
     """The per-tensor cast `assemble` will apply, known from memfit.json before reading (so the
     reader can cast while it reads): dense floating tensors, never a format's own fields."""
@@ -372,6 +386,7 @@ def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict
                 raise UserError(f"{folder / BUFFERS} lacks the buffer {name!r}; re-save the model")
             _set_tensor(model, name, buffers[name])
     retie(model, tied)
+    _embeddings_follow(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"

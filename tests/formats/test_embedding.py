@@ -72,6 +72,29 @@ def test_tied_head_shares_the_packed_table_and_saves_once(tiny_config, tmp_path)
     assert rep["embeddings"] == rep["head"] == qe.nbytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loaded_packed_embedding_returns_the_compute_dtype(tiny_config, tmp_path, dtype):
+    """A folder loaded in bfloat16 computes in bfloat16 from its packed embedding on (its rows
+    came back float32, and the residual stream with them), and in float32 when asked."""
+    from transformers import AutoTokenizer
+
+    from memfit.models import resolve
+
+    m = _model(tiny_config, tie_word_embeddings=False)
+    quantize_embeddings_(m, INT8, INT8)
+    tok = AutoTokenizer.from_pretrained(resolve("default-encoder")[1])
+    io.save(m, tok, tmp_path / "t", recipe={})
+    loaded = io.load(tmp_path / "t", dtype=dtype).model
+    ids = _ids()
+    assert loaded.get_input_embeddings()(ids).dtype == dtype
+    seen = []
+    block = loaded.model.layers[0]
+    block.register_forward_hook(lambda mod, args, out: seen.append(args[0].dtype))
+    with torch.no_grad():
+        loaded(ids)
+    assert seen == [dtype]
+
+
 def test_one_side_quantized_unties(tiny_config, tmp_path):
     m = _model(tiny_config, tie_word_embeddings=True)
     dense_head = m.get_output_embeddings().weight.detach().clone()
