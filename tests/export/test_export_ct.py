@@ -214,10 +214,14 @@ def test_gpt2_conv1d_is_refused(save_tiny, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_w4g64_same_greedy_text_in_plain_transformers(tmp_path):
-    """The default model (SmolLM2-135M) with w4g64 (RTN), exported with the defaults: plain
-    transformers (no memfit in the process) continues a chat prompt with the same 64 greedy
-    tokens as memfit's own artifact of the same model (both with a KV cache), and its logits
-    are within 0.05 of it (float16 scale rounding; the logits span tens)."""
+    """The default model (SmolLM2-135M) with w4g64 (RTN), exported with the defaults: its
+    logits in plain transformers (no memfit in the process) are within 0.05 of memfit's own
+    artifact's (float16 scale rounding; the logits span tens), and plain transformers' 64
+    greedy tokens of a chat prompt (KV cache) are memfit's choices: at every step memfit's
+    exact float32 forward over that text ranks plain's token first or within 0.05 of first,
+    and memfit's own cached greedy text (its decode kernels round activations to bfloat16)
+    follows it up to a near tie, if any (the two tokens within a bfloat16 ulp of the step's
+    largest logit)."""
     m = load_model("default")
     compress_(m.model, "w4g64", progress=False)
     save(m.model, m.tokenizer, tmp_path / "mf", recipe={"preset": "w4g64"})
@@ -235,6 +239,22 @@ def test_default_model_w4g64_same_greedy_text_in_plain_transformers(tmp_path):
     diff = (plain["logits0"] - ref).abs().max().item()
     print(f"max |logit diff| {diff:.3e}, logits span {ref.min():.1f}..{ref.max():.1f}")
     assert diff < 0.05
+    theirs, n = plain["greedy0"], prompt.shape[1]
+    with torch.no_grad():
+        forced = mine(theirs).logits[0, n - 1:-1]  # (64, vocab): what memfit makes of each step
+    picked = forced.gather(1, theirs[0, n:, None])[:, 0]
+    short = forced.max(1).values - picked  # 0 where memfit picks plain's token too
+    print(f"steps where memfit ranks plain's token below its first: "
+          f"{[(i, round(v, 4)) for i, v in enumerate(short.tolist()) if v > 0]}")
+    assert (short < 0.05).all()
     ours = greedy(mine, prompt)
-    print(m.tokenizer.decode(ours[0, prompt.shape[1]:]))
-    assert torch.equal(plain["greedy0"], ours)
+    print(m.tokenizer.decode(ours[0, n:]))
+    differ = (ours[0, n:] != theirs[0, n:]).nonzero()
+    if len(differ):  # only at a near tie, in memfit's exact forward, of the two tokens: within
+        # an ulp of the step's largest logit in bfloat16, the drift of the rounded activations
+        d = int(differ[0, 0])
+        gap = (forced[d, theirs[0, n + d]] - forced[d, ours[0, n + d]]).abs().item()
+        ulp = 2.0 ** (torch.frexp(forced[d].max()).exponent.item() - 8)
+        print(f"memfit's cached greedy parts from plain's at step {d}: gap {gap:.4f} "
+              f"(bfloat16 ulp {ulp})")
+        assert gap <= ulp
