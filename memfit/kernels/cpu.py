@@ -66,6 +66,10 @@ DECODE_MAX_M = 4  # float32 activations with at most this many rows use them too
 TILE_ELEMENTS = 1 << 20  # weights dequantized at a time (4 MiB of float32)
 TILE_ROWS = 64  # tiles hold whole multiples of this many rows (GEMM blocking)
 INT4_GROUPS = (32, 64, 128, 256)
+# oneDNN keeps a compiled bfloat16 GEMM (AMX) per (M, N, K), each holding memory: a mixture of
+# experts, whose experts see a different row count each call, grew by ~330 MB over 6 windows of
+# 512 tokens. Path 2 pads its rows to a multiple of this, which bounds the shapes it creates.
+BF16_ROWS = 16
 
 
 def _fast_bf16() -> bool:
@@ -219,7 +223,12 @@ def tiled_linear(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = Non
     TILE_ELEMENTS weights at a time, each tile's GEMM writing its columns of the output."""
     out, k = w.shape
     g = w.group_size
-    xc = x2.to(dtype)  # (M, in)
+    m = x2.shape[0]
+    if dtype == torch.float32:
+        xc = x2.to(dtype)  # (M, in)
+    else:  # rows rounded up to a multiple of BF16_ROWS: see its comment
+        xc = x2.new_zeros(-(-m // BF16_ROWS) * BF16_ROWS, k, dtype=dtype)
+        xc[:m] = x2
     scale, zero = w.scale.float(), w.zeros()  # (out, G)
     rows = tile_rows(out, k)
     codes = None if w.bits == 8 else _scratch("codes", rows * k, torch.uint8).view(rows, k)
@@ -240,7 +249,7 @@ def tiled_linear(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = Non
             torch.mm(xc, wt, out=y[:, r0:r1])
         else:  # the bias inside the GEMM: added before its one rounding, as F.linear does
             torch.addmm(b[r0:r1], xc, wt, out=y[:, r0:r1])
-    return y
+    return y[:m]
 
 
 _local = threading.local()

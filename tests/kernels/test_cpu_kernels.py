@@ -91,6 +91,23 @@ def test_bf16_tiles_compute_the_weight_rounded_once(fmt, monkeypatch):
         assert (err <= 2**-7 * size).all()  # weight and output roundings, float32 sums
 
 
+def test_bf16_tiles_pad_rows_to_bound_the_gemm_shapes(monkeypatch):
+    """Path 2's GEMMs see row counts rounded up to BF16_ROWS (oneDNN compiles and keeps one per
+    shape: a mixture of experts' every-call row counts grew memory by hundreds of MB), and the
+    padding never reaches the output."""
+    w = packed_weight(IntFormat(bits=4, group_size=64))
+    seen = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: seen.append(a.shape[0]) or real(a, b, **kw))
+    for m in (33, 40, 48):
+        x = torch.randn(m, 576).bfloat16()
+        y = cpu.tiled_linear(x, w, None, torch.bfloat16)
+        assert y.shape == (m, 1536) and y.is_contiguous()
+        ref = linear_reference(x.float(), w)
+        assert (y.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
+    assert seen == [48, 48, 48]  # 33, 40 and 48 rows: one shape
+
+
 def test_tile_buffers_are_reused_across_calls_and_modes():
     """The tiles' buffers outlive a call (no fresh pages each time) and serve calls inside
     and outside inference mode alike (a buffer made in inference mode would refuse the later
