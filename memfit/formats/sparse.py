@@ -280,7 +280,7 @@ class SparseLinear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def _rows(self, r0: int, r1: int) -> torch.Tensor:
-        offsets = self.row_offsets() if self.layout == "bitmask" and r0 else None
+        offsets = self.row_offsets() if self.layout == "bitmask" else None  # counted once
         return dense_rows(self.layout, self.fmt, (self.out_features, self.in_features),
                           self._stored(), r0, r1, offsets)
 

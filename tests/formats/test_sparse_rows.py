@@ -11,7 +11,13 @@ from memfit.algos.prune import magnitude_mask
 from memfit.formats import grid, sparse
 from memfit.formats.grid import IntFormat, minmax_params, round_params
 from memfit.formats.sparse import SparseIntWeight, SparseLinear
-from memfit.formats.sparse_rows import dense_rows, pack_bits, row_offsets, stream_codes
+from memfit.formats.sparse_rows import (
+    dense_rows,
+    pack_bits,
+    row_offsets,
+    scatter_kept,
+    stream_codes,
+)
 from memfit.kernels.packing import pack
 
 G = torch.Generator().manual_seed
@@ -25,6 +31,18 @@ def test_stream_codes_reads_any_range(bits):
     for start, count in [(0, n), (1, 7), (5, 300), (997, 3), (333, 0), (8, 16), (13, 501)]:
         got = stream_codes(packed, bits, start, count)
         assert torch.equal(got.to(torch.uint8), codes[start: start + count])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.5, 1.0])
+def test_scatter_kept_equals_boolean_index_assignment(fraction):
+    keep = torch.rand(37, 100, generator=G(7)) < fraction
+    keep[0, 0] = fraction > 0  # a kept first place (or none at all)
+    src = torch.randn(int(keep.sum()), generator=G(8)).half()
+    want = torch.zeros(37, 100, dtype=torch.float16)
+    want[keep] = src
+    got = scatter_kept(keep, src)
+    assert got.dtype == src.dtype and torch.equal(got, want)
+    assert not torch.signbit(got[~keep]).any()  # zeros, not a kept value times zero
 
 
 def _module(layout, bits, out=37, k=100, seed=0):
