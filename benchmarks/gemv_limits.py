@@ -17,6 +17,7 @@
 - permx: what the activations' permutation into the fragment order costs (session 19).
 - spread: a tile shape's time over 20 replays, PDL on and off.
 - big: the dq 4 tile kernel past M = 128 (token tiles of 64-256) against dequantize + cuBLAS.
+- dequant: the dequantize kernel alone at 3 and 4 bits (session 36: 3-bit blocks as words).
 - writes: what bounds the dequantize of dequantize + cuBLAS: a plain write (fill) and a copy of
   the bf16 weight against the shipped dequantize and a row-looping form of it (session 21).
 
@@ -32,6 +33,7 @@ ahead in the mma decode kernel (`--parts l2`, commit 54bf5e5): all measured no b
     python benchmarks/gemv_limits.py --parts cands --only mma --pf --rb 64 --group 128 --m 1 16
     python benchmarks/gemv_limits.py --parts blocks --bm 2048 --rows 0 2048 4096
     python benchmarks/gemv_limits.py --parts wa --m 64 256 2048 --rb 0 --shapes 14336x4096
+    python benchmarks/gemv_limits.py --parts dequant cands --bits 3 --m 1 4 16 64
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def t_us(fns) -> float:
     return gpu_timing.graph_us(fns, 2 * len(fns), 3, min)
 
 
-def setup(n, k, g, m, gen):
-    ws = [int_weight(n, k, 4, g, gen) for _ in range(max(2, copies(n * k // 2)))]
+def setup(n, k, g, m, gen, bits=4):
+    ws = [int_weight(n, k, bits, g, gen) for _ in range(max(2, copies(n * k * bits // 8)))]
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
              for _ in range(max(2, copies(2 * n * k)))]
@@ -177,6 +179,8 @@ def _keep(m: int, c) -> bool:
     """The candidates worth a compile in one short GPU call."""
     if c.words == "mma":
         return c.BK == 128 and (m == 1 or not c.epi)
+    if c.gemv:
+        return True
     if m <= 16:
         return c.magic or c.BM == 0
     return c.BM == 0 or (c.magic and c.SPLIT_K <= 2)
@@ -190,8 +194,8 @@ def cands(args, gen) -> None:
 
 def _cands(args, gen, n, k, g) -> None:
     for m in args.m:
-        ws, x, bf16, want = setup(n, k, g, m, gen)
-        for rb in args.rb:
+        ws, x, bf16, want = setup(n, k, g, m, gen, args.bits)
+        for rb in args.rb if args.bits == 4 else [0]:
             wl = [tile(w, rb) for w in ws] if rb else ws
             res = []
             cs = triton_int.candidates(m, wl[0], x.dtype)
@@ -220,14 +224,15 @@ def _cands(args, gen, n, k, g) -> None:
             res.sort(key=lambda r: r[0])
             best = {}
             for t, err, c, paired in res:  # the best of each kernel family
-                fam = (c.words or ("dequant" if c.BM == 0 else "tile")) + f"_reps{c.reps}"
+                fam = (c.words or ("dequant" if c.BM == 0 else "gemv" if c.gemv else "tile")
+                       + f"_reps{c.reps}")
                 fam += (f"_pf{c.num_stages}_epi{int(c.epi)}_regs{c.regs}" if c.words == "mma"
                         else "")
                 fam += "_paired" if c.words == "mma" and c.reps > 1 and paired else ""
                 fam += (f"_pair{int(c.pair)}_st{c.num_stages}" if fam.startswith("tile")
                         and c.dq == 4 else "")
                 best.setdefault(fam, (round(t, 2), round(bf16 / t, 3), err, str(c)))
-            note({"part": "cands", "n": n, "k": k, "group": g, "m": m, "rb": rb,
+            note({"part": "cands", "n": n, "k": k, "bits": args.bits, "group": g, "m": m, "rb": rb,
                   "bf16_us": round(bf16, 2), "n_timed": len(res),
                   "max_err": max(r[1] for r in res), "best": best,
                   "top6": [(round(t, 2), str(c), p) for t, _, c, p in res[:6]]}, args.json)
@@ -555,6 +560,26 @@ def writes(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
+def dequant(args, gen) -> None:
+    """The one-pass dequantize kernel alone, 3 and 4 bits (g128), both Llama-3-8B MLP shapes:
+    time and TB/s of codes + scales + zero points read and the bf16 weight written."""
+    for shape in args.shapes or ["14336x4096", "4096x14336"]:
+        n, k = map(int, shape.split("x"))
+        out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        row = {"part": "dequant", "n": n, "k": k}
+        for bits in (4, 3):
+            ws = [int_weight(n, k, bits, 128, gen) for _ in range(max(2, copies(n * k // 2)))]
+            t = t_us([lambda w=w, o=out: triton_dequant.dequantize_triton(w, torch.bfloat16, o)
+                      for w in ws])
+            rd = sum(a.numel() * a.element_size() for a in (ws[0].qdata, ws[0].scale, ws[0].zero))
+            row |= {f"int{bits}_us": round(t, 2),
+                    f"int{bits}_TBps": round((rd + out.numel() * 2) / t / 1e6, 2)}
+            del ws
+        note(row, args.json)
+        del out
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="*", default=["stream", "epi", "blocks"])
@@ -562,6 +587,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[64, 32, 16], help="cands: batch sizes")
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64], help="cands: layouts")
     ap.add_argument("--group", type=int, default=128, help="cands: group size")
+    ap.add_argument("--bits", type=int, default=4, help="cands: code width (3: stored layout)")
     ap.add_argument("--pf", action="store_true",
                     help="cands: also two tiles in flight (mma); wa: scales a tile ahead")
     ap.add_argument("--dq", action="store_true",
@@ -587,7 +613,8 @@ def main() -> None:
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
          "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
-         "permx": permx, "spread": spread, "big": big, "writes": writes}[part](args, gen)
+         "permx": permx, "spread": spread, "big": big, "writes": writes,
+         "dequant": dequant}[part](args, gen)
 
 
 if __name__ == "__main__":

@@ -114,9 +114,11 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
                 cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tw[0], None))
                 del tw
         cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w) for w in q8])
-        # 3 bits outside memfit's decode loop: dequantize + cuBLAS (the loop widens to 4 bits)
+        # 3 bits outside memfit's decode loop (the loop widens them to 4 bits): the byte GEMV,
+        # the tile kernel or dequantize + cuBLAS, as the chooser times them
         cell["memfit_int3_g128"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
                                                   for w in q3])
+        cell["cfg_int3"] = str(triton_int.choose(x, q3[0], None))
         if t4[0] is not None:
             cell["torch_int4_g128"] = graph_time_us(
                 [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4])

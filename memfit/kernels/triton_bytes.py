@@ -17,8 +17,8 @@ import triton.language as tl
 
 from memfit.kernels import pdl
 from memfit.kernels.fragments import _perm_tile
-from memfit.kernels.triton_dequant import (_byte_ptrs, _codes3, _group_params, _unpack_tile,
-                                           _word_ptrs)
+from memfit.kernels.triton_dequant import (_byte_ptrs, _code_planes3, _codes3, _group_params,
+                                           _unpack_tile, _word_ptrs)
 from memfit.kernels.triton_words import _finish
 
 
@@ -87,7 +87,7 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
         return _pair_tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K,
                            stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, BM,
                            BN, BK, SPLIT_K, RB, PF, DQ, RAGGED)
-    PER: tl.constexpr = 8 // BITS
+    PER: tl.constexpr = 8 // BITS  # (3 bits: unused, `_codes3` reads whole 3-byte blocks)
     BKP: tl.constexpr = BK // PER
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # DQ >= 2 only: a tile of two groups
     if WA:
@@ -112,6 +112,8 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
         if DQ >= 2:  # (BN, BK / 8) int32 words
             jw = k0 // 8 + tl.arange(0, BK // 8)
             qw = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))
+        elif BITS == 3:  # (BN, BK) int32 codes, already unpacked (stored layout)
+            qb = _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN, BK)
         elif EVEN:  # (BN, BKP) uint8
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))
         else:
@@ -318,9 +320,9 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
     """Few rows (decode): dequantize each weight tile in registers and multiply-add on the CUDA
     cores into a (BM, BN, BK/PER) float32 accumulator, reduced once at the end; no tensor-core
     padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows.
-    3 bits: code j from the two bytes holding bits 3j..3j+2 (a (BM, BN, BK) accumulator)."""
-    PER: tl.constexpr = 8 // BITS
-    BKP: tl.constexpr = BK if BITS == 3 else BK // PER
+    3 bits: the tile read as 24-bit words of 8 codes (`_code_planes3`), split 8 ways like bytes."""
+    PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS  # codes a byte (3 bits: a 3-byte block)
+    BKP: tl.constexpr = BK // PER
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -334,23 +336,18 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
         k0 = (it * SPLIT_K + pid_k) * BK
         s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                              stride_sn, stride_zn, BITS, ZMODE, BN)
-        if BITS == 3:
-            kk = k0 + jj
-            c = _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB)
-            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-            w = (c.to(tl.float32) - z[:, None]) * s[:, None]
-            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BK)
+        if BITS == 3:  # (BN, BKP) 24-bit words, 8 codes each
+            qb = _code_planes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK)
         else:
             jb = k0 // PER + jj
             qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
                          mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
-            for i in tl.static_range(PER):
-                kk = k0 + jj * PER + i
-                xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-                w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
-                acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
+        for i in tl.static_range(PER):
+            kk = k0 + jj * PER + i
+            xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
+            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
     y = tl.sum(acc, axis=2)  # (BM, BN)
     if HAS_BIAS:
         if pid_k == 0:

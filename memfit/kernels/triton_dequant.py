@@ -20,7 +20,7 @@ def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """(BN, BK // PER) packed bytes -> (BN, BK) codes in column order (int32)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     q = qb.to(tl.int32)
-    if BITS == 8:
+    if BITS == 8 or BITS == 3:  # 3 bits: already codes in column order (`_codes3`)
         return q
     elif BITS == 4:
         return tl.reshape(tl.join(q & MASK, q >> 4), (BN, BK))
@@ -30,14 +30,30 @@ def _unpack_tile(qb, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB):
-    """(BN, BK) int32 3-bit codes kk of rows rn (stored layout): code j is bits 3j..3j+2 of the
-    row's stream, read from its byte and the next (NB bytes a row)."""
-    jb = (3 * kk) // 8
+def _code_planes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK: tl.constexpr):
+    """The (BN, BK // 8) int32 24-bit words of the 8-code blocks of a 3-bit tile from column k0
+    (a multiple of 8; stored layout): block b is bytes 3b..3b+2 of the row, code 8b + i is bits
+    3i..3i+2 of its word. Three strided byte loads a block (all in the cache lines the tile
+    reads), no per-code gather."""
+    jb = (k0 // 8) * 3 + 3 * tl.arange(0, BK // 8)
     row = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-    lo = tl.load(row, mask=n_ok[:, None] & (jb < NB)[None, :], other=0).to(tl.int32)
-    hi = tl.load(row + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0).to(tl.int32)
-    return ((lo | (hi << 8)) >> ((3 * kk) % 8)[None, :]) & 7
+    b0 = tl.load(row, mask=n_ok[:, None] & (jb < NB)[None, :], other=0).to(tl.int32)
+    b1 = tl.load(row + 1, mask=n_ok[:, None] & (jb + 1 < NB)[None, :], other=0).to(tl.int32)
+    b2 = tl.load(row + 2, mask=n_ok[:, None] & (jb + 2 < NB)[None, :], other=0).to(tl.int32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
+def _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN: tl.constexpr, BK: tl.constexpr):
+    """(BN, BK) int32 3-bit codes of the tile from column k0 in column order: each block's word
+    shifted 8 ways and the planes interleaved (join(a, b) puts a's element before b's, so the
+    nested joins below flatten to codes 0..7 of each block in turn)."""
+    wd = _code_planes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK)
+    c0, c1, c2, c3 = wd & 7, (wd >> 3) & 7, (wd >> 6) & 7, (wd >> 9) & 7
+    c4, c5, c6, c7 = (wd >> 12) & 7, (wd >> 15) & 7, (wd >> 18) & 7, wd >> 21
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(even, odd), (BN, BK))
 
 
 @triton.jit
@@ -102,7 +118,7 @@ def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_
     """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group (nor, tiled,
     a 64-byte run: BK <= 128 codes of 4 bits from a multiple of 128). Measured at 3.3 TB/s of
     read + write on an H200 (benchmarks/RESULTS.md, session 10): other tile shapes within 3%.
-    3 bits (stored layout): each code read from its two bytes (a gather; not timed on a GPU)."""
+    3 bits (stored layout): each tile's 8-code blocks read as three byte planes (`_codes3`)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     kk = k0 + tl.arange(0, BK)
@@ -110,7 +126,7 @@ def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_
     s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
                          BN, RB)
     if BITS == 3:
-        c = _codes3(q_ptr, rn, kk, n_ok, stride_qn, NB).to(tl.float32)
+        c = _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN, BK).to(tl.float32)
     else:
         PER: tl.constexpr = 8 // BITS
         BKP: tl.constexpr = BK // PER

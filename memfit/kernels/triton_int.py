@@ -1,6 +1,7 @@
-"""Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/2 bits;
-3 bits (codes cross bytes) through the dequantize kernel and cuBLAS only (memfit's decode loop
-widens them to 4-bit codes: memfit.fastdecode.Tiling).
+"""Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/3/2 bits;
+3 bits (8 codes to 3 bytes) through the byte kernels below and the dequantize kernel, which
+read each tile's 3-byte blocks as 24-bit words (memfit's decode loop widens 3-bit codes to
+4-bit ones: memfit.fastdecode.Tiling).
 
 It reads memfit's stored layout as it is (no repacking, no extra memory): each row of `qdata` is a
 little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER*j + PER-1
@@ -61,7 +62,7 @@ from memfit.kernels.triton_mma import MmaLayoutError, run_mma
 from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
 
-BITS = (2, 3, 4, 8)  # 3 bits: dequantize + cuBLAS only (launch_shapes.candidates)
+BITS = (2, 3, 4, 8)  # 3 bits: the byte kernels and dequantize + cuBLAS (launch_shapes)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

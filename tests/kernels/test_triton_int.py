@@ -111,22 +111,35 @@ def test_layouts_it_cannot_take_fall_back_with_one_warning():
         assert triton_int.triton_linear(x, w2) is None  # once per reason
 
 
-@pytest.mark.parametrize("m", [1, 5, 200])
+@pytest.mark.parametrize("m", [1, 5, 12, 40, 200])
 @pytest.mark.parametrize("group,zp", [(64, "int"), (128, "sym"), (48, "float")])
-def test_3bit_weights_take_dequantize_and_cublas(m, group, zp):
-    """3-bit codes (8 to 3 bytes, crossing byte boundaries) run the Triton dequantize kernel,
-    then cuBLAS, at every M, and at decode sizes also the byte GEMV's launch shapes (each code
-    from its two bytes, split K ways): not the float32 reference."""
-    w = make_weight(96, 320, 3, group, zp, seed=m)
+def test_3bit_weights_take_the_byte_kernels(m, group, zp):
+    """3-bit codes (8 to 3 bytes, crossing byte boundaries): the dequantize kernel then cuBLAS
+    first, at decode sizes the byte GEMV and up to M = 128 the tile kernel, each reading a tile's
+    3-byte blocks as 24-bit words: not the float32 reference. K = 328 ends in a partial block
+    (a row of 123 bytes), 96 rows in 32-row tiles."""
+    w = make_weight(96, 328, 3, group, zp, seed=m)
     assert triton_int.ineligibility(w) is None
     cands = triton_int.candidates(m, w, torch.bfloat16)
-    assert cands[0].BM == 0 and all(c.gemv for c in cands[1:]) and (len(cands) > 1) == (m <= 8)
-    x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(DEV)
+    assert cands[0].BM == 0
+    assert any(c.gemv for c in cands) == (m <= 8)
+    assert any(c.BM and not c.gemv for c in cands) == (m <= 128)
+    x = torch.randn(m, 328, generator=torch.Generator().manual_seed(m)).to(DEV)
     want = x @ dequantize(w).T.to(DEV)
     got = triton_int.triton_linear(x, w)
     assert got is not None and rel_err(got, want) < 1e-5
-    for c in cands[1:] if DEV == "cuda" else [c for c in cands[1:] if c.SPLIT_K in (1, 4)][:3]:
-        assert rel_err(triton_int.run(x, w, None, c), want) < 1e-5, c  # the byte GEMV
+    kernels = [c for c in cands[1:] if c.BM]
+    if DEV != "cuda":  # the interpreter is slow: one GEMV and one tile shape of each split
+        kernels = [c for c in kernels if c.SPLIT_K in (1, 4) and c.BN in (32, 64)]
+        kernels = [c for c in kernels if c.gemv][:2] + [c for c in kernels if not c.gemv][:2]
+    for c in kernels:
+        assert rel_err(triton_int.run(x, w, None, c), want) < 1e-5, c
+    if DEV != "cuda":  # the interpreter's bfloat16 dot reads garbage (4-bit alike)
+        return
+    xb = x.to(torch.bfloat16)  # 16-bit activations: the tile kernel's magic-number dequantize
+    wantb = xb.float() @ dequantize(w).T.to(DEV)
+    for c in [c for c in kernels if not c.gemv]:
+        assert rel_err(triton_int.run(xb, w, None, c).float(), wantb) < 1e-2, c
 
 
 WORD_CASES = [  # (n, k, bits, group, zero point): every width, ragged groups, per-channel
