@@ -220,6 +220,21 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
         assert not ops.get("STS") and not ops.get("LDSM"), f"conversion in the loop: {ops}"
 
 
+def check_tile3(bm: int, bn: int, sk: int):
+    """The tile kernel on 3-bit codes (x as the dot's A operand, magic-number dequantize of the
+    codes `_codes3` unpacks from 3-byte blocks), split K by atomics or not."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
+           "b_ptr": "*fp16", "y_ptr": "*fp32" if sk > 1 else "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "NB": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
+           "stride_sn": "i32", "stride_zn": "i32", "stride_ym": "i32", "p_ptr": "*fp32",
+           "c_ptr": "*i32", "stride_ps": "i32"}
+    const = dict(GROUP=128, BITS=3, ZMODE=1, HAS_BIAS=False, ATOMIC=sk > 1, IEEE=False, BM=bm,
+                 BN=bn, BK=128, SPLIT_K=sk, MAGIC=0x4300, BASE=128, WA=0, RB=0, PF=0, DQ=0,
+                 EVEN=1, FIX=0, PAIR=0, PDL=False, RAGGED=0)
+    k = build(triton_bytes._int_mm, sig, const)
+    assert "mma" in k.asm["ptx"], "no tensor-core instruction"
+
+
 def check_perm(span: int):
     """The activations' gather into the fragment order, launched with PDL."""
     k = build(fragments._perm_cols, {"x_ptr": "*bf16", "y_ptr": "*bf16", "K": "i32",
@@ -258,8 +273,8 @@ def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64,
 
 
 def check_dequant(bits: int, zmode: int):
-    """The one-pass dequantize kernel (dequantize + cuBLAS), 3 bits included (codes and zero
-    points read from two bytes where they cross one)."""
+    """The one-pass dequantize kernel (dequantize + cuBLAS), 3 bits included (codes read as
+    3-byte blocks, zero points from two bytes where they cross one)."""
     sig = {"q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zmode == 1 else "*fp16",
            "w_ptr": "*bf16", "N": "i32", "K": "i32", "NB": "i32", "stride_qn": "i32",
            "stride_sn": "i32", "stride_zn": "i32"}
@@ -269,8 +284,8 @@ def check_dequant(bits: int, zmode: int):
 
 
 def check_gemv(bits: int, bm: int, bn: int, atomic: bool):
-    """The byte GEMV (decode sizes off the mma kernel), 3 bits included (each code from its
-    two bytes)."""
+    """The byte GEMV (decode sizes off the mma kernel), 3 bits included (3-byte blocks of 8
+    codes)."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
            "y_ptr": "*fp32" if atomic else "*bf16", "M": "i32", "N": "i32", "K": "i32",
            "NB": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
@@ -331,6 +346,7 @@ def _checks() -> dict:
                          (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
                          (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
+    checks |= {f"tile3{c}": (check_tile3, c) for c in ((16, 64, 4), (64, 128, 1))}
     checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1))}
     checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
                                                        (3, 2, 32, False), (4, 1, 64, True))}
