@@ -279,10 +279,10 @@ class SparseLinear(nn.Module):
         w = self._rows(0, self.out_features)
         return w if dtype is None else w.to(dtype)
 
-    def _rows(self, r0: int, r1: int) -> torch.Tensor:
+    def _rows(self, r0: int, r1: int, reuse: bool = False) -> torch.Tensor:
         offsets = self.row_offsets() if self.layout == "bitmask" else None  # counted once
         return dense_rows(self.layout, self.fmt, (self.out_features, self.in_features),
-                          self._stored(), r0, r1, offsets)
+                          self._stored(), r0, r1, offsets, reuse)
 
     def row_offsets(self) -> torch.Tensor:
         """(out + 1,) kept weights before each row of a bitmask (counted once, then cached)."""
@@ -308,14 +308,17 @@ class SparseLinear(nn.Module):
             if w24 is not None:
                 b = None if self.bias is None else self.bias.to(x.dtype)
                 return torch.nn.functional.linear(x, w24, b)
+        # On the CPU without autograd a tile is rebuilt in this thread's kept buffers
+        # (sparse_rows.dense_rows(reuse=True)) and multiplied at once: no fresh pages a call.
+        reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
         rows = self._tile_rows()
         if rows >= self.out_features:
-            return kernels.linear(x, self.dequantize(), self.bias)
+            return kernels.linear(x, self._rows(0, self.out_features, reuse), self.bias)
         out = []
         for r0 in range(0, self.out_features, rows):  # one tile's temporaries at a time
             r1 = min(r0 + rows, self.out_features)
             b = None if self.bias is None else self.bias[r0:r1]
-            out.append(kernels.linear(x, self._rows(r0, r1), b))
+            out.append(kernels.linear(x, self._rows(r0, r1, reuse), b))
         return torch.cat(out, dim=-1)
 
     def _semi_structured(self, dtype: torch.dtype):

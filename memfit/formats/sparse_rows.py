@@ -24,6 +24,7 @@ import torch
 
 from memfit.formats import grid
 from memfit.formats.intq import zeros_float
+from memfit.kernels.cpu import scratch
 from memfit.kernels.packing import pack, packed_width, unpack
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
@@ -37,10 +38,17 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (padded.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first `n` bits as a 1-D bool tensor."""
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0  # (bytes, 8)
-    return bits.flatten()[:n]
+def unpack_bits(packed: torch.Tensor, n: int, reuse: bool = False) -> torch.Tensor:
+    """Inverse of pack_bits: the first `n` bits as a 1-D bool tensor (reuse: in this thread's
+    kept buffers, valid until the next such call; CPU)."""
+    if not reuse:
+        bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0  # (bytes, 8)
+        return bits.flatten()[:n]
+    nb = packed.numel()
+    fields = torch.bitwise_and(packed.unsqueeze(1), _BIT_WEIGHTS,
+                               out=scratch("sparse_fields", 8 * nb, torch.uint8).view(nb, 8))
+    return torch.ne(fields, 0, out=scratch("sparse_keep", 8 * nb, torch.bool).view(nb, 8)
+                    ).view(-1)[:n]
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
@@ -54,9 +62,10 @@ def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack(packed.reshape(1, -1), 2, n)[0].to(torch.int64)
 
 
-def stream_codes(packed: torch.Tensor, bits: int, start: int, count: int) -> torch.Tensor:
+def stream_codes(packed: torch.Tensor, bits: int, start: int, count: int,
+                 reuse: bool = False) -> torch.Tensor:
     """Codes [start, start + count) of a 1-D bit stream of `bits`-bit codes (uint8, or bool for
-    bits = 1), reading only the bytes that hold them."""
+    bits = 1), reading only the bytes that hold them (reuse: bits in kept buffers, CPU)."""
     unit_bits = math.lcm(bits, 8)
     per, nbytes = unit_bits // bits, unit_bits // 8  # codes and bytes per aligned unit
     first = start // per
@@ -64,22 +73,33 @@ def stream_codes(packed: torch.Tensor, bits: int, start: int, count: int) -> tor
     byte0 = first * nbytes
     n = skip + count
     if bits == 1:
-        return unpack_bits(packed[byte0: byte0 + -(-n // 8)], n)[skip:]
+        return unpack_bits(packed[byte0: byte0 + -(-n // 8)], n, reuse)[skip:]
     width = packed_width(n, bits)
     return unpack(packed[byte0: byte0 + width].reshape(1, -1), bits, n)[0, skip:]
 
 
-def scatter_kept(keep: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def scatter_kept(keep: torch.Tensor, src: torch.Tensor, reuse: bool = False) -> torch.Tensor:
     """A tensor shaped like `keep` (bool) holding src's values at its True places, in row-major
-    order, and zeros elsewhere. Each place reads src at the running count of kept places before
-    it: 1.8x faster on the CPU than assigning through the boolean index, which first lists the
-    places (1536x576 at half kept: 1.55 vs 2.83 ms)."""
+    order, and zeros elsewhere. One gather: each kept place reads src at its running count of
+    kept places (1-based), every other place reads a zero put in front of src. On this CPU
+    (1536x576, half kept, float32) 1.29 ms against 3.13 for a gather then a masked fill of the
+    dropped places and 2.83 for assignment through the boolean index, which first lists the
+    places (benchmarks/RESULTS.md, sessions 35-36). reuse (CPU): the index, the padded values
+    and the result in this thread's kept buffers (memfit.kernels.cpu.scratch): the result is
+    valid until the next such call on this thread."""
     flat = keep.reshape(-1)
-    if src.numel() == 0:
-        return torch.zeros(keep.shape, dtype=src.dtype, device=src.device)
-    wide = torch.int64 if flat.numel() >= 2**31 else torch.int32
-    idx = flat.to(wide).cumsum(0, dtype=wide).sub_(1).clamp_min_(0)
-    return src.index_select(0, idx).masked_fill_(~flat, 0).view(keep.shape)
+    n, kept = flat.numel(), src.numel()
+    wide = torch.int64 if n >= 2**31 else torch.int32
+    if not reuse:
+        idx = flat.cumsum(0, dtype=wide).mul_(flat)
+        return torch.cat([src.new_zeros(1), src]).index_select(0, idx).view(keep.shape)
+    ones = scratch("sparse_ones", n, wide).copy_(flat)  # (cumsum and mul_ on a bool would
+    idx = torch.cumsum(ones, 0, out=scratch("sparse_idx", n, wide)).mul_(ones)  # cast anew)
+    padded = scratch("sparse_src", kept + 1, src.dtype)
+    padded[0] = 0
+    padded[1:].copy_(src)
+    out = scratch("sparse_rows", n, src.dtype)
+    return torch.index_select(padded, 0, idx, out=out).view(keep.shape)
 
 
 def row_offsets(bitmask: torch.Tensor, shape, tile_rows: int) -> torch.Tensor:
@@ -91,10 +111,12 @@ def row_offsets(bitmask: torch.Tensor, shape, tile_rows: int) -> torch.Tensor:
 
 
 def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
-               offsets: torch.Tensor | None = None) -> torch.Tensor:
+               offsets: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
     """Rows [r0, r1) of the dense weight of a sparse format's tensors `t` (values / qdata,
     scale, zero, and the bitmask or 2:4 indices): the values' dtype for float values, float32 for
-    int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets)."""
+    int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets).
+    reuse: a bitmask tile of float values is built in this thread's kept buffers (valid until
+    the next such call: for a forward that multiplies it at once)."""
     k = shape[1]
     rows = r1 - r0
     if layout == "2:4":  # every row keeps k / 2 slots: scatter them to their positions
@@ -110,7 +132,8 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
         keep = keep.scatter_(-1, pos, True).view(rows, k)
         codes = dense
     else:
-        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k).view(rows, k)
+        reuse = reuse and fmt is None and t["bitmask"].device.type == "cpu"
+        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k, reuse).view(rows, k)
         if offsets is not None:
             start, stop = int(offsets[r0]), int(offsets[r1])
         else:
@@ -118,7 +141,7 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
             start, stop = 0, int(keep.sum())
         src = t["values"][start:stop] if fmt is None else \
             stream_codes(t["qdata"], fmt.bits, start, stop - start)
-        codes = scatter_kept(keep, src)
+        codes = scatter_kept(keep, src, reuse)
         if fmt is None:
             return codes
     zero = t.get("zero")

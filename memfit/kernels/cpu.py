@@ -231,9 +231,9 @@ def tiled_linear(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = Non
         xc[:m] = x2
     scale, zero = w.scale.float(), w.zeros()  # (out, G)
     rows = tile_rows(out, k)
-    codes = None if w.bits == 8 else _scratch("codes", rows * k, torch.uint8).view(rows, k)
-    buf = _scratch("float32", rows * k, torch.float32).view(rows, k)
-    low = buf if dtype == torch.float32 else _scratch("low", rows * k, dtype).view(rows, k)
+    codes = None if w.bits == 8 else scratch("codes", rows * k, torch.uint8).view(rows, k)
+    buf = scratch("float32", rows * k, torch.float32).view(rows, k)
+    low = buf if dtype == torch.float32 else scratch("low", rows * k, dtype).view(rows, k)
     b = None if bias is None else bias.to(dtype)
     y = torch.empty(xc.shape[0], out, dtype=dtype)
     for r0 in range(0, out, rows):
@@ -255,15 +255,18 @@ def tiled_linear(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = Non
 _local = threading.local()
 
 
-def _scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of at least n elements kept by this thread across calls (the tiles').
-    Allocating them anew each call cost the default model's bfloat16 prefill 23% of its time:
+def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least n elements of `dtype` kept by this thread across calls (the
+    tiles', and memfit.formats.sparse_rows' rebuilt rows): its contents live until the next
+    call for the same name and dtype on this thread. Allocating them anew each call cost the
+    default model's bfloat16 prefill 23% of its time:
     memfit.eval.memory.steady_malloc maps every large tensor afresh, so each one's pages fault
     in again. They stay at the largest tile seen: at most TILE_ELEMENTS weights (7 MiB with
     bfloat16 activations), or one row where a row is longer."""
-    held = getattr(_local, name, None)
+    key = f"{name}_{str(dtype).removeprefix('torch.')}"
+    held = getattr(_local, key, None)
     if held is None or held.numel() < n:
         with torch.inference_mode(False):  # usable outside inference mode later
             held = torch.empty(n, dtype=dtype)
-        setattr(_local, name, held)
+        setattr(_local, key, held)
     return held[:n]
