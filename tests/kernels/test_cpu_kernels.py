@@ -117,11 +117,11 @@ def test_tile_buffers_are_reused_across_calls_and_modes():
     ref = linear_reference(x, w)
     with torch.inference_mode():
         y1 = cpu.tiled_linear(x, w)
-    held = cpu._local.float32.data_ptr()
+    held = cpu._local.float32_float32.data_ptr()
     with torch.no_grad():
         y2 = cpu.tiled_linear(x, w)
         y3 = cpu.tiled_linear(x.bfloat16(), w, None, torch.bfloat16)
-    assert cpu._local.float32.data_ptr() == held
+    assert cpu._local.float32_float32.data_ptr() == held
     for y in (y1, y2):
         assert (y - ref).abs().max() <= 2e-6 * ref.abs().max()
     assert (y3.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
