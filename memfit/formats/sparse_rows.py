@@ -22,10 +22,10 @@ import math
 
 import torch
 
-from memfit.formats import grid
 from memfit.formats.intq import zeros_float
 from memfit.kernels.cpu import scratch
 from memfit.kernels.packing import pack, packed_width, unpack
+from memfit.kernels.weights import dequantize_rows_
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
 
@@ -115,8 +115,8 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
     """Rows [r0, r1) of the dense weight of a sparse format's tensors `t` (values / qdata,
     scale, zero, and the bitmask or 2:4 indices): the values' dtype for float values, float32 for
     int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets).
-    reuse: a bitmask tile of float values is built in this thread's kept buffers (valid until
-    the next such call: for a forward that multiplies it at once)."""
+    reuse (CPU): the tile is built in this thread's kept buffers (memfit.kernels.cpu.scratch),
+    valid until the next such call: for a forward that multiplies it at once."""
     k = shape[1]
     rows = r1 - r0
     if layout == "2:4":  # every row keeps k / 2 slots: scatter them to their positions
@@ -124,16 +124,20 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
             stream_codes(t["qdata"], fmt.bits, r0 * k // 2, rows * k // 2)
         pos = stream_codes(t["indices"], 2, r0 * k // 2, rows * k // 2).long()
         pos = pos.view(rows, k // 4, 2)
-        dense = torch.zeros(rows, k // 4, 4, dtype=src.dtype, device=src.device)
+        on_cpu = reuse and src.device.type == "cpu"
+        name = "sparse_rows" if fmt is None else "sparse_codes"
+        dense = (scratch(name, rows * k, src.dtype).view(rows, k // 4, 4).zero_() if on_cpu
+                 else torch.zeros(rows, k // 4, 4, dtype=src.dtype, device=src.device))
         dense = dense.scatter_(-1, pos, src.reshape(rows, k // 4, 2)).view(rows, k)
         if fmt is None:
             return dense
-        keep = torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=src.device)
+        keep = (scratch("sparse_keep", rows * k, torch.bool).view(rows, k // 4, 4).zero_()
+                if on_cpu else torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=src.device))
         keep = keep.scatter_(-1, pos, True).view(rows, k)
         codes = dense
     else:
-        reuse = reuse and fmt is None and t["bitmask"].device.type == "cpu"
-        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k, reuse).view(rows, k)
+        on_cpu = reuse and t["bitmask"].device.type == "cpu"
+        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k, on_cpu).view(rows, k)
         if offsets is not None:
             start, stop = int(offsets[r0]), int(offsets[r1])
         else:
@@ -141,10 +145,14 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
             start, stop = 0, int(keep.sum())
         src = t["values"][start:stop] if fmt is None else \
             stream_codes(t["qdata"], fmt.bits, start, stop - start)
-        codes = scatter_kept(keep, src, reuse)
+        codes = scatter_kept(keep, src, on_cpu)
         if fmt is None:
             return codes
     zero = t.get("zero")
-    z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, fmt.groups(k)[1],
-                    t["scale"].device)
-    return grid.dequantize(codes, t["scale"][r0:r1].float(), z, fmt) * keep
+    g, n_groups = fmt.groups(k)
+    z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, n_groups, t["scale"].device)
+    # (codes - z) * s in place, then the dropped places zeroed: grid.dequantize's arithmetic
+    w = (scratch("sparse_rows", rows * k, torch.float32).view(rows, k).copy_(codes)
+         if on_cpu else codes.to(torch.float32))
+    dequantize_rows_(w, t["scale"][r0:r1].float(), z, g)
+    return w.mul_(keep)
