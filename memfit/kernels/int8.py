@@ -22,15 +22,19 @@ QMAX = 127
 
 
 def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> ((M, K) int8 codes, (M, 1) float32 scales), one scale per row."""
-    absmax = x2.float().abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)  # (M, 1)
-    t = x2.float() * (QMAX / absmax)  # one new tensor, rounded and clamped in place
+    """(M, K) float -> ((M, K) int8 codes, (M, 1) float32 scales), one scale per row. The row's
+    largest magnitude from its extremes (no |x| tensor); x times the float32 factor promotes to
+    float32 in the product itself (no float copy of a 16-bit x): the same values as converting
+    first, with two full-size passes fewer (benchmarks/RESULTS.md, session 36)."""
+    lo, hi = torch.aminmax(x2, dim=-1, keepdim=True)
+    absmax = torch.maximum(hi, -lo).float().clamp_(min=1e-8)  # (M, 1)
+    t = torch.mul(x2, QMAX / absmax)  # float32, rounded and clamped in place
     return t.round_().clamp_(-QMAX, QMAX).to(torch.int8), absmax / QMAX
 
 
 def quantize_per_tensor(x2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(M, K) float and a () or (1,) float32 scale -> (M, K) int8 codes (saturating)."""
-    t = x2.float() * (1.0 / scale)
+    t = torch.mul(x2, (1.0 / scale.float()).reshape(1, 1))  # (1, 1): promotes 16-bit x
     return t.round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
@@ -61,7 +65,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     else:
         sx = input_scale.float().reshape(1, 1)
         xq = quantize_per_tensor(x2, sx)
-    y = mm(xq, w_q).float().mul_(sx).mul_(w_scale.float().reshape(1, -1))  # (M, N)
+    y = torch.mul(mm(xq, w_q), sx).mul_(w_scale.float().reshape(1, -1))  # (M, N) float32
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

@@ -53,3 +53,25 @@ def test_w8a8_linear_is_its_operands_product():
     xq = torch.round(x.reshape(-1, 96) / 0.05).clamp(-127, 127)
     ref = (xq.double() * 0.05) @ (w.double() * s.double()[:, None]).t() + b.double()
     assert (ys.reshape(-1, 48).double() - ref).abs().max() / ref.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_16_bit_activations_quantize_as_their_float32_values(dtype):
+    """The codes and scales of 16-bit activations (scaled in float32 inside the product, the
+    row's magnitude from its extremes) equal those of the same values converted to float32
+    first, per token and per tensor with a 0-d or (1,) static scale; the output has x's dtype."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(9, 200, generator=g) * 3).to(dtype)
+    x[3, 7] = -40.0  # a row whose extreme is negative
+    q, s = int8.quantize_per_token(x)
+    q32, s32 = int8.quantize_per_token(x.float())
+    assert torch.equal(q, q32) and torch.equal(s, s32) and s.dtype == torch.float32
+    assert int(q[3, 7]) == -127
+    for scale in (torch.tensor(0.03), torch.tensor([0.03])):
+        assert torch.equal(int8.quantize_per_tensor(x, scale),
+                           int8.quantize_per_tensor(x.float(), scale))
+        want = torch.round(x.double() / scale.double()).clamp(-127, 127).to(torch.int8)
+        got = int8.quantize_per_tensor(x, scale)
+        assert (got.int() - want.int()).abs().max() <= 1  # float32 reciprocal vs float64 division
+    y = int8.w8a8_linear(x, _codes(16, 200), torch.rand(16, generator=g) + 0.01)
+    assert y.dtype == dtype and y.shape == (9, 16)
