@@ -18,24 +18,40 @@ from __future__ import annotations
 
 import torch
 
+from memfit.kernels.cpu import scratch
+
 QMAX = 127
 
 
-def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _into(name: str, shape, dtype: torch.dtype, reuse: bool) -> torch.Tensor | None:
+    """A kept buffer of this thread (memfit.kernels.cpu.scratch) when reuse, else None."""
+    return scratch(name, shape[0] * shape[1], dtype).view(shape) if reuse else None
+
+
+def quantize_per_token(x2: torch.Tensor, reuse: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> ((M, K) int8 codes, (M, 1) float32 scales), one scale per row. The row's
     largest magnitude from its extremes (no |x| tensor); x times the float32 factor promotes to
     float32 in the product itself (no float copy of a 16-bit x): the same values as converting
     first, with two full-size passes fewer (benchmarks/RESULTS.md, session 36)."""
     lo, hi = torch.aminmax(x2, dim=-1, keepdim=True)
     absmax = torch.maximum(hi, -lo).float().clamp_(min=1e-8)  # (M, 1)
-    t = torch.mul(x2, QMAX / absmax)  # float32, rounded and clamped in place
-    return t.round_().clamp_(-QMAX, QMAX).to(torch.int8), absmax / QMAX
+    return _codes(x2, QMAX / absmax, reuse), absmax / QMAX
 
 
-def quantize_per_tensor(x2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_per_tensor(x2: torch.Tensor, scale: torch.Tensor, reuse: bool = False
+                        ) -> torch.Tensor:
     """(M, K) float and a () or (1,) float32 scale -> (M, K) int8 codes (saturating)."""
-    t = torch.mul(x2, (1.0 / scale.float()).reshape(1, 1))  # (1, 1): promotes 16-bit x
-    return t.round_().clamp_(-QMAX, QMAX).to(torch.int8)
+    return _codes(x2, (1.0 / scale.float()).reshape(1, 1), reuse)  # (1, 1): promotes 16-bit x
+
+
+def _codes(x2: torch.Tensor, factor: torch.Tensor, reuse: bool) -> torch.Tensor:
+    """round(x * factor) clamped to +-QMAX as int8, the product in float32 (reuse: in this
+    thread's kept buffers, valid until the next call on it)."""
+    t = torch.mul(x2, factor, out=_into("w8a8_t", x2.shape, torch.float32, reuse))
+    t.round_().clamp_(-QMAX, QMAX)
+    q = _into("w8a8_q", x2.shape, torch.int8, reuse)
+    return t.to(torch.int8) if q is None else q.copy_(t)
 
 
 def int8_mm_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -43,12 +59,14 @@ def int8_mm_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b_t.double().t()).to(torch.int32)
 
 
-def int8_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 x (N, K) int8 -> (M, N) int32 through torch._int_mm where it accepts the shape."""
+def int8_mm(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """(M, K) int8 x (N, K) int8 -> (M, N) int32 through torch._int_mm where it accepts the shape
+    (into `out`, an (M, N) int32 tensor, when given)."""
     fast = getattr(torch, "_int_mm", None)
     if fast is not None and a.shape[0] > 0:
         try:
-            return fast(a, b_t.t())
+            return fast(a, b_t.t()) if out is None else fast(a, b_t.t(), out=out)
         except RuntimeError:  # a shape/device this build refuses: the exact reference instead
             pass
     return int8_mm_reference(a, b_t)
@@ -60,12 +78,19 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     """(..., K) float -> (..., N) in x's dtype: x quantized per token (or per tensor with the
     static `input_scale`), times the (N, K) int8 weight with (N,) scales, plus bias."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    # on the CPU without autograd the temporaries live in the thread's kept buffers (memfit's
+    # loaders map each large tensor afresh, so fresh ones fault their pages in every call)
+    reuse = x2.device.type == "cpu" and not torch.is_grad_enabled() and mm is int8_mm
     if input_scale is None:
-        xq, sx = quantize_per_token(x2)
+        xq, sx = quantize_per_token(x2, reuse)
     else:
         sx = input_scale.float().reshape(1, 1)
-        xq = quantize_per_tensor(x2, sx)
-    y = torch.mul(mm(xq, w_q), sx).mul_(w_scale.float().reshape(1, -1))  # (M, N) float32
+        xq = quantize_per_tensor(x2, sx, reuse)
+    mn = (x2.shape[0], w_q.shape[0])
+    acc = mm(xq, w_q, out=_into("w8a8_acc", mn, torch.int32, reuse)) if reuse else mm(xq, w_q)
+    y = torch.mul(acc, sx, out=_into("w8a8_y", mn, torch.float32, reuse and x.dtype !=
+                                     torch.float32))  # (M, N) float32; returned if float32
+    y.mul_(w_scale.float().reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

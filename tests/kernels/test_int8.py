@@ -75,3 +75,21 @@ def test_16_bit_activations_quantize_as_their_float32_values(dtype):
         assert (got.int() - want.int()).abs().max() <= 1  # float32 reciprocal vs float64 division
     y = int8.w8a8_linear(x, _codes(16, 200), torch.rand(16, generator=g) + 0.01)
     assert y.dtype == dtype and y.shape == (9, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_buffers_give_the_same_outputs(dtype):
+    """Without autograd on the CPU the codes, the int32 sums and (16-bit x) the float32 product
+    live in the thread's kept buffers: two layers of different shapes called in turn give what
+    the fresh-tensor path gives, and a returned output is never a kept buffer."""
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(2, 5, 96, generator=g).to(dtype), _codes(48, 96, seed=4),
+              torch.rand(48, generator=g) + 0.01, torch.tensor([0.04])),
+             (torch.randn(7, 64, generator=g).to(dtype), _codes(80, 64, seed=5),
+              torch.rand(80, generator=g) + 0.01, None)]
+    want = [int8.w8a8_linear(x, w, s, None, st) for x, w, s, st in cases]  # grad on: fresh
+    with torch.inference_mode():
+        outs = [int8.w8a8_linear(x, w, s, None, st) for _ in range(2) for x, w, s, st in cases]
+    for got, w in zip(outs, want + want):
+        assert torch.equal(got, w)
+    assert outs[0].data_ptr() != outs[2].data_ptr()  # each call's output its own
