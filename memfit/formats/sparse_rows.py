@@ -23,7 +23,7 @@ import math
 import torch
 
 from memfit.formats.intq import zeros_float
-from memfit.kernels.cpu import scratch
+from memfit.kernels.cpu import buffer
 from memfit.kernels.packing import pack, packed_width, unpack
 from memfit.kernels.weights import dequantize_rows_
 
@@ -41,13 +41,10 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, n: int, reuse: bool = False) -> torch.Tensor:
     """Inverse of pack_bits: the first `n` bits as a 1-D bool tensor (reuse: in this thread's
     kept buffers, valid until the next such call; CPU)."""
-    if not reuse:
-        bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0  # (bytes, 8)
-        return bits.flatten()[:n]
-    nb = packed.numel()
-    fields = torch.bitwise_and(packed.unsqueeze(1), _BIT_WEIGHTS,
-                               out=scratch("sparse_fields", 8 * nb, torch.uint8).view(nb, 8))
-    return torch.ne(fields, 0, out=scratch("sparse_keep", 8 * nb, torch.bool).view(nb, 8)
+    nb, dev = packed.numel(), packed.device
+    fields = torch.bitwise_and(packed.unsqueeze(1), _BIT_WEIGHTS.to(dev),
+                               out=buffer("sparse_fields", 8 * nb, torch.uint8, reuse, dev).view(nb, 8))
+    return torch.ne(fields, 0, out=buffer("sparse_keep", 8 * nb, torch.bool, reuse, dev).view(nb, 8)
                     ).view(-1)[:n]
 
 
@@ -88,17 +85,14 @@ def scatter_kept(keep: torch.Tensor, src: torch.Tensor, reuse: bool = False) -> 
     and the result in this thread's kept buffers (memfit.kernels.cpu.scratch): the result is
     valid until the next such call on this thread."""
     flat = keep.reshape(-1)
-    n, kept = flat.numel(), src.numel()
+    n, kept, dev = flat.numel(), src.numel(), src.device
     wide = torch.int64 if n >= 2**31 else torch.int32
-    if not reuse:
-        idx = flat.cumsum(0, dtype=wide).mul_(flat)
-        return torch.cat([src.new_zeros(1), src]).index_select(0, idx).view(keep.shape)
-    ones = scratch("sparse_ones", n, wide).copy_(flat)  # (cumsum and mul_ on a bool would
-    idx = torch.cumsum(ones, 0, out=scratch("sparse_idx", n, wide)).mul_(ones)  # cast anew)
-    padded = scratch("sparse_src", kept + 1, src.dtype)
+    ones = buffer("sparse_ones", n, wide, reuse, dev).copy_(flat)  # (cumsum and mul_ on a bool
+    idx = torch.cumsum(ones, 0, out=buffer("sparse_idx", n, wide, reuse, dev)).mul_(ones)  # cast)
+    padded = buffer("sparse_src", kept + 1, src.dtype, reuse, dev)
     padded[0] = 0
     padded[1:].copy_(src)
-    out = scratch("sparse_rows", n, src.dtype)
+    out = buffer("sparse_rows", n, src.dtype, reuse, dev)
     return torch.index_select(padded, 0, idx, out=out).view(keep.shape)
 
 
@@ -124,16 +118,14 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
             stream_codes(t["qdata"], fmt.bits, r0 * k // 2, rows * k // 2)
         pos = stream_codes(t["indices"], 2, r0 * k // 2, rows * k // 2).long()
         pos = pos.view(rows, k // 4, 2)
-        on_cpu = reuse and src.device.type == "cpu"
+        on_cpu, dev = reuse and src.device.type == "cpu", src.device
         name = "sparse_rows" if fmt is None else "sparse_codes"
-        dense = (scratch(name, rows * k, src.dtype).view(rows, k // 4, 4).zero_() if on_cpu
-                 else torch.zeros(rows, k // 4, 4, dtype=src.dtype, device=src.device))
+        dense = buffer(name, rows * k, src.dtype, on_cpu, dev).view(rows, k // 4, 4).zero_()
         dense = dense.scatter_(-1, pos, src.reshape(rows, k // 4, 2)).view(rows, k)
         if fmt is None:
             return dense
-        keep = (scratch("sparse_keep", rows * k, torch.bool).view(rows, k // 4, 4).zero_()
-                if on_cpu else torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=src.device))
-        keep = keep.scatter_(-1, pos, True).view(rows, k)
+        keep = buffer("sparse_keep", rows * k, torch.bool, on_cpu, dev).view(rows, k // 4, 4)
+        keep = keep.zero_().scatter_(-1, pos, True).view(rows, k)
         codes = dense
     else:
         on_cpu = reuse and t["bitmask"].device.type == "cpu"
@@ -152,7 +144,7 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
     g, n_groups = fmt.groups(k)
     z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, n_groups, t["scale"].device)
     # (codes - z) * s in place, then the dropped places zeroed: grid.dequantize's arithmetic
-    w = (scratch("sparse_rows", rows * k, torch.float32).view(rows, k).copy_(codes)
-         if on_cpu else codes.to(torch.float32))
+    w = buffer("sparse_rows", rows * k, torch.float32, on_cpu, codes.device).view(rows, k)
+    w.copy_(codes)
     dequantize_rows_(w, t["scale"][r0:r1].float(), z, g)
     return w.mul_(keep)

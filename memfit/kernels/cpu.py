@@ -270,3 +270,10 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
             held = torch.empty(n, dtype=dtype)
         setattr(_local, key, held)
     return held[:n]
+
+
+def buffer(name: str, n: int, dtype: torch.dtype, reuse: bool,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """`scratch(name, n, dtype)` when reuse (CPU), else a new tensor of n elements on device:
+    one code path for callers that keep their temporaries only on the CPU without autograd."""
+    return scratch(name, n, dtype) if reuse else torch.empty(n, dtype=dtype, device=device)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from memfit.kernels.cpu import scratch
+from memfit.kernels.cpu import buffer
 
 QMAX = 127
 
 
-def _into(name: str, shape, dtype: torch.dtype, reuse: bool) -> torch.Tensor | None:
-    """A kept buffer of this thread (memfit.kernels.cpu.scratch) when reuse, else None."""
-    return scratch(name, shape[0] * shape[1], dtype).view(shape) if reuse else None
+def _into(name: str, shape, dtype: torch.dtype, reuse: bool, device) -> torch.Tensor:
+    """An (M, N) buffer: this thread's kept one when reuse (memfit.kernels.cpu.buffer)."""
+    return buffer(name, shape[0] * shape[1], dtype, reuse, device).view(shape)
 
 
 def quantize_per_token(x2: torch.Tensor, reuse: bool = False
@@ -48,10 +48,9 @@ def quantize_per_tensor(x2: torch.Tensor, scale: torch.Tensor, reuse: bool = Fal
 def _codes(x2: torch.Tensor, factor: torch.Tensor, reuse: bool) -> torch.Tensor:
     """round(x * factor) clamped to +-QMAX as int8, the product in float32 (reuse: in this
     thread's kept buffers, valid until the next call on it)."""
-    t = torch.mul(x2, factor, out=_into("w8a8_t", x2.shape, torch.float32, reuse))
+    t = torch.mul(x2, factor, out=_into("w8a8_t", x2.shape, torch.float32, reuse, x2.device))
     t.round_().clamp_(-QMAX, QMAX)
-    q = _into("w8a8_q", x2.shape, torch.int8, reuse)
-    return t.to(torch.int8) if q is None else q.copy_(t)
+    return _into("w8a8_q", x2.shape, torch.int8, reuse, x2.device).copy_(t)
 
 
 def int8_mm_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -87,9 +86,10 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         sx = input_scale.float().reshape(1, 1)
         xq = quantize_per_tensor(x2, sx, reuse)
     mn = (x2.shape[0], w_q.shape[0])
-    acc = mm(xq, w_q, out=_into("w8a8_acc", mn, torch.int32, reuse)) if reuse else mm(xq, w_q)
+    acc = (mm(xq, w_q, out=_into("w8a8_acc", mn, torch.int32, True, x2.device)) if reuse
+           else mm(xq, w_q))  # (a user's mm need not take out=)
     y = torch.mul(acc, sx, out=_into("w8a8_y", mn, torch.float32, reuse and x.dtype !=
-                                     torch.float32))  # (M, N) float32; returned if float32
+                                     torch.float32, x2.device))  # float32; returned if float32
     y.mul_(w_scale.float().reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
