@@ -177,16 +177,17 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
 
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
-    if w.bits == 3:  # 8 codes to 3 bytes: the kernels read whole blocks (three byte planes);
+    if w.bits == 3:  # 8 codes to 3 bytes: the kernels read whole blocks (`_blocks3`);
         out = [Config(0, 0, 0)]  # dequantize + cuBLAS first, then the byte GEMV (M <= 8) and
         bk = block_k(w)  # the tile kernel (M <= 128), which unpack the blocks in registers
-        if m <= 8:
-            bm = _bucket(m)
+        if m <= 8:  # few rows a program read the codes fastest (H100, bits3_loads.py: 16 rows
+            bm = _bucket(m)  # 50 µs, 64 rows 80 at 14336x4096)
             out += [Config(bm, bn, b, sk, 4, 2, gemv=True) for b in sorted({min(bk, 64), bk})
-                    for bn in ((32, 64) if bm <= 2 else (16, 32)) for sk in (4, 8, 16, 32, 1)]
+                    for bn in ((8, 16, 32, 64) if bm <= 2 else (8, 16, 32))
+                    for sk in (4, 8, 16, 1)]
         if m <= 128 and bk >= 16:
             bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-            out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (32, 64, 128)
+            out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return out + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096 else [])
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from memfit.kernels import pdl
 from memfit.kernels.fragments import _perm_tile
-from memfit.kernels.triton_dequant import (_byte_ptrs, _code_planes3, _codes3, _group_params,
+from memfit.kernels.triton_dequant import (_blocks3, _byte_ptrs, _codes3, _group_params,
                                            _unpack_tile, _word_ptrs)
 from memfit.kernels.triton_words import _finish
 
@@ -80,7 +80,8 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
            ZMODE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
            BK: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr,
            WA: tl.constexpr, RB: tl.constexpr, PF: tl.constexpr, DQ: tl.constexpr,
-           EVEN: tl.constexpr, PAIR: tl.constexpr = 0, RAGGED: tl.constexpr = 0):
+           EVEN: tl.constexpr, PAIR: tl.constexpr = 0, RAGGED: tl.constexpr = 0,
+           W3: tl.constexpr = 0):
     """The float32 accumulator of ITERS rounds (round `it` reads K tile it * SPLIT_K + pid_k)
     for rows rm and weight rows rn: (BN, BM) if WA else (BM, BN)."""
     if PAIR:
@@ -113,7 +114,7 @@ def _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB, 
             jw = k0 // 8 + tl.arange(0, BK // 8)
             qw = tl.load(_word_ptrs(q_ptr, rn, jw, k0 // 8, stride_qn, RB))
         elif BITS == 3:  # (BN, BK) int32 codes, already unpacked (stored layout)
-            qb = _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN, BK)
+            qb = _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN, BK, W3)
         elif EVEN:  # (BN, BKP) uint8
             qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // PER, stride_qn, RB))
         else:
@@ -236,11 +237,13 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
             SPLIT_K: tl.constexpr, MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0,
             WA: tl.constexpr = 0, RB: tl.constexpr = 0, PF: tl.constexpr = 0,
             DQ: tl.constexpr = 0, EVEN: tl.constexpr = 0, FIX: tl.constexpr = 0,
-            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False, RAGGED: tl.constexpr = 0):
+            PAIR: tl.constexpr = 0, PDL: tl.constexpr = False, RAGGED: tl.constexpr = 0,
+            W3: tl.constexpr = 0):
     """y[M, N] (+)= x[M, K] @ dequant(q)[N, K]^T on tensor cores: each weight tile is unpacked
     and dequantized in registers to the activation dtype, then one dot per tile.
 
     RB > 0: the tiled layout of memfit.kernels.weights.tile (4 bits, BK <= 128).
+    W3 = 1: 3-bit rows read as 32-bit words (memfit.kernels.triton_dequant.words3).
     WA = 1: the weight tile is the dot's A operand (acc = w @ x^T, (BN, BM), stored transposed).
     On sm_90 Triton 3.6 then loads the packed bytes straight into the wgmma A-operand layout
     (unpacked and dequantized in registers, no shared-memory round trip) and feeds x to the
@@ -287,7 +290,7 @@ def _int_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stride
         m_ok = tl.full((BM,), 1, tl.int1)
     acc = _tiles(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, m_ok, n_ok, ITERS, pid_k, K, NB,
                  stride_xm, stride_qn, stride_sn, stride_zn, GROUP, BITS, ZMODE, IEEE, BM, BN,
-                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR, RAGGED)
+                 BK, SPLIT_K, MAGIC, BASE, WA, RB, PF, DQ, EVEN, PAIR, RAGGED, W3)
     rn = _out_rows(pid_n, BN, DQ)
     if FIX:
         if WA:
@@ -316,11 +319,11 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
               stride_qn, stride_sn, stride_zn, stride_ym, GROUP: tl.constexpr,
               BITS: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
               ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SPLIT_K: tl.constexpr):
+              SPLIT_K: tl.constexpr, W3: tl.constexpr = 0):
     """Few rows (decode): dequantize each weight tile in registers and multiply-add on the CUDA
     cores into a (BM, BN, BK/PER) float32 accumulator, reduced once at the end; no tensor-core
     padding of M to 16 and no per-tile reduction. Weight bytes are read once for all BM rows.
-    3 bits: the tile read as 24-bit words of 8 codes (`_code_planes3`), split 8 ways like bytes."""
+    3 bits: the tile read as 24-bit words of 8 codes (`_blocks3`), split 8 ways like bytes."""
     PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS  # codes a byte (3 bits: a 3-byte block)
     BKP: tl.constexpr = BK // PER
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -337,7 +340,7 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
         s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok & ((rn * 0 + k0) < K),
                              stride_sn, stride_zn, BITS, ZMODE, BN)
         if BITS == 3:  # (BN, BKP) 24-bit words, 8 codes each
-            qb = _code_planes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK)
+            qb = _blocks3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK, W3)
         else:
             jb = k0 // PER + jj
             qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],

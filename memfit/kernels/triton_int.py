@@ -57,7 +57,7 @@ from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
 from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
-from memfit.kernels.triton_dequant import block_k, dequantize_triton, zmode
+from memfit.kernels.triton_dequant import block_k, dequantize_triton, words3, zmode
 from memfit.kernels.triton_mma import MmaLayoutError, run_mma
 from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
@@ -251,7 +251,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
             x2, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.shape[1], iters, x2.stride(0),
             w.qdata.stride(0), w.scale.stride(0), z.stride(0), y.stride(0), GROUP=w.group_size,
             BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None, ATOMIC=atomic, BM=cfg.BM,
-            BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps,
+            BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, W3=words3(w), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
     grid = (cdiv(m, cfg.BM), cdiv(n, cfg.BN), cfg.SPLIT_K)
@@ -273,7 +273,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
     kw = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), HAS_BIAS=bias is not None,
               ATOMIC=atomic, IEEE=x2.dtype == torch.float32, BM=cfg.BM, BN=cfg.BN,
               **_magic(cfg, w, x2.dtype), WA=int(cfg.wa), RB=w.tile_rows, PF=int(cfg.pf), DQ=dq,
-              EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), RAGGED=ragged, BK=cfg.BK,
+              EVEN=even, FIX=int(fix), PAIR=int(cfg.pair), RAGGED=ragged, W3=words3(w), BK=cfg.BK,
               SPLIT_K=cfg.SPLIT_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
               **pdl.launch_kw(), **({"maxnreg": cfg.regs} if cfg.regs and not INTERPRET else {}))
     kernel = _int_mm[grid](*args, **kw)

@@ -199,7 +199,7 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
     const = dict(GROUP=group, BITS=4, ZMODE=1, HAS_BIAS=False, ATOMIC=False, IEEE=False, BM=bm,
                  BN=bn, BK=128, SPLIT_K=sk, FIX=int(sk > 1), MAGIC=0x6400 if f16 else 0x4300,
                  BASE=1024 if f16 else 128, WA=1, RB=rb, PF=pf, DQ=dq, EVEN=2, PAIR=int(pair),
-                 PDL=pdl, RAGGED=int(ragged))
+                 PDL=pdl, RAGGED=int(ragged), W3=0)
     sig = dict(sig) | {k: "constexpr" for k in const}
     names = list(sig)
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")
@@ -220,9 +220,10 @@ def check_tile(dq: int, pf: int, f16: bool, rb: int, bn: int = 64, warps: int = 
         assert not ops.get("STS") and not ops.get("LDSM"), f"conversion in the loop: {ops}"
 
 
-def check_tile3(bm: int, bn: int, sk: int):
+def check_tile3(bm: int, bn: int, sk: int, w3: int = 0):
     """The tile kernel on 3-bit codes (x as the dot's A operand, magic-number dequantize of the
-    codes `_codes3` unpacks from 3-byte blocks), split K by atomics or not."""
+    codes `_codes3` unpacks from 3-byte blocks, read as bytes or W3 words), split K by atomics
+    or not."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
            "b_ptr": "*fp16", "y_ptr": "*fp32" if sk > 1 else "*bf16", "M": "i32", "N": "i32",
            "K": "i32", "NB": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
@@ -230,7 +231,7 @@ def check_tile3(bm: int, bn: int, sk: int):
            "c_ptr": "*i32", "stride_ps": "i32"}
     const = dict(GROUP=128, BITS=3, ZMODE=1, HAS_BIAS=False, ATOMIC=sk > 1, IEEE=False, BM=bm,
                  BN=bn, BK=128, SPLIT_K=sk, MAGIC=0x4300, BASE=128, WA=0, RB=0, PF=0, DQ=0,
-                 EVEN=1, FIX=0, PAIR=0, PDL=False, RAGGED=0)
+                 EVEN=1, FIX=0, PAIR=0, PDL=False, RAGGED=0, W3=w3)
     k = build(triton_bytes._int_mm, sig, const)
     assert "mma" in k.asm["ptx"], "no tensor-core instruction"
 
@@ -272,26 +273,26 @@ def check_moe_grouped(bits: int, zmode: int, bias: bool = False, bm: int = 64,
     assert "mma" in k.asm["ptx"], "no tensor-core instruction"
 
 
-def check_dequant(bits: int, zmode: int):
+def check_dequant(bits: int, zmode: int, w3: int = 0):
     """The one-pass dequantize kernel (dequantize + cuBLAS), 3 bits included (codes read as
-    3-byte blocks, zero points from two bytes where they cross one)."""
+    3-byte blocks, bytes or W3 words; zero points from two bytes where they cross one)."""
     sig = {"q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zmode == 1 else "*fp16",
            "w_ptr": "*bf16", "N": "i32", "K": "i32", "NB": "i32", "stride_qn": "i32",
            "stride_sn": "i32", "stride_zn": "i32"}
-    const = {"GROUP": 64, "BITS": bits, "ZMODE": zmode, "BN": 32, "BK": 64, "RB": 0}
+    const = {"GROUP": 64, "BITS": bits, "ZMODE": zmode, "BN": 32, "BK": 64, "RB": 0, "W3": w3}
     k = build(triton_dequant._dequant, sig, const)
     assert "st.global" in k.asm["ptx"]
 
 
-def check_gemv(bits: int, bm: int, bn: int, atomic: bool):
+def check_gemv(bits: int, bm: int, bn: int, atomic: bool, w3: int = 0):
     """The byte GEMV (decode sizes off the mma kernel), 3 bits included (3-byte blocks of 8
-    codes)."""
+    codes, bytes or W3 words)."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
            "y_ptr": "*fp32" if atomic else "*bf16", "M": "i32", "N": "i32", "K": "i32",
            "NB": "i32", "ITERS": "i32", "stride_xm": "i32", "stride_qn": "i32",
            "stride_sn": "i32", "stride_zn": "i32", "stride_ym": "i32"}
     const = {"GROUP": 128, "BITS": bits, "ZMODE": 1, "HAS_BIAS": False, "ATOMIC": atomic,
-             "BM": bm, "BN": bn, "BK": 64, "SPLIT_K": 4 if atomic else 1}
+             "BM": bm, "BN": bn, "BK": 64, "SPLIT_K": 4 if atomic else 1, "W3": w3}
     k = build(triton_bytes._int_gemv, sig, const)
     assert ("atom.global" in k.asm["ptx"]) == atomic, "split-K sums by atomics"
 
@@ -346,10 +347,13 @@ def _checks() -> dict:
                          (5, 1, False, 0, 64, 4, 4, False, False, 128, 16, True),
                          (5, 1, False, 64, 64, 4, 4, True, True, 64, 16, True))}
     checks |= {f"perm{s}": (check_perm, (s,)) for s in (32, 128)}
-    checks |= {f"tile3{c}": (check_tile3, c) for c in ((16, 64, 4), (64, 128, 1))}
-    checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1))}
+    checks |= {f"tile3{c}": (check_tile3, c) for c in ((16, 64, 4), (64, 128, 1), (16, 16, 4, 1),
+                                                         (64, 128, 1, 1))}
+    checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1),
+                                                           (3, 1, 1), (3, 2, 1))}
     checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
-                                                       (3, 2, 32, False), (4, 1, 64, True))}
+                                                       (3, 2, 32, False), (4, 1, 64, True),
+                                                       (3, 1, 8, True, 1), (3, 8, 16, True, 1))}
     checks |= {f"moe{c}": (check_moe, c)
                for c in ((4, 1, False, 2), (4, 1, False, 4, True), (4, 0, True, 16),
                          (4, 2, True, 64), (8, 1, True, 16), (16, 0, True, 16, True))}

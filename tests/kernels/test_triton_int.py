@@ -90,9 +90,12 @@ def test_every_launch_shape_and_16bit_activations(cfg, dtype):
 @pytest.mark.parametrize("bits,group,zp", [(4, 64, "int"), (2, 128, "sym"), (8, 32, "float"),
                                            (4, 128, "int"), (3, 64, "int"), (3, 128, "sym"),
                                            (3, 32, "float"), (3, 48, "int"), (3, None, "int")])
-def test_dequantize_kernel_is_exact(bits, group, zp):  # 3 bits: codes and zero points that
-    # cross bytes (groups of 48: zero points 2 and 5), a row of 112.5 bytes
-    w = make_weight(40, 300, bits, group, zp, seed=bits)
+@pytest.mark.parametrize("k", [300, 320])
+def test_dequantize_kernel_is_exact(bits, group, zp, k):  # 3 bits: codes and zero points that
+    # cross bytes (groups of 48: zero points 2 and 5); rows of 112.5 bytes (three byte loads a
+    # block) and of 120 (aligned 32-bit words, `words3`)
+    w = make_weight(40, k, bits, group, zp, seed=bits)
+    assert triton_int.words3(w) == (bits == 3 and k == 320)
     assert torch.equal(triton_int.dequantize_triton(w, torch.float32).cpu(),
                        dequantize(IntWeight(*[t.cpu() if isinstance(t, torch.Tensor) else t
                                               for t in w])))
@@ -113,25 +116,28 @@ def test_layouts_it_cannot_take_fall_back_with_one_warning():
 
 @pytest.mark.parametrize("m", [1, 5, 12, 40, 200])
 @pytest.mark.parametrize("group,zp", [(64, "int"), (128, "sym"), (48, "float")])
-def test_3bit_weights_take_the_byte_kernels(m, group, zp):
+@pytest.mark.parametrize("k", [328, 320])
+def test_3bit_weights_take_the_byte_kernels(m, group, zp, k):
     """3-bit codes (8 to 3 bytes, crossing byte boundaries): the dequantize kernel then cuBLAS
     first, at decode sizes the byte GEMV and up to M = 128 the tile kernel, each reading a tile's
     3-byte blocks as 24-bit words: not the float32 reference. K = 328 ends in a partial block
-    (a row of 123 bytes), 96 rows in 32-row tiles."""
-    w = make_weight(96, 328, 3, group, zp, seed=m)
-    assert triton_int.ineligibility(w) is None
+    (a row of 123 bytes: three byte loads a block); K = 320 rows of 120 bytes, read as aligned
+    32-bit words (`words3`); 96 rows in 32-row tiles."""
+    w = make_weight(96, k, 3, group, zp, seed=m)
+    assert triton_int.ineligibility(w) is None and triton_int.words3(w) == (k == 320)
     cands = triton_int.candidates(m, w, torch.bfloat16)
     assert cands[0].BM == 0
     assert any(c.gemv for c in cands) == (m <= 8)
     assert any(c.BM and not c.gemv for c in cands) == (m <= 128)
-    x = torch.randn(m, 328, generator=torch.Generator().manual_seed(m)).to(DEV)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV)
     want = x @ dequantize(w).T.to(DEV)
     got = triton_int.triton_linear(x, w)
     assert got is not None and rel_err(got, want) < 1e-5
     kernels = [c for c in cands[1:] if c.BM]
-    if DEV != "cuda":  # the interpreter is slow: one GEMV and one tile shape of each split
-        kernels = [c for c in kernels if c.SPLIT_K in (1, 4) and c.BN in (32, 64)]
-        kernels = [c for c in kernels if c.gemv][:2] + [c for c in kernels if not c.gemv][:2]
+    if DEV != "cuda":  # the interpreter is slow: the narrowest and widest shape of each kind
+        kernels = [c for c in kernels if c.SPLIT_K in (1, 4)]
+        kinds = [[c for c in kernels if c.gemv == g] for g in (True, False)]
+        kernels = [f(cs, key=lambda c: c.BN) for cs in kinds if cs for f in (min, max)]
     for c in kernels:
         assert rel_err(triton_int.run(x, w, None, c), want) < 1e-5, c
     if DEV != "cuda":  # the interpreter's bfloat16 dot reads garbage (4-bit alike)
