@@ -345,12 +345,16 @@ def _int_gemv(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, NB, ITERS, stri
             jb = k0 // PER + jj
             qb = tl.load(q_ptr + rn[:, None] * stride_qn + jb[None, :],
                          mask=n_ok[:, None] & (jb[None, :] < NB), other=0)  # (BN, BKP) uint8
+        part = tl.zeros((BM, BN, BKP), dtype=tl.float32)  # sum of codes x activations
+        xs = tl.zeros((BM, BKP), dtype=tl.float32)  # sum of activations
         for i in tl.static_range(PER):
             kk = k0 + jj * PER + i
             xi = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                          mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-            w = (((qb >> (i * BITS)) & MASK).to(tl.float32) - z[:, None]) * s[:, None]
-            acc += xi[:, None, :] * w[None, :, :]  # (BM, BN, BKP)
+            part += xi[:, None, :] * ((qb >> (i * BITS)) & MASK).to(tl.float32)[None, :, :]
+            xs += xi
+        # sum (c - z) s x = s (sum c x - z sum x): per code a conversion and a multiply-add
+        acc += (part - z[None, :, None] * xs[:, None, :]) * s[None, :, None]
     y = tl.sum(acc, axis=2)  # (BM, BN)
     if HAS_BIAS:
         if pid_k == 0:
