@@ -6,11 +6,15 @@ Each way of reading a tile's (BN, BK // 8) 24-bit block words, in the one-pass d
 one-row GEMV (CUDA cores, activations split 8 ways), timed over weight copies past the L2:
 - planes: three strided byte loads (shipped in session 36);
 - lanes: one (BN, BK // 8, 4) byte load, the 4th lane masked, shifted and summed in registers;
-- words: the two int32 words that hold each block, funnel-shifted (all loads 4-byte);
+- words: the two int32 words that hold each block, funnel-shifted (all loads 4-byte; shipped in
+  session 37 as memfit.kernels.triton_dequant._blocks3 with W3);
 and, for the dequantize, `nojoin`: planes without the join tree (codes stored plane-major, a wrong
 order on purpose: only what the join costs). Each variant is checked against memfit's dequantize.
 
-    python benchmarks/bits3_loads.py --json OUT.json
+    python benchmarks/bits3_loads.py --json OUT.json                 # parts loads and grid
+    python benchmarks/bits3_loads.py --parts grid --json OUT.json    # tile and grid shapes only
+
+Results: benchmarks/RESULTS.md, session 37 (raw in benchmarks/results/s37_gpu/).
 """
 
 from __future__ import annotations
@@ -23,37 +27,24 @@ import triton
 import triton.language as tl
 
 from memfit.kernels import triton_dequant
-from memfit.kernels.triton_dequant import _group_params
+from memfit.kernels.triton_dequant import _blocks3, _group_params
 
 PLANES, LANES, WORDS = 0, 1, 2
 
 
 @triton.jit
 def _words3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK: tl.constexpr, MODE: tl.constexpr):
-    """(BN, BK // 8) int32 24-bit words of the tile's 8-code blocks from column k0."""
-    NBK: tl.constexpr = BK // 8
-    jb = (k0 // 8) * 3 + 3 * tl.arange(0, NBK)
-    ok = n_ok[:, None] & (jb < NB)[None, :]
-    if MODE == 0:
-        row = q_ptr + rn[:, None] * stride_qn + jb[None, :]
-        b0 = tl.load(row, mask=ok, other=0).to(tl.int32)
-        b1 = tl.load(row + 1, mask=ok, other=0).to(tl.int32)
-        b2 = tl.load(row + 2, mask=ok, other=0).to(tl.int32)
-        wd = b0 | (b1 << 8) | (b2 << 16)
-    elif MODE == 1:
+    """(BN, BK // 8) int32 24-bit words of the tile's 8-code blocks from column k0: memfit's
+    `_blocks3` (byte planes or words), or the byte-lane load tried beside them."""
+    if MODE == 1:
+        NBK: tl.constexpr = BK // 8
+        jb = (k0 // 8) * 3 + 3 * tl.arange(0, NBK)
+        ok = n_ok[:, None] & (jb < NB)[None, :]
         lane = tl.arange(0, 4)
         p = q_ptr + rn[:, None, None] * stride_qn + jb[None, :, None] + lane[None, None, :]
         b = tl.load(p, mask=ok[:, :, None] & (lane < 3)[None, None, :], other=0).to(tl.int32)
-        wd = tl.sum(b << (8 * lane)[None, None, :], axis=2)
-    else:
-        q32 = q_ptr.to(tl.pointer_type(tl.int32))
-        base = rn[:, None] * (stride_qn // 4)
-        lo = tl.load(q32 + base + (jb // 4)[None, :], mask=ok, other=0)
-        hi = tl.load(q32 + base + ((jb + 2) // 4)[None, :], mask=ok, other=0)
-        off = ((jb % 4) * 8)[None, :]
-        wide = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
-        wd = ((wide >> off) & 0xFFFFFF).to(tl.int32)
-    return wd
+        return tl.sum(b << (8 * lane)[None, None, :], axis=2)
+    return _blocks3(q_ptr, rn, k0, n_ok, stride_qn, NB, BK, MODE == 2)
 
 
 @triton.jit
