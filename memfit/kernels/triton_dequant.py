@@ -67,10 +67,12 @@ def _codes3(q_ptr, rn, k0, n_ok, stride_qn, NB, BN: tl.constexpr, BK: tl.constex
 
 
 def words3(w: IntWeight) -> int:
-    """1 if a 3-bit weight's rows can be read as aligned 32-bit words (`_blocks3`)."""
+    """1 if a 3-bit weight's rows can be read as aligned 32-bit words (`_blocks3`): whole
+    32-code chunks (K a multiple of 32: no block's word past its row's end), rows and pointer
+    4-byte aligned."""
     q = w.qdata
-    return int(w.bits == 3 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
-               and q.shape[1] % 4 == 0)
+    return int(w.bits == 3 and w.shape[1] % 32 == 0 and q.stride(0) % 4 == 0
+               and q.data_ptr() % 4 == 0)
 
 
 @triton.jit

@@ -96,6 +96,8 @@ def test_dequantize_kernel_is_exact(bits, group, zp, k):  # 3 bits: codes and ze
     # block) and of 120 (aligned 32-bit words, `words3`)
     w = make_weight(40, k, bits, group, zp, seed=bits)
     assert triton_int.words3(w) == (bits == 3 and k == 320)
+    # 340 codes: 128 bytes a row, but its last block's second word would be the next row's
+    assert not triton_int.words3(make_weight(4, 340, 3, 68, zp))
     assert torch.equal(triton_int.dequantize_triton(w, torch.float32).cpu(),
                        dequantize(IntWeight(*[t.cpu() if isinstance(t, torch.Tensor) else t
                                               for t in w])))
