@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -41,9 +42,13 @@ def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
     if not parent.is_dir():
         raise UserError(f"cannot write {out}: {parent} is a file, not a folder; choose another "
                         "output folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {out}: {parent} is not writable; choose another output "
-                        "folder")
+    try:  # a real folder made and removed: permission bits say nothing to root, nor of
+        # read-only mounts and kernel file systems (/proc takes no folder, whoever asks)
+        os.rmdir(tempfile.mkdtemp(prefix=".memfit-probe-", dir=parent))
+    except OSError as e:
+        why = _WRITE_ERRORS.get(e.errno, e.strerror or "it cannot be written")
+        raise UserError(f"cannot write {out}: no folder can be made in {parent} ({why}); "
+                        "choose another output folder") from None
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

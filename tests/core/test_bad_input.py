@@ -1,7 +1,10 @@
 """Bad input, as a user meets it through the CLI: one `memfit: error:` line, exit code 2,
 nothing written, no `.partial` left behind (issue 9's list)."""
 
+import errno
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +36,26 @@ def test_out_under_a_file_fails_before_loading(capsys, tmp_path, monkeypatch):
     code, _, err = _run(capsys, "compress", "/does/not/matter", "--out", tmp_path / "file.txt" / "o")
     assert code == 2
     _one_error_line(err, "is a file, not a folder")
+
+
+def test_out_where_no_folder_can_be_made_fails_before_loading(capsys, tmp_path, monkeypatch):
+    """Refused by trying, not by permission bits (which root passes): a parent in which making
+    a folder fails, here read-only, gives one line before the model loads, and nothing stays."""
+    import memfit.compress as c
+
+    monkeypatch.setattr(c, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    real = tempfile.mkdtemp
+
+    def read_only(*a, dir=None, **k):
+        if Path(dir) == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    code, _, err = _run(capsys, "compress", "/does/not/matter", "--out", tmp_path / "a" / "o")
+    assert code == 2
+    _one_error_line(err, f"no folder can be made in {tmp_path} (read-only file system)")
+    _nothing_written(tmp_path)
 
 
 def test_out_equal_to_the_input_is_refused_even_with_overwrite(capsys, tiny_llama_dir):
