@@ -42,12 +42,12 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
     nothing is rounded). A Mixtral is written as llama.cpp's `llama` with experts, which
     transformers' GGUF loader does not read."""
     from memfit.io.export_gguf import GGUF_TYPES, export_gguf
+    from memfit.io.folders import check_output_file
     from memfit.models import load_model
 
     if qtype not in GGUF_TYPES:  # before loading anything
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)}")
-    if Path(out).expanduser().exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or choose another file")
+    check_output_file(Path(out), overwrite)
     loaded = load_model(spec, dtype="float32")
     path = export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite,
                        exact=exact)

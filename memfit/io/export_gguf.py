@@ -49,6 +49,7 @@ from memfit.formats.embedding import QuantEmbedding
 from memfit.formats.intq import PackedIntWeight
 from memfit.formats.quant_linear import QuantLinear
 from memfit.io import gguf_families
+from memfit.io.folders import check_output_file, raise_write_error
 from memfit.io.gguf_blocks import EXACT_TYPES, block_type, layout, to_blocks, why_not
 from memfit.io.modules import describe_modules
 
@@ -300,8 +301,7 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
     fam = gguf_families.family(model.config)
     gguf_families.check(model, fam)
     out = Path(out_file).expanduser()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or choose another file")
+    check_output_file(out, overwrite)
     notes = Notes()
     tensors = _tensors(model, gguf.GGMLQuantizationType[qtype], notes)
     if exact and notes.rounded():
@@ -326,6 +326,10 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         writer.write_tensors_to_file()
         writer.close()
         tmp.rename(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise_write_error(out, e)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -36,18 +36,42 @@ def check_output(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
         if not looks_like_model:
             raise UserError(f"refusing to replace {out}: it is not an empty or model folder; "
                             "choose another output folder")
+    _check_parent(out)
+
+
+def check_output_file(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file (a GGUF) that cannot be written or would be lost:
+    an existing one without `overwrite`, a folder, a place where nothing can be made."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; --out names the file to write")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another file")
+    _check_parent(out)
+
+
+def _check_parent(out: Path) -> None:
+    """The nearest existing folder above `out` must take a new folder: tried, since permission
+    bits say nothing to root, nor of read-only mounts and kernel file systems (/proc)."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"cannot write {out}: {parent} is a file, not a folder; choose another "
-                        "output folder")
-    try:  # a real folder made and removed: permission bits say nothing to root, nor of
-        # read-only mounts and kernel file systems (/proc takes no folder, whoever asks)
+                        "--out")
+    try:
         os.rmdir(tempfile.mkdtemp(prefix=".memfit-probe-", dir=parent))
     except OSError as e:
         why = _WRITE_ERRORS.get(e.errno, e.strerror or "it cannot be written")
         raise UserError(f"cannot write {out}: no folder can be made in {parent} ({why}); "
+                        "choose another --out") from None
+
+
+def raise_write_error(out: Path, e: OSError) -> None:
+    """Raise a UserError for a failed write the user can act on (disk full, permissions...);
+    return for any other error (the caller re-raises it)."""
+    if e.errno in _WRITE_ERRORS:
+        raise UserError(f"cannot write {out}: {_WRITE_ERRORS[e.errno]}; free some space or "
                         "choose another output folder") from None
 
 
@@ -78,9 +102,7 @@ def write_folder(out: Path, fill, *, keep_existing: bool = False) -> Path:
         fill(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _WRITE_ERRORS:
-            raise UserError(f"cannot write {out}: {_WRITE_ERRORS[e.errno]}; free some space or "
-                            "choose another output folder") from None
+        raise_write_error(out, e)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,23 +38,45 @@ def test_out_under_a_file_fails_before_loading(capsys, tmp_path, monkeypatch):
     _one_error_line(err, "is a file, not a folder")
 
 
+def _no_folder_in(monkeypatch, where, error: OSError) -> None:
+    """Making a folder in `where` fails with `error` (a read-only mount, a permission)."""
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*a, dir=None, **k):
+        if dir is not None and Path(dir) == where:
+            raise error
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+
+
 def test_out_where_no_folder_can_be_made_fails_before_loading(capsys, tmp_path, monkeypatch):
     """Refused by trying, not by permission bits (which root passes): a parent in which making
     a folder fails, here read-only, gives one line before the model loads, and nothing stays."""
     import memfit.compress as c
 
     monkeypatch.setattr(c, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-    real = tempfile.mkdtemp
-
-    def read_only(*a, dir=None, **k):
-        if Path(dir) == tmp_path:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real(*a, dir=dir, **k)
-
-    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    _no_folder_in(monkeypatch, tmp_path, OSError(errno.EROFS, "Read-only file system"))
     code, _, err = _run(capsys, "compress", "/does/not/matter", "--out", tmp_path / "a" / "o")
     assert code == 2
     _one_error_line(err, f"no folder can be made in {tmp_path} (read-only file system)")
+    _nothing_written(tmp_path)
+
+
+def test_gguf_out_that_is_a_folder_or_cannot_be_made_fails_before_loading(capsys, tmp_path,
+                                                                         monkeypatch):
+    import memfit.models
+
+    monkeypatch.setattr(memfit.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    code, _, err = _run(capsys, "export", "default", "--format", "gguf", "--out", tmp_path,
+                        "--overwrite")
+    assert code == 2
+    _one_error_line(err, "is a folder; --out names the file")
+    _no_folder_in(monkeypatch, tmp_path, OSError(errno.EACCES, "Permission denied"))
+    code, _, err = _run(capsys, "export", "default", "--format", "gguf", "--out",
+                        tmp_path / "m.gguf")
+    assert code == 2
+    _one_error_line(err, "(permission denied)")
     _nothing_written(tmp_path)
 
 
