@@ -169,6 +169,10 @@ def read_config(location, trust_remote_code: bool):
             raise UserError(f"{location} needs remote code; pass --trust-remote-code if you trust it")
         raise UserError(f"{location}: unknown or unreadable model config ({e})") from None
     except OSError as e:
-        raise UserError(f"could not load {location!r}: {str(e).splitlines()[0]} "
+        why = str(e).splitlines()[0].rstrip(".")
+        if Path(location).exists():  # a local folder: no download was involved
+            raise UserError(f"could not load {location}: {why}; fix the folder's config.json or "
+                            "pass another model") from None
+        raise UserError(f"could not load {str(location)!r}: {why} "
                         "(offline? use a local folder or a .gguf, or set HF_HUB_OFFLINE=0 with "
                         "network access)") from None

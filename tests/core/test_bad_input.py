@@ -80,6 +80,14 @@ def test_gguf_out_that_is_a_folder_or_cannot_be_made_fails_before_loading(capsys
     _nothing_written(tmp_path)
 
 
+def test_a_folder_with_a_broken_config_is_named_as_such(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"')
+    code, _, err = _run(capsys, "inspect", tmp_path)
+    assert code == 2
+    _one_error_line(err, f"could not load {tmp_path}: ")
+    assert "config.json" in err and "offline" not in err and "PosixPath" not in err
+
+
 def test_out_equal_to_the_input_is_refused_even_with_overwrite(capsys, tiny_llama_dir):
     code, _, err = _run(capsys, "compress", tiny_llama_dir, "--out", tiny_llama_dir, "--overwrite")
     assert code == 2
