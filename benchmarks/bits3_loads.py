@@ -33,6 +33,7 @@ from memfit.kernels import triton_dequant
 from memfit.kernels.triton_dequant import _blocks3, _group_params
 
 PLANES, LANES, WORDS = 0, 1, 2
+CHUNKS, CHUNK_LANES = 3, 4  # `_read_tiles` only: 32-code chunks, three words
 
 
 @triton.jit
@@ -128,12 +129,18 @@ def _read_flat(q_ptr, o_ptr, NW, BLOCK: tl.constexpr):
 @triton.jit
 def _read_tiles(q_ptr, o_ptr, N, NB, ITERS, stride_qn, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, MODE: tl.constexpr):
-    """The GEMV's reads alone (its grid, tiles and loads, no decode): what the pattern costs."""
+    """The GEMV's reads alone (its grid, tiles and loads, no decode): what the pattern costs.
+    MODE: a `_words3` read, or CHUNKS / CHUNK_LANES (`_chunk_words`)."""
+    W: tl.constexpr = BK // 32 if MODE >= 3 else BK // 8
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, BK // 8), dtype=tl.int32)
+    acc = tl.zeros((BN, W), dtype=tl.int32)
     for it in range(0, ITERS):
         k0 = (it * SPLIT_K + tl.program_id(1)) * BK
-        acc ^= _words3(q_ptr, rn, k0, rn < N, stride_qn, NB, BK, MODE)
+        if MODE >= 3:
+            w0, w1, w2 = _chunk_words(q_ptr, rn, k0, rn < N, stride_qn, NB, BK, MODE == 4)
+            acc ^= w0 ^ w1 ^ w2
+        else:
+            acc ^= _words3(q_ptr, rn, k0, rn < N, stride_qn, NB, BK, MODE)
     tl.atomic_add(o_ptr + rn % 64, tl.sum(acc, axis=1), mask=rn < N)
 
 
@@ -174,19 +181,6 @@ def _code32(w0, w1, w2, i: tl.constexpr):
         return ((w1 >> 31) & 1) | ((w2 & 3) << 1)
     else:
         return (w2 >> (3 * i - 64)) & 7
-
-
-@triton.jit
-def _read_chunks(q_ptr, o_ptr, N, NB, ITERS, stride_qn, BN: tl.constexpr, BK: tl.constexpr,
-                 SPLIT_K: tl.constexpr, LANES: tl.constexpr):
-    """The chunk GEMV's reads alone."""
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, BK // 32), dtype=tl.int32)
-    for it in range(0, ITERS):
-        k0 = (it * SPLIT_K + tl.program_id(1)) * BK
-        w0, w1, w2 = _chunk_words(q_ptr, rn, k0, rn < N, stride_qn, NB, BK, LANES)
-        acc ^= w0 ^ w1 ^ w2
-    tl.atomic_add(o_ptr + rn % 64, tl.sum(acc, axis=1), mask=rn < N)
 
 
 @triton.jit
@@ -247,11 +241,7 @@ def _dequant_chunks(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, 
 
 
 def read_chunks(w, o, lanes: bool, bn: int = 16, bk: int = 128, split_k: int = 1):
-    n, k = w.shape
-    iters = triton.cdiv(triton.cdiv(k, bk), split_k)
-    _read_chunks[(triton.cdiv(n, bn), split_k)](w.qdata, o, n, w.qdata.shape[1], iters,
-                                                 w.qdata.stride(0), BN=bn, BK=bk,
-                                                 SPLIT_K=split_k, LANES=lanes)
+    read_tiles(w, o, CHUNK_LANES if lanes else CHUNKS, bn, bk, split_k)
 
 
 def gemv_chunks(w, x, y, lanes: bool, bn: int = 16, bk: int = 128, split_k: int = 4):
