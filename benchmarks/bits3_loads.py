@@ -16,6 +16,7 @@ order on purpose: only what the join costs). Each variant is checked against mem
     python benchmarks/bits3_loads.py --json OUT.json                 # parts loads and grid
     python benchmarks/bits3_loads.py --parts grid --json OUT.json    # tile and grid shapes only
     python benchmarks/bits3_loads.py --parts chunks --json OUT.json  # 32-code chunks (3 words)
+    python benchmarks/bits3_loads.py --parts widen --json OUT.json   # widening to 4-bit words
 
 Results: benchmarks/RESULTS.md, session 37 (raw in benchmarks/results/s37_gpu/).
 """
@@ -358,6 +359,26 @@ def chunks_part(row, ws, ref, out, x, y, yref, o) -> None:
         row[f"gemv_chunks_{tag}"] = sorted(res)
 
 
+def widen_part(row, ws, o) -> None:
+    """The per-call widening to 4-bit words (memfit.kernels.triton_widen) for a few launch
+    shapes (rows a program, codes a step), checked against weights.widen, and a plain read."""
+    from memfit.kernels import gpu_timing, triton_widen
+    from memfit.kernels.weights import widen
+
+    want = widen(ws[0])
+    row["read_flat_us"] = round(gpu_timing.graph_us([lambda w=w: read_flat(w, o) for w in ws],
+                                                    20), 2)
+    shipped = (triton_widen.ROWS, triton_widen.COLS)
+    for rows, cols in ((16, 512), (8, 512), (16, 1024), (8, 1024), (32, 256), (4, 1024)):
+        triton_widen.ROWS, triton_widen.COLS = rows, cols
+        got = triton_widen.widen_triton(ws[0])
+        row[f"widen_r{rows}_c{cols}_equal"] = bool(torch.equal(got.qdata, want.qdata)
+                                                  and torch.equal(got.zero, want.zero))
+        row[f"widen_r{rows}_c{cols}_us"] = round(gpu_timing.graph_us(
+            [lambda w=w: triton_widen.widen_triton(w) for w in ws], 20), 2)
+    triton_widen.ROWS, triton_widen.COLS = shipped
+
+
 def main() -> None:
     from benchmarks.kernel_speed import copies, int_weight
     from memfit.kernels import gpu_timing
@@ -384,6 +405,8 @@ def main() -> None:
         o = torch.zeros(64, dtype=torch.int32, device="cuda")
         if "chunks" in args.parts:
             chunks_part(row, ws, ref, out, x, y, yref, o)
+        if "widen" in args.parts:
+            widen_part(row, ws, o)
         if "grid" in args.parts:
             grid_part(row, ws, ref, out, x, y, yref)
         if "loads" not in args.parts:

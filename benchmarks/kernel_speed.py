@@ -82,19 +82,22 @@ def _short(c) -> str:
     return " ".join(f"{f}={v}" for f, v in keep.items())
 
 
-def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
+def bench_shape(n, k, ms, gen, out=None, only3=False) -> list[dict]:
+    """Every column for NxK at each M; only3: bf16 and the 3-bit column alone."""
     rows = []
     dense = [torch.randn(n, k, generator=gen).to(torch.bfloat16).cuda()
              for _ in range(copies(n * k * 2))]
-    q4 = {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))] for g in (128, 64)}
-    q8 = [int_weight(n, k, 8, k, gen) for _ in range(copies(n * k))]
     q3 = [int_weight(n, k, 3, 128, gen) for _ in range(copies(n * k * 3 // 8))]
-    t4 = [torch_int4(n, k, 128, gen) for _ in range(copies(n * k // 2))]
+    q4 = {} if only3 else {g: [int_weight(n, k, 4, g, gen) for _ in range(copies(n * k // 2))]
+                           for g in (128, 64)}
+    q8 = [] if only3 else [int_weight(n, k, 8, k, gen) for _ in range(copies(n * k))]
+    t4 = [None] if only3 else [torch_int4(n, k, 128, gen) for _ in range(copies(n * k // 2))]
     sparse = None
     try:
         from torch.sparse import to_sparse_semi_structured
-        mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool).repeat(n, k // 4).cuda()
-        sparse = [to_sparse_semi_structured(d * mask) for d in dense]
+        if not only3:
+            mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool).repeat(n, k // 4).cuda()
+            sparse = [to_sparse_semi_structured(d * mask) for d in dense]
     except (RuntimeError, ImportError) as e:
         print(f"2:4 sparse unavailable: {e}", file=sys.stderr)
     for m in ms:
@@ -113,9 +116,11 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
                     [lambda w=w: triton_int.triton_linear(x, w) for w in tw])
                 cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tw[0], None))
                 del tw
-        cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w) for w in q8])
-        # 3 bits outside memfit's decode loop (the loop widens them to 4 bits): the byte GEMV,
-        # the tile kernel or dequantize + cuBLAS, as the chooser times them
+        if q8:
+            cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
+                                                 for w in q8])
+        # 3 bits outside memfit's decode loop (the loop widens them to 4 bits once): the byte GEMV,
+        # the tile kernel, dequantize + cuBLAS or widen + a 4-bit kernel, as the chooser times them
         cell["memfit_int3_g128"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
                                                   for w in q3])
         cell["cfg_int3"] = str(triton_int.choose(x, q3[0], None))
@@ -125,7 +130,8 @@ def bench_shape(n, k, ms, gen, out=None) -> list[dict]:
         if sparse is not None and m >= 16:  # cuSPARSELt needs >= 16 rows (pads less poorly)
             cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
         wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
-        cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
+        if q4:
+            cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
         cell["wall_s"] = round(time.perf_counter() - t0, 1)  # incl. the chooser's first timings
         # every candidate's time per chooser key of this M (which families ever win)
         cell["timed"] = {str(key): [(t, _short(c)) for t, c in v[:8]] + [("of", len(v))]
@@ -159,7 +165,7 @@ def table(rows) -> str:
             cells.append(f"{r[k]:.1f} ({r['bf16'] / r[k]:.2f}x)" if k in r else "n/a")
         vs = f"{r['torch_int4_g128'] / r['memfit_int4_g128']:.2f}x" if "torch_int4_g128" in r else "n/a"
         out.append(f"| {r['shape']} | {r['M']} | {r['bf16']:.1f} | " + " | ".join(cells)
-                   + f" | {vs} | {r['int4_g128_TBps']:.2f} |")
+                   + f" | {vs} | {r.get('int4_g128_TBps', float('nan')):.2f} |")
     return "\n".join(out)
 
 
@@ -169,6 +175,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the raw cells here")
     ap.add_argument("--shapes", nargs="*", help="only these NxK shapes (e.g. 14336x4096)")
     ap.add_argument("--m", type=int, nargs="*", help="only these M")
+    ap.add_argument("--int3", action="store_true", help="bf16 and the 3-bit column only")
     args = ap.parse_args()
     import triton
     gen = torch.Generator().manual_seed(0)
@@ -180,7 +187,7 @@ def main() -> None:
     if args.shapes:
         shapes = [s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shapes]
     ms = args.m or ms
-    rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen, args.json)]
+    rows = [r for n, k in shapes for r in bench_shape(n, k, ms, gen, args.json, args.int3)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"head": head, "rows": rows}, f, indent=1)

@@ -13,6 +13,7 @@ import torch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import block_k
 from memfit.kernels.triton_mma import EPI, mma_ineligibility
+from memfit.kernels.triton_widen import widen_ineligibility
 from memfit.kernels.triton_words import word_ineligibility
 from memfit.kernels.weights import IntWeight
 
@@ -43,6 +44,8 @@ class Config:
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
     regs: int = 0        # `_int_mm`, mma: cap on registers a thread (ptxas maxnreg; 0 = its choice)
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
+    widen: bool = False  # 3 bits: widened to 4-bit codes first (memfit.kernels.triton_widen),
+    #                      then this 4-bit launch shape
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
@@ -179,7 +182,8 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
     """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
     if w.bits == 3:  # 8 codes to 3 bytes: the kernels read whole blocks (`_blocks3`);
         out = [Config(0, 0, 0)]  # dequantize + cuBLAS first, then the byte GEMV (M <= 8) and
-        bk = block_k(w)  # the tile kernel (M <= 128), which unpack the blocks in registers
+        bk = block_k(w)  # the tile kernel (M <= 128), which unpack the blocks in registers,
+        # then the codes widened to 4 bits for the call and the 4-bit tensor-core kernels
         if m <= 8:  # few rows a program read the codes fastest (H100, bits3_loads.py: 16 rows
             bm = _bucket(m)  # 50 µs, 64 rows 80 at 14336x4096)
             out += [Config(bm, bn, b, sk, 4, 2, gemv=True) for b in sorted({min(bk, 64), bk})
@@ -189,7 +193,8 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             bm = 16 if m <= 16 else (32 if m <= 32 else 64)
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
-        return out + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096 else [])
+        return (out + widen_candidates(m, w, dtype)
+                + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096 else []))
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16
@@ -258,6 +263,20 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         if w.shape[0] > 4096:  # the same, 4096 rows at a time through a buffer the L2 holds
             out.append(Config(0, 4096, 0))
     return out
+
+
+def widen_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
+    """3-bit codes widened to 4-bit ones on each call (memfit.kernels.triton_widen), then the
+    4-bit tensor-core kernels: the mma decode kernel (M <= 32) and the tile kernel with the
+    weight as A (where it takes 4-bit codes: 16 < M <= 128, `small_m_tiles`)."""
+    if widen_ineligibility(w) or dtype not in (torch.bfloat16, torch.float16) or m > 128:
+        return []
+    # the widened weight's layout (fresh buffers: contiguous, aligned; no bytes needed here)
+    w4 = w._replace(qdata=torch.empty(0, dtype=torch.uint8), bits=4)
+    out = mma_candidates(m, w4) if MMA and mma_ineligibility(w4, m, dtype) is None else []
+    if (16 < m or small_m_tiles(m, w4)) and block_k(w4) >= 16:
+        out += weight_a_candidates(m, w4, dtype)
+    return [replace(c, widen=True) for c in out]
 
 
 def perm_ineligibility(w: IntWeight, dtype: torch.dtype, cfg: Config, even: int = 1

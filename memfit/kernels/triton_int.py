@@ -1,7 +1,8 @@
 """Triton fused dequantize-matmul for group-wise integer weights (`IntWeight`), 8/4/3/2 bits;
 3 bits (8 codes to 3 bytes) through the byte kernels below and the dequantize kernel, which
-read each tile's 3-byte blocks as 24-bit words (memfit's decode loop widens 3-bit codes to
-4-bit ones: memfit.fastdecode.Tiling).
+read each tile's 3-byte blocks as 24-bit words, or widened to 4-bit codes for the call
+(memfit.kernels.triton_widen, `Config.widen`) and then the 4-bit kernels (memfit's decode loop
+widens 3-bit codes once, for the whole loop: memfit.fastdecode.Tiling).
 
 It reads memfit's stored layout as it is (no repacking, no extra memory): each row of `qdata` is a
 little-endian bit stream along `in`, so byte j of a row holds codes PER*j .. PER*j + PER-1
@@ -40,7 +41,7 @@ import os
 import statistics
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import triton
@@ -59,6 +60,7 @@ from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, words3, zmode
 from memfit.kernels.triton_mma import MmaLayoutError, run_mma
+from memfit.kernels.triton_widen import widen_triton
 from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
 
@@ -218,6 +220,8 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         plan: bool = False):
     """(M, in) -> (M, out) in x2's dtype with launch shape `cfg`; plan (the tile kernel only):
     (y, a callable doing the same for activations like x2 with its launches fixed)."""
+    if cfg.widen:  # 3 bits: as 4-bit codes in this call's buffers, then the 4-bit shape
+        return run(x2, widen_triton(w), bias, replace(cfg, widen=False), plan)
     m, k = x2.shape
     n = w.shape[0]
     if cfg.BM == 0:
@@ -334,6 +338,10 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
     if INTERPRET or ineligibility(w) is not None:
         return None, None
     cfg = choose(x2, w, bias)
+    if cfg.widen:  # a fresh 4-bit weight each call: nothing to fix but the choice
+        def call(x2: torch.Tensor) -> torch.Tensor:
+            return run(x2, w, bias, cfg)
+        return call(x2), call
     if cfg.words == "mma":
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,

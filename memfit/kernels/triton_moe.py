@@ -324,8 +324,10 @@ MMA_ROWS = True
 MMA_DUP = 1.5
 # The pairs as the grid's first axis (ROUTED 2 in triton_mma._mma_gemv: a weight tile's programs
 # for every pair run together, so pairs of one expert could share its reads through the L2),
-# else its last (ROUTED 1, the form timed: session 34). Not yet timed on a GPU (the device was
-# withdrawn before benchmarks/moe_mma_rows.py ran it): off until it is.
+# else its last (ROUTED 1, the form timed: session 34). Timed on an H100 (session 38,
+# benchmarks/moe_mma_rows.py, Mixtral-shaped gate): pairs first 33.8 / 68.4 / 129.8 µs at 2 / 4
+# / 8 rows against 32.4 / 64.4 / 114.4 last, faster only from 16 rows (174.5 against 220.9),
+# which MMA_DUP sends to the routed GEMV in decode: off.
 MMA_PAIRS_FIRST = False
 
 
