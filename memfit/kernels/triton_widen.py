@@ -11,11 +11,11 @@ the integer zero points likewise, into buffers of the caller's call (the caching
 reuses them; nothing is kept between calls). The result is exactly `weights.widen(w)`: the same
 weight, so any 4-bit launch shape then computes what it computes for a 4-bit model.
 The chooser (memfit.kernels.launch_shapes, `Config.widen`) times widen + each 4-bit shape
-against the 3-bit kernels and dequantize + cuBLAS, like every other candidate. On an H100
-(RESULTS.md, session 38) it took widen + the mma kernel at M = 1 (14336x4096: 35.5 µs, bf16
-cuBLAS 42.0, the 3-bit GEMV 62.7) and widen + the weight-as-A tile kernel at M = 16 and 64 (39.0
-and 46.9 µs against 103.9 at M = 16 before); the codes' 51 MB of reads and writes take ~20 µs
-of that, so the 4-bit kernels' speed is not reached (the decode loop widens once instead).
+against the 3-bit kernels and dequantize + cuBLAS, like every other candidate. On an H200
+(RESULTS.md, session 38) it took widen + the mma kernel at M = 1 (14336x4096: 28.9 µs, bf16
+cuBLAS 30.7; 65.9 through the 3-bit GEMV in session 37) and widen + the weight-as-A tile kernel
+at M = 16 and 64 (33.3 and 41.1 µs against 88.4 and 88.1); the codes' 51 MB of reads and writes
+are most of the gap to the 4-bit kernels (~13 µs), which the decode loop avoids by widening once.
 
 Takes: 3-bit codes with integer or symmetric zero points (float zero points are the 4-bit
 kernels' exception too), rows of a whole number of 32-code chunks, 4-byte aligned (`words3`).
