@@ -28,6 +28,7 @@ from memfit.kernels import (
     triton_kv_mma,
     triton_mma,
     triton_moe,
+    triton_widen,
     triton_words,
 )
 
@@ -297,6 +298,17 @@ def check_gemv(bits: int, bm: int, bn: int, atomic: bool, w3: int = 0):
     assert ("atom.global" in k.asm["ptx"]) == atomic, "split-K sums by atomics"
 
 
+def check_widen(sym: bool, zb: int):
+    """3-bit codes widened to 4-bit words per call (32-code chunks as three 32-bit loads;
+    ZB > 0: the zero points too, byte loads)."""
+    sig = {"q_ptr": "*u8", "z_ptr": "*u8", "o_ptr": "*i32", "oz_ptr": "*u8", "N": "i32",
+           "K": "i32", "G": "i32", "NZ": "i32", "stride_qn": "i32", "stride_zn": "i32"}
+    const = {"SYM": sym, "BN": triton_widen.ROWS, "BK": triton_widen.COLS, "ZB": zb}
+    ptx = build(triton_widen._widen3, sig, const).asm["ptx"]
+    assert "ld.global.b32" in ptx and "st.global" in ptx, "the codes read as 32-bit words"
+    assert ("ld.global.b8" in ptx) == (zb > 0), "zero points read only where asked"
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -351,6 +363,7 @@ def _checks() -> dict:
                                                          (64, 128, 1, 1))}
     checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1),
                                                            (3, 1, 1), (3, 2, 1))}
+    checks |= {f"widen{c}": (check_widen, c) for c in ((False, 16), (True, 0))}
     checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
                                                        (3, 2, 32, False), (4, 1, 64, True),
                                                        (3, 1, 8, True, 1), (3, 8, 16, True, 1))}
