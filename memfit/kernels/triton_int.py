@@ -338,11 +338,8 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
     if INTERPRET or ineligibility(w) is not None:
         return None, None
     cfg = choose(x2, w, bias)
-    if cfg.widen:  # a fresh 4-bit weight each call: nothing to fix but the choice
-        def call(x2: torch.Tensor) -> torch.Tensor:
-            return run(x2, w, bias, cfg)
-        return call(x2), call
-    if cfg.words == "mma":
+    # widen (3 bits): a fresh 4-bit weight each call, so only the choice is fixed (below)
+    if cfg.words == "mma" and not cfg.widen:
         try:
             return run_mma(x2, w, bias, cfg.BN, cfg.SPLIT_K, cfg.num_warps, cfg.BK // 128,
                            epi=cfg.epi, reps=cfg.reps, prefetch=cfg.num_stages,
@@ -350,7 +347,7 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
         except MmaLayoutError:
             pass  # run() warns and dequantizes, once
 
-    if cfg.BM and not cfg.words and not cfg.gemv:  # the tile kernel
+    if cfg.BM and not cfg.words and not cfg.gemv and not cfg.widen:  # the tile kernel
         return run(x2, w, bias, cfg, plan=True)
 
     def call(x2: torch.Tensor) -> torch.Tensor:

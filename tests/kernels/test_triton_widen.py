@@ -75,3 +75,22 @@ def test_widened_weights_through_the_4bit_kernels_match_reference(m, group, zp):
     assert cands
     for c in cands:
         assert rel_err(triton_int.run(x, w, None, c).float(), want) < 2e-3, c
+
+
+def test_a_widened_choice_plans_a_fresh_widen_each_call(monkeypatch):
+    """`plan` (the eager path's replay) fixes only the choice for a widen shape: each call widens
+    the codes again (nothing 4-bit is kept), and gives the reference product."""
+    w = make_weight(64, 512, 3, 128, "int", seed=3)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(3)).half().to(DEV)
+    cfg = widen_candidates(1, w, x.dtype)[0]
+    monkeypatch.setattr(triton_int, "INTERPRET", False)  # plan() is GPU-only otherwise
+    monkeypatch.setattr(triton_int, "choose", lambda *a: cfg)
+    calls = []
+    real = triton_int.widen_triton
+    monkeypatch.setattr(triton_int, "widen_triton", lambda v: calls.append(1) or real(v))
+    y, call = triton_int.plan(x, w, None)
+    want = x.float() @ dequantize(w).T.to(DEV)
+    assert rel_err(y.float(), want) < 2e-3 and len(calls) == 1
+    x2 = torch.randn(1, 512, generator=torch.Generator().manual_seed(4)).half().to(DEV)
+    assert rel_err(call(x2).float(), x2.float() @ dequantize(w).T.to(DEV)) < 2e-3
+    assert len(calls) == 2
