@@ -7,7 +7,8 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` on the CPU without autograd: memfit.kernels.cpu (torch's bfloat16 int4/int8
   kernels where they are exact and fast, else tiled dequantize + float32 GEMM);
 - an `IntWeight` on CUDA without autograd: memfit.kernels.triton_int (fused dequantize-matmul
-  for 8/4/2-bit layouts, 3-bit through dequantize + cuBLAS, choosing per shape among the
+  for 8/4/2-bit layouts, 3-bit through its byte kernels, dequantize + cuBLAS or the codes
+  widened to 4 bits for the call (triton_widen), choosing per shape among the
   tensor-core decode kernel of triton_mma, the word kernels of triton_words and its own;
   Triton is imported on the first
   CUDA call only), the reference for layouts it cannot take (warned once);
