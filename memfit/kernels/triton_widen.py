@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.sizes import cdiv
+from memfit.kernels.sizes import cdiv, next_pow2
 from memfit.kernels.triton_dequant import words3
 from memfit.kernels.weights import IntWeight
 
@@ -122,9 +122,9 @@ def widen_triton(w: IntWeight) -> IntWeight:
     q4 = torch.empty(n, k // 8, dtype=torch.int32, device=dev)
     z4 = torch.empty(n, (g + 1) // 2, dtype=torch.uint8, device=dev) if w.zero is not None else None
     z = w.zero if w.zero is not None else w.qdata
-    bk = min(COLS, triton.next_power_of_2(k))
+    bk = min(COLS, next_pow2(k))
     _widen3[(cdiv(k, bk), cdiv(n, ROWS))](
         w.qdata, z, q4, z4 if z4 is not None else q4, n, k, g, z.shape[1], w.qdata.stride(0),
         z.stride(0), SYM=w.zero_point == "sym", BN=ROWS, BK=bk,
-        ZB=triton.next_power_of_2((g + 1) // 2) if z4 is not None else 0)
+        ZB=next_pow2((g + 1) // 2) if z4 is not None else 0)
     return w._replace(qdata=q4.view(torch.uint8), zero=z4, bits=4)
