@@ -34,21 +34,4 @@ def test_every_read_gives_the_dequantized_weight_and_the_product():
         assert torch.equal(b.dequant(w, out, mode, True, 16, 128, mode == b.WORDS), ref), mode
         y = b.gemv(w, x, y, mode, 16, 128, 2)
         assert (y - want).abs().max() <= 1e-5 * want.abs().max(), mode
-    for lanes in (False, True):
-        out.zero_()
-        assert torch.equal(b.dequant_chunks(w, out, lanes, 16, 64), ref), lanes
-        y = b.gemv_chunks(w, x, y, lanes, 16, 128, 2)
-        assert (y - want).abs().max() <= 1e-5 * want.abs().max(), lanes
 
-
-def test_a_chunk_code_that_crosses_a_word():
-    """Codes 10 and 21 of a 32-code chunk take bits from two words: a row whose only nonzero
-    codes are those two reads them back."""
-    codes = torch.zeros(16, 128, dtype=torch.uint8)
-    codes[:, 10::32] = 5
-    codes[:, 21::32] = 6
-    scale = torch.ones(16, 1, dtype=torch.float16)
-    w = IntWeight(pack(codes, 3).to(DEV), scale.to(DEV), None, (16, 128), 3, 128, "sym")
-    w = w._replace(zero=pack(torch.zeros(16, 1, dtype=torch.uint8), 3).to(DEV), zero_point="int")
-    out = b.dequant_chunks(w, torch.empty(16, 128, device=DEV), False, 16, 128)
-    assert torch.equal(out.cpu(), codes.float())
