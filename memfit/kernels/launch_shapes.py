@@ -13,6 +13,7 @@ import torch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_dequant import block_k
 from memfit.kernels.triton_mma import EPI, mma_ineligibility
+from memfit.kernels.triton_prefill import tma_ineligibility
 from memfit.kernels.triton_widen import widen_ineligibility
 from memfit.kernels.triton_words import word_ineligibility
 from memfit.kernels.weights import IntWeight
@@ -46,6 +47,8 @@ class Config:
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
     widen: bool = False  # 3 bits: widened to 4-bit codes first (memfit.kernels.triton_widen),
     #                      then this 4-bit launch shape
+    tma: int = 0         # prefill: memfit.kernels.triton_prefill's kernel (loads through
+    #                      tensor descriptors), 1 one program a tile, 2 one an SM (persistent)
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
@@ -161,6 +164,26 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
 WA_MAX_M = 1024 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 128
 
 
+# The descriptor tile kernel (memfit.kernels.triton_prefill) past 1024 tokens by default: there
+# a call's GPU time (192-345 µs for a Llama-3-8B MLP linear at 1000-2048 tokens on an H100,
+# benchmarks/RESULTS.md session 39) dwarfs the host work of its two launches (the activations'
+# gather, the kernel: as many as dequantize + cuBLAS's); from 129 with MEMFIT_PREFILL_TILE=1.
+TMA_MIN_M = 129 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 1025
+
+
+def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
+    """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 or 128 tokens by 128 weight
+    rows on 8 warps, persistent (tma 2) or a program a tile (1). Best on an H100 at M = 2048:
+    256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
+    (374); M = 1000: 256 x 128, either (192-196)."""
+    if m < TMA_MIN_M:
+        return []
+    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, dq=4, tma=tma)
+            for bm, bn, warps, st, tma in ((256, 128, 8, 3, 2), (256, 128, 8, 3, 1),
+                                           (128, 128, 8, 3, 2), (128, 128, 8, 4, 2))
+            if tma_ineligibility(w, dtype, bn) is None]
+
+
 def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     """The dq 4 tile kernel for 128 < M <= 1024 (offered up to WA_MAX_M): tiles of 128-256
     tokens (the wgmma's N) by 64 or 128 weight rows, K split where the tiles give fewer programs
@@ -200,7 +223,8 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         tiles = block_k(w) >= 16
         if m > 128:  # dequantize + cuBLAS first (the interpreter's pick: fast on a CPU)
             return [Config(0, 0, 0)] + (prefill_candidates(m, w, dtype)
-                                        if m <= WA_MAX_M and tiles else [])
+                                        if m <= WA_MAX_M and tiles else []) + tma_candidates(
+                                            m, w, dtype)
         ok = m <= 32 and mma_ineligibility(w, m, dtype) is None
         wa = weight_a_candidates(m, w, dtype) if (16 < m or small_m_tiles(m, w)) and tiles else []
         return (mma_candidates(m, w) if ok else []) + wa + [Config(0, 0, 0)]
@@ -260,6 +284,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         out.append(Config(0, 0, 0))  # dequantize + cuBLAS
         if m <= WA_MAX_M and block_k(w) >= 16:
             out += prefill_candidates(m, w, dtype)
+        out += tma_candidates(m, w, dtype)
         if w.shape[0] > 4096:  # the same, 4096 rows at a time through a buffer the L2 holds
             out.append(Config(0, 4096, 0))
     return out

@@ -53,13 +53,22 @@ from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us, weight_copies
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
-    MMA, Config, _bucket, candidates, mma_candidates, perm_ineligibility,
-    prefill_candidates, weight_a_candidates)
+    MMA,
+    Config,
+    _bucket,
+    candidates,
+    mma_candidates,
+    perm_ineligibility,
+    prefill_candidates,
+    tma_candidates,
+    weight_a_candidates,
+)
 from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _int_gemv, _int_mm
 from memfit.kernels.triton_dequant import block_k, dequantize_triton, words3, zmode
 from memfit.kernels.triton_mma import MmaLayoutError, run_mma
+from memfit.kernels.triton_prefill import run_tma
 from memfit.kernels.triton_widen import widen_triton
 from memfit.kernels.triton_words import run_words, split_buffers, word_ineligibility  # noqa: F401
 from memfit.kernels.weights import IntWeight, row_slice
@@ -237,6 +246,9 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
         except MmaLayoutError as e:
             _warn_once(f"{e}; dequantizing instead")
             return run(x2, w, bias, Config(0, 0, 0))
+    if cfg.tma:  # prefill: the tile kernel with descriptor loads (its own gather of x)
+        return run_tma(x2, w, bias, cfg.BM, cfg.BN, cfg.num_warps, cfg.num_stages,
+                       cfg.tma == 2)
     if w.tile_rows and (cfg.words or cfg.gemv or cfg.BK > 128 or w.bits != 4):
         raise ValueError("memfit.kernels.triton_int: a tiled weight runs on the mma kernel, the "
                          "tile kernel (BK <= 128) or dequantize + cuBLAS only")
@@ -347,7 +359,7 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
         except MmaLayoutError:
             pass  # run() warns and dequantizes, once
 
-    if cfg.BM and not cfg.words and not cfg.gemv and not cfg.widen:  # the tile kernel
+    if cfg.BM and not cfg.words and not cfg.gemv and not cfg.widen and not cfg.tma:  # tile
         return run(x2, w, bias, cfg, plan=True)
 
     def call(x2: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from memfit.kernels import (
     triton_kv_mma,
     triton_mma,
     triton_moe,
+    triton_prefill,
     triton_widen,
     triton_words,
 )
@@ -36,7 +37,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 DT = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
 
 
-def build(fn, sig: dict, const: dict, warps: int = 4):
+def build(fn, sig: dict, const: dict, warps: int = 4, stages: int = 1):
     """Compile `fn` for sm_90; pointers, strides and N as the launcher specializes them
     (16-aligned), so the layouts are the ones a GPU launch gets."""
     sig = dict(sig) | {k: "constexpr" for k in const}
@@ -44,7 +45,7 @@ def build(fn, sig: dict, const: dict, warps: int = 4):
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "N"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=SM90, options={"num_warps": warps, "num_stages": 1})
+                          target=SM90, options={"num_warps": warps, "num_stages": stages})
 
 
 def mma_kernel(mt: int, nsub: int, zmode: int, sdt: str, f16: bool, rb: int, epi: bool,
@@ -309,6 +310,20 @@ def check_widen(sym: bool, zb: int):
     assert ("ld.global.b8" in ptx) == (zb > 0), "zero points read only where asked"
 
 
+def check_tma(rb: int, group: int, zm: int, bm: int = 256, bias: bool = False):
+    """The descriptor tile kernel (memfit.kernels.triton_prefill): activations and code words
+    through bulk tensor copies (TMA) into the 3-stage pipeline, the dot on wgmma."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zm else "*fp16",
+           "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32"}
+    const = {"GROUP": group, "ZMODE": zm, "HAS_BIAS": bias, "RB": rb, "BM": bm, "BN": 128,
+             "NPROG": 132, "ASM": True}
+    ptx = build(triton_prefill._tma_mm, sig, const, 8, 3).asm["ptx"]
+    assert ptx.count("cp.async.bulk.tensor") >= 2, "activations and codes through TMA"
+    assert "wgmma.mma_async" in ptx, "the dot on wgmma"
+    assert "cp.async.cg" not in ptx, "no pointer-load pipeline beside the descriptors"
+
+
 def _checks() -> dict:
     """case name -> (check function, its arguments)."""
     checks = {f"mma{c}": (check_mma, c) for c in CASES}
@@ -364,6 +379,8 @@ def _checks() -> dict:
     checks |= {f"dequant{c}": (check_dequant, c) for c in ((3, 1), (3, 0), (3, 2), (4, 1),
                                                            (3, 1, 1), (3, 2, 1))}
     checks |= {f"widen{c}": (check_widen, c) for c in ((False, 16), (True, 0))}
+    checks |= {f"tma{c}": (check_tma, c) for c in ((0, 128, 1), (64, 128, 1, 128, True),
+                                                     (0, 64, 0), (64, 64, 1))}
     checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
                                                        (3, 2, 32, False), (4, 1, 64, True),
                                                        (3, 1, 8, True, 1), (3, 8, 16, True, 1))}
