@@ -9,7 +9,8 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` on CUDA without autograd: memfit.kernels.triton_int (fused dequantize-matmul
   for 8/4/2-bit layouts, 3-bit through its byte kernels, dequantize + cuBLAS or the codes
   widened to 4 bits for the call (triton_widen), choosing per shape among the
-  tensor-core decode kernel of triton_mma, the word kernels of triton_words and its own;
+  tensor-core decode kernel of triton_mma, the word kernels of triton_words, the
+  long-prefill tile kernel of triton_prefill (loads through tensor descriptors) and its own;
   Triton is imported on the first
   CUDA call only), the reference for layouts it cannot take (warned once);
   Under torch.compile the same call goes through the custom op `memfit::int_linear`
