@@ -12,7 +12,10 @@ its dequantization or its loop's structure? One GPU run, µs per call as the cho
   (memfit.kernels.fragments._perm_tile, dq 4) and the activations in the fragments' column
   order (perm_x, in the timed call as in the shipped path).
 
+- shipped: memfit's own candidates for it (memfit.kernels.triton_prefill through triton_int.run).
+
     python benchmarks/prefill_persistent.py [--m 2048 512] [--shapes 14336x4096] [--json OUT]
+    python benchmarks/prefill_persistent.py --parts shipped --m 2048 1000
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernel_speed import copies, int_weight
-from memfit.kernels import gpu_timing, triton_int
+from memfit.kernels import gpu_timing, launch_shapes, triton_int
 from memfit.kernels.fragments import _perm_tile, perm_x
 from memfit.kernels.triton_bytes import _out_rows, _tile_groups
 from memfit.kernels.triton_dequant import _word_ptrs, dequantize_triton, zmode
@@ -179,8 +182,15 @@ def cells(args, n: int, k: int, m: int, gen, nsm: int) -> None:
         c = triton_int.Config(bm, 128, 128, 1, 8, 3, magic=True, wa=True, pf=1, dq=4)
         f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
         row[f"shipped_tile_bm{bm}"] = (round(t_us(f), 2), rel(f[0](), want))
+    if "shipped" in args.parts:  # memfit's own candidates (memfit.kernels.triton_prefill)
+        for c in launch_shapes.tma_candidates(max(m, launch_shapes.TMA_MIN_M), ws[0], x.dtype):
+            f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
+            row[f"tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast] = (
+                round(t_us(f), 2), rel(f[0](), want))
     note(row, args.json)
     for part in args.parts:  # warp-specialized shapes last (a hang costs the least there)
+        if part == "shipped":
+            continue
         int4 = part == "fused"
         res, fails = [], {}
         todo = [(cfg, p) for cfg in configs(int4) for p in (1, 0)
@@ -215,7 +225,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[2048])
     ap.add_argument("--shapes", nargs="*", default=["14336x4096", "4096x14336"])
-    ap.add_argument("--parts", nargs="*", default=["ceiling", "fused"])
+    ap.add_argument("--parts", nargs="*", default=["ceiling", "fused"],
+                    help="ceiling, fused, shipped (memfit's own descriptor-kernel candidates)")
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized shapes")
     ap.add_argument("--ws-only", action="store_true", help="only the warp-specialized shapes")

@@ -49,6 +49,7 @@ class Config:
     #                      then this 4-bit launch shape
     tma: int = 0         # prefill: memfit.kernels.triton_prefill's kernel (loads through
     #                      tensor descriptors), 1 one program a tile, 2 one an SM (persistent)
+    nfast: bool = False  # tma: a token tile's weight tiles consecutive (else the reverse)
 
 
 def mma_candidates(m: int, w: IntWeight) -> list[Config]:
@@ -173,14 +174,19 @@ TMA_MIN_M = 129 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 1025
 
 def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 or 128 tokens by 128 weight
-    rows on 8 warps, persistent (tma 2) or a program a tile (1). Best on an H100 at M = 2048:
+    rows on 8 warps, persistent (tma 2) or a program a tile (1), the 256-token shapes also with
+    a token tile's weight tiles consecutive (`nfast`). Best on an H100 at M = 2048:
     256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
     (374); M = 1000: 256 x 128, either (192-196)."""
     if m < TMA_MIN_M:
         return []
-    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, dq=4, tma=tma)
-            for bm, bn, warps, st, tma in ((256, 128, 8, 3, 2), (256, 128, 8, 3, 1),
-                                           (128, 128, 8, 3, 2), (128, 128, 8, 4, 2))
+    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, dq=4, tma=tma, nfast=nf)
+            for bm, bn, warps, st, tma, nf in ((256, 128, 8, 3, 2, False),
+                                               (256, 128, 8, 3, 1, False),
+                                               (128, 128, 8, 3, 2, False),
+                                               (128, 128, 8, 4, 2, False),
+                                               (256, 128, 8, 3, 2, True),
+                                               (256, 128, 8, 3, 1, True))
             if tma_ineligibility(w, dtype, bn) is None]
 
 

@@ -42,16 +42,20 @@ RB_TILED = 64  # the decode loop's row blocks (memfit.fastdecode)
 @triton.jit
 def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride_sn, stride_zn,
             GROUP: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, NPROG: tl.constexpr, ASM: tl.constexpr):
+            BM: tl.constexpr, BN: tl.constexpr, NPROG: tl.constexpr, ASM: tl.constexpr,
+            NFAST: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(q)[N, K]^T (+ bias); x in `perm_x(x, 128)` order. Program p
-    takes output tiles p, p + NPROG, ... (the token tiles of one weight tile consecutive, so a
-    weight tile is read from HBM about once); acc = W_tile @ x_tile^T, (BN, BM), stored
-    transposed with the rows dq 4 reordered put back (`_out_rows`)."""
+    takes output tiles p, p + NPROG, ...: the token tiles of one weight tile consecutive (the
+    programs running at once share weight tiles), or with NFAST the weight tiles of one token
+    tile (they share activation tiles: fewer bytes from HBM where the activations outgrow the
+    L2, as 2048 x 14336 bf16 does). acc = W_tile @ x_tile^T, (BN, BM), stored transposed with
+    the rows dq 4 reordered put back (`_out_rows`)."""
     BK: tl.constexpr = 128  # codes a tile (the module's BK)
     BW: tl.constexpr = BK // 8  # 32-bit words a row's tile
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # a tile of two groups: words from GW on
     n_m = tl.cdiv(M, BM)
-    tiles = n_m * (N // BN)
+    n_n = N // BN
+    tiles = n_m * n_n
     xd = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     q32 = q_ptr.to(tl.pointer_type(tl.int32))
     if RB:  # [row block, tile, row, word]: one 4 KB run per (row block, tile)
@@ -63,8 +67,12 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
                                        block_shape=[BN, BW])
     ok = tl.full((BN,), 1, tl.int1)
     for t in tl.range(tl.program_id(0), tiles, NPROG):
-        pid_m = t % n_m
-        pid_n = t // n_m
+        if NFAST:
+            pid_n = t % n_n
+            pid_m = t // n_n
+        else:
+            pid_m = t % n_m
+            pid_n = t // n_m
         rn = pid_n * BN + tl.arange(0, BN)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         for kt in range(K // BK):
@@ -127,7 +135,7 @@ def programs(device: torch.device) -> int:
 
 
 def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, bn: int,
-            warps: int, stages: int, persistent: bool) -> torch.Tensor:
+            warps: int, stages: int, persistent: bool, nfast: bool = False) -> torch.Tensor:
     """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm`."""
     why = tma_ineligibility(w, x2.dtype, bn)
     if why:
@@ -143,6 +151,6 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
     contextvars.copy_context().run(
         _launch, x2.device, (nprog,), xp, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.stride(0),
         w.scale.stride(0), z.stride(0), GROUP=w.group_size, ZMODE=zmode(w),
-        HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, NPROG=nprog, ASM=not INTERPRET,
+        HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, NPROG=nprog, ASM=not INTERPRET, NFAST=nfast,
         num_warps=warps, num_stages=stages)
     return y

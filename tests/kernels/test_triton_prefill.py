@@ -9,10 +9,10 @@ import torch
 
 triton_int = pytest.importorskip("memfit.kernels.triton_int")
 
-from memfit.kernels import launch_shapes, triton_prefill  # noqa: E402
-from memfit.kernels.reference import linear_reference  # noqa: E402
-from memfit.kernels.weights import tile  # noqa: E402
-from tests.kernels.test_triton_int import DEV, make_weight, rel_err  # noqa: E402
+from memfit.kernels import launch_shapes, triton_prefill
+from memfit.kernels.reference import linear_reference
+from memfit.kernels.weights import tile
+from tests.kernels.test_triton_int import DEV, make_weight, rel_err
 
 DT = torch.float16 if DEV == "cpu" else torch.bfloat16
 TOL = 5e-3 if DEV == "cpu" else 2e-2  # 16-bit weights into the dot, float32 sums
@@ -32,7 +32,9 @@ def test_every_tma_candidate_matches_reference(n, k, group, zp, rb, m, bias):
     want = linear_reference(x.float(), w, None if b is None else b.float())
     v = tile(w, rb) if rb else w
     cands = launch_shapes.tma_candidates(2048, v, DT)
-    assert {(c.BM, c.tma) for c in cands} == {(256, 2), (256, 1), (128, 2)}
+    assert {(c.BM, c.tma, c.nfast) for c in cands} == {(256, 2, False), (256, 1, False),
+                                                       (128, 2, False), (256, 2, True),
+                                                       (256, 1, True)}
     for c in cands:
         y = triton_int.run(x, v, b, c)
         assert y.shape == (m, n) and y.dtype == DT and not y.isnan().any()
@@ -40,14 +42,16 @@ def test_every_tma_candidate_matches_reference(n, k, group, zp, rb, m, bias):
 
 
 def test_persistent_programs_loop_over_more_tiles_than_programs(monkeypatch):
-    """One program for all 8 output tiles (and 3 for 8: uneven runs) gives every tile."""
+    """One program for all 8 output tiles (and 3 for 8: uneven runs) gives every tile, in
+    either order (a weight tile's token tiles consecutive, or a token tile's weight tiles)."""
     w = make_weight(256, 256, 4, 128, "int", seed=3)
     x = torch.randn(500, 256, generator=torch.Generator().manual_seed(4)).to(DEV, DT)
     want = linear_reference(x.float(), w, None)
     for p in (1, 3):
-        monkeypatch.setattr(triton_prefill, "programs", lambda device, p=p: p)
-        y = triton_prefill.run_tma(x, w, None, 128, 128, 8, 3, persistent=True)
-        assert rel_err(y.float(), want) < TOL, p
+        for nfast in (False, True):
+            monkeypatch.setattr(triton_prefill, "programs", lambda device, p=p: p)
+            y = triton_prefill.run_tma(x, w, None, 128, 128, 8, 3, True, nfast)
+            assert rel_err(y.float(), want) < TOL, (p, nfast)
 
 
 def test_tma_refuses_what_it_cannot_take():
@@ -75,7 +79,7 @@ def test_candidates_offer_it_past_1024_tokens(monkeypatch):
         assert not any(c.tma for c in triton_int.candidates(1024, v, torch.bfloat16))
         long = triton_int.candidates(2048, v, torch.bfloat16)
         assert long[0] == triton_int.Config(0, 0, 0)  # dequantize + cuBLAS stays the default
-        assert sum(c.tma > 0 for c in long) == 4
+        assert sum(c.tma > 0 for c in long) == 6
         assert not any(c.tma for c in triton_int.candidates(2048, v, torch.float32))
     monkeypatch.setattr(launch_shapes, "TMA_MIN_M", 129)  # MEMFIT_PREFILL_TILE=1
     assert any(c.tma for c in triton_int.candidates(300, w, torch.bfloat16))
