@@ -169,7 +169,10 @@ WA_MAX_M = 1024 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 128
 # a call's GPU time (192-345 µs for a Llama-3-8B MLP linear at 1000-2048 tokens on an H100,
 # benchmarks/RESULTS.md session 39) dwarfs the host work of its two launches (the activations'
 # gather, the kernel: as many as dequantize + cuBLAS's); from 129 with MEMFIT_PREFILL_TILE=1.
+# The decode loop's 64-row tiled layout (a 4-d descriptor) also only with MEMFIT_PREFILL_TILE=1:
+# built for sm_90 and checked on the CPU interpreter, not yet run on a GPU (session 39).
 TMA_MIN_M = 129 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 1025
+TMA_TILED = os.environ.get("MEMFIT_PREFILL_TILE") == "1"
 
 
 def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
@@ -178,7 +181,7 @@ def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     a token tile's weight tiles consecutive (`nfast`). Best on an H100 at M = 2048:
     256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
     (374); M = 1000: 256 x 128, either (192-196)."""
-    if m < TMA_MIN_M:
+    if m < TMA_MIN_M or (w.tile_rows and not TMA_TILED):
         return []
     return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, dq=4, tma=tma, nfast=nf)
             for bm, bn, warps, st, tma, nf in ((256, 128, 8, 3, 2, False),

@@ -15,7 +15,9 @@ outputs at 3 stages (relative error 0.03 against 0.0034) under Triton 3.6: not o
 Takes: 4-bit codes with integer or symmetric zero points, groups of 64 or more codes (a 128-code
 tile spans at most two groups), K a multiple of 128, rows a multiple of the tile's BN, 16-bit
 activations, the stored layout or the decode loop's tiled one (RB = 64: the words of a row
-block's 128-code tile are one 4 KB run, read as a 4-d descriptor). Triton needs a scratch
+block's 128-code tile are one 4 KB run, read as a 4-d descriptor; the chooser offers this form
+only with MEMFIT_PREFILL_TILE=1: it was built for sm_90 and checked on the CPU interpreter but
+not yet run on a GPU, launch_shapes.TMA_TILED). Triton needs a scratch
 allocator for descriptors made in a kernel; `run_tma` sets one (torch memory on the call's
 device) for its own launch only, in a copy of the context, so a caller's allocator is untouched.
 """
