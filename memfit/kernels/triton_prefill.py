@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from memfit.kernels.fragments import _perm_tile, perm_x
+from memfit.kernels.sizes import cdiv
 from memfit.kernels.triton_bytes import _out_rows, _tile_groups
 from memfit.kernels.triton_dequant import zmode
 from memfit.kernels.weights import IntWeight
@@ -146,7 +147,7 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
     n = w.shape[0]
     xp = perm_x(x2, 128)  # contiguous, 16-byte aligned (a fresh buffer)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    tiles = triton.cdiv(m, bm) * (n // bn)
+    tiles = cdiv(m, bm) * (n // bn)
     nprog = min(tiles, programs(x2.device)) if persistent else tiles
     z = w.zero if w.zero is not None else w.scale
     b = bias.to(x2.dtype) if bias is not None else w.scale
