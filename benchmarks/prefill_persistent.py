@@ -15,7 +15,7 @@ its dequantization or its loop's structure? One GPU run, µs per call as the cho
 - shipped: memfit's own candidates for it (memfit.kernels.triton_prefill through triton_int.run).
 
     python benchmarks/prefill_persistent.py [--m 2048 512] [--shapes 14336x4096] [--json OUT]
-    python benchmarks/prefill_persistent.py --parts shipped --m 2048 1000
+    python benchmarks/prefill_persistent.py --parts shipped --m 2048 1000 [--rb 0 64]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from memfit.kernels import gpu_timing, launch_shapes, triton_int
 from memfit.kernels.fragments import _perm_tile, perm_x
 from memfit.kernels.triton_bytes import _out_rows, _tile_groups
 from memfit.kernels.triton_dequant import _word_ptrs, dequantize_triton, zmode
+from memfit.kernels.weights import tile
 
 ROWS: list = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -182,11 +183,16 @@ def cells(args, n: int, k: int, m: int, gen, nsm: int) -> None:
         c = triton_int.Config(bm, 128, 128, 1, 8, 3, magic=True, wa=True, pf=1, dq=4)
         f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
         row[f"shipped_tile_bm{bm}"] = (round(t_us(f), 2), rel(f[0](), want))
-    if "shipped" in args.parts:  # memfit's own candidates (memfit.kernels.triton_prefill)
-        for c in launch_shapes.tma_candidates(max(m, launch_shapes.TMA_MIN_M), ws[0], x.dtype):
-            f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
-            row[f"tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast] = (
-                round(t_us(f), 2), rel(f[0](), want))
+    if "shipped" in args.parts:  # memfit's own candidates (memfit.kernels.triton_prefill),
+        launch_shapes.TMA_TILED = True  # the tiled layout's too (opt-in in memfit)
+        for rb in args.rb:
+            vs = [tile(w, rb) for w in ws] if rb else ws
+            for c in launch_shapes.tma_candidates(max(m, launch_shapes.TMA_MIN_M), vs[0],
+                                                  x.dtype):
+                f = [lambda v=v, c=c: triton_int.run(x, v, None, c) for v in vs]
+                row[f"rb{rb}_tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast] = (
+                    round(t_us(f), 2), rel(f[0](), want))
+            del vs
     note(row, args.json)
     for part in args.parts:  # warp-specialized shapes last (a hang costs the least there)
         if part == "shipped":
@@ -228,6 +234,8 @@ def main() -> None:
     ap.add_argument("--parts", nargs="*", default=["ceiling", "fused"],
                     help="ceiling, fused, shipped (memfit's own descriptor-kernel candidates)")
     ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--rb", type=int, nargs="*", default=[0, 64],
+                    help="shipped: layouts (0 stored, 64 the decode loop's tiled one)")
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized shapes")
     ap.add_argument("--ws-only", action="store_true", help="only the warp-specialized shapes")
     ap.add_argument("--tma", type=int, nargs="*", help="only these TMA forms (0 / 1 / 2)")
