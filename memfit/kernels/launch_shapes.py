@@ -178,18 +178,22 @@ TMA_TILED = os.environ.get("MEMFIT_PREFILL_TILE") == "1"
 def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 or 128 tokens by 128 weight
     rows on 8 warps, persistent (tma 2) or a program a tile (1), the 256-token shapes also with
-    a token tile's weight tiles consecutive (`nfast`). Best on an H100 at M = 2048:
+    a token tile's weight tiles consecutive (`nfast`) or the scales a tile ahead (`pf`; those
+    two not yet timed on a GPU). Best on an H100 at M = 2048:
     256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
     (374); M = 1000: 256 x 128, either (192-196)."""
     if m < TMA_MIN_M or (w.tile_rows and not TMA_TILED):
         return []
-    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, dq=4, tma=tma, nfast=nf)
-            for bm, bn, warps, st, tma, nf in ((256, 128, 8, 3, 2, False),
-                                               (256, 128, 8, 3, 1, False),
-                                               (128, 128, 8, 3, 2, False),
-                                               (128, 128, 8, 4, 2, False),
-                                               (256, 128, 8, 3, 2, True),
-                                               (256, 128, 8, 3, 1, True))
+    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=pf, dq=4, tma=tma,
+                   nfast=nf)
+            for bm, bn, warps, st, tma, nf, pf in ((256, 128, 8, 3, 2, False, 0),
+                                                   (256, 128, 8, 3, 1, False, 0),
+                                                   (128, 128, 8, 3, 2, False, 0),
+                                                   (128, 128, 8, 4, 2, False, 0),
+                                                   (256, 128, 8, 3, 2, True, 0),
+                                                   (256, 128, 8, 3, 1, True, 0),
+                                                   (256, 128, 8, 3, 2, False, 1),
+                                                   (256, 128, 8, 3, 1, False, 1))
             if tma_ineligibility(w, dtype, bn) is None]
 
 
