@@ -197,3 +197,23 @@ def test_every_shipped_launch_shape_is_still_a_candidate_for_its_key():
             assert len(got) == len(entry["configs"]), key
             n_keys += 1
     assert n_keys >= 40
+
+
+def test_a_candidate_whose_launch_fails_is_left_out_with_a_warning(monkeypatch):
+    """A launch shape this device refuses at run time (RuntimeError) is not a candidate; the
+    default (dequantize + cuBLAS) failing is not hidden."""
+    w = make_weight(64, 256, 4, 128, "int", seed=3)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(DEV)
+    bad = triton_int.Config(16, 64, 128, 1, 4, 3, magic=True)
+    real = triton_int.run
+
+    def run(x2, w, bias, cfg, plan=False):
+        if cfg in (bad, triton_int.Config(0, 0, 0)):
+            raise RuntimeError("Triton Error [CUDA]: invalid argument")
+        return real(x2, w, bias, cfg, plan)
+    monkeypatch.setattr(triton_int, "run", run)
+    monkeypatch.setattr(triton_int, "_WARNED", set())
+    with pytest.warns(UserWarning, match="failed on this device"):
+        assert triton_int._agrees(x, w, None, bad, torch.zeros(2, 64, device=DEV)) is False
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        triton_int._agrees(x, w, None, triton_int.Config(0, 0, 0), torch.zeros(2, 64, device=DEV))
