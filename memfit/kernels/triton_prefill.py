@@ -44,8 +44,8 @@ RB_TILED = 64  # the decode loop's row blocks (memfit.fastdecode)
 
 @triton.jit
 def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride_sn, stride_zn,
-            GROUP: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, NPROG: tl.constexpr, ASM: tl.constexpr,
+            NPROG, GROUP: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+            RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
             NFAST: tl.constexpr = False, PF: tl.constexpr = 0):
     """y[M, N] = x[M, K] @ dequant(q)[N, K]^T (+ bias); x in `perm_x(x, 128)` order. Program p
     takes output tiles p, p + NPROG, ...: the token tiles of one weight tile consecutive (the
@@ -164,9 +164,9 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
     nprog = min(tiles, programs(x2.device)) if persistent else tiles
     z = w.zero if w.zero is not None else w.scale
     b = bias.to(x2.dtype) if bias is not None else w.scale
-    contextvars.copy_context().run(
+    contextvars.copy_context().run(  # NPROG a run-time argument: no build per grid size
         _launch, x2.device, (nprog,), xp, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.stride(0),
-        w.scale.stride(0), z.stride(0), GROUP=w.group_size, ZMODE=zmode(w),
-        HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, NPROG=nprog, ASM=not INTERPRET, NFAST=nfast, PF=pf,
-        num_warps=warps, num_stages=stages)
+        w.scale.stride(0), z.stride(0), nprog, GROUP=w.group_size, ZMODE=zmode(w),
+        HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, ASM=not INTERPRET,
+        NFAST=nfast, PF=pf, num_warps=warps, num_stages=stages)
     return y

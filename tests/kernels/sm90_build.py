@@ -316,9 +316,9 @@ def check_tma(rb: int, group: int, zm: int, bm: int = 256, bias: bool = False,
     through bulk tensor copies (TMA) into the 3-stage pipeline, the dot on wgmma."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zm else "*fp16",
            "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32"}
+           "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32", "NPROG": "i32"}
     const = {"GROUP": group, "ZMODE": zm, "HAS_BIAS": bias, "RB": rb, "BM": bm, "BN": 128,
-             "NPROG": 132, "ASM": True, "NFAST": nfast,
+             "ASM": True, "NFAST": nfast,
              "PF": pf}
     ptx = build(triton_prefill._tma_mm, sig, const, 8, 3).asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") >= 2, "activations and codes through TMA"
