@@ -48,8 +48,7 @@ class Config:
     widen: bool = False  # 3 bits: widened to 4-bit codes first (memfit.kernels.triton_widen),
     #                      then this 4-bit launch shape
     tma: int = 0         # prefill: memfit.kernels.triton_prefill's kernel (loads through
-    #                      tensor descriptors), 1 one program a tile, 2 one an SM (persistent),
-    #                      3 two an SM
+    #                      tensor descriptors), 1 one program a tile, 2 one an SM (persistent)
     nfast: bool = False  # tma: a token tile's weight tiles consecutive (else the reverse)
 
 
@@ -180,9 +179,7 @@ def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 or 128 tokens by 128 weight
     rows on 8 warps, persistent (tma 2) or a program a tile (1), the 256-token shapes also with
     a token tile's weight tiles consecutive (`nfast`) or the scales a tile ahead (`pf`; those
-    two not yet timed on a GPU); 128 x 128 at 2 stages fits two programs an SM (127 registers
-    a thread, 72 KB of shared memory, sm_90 build with Triton 3.6), a program a tile or two
-    persistent ones an SM (tma 3). Best on an H100 at M = 2048:
+    two not yet timed on a GPU). Best on an H100 at M = 2048:
     256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
     (374); M = 1000: 256 x 128, either (192-196)."""
     if m < TMA_MIN_M or (w.tile_rows and not TMA_TILED):
@@ -190,8 +187,6 @@ def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=pf, dq=4, tma=tma,
                    nfast=nf)
             for bm, bn, warps, st, tma, nf, pf in ((256, 128, 8, 3, 2, False, 0),
-                                                   (128, 128, 8, 2, 1, False, 0),
-                                                   (128, 128, 8, 2, 3, False, 0),
                                                    (256, 128, 8, 3, 1, False, 0),
                                                    (128, 128, 8, 3, 2, False, 0),
                                                    (128, 128, 8, 4, 2, False, 0),

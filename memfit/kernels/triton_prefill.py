@@ -5,9 +5,9 @@ operand, its codes unpacked in registers straight into the A fragments by
 memfit.kernels.fragments._perm_tile; BK = 128 codes; the activations in the fragments' column
 order, `perm_x`), but both the activations' tile and the codes' 32-bit words come in through
 tensor descriptors (`tl.make_tensor_descriptor`: the bulk tensor copy, TMA, on Hopper), and
-`Config.tma` 2 runs one program an SM looping over the output tiles (persistent; 3: two an
-SM; 1: one program a tile). Why (H100, M = 2048, benchmarks/prefill_persistent.py,
-benchmarks/RESULTS.md session 39): 14336x4096 345 µs against the pointer-load tile kernel's 372 and dequantize + cuBLAS's 357
+`Config.tma` 2 runs one program an SM looping over the output tiles (persistent; 1: one program
+a tile). Why (H100, M = 2048, benchmarks/prefill_persistent.py, benchmarks/RESULTS.md session
+39): 14336x4096 345 µs against the pointer-load tile kernel's 372 and dequantize + cuBLAS's 357
 (bf16 cuBLAS 305); 4096x14336 374 against 382 / 344 (bf16 294); at M = 1000 192-196 against
 200-215. Activations through a descriptor with the words still loaded by pointer gave wrong
 outputs at 3 stages (relative error 0.03 against 0.0034) under Triton 3.6: not offered.
@@ -150,12 +150,9 @@ def programs(device: torch.device) -> int:
 
 
 def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, bn: int,
-            warps: int, stages: int, per_sm: int, nfast: bool = False,
+            warps: int, stages: int, persistent: bool, nfast: bool = False,
             pf: int = 0) -> torch.Tensor:
-    """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm`: one program a
-    tile (`per_sm` 0) or `per_sm` programs an SM looping over the tiles (persistent; 2 where
-    two programs fit an SM's registers and shared memory, so one's epilogue and pipeline
-    start overlap the other's loop)."""
+    """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm`."""
     why = tma_ineligibility(w, x2.dtype, bn)
     if why:
         raise ValueError(f"memfit.kernels.triton_prefill: {why}")
@@ -164,7 +161,7 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
     xp = perm_x(x2, 128)  # contiguous, 16-byte aligned (a fresh buffer)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     tiles = cdiv(m, bm) * (n // bn)
-    nprog = min(tiles, per_sm * programs(x2.device)) if per_sm else tiles
+    nprog = min(tiles, programs(x2.device)) if persistent else tiles
     z = w.zero if w.zero is not None else w.scale
     b = bias.to(x2.dtype) if bias is not None else w.scale
     contextvars.copy_context().run(  # NPROG a run-time argument: no build per grid size
