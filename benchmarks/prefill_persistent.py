@@ -190,9 +190,8 @@ def cells(args, n: int, k: int, m: int, gen, nsm: int) -> None:
             for c in launch_shapes.tma_candidates(max(m, launch_shapes.TMA_MIN_M), vs[0],
                                                   x.dtype):
                 f = [lambda v=v, c=c: triton_int.run(x, v, None, c) for v in vs]
-                key = (f"rb{rb}_tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast
-                       + "_pf" * c.pf)
-                row[key] = (round(t_us(f), 2), rel(f[0](), want))
+                row[f"rb{rb}_tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast] = (
+                    round(t_us(f), 2), rel(f[0](), want))
             del vs
     note(row, args.json)
     for part in args.parts:  # warp-specialized shapes last (a hang costs the least there)

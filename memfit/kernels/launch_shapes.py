@@ -170,31 +170,26 @@ WA_MAX_M = 1024 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 128
 # benchmarks/RESULTS.md session 39) dwarfs the host work of its two launches (the activations'
 # gather, the kernel: as many as dequantize + cuBLAS's); from 129 with MEMFIT_PREFILL_TILE=1.
 # The decode loop's 64-row tiled layout (a 4-d descriptor) also only with MEMFIT_PREFILL_TILE=1:
-# built for sm_90 and checked on the CPU interpreter, not yet run on a GPU (session 39).
+# right on an H100 (tests/kernels/test_triton_prefill.py) but slower there than the stored
+# layout at 2048 tokens (389-404 µs against 344-351, session 40).
 TMA_MIN_M = 129 if os.environ.get("MEMFIT_PREFILL_TILE") == "1" else 1025
 TMA_TILED = os.environ.get("MEMFIT_PREFILL_TILE") == "1"
 
 
 def tma_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
-    """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 or 128 tokens by 128 weight
-    rows on 8 warps, persistent (tma 2) or a program a tile (1), the 256-token shapes also with
-    a token tile's weight tiles consecutive (`nfast`) or the scales a tile ahead (`pf`; those
-    two not yet timed on a GPU). Best on an H100 at M = 2048:
-    256 x 128, 3 stages, persistent on 14336x4096 (345 µs), a program a tile on 4096x14336
-    (374); M = 1000: 256 x 128, either (192-196)."""
+    """The descriptor tile kernel's shapes for M >= TMA_MIN_M: 256 tokens by 128 weight rows on
+    8 warps, 3 stages, persistent (tma 2) or a program a tile (1), a weight tile's token tiles
+    consecutive or (`nfast`) a token tile's weight tiles. Each won somewhere on an H100
+    (benchmarks/RESULTS.md, session 40, µs): 14336x4096 M = 2048 persistent 343.8 (a program a
+    tile 351.0, nfast 349.3); 4096x14336 M = 1000 nfast 186.9 against 190.5-191.4; the
+    chooser's own timing of 14336x4096 picked a program a tile. 128-token tiles (persistent,
+    3-4 stages: 422-671 µs; two programs an SM at 2 stages: 694-904) and the scales a tile
+    ahead (wrong outputs) are not offered."""
     if m < TMA_MIN_M or (w.tile_rows and not TMA_TILED):
         return []
-    return [Config(bm, bn, 128, 1, warps, st, magic=True, wa=True, pf=pf, dq=4, tma=tma,
-                   nfast=nf)
-            for bm, bn, warps, st, tma, nf, pf in ((256, 128, 8, 3, 2, False, 0),
-                                                   (256, 128, 8, 3, 1, False, 0),
-                                                   (128, 128, 8, 3, 2, False, 0),
-                                                   (128, 128, 8, 4, 2, False, 0),
-                                                   (256, 128, 8, 3, 2, True, 0),
-                                                   (256, 128, 8, 3, 1, True, 0),
-                                                   (256, 128, 8, 3, 2, False, 1),
-                                                   (256, 128, 8, 3, 1, False, 1))
-            if tma_ineligibility(w, dtype, bn) is None]
+    return [Config(256, 128, 128, 1, 8, 3, magic=True, wa=True, dq=4, tma=tma, nfast=nf)
+            for tma, nf in ((2, False), (1, False), (2, True), (1, True))
+            if tma_ineligibility(w, dtype, 128) is None]
 
 
 def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:

@@ -255,7 +255,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
             return run(x2, w, bias, Config(0, 0, 0))
     if cfg.tma:  # prefill: the tile kernel with descriptor loads (its own gather of x)
         return run_tma(x2, w, bias, cfg.BM, cfg.BN, cfg.num_warps, cfg.num_stages,
-                       cfg.tma == 2, cfg.nfast, cfg.pf)
+                       cfg.tma == 2, cfg.nfast)
     if w.tile_rows and (cfg.words or cfg.gemv or cfg.BK > 128 or w.bits != 4):
         raise ValueError("memfit.kernels.triton_int: a tiled weight runs on the mma kernel, the "
                          "tile kernel (BK <= 128) or dequantize + cuBLAS only")

@@ -16,8 +16,8 @@ Takes: 4-bit codes with integer or symmetric zero points, groups of 64 or more c
 tile spans at most two groups), K a multiple of 128, rows a multiple of the tile's BN, 16-bit
 activations, the stored layout or the decode loop's tiled one (RB = 64: the words of a row
 block's 128-code tile are one 4 KB run, read as a 4-d descriptor; the chooser offers this form
-only with MEMFIT_PREFILL_TILE=1: it was built for sm_90 and checked on the CPU interpreter but
-not yet run on a GPU, launch_shapes.TMA_TILED). Triton needs a scratch
+only with MEMFIT_PREFILL_TILE=1, launch_shapes.TMA_TILED: right on an H100, slower there than
+the stored layout, 389-404 µs against 344-351 at 2048 tokens). Triton needs a scratch
 allocator for descriptors made in a kernel; `run_tma` sets one (torch memory on the call's
 device) for its own launch only, in a copy of the context, so a caller's allocator is untouched.
 """
@@ -46,15 +46,15 @@ RB_TILED = 64  # the decode loop's row blocks (memfit.fastdecode)
 def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride_sn, stride_zn,
             NPROG, GROUP: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
             RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
-            NFAST: tl.constexpr = False, PF: tl.constexpr = 0):
+            NFAST: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(q)[N, K]^T (+ bias); x in `perm_x(x, 128)` order. Program p
     takes output tiles p, p + NPROG, ...: the token tiles of one weight tile consecutive (the
     programs running at once share weight tiles), or with NFAST the weight tiles of one token
     tile (they share activation tiles: fewer bytes from HBM where the activations outgrow the
     L2, as 2048 x 14336 bf16 does). acc = W_tile @ x_tile^T, (BN, BM), stored transposed with
-    the rows dq 4 reordered put back (`_out_rows`). PF = 1: each K tile's scales and zero
-    points loaded a tile ahead, in registers (the descriptors stream the codes and activations
-    through the pipeline's stages; these narrow loads stay in the loop)."""
+    the rows dq 4 reordered put back (`_out_rows`). Each K tile's scales and zero points are
+    loaded in the loop (loading them a tile ahead, in registers, as `_int_mm`'s PF does, gave
+    wrong outputs on an H100 under Triton 3.6: session 40)."""
     BK: tl.constexpr = 128  # codes a tile (the module's BK)
     BW: tl.constexpr = BK // 8  # 32-bit words a row's tile
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # a tile of two groups: words from GW on
@@ -80,9 +80,6 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
             pid_n = t // n_m
         rn = pid_n * BN + tl.arange(0, BN)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
-        if PF:
-            s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(s_ptr, z_ptr, rn, 0, ok, stride_sn,
-                                                    stride_zn, GROUP, 4, ZMODE, BN, RB, GW)
         for kt in range(K // BK):
             k0 = kt * BK
             x = xd.load([pid_m * BM, k0])  # rows past M read as zeros
@@ -90,15 +87,8 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
                 qw = tl.reshape(qd.load([pid_n * (BN // RB), kt, 0, 0]), (BN, BW))
             else:
                 qw = qd.load([pid_n * BN, kt * BW])
-            if PF:
-                s, z, s1, z1 = s_nx, z_nx, s_nx1, z_nx1
-                k1 = k0 + BK
-                s_nx, z_nx, s_nx1, z_nx1 = _tile_groups(
-                    s_ptr, z_ptr, rn, k1, ok & ((rn * 0 + k1) < K), stride_sn, stride_zn, GROUP,
-                    4, ZMODE, BN, RB, GW)
-            else:
-                s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn,
-                                            GROUP, 4, ZMODE, BN, RB, GW)
+            s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn, GROUP,
+                                        4, ZMODE, BN, RB, GW)
             w = _perm_tile(qw, z, s, x.dtype, BN, BK, ASM, True, z1, s1, GW)
             acc = tl.dot(w, tl.trans(x), acc)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -150,8 +140,7 @@ def programs(device: torch.device) -> int:
 
 
 def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, bn: int,
-            warps: int, stages: int, persistent: bool, nfast: bool = False,
-            pf: int = 0) -> torch.Tensor:
+            warps: int, stages: int, persistent: bool, nfast: bool = False) -> torch.Tensor:
     """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm`."""
     why = tma_ineligibility(w, x2.dtype, bn)
     if why:
@@ -168,5 +157,5 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
         _launch, x2.device, (nprog,), xp, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.stride(0),
         w.scale.stride(0), z.stride(0), nprog, GROUP=w.group_size, ZMODE=zmode(w),
         HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, ASM=not INTERPRET,
-        NFAST=nfast, PF=pf, num_warps=warps, num_stages=stages)
+        NFAST=nfast, num_warps=warps, num_stages=stages)
     return y
