@@ -129,6 +129,9 @@ def bench_shape(n, k, ms, gen, out=None, only3=False) -> list[dict]:
                 [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4])
         if sparse is not None and m >= 16:  # cuSPARSELt needs >= 16 rows (pads less poorly)
             cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
+        # bf16 again after the other columns: how far the device drifted during the cell
+        # (clocks under a long compute-bound run); the ratios use the first figure
+        cell["bf16_end"] = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
         wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
         if q4:
             cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6
