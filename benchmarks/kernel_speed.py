@@ -4,7 +4,9 @@ linear shapes, M in {1, 4, 16, 64, 256, 2048}.
 
 Timing: each cell is CUDA-graph replays of CALLS calls that cycle over enough weight copies to
 overflow the 60 MB L2 (so every call reads its weight from HBM, as in a real model), timed with
-CUDA events: the median of 5 replays after warm-up, divided by CALLS. Effective bandwidth counts
+CUDA events: the median of 6 replays after warm-up, divided by CALLS; the columns of a cell
+replay their graphs in turns (forward, then backward), so a device that slows while it runs (the
+clocks under compute-bound GEMMs) slows every column alike; `bf16_replays` shows the drift. Effective bandwidth counts
 the weight bytes (+ activations and output) once per call. memfit's launch shape per (M, shape)
 is the one its kernel chose by timing its candidates (memfit.kernels.triton_int.choose).
 
@@ -35,6 +37,7 @@ os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 4, 16, 64, 256, 2048]
 CALLS = 20
+REPLAYS = 6  # per column, in turns with the others
 L2_BYTES = 60 << 20
 
 
@@ -43,7 +46,7 @@ def graph_time_us(fns) -> float:
     for f in fns:  # warm-up outside the graph (kernel choice, compilation)
         f()
     torch.cuda.synchronize()
-    return gpu_timing.graph_us(fns, CALLS, 5, statistics.median)
+    return gpu_timing.graph_us(fns, CALLS, REPLAYS, statistics.median)
 
 
 def copies(nbytes: int) -> int:
@@ -104,34 +107,43 @@ def bench_shape(n, k, ms, gen, out=None, only3=False) -> list[dict]:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
         cell = {"shape": f"{n}x{k}", "M": m}
         t0 = time.perf_counter()
-        cell["bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
+        cols = {"bf16": [lambda w=w, x=x: F.linear(x, w) for w in dense]}
         for g, ws in q4.items():
-            cell[f"memfit_int4_g{g}"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
-                                                       for w in ws])
-            cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
+            cols[f"memfit_int4_g{g}"] = [lambda w=w, x=x: triton_int.triton_linear(x, w) for w in ws]
+        tiled = {}
         for g, ws in q4.items():  # the decode loop's tiled layout (batch 1: the mma kernel)
             if m == 1 or (m <= 16 and g % 128 == 0) or 16 < m <= launch_shapes.WA_MAX_M:
-                tw = [tile(w, 64) for w in ws]
-                cell[f"memfit_int4_g{g}_tiled"] = graph_time_us(
-                    [lambda w=w: triton_int.triton_linear(x, w) for w in tw])
-                cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tw[0], None))
-                del tw
+                tiled[g] = [tile(w, 64) for w in ws]
+                cols[f"memfit_int4_g{g}_tiled"] = [lambda w=w, x=x: triton_int.triton_linear(x, w)
+                                                   for w in tiled[g]]
         if q8:
-            cell["memfit_int8"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
-                                                 for w in q8])
+            cols["memfit_int8"] = [lambda w=w, x=x: triton_int.triton_linear(x, w) for w in q8]
         # 3 bits outside memfit's decode loop (the loop widens them to 4 bits once): the byte GEMV,
         # the tile kernel, dequantize + cuBLAS or widen + a 4-bit kernel, as the chooser times them
-        cell["memfit_int3_g128"] = graph_time_us([lambda w=w: triton_int.triton_linear(x, w)
-                                                  for w in q3])
-        cell["cfg_int3"] = str(triton_int.choose(x, q3[0], None))
+        cols["memfit_int3_g128"] = [lambda w=w, x=x: triton_int.triton_linear(x, w) for w in q3]
         if t4[0] is not None:
-            cell["torch_int4_g128"] = graph_time_us(
-                [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4])
+            cols["torch_int4_g128"] = [
+                lambda p=p, x=x: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in t4]
         if sparse is not None and m >= 16:  # cuSPARSELt needs >= 16 rows (pads less poorly)
-            cell["sparse24_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in sparse])
-        # bf16 again after the other columns: how far the device drifted during the cell
-        # (clocks under a long compute-bound run); the ratios use the first figure
-        cell["bf16_end"] = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
+            cols["sparse24_bf16"] = [lambda w=w, x=x: F.linear(x, w) for w in sparse]
+        for fns in cols.values():  # the chooser's first timings and compilation, before any cell
+            for f in fns:
+                f()
+        torch.cuda.synchronize()
+        # every column's graph replayed in turns (gpu_timing.graph_us_each): clocks that sink
+        # during the cell (M = 2048: bf16 read 312 µs first and 349 last when timed one column
+        # after another, session 41) slow every column alike
+        reps = gpu_timing.graph_us_each(list(cols.values()), lambda fns: CALLS, REPLAYS, list,
+                                        alive=len(cols))
+        for name, t in zip(cols, reps):
+            cell[name] = statistics.median(t)
+        cell["bf16_replays"] = [round(t, 2) for t in reps[0]]  # in time order: the drift
+        for g, ws in q4.items():
+            cell[f"cfg_g{g}"] = str(triton_int.choose(x, ws[0], None))
+            if g in tiled:
+                cell[f"cfg_g{g}_tiled"] = str(triton_int.choose(x, tiled[g][0], None))
+        cell["cfg_int3"] = str(triton_int.choose(x, q3[0], None))
+        del tiled
         wbytes = n * k // 2 + n * (-(-k // 128)) * 2.5
         if q4:
             cell["int4_g128_TBps"] = (wbytes + 2 * m * (k + n)) / cell["memfit_int4_g128"] / 1e6

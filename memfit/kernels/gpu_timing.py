@@ -27,6 +27,42 @@ def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
     """µs per call of `fns` called in turn `calls` times inside one CUDA graph (no launch
     overhead, as in a captured decode step), `stat` (min, a median...) over `replays` replays.
     Warmed up on a side stream before the capture."""
+    return graph_us_each([fns], lambda fns: calls, replays, stat)[0]
+
+
+def graph_us_each(fn_lists, calls, replays: int = 5, stat=min, alive: int = 8) -> list:
+    """`graph_us` for each list of `fn_lists` (its graph calls the list in turn `calls(list)`
+    times), the graphs replayed in turns, `alive` at a time: replay r runs every graph of a batch
+    once, in reverse order on odd r. A device whose clocks sink while it runs (an H200 under
+    compute-bound GEMMs: bf16 at M = 2048 timed 312 µs at the start of a benchmark cell and 349
+    at its end, benchmarks/RESULTS.md, session 41) so slows the graphs of a batch alike, where
+    timing one graph after another charged the drift to whichever ran last."""
+    out = []
+    for lo in range(0, len(fn_lists), alive):
+        graphs = [_capture(fns, calls(fns)) for fns in fn_lists[lo:lo + alive]]
+        times = [[] for _ in graphs]
+        for j in turns(len(graphs), replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs[j][0].replay()
+            b.record()
+            b.synchronize()
+            times[j].append(a.elapsed_time(b) * 1e3 / graphs[j][1])
+        del graphs
+        out += [stat(t) for t in times]
+    return out
+
+
+def turns(n: int, replays: int) -> list[int]:
+    """The order `graph_us_each` replays n graphs in: 0..n-1, then n-1..0, and so on. Over an
+    even number of replays every graph's mean place in the sequence is the same, so a drift
+    linear in time adds the same to each one's mean."""
+    return [j for r in range(replays) for j in (range(n) if r % 2 == 0 else range(n - 1, -1, -1))]
+
+
+def _capture(fns, calls: int):
+    """(a CUDA graph of `fns` called in turn `calls` times, calls), warmed up on a side stream
+    before the capture and replayed once after it."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -38,13 +74,4 @@ def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
         for i in range(calls):
             fns[i % len(fns)]()
     g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    del g
-    return stat(times)
+    return g, calls

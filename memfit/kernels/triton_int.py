@@ -51,7 +51,7 @@ from triton.runtime.errors import PTXASError
 from memfit.errors import UserError
 from memfit.kernels import choices, pdl
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
-from memfit.kernels.gpu_timing import graph_us, weight_copies
+from memfit.kernels.gpu_timing import graph_us_each, weight_copies
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
     MMA,
     Config,
@@ -209,12 +209,10 @@ def _timed_choice(x2, w, bias, key, cands, want) -> Config | None:
     if not any(ok):
         return None
     ws = weight_copies(w)
-    times = []
-    for i, c in enumerate(cands):
-        if ok[i]:
-            times.append((_graph_us([lambda c=c, v=v: run(x2, v, bias, c) for v in ws]), i))
+    live = [i for i in range(len(cands)) if ok[i]]
+    us = _graph_us_each([[lambda c=cands[i], v=v: run(x2, v, bias, c) for v in ws] for i in live])
     del ws
-    times.sort()
+    times = sorted(zip(us, live))
     TIMES[key] = [(round(t, 2), cands[i]) for t, i in times]
     best = cands[times[0][1]]
     choices.store(x2.device, key, asdict(best))
@@ -224,12 +222,15 @@ def _timed_choice(x2, w, bias, key, cands, want) -> Config | None:
 TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest first (benchmarks)
 
 
-def _graph_us(fns, rounds: int = 2) -> float:
-    """µs per call of `fns` called in turn, the median of 5 replays of a graph of `rounds`
-    rounds: a launch shape whose time varies between replays loses to one that holds it (on
-    an H200 with PDL launches, BN 128 / 8-warp / 4-stage tile shapes measured up to 26% above
-    their best replay in benchmarks/kernel_speed.py's median; the best of 3 had picked them)."""
-    return graph_us(fns, rounds * len(fns), 5, statistics.median)
+def _graph_us_each(fn_lists, rounds: int = 2) -> list[float]:
+    """µs per call of each list of calls (a launch shape over the weight's copies), the median
+    of 5 replays of a graph of `rounds` rounds: a launch shape whose time varies between replays
+    loses to one that holds it (on an H200 with PDL launches, BN 128 / 8-warp / 4-stage tile
+    shapes measured up to 26% above their best replay in benchmarks/kernel_speed.py's median;
+    the best of 3 had picked them). The candidates' graphs are replayed in turns
+    (`gpu_timing.graph_us_each`), so clocks that sink during a compute-bound search slow them
+    alike (timed one after another, dequantize + cuBLAS, timed first, had the coolest device)."""
+    return graph_us_each(fn_lists, lambda fns: rounds * len(fns), 5, statistics.median)
 
 
 def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,

@@ -150,16 +150,19 @@ def test_the_search_times_the_shortlist_then_everything_if_none_of_it_agrees(tmp
         checked.append(c)
         return c not in bad
 
-    def graph_us(fns):
-        fns[0]()
-        return timed[-1]
+    def graph_us_each(fn_lists):
+        out = []
+        for fns in fn_lists:
+            fns[0]()
+            out.append(timed[-1])
+        return out
 
     def run(x2, w, bias, c):
         timed.append(speed.get(c, 0.0))
         return torch.zeros(1, 64)
 
     monkeypatch.setattr(triton_int, "_agrees", agrees)
-    monkeypatch.setattr(triton_int, "_graph_us", graph_us)
+    monkeypatch.setattr(triton_int, "_graph_us_each", graph_us_each)
     monkeypatch.setattr(triton_int, "run", run)
     monkeypatch.setattr(triton_int, "weight_copies", lambda w: [w])
     monkeypatch.setattr(triton_int, "INTERPRET", True)  # checks in order, on this thread
@@ -217,3 +220,34 @@ def test_a_candidate_whose_launch_fails_is_left_out_with_a_warning(monkeypatch):
         assert triton_int._agrees(x, w, None, bad, torch.zeros(2, 64, device=DEV)) is False
     with pytest.raises(RuntimeError, match="invalid argument"):
         triton_int._agrees(x, w, None, triton_int.Config(0, 0, 0), torch.zeros(2, 64, device=DEV))
+
+
+def test_timing_turns_give_every_graph_the_same_mean_place():
+    """`graph_us_each` replays its graphs forward, then backward: with an even number of
+    replays a drift linear in time adds the same to every graph's mean (the first graph timed
+    alone first would have had the coolest device)."""
+    from memfit.kernels.gpu_timing import turns
+    assert turns(3, 3) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    for n, r in ((1, 4), (5, 6), (8, 2)):
+        order = turns(n, r)
+        assert sorted(order) == sorted(list(range(n)) * r)
+        places = [sum(i for i, j in enumerate(order) if j == g) / r for g in range(n)]
+        assert max(places) - min(places) < 1e-9, places
+    order = turns(4, 5)  # odd: the last pass forward, the spread is one pass's, not five
+    places = [sum(i for i, j in enumerate(order) if j == g) / 5 for g in range(4)]
+    assert abs(max(places) - min(places) - 3 / 5) < 1e-9
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+def test_graphs_timed_in_turns_keep_their_order_and_size():
+    """Three lists of busy-wait kernels 1x, 2x and 4x as long: timed in turns, each graph's
+    figure is its own (ordered, about doubling), as each timed alone is."""
+    from memfit.kernels.gpu_timing import graph_us, graph_us_each
+    spin = [lambda c=c: torch.cuda._sleep(c) for c in (20_000, 40_000, 80_000)]
+    each = graph_us_each([[f] for f in spin], lambda fns: 10, 6, min)
+    alone = [graph_us([f], 10, 6, min) for f in spin]
+    assert each[0] < each[1] < each[2]
+    assert 1.6 < each[1] / each[0] < 2.4 and 1.6 < each[2] / each[1] < 2.4, each
+    for a, b in zip(each, alone):
+        assert abs(a - b) < 0.15 * b, (each, alone)
+    assert graph_us_each([[f] for f in spin], lambda fns: 10, 2, min, alive=2)[2] > each[1]
