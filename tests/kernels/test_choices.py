@@ -251,3 +251,75 @@ def test_graphs_timed_in_turns_keep_their_order_and_size():
     for a, b in zip(each, alone):
         assert abs(a - b) < 0.15 * b, (each, alone)
     assert graph_us_each([[f] for f in spin], lambda fns: 10, 2, min, alive=2)[2] > each[1]
+
+
+def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(monkeypatch):
+    """`graph_us_each` off a GPU, on a stand-in for torch.cuda whose clock advances by what
+    each replayed graph's calls cost: every list captured once with its calls, `alive` graphs at
+    a time, replays in `turns` order, each figure its own µs per call."""
+    import contextlib
+    import types
+
+    from memfit.kernels import gpu_timing
+
+    clock, log = [0.0], []
+
+    class Graph:
+        def __init__(self):
+            self.calls = []
+
+        def replay(self):
+            log.append(("replay", id(self)))
+            for f in self.calls:
+                f()
+
+    capturing = [None]
+
+    @contextlib.contextmanager
+    def graph(g):
+        capturing[0] = g
+        yield
+        capturing[0] = None
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):  # ms
+            return other.t - self.t
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    fake = types.SimpleNamespace(
+        Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
+        CUDAGraph=Graph, graph=graph, Event=Event)
+    monkeypatch.setattr(gpu_timing, "torch", types.SimpleNamespace(cuda=fake))
+
+    def kernel(ms):
+        def f():
+            if capturing[0] is not None:
+                capturing[0].calls.append(f)
+            else:
+                clock[0] += ms
+        return f
+
+    lists = [[kernel(0.001), kernel(0.003)], [kernel(0.010)], [kernel(0.002)]]
+    got = gpu_timing.graph_us_each(lists, lambda fns: 4 * len(fns), 4, list, alive=2)
+    assert [len(t) for t in got] == [4, 4, 4]
+    assert got[0] == pytest.approx([2.0] * 4) and got[1] == pytest.approx([10.0] * 4)
+    assert got[2] == pytest.approx([2.0] * 4)
+    replays = [g for kind, g in log if kind == "replay"]
+    # each graph replayed once after its capture, then in turns: batch (0, 1), then (2,)
+    a, b = replays[0], replays[1]
+    assert replays[2:10] == [a, b, b, a, a, b, b, a]
+    c = replays[10]
+    assert replays[11:] == [c] * 4
+    assert gpu_timing.graph_us(lists[1], 3, 2, min) == pytest.approx(10.0)
