@@ -224,13 +224,13 @@ TIMES: dict = {}  # (M bucket, shape, ...) -> [(µs per call, Config)], fastest 
 
 def _graph_us_each(fn_lists, rounds: int = 2) -> list[float]:
     """µs per call of each list of calls (a launch shape over the weight's copies), the median
-    of 5 replays of a graph of `rounds` rounds: a launch shape whose time varies between replays
+    of 6 replays of a graph of `rounds` rounds: a launch shape whose time varies between replays
     loses to one that holds it (on an H200 with PDL launches, BN 128 / 8-warp / 4-stage tile
     shapes measured up to 26% above their best replay in benchmarks/kernel_speed.py's median;
     the best of 3 had picked them). The candidates' graphs are replayed in turns
     (`gpu_timing.graph_us_each`), so clocks that sink during a compute-bound search slow them
     alike (timed one after another, dequantize + cuBLAS, timed first, had the coolest device)."""
-    return graph_us_each(fn_lists, lambda fns: rounds * len(fns), 5, statistics.median)
+    return graph_us_each(fn_lists, lambda fns: rounds * len(fns), 6, statistics.median)
 
 
 def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
