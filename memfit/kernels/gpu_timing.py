@@ -30,7 +30,7 @@ def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
     return graph_us_each([fns], lambda fns: calls, replays, stat)[0]
 
 
-def graph_us_each(fn_lists, calls, replays: int = 5, stat=min, alive: int = 8) -> list:
+def graph_us_each(fn_lists, calls, replays: int = 6, stat=min, alive: int = 8) -> list:
     """`graph_us` for each list of `fn_lists` (its graph calls the list in turn `calls(list)`
     times), the graphs replayed in turns, `alive` at a time: replay r runs every graph of a batch
     once, in reverse order on odd r. A device whose clocks sink while it runs (an H200 under
