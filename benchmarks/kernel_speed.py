@@ -7,8 +7,9 @@ overflow the 60 MB L2 (so every call reads its weight from HBM, as in a real mod
 CUDA events: the median of 6 replays after warm-up, divided by CALLS; the columns of a cell
 replay their graphs in turns (forward, then backward), so a device that slows while it runs (the
 clocks under compute-bound GEMMs) slows every column alike; `bf16_replays` shows the drift.
-Effective bandwidth counts the weight bytes (+ activations and output) once per call. memfit's launch shape per (M, shape)
-is the one its kernel chose by timing its candidates (memfit.kernels.triton_int.choose).
+Effective bandwidth counts the weight bytes (+ activations and output) once per call. memfit's
+launch shape per (M, shape) is the one its kernel chose by timing its candidates
+(memfit.kernels.triton_int.choose).
 
     python benchmarks/kernel_speed.py [--quick] [--json OUT]
 """
