@@ -32,14 +32,22 @@ def graph_us(fns, calls: int, replays: int = 3, stat=min) -> float:
 
 def graph_us_each(fn_lists, calls, replays: int = 6, stat=min, alive: int = 8) -> list:
     """`graph_us` for each list of `fn_lists` (its graph calls the list in turn `calls(list)`
-    times), the graphs replayed in turns, `alive` at a time: replay r runs every graph of a batch
-    once, in reverse order on odd r. A device whose clocks sink while it runs (an H200 under
+    times), the graphs replayed in turns, up to `alive` at a time: replay r runs every graph of a
+    batch once, in reverse order on odd r. A device whose clocks sink while it runs (an H200 under
     compute-bound GEMMs: bf16 at M = 2048 timed 312 µs at the start of a benchmark cell and 349
     at its end, benchmarks/RESULTS.md, session 41) so slows the graphs of a batch alike, where
-    timing one graph after another charged the drift to whichever ran last."""
-    out = []
-    for lo in range(0, len(fn_lists), alive):
-        graphs = [_capture(fns, calls(fns)) for fns in fn_lists[lo:lo + alive]]
+    timing one graph after another charged the drift to whichever ran last. A batch also closes
+    early when the device lacks room for one more graph the size of the last (`_room_after`):
+    the chooser runs at a model's first forward, on a GPU the model may nearly fill."""
+    out, i = [], 0
+    while i < len(fn_lists):
+        graphs = []
+        while i < len(fn_lists) and len(graphs) < alive:
+            before = torch.cuda.memory_reserved()
+            graphs.append(_capture(fn_lists[i], calls(fn_lists[i])))
+            i += 1
+            if not _room_after(torch.cuda.memory_reserved() - before):
+                break
         times = [[] for _ in graphs]
         for j in turns(len(graphs), replays):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,6 +59,12 @@ def graph_us_each(fn_lists, calls, replays: int = 6, stat=min, alive: int = 8) -
         del graphs
         out += [stat(t) for t in times]
     return out
+
+
+def _room_after(took: int) -> bool:
+    """Whether the device's free memory holds another graph that takes `took` bytes (what the
+    last capture added to the allocator's reserve) twice over."""
+    return took <= 0 or torch.cuda.mem_get_info()[0] >= 2 * took
 
 
 def turns(n: int, replays: int) -> list[int]:

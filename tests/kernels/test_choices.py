@@ -275,11 +275,14 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
 
     capturing = [None]
 
+    reserved, free = [0], [1 << 40]
+
     @contextlib.contextmanager
     def graph(g):
         capturing[0] = g
         yield
         capturing[0] = None
+        reserved[0] += 100  # what each capture adds to the allocator's reserve
 
     class Event:
         def __init__(self, enable_timing):
@@ -300,7 +303,8 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
 
     fake = types.SimpleNamespace(
         Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
-        CUDAGraph=Graph, graph=graph, Event=Event)
+        CUDAGraph=Graph, graph=graph, Event=Event, memory_reserved=lambda: reserved[0],
+        mem_get_info=lambda: (free[0], 1 << 40))
     monkeypatch.setattr(gpu_timing, "torch", types.SimpleNamespace(cuda=fake))
 
     def kernel(ms):
@@ -323,3 +327,15 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
     c = replays[10]
     assert replays[11:] == [c] * 4
     assert gpu_timing.graph_us(lists[1], 3, 2, min) == pytest.approx(10.0)
+
+    # a device with room for one more graph the size of the last, not two: a graph a batch
+    free[0], log[:] = 199, []
+    got = gpu_timing.graph_us_each(lists, lambda fns: 4 * len(fns), 2, list, alive=8)
+    assert got == [pytest.approx([2.0] * 2), pytest.approx([10.0] * 2), pytest.approx([2.0] * 2)]
+    replays = [g for kind, g in log if kind == "replay"]
+    assert len(set(replays)) == 3 and all(replays[k] == replays[3 * (k // 3)] for k in range(9))
+    free[0], log[:] = 200, []
+    gpu_timing.graph_us_each(lists, lambda fns: 4 * len(fns), 2, list, alive=8)
+    replays = [g for kind, g in log if kind == "replay"]
+    assert replays[3:9] == [replays[0], replays[1], replays[2], replays[2], replays[1],
+                            replays[0]]  # room: the three in one batch, in turns
