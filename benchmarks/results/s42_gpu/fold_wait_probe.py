@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
-from tests.kernels import sm90_build  # noqa: E402
+from tests.kernels import sm90_build
+
 
 @triton.jit
 def fold_now(x_ptr, q_ptr, s_ptr, y_ptr, K, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
