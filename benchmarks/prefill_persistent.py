@@ -13,13 +13,9 @@ its dequantization or its loop's structure? One GPU run, µs per call as the cho
   order (perm_x, in the timed call as in the shipped path).
 
 - shipped: memfit's own candidates for it (memfit.kernels.triton_prefill through triton_int.run).
-- early: each of those shapes on the stored layout with and without `_tma_mm`'s EARLY form (the
-  step's scales and zero points loaded before the wait for its descriptor copies), beside bf16
-  and dequantize + cuBLAS, every column in its own graph replayed in turns (median of 6).
 
     python benchmarks/prefill_persistent.py [--m 2048 512] [--shapes 14336x4096] [--json OUT]
     python benchmarks/prefill_persistent.py --parts shipped --m 2048 1000 [--rb 0 64]
-    python benchmarks/prefill_persistent.py --parts early --m 2048
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +31,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernel_speed import copies, int_weight
-from memfit.kernels import gpu_timing, launch_shapes, triton_int, triton_prefill
+from memfit.kernels import gpu_timing, launch_shapes, triton_int
 from memfit.kernels.fragments import _perm_tile, perm_x
 from memfit.kernels.triton_bytes import _out_rows, _tile_groups
 from memfit.kernels.triton_dequant import _word_ptrs, dequantize_triton, zmode
@@ -198,24 +193,9 @@ def cells(args, n: int, k: int, m: int, gen, nsm: int) -> None:
                 row[f"rb{rb}_tma{c.tma}_bm{c.BM}_st{c.num_stages}" + "_nfast" * c.nfast] = (
                     round(t_us(f), 2), rel(f[0](), want))
             del vs
-    if "early" in args.parts:  # each shipped shape with and without EARLY, all in turns
-        fns, names = [[lambda d=d: F.linear(x, d) for d in dense]], ["bf16"]
-        fns.append([lambda w=w: triton_int.run(x, w, None, dq) for w in ws])
-        names.append("dequant_cublas")
-        for c in launch_shapes.tma_candidates(max(m, launch_shapes.TMA_MIN_M), ws[0], x.dtype):
-            for early in (False, True):
-                f = [lambda w=w, c=c, e=early: triton_prefill.run_tma(
-                    x, w, None, c.BM, c.BN, c.num_warps, c.num_stages, c.tma == 2, c.nfast, e)
-                    for w in ws]
-                err = rel(f[0](), want)
-                fns.append(f)
-                names.append(f"tma{c.tma}" + "_nfast" * c.nfast + "_early" * early
-                             + f" (err {err})")
-        us = gpu_timing.graph_us_each(fns, lambda fs: 2 * len(fs), 6, statistics.median)
-        row["in_turns"] = {n: round(t, 2) for n, t in zip(names, us)}
     note(row, args.json)
     for part in args.parts:  # warp-specialized shapes last (a hang costs the least there)
-        if part in ("shipped", "early"):
+        if part == "shipped":
             continue
         int4 = part == "fused"
         res, fails = [], {}
@@ -252,8 +232,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[2048])
     ap.add_argument("--shapes", nargs="*", default=["14336x4096", "4096x14336"])
     ap.add_argument("--parts", nargs="*", default=["ceiling", "fused"],
-                    help="ceiling, fused, shipped (memfit's own descriptor-kernel candidates), "
-                    "early (those with and without their EARLY form, timed in turns)")
+                    help="ceiling, fused, shipped (memfit's own descriptor-kernel candidates)")
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--rb", type=int, nargs="*", default=[0, 64],
                     help="shipped: layouts (0 stored, 64 the decode loop's tiled one)")

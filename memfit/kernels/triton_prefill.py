@@ -47,7 +47,7 @@ RB_TILED = 64  # the decode loop's row blocks (memfit.fastdecode)
 def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride_sn, stride_zn,
             NPROG, GROUP: tl.constexpr, ZMODE: tl.constexpr, HAS_BIAS: tl.constexpr,
             RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
-            NFAST: tl.constexpr = False, EARLY: tl.constexpr = False):
+            NFAST: tl.constexpr = False):
     """y[M, N] = x[M, K] @ dequant(q)[N, K]^T (+ bias); x in `perm_x(x, 128)` order. Program p
     takes output tiles p, p + NPROG, ...: the token tiles of one weight tile consecutive (the
     programs running at once share weight tiles), or with NFAST the weight tiles of one token
@@ -55,9 +55,7 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
     L2, as 2048 x 14336 bf16 does). acc = W_tile @ x_tile^T, (BN, BM), stored transposed with
     the rows dq 4 reordered put back (`_out_rows`). Each K tile's scales and zero points are
     loaded in the loop (loading them a tile ahead, in registers, as `_int_mm`'s PF does, gave
-    wrong outputs on an H100 under Triton 3.6: session 40). EARLY: their loads come first in
-    each step, ahead of the wait for the step's descriptor copies (in an sm_90 build with
-    Triton 3.6 the loads then go out before the barrier instead of after it), not after."""
+    wrong outputs on an H100 under Triton 3.6: session 40)."""
     BK: tl.constexpr = 128  # codes a tile (the module's BK)
     BW: tl.constexpr = BK // 8  # 32-bit words a row's tile
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # a tile of two groups: words from GW on
@@ -85,17 +83,13 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         for kt in range(K // BK):
             k0 = kt * BK
-            if EARLY:
-                s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn,
-                                            GROUP, 4, ZMODE, BN, RB, GW)
             x = xd.load([pid_m * BM, k0])  # rows past M read as zeros
             if RB:
                 qw = tl.reshape(qd.load([pid_n * (BN // RB), kt, 0, 0]), (BN, BW))
             else:
                 qw = qd.load([pid_n * BN, kt * BW])
-            if not EARLY:
-                s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn,
-                                            GROUP, 4, ZMODE, BN, RB, GW)
+            s, z, s1, z1 = _tile_groups(s_ptr, z_ptr, rn, k0, ok, stride_sn, stride_zn, GROUP,
+                                        4, ZMODE, BN, RB, GW)
             w = _perm_tile(qw, z, s, x.dtype, BN, BK, ASM, True, z1, s1, GW)
             acc = tl.dot(w, tl.trans(x), acc)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -147,10 +141,8 @@ def programs(device: torch.device) -> int:
 
 
 def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, bn: int,
-            warps: int, stages: int, persistent: bool, nfast: bool = False,
-            early: bool = False) -> torch.Tensor:
-    """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm` (`early`: its
-    EARLY form, scales and zero points loaded first in each step)."""
+            warps: int, stages: int, persistent: bool, nfast: bool = False) -> torch.Tensor:
+    """(M, K) 16-bit activations -> (M, N) in their dtype through `_tma_mm`."""
     why = tma_ineligibility(w, x2.dtype, bn)
     if why:
         raise ValueError(f"memfit.kernels.triton_prefill: {why}")
@@ -166,5 +158,5 @@ def run_tma(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, bm: int, 
         _launch, x2.device, (nprog,), xp, w.qdata, w.scale, z, b, y, m, n, k, w.qdata.stride(0),
         w.scale.stride(0), z.stride(0), nprog, GROUP=w.group_size, ZMODE=zmode(w),
         HAS_BIAS=bias is not None, RB=w.tile_rows, BM=bm, BN=bn, ASM=not INTERPRET,
-        NFAST=nfast, EARLY=early, num_warps=warps, num_stages=stages)
+        NFAST=nfast, num_warps=warps, num_stages=stages)
     return y

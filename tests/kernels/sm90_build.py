@@ -311,14 +311,14 @@ def check_widen(sym: bool, zb: int):
 
 
 def check_tma(rb: int, group: int, zm: int, bm: int = 256, bias: bool = False,
-              nfast: bool = False, early: bool = False):
+              nfast: bool = False):
     """The descriptor tile kernel (memfit.kernels.triton_prefill): activations and code words
     through bulk tensor copies (TMA) into the 3-stage pipeline, the dot on wgmma."""
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8" if zm else "*fp16",
            "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
            "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32", "NPROG": "i32"}
     const = {"GROUP": group, "ZMODE": zm, "HAS_BIAS": bias, "RB": rb, "BM": bm, "BN": 128,
-             "ASM": True, "NFAST": nfast, "EARLY": early}
+             "ASM": True, "NFAST": nfast}
     ptx = build(triton_prefill._tma_mm, sig, const, 8, 3).asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") >= 2, "activations and codes through TMA"
     assert "wgmma.mma_async" in ptx, "the dot on wgmma"
@@ -383,8 +383,7 @@ def _checks() -> dict:
     checks |= {f"tma{c}": (check_tma, c) for c in ((0, 128, 1), (64, 128, 1, 128, True),
                                                      (0, 64, 0), (64, 64, 1),
                                                      (0, 128, 1, 256, False, True),
-                                                     (64, 64, 1, 256, True, True),
-                                                     (0, 128, 1, 256, False, False, True))}
+                                                     (64, 64, 1, 256, True, True))}
     checks |= {f"gemv{c}": (check_gemv, c) for c in ((3, 1, 64, True), (3, 8, 32, True),
                                                        (3, 2, 32, False), (4, 1, 64, True),
                                                        (3, 1, 8, True, 1), (3, 8, 16, True, 1))}

@@ -54,21 +54,6 @@ def test_persistent_programs_loop_over_more_tiles_than_programs(monkeypatch):
             assert rel_err(y.float(), want) < TOL, (p, nfast)
 
 
-@pytest.mark.parametrize("rb,group,zp", [(0, 128, "int"), (64, 64, "sym")])
-def test_scales_loaded_first_in_each_step_give_the_same_output(rb, group, zp):
-    """EARLY (the step's scales and zero points loaded before its descriptor copies are waited
-    for) computes what the shipped order does, both layouts, persistent over uneven runs."""
-    w = make_weight(256, 384, 4, group, zp, seed=5)
-    v = tile(w, rb) if rb else w
-    x = torch.randn(300, 384, generator=torch.Generator().manual_seed(6)).to(DEV, DT)
-    want = linear_reference(x.float(), w, None)
-    for persistent in (True, False):
-        y0, y1 = (triton_prefill.run_tma(x, v, None, 128, 128, 8, 3, persistent, early=e)
-                  for e in (False, True))
-        assert rel_err(y1.float(), want) < TOL
-        assert torch.equal(y0, y1), persistent
-
-
 def test_tma_refuses_what_it_cannot_take():
     why = triton_prefill.tma_ineligibility
     assert "4-bit" in why(make_weight(128, 256, 3, 64, "int"), DT, 128)
