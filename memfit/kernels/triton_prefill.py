@@ -54,8 +54,10 @@ def _tma_mm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_qn, stride
     tile (they share activation tiles: fewer bytes from HBM where the activations outgrow the
     L2, as 2048 x 14336 bf16 does). acc = W_tile @ x_tile^T, (BN, BM), stored transposed with
     the rows dq 4 reordered put back (`_out_rows`). Each K tile's scales and zero points are
-    loaded in the loop (loading them a tile ahead, in registers, as `_int_mm`'s PF does, gave
-    wrong outputs on an H100 under Triton 3.6: session 40)."""
+    loaded in the loop after its descriptor loads (loading them a tile ahead, in registers, as
+    `_int_mm`'s PF does, gave wrong outputs on an H100 under Triton 3.6, session 40; so did
+    loading them first in each step, before the copies are waited for, at K = 4096 and 14336 but
+    not at K = 384, session 42: keep this order)."""
     BK: tl.constexpr = 128  # codes a tile (the module's BK)
     BW: tl.constexpr = BK // 8  # 32-bit words a row's tile
     GW: tl.constexpr = (GROUP // 8) * (GROUP < BK)  # a tile of two groups: words from GW on

@@ -41,6 +41,19 @@ def test_every_tma_candidate_matches_reference(n, k, group, zp, rb, m, bias, mon
         assert rel_err(y.float(), want) < TOL, c
 
 
+@pytest.mark.skipif(DEV == "cpu", reason="a long K on the GPU (the interpreter has no races)")
+@pytest.mark.parametrize("n,k", [(1024, 4096), (512, 14336)])
+def test_every_tma_candidate_matches_reference_over_a_long_k(n, k):
+    """Forms of this kernel that were right at K <= 512 gave wrong outputs at K = 4096 and 14336
+    on an H100 (the scales loaded a tile ahead, session 40, or first in each step, session 42):
+    the compiled pipeline is checked over as many K tiles as a Llama-3-8B layer has."""
+    w = make_weight(n, k, 4, 128, "int", seed=k)
+    x = torch.randn(600, k, generator=torch.Generator().manual_seed(7)).to(DEV, DT)
+    want = linear_reference(x.float(), w, None)
+    for c in launch_shapes.tma_candidates(2048, w, DT):
+        assert rel_err(triton_int.run(x, w, None, c).float(), want) < TOL, c
+
+
 def test_persistent_programs_loop_over_more_tiles_than_programs(monkeypatch):
     """One program for all 8 output tiles (and 3 for 8: uneven runs) gives every tile, in
     either order (a weight tile's token tiles consecutive, or a token tile's weight tiles)."""
