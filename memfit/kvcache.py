@@ -168,9 +168,10 @@ class QuantizedKVLayer(DynamicLayer):
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """Decode attention (B, Hq, 1, D) of query over the packed store + the dense residual."""
-        from memfit.kernels import triton_kv
-        out = triton_kv.kv_attention(query[:, :, 0], self.store, self.fmt.bits, self.fmt.group,
-                                     scaling, keys, values)  # (B, Hq, D)
+        from memfit.kernels import on_device, triton_kv
+        with on_device(query):
+            out = triton_kv.kv_attention(query[:, :, 0], self.store, self.fmt.bits,
+                                         self.fmt.group, scaling, keys, values)  # (B, Hq, D)
         return out.unsqueeze(2)
 
     def _flush(self) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from memfit.errors import UserError
+from memfit.kernels import on_device
 
 _FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
@@ -96,7 +97,8 @@ class Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if routed_ok(self, hidden_states, top_k_index):
             try:
-                return self._routed(hidden_states, top_k_index, top_k_weights)
+                with on_device(hidden_states):
+                    return self._routed(hidden_states, top_k_index, top_k_weights)
             except Exception as e:  # a kernel that fails: the loop, warned once
                 if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise  # the decode loop decodes without a CUDA graph, then lands here

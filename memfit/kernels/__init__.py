@@ -18,6 +18,11 @@ the weight's kind, the device and the activation dtype and picks a path:
 - an `IntWeight` anywhere else (activations that need gradients, other devices): the float32
   reference.
 
+Triton launches on the current CUDA device, not on its arguments' (a layer that accelerate placed
+on cuda:1, `--place cuda:0=...,cuda:1=...`, runs while cuda:0 is current): `on_device(x)` makes
+x's GPU current around every Triton path here and in the modules that launch their own
+(memfit.kvcache, memfit.moe).
+
 `prepare(weight)` builds a path's one-time state (the CPU kernels' repacked weight; on CUDA
 the layer's launch plans, which cut an eager call's host work: memfit.kernels.replay); modules
 cache it and drop it on a move. Kernels take tensors and integers only: nothing here imports
@@ -26,6 +31,7 @@ memfit.formats.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -35,7 +41,17 @@ from memfit.kernels import cpu, replay
 from memfit.kernels.reference import linear_reference
 from memfit.kernels.weights import IntWeight, dequantize
 
-__all__ = ["IntWeight", "dequantize", "linear", "prepare"]
+__all__ = ["IntWeight", "dequantize", "linear", "on_device", "prepare"]
+
+
+def on_device(t: torch.Tensor):
+    """A context making t's CUDA device the current one for the Triton launches inside it (they
+    go to the current device, whatever device their tensors are on); nothing to do when it
+    already is (on one GPU, always) or off CUDA."""
+    d = t.device
+    if d.type != "cuda" or d.index is None or d.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(d)
 
 
 def prepare(weight: IntWeight):
@@ -63,11 +79,12 @@ def linear(x: torch.Tensor, weight: IntWeight | torch.Tensor, bias: torch.Tensor
         return ops.call(x, weight, bias)
     fast = _triton() if x.device.type == "cuda" and not needs_grad else None
     if fast is not None:
-        if isinstance(cache, replay.Plans):
-            y = cache.run(x, weight, bias, fast.plan)
-            if y is not None:
-                return y
-        y = fast.triton_linear(x, weight, bias)
+        with on_device(x):
+            if isinstance(cache, replay.Plans):
+                y = cache.run(x, weight, bias, fast.plan)
+                if y is not None:
+                    return y
+            y = fast.triton_linear(x, weight, bias)
         if y is not None:
             return y
     return linear_reference(x, weight, bias)

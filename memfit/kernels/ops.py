@@ -16,10 +16,11 @@ def int_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                in_features: int, bits: int, group_size: int, zero_point: str,
                tile_rows: int = 0) -> torch.Tensor:
     """memfit.kernels.triton_int.triton_linear (the reference where it cannot take the layout)."""
-    from memfit.kernels import triton_int
+    from memfit.kernels import on_device, triton_int
     w = IntWeight(qdata, scale, zero, (out_features, in_features), bits, group_size, zero_point,
                   tile_rows)
-    y = triton_int.triton_linear(x, w, bias)
+    with on_device(x):
+        y = triton_int.triton_linear(x, w, bias)
     return linear_reference(x, w, bias) if y is None else y
 
 
