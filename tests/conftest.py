@@ -14,6 +14,10 @@ else:  # on a GPU: the first launch shape per layer shape (timing every candidat
     # test times (tests/kernels/test_choices.py). Never read or write the user's choice cache.
     os.environ.setdefault("MEMFIT_TRITON_CHOICE", "first")
 os.environ.setdefault("MEMFIT_KERNEL_CHOICES", "0")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the workers share the cores (N
+    # workers each on all of them made the suite 35% slower on 2 cores: their threads contend)
+    torch.set_num_threads(max(1, torch.get_num_threads()
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def encoder_tokenizer_dir():
