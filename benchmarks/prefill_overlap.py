@@ -1,0 +1,138 @@
+"""Probe (issue 10, M = 2048 >= 0.9x bf16): dequantize + cuBLAS with the next row block's
+dequantization running on a second stream while cuBLAS multiplies the current one.
+
+Dequantize + cuBLAS pays a whole write of the dense weight before its GEMM (45 µs of 14336x4096
+on an H200, benchmarks/RESULTS.md session 21) and session 10's row blocks only made that write
+land in the L2. Here the weight is dequantized `rows` rows at a time into `bufs` reused buffers,
+block i+1's dequantization on a side stream, block i's GEMM on the caller's: the dequantize
+kernel (memory-bound) fills the SMs the GEMM's last wave leaves idle, and the GEMM's output
+columns of each block are written in place (cuBLAS with ldc = out features).
+
+Every candidate is timed as memfit's chooser times them (a CUDA graph over weight copies past
+the L2, the graphs replayed in turns, median of 6) and checked against whole dequantize +
+cuBLAS.
+
+    python benchmarks/prefill_overlap.py [--m 2048 1024 512] [--shapes 14336x4096 4096x14336]
+                                         [--rows 1024 2048 4096] [--bufs 2 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.kernel_speed import copies, int_weight
+from memfit.kernels import gpu_timing
+from memfit.kernels.triton_dequant import dequantize_triton
+from memfit.kernels.triton_int import _dequant_blocks
+from memfit.kernels.weights import row_slice
+
+_SIDE: dict = {}
+
+
+def overlapped(x2, w, rows: int, bufs: list) -> torch.Tensor:
+    """y = x2 @ dequantize(w).T, `rows` output rows at a time; block i+1 dequantized on a side
+    stream into bufs[(i + 1) % len(bufs)] while the caller's stream multiplies block i."""
+    m, n = x2.shape[0], w.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    main = torch.cuda.current_stream()
+    side = _SIDE.setdefault(x2.device, torch.cuda.Stream(x2.device))
+    starts = list(range(0, n, rows))
+    dq = [torch.cuda.Event() for _ in starts]
+    mm = [torch.cuda.Event() for _ in starts]
+    nb = len(bufs)
+    side.wait_stream(main)  # fork: x2 and the buffers are ready
+
+    def dequant(i):
+        a = starts[i]
+        b = min(a + rows, n)
+        with torch.cuda.stream(side):
+            if i >= nb:  # its buffer was read by block i - nb's GEMM
+                side.wait_event(mm[i - nb])
+            dequantize_triton(row_slice(w, a, b), x2.dtype, bufs[i % nb][: b - a])
+            dq[i].record(side)
+
+    issued = 0
+    for i, a in enumerate(starts):
+        while issued < min(i + nb, len(starts)):  # up to nb - 1 blocks ahead of this GEMM
+            dequant(issued)
+            issued += 1
+        main.wait_event(dq[i])
+        b = min(a + rows, n)
+        torch.mm(x2, bufs[i % nb][: b - a].t(), out=y[:, a:b])
+        mm[i].record(main)
+    main.wait_stream(side)  # join
+    return y
+
+
+def cell(n, k, m, args, gen) -> list[dict]:
+    w0 = int_weight(n, k, 4, 128, gen)
+    ws = gpu_timing.weight_copies(w0)[: copies(w0.qdata.numel() + 2 * w0.scale.numel())]
+    wd = [dequantize_triton(w, torch.bfloat16) for w in ws[:2]]  # bf16 cuBLAS on 2 copies
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x, wd[0])
+    rows_list = [r for r in args.rows if r < n]
+    bufs = {(r, nb): [torch.empty(r, k, dtype=torch.bfloat16, device="cuda") for _ in range(nb)]
+            for r, nb in itertools.product(rows_list, args.bufs)}
+    cands = {"bf16 cuBLAS": [lambda d=d: F.linear(x, d) for d in wd],
+             "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
+                                     for w in ws]}
+    for r in rows_list:
+        cands[f"blocks {r}, one stream"] = [lambda w=w, r=r: _dequant_blocks(x, w, None, r)
+                                            for w in ws]
+        for nb in args.bufs:
+            cands[f"blocks {r}, {nb} buffers, two streams"] = [
+                lambda w=w, r=r, nb=nb: overlapped(x, w, r, bufs[(r, nb)]) for w in ws]
+    errs = {}
+    for name, fns in cands.items():
+        y = fns[0]()
+        torch.cuda.synchronize()
+        errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
+                                  statistics.median)
+    base = us[0]
+    out = []
+    for (name, _), t in zip(cands.items(), us):
+        row = dict(shape=f"{n}x{k}", M=m, cand=name, us=round(t, 2), x_bf16=round(base / t, 3),
+                   rel_err=float(f"{errs[name]:.2e}"))
+        out.append(row)
+        print(f"{n}x{k} M={m:5d} {name:40s} {t:8.2f} µs  {base / t:5.3f}x bf16  "
+              f"err {errs[name]:.1e}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="*", default=[2048])
+    ap.add_argument("--shapes", nargs="*", default=["14336x4096", "4096x14336"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[1024, 2048, 4096])
+    ap.add_argument("--bufs", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--repeat", type=int, default=1, help="run every cell this many times")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    t0 = time.time()
+    for _ in range(args.repeat):
+        for shape, m in itertools.product(args.shapes, args.m):
+            n, k = map(int, shape.split("x"))
+            rows += cell(n, k, m, args, gen)
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                command="python " + " ".join(sys.argv), wall_s=round(time.time() - t0, 1))
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
