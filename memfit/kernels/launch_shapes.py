@@ -41,7 +41,8 @@ class Config:
     epi: bool = False    # mma, M = 1: the asm epilogue (memfit.kernels.mma_ptx.epi_asm)
     reps: int = 1        # mma, M > 1: a lane's rows per asm call (memfit.kernels.mma_ptx.shared_asm)
     wa: bool = False     # `_int_mm`: the weight tile as the dot's A operand (see its WA)
-    pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF)
+    pf: int = 0          # `_int_mm`: 1 = scales and zero points a tile ahead (see its PF);
+    #                      BM = 0 < BN: row blocks dequantized ahead on a second stream
     dq: int = 0          # `_int_mm`: PTX unpack: 1 bytes, 2 / 4 words into the A fragments (DQ)
     regs: int = 0        # `_int_mm`, mma: cap on registers a thread (ptxas maxnreg; 0 = its choice)
     pair: bool = False   # `_int_mm`, dq 4: two BK tiles (two groups) into one dot a step (PAIR)
@@ -225,7 +226,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return (out + widen_candidates(m, w, dtype)
-                + ([Config(0, 4096, 0)] if m > 128 and w.shape[0] > 4096 else []))
+                + (blocks_candidates() if m > 128 and w.shape[0] > 4096 else []))
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16
@@ -293,9 +294,16 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
         if m <= WA_MAX_M and block_k(w) >= 16:
             out += prefill_candidates(m, w, dtype)
         out += tma_candidates(m, w, dtype)
-        if w.shape[0] > 4096:  # the same, 4096 rows at a time through a buffer the L2 holds
-            out.append(Config(0, 4096, 0))
+        if w.shape[0] > 4096:
+            out += blocks_candidates()
     return out
+
+
+def blocks_candidates() -> list[Config]:
+    """Dequantize + cuBLAS 4096 rows at a time through a buffer the L2 holds; the same with two
+    blocks dequantized ahead on a second stream (three buffers: 3/4 of a whole 14336-row
+    weight's bytes)."""
+    return [Config(0, 4096, 0), Config(0, 4096, 0, pf=2)]
 
 
 def widen_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:

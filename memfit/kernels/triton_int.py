@@ -243,7 +243,7 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
     n = w.shape[0]
     if cfg.BM == 0:
         if 0 < cfg.BN < n:
-            return _dequant_blocks(x2, w, bias, cfg.BN)
+            return _dequant_blocks(x2, w, bias, cfg.BN, cfg.pf)
         wd = dequantize_triton(w, x2.dtype)
         return torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
     if cfg.words == "mma":
@@ -324,21 +324,64 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
     return (finish(y) if atomic else y), call
 
 
-def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int) -> torch.Tensor:
-    """Dequantize + cuBLAS `rows` output rows at a time through one reused 16-bit buffer, small
-    enough to stay in the L2 between its write and the GEMM's read (the whole dense weight
-    goes to the HBM and back)."""
+def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int = 0
+                    ) -> torch.Tensor:
+    """Dequantize + cuBLAS `rows` output rows at a time through reused 16-bit buffers, small
+    enough to stay in the L2 between their write and the GEMM's read (the whole dense weight
+    goes to the HBM and back). On CUDA with `ahead` > 0, up to `ahead` blocks are dequantized
+    ahead on a second stream, into ahead + 1 buffers, while this stream multiplies: the
+    dequantize kernel runs on the SMs the GEMM's last wave leaves idle (14336x4096 at M = 2048,
+    4096-row blocks, 2 ahead: 2-3% faster than one stream on an H100, benchmarks/RESULTS.md,
+    session 43)."""
     m, k = x2.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    buf = torch.empty(rows, k, dtype=x2.dtype, device=x2.device)
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        wd = dequantize_triton(row_slice(w, a, b), x2.dtype, buf[: b - a])
-        torch.mm(x2, wd.t(), out=y[:, a:b])  # a column block of y: cuBLAS writes it in place
+    starts = range(0, n, rows)
+    ahead = ahead if x2.device.type == "cuda" else 0
+    bufs = [torch.empty(rows, k, dtype=x2.dtype, device=x2.device)
+            for _ in range(min(ahead + 1, len(starts)))]
+
+    def dequant(i: int) -> torch.Tensor:
+        a = starts[i]
+        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype,
+                                 bufs[i % len(bufs)][: min(rows, n - a)])
+
+    if not ahead:
+        for i, a in enumerate(starts):  # a column block of y: cuBLAS writes it in place
+            torch.mm(x2, dequant(i).t(), out=y[:, a:a + rows])
+    else:
+        main = torch.cuda.current_stream(x2.device)
+        side = _side_stream(x2.device)
+        ready = [torch.cuda.Event() for _ in starts]
+        read = [torch.cuda.Event() for _ in starts]
+        side.wait_stream(main)  # fork (also what joins a CUDA graph capture)
+        done = 0
+        for i, a in enumerate(starts):
+            while done < min(i + len(bufs), len(starts)):
+                with torch.cuda.stream(side):
+                    if done >= len(bufs):  # its buffer's last reader: block done - len(bufs)
+                        side.wait_event(read[done - len(bufs)])
+                    dequant(done)
+                    ready[done].record(side)
+                done += 1
+            main.wait_event(ready[i])
+            b = min(a + rows, n)
+            torch.mm(x2, bufs[i % len(bufs)][: b - a].t(), out=y[:, a:b])
+            read[i].record(main)
+        main.wait_stream(side)  # join: the buffers are freed on this stream
     if bias is not None:
         y += bias.to(x2.dtype)
     return y
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One second stream a device for `_dequant_blocks`' dequantizations ahead."""
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
 
 
 _WARNED: set = set()

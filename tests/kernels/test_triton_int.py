@@ -61,6 +61,7 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
 
 @pytest.mark.parametrize("cfg", [triton_int.Config(16, 32, 64, 4), triton_int.Config(32, 64, 64, 1),
                                  triton_int.Config(0, 0, 0), triton_int.Config(0, 32, 0),
+                                 triton_int.Config(0, 16, 0, pf=2),
                                  triton_int.Config(8, 16, 64, 1, gemv=True),
                                  triton_int.Config(8, 32, 64, 4, gemv=True),
                                  triton_int.Config(16, 32, 64, 2, magic=True),
@@ -70,7 +71,8 @@ def test_fused_matmul_matches_reference(n, k, bits, group, zp, m):
                                  triton_int.Config(16, 32, 64, 2, magic=True, wa=True),
                                  triton_int.Config(16, 32, 64, 2, magic=True, wa=True, pf=True),
                                  triton_int.Config(32, 64, 32, 1, wa=True, pf=True)],
-                         ids=["split-k", "tile", "dequant", "dequant-blocks", "gemv", "gemv-split-k", "magic",
+                         ids=["split-k", "tile", "dequant", "dequant-blocks",
+                              "dequant-blocks-ahead", "gemv", "gemv-split-k", "magic",
                               "words-dot", "words-dot-in-place-split-k", "tile-weight-as-a",
                               "magic-weight-as-a-split-k", "params-ahead-split-k", "params-ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -329,6 +331,31 @@ def test_prefill_candidates_are_opt_in_and_stop_where_dequantize_wins(monkeypatc
     assert not any(c.wa and not c.tma for c in triton_int.candidates(2048, w, torch.bfloat16))
     assert [c for c in triton_int.candidates(2048, tile(w, 64), torch.bfloat16)
             if not c.tma] == [triton_int.Config(0, 0, 0)]
+
+
+def test_row_blocks_dequantized_ahead_match_whole_dequantize_and_are_offered_past_4096_rows():
+    """Dequantize + cuBLAS a row block at a time: 16-row blocks of 72 rows (the last of 8), up
+    to 2 or 5 blocks dequantized ahead (on CUDA on a second stream, into 3 or 5 reused buffers;
+    on the CPU one stream) give whole dequantize + cuBLAS's output, bias included."""
+    from memfit.kernels.weights import tile
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(72, 320, 4, 64, "int", seed=3)
+    x = torch.randn(130, 320, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    bias = torch.randn(72).to(DEV)
+    want = linear_reference(x.float(), w, bias)
+    whole = triton_int.run(x, w, bias, triton_int.Config(0, 0, 0))
+    for cfg in (triton_int.Config(0, 16, 0), triton_int.Config(0, 16, 0, pf=2),
+                triton_int.Config(0, 16, 0, pf=5)):
+        got = triton_int.run(x, w, bias, cfg)
+        assert rel_err(got, whole) < _tol() and rel_err(got, want) < _tol(), cfg
+    t = make_weight(80, 256, 4, 64, "int", seed=5)  # tiled: blocks on its 16-row blocks
+    xt = x[:, :256].contiguous()
+    assert rel_err(triton_int.run(xt, tile(t, 16), None, triton_int.Config(0, 32, 0, pf=2)),
+                   linear_reference(xt.float(), t, None)) < _tol()
+    blocks = [triton_int.Config(0, 4096, 0), triton_int.Config(0, 4096, 0, pf=2)]
+    for n, m, offered in ((4160, 2048, True), (4160, 100, False), (4096, 2048, False)):
+        cands = triton_int.candidates(m, make_weight(n, 128, 4, 128, "int"), torch.bfloat16)
+        assert (cands[-2:] == blocks) == offered and (blocks[1] in cands) == offered
 
 
 def _wide_case(n, k, group, zp, seed, m, rb, cfg):
