@@ -338,13 +338,15 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int 
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     starts = range(0, n, rows)
     ahead = ahead if x2.device.type == "cuda" else 0
-    bufs = [torch.empty(rows, k, dtype=x2.dtype, device=x2.device)
-            for _ in range(min(ahead + 1, len(starts)))]
+    bufs = [torch.empty(min(rows, n - a), k, dtype=x2.dtype, device=x2.device)  # (its first
+            for a in starts[: ahead + 1]]  # block is its largest: never more than n rows)
+
+    def buf(i: int) -> torch.Tensor:  # block i's rows of its buffer
+        return bufs[i % len(bufs)][: min(rows, n - starts[i])]
 
     def dequant(i: int) -> torch.Tensor:
         a = starts[i]
-        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype,
-                                 bufs[i % len(bufs)][: min(rows, n - a)])
+        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype, buf(i))
 
     if not ahead:
         for i, a in enumerate(starts):  # a column block of y: cuBLAS writes it in place
@@ -365,8 +367,7 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int 
                     ready[done].record(side)
                 done += 1
             main.wait_event(ready[i])
-            b = min(a + rows, n)
-            torch.mm(x2, bufs[i % len(bufs)][: b - a].t(), out=y[:, a:b])
+            torch.mm(x2, buf(i).t(), out=y[:, a:a + rows])
             read[i].record(main)
         main.wait_stream(side)  # join: the buffers are freed on this stream
     if bias is not None:
