@@ -96,10 +96,10 @@ def cell(n, k, m, args, gen) -> list[dict]:
         y = fns[0]()
         torch.cuda.synchronize()
         errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-    # every candidate in one batch of graphs replayed in turns: a graph in a later, smaller
-    # batch ran on a cooler device and read up to 7% faster (session 43, call 5)
+    # every candidate in one batch of graphs replayed in turns unless --alive: a graph in a
+    # later, smaller batch ran on a cooler device and read 4-9% faster (session 43, call 6)
     us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
-                                  statistics.median, alive=len(cands))
+                                  statistics.median, alive=args.alive or len(cands))
     base = us[0]
     out = []
     for (name, _), t in zip(cands.items(), us):
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--bufs", type=int, nargs="*", default=[2, 3],
                     help="buffers a cell (0: one a block, the whole weight's bytes)")
     ap.add_argument("--repeat", type=int, default=1, help="run every cell this many times")
+    ap.add_argument("--alive", type=int, default=0,
+                    help="graphs a batch (gpu_timing.graph_us_each; default: all in one)")
     ap.add_argument("--json")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)

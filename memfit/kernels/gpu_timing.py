@@ -5,6 +5,8 @@ benchmarks/kernel_speed.py."""
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from memfit.kernels.weights import IntWeight
@@ -36,17 +38,25 @@ def graph_us_each(fn_lists, calls, replays: int = 6, stat=min, alive: int = 8) -
     batch once, in reverse order on odd r. A device whose clocks sink while it runs (an H200 under
     compute-bound GEMMs: bf16 at M = 2048 timed 312 µs at the start of a benchmark cell and 349
     at its end, benchmarks/RESULTS.md, session 41) so slows the graphs of a batch alike, where
-    timing one graph after another charged the drift to whichever ran last. A batch also closes
-    early when the device lacks room for one more graph the size of the last (`_room_after`):
-    the chooser runs at a model's first forward, on a GPU the model may nearly fill."""
-    out, i = [], 0
+    timing one graph after another charged the drift to whichever ran last. Between batches the
+    device differs too (session 43: the same launch read 4-9% faster in a second batch of 1-2
+    graphs than in a first of 8), so every later batch replays the first list's graph again and
+    its times are scaled by that graph's median in the first batch over its median in theirs.
+    A batch also closes early when the device lacks room for one more graph the size of the last
+    (`_room_after`): the chooser runs at a model's first forward, on a GPU the model may nearly
+    fill; the batch after such a one holds no reference (unscaled)."""
+    out, i, ref, tight = [], 0, None, False
     while i < len(fn_lists):
         graphs = []
-        while i < len(fn_lists) and len(graphs) < alive:
+        if ref is not None and not tight:  # the first list again: what this batch is scaled by
+            graphs.append(_capture(fn_lists[0], calls(fn_lists[0])))
+        lead, tight = len(graphs), False
+        while i < len(fn_lists) and len(graphs) < max(alive, lead + 1):
             before = torch.cuda.memory_reserved()
             graphs.append(_capture(fn_lists[i], calls(fn_lists[i])))
             i += 1
             if not _room_after(torch.cuda.memory_reserved() - before):
+                tight = True
                 break
         times = [[] for _ in graphs]
         for j in turns(len(graphs), replays):
@@ -57,6 +67,11 @@ def graph_us_each(fn_lists, calls, replays: int = 6, stat=min, alive: int = 8) -
             b.synchronize()
             times[j].append(a.elapsed_time(b) * 1e3 / graphs[j][1])
         del graphs
+        if ref is None:
+            ref = times[0]
+        elif lead:
+            scale = statistics.median(ref) / statistics.median(times[0])
+            times = [[t * scale for t in ts] for ts in times[1:]]
         out += [stat(t) for t in times]
     return out
 

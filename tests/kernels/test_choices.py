@@ -256,7 +256,8 @@ def test_graphs_timed_in_turns_keep_their_order_and_size():
 def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(monkeypatch):
     """`graph_us_each` off a GPU, on a stand-in for torch.cuda whose clock advances by what
     each replayed graph's calls cost: every list captured once with its calls, `alive` graphs at
-    a time, replays in `turns` order, each figure its own µs per call."""
+    a time, replays in `turns` order, each figure its own µs per call; a later batch replays the
+    first list's graph too and is scaled by it (here its device runs twice as fast)."""
     import contextlib
     import types
 
@@ -276,6 +277,7 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
     capturing = [None]
 
     reserved, free = [0], [1 << 40]
+    speed, fast_from = [1.0], [None]  # from capture fast_from on, kernels take half the time
 
     @contextlib.contextmanager
     def graph(g):
@@ -283,6 +285,8 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
         yield
         capturing[0] = None
         reserved[0] += 100  # what each capture adds to the allocator's reserve
+        if fast_from[0] is not None and reserved[0] // 100 >= fast_from[0]:
+            speed[0] = 0.5
 
     class Event:
         def __init__(self, enable_timing):
@@ -312,20 +316,23 @@ def test_graphs_timed_in_turns_capture_each_list_once_and_replay_it_in_turns(mon
             if capturing[0] is not None:
                 capturing[0].calls.append(f)
             else:
-                clock[0] += ms
+                clock[0] += ms * speed[0]
         return f
 
     lists = [[kernel(0.001), kernel(0.003)], [kernel(0.010)], [kernel(0.002)]]
+    fast_from[0] = 3  # the second batch's first capture (its reference) on
     got = gpu_timing.graph_us_each(lists, lambda fns: 4 * len(fns), 4, list, alive=2)
     assert [len(t) for t in got] == [4, 4, 4]
     assert got[0] == pytest.approx([2.0] * 4) and got[1] == pytest.approx([10.0] * 4)
-    assert got[2] == pytest.approx([2.0] * 4)
+    assert got[2] == pytest.approx([2.0] * 4)  # read 1.0 on the faster device, scaled by 2
     replays = [g for kind, g in log if kind == "replay"]
-    # each graph replayed once after its capture, then in turns: batch (0, 1), then (2,)
+    # each graph replayed once after its capture, then in turns: batch (0, 1), then the first
+    # list's graph again (r) with 2
     a, b = replays[0], replays[1]
     assert replays[2:10] == [a, b, b, a, a, b, b, a]
-    c = replays[10]
-    assert replays[11:] == [c] * 4
+    r, c = replays[10], replays[11]
+    assert r != c and replays[12:] == [r, c, c, r, r, c, c, r]
+    speed[0], fast_from[0] = 1.0, None
     assert gpu_timing.graph_us(lists[1], 3, 2, min) == pytest.approx(10.0)
 
     # a device with room for one more graph the size of the last, not two: a graph a batch
