@@ -221,8 +221,12 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
             out += [Config(bm, bn, b, sk, 4, 2, gemv=True) for b in sorted({min(bk, 64), bk})
                     for bn in ((8, 16, 32, 64) if bm <= 2 else (8, 16, 32))
                     for sk in (4, 8, 16, 1)]
-        if m <= 128 and bk >= 16:
-            bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        # 16-token tiles of 16 codes (BK 16: groups of 48) with 16-bit activations gave wrong
+        # sums on an H100 (relative error 0.85-1.0 against the reference, every zero-point kind
+        # at K = 328; 64-token tiles and BK >= 32 right; benchmarks/RESULTS.md, session 43,
+        # cause not established): not offered there
+        if m <= 128 and bk >= 16 and not (bm == bk == 16 and dtype != torch.float32):
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return (out + widen_candidates(m, w, dtype)
