@@ -156,6 +156,40 @@ def test_3bit_weights_take_the_byte_kernels(m, group, zp, k):
         assert rel_err(triton_int.run(xb, w, None, c).float(), wantb) < 1e-2, c
 
 
+def _kinds(cands: list) -> list:
+    """The first candidate of each kind of launch shape (all but tile sizes and K splits)."""
+    seen, out = set(), []
+    for c in cands:
+        key = (c.BM == 0, c.BM <= 16, c.BK <= 16, c.gemv, c.magic, c.words, c.wa, c.pf, c.dq,
+               c.pair, c.widen, c.tma, c.epi, c.reps > 1)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+ODD_LAYOUTS = [(4, 16), (4, 48), (4, 64), (2, 48), (3, 48), (3, 64), (8, 48), (4, 128)]
+
+
+@pytest.mark.parametrize("bits,group", ODD_LAYOUTS)
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_every_kind_of_16bit_candidate_is_right_on_small_odd_layouts(bits, group, m):
+    """Each kind of launch shape the chooser offers for 16-bit activations, on 96 x 328 weights
+    with groups of 16 to 128 (48: a ragged last group) and 2 to 8 bits, against the reference.
+    The chooser checks its candidates before timing, which kept session 43's wrong 3-bit shapes
+    (BK 16, 16-token tiles, bfloat16 on an H100) out of every model; this test finds such a
+    shape first. bfloat16 on a GPU; on the CPU float16 in Triton's interpreter, three layouts
+    at M = 1 (its bfloat16 dot is wrong)."""
+    if DEV == "cpu" and (m != 1 or (bits, group) not in ((4, 48), (3, 48), (2, 48))):
+        pytest.skip("the interpreter: three layouts at M = 1")
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    w = make_weight(96, 328, bits, group, "int", seed=bits * group + m)
+    x = torch.randn(m, 328, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    want = x.float() @ dequantize(w).T.to(DEV)
+    for c in _kinds(triton_int.candidates(m, w, dtype)):
+        assert rel_err(triton_int.run(x, w, None, c).float(), want) < 1e-2, c
+
+
 WORD_CASES = [  # (n, k, bits, group, zero point): every width, ragged groups, per-channel
     (48, 256, 4, 64, "int"), (40, 200, 4, 40, "sym"), (33, 128, 4, None, "float"),
     (24, 256, 8, 64, "int"), (20, 96, 8, None, "sym"), (32, 96, 2, 32, "int"),
