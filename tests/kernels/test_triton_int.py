@@ -133,10 +133,11 @@ def test_3bit_weights_take_the_byte_kernels(m, group, zp, k):
     assert cands[0].BM == 0
     assert any(c.gemv for c in cands) == (m <= 8)
     assert any(c.BM and not c.gemv for c in cands) == (m <= 128)
-    # 16-bit activations: no 16-token tiles of 16 codes (wrong sums on an H100, session 43)
+    # 16-bit activations: no 16- or 32-token tiles of 16 codes (wrong sums on an H100 at 16,
+    # session 43)
     cands16 = triton_int.candidates(m, w, torch.bfloat16)
     assert any(c.BM and not c.gemv and not c.widen for c in cands16) == (
-        m <= 128 and not (m <= 16 and group == 48))
+        m <= 128 and not (m <= 32 and group == 48))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV)
     want = x @ dequantize(w).T.to(DEV)
     got = triton_int.triton_linear(x, w)
