@@ -15,7 +15,7 @@ from memfit.kernels.triton_dequant import block_k
 from memfit.kernels.triton_mma import EPI, mma_ineligibility
 from memfit.kernels.triton_prefill import tma_ineligibility
 from memfit.kernels.triton_widen import widen_ineligibility
-from memfit.kernels.triton_words import word_ineligibility
+from memfit.kernels.triton_words import slice_words, word_ineligibility
 from memfit.kernels.weights import IntWeight
 
 MMA = os.environ.get("MEMFIT_TRITON_MMA", "1") != "0"  # 0: leave the mma decode kernel out (A/B)
@@ -210,8 +210,36 @@ def prefill_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]
                   and (c.BM, c.BN) in ((256, 128), (128, 64)) and k // 128 >= sk]
 
 
+def triton_bug(c: Config, w: IntWeight, dtype: torch.dtype) -> str | None:
+    """Why Triton 3.6 builds launch shape `c` wrong for 16-bit activations on sm_90 (None when
+    it does not), each found on an H100 (benchmarks/RESULTS.md, session 44;
+    benchmarks/k16_dot.py is the smallest kernel that shows the first):
+    - a tl.dot on mma.sync (fewer than 64 rows in A) over K tiles of 16 whose B operand is
+      codes split out of bytes (tl.join + tl.reshape: 2 and 4 bits; 3-bit blocks) gives wrong
+      sums (relative error 0.8-1.5), float16 and bfloat16 alike: the byte tile kernel with
+      BK 16 at 16 or 32 tokens a tile. 8-bit codes (one a byte), 16-bit weights as loaded,
+      K tiles of 32 and wgmma's 64-row tiles are right.
+    - the word dot kernel with fewer than 8 words of a group in a slice (2-bit groups of 32 or
+      48, 4-bit groups of 16 to 48, 8-bit groups of 16 or 48) fails in Triton's
+      OptimizeDotOperands pass; 8 or more (4-bit groups of 64 or 128) build and are right."""
+    if dtype not in (torch.bfloat16, torch.float16) or not c.BM:
+        return None
+    if (not (c.gemv or c.words or c.wa or c.widen) and c.BK == 16 and c.BM < 64
+            and w.bits < 8):
+        return "mma.sync over K tiles of 16 of codes split out of bytes: wrong sums"
+    if c.words == "dot" and slice_words(w) < 8:
+        return "the word dot kernel with under 8 words of a group in a slice: does not compile"
+    return None
+
+
 def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list[Config]:
-    """Launch shapes worth timing for M rows; the first is the default (interpreter, ties)."""
+    """Launch shapes worth timing for M rows; the first is the default (interpreter, ties).
+    Shapes this Triton builds wrong (`triton_bug`) are left out."""
+    out = [c for c in _candidates(m, w, dtype) if triton_bug(c, w, dtype) is None]
+    return out or [Config(0, 0, 0)]
+
+
+def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     if w.bits == 3:  # 8 codes to 3 bytes: the kernels read whole blocks (`_blocks3`);
         out = [Config(0, 0, 0)]  # dequantize + cuBLAS first, then the byte GEMV (M <= 8) and
         bk = block_k(w)  # the tile kernel (M <= 128), which unpack the blocks in registers,
@@ -222,12 +250,7 @@ def candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.float32) -> list
                     for bn in ((8, 16, 32, 64) if bm <= 2 else (8, 16, 32))
                     for sk in (4, 8, 16, 1)]
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        # 16-token tiles of 16 codes (BK 16: groups of 48) with 16-bit activations gave wrong
-        # sums on an H100 (relative error 0.85-1.0 against the reference, every zero-point kind
-        # at K = 328; 64-token tiles and BK >= 32 right; benchmarks/RESULTS.md, session 43,
-        # cause not established): not offered there, nor 32-token tiles (not run; like 16,
-        # below wgmma's 64 rows)
-        if m <= 128 and bk >= 16 and not (bm < 64 and bk == 16 and dtype != torch.float32):
+        if m <= 128 and bk >= 16:  # (BK 16 at 16-32 tokens: `triton_bug`)
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return (out + widen_candidates(m, w, dtype)
