@@ -6,7 +6,8 @@ on an H200, benchmarks/RESULTS.md session 21) and session 10's row blocks only m
 land in the L2. Here the weight is dequantized `rows` rows at a time into `bufs` reused buffers,
 block i+1's dequantization on a side stream, block i's GEMM on the caller's: the dequantize
 kernel (memory-bound) fills the SMs the GEMM's last wave leaves idle, and the GEMM's output
-columns of each block are written in place (cuBLAS with ldc = out features).
+columns of each block are written in place (cuBLAS with ldc = out features). The two-stream
+form timed is memfit's own (`triton_int._dequant_blocks` with `bufs` - 1 blocks ahead).
 
 Every candidate is timed as memfit's chooser times them (a CUDA graph over weight copies past
 the L2, the graphs replayed in turns, median of 6) and checked against whole dequantize +
@@ -32,45 +33,6 @@ from benchmarks.kernel_speed import copies, int_weight
 from memfit.kernels import gpu_timing
 from memfit.kernels.triton_dequant import dequantize_triton
 from memfit.kernels.triton_int import _dequant_blocks
-from memfit.kernels.weights import row_slice
-
-_SIDE: dict = {}
-
-
-def overlapped(x2, w, rows: int, bufs: list) -> torch.Tensor:
-    """y = x2 @ dequantize(w).T, `rows` output rows at a time; block i+1 dequantized on a side
-    stream into bufs[(i + 1) % len(bufs)] while the caller's stream multiplies block i."""
-    m, n = x2.shape[0], w.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    main = torch.cuda.current_stream()
-    side = _SIDE.setdefault(x2.device, torch.cuda.Stream(x2.device))
-    starts = list(range(0, n, rows))
-    dq = [torch.cuda.Event() for _ in starts]
-    mm = [torch.cuda.Event() for _ in starts]
-    nb = len(bufs)
-    side.wait_stream(main)  # fork: x2 and the buffers are ready
-
-    def dequant(i):
-        a = starts[i]
-        b = min(a + rows, n)
-        with torch.cuda.stream(side):
-            if i >= nb:  # its buffer was read by block i - nb's GEMM
-                side.wait_event(mm[i - nb])
-            dequantize_triton(row_slice(w, a, b), x2.dtype, bufs[i % nb][: b - a])
-            dq[i].record(side)
-
-    issued = 0
-    for i, a in enumerate(starts):
-        while issued < min(i + nb, len(starts)):  # up to nb - 1 blocks ahead of this GEMM
-            dequant(issued)
-            issued += 1
-        main.wait_event(dq[i])
-        b = min(a + rows, n)
-        torch.mm(x2, bufs[i % nb][: b - a].t(), out=y[:, a:b])
-        mm[i].record(main)
-    main.wait_stream(side)  # join
-    return y
-
 
 def cell(n, k, m, args, gen) -> list[dict]:
     w0 = int_weight(n, k, 4, 128, gen)
@@ -79,18 +41,16 @@ def cell(n, k, m, args, gen) -> list[dict]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = F.linear(x, wd[0])
     rows_list = [r for r in args.rows if r < n]
-    bufs = {(r, j): [torch.empty(r, k, dtype=torch.bfloat16, device="cuda")
-                     for _ in range(nb or -(-n // r))]  # 0: a buffer a block, none reused
-            for r, (j, nb) in itertools.product(rows_list, enumerate(args.bufs))}
     cands = {"bf16 cuBLAS": [lambda d=d: F.linear(x, d) for d in wd],
              "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
                                      for w in ws]}
     for r in rows_list:
         cands[f"blocks {r}, one stream"] = [lambda w=w, r=r: _dequant_blocks(x, w, None, r)
                                             for w in ws]
-        for j, nb in enumerate(args.bufs):  # (a count given twice: its own buffers each time)
+        for j, nb in enumerate(args.bufs):  # nb buffers: nb - 1 blocks ahead (0: a buffer a
+            ahead = (nb or -(-n // r)) - 1  # block, none reused); a count given twice: #j
             cands[f"blocks {r}, {nb or 'all'} buffers, two streams #{j}"] = [
-                lambda w=w, r=r, j=j: overlapped(x, w, r, bufs[(r, j)]) for w in ws]
+                lambda w=w, r=r, a=ahead: _dequant_blocks(x, w, None, r, a) for w in ws]
     errs = {}
     for name, fns in cands.items():
         y = fns[0]()
