@@ -417,6 +417,23 @@ def pair(args, gen) -> None:
     _dq4_grid(args, gen, "pair", shapes)
 
 
+def splitk(args, gen) -> None:
+    """dq 4 (BN 64 / 4 warps, pairs at 3 stages or one tile at 4) with K split 1-8 also where
+    the rows alone give more 64-row blocks than SMs (14336 rows: 224 programs on 132 SMs, 92
+    running two and 40 one): does a finer grid even the SMs' work at M <= 32?"""
+    def shapes(n, bm):
+        bm = 16 if min(args.m) <= 16 and bm == 32 else bm
+        for sk in args.splits or (1, 2, 3, 4, 6, 8):
+            for st, two in ((3, True), (4, False)):
+                yield (f"bn64_sk{sk}_st{st}_pair{int(two)}",
+                       triton_int.Config(bm, 64, 128, sk, 4, st, magic=True, wa=True,
+                                         pf=1, dq=4, pair=two))
+        yield ("bn128_sk1_st3_pair1",
+               triton_int.Config(bm, 128, 128, 1, 8, 3, magic=True, wa=True, pf=1, dq=4,
+                                 pair=True))
+    _dq4_grid(args, gen, "splitk", shapes)
+
+
 def big(args, gen) -> None:
     """The dq 4 tile kernel past M = 128 (prefill; not offered there since session 13, when the
     tile kernel still converted its tile through shared memory): token tiles of 64-256 (the
@@ -612,7 +629,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for part in args.parts:
         {"stream": stream, "blocks": blocks, "epi": epi, "cands": cands, "wa": wa,
-         "wa_bf16": wa_bf16, "waves": waves, "wide": wide, "pair": pair,
+         "wa_bf16": wa_bf16, "waves": waves, "splitk": splitk, "wide": wide, "pair": pair,
          "permx": permx, "spread": spread, "big": big, "writes": writes,
          "dequant": dequant}[part](args, gen)
 

@@ -105,6 +105,22 @@ def test_dequantize_kernel_is_exact(bits, group, zp, k):  # 3 bits: codes and ze
                                               for t in w])))
 
 
+@pytest.mark.parametrize("bits,group,zp,rb", [(4, 64, "int", 0), (4, 128, "int", 64),
+                                              (3, 48, "int", 0), (2, 128, "sym", 0),
+                                              (8, 32, "float", 0)])
+@pytest.mark.parametrize("progs", [1, 3, 7])
+def test_dequantize_on_a_few_looping_programs_is_exact(bits, group, zp, rb, progs):
+    # a grid of `progs` programs walking every tile in turn (fewer programs than tiles, a tile
+    # count no grid size divides): the same bits as one program a tile
+    from memfit.kernels.weights import tile
+    w = make_weight(128 if rb else 40, 384 if rb else 320, bits, group, zp, seed=bits)
+    lay = tile(w, rb) if rb else w
+    got = triton_int.dequantize_triton(lay, torch.float32, progs=progs)
+    assert torch.equal(got, triton_int.dequantize_triton(lay, torch.float32))
+    assert torch.equal(got.cpu(), dequantize(IntWeight(*[t.cpu() if isinstance(t, torch.Tensor)
+                                                         else t for t in w])))
+
+
 def test_layouts_it_cannot_take_fall_back_with_one_warning():
     w2 = make_weight(16, 64, 2, 24, "int")  # a 24-column group takes 8-column tiles only
     assert "too small" in triton_int.ineligibility(w2)
