@@ -8,12 +8,15 @@ Collect (one GPU; full search, nothing read from or written to the choice file; 
 rewritten after each choice, so a run stopped by a time limit keeps what it timed):
 
     python benchmarks/choice_table.py --json OUT.json [--ms 1 16] [--groups 128 64]
-        [--families llama3-8b qwen2.5-7b ...] [--budget-s 480]
+        [--families llama3-8b qwen2.5-7b ...] [--budget-s 480] [--max-rows N]
 
 Build the shipped table from one or more collected files (CPU is enough):
 
     python benchmarks/choice_table.py --build OUT1.json OUT2.json [--top 4 --margin 0.15]
-        [--out memfit/kernels/shortlists.json]
+        [--out memfit/kernels/shortlists.json] [--onto memfit/kernels/shortlists.json]
+
+--onto starts from a table already built: the keys of the files given replace its own, the
+rest stay (a few keys re-timed after a change of their candidates).
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ def collect(a) -> None:
         for g in a.groups:
             for fam in a.families:
                 plain, fused = shapes(fam)
-                jobs += [(m, s, g, 0) for s in plain]
+                jobs += [(m, s, g, 0) for s in plain if s[0] <= a.max_rows]
                 if m == 1 or m > 16:  # the loop tiles at batch 1 (its prefill runs on them too)
-                    jobs += [(m, s, g, 64) for s in fused]
+                    jobs += [(m, s, g, 64) for s in fused if s[0] <= a.max_rows]
     out = {"device": torch.cuda.get_device_name(), "device_key": choices.device_key(
                torch.device("cuda")), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "entries": {}}
@@ -113,6 +116,9 @@ def build(a) -> None:
     """The shipped table: per key the best launch shape and up to top - 1 others within margin."""
     table: dict = {}
     about = []
+    if a.onto:
+        old = json.loads(Path(a.onto).read_text())
+        table, about = old["arch"], list(old["measured"])
     for src in a.build:
         data = json.loads(Path(src).read_text())
         arch = data["device_key"].split(" | ")[0].split(" ")[-2]  # "sm90"
@@ -152,6 +158,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--margin", type=float, default=0.15)
     ap.add_argument("--out", default=str(TABLE), help="--build: the table to write")
+    ap.add_argument("--onto", help="--build: a built table whose keys the files' keys replace")
+    ap.add_argument("--max-rows", type=int, default=1 << 30,
+                    help="collect: only layer shapes of at most this many rows")
     a = ap.parse_args()
     if a.build:
         build(a)

@@ -133,39 +133,18 @@ def _group_params(s_ptr, z_ptr, rn, g, ok, stride_sn, stride_zn, BITS: tl.conste
 @triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
              GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0, W3: tl.constexpr = 0,
-             PROGS: tl.constexpr = 0):
+             BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr = 0, W3: tl.constexpr = 0):
     """w[N, K] = (q - z) * s in w's dtype, one pass; a tile never crosses a group (nor, tiled,
     a 64-byte run: BK <= 128 codes of 4 bits from a multiple of 128). Measured at 3.3 TB/s of
     read + write on an H200 (benchmarks/RESULTS.md, session 10): other tile shapes within 3%.
     3 bits (stored layout): each tile's 8-code blocks read whole (`_codes3`), and consecutive
-    programs walk one block of rows along K (program ids swapped): 80 -> 54 µs on an H100.
-    PROGS > 0: a grid of PROGS programs, program p taking tiles p, p + PROGS, ... in row-major
-    tile order (so that it runs beside a GEMM on the few SMs the GEMM leaves it)."""
-    if PROGS == 0:
-        if BITS == 3:
-            _dequant_tile(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn,
-                          stride_zn, tl.program_id(1), tl.program_id(0), GROUP, BITS, ZMODE,
-                          BN, BK, RB, W3)
-        else:
-            _dequant_tile(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn,
-                          stride_zn, tl.program_id(0), tl.program_id(1), GROUP, BITS, ZMODE,
-                          BN, BK, RB, W3)
+    programs walk one block of rows along K (program ids swapped): 80 -> 54 µs on an H100."""
+    if BITS == 3:
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        k0 = tl.program_id(0) * BK
     else:
-        tiles_k = tl.cdiv(K, BK)
-        for t in range(tl.program_id(0), tl.cdiv(N, BN) * tiles_k, PROGS):
-            _dequant_tile(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn,
-                          stride_zn, t // tiles_k, t % tiles_k, GROUP, BITS, ZMODE, BN, BK,
-                          RB, W3)
-
-
-@triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
-                  pn, pk, GROUP: tl.constexpr, BITS: tl.constexpr, ZMODE: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, W3: tl.constexpr):
-    """`_dequant`'s tile (pn, pk): rows pn * BN.., columns pk * BK.."""
-    rn = pn * BN + tl.arange(0, BN)
-    k0 = pk * BK
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        k0 = tl.program_id(1) * BK
     kk = k0 + tl.arange(0, BK)
     n_ok = rn < N
     s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, BITS, ZMODE,
@@ -198,23 +177,18 @@ def zmode(w: IntWeight) -> int:
     return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
 
 
-def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None = None,
-                      progs: int = 0, warps: int = 4) -> torch.Tensor:
+def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """(out, in) dense weight of `dtype`, one kernel pass (stored or tiled layout), into `out`
-    (a contiguous (out, in) tensor of `dtype`) when given; `progs` > 0: on that many programs
-    (of `warps` warps), each looping over tiles."""
+    (a contiguous (out, in) tensor of `dtype`) when given."""
     n, k = w.shape
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
     bk = min(block_k(w), 128)
     z = w.zero if w.zero is not None else w.scale
     bn = 16 if w.bits == 3 else 32  # 3 bits: 16 rows walked along K (see _dequant)
-    if progs:
-        grid = (progs,)
-    else:
-        grid = (cdiv(k, bk), cdiv(n, bn)) if w.bits == 3 else (cdiv(n, bn), cdiv(k, bk))
+    grid = (cdiv(k, bk), cdiv(n, bn)) if w.bits == 3 else (cdiv(n, bn), cdiv(k, bk))
     _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
                    w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
-                   ZMODE=zmode(w), BN=bn, BK=bk, RB=w.tile_rows, W3=words3(w), PROGS=progs,
-                   num_warps=warps)
+                   ZMODE=zmode(w), BN=bn, BK=bk, RB=w.tile_rows, W3=words3(w))
     return out

@@ -37,7 +37,6 @@ dots (no TF32), 16-bit activations stay 16-bit into the dot, as every GPU int4 k
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import warnings
@@ -325,17 +324,15 @@ def run(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config,
     return (finish(y) if atomic else y), call
 
 
-def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int = 0,
-                    carve: int = 0, progs: int = 0) -> torch.Tensor:
+def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int = 0
+                    ) -> torch.Tensor:
     """Dequantize + cuBLAS `rows` output rows at a time through reused 16-bit buffers, small
     enough to stay in the L2 between their write and the GEMM's read (the whole dense weight
     goes to the HBM and back). On CUDA with `ahead` > 0, up to `ahead` blocks are dequantized
     ahead on a second stream, into ahead + 1 buffers, while this stream multiplies: the
     dequantize kernel runs on the SMs the GEMM's last wave leaves idle (14336x4096 at M = 2048,
     4096-row blocks, 2 ahead: 2-3% faster than one stream on an H100, benchmarks/RESULTS.md,
-    session 43). `carve` > 0 (with `ahead`): cuBLAS(Lt) told to leave `carve` SMs free
-    (torch's SM carveout) and every block after the first dequantized on `progs` looping
-    programs, which run there beside the GEMM."""
+    session 43)."""
     m, k = x2.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
@@ -349,8 +346,7 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int 
 
     def dequant(i: int) -> torch.Tensor:
         a = starts[i]
-        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype, buf(i),
-                                 progs=progs if carve and i else 0)
+        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype, buf(i))
 
     if not ahead:
         for i, a in enumerate(starts):  # a column block of y: cuBLAS writes it in place
@@ -371,32 +367,12 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int 
                     ready[done].record(side)
                 done += 1
             main.wait_event(ready[i])
-            with _carveout(carve):
-                torch.mm(x2, buf(i).t(), out=y[:, a:a + rows])
+            torch.mm(x2, buf(i).t(), out=y[:, a:a + rows])
             read[i].record(main)
         main.wait_stream(side)  # join: the buffers are freed on this stream
     if bias is not None:
         y += bias.to(x2.dtype)
     return y
-
-
-@contextlib.contextmanager
-def _carveout(sms: int):
-    """cuBLAS GEMMs inside leave `sms` SMs free (torch's SM carveout, which cuBLASLt honours;
-    the Lt backend chosen for them); nothing changed when `sms` is 0."""
-    if not sms:
-        yield
-        return
-    had, lib = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's "experimental mitigation" warning
-        torch._C._set_sm_carveout_experimental(sms)
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(had)
-        torch.backends.cuda.preferred_blas_library(lib)
 
 
 _SIDE: dict = {}
