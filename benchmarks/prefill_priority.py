@@ -1,0 +1,201 @@
+"""Probe (issue 10, M = 2048 >= 0.9x bf16): dequantize + cuBLAS in row blocks, each block's GEMM
+on a high-priority stream and the next block's dequantization on a low-priority one, cuBLASLt
+told to leave `carve` SMs free (torch's SM carveout).
+
+Session 45's first probe (benchmarks/prefill_overlap.py at commit 330a4aa) found that cuBLASLt
+leaving 4 SMs free costs the 2048-token GEMM nothing on an H100 (309.9 against 309.3 µs), but
+that the next block's dequantization, launched beside the GEMM on a second stream, took SMs the
+GEMM wanted (every pipelined row 1.5-8x slower). CUDA graphs in PyTorch are instantiated with
+per-node priorities, so kernels captured on a high-priority stream are dispatched first when
+both streams have blocks waiting: here the GEMM's, leaving the dequantization the free SMs.
+
+Each candidate is timed as memfit's chooser times (a CUDA graph over weight copies past the L2,
+graphs replayed in turns, median of 6) and checked against whole dequantize + cuBLAS.
+
+    python benchmarks/prefill_priority.py [--shapes 14336x4096 4096x14336] [--m 2048]
+        [--rows 2048 3584 4096] [--carve 0 4 8] [--bufs 2 3] [--progs 0 64] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from benchmarks.kernel_speed import copies, int_weight
+from memfit.kernels import gpu_timing
+from memfit.kernels.triton_dequant import (
+    _byte_ptrs,
+    _group_params,
+    _unpack_tile,
+    dequantize_triton,
+    zmode,
+)
+from memfit.kernels.weights import row_slice
+
+
+@triton.jit
+def _dequant_loop(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, stride_zn,
+                  PROGS, GROUP: tl.constexpr, ZMODE: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
+    """4-bit stored layout: program p dequantizes tiles p, p + PROGS, ... (row-major order)."""
+    tiles_k = tl.cdiv(K, BK)
+    for t in range(tl.program_id(0), tl.cdiv(N, BN) * tiles_k, PROGS):
+        rn = (t // tiles_k) * BN + tl.arange(0, BN)
+        k0 = (t % tiles_k) * BK
+        kk = k0 + tl.arange(0, BK)
+        n_ok = rn < N
+        s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, n_ok, stride_sn, stride_zn, 4,
+                             ZMODE, BN, 0)
+        jb = k0 // 2 + tl.arange(0, BK // 2)
+        qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // 2, stride_qn, 0),
+                     mask=n_ok[:, None] & (jb[None, :] < NB), other=0)
+        c = _unpack_tile(qb, 4, BN, BK).to(tl.float32)
+        w = (c - z[:, None]) * s[:, None]
+        tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & (kk[None, :] < K))
+
+
+def dequant(w, dtype, out, progs: int):
+    """memfit's one-pass dequantize (progs 0), or the same tiles on `progs` looping programs."""
+    if not progs:
+        return dequantize_triton(w, dtype, out)
+    n, k = w.shape
+    _dequant_loop[(progs,)](w.qdata, w.scale, w.zero, out, n, k, w.qdata.shape[1],
+                            w.qdata.stride(0), w.scale.stride(0), w.zero.stride(0), progs,
+                            GROUP=w.group_size, ZMODE=zmode(w), BN=32, BK=128)
+    return out
+
+
+@contextlib.contextmanager
+def carveout(sms: int):
+    """cuBLAS(Lt) GEMMs inside leave `sms` SMs free (0: the Lt backend alone)."""
+    had, lib = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    if sms:
+        torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(had)
+        torch.backends.cuda.preferred_blas_library(lib)
+
+
+HI = LO = None
+
+
+def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool):
+    """y = x2 @ dequant(w)^T, `rows` output rows a block: block i's GEMM on a high-priority
+    stream (prio) and blocks up to i + ahead dequantized on a low-priority one, into ahead + 1
+    reused buffers; the first block on memfit's whole grid, the later ones on `progs` looping
+    programs (0: the whole grid too)."""
+    global HI, LO
+    if HI is None:
+        lo, hi = torch.cuda.Stream.priority_range()
+        HI, LO = torch.cuda.Stream(priority=hi), torch.cuda.Stream(priority=lo)
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    starts = range(0, n, rows)
+    bufs = [torch.empty(min(rows, n - a), k, dtype=x2.dtype, device=x2.device)
+            for a in starts[: ahead + 1]]
+    main = torch.cuda.current_stream()
+    gemm = HI if prio else main
+    side = LO
+    ready = [torch.cuda.Event() for _ in starts]
+    read = [torch.cuda.Event() for _ in starts]
+    side.wait_stream(main)
+    gemm.wait_stream(main)
+    done = 0
+    for i, a in enumerate(starts):
+        while done < min(i + len(bufs), len(starts)):
+            with torch.cuda.stream(side):
+                if done >= len(bufs):
+                    side.wait_event(read[done - len(bufs)])
+                b = starts[done]
+                dequant(row_slice(w, b, min(b + rows, n)), x2.dtype,
+                        bufs[done % len(bufs)][: min(rows, n - b)], progs if done else 0)
+                ready[done].record(side)
+            done += 1
+        with torch.cuda.stream(gemm), carveout(carve):
+            gemm.wait_event(ready[i])
+            torch.mm(x2, bufs[i % len(bufs)][: min(rows, n - a)].t(), out=y[:, a:a + rows])
+            read[i].record(gemm)
+    main.wait_stream(side)
+    main.wait_stream(gemm)
+    return y
+
+
+def cell(n, k, m, args, gen) -> list[dict]:
+    w0 = int_weight(n, k, 4, 128, gen)
+    ws = gpu_timing.weight_copies(w0)[: copies(w0.qdata.numel() + 2 * w0.scale.numel())]
+    wd = [dequantize_triton(w, torch.bfloat16) for w in ws[:2]]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x, wd[0])
+    cands = {"bf16 cuBLAS": [lambda d=d: F.linear(x, d) for d in wd],
+             "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
+                                     for w in ws]}
+    for c in args.carve:
+        def lt(d, c=c):
+            with carveout(c):
+                return F.linear(x, d)
+        cands[f"bf16 cuBLASLt, {c} SMs left"] = [lambda d=d, f=lt: f(d) for d in wd]
+    for r, c, nb, p, prio in itertools.product(args.rows, args.carve, args.bufs, args.progs,
+                                               (True, False)):
+        if r >= n or (not prio and (c or p)):  # no priority: the plain two-stream form only
+            continue
+        cands[f"blocks {r}, {nb} bufs, {c} SMs left, progs {p}, prio {int(prio)}"] = [
+            lambda w=w, r=r, a=nb - 1, c=c, p=p, pr=prio: blocks(x, w, r, a, c, p, pr)
+            for w in ws]
+    errs = {}
+    for name, fns in cands.items():
+        y = fns[0]()
+        torch.cuda.synchronize()
+        errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
+                                  statistics.median, alive=len(cands))
+    out = []
+    for (name, _), t in zip(cands.items(), us):
+        out.append({"shape": f"{n}x{k}", "M": m, "cand": name, "us": round(t, 2),
+                    "x_bf16": round(us[0] / t, 3), "rel_err": float(f"{errs[name]:.2e}")})
+        print(f"{n}x{k} M={m:5d} {name:52s} {t:8.2f} µs  {us[0] / t:5.3f}x bf16  "
+              f"err {errs[name]:.1e}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="*", default=[2048])
+    ap.add_argument("--shapes", nargs="*", default=["14336x4096", "4096x14336"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[2048, 3584, 4096])
+    ap.add_argument("--carve", type=int, nargs="*", default=[0, 4, 8])
+    ap.add_argument("--bufs", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--progs", type=int, nargs="*", default=[0, 64])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    rows, t0 = [], time.time()
+    for shape, m in itertools.product(args.shapes, args.m):
+        n, k = map(int, shape.split("x"))
+        rows += cell(n, k, m, args, gen)
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python " + " ".join(sys.argv), "wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
