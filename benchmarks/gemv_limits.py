@@ -358,16 +358,19 @@ def wa_bf16(args, gen) -> None:
         torch.cuda.empty_cache()
 
 
-def _dq4_grid(args, gen, part: str, shapes, default=("14336x4096", "4096x14336")) -> None:
+def _dq4_grid(args, gen, part: str, shapes, default=("14336x4096", "4096x14336"),
+              tiles16: bool = False) -> None:
     """Time the dq 4 tile-kernel launch shapes `shapes(n, bm)` yields as (name, Config) for each
     NxK shape (--shapes, else `default`) and M, beside bf16 cuBLAS; each output checked against
-    dequantize + cuBLAS."""
+    dequantize + cuBLAS. Token tiles of 32 up to M = 32 (tiles16: of 16 up to M = 16, as the
+    chooser's), 64 up to 64, else 128."""
     for shape in args.shapes or default:
         n, k = map(int, shape.split("x"))
         for m in args.m:
             ws, x, bf16, want = setup(n, k, args.group, m, gen)
             row = {"part": part, "n": n, "k": k, "m": m, "bf16_us": round(bf16, 2)}
-            for name, c in shapes(n, 32 if m <= 32 else 64 if m <= 64 else 128):
+            bm = 16 if tiles16 and m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+            for name, c in shapes(n, bm):
                 f = [lambda w=w, c=c: triton_int.run(x, w, None, c) for w in ws]
                 try:
                     err = ((f[0]().float() - want).norm() / want.norm()).item()
@@ -422,7 +425,6 @@ def splitk(args, gen) -> None:
     the rows alone give more 64-row blocks than SMs (14336 rows: 224 programs on 132 SMs, 92
     running two and 40 one): does a finer grid even the SMs' work at M <= 32?"""
     def shapes(n, bm):
-        bm = 16 if min(args.m) <= 16 and bm == 32 else bm
         for sk in args.splits or (1, 2, 3, 4, 6, 8):
             for st, two in ((3, True), (4, False)):
                 yield (f"bn64_sk{sk}_st{st}_pair{int(two)}",
@@ -431,7 +433,7 @@ def splitk(args, gen) -> None:
         yield ("bn128_sk1_st3_pair1",
                triton_int.Config(bm, 128, 128, 1, 8, 3, magic=True, wa=True, pf=1, dq=4,
                                  pair=True))
-    _dq4_grid(args, gen, "splitk", shapes)
+    _dq4_grid(args, gen, "splitk", shapes, tiles16=True)
 
 
 def big(args, gen) -> None:

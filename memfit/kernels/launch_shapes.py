@@ -146,11 +146,12 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
         # and 64, lost at 128: RESULTS.md session 18)
         out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
     if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K (a
-        # split need not divide the row's tiles: 4096x11008, 86 tiles, had split 2 only); at
-        # 16-token tiles also 6 and 8 ways (4096x14336 M = 16 on an H100: 20.1 µs split 6
-        # against 21.4 split 4; at M = 32 they lost: benchmarks/RESULTS.md, session 45)
+        # split need not divide the row's tiles: 4096x11008, 86 tiles, had split 2 only); in
+        # 16- and 32-token tiles also 6 and 8 ways (on an H100, split 6 against 4: 4096x14336 M
+        # = 16 20.1 against 21.4 µs, 3584x18944 M = 32 30.8 against 34.9; at M = 64 they lost
+        # on all four narrow shapes timed: benchmarks/RESULTS.md, session 45)
         split = [replace(c, SPLIT_K=sk) for c in out
-                 for sk in ((2, 4, 6, 8) if bm == 16 else (2, 4))
+                 for sk in ((2, 4, 6, 8) if bm <= 32 else (2, 4))
                  if (c.BN, c.num_stages, c.pair) == (64, 4, False) and k // tk >= sk
                  and (UNEVEN or k % (sk * tk) == 0)]
         out += split + [replace(c, num_stages=3, pair=True) for c in split

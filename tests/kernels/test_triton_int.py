@@ -579,17 +579,18 @@ def test_narrow_layers_with_awkward_rows_get_a_four_way_split():
     assert {(c.SPLIT_K, c.pair) for c in cands if c.dq == 4} >= {(4, False), (4, True), (2, True)}
 
 
-def test_sixteen_token_tiles_also_split_six_and_eight_ways():
-    """M <= 16 on a narrow layer (few 64-row blocks): K split 6 and 8 ways too (4096x14336 at M
-    = 16 ran 6% faster split 6 than 4 on an H100), not where the tiles hold more tokens (they
-    lost at M = 32); 14 tiles of 128 codes (7 pairs): neither split divides them; each with the
-    reference's sums."""
+@pytest.mark.parametrize("m", [16, 32])
+def test_small_token_tiles_also_split_six_and_eight_ways(m):
+    """M <= 32 on a narrow layer (few 64-row blocks): K split 6 and 8 ways too (on an H100 split
+    6 ran 6% faster than 4 on 4096x14336 at M = 16, 13% on 3584x18944 at M = 32), not in
+    64-token tiles (they lost at M = 64); 14 tiles of 128 codes (7 pairs): neither split divides
+    them; each with the reference's sums."""
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
     w = make_weight(128, 14 * 128, 4, 128, "int", seed=3)
-    x = torch.randn(16, 14 * 128, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
-    cands = [c for c in triton_int.weight_a_candidates(16, w, dtype) if c.SPLIT_K in (6, 8)]
+    x = torch.randn(m, 14 * 128, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    cands = [c for c in triton_int.weight_a_candidates(m, w, dtype) if c.SPLIT_K in (6, 8)]
     assert {(c.SPLIT_K, c.pair) for c in cands} == {(6, False), (8, False), (6, True)}
-    assert not any(c.SPLIT_K > 4 for c in triton_int.weight_a_candidates(32, w, dtype))
+    assert not any(c.SPLIT_K > 4 for c in triton_int.weight_a_candidates(64, w, dtype))
     want = linear_reference(x.float(), w, None)
     for c in cands:
         assert rel_err(triton_int.run(x, w, None, c), want) < _tol(), c
