@@ -108,11 +108,15 @@ def small_m_tiles(m: int, w: IntWeight) -> bool:
     codes at M <= 16: at 2..16 tokens with groups under 128 codes (memfit's default int4 is
     groups of 64), which the mma decode kernel takes at M = 1 only (the byte and word kernels
     left ran 1.7-3.2x slower than groups of 128 at M = 16 on an H200; now 1.5-2.4x faster),
-    and at 9..16 tokens for every group size (14336x4096 g128 at M = 16: 18.9 µs against the mma kernel's 23.0;
-    benchmarks/RESULTS.md, session 24)."""
+    and at 9..16 tokens for every group size (14336x4096 g128 at M = 16: 18.9 µs against the mma
+    kernel's 23.0; benchmarks/RESULTS.md, session 24), and at 2..8 tokens on narrow layers
+    (fewer 64-row blocks than 132), where its K split 6 ways beat the mma kernel's best on an
+    H100 (4096x14336 g128 at M = 8: 19.7 µs against 22.3, M = 4 19.6 against 20.6; 3584x18944
+    M = 8 23.9 against 25.4; RESULTS.md, session 45)."""
     if w.bits != 4:  # measured for 4-bit codes only
         return False
-    return 1 < m <= 16 and w.n_groups > 1 and w.group_size < 128 or 8 < m <= 16
+    narrow = w.shape[0] < 64 * 132
+    return 1 < m <= 16 and (w.n_groups > 1 and w.group_size < 128 or narrow) or 8 < m <= 16
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16

@@ -385,8 +385,11 @@ def test_groups_of_64_at_small_m_take_the_weight_as_a_tile_kernel(m, rb):
     cands = [c for c in triton_int.candidates(m, v, dtype) if c.wa]
     assert cands and all(c.BM == 16 for c in cands) and any(c.dq == 4 for c in cands)
     g128 = make_weight(192, 512, 4, 128, "int")
-    # groups of 128: the mma kernel alone up to 8 tokens, the tile kernel timed too at 9..16
-    assert any(c.wa for c in triton_int.candidates(m, g128, dtype)) == (m > 8)
+    wide = make_weight(64 * 132, 256, 4, 128, "int")
+    # groups of 128: the tile kernel timed beside the mma kernel on narrow layers (under 132
+    # blocks of 64 rows) from 2 tokens, on wider ones from 9
+    assert any(c.wa for c in triton_int.candidates(m, g128, dtype))
+    assert any(c.wa for c in triton_int.candidates(m, wide, dtype)) == (m > 8)
     assert not any(c.wa for c in triton_int.candidates(m, make_weight(192, 512, 8, 64, "int"),
                                                          dtype))  # 8-bit: not measured there
     for c in cands:
@@ -579,10 +582,11 @@ def test_narrow_layers_with_awkward_rows_get_a_four_way_split():
     assert {(c.SPLIT_K, c.pair) for c in cands if c.dq == 4} >= {(4, False), (4, True), (2, True)}
 
 
-@pytest.mark.parametrize("m", [16, 32])
+@pytest.mark.parametrize("m", [3, 16, 32])
 def test_small_token_tiles_also_split_six_and_eight_ways(m):
     """M <= 32 on a narrow layer (few 64-row blocks): K split 6 and 8 ways too (on an H100 split
-    6 ran 6% faster than 4 on 4096x14336 at M = 16, 13% on 3584x18944 at M = 32), not in
+    6 ran 6% faster than 4 on 4096x14336 at M = 16, 13% on 3584x18944 at M = 32; 3 tokens: a
+    16-token tile mostly empty, as groups of 128 on narrow layers now take at M <= 8), not in
     64-token tiles (they lost at M = 64); 14 tiles of 128 codes (7 pairs): neither split divides
     them; each with the reference's sums."""
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
