@@ -34,41 +34,70 @@ from memfit.kernels import gpu_timing
 from memfit.kernels.triton_dequant import dequantize_triton
 from memfit.kernels.triton_int import _dequant_blocks
 
-def cell(n, k, m, args, gen) -> list[dict]:
+
+def setup(n, k, m, gen):
+    """(weight copies past the L2, x, dense copies for bf16 cuBLAS, the reference output) of an
+    int4 g128 n x k layer at m tokens."""
     w0 = int_weight(n, k, 4, 128, gen)
     ws = gpu_timing.weight_copies(w0)[: copies(w0.qdata.numel() + 2 * w0.scale.numel())]
     wd = [dequantize_triton(w, torch.bfloat16) for w in ws[:2]]  # bf16 cuBLAS on 2 copies
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = F.linear(x, wd[0])
-    rows_list = [r for r in args.rows if r < n]
+    return ws, x, wd, F.linear(x, wd[0])
+
+
+def time_cands(n, k, m, cands: dict, ref, alive: int = 0) -> list[dict]:
+    """Each candidate (name -> list of calls, one a weight copy) checked against `ref`, then timed
+    as the chooser times (graphs replayed in turns, median of 6), against the first (bf16)."""
+    errs = {}
+    for name, fns in cands.items():
+        y = fns[0]()
+        torch.cuda.synchronize()
+        errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    # every candidate in one batch of graphs replayed in turns unless `alive`: a graph in a
+    # later, smaller batch ran on a cooler device and read 4-9% faster (session 43, call 6)
+    us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
+                                  statistics.median, alive=alive or len(cands))
+    out = []
+    for (name, _), t in zip(cands.items(), us):
+        out.append({"shape": f"{n}x{k}", "M": m, "cand": name, "us": round(t, 2),
+                    "x_bf16": round(us[0] / t, 3), "rel_err": float(f"{errs[name]:.2e}")})
+        print(f"{n}x{k} M={m:5d} {name:52s} {t:8.2f} µs  {us[0] / t:5.3f}x bf16  "
+              f"err {errs[name]:.1e}", flush=True)
+    return out
+
+
+def run_cells(args, cell, repeat: int = 1) -> None:
+    """cell(n, k, m, args, gen) for every --shapes x --m (`repeat` times), rows printed and
+    written to --json with the device, date and command."""
+    gen = torch.Generator().manual_seed(0)
+    rows, t0 = [], time.time()
+    for _ in range(repeat):
+        for shape, m in itertools.product(args.shapes, args.m):
+            n, k = map(int, shape.split("x"))
+            rows += cell(n, k, m, args, gen)
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python " + " ".join(sys.argv), "wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def cell(n, k, m, args, gen) -> list[dict]:
+    ws, x, wd, ref = setup(n, k, m, gen)
     cands = {"bf16 cuBLAS": [lambda d=d: F.linear(x, d) for d in wd],
              "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
                                      for w in ws]}
-    for r in rows_list:
+    for r in [r for r in args.rows if r < n]:
         cands[f"blocks {r}, one stream"] = [lambda w=w, r=r: _dequant_blocks(x, w, None, r)
                                             for w in ws]
         for j, nb in enumerate(args.bufs):  # nb buffers: nb - 1 blocks ahead (0: a buffer a
             ahead = (nb or -(-n // r)) - 1  # block, none reused); a count given twice: #j
             cands[f"blocks {r}, {nb or 'all'} buffers, two streams #{j}"] = [
                 lambda w=w, r=r, a=ahead: _dequant_blocks(x, w, None, r, a) for w in ws]
-    errs = {}
-    for name, fns in cands.items():
-        y = fns[0]()
-        torch.cuda.synchronize()
-        errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-    # every candidate in one batch of graphs replayed in turns unless --alive: a graph in a
-    # later, smaller batch ran on a cooler device and read 4-9% faster (session 43, call 6)
-    us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
-                                  statistics.median, alive=args.alive or len(cands))
-    base = us[0]
-    out = []
-    for (name, _), t in zip(cands.items(), us):
-        row = dict(shape=f"{n}x{k}", M=m, cand=name, us=round(t, 2), x_bf16=round(base / t, 3),
-                   rel_err=float(f"{errs[name]:.2e}"))
-        out.append(row)
-        print(f"{n}x{k} M={m:5d} {name:44s} {t:8.2f} µs  {base / t:5.3f}x bf16  "
-              f"err {errs[name]:.1e}", flush=True)
-    return out
+    return time_cands(n, k, m, cands, ref, args.alive)
 
 
 def main() -> None:
@@ -83,21 +112,7 @@ def main() -> None:
                     help="graphs a batch (gpu_timing.graph_us_each; default: all in one)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    t0 = time.time()
-    for _ in range(args.repeat):
-        for shape, m in itertools.product(args.shapes, args.m):
-            n, k = map(int, shape.split("x"))
-            rows += cell(n, k, m, args, gen)
-            torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                command="python " + " ".join(sys.argv), wall_s=round(time.time() - t0, 1))
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    run_cells(args, cell, args.repeat)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
-import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from benchmarks.kernel_speed import copies, int_weight
-from memfit.kernels import gpu_timing
+from benchmarks.prefill_overlap import run_cells, setup, time_cands
 from memfit.kernels.triton_dequant import (
     _byte_ptrs,
     _group_params,
@@ -136,11 +131,7 @@ def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool):
 
 
 def cell(n, k, m, args, gen) -> list[dict]:
-    w0 = int_weight(n, k, 4, 128, gen)
-    ws = gpu_timing.weight_copies(w0)[: copies(w0.qdata.numel() + 2 * w0.scale.numel())]
-    wd = [dequantize_triton(w, torch.bfloat16) for w in ws[:2]]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = F.linear(x, wd[0])
+    ws, x, wd, ref = setup(n, k, m, gen)
     cands = {"bf16 cuBLAS": [lambda d=d: F.linear(x, d) for d in wd],
              "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
                                      for w in ws]}
@@ -156,20 +147,7 @@ def cell(n, k, m, args, gen) -> list[dict]:
         cands[f"blocks {r}, {nb} bufs, {c} SMs left, progs {p}, prio {int(prio)}"] = [
             lambda w=w, r=r, a=nb - 1, c=c, p=p, pr=prio: blocks(x, w, r, a, c, p, pr)
             for w in ws]
-    errs = {}
-    for name, fns in cands.items():
-        y = fns[0]()
-        torch.cuda.synchronize()
-        errs[name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-    us = gpu_timing.graph_us_each(list(cands.values()), lambda fns: 2 * len(fns), 6,
-                                  statistics.median, alive=len(cands))
-    out = []
-    for (name, _), t in zip(cands.items(), us):
-        out.append({"shape": f"{n}x{k}", "M": m, "cand": name, "us": round(t, 2),
-                    "x_bf16": round(us[0] / t, 3), "rel_err": float(f"{errs[name]:.2e}")})
-        print(f"{n}x{k} M={m:5d} {name:52s} {t:8.2f} µs  {us[0] / t:5.3f}x bf16  "
-              f"err {errs[name]:.1e}", flush=True)
-    return out
+    return time_cands(n, k, m, cands, ref)
 
 
 def main() -> None:
@@ -181,20 +159,7 @@ def main() -> None:
     ap.add_argument("--bufs", type=int, nargs="*", default=[2, 3])
     ap.add_argument("--progs", type=int, nargs="*", default=[0, 64])
     ap.add_argument("--json")
-    args = ap.parse_args()
-    gen = torch.Generator().manual_seed(0)
-    rows, t0 = [], time.time()
-    for shape, m in itertools.product(args.shapes, args.m):
-        n, k = map(int, shape.split("x"))
-        rows += cell(n, k, m, args, gen)
-        torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python " + " ".join(sys.argv), "wall_s": round(time.time() - t0, 1)}
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    run_cells(ap.parse_args(), cell)
 
 
 if __name__ == "__main__":
