@@ -115,8 +115,13 @@ def small_m_tiles(m: int, w: IntWeight) -> bool:
     M = 8 23.9 against 25.4; RESULTS.md, session 45)."""
     if w.bits != 4:  # measured for 4-bit codes only
         return False
-    narrow = w.shape[0] < 64 * 132
-    return 1 < m <= 16 and (w.n_groups > 1 and w.group_size < 128 or narrow) or 8 < m <= 16
+    return (1 < m <= 16 and (w.n_groups > 1 and w.group_size < 128 or narrow(w.shape[0]))
+            or 8 < m <= 16)
+
+
+def narrow(rows: int) -> bool:
+    """Fewer 64-row blocks than an H100 / H200 has SMs (132): the tile kernel splits K."""
+    return rows < 64 * 132
 
 
 def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat16
@@ -149,7 +154,7 @@ def weight_a_candidates(m: int, w: IntWeight, dtype: torch.dtype = torch.bfloat1
     if out and bm <= 64 and k % (2 * tk) == 0:  # two tiles a step, 3 stages (won at M = 32
         # and 64, lost at 128: RESULTS.md session 18)
         out = [replace(c, num_stages=3, pair=True) for c in out if c.num_stages == 4] + out
-    if out and n < 64 * 132:  # fewer 64-row blocks than an H100 / H200 has SMs: split K (a
+    if out and narrow(n):  # fewer 64-row blocks than an H100 / H200 has SMs: split K (a
         # split need not divide the row's tiles: 4096x11008, 86 tiles, had split 2 only); in
         # 16- and 32-token tiles also 6 and 8 ways (on an H100, split 6 against 4: 4096x14336 M
         # = 16 20.1 against 21.4 µs, 3584x18944 M = 32 30.8 against 34.9; at M = 64 they lost
