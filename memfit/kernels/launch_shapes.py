@@ -262,8 +262,8 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
             out += [Config(bm, bn, b, sk, 4, 2, gemv=True) for b in sorted({min(bk, 64), bk})
                     for bn in ((8, 16, 32, 64) if bm <= 2 else (8, 16, 32))
                     for sk in (4, 8, 16, 1)]
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         if m <= 128 and bk >= 16:  # (BK 16 at 16-32 tokens: `triton_bug`)
+            bm = 16 if m <= 16 else (32 if m <= 32 else 64)
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return (out + widen_candidates(m, w, dtype)
