@@ -13,7 +13,8 @@ Each candidate is timed as memfit's chooser times (a CUDA graph over weight copi
 graphs replayed in turns, median of 6) and checked against whole dequantize + cuBLAS.
 
     python benchmarks/prefill_priority.py [--shapes 14336x4096 4096x14336] [--m 2048]
-        [--rows 2048 3584 4096] [--carve 0 4 8] [--bufs 2 3] [--progs 0 64] [--json OUT]
+        [--rows 2048 3584 4096] [--carve 0 4 8] [--bufs 2 3] [--progs 0 64 -1]
+        [--tile 64x128x16 ...] [--rate] [--json OUT]
 """
 
 from __future__ import annotations
@@ -60,11 +61,58 @@ def _dequant_loop(q_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn, stride_sn, st
                  mask=n_ok[:, None] & (kk[None, :] < K))
 
 
-def dequant(w, dtype, out, progs: int):
-    """memfit's one-pass dequantize (progs 0), or the same tiles on `progs` looping programs."""
+@triton.jit
+def _few_tile(q_ptr, s_ptr, z_ptr, t, t1, tiles_k, N, stride_qn, stride_sn, stride_zn,
+              GROUP: tl.constexpr, ZMODE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Tile t's (BN, BK / 2) bytes, scales and zero points (nothing loaded past tile t1)."""
+    rn = (t // tiles_k) * BN + tl.arange(0, BN)
+    k0 = (t % tiles_k) * BK
+    ok = (rn < N) & ((rn * 0 + t) < t1)
+    s, z = _group_params(s_ptr, z_ptr, rn, k0 // GROUP, ok, stride_sn, stride_zn, 4, ZMODE,
+                         BN, 0)
+    jb = k0 // 2 + tl.arange(0, BK // 2)
+    qb = tl.load(_byte_ptrs(q_ptr, rn, jb, k0 // 2, stride_qn, 0), mask=ok[:, None], other=0)
+    return qb, s, z
+
+
+@triton.jit
+def _dequant_few(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn, PROGS,
+                 GROUP: tl.constexpr, ZMODE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """4-bit stored layout (BK divides K and the group): program p dequantizes a contiguous run
+    of the (BN, BK) tiles in row-major order, each tile's bytes and parameters loaded before
+    the one before it is unpacked and stored (a register prefetch: bytes in flight on each of
+    few programs)."""
+    tiles_k = K // BK
+    total = tl.cdiv(N, BN) * tiles_k
+    p = tl.program_id(0)
+    t0 = (p * total) // PROGS
+    t1 = ((p + 1) * total) // PROGS
+    qb, s, z = _few_tile(q_ptr, s_ptr, z_ptr, t0, t1, tiles_k, N, stride_qn, stride_sn,
+                         stride_zn, GROUP, ZMODE, BN, BK)
+    for t in range(t0, t1):
+        nqb, ns, nz = _few_tile(q_ptr, s_ptr, z_ptr, t + 1, t1, tiles_k, N, stride_qn,
+                                stride_sn, stride_zn, GROUP, ZMODE, BN, BK)
+        rn = (t // tiles_k) * BN + tl.arange(0, BN)
+        kk = (t % tiles_k) * BK + tl.arange(0, BK)
+        w = (_unpack_tile(qb, 4, BN, BK).to(tl.float32) - z[:, None]) * s[:, None]
+        tl.store(w_ptr + rn[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(rn < N)[:, None])
+        qb, s, z = nqb, ns, nz
+
+
+def dequant(w, dtype, out, progs: int, tile: tuple | None = None):
+    """memfit's one-pass dequantize (progs 0), or the same tiles on `progs` looping programs
+    (tile (BN, BK, warps): `_dequant_few`'s contiguous runs, a tile prefetched)."""
     if not progs:
         return dequantize_triton(w, dtype, out)
     n, k = w.shape
+    if tile:
+        bn, bk, warps = tile
+        _dequant_few[(progs,)](w.qdata, w.scale, w.zero, out, n, k, w.qdata.stride(0),
+                               w.scale.stride(0), w.zero.stride(0), progs,
+                               GROUP=w.group_size, ZMODE=zmode(w), BN=bn,
+                               BK=min(bk, w.group_size), num_warps=warps)
+        return out
     _dequant_loop[(progs,)](w.qdata, w.scale, w.zero, out, n, k, w.qdata.shape[1],
                             w.qdata.stride(0), w.scale.stride(0), w.zero.stride(0), progs,
                             GROUP=w.group_size, ZMODE=zmode(w), BN=32, BK=128)
@@ -88,11 +136,12 @@ def carveout(sms: int):
 HI = LO = None
 
 
-def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool):
+def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool,
+           tile: tuple | None = None):
     """y = x2 @ dequant(w)^T, `rows` output rows a block: block i's GEMM on a high-priority
     stream (prio) and blocks up to i + ahead dequantized on a low-priority one, into ahead + 1
     reused buffers; the first block on memfit's whole grid, the later ones on `progs` looping
-    programs (0: the whole grid too)."""
+    programs (0: the whole grid too; tile: `_dequant_few`'s, see `dequant`)."""
     global HI, LO
     if HI is None:
         lo, hi = torch.cuda.Stream.priority_range()
@@ -118,7 +167,8 @@ def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool):
                     side.wait_event(read[done - len(bufs)])
                 b = starts[done]
                 dequant(row_slice(w, b, min(b + rows, n)), x2.dtype,
-                        bufs[done % len(bufs)][: min(rows, n - b)], progs if done else 0)
+                        bufs[done % len(bufs)][: min(rows, n - b)], progs if done else 0,
+                        tile)
                 ready[done].record(side)
             done += 1
         with torch.cuda.stream(gemm), carveout(carve):
@@ -128,6 +178,11 @@ def blocks(x2, w, rows: int, ahead: int, carve: int, progs: int, prio: bool):
     main.wait_stream(side)
     main.wait_stream(gemm)
     return y
+
+
+def tiles(args) -> list:
+    """--tile BNxBKxWARPS strings as tuples (none: the plain looping kernel)."""
+    return [tuple(map(int, t.split("x"))) for t in args.tile] or [None]
 
 
 def cell(n, k, m, args, gen) -> list[dict]:
@@ -140,14 +195,38 @@ def cell(n, k, m, args, gen) -> list[dict]:
             with carveout(c):
                 return F.linear(x, d)
         cands[f"bf16 cuBLASLt, {c} SMs left"] = [lambda d=d, f=lt: f(d) for d in wd]
-    for r, c, nb, p, prio in itertools.product(args.rows, args.carve, args.bufs, args.progs,
-                                               (True, False)):
-        if r >= n or (not prio and (c or p)):  # no priority: the plain two-stream form only
-            continue
-        cands[f"blocks {r}, {nb} bufs, {c} SMs left, progs {p}, prio {int(prio)}"] = [
-            lambda w=w, r=r, a=nb - 1, c=c, p=p, pr=prio: blocks(x, w, r, a, c, p, pr)
+    for r, c, nb, p, prio, t in itertools.product(args.rows, args.carve, args.bufs, args.progs,
+                                                  (True, False), tiles(args)):
+        p = c if p < 0 else p  # -1: a program for each SM left free
+        if r >= n or (not prio and (c or p)):
+            continue  # no priority: the plain two-stream form only
+        tag = f", tile {'x'.join(map(str, t))}" if t and p else ""
+        cands[f"blocks {r}, {nb} bufs, {c} SMs left, progs {p}, prio {int(prio)}{tag}"] = [
+            lambda w=w, r=r, a=nb - 1, c=c, p=p, pr=prio, t=t: blocks(x, w, r, a, c, p, pr, t)
             for w in ws]
     return time_cands(n, k, m, cands, ref)
+
+
+def rate(n, k, m, args, gen) -> list[dict]:
+    """The dequantization alone on --progs programs (0: memfit's whole grid) with each --tile,
+    against memfit's one-pass kernel: read + write GB/s in all and a program."""
+    ws, _, _, _ = setup(n, k, 16, gen)
+    out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+    ref = dequantize_triton(ws[0], torch.bfloat16)
+    cands = {"memfit dequantize": [lambda w=w: dequantize_triton(w, torch.bfloat16, out)
+                                   for w in ws]}
+    for p, t in itertools.product([p for p in args.progs if p > 0], tiles(args)):
+        name = f"{p} programs, tile {'x'.join(map(str, t)) if t else 'loop 32x128x4'}"
+        cands[name] = [lambda w=w, p=p, t=t: dequant(w, torch.bfloat16, out, p, t) for w in ws]
+    rows = time_cands(n, k, m, cands, ref)
+    nbytes = ws[0].qdata.numel() + 2 * ws[0].scale.numel() + ws[0].zero.numel() + 2 * n * k
+    for r, name in zip(rows, cands):
+        p = int(name.split()[0]) if name[0].isdigit() else 0
+        r["GB_s"] = round(nbytes / r["us"] / 1e3, 1)
+        r["GB_s_program"] = round(r["GB_s"] / p, 1) if p else None
+        print(f"{name:40s} {r['GB_s']:8.1f} GB/s" + (f"  {r['GB_s_program']:6.1f} a program"
+                                                       if p else ""), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -157,9 +236,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[2048, 3584, 4096])
     ap.add_argument("--carve", type=int, nargs="*", default=[0, 4, 8])
     ap.add_argument("--bufs", type=int, nargs="*", default=[2, 3])
-    ap.add_argument("--progs", type=int, nargs="*", default=[0, 64])
+    ap.add_argument("--progs", type=int, nargs="*", default=[0, 64],
+                    help="looping programs for the later blocks (-1: one a free SM)")
+    ap.add_argument("--tile", nargs="*", default=[],
+                    help="BNxBKxWARPS of the prefetching looping kernel (none: the plain one)")
+    ap.add_argument("--rate", action="store_true",
+                    help="time the dequantization alone on --progs programs")
     ap.add_argument("--json")
-    run_cells(ap.parse_args(), cell)
+    args = ap.parse_args()
+    run_cells(args, rate if args.rate else cell)
 
 
 if __name__ == "__main__":
