@@ -8,7 +8,7 @@ Collect (one GPU; full search, nothing read from or written to the choice file; 
 rewritten after each choice, so a run stopped by a time limit keeps what it timed):
 
     python benchmarks/choice_table.py --json OUT.json [--ms 1 16] [--groups 128 64]
-        [--families llama3-8b qwen2.5-7b ...] [--budget-s 480] [--max-rows N]
+        [--families llama3-8b qwen2.5-7b ...] [--budget-s 480] [--max-rows N] [--min-rows N]
 
 Build the shipped table from one or more collected files (CPU is enough):
 
@@ -77,9 +77,10 @@ def collect(a) -> None:
         for g in a.groups:
             for fam in a.families:
                 plain, fused = shapes(fam)
-                jobs += [(m, s, g, 0) for s in plain if s[0] <= a.max_rows]
+                jobs += [(m, s, g, 0) for s in plain if a.min_rows <= s[0] <= a.max_rows]
                 if m == 1 or m > 16:  # the loop tiles at batch 1 (its prefill runs on them too)
-                    jobs += [(m, s, g, 64) for s in fused if s[0] <= a.max_rows]
+                    jobs += [(m, s, g, 64) for s in fused
+                             if a.min_rows <= s[0] <= a.max_rows]
     out = {"device": torch.cuda.get_device_name(), "device_key": choices.device_key(
                torch.device("cuda")), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "entries": {}}
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--onto", help="--build: a built table whose keys the files' keys replace")
     ap.add_argument("--max-rows", type=int, default=1 << 30,
                     help="collect: only layer shapes of at most this many rows")
+    ap.add_argument("--min-rows", type=int, default=0,
+                    help="collect: only layer shapes of at least this many rows")
     a = ap.parse_args()
     if a.build:
         build(a)
