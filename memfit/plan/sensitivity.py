@@ -43,9 +43,10 @@ class Sensitivity:
 
 def kfac_damage(dw: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor) -> float:
     """½ tr(Ḡ ΔW H̄ ΔWᵀ), H̄ = hessian / 2 (memfit's H is 2 E[x xᵀ])."""
-    right = dw @ hessian  # (out, in)
-    left = fisher @ dw    # (out, in)
-    return 0.25 * float((left * right).sum())
+    with torch.no_grad():  # a number, not a graph (dw may come from a trainable weight)
+        right = dw @ hessian  # (out, in)
+        left = fisher @ dw    # (out, in)
+        return 0.25 * float((left * right).sum())
 
 
 HEAD_POSITIONS = 128  # positions per window at which the head candidates' damage is computed

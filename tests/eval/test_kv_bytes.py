@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memfit.eval.memory import inspect_model
+from memfit.kvcache import cache_kwarg
 
 
 def _storage_bytes(cache) -> int:
@@ -49,7 +50,7 @@ def test_inspect_kv_bytes_equal_the_real_cache(tiny_config, model_type, extra):
     # right after the prefill, the storages alive are the whole prompt's on every layer
     assert info["kv_prefill_peak_bytes"] == _storage_bytes(cache) == info["kv_bytes_per_token"] * 64 * 2
     with torch.no_grad():
-        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], use_cache=True, **{cache_kwarg(model): cache})
     if model_type != "llama":  # one decode step later the windowed layers let go of the prompt
         assert _storage_bytes(cache) < info["kv_prefill_peak_bytes"]
 
