@@ -8,6 +8,10 @@ that the next block's dequantization, launched beside the GEMM on a second strea
 GEMM wanted (every pipelined row 1.5-8x slower). CUDA graphs in PyTorch are instantiated with
 per-node priorities, so kernels captured on a high-priority stream are dispatched first when
 both streams have blocks waiting: here the GEMM's, leaving the dequantization the free SMs.
+Session 46 (`--tile`, `--progs -1`, `--rate`): one program a free SM, each streaming a
+contiguous run with a tile prefetched, reaches ~30 GB/s a program on an H100 (2.4x the plain
+loop) and no tile shape or warp count moves it, so 4-8 free SMs still cannot hide the next
+block and 16 cost the GEMM more than they save (benchmarks/RESULTS.md, session 46).
 
 Each candidate is timed as memfit's chooser times (a CUDA graph over weight copies past the L2,
 graphs replayed in turns, median of 6) and checked against whole dequantize + cuBLAS.
