@@ -72,7 +72,9 @@ def main() -> None:
                           ("int4 g128, tile kernel up to 1024 tokens", 1024)):
             launch_shapes.WA_MAX_M = top
             triton_int._CHOICE.clear()
-            note(name, {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
+            ms = {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts}
+            note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
+                                        in triton_int._CHOICE.items() if key[0] > 128}})
         launch_shapes.WA_MAX_M = keep
 
 
