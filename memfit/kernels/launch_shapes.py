@@ -267,7 +267,7 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
         return (out + widen_candidates(m, w, dtype)
-                + (blocks_candidates() if m > 128 and w.shape[0] > 4096 else []))
+                + (blocks_candidates(m) if m > 128 and w.shape[0] > 4096 else []))
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16
@@ -336,15 +336,25 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
             out += prefill_candidates(m, w, dtype)
         out += tma_candidates(m, w, dtype)
         if w.shape[0] > 4096:
-            out += blocks_candidates()
+            out += blocks_candidates(m)
     return out
 
 
-def blocks_candidates() -> list[Config]:
+# Row blocks past 1024 tokens only: the chooser times candidates in CUDA graphs, where a block
+# form's extra launches, events and stream switches cost nothing, but a prefill runs eagerly and
+# pays them on the host: on an H100 an eager call of the two-ahead form on 14336x4096 at 1024
+# tokens took 962 µs of host time against ~200 µs of GPU time, and an 8B-shaped eager prefill
+# whose 14336-row layers took block forms at 512 and 1024 tokens ran 53.6 / 79.6 ms against 44.7
+# at 256 (bf16 23.2 / 31.2 / 23.6; benchmarks/RESULTS.md, session 47). Past 1024 tokens a call's
+# GPU time (350-400 µs at 2048) covers that host work, and the graph timing is what counts.
+BLOCKS_MIN_M = 1025
+
+
+def blocks_candidates(m: int) -> list[Config]:
     """Dequantize + cuBLAS 4096 rows at a time through a buffer the L2 holds; the same with two
     blocks dequantized ahead on a second stream (three buffers: 3/4 of a whole 14336-row
-    weight's bytes)."""
-    return [Config(0, 4096, 0), Config(0, 4096, 0, pf=2)]
+    weight's bytes). From BLOCKS_MIN_M rows."""
+    return [Config(0, 4096, 0), Config(0, 4096, 0, pf=2)] if m >= BLOCKS_MIN_M else []
 
 
 def widen_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:

@@ -451,7 +451,8 @@ def test_row_blocks_dequantized_ahead_match_whole_dequantize_and_are_offered_pas
     assert rel_err(triton_int.run(xt, tile(t, 16), None, triton_int.Config(0, 32, 0, pf=2)),
                    linear_reference(xt.float(), t, None)) < _tol()
     blocks = [triton_int.Config(0, 4096, 0), triton_int.Config(0, 4096, 0, pf=2)]
-    for n, m, offered in ((4160, 2048, True), (4160, 100, False), (4096, 2048, False)):
+    for n, m, offered in ((4160, 2048, True), (4160, 100, False), (4096, 2048, False),
+                          (4160, 1024, False), (4160, 1025, True)):  # not where eager pays
         cands = triton_int.candidates(m, make_weight(n, 128, 4, 128, "int"), torch.bfloat16)
         assert (cands[-2:] == blocks) == offered and (blocks[1] in cands) == offered
 
