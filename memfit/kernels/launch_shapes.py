@@ -340,21 +340,24 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
     return out
 
 
-# Row blocks past 1024 tokens only: the chooser times candidates in CUDA graphs, where a block
-# form's extra launches, events and stream switches cost nothing, but a prefill runs eagerly and
-# pays them on the host: on an H100 an eager call of the two-ahead form on 14336x4096 at 1024
-# tokens took 962 µs of host time against ~200 µs of GPU time, and an 8B-shaped eager prefill
-# whose 14336-row layers took block forms at 512 and 1024 tokens ran 53.6 / 79.6 ms against 44.7
-# at 256 (bf16 23.2 / 31.2 / 23.6; benchmarks/RESULTS.md, session 47). Past 1024 tokens a call's
-# GPU time (350-400 µs at 2048) covers that host work, and the graph timing is what counts.
+# Row blocks past 1024 tokens only, and none dequantized ahead on a second stream: the chooser
+# times candidates in CUDA graphs, where a block form's extra launches, events and stream
+# switches cost nothing, but a prefill runs eagerly and pays them call by call. On an H100 an
+# eager call of the two-ahead form on 14336x4096 at 1024 tokens took 962 µs (50 calls back to
+# back; its graph timing at 2048 tokens: 403 µs, 1.5% under whole dequantize + cuBLAS), and an
+# 8B-shaped eager prefill whose 14336-row layers took the one-buffer form at 512 tokens and the
+# two-ahead one at 1024 ran 53.6 / 79.6 ms against 44.7 at 256 (bf16 23.2 / 31.2 / 23.6;
+# benchmarks/RESULTS.md, session 47). Past 1024 tokens a call's GPU time (350-400 µs at 2048)
+# covers the one-buffer form's few extra launches; `benchmarks/eager_forms.py` times each form
+# eagerly and in a graph (not yet run on a GPU).
 BLOCKS_MIN_M = 1025
 
 
 def blocks_candidates(m: int) -> list[Config]:
-    """Dequantize + cuBLAS 4096 rows at a time through a buffer the L2 holds; the same with two
-    blocks dequantized ahead on a second stream (three buffers: 3/4 of a whole 14336-row
-    weight's bytes). From BLOCKS_MIN_M rows."""
-    return [Config(0, 4096, 0), Config(0, 4096, 0, pf=2)] if m >= BLOCKS_MIN_M else []
+    """Dequantize + cuBLAS 4096 rows at a time through a buffer the L2 holds, from BLOCKS_MIN_M
+    rows (`Config(0, 4096, 0, pf=2)`, two blocks ahead on a second stream, runs when asked for:
+    `_dequant_blocks`)."""
+    return [Config(0, 4096, 0)] if m >= BLOCKS_MIN_M else []
 
 
 def widen_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
