@@ -456,7 +456,7 @@ def test_row_blocks_dequantized_ahead_match_whole_dequantize_and_are_offered_pas
                           (4160, 1024, False), (4160, 1025, True)):  # not where eager pays
         cands = triton_int.candidates(m, make_weight(n, 128, 4, 128, "int"), torch.bfloat16)
         assert (cands[-1] == block) == offered and (block in cands) == offered
-        assert ahead not in cands  # ~4x its graph time called eagerly (RESULTS.md, session 47)
+        assert ahead not in cands  # eagerly 962 µs at 1024 tokens, in a graph 403 at 2048
 
 
 def _wide_case(n, k, group, zp, seed, m, rb, cfg):
