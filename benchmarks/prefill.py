@@ -1,15 +1,18 @@
 """Prefill time (the forward of a P-token prompt, batch 1: the time to the first token) of a
 random-weight Llama-3-8B-shaped model on one GPU, side by side in one run: bf16, then int4 g128
-(memfit's QuantLinear + Triton kernels) twice: with the packed linears' prefill on dequantize +
-cuBLAS only past 128 tokens (the default: `memfit.kernels.launch_shapes.WA_MAX_M = 128`) and
-with the dq 4 tile kernel also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1).
+(memfit's QuantLinear + Triton kernels) three times: with the packed linears' prefill on
+dequantize + cuBLAS only past 128 tokens (the default: `launch_shapes.WA_MAX_M = 128`), the same
+with memfit's launch plans off (`memfit.kernels.replay`, MEMFIT_LAUNCH_PLANS=0: each call takes
+the ordinary path of checks, choice and Triton's launcher) and with the dq 4 tile kernel
+also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1).
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
-timed with the CUDA device synchronized around it, best of 3. `logits_to_keep=1`: only the last
-position's logits, as `generate` computes them. Random weights: speed only.
+timed with the CUDA device synchronized around it, best of `--reps` (3). `logits_to_keep=1`:
+only the last position's logits, as `generate` computes them. Random weights: speed only.
 
     MEMFIT_KERNEL_CHOICES=0 python benchmarks/prefill.py [--layers 32] [--prompts 256 512 1024 2048]
+        [--reps 3]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4
 
-from memfit.kernels import launch_shapes, triton_int
+from memfit.kernels import launch_shapes, replay, triton_int
 
 
 def prefill_ms(m, prompt: int, reps: int = 3) -> float:
@@ -47,7 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompts", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a small model on the CPU (checks the script)")
+    ap.add_argument("--reps", type=int, default=3, help="timed forwards a cell (the best is kept)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.tiny:
@@ -65,17 +70,22 @@ def main() -> None:
                            "rows": rows}, f, indent=1)
 
     with torch.inference_mode():
-        note("bf16", {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts})
+        note("bf16", {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts})
         to_int4(m)
-        keep = launch_shapes.WA_MAX_M
-        for name, top in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128),
-                          ("int4 g128, tile kernel up to 1024 tokens", 1024)):
+        keep, keep_plans = launch_shapes.WA_MAX_M, replay.ENABLED
+        for name, top, plans in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128, True),
+                                 ("the same, launch plans off (MEMFIT_LAUNCH_PLANS=0)", 128, False),
+                                 ("int4 g128, tile kernel up to 1024 tokens", 1024, True)):
             launch_shapes.WA_MAX_M = top
+            replay.ENABLED = plans
+            for mod in m.modules():  # plans are made with a layer's cache: make them again
+                if hasattr(mod, "_drop_cache"):
+                    mod._drop_cache()
             triton_int._CHOICE.clear()
-            ms = {f"P{p}_ms": round(prefill_ms(m, p), 2) for p in args.prompts}
+            ms = {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts}
             note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
                                         in triton_int._CHOICE.items() if key[0] > 128}})
-        launch_shapes.WA_MAX_M = keep
+        launch_shapes.WA_MAX_M, replay.ENABLED = keep, keep_plans
 
 
 if __name__ == "__main__":

@@ -12,14 +12,17 @@ counters), and tries it once (`_tried`: a Triton whose launcher takes other argu
 the ordinary path in place, warned once). Later calls with the same shape allocate the outputs
 and call the compiled kernels' launchers directly.
 
-Plans are made for M <= 128 rows (decode batches; a prefill's GPU time dwarfs its host work and
-its lengths vary), at most 64 activation shapes a layer. A plan holds for exactly the arguments
-it was built with: the weight's tensors (checked by identity on every call; a layer that swaps
-them gets a new plan), M, K, dtype, device and 16-byte aligned contiguous activations (the
-alignment Triton specialized the kernel for; anything else takes the ordinary path). Launch
-hooks (Triton's profiler hooks) send a call through the compiled kernel's own runner, which
-calls them. Used by `memfit.kernels.linear` for CUDA weights outside torch.compile; what it
-runs is what the ordinary path runs (tests check the outputs are identical).
+Plans are made per activation shape for M <= 128 rows (decode batches), at most 64 shapes a
+layer; past 128 rows (a prefill, whose length varies) one plan serves each M bucket (powers of
+two, as the kernel choice): the choice fixed and, for dequantize + cuBLAS, the dequantize
+kernel's launch (an eager prefill is bound by the host too: `benchmarks/prefill.py`). A plan
+holds for exactly the arguments it was built with: the weight's tensors (checked by identity on
+every call; a layer that swaps them gets a new plan), M (or its bucket), K, dtype, device and
+16-byte aligned contiguous activations (the alignment Triton specialized the kernel for;
+anything else takes the ordinary path). Launch hooks (Triton's profiler hooks) send a call
+through the compiled kernel's own runner, which calls them. Used by `memfit.kernels.linear` for
+CUDA weights outside torch.compile; what it runs is what the ordinary path runs (tests check the
+outputs are identical).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 # MEMFIT_LAUNCH_PLANS=0: every eager call takes the ordinary path (benchmarks A/B it)
 ENABLED = os.environ.get("MEMFIT_LAUNCH_PLANS", "1") != "0"
-MAX_M = 128  # decode batches; a prefill's GPU time dwarfs its host work (and its lengths vary)
+MAX_M = 128  # decode batches: a plan per shape; past it, a plan per M bucket
 MAX_SHAPES = 64  # a layer's plans kept at once (then dropped and built again)
 
 
@@ -89,9 +92,11 @@ class Plans:
             self.by_shape.clear()
             self.tensors = (w.qdata, w.scale, w.zero, bias)
         x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() and x.data_ptr() % 16 == 0 else None
-        if x2 is None or not 0 < x2.shape[0] <= MAX_M:
+        if x2 is None or x2.shape[0] == 0:
             return None  # activations no plan takes: the ordinary path
-        key = (x.shape, x.dtype)
+        m = x2.shape[0]  # past MAX_M (a prefill) one plan serves an M bucket: `build` says so
+        key = (x.shape, x.dtype) if m <= MAX_M else (1 << (m - 1).bit_length(), x.shape[-1],
+                                                      x.dtype)
         plan = self.by_shape.get(key)
         if plan:
             y = plan(x2)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
 from memfit.kernels.weights import IntWeight
 
@@ -177,10 +178,11 @@ def zmode(w: IntWeight) -> int:
     return {"sym": 0, "int": 1, "float": 2}[w.zero_point]
 
 
-def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None = None,
+                      plan: bool = False):
     """(out, in) dense weight of `dtype`, one kernel pass (stored or tiled layout), into `out`
-    (a contiguous (out, in) tensor of `dtype`) when given."""
+    (a contiguous (out, in) tensor of `dtype`) when given. plan: (the weight, a callable
+    returning a fresh one by the same launch with its arguments fixed: memfit.kernels.replay)."""
     n, k = w.shape
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=w.qdata.device)
@@ -188,7 +190,18 @@ def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None
     z = w.zero if w.zero is not None else w.scale
     bn = 16 if w.bits == 3 else 32  # 3 bits: 16 rows walked along K (see _dequant)
     grid = (cdiv(k, bk), cdiv(n, bn)) if w.bits == 3 else (cdiv(n, bn), cdiv(k, bk))
-    _dequant[grid](w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
-                   w.scale.stride(0), z.stride(0), GROUP=w.group_size, BITS=w.bits,
-                   ZMODE=zmode(w), BN=bn, BK=bk, RB=w.tile_rows, W3=words3(w))
-    return out
+    args = (w.qdata, w.scale, z, out, n, k, w.qdata.shape[1], w.qdata.stride(0),
+            w.scale.stride(0), z.stride(0))
+    kw = dict(GROUP=w.group_size, BITS=w.bits, ZMODE=zmode(w), BN=bn, BK=bk, RB=w.tile_rows,
+              W3=words3(w))
+    kernel = _dequant[grid](*args, **kw)
+    if not plan:
+        return out
+    launch = Launch(_dequant, kernel, grid, args, kw, ("w_ptr",))
+    dev = w.qdata.device
+
+    def call() -> torch.Tensor:
+        wd = torch.empty(n, k, dtype=dtype, device=dev)
+        launch(wd)
+        return wd
+    return out, call

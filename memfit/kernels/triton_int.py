@@ -49,7 +49,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import PTXASError
 
 from memfit.errors import UserError
-from memfit.kernels import choices, pdl
+from memfit.kernels import choices, pdl, replay
 from memfit.kernels.fragments import perm_x, perm_x_reference  # noqa: F401 (tests)
 from memfit.kernels.gpu_timing import graph_us_each, weight_copies
 from memfit.kernels.launch_shapes import (  # noqa: F401 (re-exported)
@@ -332,7 +332,8 @@ def _dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int 
     ahead on a second stream, into ahead + 1 buffers, while this stream multiplies: the
     dequantize kernel runs on the SMs the GEMM's last wave leaves idle (14336x4096 at M = 2048,
     4096-row blocks, 2 ahead: 2-3% faster than one stream on an H100, benchmarks/RESULTS.md,
-    session 43)."""
+    session 43). Not offered by the chooser: called eagerly, as a prefill calls it, these forms
+    lose to whole dequantize + cuBLAS (launch_shapes, RESULTS.md session 48)."""
     m, k = x2.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
@@ -402,6 +403,8 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
     if INTERPRET or ineligibility(w) is not None:
         return None, None
     cfg = choose(x2, w, bias)
+    if x2.shape[0] > replay.MAX_M:
+        return _bucket_plan(x2, w, bias, cfg)
     # widen (3 bits): a fresh 4-bit weight each call, so only the choice is fixed (below)
     if cfg.words == "mma" and not cfg.widen:
         try:
@@ -417,6 +420,24 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
     def call(x2: torch.Tensor) -> torch.Tensor:
         return run(x2, w, bias, cfg)
     return call(x2), call
+
+
+def _bucket_plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None, cfg: Config):
+    """`plan` past replay.MAX_M rows (a prefill): a callable for activations of any M in x2's
+    bucket (a prompt's length varies, its bucket seldom), the choice fixed; dequantize + cuBLAS,
+    the usual pick there, with the dequantize kernel's launch fixed too (the call then costs
+    about what F.linear does on top of its GPU time)."""
+    if cfg == Config(0, 0, 0):
+        b = None if bias is None else bias.to(x2.dtype)
+        wd, dequant = dequantize_triton(w, x2.dtype, plan=True)
+
+        def call(x2: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x2, dequant(), b)
+        return torch.nn.functional.linear(x2, wd, b), call
+
+    def run_cfg(x2: torch.Tensor) -> torch.Tensor:
+        return run(x2, w, bias, cfg)
+    return run_cfg(x2), run_cfg
 
 
 def triton_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None):

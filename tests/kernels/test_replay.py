@@ -92,9 +92,20 @@ def test_activations_a_plan_cannot_take_go_the_ordinary_way(builds):
     assert p.run(odd, w, None) is None and builds == [(1, 64)]  # a plan exists, still not this
 
 
-def test_prefill_lengths_take_the_ordinary_path_and_a_layer_keeps_few_shapes(builds):
+def test_prefill_lengths_share_a_plan_per_bucket_and_a_layer_keeps_few_shapes(builds):
     p, w = Planned(builds), _weight()
-    assert p.run(torch.zeros(1, replay.MAX_M + 1, 64), w, None) is None and builds == []
+    m = replay.MAX_M + 1  # a prefill: one plan for every length of its power-of-two bucket
+    y = p.run(torch.ones(1, m, 64), w, None)
+    assert y.shape == (1, m, 32) and builds == [(m, 64)]
+    y = p.run(torch.ones(2, 100, 64), w, None)  # 200 rows: the same bucket (256), replayed
+    assert y.shape == (2, 100, 32) and builds == [(m, 64)]
+    assert torch.equal(y, torch.full((2, 100, 32), 64.0 + 1))
+    p.run(torch.ones(1, 257, 64), w, None)  # the next bucket: a plan of its own
+    assert builds == [(m, 64), (257, 64)]
+    p.run(torch.ones(1, 257, 32), w, None)  # another width: another plan
+    assert len(builds) == 3
+    builds.clear()
+    p = Planned(builds)
     for m in range(1, replay.MAX_SHAPES + 2):
         p.run(torch.zeros(m, 64), w, None)
     assert len(builds) == replay.MAX_SHAPES + 1
@@ -157,6 +168,25 @@ def test_a_layers_replayed_calls_equal_the_ordinary_path(m, group, dtype, bias):
             want = kernels_linear(x, q.kernel_weight(), q.bias, None)  # no plans
             assert torch.equal(got, want), (m, i)
     assert isinstance(q._cpu_cache, replay.Plans) and q._cpu_cache.by_shape
+
+
+@gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_prefill_plans_equal_the_ordinary_path_for_any_length_of_a_bucket(bias, monkeypatch):
+    q = _layer(384, 1024, 128, torch.bfloat16, bias)
+    with torch.no_grad():
+        for m in (129, 200, 256, 300):  # two buckets (256, 512); the first call of each builds
+            x = torch.randn(1, m, 1024, device="cuda", dtype=torch.bfloat16)
+            got = q(x)
+            want = kernels_linear(x, q.kernel_weight(), q.bias, None)  # no plans
+            assert torch.equal(got, want), m
+        assert len(q._cpu_cache.by_shape) == 2
+        # the same with the kernel's launch fixed: dequantize + cuBLAS whatever was timed fastest
+        monkeypatch.setattr(triton_int, "choose", lambda *a: triton_int.Config(0, 0, 0))
+        q._drop_cache()
+        for m in (129, 200):
+            x = torch.randn(1, m, 1024, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(q(x), kernels_linear(x, q.kernel_weight(), q.bias, None)), m
 
 
 @gpu
