@@ -266,8 +266,7 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
             bm = 16 if m <= 16 else (32 if m <= 32 else 64)
             out += [Config(bm, bn, bk, sk, 4, 3, magic=True) for bn in (16, 32, 64, 128)
                     for sk in ((1, 2, 4, 8) if m <= 32 else (1, 2))]
-        return (out + widen_candidates(m, w, dtype)
-                + (blocks_candidates(m) if m > 128 and w.shape[0] > 4096 else []))
+        return out + widen_candidates(m, w, dtype)
     if w.tile_rows:  # the decode loop's tiled layout: the mma kernel, the tile kernel with the
         # weight as A (prefill), else dequantize + cuBLAS
         tiles = block_k(w) >= 16
@@ -335,29 +334,18 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
         if m <= WA_MAX_M and block_k(w) >= 16:
             out += prefill_candidates(m, w, dtype)
         out += tma_candidates(m, w, dtype)
-        if w.shape[0] > 4096:
-            out += blocks_candidates(m)
     return out
 
 
-# Row blocks past 1024 tokens only, and none dequantized ahead on a second stream: the chooser
-# times candidates in CUDA graphs, where a block form's extra launches, events and stream
-# switches cost nothing, but a prefill runs eagerly and pays them call by call. On an H100 an
-# eager call of the two-ahead form on 14336x4096 at 1024 tokens took 962 µs (50 calls back to
-# back; its graph timing at 2048 tokens: 403 µs, 1.5% under whole dequantize + cuBLAS), and an
-# 8B-shaped eager prefill whose 14336-row layers took the one-buffer form at 512 tokens and the
-# two-ahead one at 1024 ran 53.6 / 79.6 ms against 44.7 at 256 (bf16 23.2 / 31.2 / 23.6;
-# benchmarks/RESULTS.md, session 47). Past 1024 tokens a call's GPU time (350-400 µs at 2048)
-# covers the one-buffer form's few extra launches; `benchmarks/eager_forms.py` times each form
-# eagerly and in a graph (not yet run on a GPU).
-BLOCKS_MIN_M = 1025
-
-
-def blocks_candidates(m: int) -> list[Config]:
-    """Dequantize + cuBLAS 4096 rows at a time through a buffer the L2 holds, from BLOCKS_MIN_M
-    rows (`Config(0, 4096, 0, pf=2)`, two blocks ahead on a second stream, runs when asked for:
-    `_dequant_blocks`)."""
-    return [Config(0, 4096, 0)] if m >= BLOCKS_MIN_M else []
+# Dequantize + cuBLAS a few thousand rows at a time (`Config(0, rows, 0)`, with `pf` blocks ahead
+# on a second stream: triton_int._dequant_blocks) is not offered: the chooser times candidates
+# in CUDA graphs, where a block form's extra launches, events and stream switches cost nothing,
+# but a prefill runs eagerly (memfit captures only decode steps) and pays them. On an H100,
+# 14336x4096 int4 g128 (benchmarks/eager_forms.py, RESULTS.md session 48), µs a call eager / in
+# a graph:
+# whole dequantize 112 / 109 at 256 tokens, 226 / 225 at 1024, 410 / 409 at 2048; 4096-row
+# blocks through one buffer 399 / 122, 250 / 217, 420 / 382; the same two ahead 758 / 126,
+# 392 / 205, 402 / 379. The forms stay runnable by their Config (benchmarks, tests).
 
 
 def widen_candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
