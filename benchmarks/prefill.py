@@ -4,7 +4,9 @@ random-weight Llama-3-8B-shaped model on one GPU, side by side in one run: bf16,
 dequantize + cuBLAS only past 128 tokens (the default: `launch_shapes.WA_MAX_M = 128`), the same
 with memfit's launch plans off (`memfit.kernels.replay`, MEMFIT_LAUNCH_PLANS=0: each call takes
 the ordinary path of checks, choice and Triton's launcher) and with the dq 4 tile kernel
-also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1).
+also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1); then the prompt's forward through
+memfit's own decode step (`memfit.fastdecode.NativeStep`, what `memfit generate` runs on CUDA),
+with launch plans and without.
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4
 
+from memfit import fastdecode
 from memfit.kernels import launch_shapes, replay, triton_int
 
 
@@ -44,6 +47,31 @@ def prefill_ms(m, prompt: int, reps: int = 3) -> float:
         decode_gpu.sync()
         best = min(best, time.perf_counter() - t)
     return best * 1e3
+
+
+def step_ms(step, prompt: int, reps: int = 3) -> float:
+    """The prompt's forward through memfit's own decode step (fastdecode.NativeStep, what
+    `memfit generate` runs on CUDA before its CUDA-graph loop), best of `reps`, ms."""
+    ids = torch.randint(0, step.model.config.vocab_size, (1, prompt), device=decode_gpu.DEV,
+                        generator=torch.Generator(device=decode_gpu.DEV).manual_seed(prompt))
+    pos = torch.arange(prompt, device=decode_gpu.DEV)
+    step(ids, pos)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        decode_gpu.sync()
+        t = time.perf_counter()
+        step(ids, pos)
+        decode_gpu.sync()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def drop_caches(m) -> None:
+    """Every packed layer's prepared state (its launch plans) dropped: made again on its next
+    call, with or without plans as `replay.ENABLED` then says."""
+    for mod in m.modules():
+        if hasattr(mod, "_drop_cache"):
+            mod._drop_cache()
 
 
 def main() -> None:
@@ -78,14 +106,21 @@ def main() -> None:
                                  ("int4 g128, tile kernel up to 1024 tokens", 1024, True)):
             launch_shapes.WA_MAX_M = top
             replay.ENABLED = plans
-            for mod in m.modules():  # plans are made with a layer's cache: make them again
-                if hasattr(mod, "_drop_cache"):
-                    mod._drop_cache()
+            drop_caches(m)
             triton_int._CHOICE.clear()
             ms = {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts}
             note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
                                         in triton_int._CHOICE.items() if key[0] > 128}})
-        launch_shapes.WA_MAX_M, replay.ENABLED = keep, keep_plans
+        launch_shapes.WA_MAX_M = keep
+        for name, plans in (("int4 g128, memfit's own step (memfit generate's prompt)", True),
+                            ("the same, launch plans off", False)):
+            replay.ENABLED = plans
+            drop_caches(m)
+            step = fastdecode.NativeStep(m, 1, max(args.prompts) + 1)
+            with step.packed_groups():
+                note(name, {f"P{p}_ms": round(step_ms(step, p, args.reps), 2)
+                            for p in args.prompts})
+        replay.ENABLED = keep_plans
 
 
 if __name__ == "__main__":
