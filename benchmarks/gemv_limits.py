@@ -12,7 +12,7 @@
 - wa: the tile kernel with the weight tile as the dot's A operand (`Config.wa`), a grid of launch
   shapes, against the chooser's candidates, M = 32..2048.
 - blocks: dequantize + cuBLAS a block of rows at a time through one reused buffer
-  (memfit.kernels.triton_int._dequant_blocks) against one whole dequantize, M = 64..2048.
+  (memfit.kernels.triton_dequant.dequant_blocks) against one whole dequantize, M = 64..2048.
 - waves / wide / pair: the dq 4 tile kernel's grid, 8-warp and two-tiles-a-step shapes.
 - permx: what the activations' permutation into the fragment order costs (session 19).
 - spread: a tile shape's time over 20 replays, PDL on and off.

@@ -7,7 +7,7 @@ land in the L2. Here the weight is dequantized `rows` rows at a time into `bufs`
 block i+1's dequantization on a side stream, block i's GEMM on the caller's: the dequantize
 kernel (memory-bound) fills the SMs the GEMM's last wave leaves idle, and the GEMM's output
 columns of each block are written in place (cuBLAS with ldc = out features). The two-stream
-form timed is memfit's own (`triton_int._dequant_blocks` with `bufs` - 1 blocks ahead).
+form timed is memfit's own (`triton_dequant.dequant_blocks` with `bufs` - 1 blocks ahead).
 
 Every candidate is timed as memfit's chooser times them (a CUDA graph over weight copies past
 the L2, the graphs replayed in turns, median of 6) and checked against whole dequantize +
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from benchmarks.kernel_speed import copies, int_weight
 from memfit.kernels import gpu_timing
 from memfit.kernels.triton_dequant import dequantize_triton
-from memfit.kernels.triton_int import _dequant_blocks
+from memfit.kernels.triton_dequant import dequant_blocks
 
 
 def setup(n, k, m, gen):
@@ -91,12 +91,12 @@ def cell(n, k, m, args, gen) -> list[dict]:
              "dequantize + cuBLAS": [lambda w=w: F.linear(x, dequantize_triton(w, x.dtype))
                                      for w in ws]}
     for r in [r for r in args.rows if r < n]:
-        cands[f"blocks {r}, one stream"] = [lambda w=w, r=r: _dequant_blocks(x, w, None, r)
+        cands[f"blocks {r}, one stream"] = [lambda w=w, r=r: dequant_blocks(x, w, None, r)
                                             for w in ws]
         for j, nb in enumerate(args.bufs):  # nb buffers: nb - 1 blocks ahead (0: a buffer a
             ahead = (nb or -(-n // r)) - 1  # block, none reused); a count given twice: #j
             cands[f"blocks {r}, {nb or 'all'} buffers, two streams #{j}"] = [
-                lambda w=w, r=r, a=ahead: _dequant_blocks(x, w, None, r, a) for w in ws]
+                lambda w=w, r=r, a=ahead: dequant_blocks(x, w, None, r, a) for w in ws]
     return time_cands(n, k, m, cands, ref, args.alive)
 
 

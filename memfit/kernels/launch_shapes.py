@@ -338,7 +338,7 @@ def _candidates(m: int, w: IntWeight, dtype: torch.dtype) -> list[Config]:
 
 
 # Dequantize + cuBLAS a few thousand rows at a time (`Config(0, rows, 0)`, with `pf` blocks ahead
-# on a second stream: triton_int._dequant_blocks) is not offered: the chooser times candidates
+# on a second stream: triton_dequant.dequant_blocks) is not offered: the chooser times candidates
 # in CUDA graphs, where a block form's extra launches, events and stream switches cost nothing,
 # but a prefill runs eagerly (memfit captures only decode steps) and pays them. On an H100,
 # 14336x4096 int4 g128 (benchmarks/eager_forms.py, RESULTS.md session 48), µs a call eager / in

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from memfit.kernels.replay import Launch
 from memfit.kernels.sizes import cdiv
-from memfit.kernels.weights import IntWeight
+from memfit.kernels.weights import IntWeight, row_slice
 
 
 @triton.jit
@@ -205,3 +205,66 @@ def dequantize_triton(w: IntWeight, dtype: torch.dtype, out: torch.Tensor | None
         launch(wd)
         return wd
     return out, call
+
+
+def dequant_blocks(x2: torch.Tensor, w: IntWeight, bias, rows: int, ahead: int = 0
+                   ) -> torch.Tensor:
+    """Dequantize + cuBLAS `rows` output rows at a time through reused 16-bit buffers, small
+    enough to stay in the L2 between their write and the GEMM's read (the whole dense weight
+    goes to the HBM and back). On CUDA with `ahead` > 0, up to `ahead` blocks are dequantized
+    ahead on a second stream, into ahead + 1 buffers, while this stream multiplies: the
+    dequantize kernel runs on the SMs the GEMM's last wave leaves idle (14336x4096 at M = 2048,
+    4096-row blocks, 2 ahead: 2-3% faster than one stream on an H100, benchmarks/RESULTS.md,
+    session 43). `triton_int.run` runs it for `Config(0, rows, 0, pf=ahead)`; the chooser does
+    not offer it: called eagerly, as a prefill calls it, it loses to whole dequantize + cuBLAS
+    (memfit.kernels.launch_shapes, RESULTS.md session 48)."""
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    starts = range(0, n, rows)
+    ahead = ahead if x2.device.type == "cuda" else 0
+    bufs = [torch.empty(min(rows, n - a), k, dtype=x2.dtype, device=x2.device)  # (its first
+            for a in starts[: ahead + 1]]  # block is its largest: never more than n rows)
+
+    def buf(i: int) -> torch.Tensor:  # block i's rows of its buffer
+        return bufs[i % len(bufs)][: min(rows, n - starts[i])]
+
+    def dequant(i: int) -> torch.Tensor:
+        a = starts[i]
+        return dequantize_triton(row_slice(w, a, min(a + rows, n)), x2.dtype, buf(i))
+
+    if not ahead:
+        for i, a in enumerate(starts):  # a column block of y: cuBLAS writes it in place
+            torch.mm(x2, dequant(i).t(), out=y[:, a:a + rows])
+    else:
+        main = torch.cuda.current_stream(x2.device)
+        side = _side_stream(x2.device)
+        ready = [torch.cuda.Event() for _ in starts]
+        read = [torch.cuda.Event() for _ in starts]
+        side.wait_stream(main)  # fork (also what joins a CUDA graph capture)
+        done = 0
+        for i, a in enumerate(starts):
+            while done < min(i + len(bufs), len(starts)):
+                with torch.cuda.stream(side):
+                    if done >= len(bufs):  # its buffer's last reader: block done - len(bufs)
+                        side.wait_event(read[done - len(bufs)])
+                    dequant(done)
+                    ready[done].record(side)
+                done += 1
+            main.wait_event(ready[i])
+            torch.mm(x2, buf(i).t(), out=y[:, a:a + rows])
+            read[i].record(main)
+        main.wait_stream(side)  # join: the buffers are freed on this stream
+    if bias is not None:
+        y += bias.to(x2.dtype)
+    return y
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One second stream a device for `dequant_blocks`' dequantizations ahead."""
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
