@@ -33,6 +33,8 @@ import warnings
 
 import torch
 
+from memfit.kernels.sizes import next_pow2
+
 # MEMFIT_LAUNCH_PLANS=0: every eager call takes the ordinary path (benchmarks A/B it)
 ENABLED = os.environ.get("MEMFIT_LAUNCH_PLANS", "1") != "0"
 MAX_M = 128  # decode batches: a plan per shape; past it, a plan per M bucket
@@ -95,8 +97,7 @@ class Plans:
         if x2 is None or x2.shape[0] == 0:
             return None  # activations no plan takes: the ordinary path
         m = x2.shape[0]  # past MAX_M (a prefill) one plan serves an M bucket: `build` says so
-        key = (x.shape, x.dtype) if m <= MAX_M else (1 << (m - 1).bit_length(), x.shape[-1],
-                                                      x.dtype)
+        key = (x.shape, x.dtype) if m <= MAX_M else (next_pow2(m), x.shape[-1], x.dtype)
         plan = self.by_shape.get(key)
         if plan:
             y = plan(x2)
