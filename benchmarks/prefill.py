@@ -5,8 +5,7 @@ dequantize + cuBLAS only past 128 tokens (the default: `launch_shapes.WA_MAX_M =
 with memfit's launch plans off (`memfit.kernels.replay`, MEMFIT_LAUNCH_PLANS=0: each call takes
 the ordinary path of checks, choice and Triton's launcher) and with the dq 4 tile kernel
 also offered up to 1024 tokens (MEMFIT_PREFILL_TILE=1); then the prompt's forward through
-memfit's own decode step (`memfit.fastdecode.NativeStep`, what `memfit generate` runs on CUDA),
-with launch plans and without.
+memfit's own decode step (`memfit.fastdecode.NativeStep`, what `memfit generate` runs on CUDA).
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
@@ -112,15 +111,12 @@ def main() -> None:
             note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
                                         in triton_int._CHOICE.items() if key[0] > 128}})
         launch_shapes.WA_MAX_M = keep
-        for name, plans in (("int4 g128, memfit's own step (memfit generate's prompt)", True),
-                            ("the same, launch plans off", False)):
-            replay.ENABLED = plans
-            drop_caches(m)
-            step = fastdecode.NativeStep(m, 1, max(args.prompts) + 1)
-            with step.packed_groups():
-                note(name, {f"P{p}_ms": round(step_ms(step, p, args.reps), 2)
-                            for p in args.prompts})
         replay.ENABLED = keep_plans
+        drop_caches(m)
+        step = fastdecode.NativeStep(m, 1, max(args.prompts) + 1)
+        with step.packed_groups():  # batch 1: the 4-bit weights tiled for the decode kernel
+            note("int4 g128, memfit's own step (memfit generate's prompt)",
+                 {f"P{p}_ms": round(step_ms(step, p, args.reps), 2) for p in args.prompts})
 
 
 if __name__ == "__main__":

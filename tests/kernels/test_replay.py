@@ -190,6 +190,19 @@ def test_prefill_plans_equal_the_ordinary_path_for_any_length_of_a_bucket(bias, 
 
 
 @gpu
+def test_tiled_weights_keep_no_prefill_plan():
+    """The decode loop's tiled layout past 128 rows: the ordinary path (its prompt ran slower
+    with plans, RESULTS.md session 48); what the build returns is still the right output."""
+    from memfit.kernels.weights import tile
+    w = tile(_layer(256, 1024, 128, torch.bfloat16, False).kernel_weight(), 64)
+    p = replay.Plans()
+    x = torch.randn(1, 200, 1024, device="cuda", dtype=torch.bfloat16)
+    y, want = p.run(x, w, None, triton_int.plan).float(), kernels_linear(x, w, None, None).float()
+    assert (y - want).norm() <= 1e-3 * want.norm()  # the same choice (a K split sums in any order)
+    assert list(p.by_shape.values()) == [False] and p.run(x, w, None, triton_int.plan) is None
+
+
+@gpu
 @pytest.mark.parametrize("split_k,epi,prefetch", [(1, False, 1), (4, False, 2), (2, True, 1),
                                                   (8, False, 1)])
 def test_mma_plans_equal_run_mma_for_every_split(split_k, epi, prefetch):
