@@ -34,35 +34,36 @@ from memfit import fastdecode
 from memfit.kernels import launch_shapes, replay, triton_int
 
 
-def prefill_ms(m, prompt: int, reps: int = 3) -> float:
-    ids = torch.randint(0, m.config.vocab_size, (1, prompt), device=decode_gpu.DEV,
-                        generator=torch.Generator(device=decode_gpu.DEV).manual_seed(prompt))
-    m(ids, use_cache=False, logits_to_keep=1)  # warm-up: the chooser's timings, compiles
+def prompt_ids(vocab: int, prompt: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, prompt), device=decode_gpu.DEV,
+                         generator=torch.Generator(device=decode_gpu.DEV).manual_seed(prompt))
+
+
+def best_ms(forward, reps: int) -> float:
+    """`forward()` once to warm up (the chooser's timings, compiles), then the best of `reps`
+    calls with the device synchronized around each, ms."""
+    forward()
     best = float("inf")
     for _ in range(reps):
         decode_gpu.sync()
         t = time.perf_counter()
-        m(ids, use_cache=False, logits_to_keep=1)
+        forward()
         decode_gpu.sync()
         best = min(best, time.perf_counter() - t)
     return best * 1e3
+
+
+def prefill_ms(m, prompt: int, reps: int = 3) -> float:
+    ids = prompt_ids(m.config.vocab_size, prompt)
+    return best_ms(lambda: m(ids, use_cache=False, logits_to_keep=1), reps)
 
 
 def step_ms(step, prompt: int, reps: int = 3) -> float:
     """The prompt's forward through memfit's own decode step (fastdecode.NativeStep, what
-    `memfit generate` runs on CUDA before its CUDA-graph loop), best of `reps`, ms."""
-    ids = torch.randint(0, step.model.config.vocab_size, (1, prompt), device=decode_gpu.DEV,
-                        generator=torch.Generator(device=decode_gpu.DEV).manual_seed(prompt))
+    `memfit generate` runs on CUDA before its CUDA-graph loop), ms."""
+    ids = prompt_ids(step.model.config.vocab_size, prompt)
     pos = torch.arange(prompt, device=decode_gpu.DEV)
-    step(ids, pos)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        decode_gpu.sync()
-        t = time.perf_counter()
-        step(ids, pos)
-        decode_gpu.sync()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_ms(lambda: step(ids, pos), reps)
 
 
 def drop_caches(m) -> None:
