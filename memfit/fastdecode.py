@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from memfit.kernels import linear as kernel_linear
+from memfit.kernels import prepare
 from memfit.kernels import triton_decode as td
 from memfit.kernels.weights import (
     narrow,
@@ -98,6 +99,9 @@ class _Group:
     def __init__(self, mods):
         self.mods, self.kind = list(mods), _fusable(mods)
         self.weight = None
+        self.plans = False  # CUDA int: the fused weight's launch plans (memfit.kernels.replay),
+        # made on the first call; what an eager call (the prompt's forward) skips with them is
+        # what a QuantLinear's plans skip
         self.fields: list[str] = []
         if self.kind == "dense":
             self.fields = ["weight"]
@@ -147,7 +151,7 @@ class _Group:
                 continue
             for f in self.fields:
                 self._set(m, f, self._get(m, f).clone())
-        self.weight = None
+        self.weight, self.plans = None, False
 
     @staticmethod
     def _get(m, f):
@@ -164,7 +168,9 @@ class _Group:
         if self.kind == "dense":
             return torch.nn.functional.linear(x, self.weight)
         if self.kind == "int":
-            return kernel_linear(x, self.weight)
+            if self.plans is False:
+                self.plans = prepare(self.weight) if self.weight.qdata.is_cuda else None
+            return kernel_linear(x, self.weight, None, self.plans)
         return torch.cat([m(x) for m in self.mods], dim=-1)
 
 

@@ -341,9 +341,8 @@ def plan(x2: torch.Tensor, w: IntWeight, bias: torch.Tensor | None):
     if INTERPRET or ineligibility(w) is not None:
         return None, None
     cfg = choose(x2, w, bias)
-    if x2.shape[0] > replay.MAX_M:  # a prefill: the stored layout only (memfit's decode loop's
-        # tiled weights ran its prompt slower with plans, cause not found: RESULTS.md session 48)
-        return _bucket_plan(x2, w, bias, cfg) if not w.tile_rows else (run(x2, w, bias, cfg), None)
+    if x2.shape[0] > replay.MAX_M:  # a prefill: one plan a bucket
+        return _bucket_plan(x2, w, bias, cfg)
     # widen (3 bits): a fresh 4-bit weight each call, so only the choice is fixed (below)
     if cfg.words == "mma" and not cfg.widen:
         try:

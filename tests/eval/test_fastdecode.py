@@ -289,3 +289,37 @@ def test_quantized_kv_cache_in_a_cuda_graph_gives_the_eager_tokens(tiny_config):
     eager = greedy_static(model, ids, 140, graph=False, kv=fmt)
     graphed = greedy_static(model, ids, 140, graph=True, kv=fmt)
     assert torch.equal(eager, graphed)
+
+
+def test_fused_groups_keep_launch_plans_on_cuda_only(tiny_config):
+    """A fused q/k/v or gate/up group holds launch plans (memfit.kernels.replay) for its
+    packed weight on CUDA, none on the CPU (there `prepare` would repack the weight for the CPU
+    kernels: extra memory the loop does not want)."""
+    model = _to_int4(_tiny(tiny_config, hidden_size=128))
+    step = fastdecode.NativeStep(model, 1, 8)
+    with step.packed_groups():
+        step(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        assert step.qkv[0].kind == "int" and step.qkv[0].plans is None
+    assert step.qkv[0].plans is False  # dropped with the fused tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launch plans are made on CUDA")
+@pytest.mark.parametrize("prompt", [5, 150])  # a decode-sized and a prefill-sized forward
+def test_fused_groups_launch_plans_give_the_ordinary_paths_ids(tiny_config, prompt, monkeypatch):
+    from memfit.kernels import replay
+    model = _to_int4(_tiny(tiny_config, hidden_size=256), group=64).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 30000, (1, prompt), generator=torch.Generator().manual_seed(2)).cuda()
+    pos = torch.arange(prompt, device="cuda")
+    got = {}
+    for plans in (True, False):
+        monkeypatch.setattr(replay, "ENABLED", plans)
+        for m in model.modules():
+            if hasattr(m, "_drop_cache"):
+                m._drop_cache()
+        step = fastdecode.NativeStep(model, 1, prompt + 4)
+        with step.packed_groups():
+            got[plans] = [step(ids, pos) for _ in range(3)]  # the first call builds the plans
+            g = step.gate_up[0]
+            assert isinstance(g.plans, replay.Plans) == plans
+            assert not plans or g.plans.by_shape
+    assert all(torch.equal(a, got[False][0]) for a in got[True] + got[False])
