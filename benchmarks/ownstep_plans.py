@@ -117,7 +117,7 @@ def in_turns(m, step, groups, args) -> dict:
                     step(ids, pos)
                     decode_gpu.sync()
                     times[name, p].append(round((time.perf_counter() - t) * 1e3, 3))
-    res = {f"{v} P{p}": {"median_ms": statistics.median(t), "min_ms": min(t), "ms": t}
+    res = {f"{v} P{p}": {"median_ms": round(statistics.median(t), 3), "min_ms": min(t), "ms": t}
            for (v, p), t in times.items()}
     for k, v in res.items():
         print(k, "median", v["median_ms"], "min", v["min_ms"], flush=True)
