@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import decode_gpu
 from decode_gpu import SHAPE, TINY, build, to_int4
-from prefill import best_ms, drop_caches, prompt_ids
+from prefill import best_ms, drop_caches, prompt_ids, turns_ms
 
 from memfit import fastdecode
 from memfit.kernels import linear as kernel_linear
@@ -100,27 +98,17 @@ def profile(step, ids, pos) -> dict:
 
 
 def in_turns(m, step, groups, args) -> dict:
-    """Every variant timed in each of `rounds` rounds, in turn (a host whose speed drifts adds
-    the same to each): per variant and prompt, every timed call's ms and their median."""
-    times = {(v, p): [] for v in args.variants for p in args.prompts}
-    for r in range(args.rounds):
-        for name in args.variants:
-            variant(name, groups)
-            drop_caches(m)
-            for p in args.prompts:
-                ids = prompt_ids(m.config.vocab_size, p)
-                pos = torch.arange(p, device=decode_gpu.DEV)
-                step(ids, pos)  # builds the plans (and the chooser's first timings)
-                for _ in range(args.reps):
-                    decode_gpu.sync()
-                    t = time.perf_counter()
-                    step(ids, pos)
-                    decode_gpu.sync()
-                    times[name, p].append(round((time.perf_counter() - t) * 1e3, 3))
-    res = {f"{v} P{p}": {"median_ms": round(statistics.median(t), 3), "min_ms": min(t), "ms": t}
-           for (v, p), t in times.items()}
-    for k, v in res.items():
-        print(k, "median", v["median_ms"], "min", v["min_ms"], flush=True)
+    """Every variant in each of `--rounds` rounds, in turn (prefill.turns_ms)."""
+    ids = {p: prompt_ids(m.config.vocab_size, p) for p in args.prompts}
+    pos = {p: torch.arange(p, device=decode_gpu.DEV) for p in args.prompts}
+
+    def switch(name: str) -> None:
+        variant(name, groups)
+        drop_caches(m)
+    res = turns_ms({v: (lambda v=v: switch(v), lambda p: step(ids[p], pos[p]))
+                    for v in args.variants}, args.prompts, args.rounds, args.reps)
+    for v, r in res.items():
+        print(v, {k: x for k, x in r.items() if not k.endswith("_all")}, flush=True)
     return res
 
 

@@ -9,11 +9,14 @@ memfit's own decode step (`memfit.fastdecode.NativeStep`, what `memfit generate`
 
 Each variant is warmed up once per prompt length (the chooser times its candidates at the first
 call of each shape; MEMFIT_KERNEL_CHOICES=0 keeps the on-disk choices out), then the forward is
-timed with the CUDA device synchronized around it, best of `--reps` (3). `logits_to_keep=1`:
-only the last position's logits, as `generate` computes them. Random weights: speed only.
+timed with the CUDA device synchronized around it, best of `--reps` (3). With `--rounds N` the
+rows before the own step are timed in turns instead (`turns_ms`: N rounds, medians; the bf16
+row on a second copy of the model): the way to compare rows on a host whose speed drifts.
+`logits_to_keep=1`: only the last position's logits, as `generate` computes them. Random
+weights: speed only.
 
     MEMFIT_KERNEL_CHOICES=0 python benchmarks/prefill.py [--layers 32] [--prompts 256 512 1024 2048]
-        [--reps 3]
+        [--reps 3] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -53,6 +57,33 @@ def best_ms(forward, reps: int) -> float:
     return best * 1e3
 
 
+def turns_ms(variants: dict, prompts: list[int], rounds: int, reps: int) -> dict:
+    """Variants timed in turns: `variants` maps a name to (switch(), forward(prompt)); each of
+    `rounds` rounds switches to every variant in order, runs each prompt's forward once (the
+    switch's warm-up: plans, the chooser's timings), then times `reps` forwards with the device
+    synchronized around each. A host whose speed drifts during the run adds the same to every
+    variant, where variants timed one after another each get their own stretch of it (session
+    48 read a slowdown that way which timing in turns does not show: RESULTS.md session 49).
+    -> {name: {"P<p>_ms": median, "P<p>_min_ms": min, "P<p>_all": every forward, ms}}."""
+    times = {(v, p): [] for v in variants for p in prompts}
+    for _ in range(rounds):
+        for name, (switch, forward) in variants.items():
+            switch()
+            for p in prompts:
+                forward(p)
+                for _ in range(reps):
+                    decode_gpu.sync()
+                    t = time.perf_counter()
+                    forward(p)
+                    decode_gpu.sync()
+                    times[name, p].append(round((time.perf_counter() - t) * 1e3, 3))
+    out: dict = {v: {} for v in variants}
+    for (v, p), t in times.items():
+        out[v] |= {f"P{p}_ms": round(statistics.median(t), 2), f"P{p}_min_ms": min(t),
+                   f"P{p}_all": t}
+    return out
+
+
 def prefill_ms(m, prompt: int, reps: int = 3) -> float:
     ids = prompt_ids(m.config.vocab_size, prompt)
     return best_ms(lambda: m(ids, use_cache=False, logits_to_keep=1), reps)
@@ -74,13 +105,22 @@ def drop_caches(m) -> None:
             mod._drop_cache()
 
 
+ROWS = (("int4 g128, dequantize + cuBLAS past 128 tokens", 128, True),  # (row, WA_MAX_M, plans)
+        ("the same, launch plans off (MEMFIT_LAUNCH_PLANS=0)", 128, False),
+        ("int4 g128, tile kernel up to 1024 tokens", 1024, True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompts", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--tiny", action="store_true",
                     help="a small model on the CPU (checks the script)")
-    ap.add_argument("--reps", type=int, default=3, help="timed forwards a cell (the best is kept)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="timed forwards a cell (the best is kept), or a round with --rounds")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="time the rows in turns over this many rounds (medians; the bf16 row "
+                         "on a second copy of the model); the own-step row follows")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.tiny:
@@ -97,20 +137,35 @@ def main() -> None:
                            else "cpu", "torch": torch.__version__, "layers": args.layers,
                            "rows": rows}, f, indent=1)
 
+    keep, keep_plans = launch_shapes.WA_MAX_M, replay.ENABLED
+
+    def use(top: int, plans: bool) -> None:
+        launch_shapes.WA_MAX_M, replay.ENABLED = top, plans
+        drop_caches(m)
+        triton_int._CHOICE.clear()
+
     with torch.inference_mode():
-        note("bf16", {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts})
-        to_int4(m)
-        keep, keep_plans = launch_shapes.WA_MAX_M, replay.ENABLED
-        for name, top, plans in (("int4 g128, dequantize + cuBLAS past 128 tokens", 128, True),
-                                 ("the same, launch plans off (MEMFIT_LAUNCH_PLANS=0)", 128, False),
-                                 ("int4 g128, tile kernel up to 1024 tokens", 1024, True)):
-            launch_shapes.WA_MAX_M = top
-            replay.ENABLED = plans
-            drop_caches(m)
-            triton_int._CHOICE.clear()
-            ms = {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts}
-            note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
-                                        in triton_int._CHOICE.items() if key[0] > 128}})
+        if args.rounds:  # every row in turns: the bf16 row on its own copy of the model
+            mb = build(args.layers, TINY if args.tiny else SHAPE)
+            to_int4(m)
+            ids = {p: prompt_ids(m.config.vocab_size, p) for p in args.prompts}
+            variants = {"bf16": (lambda: None, lambda p: mb(ids[p], use_cache=False,
+                                                            logits_to_keep=1))}
+            for name, top, plans in ROWS:
+                variants[name] = (lambda top=top, plans=plans: use(top, plans),
+                                  lambda p: m(ids[p], use_cache=False, logits_to_keep=1))
+            for name, r in turns_ms(variants, args.prompts, args.rounds, args.reps).items():
+                note(name, r)
+            del mb, variants
+        else:
+            note("bf16", {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2)
+                          for p in args.prompts})
+            to_int4(m)
+            for name, top, plans in ROWS:
+                use(top, plans)
+                ms = {f"P{p}_ms": round(prefill_ms(m, p, args.reps), 2) for p in args.prompts}
+                note(name, {**ms, "picks": {str(key[:2]): str(cfg) for key, cfg
+                                            in triton_int._CHOICE.items() if key[0] > 128}})
         launch_shapes.WA_MAX_M = keep
         replay.ENABLED = keep_plans
         drop_caches(m)

@@ -103,3 +103,32 @@ def test_eager_host_uncached_constants_are_the_kernels_own(monkeypatch):
                  (1, 64, 1, "bf16", False, 128, 4, 1, 0, True, 4, False, True, 1, True, True),
                  (16, 128, 0, "f16", True, 64, 2, 1, 0, False, 2, True, True)]:
         assert eager_host._uncached(*args) == triton_mma.constants(*args)
+
+
+def test_prefill_turns_time_every_variant_in_each_round(monkeypatch):
+    """benchmarks/prefill.py's `turns_ms`: each round switches to every variant in order, warms
+    each prompt once, then times `reps` forwards; medians and minima per variant and prompt."""
+    import types
+    monkeypatch.syspath_prepend(str(BENCH))
+    import decode_gpu
+    import prefill
+    monkeypatch.setattr(decode_gpu, "DEV", "cpu")
+    now, calls = [0.0], []
+    monkeypatch.setattr(prefill, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def forward(name, ms_per_token):
+        def run(p):
+            calls.append((name, p))
+            now[0] += ms_per_token * p / 1e3 * (1 + len(calls) % 3)  # 1x, 2x or 3x: a spread
+        return run
+    variants = {v: (lambda v=v: calls.append(v), forward(v, c)) for v, c in (("a", 1.0),
+                                                                             ("b", 2.0))}
+    out = prefill.turns_ms(variants, [1, 4], rounds=2, reps=3)
+    one_round = [v for name in "ab" for v in [name] + [(name, 1)] * 4 + [(name, 4)] * 4]
+    assert calls == one_round * 2
+    for v, c in (("a", 1.0), ("b", 2.0)):
+        for p in (1, 4):
+            got = out[v][f"P{p}_all"]
+            assert len(got) == 6 and all(x in (c * p, 2 * c * p, 3 * c * p) for x in got)
+            assert out[v][f"P{p}_min_ms"] == min(got)
+            assert out[v][f"P{p}_ms"] == round(sorted(got)[2] / 2 + sorted(got)[3] / 2, 2)
