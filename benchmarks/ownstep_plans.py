@@ -122,7 +122,7 @@ def main() -> None:
                     help="a small model on the CPU (checks the script)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="instead: this many rounds of every variant in turn (no profile), "
-                         "each a warm-up call then --reps timed calls; medians reported")
+                         "each a warm-up call then --reps timed calls; medians and minima")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.tiny:

@@ -140,9 +140,12 @@ def main() -> None:
     keep, keep_plans = launch_shapes.WA_MAX_M, replay.ENABLED
 
     def use(top: int, plans: bool) -> None:
+        """A row's setting; its choices made again only where the candidates change (rows that
+        differ in plans alone run the same picks)."""
+        if top != launch_shapes.WA_MAX_M:
+            triton_int._CHOICE.clear()
         launch_shapes.WA_MAX_M, replay.ENABLED = top, plans
         drop_caches(m)
-        triton_int._CHOICE.clear()
 
     with torch.inference_mode():
         if args.rounds:  # every row in turns: the bf16 row on its own copy of the model

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.kernel_speed import copies, int_weight
 from memfit.kernels import gpu_timing
-from memfit.kernels.triton_dequant import dequantize_triton
-from memfit.kernels.triton_dequant import dequant_blocks
+from memfit.kernels.triton_dequant import dequant_blocks, dequantize_triton
 
 
 def setup(n, k, m, gen):
