@@ -27,16 +27,22 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 def parse_size(text: str) -> int:
-    """'24GiB', '800MB', '1.5GB', '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
+    """'24GiB', '800MB', '1.5GB', '123456789' -> bytes (GB = 10^9, GiB = 2^30). A number without a
+    unit counts bytes and must be a whole number of at least 1 MiB (less is a unit left out)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
         raise UserError(f"cannot read the size {text!r}; write a number with a unit, e.g. 800MB, "
                         "1.5GB or 24GiB (GB = 10^9 bytes, GiB = 2^30)")
-    value = float(m.group(1)) * _UNITS[unit]
+    number = float(m.group(1))
+    if not unit and (number != int(number) or number < 2**20):
+        # a bare number counts bytes: '0.5' or '8' is a unit left out, not a budget in bytes
+        raise UserError(f"the size {text!r} has no unit, so it would count bytes; write it with "
+                        f"a unit, e.g. {m.group(1)}GB or {m.group(1)}GiB")
+    value = int(number * _UNITS[unit])
     if value <= 0:
-        raise UserError(f"the size {text!r} must be positive")
-    return int(value)
+        raise UserError(f"the size {text!r} must be at least one byte")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,6 +97,7 @@ def _cli(*args, cwd):
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "12parsecs"], "cannot read the size '12parsecs'"),
+    (["--budget", "0.5"], "the size '0.5' has no unit, so it would count bytes"),
     # the blocks' linears at 2 bits: 4 x 147456 weights = 147.5 KB, known before calibrating
     (["--weights-budget", "100KB"], "linear weights at 2 bits a weight need 0.1 MB (4 of 4"),
     (["--budget", "100MB"], "and the runtime (Python, torch, transformers)"),

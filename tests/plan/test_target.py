@@ -10,12 +10,12 @@ from memfit.plan.target import Target, kv_bytes, parse_size
 
 @pytest.mark.parametrize("text, value", [("800MB", 800 * 10**6), ("1.5GB", 1.5e9),
                                          ("24GiB", 24 * 2**30), ("512 KiB", 512 * 1024),
-                                         ("123456", 123456), ("2g", 2e9)])
+                                         ("123456789", 123456789), ("2g", 2e9)])
 def test_parse_size(text, value):
     assert parse_size(text) == int(value)
 
 
-@pytest.mark.parametrize("text", ["12parsecs", "GB", "-1GB", "0MB", "1..5GB"])
+@pytest.mark.parametrize("text", ["12parsecs", "GB", "-1GB", "0MB", "1..5GB", "0.5", "8", "0.1b"])
 def test_parse_size_refuses(text):
     with pytest.raises(UserError, match="size"):
         parse_size(text)
