@@ -23,6 +23,10 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     if not (src / META).exists():
+        if _quant_method(src) == "compressed-tensors":
+            raise UserError(f"{src} is already a compressed-tensors folder: it loads as it is, "
+                            "nothing to export; export reads what `memfit compress --format "
+                            "memfit` wrote")
         raise UserError(f"{src} is not a memfit folder (no {META}); export reads what "
                         "`memfit compress --format memfit` wrote")
     check_output(Path(out).expanduser(), overwrite, (src,))
@@ -33,6 +37,18 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
     return save_ct(loaded.model, loaded.tokenizer, Path(out).expanduser(),
                    recipe=meta.get("recipe"), overwrite=overwrite, side_files=side,
                    extra={"source": meta.get("source"), "exported_from": str(src)})
+
+
+def _quant_method(folder: Path) -> str | None:
+    """config.json's quantization_config.quant_method, if the folder has one."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
 def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,

@@ -26,6 +26,9 @@ def test_auto_picks_compressed_tensors_or_says_why_not(capsys, tmp_path, tiny_ll
                           tmp_path / "a", *FAST)
     assert code == 0, err
     assert "compressed-tensors format" in out and _quant_method(tmp_path / "a") == "compressed-tensors"
+    code, _, err = _run(capsys, "export", tmp_path / "a", "--out", tmp_path / "a2")
+    assert code == 2 and "is already a compressed-tensors folder: it loads as it is" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a2").exists()
     code, out, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", "w3g64", "--out",
                           tmp_path / "b", *FAST)
     assert code == 0, err
