@@ -99,14 +99,14 @@ def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
     from memfit.models import skeleton
 
     meta_model, arch, meta = skeleton(model)
-    if meta is None and _quant_method(model):
+    if meta is None and quant_method(model):
         made = Path(model).expanduser() / "memfit_recipe.json"  # memfit's compressed-tensors
         source = json.loads(made.read_text()).get("source") if made.is_file() else None
         if source:
             raise UserError(f"{model} is already compressed by memfit (compressed-tensors; "
                             f"recipe in its memfit_recipe.json); compress the dense model "
                             f"instead: {source}")
-        raise UserError(f"{model} is already quantized ({_quant_method(model)} in its "
+        raise UserError(f"{model} is already quantized ({quant_method(model)} in its "
                         "config.json); compress its dense source instead")
     if meta is not None:
         source = meta.get("source") or "its dense source"
@@ -120,7 +120,7 @@ def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
         _refuse_unexportable(meta_model, arch, plan, recipe)
 
 
-def _quant_method(model: str) -> str | None:
+def quant_method(model: str) -> str | None:
     """quant_method of a local folder's config.json (e.g. a compressed-tensors export), or None."""
     path = Path(model).expanduser() / "config.json"
     if not path.is_file():

@@ -14,6 +14,7 @@ EXPORT_FORMATS = ("compressed-tensors", "gguf")
 def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = False) -> Path:
     """Write the memfit folder `src` as `fmt` into `out`; nothing is written when a module
     cannot be represented (the error names it and why)."""
+    from memfit.compress import quant_method
     from memfit.encoders import side_files
     from memfit.io.export_ct import check_representable, save_ct
     from memfit.io.folders import check_output
@@ -23,7 +24,7 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     if not (src / META).exists():
-        if _quant_method(src) == "compressed-tensors":
+        if quant_method(str(src)) == "compressed-tensors":
             raise UserError(f"{src} is already a compressed-tensors folder: it loads as it is, "
                             "nothing to export; export reads what `memfit compress --format "
                             "memfit` wrote")
@@ -37,18 +38,6 @@ def export_folder(src, out, fmt: str = "compressed-tensors", overwrite: bool = F
     return save_ct(loaded.model, loaded.tokenizer, Path(out).expanduser(),
                    recipe=meta.get("recipe"), overwrite=overwrite, side_files=side,
                    extra={"source": meta.get("source"), "exported_from": str(src)})
-
-
-def _quant_method(folder: Path) -> str | None:
-    """config.json's quantization_config.quant_method, if the folder has one."""
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
 def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
