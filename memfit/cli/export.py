@@ -53,7 +53,7 @@ def export_gguf_file(spec: str, out, qtype: str, overwrite: bool = False,
     if qtype not in GGUF_TYPES:  # before loading anything
         raise UserError(f"GGUF type {qtype!r} is not supported; use one of {', '.join(GGUF_TYPES)}")
     check_output_file(Path(out), overwrite)
-    loaded = load_model(spec, dtype="float32")
+    loaded = load_model(spec, dtype="float32", need_tokenizer=False)  # none: the file says so
     path = export_gguf(loaded.model, out, qtype, tokenizer=loaded.tokenizer, overwrite=overwrite,
                        exact=exact)
     return path, loaded.model.config.model_type

@@ -33,12 +33,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="allow a hub model's own Python code to run (off by default)")
 
 
-def _load(args):
+def _load(args, need_tokenizer: bool = True):
     from memfit.models import load_model
     if getattr(args, "place", None):
         return _load_placed(args)
     return load_model(args.model, dtype=args.dtype, device=args.device,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, need_tokenizer=need_tokenizer)
 
 
 def _load_placed(args, dispatch: bool = True):
@@ -117,7 +117,7 @@ def cmd_inspect(args) -> None:
     if args.place:
         _load_placed(args, dispatch=False)  # prints what each device will hold
         return
-    loaded = _load(args)
+    loaded = _load(args, need_tokenizer=False)  # inspect reads no text
     encoder = loaded.kind == "encoder"
     context = args.context
     if encoder:

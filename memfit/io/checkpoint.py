@@ -1,5 +1,5 @@
 """What loading a checkpoint folder needs before any model class: the `Loaded` bundle, dtype
-names, a truncation check of safetensors files and the config reader. Both loaders (memfit.models
+names, a truncation check of safetensors files, the config and tokenizer readers. Both loaders (memfit.models
 for transformers folders, memfit.io.save for memfit folders) build on it, so neither imports the
 other's module.
 """
@@ -176,3 +176,37 @@ def read_config(location, trust_remote_code: bool):
         raise UserError(f"could not load {str(location)!r}: {why} "
                         "(offline? use a local folder or a .gguf, or set HF_HUB_OFFLINE=0 with "
                         "network access)") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
+
+
+def has_tokenizer_files(folder) -> bool:
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(location, spec: str, *, local: bool, trust_remote_code: bool = False):
+    """The tokenizer of a hub id or folder; None for a local folder without tokenizer files.
+    Files that do not load (a missing sentencepiece, a broken tokenizer.json) or that load into
+    a tokenizer that cannot tokenize (a tokenizer_config.json alone, a GGUF without tokenizer
+    metadata) are a one-line error naming the cause, not transformers' traceback."""
+    from transformers import AutoTokenizer
+
+    if local and not has_tokenizer_files(location):
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"could not load the tokenizer of {spec!r}: {why}; fix its files or save "
+                        "it again (tokenizer.save_pretrained(folder))") from None
+    try:
+        ids = tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 -- the tokenizers library raises plain Exceptions
+        ids = []
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise UserError(f"the tokenizer of {spec!r} turns text into no tokens (its vocabulary is "
+                        "missing); a folder needs its whole tokenizer "
+                        "(tokenizer.save_pretrained(folder)), a GGUF its tokenizer metadata")
+    return tokenizer

@@ -315,7 +315,10 @@ def export_gguf(model: nn.Module, out_file, qtype: str = "Q8_0", *, tokenizer=No
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(tmp), fam.arch)
         gguf_families.metadata(writer, model.config, fam)
-        if tokenizer is not None and not _tokenizer_metadata(writer, tokenizer):
+        if tokenizer is None:
+            print("memfit: the model has no tokenizer; the GGUF holds none",
+                  file=sys.stderr, flush=True)
+        elif not _tokenizer_metadata(writer, tokenizer):
             print("memfit: the tokenizer is not a byte-level BPE; the GGUF holds no tokenizer",
                   file=sys.stderr, flush=True)
         writer.add_file_type(_FILE_TYPE[_main_type(tensors, qtype)])

@@ -356,9 +356,7 @@ def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict
     in, given its stored tensors (`state`, in memfit's field names) and non-persistent
     `buffers` -> `memfit.models.Loaded`. Shared by memfit's format and compressed-tensors
     folders memfit wrote (memfit.io.export_ct.load_ct)."""
-    from transformers import AutoTokenizer
-
-    from memfit.io.checkpoint import Loaded, pick_dtype
+    from memfit.io.checkpoint import Loaded, load_tokenizer, pick_dtype
 
     model, arch = _build_skeleton(folder, modules)
     expected = set(model.state_dict())
@@ -391,7 +389,5 @@ def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict
             if t is not None and t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"
     model.to(device).eval()
-    tokenizer = None
-    if (folder / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder, str(folder), local=True)
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(folder))

@@ -43,18 +43,13 @@ def _rss(field: str = "VmRSS") -> int:
 
 def _tokenizer(spec: str):
     """The model's tokenizer, loaded as memfit's loader loads it (None if it has none)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from memfit.models import _TOKENIZER_FILES, _convert_gguf, resolve
+    from memfit.io.checkpoint import load_tokenizer
+    from memfit.models import _convert_gguf, resolve
 
     kind, location = resolve(spec)
     if kind == "gguf":
         location = _convert_gguf(location)
-    if kind == "hub" or any((Path(location) / f).exists() for f in _TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(location)
-    return None
+    return load_tokenizer(location, spec, local=kind != "hub")
 
 
 def _warm_up() -> None:

@@ -92,3 +92,54 @@ def test_offline_hub_id_fails_in_one_line(monkeypatch):
     with pytest.raises(UserError) as e:
         load_model("someorg/some-model-that-is-not-cached")
     assert "\n" not in str(e.value) and "offline" in str(e.value)
+
+
+def _bare_copy(src, dst):
+    """`src`'s config and weights without its tokenizer files."""
+    import shutil
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith(
+                ("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_a_decoder_without_tokenizer_loads_only_where_no_text_is_read(tmp_path, tiny_llama_dir,
+                                                                       capsys):
+    from memfit.cli.main import main
+    from memfit.io.save import save
+
+    bare = _bare_copy(tiny_llama_dir, tmp_path / "bare")
+    packed = tmp_path / "packed"  # a memfit folder written without a tokenizer
+    save(load_model(str(bare), need_tokenizer=False).model, None, packed, recipe={})
+    for folder in (bare, packed):
+        with pytest.raises(UserError, match="has no tokenizer") as e:
+            load_model(str(folder))
+        assert "\n" not in str(e.value) and "save_pretrained" in str(e.value)
+        m = load_model(str(folder), need_tokenizer=False)
+        assert m.tokenizer is None and m.kind == "decoder"
+        assert main(["inspect", str(folder)]) == 0
+        assert "KV cache" in capsys.readouterr().out
+        compress = ["compress", str(folder), "--recipe", "w8", "--out", str(tmp_path / "o")]
+        for argv in (["eval", str(folder)], ["generate", str(folder), "--max-new-tokens", "2"],
+                     *([compress] if folder == bare else [])):  # a packed one is refused apart
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert "has no tokenizer" in err and "\n" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_that_cannot_tokenize_is_refused(tmp_path, tiny_llama_dir):
+    empty = _bare_copy(tiny_llama_dir, tmp_path / "empty")  # a config alone: no vocabulary
+    (empty / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(UserError, match="turns text into no tokens"):
+        load_model(str(empty))
+    broken = _bare_copy(tiny_llama_dir, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json")
+    (broken / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(UserError, match="could not load the tokenizer of") as e:
+        load_model(str(broken))
+    assert "\n" not in str(e.value)
+    assert load_model(str(broken), need_tokenizer=False).tokenizer is None  # inspect goes on
+    assert len(load_model(str(tiny_llama_dir)).tokenizer) == 30522  # a whole one still loads
