@@ -275,6 +275,16 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def check_positions(config, length: int, flag: str) -> None:
+    """Refuse windows of `length` tokens past the model's positions (max_position_embeddings):
+    positions it never learned, an index error for learned position tables. `flag` is the option
+    that set the length, named in the one-line error."""
+    limit = getattr(text_config(config), "max_position_embeddings", None)
+    if limit and length > limit:
+        raise UserError(f"{flag} {length} is longer than the model supports ({limit} positions, "
+                        f"max_position_embeddings); use {flag} {limit} or less")
+
+
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of the KV cache, GQA-aware."""
     c = text_config(config)

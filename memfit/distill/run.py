@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from memfit.archs import check_positions
 from memfit.distill.losses import model_layer_map
 from memfit.errors import UserError
 
@@ -89,6 +90,8 @@ def distill_to(teacher: str, student: str, out: str | Path,
     o = replace(o, samples=128 if o.samples is None else o.samples,
                 batch_size=4 if o.batch_size is None else o.batch_size)
     check_same_tokenizer(t, s, teacher, student)
+    for m in (t, s):
+        check_positions(m.model.config, o.seq_len, "--seq-len")
     meta = _student_meta(student)
     kept = (meta.get("report") or {}).get("kept_blocks")  # set when compress dropped blocks
     layer_map = model_layer_map(t.model, s.model, kept) if o.hidden_mse > 0 else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memfit.archs import text_config
+from memfit.archs import check_positions
 from memfit.calib.data import bos_id, token_windows
 from memfit.errors import UserError
 from memfit.eval.encoder import MIN_WORDS, evaluate_encoder, held_apart
@@ -51,10 +51,7 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
                         "KL divergence needs the same tokenizer")
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens={max_tokens} is smaller than one window (--seq-len {seq_len})")
-    limit = getattr(text_config(m.model.config), "max_position_embeddings", None)
-    if limit and seq_len > limit:  # past it the positions are ones the model never learned
-        raise UserError(f"--seq-len {seq_len} is longer than the model supports ({limit} "
-                        f"positions, max_position_embeddings); use --seq-len {limit} or less")
+    check_positions(m.model.config, seq_len, "--seq-len")
     max_windows = max_tokens // seq_len if max_tokens else None
     start = bos_id(m.tokenizer, bos)
     wins = token_windows(m.tokenizer, data, split, seq_len=seq_len, max_windows=max_windows,

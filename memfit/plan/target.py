@@ -66,13 +66,9 @@ class Target:
 
 
 def check_context(config, context: int) -> None:
-    from memfit.archs import text_config
+    from memfit.archs import check_positions
 
-    limit = getattr(text_config(config), "max_position_embeddings", None)
-    if limit and context > limit:
-        raise UserError(f"--context {context} is longer than the model supports "
-                        f"({limit} positions, max_position_embeddings); use --context {limit} "
-                        "or less")
+    check_positions(config, context, "--context")
 
 
 def kv_format(name: str):

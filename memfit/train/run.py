@@ -160,6 +160,7 @@ def _save(model, engine: str, spec_model, tokenizer, out, o: TrainOptions, rank:
 
 def _inputs(model: str, o: TrainOptions, device, compute, world: int):
     """-> (student, teacher or None, (n, seq_len) training windows); checks them on every rank."""
+    from memfit.archs import check_positions
     from memfit.calib.data import token_windows
     from memfit.train.engine import check_same_model
 
@@ -177,6 +178,7 @@ def _inputs(model: str, o: TrainOptions, device, compute, world: int):
         check_same_tokenizer(t, s, o.teacher, model)
         t.model.eval().requires_grad_(False)
     check_same_model(s.model)
+    check_positions(s.model.config, o.seq_len, "--seq-len")
     windows = token_windows(s.tokenizer, o.data, o.split, seq_len=o.seq_len,
                             max_windows=o.samples, seed=o.seed, bos=o.bos)
     if windows.shape[0] < o.batch_size:

@@ -96,3 +96,11 @@ def test_negative_hidden_mse_is_refused(capsys, tiny_llama_dir, student_dir, tmp
     err = capsys.readouterr().err
     assert code == 2 and "--hidden-mse -1.0 is negative" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_windows_past_the_positions_are_refused(capsys, tiny_llama_dir, student_dir, tmp_path):
+    code = _main(["distill", tiny_llama_dir, student_dir, "--out", tmp_path / "x",
+                  *FAST, "--seq-len", "513"])  # the tiny models hold 512 positions
+    err = capsys.readouterr().err
+    assert code == 2 and "--seq-len 513 is longer than the model supports (512 positions" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -56,6 +56,7 @@ def test_distillation_lowers_the_kl(train_llama_dir, save_tiny, tmp_path, capsys
     (["--grad-comm", "powersgd", "--powersgd-rank", "0"], "needs rank >= 1"),
     (["--lr", "0"], "must be positive"),
     (["--seq-len", "1"], "--seq-len 1 >= 2"),
+    (["--seq-len", "600"], "--seq-len 600 is longer than the model supports (512 positions"),
 ])
 def test_bad_input_is_one_line_and_exit_2(train_llama_dir, capsys, args, message):
     assert main(["train", str(train_llama_dir), *args]) == 2
