@@ -70,10 +70,14 @@ def _file(path: Path, split: str) -> str:
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{i} is not a JSON object with a 'text' field; "
                                 "fix the line or pass a .txt file") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{i}: its 'text' is not a string; fix the line or "
+                                "pass a .txt file")
+            texts.append(text)
         text = "\n\n".join(texts)
     else:
         try:

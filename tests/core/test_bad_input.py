@@ -116,6 +116,17 @@ def test_binary_jsonl(capsys, tiny_llama_dir, tmp_path):
     _one_error_line(err, "not UTF-8")
 
 
+@pytest.mark.parametrize("line,needle", [('{"text": 5}', "data.jsonl:2: its 'text' is not a string"),
+                                          ('{"text": null}', "its 'text' is not a string"),
+                                          ('{"txt": "a"}', "data.jsonl:2 is not a JSON object")])
+def test_jsonl_lines_without_a_text_string(capsys, tiny_llama_dir, tmp_path, line, needle):
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"text": "one good line"}\n' + line + "\n")
+    code, _, err = _run(capsys, "eval", tiny_llama_dir, "--data", bad)
+    assert code == 2
+    _one_error_line(err, needle)
+
+
 def test_compressing_a_compressed_folder_says_so(capsys, tiny_llama_dir, tmp_path):
     assert _run(capsys, "compress", tiny_llama_dir, "--recipe", "w8", "--out", tmp_path / "q",
                 "--samples", "2", "--seq-len", "32")[0] == 0
