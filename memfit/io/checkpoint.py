@@ -1,7 +1,7 @@
 """What loading a checkpoint folder needs before any model class: the `Loaded` bundle, dtype
-names, a truncation check of safetensors files, the config and tokenizer readers. Both loaders (memfit.models
-for transformers folders, memfit.io.save for memfit folders) build on it, so neither imports the
-other's module.
+names, a truncation check of safetensors files, the config and tokenizer readers. Both loaders
+(memfit.models for transformers folders, memfit.io.save for memfit folders) build on it, so
+neither imports the other's module.
 """
 
 from __future__ import annotations
