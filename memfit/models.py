@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.archs import arch_for
+from memfit.archs import arch_for, text_config
 from memfit.errors import UserError
 from memfit.io.checkpoint import (TOKENIZER_FILES, Loaded, check_device, check_safetensors,
                                   has_tokenizer_files, load_tokenizer, pick_dtype, read_config)
@@ -107,6 +107,16 @@ def _no_tokenizer(spec: str, kind: str) -> UserError:
                      "(tokenizer.save_pretrained(folder))")
 
 
+def _check_vocab(tokenizer, config, spec: str) -> None:
+    """Refuse a tokenizer whose vocabulary (added tokens aside) is larger than the model's
+    embedding table: another model's tokenizer, whose ids would index past the table."""
+    rows = getattr(text_config(config), "vocab_size", None)
+    if tokenizer is not None and rows and tokenizer.vocab_size > rows:
+        raise UserError(f"the tokenizer of {spec} has {tokenizer.vocab_size} tokens but the "
+                        f"model's embedding has {rows} rows: it is another model's tokenizer; "
+                        "save the model's own tokenizer into the folder")
+
+
 def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                trust_remote_code: bool = False, need_tokenizer: bool = True) -> Loaded:
     """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models.
@@ -132,6 +142,7 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                 loaded = load_ct(location, dtype=dtype, device=device)
             if loaded.tokenizer is None and (need_tokenizer or loaded.kind == "encoder"):
                 raise _no_tokenizer(spec, loaded.kind)
+            _check_vocab(loaded.tokenizer, loaded.model.config, spec)
             return loaded
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
@@ -147,6 +158,7 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         tokenizer = None  # work that reads no text goes on without it
     if tokenizer is None and need_tokenizer:
         raise _no_tokenizer(spec, arch.kind)
+    _check_vocab(tokenizer, config, spec)
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:

@@ -143,3 +143,17 @@ def test_a_tokenizer_that_cannot_tokenize_is_refused(tmp_path, tiny_llama_dir):
     assert "\n" not in str(e.value)
     assert load_model(str(broken), need_tokenizer=False).tokenizer is None  # inspect goes on
     assert len(load_model(str(tiny_llama_dir)).tokenizer) == 30522  # a whole one still loads
+
+
+def test_another_models_tokenizer_is_refused(tmp_path, save_tiny, capsys):
+    from memfit.cli.main import main
+
+    small = save_tiny(tmp_path / "small", vocab_size=256)  # carries a 30522-token tokenizer
+    with pytest.raises(UserError, match="has 30522 tokens but the model's embedding has 256 rows"):
+        load_model(str(small))
+    assert main(["compress", str(small), "--recipe", "w8", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another model's tokenizer" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
+    assert load_model(str(save_tiny(tmp_path / "wide", vocab_size=30600))).tokenizer.vocab_size \
+        == 30522  # a table with spare rows (padded for speed) is fine

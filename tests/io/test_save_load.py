@@ -16,11 +16,11 @@ from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.sparse import SparseLinear
 from memfit.io import save as io
 
-CONFIGS = {
-    "llama": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+CONFIGS = {  # the vocabulary of the embedded encoder's tokenizer, which the folders carry
+    "llama": dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2),
-    "gpt2": dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+    "gpt2": dict(vocab_size=30522, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                  bos_token_id=1, eos_token_id=2),
 }
 
