@@ -93,9 +93,11 @@ def _refuse_unexportable(meta_model, arch, plan: list[dict], recipe: Recipe) -> 
         check_representable(None, bad)
 
 
-def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
-    """What can be checked from the config alone, before the weights load."""
+def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> int | None:
+    """What can be checked from the config alone, before the weights load; -> the model's
+    positions (max_position_embeddings), None where the config gives none."""
     from memfit.api import plan_specs
+    from memfit.archs import check_positions, text_config
     from memfit.models import skeleton
 
     meta_model, arch, meta = skeleton(model)
@@ -115,9 +117,12 @@ def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> None:
     if arch.kind == "encoder":
         from memfit.encoders import check_recipe
         check_recipe(recipe, model, arch)
+    elif recipe.needs_data:  # calibration windows past the positions: ones never learned
+        check_positions(meta_model.config, recipe.calib.seq_len, "--seq-len")
     plan = plan_specs(meta_model, recipe, arch)
     if fmt == "compressed-tensors":
         _refuse_unexportable(meta_model, arch, plan, recipe)
+    return getattr(text_config(meta_model.config), "max_position_embeddings", None)
 
 
 def quant_method(model: str) -> str | None:
@@ -250,7 +255,9 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
                                                               "offload", "bos")
                                      if getattr(o, k) is not None})
     recipe = replace(recipe, calib=calib)
-    _preflight(model, recipe, o.format)
+    positions = _preflight(model, recipe, o.format)
+    if positions and o.smoke_seq_len > positions:  # a model of few positions: shorter windows
+        o = replace(o, smoke_seq_len=positions)
     if _streams(model, recipe, o):
         from memfit.stream import stream_compress
         return stream_compress(model, recipe, out, o, say=lambda text: _say(o, text),

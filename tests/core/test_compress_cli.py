@@ -134,3 +134,17 @@ def test_list_presets_describes_every_preset(capsys):
     line = next(x for x in out.splitlines() if x.startswith("w4g32-gguf "))
     assert "GGUF-exact scales" in line and "embeddings int8, group 32" in line
     assert "hqq 4-bit, group 64, float zero" in out and "int8 activations" in out
+
+
+def test_windows_fit_the_models_positions(capsys, tmp_path, tiny_llama_dir, save_tiny):
+    code, _, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", "w4g64-gptq",
+                        "--out", tmp_path / "x", "--samples", "2", "--seq-len", "600")
+    assert code == 2 and "--seq-len 600 is longer than the model supports (512 positions" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    # learned positions (GPT-2) of 64: the smoke check's 256-token windows would index past them
+    short = save_tiny(tmp_path / "gpt2", "gpt2", n_embd=64, n_layer=2, n_head=4,
+                      max_position_embeddings=64)
+    code, stdout, err = _run(capsys, "compress", short, "--recipe", "w8", "--out", tmp_path / "q",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["smoke"]["seq_len"] == 64
