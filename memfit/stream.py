@@ -341,19 +341,18 @@ def stream_compress(spec: str, recipe, out: Path, o, *, say, refuse) -> dict:
     options' calibration settings already, `o` is the CompressOptions; `say(text)` prints a
     progress line, `refuse(check)` raises when the smoke check failed (memfit.compress owns
     both). -> the report."""
-    from transformers import AutoTokenizer
-
     from memfit.calib import capture_inputs
     from memfit.calib.data import calibration_windows, token_windows
     from memfit.eval.memory import rss_peak_bytes, steady_malloc
     from memfit.io.save import describe_modules
     from memfit.io.stream import StreamWriter
     from memfit.methods import quantize_embeddings_
+    from memfit.models import checked_tokenizer
 
     steady_malloc()  # as memfit's loaders do: each large tensor its own mapping, given back
     src = _open(spec, recipe, o)
     model, blocks, plan = src.model, src.blocks, src.plan
-    tokenizer = AutoTokenizer.from_pretrained(src.folder)
+    tokenizer = checked_tokenizer(src.folder, spec, model.config)
     calib = recipe.calib
     windows = calibration_windows(tokenizer, calib) if recipe.needs_data else None
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"

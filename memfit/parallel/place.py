@@ -379,12 +379,12 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     on the CPU first (its packed modules are memfit's own) and then dispatched: its packed
     bytes must fit in RAM once. With `dispatch=False` nothing is loaded beyond what planning
     needs and the first item is None."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from memfit.eval.memory import steady_malloc
     from memfit.io.checkpoint import Loaded, pick_dtype
     from memfit.io.export_ct import is_memfit_ct
-    from memfit.models import _convert_gguf, load_model, resolve, skeleton
+    from memfit.models import _convert_gguf, checked_tokenizer, load_model, resolve, skeleton
 
     main = next((d.name for d in devices if d.computes), "cpu")
     torch_dtype = pick_dtype(dtype, main)
@@ -408,12 +408,13 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     placement = plan_placement(skel, devices, **plan)
     if not dispatch:
         return None, placement
+    tokenizer = checked_tokenizer(location, spec, skel.config, local=kind != "hub",
+                                  trust_remote_code=trust_remote_code)
     try:
         model = cls.from_pretrained(location, dtype=torch_dtype,
                                     device_map=_hf_map(placement),
                                     offload_folder=_offload_dir(placement),
                                     offload_buffers=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
     return Loaded(model=_finish(model, placement), tokenizer=tokenizer, arch=arch,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.models import Loaded
+from memfit.models import Loaded, checked_tokenizer
 
 
 def streamable(spec: str) -> bool:
@@ -49,8 +49,6 @@ def load_rank(spec: str, split_block, *, dtype=None,
     memfit.parallel.tp) as soon as it is read -> (Loaded, the part, checksums of every tensor
     read), or None when `spec` is not a folder this loader takes (`streamable`) or its tensor
     names are not the model's own (transformers' loader renames them)."""
-    from transformers import AutoTokenizer
-
     from memfit.eval.memory import steady_malloc, trim_heap
     from memfit.io.checkpoint import pick_dtype
     from memfit.stream import _load, _tensor_keys, local_folder, meta_model, read_outer
@@ -76,6 +74,6 @@ def load_rank(spec: str, split_block, *, dtype=None,
         block.to(device)
         trim_heap()  # the whole block's freed tensors
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = checked_tokenizer(folder, spec, model.config)
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(folder)), part, \
         torch.cat(sums)
