@@ -107,11 +107,17 @@ def _no_tokenizer(spec: str, kind: str) -> UserError:
                      "(tokenizer.save_pretrained(folder))")
 
 
-def _check_vocab(tokenizer, config, spec: str) -> None:
-    """Refuse a tokenizer whose vocabulary (added tokens aside) is larger than the model's
-    embedding table: another model's tokenizer, whose ids would index past the table."""
+def _check_tokenizer(tokenizer, config, spec: str, need: bool) -> None:
+    """Refuse a missing tokenizer where `need` (always for an encoder), and one whose vocabulary
+    (added tokens aside) is larger than the model's embedding table: another model's tokenizer,
+    whose ids would index past the table."""
+    kind = arch_for(config).kind
+    if tokenizer is None:
+        if need or kind == "encoder":
+            raise _no_tokenizer(spec, kind)
+        return
     rows = getattr(text_config(config), "vocab_size", None)
-    if tokenizer is not None and rows and tokenizer.vocab_size > rows:
+    if rows and tokenizer.vocab_size > rows:
         raise UserError(f"the tokenizer of {spec} has {tokenizer.vocab_size} tokens but the "
                         f"model's embedding has {rows} rows: it is another model's tokenizer; "
                         "save the model's own tokenizer into the folder")
@@ -119,20 +125,17 @@ def _check_vocab(tokenizer, config, spec: str) -> None:
 
 def checked_tokenizer(location, spec: str, config, *, local: bool = True,
                       trust_remote_code: bool = False, need: bool = True):
-    """The tokenizer of a model's folder (or hub id), checked against the model's `config`: a
-    missing one is an error where `need` (always for an encoder), a broken one too (None where
-    not `need`), one larger than the embedding table always."""
-    kind = arch_for(config).kind
+    """The tokenizer of a model's folder (or hub id), checked against the model's `config`
+    (`_check_tokenizer`); one whose files do not load is an error too, or None where not `need`
+    (and not an encoder)."""
     try:
         tokenizer = load_tokenizer(location, spec, local=local,
                                    trust_remote_code=trust_remote_code)
     except UserError:
-        if need or kind == "encoder":
+        if need or arch_for(config).kind == "encoder":
             raise
-        return None  # work that reads no text goes on without it
-    if tokenizer is None and (need or kind == "encoder"):
-        raise _no_tokenizer(spec, kind)
-    _check_vocab(tokenizer, config, spec)
+        tokenizer = None  # work that reads no text goes on without it
+    _check_tokenizer(tokenizer, config, spec, need)
     return tokenizer
 
 
@@ -159,16 +162,14 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
                 loaded = load_compressed(location, dtype=dtype, device=device)
             else:  # compressed-tensors as memfit wrote it: packed modules
                 loaded = load_ct(location, dtype=dtype, device=device)
-            if loaded.tokenizer is None and (need_tokenizer or loaded.kind == "encoder"):
-                raise _no_tokenizer(spec, loaded.kind)
-            _check_vocab(loaded.tokenizer, loaded.model.config, spec)
+            _check_tokenizer(loaded.tokenizer, loaded.model.config, spec, need_tokenizer)
             return loaded
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)
     arch = arch_for(config)
-    tokenizer = checked_tokenizer(location, spec, config, local=kind != "hub",  # before the
-                                  trust_remote_code=trust_remote_code,  # weights: a bad one
-                                  need=need_tokenizer)  # fails at once
+    # before the weights: a bad tokenizer fails at once
+    tokenizer = checked_tokenizer(location, spec, config, local=kind != "hub",
+                                  trust_remote_code=trust_remote_code, need=need_tokenizer)
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:
