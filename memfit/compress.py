@@ -101,14 +101,15 @@ def _preflight(model: str, recipe: Recipe, fmt: str = "memfit") -> int | None:
     from memfit.models import skeleton
 
     meta_model, arch, meta = skeleton(model)
-    if meta is None and quant_method(model):
+    method = quant_method(model) if meta is None else None
+    if method:
         made = Path(model).expanduser() / "memfit_recipe.json"  # memfit's compressed-tensors
         source = json.loads(made.read_text()).get("source") if made.is_file() else None
         if source:
             raise UserError(f"{model} is already compressed by memfit (compressed-tensors; "
                             f"recipe in its memfit_recipe.json); compress the dense model "
                             f"instead: {source}")
-        raise UserError(f"{model} is already quantized ({quant_method(model)} in its "
+        raise UserError(f"{model} is already quantized ({method} in its "
                         "config.json); compress its dense source instead")
     if meta is not None:
         source = meta.get("source") or "its dense source"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from memfit.archs import block_list, text_config
+from memfit.archs import block_list, check_positions, text_config
 from memfit.encoders import used_length
 from memfit.errors import UserError
 from memfit.plan.build import build_plan
@@ -49,7 +49,6 @@ from memfit.plan.sensitivity import sensitivity_pass
 from memfit.plan.solve import Solution, smallest, solve
 from memfit.plan.target import (
     Target,
-    check_context,
     check_floor,
     estimate_activation,
     kv_bytes,
@@ -352,7 +351,7 @@ def fit(model="default", *, budget=None, kind: str = "memory", context: int | No
         context = used_length(loaded) if encoder else \
             min(2048, getattr(text_config(m.config), "max_position_embeddings", 2048))
         target = replace(target, context=context)
-    check_context(m.config, context)
+    check_positions(m.config, context, "--context")
     runtime = None
     if kind == "memory":
         # Measured, not estimated: with glibc's mmap threshold held (memfit.eval.memory.

@@ -65,12 +65,6 @@ class Target:
             raise UserError("context and batch must be at least 1")
 
 
-def check_context(config, context: int) -> None:
-    from memfit.archs import check_positions
-
-    check_positions(config, context, "--context")
-
-
 def kv_format(name: str):
     if name in ("none", "auto"):
         return None
