@@ -157,12 +157,17 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         memfit_meta = Path(location) / "memfit.json"
         from memfit.io.export_ct import is_memfit_ct, load_ct
         if memfit_meta.exists() or is_memfit_ct(Path(location)):
+            # the tokenizer first, as below: a bad one fails before the weights load, and one
+            # that does not load stops only the commands that read text
+            tokenizer = checked_tokenizer(location, spec, read_config(location, False),
+                                          need=need_tokenizer)
             if memfit_meta.exists():  # a memfit-compressed folder
                 from memfit.io.save import load as load_compressed
-                loaded = load_compressed(location, dtype=dtype, device=device)
+                loaded = load_compressed(location, dtype=dtype, device=device,
+                                         with_tokenizer=False)
             else:  # compressed-tensors as memfit wrote it: packed modules
-                loaded = load_ct(location, dtype=dtype, device=device)
-            _check_tokenizer(loaded.tokenizer, loaded.model.config, spec, need_tokenizer)
+                loaded = load_ct(location, dtype=dtype, device=device, with_tokenizer=False)
+            loaded.tokenizer = tokenizer
             return loaded
         check_safetensors(Path(location))
     config = read_config(location, trust_remote_code)

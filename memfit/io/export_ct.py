@@ -404,7 +404,7 @@ def _own_names(folder: Path, state: dict) -> dict:
     return out
 
 
-def load_ct(path, *, dtype=None, device: str = "cpu"):
+def load_ct(path, *, dtype=None, device: str = "cpu", with_tokenizer: bool = True):
     """Load a folder `save_ct` wrote back into memfit's QuantLinears (the same packed bytes, no
     dense copy) -> `memfit.models.Loaded`. Other compressed-tensors folders load through
     transformers (memfit.models.load_model)."""
@@ -427,4 +427,4 @@ def load_ct(path, *, dtype=None, device: str = "cpu"):
         modules[name] = _to_memfit(state, name, group[0]["weights"])
     return assemble(folder, modules, meta.get("tied", {}), state,
                     _read_tensors(folder / BUFFERS, device), meta.get("dense_dtype", "auto"),
-                    dtype=dtype, device=device)
+                    dtype=dtype, device=device, with_tokenizer=with_tokenizer)

@@ -307,7 +307,7 @@ def _build_skeleton(folder: Path, modules: dict):
     return model, arch
 
 
-def load(path, *, dtype=None, device: str = "cpu"):
+def load(path, *, dtype=None, device: str = "cpu", with_tokenizer: bool = True):
     """Load a memfit folder -> `memfit.models.Loaded`, never materialising dense weights."""
     from memfit.io.checkpoint import check_safetensors
 
@@ -322,7 +322,7 @@ def load(path, *, dtype=None, device: str = "cpu"):
         state.pop(g, None)
     return assemble(folder, meta["modules"], meta.get("tied", {}), state,
                     _read_tensors(folder / BUFFERS, device), meta.get("dense_dtype", "keep"),
-                    dtype=dtype, device=device)
+                    dtype=dtype, device=device, with_tokenizer=with_tokenizer)
 
 
 def _embeddings_follow(model) -> None:
@@ -351,11 +351,12 @@ def _load_cast(meta: dict, dtype, device: str):
 
 
 def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict,
-             dense_dtype: str, *, dtype=None, device: str = "cpu"):
+             dense_dtype: str, *, dtype=None, device: str = "cpu", with_tokenizer: bool = True):
     """The model of `folder`'s config.json built on meta with the described `modules` swapped
     in, given its stored tensors (`state`, in memfit's field names) and non-persistent
     `buffers` -> `memfit.models.Loaded`. Shared by memfit's format and compressed-tensors
-    folders memfit wrote (memfit.io.export_ct.load_ct)."""
+    folders memfit wrote (memfit.io.export_ct.load_ct). `with_tokenizer=False` leaves the
+    tokenizer None (memfit.models.load_model reads and checks it itself)."""
     from memfit.io.checkpoint import Loaded, load_tokenizer, pick_dtype
 
     model, arch = _build_skeleton(folder, modules)
@@ -389,5 +390,5 @@ def assemble(folder: Path, modules: dict, tied: dict, state: dict, buffers: dict
             if t is not None and t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"
     model.to(device).eval()
-    tokenizer = load_tokenizer(folder, str(folder), local=True)
+    tokenizer = load_tokenizer(folder, str(folder), local=True) if with_tokenizer else None
     return Loaded(model=model, tokenizer=tokenizer, arch=arch, source=str(folder))

@@ -145,6 +145,33 @@ def test_a_tokenizer_that_cannot_tokenize_is_refused(tmp_path, tiny_llama_dir):
     assert len(load_model(str(tiny_llama_dir)).tokenizer) == 30522  # a whole one still loads
 
 
+def test_packed_folders_with_a_broken_tokenizer_still_inspect(tmp_path, tiny_llama_dir, capsys):
+    from memfit.api import compress_
+    from memfit.cli.main import main
+    from memfit.io.export_ct import is_memfit_ct, save_ct
+    from memfit.io.save import save
+    from memfit.recipe import Recipe
+
+    m = load_model(str(tiny_llama_dir))
+    recipe = Recipe.from_dict({"quant": {"algo": "rtn", "bits": 4, "group_size": 32}})
+    compress_(m.model, recipe, None, progress=False)
+    packed, ct = tmp_path / "packed", tmp_path / "ct"
+    save(m.model, m.tokenizer, packed, recipe=recipe.to_dict())
+    save_ct(m.model, m.tokenizer, ct, recipe=recipe.to_dict())
+    assert is_memfit_ct(ct)  # read by memfit's own loader, as the memfit folder is
+    for folder in (packed, ct):
+        (folder / "tokenizer.json").write_text("{not json")
+        with pytest.raises(UserError, match="could not load the tokenizer of") as e:
+            load_model(str(folder))
+        assert "\n" not in str(e.value)
+        assert load_model(str(folder), need_tokenizer=False).tokenizer is None
+        assert main(["inspect", str(folder)]) == 0
+        assert "KV cache" in capsys.readouterr().out
+        assert main(["eval", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "could not load the tokenizer of" in err and "\n" not in err, err
+
+
 def test_another_models_tokenizer_is_refused(tmp_path, save_tiny, capsys):
     from memfit.cli.main import main
 
