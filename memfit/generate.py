@@ -15,6 +15,7 @@ import threading
 
 import torch
 
+from memfit.archs import text_config
 from memfit.errors import UserError
 from memfit.models import input_device
 
@@ -41,6 +42,23 @@ def check_args(prompt: str, max_new_tokens: int, temperature: float, top_p: floa
         raise UserError("use --temperature >= 0 and 0 < --top-p <= 1")
 
 
+def fit_positions(config, prompt_tokens: int, max_new_tokens: int) -> int:
+    """The new tokens that fit the model's positions (max_position_embeddings) after a prompt
+    of `prompt_tokens`: fewer than asked, with a note on stderr, where the whole run would pass
+    them; a prompt that fills them is an error."""
+    limit = getattr(text_config(config), "max_position_embeddings", None)
+    if not limit or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise UserError(f"the prompt is {prompt_tokens} tokens, and the model has {limit} "
+                        "positions (max_position_embeddings): none is left to generate into; "
+                        "shorten the prompt")
+    print(f"memfit: generating {limit - prompt_tokens} tokens, not {max_new_tokens}: the prompt "
+          f"({prompt_tokens} tokens) and the new tokens fill the model's {limit} positions",
+          file=sys.stderr, flush=True)
+    return limit - prompt_tokens
+
+
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, stream=None,
              kv: str | None = None) -> str:
@@ -56,6 +74,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     device = input_device(model)
     enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False,
                     add_special_tokens=not text.startswith(tokenizer.bos_token or "\0")).to(device)
+    max_new_tokens = fit_positions(model.config, enc["input_ids"].shape[1], max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

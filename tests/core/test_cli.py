@@ -147,3 +147,25 @@ def test_inspect_an_encoder_reports_no_kv_cache(capsys, tiny_bert_dir):
     assert res["context"] <= limit < 2048
     code, _, err = _run(capsys, "inspect", str(tiny_bert_dir), "--kv", "int4")
     assert code == 2 and "an encoder has none" in err
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # rotary and learned positions
+def test_generate_stops_at_the_models_positions(capsys, tmp_path, model_type):
+    from tests.conftest import save_tiny
+
+    from memfit.generate import generate
+    from memfit.models import load_model
+
+    m = load_model(str(save_tiny(tmp_path / "m", model_type, max_position_embeddings=24)))
+    prompt = "one two three four five six seven"
+    n = len(m.tokenizer(prompt)["input_ids"])  # with the special tokens generate adds
+    assert n < 24
+    steps = []  # one forward a new token: the prompt's, then one a step
+    m.model.register_forward_hook(lambda mod, args, out: steps.append(1))
+    m.model.generation_config.eos_token_id = None  # a random model could stop early
+    generate(m.model, m.tokenizer, prompt, max_new_tokens=100, stream=lambda s: None)
+    assert f"generating {24 - n} tokens, not 100" in capsys.readouterr().err
+    assert len(steps) == 24 - n
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "word " * 30]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "positions (max_position_embeddings): none is left" in err and "\n" not in err, err
