@@ -99,6 +99,10 @@ def _no_tokenizer(spec: str, kind: str) -> UserError:
     tokenizer (every word [UNK]) and every embedding would be garbage, so it is refused even where
     no text is read; a decoder is refused where a command reads text."""
     files = ", ".join(TOKENIZER_FILES)
+    if str(spec).endswith(".gguf"):
+        return UserError(f"{spec} holds no tokenizer (no tokenizer.ggml metadata) and this "
+                         "command reads text; use a GGUF written with its tokenizer, or the "
+                         "model's folder")
     if kind == "encoder":
         return UserError(f"{spec} is an encoder folder without a tokenizer (none of {files}); "
                          "save its tokenizer into the folder (tokenizer.save_pretrained(folder))")

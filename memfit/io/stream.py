@@ -248,5 +248,12 @@ def _write_converted(path: Path, model, tied: set, tmp: Path, dtype: torch.dtype
     model.config.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tmp)
+    if "tokenizer.ggml.model" in reader.fields:  # else a folder without one, as a GGUF without
+        try:                                      # one stands (memfit's exports of such models)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+        except (OSError, ValueError, KeyError) as e:
+            why = " ".join(str(e).split())
+            raise UserError(f"could not read the tokenizer of {path.name}: {why}; "
+                            "convert the model again with its tokenizer") from None
+        tokenizer.save_pretrained(tmp)
     (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))

@@ -70,6 +70,14 @@ def test_cli_export_gguf(tmp_path, tiny_llama_dir, capsys):
     assert "GGUF Q8_0" in capsys.readouterr().out and out.stat().st_size > 0
     assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # its WordPiece tokenizer is left out of the GGUF: the file inspects, and commands that read
+    # text refuse it in one line (it was transformers' traceback, inspect's too)
+    assert main(["inspect", str(out)]) == 0
+    assert "KV cache" in capsys.readouterr().out
+    for argv in (["eval", str(out)], ["generate", str(out), "--max-new-tokens", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "holds no tokenizer (no tokenizer.ggml metadata)" in err, err
 
 
 def test_q4_k_bytes_decode_with_gguf_and_beat_q4_0():
