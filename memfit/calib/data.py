@@ -185,7 +185,8 @@ def token_windows(tokenizer, source: str = "builtin", split: str = "eval", *, se
     start = bos_id(tokenizer, bos)
     text = load_text(source, split)
     return windows(tokenize(tokenizer, text), seq_len, max_windows=max_windows, seed=seed,
-                   what=f"{source} {split} text", bos=start)
+                   what=f"{source} {split} text" if source == "builtin" or source in _HUB_SETS
+                   else f"text of {source}", bos=start)
 
 
 def sentences(source: str = "builtin", split: str = "eval", *, limit: int | None = 256,
