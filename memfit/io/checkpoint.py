@@ -159,6 +159,24 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def offline_unless_hub_reachable(timeout_s: float = 3.0) -> None:
+    """Switch huggingface_hub to offline mode (its cache only) when its endpoint cannot be reached:
+    without network a hub id otherwise costs ~25 s of retries and a page of warnings before the
+    same error. A no-op when offline mode is already on."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub and transformers
+
+
 def read_config(location, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -173,9 +191,14 @@ def read_config(location, trust_remote_code: bool):
         if Path(location).exists():  # a local folder: no download was involved
             raise UserError(f"could not load {location}: {why}; fix the folder's config.json or "
                             "pass another model") from None
-        raise UserError(f"could not load {str(location)!r}: {why} "
-                        "(offline? use a local folder or a .gguf, or set HF_HUB_OFFLINE=0 with "
-                        "network access)") from None
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{str(location)!r} is not a local folder or file, and the hub "
+                            f"({constants.ENDPOINT}) cannot be reached (or HF_HUB_OFFLINE is set) "
+                            "and its cache lacks it; check the path, or use a local folder or a "
+                            ".gguf") from None
+        raise UserError(f"could not load {str(location)!r}: {why}; check the hub id, or use a "
+                        "local folder or a .gguf") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",

@@ -91,7 +91,28 @@ def test_offline_hub_id_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as e:
         load_model("someorg/some-model-that-is-not-cached")
-    assert "\n" not in str(e.value) and "offline" in str(e.value)
+    assert "\n" not in str(e.value) and "cannot be reached (or HF_HUB_OFFLINE" in str(e.value)
+
+
+def test_an_unreachable_hub_is_probed_once_then_read_from_the_cache(monkeypatch):
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    tried = []
+
+    def no_network(address, timeout=None):
+        tried.append(address)
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(UserError, match="is not a local folder or file, and the hub") as e:
+        load_model("someorg/some-model-that-is-not-cached")
+    assert "\n" not in str(e.value)
+    # one probe, then the cache only: no ~25 s of huggingface_hub's retries and warnings
+    assert tried == [(urlparse(constants.ENDPOINT).hostname, 443)] and constants.HF_HUB_OFFLINE
 
 
 def _bare_copy(src, dst):
