@@ -83,13 +83,17 @@ def chunk_sums(logits: torch.Tensor, target: torch.Tensor,
     """Sums over one chunk of positions: nll of `target` (N,), and with reference logits also the
     reference's nll, KL(reference || model) and top-1 agreement. `logits`/`ref_logits` are
     fresh (N, V) float32 buffers this function overwrites: the peak is those two slabs (one
-    without a reference) and nothing vocabulary-sized beside them."""
+    without a reference) and nothing vocabulary-sized beside them. Logits of two widths (one
+    table padded past the tokenizer) are compared over the columns both have, renormalized."""
     lp = _log_probs_(logits)
     out = {"nll": -lp.gather(1, target[:, None]).sum().item()}
     if ref_logits is None:
         return out
     lq = _log_probs_(ref_logits)
     out["ref_nll"] = -lq.gather(1, target[:, None]).sum().item()
+    if lq.shape[1] != lp.shape[1]:  # one tokenizer, one table padded wider (rows no token has):
+        width = min(lq.shape[1], lp.shape[1])  # compared over the rows both have
+        lp, lq = (_log_probs_(t[:, :width].contiguous()) for t in (lp, lq))
     out["top1"] = (lq.argmax(-1) == lp.argmax(-1)).sum().item()
     out["kld"] = kl_sum(lq, lp, inplace=True).item()
     return out

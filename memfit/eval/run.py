@@ -34,7 +34,9 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     r = ref if (ref is None or isinstance(ref, Loaded)) else load_model(ref, dtype=dtype, device=device)
     split = _split_for(data, split)
     if r is not None and r.kind != m.kind:
-        raise UserError(f"--ref is a {r.kind} but the model is a {m.kind}; compare like with like")
+        raise UserError(f"--ref is an {r.kind} but the model is a {m.kind}; compare like with "
+                        "like" if r.kind == "encoder" else f"--ref is a {r.kind} but the model is "
+                        f"an {m.kind}; compare like with like")
     fmt = kv_format(kv)
     if m.kind == "encoder":
         if fmt is not None:
@@ -46,9 +48,9 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
                            "words spread over the split, mean pooling")
         return {"model": _typed(model, m), "model_path": m.source, "kind": "encoder", "data": data,
                 "split": split, **res}
-    if r is not None and len(r.tokenizer) != len(m.tokenizer):
-        raise UserError("--ref uses a different tokenizer (vocabulary sizes differ); "
-                        "KL divergence needs the same tokenizer")
+    if r is not None and r.tokenizer.get_vocab() != m.tokenizer.get_vocab():
+        raise UserError(f"--ref uses a different tokenizer ({len(r.tokenizer)} tokens, the model "
+                        f"{len(m.tokenizer)}); KL divergence needs the same tokenizer")
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens={max_tokens} is smaller than one window (--seq-len {seq_len})")
     check_positions(m.model.config, seq_len, "--seq-len")
