@@ -103,15 +103,22 @@ def _dtypes(o: TrainOptions, device: torch.device) -> tuple[torch.dtype, torch.d
     return compute, torch.bfloat16 if o.grad_comm == "bf16" else torch.float32
 
 
-def _load(spec: str, o: TrainOptions, device, dtype):
+def _load(spec: str, o: TrainOptions, device, dtype, *, trained: bool = True):
+    """The student (`trained`: dense weights only) or the teacher (any format: forward only)."""
+    from memfit.io.modules import describe_modules
     from memfit.models import load_model
 
     m = load_model(spec, dtype=dtype, device=str(device))
     if m.kind != "decoder":
         raise UserError(f"{spec} is an encoder; memfit train trains causal LMs (decoders)")
-    if any(not p.is_floating_point() for p in m.model.parameters()):
-        raise UserError(f"{spec} holds packed (quantized) weights; memfit train fine-tunes dense "
-                        "models (use memfit distill to heal a compressed one)")
+    if not trained:
+        return m
+    kinds = sorted({d["kind"] for d in describe_modules(m.model).values()})
+    if kinds or any(not p.is_floating_point() for p in m.model.parameters()):
+        what = f"memfit's compressed modules (kind {', '.join(kinds)})" if kinds else \
+            "packed (quantized) weights"
+        raise UserError(f"{spec} holds {what}; memfit train fine-tunes dense models (use memfit "
+                        "distill to heal a compressed one)")
     return m
 
 
@@ -172,7 +179,7 @@ def _inputs(model: str, o: TrainOptions, device, compute, world: int):
                         f"its reduce-scatter); run it without torchrun, not on {world} ranks")
     # float32 master weights (FSDP2 casts to the compute dtype), or bfloat16 ones (--weights bf16)
     s = _load(model, o, device, torch.bfloat16 if o.weights == "bf16" else torch.float32)
-    t = _load(o.teacher, o, device, compute) if o.teacher else None
+    t = _load(o.teacher, o, device, compute, trained=False) if o.teacher else None
     if t is not None:
         from memfit.distill.run import check_same_tokenizer
         check_same_tokenizer(t, s, o.teacher, model)

@@ -86,3 +86,24 @@ def test_torchrun_two_ranks_prints_once(train_llama_dir, tmp_path):
     rep = json.loads(lines[0])
     assert rep["world_size"] == 2 and rep["reduce_dtype"] == "int8"
     assert (out / "model.safetensors").exists()
+
+
+def test_a_compressed_student_is_refused_a_compressed_teacher_is_not(train_llama_dir, tmp_path,
+                                                                      capsys):
+    """A memfit-compressed folder as the trained model: one line before any step and nothing
+    written (its packed codes are buffers, so the steps ran and the save died of a state-dict
+    traceback); as the teacher it only runs forward, and trains the student."""
+    out = tmp_path / "o"
+    packed = tmp_path / "packed"
+    assert main(["compress", str(train_llama_dir), "--recipe", "w4g64", "--out", str(packed),
+                 "--format", "memfit"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(packed), *FIXED, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds memfit's compressed modules (kind int)" in err and "memfit distill" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert main(["train", str(train_llama_dir), "--teacher", str(packed), *FIXED,
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    # the student is the teacher's own dense original: their KL starts near 0 (4-bit rounding)
+    assert len(rep["loss"]) == 3 and 0 < rep["loss"][0] < 0.01, rep["loss"]
