@@ -59,6 +59,7 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q4_K": 14, "BF16": 32}  # llama.cpp's LlamaFileType (Q4_K: MOSTLY_Q4_K_S)
 
 
+@torch.no_grad()  # low-rank factors are parameters: their product would carry a graph
 def weights(model: nn.Module) -> dict[str, torch.Tensor | PackedIntWeight]:
     """The model's weights under transformers' names: an integer-grid memfit module (QuantLinear,
     QuantEmbedding) as its `PackedIntWeight`, every other memfit module dequantized to float32

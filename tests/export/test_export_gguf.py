@@ -53,6 +53,21 @@ def test_gguf_reads_back_and_matches_memfit(w8, tmp_path):
     assert 0 < kld < 0.05
 
 
+@pytest.mark.parametrize("preset", ["svd-80", "wanda-50"])
+def test_low_rank_and_sparse_models_export_as_their_dense_product(tiny_llama_dir, tmp_path,
+                                                                  preset):
+    """Modules that are not integer grids go out as the float32 matrix they compute (a low-rank
+    layer's factors are parameters: their product carried a graph, and numpy() died on it)."""
+    m = load_model(str(tiny_llama_dir))
+    ids = torch.randint(0, 30522, (2, 32), generator=torch.Generator().manual_seed(0))
+    compress_(m.model, preset, torch.randint(0, 30522, (8, 64)), progress=False)
+    with torch.no_grad():
+        ref = m.model(ids).logits
+    path = export_gguf(m.model, tmp_path / "m.gguf", "F32")
+    with torch.no_grad():
+        assert (_load_gguf(path)(ids).logits - ref).abs().max().item() < 1e-4
+
+
 def test_refusals_write_nothing(w8, tmp_path, save_tiny):
     with pytest.raises(UserError, match="Q6_K"):
         export_gguf(w8.model, tmp_path / "a.gguf", "Q6_K")
