@@ -278,8 +278,12 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
         smoke_text = f"{len(smoke)} windows x {o.smoke_seq_len} tokens"
     partial = _partial_dir(out, loaded.source, recipe)
     t0 = time.perf_counter()
-    report = compress_(loaded.model, recipe, windows, checkpoint_dir=partial / "blocks",
-                       progress=o.progress)
+    try:
+        report = compress_(loaded.model, recipe, windows, checkpoint_dir=partial / "blocks",
+                           progress=o.progress)
+    except UserError:  # the same input fails again: nothing to resume (a killed run keeps it)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     report["compress_seconds"] = time.perf_counter() - t0
     _say(o, f"smoke check: {smoke_text} against the original")
     check = reference.check(loaded.model)

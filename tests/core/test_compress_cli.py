@@ -86,6 +86,7 @@ def test_collapse_is_refused_and_nothing_written(capsys, tmp_path, tiny_llama_di
     (["--recipe", "{bad_yaml}"], "unknown quant key"),
     (["--recipe", "w4g64-gptq", "--data", "{short}"], "fewer than one window"),
     ([], "--out is required"),
+    (["--recipe", "drop2"], "cannot drop 2 of 2 blocks"),  # refused once the model is loaded
 ])
 def test_bad_compress_inputs(capsys, tmp_path, tiny_llama_dir, argv, message):
     bad = tmp_path / "r.yaml"
@@ -99,7 +100,7 @@ def test_bad_compress_inputs(capsys, tmp_path, tiny_llama_dir, argv, message):
     code, _, err = _run(capsys, "compress", tiny_llama_dir, *argv)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 def test_killed_run_resumes_to_identical_files(tmp_path, tiny_llama_dir, monkeypatch):
