@@ -18,6 +18,9 @@ trainable stand-in (dispatch: the literal dict `TRAINABLE`, keyed by exact modul
   holds by construction; `repack()` rebuilds the same layout from the dense result.
 - `SparseLinear` with int-quantized kept values -> `FakeQuantSparseLinear`: a FakeQuantLinear
   whose weight is multiplied by the fixed mask; repacks to the same sparse layout and grid.
+- `W8A8Linear` -> `FakeQuantW8A8Linear`: a FakeQuantLinear on its 8-bit weight grid whose
+  input is rounded to int8 as the module's int8 product rounds it (straight through); repacks
+  to a W8A8Linear of the same activation mode and static scale.
 - `LowRankLinear`: float factors are unfrozen and trained as is; quantized factors become
   `FakeQuantLinear`s inside it.
 - plain `nn.Linear`: its own parameters are unfrozen and trained as is.
@@ -42,6 +45,8 @@ from memfit.formats.intq import PackedIntWeight, zeros_float
 from memfit.formats.quant_linear import QuantLinear
 from memfit.formats.lowrank import LowRankLinear
 from memfit.formats.sparse import SparseIntWeight, SparseLinear, keep_mask
+from memfit.formats.w8a8 import W8A8Linear
+from memfit.kernels.int8 import QMAX
 
 
 _MIN_SCALE = 2.0 ** -20  # exactly representable in float16 (subnormal), bfloat16 and float32
@@ -175,6 +180,39 @@ class FakeQuantSparseLinear(FakeQuantLinear):
                                                        self.layout), self.bias)
 
 
+class FakeQuantW8A8Linear(FakeQuantLinear):
+    """Trainable stand-in for a `W8A8Linear`: FakeQuantLinear's STE grid for its 8-bit weights
+    (the same grid as a QuantLinear's), and its activations rounded as the int8 product rounds
+    them (per token by max|x| / 127, or by the fixed calibrated scale), straight through."""
+
+    def __init__(self, m: W8A8Linear):
+        nn.Module.__init__(self)
+        self.static = m.static
+        self.register_buffer("input_scale", None if m.input_scale is None
+                             else m.input_scale.detach().clone())
+        zeros = zeros_float(None, m.fmt, m.out_features, 1, m.scale.device)
+        self._setup(m.dequantize(torch.float32), m.scale, zeros, m.fmt, m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:  # per token, as memfit.kernels.int8.quantize_per_token
+            sx = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / QMAX
+        else:
+            sx = self.input_scale.float()
+        xf = x.float()
+        x_hat = _ste(xf, (xf / sx).round().clamp(-QMAX, QMAX) * sx)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x_hat, self.fake_weight(), bias).to(x.dtype)
+
+    @torch.no_grad()
+    def repack(self) -> W8A8Linear:
+        q = super().repack()
+        w = W8A8Linear.from_packed(q.packed(), self.bias, static=self.static,
+                                   dtype=self.act_dtype)
+        if self.static:
+            w.input_scale.copy_(self.input_scale)
+        return w
+
+
 def _sparse(m: SparseLinear) -> nn.Module:
     return MaskedSparseLinear(m) if m.fmt is None else FakeQuantSparseLinear(m)
 
@@ -196,6 +234,7 @@ TRAINABLE = {
     QuantLinear: FakeQuantLinear,
     SparseLinear: _sparse,
     LowRankLinear: _lowrank,
+    W8A8Linear: FakeQuantW8A8Linear,
     nn.Linear: _unfreeze,
 }
 _STAND_INS = (FakeQuantLinear, MaskedSparseLinear)  # FakeQuantSparseLinear is a FakeQuantLinear

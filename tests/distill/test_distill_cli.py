@@ -26,6 +26,22 @@ def student_dir(tiny_llama_dir, tmp_path_factory):
                 recipe=rep["recipe"])
 
 
+def test_a_w8a8_student_distills_and_stays_w8a8(capsys, tiny_llama_dir, tmp_path):
+    from memfit.formats.w8a8 import W8A8Linear
+
+    student = tmp_path / "sq"
+    assert _main(["compress", tiny_llama_dir, "--recipe", "w8a8-sq", "--samples", "4",
+                  "--out", student]) == 0
+    capsys.readouterr()
+    code = _main(["distill", tiny_llama_dir, student, "--out", tmp_path / "o", "--json", *FAST])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["bytes_after"] == rep["bytes_before"] and len(rep["loss"]) == 3
+    healed = load_model(str(tmp_path / "o")).model
+    assert sum(type(m) is W8A8Linear for m in healed.modules()) == 14
+
+
 def test_cli_distills_and_writes_a_loadable_folder(capsys, tiny_llama_dir, student_dir, tmp_path):
     out = tmp_path / "healed"
     code = _main(["distill", tiny_llama_dir, student_dir, "--out", out, "--json", *FAST])

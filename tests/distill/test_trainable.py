@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memfit.algos.prune import nm_mask
@@ -101,3 +102,40 @@ def test_dispatch_swaps_and_repacks_every_kind():
     assert repack_(model) == 2
     assert type(model[0]) is QuantLinear and type(model[1]) is SparseLinear
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_w8a8_stand_in_rounds_activations_and_repacks(static):
+    """A W8A8 layer heals (it was a traceback in distill): the stand-in starts at the int8
+    product's output, trains its weight grid, and repacks to a W8A8Linear of the same
+    activation mode whose output is the trained forward's."""
+    from memfit.distill.trainable import FakeQuantW8A8Linear
+    from memfit.formats.intq import PackedIntWeight
+    from memfit.formats.w8a8 import W8_FORMAT, W8A8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(160, 24)
+    r = rtn(lin.weight.detach(), W8_FORMAT)
+    packed = PackedIntWeight.from_codes(r.codes, r.scale, None, W8_FORMAT)
+    w = W8A8Linear.from_packed(packed, lin.bias.detach(), static=static)
+    if static:
+        w.set_input_scale(3.0)
+    model = nn.Sequential(w)
+    assert make_trainable_(model) == ["0"]
+    fq = model[0]
+    assert isinstance(fq, FakeQuantW8A8Linear)
+    x = torch.randn(5, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(fq(x), w(x), rtol=1e-5, atol=1e-5)
+        # the activation rounding is in it: a plain float product differs
+        assert (F.linear(x, w.dequantize(), w.bias) - w(x)).abs().max() > 1e-4
+    x = _train(fq)
+    assert fq.weight.grad is not None and fq.log_scale.grad is not None
+    assert repack_(model) == 1
+    new = model[0]
+    assert type(new) is W8A8Linear and new.static == static and new.nbytes() == w.nbytes()
+    assert not torch.equal(new.qdata, w.qdata)
+    if static:
+        assert torch.equal(new.input_scale, w.input_scale)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), fq(x), rtol=1e-4, atol=1e-4)
