@@ -36,6 +36,7 @@ def cmd_distill(args) -> None:
               f"{100 * a['neighbour_agreement']:.2f}% (clear margin: "
               f"{100 * b['neighbour_agreement_clear']:.2f}% -> "
               f"{100 * a['neighbour_agreement_clear']:.2f}% of {a['clear_queries']})")
+        _note_if_worse(a["cosine_mean"] < b["cosine_mean"], "mean cosine fell", args.student)
         return
     print(f"distilled    {rep['steps']} steps in {rep['seconds']:.1f} s, loss "
           f"{rep['loss'][0]:.5f} -> {rep['loss'][-1]:.5f}, peak memory "
@@ -44,6 +45,13 @@ def cmd_distill(args) -> None:
           f"(teacher {a['ref_perplexity']:.4f}; {rep['protocol']})")
     print(f"KLD          {b['kld']:.6f} -> {a['kld']:.6f}, top-1 agreement "
           f"{100 * b['top1_agreement']:.2f}% -> {100 * a['top1_agreement']:.2f}%")
+    _note_if_worse(a["kld"] > b["kld"], "KLD rose", args.student)
+
+
+def _note_if_worse(worse: bool, what: str, student: str) -> None:
+    if worse:
+        print(f"note         the held-out {what}: this run made the student worse, and "
+              f"{student} is still the better model; try a lower --lr or more --samples")
 
 
 def add_distill(sub) -> None:

@@ -120,3 +120,15 @@ def test_windows_past_the_positions_are_refused(capsys, tiny_llama_dir, student_
     err = capsys.readouterr().err
     assert code == 2 and "--seq-len 513 is longer than the model supports (512 positions" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_a_run_that_makes_the_student_worse_says_so(capsys, tiny_llama_dir, student_dir,
+                                                     tmp_path):
+    code = _main(["distill", tiny_llama_dir, student_dir, "--out", tmp_path / "o", *FAST,
+                  "--lr", "0.5"])  # a step far too large for a 4-bit student
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    kld = next(line for line in out.splitlines() if line.startswith("KLD"))
+    before, after = (float(v.rstrip(",")) for v in kld.split()[1:4:2])
+    assert after > before, kld
+    assert f"this run made the student worse, and {student_dir} is still the better" in out
