@@ -165,7 +165,8 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
         if memfit_meta.exists() or is_memfit_ct(Path(location)):
             # the tokenizer first, as below: a bad one fails before the weights load, and one
             # that does not load stops only the commands that read text
-            tokenizer = checked_tokenizer(location, spec, read_config(location, False),
+            tokenizer = checked_tokenizer(location, spec,
+                                          read_config(location, trust_remote_code),
                                           need=need_tokenizer)
             if memfit_meta.exists():  # a memfit-compressed folder
                 from memfit.io.save import load as load_compressed

@@ -34,9 +34,9 @@ def run_eval(model: str | Loaded = "default", *, ref: str | Loaded | None = None
     r = ref if (ref is None or isinstance(ref, Loaded)) else load_model(ref, dtype=dtype, device=device)
     split = _split_for(data, split)
     if r is not None and r.kind != m.kind:
-        raise UserError(f"--ref is an {r.kind} but the model is a {m.kind}; compare like with "
-                        "like" if r.kind == "encoder" else f"--ref is a {r.kind} but the model is "
-                        f"an {m.kind}; compare like with like")
+        a = {"encoder": "an encoder", "decoder": "a decoder"}
+        raise UserError(f"--ref is {a[r.kind]} but the model is {a[m.kind]}; compare like with "
+                        "like")
     fmt = kv_format(kv)
     if m.kind == "encoder":
         if fmt is not None:
