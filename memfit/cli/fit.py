@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 from memfit.cli.common import add_dtype_device, number
@@ -67,9 +66,7 @@ def cmd_fit(args) -> None:
               f"{built['predicted_kld']:.5f}; proxy model {built['proxy_predicted_kld']:.5f}),"
               f" perplexity {built['perplexity']:.3f} vs {built['ref_perplexity']:.3f}"
               f" ({built['eval']})")
-    counts = Counter(s["choices"].values())
-    print("choices      " + ", ".join(f"{k} x{v}" for k, v in counts.most_common())
-          + (f"; dropped blocks {s['dropped_blocks']}" if s["dropped_blocks"] else ""))
+    print(f"choices      {plan.choices_line()}")
     secs = sum(v for v in s["timings"].values()) + built["build_s"]
     print(f"time         {secs:.0f} s (plan {sum(s['timings'].values()):.0f} s, build and "
           f"check {built['build_s']:.0f} s)")

@@ -18,6 +18,7 @@ the evaluation split measured; it replaces `out` only if both pass.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from memfit.archs import block_list, check_positions, text_config
 from memfit.encoders import used_length
 from memfit.errors import UserError
+from memfit.eval.memory import human_bytes
 from memfit.plan.build import build_plan
 from memfit.plan.build import say as _say
 from memfit.plan.measure import in_fresh_process
@@ -80,7 +82,7 @@ class FitOptions:
     progress: bool = True
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr prints every unit's menu: pages in a notebook
 class Plan:
     loaded: object
     target: Target
@@ -198,6 +200,20 @@ class Plan:
         sol = self.solution
         return {u.key: ("dropped" if u.block is not None and u.block in sol.dropped
                         else u.options[sol.choice[u.key]].name) for u in self.units}
+
+    def choices_line(self) -> str:
+        """'int4-g64 x12, fp16 x4; dropped blocks [3]': how many units took each option."""
+        counts = Counter(self.choices().values())
+        return (", ".join(f"{k} x{v}" for k, v in counts.most_common())
+                + (f"; dropped blocks {self.solution.dropped}" if self.solution.dropped else ""))
+
+    def __repr__(self) -> str:
+        t = self.target
+        head = f"Plan({self.loaded.source!r}, {t.kind} budget {human_bytes(t.budget)}"
+        if self.solution is None:
+            return head + ", not solved)"
+        return (f"{head}: predicted {human_bytes(self.predicted_total())}, KLD "
+                f"~{self.expected_kld():.3g}, KV {self.kv}; {self.choices_line()})")
 
     def summary(self) -> dict:
         sol = self.solution

@@ -2,6 +2,7 @@
 the uniform baselines it was compared with, and refuses to write what fails its check."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,12 @@ def test_weights_plan_fits_and_is_measured(weights_plan, tmp_path):
     reloaded = load(tmp_path / "out")
     kinds = {type(m).__name__ for m in reloaded.model.modules()}
     assert kinds & {"QuantLinear", "SparseLinear", "LowRankLinear"}
+    # a plan prints as one line: what it fits, what it predicts and the choices' counts
+    text = repr(plan)
+    assert "\n" not in text and len(text) < 400, text
+    assert text.startswith(f"Plan({plan.loaded.source!r}, weights budget ") and \
+        f"; {plan.choices_line()})" in text
+    assert sum(int(n) for n in re.findall(r" x(\d+)", plan.choices_line())) == len(plan.units)
 
 
 def test_plan_matches_or_beats_uniform_baselines(weights_plan, tmp_path):
