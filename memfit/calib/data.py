@@ -1,8 +1,10 @@
 """Text sources and token windows.
 
 Sources: `builtin` (CPython's pydoc_data.topics, always installed, ~460k characters of English
-prose about Python), a local `.txt` or `.jsonl` (field "text") file, and `wikitext2` / `c4`
-through the `datasets` library when online.
+prose about Python), a local `.txt` or `.jsonl` file, and `wikitext2` / `c4` through the
+`datasets` library when online. A .jsonl line holds {"text": ...} or a conversation
+{"messages": [{"role": ..., "content": ...}, ...]}, rendered with the tokenizer's chat template
+where it has one (what a chat model sees), else as its contents, a message a line.
 
 Splits are disjoint by construction, so calibration never sees evaluation text:
 - builtin: each topic (a document) goes to "eval" when the first byte of sha1(topic key) is below
@@ -59,7 +61,31 @@ def _builtin(split: str) -> str:
     return "\n\n".join(calib)
 
 
-def _file(path: Path, split: str) -> str:
+def _conversation(messages, chat, where: str) -> str:
+    """A chat line's text: `chat(messages)` (the tokenizer's chat template) when given, else its
+    messages' contents one per line. Content may be a string or a list of parts with "text"."""
+    turns = []
+    for m in messages if isinstance(messages, list) else [None]:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            content = "\n".join(part["text"] for part in content
+                                 if isinstance(part, dict) and isinstance(part.get("text"), str))
+        if not isinstance(content, str):
+            raise UserError(f"{where}: 'messages' is not a list of {{'role', 'content'}} "
+                            "objects with text content; fix the line or pass a .txt file")
+        turns.append({"role": m.get("role", "user"), "content": content})
+    return chat(turns) if chat is not None else "\n".join(t["content"] for t in turns)
+
+
+def chat_renderer(tokenizer):
+    """`tokenizer`'s chat template as a function of a message list -> text; None without one
+    (conversations are then their contents, one message a line)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    return lambda turns: tokenizer.apply_chat_template(turns, tokenize=False)
+
+
+def _file(path: Path, split: str, chat=None) -> str:
     if path.suffix == ".jsonl":
         texts = []
         try:
@@ -70,14 +96,19 @@ def _file(path: Path, split: str) -> str:
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{i} is not a JSON object with a 'text' field; "
-                                "fix the line or pass a .txt file") from None
-            if not isinstance(text, str):
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "text" not in row and "messages" in row:
+                texts.append(_conversation(row["messages"], chat, f"{path}:{i}"))
+                continue
+            if not isinstance(row, dict) or "text" not in row:
+                raise UserError(f"{path}:{i} is not a JSON object with a 'text' field (or a "
+                                "'messages' list); fix the line or pass a .txt file")
+            if not isinstance(row["text"], str):
                 raise UserError(f"{path}:{i}: its 'text' is not a string; fix the line or "
                                 "pass a .txt file")
-            texts.append(text)
+            texts.append(row["text"])
         text = "\n\n".join(texts)
     else:
         try:
@@ -112,8 +143,9 @@ def _hub(name: str, split: str) -> str:
                         "network access: use 'builtin' or a local .txt/.jsonl file") from None
 
 
-def load_text(source: str = "builtin", split: str = "eval") -> str:
-    """The text of a source's split (see module docstring for the split rules)."""
+def load_text(source: str = "builtin", split: str = "eval", chat=None) -> str:
+    """The text of a source's split (see module docstring for the split rules). `chat` renders
+    the conversations of a .jsonl's "messages" lines (`chat_renderer`)."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {SPLITS}")
     if source == "builtin":
@@ -126,7 +158,7 @@ def load_text(source: str = "builtin", split: str = "eval") -> str:
                         "or a .txt/.jsonl file")
     if path.is_dir():
         raise UserError(f"data {source!r} is a folder; pass a .txt or .jsonl file")
-    return _file(path, split)
+    return _file(path, split, chat)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -183,7 +215,7 @@ def token_windows(tokenizer, source: str = "builtin", split: str = "eval", *, se
                   bos: str = "auto") -> torch.Tensor:
     """load_text + tokenize + windows in one call; `bos` as in the module docstring."""
     start = bos_id(tokenizer, bos)
-    text = load_text(source, split)
+    text = load_text(source, split, chat_renderer(tokenizer))
     return windows(tokenize(tokenizer, text), seq_len, max_windows=max_windows, seed=seed,
                    what=f"{source} {split} text" if source == "builtin" or source in _HUB_SETS
                    else f"text of {source}", bos=start)

@@ -118,7 +118,10 @@ def test_binary_jsonl(capsys, tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("line,needle", [('{"text": 5}', "data.jsonl:2: its 'text' is not a string"),
                                           ('{"text": null}', "its 'text' is not a string"),
-                                          ('{"txt": "a"}', "data.jsonl:2 is not a JSON object")])
+                                          ('{"txt": "a"}', "data.jsonl:2 is not a JSON object"),
+                                          ('{"messages": [{"role": "user"}]}',
+                                           "data.jsonl:2: 'messages' is not a list of"),
+                                          ('{"messages": "hi"}', "data.jsonl:2: 'messages'")])
 def test_jsonl_lines_without_a_text_string(capsys, tiny_llama_dir, tmp_path, line, needle):
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"text": "one good line"}\n' + line + "\n")

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -48,6 +49,29 @@ def test_files(tmp_path):
     jl.write_text('{"txt": 1}\n')
     with pytest.raises(UserError, match="d.jsonl:1"):
         load_text(str(jl), "all")
+
+
+def test_conversation_lines_are_rendered_with_the_chat_template(tmp_path, tiny_llama):
+    """.jsonl lines of {"messages": [...]} (the common chat-dataset shape) are calibration and
+    evaluation text too: through the tokenizer's chat template where it has one, else their
+    contents a message a line; 'text' lines beside them stay as they are."""
+    from memfit.calib.data import chat_renderer, token_windows
+
+    jl = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "Why is the sky blue?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Rayleigh scattering."}]}]
+    jl.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    tok = tiny_llama.tokenizer
+    assert chat_renderer(tok) is None  # this tokenizer has no chat template
+    assert load_text(str(jl), "all") == "Why is the sky blue?\nRayleigh scattering.\n\nplain"
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>"
+                         "{% endfor %}")
+    assert load_text(str(jl), "all", chat_renderer(tok)) == \
+        "<user>Why is the sky blue?</s><assistant>Rayleigh scattering.</s>\n\nplain"
+    ids = tokenize(tok, load_text(str(jl), "all", chat_renderer(tok)))
+    w = token_windows(tok, str(jl), "all", seq_len=8, bos="never")
+    assert torch.equal(w.flatten(), ids[: w.numel()])  # windows take the rendered text
 
 
 def test_tokenize_and_sentences(tiny_llama):
