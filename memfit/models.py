@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,9 +92,33 @@ def _convert_gguf(path: Path) -> Path:
         return out
     from memfit.io.stream import convert_gguf
 
+    _drop_stale_conversions(out.parent)
+
     print(f"memfit: converting {path.name} once into {out} (later loads take seconds)",
           file=sys.stderr, flush=True)  # stdout stays clean for --json
     return convert_gguf(path, out)
+
+
+def _drop_stale_conversions(cache: Path) -> None:
+    """Remove the cached conversions whose GGUF is gone or has changed since (each reinstall of
+    a package that ships one, e.g. the default model's, is a new file: its conversions would
+    pile up, ~0.5 GB each for the default)."""
+    freed = []
+    for folder in cache.glob("*/memfit_source.json"):
+        if ".tmp-" in folder.parent.name:  # a conversion being written (io.stream cleans those)
+            continue
+        try:
+            src = Path(json.loads(folder.read_text())["gguf"])
+            stale = not src.is_file() or _gguf_cache(src) != folder.parent
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written or removed by another process: leave it
+        if stale:
+            size = sum(f.stat().st_size for f in folder.parent.rglob("*") if f.is_file())
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            freed.append(size)
+    if freed:
+        print(f"memfit: removed {len(freed)} cached conversion(s) of GGUF files that are gone or "
+              f"changed ({sum(freed) / 1e9:.2f} GB)", file=sys.stderr, flush=True)
 
 
 def _no_tokenizer(spec: str, kind: str) -> UserError:

