@@ -210,7 +210,8 @@ def load_model(spec: str = "default", *, dtype=None, device: str = "cpu",
     torch_dtype = pick_dtype(dtype, device)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
     try:
-        model = cls.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(location, dtype=torch_dtype, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code)  # never a pickle
     except OSError as e:
         raise UserError(f"could not load {spec!r}: {str(e).splitlines()[0]}") from None
     unfuse_experts_(model)

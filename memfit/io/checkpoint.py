@@ -36,9 +36,20 @@ class Loaded:
         return next(self.model.parameters()).device
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
 def check_safetensors(folder: Path) -> None:
-    """Fail with one clear line on a truncated or corrupt checkpoint, before transformers does."""
-    for f in sorted(folder.glob("*.safetensors")):
+    """Fail with one clear line on a truncated or corrupt checkpoint, before transformers does,
+    and on a folder whose weights are pickles only (loading one can run any code it holds)."""
+    files = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in folder.glob(pattern))
+    if not files and pickles:
+        raise UserError(f"{folder} holds its weights as pickles ({', '.join(pickles[:3])}), which "
+                        "memfit does not load (loading one can run any code in it); where you "
+                        "trust the file, save the model again as safetensors "
+                        "(save_pretrained writes model.safetensors)")
+    for f in files:
         size = f.stat().st_size
         try:
             with open(f, "rb") as fh:

@@ -382,7 +382,7 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     from transformers import AutoModel, AutoModelForCausalLM
 
     from memfit.eval.memory import steady_malloc
-    from memfit.io.checkpoint import Loaded, pick_dtype
+    from memfit.io.checkpoint import Loaded, check_safetensors, pick_dtype
     from memfit.io.export_ct import is_memfit_ct
     from memfit.models import _convert_gguf, checked_tokenizer, load_model, resolve, skeleton
 
@@ -402,6 +402,8 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
             return None, placement
         place_model(m.model, placement)  # in place: m.model is now dispatched
         return m, placement
+    if kind != "hub":
+        check_safetensors(Path(location))  # a truncated file, or pickles only: one line
     skel, arch, _ = skeleton(str(location) if kind != "hub" else spec,
                              trust_remote_code=trust_remote_code, dtype=torch_dtype)
     cls = AutoModelForCausalLM if arch.kind == "decoder" else AutoModel
@@ -411,7 +413,7 @@ def load_placed(spec: str, devices: list[Device], *, dtype=None, context: int = 
     tokenizer = checked_tokenizer(location, spec, skel.config, local=kind != "hub",
                                   trust_remote_code=trust_remote_code)
     try:
-        model = cls.from_pretrained(location, dtype=torch_dtype,
+        model = cls.from_pretrained(location, dtype=torch_dtype, use_safetensors=True,
                                     device_map=_hf_map(placement),
                                     offload_folder=_offload_dir(placement),
                                     offload_buffers=True, trust_remote_code=trust_remote_code)

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from memfit.cli import main
 
@@ -177,3 +178,28 @@ def test_failed_smoke_check_leaves_no_partial(capsys, tiny_llama_dir, tmp_path):
     _nothing_written(tmp_path)
     code, _, err = _run(capsys, *argv, "--out", tmp_path / "k", "--keep-partial")
     assert code == 3 and (tmp_path / "k.partial").exists() and not (tmp_path / "k").exists()
+
+
+def test_pickle_weights_are_never_loaded(capsys, tiny_llama_dir, tmp_path, monkeypatch):
+    """A folder whose weights are a pytorch_model.bin only: refused in one line by every path
+    that loads weights (eval, inspect, compress, --place), and torch.load is never called (a
+    pickle can run any code it holds; transformers would have loaded it)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_llama_dir, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+    def no_pickles(*a, **k):
+        raise AssertionError("torch.load was called on a user's file")
+    monkeypatch.setattr(torch, "load", no_pickles)
+    for argv in (["eval", folder], ["inspect", folder], ["generate", folder, "--place", "cpu"],
+                 ["compress", folder, "--recipe", "w8", "--out", tmp_path / "o"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, err
+        _one_error_line(err, "holds its weights as pickles (pytorch_model.bin), which memfit "
+                             "does not load")
+    assert not (tmp_path / "o").exists()
