@@ -49,6 +49,17 @@ def check_safetensors(folder: Path) -> None:
                         "memfit does not load (loading one can run any code in it); where you "
                         "trust the file, save the model again as safetensors "
                         "(save_pretrained writes model.safetensors)")
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is not a readable shard index ({e}); re-save or "
+                            "re-download the model") from None
+        missing = sorted(n for n in shards if not (folder / n).is_file())
+        if missing:
+            raise UserError(f"{folder} lacks {len(missing)} of the {len(shards)} weight files "
+                            f"its {index.name} lists ({', '.join(missing[:2])}"
+                            f"{', ...' if len(missing) > 2 else ''}); re-download or re-save it")
     for f in files:
         size = f.stat().st_size
         try:

@@ -203,3 +203,26 @@ def test_pickle_weights_are_never_loaded(capsys, tiny_llama_dir, tmp_path, monke
         _one_error_line(err, "holds its weights as pickles (pytorch_model.bin), which memfit "
                              "does not load")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_shard_is_named(capsys, tiny_llama_dir, tmp_path):
+    """A sharded folder whose index lists a file that is not there (an interrupted download):
+    one line naming it on every load path; --low-memory's streaming reader died of a
+    FileNotFoundError traceback."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(folder,
+                                                                         max_shard_size="1MB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    for argv in (["eval", folder], ["inspect", folder],
+                 ["compress", folder, "--recipe", "w8", "--low-memory", "on", "--out",
+                  tmp_path / "o"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, err
+        _one_error_line(err, f"lacks 1 of the {len(shards)} weight files its "
+                             f"model.safetensors.index.json lists ({shards[1].name})")
+    assert not (tmp_path / "o").exists()
