@@ -184,13 +184,16 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def offline_unless_hub_reachable(timeout_s: float = 3.0) -> None:
     """Switch huggingface_hub to offline mode (its cache only) when its endpoint cannot be reached:
     without network a hub id otherwise costs ~25 s of retries and a page of warnings before the
-    same error. A no-op when offline mode is already on."""
+    same error. A no-op when offline mode is already on, or behind a proxy (a direct connection
+    says nothing about the proxy's)."""
+    import os
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in proxies):
         return
     url = urlparse(constants.ENDPOINT)
     try:

@@ -100,6 +100,8 @@ def test_an_unreachable_hub_is_probed_once_then_read_from_the_cache(monkeypatch)
 
     from huggingface_hub import constants
 
+    from memfit.io.checkpoint import offline_unless_hub_reachable
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
     tried = []
@@ -113,6 +115,10 @@ def test_an_unreachable_hub_is_probed_once_then_read_from_the_cache(monkeypatch)
     assert "\n" not in str(e.value)
     # one probe, then the cache only: no ~25 s of huggingface_hub's retries and warnings
     assert tried == [(urlparse(constants.ENDPOINT).hostname, 443)] and constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy: no probe
+    offline_unless_hub_reachable()
+    assert len(tried) == 1 and not constants.HF_HUB_OFFLINE
 
 
 def _bare_copy(src, dst):
