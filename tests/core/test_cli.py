@@ -150,9 +150,7 @@ def test_inspect_an_encoder_reports_no_kv_cache(capsys, tiny_bert_dir):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # rotary and learned positions
-def test_generate_stops_at_the_models_positions(capsys, tmp_path, model_type):
-    from tests.conftest import save_tiny
-
+def test_generate_stops_at_the_models_positions(capsys, tmp_path, save_tiny, model_type):
     from memfit.generate import generate
     from memfit.models import load_model
 
