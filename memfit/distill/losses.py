@@ -44,10 +44,14 @@ def hidden_states(model, ids: torch.Tensor, layers: tuple[int, ...] = ()) -> tup
 
 def _chunk_kl(student, teacher, temperature: float, h_s: torch.Tensor,
               h_t: torch.Tensor) -> torch.Tensor:
-    """Summed KL(teacher || student) over a (B, C, H) chunk of positions."""
-    log_p_s = F.log_softmax(head_logits(student, h_s) / temperature, dim=-1)  # (B, C, V)
+    """Summed KL(teacher || student) over a (B, C, H) chunk of positions. Heads of two widths
+    (one tokenizer, one table padded past it) are compared over the columns both have."""
+    z_s = head_logits(student, h_s)  # (B, C, V)
     with torch.no_grad():
-        log_p_t = F.log_softmax(head_logits(teacher, h_t) / temperature, dim=-1)
+        z_t = head_logits(teacher, h_t)
+        width = min(z_s.shape[-1], z_t.shape[-1])
+        log_p_t = F.log_softmax(z_t[..., :width] / temperature, dim=-1)
+    log_p_s = F.log_softmax(z_s[..., :width] / temperature, dim=-1)
     return kl_sum(log_p_t, log_p_s)
 
 

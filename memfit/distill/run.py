@@ -19,11 +19,12 @@ from memfit.errors import UserError
 
 
 def check_same_tokenizer(teacher, student, teacher_spec: str, student_spec: str) -> None:
-    """Refuse pairs whose tokenizers or output vocabularies differ (KL compares token by token)."""
+    """Refuse pairs whose tokenizers differ (KL compares token by token); heads of two widths
+    over one tokenizer (a table padded past it) are compared over the columns both have."""
     vt, vs = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     nt = teacher.model.get_output_embeddings().weight.shape[0]
     ns = student.model.get_output_embeddings().out_features
-    if vt != vs or nt != ns:
+    if vt != vs:
         raise UserError(f"teacher {teacher_spec} (vocabulary {len(vt)} tokens, {nt} logits) and "
                         f"student {student_spec} (vocabulary {len(vs)} tokens, {ns} logits) use "
                         "different tokenizers; distill between models of one tokenizer")

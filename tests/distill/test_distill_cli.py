@@ -132,3 +132,30 @@ def test_a_run_that_makes_the_student_worse_says_so(capsys, tiny_llama_dir, stud
     before, after = (float(v.rstrip(",")) for v in kld.split()[1:4:2])
     assert after > before, kld
     assert f"this run made the student worse, and {student_dir} is still the better" in out
+
+
+def test_a_teacher_with_a_padded_table_distills_like_the_original(capsys, tiny_llama_dir,
+                                                                   student_dir, tmp_path):
+    """One tokenizer, the teacher's embedding and head padded by 78 rows no token has: the KL
+    compares the columns both heads have, so the run is the original teacher's (it was refused
+    as another tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(30600, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[30522:] = torch.randn(78, 64)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(padded)
+    reps = []
+    for teacher in (tiny_llama_dir, padded):
+        code = _main(["distill", teacher, student_dir, "--out", tmp_path / f"o-{teacher.name}",
+                      "--json", *FAST])
+        stdout, err = capsys.readouterr()
+        assert code == 0, err
+        reps.append(json.loads(stdout))
+    for when in ("before", "after"):
+        assert abs(reps[0][when]["kld"] - reps[1][when]["kld"]) < 1e-6, (when, reps)
+    assert reps[0]["loss"] == pytest.approx(reps[1]["loss"], rel=1e-4)
