@@ -92,7 +92,8 @@ def test_rank_peak_is_its_shard_plus_one_block(tmp_path, save_tiny):
     loaded whole and split, a rank's load peak holds the whole model; read block by block it
     holds its half, the replicated tensors, about one whole block more and what does not depend
     on the model (the tokenizer: ~25 MB). Each way in a fresh process, VmHWM growth over the
-    imports (measured here: 306.4 MB whole then split, 224.9 MB block by block, 200.0 MB kept)."""
+    imports (measured here: 306.4 MB whole then split, 224.9 MB block by block, 200.0 MB kept;
+    CI once 305.8 MB whole then split)."""
     from memfit.io.stream import CheckpointIndex
 
     shape = {"hidden_size": 384, "intermediate_size": 1536, "num_attention_heads": 4,
@@ -107,7 +108,9 @@ def test_rank_peak_is_its_shard_plus_one_block(tmp_path, save_tiny):
           f"{kept / 1e6:.1f} MB; load peak growth: whole then split {whole / 1e6:.1f} MB, "
           f"block by block {streamed / 1e6:.1f} MB")
     assert kept == kept_whole and kept < total - 10 * block
-    assert whole >= total
+    # VmHWM growth over the imports can come in a little under the weights' bytes: memory the
+    # imports freed is reused before the mark rises (CI once measured 305.8 MB of 306.2 MB).
+    assert whole >= total - block
     assert streamed < kept + 3 * block + (24 << 20)
 
 
