@@ -272,6 +272,16 @@ def scratch(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     return held[:n]
 
 
+def reserve_tiles() -> None:
+    """Grow this thread's tile buffers to their largest size and touch their pages now, as a
+    packed layer's first prefill would: the memory a process running packed layers keeps."""
+    with torch.inference_mode():
+        scratch("codes", TILE_ELEMENTS, torch.uint8).zero_()
+        scratch("float32", TILE_ELEMENTS, torch.float32).zero_()
+        if FAST_BF16:
+            scratch("low", TILE_ELEMENTS, torch.bfloat16).zero_()
+
+
 def buffer(name: str, n: int, dtype: torch.dtype, reuse: bool,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """`scratch(name, n, dtype)` when reuse (CPU), else a new tensor of n elements on device:
