@@ -10,7 +10,7 @@ For each weight shape (out x in), activation rows M and format, it times:
 Each number is the median of repeated calls (at least 2, at most 7, about 0.4 s per cell).
 Prints a markdown table with the machine, date, torch version, load average and command.
 
-    python benchmarks/qlinear_cpu.py [--quick] [--threads N]
+    python benchmarks/qlinear_cpu.py [--quick] [--threads N] [--shapes 50257x768 ...] [--m 1 16]
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ def header(args) -> list[str]:
         f"- machine: {cpu_model}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}, ISA {torch.backends.cpu.get_cpu_capability()}",
         f"- torch {torch.__version__}, python {platform.python_version()}",
-        f"- command: `python benchmarks/qlinear_cpu.py{' --quick' if args.quick else ''}"
-        f" --threads {args.threads}`",
+        f"- command: `python {' '.join(sys.argv)}`",
         f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "- times: median milliseconds per forward call; bias off; `kernel` / `tiled` / "
         f"`bf16 tiles` = path taken (AMX: {getattr(cpu, 'FAST_BF16', False)})",
@@ -131,10 +130,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable numbers on a shared machine)")
+    parser.add_argument("--shapes", nargs="+", metavar="OUTxIN",
+                        help="weight shapes (default: 1536x576 576x1536 4096x4096)")
+    parser.add_argument("--m", nargs="+", type=int, default=MS, help="activation rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
-    lines = header(args) + run(shapes, MS, FORMATS)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        except ValueError:
+            parser.error(f"--shapes takes OUTxIN, e.g. 50257x768; got {args.shapes}")
+    lines = header(args) + run(shapes, args.m, FORMATS)
     load = os.getloadavg()
     lines.append("")
     lines.append(f"- load average at end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")

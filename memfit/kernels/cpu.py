@@ -22,7 +22,9 @@ Three paths; `cpu_linear` picks one, and none changes the stored weights:
    (M <= KERNEL_MAX_M, or FAST_KERNEL_MAX_M with AMX), where they beat everything else on this
    CPU (see benchmarks):
    - 4-bit (and 2- and 3-bit: their codes are 4-bit codes), group size 32/64/128/256 dividing
-     `in`, out % 16 == 0, integer or symmetric zeros:
+     `in`, integer or symmetric zeros (the kernel takes output rows in multiples of 16: other
+     counts, e.g. a 50257-token head, are padded with zero rows in the prepared layout and
+     the output sliced back):
      `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`, which compute
      w = (q - 8) * s + t. We pass t = (8 - z) * s. Those two operands must be bfloat16, which would
      round float16 scales, so each is split exactly into a bfloat16 head and tail
@@ -95,6 +97,7 @@ class CpuCache:
     tail: torch.Tensor | None = None  # int4: (n_groups, out, 2) bf16 tails for a second call
     group_tail: torch.Tensor | None = None  # int4: (out, n_groups) float32 zero tails t_lo
     group_size: int = 0
+    out: int = 0  # int4: the real output rows, where the layout holds zero rows past them
 
     @property
     def nbytes(self) -> int:
@@ -113,8 +116,6 @@ def kernel_ineligibility(w: IntWeight) -> str | None:
         return f"no torch CPU kernel for {w.bits}-bit weights"
     if w.group_size not in INT4_GROUPS or k % w.group_size:
         return f"int4 kernel needs a group size in {INT4_GROUPS} dividing in_features={k}"
-    if out % 16:
-        return f"int4 kernel needs out_features divisible by 16, got {out}"
     if w.zero_point == "float":
         return "int4 kernel path does not take float zeros"
     return None
@@ -138,16 +139,25 @@ def _prepare_int4(w: IntWeight) -> CpuCache | None:
     if s_hi is None or t_hi is None:
         return None  # e.g. float32 scales with more than 16 significant bits
     packed = _int4pack_rows(w)
-    heads = torch.stack([s_hi, t_hi], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
-    cache = CpuCache("int4", packed, heads, group_size=w.group_size)
+    heads = _padded_params(s_hi, t_hi, packed.shape[0])  # (G, rows, 2)
+    cache = CpuCache("int4", packed, heads, group_size=w.group_size, out=w.shape[0])
     if bool((s_lo != 0).any()):
-        cache.tail = torch.stack([s_lo, t_lo], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+        cache.tail = _padded_params(s_lo, t_lo, packed.shape[0])
     elif bool((t_lo != 0).any()):
         cache.group_tail = t_lo.float().contiguous()
     return cache
 
 
 PREPARE_ROWS = 1024  # output rows converted at a time (a multiple of 64)
+INT4_ROWS = 16  # the int4 layout holds output rows in multiples of this
+
+
+def _padded_params(s: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(out, G) scale and offset parts -> the kernel's (G, rows, 2), zero past `out` (those
+    rows then compute 0)."""
+    params = torch.zeros(s.shape[1], rows, 2, dtype=s.dtype)
+    params[:, : s.shape[0], 0], params[:, : s.shape[0], 1] = s.T, t.T
+    return params
 
 
 def _int4pack_rows(w: IntWeight) -> torch.Tensor:
@@ -156,9 +166,13 @@ def _int4pack_rows(w: IntWeight) -> torch.Tensor:
     takes are then a small transient instead of 4 bytes per weight (50 MB for the default
     model's tied 49152 x 256 table, measured as a peak-RSS spike of the first forward)."""
     out, k = w.shape
-    packed = torch.empty(out, k // 2, dtype=torch.uint8)
-    for i in range(0, out, PREPARE_ROWS):
+    rows = -(-out // INT4_ROWS) * INT4_ROWS
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+    for i in range(0, rows, PREPARE_ROWS):
         codes = unpack(w.qdata[i:i + PREPARE_ROWS], w.bits, k).to(torch.int32)
+        short = min(PREPARE_ROWS, rows - i) - codes.shape[0]  # the last chunk's padding rows
+        if short:
+            codes = torch.cat([codes, codes.new_zeros(short, k)])
         packed[i:i + PREPARE_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     return packed
 
@@ -201,7 +215,8 @@ def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) 
         y = mm(x2, cache.qweight, cache.group_size, cache.params).float()
         if cache.tail is not None:
             y += mm(x2, cache.qweight, cache.group_size, cache.tail).float()
-        elif cache.group_tail is not None:
+        y = y[:, : cache.out]  # the layout's padding rows, if any
+        if cache.group_tail is not None:
             m, k = x2.shape
             xg = x2.float().view(m, k // cache.group_size, cache.group_size).sum(-1)  # (M, G)
             y += xg @ cache.group_tail.T

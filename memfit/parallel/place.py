@@ -198,9 +198,10 @@ def _prepared_bytes(mod: nn.Module) -> int:
         groups = w.scale.numel() // out
         if w.bits == 8:
             total += out * k + 4 * out * groups
-        else:
-            tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * out * groups
-            total += out * k // 2 + 4 * out * groups + tail
+        else:  # the layout's rows padded to a multiple of 16; split scales' tails likewise
+            rows = -(-out // 16) * 16
+            tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * rows * groups
+            total += rows * k // 2 + 4 * rows * groups + tail
     return total
 
 

@@ -177,17 +177,20 @@ def rounded_terms(x: torch.Tensor, cache) -> torch.Tensor:
     terms = mm(x, cache.qweight, cache.group_size, cache.params).float().abs()
     if cache.tail is not None:
         terms += mm(x, cache.qweight, cache.group_size, cache.tail).float().abs()
-    return terms
+    return terms[:, : cache.out]
 
 
+@pytest.mark.parametrize("out", [1536, 1037], ids=["out1536", "out1037"])
 @pytest.mark.parametrize("fmt", KERNEL, ids=str)
-def test_bf16_kernels_match_reference_within_bf16_rounding(fmt, monkeypatch):
+def test_bf16_kernels_match_reference_within_bf16_rounding(fmt, out, monkeypatch):
+    """Row counts the int4 layout does not hold in multiples of 16 (1037; GPT-2's head has
+    50257) are padded with zero rows there and sliced back."""
     monkeypatch.setattr(cpu, "FAST_BF16", False)  # the kernels up to KERNEL_MAX_M rows
-    w = packed_weight(fmt, k=576 if 576 % (fmt.group_size or 1) == 0 else 512)
+    w = packed_weight(fmt, out=out, k=576 if 576 % (fmt.group_size or 1) == 0 else 512)
     cache = cpu.prepare_cpu(w)
     assert cache is not None, cpu.kernel_ineligibility(w)
     gen = torch.Generator().manual_seed(1)
-    bias = torch.randn(1536, generator=gen).bfloat16()
+    bias = torch.randn(out, generator=gen).bfloat16()
     for trial in range(8):
         for m in (1, 16, cpu.KERNEL_MAX_M):
             x = torch.randn(m, w.shape[1], generator=gen).bfloat16()
@@ -235,7 +238,6 @@ def test_int8_layout_is_codes_minus_128():
 @pytest.mark.parametrize("fmt, out, k, reason", [
     (IntFormat(bits=3, group_size=128), 32, 576, "dividing in_features=576"),
     (IntFormat(bits=4, group_size=128), 32, 576, "dividing in_features=576"),
-    (IntFormat(bits=4, group_size=64), 40, 128, "divisible by 16"),
     (IntFormat(bits=4, group_size=64, zero_point="float"), 32, 128, "float zeros"),
     (IntFormat(bits=8, group_size=None), 32, 128, "symmetric per-channel"),
 ])
@@ -258,3 +260,20 @@ def test_int4_layout_converted_by_row_chunks_equals_one_conversion(monkeypatch):
     chunked = cpu._int4pack_rows(w)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().to(torch.int32), 2)
     assert torch.equal(chunked, whole)
+
+
+def test_int4_layout_of_rows_not_a_multiple_of_16_is_padded_with_zero_rows(monkeypatch):
+    """1037 rows: the layout is the conversion of the codes with 3 zero rows appended, a ragged
+    last chunk included, and those rows' scales and offsets are zero."""
+    w = packed_weight(IntFormat(bits=4, group_size=64), out=1037, k=128)
+    monkeypatch.setattr(cpu, "PREPARE_ROWS", 448)  # chunks of 448, 448 and 144 (141 + 3)
+    cache = cpu.prepare_cpu(w)
+    codes = torch.cat([w.codes().to(torch.int32), torch.zeros(3, 128, dtype=torch.int32)])
+    assert torch.equal(cache.qweight, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2))
+    assert cache.out == 1037 and cache.params.shape == cache.tail.shape == (2, 1040, 2)
+    assert not cache.params[:, 1037:].any() and not cache.tail[:, 1037:].any()
+    x = torch.randn(1, 1, 128)  # a decode step of float32 activations takes the kernel
+    y = cpu.cpu_linear(x, w, None, cache)
+    assert y.shape == (1, 1, 1037)
+    ref = linear_reference(x, w)
+    assert (y - ref).abs().max() <= 2**-7 * ref.abs().max()
