@@ -22,16 +22,17 @@ Three paths; `cpu_linear` picks one, and none changes the stored weights:
    (M <= KERNEL_MAX_M, or FAST_KERNEL_MAX_M with AMX), where they beat everything else on this
    CPU (see benchmarks):
    - 4-bit (and 2- and 3-bit: their codes are 4-bit codes), group size 32/64/128/256 dividing
-     `in`, integer or symmetric zeros (the kernel takes output rows in multiples of 16: other
-     counts, e.g. a 50257-token head, are padded with zero rows in the prepared layout and
-     the output sliced back):
+     `in`, any zeros (integer, symmetric, or float as HQQ stores them); the kernel takes
+     output rows in multiples of 16: other counts, e.g. a 50257-token head, are padded with
+     zero rows in the prepared layout and the output sliced back:
      `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`, which compute
      w = (q - 8) * s + t. We pass t = (8 - z) * s. Those two operands must be bfloat16, which would
-     round float16 scales, so each is split exactly into a bfloat16 head and tail
-     (s = s_hi + s_lo, checked bit-exact at preparation): one kernel call uses the heads and the
-     tails go through a second call, or, when s_lo == 0 (bfloat16 scales), through a tiny
-     float32 correction with per-group activation sums. Formats whose values do not split exactly
-     (float32 scales, float zeros) use path 1.
+     round float16 scales, so each is split into a bfloat16 head and tail (s = s_hi + s_lo,
+     checked bit-exact at preparation): one kernel call uses the heads and the tails go through
+     a second call. What the bfloat16 parts leave of t (all of t - t_hi when s_lo == 0, e.g.
+     bfloat16 scales; for float zeros, the bits of t past the 16 two parts hold) goes through a
+     tiny float32 correction with per-group activation sums, so t is applied exactly. float32
+     scales that do not split exactly use path 1.
    - 8-bit symmetric per-channel: `_weight_int8pack_mm` with int8 codes q - 128 and unit scales;
      the real float scale is applied in float32 afterwards.
    These kernels return bfloat16, so their results differ from the reference (float32 sums, one
@@ -95,7 +96,7 @@ class CpuCache:
     qweight: torch.Tensor  # int4: converted uint8 layout; int8: (out, in) int8 codes q - 128
     params: torch.Tensor  # int4: (n_groups, out, 2) bf16 heads; int8: (out,) float32 scales
     tail: torch.Tensor | None = None  # int4: (n_groups, out, 2) bf16 tails for a second call
-    group_tail: torch.Tensor | None = None  # int4: (out, n_groups) float32 zero tails t_lo
+    group_tail: torch.Tensor | None = None  # int4: (out, n_groups) float32: t the parts leave
     group_size: int = 0
     out: int = 0  # int4: the real output rows, where the layout holds zero rows past them
 
@@ -116,8 +117,6 @@ def kernel_ineligibility(w: IntWeight) -> str | None:
         return f"no torch CPU kernel for {w.bits}-bit weights"
     if w.group_size not in INT4_GROUPS or k % w.group_size:
         return f"int4 kernel needs a group size in {INT4_GROUPS} dividing in_features={k}"
-    if w.zero_point == "float":
-        return "int4 kernel path does not take float zeros"
     return None
 
 
@@ -133,18 +132,23 @@ def prepare_cpu(w: IntWeight) -> CpuCache | None:
 
 def _prepare_int4(w: IntWeight) -> CpuCache | None:
     s = w.scale.float()  # (out, G)
-    t = (8.0 - w.zeros()) * s  # (out, G); exact: small integer times a 16-bit float
+    # t = (8 - z) s in float32: exact for integer zeros (a small integer times a 16-bit float);
+    # for float zeros (HQQ) one float32 rounding, 2**-24 relative, as the reference's (q - z) s
+    t = (8.0 - w.zeros()) * s
     s_hi, s_lo = _split_bf16(s)
-    t_hi, t_lo = _split_bf16(t)
-    if s_hi is None or t_hi is None:
+    if s_hi is None:
         return None  # e.g. float32 scales with more than 16 significant bits
+    t_hi = t.to(torch.bfloat16)
+    t_lo = (t - t_hi.float()).to(torch.bfloat16)
     packed = _int4pack_rows(w)
     heads = _padded_params(s_hi, t_hi, packed.shape[0])  # (G, rows, 2)
     cache = CpuCache("int4", packed, heads, group_size=w.group_size, out=w.shape[0])
+    rest = t - t_hi.float()  # exact: what t_hi leaves of t
     if bool((s_lo != 0).any()):
         cache.tail = _padded_params(s_lo, t_lo, packed.shape[0])
-    elif bool((t_lo != 0).any()):
-        cache.group_tail = t_lo.float().contiguous()
+        rest = rest - t_lo.float()  # exact again; zero where t has at most 16 significant bits
+    if bool((rest != 0).any()):
+        cache.group_tail = rest.contiguous()  # (out, G), through per-group activation sums
     return cache
 
 

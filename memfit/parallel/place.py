@@ -201,7 +201,11 @@ def _prepared_bytes(mod: nn.Module) -> int:
         else:  # the layout's rows padded to a multiple of 16; split scales' tails likewise
             rows = -(-out // 16) * 16
             tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * rows * groups
-            total += rows * k // 2 + 4 * rows * groups + tail
+            # the float32 (out, G) rest of t = (8 - z) s: float zeros, or bfloat16 scales times
+            # integer zeros (symmetric ones give t = 0)
+            rest = 4 * out * groups if w.zero_point == "float" or (
+                w.scale.dtype == torch.bfloat16 and w.zero_point == "int") else 0
+            total += rows * k // 2 + 4 * rows * groups + tail + rest
     return total
 
 

@@ -162,6 +162,8 @@ KERNEL = [
     IntFormat(bits=8, group_size=None, symmetric=True),
     IntFormat(bits=3, group_size=64),  # 3- and 2-bit codes through the int4 kernel
     IntFormat(bits=2, group_size=128, symmetric=True, scale_dtype="bfloat16"),
+    IntFormat(bits=4, group_size=64, zero_point="float"),  # HQQ: two calls + the rest of t
+    IntFormat(bits=3, group_size=32, zero_point="float", scale_dtype="bfloat16"),  # one + rest
 ]
 
 
@@ -220,6 +222,16 @@ def test_int4_layout_holds_the_codes_exactly():
     assert torch.equal(back.T.float() + 8, w.codes().float())
 
 
+def test_int4_float_zeros_are_applied_exactly():
+    """HQQ's float zeros: t = (8 - z) s in float32 is the bfloat16 head and tail the kernel
+    calls take plus the float32 rest the group correction adds, to the bit."""
+    w = packed_weight(IntFormat(bits=4, group_size=64, zero_point="float"))
+    cache = cpu.prepare_cpu(w)
+    assert cache.tail is not None and cache.group_tail is not None
+    t = cache.params[..., 1].float().T + cache.tail[..., 1].float().T + cache.group_tail
+    assert torch.equal(t, (8 - w.zeros()) * w.scale.float())
+
+
 def test_int4_split_is_exact():
     w = packed_weight(IntFormat(bits=4, group_size=64))
     cache = cpu.prepare_cpu(w)
@@ -238,7 +250,6 @@ def test_int8_layout_is_codes_minus_128():
 @pytest.mark.parametrize("fmt, out, k, reason", [
     (IntFormat(bits=3, group_size=128), 32, 576, "dividing in_features=576"),
     (IntFormat(bits=4, group_size=128), 32, 576, "dividing in_features=576"),
-    (IntFormat(bits=4, group_size=64, zero_point="float"), 32, 128, "float zeros"),
     (IntFormat(bits=8, group_size=None), 32, 128, "symmetric per-channel"),
 ])
 def test_ineligible_formats_take_the_tiled_path(fmt, out, k, reason):

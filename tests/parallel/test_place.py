@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from memfit.errors import UserError
+from memfit.formats.grid import IntFormat
 from memfit.parallel.place import Device, load_placed, parse_devices, plan_placement
 
 MB = 10**6
@@ -193,3 +194,27 @@ def test_a_model_split_over_a_gpu_cpu_and_disk_generates_the_whole_models_text(t
     assert list(plan.device_map.values())[:4] == ["cuda:0", "cpu", "cpu", "disk"]
     out = m.model.generate(ids.to(input_device(m.model)), max_new_tokens=12, do_sample=False)
     assert out.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("fmt", [
+    IntFormat(bits=4, group_size=64), IntFormat(bits=4, group_size=64, zero_point="float"),
+    IntFormat(bits=4, group_size=32, scale_dtype="bfloat16"),
+    IntFormat(bits=4, group_size=64, symmetric=True, scale_dtype="bfloat16"),
+    IntFormat(bits=3, group_size=64), IntFormat(bits=8, group_size=None, symmetric=True),
+], ids=str)
+@pytest.mark.parametrize("out", [1536, 1037])
+def test_the_cpu_layout_bytes_a_placement_counts_are_the_layers_own(fmt, out):
+    """The plan prices a packed layer's CPU kernel layout from its shape before any forward;
+    after one forward the layer holds exactly that (bfloat16 scales with integer zeros keep a
+    float32 rest of their offsets, which the count missed; 1037 rows are padded to 1040)."""
+    from memfit.algos.rtn import rtn
+    from memfit.formats.quant_linear import QuantLinear
+    from memfit.parallel.place import _prepared_bytes
+
+    lin = torch.nn.Linear(576, out, bias=False)
+    r = rtn(lin.weight.detach(), fmt)
+    q = QuantLinear.from_linear(lin, r.codes, r.scale, r.zero, fmt)
+    priced = _prepared_bytes(q)
+    with torch.inference_mode():
+        q(torch.randn(1, 576))
+    assert priced == q.cache_nbytes() > 0
