@@ -138,28 +138,56 @@ def quant_method(model: str) -> str | None:
     return q.get("quant_method", "quantized") if isinstance(q, dict) else None
 
 
-def _decoder_failure(check: dict, o: CompressOptions) -> str | None:
+def gentler(recipe: Recipe) -> str:
+    """What to change in `recipe` when its result failed the smoke check: one hint for each
+    part it has (most damaging first: structured, pruning or low rank, quantization)."""
+    from memfit.configs import GPTQ, Magnitude, SVD
+
+    hints = []
+    st = recipe.structured
+    if st is not None:
+        hints += [h for h, on in (("drop fewer blocks", st.drop_blocks),
+                                  ("keep more MLP channels", st.mlp_keep is not None),
+                                  ("keep more heads", st.heads_keep is not None)) if on]
+    if recipe.prune is not None:
+        p = recipe.prune
+        hints.append("a lower sparsity" + (" or a calibrated method (wanda, sparsegpt)"
+                                           if isinstance(p, Magnitude) else "")
+                     if p.nm is None else "unstructured sparsity instead of N:M")
+    if recipe.lowrank is not None:
+        hints.append("keep more of each matrix (a higher keep)" + (
+            " or the activation-whitened SVD (wsvd)" if isinstance(recipe.lowrank, SVD) else ""))
+    q = recipe.quant
+    if q is not None and getattr(q, "act_bits", None):  # W8A8: the activations' rounding
+        hints.append("weight-only int8 (w8)" if getattr(q, "smoothquant", False)
+                     else "SmoothQuant (w8a8-sq) or weight-only int8 (w8)")
+    elif q is not None:
+        more = ["more bits"] if q.format.bits < 8 else []
+        hints.append(" or ".join(more + ([] if isinstance(q, GPTQ) else ["GPTQ"])) or "")
+    return "; ".join(h for h in hints if h) or "a gentler recipe"
+
+
+def _decoder_failure(check: dict, o: CompressOptions, recipe: Recipe) -> str | None:
     if math.isfinite(check["kld"]) and check["kld"] <= o.max_kld:
         return None
     return (f"KLD {check['kld']:.4f} vs the original (limit {o.max_kld}), perplexity "
-            f"{check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing written. Use a "
-            "gentler recipe (more bits, GPTQ) or raise --max-kld to accept it")
+            f"{check['perplexity']:.3f} vs {check['ref_perplexity']:.3f}; nothing written. Try: "
+            f"{gentler(recipe)}. Or raise --max-kld to accept it")
 
 
-def _refuse_collapse(check: dict, o: CompressOptions) -> None:
+def _refuse_collapse(check: dict, o: CompressOptions, recipe: Recipe) -> None:
     """The streamed path's smoke check verdict (memfit.stream): nothing is written yet."""
-    failed = _decoder_failure(check, o)
+    failed = _decoder_failure(check, o, recipe)
     if failed:
         raise SmokeCheckFailed(f"smoke check failed: {failed}")
 
 
-def _encoder_failure(check: dict, o: CompressOptions) -> str | None:
+def _encoder_failure(check: dict, o: CompressOptions, recipe: Recipe) -> str | None:
     if math.isfinite(check["cosine_mean"]) and check["cosine_mean"] >= o.min_cosine:
         return None
     return (f"mean embedding cosine {check['cosine_mean']:.4f} vs the original (limit "
             f"{o.min_cosine}, min {check['cosine_min']:.4f} over {check['sentences']} sentences); "
-            "nothing written. Use a gentler recipe (more bits, GPTQ) or lower --min-cosine to "
-            "accept it")
+            f"nothing written. Try: {gentler(recipe)}. Or lower --min-cosine to accept it")
 
 
 def _encoder_inputs(loaded, recipe: Recipe, o: CompressOptions, smoke_src: str):
@@ -262,7 +290,7 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     if _streams(model, recipe, o):
         from memfit.stream import stream_compress
         return stream_compress(model, recipe, out, o, say=lambda text: _say(o, text),
-                               refuse=lambda check: _refuse_collapse(check, o))
+                               refuse=lambda check: _refuse_collapse(check, o, recipe))
     loaded = load_model(model, dtype=o.dtype, device=o.device)
     smoke_src = calib.data if calib.data in ("builtin", "wikitext2", "c4") else "builtin"
     encoder = loaded.kind == "encoder"
@@ -289,7 +317,7 @@ def compress_to(model: str, recipe: str | Recipe, out: str | Path,
     check = reference.check(loaded.model)
     limit = {"min_cosine": o.min_cosine} if encoder else {"max_kld": o.max_kld}
     report["smoke"] = {**check, "data": f"{smoke_src}:eval", **limit}
-    failed = _encoder_failure(check, o) if encoder else _decoder_failure(check, o)
+    failed = (_encoder_failure if encoder else _decoder_failure)(check, o, recipe)
     if failed:
         if not o.keep_partial:
             shutil.rmtree(partial, ignore_errors=True)

@@ -78,7 +78,25 @@ def test_collapse_is_refused_and_nothing_written(capsys, tmp_path, tiny_llama_di
     code, _, err = _run(capsys, "compress", tiny_llama_dir, "--recipe", "w2g32-gptq", "--out", out,
                         "--max-kld", "0", *FAST)
     assert code == 3 and "smoke check failed" in err and "nothing written" in err
+    assert "Try: more bits. Or raise --max-kld" in err  # the hint fits the recipe
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset, hint", [
+    ("magnitude-50", "a lower sparsity or a calibrated method (wanda, sparsegpt)"),
+    ("svd-80", "keep more of each matrix (a higher keep) or the activation-whitened SVD (wsvd)"),
+    ("sparsegpt-2of4-w4g64", "unstructured sparsity instead of N:M; more bits"),
+    ("drop2", "drop fewer blocks"),
+    ("w4g64", "more bits or GPTQ"),
+    ("w8a8", "SmoothQuant (w8a8-sq) or weight-only int8 (w8)"),
+    ("w8-gptq", "a gentler recipe"),
+])
+def test_a_failed_smoke_check_names_what_to_change_in_that_recipe(preset, hint):
+    """It said "more bits, GPTQ" to every recipe, a pruned or factorized one included."""
+    from memfit.compress import gentler
+    from memfit.recipe import load_recipe
+
+    assert gentler(load_recipe(preset)) == hint
 
 
 @pytest.mark.parametrize("argv, message", [
