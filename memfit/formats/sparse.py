@@ -37,8 +37,9 @@ from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
 from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs
-from memfit.formats.sparse_rows import (dense_rows, pack_2bit, pack_bits, row_offsets,
-                                        unpack_2bit, unpack_bits)
+from memfit.formats.sparse_rows import (dense_rows, kernel_layout, pack_2bit, pack_bits,
+                                        row_offsets, unpack_2bit, unpack_bits)
+from memfit.kernels import cpu
 from memfit.kernels.packing import pack, packed_width
 
 TILE_WEIGHTS = 1 << 20  # weights rebuilt dense per tile in SparseLinear's forward (whole rows)
@@ -311,6 +312,12 @@ class SparseLinear(nn.Module):
         # On the CPU without autograd a tile is rebuilt in this thread's kept buffers
         # (sparse_rows.dense_rows(reuse=True)) and multiplied at once: no fresh pages a call.
         reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
+        if reuse and self.fmt is not None and cpu.kernel_rows(x.dtype, x.numel() // x.shape[-1]):
+            layout = self._cpu_layout()  # decode: the dense codes' kernel layout, as QuantLinear
+            if layout is not None:
+                y = cpu.kernel_linear(x.reshape(-1, self.in_features).to(torch.bfloat16), layout,
+                                      self.bias)
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         rows = self._tile_rows()
         if rows >= self.out_features:
             return kernels.linear(x, self._rows(0, self.out_features, reuse), self.bias)
@@ -320,6 +327,19 @@ class SparseLinear(nn.Module):
             b = None if self.bias is None else self.bias[r0:r1]
             out.append(kernels.linear(x, self._rows(r0, r1, reuse), b))
         return torch.cat(out, dim=-1)
+
+    keep_layout = True  # as QuantLinear.keep_layout (rebuilt each call: 3x the tiled path)
+
+    def _cpu_layout(self):
+        """torch's CPU kernel layout of this weight's dense codes (sparse_rows.kernel_layout),
+        built on the first decode-sized CPU forward and kept (`cache_nbytes`), or None."""
+        if not self.keep_layout:
+            return None
+        if "_cpu" not in self.__dict__:
+            offsets = self.row_offsets() if self.layout == "bitmask" else None
+            self.__dict__["_cpu"] = kernel_layout(self.layout, self.fmt, (self.out_features,
+                                                  self.in_features), self._stored(), offsets)
+        return self.__dict__["_cpu"]
 
     def _semi_structured(self, dtype: torch.dtype):
         """The cuSPARSELt copy of this 2:4 weight in `dtype`, built on first use (None when torch
@@ -338,13 +358,16 @@ class SparseLinear(nn.Module):
         return cache[1]
 
     def cache_nbytes(self) -> int:
-        """Extra bytes of the cuSPARSELt copy (0 until the first 2:4 forward on CUDA)."""
+        """Extra bytes of the cuSPARSELt copy (0 until the first 2:4 forward on CUDA) and of the
+        CPU kernel layout (0 until the first decode-sized CPU forward)."""
+        cpu_layout = self.__dict__.get("_cpu")
+        total = 0 if cpu_layout is None else cpu_layout.nbytes
         cache = self.__dict__.get("_w24")
         if not cache or cache[1] is None:
-            return 0
+            return total
         w = cache[1]
         parts = (getattr(w, "packed", None), getattr(w, "meta", None))
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return total + sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def nbytes(self) -> int:
         """Stored weight bytes (the format's tensors; bias excluded)."""
@@ -356,17 +379,21 @@ class SparseLinear(nn.Module):
                 "fmt": None if self.fmt is None else self.fmt.to_dict(),
                 "shapes": {n: list(b.shape) for n, b in self._stored().items()}}
 
+    def _drop_cache(self) -> None:
+        for cached in ("_w24", "_cpu"):
+            self.__dict__.pop(cached, None)
+
     def _apply(self, fn, recurse=True):
         # int-quantized values: scale/zero dtypes belong to the format; float values do follow
         # model.to(dtype) (a float16 copy of a pruned model stores its values in float16)
         apply_keeping_dtypes(self, fn, ("scale", "zero"), lambda f: super(SparseLinear, self)._apply(f, recurse))
-        self.__dict__.pop("_w24", None)
+        self._drop_cache()
         self.__dict__.pop("_row_off", None)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.__dict__.pop("_w24", None)
+        self._drop_cache()
         self.__dict__.pop("_row_off", None)
 
     def extra_repr(self) -> str:

@@ -111,6 +111,29 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
     int values. A bitmask tile that does not start at row 0 needs `offsets` (row_offsets).
     reuse (CPU): the tile is built in this thread's kept buffers (memfit.kernels.cpu.scratch),
     valid until the next such call: for a forward that multiplies it at once."""
+    codes, keep = _kept_rows(layout, fmt, shape, t, r0, r1, offsets, reuse)
+    if fmt is None:
+        return codes
+    rows, k = codes.shape
+    on_cpu = reuse and codes.device.type == "cpu"
+    z = _zeros(fmt, t, r0, r1, k)
+    # (codes - z) * s in place, then the dropped places zeroed: grid.dequantize's arithmetic
+    w = buffer("sparse_rows", rows * k, torch.float32, on_cpu, codes.device).view(rows, k)
+    w.copy_(codes)
+    dequantize_rows_(w, t["scale"][r0:r1].float(), z, fmt.groups(k)[0])
+    return w.mul_(keep)
+
+
+def _zeros(fmt, t: dict, r0: int, r1: int, k: int) -> torch.Tensor:
+    """(r1 - r0, n_groups) float32 zero points of rows [r0, r1)."""
+    zero = t.get("zero")
+    return zeros_float(None if zero is None else zero[r0:r1], fmt, r1 - r0, fmt.groups(k)[1],
+                       t["scale"].device)
+
+
+def _kept_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int, offsets, reuse: bool):
+    """(rows [r0, r1) with the kept values or codes in place and 0 elsewhere, the (rows, in)
+    bool mask of kept places, or None for 2:4 float values)."""
     k = shape[1]
     rows = r1 - r0
     if layout == "2:4":  # every row keeps k / 2 slots: scatter them to their positions
@@ -123,28 +146,41 @@ def dense_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int,
         dense = buffer(name, rows * k, src.dtype, on_cpu, dev).view(rows, k // 4, 4).zero_()
         dense = dense.scatter_(-1, pos, src.reshape(rows, k // 4, 2)).view(rows, k)
         if fmt is None:
-            return dense
+            return dense, None
         keep = buffer("sparse_keep", rows * k, torch.bool, on_cpu, dev).view(rows, k // 4, 4)
-        keep = keep.zero_().scatter_(-1, pos, True).view(rows, k)
-        codes = dense
+        return dense, keep.zero_().scatter_(-1, pos, True).view(rows, k)
+    on_cpu = reuse and t["bitmask"].device.type == "cpu"
+    keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k, on_cpu).view(rows, k)
+    if offsets is not None:
+        start, stop = int(offsets[r0]), int(offsets[r1])
     else:
-        on_cpu = reuse and t["bitmask"].device.type == "cpu"
-        keep = stream_codes(t["bitmask"], 1, r0 * k, rows * k, on_cpu).view(rows, k)
-        if offsets is not None:
-            start, stop = int(offsets[r0]), int(offsets[r1])
-        else:
-            assert r0 == 0, "a bitmask tile after row 0 needs the row offsets"
-            start, stop = 0, int(keep.sum())
-        src = t["values"][start:stop] if fmt is None else \
-            stream_codes(t["qdata"], fmt.bits, start, stop - start)
-        codes = scatter_kept(keep, src, on_cpu)
-        if fmt is None:
-            return codes
-    zero = t.get("zero")
-    g, n_groups = fmt.groups(k)
-    z = zeros_float(None if zero is None else zero[r0:r1], fmt, rows, n_groups, t["scale"].device)
-    # (codes - z) * s in place, then the dropped places zeroed: grid.dequantize's arithmetic
-    w = buffer("sparse_rows", rows * k, torch.float32, on_cpu, codes.device).view(rows, k)
-    w.copy_(codes)
-    dequantize_rows_(w, t["scale"][r0:r1].float(), z, g)
-    return w.mul_(keep)
+        assert r0 == 0, "a bitmask tile after row 0 needs the row offsets"
+        start, stop = 0, int(keep.sum())
+    src = t["values"][start:stop] if fmt is None else \
+        stream_codes(t["qdata"], fmt.bits, start, stop - start)
+    return scatter_kept(keep, src, on_cpu), keep
+
+
+def kernel_layout(layout: str, fmt, shape, t: dict, offsets: torch.Tensor | None):
+    """The CPU kernel layout (memfit.kernels.cpu.prepare_cpu) of the dense codes of a sparse
+    weight with integer values, each dropped place holding its group's integer zero point, so
+    its weight is (z - z) s = 0; None where no kernel takes the format (float zeros among them:
+    no code holds their zero). The dense codes are packed PREPARE_ROWS rows at a time (the
+    transient is that packed copy, 1/2 byte a weight at 4 bits, freed once converted)."""
+    from memfit.formats.intq import kernel_weight
+    from memfit.kernels.cpu import PREPARE_ROWS, kernel_ineligibility, prepare_cpu
+
+    out, k = shape
+    if fmt.zero_point == "float" and not fmt.symmetric:
+        return None
+    qdata = torch.empty(out, packed_width(k, fmt.bits), dtype=torch.uint8)
+    w = kernel_weight(qdata, t["scale"], t.get("zero"), (out, k), fmt)
+    if t["scale"].device.type != "cpu" or kernel_ineligibility(w) is not None:
+        return None
+    g = fmt.groups(k)[0]
+    for r0 in range(0, out, PREPARE_ROWS):
+        r1 = min(out, r0 + PREPARE_ROWS)
+        codes, keep = _kept_rows(layout, fmt, shape, t, r0, r1, offsets, False)
+        z = _zeros(fmt, t, r0, r1, k).to(torch.uint8).repeat_interleave(g, dim=1)[:, :k]
+        qdata[r0:r1] = pack(torch.where(keep, codes, z), fmt.bits)
+    return prepare_cpu(w)

@@ -196,15 +196,21 @@ def cpu_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     m = x2.shape[0]
-    bf16 = x.dtype == torch.bfloat16
-    if bf16 and FAST_BF16 and m > FAST_KERNEL_MAX_M:
-        y = tiled_linear(x2, w, bias, torch.bfloat16)
-    elif cache is not None and ((bf16 and m <= KERNEL_MAX_M)
-                                or (x.dtype == torch.float32 and m <= DECODE_MAX_M)):
+    if cache is not None and kernel_rows(x.dtype, m):
         y = kernel_linear(x2.to(torch.bfloat16), cache, bias)
+    elif x.dtype == torch.bfloat16 and FAST_BF16 and m > FAST_KERNEL_MAX_M:
+        y = tiled_linear(x2, w, bias, torch.bfloat16)
     else:
         y = tiled_linear(x2, w, bias)
     return y.to(x.dtype).reshape(*lead, w.shape[0])
+
+
+def kernel_rows(dtype: torch.dtype, m: int) -> bool:
+    """Whether m rows of `dtype` activations take torch's kernels (path 3) where a layout is
+    prepared: the module docstring's policy."""
+    if dtype == torch.bfloat16:
+        return m <= (FAST_KERNEL_MAX_M if FAST_BF16 else KERNEL_MAX_M)
+    return dtype == torch.float32 and m <= DECODE_MAX_M
 
 
 def kernel_linear(x2: torch.Tensor, cache: CpuCache, bias: torch.Tensor | None) -> torch.Tensor:

@@ -182,6 +182,22 @@ def _tensors(mod: nn.Module):
     return list(mod.parameters()) + list(mod.buffers())
 
 
+def _kernel_view(m: nn.Module):
+    """The IntWeight fields a packed module's CPU kernel layout is judged and priced from: a
+    QuantLinear's own, a pruned + quantized SparseLinear's dense codes' (codes absent: not
+    read; float zeros give it no layout, memfit.formats.sparse_rows.kernel_layout); else None."""
+    from memfit.formats.intq import kernel_weight
+    from memfit.formats.sparse import SparseLinear
+
+    if callable(getattr(m, "kernel_weight", None)) and hasattr(m, "_cpu_cache"):
+        return m.kernel_weight()
+    if isinstance(m, SparseLinear) and m.fmt is not None and (m.fmt.symmetric
+                                                                or m.fmt.zero_point == "int"):
+        return kernel_weight(None, m.scale, getattr(m, "zero", None),
+                             (m.out_features, m.in_features), m.fmt)
+    return None
+
+
 def _prepared_bytes(mod: nn.Module) -> int:
     """Bytes of the CPU kernel layout the packed modules in `mod` prepare at their first CPU
     forward (memfit.kernels.cpu.prepare_cpu), from their shapes."""
@@ -189,10 +205,8 @@ def _prepared_bytes(mod: nn.Module) -> int:
 
     total = 0
     for m in mod.modules():
-        if not callable(getattr(m, "kernel_weight", None)) or not hasattr(m, "_cpu_cache"):
-            continue
-        w = m.kernel_weight()  # eligibility is judged from the layout: fine on the meta device
-        if kernel_ineligibility(w) is not None:
+        w = _kernel_view(m)  # eligibility is judged from the layout: fine on the meta device
+        if w is None or kernel_ineligibility(w) is not None:
             continue
         out, k = w.shape
         groups = w.scale.numel() // out
@@ -281,7 +295,7 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
         off = [p for p in parts if p not in tied and not computes(shares[where[p]].device)]
         m.activations = act
         m.kv += sum(kv.get(p, 0) for p in off)
-        m.staging = max((size[p] + (prepared[p] if main == "cpu" else 0) for p in off), default=0)
+        m.staging = max((size[p] for p in off), default=0)  # offloaded: no layout (_finish)
         if m.device.budget is not None and m.total > m.device.budget:
             return None
         return shares, where
@@ -298,8 +312,7 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
     if found is None:
         if assign(len(parts) + 1) is None and "disk" not in [d.name for d in devices]:
             raise UserError(_no_room(size, devices, sum(kv_layer), act))
-        least = sum(kv_layer) + act + max(size[p] + (prepared[p] if main == "cpu" else 0)
-                                          for p in parts)
+        least = sum(kv_layer) + act + max(size[p] for p in parts)
         own = "" if main == "cpu" else " and its first part"
         least += 0 if main == "cpu" else size[parts[0]]
         raise UserError(f"--place: {main} computes the offloaded parts and needs at least "
@@ -362,13 +375,14 @@ def _hf_map(placement: Placement) -> dict:
 
 
 def _finish(model: nn.Module, placement: Placement) -> nn.Module:
-    """Mark `model` as placed; offloaded packed modules keep no prepared CPU layout (it would
-    stay resident after their weights went back to the store)."""
+    """Mark `model` as placed; offloaded packed modules prepare no kernel layout (it would stay
+    resident after their weights went back to the store; made and dropped at each call, it cost
+    several times the tiled path it saves): they take the tiled path."""
     for name, dev in placement.device_map.items():
         if dev == "disk" or (dev == "cpu" and placement.main != "cpu"):
             for m in model.get_submodule(name).modules():
-                if callable(getattr(m, "_drop_cache", None)):
-                    m.register_forward_hook(lambda mod, *_: mod._drop_cache())
+                if hasattr(m, "keep_layout"):
+                    m.keep_layout = False
     model.memfit_placement = placement
     return model.eval()
 

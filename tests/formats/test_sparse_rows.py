@@ -118,3 +118,42 @@ def test_kept_buffers_serve_one_tile_at_a_time(layout, bits, dtype, monkeypatch)
                                None, reuse=True)
             assert torch.equal(got, whole_a[r0:r1])
             assert torch.equal(other, whole_b)  # the same buffers, rewritten
+
+
+@pytest.mark.parametrize("layout,fmt", [
+    ("bitmask", IntFormat(bits=4, group_size=32)),
+    ("2:4", IntFormat(bits=4, group_size=64, symmetric=True)),
+    ("bitmask", IntFormat(bits=3, group_size=32)),
+    ("2:4", IntFormat(bits=8, group_size=None, symmetric=True)),
+], ids=str)
+def test_decode_takes_the_kernel_over_the_dense_codes(layout, fmt):
+    """Pruned + quantized: a decode-sized CPU forward goes through torch's kernel layout of the
+    dense codes, a dropped place holding its group's zero point. It computes exactly what the
+    dense QuantLinear of the same weights does (quantizing an exact zero gives the code z), and
+    that layer's weights are the sparse ones (dropped places exactly 0). 1037 rows: padded."""
+    from memfit.formats.quant_linear import QuantLinear
+
+    out, k = 1037, 128
+    w = torch.randn(out, k, generator=G(5))
+    keep = magnitude_mask(w, **({"nm": (2, 4)} if layout == "2:4" else {"sparsity": 0.6}))
+    s, z = round_params(*minmax_params(w * keep, fmt), fmt)
+    codes = grid.quantize(w * keep, s, z, fmt)
+    w_hat = grid.dequantize(codes, s, z, fmt) * keep
+    bias = torch.randn(out, generator=G(6))
+    m = SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, layout), bias)
+    lin = torch.nn.Linear(k, out)
+    with torch.no_grad():
+        lin.weight.copy_(w_hat), lin.bias.copy_(bias)
+    dense_codes = grid.quantize(w_hat, s, z, fmt)
+    q = QuantLinear.from_linear(lin, dense_codes, s, None if fmt.symmetric else z, fmt)
+    assert torch.equal(q.dequantize(), m.dequantize())  # the same weights, zeros included
+    with torch.inference_mode():
+        for x in (torch.randn(1, 1, k, generator=G(7)),  # float32 decode
+                  torch.randn(2, 8, k, generator=G(8)).bfloat16()):  # bfloat16, 16 rows
+            assert torch.equal(m(x), q(x))
+        assert m.cache_nbytes() == q.cache_nbytes() > 0
+        x = torch.randn(3, 8, k, generator=G(9))  # float32 prefill: the rebuilt tiles
+        ref = torch.nn.functional.linear(x, w_hat, bias)
+        assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-5)
+    m.float()  # a move forgets the layout
+    assert m.cache_nbytes() == 0

@@ -140,6 +140,19 @@ def test_packed_model_offloaded_to_disk_keeps_no_layout(tmp_path, tiny_llama_dir
     packed = [q for p in on_disk for q in m.model.get_submodule(p).modules()
               if hasattr(q, "cache_nbytes")]
     assert packed and all(q.cache_nbytes() == 0 for q in packed)
+    # decode-sized calls prepare nothing: the offloaded layers never (made and dropped at every
+    # call, the layout cost 5.5x the tiled path's time), the others kept theirs from the first
+    import memfit.kernels as kernels
+
+    prepared = []
+    real = kernels.prepare
+    kernels.prepare = lambda w: prepared.append(w.shape) or real(w)
+    try:
+        step = [m.model(ids[:, :1]).logits for _ in range(3)]
+    finally:
+        kernels.prepare = real
+    assert prepared == [] and all(q.cache_nbytes() == 0 for q in packed)
+    torch.testing.assert_close(step[2], whole.model(ids[:, :1]).logits, rtol=0.02, atol=0.02)
 
 
 def test_cli_generate_with_place_matches_plain(tiny_llama_dir, capsys):
@@ -218,3 +231,24 @@ def test_the_cpu_layout_bytes_a_placement_counts_are_the_layers_own(fmt, out):
     with torch.inference_mode():
         q(torch.randn(1, 576))
     assert priced == q.cache_nbytes() > 0
+
+
+@pytest.mark.parametrize("layout", ["bitmask", "2:4"])
+def test_a_pruned_and_quantized_layers_cpu_layout_is_counted_too(layout):
+    """SparseLinear with integer values prepares the dense codes' kernel layout at decode; the
+    plan counted nothing for it."""
+    from memfit.algos.prune import magnitude_mask
+    from memfit.formats import grid
+    from memfit.formats.sparse import SparseIntWeight, SparseLinear
+    from memfit.parallel.place import _prepared_bytes
+
+    fmt = IntFormat(bits=4, group_size=64)
+    w = torch.randn(1037, 576)
+    keep = magnitude_mask(w, **({"nm": (2, 4)} if layout == "2:4" else {"sparsity": 0.5}))
+    s, z = grid.round_params(*grid.minmax_params(w * keep, fmt), fmt)
+    w_hat = grid.dequantize(grid.quantize(w * keep, s, z, fmt), s, z, fmt) * keep
+    m = SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, layout))
+    priced = _prepared_bytes(m)
+    with torch.inference_mode():
+        m(torch.randn(1, 576))
+    assert priced == m.cache_nbytes() > 0
