@@ -69,6 +69,8 @@ DECODE_MAX_M = 4  # float32 activations with at most this many rows use them too
 TILE_ELEMENTS = 1 << 20  # weights dequantized at a time (4 MiB of float32)
 TILE_ROWS = 64  # tiles hold whole multiples of this many rows (GEMM blocking)
 INT4_GROUPS = (32, 64, 128, 256)
+PREPARE_ROWS = 1024  # output rows converted at a time (a multiple of 64)
+INT4_ROWS = 16  # the int4 layout holds output rows in multiples of this
 # oneDNN keeps a compiled bfloat16 GEMM (AMX) per (M, N, K), each holding memory: a mixture of
 # experts, whose experts see a different row count each call, grew by ~330 MB over 6 windows of
 # 512 tokens. Path 2 pads its rows to a multiple of this, which bounds the shapes it creates.
@@ -130,6 +132,24 @@ def prepare_cpu(w: IntWeight) -> CpuCache | None:
     return _prepare_int4(w)
 
 
+def layout_nbytes(w: IntWeight) -> int:
+    """Bytes of the layout `prepare_cpu(w)` builds, from the fields' shapes and dtypes alone (no
+    codes read: `w.qdata` may be absent); 0 where no kernel takes `w`."""
+    if kernel_ineligibility(w) is not None:
+        return 0
+    out, k = w.shape
+    groups = w.scale.numel() // out
+    if w.bits == 8:
+        return out * k + 4 * out * groups
+    rows = -(-out // INT4_ROWS) * INT4_ROWS  # padded; the split scales' tails likewise
+    tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * rows * groups
+    # the float32 (out, G) rest of t = (8 - z) s: float zeros, or bfloat16 scales times integer
+    # zeros (symmetric ones give t = 0)
+    rest = 4 * out * groups if w.zero_point == "float" or (
+        w.scale.dtype == torch.bfloat16 and w.zero_point == "int") else 0
+    return rows * k // 2 + 4 * rows * groups + tail + rest
+
+
 def _prepare_int4(w: IntWeight) -> CpuCache | None:
     s = w.scale.float()  # (out, G)
     # t = (8 - z) s in float32: exact for integer zeros (a small integer times a 16-bit float);
@@ -152,8 +172,6 @@ def _prepare_int4(w: IntWeight) -> CpuCache | None:
     return cache
 
 
-PREPARE_ROWS = 1024  # output rows converted at a time (a multiple of 64)
-INT4_ROWS = 16  # the int4 layout holds output rows in multiples of this
 
 
 def _padded_params(s: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:

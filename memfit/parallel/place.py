@@ -200,27 +200,10 @@ def _kernel_view(m: nn.Module):
 
 def _prepared_bytes(mod: nn.Module) -> int:
     """Bytes of the CPU kernel layout the packed modules in `mod` prepare at their first CPU
-    forward (memfit.kernels.cpu.prepare_cpu), from their shapes."""
-    from memfit.kernels.cpu import kernel_ineligibility
+    forward (memfit.kernels.cpu.prepare_cpu), from their shapes (fine on the meta device)."""
+    from memfit.kernels.cpu import layout_nbytes
 
-    total = 0
-    for m in mod.modules():
-        w = _kernel_view(m)  # eligibility is judged from the layout: fine on the meta device
-        if w is None or kernel_ineligibility(w) is not None:
-            continue
-        out, k = w.shape
-        groups = w.scale.numel() // out
-        if w.bits == 8:
-            total += out * k + 4 * out * groups
-        else:  # the layout's rows padded to a multiple of 16; split scales' tails likewise
-            rows = -(-out // 16) * 16
-            tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * rows * groups
-            # the float32 (out, G) rest of t = (8 - z) s: float zeros, or bfloat16 scales times
-            # integer zeros (symmetric ones give t = 0)
-            rest = 4 * out * groups if w.zero_point == "float" or (
-                w.scale.dtype == torch.bfloat16 and w.zero_point == "int") else 0
-            total += rows * k // 2 + 4 * rows * groups + tail + rest
-    return total
+    return sum(layout_nbytes(w) for m in mod.modules() if (w := _kernel_view(m)) is not None)
 
 
 def kv_per_layer(config, context: int, batch: int, dtype: torch.dtype, kv_format=None) -> list[int]:
