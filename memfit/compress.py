@@ -141,7 +141,7 @@ def quant_method(model: str) -> str | None:
 def gentler(recipe: Recipe) -> str:
     """What to change in `recipe` when its result failed the smoke check: one hint for each
     part it has (most damaging first: structured, pruning or low rank, quantization)."""
-    from memfit.configs import GPTQ, Magnitude, SVD
+    from memfit.configs import GPTQ, SVD, Magnitude
 
     hints = []
     st = recipe.structured

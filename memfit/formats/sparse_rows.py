@@ -171,7 +171,7 @@ def kernel_layout(layout: str, fmt, shape, t: dict, offsets: torch.Tensor | None
     from memfit.kernels.cpu import PREPARE_ROWS, kernel_ineligibility, prepare_cpu
 
     out, k = shape
-    if fmt.zero_point == "float" and not fmt.symmetric:
+    if fmt.zero_point == "float":
         return None
     qdata = torch.empty(out, packed_width(k, fmt.bits), dtype=torch.uint8)
     w = kernel_weight(qdata, t["scale"], t.get("zero"), (out, k), fmt)

@@ -110,7 +110,7 @@ class CpuCache:
 
 def kernel_ineligibility(w: IntWeight) -> str | None:
     """Why no bfloat16 kernel serves `w` (None when one does), judged from the layout alone."""
-    out, k = w.shape
+    k = w.shape[1]
     if w.bits == 8:
         if w.group_size != k or w.zero_point != "sym":
             return "8-bit kernel needs symmetric per-channel weights"

@@ -191,8 +191,7 @@ def _kernel_view(m: nn.Module):
 
     if callable(getattr(m, "kernel_weight", None)) and hasattr(m, "_cpu_cache"):
         return m.kernel_weight()
-    if isinstance(m, SparseLinear) and m.fmt is not None and (m.fmt.symmetric
-                                                                or m.fmt.zero_point == "int"):
+    if isinstance(m, SparseLinear) and m.fmt is not None and m.fmt.zero_point != "float":
         return kernel_weight(None, m.scale, getattr(m, "zero", None),
                              (m.out_features, m.in_features), m.fmt)
     return None
