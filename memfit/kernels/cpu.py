@@ -151,35 +151,61 @@ def layout_nbytes(w: IntWeight) -> int:
 
 
 def _prepare_int4(w: IntWeight) -> CpuCache | None:
-    s = w.scale.float()  # (out, G)
-    # t = (8 - z) s in float32: exact for integer zeros (a small integer times a 16-bit float);
-    # for float zeros (HQQ) one float32 rounding, 2**-24 relative, as the reference's (q - z) s
-    t = (8.0 - w.zeros()) * s
-    s_hi, s_lo = _split_bf16(s)
-    if s_hi is None:
-        return None  # e.g. float32 scales with more than 16 significant bits
-    t_hi = t.to(torch.bfloat16)
-    t_lo = (t - t_hi.float()).to(torch.bfloat16)
+    """The int4 layout of `w`: codes, and s and t = (8 - z) s split into the parts the module
+    docstring names. Both passes go PREPARE_ROWS rows at a time: the first finds which parts
+    the layout needs, the second fills them, so the transient is a chunk's (whole-matrix
+    temporaries were 24 MB over a 49152 x 576 head's 21 MB layout)."""
+    out, n_groups = w.shape[0], w.n_groups
+    tail = rest_after_tail = rest_after_head = False
+    for part in _row_chunks(w):
+        split = _split_params(part)
+        if split is None:
+            return None  # e.g. float32 scales with more than 16 significant bits
+        s_lo, rest = split[1], split[4]
+        tail |= bool((s_lo != 0).any())
+        rest_after_tail |= bool((rest != 0).any())
+        rest_after_head |= bool((rest + split[3].float() != 0).any())
     packed = _int4pack_rows(w)
-    heads = _padded_params(s_hi, t_hi, packed.shape[0])  # (G, rows, 2)
-    cache = CpuCache("int4", packed, heads, group_size=w.group_size, out=w.shape[0])
-    rest = t - t_hi.float()  # exact: what t_hi leaves of t
-    if bool((s_lo != 0).any()):
-        cache.tail = _padded_params(s_lo, t_lo, packed.shape[0])
-        rest = rest - t_lo.float()  # exact again; zero where t has at most 16 significant bits
-    if bool((rest != 0).any()):
-        cache.group_tail = rest.contiguous()  # (out, G), through per-group activation sums
+    rows = packed.shape[0]
+    cache = CpuCache("int4", packed, torch.zeros(n_groups, rows, 2, dtype=torch.bfloat16),
+                     group_size=w.group_size, out=out)
+    if tail:
+        cache.tail = torch.zeros(n_groups, rows, 2, dtype=torch.bfloat16)
+    if rest_after_tail if tail else rest_after_head:
+        cache.group_tail = torch.empty(out, n_groups)
+    for r0, part in zip(range(0, out, PREPARE_ROWS), _row_chunks(w)):
+        s_hi, s_lo, t_hi, t_lo, rest = _split_params(part)
+        r1 = r0 + s_hi.shape[0]
+        cache.params[:, r0:r1, 0], cache.params[:, r0:r1, 1] = s_hi.T, t_hi.T
+        if tail:
+            cache.tail[:, r0:r1, 0], cache.tail[:, r0:r1, 1] = s_lo.T, t_lo.T
+        if cache.group_tail is not None:  # the float32 rest of t, through per-group sums
+            cache.group_tail[r0:r1] = rest if tail else rest + t_lo.float()
     return cache
 
 
+def _row_chunks(w: IntWeight):
+    """`w`'s rows PREPARE_ROWS at a time, each an IntWeight of its own (codes not sliced)."""
+    out, k = w.shape
+    for r0 in range(0, out, PREPARE_ROWS):
+        r1 = min(out, r0 + PREPARE_ROWS)
+        yield w._replace(scale=w.scale[r0:r1], shape=(r1 - r0, k),
+                         zero=None if w.zero is None else w.zero[r0:r1])
 
 
-def _padded_params(s: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
-    """(out, G) scale and offset parts -> the kernel's (G, rows, 2), zero past `out` (those
-    rows then compute 0)."""
-    params = torch.zeros(s.shape[1], rows, 2, dtype=s.dtype)
-    params[:, : s.shape[0], 0], params[:, : s.shape[0], 1] = s.T, t.T
-    return params
+def _split_params(w: IntWeight):
+    """(s_hi, s_lo, t_hi, t_lo, rest) of `w`'s rows: s = s_hi + s_lo exactly (None if no
+    bfloat16 pair holds s), t = (8 - z) s = t_hi + t_lo + rest exactly, in float32: exact for
+    integer zeros (a small integer times a 16-bit float), one float32 rounding for float zeros
+    (HQQ; 2**-24 relative, as the reference's (q - z) s)."""
+    s = w.scale.float()  # (rows, G)
+    s_hi, s_lo = _split_bf16(s)
+    if s_hi is None:
+        return None
+    t = (8.0 - w.zeros()) * s
+    t_hi = t.to(torch.bfloat16)
+    t_lo = (t - t_hi.float()).to(torch.bfloat16)
+    return s_hi, s_lo, t_hi, t_lo, t - t_hi.float() - t_lo.float()  # each step exact
 
 
 def _int4pack_rows(w: IntWeight) -> torch.Tensor:
