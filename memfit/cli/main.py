@@ -149,6 +149,10 @@ def cmd_inspect(args) -> None:
                   "stays free besides)")
     print(f"{'total':<46}{info['parameters']:>14,}{info['weight_bytes']:>14,}  "
           f"({human_bytes(info['weight_bytes'])}, {info['bits_per_weight']:.2f} bits/weight)")
+    if info["cpu_layout_bytes"]:
+        print(f"kernels      {human_bytes(info['cpu_layout_bytes'])} of CPU kernel layouts the "
+              "packed linears prepare at their first forward and keep (torch's int4/int8 decode "
+              "kernels)")
     windowed = (f"; {info['kv_layers_windowed']} sliding-window layers keep "
                 f"{min(t for t in info['kv_tokens_per_layer'] if t) if any(info['kv_tokens_per_layer']) else 0} tokens"
                 if info["kv_layers_windowed"] else "")

@@ -195,6 +195,29 @@ def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtyp
     return batch * context * per_token + batch * getattr(c, "vocab_size", 0) * 4
 
 
+def _kernel_view(m: torch.nn.Module):
+    """The IntWeight fields a packed module's CPU kernel layout is judged and priced from: a
+    QuantLinear's own, a pruned + quantized SparseLinear's dense codes' (codes absent: not
+    read; float zeros give it no layout, memfit.formats.sparse_rows.kernel_layout); else None."""
+    from memfit.formats.intq import kernel_weight
+    from memfit.formats.sparse import SparseLinear
+
+    if callable(getattr(m, "kernel_weight", None)) and hasattr(m, "_cpu_cache"):
+        return m.kernel_weight()
+    if isinstance(m, SparseLinear) and m.fmt is not None and m.fmt.zero_point != "float":
+        return kernel_weight(None, m.scale, getattr(m, "zero", None),
+                             (m.out_features, m.in_features), m.fmt)
+    return None
+
+
+def cpu_layout_bytes(mod: torch.nn.Module) -> int:
+    """Bytes of the CPU kernel layouts the packed modules in `mod` prepare at their first CPU
+    forward (memfit.kernels.cpu.prepare_cpu), from their shapes (fine on the meta device)."""
+    from memfit.kernels.cpu import layout_nbytes
+
+    return sum(layout_nbytes(w) for m in mod.modules() if (w := _kernel_view(m)) is not None)
+
+
 def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None,
                   kv_format=None, encoder: bool = False) -> dict:
     """Everything `memfit inspect` prints, as one dict (an encoder: no KV cache)."""
@@ -207,9 +230,13 @@ def inspect_model(model, *, context: int = 2048, batch: int = 1, kv_dtype=None,
               "kv_layers_windowed": 0, "kv_tokens_per_layer": []} if encoder
              else kv_cache_bytes(model.config, context, batch, kv_dtype, kv_format))
     kv = cache["kv_bytes"]
+    # on the CPU packed linears keep torch's kernel layout beside their bytes once they ran
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    layouts = cpu_layout_bytes(model) if on_cpu else 0
     return {**table, "context": context, "batch": batch, "kv_dtype": str(kv_dtype).replace("torch.", ""),
             "kv_bytes_per_token": per_tok, **cache, "activation_bytes_estimate": act,
-            "total_bytes_estimate": table["weight_bytes"] + kv + act,
+            "cpu_layout_bytes": layouts,
+            "total_bytes_estimate": table["weight_bytes"] + layouts + kv + act,
             "experts": expert_summary(model, table["weight_bytes"])}
 
 

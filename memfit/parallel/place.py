@@ -44,6 +44,7 @@ from memfit.eval.memory import (
     activation_peak_estimate,
     available_memory,
     cached_tokens,
+    cpu_layout_bytes,
     human_bytes,
     kv_bytes_per_token,
 )
@@ -182,29 +183,6 @@ def _tensors(mod: nn.Module):
     return list(mod.parameters()) + list(mod.buffers())
 
 
-def _kernel_view(m: nn.Module):
-    """The IntWeight fields a packed module's CPU kernel layout is judged and priced from: a
-    QuantLinear's own, a pruned + quantized SparseLinear's dense codes' (codes absent: not
-    read; float zeros give it no layout, memfit.formats.sparse_rows.kernel_layout); else None."""
-    from memfit.formats.intq import kernel_weight
-    from memfit.formats.sparse import SparseLinear
-
-    if callable(getattr(m, "kernel_weight", None)) and hasattr(m, "_cpu_cache"):
-        return m.kernel_weight()
-    if isinstance(m, SparseLinear) and m.fmt is not None and m.fmt.zero_point != "float":
-        return kernel_weight(None, m.scale, getattr(m, "zero", None),
-                             (m.out_features, m.in_features), m.fmt)
-    return None
-
-
-def _prepared_bytes(mod: nn.Module) -> int:
-    """Bytes of the CPU kernel layout the packed modules in `mod` prepare at their first CPU
-    forward (memfit.kernels.cpu.prepare_cpu), from their shapes (fine on the meta device)."""
-    from memfit.kernels.cpu import layout_nbytes
-
-    return sum(layout_nbytes(w) for m in mod.modules() if (w := _kernel_view(m)) is not None)
-
-
 def kv_per_layer(config, context: int, batch: int, dtype: torch.dtype, kv_format=None) -> list[int]:
     """Exact KV-cache bytes of each layer at `context` x `batch` (memfit inspect's figures):
     sliding-window layers counted at the whole prompt, which they hold right after a prefill."""
@@ -244,7 +222,7 @@ def plan_placement(model: nn.Module, devices: list[Device], *, context: int = 20
         mod = model.get_submodule(p)
         size[p] = sum(t.nbytes for t in _tensors(mod) if id(t) not in seen)
         seen.update(id(t) for t in _tensors(mod))
-        prepared[p] = _prepared_bytes(mod)
+        prepared[p] = cpu_layout_bytes(mod)
     tied = _tied_parts(model, parts)
 
     # the device computing offloaded parts also holds their KV cache and stages the largest of

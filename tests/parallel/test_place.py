@@ -222,12 +222,12 @@ def test_the_cpu_layout_bytes_a_placement_counts_are_the_layers_own(fmt, out):
     float32 rest of their offsets, which the count missed; 1037 rows are padded to 1040)."""
     from memfit.algos.rtn import rtn
     from memfit.formats.quant_linear import QuantLinear
-    from memfit.parallel.place import _prepared_bytes
+    from memfit.eval.memory import cpu_layout_bytes
 
     lin = torch.nn.Linear(576, out, bias=False)
     r = rtn(lin.weight.detach(), fmt)
     q = QuantLinear.from_linear(lin, r.codes, r.scale, r.zero, fmt)
-    priced = _prepared_bytes(q)
+    priced = cpu_layout_bytes(q)
     with torch.inference_mode():
         q(torch.randn(1, 576))
     assert priced == q.cache_nbytes() > 0
@@ -240,7 +240,7 @@ def test_a_pruned_and_quantized_layers_cpu_layout_is_counted_too(layout):
     from memfit.algos.prune import magnitude_mask
     from memfit.formats import grid
     from memfit.formats.sparse import SparseIntWeight, SparseLinear
-    from memfit.parallel.place import _prepared_bytes
+    from memfit.eval.memory import cpu_layout_bytes
 
     fmt = IntFormat(bits=4, group_size=64)
     w = torch.randn(1037, 576)
@@ -248,7 +248,7 @@ def test_a_pruned_and_quantized_layers_cpu_layout_is_counted_too(layout):
     s, z = grid.round_params(*grid.minmax_params(w * keep, fmt), fmt)
     w_hat = grid.dequantize(grid.quantize(w * keep, s, z, fmt), s, z, fmt) * keep
     m = SparseLinear(SparseIntWeight.from_dense(w_hat, s, z, fmt, layout))
-    priced = _prepared_bytes(m)
+    priced = cpu_layout_bytes(m)
     with torch.inference_mode():
         m(torch.randn(1, 576))
     assert priced == m.cache_nbytes() > 0
