@@ -197,17 +197,11 @@ def activation_peak_estimate(config, context: int, batch: int, dtype: torch.dtyp
 
 def _kernel_view(m: torch.nn.Module):
     """The IntWeight fields a packed module's CPU kernel layout is judged and priced from: a
-    QuantLinear's own, a pruned + quantized SparseLinear's dense codes' (codes absent: not
-    read; float zeros give it no layout, memfit.formats.sparse_rows.kernel_layout); else None."""
-    from memfit.formats.intq import kernel_weight
-    from memfit.formats.sparse import SparseLinear
-
+    QuantLinear's own, a SparseLinear's dense codes' (its kernel_view); else None."""
     if callable(getattr(m, "kernel_weight", None)) and hasattr(m, "_cpu_cache"):
         return m.kernel_weight()
-    if isinstance(m, SparseLinear) and m.fmt is not None and m.fmt.zero_point != "float":
-        return kernel_weight(None, m.scale, getattr(m, "zero", None),
-                             (m.out_features, m.in_features), m.fmt)
-    return None
+    view = getattr(m, "kernel_view", None)
+    return view() if callable(view) else None
 
 
 def cpu_layout_bytes(mod: torch.nn.Module) -> int:

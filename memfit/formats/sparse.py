@@ -36,7 +36,8 @@ from memfit import kernels
 from memfit.errors import UserError
 from memfit.formats import grid
 from memfit.formats.grid import IntFormat
-from memfit.formats.intq import PackedIntWeight, apply_keeping_dtypes, field_specs
+from memfit.formats.intq import (PackedIntWeight, apply_keeping_dtypes, field_specs,
+                                 kernel_weight)
 from memfit.formats.sparse_rows import (dense_rows, kernel_layout, pack_2bit, pack_bits,
                                         row_offsets, unpack_2bit, unpack_bits)
 from memfit.kernels import cpu
@@ -330,15 +331,25 @@ class SparseLinear(nn.Module):
 
     keep_layout = True  # as QuantLinear.keep_layout (rebuilt each call: 3x the tiled path)
 
+    def kernel_view(self):
+        """The IntWeight fields of this weight's dense codes, codes absent (what the CPU kernel
+        layout is judged and priced from), or None: float values, or float zeros (no code
+        holds such a zero, so a dropped place could not be written as one)."""
+        if self.fmt is None or self.fmt.zero_point == "float":
+            return None
+        return kernel_weight(None, self.scale, getattr(self, "zero", None),
+                             (self.out_features, self.in_features), self.fmt)
+
     def _cpu_layout(self):
         """torch's CPU kernel layout of this weight's dense codes (sparse_rows.kernel_layout),
         built on the first decode-sized CPU forward and kept (`cache_nbytes`), or None."""
         if not self.keep_layout:
             return None
         if "_cpu" not in self.__dict__:
+            view = self.kernel_view()
             offsets = self.row_offsets() if self.layout == "bitmask" else None
-            self.__dict__["_cpu"] = kernel_layout(self.layout, self.fmt, (self.out_features,
-                                                  self.in_features), self._stored(), offsets)
+            self.__dict__["_cpu"] = None if view is None else kernel_layout(
+                view, self.layout, self.fmt, self._stored(), offsets)
         return self.__dict__["_cpu"]
 
     def _semi_structured(self, dtype: torch.dtype):

@@ -161,26 +161,21 @@ def _kept_rows(layout: str, fmt, shape, t: dict, r0: int, r1: int, offsets, reus
     return scatter_kept(keep, src, on_cpu), keep
 
 
-def kernel_layout(layout: str, fmt, shape, t: dict, offsets: torch.Tensor | None):
+def kernel_layout(view, layout: str, fmt, t: dict, offsets: torch.Tensor | None):
     """The CPU kernel layout (memfit.kernels.cpu.prepare_cpu) of the dense codes of a sparse
-    weight with integer values, each dropped place holding its group's integer zero point, so
-    its weight is (z - z) s = 0; None where no kernel takes the format (float zeros among them:
-    no code holds their zero). The dense codes are packed PREPARE_ROWS rows at a time (the
+    weight with integer values (`view`: SparseLinear.kernel_view, its IntWeight fields), each
+    dropped place holding its group's integer zero point, so its weight is (z - z) s = 0; None
+    where no kernel takes it. The dense codes are packed PREPARE_ROWS rows at a time (the
     transient is that packed copy, 1/2 byte a weight at 4 bits, freed once converted)."""
-    from memfit.formats.intq import kernel_weight
     from memfit.kernels.cpu import PREPARE_ROWS, kernel_ineligibility, prepare_cpu
 
-    out, k = shape
-    if fmt.zero_point == "float":
+    out, k = view.shape
+    if view.scale.device.type != "cpu" or kernel_ineligibility(view) is not None:
         return None
-    qdata = torch.empty(out, packed_width(k, fmt.bits), dtype=torch.uint8)
-    w = kernel_weight(qdata, t["scale"], t.get("zero"), (out, k), fmt)
-    if t["scale"].device.type != "cpu" or kernel_ineligibility(w) is not None:
-        return None
-    g = fmt.groups(k)[0]
+    w = view._replace(qdata=torch.empty(out, packed_width(k, fmt.bits), dtype=torch.uint8))
     for r0 in range(0, out, PREPARE_ROWS):
         r1 = min(out, r0 + PREPARE_ROWS)
-        codes, keep = _kept_rows(layout, fmt, shape, t, r0, r1, offsets, False)
-        z = _zeros(fmt, t, r0, r1, k).to(torch.uint8).repeat_interleave(g, dim=1)[:, :k]
-        qdata[r0:r1] = pack(torch.where(keep, codes, z), fmt.bits)
+        codes, keep = _kept_rows(layout, fmt, view.shape, t, r0, r1, offsets, False)
+        z = _zeros(fmt, t, r0, r1, k).to(torch.uint8).repeat_interleave(w.group_size, dim=1)
+        w.qdata[r0:r1] = pack(torch.where(keep, codes, z[:, :k]), fmt.bits)
     return prepare_cpu(w)

@@ -132,6 +132,11 @@ def prepare_cpu(w: IntWeight) -> CpuCache | None:
     return _prepare_int4(w)
 
 
+def int4_rows(out: int) -> int:
+    """Output rows the int4 layout holds for `out`: a multiple of INT4_ROWS (zero rows past)."""
+    return -(-out // INT4_ROWS) * INT4_ROWS
+
+
 def layout_nbytes(w: IntWeight) -> int:
     """Bytes of the layout `prepare_cpu(w)` builds, from the fields' shapes and dtypes alone (no
     codes read: `w.qdata` may be absent); 0 where no kernel takes `w`."""
@@ -141,7 +146,7 @@ def layout_nbytes(w: IntWeight) -> int:
     groups = w.scale.numel() // out
     if w.bits == 8:
         return out * k + 4 * out * groups
-    rows = -(-out // INT4_ROWS) * INT4_ROWS  # padded; the split scales' tails likewise
+    rows = int4_rows(out)  # padded; the split scales' tails likewise
     tail = 0 if w.scale.dtype == torch.bfloat16 else 4 * rows * groups
     # the float32 (out, G) rest of t = (8 - z) s: float zeros, or bfloat16 scales times integer
     # zeros (symmetric ones give t = 0)
@@ -214,7 +219,7 @@ def _int4pack_rows(w: IntWeight) -> torch.Tensor:
     takes are then a small transient instead of 4 bytes per weight (50 MB for the default
     model's tied 49152 x 256 table, measured as a peak-RSS spike of the first forward)."""
     out, k = w.shape
-    rows = -(-out // INT4_ROWS) * INT4_ROWS
+    rows = int4_rows(out)
     packed = torch.empty(rows, k // 2, dtype=torch.uint8)
     for i in range(0, rows, PREPARE_ROWS):
         codes = unpack(w.qdata[i:i + PREPARE_ROWS], w.bits, k).to(torch.int32)
